@@ -1,0 +1,41 @@
+"""Load a trained backbone from a Lightning checkpoint, safely.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, never arbitrary pickled objects. The model is rebuilt from the ``config`` dict that
+``PretrainModule`` stores in the checkpoint's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from llmkit.errors import LLMKitError
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
+
+
+def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the Transformer saved by PretrainModule at ``path`` (in eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise LLMKitError(
+            f"cannot read checkpoint {path} safely (weights_only): {str(e).splitlines()[0]}"
+        ) from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "config" not in hparams or "state_dict" not in ckpt:
+        raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
+    model = Transformer(ModelConfig.from_dict(hparams["config"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LLMKitError(
+            f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval()

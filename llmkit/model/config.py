@@ -1,0 +1,107 @@
+"""Model configuration: the backbone's shape and its mHC residual.
+
+Every knob of the backbone lives here; YAML files under ``configs/model/`` hold the named
+sizes (``tiny``, ``120m``, ``350m``, ``900m``; handoff appendix E6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmkit.errors import LLMKitError
+
+
+@dataclass
+class MHCConfig:
+    """Manifold-constrained hyper-connections (mHC paper Eq. 7-9; handoff "mHC" §4-6, E3).
+
+    post_init: ``handoff`` starts H_post at 1/n per stream (b_post = logit(1/(2n))), so each
+    sublayer adds y/n to the mean read-out; ``hc`` starts it at 1 per stream (b_post = 0),
+    as plain hyper-connections do. See docs/architecture.md.
+    """
+
+    alpha_init: float = 0.01
+    sinkhorn_iters: int = 20
+    sinkhorn_clamp: float = 15.0
+    sinkhorn_eps: float = 1e-8
+    res_bias: float = 2.0  # b_res: +res_bias on the diagonal, -res_bias off it
+    post_init: Literal["handoff", "hc"] = "handoff"
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, causal SDPA) with an mHC residual.
+
+    ``n_streams: 1`` gives the plain pre-norm residual x + F(x); ``n_streams > 1`` expands the
+    residual into n streams mixed by mHC around every attention and MLP sublayer.
+    """
+
+    vocab_size: int = 32000
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: same as n_heads; fewer gives grouped-query attention
+    d_ff: int = 2048
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    n_streams: int = 4
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mhc, dict):
+            self.mhc = MHCConfig(**self.mhc)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            problems.append(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
+        if self.n_streams < 1:
+            problems.append(f"n_streams must be >= 1, got {self.n_streams}")
+        if self.mhc.post_init not in ("handoff", "hc"):
+            problems.append(f"mhc.post_init must be 'handoff' or 'hc', got {self.mhc.post_init!r}")
+        for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise LLMKitError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LLMKitError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """Read a model YAML such as ``configs/model/120m.yaml``."""
+        path = Path(path)
+        if not path.is_file():
+            raise LLMKitError(f"model config {path} does not exist")
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise LLMKitError(f"model config {path} must be a YAML mapping of ModelConfig fields")
+        try:
+            return cls.from_dict(values)
+        except LLMKitError as e:
+            raise LLMKitError(f"{path}: {e}") from None

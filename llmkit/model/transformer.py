@@ -1,0 +1,140 @@
+"""The decoder: token embedding -> n residual streams -> L blocks -> mean read-out -> logits.
+
+With n_streams = 1 each block is the plain pre-norm residual
+    x = x + Attn(norm(x));  x = x + MLP(norm(x)).
+With n_streams = n > 1 the stream is X [B, T, n, C], initialised as the token embedding plus
+a learnable per-stream embedding (so the streams start distinct), and each sublayer sits inside
+an :class:`~llmkit.model.mhc.MHCResidual` (handoff "mHC" §7: mHC around attention AND MLP).
+The read-out averages the streams, i(X) = 1/n 1^T X, the quantity H_res preserves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmkit.model.config import ModelConfig
+from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache
+from llmkit.model.mhc import MHCResidual
+
+
+class Block(nn.Module):
+    """Attention and MLP sublayers, each pre-normed, each with its own residual connection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.mhc = config.n_streams > 1
+        if self.mhc:
+            self.attn_res = MHCResidual(config)
+            self.mlp_res = MHCResidual(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        def attn(h: torch.Tensor) -> torch.Tensor:
+            return self.attn(self.attn_norm(h), cos, sin)
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.mlp_norm(h))
+
+        if not self.mhc:
+            x = x + attn(x)
+            return x + mlp(x)
+        x = self.attn_res(x, attn)
+        return self.mlp_res(x, mlp)
+
+
+class Transformer(nn.Module):
+    """LLaMA-style decoder with an mHC residual. forward(idx [B,T]) -> logits [B,T,V] (fp32)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.n_streams > 1:
+            self.stream_emb = nn.Parameter(torch.zeros(config.n_streams, config.d_model))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for embeddings and linear maps; the residual output projections
+        (o_proj, down_proj) scaled by 1/sqrt(2 L) as in GPT-2; mHC biases per the handoff."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+        for block in self.blocks:
+            if block.mhc:
+                for res in (block.attn_res, block.mlp_res):
+                    res.mapping.reset_biases()
+                    for alpha in (res.mapping.alpha_pre, res.mapping.alpha_post, res.mapping.alpha_res):
+                        alpha.fill_(self.config.mhc.alpha_init)
+        if self.config.n_streams > 1:
+            nn.init.normal_(self.stream_emb, std=std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(idx)
+        if self.config.n_streams > 1:
+            x = x.unsqueeze(2) + self.stream_emb  # [B, T, n, C]
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        if self.config.n_streams > 1:
+            x = x.mean(dim=2)
+        return self.lm_head(self.norm(x)).float()
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (handoff F1: targets are idx shifted by one)."""
+        logits = self.forward(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (non-embedding matmuls, forward + backward) plus
+        12 L C T for attention scores and values (PaLM appendix B)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on the matrices of Linear and Embedding layers only; none on norm
+        gains, mHC alphas/biases or the stream embedding."""
+        decay, no_decay, seen = [], [], set()
+        for module in self.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                is_matrix = isinstance(module, (nn.Linear, nn.Embedding))
+                (decay if is_matrix else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
