@@ -1,0 +1,185 @@
+"""PackedDataModule: next-token windows over memory-mapped `.bin` shards.
+
+A window is seq_len + 1 consecutive tokens of one shard; x = window[:-1], y = window[1:]
+(handoff F1). Training windows start at offsets drawn from a seeded RNG (nanoGPT-style
+random crops, never crossing a shard boundary); the DataLoader shuffles their order each
+epoch, and under DDP Lightning's DistributedSampler gives each rank distinct windows.
+Validation uses a fixed set: consecutive non-overlapping windows from the start of each val
+shard, the same on every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from llmkit.data.commands import expand_inputs
+from llmkit.data.packing import open_shard
+from llmkit.errors import LLMKitError
+
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when checking a shard's ids against the vocabulary
+
+
+class PackedWindows(Dataset):
+    """Windows (x, y) of length seq_len at given (shard, offset) starts."""
+
+    def __init__(self, shards: list[np.memmap], starts: np.ndarray, seq_len: int) -> None:
+        self.shards = shards
+        self.starts = starts  # [N, 2] int64: shard index, token offset
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, offset = self.starts[i]
+        window = torch.from_numpy(
+            self.shards[shard][offset : offset + self.seq_len + 1].astype(np.int64)
+        )
+        return window[:-1], window[1:]
+
+
+def open_checked_shards(
+    paths: list[Path], seq_len: int, vocab_size: int | None
+) -> tuple[list[np.memmap], list[dict]]:
+    """Memory-map shards and check them against the model: the same vocabulary size in the
+    metadata, every id below it, and at least seq_len + 1 tokens per shard."""
+    shards, metas = [], []
+    for path in paths:
+        tokens, meta = open_shard(path)
+        if vocab_size is not None and meta["vocab_size"] != vocab_size:
+            raise LLMKitError(
+                f"{path} was packed with a tokenizer of vocab_size {meta['vocab_size']} "
+                f"({meta.get('tokenizer')}) but the model has vocab_size {vocab_size}; set "
+                f"model.config.vocab_size: {meta['vocab_size']} or re-pack with the model's tokenizer"
+            )
+        limit = meta["vocab_size"] if vocab_size is None else vocab_size
+        for begin in range(0, len(tokens), _SCAN_CHUNK):
+            chunk = tokens[begin : begin + _SCAN_CHUNK]
+            if chunk.size and int(chunk.max()) >= limit:
+                bad = begin + int(np.argmax(chunk >= limit))
+                raise LLMKitError(
+                    f"{path}: token id {int(tokens[bad])} at position {bad} is >= vocab_size "
+                    f"{limit}; the shard is corrupt or was packed with another tokenizer, re-pack it"
+                )
+        if len(tokens) < seq_len + 1:
+            raise LLMKitError(
+                f"{path} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                f"lower data.seq_len or pack more text into it"
+            )
+        shards.append(tokens)
+        metas.append(meta)
+    return shards, metas
+
+
+class PackedDataModule(L.LightningDataModule):
+    """Train/val DataLoaders of (x, y) token windows from packed `.bin` shards.
+
+    Args:
+        train_files: shard paths or glob patterns for training.
+        val_files: shard paths or glob patterns for validation.
+        seq_len: tokens per window (the model's context length during training).
+        batch_size: windows per micro-batch.
+        samples_per_epoch: training windows per epoch; default: one pass worth of tokens,
+            sum(n_tokens) // seq_len.
+        val_windows: cap on the fixed validation windows (None: all of them).
+        seed: seeds the training window offsets and their shuffling.
+        num_workers: DataLoader worker processes.
+        vocab_size: the model's vocabulary size to check shards against; when None it is
+            read from the LightningModule (``module.vocab_size``) at setup.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | str | None = None,
+        val_files: list[str] | str | None = None,
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        samples_per_epoch: int | None = None,
+        val_windows: int | None = 256,
+        seed: int = 1234,
+        num_workers: int = 0,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_files = [train_files] if isinstance(train_files, str) else train_files
+        self.val_files = [val_files] if isinstance(val_files, str) else val_files
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.val_windows = val_windows
+        self.seed = seed
+        self.num_workers = num_workers
+        self.vocab_size = vocab_size
+        self.train_set: PackedWindows | None = None
+        self.val_set: PackedWindows | None = None
+
+    def _model_vocab_size(self) -> int | None:
+        if self.vocab_size is not None:
+            return self.vocab_size
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "vocab_size", None)
+
+    def setup(self, stage: str) -> None:
+        vocab_size = self._model_vocab_size()
+        if stage == "fit" and self.train_set is None:
+            if not self.train_files:
+                raise LLMKitError("data.train_files is empty: give the training .bin shards")
+            paths = expand_inputs(self.train_files)
+            shards, _ = open_checked_shards(paths, self.seq_len, vocab_size)
+            self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
+        if stage in ("fit", "validate") and self.val_set is None and self.val_files:
+            paths = expand_inputs(self.val_files)
+            shards, _ = open_checked_shards(paths, self.seq_len, vocab_size)
+            self.val_set = PackedWindows(shards, self._val_starts(shards), self.seq_len)
+        if stage == "validate" and self.val_set is None:
+            raise LLMKitError("data.val_files is empty: give the validation .bin shards")
+
+    def _train_starts(self, shards: list[np.memmap]) -> np.ndarray:
+        n_valid = np.array([len(s) - self.seq_len for s in shards], dtype=np.int64)
+        n = self.samples_per_epoch or max(1, int(sum(len(s) for s in shards)) // self.seq_len)
+        rng = np.random.default_rng(self.seed)
+        flat = rng.integers(0, int(n_valid.sum()), size=n)
+        bounds = np.cumsum(n_valid)
+        shard = np.searchsorted(bounds, flat, side="right")
+        offset = flat - np.concatenate(([0], bounds[:-1]))[shard]
+        return np.stack([shard, offset], axis=1)
+
+    def _val_starts(self, shards: list[np.memmap]) -> np.ndarray:
+        starts = [
+            (k, off)
+            for k, s in enumerate(shards)
+            for off in range(0, len(s) - self.seq_len, self.seq_len)
+        ]
+        if self.val_windows is not None:
+            starts = starts[: self.val_windows]
+        return np.asarray(starts, dtype=np.int64).reshape(-1, 2)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []  # no val_files: Lightning skips validation
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )

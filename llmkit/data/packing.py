@@ -1,0 +1,315 @@
+"""Packed token shards: a corpus tokenised once into one flat ``.bin`` array for training.
+
+``OUT.bin`` holds every document's token ids back to back (each followed by ``eos_id`` by
+default) as raw ``uint16`` (vocab <= 65535) or ``uint32``; ``OUT.bin.json`` says how to read
+it and which tokenizer wrote it. Training memory-maps the ``.bin``, so a shard of any size
+costs no RAM. :func:`pack` streams documents through a pool of tokenizer processes and
+straight to disk, so the corpus is never held in memory either.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from llmkit.data.corpus import is_separator, iter_text_lines, write_json_atomic
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.errors import LLMKitError
+
+PACK_FORMAT = "llmkit-packed-v1"
+"""The ``format`` field of the metadata; bump it when the layout changes."""
+
+PACK_META_SUFFIX = ".json"
+"""The metadata of ``OUT.bin`` lives at ``OUT.bin`` + this suffix."""
+
+TMP_SUFFIX = ".tmp"
+"""Outputs are written to ``NAME`` + this suffix, then renamed to ``NAME``."""
+
+TASKS_IN_FLIGHT_PER_WORKER = 2
+"""Chunks queued per worker process: enough to keep it busy, few enough to bound memory."""
+
+META_KEYS = (
+    "format",
+    "vocab_size",
+    "dtype",
+    "n_tokens",
+    "n_documents",
+    "eos_appended",
+    "eos_id",
+    "bos_id",
+    "pad_id",
+    "tokenizer",
+    "tokenizer_sha256",
+    "inputs",
+)
+"""The fields every shard's metadata has."""
+
+_PACK_HINT = "llmkit data pack --tokenizer PREFIX.model --input FILE... --output {bin}"
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype used for ids of a ``vocab_size`` vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def meta_path_for(bin_path: str | Path) -> Path:
+    """Where the metadata of the shard ``bin_path`` lives (``OUT.bin.json``)."""
+    bin_path = Path(bin_path)
+    return bin_path.with_name(bin_path.name + PACK_META_SUFFIX)
+
+
+def iter_documents(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(index, text)`` for each document of a plain-text shard, streaming it.
+
+    Documents are separated by lines equal to ``DOC_SEPARATOR``; the last one needs no
+    separator after it, and a file with none is one document. ``index`` is the document's
+    0-based position in the file, counting the blank or whitespace-only documents that are
+    skipped, so it points at the same document a reader would count to. ``text`` keeps its
+    line endings. Reads one line at a time; a line that is not UTF-8 raises
+    :class:`LLMKitError` naming the file and line.
+    """
+    index = 0
+    lines: list[str] = []
+    for _, line in iter_text_lines(path):
+        if is_separator(line):
+            text = "".join(lines)
+            if text.strip():
+                yield index, text
+            index += 1
+            lines = []
+        else:
+            lines.append(line)
+    text = "".join(lines)
+    if text.strip():
+        yield index, text
+
+
+class _Document(NamedTuple):
+    """A document on its way to a worker, with where it came from for error messages."""
+
+    path: str
+    index: int
+    text: str
+
+
+class _DocumentEncoder:
+    """Encodes documents to arrays of the shard's dtype, checking every id is in the vocab."""
+
+    def __init__(self, tokenizer_path: str, append_eos: bool) -> None:
+        self.tokenizer = Tokenizer(tokenizer_path)
+        self.append_eos = append_eos
+        self.dtype = dtype_for_vocab(self.tokenizer.vocab_size)
+
+    def __call__(self, documents: Sequence[_Document]) -> list[np.ndarray]:
+        encoded = self.tokenizer.encode_batch([doc.text for doc in documents], eos=self.append_eos)
+        arrays = []
+        for doc, ids in zip(documents, encoded, strict=True):
+            array = np.asarray(ids, dtype=np.int64)
+            if array.size and (array.max() >= self.tokenizer.vocab_size or array.min() < 0):
+                raise LLMKitError(
+                    f"{doc.path}: document {doc.index} encoded to an id outside "
+                    f"[0, {self.tokenizer.vocab_size}) with {self.tokenizer.path}; the "
+                    "tokenizer model is corrupt: train it again"
+                )
+            arrays.append(array.astype(self.dtype))
+        return arrays
+
+
+_worker_encoder: _DocumentEncoder | None = None
+
+
+def _init_worker(tokenizer_path: str, append_eos: bool) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
+    global _worker_encoder
+    _worker_encoder = _DocumentEncoder(tokenizer_path, append_eos)
+
+
+def _encode_in_worker(documents: Sequence[_Document]) -> list[np.ndarray]:
+    return _worker_encoder(documents)
+
+
+def pack(
+    tokenizer_path: str | Path,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    append_eos: bool = True,
+    workers: int = os.cpu_count() or 1,
+    chunk_docs: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Tokenise the documents of the text files ``inputs`` into the shard ``output``.
+
+    Documents are encoded ``chunk_docs`` at a time by ``workers`` spawned processes (in this
+    process if ``workers <= 1``); results are written in input order, so the shard is the
+    same for any ``workers``. ``eos_id`` follows every document if ``append_eos``. The
+    ``.bin`` and its ``.bin.json`` metadata only appear, via renames, once all is written.
+    Returns the metadata.
+
+    Workers are started with ``spawn`` (safe whatever threads this process runs), which
+    re-imports the main module: a script calling this with ``workers > 1`` must do so under
+    ``if __name__ == "__main__":``.
+    """
+    tokenizer = Tokenizer(tokenizer_path)
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LLMKitError(f"no inputs to pack into {output}: pass --input FILE...")
+    for path in paths:
+        if not path.is_file():
+            raise LLMKitError(f"pack input {path} does not exist: check the --input path")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    tmp_bin = output.with_name(output.name + TMP_SUFFIX)
+    meta_file = meta_path_for(output)
+    tmp_meta = meta_file.with_name(meta_file.name + TMP_SUFFIX)
+
+    n_tokens = n_documents = 0
+    try:
+        with (
+            tmp_bin.open("wb") as f,
+            closing(
+                _encode_documents(tokenizer.path, paths, append_eos, workers, chunk_docs)
+            ) as arrays,
+            tqdm(desc=f"pack {output.name}", unit="doc", disable=not progress) as bar,
+        ):
+            for array in arrays:
+                array.tofile(f)
+                n_tokens += array.size
+                n_documents += 1
+                bar.update()
+                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+        if n_tokens == 0:
+            raise LLMKitError(
+                f"no text to pack in {', '.join(map(str, paths))} (only blank documents): "
+                "check the --input files"
+            )
+        meta = {
+            "format": PACK_FORMAT,
+            "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype.name,
+            "n_tokens": n_tokens,
+            "n_documents": n_documents,
+            "eos_appended": append_eos,
+            "eos_id": tokenizer.eos_id,
+            "bos_id": tokenizer.bos_id,
+            "pad_id": tokenizer.pad_id,
+            "tokenizer": str(tokenizer.path.resolve()),
+            "tokenizer_sha256": tokenizer.sha256,
+            "inputs": [str(p.resolve()) for p in paths],
+        }
+        write_json_atomic(tmp_meta, meta)
+        os.replace(tmp_bin, output)
+        os.replace(tmp_meta, meta_file)
+    finally:
+        tmp_bin.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+    return meta
+
+
+def _encode_documents(
+    tokenizer_path: Path,
+    inputs: Sequence[Path],
+    append_eos: bool,
+    workers: int,
+    chunk_docs: int,
+) -> Iterator[np.ndarray]:
+    """Each document's token array, in input order.
+
+    With workers, at most ``TASKS_IN_FLIGHT_PER_WORKER * workers`` chunks are queued at a
+    time (``Pool.imap`` would read all input ahead and buffer all results).
+    """
+    documents = (
+        _Document(str(path), index, text) for path in inputs for index, text in iter_documents(path)
+    )
+    chunks = _chunked(documents, chunk_docs)
+    if workers <= 1:
+        encoder = _DocumentEncoder(str(tokenizer_path), append_eos)
+        for chunk in chunks:
+            yield from encoder(chunk)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(
+        workers, initializer=_init_worker, initargs=(str(tokenizer_path), append_eos)
+    ) as pool:
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(in_flight) >= TASKS_IN_FLIGHT_PER_WORKER * workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
+
+
+def _chunked(items: Iterable[_Document], size: int) -> Iterator[list[_Document]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    chunk: list[_Document] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def read_meta(bin_path: str | Path) -> dict:
+    """The metadata of the shard ``bin_path``, checked against the ``.bin`` file's size."""
+    bin_path = Path(bin_path)
+    meta_file = meta_path_for(bin_path)
+    hint = _PACK_HINT.format(bin=bin_path)
+    if not bin_path.is_file():
+        raise LLMKitError(f"token shard {bin_path} does not exist: create it with `{hint}`")
+    if not meta_file.is_file():
+        raise LLMKitError(
+            f"{meta_file} (the metadata of {bin_path}) does not exist: re-create both with `{hint}`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LLMKitError(f"{meta_file} is not valid JSON ({e}): re-create it with `{hint}`") from e
+    if not isinstance(meta, dict):
+        raise LLMKitError(f"{meta_file} is not a JSON object: re-create it with `{hint}`")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise LLMKitError(
+            f"{meta_file} lacks {', '.join(missing)}: not llmkit shard metadata; re-create it "
+            f"with `{hint}`"
+        )
+    n_tokens = meta["n_tokens"]
+    if (
+        meta["format"] != PACK_FORMAT
+        or meta["dtype"] not in ("uint16", "uint32")
+        or not isinstance(n_tokens, int)
+        or n_tokens < 1
+    ):
+        raise LLMKitError(
+            f"{meta_file} has format {meta['format']!r}, dtype {meta['dtype']!r} and n_tokens "
+            f"{n_tokens!r}; expected {PACK_FORMAT!r}, uint16 or uint32, and a positive "
+            f"count: re-create it with `{hint}`"
+        )
+    expected = n_tokens * np.dtype(meta["dtype"]).itemsize
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise LLMKitError(
+            f"{bin_path} is {actual:,} bytes but {meta_file} says {n_tokens:,} "
+            f"{meta['dtype']} tokens ({expected:,} bytes): truncated or not a llmkit shard; "
+            f"re-create it with `{hint}`"
+        )
+    return meta
+
+
+def open_shard(bin_path: str | Path) -> tuple[np.memmap, dict]:
+    """Memory-map the shard ``bin_path`` read-only; return the token array and its metadata."""
+    meta = read_meta(bin_path)
+    tokens = np.memmap(bin_path, mode="r", dtype=meta["dtype"], shape=(meta["n_tokens"],))
+    return tokens, meta

@@ -1,0 +1,167 @@
+"""`llmkit demo`: the whole pretraining pipeline on the embedded corpus, sized for a CPU.
+
+stdlib corpus -> SentencePiece tokenizer (small vocab, case and whitespace kept) -> packed
+train/val shards -> pretrain the `tiny` mHC model -> validate -> sample from the checkpoint.
+Prints the val loss before and after training and where the TensorBoard logs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from llmkit.callbacks import TokenThroughput
+from llmkit.checkpoint import load_backbone
+from llmkit.data.corpus import write_corpus
+from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.packing import pack
+from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from llmkit.errors import LLMKitError
+from llmkit.model.config import ModelConfig
+from llmkit.model.sampling import sample
+from llmkit.modules.pretrain import OptimConfig, PretrainModule
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("lightning_logs/demo")
+    model_yaml: Path = REPO_CONFIGS / "model" / "tiny.yaml"
+    max_files: int | None = None  # None: the whole stdlib
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    max_steps: int = 400
+    lr: float = 2e-3
+    warmup_steps: int = 40
+    val_windows: int = 64
+    seed: int = 1234
+    prompt: str = "def "
+    max_new_tokens: int = 64
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the pipeline; returns the val losses, timings and artifact paths."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    out = Path(cfg.out)
+    print(f"[1/5] corpus: Python standard library -> {out / 'corpus'}")
+    corpus = write_corpus("stdlib", out / "corpus", max_files=cfg.max_files)
+    train_txt = [out / "corpus" / name for name in corpus["train_files"]]
+    val_txt = [out / "corpus" / name for name in corpus["val_files"]]
+    print(f"[2/5] tokenizer: SentencePiece BPE, vocab {cfg.vocab_size}")
+    tok_cfg = TokenizerTrainConfig(
+        vocab_size=cfg.vocab_size, normalization="identity", remove_extra_whitespaces=False
+    )
+    tok_path = train_tokenizer(train_txt, out / "tokenizer" / "spm", tok_cfg)
+    print("[3/5] pack: train and val shards")
+    train_meta = pack(tok_path, train_txt, out / "data" / "train.bin")
+    val_meta = pack(tok_path, val_txt, out / "data" / "val.bin")
+    print(f"      {train_meta['n_tokens']:,} train tokens, {val_meta['n_tokens']:,} val tokens")
+
+    model_cfg = replace(ModelConfig.from_yaml(cfg.model_yaml), vocab_size=train_meta["vocab_size"])
+    seq_len = min(cfg.seq_len, model_cfg.max_seq_len)
+    module = PretrainModule(
+        model_cfg, OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.1)
+    )
+    data = PackedDataModule(
+        train_files=[str(out / "data" / "train.bin")],
+        val_files=[str(out / "data" / "val.bin")],
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        val_windows=cfg.val_windows,
+        seed=cfg.seed,
+    )
+    logger = TensorBoardLogger("lightning_logs", name="demo")
+    ckpt_dir = out / "checkpoints"
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        gradient_clip_val=1.0,
+        logger=logger,
+        callbacks=[TokenThroughput(), ModelCheckpoint(dirpath=ckpt_dir, filename="last")],
+        val_check_interval=max(1, cfg.max_steps // 4),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    n_params = module.model.num_params()
+    print(f"[4/5] pretrain: tiny model, {n_params / 1e6:.1f}M params, n_streams {model_cfg.n_streams}, "
+          f"{cfg.max_steps} steps of {cfg.batch_size}x{seq_len} tokens")
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    train_start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_seconds = time.perf_counter() - train_start
+    after = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    ckpt = ckpt_dir / "last.ckpt"
+    if not ckpt.is_file():
+        raise LLMKitError(f"training finished but no checkpoint was written to {ckpt}")
+
+    print(f"[5/5] sample from {ckpt}")
+    tokenizer = Tokenizer(tok_path)
+    model = load_backbone(ckpt)
+    prompt = torch.tensor([tokenizer.encode(cfg.prompt)])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ids = sample(model, prompt, cfg.max_new_tokens, temperature=0.8, top_k=50,
+                 eos_id=tokenizer.eos_id, generator=generator)
+    text = tokenizer.decode(ids[0].tolist())
+    result = {
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "checkpoint": str(ckpt),
+        "tokenizer": str(tok_path),
+        "log_dir": logger.log_dir,
+        "sample": text,
+    }
+    print("-" * 60)
+    print(text)
+    print("-" * 60)
+    print(f"val loss (nats/token): {before:.3f} before -> {after:.3f} after "
+          f"{cfg.max_steps} steps ({train_seconds:.0f} s of training, {result['total_seconds']:.0f} s total)")
+    print(f"checkpoint: {ckpt}")
+    print(f"TensorBoard: tensorboard --logdir {logger.log_dir}")
+    return result
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(
+        out=Path(args.out), max_files=args.max_files, vocab_size=args.vocab_size,
+        seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.max_steps,
+        val_windows=args.val_windows,
+    )
+    if args.model:
+        cfg.model_yaml = Path(args.model)
+    if not cfg.model_yaml.is_file():
+        raise LLMKitError(
+            f"model config {cfg.model_yaml} not found: run the demo from an llmkit checkout "
+            f"or pass --model path/to/tiny.yaml"
+        )
+    run_demo(cfg)
+    return 0
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    d = DemoConfig()
+    p = subparsers.add_parser("demo", help="the whole pipeline on the stdlib corpus, CPU-sized")
+    p.add_argument("--out", default=str(d.out), help="where corpus, tokenizer, shards and checkpoints go")
+    p.add_argument("--model", default=None, help=f"model YAML (default {d.model_yaml})")
+    p.add_argument("--max-files", type=int, default=d.max_files, help="use only the first N stdlib files")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--val-windows", type=int, default=d.val_windows)
+    p.set_defaults(func=demo_command)

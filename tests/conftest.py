@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic Python-like corpus, its tokenizer and packed shards.
+
+Built once per test session in a temporary directory; nothing here needs ../shared or the
+network.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from llmkit.data.corpus import DOC_SEPARATOR
+from llmkit.data.packing import pack
+from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+VOCAB_SIZE = 384
+
+
+def synthetic_source(n_docs: int, seed: int) -> str:
+    """Deterministic Python-like documents joined by DOC_SEPARATOR lines."""
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "value", "count", "items", "total", "result"]
+    docs = []
+    for d in range(n_docs):
+        lines = [f'"""Module {d}."""', "import os", ""]
+        for f in range(rng.randint(2, 5)):
+            a, b = rng.sample(names, 2)
+            lines += [
+                f"def {a}_{f}({b}, {a}=None):",
+                f"    if {a} is None:",
+                f"        {a} = len({b}) + {rng.randint(0, 99)}",
+                f"    return [{b}[i] * {a} for i in range({a})]",
+                "",
+            ]
+        docs.append("\n".join(lines))
+    return "".join(doc + "\n" + DOC_SEPARATOR + "\n" for doc in docs)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train.txt").write_text(synthetic_source(300, seed=0), encoding="utf-8")
+    (root / "val.txt").write_text(synthetic_source(40, seed=1), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(corpus_dir) -> Path:
+    config = TokenizerTrainConfig(
+        vocab_size=VOCAB_SIZE, normalization="identity", remove_extra_whitespaces=False, num_threads=2
+    )
+    return train_tokenizer([corpus_dir / "train.txt"], corpus_dir / "spm", config)
+
+
+@pytest.fixture(scope="session")
+def shards(corpus_dir, tokenizer_path) -> dict[str, Path]:
+    out = {}
+    for split in ("train", "val"):
+        out[split] = corpus_dir / f"{split}.bin"
+        pack(tokenizer_path, [corpus_dir / f"{split}.txt"], out[split], workers=1, progress=False)
+    return out

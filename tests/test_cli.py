@@ -1,0 +1,127 @@
+"""The `llmkit` command end to end: LightningCLI fit/validate, generate, and clean errors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llmkit.cli import main
+from tests.conftest import VOCAB_SIZE
+
+
+def write_config(tmp_path: Path, shards, **model_overrides) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 3, "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path / "logs"), "enable_progress_bar": False,
+            "num_sanity_val_steps": 0, "limit_val_batches": 2, "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+        },
+        "model": {
+            "config": {"vocab_size": VOCAB_SIZE, "n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64,
+                       "max_seq_len": 64, "n_streams": 4, **model_overrides},
+            "optim": {"lr": 1e-3, "warmup_steps": 1},
+        },
+        "data": {"train_files": [str(shards["train"])], "val_files": [str(shards["val"])],
+                 "seq_len": 32, "batch_size": 4},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """One `llmkit pretrain fit` run with a dotted override, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("cli")
+    config = write_config(tmp, shards)
+    assert main(["pretrain", "fit", "--config", str(config), "--model.config.n_streams", "2"]) == 0
+    return tmp
+
+
+def test_fit_writes_a_checkpoint_with_the_override_and_tensorboard_logs(trained):
+    ckpt = torch.load(trained / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["hyper_parameters"]["config"]["n_streams"] == 2
+    assert list((trained / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_validate_from_the_checkpoint_alone(trained, shards, capsys):
+    code = main(["pretrain", "validate", "--ckpt_path", str(trained / "ckpt" / "last.ckpt"),
+                 "--data.val_files", str(shards["val"]), "--data.seq_len", "32",
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(trained / "val"),
+                 "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    assert "val/loss" in capsys.readouterr().out
+
+
+def test_generate_from_the_checkpoint(trained, tokenizer_path, capsys):
+    args = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+            "--prompt", "def alpha", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def alpha")
+    assert len(first.strip()) > len("def alpha")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # greedy decoding is deterministic
+
+
+def test_print_config_shows_the_resolved_model(shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(write_config(tmp_path, shards)), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["mhc"]["sinkhorn_iters"] == 20
+
+
+def test_malformed_yaml_key_is_a_clean_error(shards, tmp_path, capsys):
+    config = write_config(tmp_path, shards, n_layer=2)  # typo for n_layers
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "n_layer" in err
+    assert "Traceback" not in err
+
+
+def test_vocab_mismatch_exits_1_with_one_clear_line(shards, tmp_path, capsys):
+    config = write_config(tmp_path, shards, vocab_size=VOCAB_SIZE + 1)
+    assert main(["pretrain", "fit", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"llmkit: error: {shards['train']} was packed with a tokenizer of vocab_size {VOCAB_SIZE}" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_generate_rejects_a_tokenizer_of_another_vocabulary(trained, tmp_path, corpus_dir, capsys):
+    from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    other = train_tokenizer([corpus_dir / "train.txt"], tmp_path / "other",
+                            TokenizerTrainConfig(vocab_size=350, normalization="identity"))
+    code = main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(other),
+                 "--prompt", "x"])
+    assert code == 1
+    assert "vocab_size 350" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_missing_corpus(tmp_path, tokenizer_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "none.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt", "x"]) == 1
+    assert "none.ckpt does not exist" in capsys.readouterr().err
+    out = tmp_path / "out.bin"
+    assert main(["data", "pack", "--tokenizer", str(tokenizer_path), "--input", str(tmp_path / "no.txt"),
+                 "--output", str(out)]) == 1
+    assert "no.txt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_console_script_entry_point_runs(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "llmkit.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("data", "pretrain", "generate", "demo"):
+        assert command in result.stdout

@@ -1,0 +1,451 @@
+"""Tests of the data pipeline: corpus shards, tokenizer training, packing and the data CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmkit.data.commands import add_data_commands, expand_inputs
+from llmkit.data.corpus import DOC_SEPARATOR, write_corpus
+from llmkit.data.packing import (
+    PACK_FORMAT,
+    dtype_for_vocab,
+    iter_documents,
+    open_shard,
+    pack,
+    read_meta,
+)
+from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from llmkit.errors import LLMKitError
+
+VOCAB_SIZE = 400
+ROUND_TRIP_TEXTS = [
+    "def f(x):\n    return X + 1\n",
+    "class Foo(Bar):\n\tdef __init__(self):\n\t\tself.CamelCase = None\n\n\n",
+    "    leading and trailing spaces   ",
+    "naïve café = 'Grüße' + '中文' + '🙂'\n",
+    "if a:\r\n    b = [1, 22, 333]\r\n",
+]
+
+
+def _document(i: int) -> str:
+    return textwrap.dedent(
+        f'''\
+        class Widget{i}(Base):
+            """Docstring for widget number {i}."""
+
+            def __init__(self, value: int = {i * 7}) -> None:
+                self.value = value
+                self.name = "widget_{i}"
+
+            def compute(self, x):
+                if x > {i}:
+                    return self.value * x + {i * 3}
+                for k in range(x):
+                    yield k ** 2
+        '''
+    )
+
+
+def _write_shard(path: Path, documents: list[str]) -> Path:
+    path.write_text("".join(doc + DOC_SEPARATOR + "\n" for doc in documents), encoding="utf-8")
+    return path
+
+
+def _docs_in(paths: list[Path]) -> list[str]:
+    return [text for path in paths for _, text in iter_documents(path)]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    _write_shard(root / "train_00000.txt", [_document(i) for i in range(30)])
+    _write_shard(root / "train_00001.txt", [_document(i) for i in range(30, 50)])
+    # The last document has no trailing separator: it must still be packed.
+    (root / "val_00000.txt").write_text(
+        _document(50) + DOC_SEPARATOR + "\n" + _document(51), encoding="utf-8"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    config = TokenizerTrainConfig(
+        vocab_size=VOCAB_SIZE, normalization="identity", remove_extra_whitespaces=False
+    )
+    prefix = tmp_path_factory.mktemp("tokenizer") / "tok"
+    model = train_tokenizer(sorted(corpus_dir.glob("*.txt")), prefix, config)
+    assert model == prefix.with_name("tok.model")
+    assert model.is_file() and prefix.with_name("tok.vocab").is_file()
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["tok.model", "tok.vocab"]
+    return Tokenizer(model)
+
+
+# --- tokenizer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_tokenizer_round_trip(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch([text, text]) == [ids, ids]
+    assert tokenizer.encode(text, bos=True, eos=True) == [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+def test_tokenizer_properties(tokenizer: Tokenizer) -> None:
+    assert tokenizer.vocab_size == VOCAB_SIZE
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
+    assert len(tokenizer.sha256) == 64
+    # The separator never reached training, so it is no single piece of the vocabulary.
+    assert len(tokenizer.encode(DOC_SEPARATOR)) > 1
+
+
+def test_tokenizer_decode_drops_special_ids(tokenizer: Tokenizer) -> None:
+    a, b = tokenizer.encode("x = 1\n"), tokenizer.encode("y = 2\n")
+    ids = [tokenizer.bos_id, *a, tokenizer.eos_id, *b, tokenizer.pad_id, tokenizer.pad_id]
+    assert tokenizer.decode(ids) == "x = 1\ny = 2\n"
+
+
+def test_tokenizer_pickles_as_its_path(tokenizer: Tokenizer) -> None:
+    clone = pickle.loads(pickle.dumps(tokenizer))
+    assert clone.path == tokenizer.path
+    assert clone.encode(ROUND_TRIP_TEXTS[1]) == tokenizer.encode(ROUND_TRIP_TEXTS[1])
+
+
+def test_tokenizer_rejects_missing_and_invalid_model(tmp_path: Path) -> None:
+    with pytest.raises(LLMKitError, match="does not exist"):
+        Tokenizer(tmp_path / "nope.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(LLMKitError, match="not a sentencepiece model"):
+        Tokenizer(bad)
+
+
+def test_train_tokenizer_vocab_too_large(corpus_dir: Path, tmp_path: Path) -> None:
+    config = TokenizerTrainConfig(vocab_size=50_000, normalization="identity")
+    with pytest.raises(LLMKitError, match=r"vocab size 50000 is too large.*--vocab-size \d+"):
+        train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "big", config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_tokenizer_vocab_too_small(corpus_dir: Path, tmp_path: Path) -> None:
+    config = TokenizerTrainConfig(vocab_size=100, normalization="identity")
+    with pytest.raises(LLMKitError, match=r"vocab size 100 is too small.*--vocab-size \d+ or more"):
+        train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "small", config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_tokenizer_input_errors(tmp_path: Path) -> None:
+    config = TokenizerTrainConfig(vocab_size=300)
+    with pytest.raises(LLMKitError, match=r"missing\.txt"):
+        train_tokenizer([tmp_path / "missing.txt"], tmp_path / "tok", config)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(f"\n{DOC_SEPARATOR}\n  \n{DOC_SEPARATOR}\n", encoding="utf-8")
+    with pytest.raises(LLMKitError, match="no text"):
+        train_tokenizer([empty], tmp_path / "tok", config)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"x = 1\ny = 2\nz = 'caf\xe9'\n")
+    with pytest.raises(LLMKitError, match=r"latin\.txt:3: not valid UTF-8"):
+        train_tokenizer([latin], tmp_path / "tok", config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin.txt"]
+
+
+# --- documents and packing ---------------------------------------------------------------
+
+
+def test_dtype_for_vocab_boundary() -> None:
+    assert dtype_for_vocab(VOCAB_SIZE) == np.uint16
+    assert dtype_for_vocab(65535) == np.uint16
+    assert dtype_for_vocab(65536) == np.uint32
+
+
+def test_iter_documents(tmp_path: Path) -> None:
+    path = tmp_path / "docs.txt"
+    path.write_text(
+        f"a = 1\n{DOC_SEPARATOR}\n\n   \n{DOC_SEPARATOR}\nb\r\nc\n{DOC_SEPARATOR}\r\nlast",
+        encoding="utf-8",
+    )
+    assert list(iter_documents(path)) == [(0, "a = 1\n"), (2, "b\r\nc\n"), (3, "last")]
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x\ny\n", encoding="utf-8")
+    assert list(iter_documents(plain)) == [(0, "x\ny\n")]
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"ok\ncaf\xe9\n")
+    with pytest.raises(LLMKitError, match=r"latin\.txt:2: not valid UTF-8"):
+        list(iter_documents(latin))
+
+
+def _pack_expectation(tokenizer: Tokenizer, inputs: list[Path], eos: bool) -> list[int]:
+    return [i for doc in _docs_in(inputs) for i in tokenizer.encode(doc, eos=eos)]
+
+
+def test_pack_round_trip_is_the_same_for_any_workers(
+    tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path
+) -> None:
+    inputs = sorted(corpus_dir.glob("*.txt"))
+    expected = _pack_expectation(tokenizer, inputs, eos=True)
+    shards = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}" / "train.bin"
+        meta = pack(tokenizer.path, inputs, out, workers=workers, chunk_docs=8, progress=False)
+        tokens, meta_read = open_shard(out)
+        assert meta_read == meta
+        assert tokens.dtype == np.uint16
+        assert tokens.tolist() == expected
+        assert out.stat().st_size == meta["n_tokens"] * tokens.itemsize
+        assert sorted(p.name for p in out.parent.iterdir()) == ["train.bin", "train.bin.json"]
+        shards[workers] = out.read_bytes()
+    assert shards[1] == shards[2]
+
+    assert meta == {
+        "format": PACK_FORMAT,
+        "vocab_size": VOCAB_SIZE,
+        "dtype": "uint16",
+        "n_tokens": len(expected),
+        "n_documents": 52,
+        "eos_appended": True,
+        "eos_id": 3,
+        "bos_id": 2,
+        "pad_id": 0,
+        "tokenizer": str(tokenizer.path.resolve()),
+        "tokenizer_sha256": tokenizer.sha256,
+        "inputs": [str(p.resolve()) for p in inputs],
+    }
+    assert json.loads((tmp_path / "w1" / "train.bin.json").read_text()) == meta
+    assert expected.count(tokenizer.eos_id) == 52
+
+
+def test_pack_without_eos(tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path) -> None:
+    inputs = [corpus_dir / "val_00000.txt"]
+    meta = pack(
+        tokenizer.path, inputs, tmp_path / "v.bin", append_eos=False, workers=1, progress=False
+    )
+    tokens, _ = open_shard(tmp_path / "v.bin")
+    assert tokens.tolist() == _pack_expectation(tokenizer, inputs, eos=False)
+    assert meta["eos_appended"] is False and meta["n_documents"] == 2
+    assert tokenizer.eos_id not in tokens
+
+
+def test_pack_errors_leave_no_output(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    with pytest.raises(LLMKitError, match=r"missing\.txt"):
+        pack(tokenizer.path, [tmp_path / "missing.txt"], out, workers=1, progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(f"{DOC_SEPARATOR}\n \n\t\n{DOC_SEPARATOR}\n\n", encoding="utf-8")
+    with pytest.raises(LLMKitError, match=r"empty\.txt"):
+        pack(tokenizer.path, [empty], out, workers=1, progress=False)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"x = 1\n" + (DOC_SEPARATOR + "\n").encode() + b"s = 'caf\xe9'\n")
+    with pytest.raises(LLMKitError, match=r"latin\.txt:3: not valid UTF-8"):
+        pack(tokenizer.path, [latin], out, workers=2, chunk_docs=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin.txt"]
+
+
+def test_read_meta_errors(tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "val.bin"
+    meta_file = tmp_path / "val.bin.json"
+    with pytest.raises(LLMKitError, match="llmkit data pack"):
+        read_meta(out)
+    pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)
+    good_meta = meta_file.read_text()
+
+    meta_file.write_text("{not json")
+    with pytest.raises(LLMKitError, match=r"val\.bin\.json is not valid JSON"):
+        read_meta(out)
+
+    meta_file.write_text(json.dumps({"format": PACK_FORMAT}))
+    with pytest.raises(LLMKitError, match="lacks vocab_size"):
+        read_meta(out)
+
+    meta_file.unlink()
+    with pytest.raises(LLMKitError, match=r"val\.bin\.json .*does not exist.*llmkit data pack"):
+        read_meta(out)
+
+    meta_file.write_text(good_meta)
+    out.write_bytes(out.read_bytes()[:-2])
+    with pytest.raises(LLMKitError, match="truncated or not a llmkit shard"):
+        open_shard(out)
+
+
+# --- corpus ------------------------------------------------------------------------------
+
+
+def _corpus_documents(out_dir: Path, names: list[str]) -> list[str]:
+    return _docs_in([out_dir / name for name in names])
+
+
+def test_write_corpus_stdlib(tmp_path: Path) -> None:
+    summary = write_corpus("stdlib", tmp_path, max_files=30, progress=False)
+    assert json.loads((tmp_path / "corpus.json").read_text()) == summary
+    assert summary["source"] == "stdlib" and summary["n_files"] == 30
+    assert summary["train_files"] == ["train_00000.txt"]
+    assert summary["val_files"] == ["val_00000.txt"]
+
+    train = _corpus_documents(tmp_path, summary["train_files"])
+    val = _corpus_documents(tmp_path, summary["val_files"])
+    assert len(train) == summary["n_train_documents"] and len(val) == summary["n_val_documents"]
+    assert len(train) + len(val) + summary["n_skipped"] == 30
+    assert len(val) >= 1
+    for split, docs in (("train", train), ("val", val)):
+        text = (tmp_path / f"{split}_00000.txt").read_text(encoding="utf-8")
+        assert text.count(f"\n{DOC_SEPARATOR}\n") == len(docs)
+        assert len(text.encode("utf-8")) == summary[f"bytes_{split}"]
+
+    # The documents are the first 30 non-test .py files of the stdlib, sorted by path.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    relative = sorted(
+        p.relative_to(stdlib).as_posix()
+        for p in stdlib.rglob("*.py")
+        if not {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
+        & set(p.relative_to(stdlib).parts[:-1])
+        and not p.name.startswith("test_")
+    )[:30]
+    expected = {(stdlib / r).read_text(encoding="utf-8") for r in relative}
+    assert {doc if doc in expected else doc[:-1] for doc in train + val} <= expected
+
+
+def _fake_stdlib(root: Path) -> Path:
+    files = {
+        "a.py": "import os\n",
+        "b.py": "x = 1",  # no trailing newline: one is added
+        "pkg/__init__.py": "from . import c\n",
+        "pkg/c.py": "def c():\n    return 'c'\n",
+        "pkg/tests/t.py": "assert False\n",
+        "test/regrtest.py": "assert False\n",
+        "idlelib/idle_test/x.py": "assert False\n",
+        "test_thing.py": "assert False\n",
+        "__pycache__/a.py": "assert False\n",
+        "site-packages/nested.py": "assert False\n",
+        "notes.txt": "not python\n",
+        "blank.py": "  \n\n",
+        "separator.py": f"x = 1\n{DOC_SEPARATOR}\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "latin1.py").write_bytes(b"s = 'caf\xe9'\n")
+    return root
+
+
+def test_write_corpus_selection_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stdlib = _fake_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    out = tmp_path / "out"
+
+    summary = write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)
+    assert summary["n_files"] == 7 and summary["n_skipped"] == 3  # blank, latin1, separator
+    assert summary["train_files"] == ["train_00000.txt", "train_00001.txt", "train_00002.txt"]
+    train = _corpus_documents(out, summary["train_files"])
+    val = _corpus_documents(out, summary["val_files"])
+    # Sorted by relative path; with val_fraction=0 the last document still goes to val.
+    assert train == ["import os\n", "x = 1\n", "from . import c\n"]
+    assert val == ["def c():\n    return 'c'\n"]
+
+    again = write_corpus("stdlib", out, val_fraction=0.0, progress=False)
+    assert again["train_files"] == ["train_00000.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "corpus.json",
+        "train_00000.txt",
+        "val_00000.txt",
+    ]
+    assert _corpus_documents(out, again["train_files"]) == train
+
+    split = write_corpus("stdlib", out, val_fraction=0.5, progress=False)
+    assert split == write_corpus("stdlib", out, val_fraction=0.5, progress=False)
+
+
+def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(LLMKitError, match="stdlib, site-packages"):
+        write_corpus("pypi", tmp_path, progress=False)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "none")})
+    with pytest.raises(LLMKitError, match="0 usable document"):
+        write_corpus("stdlib", tmp_path / "out", progress=False)
+    stdlib = _fake_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    with pytest.raises(LLMKitError, match="1 usable document"):
+        write_corpus("stdlib", tmp_path / "one", max_files=1, progress=False)
+    assert list((tmp_path / "one").iterdir()) == []
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _cli() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_tokenizer_and_pack(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = tmp_path / "tok"
+    args = _cli().parse_args(
+        [
+            "data",
+            "tokenizer",
+            "--input",
+            str(corpus_dir / "train_*.txt"),
+            "--model-prefix",
+            str(prefix),
+            "--vocab-size",
+            "360",
+            "--normalization",
+            "identity",
+            "--keep-whitespace",
+        ]
+    )
+    assert args.func(args) == 0
+    tokenizer = Tokenizer(tmp_path / "tok.model")
+    assert tokenizer.vocab_size == 360
+    assert tokenizer.decode(tokenizer.encode("    x = 1\n")) == "    x = 1\n"
+
+    out = tmp_path / "data" / "train.bin"
+    args = _cli().parse_args(
+        [
+            "data",
+            "pack",
+            "--tokenizer",
+            str(tokenizer.path),
+            "--input",
+            str(corpus_dir / "train_*.txt"),
+            str(corpus_dir / "val_00000.txt"),
+            "--output",
+            str(out),
+            "--workers",
+            "1",
+        ]
+    )
+    assert args.func(args) == 0
+    meta = read_meta(out)
+    assert meta["n_documents"] == 52 and meta["eos_appended"] is True
+    assert f"wrote {out}: {meta['n_tokens']:,} tokens (uint16) from 52 documents" in (
+        capsys.readouterr().out
+    )
+
+
+def test_cli_corpus(tmp_path: Path) -> None:
+    args = _cli().parse_args(
+        ["data", "corpus", "--source", "stdlib", "--out", str(tmp_path), "--max-files", "5"]
+    )
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "corpus.json").read_text())["n_files"] == 5
+
+
+def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
+    assert expand_inputs([str(corpus_dir / "val_*.txt"), str(corpus_dir / "*.txt")]) == [
+        corpus_dir / "val_00000.txt",
+        corpus_dir / "train_00000.txt",
+        corpus_dir / "train_00001.txt",
+    ]
+    with pytest.raises(LLMKitError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.nothing")])

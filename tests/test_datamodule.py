@@ -1,0 +1,100 @@
+"""PackedDataModule: window alignment, determinism, shard checks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.packing import open_shard
+from llmkit.errors import LLMKitError
+from tests.conftest import VOCAB_SIZE
+
+
+def make_dm(shards, **kw) -> PackedDataModule:
+    args = dict(train_files=[str(shards["train"])], val_files=[str(shards["val"])], seq_len=32,
+                batch_size=4, vocab_size=VOCAB_SIZE, val_windows=8)
+    return PackedDataModule(**{**args, **kw})
+
+
+def test_windows_are_shifted_by_one_and_match_the_shard(shards):
+    dm = make_dm(shards)
+    dm.setup("fit")
+    tokens, _ = open_shard(shards["train"])
+    for i in range(5):
+        x, y = dm.train_set[i]
+        shard, offset = dm.train_set.starts[i]
+        assert shard == 0
+        assert torch.equal(x, torch.from_numpy(tokens[offset : offset + 32].astype(np.int64)))
+        assert torch.equal(x[1:], y[:-1])
+        assert y[-1].item() == int(tokens[offset + 32])
+
+
+def test_validation_windows_are_fixed_consecutive_and_capped(shards):
+    dm = make_dm(shards)
+    dm.setup("validate")
+    assert dm.val_set.starts[:, 1].tolist() == [0, 32, 64, 96, 128, 160, 192, 224]
+    batches = [b[0] for b in dm.val_dataloader()]
+    again = make_dm(shards)
+    again.setup("validate")
+    assert all(torch.equal(a, b[0]) for a, b in zip(batches, again.val_dataloader(), strict=True))
+
+
+def test_training_windows_are_seeded(shards):
+    a, b, c = make_dm(shards, seed=1), make_dm(shards, seed=1), make_dm(shards, seed=2)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert np.array_equal(a.train_set.starts, b.train_set.starts)
+    assert not np.array_equal(a.train_set.starts, c.train_set.starts)
+    first_a = next(iter(a.train_dataloader()))[0]
+    first_b = next(iter(b.train_dataloader()))[0]
+    assert torch.equal(first_a, first_b)
+
+
+def test_windows_never_cross_a_shard_boundary(shards):
+    dm = make_dm(shards, train_files=[str(shards["train"]), str(shards["val"])], samples_per_epoch=5000)
+    dm.setup("fit")
+    lengths = [len(s) for s in dm.train_set.shards]
+    starts = dm.train_set.starts
+    assert set(starts[:, 0].tolist()) == {0, 1}
+    assert all(off + 33 <= lengths[k] for k, off in starts)
+    assert len(dm.train_set) == 5000
+
+
+def test_glob_patterns_are_expanded(shards):
+    dm = make_dm(shards, train_files=[str(shards["train"].parent / "tra*.bin")])
+    dm.setup("fit")
+    assert len(dm.train_set.shards) == 1
+
+
+def test_vocab_mismatch_is_a_clear_error(shards):
+    dm = make_dm(shards, vocab_size=1000)
+    with pytest.raises(LLMKitError, match=rf"vocab_size {VOCAB_SIZE}.*model has vocab_size 1000"):
+        dm.setup("fit")
+
+
+def test_shard_shorter_than_a_window_is_a_clear_error(shards):
+    n = open_shard(shards["val"])[1]["n_tokens"]
+    dm = make_dm(shards, seq_len=n)
+    with pytest.raises(LLMKitError, match=r"fewer than seq_len \+ 1"):
+        dm.setup("validate")
+
+
+def test_out_of_range_token_id_is_named_with_its_position(shards, tmp_path):
+    tokens, meta = open_shard(shards["val"])
+    bad = np.array(tokens, dtype=np.uint16)
+    bad[77] = VOCAB_SIZE + 5
+    path = tmp_path / "bad.bin"
+    bad.tofile(path)
+    (tmp_path / "bad.bin.json").write_text(json.dumps(meta))
+    dm = make_dm(shards, val_files=[str(path)])
+    with pytest.raises(LLMKitError, match=rf"bad.bin: token id {VOCAB_SIZE + 5} at position 77"):
+        dm.setup("validate")
+
+
+def test_missing_shard_and_empty_file_list(shards, tmp_path):
+    with pytest.raises(LLMKitError, match="nothing.bin"):
+        make_dm(shards, train_files=[str(tmp_path / "nothing.bin")]).setup("fit")
+    with pytest.raises(LLMKitError, match="train_files is empty"):
+        make_dm(shards, train_files=[]).setup("fit")

@@ -1,0 +1,112 @@
+"""PretrainModule with the real Trainer: schedule, checkpoints, resume, safe loading, errors."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from llmkit.callbacks import TokenThroughput
+from llmkit.checkpoint import load_backbone
+from llmkit.data.datamodule import PackedDataModule
+from llmkit.errors import LLMKitError
+from llmkit.model.config import ModelConfig
+from llmkit.modules.pretrain import OptimConfig, PretrainModule, WarmupCosine
+from tests.conftest import VOCAB_SIZE
+
+SEQ_LEN = 32
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=VOCAB_SIZE, n_layers=2, d_model=64, n_heads=4, d_ff=128, max_seq_len=64, n_streams=4)
+    return ModelConfig(**{**base, **kw})
+
+
+def datamodule(shards) -> PackedDataModule:
+    return PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])],
+                            seq_len=SEQ_LEN, batch_size=8, val_windows=16)
+
+
+def trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
+    args = dict(max_steps=max_steps, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                log_every_n_steps=1, limit_val_batches=2, val_check_interval=max_steps,
+                check_val_every_n_epoch=None, gradient_clip_val=1.0,
+                callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    return L.Trainer(**{**args, **kw})
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(warmup_steps=10, decay_steps=110, min_ratio=0.1)
+    assert s(0) == pytest.approx(0.1)
+    assert s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s(110) == pytest.approx(0.1)
+    assert s(10_000) == pytest.approx(0.1)
+
+
+def test_fit_learns_logs_and_checkpoint_restores_the_model_alone(shards, tmp_path):
+    torch.manual_seed(0)
+    module = PretrainModule(model_config(), OptimConfig(lr=3e-3, warmup_steps=5))
+    t = trainer(tmp_path, max_steps=60, callbacks=[TokenThroughput(window_size=2),
+                                                     ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    before = t.validate(module, datamodule=datamodule(shards), verbose=False)[0]["val/loss"]
+    t.fit(module, datamodule=datamodule(shards))
+    logged = dict(t.logged_metrics)
+    after = t.validate(module, datamodule=datamodule(shards), verbose=False)[0]["val/loss"]
+    assert before > math.log(VOCAB_SIZE) - 0.5
+    assert after < before - 2.0
+    assert logged["train/tokens"] == 60 * 8 * SEQ_LEN
+    assert logged["train/device/items_per_sec"] > 0  # tokens/s from TokenThroughput
+    assert logged["val/ppl"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-5)
+
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    raw = torch.load(ckpt, weights_only=True)  # plain containers only: safe to load
+    assert raw["hyper_parameters"]["config"]["n_streams"] == 4
+    model = load_backbone(ckpt)
+    idx = torch.randint(0, VOCAB_SIZE, (2, 16))
+    module.eval()
+    assert torch.allclose(model(idx), module.model(idx), atol=1e-6)
+
+
+def test_resume_continues_the_step_count_and_tokens(shards, tmp_path):
+    module = PretrainModule(model_config(n_streams=1), OptimConfig(warmup_steps=2))
+    trainer(tmp_path, max_steps=4).fit(module, datamodule=datamodule(shards))
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    resumed = PretrainModule(model_config(n_streams=1), OptimConfig(warmup_steps=2))
+    t = trainer(tmp_path, max_steps=7)
+    t.fit(resumed, datamodule=datamodule(shards), ckpt_path=ckpt)
+    assert t.global_step == 7
+    assert resumed.tokens_seen == 7 * 8 * SEQ_LEN
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 7
+
+
+def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
+    module = PretrainModule(model_config(), OptimConfig(warmup_steps=2))
+    real_loss = module.model.loss
+    calls = {"n": 0}
+
+    def loss_that_blows_up(x, y):
+        calls["n"] += 1
+        return real_loss(x, y) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(module.model, "loss", loss_that_blows_up)
+    with pytest.raises(LLMKitError, match=r"non-finite training loss \(nan\) at global step 2"):
+        trainer(tmp_path, max_steps=5).fit(module, datamodule=datamodule(shards))
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_datamodule_checks_shards_against_the_module_vocab(shards, tmp_path):
+    module = PretrainModule(model_config(vocab_size=VOCAB_SIZE * 2))
+    with pytest.raises(LLMKitError, match=rf"model has vocab_size {VOCAB_SIZE * 2}"):
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=datamodule(shards))
+
+
+def test_weight_decay_groups_reach_the_optimizer():
+    module = PretrainModule(model_config(), OptimConfig(weight_decay=0.1))
+    module.trainer = L.Trainer(max_steps=10, logger=False)
+    opt = module.configure_optimizers()["optimizer"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
