@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -27,14 +28,16 @@ def run_pretrain_cli(args: list[str]) -> None:
     from llmkit.data.datamodule import PackedDataModule
     from llmkit.modules.pretrain import PretrainModule
 
-    LightningCLI(
-        PretrainModule,
-        PackedDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "llmkit pretrain"},
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        LightningCLI(
+            PretrainModule,
+            PackedDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "llmkit pretrain"},
+            auto_configure_optimizers=False,
+        )
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -34,12 +34,13 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class DemoConfig:
     out: Path = Path("lightning_logs/demo")
+    log_dir: Path = Path("lightning_logs")
     model_yaml: Path = REPO_CONFIGS / "model" / "tiny.yaml"
     max_files: int | None = None  # None: the whole stdlib
     vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16
-    max_steps: int = 400
+    max_steps: int = 200
     lr: float = 2e-3
     warmup_steps: int = 40
     val_windows: int = 64
@@ -80,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         val_windows=cfg.val_windows,
         seed=cfg.seed,
     )
-    logger = TensorBoardLogger("lightning_logs", name="demo")
+    logger = TensorBoardLogger(cfg.log_dir, name="demo")
     ckpt_dir = out / "checkpoints"
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
@@ -138,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def demo_command(args: argparse.Namespace) -> int:
     cfg = DemoConfig(
-        out=Path(args.out), max_files=args.max_files, vocab_size=args.vocab_size,
+        out=Path(args.out), log_dir=Path(args.log_dir), max_files=args.max_files, vocab_size=args.vocab_size,
         seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.max_steps,
         val_windows=args.val_windows,
     )
@@ -157,6 +158,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="the whole pipeline on the stdlib corpus, CPU-sized")
     p.add_argument("--out", default=str(d.out), help="where corpus, tokenizer, shards and checkpoints go")
+    p.add_argument("--log-dir", default=str(d.log_dir), help="TensorBoard logs go to LOG_DIR/demo/version_N")
     p.add_argument("--model", default=None, help=f"model YAML (default {d.model_yaml})")
     p.add_argument("--max-files", type=int, default=d.max_files, help="use only the first N stdlib files")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)

@@ -125,3 +125,18 @@ def test_console_script_entry_point_runs(tmp_path):
     assert result.returncode == 0
     for command in ("data", "pretrain", "generate", "demo"):
         assert command in result.stdout
+
+
+def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_path):
+    config = write_config(tmp_path, shards)
+    code = main(["pretrain", "fit", "--config", str(config), "--model.config.n_streams", "2",
+                 "--ckpt_path", str(trained / "ckpt" / "last.ckpt"), "--trainer.max_steps", "5"])
+    assert code == 0
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_generate_rejects_a_prompt_beyond_the_context(trained, tokenizer_path, capsys):
+    code = main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt", "alpha beta gamma " * 40])
+    assert code == 1
+    assert "max_seq_len 64" in capsys.readouterr().err

@@ -110,3 +110,29 @@ def test_weight_decay_groups_reach_the_optimizer():
     opt = module.configure_optimizers()["optimizer"]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_bf16_mixed_with_accumulation_and_clipping(shards, tmp_path):
+    """Automatic optimisation composes with the Trainer's precision, accumulation and clipping."""
+    module = PretrainModule(model_config(), OptimConfig(warmup_steps=1))
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    t = trainer(tmp_path, max_steps=2, precision="bf16-mixed", accumulate_grad_batches=2)
+    t.fit(module, datamodule=datamodule(shards))
+    assert t.global_step == 2
+    assert module.tokens_seen == 4 * 8 * SEQ_LEN  # 2 optimizer steps x 2 micro-batches
+    assert torch.isfinite(t.logged_metrics["train/loss"])
+    after = module.model.state_dict()
+    assert all(after[k].dtype == torch.float32 for k in before)  # master weights stay fp32
+    assert not torch.equal(before["tok_emb.weight"], after["tok_emb.weight"])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(shards, tmp_path):
+    torch.manual_seed(0)
+    eager = PretrainModule(model_config())
+    compiled = PretrainModule(model_config(), compile=True)
+    compiled.model.load_state_dict(eager.model.state_dict())
+    compiled.configure_model()
+    idx = torch.randint(0, VOCAB_SIZE, (2, SEQ_LEN))
+    assert torch.allclose(compiled(idx), eager(idx), atol=1e-4)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints stay interchangeable
