@@ -98,3 +98,23 @@ def test_missing_shard_and_empty_file_list(shards, tmp_path):
         make_dm(shards, train_files=[str(tmp_path / "nothing.bin")]).setup("fit")
     with pytest.raises(LLMKitError, match="train_files is empty"):
         make_dm(shards, train_files=[]).setup("fit")
+
+
+def test_ranks_get_disjoint_windows_when_lightning_adds_a_distributed_sampler(shards):
+    """Under DDP Lightning re-creates the train loader with a DistributedSampler (the same call
+    the Trainer makes); the resumable loader must survive that, and ranks must not overlap."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from llmkit.data.datamodule import ResumableLoader
+
+    dm = make_dm(shards, samples_per_epoch=64)
+    dm.setup("fit")
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = _update_dataloader(dm.train_dataloader(), sampler)
+        assert isinstance(loader, ResumableLoader) and loader.seed == dm.seed
+        seen.append([i for batch in loader.batch_sampler for i in batch])
+        assert sum(len(x) for x, _ in loader) == len(seen[rank]) == 32
+    assert not set(seen[0]) & set(seen[1])

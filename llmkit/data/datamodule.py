@@ -5,12 +5,15 @@ A window is seq_len + 1 consecutive tokens of one shard; x = window[:-1], y = wi
 random crops, never crossing a shard boundary); the DataLoader shuffles their order each
 epoch, and under DDP Lightning's DistributedSampler gives each rank distinct windows.
 Validation uses a fixed set: consecutive non-overlapping windows from the start of each val
-shard, the same on every run.
+shard, the same on every run. The training loader is resumable: a mid-epoch checkpoint
+continues at the next unseen batch, in the same order, instead of replaying the epoch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -41,6 +44,40 @@ class PackedWindows(Dataset):
             self.shards[shard][offset : offset + self.seq_len + 1].astype(np.int64)
         )
         return window[:-1], window[1:]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning checkpoints (``state_dict``/``load_state_dict``).
+
+    Pass k reseeds the shuffle generator with ``seed + k``, so every pass has a fixed order;
+    the state is (pass, batches yielded in it), and after ``load_state_dict`` the next pass
+    fast-forwards past the batches already trained on. Skipped batches are still read (a
+    memmap slice each), which costs seconds even for long runs.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + self.epoch)
+        batches = super().__iter__()
+        for _ in range(self.consumed):
+            next(batches)
+        for batch in batches:
+            self.consumed += 1
+            yield batch
+        self.epoch += 1
+        self.consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
 
 
 def open_checked_shards(
@@ -160,13 +197,13 @@ class PackedDataModule(L.LightningDataModule):
             starts = starts[: self.val_windows]
         return np.asarray(starts, dtype=np.int64).reshape(-1, 2)
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(
             self.train_set,
+            seed=self.seed,
             batch_size=self.batch_size,
             shuffle=True,
-            generator=generator,
+            generator=torch.Generator(),
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
