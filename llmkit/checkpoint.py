@@ -24,9 +24,11 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise LLMKitError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
         raise LLMKitError(
-            f"cannot read checkpoint {path} safely (weights_only): {str(e).splitlines()[0]}"
+            f"cannot read checkpoint {path}: it is not a torch checkpoint of tensors and plain data "
+            f"(a different file, a truncated one, or one holding pickled objects, which llmkit "
+            f"does not load); pass a .ckpt written by `llmkit pretrain fit`"
         ) from None
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "config" not in hparams or "state_dict" not in ckpt:

@@ -140,3 +140,16 @@ def test_generate_rejects_a_prompt_beyond_the_context(trained, tokenizer_path, c
                  "--prompt", "alpha beta gamma " * 40])
     assert code == 1
     assert "max_seq_len 64" in capsys.readouterr().err
+
+
+def test_generate_refuses_files_that_are_not_plain_checkpoints(tmp_path, tokenizer_path, capsys):
+    import argparse
+
+    (tmp_path / "notes.ckpt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(a=1)}, tmp_path / "pickled.ckpt")
+    for name in ("notes.ckpt", "pickled.ckpt"):
+        assert main(["generate", "--ckpt", str(tmp_path / name), "--tokenizer", str(tokenizer_path),
+                     "--prompt", "x"]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot read checkpoint {tmp_path / name}" in err
+        assert "weights_only" not in err
