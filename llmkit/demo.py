@@ -25,7 +25,7 @@ from llmkit.data.packing import pack
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
-from llmkit.model.sampling import sample
+from llmkit.model.generation import SamplingConfig, generate
 from llmkit.modules.pretrain import OptimConfig, PretrainModule
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -112,11 +112,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[5/5] sample from {ckpt}")
     tokenizer = Tokenizer(tok_path)
     model = load_backbone(ckpt)
-    prompt = torch.tensor([tokenizer.encode(cfg.prompt)])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    ids = sample(model, prompt, cfg.max_new_tokens, temperature=0.8, top_k=50,
-                 eos_id=tokenizer.eos_id, generator=generator)
-    text = tokenizer.decode(ids[0].tolist())
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+    out = generate(model, [tokenizer.encode(cfg.prompt)], sampling, tokenizer.eos_id, tokenizer.pad_id)
+    text = cfg.prompt + tokenizer.decode(out.tokens[0][out.mask[0]].tolist())
     result = {
         "val_loss_before": before,
         "val_loss_after": after,

@@ -41,9 +41,10 @@ def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head of x [B, H, T, D] by the angles for its positions."""
+    """Rotate the two halves of each head of x [B, H, T, D] by the angles for its positions:
+    cos/sin are [T, D/2] (positions shared by the batch) or [B, T, D/2] (per row)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
@@ -61,14 +62,34 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal attention over x [B, T, C].
+
+        Without ``mask`` the plain causal mask applies (training). With ``mask`` [B, 1, T, S]
+        (True = may attend) queries attend to S keys: the T new ones, or, with ``kv_cache``
+        (k, v buffers [B, H_kv, S, D]), every cache slot after this call has written the new
+        keys and values at slots ``cache_pos`` [T].
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k_cache.index_copy_(2, cache_pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, cache_pos, v.to(v_cache.dtype))
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

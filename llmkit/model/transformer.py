@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmkit.model.config import ModelConfig
+from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache
 from llmkit.model.mhc import MHCResidual
 
@@ -34,9 +35,17 @@ class Block(nn.Module):
             self.attn_res = MHCResidual(config)
             self.mlp_res = MHCResidual(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
-            return self.attn(self.attn_norm(h), cos, sin)
+            return self.attn(self.attn_norm(h), cos, sin, mask, kv_cache, cache_pos)
 
         def mlp(h: torch.Tensor) -> torch.Tensor:
             return self.mlp(self.mlp_norm(h))
@@ -89,19 +98,37 @@ class Transformer(nn.Module):
         if self.config.n_streams > 1:
             nn.init.normal_(self.stream_emb, std=std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for tokens idx [B, T].
+
+        Training calls forward(idx): positions 0..T-1 and the causal mask. Padded batches
+        and cached decoding (llmkit.model.generation) also pass per-row RoPE ``positions``
+        [B, T], a boolean attention ``mask`` [B, 1, T, S], and a ``kv_cache`` whose slots
+        ``cache_pos`` [T] receive this call's keys and values.
+        """
         T = idx.size(1)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if positions is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_emb(idx)
         if self.config.n_streams > 1:
             x = x.unsqueeze(2) + self.stream_emb  # [B, T, n, C]
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask, layer_cache, cache_pos)
         if self.config.n_streams > 1:
             x = x.mean(dim=2)
         return self.lm_head(self.norm(x)).float()

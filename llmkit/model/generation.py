@@ -1,0 +1,231 @@
+"""Batched, KV-cached sampling and exact continuation scoring (handoff F2, F3).
+
+Prompts of different lengths are left-padded to a common length P, so every row's next
+token sits in the same column. Row b has ``pad[b]`` pad tokens; its real token at column j
+gets RoPE position j - pad[b], and no query ever attends to a pad key. Generation prefills
+the cache with the prompts in one forward, then feeds one token per step: the keys and
+values of earlier tokens are read from the cache, never recomputed.
+
+Log-probabilities are those of the tempered model distribution softmax(logits / T) (T = 1
+for greedy decoding), before any top-k/top-p truncation: the quantity RL and distillation
+losses need. :func:`sequence_logprobs` recomputes exactly these in one batched forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.errors import LLMKitError
+from llmkit.model.kv_cache import KVCache
+from llmkit.model.transformer import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. temperature 0 is greedy; top_k/top_p None disables them.
+
+    compile: run the decode step through torch.compile; the step has static shapes (the
+    cache is pre-allocated and every step attends over all of it under a mask), so on CUDA
+    it is captured as a CUDA graph ("reduce-overhead"). Eager is the default, and the
+    right choice on CPU.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LLMKitError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LLMKitError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise LLMKitError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LLMKitError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    """Per row: ``tokens`` [B, N] generated ids (pad_id after EOS), ``mask`` [B, N] True on
+    real tokens up to and including EOS, ``logprobs`` [B, N] (0 where mask is False)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, P] with each sequence right-aligned, and pad counts [B]."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise LLMKitError("every prompt/context must have at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    pad = torch.tensor([width - len(s) for s in sequences], dtype=torch.long)
+    return ids.to(device), pad.to(device)
+
+
+def padded_attention_mask(pad: torch.Tensor, query_cols: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """mask [B, 1, T, S]: query column i may attend to key column j iff pad[b] <= j <= i.
+
+    A pad query (i < pad[b]) attends to itself only, so its output stays finite; nothing
+    real ever attends to it.
+    """
+    keys = torch.arange(n_keys, device=pad.device)
+    i, j = query_cols[None, :, None], keys[None, None, :]
+    allowed = (j <= i) & (j >= pad[:, None, None])
+    return (allowed | (j == i)).unsqueeze(1)
+
+
+def _positions(pad: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, T] of columns ``cols``: column - pad[b], 0 on pad columns."""
+    return (cols[None, :] - pad[:, None]).clamp(min=0)
+
+
+def sample_tokens(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] from logits [B, V] (greedy, or temperature + top-k + top-p), and
+    their log-probabilities under softmax(logits / T)."""
+    if config.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    logits = logits / config.temperature
+    logprobs = F.log_softmax(logits, dim=-1)
+    allowed = logits
+    if config.top_k is not None and config.top_k < logits.size(-1):
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        allowed = allowed.masked_fill(logits < kth, float("-inf"))
+    if config.top_p is not None and config.top_p < 1:
+        sorted_logits, order = allowed.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        allowed = allowed.masked_fill(drop, float("-inf"))
+    tokens = torch.multinomial(allowed.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _decode_step(
+    model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    cache: KVCache, slot: torch.Tensor,
+) -> torch.Tensor:
+    """Logits [B, V] for one new token per row, written into cache slot ``slot``."""
+    return model(tokens, positions, mask, cache, slot)[:, -1]
+
+
+def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> Callable[..., torch.Tensor]:
+    if not config.compile:
+        return _decode_step
+    for buffer in (cache.k, cache.v):
+        torch._dynamo.mark_static_address(buffer)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(_decode_step, mode=mode, dynamic=False)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    eos_id: int | None,
+    pad_id: int = 0,
+) -> Generation:
+    """Sample up to ``config.max_new_tokens`` tokens after each prompt, in one batch.
+
+    Rows stop independently at ``eos_id``; the loop ends when all rows have stopped. The
+    same seed gives the same samples.
+    """
+    cfg = model.config
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + config.max_new_tokens > cfg.max_seq_len:
+        raise LLMKitError(
+            f"a prompt of {longest} tokens plus max_new_tokens {config.max_new_tokens} exceeds the "
+            f"model's context window max_seq_len {cfg.max_seq_len}; shorten the prompt or ask for fewer tokens"
+        )
+    device = next(model.parameters()).device
+    ids, pad = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    S = P + config.max_new_tokens
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.lm_head.weight.dtype
+    cache = KVCache(cfg, B, S, device, dtype)
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    cols = torch.arange(P, device=device)
+    logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, S), cache, cols)[:, -1]
+    decode = _decode_fn(config, device, cache)
+    tokens = torch.full((B, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, config.max_new_tokens, device=device)
+    mask = torch.zeros(B, config.max_new_tokens, dtype=torch.bool, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    n = 0
+    for step in range(config.max_new_tokens):
+        token, logprob = sample_tokens(logits, config, generator)
+        tokens[:, step] = torch.where(alive, token, pad_id)
+        logprobs[:, step] = torch.where(alive, logprob, 0.0)
+        mask[:, step] = alive
+        n = step + 1
+        if eos_id is not None:
+            alive &= token != eos_id
+            if not bool(alive.any()):
+                break
+        if step + 1 == config.max_new_tokens:
+            break
+        slot = torch.tensor([P + step], device=device)
+        logits = decode(model, tokens[:, step : step + 1], _positions(pad, slot), padded_attention_mask(pad, slot, S),
+                        cache, slot)
+    return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
+
+
+def sequence_logprobs(
+    model: Transformer,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    pad_id: int = 0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(continuation_t | context, continuation_<t) for every continuation token, in one
+    batched forward (handoff F3): (logprobs [B, L], mask [B, L]), L the longest continuation.
+
+    Contexts are left-padded and continuations right-padded, so all continuations start at
+    column P and the logits at column P - 1 + t score continuation token t. Differentiable:
+    the building block of SDFT's student/teacher passes and TTT-Discover's log π_θ(a|s).
+    """
+    if temperature <= 0:
+        raise LLMKitError(f"temperature must be > 0 to score (greedy samples are scored at 1.0), got {temperature}")
+    if len(contexts) != len(continuations):
+        raise LLMKitError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    device = next(model.parameters()).device
+    ctx, pad = left_pad(contexts, pad_id, device)
+    B, P = ctx.shape
+    L = max((len(c) for c in continuations), default=0)
+    if L == 0:
+        raise LLMKitError("every continuation is empty: nothing to score")
+    if P + L > model.config.max_seq_len:
+        raise LLMKitError(
+            f"context ({P}) + continuation ({L}) tokens exceed the model's max_seq_len {model.config.max_seq_len}"
+        )
+    cont = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for row, seq in enumerate(continuations):
+        cont[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = True
+    cont, mask = cont.to(device), mask.to(device)
+    ids = torch.cat([ctx, cont], dim=1)
+    cols = torch.arange(P + L, device=device)
+    logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, P + L))
+    logprobs = F.log_softmax(logits[:, P - 1 : P + L - 1] / temperature, dim=-1)
+    return logprobs.gather(-1, cont[..., None]).squeeze(-1) * mask, mask
