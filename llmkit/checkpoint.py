@@ -17,8 +17,8 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
 
-def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
-    """Rebuild the Transformer saved by PretrainModule at ``path`` (in eval mode)."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint at ``path`` as plain data, checked to hold a model config and weights."""
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"checkpoint {path} does not exist")
@@ -33,7 +33,13 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "config" not in hparams or "state_dict" not in ckpt:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
-    model = Transformer(ModelConfig.from_dict(hparams["config"]))
+    return ckpt
+
+
+def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the Transformer saved by PretrainModule at ``path`` (in eval mode)."""
+    ckpt = read_checkpoint(path, map_location)
+    model = Transformer(ModelConfig.from_dict(ckpt["hyper_parameters"]["config"])).to(map_location)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

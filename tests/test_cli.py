@@ -1,5 +1,6 @@
 """The `llmkit` command end to end: LightningCLI fit/validate, generate, and clean errors."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -153,3 +154,78 @@ def test_generate_refuses_files_that_are_not_plain_checkpoints(tmp_path, tokeniz
         err = capsys.readouterr().err
         assert f"cannot read checkpoint {tmp_path / name}" in err
         assert "weights_only" not in err
+
+
+def test_generate_batches_a_prompt_file_like_single_prompts(trained, tokenizer_path, tmp_path, capsys):
+    prompts = ["def alpha", "import os", "    return [beta"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    base = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+            "--max-new-tokens", "8", "--temperature", "0"]
+    out = tmp_path / "out.jsonl"
+    assert main([*base, "--prompt-file", str(tmp_path / "prompts.txt"), "--batch-size", "2", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    capsys.readouterr()
+    for record in records:
+        assert main([*base, "--prompt", record["prompt"]]) == 0
+        assert capsys.readouterr().out.split("\n" + "-" * 40)[0] == record["prompt"] + record["completion"]
+
+
+def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
+    base = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path)]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main([*base, "--prompt-file", str(tmp_path / "empty.txt")]) == 1
+    assert "has no prompts" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    assert main([*base, "--prompt-file", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapter(trained, tmp_path_factory):
+    """A LoRA adapter with non-zero weights on the trained checkpoint, saved with its fingerprint."""
+    from llmkit.checkpoint import load_backbone
+    from llmkit.model.lora import LoRAConfig, apply_lora, base_fingerprint, lora_layers, save_lora
+
+    model = load_backbone(trained / "ckpt" / "last.ckpt")
+    fingerprint = base_fingerprint(model)
+    config = LoRAConfig(rank=4, alpha=8)
+    apply_lora(model, config)
+    torch.manual_seed(0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    path = tmp_path_factory.mktemp("lora") / "adapter.safetensors"
+    save_lora(model, path, config, fingerprint)
+    return path, model
+
+
+def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, tokenizer_path, tmp_path, capsys):
+    from llmkit.checkpoint import load_backbone
+
+    path, lora_model = adapter
+    ckpt = str(trained / "ckpt" / "last.ckpt")
+    gen = ["--tokenizer", str(tokenizer_path), "--prompt", "def alpha", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(["generate", "--ckpt", ckpt, *gen]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", "--ckpt", ckpt, "--lora", str(path), *gen]) == 0
+    with_lora = capsys.readouterr().out
+    assert with_lora != plain  # the adapter changes the model
+
+    merged = tmp_path / "merged.ckpt"
+    assert main(["lora", "merge", "--ckpt", ckpt, "--lora", str(path), "--out", str(merged)]) == 0
+    assert "14 LoRA layers merged" in capsys.readouterr().out
+    idx = torch.randint(0, VOCAB_SIZE, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(load_backbone(merged)(idx), lora_model.eval()(idx), atol=1e-5)
+    assert main(["generate", "--ckpt", str(merged), *gen]) == 0
+    assert capsys.readouterr().out == with_lora
+
+
+def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenizer_path, capsys):
+    config = write_config(tmp_path, shards)
+    assert main(["pretrain", "fit", "--config", str(config), "--model.config.n_streams", "2",
+                 "--seed_everything", "7"]) == 0
+    code = main(["generate", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--lora", str(adapter[0]),
+                 "--tokenizer", str(tokenizer_path), "--prompt", "x"])
+    assert code == 1
+    assert "trained on base" in capsys.readouterr().err
