@@ -15,6 +15,15 @@ import yaml
 from llmkit.errors import LLMKitError
 
 
+def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
+    """cls(**values), refusing unknown keys with a message that lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LLMKitError(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
 @dataclass
 class MHCConfig:
     """Manifold-constrained hyper-connections (mHC paper Eq. 7-9; handoff "mHC" §4-6, E3).
@@ -86,11 +95,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LLMKitError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:

@@ -23,6 +23,10 @@ from llmkit.errors import LLMKitError
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.transformer import Transformer
 
+COMPILE_PAD_MULTIPLE = 64
+"""With compile, prompts are left-padded to a multiple of this many tokens: the compiled decode
+step has static shapes, and this bounds how many distinct shapes (compiles) a run meets."""
+
 
 @dataclass
 class SamplingConfig:
@@ -30,8 +34,8 @@ class SamplingConfig:
 
     compile: run the decode step through torch.compile; the step has static shapes (the
     cache is pre-allocated and every step attends over all of it under a mask), so on CUDA
-    it is captured as a CUDA graph ("reduce-overhead"). Eager is the default, and the
-    right choice on CPU.
+    it is captured as a CUDA graph ("reduce-overhead"). Prompts are then left-padded to a
+    multiple of COMPILE_PAD_MULTIPLE tokens. Eager is the default, and the right choice on CPU.
     """
 
     max_new_tokens: int = 256
@@ -62,11 +66,14 @@ class Generation:
     logprobs: torch.Tensor
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, P] with each sequence right-aligned, and pad counts [B]."""
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, P] with each sequence right-aligned, and pad counts [B]; P is the longest
+    sequence's length, or ``width`` if given (at least that length)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise LLMKitError("every prompt/context must have at least one token")
-    width = max(len(s) for s in sequences)
+    width = max(max(len(s) for s in sequences), width or 0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
@@ -154,7 +161,10 @@ def generate(
             f"model's context window max_seq_len {cfg.max_seq_len}; shorten the prompt or ask for fewer tokens"
         )
     device = next(model.parameters()).device
-    ids, pad = left_pad(prompts, pad_id, device)
+    width = None
+    if config.compile:  # bucket the prompt width so new prompt lengths rarely mean a new compile
+        width = min(-(-longest // COMPILE_PAD_MULTIPLE) * COMPILE_PAD_MULTIPLE, cfg.max_seq_len - config.max_new_tokens)
+    ids, pad = left_pad(prompts, pad_id, device, width)
     B, P = ids.shape
     S = P + config.max_new_tokens
     autocast = torch.is_autocast_enabled(device.type)

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LLMKitError
+from llmkit.model.config import dataclass_from_dict
 
 LORA_FORMAT = "llmkit-lora-v1"
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -77,11 +78,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LLMKitError(f"unknown LoRA config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "LoRA config")
 
 
 class LoRALinear(nn.Linear):

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from llmkit.errors import LLMKitError
-from llmkit.model.config import ModelConfig
+from llmkit.model.config import ModelConfig, dataclass_from_dict
 from llmkit.model.transformer import Transformer
 
 
@@ -58,7 +58,7 @@ def _as(cls: type, value: Any) -> Any:
     if value is None:
         return cls()
     if isinstance(value, dict):
-        return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
+        return dataclass_from_dict(cls, value, cls.__name__)
     return value
 
 
