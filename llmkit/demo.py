@@ -19,10 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks import TokenThroughput
 from llmkit.checkpoint import load_backbone
-from llmkit.data.corpus import write_corpus
 from llmkit.data.datamodule import PackedDataModule
-from llmkit.data.packing import pack
-from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from llmkit.data.pipeline import build_corpus_shards
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate
@@ -54,28 +53,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     out = Path(cfg.out)
-    print(f"[1/5] corpus: Python standard library -> {out / 'corpus'}")
-    corpus = write_corpus("stdlib", out / "corpus", max_files=cfg.max_files)
-    train_txt = [out / "corpus" / name for name in corpus["train_files"]]
-    val_txt = [out / "corpus" / name for name in corpus["val_files"]]
-    print(f"[2/5] tokenizer: SentencePiece BPE, vocab {cfg.vocab_size}")
-    tok_cfg = TokenizerTrainConfig(
-        vocab_size=cfg.vocab_size, normalization="identity", remove_extra_whitespaces=False
-    )
-    tok_path = train_tokenizer(train_txt, out / "tokenizer" / "spm", tok_cfg)
-    print("[3/5] pack: train and val shards")
-    train_meta = pack(tok_path, train_txt, out / "data" / "train.bin")
-    val_meta = pack(tok_path, val_txt, out / "data" / "val.bin")
-    print(f"      {train_meta['n_tokens']:,} train tokens, {val_meta['n_tokens']:,} val tokens")
+    print("[1-3/5] corpus, tokenizer, shards")
+    data_files = build_corpus_shards(out, "stdlib", cfg.vocab_size, cfg.max_files, log=lambda m: print("      " + m))
+    tok_path = data_files.tokenizer
 
-    model_cfg = replace(ModelConfig.from_yaml(cfg.model_yaml), vocab_size=train_meta["vocab_size"])
+    model_cfg = replace(ModelConfig.from_yaml(cfg.model_yaml), vocab_size=data_files.vocab_size)
     seq_len = min(cfg.seq_len, model_cfg.max_seq_len)
     module = PretrainModule(
         model_cfg, OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.1)
     )
     data = PackedDataModule(
-        train_files=[str(out / "data" / "train.bin")],
-        val_files=[str(out / "data" / "val.bin")],
+        train_files=[str(data_files.train)],
+        val_files=[str(data_files.val)],
         seq_len=seq_len,
         batch_size=cfg.batch_size,
         val_windows=cfg.val_windows,

@@ -1,5 +1,6 @@
-"""Callbacks: throughput now; EMA teacher, replay and regression gate come with SDFT."""
+"""Training callbacks: throughput (tokens/s, MFU) and mHC stability monitoring."""
 
+from llmkit.callbacks.mhc_monitor import MHCMonitor
 from llmkit.callbacks.throughput import TokenThroughput
 
-__all__ = ["TokenThroughput"]
+__all__ = ["MHCMonitor", "TokenThroughput"]

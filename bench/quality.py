@@ -1,0 +1,192 @@
+"""Does mHC learn better here? Equal-token pretraining of residual variants, several seeds.
+
+    python bench/quality.py                                   # tiny model, stdlib corpus, CPU-sized
+    python bench/quality.py --model configs/model/120m.yaml --source site-packages \
+        --tokens 50_000_000 --seq-len 1024 --batch-size 16 --lr 6e-4 --seeds 0 1   # one GPU
+
+Every variant trains through the real PretrainModule and Trainer on the same shards, for the
+same number of tokens, with the same data order per seed (the DataModule's windows and their
+order depend only on the seed) and the same model initialisation seed. The final validation
+loss is measured over every fixed validation window, and converted to bits per byte of raw
+text with the val shard's bytes-per-token ratio, so tokenizers of different vocabularies
+compare. Prints a table with the mean and seed spread (sample standard deviation) and writes
+JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from llmkit.callbacks import MHCMonitor
+from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.packing import open_shard
+from llmkit.data.pipeline import build_corpus_shards
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.model.config import ModelConfig
+from llmkit.modules.pretrain import OptimConfig, PretrainModule
+
+VARIANTS = {  # name -> (n_streams, post_init)
+    "dense": (1, "handoff"),
+    "n4_handoff": (4, "handoff"),
+    "n4_hc": (4, "hc"),
+    "n2_handoff": (2, "handoff"),
+    "n2_hc": (2, "hc"),
+}
+
+
+def bytes_per_token(val_bin: Path, tokenizer: Tokenizer) -> float:
+    """UTF-8 bytes of the decoded val text per val token (EOS tokens decode to nothing)."""
+    tokens, _ = open_shard(val_bin)
+    text = tokenizer.decode(np.asarray(tokens).tolist())
+    return len(text.encode("utf-8")) / len(tokens)
+
+
+def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namespace, shards) -> dict:
+    n_streams, post_init = VARIANTS[name]
+    config = replace(
+        base, vocab_size=shards.vocab_size, n_streams=n_streams, mhc=replace(base.mhc, post_init=post_init)
+    )
+    steps = max(1, args.tokens // (args.batch_size * args.seq_len))
+    L.seed_everything(seed, verbose=False)
+    module = PretrainModule(config, OptimConfig(lr=args.lr, warmup_steps=max(1, steps // 20)), compile=args.compile)
+    data = PackedDataModule(
+        train_files=[str(shards.train)],
+        val_files=[str(shards.val)],
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        val_windows=None,
+        seed=seed,
+        num_workers=args.num_workers,
+    )
+    callbacks = [MHCMonitor(every_n_steps=max(1, steps // 20))] if n_streams > 1 else []
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="auto",
+        devices=1,
+        precision=args.precision,
+        gradient_clip_val=1.0,
+        logger=TensorBoardLogger(Path(args.work) / "tb", name=f"{name}_seed{seed}"),
+        callbacks=callbacks,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=args.progress,
+        log_every_n_steps=max(1, steps // 50),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    val_trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    val_loss = val_trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    return {
+        "variant": name,
+        "seed": seed,
+        "params": module.model.num_params(),
+        "tokens": steps * args.batch_size * args.seq_len,
+        "val_loss": val_loss,
+        "train_seconds": seconds,
+        "tokens_per_s": steps * args.batch_size * args.seq_len / seconds,
+    }
+
+
+def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        losses = [r["val_loss"] for r in mine]
+        bpb = [loss / math.log(2) / bytes_per_tok for loss in losses]
+        rows.append(
+            {
+                "variant": name,
+                "params": mine[0]["params"],
+                "tokens": mine[0]["tokens"],
+                "seeds": len(mine),
+                "val_loss_mean": statistics.mean(losses),
+                "val_loss_std": statistics.stdev(losses) if len(mine) > 1 else 0.0,
+                "bpb_mean": statistics.mean(bpb),
+                "bpb_std": statistics.stdev(bpb) if len(mine) > 1 else 0.0,
+                "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in mine),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--variants", nargs="+", default=["dense", "n4_handoff", "n4_hc"], choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--source", default="stdlib", choices=["stdlib", "site-packages"])
+    p.add_argument("--max-files", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--precision", default="bf16-mixed" if torch.cuda.is_available() else "32-true")
+    p.add_argument("--compile", action="store_true", help="compile each block")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    p.add_argument("--work", default="lightning_logs/bench/quality", help="data cache, TensorBoard logs")
+    p.add_argument("--out", default=None, help="JSON results (default WORK/quality.json)")
+    args = p.parse_args(argv)
+
+    shards = build_corpus_shards(Path(args.work), args.source, args.vocab_size, args.max_files)
+    bpt = bytes_per_token(shards.val, Tokenizer(shards.tokenizer))
+    base = ModelConfig.from_yaml(args.model)
+    runs = []
+    for seed in args.seeds:
+        for name in args.variants:
+            runs.append(train_variant(name, seed, base, args, shards))
+            r = runs[-1]
+            print(f"  {name} seed {seed}: val loss {r['val_loss']:.4f} ({r['tokens_per_s']:.0f} tok/s)")
+    rows = summarise(runs, bpt)
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"\n{args.model}, {args.source} corpus ({shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, "
+        f"{bpt:.2f} bytes/token), seq {args.seq_len}, batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}, "
+        f"{device}"
+    )
+    print(f"{'variant':<12} {'params':>8} {'tokens':>11} {'val loss (nats/tok)':>21} {'bits/byte':>17} {'tok/s':>8}")
+    for r in rows:
+        print(
+            f"{r['variant']:<12} {r['params'] / 1e6:>7.2f}M {r['tokens']:>11,} "
+            f"{r['val_loss_mean']:>12.4f} ± {r['val_loss_std']:.4f} {r['bpb_mean']:>8.4f} ± {r['bpb_std']:.4f} "
+            f"{r['tokens_per_s']:>8.0f}"
+        )
+    out = Path(args.out or Path(args.work) / "quality.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"args": vars(args), "device": device, "bytes_per_token": bpt, "runs": runs, "summary": rows}, indent=2
+        )
+    )
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
