@@ -141,9 +141,11 @@ def test_compiled_blocks_match_eager(shards, tmp_path):
 class BatchRecorder(L.Callback):
     def __init__(self) -> None:
         self.firsts: list[list[int]] = []
+        self.epochs: list[int] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.firsts.append(batch[0][:, 0].tolist())
+        self.epochs.append(trainer.current_epoch)
 
 
 @pytest.mark.parametrize("stop, total", [(3, 7), (7, 12)])  # mid-epoch, and across an epoch boundary
@@ -158,11 +160,16 @@ def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(shards, tmp_p
         t = trainer(root, max_steps=max_steps, limit_val_batches=0,
                     callbacks=[recorder, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)])
         t.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        recorded.append(recorder.epochs)
         return recorder.firsts
 
+    recorded: list[list[int]] = []
     straight = run(total, tmp_path / "straight")
+    assert recorded[0] == [step // 5 for step in range(total)]  # no epoch passes without training
     first = run(stop, tmp_path / "split")
     second = run(total, tmp_path / "split", ckpt_path=tmp_path / "split" / "ckpt" / "last.ckpt")
     assert len(straight) == total
     assert first + second == straight
-    assert straight[:5] != straight[5:10]  # each epoch is reshuffled
+    epochs = [sorted(sum(straight[i : i + 5], [])) for i in range(0, total - total % 5, 5)]
+    assert all(e == epochs[0] for e in epochs)  # every epoch trains on all 20 windows
+    assert straight[:5] != straight[5:10]  # ... in a new order

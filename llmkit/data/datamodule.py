@@ -69,9 +69,9 @@ class ResumableLoader(DataLoader):
             next(batches)
         for batch in batches:
             self.consumed += 1
+            if self.consumed == len(self):  # Lightning stops at len(loader) without exhausting us
+                self.epoch, self.consumed = self.epoch + 1, 0
             yield batch
-        self.epoch += 1
-        self.consumed = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}
