@@ -1,6 +1,6 @@
 """The `llmkit` command: one entry point for data jobs, training, sampling and the demo.
 
-    llmkit data {corpus,tokenizer,pack} ...      argparse (llmkit/data/commands.py)
+    llmkit data {corpus,tokenizer,pack,tasks} ...  argparse (llmkit/data/commands.py)
     llmkit pretrain {fit,validate} --config YAML  LightningCLI (YAML, --print_config, overrides)
     llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
     llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED     (llmkit/model/commands.py)

@@ -1,4 +1,5 @@
-"""The ``llmkit data ...`` subcommands: build a corpus, train a tokenizer, pack token shards.
+"""The ``llmkit data ...`` subcommands: build a corpus, train a tokenizer, pack token shards,
+generate SDFT task files.
 
 :func:`add_data_commands` attaches them to the top-level CLI's subparsers; each sets
 ``func`` to a handler ``(args) -> int`` that runs the job and prints a one-line summary.
@@ -43,12 +44,16 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``data`` command, with its ``corpus``, ``tokenizer`` and ``pack`` subcommands."""
-    data = subparsers.add_parser("data", help="build a corpus, train a tokenizer, pack shards")
+    """Add the ``data`` command, with its ``corpus``, ``tokenizer``, ``pack`` and ``tasks``
+    subcommands."""
+    data = subparsers.add_parser(
+        "data", help="build a corpus, train a tokenizer, pack shards, generate SDFT tasks"
+    )
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_corpus_command(commands)
     _add_tokenizer_command(commands)
     _add_pack_command(commands)
+    _add_tasks_command(commands)
 
 
 def _add_corpus_command(commands: argparse._SubParsersAction) -> None:
@@ -167,4 +172,31 @@ def _run_pack(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {meta['n_tokens']:,} tokens ({meta['dtype']}) from "
         f"{meta['n_documents']:,} documents"
     )
+    return 0
+
+
+def _add_tasks_command(commands: argparse._SubParsersAction) -> None:
+    # imported here, not at the top: tasks imports sdft_data, whose datamodule import needs this module
+    from llmkit.data.tasks import TASKS
+
+    parser = commands.add_parser(
+        "tasks", help="write generated SDFT examples (and held-out probes) of a task as JSONL"
+    )
+    parser.add_argument("--task", choices=TASKS, required=True, help="which task to generate")
+    parser.add_argument("--n", type=int, required=True, help="number of examples")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    parser.add_argument("--out", type=Path, required=True, help="the examples' .jsonl file")
+    parser.add_argument(
+        "--probes-out", type=Path, help="also write probes, none repeating a training prompt"
+    )
+    parser.add_argument("--n-probes", type=int, default=20, help="probes to write to --probes-out")
+    parser.set_defaults(func=_run_tasks)
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from llmkit.data.tasks import write_task_files
+
+    counts = write_task_files(args.task, args.n, args.seed, args.out, args.probes_out, args.n_probes)
+    probes = f" and {args.probes_out}: {counts['probes']:,} held-out probes" if args.probes_out else ""
+    print(f"wrote {args.out}: {counts['examples']:,} {args.task} examples (seed {args.seed}){probes}")
     return 0

@@ -219,6 +219,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    """Write ``records`` as JSON lines to ``path`` via a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
 def _list_source_files(source: str) -> list[_SourceFile]:
     """The ``.py`` files of ``source``: stdlib first, then site dirs, each sorted by path."""
     roots = [Path(sysconfig.get_paths()["stdlib"])]

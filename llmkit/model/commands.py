@@ -16,7 +16,7 @@ import lightning
 import torch
 
 from llmkit.checkpoint import load_backbone, read_checkpoint
-from llmkit.data.corpus import write_json_atomic
+from llmkit.data.corpus import write_json_atomic, write_jsonl_atomic
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.model.generation import SamplingConfig, generate
@@ -101,15 +101,6 @@ def run_generate(args: argparse.Namespace) -> int:
         write_jsonl_atomic(Path(args.out), records)
         print(f"wrote {len(records)} completions to {args.out}")
     return 0
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def run_lora_merge(args: argparse.Namespace) -> int:

@@ -1,0 +1,52 @@
+"""The evaluation report: perplexity and probe scores of one model, as one JSON document.
+
+Handoff Phase 12 ("evaluate a checkpoint + tokenizer on a perplexity dataset and probes, get
+a JSON report") and "SDFT" §9: regression gates compare two such reports, before and after
+a block of updates (``eval_before.json``, ``eval_after.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.data.corpus import write_json_atomic
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.errors import LLMKitError
+from llmkit.eval.perplexity import evaluate_perplexity
+from llmkit.eval.probes import Probe, score_probes
+from llmkit.model.transformer import Transformer
+
+
+def evaluate(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    ppl_files: list[str | Path] | None,
+    probes: list[Probe] | None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = 256,
+    max_new_tokens: int = 32,
+    probe_batch_size: int = 32,
+) -> dict:
+    """``{"perplexity": ..., "probes": ...}``: :func:`evaluate_perplexity` on ``ppl_files``
+    (``seq_len`` defaults to the model's max_seq_len) and :func:`score_probes` on ``probes``;
+    a section is None when its input is None. The tokenizer is needed for probes only."""
+    if ppl_files is None and probes is None:
+        raise LLMKitError("nothing to evaluate: give perplexity shards, probes, or both")
+    if probes is not None and tokenizer is None:
+        raise LLMKitError("probes need the model's tokenizer: pass the .model file it was trained with")
+    perplexity = None
+    if ppl_files is not None:
+        seq_len = model.config.max_seq_len if seq_len is None else seq_len
+        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows)
+    scores = None
+    if probes is not None:
+        scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size)
+    return {"perplexity": perplexity, "probes": scores}
+
+
+def write_report(path: str | Path, report: dict) -> None:
+    """Write ``report`` as indented JSON to ``path`` via a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
