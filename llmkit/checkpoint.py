@@ -38,7 +38,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
     """Rebuild the Transformer saved by PretrainModule at ``path`` (in eval mode)."""
-    ckpt = read_checkpoint(path, map_location)
+    return backbone_from_checkpoint(read_checkpoint(path, map_location), path, map_location)
+
+
+def backbone_from_checkpoint(
+    ckpt: dict, path: str | Path, map_location: str | torch.device = "cpu"
+) -> Transformer:
+    """The Transformer of a checkpoint already read by :func:`read_checkpoint` (``path`` names it
+    in errors)."""
     model = Transformer(ModelConfig.from_dict(ckpt["hyper_parameters"]["config"])).to(map_location)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -82,10 +82,10 @@ class ResumableLoader(DataLoader):
 
 def open_checked_shards(
     paths: list[Path], seq_len: int, vocab_size: int | None
-) -> tuple[list[np.memmap], list[dict]]:
+) -> list[np.memmap]:
     """Memory-map shards and check them against the model: the same vocabulary size in the
     metadata, every id below it, and at least seq_len + 1 tokens per shard."""
-    shards, metas = [], []
+    shards = []
     for path in paths:
         tokens, meta = open_shard(path)
         if vocab_size is not None and meta["vocab_size"] != vocab_size:
@@ -109,8 +109,7 @@ def open_checked_shards(
                 f"lower data.seq_len or pack more text into it"
             )
         shards.append(tokens)
-        metas.append(meta)
-    return shards, metas
+    return shards
 
 
 class PackedDataModule(L.LightningDataModule):
@@ -168,11 +167,11 @@ class PackedDataModule(L.LightningDataModule):
             if not self.train_files:
                 raise LLMKitError("data.train_files is empty: give the training .bin shards")
             paths = expand_inputs(self.train_files)
-            shards, _ = open_checked_shards(paths, self.seq_len, vocab_size)
+            shards = open_checked_shards(paths, self.seq_len, vocab_size)
             self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
         if stage in ("fit", "validate") and self.val_set is None and self.val_files:
             paths = expand_inputs(self.val_files)
-            shards, _ = open_checked_shards(paths, self.seq_len, vocab_size)
+            shards = open_checked_shards(paths, self.seq_len, vocab_size)
             self.val_set = PackedWindows(shards, self._val_starts(shards), self.seq_len)
         if stage == "validate" and self.val_set is None:
             raise LLMKitError("data.val_files is empty: give the validation .bin shards")

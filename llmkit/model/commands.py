@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning
 import torch
 
-from llmkit.checkpoint import load_backbone, read_checkpoint
+from llmkit.checkpoint import backbone_from_checkpoint, load_backbone, read_checkpoint
 from llmkit.data.corpus import write_json_atomic, write_jsonl_atomic
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
@@ -51,9 +51,8 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_model(ckpt: str, lora: str | None, device: str) -> Transformer:
-    """The checkpoint's backbone, with a LoRA adapter applied if given (checked to belong to it)."""
-    model = load_backbone(ckpt, map_location=device)
+def attach_adapter(model: Transformer, lora: str | None) -> Transformer:
+    """``model`` with the LoRA adapter at ``lora`` applied, if given (checked to belong to it)."""
     if lora:
         load_lora(model, lora, expected_base_sha256=base_fingerprint(model))
         model.eval()
@@ -61,7 +60,7 @@ def load_model(ckpt: str, lora: str | None, device: str) -> Transformer:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.ckpt, args.lora, args.device)
+    model = attach_adapter(load_backbone(args.ckpt, map_location=args.device), args.lora)
     tokenizer = Tokenizer(args.tokenizer)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise LLMKitError(
@@ -106,7 +105,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_lora_merge(args: argparse.Namespace) -> int:
     """Write a checkpoint whose weights are W0 + (alpha/r) B A: a plain backbone again."""
     ckpt = read_checkpoint(args.ckpt)
-    model = load_model(args.ckpt, args.lora, "cpu")
+    model = attach_adapter(backbone_from_checkpoint(ckpt, args.ckpt), args.lora)
     n = len(lora_layers(model))
     merge_lora(model)
     state = {f"model.{k}": v for k, v in model.state_dict().items() if ".lora_" not in k}

@@ -229,6 +229,11 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _same_adapter(a: LoRAConfig, b: LoRAConfig) -> bool:
+    """Same rank, alpha and targeted layers (dropout does not change the adapter's tensors)."""
+    return (a.rank, a.alpha, set(a.targets)) == (b.rank, b.alpha, set(b.targets))
+
+
 def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig, base_sha256: str) -> Path:
     """Write the adapter's tensors and metadata (format, config, base_sha256, n_layers_adapted) to a
     safetensors file, atomically."""
@@ -236,7 +241,7 @@ def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig, base_sha25
     layers = _require_layers(model, f"save adapter {path}")
     _refuse_merged(layers, f"save adapter {path}")
     have = next(iter(layers.values())).config
-    if (have.rank, have.alpha, set(have.targets)) != (config.rank, config.alpha, set(config.targets)):
+    if not _same_adapter(have, config):
         raise LLMKitError(
             f"cannot save adapter {path}: the config passed (rank {config.rank}, alpha {config.alpha}, targets "
             f"{config.targets}) is not the one the model was adapted with (rank {have.rank}, alpha {have.alpha}, "
@@ -313,7 +318,7 @@ def load_lora(model: nn.Module, path: str | Path, expected_base_sha256: str | No
     if layers:
         _refuse_merged(layers, f"load adapter {path}")
         have = next(iter(layers.values())).config
-        if (have.rank, have.alpha, set(have.targets)) != (config.rank, config.alpha, set(config.targets)):
+        if not _same_adapter(have, config):
             raise LLMKitError(
                 f"adapter {path} has rank {config.rank}, alpha {config.alpha}, targets {config.targets} but the "
                 f"model's LoRA layers have rank {have.rank}, alpha {have.alpha}, targets {have.targets}; load it "
