@@ -1,8 +1,8 @@
 """Load a trained backbone from a Lightning checkpoint, safely.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers
-only, never arbitrary pickled objects. The model is rebuilt from the ``config`` dict that
-``PretrainModule`` stores in the checkpoint's hyperparameters.
+only, never arbitrary pickled objects. The model is rebuilt from the config dict the checkpoint
+holds (:func:`model_config_dict`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,16 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(a different file, a truncated one, or one holding pickled objects, which llmkit "
             f"does not load); pass a .ckpt written by `llmkit pretrain fit`"
         ) from None
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "config" not in hparams or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or model_config_dict(ckpt) is None:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
     return ckpt
+
+
+def model_config_dict(ckpt: dict) -> dict | None:
+    """The backbone's config in a checkpoint: PretrainModule keeps it in its hyperparameters,
+    the fine-tuning modules (whose hyperparameters name their base checkpoint instead) in
+    ``ckpt["model_config"]``."""
+    return ckpt.get("hyper_parameters", {}).get("config") or ckpt.get("model_config")
 
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
@@ -46,7 +52,7 @@ def backbone_from_checkpoint(
 ) -> Transformer:
     """The Transformer of a checkpoint already read by :func:`read_checkpoint` (``path`` names it
     in errors)."""
-    model = Transformer(ModelConfig.from_dict(ckpt["hyper_parameters"]["config"])).to(map_location)
+    model = Transformer(ModelConfig.from_dict(model_config_dict(ckpt))).to(map_location)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -4,6 +4,9 @@ JSON report that SDFT's regression gates compare."""
 from llmkit.eval.mode import eval_mode
 from llmkit.eval.perplexity import evaluate_perplexity
 from llmkit.eval.probes import Probe, read_probes, score_probes
-from llmkit.eval.report import evaluate, write_report
+from llmkit.eval.report import EvalConfig, evaluate, write_report
 
-__all__ = ["Probe", "eval_mode", "evaluate", "evaluate_perplexity", "read_probes", "score_probes", "write_report"]
+__all__ = [
+    "EvalConfig", "Probe", "eval_mode", "evaluate", "evaluate_perplexity", "read_probes", "score_probes",
+    "write_report",
+]

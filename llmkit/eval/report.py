@@ -7,13 +7,14 @@ a block of updates (``eval_before.json``, ``eval_after.json``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.data.corpus import write_json_atomic
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.perplexity import evaluate_perplexity
-from llmkit.eval.probes import Probe, score_probes
+from llmkit.eval.probes import Probe, read_probes, score_probes
 from llmkit.model.transformer import Transformer
 
 
@@ -50,3 +51,34 @@ def write_report(path: str | Path, report: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, report)
+
+
+@dataclass
+class EvalConfig:
+    """What :func:`evaluate` runs, as YAML can say it: the held-out shards, the probe file and
+    their settings. Used by ``llmkit sdft|sft validate`` and by the RegressionGate callback.
+
+    ppl_files: packed ``.bin`` shards (paths or globs) for perplexity; None skips it.
+    probes: a probe JSONL file (:func:`read_probes`); None skips probes.
+    seq_len: perplexity window length (None: the model's max_seq_len).
+    """
+
+    ppl_files: list[str] | None = None
+    probes: str | None = None
+    seq_len: int | None = None
+    batch_size: int = 8
+    max_windows: int | None = 64
+    max_new_tokens: int = 32
+    probe_batch_size: int = 32
+
+    @property
+    def enabled(self) -> bool:
+        return self.ppl_files is not None or self.probes is not None
+
+    def run(self, model: Transformer, tokenizer: Tokenizer | None) -> dict:
+        """The report of ``model`` (see :func:`evaluate`)."""
+        probes = read_probes(self.probes) if self.probes is not None else None
+        return evaluate(
+            model, tokenizer, self.ppl_files, probes, self.seq_len, self.batch_size, self.max_windows,
+            self.max_new_tokens, self.probe_batch_size,
+        )

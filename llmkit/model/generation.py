@@ -200,22 +200,18 @@ def generate(
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
 
 
-def sequence_logprobs(
-    model: Transformer,
-    contexts: list[list[int]],
-    continuations: list[list[int]],
-    pad_id: int = 0,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(continuation_t | context, continuation_<t) for every continuation token, in one
-    batched forward (handoff F3): (logprobs [B, L], mask [B, L]), L the longest continuation.
+def continuation_logits(
+    model: Transformer, contexts: list[list[int]], continuations: list[list[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict every continuation token, in one batched forward (handoff F3, F4).
 
-    Contexts are left-padded and continuations right-padded, so all continuations start at
-    column P and the logits at column P - 1 + t score continuation token t. Differentiable:
-    the building block of SDFT's student/teacher passes and TTT-Discover's log π_θ(a|s).
+    Contexts are left-padded to P columns and continuations right-padded to L, so every
+    continuation starts at column P and the logits at column P - 1 + t predict its token t:
+    the F4 slice [C - 1, C - 1 + L) of each row, whatever its context length C. Returns
+    (logits [B, L, V], targets [B, L], mask [B, L]); mask is True on real continuation
+    tokens (an EOS among them included) and is built from the lengths, never by comparing
+    ids with pad_id, so pad_id == eos_id cannot hide an EOS. Differentiable.
     """
-    if temperature <= 0:
-        raise LLMKitError(f"temperature must be > 0 to score (greedy samples are scored at 1.0), got {temperature}")
     if len(contexts) != len(continuations):
         raise LLMKitError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     device = next(model.parameters()).device
@@ -237,5 +233,22 @@ def sequence_logprobs(
     ids = torch.cat([ctx, cont], dim=1)
     cols = torch.arange(P + L, device=device)
     logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, P + L))
-    logprobs = F.log_softmax(logits[:, P - 1 : P + L - 1] / temperature, dim=-1)
+    return logits[:, P - 1 : P + L - 1], cont, mask
+
+
+def sequence_logprobs(
+    model: Transformer,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    pad_id: int = 0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(continuation_t | context, continuation_<t) for every continuation token, in one
+    batched forward (:func:`continuation_logits`): (logprobs [B, L], mask [B, L]), 0 where
+    mask is False. Differentiable: TTT-Discover's log π_θ(a|s) and SFT's likelihood.
+    """
+    if temperature <= 0:
+        raise LLMKitError(f"temperature must be > 0 to score (greedy samples are scored at 1.0), got {temperature}")
+    logits, cont, mask = continuation_logits(model, contexts, continuations, pad_id)
+    logprobs = F.log_softmax(logits / temperature, dim=-1)
     return logprobs.gather(-1, cont[..., None]).squeeze(-1) * mask, mask

@@ -53,6 +53,27 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_with_schedule(model: Transformer, o: OptimConfig, trainer: L.Trainer) -> dict:
+    """AdamW over ``model.param_groups`` and the warm-up + cosine LambdaLR of ``o``, stepped
+    per optimizer step, in the dict ``configure_optimizers`` returns."""
+    optimizer = torch.optim.AdamW(
+        model.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **{o.implementation: True}
+    )
+    decay_steps = o.decay_steps or trainer.estimated_stepping_batches
+    if not math.isfinite(decay_steps):
+        raise LLMKitError(
+            "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs or model.optim.decay_steps"
+        )
+    warmup = o.warmup_steps
+    if warmup >= decay_steps:
+        warmup = max(1, int(decay_steps) // 10)
+        rank_zero_warn(
+            f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def _as(cls: type, value: Any) -> Any:
     """Accept a dataclass instance or its dict (as stored in checkpoint hyperparameters)."""
     if value is None:
@@ -138,28 +159,7 @@ class PretrainModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss))
 
     def configure_optimizers(self) -> dict:
-        o = self.optim
-        implementation = {o.implementation: True}
-        optimizer = torch.optim.AdamW(
-            self.model.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-            **implementation,
-        )
-        decay_steps = o.decay_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(decay_steps):
-            raise LLMKitError(
-                "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs "
-                "or model.optim.decay_steps"
-            )
-        warmup = o.warmup_steps
-        if warmup >= decay_steps:
-            warmup = max(1, int(decay_steps) // 10)
-            rank_zero_warn(
-                f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: "
-                f"warming up over {warmup} steps instead"
-            )
-        schedule = WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self.model, self.optim, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
