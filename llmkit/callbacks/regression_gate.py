@@ -1,0 +1,254 @@
+"""RegressionGate: accept a block of continual updates only if held-out metrics hold.
+
+Handoff "SDFT" §9 (evaluation gates) and Phase 8 ("before and after a block of SDFT updates,
+run perplexity eval on a fixed small validation text set and capability probes; if regression
+> threshold, revert weights"). Every ``every_n_steps`` optimizer steps (a *block*) the gate
+evaluates the student (``pl_module.model``) with an :class:`~llmkit.eval.EvalConfig` and
+compares the report with the one from before the block:
+
+- ppl_increase = ppl_after / ppl_before - 1 (relative), rejected above ``max_ppl_increase``;
+- probe_drop = accuracy_before - accuracy_after (absolute), rejected above ``max_probe_drop``;
+- a non-finite perplexity after the block is always rejected.
+
+Accepting makes the after-report the next block's baseline and snapshots the weights; rejecting
+restores the snapshot taken before the block: the whole ``pl_module.state_dict()`` (student and
+any teacher) and every optimizer's state. The LR scheduler is not rewound and ``global_step``
+keeps counting: the rejected block's steps are spent. Snapshots are CPU copies: with AdamW,
+three times the trainable weights (weights and two moments) plus the frozen ones (the teacher)
+in host memory.
+
+Per block it writes ``block_NNNN/eval_before.json``, ``eval_after.json`` (reports of
+:func:`llmkit.eval.evaluate`) and ``gate_decision.json`` under ``out_dir``, and logs to the
+trainer's loggers ``gate/accepted`` (1 or 0), ``gate/rejections`` (running count),
+``gate/ppl_increase``, ``gate/probe_drop``, ``gate/ppl`` and ``gate/probe_accuracy`` (the last
+two: after the block, whatever the decision).
+
+The last block may be shorter. A run that ends at ``max_steps`` gates it at that step, before
+Lightning's checkpoint callbacks save (they run after all others), so ``last.ckpt`` holds the
+gated weights. A run that ends otherwise (``max_epochs``, early stopping, ``max_time``) gates
+it at train end, after those callbacks may have saved: a rejection then reaches the in-memory
+module (what ``fit`` leaves you) but not a checkpoint already written.
+
+Checkpoints hold the block counter, the rejection count and the decisions, never the
+snapshots: on resume the gate starts a fresh block at the resumed weights (a new baseline
+evaluation and a new snapshot). A checkpoint saved in the middle of a block holds that block's
+ungated weights, so save at block ends (``ModelCheckpoint(every_n_train_steps=every_n_steps)``)
+to resume from gated ones. Under DDP every rank evaluates and rank 0's decision is
+broadcast, so all ranks keep or restore the same weights; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from llmkit.errors import LLMKitError
+from llmkit.eval import EvalConfig, write_report
+from llmkit.model.transformer import Transformer
+
+_TOLERANCE = 1e-9
+"""Slack on the thresholds for float noise: 0.8 - 0.75 is 0.05000000000000004, not above 0.05."""
+
+
+def _section_value(report: dict, section: str, key: str) -> float | None:
+    part = report.get(section)
+    return None if part is None else float(part[key])
+
+
+def gate_decision(before: dict, after: dict, max_ppl_increase: float, max_probe_drop: float) -> dict:
+    """Compare two evaluation reports (see :func:`llmkit.eval.evaluate`) of one block.
+
+    Args:
+        before: report of the weights before the block.
+        after: report of the weights after it.
+        max_ppl_increase: largest accepted relative perplexity increase (0.05: +5%).
+        max_probe_drop: largest accepted absolute drop of probe accuracy (0.05: 5 points).
+
+    Returns:
+        ``{"decision": "accepted"|"rejected", "reasons": [...], "ppl_before", "ppl_after",
+        "ppl_increase", "probe_accuracy_before", "probe_accuracy_after", "probe_drop"}``; a
+        metric is None where a report lacks its section.
+    """
+    ppl_before = _section_value(before, "perplexity", "ppl")
+    ppl_after = _section_value(after, "perplexity", "ppl")
+    acc_before = _section_value(before, "probes", "accuracy")
+    acc_after = _section_value(after, "probes", "accuracy")
+    ppl_increase = None if ppl_before is None or ppl_after is None else ppl_after / ppl_before - 1
+    probe_drop = None if acc_before is None or acc_after is None else acc_before - acc_after
+    reasons = []
+    if ppl_after is not None and not math.isfinite(ppl_after):
+        reasons.append(f"perplexity after the block is not finite ({ppl_after})")
+    elif ppl_increase is not None and ppl_increase > max_ppl_increase + _TOLERANCE:
+        reasons.append(
+            f"perplexity rose by {ppl_increase:.2%} ({ppl_before:.4g} -> {ppl_after:.4g}), "
+            f"more than max_ppl_increase {max_ppl_increase:.2%}"
+        )
+    if probe_drop is not None and probe_drop > max_probe_drop + _TOLERANCE:
+        reasons.append(
+            f"probe accuracy fell by {probe_drop:.3f} ({acc_before:.3f} -> {acc_after:.3f}), "
+            f"more than max_probe_drop {max_probe_drop:.3f}"
+        )
+    return {
+        "decision": "rejected" if reasons else "accepted",
+        "reasons": reasons,
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_increase": ppl_increase,
+        "probe_accuracy_before": acc_before,
+        "probe_accuracy_after": acc_after,
+        "probe_drop": probe_drop,
+    }
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(value) for value in obj)
+    return copy.deepcopy(obj)
+
+
+class RegressionGate(L.Callback):
+    """Evaluates every block of ``every_n_steps`` optimizer steps and reverts a regressing one
+    (see module docstring).
+
+    Args:
+        every_n_steps: optimizer steps per gated block.
+        max_ppl_increase: largest accepted relative perplexity increase over a block.
+        max_probe_drop: largest accepted absolute probe-accuracy drop over a block.
+        evaluation: what to evaluate; None uses the LightningModule's ``evaluation``.
+        out_dir: where ``block_NNNN/`` folders go; None: ``gates/`` in the trainer's log dir.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        max_ppl_increase: float = 0.05,
+        max_probe_drop: float = 0.05,
+        evaluation: EvalConfig | None = None,
+        out_dir: str | None = None,
+    ) -> None:
+        if every_n_steps < 1:
+            raise LLMKitError(f"RegressionGate every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.max_ppl_increase = max_ppl_increase
+        self.max_probe_drop = max_probe_drop
+        self.evaluation = evaluation
+        self.out_dir = out_dir
+        self.blocks = 0
+        self.rejections = 0
+        self.decisions: list[dict] = []
+        self._config: EvalConfig | None = None
+        self._dir: Path | None = None
+        self._before: dict | None = None  # report of the kept weights, those of the snapshot
+        self._snapshot: tuple[dict, list[dict]] | None = None
+        self._snapshot_step = 0
+        self._block_start = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        candidates = (self.evaluation, getattr(pl_module, "evaluation", None))
+        config = next((c for c in candidates if c is not None and c.enabled), None)
+        if config is None:
+            raise LLMKitError(
+                "RegressionGate has nothing to evaluate: set evaluation.ppl_files (held-out .bin shards) "
+                "and/or evaluation.probes (a probe JSONL file) on the callback or on the module"
+            )
+        if not isinstance(getattr(pl_module, "model", None), Transformer):
+            raise LLMKitError(
+                f"RegressionGate evaluates pl_module.model, a Transformer; {type(pl_module).__name__} has none"
+            )
+        if config.probes is not None and getattr(pl_module, "tokenizer", None) is None:
+            raise LLMKitError(
+                f"RegressionGate probes ({config.probes}) need the tokenizer: give {type(pl_module).__name__} "
+                "a tokenizer attribute or drop evaluation.probes"
+            )
+        self._config = config
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        root = Path(trainer.log_dir or trainer.default_root_dir) / "gates"
+        self._dir = Path(self.out_dir) if self.out_dir is not None else root
+        self._before = self._evaluate(pl_module)
+        self._take_snapshot(trainer, pl_module)
+        self._block_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        steps = trainer.global_step - self._block_start
+        last = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if steps >= self.every_n_steps or (last and steps > 0):
+            self._gate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > self._block_start:
+            self._gate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "rejections": self.rejections, "decisions": copy.deepcopy(self.decisions)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.blocks = state_dict["blocks"]
+        self.rejections = state_dict["rejections"]
+        self.decisions = copy.deepcopy(state_dict["decisions"])
+
+    def _evaluate(self, pl_module: L.LightningModule) -> dict:
+        return self._config.run(pl_module.model, getattr(pl_module, "tokenizer", None))
+
+    def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._snapshot = (
+            _cpu_copy(pl_module.state_dict()),
+            [_cpu_copy(optimizer.state_dict()) for optimizer in trainer.optimizers],
+        )
+        self._snapshot_step = trainer.global_step
+
+    def _restore_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module_state, optimizer_states = self._snapshot
+        pl_module.load_state_dict(module_state)
+        for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
+            optimizer.load_state_dict(state)
+
+    def _gate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        after = self._evaluate(pl_module)
+        self.blocks += 1
+        decision = {
+            "block": self.blocks,
+            "start_step": self._block_start,
+            "end_step": trainer.global_step,
+            "snapshot_step": self._snapshot_step,
+            **gate_decision(self._before, after, self.max_ppl_increase, self.max_probe_drop),
+            "max_ppl_increase": self.max_ppl_increase,
+            "max_probe_drop": self.max_probe_drop,
+        }
+        decision = trainer.strategy.broadcast(decision, src=0)  # every rank keeps or restores alike
+        accepted = decision["decision"] == "accepted"
+        if trainer.is_global_zero:
+            block_dir = self._dir / f"block_{self.blocks:04d}"
+            write_report(block_dir / "eval_before.json", self._before)
+            write_report(block_dir / "eval_after.json", after)
+            write_report(block_dir / "gate_decision.json", decision)
+        if accepted:
+            self._before = after
+            self._take_snapshot(trainer, pl_module)
+        else:
+            self.rejections += 1
+            self._restore_snapshot(trainer, pl_module)
+        self.decisions.append(decision)
+        self._block_start = trainer.global_step
+        metrics = {
+            "gate/accepted": float(accepted),
+            "gate/rejections": float(self.rejections),
+            "gate/ppl_increase": decision["ppl_increase"],
+            "gate/probe_drop": decision["probe_drop"],
+            "gate/ppl": decision["ppl_after"],
+            "gate/probe_accuracy": decision["probe_accuracy_after"],
+        }
+        for logger in trainer.loggers:  # straight to the loggers: self.log is not allowed in on_train_end
+            logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=trainer.global_step)
