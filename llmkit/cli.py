@@ -2,6 +2,8 @@
 
     llmkit data {corpus,tokenizer,pack,tasks} ...  argparse (llmkit/data/commands.py)
     llmkit pretrain {fit,validate} --config YAML  LightningCLI (YAML, --print_config, overrides)
+    llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
+    llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)
     llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
     llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED     (llmkit/model/commands.py)
     llmkit demo                                   the whole pipeline on the stdlib corpus, CPU-sized
@@ -13,6 +15,7 @@ errors exit with status 2 from the parsers.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 
@@ -20,22 +23,30 @@ from lightning.pytorch.cli import LightningCLI
 
 from llmkit.errors import LLMKitError
 
-LIGHTNING_COMMANDS = ("pretrain",)
+LIGHTNING_COMMANDS = {
+    "pretrain": ("llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule"),
+    "sdft": ("llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
+    "sft": ("llmkit.modules.sft:SFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
+}
+"""`llmkit NAME fit|validate ...` runs LightningCLI over (LightningModule, LightningDataModule)."""
 
 
-def run_pretrain_cli(args: list[str]) -> None:
-    """`llmkit pretrain fit|validate ...`: LightningCLI over PretrainModule + PackedDataModule."""
-    from llmkit.data.datamodule import PackedDataModule
-    from llmkit.modules.pretrain import PretrainModule
+def _import(target: str) -> type:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
+
+def run_lightning_cli(command: str, args: list[str]) -> None:
+    """`llmkit COMMAND fit|validate ...`: LightningCLI over the command's module and data module."""
+    module, datamodule = (_import(target) for target in LIGHTNING_COMMANDS[command])
     with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         LightningCLI(
-            PretrainModule,
-            PackedDataModule,
+            module,
+            datamodule,
             args=args,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "llmkit pretrain"},
+            parser_kwargs={"prog": f"llmkit {command}"},
             auto_configure_optimizers=False,
         )
 
@@ -48,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
-    sub.add_parser("pretrain", help="LightningCLI: pretrain {fit,validate} --config YAML", add_help=False)
+    for command, (module, _) in LIGHTNING_COMMANDS.items():
+        help = f"LightningCLI over {module.split(':')[1]}: {command} {{fit,validate}} --config YAML"
+        sub.add_parser(command, help=help, add_help=False)
     add_generate_command(sub)
     add_lora_commands(sub)
     add_demo_command(sub)
@@ -58,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "pretrain":
-            run_pretrain_cli(argv[1:])
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            run_lightning_cli(argv[0], argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         return args.func(args)

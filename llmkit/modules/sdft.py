@@ -1,0 +1,151 @@
+"""SDFTModule: on-policy self-distillation fine-tuning (handoff "SDFT" §2-6, A1/A2, F4, K3).
+
+Each training step, for a batch of examples (x, c):
+
+1. sample a completion y ~ π_θ(· | x) from the student for every prompt, KV-cached and
+   batched, without gradients (:func:`llmkit.model.generation.generate`); y ends at EOS or
+   after ``max_new_tokens``, EOS included;
+2. one batched forward of the student on x + y and one of the teacher on template(x, c) + y,
+   each sliced to the logits that predict y (F4: from column C - 1 for a context of C
+   tokens; :func:`continuation_logits` aligns every row however long its context);
+3. the token-level divergence between the two next-token distributions over the full
+   vocabulary (:func:`llmkit.modules.distill.distill_loss_sum`: reverse KL at alpha = 1,
+   forward KL at alpha = 0), on real completion tokens only (no prompt, no padding; EOS
+   counted), summed and then averaged per real token by :class:`FineTuneModule`.
+
+The teacher is ``self.teacher``: a frozen copy of the starting weights that never receives
+gradients. Add the :class:`~llmkit.callbacks.EMATeacher` callback to make it the EMA of the
+student (the SDFT method); without it the teacher stays the initial model. It is part of the
+module's state, so checkpoints save and restore it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, teacher_prompt
+from llmkit.errors import LLMKitError
+from llmkit.eval.mode import eval_mode
+from llmkit.eval.report import EvalConfig
+from llmkit.model.config import dataclass_from_dict
+from llmkit.model.generation import SamplingConfig, continuation_logits, generate
+from llmkit.modules.distill import distill_loss_sum
+from llmkit.modules.finetune import FineTuneModule
+from llmkit.modules.pretrain import OptimConfig
+
+VAL_SEED = 1_000_003
+"""Validation samples completions with seed VAL_SEED + batch index, so val/divergence is a
+function of the weights alone."""
+
+
+@dataclass
+class SDFTConfig:
+    """The distillation and its on-policy sampling.
+
+    alpha: 1.0 reverse KL (the handoff's default), 0.0 forward KL (the SDFT authors'
+        published runs), in between the generalised JSD.
+    top_k: compare the distributions on the student's top-k tokens only (memory); None is
+        the full vocabulary.
+    skip_first: leave the first k completion tokens out of the loss (the official code: 3).
+    max_new_tokens, temperature, sample_top_k, sample_top_p: how y is sampled (the official
+        code samples at temperature 1.0 without truncation).
+    """
+
+    alpha: float = 1.0
+    top_k: int | None = None
+    skip_first: int = 0
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    sample_top_k: int | None = None
+    sample_top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LLMKitError(f"sdft.alpha must be in [0, 1] (1 = reverse KL, 0 = forward KL), got {self.alpha}")
+        if self.top_k is not None and self.top_k < 2:
+            raise LLMKitError(f"sdft.top_k must be >= 2 or null (full vocabulary), got {self.top_k}")
+        if self.skip_first < 0:
+            raise LLMKitError(f"sdft.skip_first must be >= 0, got {self.skip_first}")
+        if self.temperature <= 0:
+            raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
+        self.sampling()  # checks max_new_tokens, top-k and top-p
+
+    def sampling(self, seed: int | None = None) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.sample_top_k,
+            top_p=self.sample_top_p, seed=seed,
+        )
+
+
+class SDFTModule(FineTuneModule):
+    """SDFT from a pretrained checkpoint (see the module docstring).
+
+    Logs ``train/divergence`` (per real token), ``train/gen_len_mean|min|max``
+    and ``train/eos_fraction`` (handoff I2); validation logs ``val/divergence`` on completions
+    sampled with fixed seeds. Other arguments as :class:`FineTuneModule`.
+
+    Args:
+        sdft: the divergence and the sampling of y.
+    """
+
+    loss_name = "divergence"
+
+    def __init__(
+        self,
+        init_ckpt: str | None = None,
+        tokenizer: str | None = None,
+        sdft: SDFTConfig | None = None,
+        optim: OptimConfig | None = None,
+        evaluation: EvalConfig | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        gradient_checkpointing: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(
+            init_ckpt, tokenizer, optim, evaluation, accumulate_grad_batches, gradient_clip_val,
+            gradient_checkpointing, compile,
+        )
+        sdft = sdft if isinstance(sdft, SDFTConfig) else dataclass_from_dict(SDFTConfig, sdft or {}, "sdft")
+        self.hparams["sdft"] = asdict(sdft)
+        self.sdft = sdft
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+
+    @property
+    def teacher_template(self) -> str:
+        """The data module's template (configurable as ``data.teacher_template``), else the handoff's."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return datamodule.teacher_template if isinstance(datamodule, SDFTDataModule) else TEACHER_TEMPLATE
+
+    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+        cfg = self.sdft
+        prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
+        contexts = self.encode_prompts([teacher_prompt(e, self.teacher_template) for e in batch], batch,
+                                       "teacher prompt")
+        self.check_fits(batch, prompts, [cfg.max_new_tokens] * len(batch), "prompt")
+        self.check_fits(batch, contexts, [cfg.max_new_tokens] * len(batch), "teacher prompt")
+
+        seed = VAL_SEED + batch_idx if stage == "val" else None
+        with eval_mode(self.model):
+            y = generate(self.model, prompts, cfg.sampling(seed), self.tokenizer.eos_id, self.tokenizer.pad_id)
+        completions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
+
+        student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
+        with torch.no_grad():
+            teacher, _, _ = continuation_logits(self.teacher, contexts, completions, self.tokenizer.pad_id)
+        total, count = distill_loss_sum(student, teacher, mask, cfg.alpha, cfg.top_k, cfg.skip_first)
+        self._log_completions(completions, stage, len(batch))
+        return total, int(count)
+
+    def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
+        lengths = [len(c) for c in completions]
+        eos = sum(c[-1] == self.tokenizer.eos_id for c in completions) / len(completions)
+        self.log_dict(
+            {f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/gen_len_min": float(min(lengths)),
+             f"{stage}/gen_len_max": float(max(lengths)), f"{stage}/eos_fraction": eos},
+            batch_size=batch_size,
+        )

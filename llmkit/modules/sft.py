@@ -1,0 +1,29 @@
+"""SFTModule: supervised fine-tuning on (prompt, demonstration) pairs, the SDFT baseline.
+
+The loss is the next-token cross-entropy of the demonstration followed by EOS, given the
+prompt (the prompt's own tokens are context, never targets), summed over real target
+tokens and averaged per token by :class:`FineTuneModule`. The same JSONL files, callbacks
+(Replay, RegressionGate) and evaluation as SDFT apply, so the two compare like for like.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.data.sdft_data import Example
+from llmkit.model.generation import continuation_logits
+from llmkit.modules.finetune import FineTuneModule
+
+
+class SFTModule(FineTuneModule):
+    """Maximum likelihood of the demonstrations; arguments as :class:`FineTuneModule`."""
+
+    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+        prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
+        demonstrations = self.tokenizer.encode_batch([e.demonstration for e in batch])
+        targets = [ids + [self.tokenizer.eos_id] for ids in demonstrations]
+        self.check_fits(batch, prompts, [len(t) for t in targets], "prompt (with its demonstration)")
+        logits, ids, mask = continuation_logits(self.model, prompts, targets, self.tokenizer.pad_id)
+        total = F.cross_entropy(logits[mask].float(), ids[mask], reduction="sum")
+        return total, int(mask.sum())

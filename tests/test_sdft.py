@@ -1,0 +1,259 @@
+"""SDFTModule, SFTModule and the EMATeacher: alignment, gradients, EMA, accumulation, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from llmkit.callbacks import EMATeacher
+from llmkit.checkpoint import load_backbone
+from llmkit.cli import main
+from llmkit.data.sdft_data import SDFTDataModule, teacher_prompt
+from llmkit.data.tasks import write_task_files
+from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
+from llmkit.errors import LLMKitError
+from llmkit.model.config import ModelConfig
+from llmkit.model.generation import continuation_logits, generate
+from llmkit.model.transformer import Transformer
+from llmkit.modules.sdft import SDFTModule
+from llmkit.modules.sft import SFTModule
+from tests.conftest import VOCAB_SIZE
+
+CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=48, n_heads=4, d_ff=96, max_seq_len=192, n_streams=2)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    """A random backbone whose output head is scaled up, so its distributions are peaked and
+    depend on the context (a fresh init is nearly uniform everywhere)."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    path = tmp_path_factory.mktemp("base") / "base.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"config": CONFIG.to_dict()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tasks") / "arithmetic.jsonl"
+    write_task_files("arithmetic", 16, seed=0, out=path)
+    return path
+
+
+def trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks or [], **kwargs,
+    )
+
+
+def sdft(base_ckpt, tokenizer_path, **kwargs) -> SDFTModule:
+    kwargs.setdefault("sdft", {"max_new_tokens": 12})
+    kwargs.setdefault("optim", {"lr": 1e-3, "warmup_steps": 1, "min_lr_ratio": 1.0})
+    return SDFTModule(str(base_ckpt), str(tokenizer_path), **kwargs)
+
+
+def test_student_and_teacher_slices_predict_the_sampled_tokens(base_ckpt, tokenizer_path, examples):
+    """F4: whatever the padding, row b's slice equals the logits of its own unpadded
+    context + y at positions C_b - 1 ... C_b - 2 + L_b, for the student and the teacher."""
+    module = sdft(base_ckpt, tokenizer_path)
+    data = SDFTDataModule(str(examples))
+    data.setup("fit")
+    batch = data.train_examples[:3]
+    tok = module.tokenizer
+    students = [tok.encode(e.prompt) for e in batch]
+    teachers = [tok.encode(teacher_prompt(e)) for e in batch]
+    ys = [[5, 9, 11], [7], [12, 4, tok.eos_id]]
+    for contexts, model in ((students, module.model), (teachers, module.teacher)):
+        sliced, targets, mask = continuation_logits(model, contexts, ys, tok.pad_id)
+        for row, (context, y) in enumerate(zip(contexts, ys, strict=True)):
+            alone = model(torch.tensor([context + y]))[0, len(context) - 1 : len(context) - 1 + len(y)]
+            assert torch.allclose(sliced[row, : len(y)], alone, atol=1e-4)
+            assert mask[row].sum() == len(y) and targets[row, : len(y)].tolist() == y
+
+
+def test_loss_counts_every_completion_token_eos_included_and_only_those(base_ckpt, tokenizer_path, examples):
+    module = sdft(base_ckpt, tokenizer_path, sdft={"max_new_tokens": 12, "skip_first": 2})
+    data = SDFTDataModule(str(examples))
+    data.setup("fit")
+    batch = data.train_examples[:4]
+    torch.manual_seed(1)
+    total, count = module.loss_sum(batch, "train", 0)
+    torch.manual_seed(1)  # the same completions again
+    prompts = [module.tokenizer.encode(e.prompt) for e in batch]
+    y = generate(module.model, prompts, module.sdft.sampling(), module.tokenizer.eos_id, module.tokenizer.pad_id)
+    lengths = y.mask.sum(1)
+    assert count == int((lengths - 2).clamp(min=0).sum())
+    assert total > 0 and total.requires_grad
+
+
+def test_teacher_gets_no_gradient_and_follows_the_ema_formula(base_ckpt, tokenizer_path, examples):
+    tau = 0.8
+
+    class Record(L.Callback):
+        """Student weights after each optimizer step (runs before EMATeacher: list order)."""
+
+        def __init__(self) -> None:
+            self.students: list[dict[str, torch.Tensor]] = []
+            self.step = 0
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step != self.step:
+                self.step = trainer.global_step
+                self.students.append({k: v.double().clone() for k, v in pl_module.model.named_parameters()})
+            assert all(p.grad is None for p in pl_module.teacher.parameters())
+
+    module = sdft(base_ckpt, tokenizer_path)
+    expected = {k: v.double().clone() for k, v in module.teacher.named_parameters()}
+    record, ema = Record(), EMATeacher(decay=tau)
+    trainer(3, [record, ema]).fit(module, SDFTDataModule(str(examples), batch_size=4))
+    assert len(record.students) == 3 and ema.updates == 3
+    for student in record.students:
+        expected = {k: tau * expected[k] + (1 - tau) * student[k] for k in expected}
+    moved = 0.0
+    for name, param in module.teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None
+        assert torch.allclose(param.double(), expected[name], atol=1e-6), name
+        moved = max(moved, (param.double() - record.students[0][name]).abs().max().item())
+    assert moved > 0  # the teacher is not simply the student
+
+
+def test_ema_teacher_is_saved_and_restored_with_the_checkpoint(base_ckpt, tokenizer_path, examples, tmp_path):
+    module = sdft(base_ckpt, tokenizer_path)
+    run = trainer(2, [EMATeacher(decay=0.5)])
+    run.fit(module, SDFTDataModule(str(examples), batch_size=4))
+    run.save_checkpoint(tmp_path / "sdft.ckpt")
+    ckpt = torch.load(tmp_path / "sdft.ckpt", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "EMATeacher" in k]
+    assert state["updates"] == 2 and state["last_step"] == 2
+    resumed_ema = EMATeacher(decay=0.5)
+    resumed = sdft(base_ckpt, tokenizer_path)
+    data = SDFTDataModule(str(examples), batch_size=4)
+    trainer(3, [resumed_ema]).fit(resumed, data, ckpt_path=tmp_path / "sdft.ckpt")
+    assert resumed_ema.updates == 3  # restored 2, then one more step
+    # `llmkit generate` and later fine-tuning read the student alone from an SDFT checkpoint
+    student = load_backbone(tmp_path / "sdft.ckpt")
+    for name, param in student.named_parameters():
+        assert torch.equal(param, module.model.state_dict()[name])
+
+
+def sft_gradients(base_ckpt, tokenizer_path, examples, batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    """The gradients the first optimizer step applies, captured before it."""
+    grads: dict[str, torch.Tensor] = {}
+
+    class Capture(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads.update({k: p.grad.clone() for k, p in pl_module.model.named_parameters()})
+
+    module = SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=accumulate,
+                       gradient_clip_val=None)
+    trainer(1, [Capture()]).fit(module, SDFTDataModule(str(examples), batch_size=batch_size, seed=3))
+    return grads
+
+
+def test_accumulated_gradients_are_a_mean_per_real_token(base_ckpt, tokenizer_path, tmp_path):
+    """Micro-batches of 1 and 3 examples of different lengths, accumulated, give the gradient of
+    one batch of all 4: the mean over real tokens, not the mean of micro-batch means."""
+    path = tmp_path / "four.jsonl"
+    lines = [{"prompt": "def f(", "demonstration": "x" * n} for n in (1, 5, 12, 30)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one = sft_gradients(base_ckpt, tokenizer_path, path, batch_size=4, accumulate=1)
+    split = sft_gradients(base_ckpt, tokenizer_path, path, batch_size=2, accumulate=2)
+    assert one.keys() == split.keys()
+    for name in one:
+        assert torch.allclose(one[name], split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_sft_loss_is_the_demonstration_and_eos_likelihood(base_ckpt, tokenizer_path, examples):
+    module = SFTModule(str(base_ckpt), str(tokenizer_path))
+    data = SDFTDataModule(str(examples))
+    data.setup("fit")
+    example = data.train_examples[0]
+    tok = module.tokenizer
+    prompt, target = tok.encode(example.prompt), tok.encode(example.demonstration) + [tok.eos_id]
+    total, count = module.loss_sum([example], "train", 0)
+    logits = module.model(torch.tensor([prompt + target]))[0, len(prompt) - 1 : -1]
+    assert count == len(target)
+    assert torch.allclose(total, F.cross_entropy(logits, torch.tensor(target), reduction="sum"), rtol=1e-5)
+
+
+def test_sdft_lowers_the_teacher_student_divergence_on_its_prompts(base_ckpt, tokenizer_path, examples):
+    module = sdft(base_ckpt, tokenizer_path)
+    data = SDFTDataModule(str(examples), str(examples), batch_size=8)
+    run = trainer(24, [EMATeacher(decay=0.99)], limit_val_batches=2)
+    (before,) = run.validate(module, data, verbose=False)
+    run.fit(module, data)
+    (after,) = run.validate(module, data, verbose=False)
+    assert after["val/divergence"] < 0.5 * before["val/divergence"], (before, after)
+
+
+def test_prompts_longer_than_the_context_name_the_example(base_ckpt, tokenizer_path, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "x = 1\n" * 100, "demonstration": "ok"}) + "\n")
+    module = sdft(base_ckpt, tokenizer_path, sdft={"max_new_tokens": 64})
+    data = SDFTDataModule(str(path))
+    data.setup("fit")
+    with pytest.raises(LLMKitError, match=r"long.jsonl:1: the prompt is \d+ tokens and needs 64 more"):
+        module.loss_sum(data.train_examples, "train", 0)
+
+
+def test_bad_settings_and_a_mismatched_tokenizer_are_clear_errors(base_ckpt, tokenizer_path, tmp_path, corpus_dir):
+    with pytest.raises(LLMKitError, match="alpha must be in"):
+        sdft(base_ckpt, tokenizer_path, sdft={"alpha": 1.5})
+    with pytest.raises(LLMKitError, match="decay must be in"):
+        EMATeacher(decay=1.0)
+    other = train_tokenizer([corpus_dir / "val.txt"], tmp_path / "small", TokenizerTrainConfig(vocab_size=320))
+    with pytest.raises(LLMKitError, match="vocab_size 320 but the model"):
+        SFTModule(str(base_ckpt), str(other))
+
+
+def write_cli_config(tmp_path: Path, base_ckpt, tokenizer_path, examples, shards, command: str) -> Path:
+    callbacks = [
+        {"class_path": "llmkit.callbacks.RegressionGate", "init_args": {"every_n_steps": 2, "max_ppl_increase": 10.0}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+    ]
+    if command == "sdft":
+        callbacks.insert(0, {"class_path": "llmkit.callbacks.EMATeacher", "init_args": {"decay": 0.99}})
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "logs"), "num_sanity_val_steps": 0,
+                    "limit_val_batches": 1, "enable_model_summary": False, "callbacks": callbacks},
+        "model": {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path),
+                  "optim": {"lr": 1e-3, "warmup_steps": 1},
+                  "evaluation": {"ppl_files": [str(shards["val"])], "seq_len": 32, "max_windows": 2}},
+        "data": {"train_files": [str(examples)], "val_files": [str(examples)], "batch_size": 4},
+    }
+    if command == "sdft":
+        config["model"]["sdft"] = {"max_new_tokens": 8}
+    path = tmp_path / f"{command}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("command", ["sdft", "sft"])
+def test_cli_fit_validate_and_generate(command, base_ckpt, tokenizer_path, examples, shards, tmp_path, capsys):
+    config = write_cli_config(tmp_path, base_ckpt, tokenizer_path, examples, shards, command)
+    assert main([command, "fit", "--config", str(config)]) == 0
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    gates = sorted((tmp_path / "logs").rglob("gate_decision.json"))
+    assert [json.loads(g.read_text())["end_step"] for g in gates] == [2, 3]
+    assert main([command, "validate", "--ckpt_path", str(ckpt), "--data.val_files", str(examples),
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "val"),
+                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]) == 0
+    out = capsys.readouterr().out
+    assert ("val/divergence" if command == "sdft" else "val/loss") in out and "val/ppl" in out
+    assert list((tmp_path / "val").rglob("eval/step_000003.json"))
+    assert main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer_path), "--prompt", "def ",
+                 "--max-new-tokens", "5", "--seed", "0"]) == 0
