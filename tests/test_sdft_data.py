@@ -11,7 +11,16 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from llmkit.cli import main
 from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, read_examples, teacher_prompt
-from llmkit.data.tasks import TASKS, answer_regex, make_examples, make_probes, write_task_files
+from llmkit.data.tasks import (
+    FACTS,
+    FACTS_PER_TABLE,
+    TASKS,
+    answer_regex,
+    fact_table,
+    make_examples,
+    make_probes,
+    write_task_files,
+)
 from llmkit.errors import LLMKitError
 from llmkit.eval.probes import read_probes
 
@@ -170,6 +179,22 @@ def test_task_answers_are_correct():
         word = e.prompt.removeprefix("Write in capitals: ")
         assert re.fullmatch(r"[a-z]{3,7}", word)
         assert e.demonstration == f"In capitals, {word} is {word.upper()}" and e.meta["answer"] == word.upper()
+
+
+def test_fact_tasks_teach_a_fixed_table_and_probe_its_facts():
+    table = dict(fact_table("colors", 3))
+    assert len(table) == FACTS_PER_TABLE and set(table.values()) <= set(FACTS["colors"][2])
+    assert fact_table("colors", 3) == fact_table("colors", 3) and dict(fact_table("colors", 4)) != table
+    examples = make_examples("colors", 500, 3)
+    for e in examples:
+        name = re.fullmatch(r"What color is the ([a-z]{4})\?", e.prompt).group(1)
+        assert e.demonstration == f"The color is {table[name]}." and e.meta["answer"] == table[name]
+    assert len({e.prompt for e in examples}) == FACTS_PER_TABLE  # 500 draws cover the table
+    probes = make_probes("colors", 10, 3, {e.prompt for e in examples})
+    assert [p["prompt"] for p in probes] == [f"What color is the {n}?" for n, _ in fact_table("colors", 3)[:10]]
+    assert all(re.search(p["expect_regex"], f"The color is {table[p['prompt'][18:-1]]}.") for p in probes)
+    with pytest.raises(LLMKitError, match="has 64 facts"):
+        make_probes("cities", 65, 0, set())
 
 
 def test_unknown_task_lists_the_known_ones():

@@ -197,6 +197,6 @@ def _run_tasks(args: argparse.Namespace) -> int:
     from llmkit.data.tasks import write_task_files
 
     counts = write_task_files(args.task, args.n, args.seed, args.out, args.probes_out, args.n_probes)
-    probes = f" and {args.probes_out}: {counts['probes']:,} held-out probes" if args.probes_out else ""
+    probes = f" and {args.probes_out}: {counts['probes']:,} probes" if args.probes_out else ""
     print(f"wrote {args.out}: {counts['examples']:,} {args.task} examples (seed {args.seed}){probes}")
     return 0

@@ -8,10 +8,18 @@ completion contains that answer as a whole token (:mod:`llmkit.eval.probes`).
     arithmetic  "What is 17 + 65?"          "17 + 65 = 82"              answer 82
     reverse     "Reverse the word: lamp"    "The reverse of lamp is pmal"   answer pmal
     upper       "Write in capitals: lamp"   "In capitals, lamp is LAMP"     answer LAMP
+    colors      "What color is the bamo?"   "The color is red."         answer red
+    cities      "Where does tiku live?"     "In Paris."                 answer Paris
 
 Words are 3 to 7 random lowercase letters, so the supply of distinct prompts is practically
 endless. Everything is a pure function of (task, n, seed); probes come from their own seed
 stream and never repeat a training prompt.
+
+``colors`` and ``cities`` are *fact* tasks (knowledge injection): each seed fixes a table of
+FACTS_PER_TABLE made-up names (two consonant-vowel syllables), each with one of eight
+answers; examples are drawn from that table, and the probes are the table's facts
+themselves, so they measure recall of what was taught, not generalisation. A small model
+learns them in a few hundred steps, where the other tasks need far more.
 """
 
 from __future__ import annotations
@@ -25,8 +33,19 @@ from llmkit.data.corpus import write_jsonl_atomic
 from llmkit.data.sdft_data import Example
 from llmkit.errors import LLMKitError
 
-TASKS = ("arithmetic", "reverse", "upper")
+FACTS = {
+    "colors": ("What color is the {name}?", "The color is {answer}.",
+               ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")),
+    "cities": ("Where does {name} live?", "In {answer}.",
+               ("Paris", "London", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome")),
+}
+"""Fact tasks: (prompt template, demonstration template, the possible answers)."""
+
+TASKS = ("arithmetic", "reverse", "upper", *FACTS)
 """The task names :func:`make_examples` knows."""
+
+FACTS_PER_TABLE = 64
+"""Names (facts) in the table of a fact task for one seed."""
 
 MAX_OPERAND = 99
 """Arithmetic operands are uniform in [0, MAX_OPERAND]."""
@@ -44,8 +63,26 @@ def _check_task(task: str) -> None:
         raise LLMKitError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
 
 
+def fact_table(task: str, seed: int) -> list[tuple[str, str]]:
+    """The (name, answer) facts of the fact task ``task`` for ``seed``: distinct names, answers
+    uniform over the task's eight."""
+    rng = random.Random(f"facts:{task}:{seed}")
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    names: list[str] = []
+    while len(names) < FACTS_PER_TABLE:
+        name = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(2))
+        if name not in names:
+            names.append(name)
+    return [(name, rng.choice(FACTS[task][2])) for name in names]
+
+
+def _fact(task: str, name: str, answer: str) -> tuple[str, str, str]:
+    prompt, demonstration, _ = FACTS[task]
+    return prompt.format(name=name), demonstration.format(answer=answer), answer
+
+
 def _draw(task: str, rng: random.Random) -> tuple[str, str, str]:
-    """One (prompt, demonstration, answer) of ``task``."""
+    """One (prompt, demonstration, answer) of a generated (non-fact) ``task``."""
     if task == "arithmetic":
         a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}", str(a + b)
@@ -64,9 +101,10 @@ def make_examples(task: str, n: int, seed: int) -> list[Example]:
     if n < 1:
         raise LLMKitError(f"the number of examples must be >= 1, got {n}")
     rng = random.Random(seed)
+    table = fact_table(task, seed) if task in FACTS else None
     examples = []
     for i in range(n):
-        prompt, demonstration, answer = _draw(task, rng)
+        prompt, demonstration, answer = _fact(task, *rng.choice(table)) if table else _draw(task, rng)
         meta = {"task": task, "answer": answer}
         examples.append(Example(prompt, demonstration, meta, source=f"<{task} seed {seed}>:{i + 1}"))
     return examples
@@ -87,10 +125,18 @@ def make_probes(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[st
     prompts none of which is in ``exclude`` (the training prompts).
 
     They are drawn from a seed stream of their own (``"probes:{seed}"``), not the examples'.
+    A fact task's probes are instead the first ``n`` facts of its table for ``seed`` (recall of
+    the taught facts; ``exclude`` does not apply).
     """
     _check_task(task)
     if n < 1:
         raise LLMKitError(f"the number of probes must be >= 1, got {n}")
+    if task in FACTS:
+        if n > FACTS_PER_TABLE:
+            raise LLMKitError(f"a {task} table has {FACTS_PER_TABLE} facts: ask for at most that many probes")
+        facts = [_fact(task, name, answer) for name, answer in fact_table(task, seed)[:n]]
+        return [{"name": f"{task}-{i:04d}", "prompt": prompt, "expect_regex": answer_regex(task, answer)}
+                for i, (prompt, _, answer) in enumerate(facts)]
     rng = random.Random(f"probes:{seed}")
     seen = set(exclude)
     probes = []
@@ -113,8 +159,8 @@ def write_task_files(
     task: str, n: int, seed: int, out: Path, probes_out: Path | None = None, n_probes: int = 20
 ) -> dict[str, int]:
     """Write ``n`` examples of ``task`` as SDFT JSONL to ``out`` (``{"prompt", "demonstration",
-    "task", "answer"}`` per line) and, if ``probes_out`` is given, ``n_probes`` held-out probes
-    to it. Both files are written to a temp file and renamed. Returns the counts written."""
+    "task", "answer"}`` per line) and, if ``probes_out`` is given, ``n_probes`` probes to it
+    (:func:`make_probes`). Both files are written to a temp file and renamed. Returns the counts written."""
     examples = make_examples(task, n, seed)
     probes = make_probes(task, n_probes, seed, {e.prompt for e in examples}) if probes_out is not None else []
     write_jsonl_atomic(Path(out), [{"prompt": e.prompt, "demonstration": e.demonstration, **e.meta} for e in examples])
