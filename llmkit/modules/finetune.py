@@ -20,7 +20,7 @@ tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the r
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,17 @@ from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig, write_report
 from llmkit.model.transformer import Transformer
-from llmkit.modules.pretrain import OptimConfig, _as, adamw_with_schedule
+from llmkit.modules.pretrain import OptimConfig, adamw_with_schedule, as_dataclass
 
-FINETUNE_OPTIM = OptimConfig(lr=2e-5, weight_decay=0.0, warmup_steps=10, min_lr_ratio=0.1)
-"""The default optimiser of fine-tuning runs: the SDFT authors' lr 2e-5 and cosine decay."""
+
+@dataclass
+class FineTuneOptimConfig(OptimConfig):
+    """:class:`OptimConfig` with fine-tuning defaults: the SDFT authors' lr 2e-5, no weight
+    decay, a short warm-up (YAML that sets only some fields keeps these for the rest)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
 
 
 class FineTuneModule(L.LightningModule):
@@ -50,7 +57,7 @@ class FineTuneModule(L.LightningModule):
     Args:
         init_ckpt: the checkpoint whose backbone is fine-tuned (required).
         tokenizer: the SentencePiece ``.model`` the backbone was trained with (required).
-        optim: AdamW and its warm-up + cosine schedule (default :data:`FINETUNE_OPTIM`).
+        optim: AdamW and its warm-up + cosine schedule.
         evaluation: held-out shards and probes for validation and the RegressionGate.
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip the global gradient norm to this (None: no clipping).
@@ -62,7 +69,7 @@ class FineTuneModule(L.LightningModule):
         self,
         init_ckpt: str | None = None,
         tokenizer: str | None = None,
-        optim: OptimConfig | None = None,
+        optim: FineTuneOptimConfig | None = None,
         evaluation: EvalConfig | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
@@ -76,9 +83,9 @@ class FineTuneModule(L.LightningModule):
                 ".model file); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
             )
         self.automatic_optimization = False
-        optim = _as(OptimConfig, optim if optim is not None else asdict(FINETUNE_OPTIM))
+        optim = as_dataclass(FineTuneOptimConfig, optim)
         optim.betas = tuple(optim.betas)
-        evaluation = _as(EvalConfig, evaluation)
+        evaluation = as_dataclass(EvalConfig, evaluation)
         if accumulate_grad_batches < 1:
             raise LLMKitError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.save_hyperparameters(

@@ -74,7 +74,7 @@ def adamw_with_schedule(model: Transformer, o: OptimConfig, trainer: L.Trainer) 
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _as(cls: type, value: Any) -> Any:
+def as_dataclass(cls: type, value: Any) -> Any:
     """Accept a dataclass instance or its dict (as stored in checkpoint hyperparameters)."""
     if value is None:
         return cls()
@@ -104,7 +104,7 @@ class PretrainModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        config, optim = _as(ModelConfig, config), _as(OptimConfig, optim)
+        config, optim = as_dataclass(ModelConfig, config), as_dataclass(OptimConfig, optim)
         optim.betas = tuple(optim.betas)
         self.save_hyperparameters(
             {"config": config.to_dict(), "optim": asdict(optim), "compile": compile}

@@ -31,11 +31,10 @@ from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, tea
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.eval.report import EvalConfig
-from llmkit.model.config import dataclass_from_dict
 from llmkit.model.generation import SamplingConfig, continuation_logits, generate
 from llmkit.modules.distill import distill_loss_sum
-from llmkit.modules.finetune import FineTuneModule
-from llmkit.modules.pretrain import OptimConfig
+from llmkit.modules.finetune import FineTuneModule, FineTuneOptimConfig
+from llmkit.modules.pretrain import as_dataclass
 
 VAL_SEED = 1_000_003
 """Validation samples completions with seed VAL_SEED + batch index, so val/divergence is a
@@ -99,7 +98,7 @@ class SDFTModule(FineTuneModule):
         init_ckpt: str | None = None,
         tokenizer: str | None = None,
         sdft: SDFTConfig | None = None,
-        optim: OptimConfig | None = None,
+        optim: FineTuneOptimConfig | None = None,
         evaluation: EvalConfig | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
@@ -110,7 +109,7 @@ class SDFTModule(FineTuneModule):
             init_ckpt, tokenizer, optim, evaluation, accumulate_grad_batches, gradient_clip_val,
             gradient_checkpointing, compile,
         )
-        sdft = sdft if isinstance(sdft, SDFTConfig) else dataclass_from_dict(SDFTConfig, sdft or {}, "sdft")
+        sdft = as_dataclass(SDFTConfig, sdft)
         self.hparams["sdft"] = asdict(sdft)
         self.sdft = sdft
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
