@@ -59,7 +59,7 @@ def trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> L.Traine
 def sdft(base_ckpt, tokenizer_path, **kwargs) -> SDFTModule:
     kwargs.setdefault("sdft", {"max_new_tokens": 12})
     kwargs.setdefault("optim", {"lr": 1e-3, "warmup_steps": 1, "min_lr_ratio": 1.0})
-    return SDFTModule(str(base_ckpt), str(tokenizer_path), **kwargs)
+    return SDFTModule(init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), **kwargs)
 
 
 def test_student_and_teacher_slices_predict_the_sampled_tokens(base_ckpt, tokenizer_path, examples):

@@ -24,16 +24,16 @@ from __future__ import annotations
 import copy
 import statistics
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, teacher_prompt
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
-from llmkit.eval.report import EvalConfig
 from llmkit.model.generation import SamplingConfig, continuation_logits, generate
 from llmkit.modules.distill import distill_loss_sum
-from llmkit.modules.finetune import FineTuneModule, FineTuneOptimConfig
+from llmkit.modules.finetune import FineTuneModule
 from llmkit.modules.pretrain import as_dataclass
 
 VAL_SEED = 1_000_003
@@ -85,30 +85,17 @@ class SDFTModule(FineTuneModule):
 
     Logs ``train/divergence`` (per real token), ``train/gen_len_mean|min|max``
     and ``train/eos_fraction`` (handoff I2); validation logs ``val/divergence`` on completions
-    sampled with fixed seeds. Other arguments as :class:`FineTuneModule`.
+    sampled with fixed seeds.
 
     Args:
         sdft: the divergence and the sampling of y.
+        **kwargs: the :class:`FineTuneModule` arguments (init_ckpt, tokenizer, optim, ...).
     """
 
     loss_name = "divergence"
 
-    def __init__(
-        self,
-        init_ckpt: str | None = None,
-        tokenizer: str | None = None,
-        sdft: SDFTConfig | None = None,
-        optim: FineTuneOptimConfig | None = None,
-        evaluation: EvalConfig | None = None,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        gradient_checkpointing: bool | None = None,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            init_ckpt, tokenizer, optim, evaluation, accumulate_grad_batches, gradient_clip_val,
-            gradient_checkpointing, compile,
-        )
+    def __init__(self, sdft: SDFTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         sdft = as_dataclass(SDFTConfig, sdft)
         self.hparams["sdft"] = asdict(sdft)
         self.sdft = sdft
