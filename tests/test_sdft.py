@@ -196,6 +196,21 @@ def test_sdft_lowers_the_teacher_student_divergence_on_its_prompts(base_ckpt, to
     assert after["val/divergence"] < 0.5 * before["val/divergence"], (before, after)
 
 
+@pytest.mark.gpu
+def test_sdft_bf16_mixed_with_gradient_checkpointing_on_gpu(base_ckpt, tokenizer_path, examples):
+    module = sdft(base_ckpt, tokenizer_path, gradient_checkpointing=True)
+    data = SDFTDataModule(str(examples), str(examples), batch_size=8)
+    run = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=24, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                    limit_val_batches=2, callbacks=[EMATeacher(decay=0.99)])
+    (before,) = run.validate(module, data, verbose=False)
+    run.fit(module, data)
+    (after,) = run.validate(module, data, verbose=False)
+    assert module.model.config.gradient_checkpointing
+    assert after["val/divergence"] < before["val/divergence"], (before, after)
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+
+
 def test_prompts_longer_than_the_context_name_the_example(base_ckpt, tokenizer_path, tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"prompt": "x = 1\n" * 100, "demonstration": "ok"}) + "\n")
