@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,7 @@ from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import continuation_logits, generate
 from llmkit.model.transformer import Transformer
-from llmkit.modules.sdft import SDFTModule
+from llmkit.modules.sdft import VAL_SEED, SDFTModule
 from llmkit.modules.sft import SFTModule
 from tests.conftest import VOCAB_SIZE
 
@@ -94,6 +95,24 @@ def test_loss_counts_every_completion_token_eos_included_and_only_those(base_ckp
     lengths = y.mask.sum(1)
     assert count == int((lengths - 2).clamp(min=0).sum())
     assert total > 0 and total.requires_grad
+
+
+def test_sampling_settings_reach_the_sampler(base_ckpt, tokenizer_path, examples, monkeypatch):
+    seen = []
+
+    def spy(model, prompts, config, eos_id, pad_id):
+        seen.append(config)
+        return generate(model, prompts, replace(config, compile=False), eos_id, pad_id)
+
+    monkeypatch.setattr("llmkit.modules.sdft.generate", spy)
+    module = sdft(base_ckpt, tokenizer_path, sdft={"max_new_tokens": 7, "temperature": 0.7, "sample_top_p": 0.9,
+                                                   "compile_sampler": True})
+    data = SDFTDataModule(str(examples))
+    data.setup("fit")
+    module.loss_sum(data.train_examples[:2], "val", 3)
+    (config,) = seen
+    assert (config.max_new_tokens, config.temperature, config.top_p, config.compile) == (7, 0.7, 0.9, True)
+    assert config.seed == VAL_SEED + 3  # validation samples with a fixed seed per batch
 
 
 def test_teacher_gets_no_gradient_and_follows_the_ema_formula(base_ckpt, tokenizer_path, examples):

@@ -52,6 +52,8 @@ class SDFTConfig:
     skip_first: leave the first k completion tokens out of the loss (the official code: 3).
     max_new_tokens, temperature, sample_top_k, sample_top_p: how y is sampled (the official
         code samples at temperature 1.0 without truncation).
+    compile_sampler: run the sampler's decode step through torch.compile (CUDA graphs on GPU;
+        see :class:`SamplingConfig`); the training forwards follow the module's ``compile``.
     """
 
     alpha: float = 1.0
@@ -61,6 +63,7 @@ class SDFTConfig:
     temperature: float = 1.0
     sample_top_k: int | None = None
     sample_top_p: float | None = None
+    compile_sampler: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -76,7 +79,7 @@ class SDFTConfig:
     def sampling(self, seed: int | None = None) -> SamplingConfig:
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.sample_top_k,
-            top_p=self.sample_top_p, seed=seed,
+            top_p=self.sample_top_p, seed=seed, compile=self.compile_sampler,
         )
 
 
