@@ -1,0 +1,169 @@
+"""TTT-Discover archive: PUCT scores by hand, selection, statistics, children, size cap, round trip."""
+
+import json
+import math
+
+import pytest
+
+from llmkit.discovery import Archive, State
+from llmkit.errors import LLMKitError
+
+
+def ids(states: list[State]) -> list[int]:
+    return [state.id for state in states]
+
+
+def fields(state: State) -> tuple:
+    return (state.id, state.text, state.reward, state.parent, state.depth, state.visits, state.step)
+
+
+def test_puct_scores_match_hand_computation_with_rank_linear_prior():
+    archive = Archive("s0", 1.0, c=1.0)
+    archive.record_rollouts(0, [("b", 3.0), ("c", 2.0), ("d", 0.5)])  # keeps b (id 1) and c (id 2)
+    # ranks by reward: b 3 -> weight 3, c 2 -> weight 2, s0 1 -> weight 1; sum 6.
+    assert archive.prior() == pytest.approx({1: 3 / 6, 2: 2 / 6, 0: 1 / 6})
+    # R_max - R_min = 2, T = 3 so sqrt(1 + T) = 2; n(s0) = 3, n(b) = n(c) = 0; Q(s0) = m(s0) = 3.
+    expected = {
+        0: 3.0 + 1.0 * 2 * (1 / 6) * 2 / (1 + 3),
+        1: 3.0 + 1.0 * 2 * (3 / 6) * 2 / (1 + 0),
+        2: 2.0 + 1.0 * 2 * (2 / 6) * 2 / (1 + 0),
+    }
+    assert archive.puct_scores() == pytest.approx(expected)
+    half = Archive.from_dict({**archive.to_dict(), "c": 0.5})
+    assert half.puct_scores()[1] == pytest.approx(3.0 + 0.5 * 2 * (3 / 6) * 2)
+
+
+def test_prior_ties_rank_lower_id_first():
+    archive = Archive("s0", 1.0)
+    archive.record_rollouts(0, [("a", 1.0), ("b", 1.0)])
+    assert archive.prior() == pytest.approx({0: 3 / 6, 1: 2 / 6, 2: 1 / 6})
+
+
+def test_equal_rewards_give_zero_exploration_term():
+    archive = Archive("s0", 1.0, c=5.0)
+    assert archive.puct_scores() == {0: 1.0}
+    archive.record_rollouts(0, [("a", 1.0), ("b", 1.0)])  # R_max == R_min, T = 2
+    assert archive.puct_scores() == {0: 1.0, 1: 1.0, 2: 1.0}
+
+
+def test_q_switches_from_own_reward_to_best_direct_child_reward():
+    archive = Archive("s0", 1.0)
+    archive.record_rollouts(0, [("bad", math.nan)])  # a failed rollout counts but gives no child reward
+    root = archive.get(0)
+    assert (root.visits, archive.total_rollouts, root.best_child_reward, root.q) == (1, 1, None, 1.0)
+    assert archive.puct_scores() == {0: 1.0}
+
+    archive.record_rollouts(0, [("b", 0.5)])
+    assert root.best_child_reward == 0.5 and root.q == 0.5  # the max child reward, even when lower than R(s)
+    # R_max - R_min = 0.5, T = 2, P(s0) = 2/3, P(b) = 1/3, n(s0) = 2, n(b) = 0.
+    assert archive.puct_scores() == pytest.approx(
+        {0: 0.5 + 0.5 * (2 / 3) * math.sqrt(3) / 3, 1: 0.5 + 0.5 * (1 / 3) * math.sqrt(3)}
+    )
+    archive.record_rollouts(1, [("c", 4.0)])
+    assert archive.get(1).q == 4.0
+    assert root.best_child_reward == 0.5  # m(s) is over direct children only, not grandchildren
+    archive.record_rollouts(0, [("d", 0.7), ("e", 0.2)])
+    assert root.best_child_reward == 0.7
+
+
+def test_visits_propagate_to_every_ancestor_and_t_counts_rollouts():
+    archive = Archive("s0", 0.0)
+    archive.record_rollouts(0, [("a", 1.0)])
+    archive.record_rollouts(1, [("b", 2.0), ("x", math.inf), ("y", 0.1)])
+    archive.record_rollouts(2, [("c", 3.0), ("d", 2.5), ("e", 2.6), ("f", 2.7)])
+    by_text = {state.text: state for state in archive.states.values()}
+    assert sorted(by_text) == ["a", "b", "c", "f", "s0", "y"]
+    visits = {text: state.visits for text, state in by_text.items()}
+    assert visits == {"s0": 1 + 3 + 4, "a": 3 + 4, "b": 4, "y": 0, "c": 0, "f": 0}
+    assert archive.total_rollouts == 8 and archive.step == 3
+    assert [s.text for s in archive.lineage(by_text["c"].id)] == ["s0", "a", "b", "c"]
+    assert (by_text["c"].depth, by_text["c"].step, by_text["c"].parent) == (3, 3, by_text["b"].id)
+
+
+def test_select_orders_by_score_and_skips_lineages():
+    archive = Archive("s0", 0.0, c=0.0)  # c = 0: scores are Q
+    archive.record_rollouts(0, [("a", 5.0), ("b", 4.0)])  # a = 1, b = 2
+    archive.record_rollouts(1, [("a1", 6.0), ("a2", 1.0)])  # a1 = 3, a2 = 4
+    # Q: s0 5 (m), a 6 (m), b 4, a1 6, a2 1; the tie a / a1 goes to the lower id.
+    assert archive.puct_scores() == {0: 5.0, 1: 6.0, 2: 4.0, 3: 6.0, 4: 1.0}
+    assert ids(archive.select(1)) == [1]
+    # a blocks its ancestor s0 and descendants a1, a2; b is unrelated to a.
+    assert ids(archive.select(5)) == [1, 2]
+    with pytest.raises(LLMKitError, match="k >= 1"):
+        archive.select(0)
+
+
+def test_select_skips_descendants_and_returns_fewer_than_k():
+    archive = Archive("s0", 0.0, c=0.0)
+    archive.record_rollouts(0, [("a", 2.0), ("b", 1.0)])
+    assert archive.puct_scores() == {0: 2.0, 1: 2.0, 2: 1.0}
+    assert ids(archive.select(3)) == [0]
+
+
+def test_top_children_kept_and_deduplicated():
+    archive = Archive("s0", 0.0)
+    batch = [("s0", 9.0), ("p", 5.0), ("p", 5.5), ("q", 4.0), ("r", 3.0), ("z", math.inf), ("w", math.nan)]
+    new = archive.record_rollouts(0, batch)
+    assert [(s.text, s.reward, s.parent) for s in new] == [("p", 5.5, 0), ("q", 4.0, 0)]
+    assert len(archive) == 3
+    assert archive.get(0).best_child_reward == 9.0  # the duplicate still was a rollout reward from s0
+    assert archive.get(0).visits == len(batch)
+    assert archive.best().text == "p"
+
+    three = Archive("s0", 0.0, children_per_parent=3)
+    assert [s.text for s in three.record_rollouts(0, [("a", 1.0), ("b", 3.0), ("c", 2.0), ("d", 0.0)])] == [
+        "b",
+        "c",
+        "a",
+    ]
+    # Within one batch the same text from another parent is a duplicate too.
+    both = three.record_batch({1: [("w", 1.0)], 2: [("w", 2.0), ("v", 0.5)]})
+    assert [(s.text, s.parent) for s in both] == [("w", 1), ("v", 2)]
+
+
+def test_size_cap_keeps_best_root_and_ancestors():
+    archive = Archive("s0", 0.0, max_size=4)
+    archive.record_rollouts(0, [("a", 1.0), ("b", 2.0)])  # ids by reward: b = 1, a = 2
+    archive.record_rollouts(2, [("a1", 10.0), ("a2", 0.5)])  # a1 = 3, a2 = 4: a2 is the worst leaf
+    assert sorted(s.text for s in archive.states.values()) == ["a", "a1", "b", "s0"]
+    archive.record_rollouts(3, [("a11", 20.0)])
+    # a (reward 1) < b (reward 2) but a is an ancestor of a kept state; b is the worst leaf.
+    assert sorted(s.text for s in archive.states.values()) == ["a", "a1", "a11", "s0"]
+    assert archive.get(0).reward == 0.0
+    # The best state's lineage alone is longer than the cap: the best is kept, the cap waits.
+    new = archive.record_rollouts(5, [("x", 30.0)])
+    assert [s.text for s in new] == ["x"] and len(archive) == 5
+    archive.record_rollouts(0, [("y", 50.0)])  # y is now best: x goes, then a11 becomes the worst leaf
+    assert sorted(s.text for s in archive.states.values()) == ["a", "a1", "s0", "y"]
+    assert archive.best().text == "y"
+    for state in archive.states.values():
+        assert archive.lineage(state.id)[0].id == 0
+
+
+def test_unknown_parent_and_bad_settings_raise():
+    archive = Archive("s0", 0.0)
+    with pytest.raises(LLMKitError, match="state id 7"):
+        archive.record_batch({0: [("a", 1.0)], 7: [("b", 1.0)]})
+    assert archive.total_rollouts == 0 and len(archive) == 1  # nothing recorded
+    with pytest.raises(LLMKitError, match="max_size"):
+        Archive("s0", 0.0, max_size=0)
+    with pytest.raises(LLMKitError, match="finite"):
+        Archive("s0", math.nan)
+    with pytest.raises(LLMKitError, match="Archive.to_dict"):
+        Archive.from_dict({"states": []})
+
+
+def test_round_trip_through_json():
+    archive = Archive("s0", 0.0, max_size=6, c=0.7, children_per_parent=2)
+    archive.record_rollouts(0, [("a", 1.0), ("b", 2.0), ("c", 0.5)])
+    archive.record_rollouts(2, [("b1", 3.0), ("b2", math.nan)])
+    data = json.loads(json.dumps(archive.to_dict(), allow_nan=False))
+    restored = Archive.from_dict(data)
+    assert restored.to_dict() == archive.to_dict()
+    assert restored.puct_scores() == archive.puct_scores()
+    assert ids(restored.select(3)) == ids(archive.select(3))
+    batch = [("n1", 4.0), ("n2", 0.1)]
+    assert [fields(s) for s in restored.record_rollouts(1, batch)] == [
+        fields(s) for s in archive.record_rollouts(1, batch)
+    ]
+    assert restored.to_dict() == archive.to_dict()
