@@ -13,8 +13,8 @@ Values must lie in [0, 1] before and after the rescaling: a sequence whose resca
 exceeds 1 is invalid (the official verifier raises there too). The constant 0.5 gives exactly
 ``C5 = 0.5`` (reward 2); the best known is ``C5 = 0.380876``.
 
-State and action format (strict, handoff H2-H3): the same one-line integer format as
-:mod:`llmkit.discovery.envs.autocorrelation`: exactly ``n`` whole numbers in ``0..q`` separated
+State and action format (strict, handoff H2-H3): the one-line integer format of
+:mod:`.sequence`: exactly ``n`` whole numbers in ``0..q`` separated
 by spaces or tabs, value ``v`` meaning ``h = v / q``, not all zero, at most
 ``2 * n * (digits(q) + 1)`` characters; in a model's output only the first non-blank line
 counts. Since the sum is rescaled, ``h_i = v_i * n / (2 Σv)`` and ``q`` only sets the
@@ -29,28 +29,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmkit.discovery.env import archive_examples, clip_text, first_line, parse_int_line, single_line
-from llmkit.discovery.envs.autocorrelation import check_size
+from llmkit.discovery.envs.sequence import SequenceEnv
 
 BEST_KNOWN_C5 = 0.380876
 """The best known upper bound on C5 (REFERENCE_NOTES); lower is better."""
 
 
-class ErdosMinOverlapEnv:
+class ErdosMinOverlapEnv(SequenceEnv):
     """Erdős minimum overlap: ``n`` levels in ``0..q`` of a step function with a small C5 (module docstring)."""
 
     name = "erdos_min_overlap"
-
-    def __init__(self, n: int = 32, q: int = 100, max_examples: int = 2):
-        check_size(n, q, max_examples)
-        self.n, self.q, self.max_examples = n, q, max_examples
-        self.max_chars = 2 * n * (len(str(q)) + 1)
-
-    def parse(self, state: str) -> list[int]:
-        """The integer levels of a state, or ``ValueError`` saying why it is malformed."""
-        if not isinstance(state, str):
-            raise ValueError(f"the state must be a string, got {type(state).__name__}")
-        return parse_int_line(single_line(state), self.n, self.q, self.max_chars)
 
     def heights(self, state: str) -> np.ndarray:
         """``h`` rescaled to ``Σh = n/2`` (float64 in [0, 1]), or ``ValueError`` if that leaves [0, 1]."""
@@ -72,35 +60,14 @@ class ErdosMinOverlapEnv:
         """``1 / C5``: 2.0 for a constant sequence, about 2.6255 at the best known C5."""
         return 1.0 / self.c5(state)
 
-    def initial_state(self) -> str:
-        """The constant sequence ``max(1, q // 2)``; any constant rescales to h = 0.5 (C5 = 0.5)."""
-        return " ".join([str(max(1, self.q // 2))] * self.n)
+    def describe(self, state: str) -> str:
+        return f"C5 {self.c5(state):.6f}"
 
-    def transition(self, state: str, action: str) -> str:
-        """The canonical line of the first non-blank line of ``action`` (``state`` is not used)."""
-        values = parse_int_line(first_line(action), self.n, self.q, self.max_chars)
-        return " ".join(map(str, values))
-
-    def _describe(self, text: str) -> str:
-        return f"C5 {self.c5(text):.6f}"
-
-    def context_from_archive(self, state: str, archive_texts: list[str]) -> str:
-        """Problem, format, up to ``max_examples`` other archive solutions and ``state`` with its C5."""
-        try:
-            current = f"Current solution ({self._describe(state)}):\n{single_line(state)}"
-        except ValueError as error:
-            current = f"Current solution (invalid: {error}):\n{clip_text(state, 200)}"
-        lines = [
+    def problem(self) -> list[str]:
+        return [
             f"Erdos minimum overlap problem. Give {self.n} levels v_0 ... v_{self.n - 1}, each an integer between 0 "
             f"and {self.q}. They define a step function h with {self.n} equal steps on [0, 2], h_i = v_i / {self.q}, "
             f"rescaled so that h_0 + ... + h_{self.n - 1} = {self.n / 2:g} (the rescaled values must stay at most 1). "
             f"Make C5 = (2/{self.n}) * max over shifts k of sum_i h_i * (1 - h_(i+k)) as small as possible.",
             f"The constant sequence has C5 = 0.5; the best known C5 is {BEST_KNOWN_C5}. Lower is better.",
-            f"Output ONLY one line of exactly {self.n} integers between 0 and {self.q} separated by spaces, "
-            "not all zero, and nothing else.",
         ]
-        others = archive_examples(state, archive_texts, self._describe, self.max_examples)
-        if others:
-            lines += ["Other solutions found so far:", *others]
-        lines += [current, "Improved solution:", ""]
-        return "\n".join(lines)
