@@ -142,14 +142,14 @@ class FineTuneModule(L.LightningModule):
                 raise LLMKitError(f"{example.source}: the {what} encodes to no tokens; give it some text")
         return ids
 
-    def check_fits(self, batch: list[Example], contexts: list[list[int]], rooms: list[int], what: str) -> None:
-        """Raise, naming the example, if a context plus its room (completion tokens) exceeds max_seq_len."""
+    def check_fits(self, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str) -> None:
+        """Raise, naming the source, if a context plus its room (completion tokens) exceeds max_seq_len."""
         limit = self.config.max_seq_len
-        for example, ids, room in zip(batch, contexts, rooms, strict=True):
+        for source, ids, room in zip(sources, contexts, rooms, strict=True):
             if len(ids) + room > limit:
                 raise LLMKitError(
-                    f"{example.source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
-                    f"max_seq_len {limit}; shorten the example or lower the completion length"
+                    f"{source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
+                    f"max_seq_len {limit}; shorten it or lower the completion length"
                 )
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:

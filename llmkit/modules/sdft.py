@@ -115,8 +115,9 @@ class SDFTModule(FineTuneModule):
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
         contexts = self.encode_prompts([teacher_prompt(e, self.teacher_template) for e in batch], batch,
                                        "teacher prompt")
-        self.check_fits(batch, prompts, [cfg.max_new_tokens] * len(batch), "prompt")
-        self.check_fits(batch, contexts, [cfg.max_new_tokens] * len(batch), "teacher prompt")
+        sources, rooms = [e.source for e in batch], [cfg.max_new_tokens] * len(batch)
+        self.check_fits(sources, prompts, rooms, "prompt")
+        self.check_fits(sources, contexts, rooms, "teacher prompt")
 
         seed = VAL_SEED + batch_idx if stage == "val" else None
         with eval_mode(self.model):

@@ -23,7 +23,8 @@ class SFTModule(FineTuneModule):
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
         demonstrations = self.tokenizer.encode_batch([e.demonstration for e in batch])
         targets = [ids + [self.tokenizer.eos_id] for ids in demonstrations]
-        self.check_fits(batch, prompts, [len(t) for t in targets], "prompt (with its demonstration)")
+        sources = [e.source for e in batch]
+        self.check_fits(sources, prompts, [len(t) for t in targets], "prompt (with its demonstration)")
         logits, ids, mask = continuation_logits(self.model, prompts, targets, self.tokenizer.pad_id)
         total = F.cross_entropy(logits[mask].float(), ids[mask], reduction="sum")
         return total, int(mask.sum())
