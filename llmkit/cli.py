@@ -4,6 +4,7 @@
     llmkit pretrain {fit,validate} --config YAML  LightningCLI (YAML, --print_config, overrides)
     llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
     llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)
+    llmkit ttt fit --config YAML                  TTT-Discover on one problem (TTTDiscoverModule)
     llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
     llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED     (llmkit/model/commands.py)
     llmkit demo                                   the whole pipeline on the stdlib corpus, CPU-sized
@@ -27,11 +28,14 @@ LIGHTNING_COMMANDS = {
     "pretrain": ("llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule"),
     "sdft": ("llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
     "sft": ("llmkit.modules.sft:SFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
+    "ttt": ("llmkit.modules.ttt_discover:TTTDiscoverModule", None),
 }
 """`llmkit NAME fit|validate ...` runs LightningCLI over (LightningModule, LightningDataModule)."""
 
 
-def _import(target: str) -> type:
+def _import(target: str | None) -> type | None:
+    if target is None:
+        return None
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 

@@ -1,0 +1,112 @@
+"""TTTDiscoverModule end to end on the toy environment: LoRA-only updates, logs, adapters, results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from llmkit.cli import main
+from llmkit.discovery.envs import StringTargetEnv
+from llmkit.errors import LLMKitError
+from llmkit.model.config import ModelConfig
+from llmkit.model.lora import read_lora
+from llmkit.model.transformer import Transformer
+from llmkit.modules.ttt_discover import TTTConfig, TTTDiscoverModule
+from tests.conftest import VOCAB_SIZE
+
+CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=512, n_streams=2)
+TOY = {"env": "llmkit.discovery.envs.StringTargetEnv", "env_args": {"target": "alpha", "metric": "edit"},
+       "starts_per_step": 2, "group_size": 4, "max_new_tokens": 12, "adapter_every": 2}
+
+
+class ThrowingEnv(StringTargetEnv):
+    """Every guess but the initial state makes the verifier raise."""
+
+    def reward(self, state: str) -> float:
+        if state != self.initial_state():
+            raise RuntimeError("verifier crashed")
+        return super().reward(state)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    path = tmp_path_factory.mktemp("ttt_base") / "base.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"config": CONFIG.to_dict()}}, path)
+    return path
+
+
+def fit(base_ckpt, tokenizer_path, out: Path, steps: int, **ttt) -> TTTDiscoverModule:
+    L.seed_everything(0, verbose=False)
+    module = TTTDiscoverModule(ttt={**TOY, **ttt}, lora={"rank": 4, "alpha": 8.0}, out_dir=str(out),
+                               init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+    L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module)
+    return module
+
+
+def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ckpt, tokenizer_path, tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "enable_progress_bar": False, "logger": False,
+                    "default_root_dir": str(tmp_path),
+                    "enable_checkpointing": False, "enable_model_summary": False},
+        "model": {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path), "ttt": TOY,
+                  "lora": {"rank": 4, "alpha": 8.0}, "optim": {"lr": 1e-3}, "out_dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(config))
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml")]) == 0
+
+    out = tmp_path / "out"
+    result = json.loads((out / "result.json").read_text())
+    assert result["initial_reward"] == 0.0 and result["best_reward"] > 0.0  # "?????" vs "alpha" scores 0
+    assert result["rollouts"] == 4 * 2 * 4 and result["steps"] == 4
+    assert StringTargetEnv(target="alpha", metric="edit").reward(result["best_state"]) == result["best_reward"]
+    log = [json.loads(line) for line in (out / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all({"beta", "best_reward", "r_mean", "r_std", "r_max", "start_states", "adapter"} <= r.keys() for r in log)
+    assert [r["adapter"] is not None for r in log] == [False, True, False, True]
+    assert [r["best_reward"] for r in log] == sorted(r["best_reward"] for r in log)  # the archive keeps the best
+
+    tensors, _, meta = read_lora(out / "adapters" / "step_000004.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_B"))  # the adapter learned
+    base = {k.removeprefix("model."): v for k, v in torch.load(base_ckpt, weights_only=True)["state_dict"].items()}
+    assert meta["base_sha256"] == result["base_sha256"]
+    archive = json.loads((out / "archive.json").read_text())
+    assert len(archive["states"]) >= 2
+
+    # the base weights stay bit-identical to the checkpoint (only LoRA trains)
+    module = fit(base_ckpt, tokenizer_path, tmp_path / "again", steps=2)
+    for name, value in module.model.state_dict().items():
+        if not name.endswith(("lora_A", "lora_B")):
+            assert torch.equal(value, base[name]), name
+
+
+def test_best_of_n_spends_the_budget_without_updates(base_ckpt, tokenizer_path, tmp_path):
+    module = fit(base_ckpt, tokenizer_path, tmp_path, steps=3, mode="best_of_n")
+    assert module.global_step == 3
+    assert all(p.abs().sum() == 0 for n, p in module.model.named_parameters() if n.endswith("lora_B"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mode"] == "best_of_n" and result["rollouts"] == 3 * 2 * 4
+    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+    assert all(r["start_states"] == [0, 0] for r in log)  # no reuse: always the initial state
+
+
+def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenizer_path, tmp_path):
+    module = fit(base_ckpt, tokenizer_path, tmp_path, steps=2, env="tests.test_ttt.ThrowingEnv")
+    assert module.global_step == 2
+    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["failures"] for r in log] == [8, 8] and all(r["r_max"] == 0.0 for r in log)
+    assert json.loads((tmp_path / "result.json").read_text())["best_state_id"] == 0
+
+
+def test_two_rollouts_per_start_are_refused():
+    with pytest.raises(LLMKitError, match="group_size must be >= 3"):
+        TTTConfig(group_size=2)
