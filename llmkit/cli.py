@@ -5,6 +5,7 @@
     llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
     llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)
     llmkit ttt fit --config YAML                  TTT-Discover on one problem (TTTDiscoverModule)
+    llmkit consolidate --run DIR --out FILE.jsonl discovery results -> SDFT examples
     llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
     llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED     (llmkit/model/commands.py)
     llmkit demo                                   the whole pipeline on the stdlib corpus, CPU-sized
@@ -58,6 +59,7 @@ def run_lightning_cli(command: str, args: list[str]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.data.commands import add_data_commands
     from llmkit.demo import add_demo_command
+    from llmkit.discovery.consolidate import add_consolidate_command
     from llmkit.model.commands import add_generate_command, add_lora_commands
 
     parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.split("\n\n")[0])
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(command, help=help, add_help=False)
     add_generate_command(sub)
     add_lora_commands(sub)
+    add_consolidate_command(sub)
     add_demo_command(sub)
     return parser
 

@@ -10,12 +10,16 @@ import pytest
 import torch
 import yaml
 
+from llmkit.callbacks import EMATeacher
 from llmkit.cli import main
+from llmkit.data.sdft_data import SDFTDataModule
+from llmkit.discovery.consolidate import consolidate
 from llmkit.discovery.envs import StringTargetEnv
 from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
 from llmkit.model.lora import read_lora
 from llmkit.model.transformer import Transformer
+from llmkit.modules.sdft import SDFTModule
 from llmkit.modules.ttt_discover import TTTConfig, TTTDiscoverModule
 from tests.conftest import VOCAB_SIZE
 
@@ -105,6 +109,30 @@ def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenize
     log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
     assert [r["failures"] for r in log] == [8, 8] and all(r["r_max"] == 0.0 for r in log)
     assert json.loads((tmp_path / "result.json").read_text())["best_state_id"] == 0
+
+
+def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenizer_path, tmp_path, capsys):
+    """Handoff Phase 11: a discovery run's best states become SDFT examples, and SDFT trains on them."""
+    fit(base_ckpt, tokenizer_path, tmp_path / "run", steps=3)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    out = tmp_path / "consolidated.jsonl"
+    assert main(["consolidate", "--run", str(tmp_path / "run"), "--out", str(out), "--top", "2"]) == 0
+    assert "SDFT examples from 1 run(s)" in capsys.readouterr().out
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["demonstration"] == result["best_state"] and lines[0]["reward"] == result["best_reward"]
+    assert all(line["prompt"] == result["prompt"] and line["reward"] > result["initial_reward"] for line in lines)
+    assert [line["reward"] for line in lines] == sorted((line["reward"] for line in lines), reverse=True)
+
+    sdft = SDFTModule(init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), sdft={"max_new_tokens": 8})
+    run = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[EMATeacher(decay=0.9)])
+    run.fit(sdft, SDFTDataModule(str(out), batch_size=2))
+    assert run.global_step == 2
+
+    with pytest.raises(LLMKitError, match="no state in 1 run"):
+        consolidate([tmp_path / "run"], min_reward=2.0)
+    with pytest.raises(LLMKitError, match="does not exist"):
+        consolidate([tmp_path / "nowhere"])
 
 
 def test_two_rollouts_per_start_are_refused():

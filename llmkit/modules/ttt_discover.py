@@ -16,7 +16,8 @@ One training step (K4):
 
 Outputs, in ``out_dir`` (default: the run's log directory): ``discovery_log.jsonl`` (one line
 per step, handoff I3), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and
-at the end, ``archive.json`` and ``result.json`` (the best state and its reward). The same
+at the end, ``archive.json`` and ``result.json`` (the best state and its reward, and the
+problem's prompt for ``llmkit consolidate``). The same
 metrics go to TensorBoard under ``ttt/``. ``mode: best_of_n`` spends the same sampling budget
 from the initial state without updates or reuse: the baseline TTT-Discover must beat.
 """
@@ -221,11 +222,12 @@ class TTTDiscoverModule(FineTuneModule):
         if not self.trainer.is_global_zero:
             return
         adapter = self._save_adapter(self.global_step)
-        best = self.archive.best()
+        best, initial = self.archive.best(), self.archive.get(0)
         write_json_atomic(self.output_dir / "archive.json", self.archive.to_dict())
         write_json_atomic(self.output_dir / "result.json", {
-            "problem": self.env.name, "mode": self.ttt.mode, "best_state": best.text, "best_reward": best.reward,
-            "best_state_id": best.id, "found_at_step": best.step, "initial_reward": self.archive.get(0).reward,
+            "problem": self.env.name, "mode": self.ttt.mode, "prompt": self.env.context_from_archive(initial.text, []),
+            "best_state": best.text, "best_reward": best.reward, "best_state_id": best.id, "found_at_step": best.step,
+            "initial_reward": initial.reward,
             "steps": self.global_step, "rollouts": self.archive.total_rollouts, "adapter": str(adapter),
             "base_sha256": self.base_sha256,
         })
