@@ -108,6 +108,9 @@ def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenize
     assert module.global_step == 2
     log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
     assert [r["failures"] for r in log] == [8, 8] and all(r["r_max"] == 0.0 for r in log)
+    reasons = [why for r in log for why in r["failure_reasons"]]
+    assert "reward failed: RuntimeError: verifier crashed" in reasons
+    assert all(why.startswith(("reward failed", "transition failed")) for why in reasons)
     assert json.loads((tmp_path / "result.json").read_text())["best_state_id"] == 0
 
 

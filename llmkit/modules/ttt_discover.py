@@ -52,6 +52,9 @@ from llmkit.model.lora import (
 from llmkit.modules.finetune import FineTuneModule
 from llmkit.modules.pretrain import as_dataclass
 
+MAX_LOGGED_REASONS = 3
+"""Distinct failure reasons (parse errors, exceptions, timeouts) kept per step in discovery_log.jsonl."""
+
 
 @dataclass
 class TTTConfig:
@@ -165,10 +168,10 @@ class TTTDiscoverModule(FineTuneModule):
             y = generate(self.model, contexts, sampling, tok.eos_id, tok.pad_id)
         actions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
-        groups, failures, rollouts = [], 0, {}
+        groups, reasons, rollouts = [], [], {}
         for g, start in enumerate(starts):
             scored = [self._score(start, tok.decode(a)) for a in actions[g * cfg.group_size : (g + 1) * cfg.group_size]]
-            failures += sum(why is not None for _, _, why in scored)
+            reasons += [why for _, _, why in scored if why is not None]
             # a failed rollout still counts as a visit (PUCT's n and T); its NaN keeps it out of the archive
             rollouts.setdefault(start.id, []).extend((s or "", r if s is not None else math.nan) for s, r, _ in scored)
             groups.append([r for _, r, _ in scored])
@@ -180,7 +183,8 @@ class TTTDiscoverModule(FineTuneModule):
         self._step_log = {
             "problem": self.env.name, "beta": statistics.fmean(betas), "best_reward": self.archive.best().reward,
             "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
-            "start_states": [s.id for s in starts], "failures": failures, "archive_size": len(self.archive),
+            "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
+            "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
         }
         if cfg.mode == "best_of_n":
             return torch.zeros((), device=self.device), 0
