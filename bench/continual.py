@@ -24,8 +24,6 @@ model), ACC = mean_j R[T][j], BWT = mean_{j<T} (R[T][j] - R[j][j]) (GEM, Lopez-P
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
@@ -36,8 +34,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks import EMATeacher, TokenThroughput
+from llmkit.callbacks.throughput import device_description
 from llmkit.checkpoint import load_backbone
-from llmkit.data.corpus import DOC_SEPARATOR, write_jsonl_atomic
+from llmkit.data.corpus import DOC_SEPARATOR, write_json_atomic, write_jsonl_atomic
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.packing import pack
 from llmkit.data.pipeline import build_corpus_shards
@@ -207,8 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{method} after {task}: accuracy {rows[-1]['accuracy']}, val ppl {rows[-1]['ppl']:.2f} ({s:.0f} s)")
         results[method] = {**summarise(rows, args.tasks), "stages": rows, "seconds": seconds}
 
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    device = device_description()
     a, b = args.tasks
     print(f"\n{args.model}, {device}; A = {a}, B = {b}; {args.steps} steps x batch {args.batch_size} per task, "
           f"lr {args.lr}; SDFT alpha {args.alpha}, EMA {args.ema_decay}; {args.probes} probes per task")
@@ -219,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method:<6} {rows[0]:>14} {rows[1]:>14} {rows[2]:>14} {r['ACC']:>6.3f} {r['BWT']:>7.3f} "
               f"{r['ppl_before']:>7.2f} -> {r['ppl_after']:<6.2f} {sum(r['seconds']):>9.0f}")
     out = Path(args.out or work / "continual.json")
-    out.write_text(json.dumps({"args": vars(args), "device": device, "pretrain_seconds": pretrain_s,
-                               "results": results}, indent=2))
+    write_json_atomic(out, {"args": vars(args), "device": device, "pretrain_seconds": pretrain_s, "results": results})
     print(f"wrote {out}")
     return results
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from llmkit.data.corpus import write_jsonl_atomic
+from llmkit.callbacks.throughput import device_description
+from llmkit.data.corpus import write_json_atomic, write_jsonl_atomic
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.discovery.env import load_env
 from llmkit.modules.sft import SFTModule
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 r = runs[-1]
                 print(f"  {env_name} {method} seed {seed}: best reward {r['best_reward']:.6f} "
                       f"(initial {r['initial_reward']:.6f}, {r['invalid_fraction']:.0%} invalid rollouts)")
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    device = device_description()
     budget = args.steps * args.starts * args.group
     print(f"\n{args.ckpt}, {device}; n {args.n}, q {args.q}; {budget} rollouts per run ({args.steps} steps x "
           f"{args.starts} starts x {args.group}); seeds {args.seeds}")
@@ -151,8 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{env_name:<6} {method:<11} {' '.join(f'{b:.5f}' for b in best):>28} {mean:>9.5f} "
                   f"{1 / mean:>13.5f} {invalid:>8.0%}")
     out = Path(args.out or Path(args.work) / "discover.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": device, "runs": runs}, indent=2))
+    write_json_atomic(out, {"args": vars(args), "device": device, "runs": runs})
     print(f"wrote {out}")
     return runs
 

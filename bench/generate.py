@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from llmkit.callbacks.throughput import device_description
+from llmkit.data.corpus import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate, sample_tokens
 from llmkit.model.transformer import Transformer
@@ -70,11 +70,7 @@ def main() -> None:
     model = Transformer(config).to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=0)
-    name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
+    name = device_description()
     print(
         f"{args.model} n_streams={args.n_streams} ({model.num_params() / 1e6:.1f}M params), prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {name}"
@@ -101,8 +97,7 @@ def main() -> None:
             rows.append({"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": tps})
             print(f"{batch:>5} {mode:>10} {seconds:>9.3f} {tps:>10.0f} {speedup:>12.1f}x")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": name, "rows": rows}, indent=2))
+    write_json_atomic(out, {"args": vars(args), "device": name, "rows": rows})
     print(f"wrote {out}")
 
 

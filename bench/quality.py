@@ -16,9 +16,7 @@ JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -30,6 +28,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks import MHCMonitor
+from llmkit.callbacks.throughput import device_description
+from llmkit.data.corpus import write_json_atomic
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.packing import open_shard
 from llmkit.data.pipeline import build_corpus_shards
@@ -160,11 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r = runs[-1]
             print(f"  {name} seed {seed}: val loss {r['val_loss']:.4f} ({r['tokens_per_s']:.0f} tok/s)")
     rows = summarise(runs, bpt)
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
+    device = device_description()
     print(
         f"\n{args.model}, {args.source} corpus ({shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, "
         f"{bpt:.2f} bytes/token), seq {args.seq_len}, batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}, "
@@ -178,12 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{r['tokens_per_s']:>8.0f}"
         )
     out = Path(args.out or Path(args.work) / "quality.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"args": vars(args), "device": device, "bytes_per_token": bpt, "runs": runs, "summary": rows}, indent=2
-        )
-    )
+    report = {"args": vars(args), "device": device, "bytes_per_token": bpt, "runs": runs, "summary": rows}
+    write_json_atomic(out, report)
     print(f"wrote {out}")
     return rows
 

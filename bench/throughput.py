@@ -11,8 +11,6 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -22,6 +20,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from llmkit.callbacks.throughput import device_description
+from llmkit.data.corpus import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.modules.pretrain import OptimConfig, PretrainModule
 
@@ -106,11 +106,7 @@ def main() -> None:
 
     base = ModelConfig.from_yaml(args.model)
     rows = [measure(replace(base, n_streams=n), args) for n in args.n_streams]
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
-    )
+    device = device_description()
     print(
         f"{args.model}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, compile={args.compile}, {device}"
     )
@@ -122,8 +118,7 @@ def main() -> None:
         cells = f"{r['params_M']:>10.2f} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} {mem:>9} {ratio:>7.2f}"
         print(f"{r['n_streams']:>3} {cells}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": device, "rows": rows}, indent=2))
+    write_json_atomic(out, {"args": vars(args), "device": device, "rows": rows})
     print(f"wrote {out}")
 
 

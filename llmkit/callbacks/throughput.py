@@ -7,6 +7,7 @@ FLOPs are known (NVIDIA GPUs), flops/s and MFU from the module's ``flops_per_bat
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import torch
@@ -21,6 +22,13 @@ def batch_windows(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
 def batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     """Number of input tokens in an (x, y) batch."""
     return batch[0].numel()
+
+
+def device_description() -> str:
+    """What a speed was measured on: the CUDA device's name, else the CPU and its thread count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -48,9 +48,7 @@ def evaluate(
 
 def write_report(path: str | Path, report: dict) -> None:
     """Write ``report`` as indented JSON to ``path`` via a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, report)
+    write_json_atomic(Path(path), report)
 
 
 @dataclass
