@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmkit.model.config import MHCConfig, ModelConfig
-from llmkit.model.mhc import MHCMapping, MHCResidual, sinkhorn_knopp
+from llmkit.model.mhc import MHCMapping, MHCResidual
+from llmkit.model.sinkhorn import sinkhorn_knopp
 
 # 20 Sinkhorn iterations end with a row normalisation, so rows sum to 1 up to float error.
 # Columns converge geometrically and how far depends on the spread of the logits; measured

@@ -31,6 +31,10 @@ class MHCConfig:
     post_init: ``handoff`` starts H_post at 1/n per stream (b_post = logit(1/(2n))), so each
     sublayer adds y/n to the mean read-out; ``hc`` starts it at 1 per stream (b_post = 0),
     as plain hyper-connections do. See docs/architecture.md.
+
+    implementation: ``fused`` (norm after the projection, compile-friendly pre-aggregation and
+    "apply", recomputing Sinkhorn backward) or ``reference`` (the equations as written, autograd
+    through every Sinkhorn iteration). Same math; see llmkit/model/mhc.py and docs/performance.md.
     """
 
     alpha_init: float = 0.01
@@ -39,6 +43,7 @@ class MHCConfig:
     sinkhorn_eps: float = 1e-8
     res_bias: float = 2.0  # b_res: +res_bias on the diagonal, -res_bias off it
     post_init: Literal["handoff", "hc"] = "handoff"
+    implementation: Literal["fused", "reference"] = "fused"
 
 
 @dataclass
@@ -80,6 +85,8 @@ class ModelConfig:
             problems.append(f"n_streams must be >= 1, got {self.n_streams}")
         if self.mhc.post_init not in ("handoff", "hc"):
             problems.append(f"mhc.post_init must be 'handoff' or 'hc', got {self.mhc.post_init!r}")
+        if self.mhc.implementation not in ("fused", "reference"):
+            problems.append(f"mhc.implementation must be 'fused' or 'reference', got {self.mhc.implementation!r}")
         for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,8 +13,14 @@ from torch import nn
 from llmkit.model.config import ModelConfig
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 if it is in a lower precision (bf16/fp16/fp32 -> fp32; fp64 stays fp64), the
+    dtype for norms, rotary angles and the mHC mapping math."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, computed in fp32 and cast back.
+    """y = x / sqrt(mean(x^2) + eps) * g, computed in (at least) fp32 and cast back.
 
     With ``affine=False`` there is no gain g (used by the mHC mapping, whose linear map
     absorbs any per-channel gain).
@@ -26,10 +32,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * upcast(self.weight)
         return y.type_as(x)
 
 
@@ -43,7 +49,7 @@ def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head of x [B, H, T, D] by the angles for its positions:
     cos/sin are [T, D/2] (positions shared by the batch) or [B, T, D/2] (per row)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = upcast(x).chunk(2, dim=-1)
     cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC, arXiv 2512.24880), the reference path.
+"""Manifold-constrained hyper-connections (mHC, arXiv 2512.24880).
 
 The residual stream is X in R^{n x C} per token, stored as [B, T, n, C]. Around a sublayer F
 (attention or MLP) mHC computes (paper Eq. 3):
@@ -12,7 +12,16 @@ with per-token mappings (Eq. 7-8) from the flattened, RMS-normalised stream x' =
     H~_res  = alpha_res  * mat(x' phi_res)    + b_res      H_res  = SinkhornKnopp(H~_res)
 
 H_res is projected onto the doubly-stochastic matrices (Eq. 9), which preserves the mean of
-the streams. All mapping math runs in fp32, whatever the autocast dtype.
+the streams. All mapping math runs in fp32 (fp64 in an fp64 model), whatever the autocast dtype.
+
+Two implementations of the same math, chosen by ``MHCConfig.implementation``:
+
+- ``reference``: RMSNorm, then the projection; einsums for H_pre X and H_res X; Sinkhorn with
+  autograd through its unrolled loop. Short and obviously Eq. 3-9.
+- ``fused`` (default): the norm's divide applied after the projection; H_pre X and
+  H_res X + H_post^T y written as multiply-adds that ``torch.compile`` fuses into one pass each
+  (``Transformer.compile_blocks``); Sinkhorn with a recomputing backward that keeps no
+  per-iteration activations. Equal to ``reference`` within float rounding (tests/test_mhc_fused.py).
 """
 
 from __future__ import annotations
@@ -24,20 +33,8 @@ import torch
 from torch import nn
 
 from llmkit.model.config import ModelConfig
-from llmkit.model.layers import RMSNorm
-
-
-def sinkhorn_knopp(logits: torch.Tensor, iters: int, clamp: float, eps: float) -> torch.Tensor:
-    """Eq. 9: M0 = exp(clamp(H~)); M_t = T_r(T_c(M_{t-1})); returns M_{t_max} in fp32.
-
-    logits: [..., n, n]. T_c divides each column by its sum, T_r each row; the result's rows
-    sum to 1 exactly (up to eps) and its columns to 1 within the iteration's convergence.
-    """
-    m = logits.float().clamp(-clamp, clamp).exp()
-    for _ in range(iters):
-        m = m / (m.sum(dim=-2, keepdim=True) + eps)  # T_c: columns sum to 1
-        m = m / (m.sum(dim=-1, keepdim=True) + eps)  # T_r: rows sum to 1
-    return m
+from llmkit.model.layers import RMSNorm, upcast
+from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_recompute
 
 
 class MHCMapping(nn.Module):
@@ -75,16 +72,46 @@ class MHCMapping(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, n, C = x.shape
-        x_norm = self.norm(x.reshape(B, T, n * C))
-        d = self.phi(x_norm).float()
+        x_flat = x.reshape(B, T, n * C)
+        if self.cfg.implementation == "reference":
+            d = upcast(self.phi(self.norm(x_flat)))
+        else:
+            # x' phi = (x phi) / rms(x): the norm's divide moves after the small matmul, so the
+            # stream is read once for both and no normalised copy of it is written.
+            rms_inv = torch.rsqrt(upcast(x_flat).pow(2).mean(dim=-1, keepdim=True) + self.norm.eps)
+            d = upcast(self.phi(x_flat)) * rms_inv
         d_pre, d_post, d_res = d.split((n, n, n * n), dim=-1)
         h_pre = torch.sigmoid(self.alpha_pre * d_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha_post * d_post + self.b_post)
         h_res_logits = self.alpha_res * d_res.view(B, T, n, n) + self.b_res
-        h_res = sinkhorn_knopp(
-            h_res_logits, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_clamp, self.cfg.sinkhorn_eps
-        )
+        sinkhorn = sinkhorn_knopp if self.cfg.implementation == "reference" else sinkhorn_knopp_recompute
+        h_res = sinkhorn(h_res_logits, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_clamp, self.cfg.sinkhorn_eps)
         return h_pre, h_post, h_res
+
+
+def pre_aggregate(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """H_pre X = sum_m H_pre[m] X[m]: the sublayer's input [B, T, C] from the streams [B, T, n, C].
+
+    Written as n multiply-adds over [B, T, C] (not an einsum) so that torch.compile fuses it,
+    with the sublayer's norm, into one pass over the stream.
+    """
+    out = h_pre[..., 0, None] * x[..., 0, :]
+    for m in range(1, x.size(-2)):
+        out = out + h_pre[..., m, None] * x[..., m, :]
+    return out.to(x.dtype)
+
+
+def apply_mixing(h_res: torch.Tensor, h_post: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """X_{l+1}[i] = sum_m H_res[i, m] X[m] + H_post[i] y (Eq. 3): post-distribution, residual
+    mixing and merge in one expression, which torch.compile turns into one pass that reads the
+    stream and y and writes the new stream (the mHC paper's fused "apply")."""
+    streams = []
+    for i in range(x.size(-2)):
+        acc = h_post[..., i, None] * y
+        for m in range(x.size(-2)):
+            acc = acc + h_res[..., i, m, None] * x[..., m, :]
+        streams.append(acc.to(x.dtype))
+    return torch.stack(streams, dim=-2)
 
 
 class MHCResidual(nn.Module):
@@ -98,6 +125,8 @@ class MHCResidual(nn.Module):
         self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         h_pre, h_post, h_res = self.mapping(x)
+        if self.mapping.cfg.implementation == "fused":
+            return apply_mixing(h_res, h_post, x, sublayer(pre_aggregate(h_pre, x)))
         y = sublayer(torch.einsum("btn,btnc->btc", h_pre.to(x.dtype), x))
         mixed = torch.einsum("btnm,btmc->btnc", h_res.to(x.dtype), x)
         return mixed + h_post.to(y.dtype).unsqueeze(-1) * y.unsqueeze(-2)

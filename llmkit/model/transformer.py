@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
-from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache
+from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
 from llmkit.model.mhc import MHCResidual
 
 
@@ -30,6 +30,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
+        self.config = config
         self.mhc = config.n_streams > 1
         if self.mhc:
             self.attn_res = MHCResidual(config)
@@ -43,6 +44,22 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One block; with ``config.gradient_checkpointing`` in training, its activations are
+        recomputed in backward. The checkpoint sits inside this forward so that a compiled block
+        (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, use_reentrant=False)
+        return self.sublayers(x, cos, sin, mask, kv_cache, cache_pos)
+
+    def sublayers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        cache_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(h), cos, sin, mask, kv_cache, cache_pos)
@@ -58,7 +75,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """LLaMA-style decoder with an mHC residual. forward(idx [B,T]) -> logits [B,T,V] (fp32)."""
+    """LLaMA-style decoder with an mHC residual: forward(idx [B,T]) -> logits [B,T,V] in fp32
+    (fp64 for an fp64 model)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -124,14 +142,17 @@ class Transformer(nn.Module):
         if self.config.n_streams > 1:
             x = x.unsqueeze(2) + self.stream_emb  # [B, T, n, C]
         for i, block in enumerate(self.blocks):
-            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_pos, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, layer_cache, cache_pos)
+            x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos)
         if self.config.n_streams > 1:
             x = x.mean(dim=2)
-        return self.lm_head(self.norm(x)).float()
+        return upcast(self.lm_head(self.norm(x)))
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place. Blocks share one code path and, with parameters
+        traced as inputs, one compiled graph: compile time is that of a single block, not of
+        the depth (the fused mHC mappings, Sinkhorn included, become a few kernels per block)."""
+        for block in self.blocks:
+            block.compile()
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (handoff F1: targets are idx shifted by one)."""
