@@ -126,6 +126,24 @@ def test_bf16_mixed_with_accumulation_and_clipping(shards, tmp_path):
     assert not torch.equal(before["tok_emb.weight"], after["tok_emb.weight"])
 
 
+def test_fused_adamw_under_bf16_mixed_clips_the_global_norm(shards, tmp_path):
+    """Lightning's plugin refuses to clip for a fused optimizer; PretrainModule clips it itself."""
+    norms = []
+
+    class StepNorms(L.Callback):  # the gradients the optimizer stepped with
+        def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    module = PretrainModule(model_config(), OptimConfig(warmup_steps=1, implementation="fused"))
+    t = trainer(tmp_path, max_steps=2, precision="bf16-mixed", gradient_clip_val=1e-3, logger=False,
+                callbacks=[StepNorms()])
+    t.fit(module, datamodule=datamodule(shards))
+    assert t.optimizers[0].defaults["fused"]
+    assert norms and norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager(shards, tmp_path):
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig, write_report
 from llmkit.model.transformer import Transformer
-from llmkit.modules.pretrain import OptimConfig, adamw_with_schedule, as_dataclass
+from llmkit.modules.pretrain import OptimConfig, adamw_with_schedule, as_dataclass, clip_grad_norm
 
 
 @dataclass
@@ -123,8 +123,7 @@ class FineTuneModule(L.LightningModule):
         if self.compile_blocks:
             for module in self.modules():
                 if isinstance(module, Transformer):
-                    for block in module.blocks:
-                        block.compile()
+                    module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
         return adamw_with_schedule(self.model, self.optim, self.trainer)
@@ -180,7 +179,7 @@ class FineTuneModule(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, scale)
         if self.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, self.gradient_clip_val)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

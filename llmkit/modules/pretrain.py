@@ -22,8 +22,9 @@ class OptimConfig:
 
     decay_steps: optimizer steps from 0 to the end of the cosine; None uses the Trainer's
     estimated_stepping_batches (max_steps, or epochs x batches / accumulation).
-    implementation: "foreach" is safe everywhere; "fused" is faster on GPU but Lightning
-    before 2.6.5 rejects it together with bf16-mixed and gradient_clip_val.
+    implementation: "foreach" or "fused" (one kernel for the whole update; the GPU configs use
+    it). Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer even
+    in bf16, where there is no loss scaler; PretrainModule clips them itself in that case.
     """
 
     lr: float = 3e-4
@@ -72,6 +73,20 @@ def adamw_with_schedule(model: Transformer, o: OptimConfig, trainer: L.Trainer) 
         )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -> None:
+    """Scale ``module``'s gradients so their global L2 norm is at most ``max_norm``.
+
+    Goes through Lightning (``module.clip_gradients``: loss-scaler unscaling, FSDP) except for a
+    fused optimizer under bf16-mixed: a fused AdamW unscales inside its step, so Lightning's
+    mixed-precision plugin refuses to clip for it, although only an fp16 loss scaler needs that;
+    bf16 has none, so the gradients are clipped directly."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
+    if getattr(inner, "_step_supports_amp_scaling", False) and module.trainer.precision == "bf16-mixed":
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
 
 def as_dataclass(cls: type, value: Any) -> Any:
@@ -123,8 +138,7 @@ class PretrainModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_blocks:
-            for block in self.model.blocks:
-                block.compile()
+            self.model.compile_blocks()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -160,6 +174,19 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return adamw_with_schedule(self.model, self.optim, self.trainer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``trainer.gradient_clip_val`` by global norm through :func:`clip_grad_norm` (which
+        accepts a fused AdamW under bf16-mixed); clipping by value goes to Lightning."""
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            clip_grad_norm(self, optimizer, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
