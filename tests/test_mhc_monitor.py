@@ -56,7 +56,7 @@ def test_composite_gain_of_a_non_stochastic_product():
     assert stats["mhc/L0.attn/row_dev"] == pytest.approx(0.5)
 
 
-def test_monitor_reads_the_training_forward_and_matches_a_direct_computation():
+def test_monitor_matches_a_direct_computation_after_a_training_step():
     pl_module = module()
     idx = torch.randint(0, 50, (2, 12))
     monitor = MHCMonitor(every_n_steps=1, max_tokens=8)
@@ -86,5 +86,26 @@ def test_monitor_skips_steps_between_intervals_and_removes_its_hooks():
     pl_module = module()
     monitor = MHCMonitor(every_n_steps=5)
     fit_one_step(pl_module, monitor, torch.randint(0, 50, (2, 12)))
-    assert monitor.last_stats  # step 0 is logged
+    assert monitor.last_stats and monitor.last_step == 0  # step 0 is logged
     assert all(not m._forward_hooks for m in pl_module.modules())
+
+
+def test_monitor_logs_each_interval_once_with_gradient_accumulation():
+    pl_module = module()
+    monitor = MHCMonitor(every_n_steps=2)
+    logged = []
+    monitor_log = monitor.read_mappings
+    monitor.read_mappings = lambda model, idx: logged.append(len(idx)) or monitor_log(model, idx)
+    data = DataLoader(TensorDataset(torch.randint(0, 50, (12, 8)), torch.randint(0, 50, (12, 8))), batch_size=2)
+    L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor]).fit(pl_module, data)
+    assert len(logged) == 2 and monitor.last_step == 2  # steps 0 and 2, each once
+
+
+def test_monitor_rejects_batches_that_are_not_token_windows():
+    from llmkit.errors import LLMKitError
+
+    monitor = MHCMonitor(every_n_steps=1)
+    trainer = type("T", (), {"global_step": 1, "is_global_zero": True, "loggers": []})()
+    with pytest.raises(LLMKitError, match="token-window batches"):
+        monitor.on_train_batch_end(trainer, module(), None, [{"prompt": "x"}], 0)

@@ -1,8 +1,9 @@
 """MHCMonitor: stability of the mHC residual mappings during training, in TensorBoard.
 
-Every ``every_n_steps`` training steps it reads the mappings that the training forward
-already computed (forward hooks on each ``MHCMapping``; no extra forward) for a sample of
-tokens (the first ``max_tokens`` positions of the batch's first row) and logs:
+Every ``every_n_steps`` training steps it runs the backbone, without gradients and eagerly, on
+a sample of tokens (the first ``max_tokens`` positions of the batch's first row), reads every
+``MHCMapping``'s output through forward hooks that exist only during that small forward, and
+logs:
 
 - per sublayer (``mhc/L{i}.attn/...``, ``mhc/L{i}.mlp/...``): the mean deviation of H_res row
   sums and column sums from 1 (``row_dev``, ``col_dev``: how doubly stochastic Sinkhorn left
@@ -12,6 +13,12 @@ tokens (the first ``max_tokens`` positions of the batch's first row) and logs:
   factor a signal can grow by on the residual path) and backward gain max_j sum_i |M_ij|
   (the same for gradients), maximised over the sampled tokens (``mhc/composite/fwd_gain``,
   ``mhc/composite/bwd_gain``). A doubly-stochastic product has both equal to 1.
+
+Hooks inside the training forward would be traced into compiled blocks (a graph break under
+activation checkpointing, which silently runs the block eagerly); the separate forward, under
+``torch.compiler.set_stance("force_eager")``, keeps the compiled training step untouched and
+costs one forward of ``max_tokens`` tokens per ``every_n_steps`` steps. It reads the mappings
+of the weights after that step's update. Batches are (x, y) token windows (PretrainModule).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from llmkit.errors import LLMKitError
 from llmkit.model.mhc import MHCMapping
 
 
@@ -48,45 +56,50 @@ class MHCMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 50, max_tokens: int = 64) -> None:
         self.every_n_steps = every_n_steps
         self.max_tokens = max_tokens
-        self.active = False
         self.last_stats: dict[str, float] = {}
-        self._captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._names: list[str] = []
-        self._handles: list[Any] = []
+        self.last_step = -1
 
-    def _hook(self, name: str):
-        def hook(module: MHCMapping, inputs: Any, outputs: tuple[torch.Tensor, ...]) -> None:
-            if self.active:
-                self._captured[name] = tuple(h[0, : self.max_tokens].detach().float() for h in outputs)
-
-        return hook
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for module_name, module in pl_module.named_modules():
+    @torch.no_grad()
+    def read_mappings(
+        self, model: torch.nn.Module, idx: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(name, H_pre, H_post, H_res) of every mHC sublayer in depth order for the tokens idx
+        [T] (one row), from an eager forward of ``model``."""
+        captured: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        handles = []
+        for module_name, module in model.named_modules():
             if isinstance(module, MHCMapping):
-                # ...blocks.{i}.{attn,mlp}_res.mapping -> L{i}.{attn,mlp}
-                parts = module_name.split(".")
+                parts = module_name.split(".")  # ...blocks.{i}.{attn,mlp}_res.mapping -> L{i}.{attn,mlp}
                 name = f"L{parts[-3]}.{parts[-2].removesuffix('_res')}"
-                self._names.append(name)
-                self._handles.append(module.register_forward_hook(self._hook(name)))
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self.active = bool(self._names) and trainer.global_step % self.every_n_steps == 0
-        self._captured.clear()
+                def hook(mod: MHCMapping, inputs: Any, outputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+                    captured.append((name, *(h[0].float() for h in outputs)))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not self.active:
+                handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                model(idx[None])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1  # the optimizer step this batch completed, if it completed one
+        if step <= self.last_step or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        self.active = False
-        if len(self._captured) == len(self._names) and trainer.is_global_zero:
-            stats = mhc_stats([(name, *self._captured[name]) for name in self._names])
-            self.last_stats = stats
-            for logger in trainer.loggers:  # straight to the loggers: not tied to log_every_n_steps
-                logger.log_metrics(stats, step=trainer.global_step)
-        self._captured.clear()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._names.clear()
+        self.last_step = step
+        idx = batch[0] if isinstance(batch, (tuple, list)) else None
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise LLMKitError(
+                f"MHCMonitor needs (x, y) token-window batches (PretrainModule); got {type(batch).__name__}: "
+                "remove it from this run's trainer.callbacks"
+            )
+        mappings = self.read_mappings(pl_module.model, idx[0, : self.max_tokens])
+        if not mappings:
+            return
+        self.last_stats = mhc_stats(mappings)
+        for logger in trainer.loggers:  # straight to the loggers: not tied to log_every_n_steps
+            logger.log_metrics(self.last_stats, step=step)
