@@ -1,16 +1,32 @@
-"""Training throughput of PretrainModule through the real Trainer, n_streams = 1 vs n.
+"""Training throughput of the backbone, mHC (n_streams = n) against the dense residual (n = 1).
 
-    python bench/throughput.py --model configs/model/tiny.yaml --n-streams 1 4 --seq-len 256 --batch-size 16
-    python bench/throughput.py --model configs/model/120m.yaml --n-streams 1 4 --precision bf16-mixed --compile
+    python bench/throughput.py                                   # GPU: 120m and 350m, seq 1024, n = 1 and 4
+    python bench/throughput.py --models 900m --batch-size 8      # the 900m target (checkpointing on)
+    python bench/throughput.py --models tiny --seq-len 256 --batch-size 8 --steps 5   # CPU smoke run
 
-Random token batches (the data pipeline is not what is measured). The first --warmup steps
-(compilation, allocator warm-up) are excluded; the step time is the median of the rest.
-Prints a table and writes JSON (--out).
+Each (model, n, mode) runs --warmup + --steps optimizer steps on random tokens (the data
+pipeline is not what is measured):
+
+- ``trainer``: the real ``PretrainModule`` through ``lightning.Trainer`` (precision plugin,
+  gradient clipping, LR schedule, logging hooks);
+- ``bare``: the same ``Transformer`` and AdamW in a plain loop (what Lightning costs is the
+  difference).
+
+Step time is the median after the warm-up steps; "first step" is the first step's wall time,
+which includes torch.compile. MFU = (6 N + 12 L C T) FLOPs per token x tokens/s / the device's
+dense bf16 peak (Lightning's table; N = non-embedding parameters, PaLM appendix B). "act GiB" is
+what autograd keeps for backward in one training forward (distinct storages, no parameters),
+counted through saved-tensor hooks after the timed steps: the activation memory on any device,
+CPU included, while "peak GiB" is the CUDA allocator's peak over the timed steps. Defaults on
+a GPU: bf16-mixed, compiled blocks, fused AdamW, the fused mHC path, and each model YAML's
+activation-checkpointing setting. Prints a table, the n/1 ratios, the issue's targets, and
+writes JSON (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from dataclasses import replace
@@ -18,12 +34,31 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch._dynamo
+from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
 from llmkit.callbacks.throughput import device_description
 from llmkit.data.corpus import write_json_atomic
 from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
 from llmkit.modules.pretrain import OptimConfig, PretrainModule
+
+CUDA = torch.cuda.is_available()
+
+# Issue 6's targets, checked when the rows they need were measured on a GPU:
+# (model, what, bound) with what one of "dense_mfu" (>=), "time_ratio" (<=), "mem_ratio" (<=),
+# "first_step_s" (n = 4, <=).
+TARGETS = [
+    ("350m", "dense_mfu", 0.45),
+    ("350m", "time_ratio", 1.15),
+    ("120m", "time_ratio", 1.25),
+    ("900m", "time_ratio", 1.10),
+    ("120m", "mem_ratio", 1.3),
+    ("350m", "mem_ratio", 1.3),
+    ("900m", "mem_ratio", 1.3),
+    ("350m", "first_step_s", 90.0),
+]
 
 
 class RandomWindows(Dataset):
@@ -37,34 +72,46 @@ class RandomWindows(Dataset):
         return self.tokens[i, :-1], self.tokens[i, 1:]
 
 
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 class StepTimer(L.Callback):
-    """Wall time of each optimizer step, synchronised on CUDA."""
+    """Wall time of each training batch (one optimizer step here), synchronised on CUDA."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def on_train_batch_start(self, *args) -> None:
-        self._sync()
+        sync()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
-        self._sync()
+        sync()
         self.times.append(time.perf_counter() - self._t0)
 
 
-def measure(config: ModelConfig, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    module = PretrainModule(config, OptimConfig(warmup_steps=1), compile=args.compile)
-    steps = args.warmup + args.steps
-    data = DataLoader(
-        RandomWindows(config.vocab_size, args.seq_len, steps * args.batch_size), batch_size=args.batch_size
+def model_config(name: str, n_streams: int, args: argparse.Namespace) -> ModelConfig:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(__file__).parents[1] / f"configs/model/{name}.yaml"
+    base = ModelConfig.from_yaml(path)
+    checkpointing = base.gradient_checkpointing if args.checkpointing == "config" else args.checkpointing == "on"
+    return replace(
+        base,
+        n_streams=n_streams,
+        max_seq_len=max(base.max_seq_len, args.seq_len),
+        gradient_checkpointing=checkpointing,
+        mhc=replace(base.mhc, implementation=args.mhc_implementation),
     )
+
+
+def run_trainer(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float], Transformer]:
+    module = PretrainModule(config, OptimConfig(warmup_steps=1, implementation=args.optimizer), compile=args.compile)
+    steps = args.warmup + args.steps
+    data = DataLoader(RandomWindows(config.vocab_size, args.seq_len, steps * args.batch_size),
+                      batch_size=args.batch_size, pin_memory=CUDA)
     timer = StepTimer()
-    trainer = L.Trainer(
+    L.Trainer(
         max_steps=steps,
         accelerator="auto",
         devices=1,
@@ -75,50 +122,167 @@ def measure(config: ModelConfig, args: argparse.Namespace) -> dict:
         enable_model_summary=False,
         gradient_clip_val=1.0,
         callbacks=[timer],
-    )
-    if torch.cuda.is_available():
+    ).fit(module, data)
+    return timer.times, module.model
+
+
+def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float], Transformer]:
+    device = torch.device("cuda" if CUDA else "cpu")
+    model = Transformer(config).to(device)
+    if args.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    if args.compile:
+        model.compile_blocks()
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), **{args.optimizer: True})
+    generator = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device,
+                               generator=generator)
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, model
+
+
+def saved_activation_bytes(model: Transformer, seq_len: int, batch_size: int, precision: str) -> int:
+    """Bytes autograd keeps for backward in one training forward (distinct storages, parameters
+    excluded): the activation memory, measured the same way on any device."""
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    del loss
+    return sum(storages.values())
+
+
+def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> dict:
+    torch._dynamo.reset()  # each configuration compiles from scratch: first_step_s is its compile cost
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, data)
-    step = statistics.median(timer.times[args.warmup :])
+    torch.manual_seed(0)
+    config = model_config(name, n_streams, args)
+    times, model = (run_trainer if mode == "trainer" else run_bare)(config, args)
+    step = statistics.median(times[args.warmup :])
     tokens = args.batch_size * args.seq_len
-    return {
-        "n_streams": config.n_streams,
-        "params_M": module.model.num_params() / 1e6,
+    peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if CUDA and "bf16" in args.precision else None
+    flops_per_step = model.flops_per_token(args.seq_len) * tokens
+    row = {
+        "model": name,
+        "n_streams": n_streams,
+        "mode": mode,
+        "params_M": model.num_params() / 1e6,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "step_s": step,
-        "first_step_s": timer.times[0],
+        "first_step_s": times[0],
         "tokens_per_s": tokens / step,
-        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "mfu": flops_per_step / step / peak if peak else None,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
     }
+    row["saved_act_GiB"] = saved_activation_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
+    del model
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """time_ratio and mem_ratio of each row against the n = 1 row of the same model and mode."""
+    dense = {(r["model"], r["mode"]): r for r in rows if r["n_streams"] == 1}
+    for r in rows:
+        d = dense.get((r["model"], r["mode"]))
+        r["time_ratio"] = r["step_s"] / d["step_s"] if d else None
+        r["mem_ratio"] = r["peak_mem_GiB"] / d["peak_mem_GiB"] if d and r["peak_mem_GiB"] else None
+        r["act_ratio"] = r["saved_act_GiB"] / d["saved_act_GiB"] if d and d["saved_act_GiB"] else None
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The TARGETS whose rows exist (GPU, bf16), each with its measured value and verdict."""
+    results = []
+    for model, what, bound in TARGETS:
+        for mode in ("trainer", "bare"):
+            n = 1 if what == "dense_mfu" else 4
+            row = next((r for r in rows if (r["model"], r["mode"], r["n_streams"]) == (model, mode, n)), None)
+            key = {"dense_mfu": "mfu"}.get(what, what)
+            if row is None or row.get(key) is None:
+                continue
+            value = row[key]
+            ok = value >= bound if what == "dense_mfu" else value <= bound
+            results.append({"model": model, "mode": mode, "target": what, "bound": bound, "value": value, "met": ok})
+    return results
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--models", nargs="+", default=["120m", "350m"], help="names in configs/model/ or YAML paths")
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--modes", nargs="+", choices=["trainer", "bare"], default=["trainer", "bare"])
+    p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", default="bf16-mixed" if torch.cuda.is_available() else "32-true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--precision", default="bf16-mixed" if CUDA else "32-true",
+                   choices=["bf16-mixed", "bf16-true", "32-true"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=CUDA)
+    p.add_argument("--optimizer", choices=["fused", "foreach"], default="fused" if CUDA else "foreach")
+    p.add_argument("--mhc-implementation", choices=["fused", "reference"], default="fused")
+    p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config",
+                   help="activation checkpointing per block: the model YAML's setting, or forced on/off")
     p.add_argument("--out", default="lightning_logs/bench/throughput.json")
     args = p.parse_args()
 
-    base = ModelConfig.from_yaml(args.model)
-    rows = [measure(replace(base, n_streams=n), args) for n in args.n_streams]
+    rows = []
+    for name in args.models:
+        for mode in args.modes:
+            for n in args.n_streams:
+                rows.append(measure(name, n, mode, args))
+                r = rows[-1]
+                print(f"measured {name} {mode} n={n}: {r['step_s'] * 1e3:.1f} ms/step", flush=True)
+    add_ratios(rows)
+    targets = check_targets(rows)
     device = device_description()
-    print(
-        f"{args.model}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, compile={args.compile}, {device}"
-    )
-    print(f"{'n':>3} {'params(M)':>10} {'step(s)':>9} {'tokens/s':>10} {'peak GiB':>9} {'vs n=1':>7}")
-    dense = next((r for r in rows if r["n_streams"] == 1), None)
+    print(f"\nseq {args.seq_len}, batch {args.batch_size}, {args.precision}, compile={args.compile}, "
+          f"AdamW {args.optimizer}, mHC {args.mhc_implementation}, {device}")
+    header = (f"{'model':>6} {'mode':>7} {'n':>2} {'params(M)':>9} {'ckpt':>4} {'step(ms)':>9} {'first(s)':>8} "
+              f"{'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'act GiB':>7} {'time x':>6} {'mem x':>6} {'act x':>6}")
+    print(header)
     for r in rows:
-        ratio = r["step_s"] / dense["step_s"] if dense else float("nan")
-        mem = f"{r['peak_mem_GiB']:.2f}" if r["peak_mem_GiB"] is not None else "-"
-        cells = f"{r['params_M']:>10.2f} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} {mem:>9} {ratio:>7.2f}"
-        print(f"{r['n_streams']:>3} {cells}")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        print(f"{r['model']:>6} {r['mode']:>7} {r['n_streams']:>2} {r['params_M']:>9.1f} "
+              f"{'on' if r['gradient_checkpointing'] else 'off':>4} {r['step_s'] * 1e3:>9.1f} "
+              f"{r['first_step_s']:>8.1f} {r['tokens_per_s']:>9.0f} {mfu:>6} "
+              f"{fmt(r['peak_mem_GiB'], '.2f'):>8} {r['saved_act_GiB']:>7.3f} {fmt(r['time_ratio'], '.3f'):>6} "
+              f"{fmt(r['mem_ratio'], '.3f'):>6} {fmt(r['act_ratio'], '.3f'):>6}")
+    if targets:
+        print("\ntargets (issue 6):")
+        for t in targets:
+            print(f"  {t['model']:>5} {t['mode']:>7} {t['target']:<13} {t['value']:.3f} vs {t['bound']}: "
+                  f"{'met' if t['met'] else 'NOT met'}")
     out = Path(args.out)
-    write_json_atomic(out, {"args": vars(args), "device": device, "rows": rows})
+    write_json_atomic(out, {"args": vars(args), "device": device, "torch": torch.__version__,
+                            "rows": rows, "targets": targets})
     print(f"wrote {out}")
 
 

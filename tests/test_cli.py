@@ -229,3 +229,18 @@ def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenize
                  "--tokenizer", str(tokenizer_path), "--prompt", "x"])
     assert code == 1
     assert "trained on base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, checkpointing", [("120m", False), ("350m", True), ("900m", True)])
+def test_gpu_configs_turn_every_speed_setting_on(size, checkpointing, capsys):
+    """bf16-mixed, compiled blocks, fused AdamW and the fused mHC path in each GPU config."""
+    config = Path(__file__).parents[1] / "configs" / "pretrain" / f"{size}_gpu.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["model"]["compile"] is True
+    assert printed["model"]["optim"]["implementation"] == "fused"
+    assert printed["model"]["config"]["mhc"]["implementation"] == "fused"
+    assert printed["model"]["config"]["gradient_checkpointing"] is checkpointing

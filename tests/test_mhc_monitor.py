@@ -109,3 +109,26 @@ def test_monitor_rejects_batches_that_are_not_token_windows():
     trainer = type("T", (), {"global_step": 1, "is_global_zero": True, "loggers": []})()
     with pytest.raises(LLMKitError, match="token-window batches"):
         monitor.on_train_batch_end(trainer, module(), None, [{"prompt": "x"}], 0)
+
+
+def test_monitor_leaves_compiled_checkpointed_blocks_in_one_graph():
+    """Hooks inside the training forward graph-broke a compiled block under activation
+    checkpointing (it then ran eagerly); the monitor's own eager forward leaves it compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, n_layers=2, d_model=16, n_heads=2, d_ff=32, max_seq_len=32, n_streams=4,
+                         gradient_checkpointing=True)
+    pl_module = PretrainModule(config, OptimConfig(lr=0.0, warmup_steps=1, weight_decay=0.0), compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    monitor = MHCMonitor(every_n_steps=1, max_tokens=8)
+    idx = torch.randint(0, 50, (4, 12))
+    data = DataLoader(TensorDataset(idx, idx), batch_size=2)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[monitor]).fit(pl_module, data)
+    assert monitor.last_step == 1 and len(monitor.last_stats) == 2 * 2 * 4 + 2
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
