@@ -35,6 +35,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch._dynamo
+import torch._inductor.config
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
@@ -250,8 +251,11 @@ def main() -> None:
     p.add_argument("--mhc-implementation", choices=["fused", "reference"], default="fused")
     p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config",
                    help="activation checkpointing per block: the model YAML's setting, or forced on/off")
+    p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=False,
+                   help="reuse inductor's FX graph cache (off: first_step_s includes tracing and lowering again)")
     p.add_argument("--out", default="lightning_logs/bench/throughput.json")
     args = p.parse_args()
+    torch._inductor.config.fx_graph_cache = args.compile_cache
 
     rows = []
     for name in args.models:

@@ -1,0 +1,97 @@
+"""What torch.compile makes of one transformer block: generated kernels and library calls,
+forward and backward, for the fused and the reference mHC path (and the dense block).
+
+    python bench/mhc_kernels.py                                  # the tiny shape, any device
+    python bench/mhc_kernels.py --model configs/model/350m.yaml --seq-len 1024
+
+Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); library calls are
+``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. Fewer generated kernels and no
+``bmm`` mean fewer passes over the [B, T, n, C] stream: the fused path's pre-aggregation and
+"apply" become pointwise code that fuses with its neighbours, while the reference path's
+einsums stay batched matmuls with tiny n x n operands. Compile time is reported too, with
+inductor's FX graph cache off (its compiled-kernel caches may still be warm from an earlier
+run). Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch._dynamo
+import torch._inductor.config
+from torch._inductor.utils import run_and_get_code
+
+from llmkit.callbacks.throughput import device_description
+from llmkit.data.corpus import write_json_atomic
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
+
+KERNEL_DEFINITIONS = re.compile(r"async_compile\.(?:cpp_pybinding|cpp|triton)\(")
+LIBRARY_CALLS = re.compile(r"extern_kernels\.(\w+)\(|torch\.ops\.aten\.(_scaled_dot_product_\w+)\.default\(")
+
+
+def count(code: str) -> tuple[int, Counter]:
+    """(generated kernels, library calls by name; attention shown as sdpa / sdpa_backward)."""
+    names = (a or ("sdpa_backward" if b.endswith("backward") else "sdpa") for a, b in LIBRARY_CALLS.findall(code))
+    return len(KERNEL_DEFINITIONS.findall(code)), Counter(names)
+
+
+def compile_block(config: ModelConfig, args: argparse.Namespace) -> dict:
+    torch._dynamo.reset()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer(config).to(device)
+    block = model.blocks[0]
+    shape = (args.batch_size, args.seq_len) + ((config.n_streams,) if config.n_streams > 1 else ()) + (config.d_model,)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    cos, sin = model.rope_cos[: args.seq_len], model.rope_sin[: args.seq_len]
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = block(x, cos, sin)
+        out.float().sum().backward()
+
+    t0 = time.perf_counter()
+    _, codes = run_and_get_code(torch.compile(step), x)
+    seconds = time.perf_counter() - t0
+    counted = [count(code) for code in codes]
+    return {"kernels": [k for k, _ in counted], "calls": [dict(c) for _, c in counted], "compile_s": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--n-streams", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--out", default="lightning_logs/bench/mhc_kernels.json")
+    args = p.parse_args()
+    torch._inductor.config.fx_graph_cache = False
+
+    base = ModelConfig.from_yaml(args.model)
+    variants = {
+        "dense (n=1)": replace(base, n_streams=1),
+        "mHC fused": replace(base, n_streams=args.n_streams, mhc=replace(base.mhc, implementation="fused")),
+        "mHC reference": replace(base, n_streams=args.n_streams, mhc=replace(base.mhc, implementation="reference")),
+    }
+    rows = {name: compile_block(config, args) for name, config in variants.items()}
+    print(f"one block of {args.model}, batch {args.batch_size}, seq {args.seq_len}, {device_description()}")
+    print(f"{'variant':<14} {'graph':<8} {'generated':>9} {'library calls':<32} {'compile(s)':>10}")
+    for name, row in rows.items():
+        for i, (kernels, calls) in enumerate(zip(row["kernels"], row["calls"], strict=True)):
+            graph = ("forward", "backward")[i] if len(row["kernels"]) == 2 else f"graph {i}"
+            listed = ", ".join(f"{k} x{v}" for k, v in sorted(calls.items()))
+            print(f"{name if i == 0 else '':<14} {graph:<8} {kernels:>9} {listed:<32} "
+                  f"{row['compile_s'] if i == 0 else '':>10.4}")
+    out = Path(args.out)
+    write_json_atomic(out, {"args": vars(args), "device": device_description(), "rows": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
