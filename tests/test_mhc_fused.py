@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from llmkit.model.config import MHCConfig, ModelConfig
+from llmkit.model.mhc import apply_mixing, pre_aggregate
 from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_recompute
 from llmkit.model.transformer import Transformer
 
@@ -99,6 +100,18 @@ def test_sinkhorn_recompute_keeps_only_its_input_for_backward():
 
     assert saved(sinkhorn_knopp_recompute) == [logits.shape]
     assert len(saved(sinkhorn_knopp)) >= 2 * 20
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_pre_aggregate_and_apply_mixing_equal_the_einsums(n):
+    """The multiply-add forms compiled blocks use (eager blocks keep the einsums)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, n, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    h_pre, h_post, h_res = torch.rand(2, 3, n, dtype=torch.float64), torch.rand(2, 3, n, dtype=torch.float64), \
+        torch.rand(2, 3, n, n, dtype=torch.float64)
+    torch.testing.assert_close(pre_aggregate(h_pre, x), torch.einsum("btn,btnc->btc", h_pre, x), rtol=1e-12, atol=0)
+    expected = torch.einsum("btnm,btmc->btnc", h_res, x) + h_post[..., None] * y[..., None, :]
+    torch.testing.assert_close(apply_mixing(h_res, h_post, x, y), expected, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("n", [2, 4])

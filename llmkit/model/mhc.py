@@ -18,10 +18,11 @@ Two implementations of the same math, chosen by ``MHCConfig.implementation``:
 
 - ``reference``: RMSNorm, then the projection; einsums for H_pre X and H_res X; Sinkhorn with
   autograd through its unrolled loop. Short and obviously Eq. 3-9.
-- ``fused`` (default): the norm's divide applied after the projection; H_pre X and
-  H_res X + H_post^T y written as multiply-adds that ``torch.compile`` fuses into one pass each
-  (``Transformer.compile_blocks``); Sinkhorn with a recomputing backward that keeps no
-  per-iteration activations. Equal to ``reference`` within float rounding (tests/test_mhc_fused.py).
+- ``fused`` (default): the norm's divide applied after the projection; Sinkhorn with a
+  recomputing backward that keeps no per-iteration activations; inside a compiled block
+  (``Transformer.compile_blocks``), H_pre X and H_res X + H_post^T y as multiply-adds that the
+  compiler fuses into one pass each (eager code keeps the einsums, fewer kernel launches).
+  Equal to ``reference`` within float rounding (tests/test_mhc_fused.py).
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ class MHCResidual(nn.Module):
         self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         h_pre, h_post, h_res = self.mapping(x)
-        if self.mapping.cfg.implementation == "fused":
+        if self.mapping.cfg.implementation == "fused" and torch.compiler.is_compiling():
             return apply_mixing(h_res, h_post, x, sublayer(pre_aggregate(h_pre, x)))
+        # Eager (and the reference path): two einsums are fewer launches and, on CPU, faster
+        # than the multiply-adds, which only pay off once the compiler fuses them.
         y = sublayer(torch.einsum("btn,btnc->btc", h_pre.to(x.dtype), x))
         mixed = torch.einsum("btnm,btmc->btnc", h_res.to(x.dtype), x)
         return mixed + h_post.to(y.dtype).unsqueeze(-1) * y.unsqueeze(-2)
