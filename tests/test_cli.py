@@ -233,7 +233,8 @@ def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenize
 
 @pytest.mark.parametrize("size, checkpointing", [("120m", False), ("350m", True), ("900m", True)])
 def test_gpu_configs_turn_every_speed_setting_on(size, checkpointing, capsys):
-    """bf16-mixed, compiled blocks, fused AdamW and the fused mHC path in each GPU config."""
+    """bf16-mixed, compiled blocks, fused AdamW, the fused mHC path and a bf16 residual stream in
+    each GPU config; activation checkpointing where the model needs it."""
     config = Path(__file__).parents[1] / "configs" / "pretrain" / f"{size}_gpu.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "fit", "--config", str(config), "--print_config"])
@@ -244,3 +245,4 @@ def test_gpu_configs_turn_every_speed_setting_on(size, checkpointing, capsys):
     assert printed["model"]["optim"]["implementation"] == "fused"
     assert printed["model"]["config"]["mhc"]["implementation"] == "fused"
     assert printed["model"]["config"]["gradient_checkpointing"] is checkpointing
+    assert printed["model"]["config"]["bf16_residual"] is True

@@ -191,3 +191,71 @@ def test_compiled_blocks_match_the_eager_reference_and_compile_once(checkpointin
     assert rel(logits_c, logits_r) < 1e-5
     assert rel(flat(grads_c), flat(grads_r)) < 1e-5
     torch._dynamo.reset()
+
+
+def stream_dtype(model: Transformer, idx: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype after the last block (the final norm's input), under bf16 autocast."""
+    seen = []
+    handle = model.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("bf16_residual", [False, True])
+def test_residual_stream_dtype_under_autocast_is_the_configured_one(implementation, n, bf16_residual):
+    """fp32 by default (autocast would turn the einsums bf16; they are kept out of it), bf16
+    with bf16_residual, in every path."""
+    torch.manual_seed(0)
+    model = Transformer(config(implementation, n, bf16_residual=bf16_residual))
+    expected = torch.bfloat16 if bf16_residual else torch.float32
+    assert stream_dtype(model, torch.randint(0, VOCAB, (2, 17))) == expected
+
+
+@pytest.mark.parametrize("bf16_residual", [False, True])
+def test_compiled_blocks_keep_the_configured_stream_dtype(bf16_residual):
+    torch.manual_seed(0)
+    model = Transformer(config("fused", bf16_residual=bf16_residual))
+    torch._dynamo.reset()
+    model.compile_blocks()
+    expected = torch.bfloat16 if bf16_residual else torch.float32
+    assert stream_dtype(model, torch.randint(0, VOCAB, (2, 17))) == expected
+    torch._dynamo.reset()
+
+
+def test_bf16_residual_does_nothing_without_autocast():
+    torch.manual_seed(0)
+    plain = Transformer(config("fused"))
+    flagged = Transformer(config("fused", bf16_residual=True))
+    flagged.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 17))
+    logits_plain, grads_plain = loss_and_grads(plain, idx)
+    logits_flagged, grads_flagged = loss_and_grads(flagged, idx)
+    assert torch.equal(logits_plain, logits_flagged)
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_flagged, strict=True))
+
+
+def saved_bytes(model: Transformer, idx: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(idx[:, :-1], idx[:, 1:])
+    return sum(storages.values())
+
+
+def test_bf16_residual_cuts_the_saved_activations_under_autocast():
+    torch.manual_seed(0)
+    fp32_stream = Transformer(config("fused"))
+    bf16_stream = Transformer(config("fused", bf16_residual=True))
+    idx = torch.randint(0, VOCAB, (4, 65))
+    assert saved_bytes(bf16_stream, idx) < 0.85 * saved_bytes(fp32_stream, idx)

@@ -78,8 +78,11 @@ class MHCMapping(nn.Module):
             d = upcast(self.phi(self.norm(x_flat)))
         else:
             # x' phi = (x phi) / rms(x): the norm's divide moves after the small matmul, so the
-            # stream is read once for both and no normalised copy of it is written.
-            rms_inv = torch.rsqrt(upcast(x_flat).pow(2).mean(dim=-1, keepdim=True) + self.norm.eps)
+            # stream is read once for both and no normalised copy of it is written. vector_norm
+            # accumulates in fp32 without materialising (or saving) an fp32 copy of a bf16 stream.
+            accumulate = torch.promote_types(x.dtype, torch.float32)
+            norm = torch.linalg.vector_norm(x_flat, dim=-1, keepdim=True, dtype=accumulate)
+            rms_inv = torch.rsqrt(norm.square() / (n * C) + self.norm.eps)
             d = upcast(self.phi(x_flat)) * rms_inv
         d_pre, d_post, d_res = d.split((n, n, n * n), dim=-1)
         h_pre = torch.sigmoid(self.alpha_pre * d_pre + self.b_pre)
@@ -129,7 +132,11 @@ class MHCResidual(nn.Module):
         if self.mapping.cfg.implementation == "fused" and torch.compiler.is_compiling():
             return apply_mixing(h_res, h_post, x, sublayer(pre_aggregate(h_pre, x)))
         # Eager (and the reference path): two einsums are fewer launches and, on CPU, faster
-        # than the multiply-adds, which only pay off once the compiler fuses them.
-        y = sublayer(torch.einsum("btn,btnc->btc", h_pre.to(x.dtype), x))
-        mixed = torch.einsum("btnm,btmc->btnc", h_res.to(x.dtype), x)
-        return mixed + h_post.to(y.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+        # than the multiply-adds, which only pay off once the compiler fuses them. Autocast would
+        # run them in bf16; the stream keeps its own dtype (ModelConfig.bf16_residual) instead.
+        with torch.autocast(x.device.type, enabled=False):
+            x_pre = torch.einsum("btn,btnc->btc", h_pre.to(x.dtype), x)
+        y = sublayer(x_pre)
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = torch.einsum("btnm,btmc->btnc", h_res.to(x.dtype), x)
+        return mixed + (h_post.unsqueeze(-1) * y.unsqueeze(-2)).to(x.dtype)

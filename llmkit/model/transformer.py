@@ -141,6 +141,10 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         if self.config.n_streams > 1:
             x = x.unsqueeze(2) + self.stream_emb  # [B, T, n, C]
+        device = x.device.type
+        if self.config.bf16_residual and torch.is_autocast_enabled(device) \
+                and torch.get_autocast_dtype(device) == torch.bfloat16:
+            x = x.to(torch.bfloat16)  # sublayer outputs are bf16 under autocast: the adds stay bf16
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos)
         if self.config.n_streams > 1:

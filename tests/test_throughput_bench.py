@@ -1,0 +1,62 @@
+"""bench/throughput.py at a toy size on CPU: rows, ratios and the target checks."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("throughput_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_throughput_benchmark_measures_both_modes_and_both_residuals(tmp_path, capsys):
+    bench = load_bench()
+    model = tmp_path / "micro.yaml"
+    model.write_text(yaml.safe_dump({"vocab_size": 256, "n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64,
+                                     "max_seq_len": 64}))
+    out = tmp_path / "throughput.json"
+    rows = bench.main(["--models", str(model), "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+                       "--warmup", "1", "--no-compile", "--out", str(out)])
+    assert [(r["mode"], r["n_streams"]) for r in rows] == [("trainer", 1), ("trainer", 4), ("bare", 1), ("bare", 4)]
+    for dense, mhc in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert dense["time_ratio"] == 1.0
+        assert mhc["time_ratio"] == pytest.approx(mhc["step_s"] / dense["step_s"])
+        assert mhc["act_ratio"] > 1.2  # four streams keep more activations than one
+        assert mhc["params_M"] > dense["params_M"]
+        assert mhc["tokens_per_s"] == pytest.approx(64 / mhc["step_s"])
+        assert dense["mfu"] is None and dense["peak_mem_GiB"] is None  # no GPU: no peak FLOPs, no allocator
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["targets"] == []  # the H100 targets are not checked on a CPU
+    assert "time x" in capsys.readouterr().out
+
+
+def test_targets_are_judged_on_a_gpu_run(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "CUDA", True)
+
+    def row(model, n, mode="trainer", **values):
+        return {"model": model, "n_streams": n, "mode": mode, "mfu": None, "time_ratio": None, "mem_ratio": None,
+                "first_step_s": None, **values}
+
+    rows = [row("350m", 1, mfu=0.46), row("350m", 4, time_ratio=1.2, mem_ratio=1.1, first_step_s=95.0),
+            row("350m", 4, "bare", time_ratio=1.1, first_step_s=5.0), row("120m", 4, time_ratio=1.24)]
+    results = bench.check_targets(rows, argparse.Namespace(precision="bf16-mixed"))
+    verdicts = {(r["model"], r["mode"], r["target"]): r["met"] for r in results}
+    assert verdicts == {
+        ("350m", "trainer", "dense_mfu"): True,
+        ("350m", "trainer", "time_ratio"): False,
+        ("350m", "bare", "time_ratio"): True,
+        ("350m", "trainer", "mem_ratio"): True,
+        ("350m", "trainer", "first_step_s"): False,  # only the trainer row: the bare one reuses compiled kernels
+        ("120m", "trainer", "time_ratio"): True,
+    }
+    assert bench.check_targets(rows, argparse.Namespace(precision="32-true")) == []
