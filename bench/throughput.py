@@ -161,7 +161,8 @@ def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float]
 def saved_activation_bytes(model: Transformer, seq_len: int, batch_size: int, precision: str) -> int:
     """Bytes autograd keeps for backward in one training forward (distinct storages, parameters
     excluded): the activation memory, measured the same way on any device."""
-    device = next(model.parameters()).device
+    device = torch.device("cuda" if CUDA else "cpu")
+    model.to(device)  # the Trainer hands the module back on the CPU after fit
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
