@@ -42,7 +42,7 @@ import torch._inductor.config
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
-from llmkit.callbacks.throughput import device_description
+from llmkit.callbacks.throughput import device_description, saved_activation_bytes
 from llmkit.data.corpus import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
@@ -158,27 +158,18 @@ def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float]
     return times, model
 
 
-def saved_activation_bytes(model: Transformer, seq_len: int, batch_size: int, precision: str) -> int:
-    """Bytes autograd keeps for backward in one training forward (distinct storages, parameters
-    excluded): the activation memory, measured the same way on any device."""
+def training_forward_bytes(model: Transformer, seq_len: int, batch_size: int, precision: str) -> int:
+    """Bytes autograd keeps for backward in one training forward (``saved_activation_bytes``)."""
     device = torch.device("cuda" if CUDA else "cpu")
     model.to(device)  # the Trainer hands the module back on the CPU after fit
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-    del loss
-    return sum(storages.values())
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
+
+    def forward() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            model.loss(tokens[:, :-1], tokens[:, 1:])
+
+    return saved_activation_bytes(model, forward)
 
 
 def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> dict:
@@ -207,7 +198,7 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
         "mfu": flops_per_step / step / peak if peak else None,
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
     }
-    row["saved_act_GiB"] = saved_activation_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
+    row["saved_act_GiB"] = training_forward_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
     del model
     return row
 

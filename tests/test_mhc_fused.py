@@ -20,6 +20,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from llmkit.callbacks.throughput import saved_activation_bytes
 from llmkit.model.config import MHCConfig, ModelConfig
 from llmkit.model.mhc import apply_mixing, pre_aggregate
 from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_recompute
@@ -239,18 +240,13 @@ def test_bf16_residual_does_nothing_without_autocast():
 
 
 def saved_bytes(model: Transformer, idx: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
+    """Bytes autograd keeps for backward in one forward under bf16 autocast."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    def forward() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss(idx[:, :-1], idx[:, 1:])
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        model.loss(idx[:, :-1], idx[:, 1:])
-    return sum(storages.values())
+    return saved_activation_bytes(model, forward)
 
 
 def test_bf16_residual_cuts_the_saved_activations_under_autocast():

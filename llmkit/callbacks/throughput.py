@@ -8,6 +8,7 @@ FLOPs are known (NVIDIA GPUs), flops/s and MFU from the module's ``flops_per_bat
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,24 @@ def device_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for backward while ``forward()`` runs: the distinct storages packed
+    by saved-tensor hooks, ``model``'s parameters excluded. Activation memory measured the same
+    way on any device, CPU included."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -77,9 +77,9 @@ class MHCMapping(nn.Module):
         if self.cfg.implementation == "reference":
             d = upcast(self.phi(self.norm(x_flat)))
         else:
-            # x' phi = (x phi) / rms(x): the norm's divide moves after the small matmul, so the
-            # stream is read once for both and no normalised copy of it is written. vector_norm
-            # accumulates in fp32 without materialising (or saving) an fp32 copy of a bf16 stream.
+            # x' phi = (x phi) / rms(x): the norm's divide moves after the small matmul, so no
+            # normalised nC-wide copy of the stream is written. vector_norm accumulates in fp32
+            # without materialising (or saving) an fp32 copy of a bf16 stream.
             accumulate = torch.promote_types(x.dtype, torch.float32)
             norm = torch.linalg.vector_norm(x_flat, dim=-1, keepdim=True, dtype=accumulate)
             rms_inv = torch.rsqrt(norm.square() / (n * C) + self.norm.eps)
