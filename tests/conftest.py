@@ -49,7 +49,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(corpus_dir) -> Path:
     config = TokenizerTrainConfig(
-        vocab_size=VOCAB_SIZE, normalization="identity", remove_extra_whitespaces=False, num_threads=2
+        vocab_size=VOCAB_SIZE, normalization="identity", keep_whitespace=True, num_threads=2
     )
     return train_tokenizer([corpus_dir / "train.txt"], corpus_dir / "spm", config)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import sysconfig
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmkit.data.commands import add_data_commands, expand_inputs
+from llmkit.cli import main
 from llmkit.data.corpus import DOC_SEPARATOR, write_corpus
 from llmkit.data.packing import (
     PACK_FORMAT,
@@ -24,6 +23,7 @@ from llmkit.data.packing import (
 )
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
+from llmkit.io import expand_inputs
 
 VOCAB_SIZE = 400
 ROUND_TRIP_TEXTS = [
@@ -78,7 +78,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     config = TokenizerTrainConfig(
-        vocab_size=VOCAB_SIZE, normalization="identity", remove_extra_whitespaces=False
+        vocab_size=VOCAB_SIZE, normalization="identity", keep_whitespace=True
     )
     prefix = tmp_path_factory.mktemp("tokenizer") / "tok"
     model = train_tokenizer(sorted(corpus_dir.glob("*.txt")), prefix, config)
@@ -130,14 +130,14 @@ def test_tokenizer_rejects_missing_and_invalid_model(tmp_path: Path) -> None:
 
 def test_train_tokenizer_vocab_too_large(corpus_dir: Path, tmp_path: Path) -> None:
     config = TokenizerTrainConfig(vocab_size=50_000, normalization="identity")
-    with pytest.raises(LLMKitError, match=r"vocab size 50000 is too large.*--vocab-size \d+"):
+    with pytest.raises(LLMKitError, match=r"vocab size 50000 is too large.*use vocab_size \d+"):
         train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "big", config)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_train_tokenizer_vocab_too_small(corpus_dir: Path, tmp_path: Path) -> None:
     config = TokenizerTrainConfig(vocab_size=100, normalization="identity")
-    with pytest.raises(LLMKitError, match=r"vocab size 100 is too small.*--vocab-size \d+ or more"):
+    with pytest.raises(LLMKitError, match=r"vocab size 100 is too small.*use vocab_size \d+ or more"):
         train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "small", config)
     assert list(tmp_path.iterdir()) == []
 
@@ -379,17 +379,11 @@ def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 # --- commands ----------------------------------------------------------------------------
 
 
-def _cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmkit")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def test_cli_tokenizer_and_pack(
     corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prefix = tmp_path / "tok"
-    args = _cli().parse_args(
+    code = main(
         [
             "data",
             "tokenizer",
@@ -404,13 +398,13 @@ def test_cli_tokenizer_and_pack(
             "--keep-whitespace",
         ]
     )
-    assert args.func(args) == 0
+    assert code == 0
     tokenizer = Tokenizer(tmp_path / "tok.model")
     assert tokenizer.vocab_size == 360
     assert tokenizer.decode(tokenizer.encode("    x = 1\n")) == "    x = 1\n"
 
     out = tmp_path / "data" / "train.bin"
-    args = _cli().parse_args(
+    code = main(
         [
             "data",
             "pack",
@@ -425,7 +419,7 @@ def test_cli_tokenizer_and_pack(
             "1",
         ]
     )
-    assert args.func(args) == 0
+    assert code == 0
     meta = read_meta(out)
     assert meta["n_documents"] == 52 and meta["eos_appended"] is True
     assert f"wrote {out}: {meta['n_tokens']:,} tokens (uint16) from 52 documents" in (
@@ -434,18 +428,15 @@ def test_cli_tokenizer_and_pack(
 
 
 def test_cli_corpus(tmp_path: Path) -> None:
-    args = _cli().parse_args(
-        ["data", "corpus", "--source", "stdlib", "--out", str(tmp_path), "--max-files", "5"]
-    )
-    assert args.func(args) == 0
+    assert main(["data", "corpus", "--source", "stdlib", "--out", str(tmp_path), "--max-files", "5"]) == 0
     assert json.loads((tmp_path / "corpus.json").read_text())["n_files"] == 5
 
 
 def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
-    assert expand_inputs([str(corpus_dir / "val_*.txt"), str(corpus_dir / "*.txt")]) == [
+    assert expand_inputs([str(corpus_dir / "val_*.txt"), str(corpus_dir / "*.txt")], "--input") == [
         corpus_dir / "val_00000.txt",
         corpus_dir / "train_00000.txt",
         corpus_dir / "train_00001.txt",
     ]
-    with pytest.raises(LLMKitError, match="matches no file"):
-        expand_inputs([str(tmp_path / "*.nothing")])
+    with pytest.raises(LLMKitError, match=r"^data\.val_files: '.*\*\.nothing' matches no file"):
+        expand_inputs([str(tmp_path / "*.nothing")], "data.val_files")

@@ -1,4 +1,4 @@
-"""The TTT-Discover entropic objective against direct float64 computations (handoff §2-6, A4, F5, F6)."""
+"""The TTT-Discover entropic objective (arXiv 2601.16175) against direct float64 computations."""
 
 import math
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from llmkit.data.packing import open_shard
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.eval import Probe, evaluate, evaluate_perplexity, read_probes, score_probes, write_report
+from llmkit.eval import Probe, evaluate, evaluate_perplexity, read_probes, score_probes
+from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.transformer import Transformer
@@ -141,7 +142,7 @@ def test_report_combines_both_sections_and_is_written_atomically(model, tokenize
     assert report["perplexity"] == evaluate_perplexity(model, [str(shards["val"])], seq_len=32, max_windows=3)
     assert report["probes"]["n"] == 1 and report["probes"]["accuracy"] == 0.0
     path = tmp_path / "run" / "eval_after.json"
-    write_report(path, report)
+    write_json_atomic(path, report)
     assert json.loads(path.read_text()) == report
     assert [p.name for p in path.parent.iterdir()] == ["eval_after.json"]
     assert evaluate(model, None, [str(shards["val"])], None, seq_len=32, max_windows=1)["probes"] is None

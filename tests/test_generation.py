@@ -1,4 +1,4 @@
-"""KV-cached batched generation and continuation scoring (handoff F2, F3)."""
+"""KV-cached batched generation and continuation scoring."""
 
 import pytest
 import torch

@@ -7,7 +7,8 @@ import torch
 
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.model.config import ModelConfig
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig
 from tests.conftest import VOCAB_SIZE
 
 

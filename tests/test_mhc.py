@@ -1,10 +1,11 @@
-"""mHC invariants (handoff Phase 4): Sinkhorn projection, initial mappings, mean preservation."""
+"""mHC invariants (arXiv 2512.24880, Eq. 3-9): Sinkhorn projection, initial mappings, mean preservation."""
 
 import math
 
 import pytest
 import torch
 
+from llmkit.errors import LLMKitError
 from llmkit.model.config import MHCConfig, ModelConfig
 from llmkit.model.mhc import MHCMapping, MHCResidual
 from llmkit.model.sinkhorn import sinkhorn_knopp
@@ -56,7 +57,7 @@ def test_sinkhorn_runs_in_fp32_for_bf16_input():
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_initial_mappings_match_the_handoff(n):
+def test_initial_mappings_average_the_streams_and_start_h_res_near_the_identity(n):
     mapping = MHCMapping(small_config(n))
     x = torch.randn(2, 5, n, 32)
     h_pre, h_post, h_res = mapping(x)
@@ -71,16 +72,30 @@ def test_initial_mappings_match_the_handoff(n):
     assert (diag > 0.85).all()
 
 
-def test_hc_post_init_starts_h_post_at_one_per_stream():
-    mapping = MHCMapping(small_config(4, post_init="hc"))
+def test_copy_post_init_starts_h_post_at_one_per_stream():
+    mapping = MHCMapping(small_config(4, post_init="copy"))
     _, h_post, _ = mapping(torch.randn(2, 3, 4, 32))
     assert torch.allclose(h_post, torch.ones_like(h_post), atol=0.02)
+
+
+@pytest.mark.parametrize("old, new", [("handoff", "split"), ("hc", "copy")])
+def test_the_earlier_post_init_names_still_load_with_a_deprecation_warning(old, new):
+    """Configs and checkpoints written with the earlier names build the same model, and say what to write instead."""
+    with pytest.warns(FutureWarning, match=f"mhc.post_init '{old}' is deprecated: use '{new}'"):
+        config = ModelConfig.from_dict(small_config(4).to_dict() | {"mhc": {"post_init": old}})
+    assert config.mhc.post_init == new
+    torch.manual_seed(0)
+    renamed = MHCMapping(config)
+    torch.manual_seed(0)
+    assert torch.equal(renamed.b_post, MHCMapping(small_config(4, post_init=new)).b_post)
+    with pytest.raises(LLMKitError, match="mhc.post_init must be 'split' or 'copy', got 'unit'"):
+        MHCConfig(post_init="unit")
 
 
 @pytest.mark.parametrize("alpha_init", [0.01, 1.0])
 def test_h_res_preserves_the_stream_mean(alpha_init):
     """mean_n(H_res X) = mean_n(X) exactly when columns sum to 1; the error is bounded by
-    max|colsum - 1| * max|X|, and is tiny at the handoff's init."""
+    max|colsum - 1| * max|X|, and is tiny at the default init."""
     torch.manual_seed(0)
     mapping = MHCMapping(small_config(4, alpha_init=alpha_init))
     x = torch.randn(2, 7, 4, 32)

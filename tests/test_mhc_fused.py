@@ -20,11 +20,11 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from llmkit.callbacks.throughput import saved_activation_bytes
 from llmkit.model.config import MHCConfig, ModelConfig
 from llmkit.model.mhc import apply_mixing, pre_aggregate
 from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_recompute
 from llmkit.model.transformer import Transformer
+from llmkit.profiling import saved_activation_bytes
 
 VOCAB = 97
 

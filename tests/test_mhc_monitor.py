@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from llmkit.callbacks import MHCMonitor
 from llmkit.callbacks.mhc_monitor import mhc_stats
 from llmkit.model.config import ModelConfig
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig
 
 
 def module(n_layers: int = 2) -> PretrainModule:

@@ -8,11 +8,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from llmkit.callbacks import TokenThroughput
-from llmkit.checkpoint import load_backbone
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_backbone
 from llmkit.model.config import ModelConfig
-from llmkit.modules.pretrain import OptimConfig, PretrainModule, WarmupCosine
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig, WarmupCosine
 from tests.conftest import VOCAB_SIZE
 
 SEQ_LEN = 32
@@ -23,9 +24,9 @@ def model_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def datamodule(shards) -> PackedDataModule:
+def datamodule(shards, vocab_size: int = VOCAB_SIZE) -> PackedDataModule:
     return PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])],
-                            seq_len=SEQ_LEN, batch_size=8, val_windows=16)
+                            seq_len=SEQ_LEN, batch_size=8, val_windows=16, vocab_size=vocab_size)
 
 
 def trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
@@ -99,9 +100,10 @@ def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
 
 
 def test_datamodule_checks_shards_against_the_module_vocab(shards, tmp_path):
+    """`llmkit pretrain` links model.vocab_size to data.vocab_size (test_cli checks the link)."""
     module = PretrainModule(model_config(vocab_size=VOCAB_SIZE * 2))
     with pytest.raises(LLMKitError, match=rf"model has vocab_size {VOCAB_SIZE * 2}"):
-        trainer(tmp_path, max_steps=1).fit(module, datamodule=datamodule(shards))
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=datamodule(shards, module.vocab_size))
 
 
 def test_weight_decay_groups_reach_the_optimizer():

@@ -10,7 +10,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from llmkit.cli import main
-from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, read_examples, teacher_prompt
+from llmkit.data.examples import TEACHER_TEMPLATE, Example, read_examples, teacher_prompt
+from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.data.tasks import (
     FACTS,
     FACTS_PER_TABLE,
@@ -23,8 +24,9 @@ from llmkit.data.tasks import (
 )
 from llmkit.errors import LLMKitError
 from llmkit.eval.probes import read_probes
+from llmkit.modules.sdft import SDFTConfig
 
-HANDOFF_TEMPLATE = """<Question>
+PAPER_TEMPLATE = """<Question>
 {prompt}
 
 This is an example for a response to the question:
@@ -39,8 +41,8 @@ def write_lines(path, lines):
     return path
 
 
-def test_teacher_template_is_the_handoffs_verbatim_and_fills_both_fields():
-    assert TEACHER_TEMPLATE == HANDOFF_TEMPLATE
+def test_teacher_template_is_the_papers_verbatim_and_fills_both_fields():
+    assert TEACHER_TEMPLATE == PAPER_TEMPLATE
     example = Example("What is 2 + 3?", "2 + 3 = 5")
     assert teacher_prompt(example) == (
         "<Question>\nWhat is 2 + 3?\n\nThis is an example for a response to the question:\n"
@@ -61,7 +63,7 @@ def test_a_bad_teacher_template_is_refused(template, message):
     with pytest.raises(LLMKitError, match=re.escape(message)):
         teacher_prompt(Example("p", "d"), template)
     with pytest.raises(LLMKitError, match=re.escape(message)):
-        SDFTDataModule(train_files="x.jsonl", teacher_template=template)
+        SDFTConfig(teacher_template=template)
 
 
 def test_read_examples_keeps_extra_fields_in_meta_and_records_the_source(tmp_path):

@@ -4,32 +4,33 @@ A corpus is a directory of UTF-8 text shards (``train_00000.txt``, ``val_00000.t
 Inside a shard, documents follow each other and each one is closed by a line holding exactly
 :data:`DOC_SEPARATOR`. :func:`write_corpus` builds such a directory from the ``.py`` files of
 the running interpreter's standard library (and optionally its installed packages), so a
-model can be trained with no download at all. :func:`iter_text_lines` is the one reader of
-this format that the tokenizer trainer and the packer share.
+model can be trained with no download at all.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import site
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from tqdm import tqdm
 
 from llmkit.errors import LLMKitError
+from llmkit.io import write_json_atomic
 
 DOC_SEPARATOR = "<|endoftext|>"
 """A line consisting of exactly this string ends a document in a plain-text shard."""
 
 SOURCES = ("stdlib", "site-packages")
 """The values :func:`write_corpus` accepts for ``source``."""
+
+Source = Literal[SOURCES]
+"""A corpus source, as a type (the choices of ``llmkit data corpus --source``)."""
 
 SUMMARY_NAME = "corpus.json"
 """The summary :func:`write_corpus` writes next to the shards."""
@@ -46,24 +47,6 @@ SKIPPED_DIR_NAMES = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.txt$")
 _SEPARATOR_LINE = (DOC_SEPARATOR + "\n").encode("utf-8")
 _SPLIT_HASH_HEX_DIGITS = 8
-
-
-def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` for a UTF-8 text file, 1-based, line endings kept.
-
-    Reads one line at a time, so the file is never held in memory. A line that is not valid
-    UTF-8 raises :class:`LLMKitError` naming the file and the line.
-    """
-    path = Path(path)
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LLMKitError(
-                    f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                    "line); re-encode the file as UTF-8 or leave it out of the inputs"
-                ) from e
 
 
 def is_separator(line: str) -> bool:
@@ -157,7 +140,7 @@ def write_corpus(
     if source not in SOURCES:
         raise LLMKitError(f"unknown corpus source {source!r}: choose one of {', '.join(SOURCES)}")
     if not 0.0 <= val_fraction < 1.0:
-        raise LLMKitError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise LLMKitError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _list_source_files(source)
@@ -193,8 +176,8 @@ def write_corpus(
             (out_dir / name).unlink()
         raise LLMKitError(
             f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
-            "file(s); at least 2 are needed (one for train, one for val): raise --max-files "
-            "or use another --source"
+            "file(s); at least 2 are needed (one for train, one for val): raise max_files "
+            "or use another source"
         )
     _remove_stale_shards(out_dir, keep=set(train.files) | set(val.files))
     summary = {
@@ -211,24 +194,6 @@ def write_corpus(
     write_json_atomic(out_dir / SUMMARY_NAME, summary)
     return summary
 
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temp file in the same directory + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """Write ``records`` as JSON lines to ``path`` via a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 def _list_source_files(source: str) -> list[_SourceFile]:
     """The ``.py`` files of ``source``: stdlib first, then site dirs, each sorted by path."""

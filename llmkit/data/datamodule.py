@@ -1,7 +1,7 @@
 """PackedDataModule: next-token windows over memory-mapped `.bin` shards.
 
 A window is seq_len + 1 consecutive tokens of one shard; x = window[:-1], y = window[1:]
-(handoff F1). Training windows start at offsets drawn from a seeded RNG (nanoGPT-style
+(next-token prediction). Training windows start at offsets drawn from a seeded RNG (nanoGPT-style
 random crops, never crossing a shard boundary); the DataLoader shuffles their order each
 epoch, and under DDP Lightning's DistributedSampler gives each rank distinct windows.
 Validation uses a fixed set: consecutive non-overlapping windows from the start of each val
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmkit.data.commands import expand_inputs
 from llmkit.data.packing import open_shard
 from llmkit.errors import LLMKitError
+from llmkit.io import expand_inputs
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when checking a shard's ids against the vocabulary
 
@@ -125,8 +125,8 @@ class PackedDataModule(L.LightningDataModule):
         val_windows: cap on the fixed validation windows (None: all of them).
         seed: seeds the training window offsets and their shuffling.
         num_workers: DataLoader worker processes.
-        vocab_size: the model's vocabulary size to check shards against; when None it is
-            read from the LightningModule (``module.vocab_size``) at setup.
+        vocab_size: the model's vocabulary size to check shards against (``llmkit pretrain``
+            links it to the model's); None checks each shard against its own metadata only.
     """
 
     def __init__(
@@ -155,23 +155,16 @@ class PackedDataModule(L.LightningDataModule):
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
 
-    def _model_vocab_size(self) -> int | None:
-        if self.vocab_size is not None:
-            return self.vocab_size
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "vocab_size", None)
-
     def setup(self, stage: str) -> None:
-        vocab_size = self._model_vocab_size()
         if stage == "fit" and self.train_set is None:
             if not self.train_files:
                 raise LLMKitError("data.train_files is empty: give the training .bin shards")
-            paths = expand_inputs(self.train_files)
-            shards = open_checked_shards(paths, self.seq_len, vocab_size)
+            paths = expand_inputs(self.train_files, "data.train_files")
+            shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
             self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
         if stage in ("fit", "validate") and self.val_set is None and self.val_files:
-            paths = expand_inputs(self.val_files)
-            shards = open_checked_shards(paths, self.seq_len, vocab_size)
+            paths = expand_inputs(self.val_files, "data.val_files")
+            shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
             self.val_set = PackedWindows(shards, self._val_starts(shards), self.seq_len)
         if stage == "validate" and self.val_set is None:
             raise LLMKitError("data.val_files is empty: give the validation .bin shards")

@@ -21,9 +21,10 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from llmkit.data.corpus import is_separator, iter_text_lines, write_json_atomic
+from llmkit.data.corpus import is_separator
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
+from llmkit.io import iter_text_lines, write_json_atomic
 
 PACK_FORMAT = "llmkit-packed-v1"
 """The ``format`` field of the metadata; bump it when the layout changes."""
@@ -162,10 +163,10 @@ def pack(
     tokenizer = Tokenizer(tokenizer_path)
     paths = [Path(p) for p in inputs]
     if not paths:
-        raise LLMKitError(f"no inputs to pack into {output}: pass --input FILE...")
+        raise LLMKitError(f"no inputs to pack into {output}: pass the text files to pack")
     for path in paths:
         if not path.is_file():
-            raise LLMKitError(f"pack input {path} does not exist: check the --input path")
+            raise LLMKitError(f"pack input {path} does not exist: check the path")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
@@ -191,7 +192,7 @@ def pack(
         if n_tokens == 0:
             raise LLMKitError(
                 f"no text to pack in {', '.join(map(str, paths))} (only blank documents): "
-                "check the --input files"
+                "check the input files"
             )
         meta = {
             "format": PACK_FORMAT,

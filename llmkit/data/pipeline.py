@@ -34,7 +34,7 @@ def build_corpus_shards(
     train_txt = [out / "corpus" / name for name in corpus["train_files"]]
     val_txt = [out / "corpus" / name for name in corpus["val_files"]]
     log(f"tokenizer: SentencePiece BPE, vocab {vocab_size}")
-    config = TokenizerTrainConfig(vocab_size=vocab_size, normalization="identity", remove_extra_whitespaces=False)
+    config = TokenizerTrainConfig(vocab_size=vocab_size, normalization="identity", keep_whitespace=True)
     tokenizer = train_tokenizer(train_txt, out / "tokenizer" / "spm", config)
     log("pack: train and val shards")
     train = pack(tokenizer, train_txt, out / "data" / "train.bin")

@@ -1,8 +1,8 @@
 """Procedurally generated SDFT tasks with exact-match answers, for continual-learning benchmarks.
 
-Learn task A, then task B, and measure how much of A is forgotten (handoff "SDFT" §8-9,
-Phase 12): each task makes endless (prompt, demonstration) pairs in the SDFT JSONL format
-(:mod:`llmkit.data.sdft_data`) plus a reference answer, and probes whose regex checks that a
+Learn task A, then task B, and measure how much of A is forgotten (docs/continual.md): each
+task makes endless (prompt, demonstration) pairs in the SDFT JSONL format
+(:mod:`llmkit.data.examples`) plus a reference answer, and probes whose regex checks that a
 completion contains that answer as a whole token (:mod:`llmkit.eval.probes`).
 
     arithmetic  "What is 17 + 65?"          "17 + 65 = 82"              answer 82
@@ -28,10 +28,11 @@ import random
 import re
 import string
 from pathlib import Path
+from typing import Literal
 
-from llmkit.data.corpus import write_jsonl_atomic
-from llmkit.data.sdft_data import Example
+from llmkit.data.examples import Example
 from llmkit.errors import LLMKitError
+from llmkit.io import write_jsonl_atomic
 
 FACTS = {
     "colors": ("What color is the {name}?", "The color is {answer}.",
@@ -43,6 +44,9 @@ FACTS = {
 
 TASKS = ("arithmetic", "reverse", "upper", *FACTS)
 """The task names :func:`make_examples` knows."""
+
+Task = Literal[TASKS]
+"""A task name, as a type (the choices of ``llmkit data tasks --task``)."""
 
 FACTS_PER_TABLE = 64
 """Names (facts) in the table of a fact task for one seed."""

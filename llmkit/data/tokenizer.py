@@ -15,11 +15,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import sentencepiece as spm
 
-from llmkit.data.corpus import is_separator, iter_text_lines
+from llmkit.data.corpus import is_separator
 from llmkit.errors import LLMKitError
+from llmkit.io import iter_text_lines
 
 _VOCAB_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. .*<=\s*(\d+)")
 _VOCAB_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
@@ -29,21 +31,41 @@ _VERBOSE_LOG_LEVEL = 0
 
 @dataclass
 class TokenizerTrainConfig:
-    """Options of :func:`train_tokenizer`; each maps onto the sentencepiece flag of that name.
+    """Options of :func:`train_tokenizer`, each passed to the sentencepiece trainer option of the
+    same name unless said otherwise (these are also the flags of ``llmkit data tokenizer``).
 
-    ``normalization`` is sentencepiece's ``normalization_rule_name``: the default
-    ``"nmt_nfkc_cf"`` case-folds; ``"identity"`` keeps text as is, which code needs (pair it
-    with ``remove_extra_whitespaces=False`` to keep indentation). ``add_dummy_prefix`` is off,
-    unlike in sentencepiece: training sees single lines but encoding whole documents, so a
-    space prefixed to each would mark every training line start yet only document starts
-    when encoding, and decoding concatenated documents would insert spaces between them.
+    ``add_dummy_prefix`` is off, unlike in sentencepiece: training sees single lines but
+    encoding whole documents, so a space prefixed to each would mark every training line start
+    yet only document starts when encoding, and decoding concatenated documents would insert
+    spaces between them.
+
+    Attributes:
+        vocab_size: tokens in the vocabulary, special tokens and byte fallbacks included.
+        model_type: sentencepiece's algorithm.
+        character_coverage: share of the corpus's characters that get their own piece.
+        normalization: sentencepiece's normalization_rule_name: nmt_nfkc_cf case-folds; identity
+            keeps text as is, which code needs (pair it with keep_whitespace).
+        keep_whitespace: keep runs of spaces and leading spaces (indentation) instead of
+            collapsing them (sentencepiece's remove_extra_whitespaces, negated).
+        byte_fallback: unknown characters become byte tokens, so every string is encodable.
+        input_sentence_size: lines sampled from the input to train on (bounds memory).
+        shuffle_input_sentence: sample those lines at random rather than take the first ones.
+        max_sentence_length: longest line, in bytes, used for training.
+        num_threads: sentencepiece training threads.
+        allow_whitespace_only_pieces: allow pieces made of spaces only (indentation runs).
+        split_digits: split numbers into single digits.
+        add_dummy_prefix: prefix a space to every input (off: see the class docstring).
+        pad_id: id of the padding token.
+        unk_id: id of the unknown token.
+        bos_id: id of the beginning-of-sequence token.
+        eos_id: id of the end-of-sequence token.
     """
 
     vocab_size: int = 32000
-    model_type: str = "bpe"
+    model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9995
     normalization: str = "nmt_nfkc_cf"
-    remove_extra_whitespaces: bool = True
+    keep_whitespace: bool = False
     byte_fallback: bool = True
     input_sentence_size: int = 2_000_000
     shuffle_input_sentence: bool = True
@@ -97,7 +119,7 @@ def train_tokenizer(
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.is_file():
-            raise LLMKitError(f"tokenizer input {path} does not exist: check the --input path")
+            raise LLMKitError(f"tokenizer input {path} does not exist: check the path")
     if not any(_has_text(path) for path in paths):
         raise LLMKitError(
             f"tokenizer inputs have no text (only blank or separator lines): "
@@ -116,7 +138,7 @@ def train_tokenizer(
             model_type=config.model_type,
             character_coverage=config.character_coverage,
             normalization_rule_name=config.normalization,
-            remove_extra_whitespaces=config.remove_extra_whitespaces,
+            remove_extra_whitespaces=not config.keep_whitespace,
             byte_fallback=config.byte_fallback,
             input_sentence_size=config.input_sentence_size,
             shuffle_input_sentence=config.shuffle_input_sentence,
@@ -241,19 +263,19 @@ def _training_error(
     if too_large:
         return LLMKitError(
             f"vocab size {config.vocab_size} is too large for the corpus {names}: sentencepiece "
-            f"allows at most {too_large.group(1)}; use --vocab-size {too_large.group(1)} or "
+            f"allows at most {too_large.group(1)}; use vocab_size {too_large.group(1)} or "
             "train on more text"
         )
     too_small = _VOCAB_TOO_SMALL.search(message)
     if too_small:
         return LLMKitError(
             f"vocab size {config.vocab_size} is too small for the {too_small.group(1)} "
-            f"characters and special pieces of the corpus {names}: use --vocab-size "
-            f"{too_small.group(1)} or more, or a lower --character-coverage"
+            f"characters and special pieces of the corpus {names}: use vocab_size "
+            f"{too_small.group(1)} or more, or a lower character_coverage"
         )
     if "Vocabulary size" in message:
         return LLMKitError(
             f"vocab size {config.vocab_size} does not fit the corpus {names} ({message}): "
-            "use --vocab-size N with another N"
+            "use another vocab_size"
         )
     return LLMKitError(f"sentencepiece failed to train on {names}: {message}")

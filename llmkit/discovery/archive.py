@@ -1,6 +1,6 @@
 """Archive of promising states with PUCT selection: TTT-Discover's reuse strategy.
 
-Handoff §7 "Reuse strategy via archive + PUCT (Appendix A.2)" and K4: instead of always
+TTT-Discover's reuse strategy (arXiv 2601.16175, Appendix A.2): instead of always
 starting from the initial state ``s0``, every step picks start states from an archive of
 earlier solutions by a PUCT score, samples rollouts from them, and adds the best new
 solutions (top 2 per parent) back to the archive.
@@ -21,9 +21,9 @@ Score of a state ``s`` (the official code's form, test-time-training/discover)::
 - ``P(s)`` is linear in the reward rank over the archive of ``N`` states: the best gets
   weight ``N``, the worst 1, normalised to sum 1 (equal rewards: the lower id ranks higher).
 
-The handoff writes the bonus as ``sqrt(1 + T / (1 + n(s)))``. We follow the official code
-(and AlphaZero's PUCT): there the bonus of a state shrinks like ``1 / (1 + n(s))`` as it is
-expanded, so a state that has had its chances gives way to others; in the handoff's form the
+Another form of the bonus, ``sqrt(1 + T / (1 + n(s)))``, was considered. We follow the official
+code (and AlphaZero's PUCT): there the bonus of a state shrinks like ``1 / (1 + n(s))`` as it is
+expanded, so a state that has had its chances gives way to others; in that form the
 bonus never falls below ``c * (R_max - R_min) * P(s)`` however often ``s`` was expanded, so the
 top-ranked state keeps most of its bonus for good.
 

@@ -1,4 +1,4 @@
-"""Consolidation: turn what TTT-Discover found into SDFT examples (handoff Phase 11, G5).
+"""Consolidation: turn what TTT-Discover found into SDFT examples.
 
 A discovery run (``TTTDiscoverModule``) leaves ``result.json`` (with the problem's prompt as a
 fresh model sees it) and ``archive.json`` (every kept state and its reward) in its output
@@ -15,23 +15,14 @@ taught at test time becomes a skill the next model keeps.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from llmkit.data.corpus import write_jsonl_atomic
 from llmkit.errors import LLMKitError
+from llmkit.io import read_json
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise LLMKitError(f"{path} does not exist: pass the output directory of a finished `llmkit ttt fit` run")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LLMKitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); was the run interrupted?") from None
+_RUN_HINT = "pass the output directory of a finished `llmkit ttt fit` run (was it interrupted?)"
 
 
 def consolidate(run_dirs: list[str | Path], min_reward: float = -math.inf, top: int = 1) -> list[dict[str, Any]]:
@@ -42,7 +33,7 @@ def consolidate(run_dirs: list[str | Path], min_reward: float = -math.inf, top: 
         raise LLMKitError("no discovery runs given: pass the output directories of `llmkit ttt fit` runs")
     examples = []
     for run in map(Path, run_dirs):
-        result, archive = _read_json(run / "result.json"), _read_json(run / "archive.json")
+        result, archive = read_json(run / "result.json", _RUN_HINT), read_json(run / "archive.json", _RUN_HINT)
         try:
             prompt, problem, initial = result["prompt"], result["problem"], result["initial_reward"]
             states = archive["states"]
@@ -58,23 +49,6 @@ def consolidate(run_dirs: list[str | Path], min_reward: float = -math.inf, top: 
     if not examples:
         raise LLMKitError(
             f"no state in {len(run_dirs)} run(s) beats its initial state with reward >= {min_reward}: "
-            "lower --min-reward or run the discovery longer"
+            "lower min_reward or run the discovery longer"
         )
     return examples
-
-
-def add_consolidate_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("consolidate", help="turn TTT-Discover results into SDFT JSONL examples")
-    p.add_argument("--run", nargs="+", required=True, help="output directories of `llmkit ttt fit` runs")
-    p.add_argument("--out", type=Path, required=True, help="the SDFT .jsonl file to write")
-    p.add_argument("--min-reward", type=float, default=-math.inf, help="keep states scoring at least this")
-    p.add_argument("--top", type=int, default=1, help="best states kept per run")
-    p.set_defaults(func=_run_consolidate)
-
-
-def _run_consolidate(args: argparse.Namespace) -> int:
-    examples = consolidate(args.run, args.min_reward, args.top)
-    write_jsonl_atomic(args.out, examples)
-    best = max(e["reward"] for e in examples)
-    print(f"wrote {args.out}: {len(examples)} SDFT examples from {len(args.run)} run(s), best reward {best:.6g}")
-    return 0

@@ -1,17 +1,17 @@
 """The discovery-environment interface of TTT-Discover, and a sandbox to call it safely.
 
-Handoff "TTT-Discover" §1 (arXiv 2601.16175): a discovery problem is a state ``s`` (a candidate
+TTT-Discover (arXiv 2601.16175): a discovery problem is a state ``s`` (a candidate
 solution, as text), an action ``a`` (the model's output), a transition ``s' = T(s, a)`` that
 parses the action into a new state, and a continuous, verifiable reward ``R(s')``.
-:class:`DiscoveryEnv` is that interface as a :class:`typing.Protocol`; two changes from the
-handoff's sketch: ``transition`` also gets the parent state (an environment may read the
-action as an edit of it), and ``context_from_archive`` gets the archive's state texts rather
-than the archive object, so an environment does not depend on how the archive is built.
+:class:`DiscoveryEnv` is that interface as a :class:`typing.Protocol`, with two choices of ours:
+``transition`` also gets the parent state (an environment may read the action as an edit of it),
+and ``context_from_archive`` gets the archive's state texts rather than the archive object, so
+an environment does not depend on how the archive is built.
 
-Rewards get exploited (handoff G3, H3): a model that finds a parser bug or a way to make the
-verifier hang will. So the training loop never calls ``env.reward`` or ``env.transition``
-itself but :func:`safe_reward` / :func:`safe_transition`, which run the method in a worker
-process and turn *anything* that goes wrong into a zero reward (or no state) with a reason:
+Rewards get exploited: a model that finds a parser bug or a way to make the verifier hang will.
+So the training loop never calls ``env.reward`` or ``env.transition`` itself but
+:func:`safe_reward` / :func:`safe_transition`, which run the method in a worker process and turn
+*anything* that goes wrong into a zero reward (or no state) with a reason:
 
 - an exception (a parse error is a ``ValueError`` with a message saying what is malformed),
 - a result that is not a finite real number (NaN, inf, a string) or, for a transition, not a
@@ -34,7 +34,7 @@ for spawned processes. Calls from several threads are serialised.
 and ``init_args``. Model output is only ever parsed, never passed to ``eval`` or ``exec``.
 
 The helpers :func:`first_line`, :func:`single_line` and :func:`parse_int_line` implement the
-strict one-line formats the bundled environments share (handoff H2-H3: lock the format, reject
+strict one-line formats the bundled environments share (lock the format, reject
 anything else with a clear reason).
 """
 
@@ -66,7 +66,7 @@ ENV_METHODS = ("initial_state", "context_from_archive", "transition", "reward")
 
 @runtime_checkable
 class DiscoveryEnv(Protocol):
-    """A discovery problem (handoff "TTT-Discover" §1): states are solution texts.
+    """A discovery problem of TTT-Discover: states are solution texts.
 
     ``reward`` must be deterministic and cheap (milliseconds), higher is better, and may raise
     ``ValueError`` for an invalid state; :func:`safe_reward` turns that into 0.
@@ -271,7 +271,7 @@ def safe_reward(
     is not a finite real number, or ran past ``timeout_s`` (then the worker is killed).
 
     Runs in ``worker`` (default: :func:`default_worker`); never raises for anything the
-    environment does (handoff G3: "treat any exception as reward=0").
+    environment does: any exception scores 0.
     """
     _check_timeout(timeout_s)
     if not isinstance(state, str):

@@ -1,17 +1,17 @@
-"""The entropic objective of TTT-Discover (arXiv 2601.16175; handoff "TTT-Discover" §2-6, A3, A4, F5, F6).
+"""The entropic objective of TTT-Discover (arXiv 2601.16175; docs/math.md maps each equation here).
 
-For one start state s and K rollouts a_1..a_K with rewards r_1..r_K the objective (§2, Eq. 1) is
+For one start state s and K rollouts a_1..a_K with rewards r_1..r_K the objective is
 
     J_beta(theta) = log E_{a ~ pi_theta(.|s)} exp(beta(s) R(s, a))
 
-whose gradient (§3, Eq. 2, derived in A3) is a REINFORCE gradient weighted by
-w_beta(a) = exp(beta R(a)) / E exp(beta R), with the constant baseline -1 (A3.1): A = w - 1.
+whose gradient is a REINFORCE gradient weighted by w_beta(a) = exp(beta R(a)) / E exp(beta R),
+with the constant baseline -1: A = w - 1.
 The pieces, in the order a training step uses them:
 
-    solve_beta            beta(s) such that KL(q_beta || uniform) = ln 2 over the K rollouts (§5, A4, F6)
-    loo_advantages        A_i = w_i - 1 with a leave-one-out estimate of E exp(beta R) (§6, F5)
-    kl_shaped_advantages  A - lam log(pi_theta / pi_theta0) on every action token (§4)
-    entropic_policy_loss  the surrogate -sum_t A_t log pi_theta(a_t), summed, with the token count (§4)
+    solve_beta            beta(s) such that KL(q_beta || uniform) = ln 2 over the K rollouts (paper Appendix A.1)
+    loo_advantages        A_i = w_i - 1 with a leave-one-out estimate of E exp(beta R) (Appendix A.1)
+    kl_shaped_advantages  A - lam log(pi_theta / pi_theta0) on every action token
+    entropic_policy_loss  the surrogate -sum_t A_t log pi_theta(a_t), summed, with the token count
 
 Everything is computed in float64; advantages are plain numbers (detached) by the time they
 reach the loss, so the only gradient is the one of log pi_theta.
@@ -46,7 +46,7 @@ def _rewards(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
         i = int((~finite).nonzero()[0])
         raise LLMKitError(
             f"reward {i} of {r.numel()} is {r[i].item()}: the entropic weights need finite rewards; "
-            "fix the reward function (score invalid outputs with a finite value such as 0) (handoff F6)"
+            "fix the reward function (score invalid outputs with a finite value such as 0)"
         )
     return r
 

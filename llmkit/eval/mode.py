@@ -1,6 +1,6 @@
 """``eval_mode``: evaluate a model in eval mode, then give it back in the mode it was in.
 
-Evaluation runs in the middle of training (SDFT's regression gates, handoff "SDFT" §9), so
+Evaluation runs in the middle of training (SDFT's regression gates), so
 it must not leave a training model in eval mode, or the reverse; eval mode matters for
 LoRA adapter dropout.
 """

@@ -1,4 +1,4 @@
-"""Perplexity of a backbone on packed shards (handoff Phase 12: "perplexity dataset").
+"""Perplexity of a backbone on packed shards: the held-out half of the evaluation report.
 
 The windows are exactly those pretraining validates on: :class:`PackedDataModule`'s fixed
 validation windows (consecutive, non-overlapping, from the start of each shard, the first
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.commands import expand_inputs
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
+from llmkit.io import expand_inputs
 from llmkit.model.transformer import Transformer
 
 
@@ -27,9 +27,10 @@ def evaluate_perplexity(
     seq_len: int,
     batch_size: int = 8,
     max_windows: int | None = 256,
+    what: str = "ppl_files",
 ) -> dict:
     """Next-token loss of ``model`` on the fixed validation windows of ``shard_files`` (paths
-    or glob patterns).
+    or glob patterns; ``what`` names the setting they came from, for errors).
 
     Returns ``{"loss", "ppl", "bits_per_token", "tokens", "windows", "seq_len", "files"}``:
     loss in nats per token, ppl = exp(loss) (inf past float64's range), bits_per_token =
@@ -44,8 +45,9 @@ def evaluate_perplexity(
             f"perplexity seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}; "
             f"use seq_len <= {model.config.max_seq_len}"
         )
+    files = expand_inputs(shard_files, what)
     data = PackedDataModule(
-        val_files=[str(f) for f in shard_files], seq_len=seq_len, batch_size=batch_size, val_windows=max_windows,
+        val_files=[str(f) for f in files], seq_len=seq_len, batch_size=batch_size, val_windows=max_windows,
         vocab_size=model.config.vocab_size,
     )
     data.setup("validate")
@@ -66,5 +68,5 @@ def evaluate_perplexity(
         "tokens": tokens,
         "windows": windows,
         "seq_len": seq_len,
-        "files": [str(path) for path in expand_inputs(shard_files)],
+        "files": [str(path) for path in files],
     }

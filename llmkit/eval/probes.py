@@ -1,7 +1,7 @@
 """Capability probes: prompts whose greedy completion must match a regex or contain a substring.
 
-Handoff Phase 12 ("a list of prompts, expected regex or substring checks, scoring") and
-"SDFT" §9 (capability probes gate every continual update). A probe file is JSONL, one
+A capability a model must keep while it learns new ones (SDFT's regression gates check
+probes around every block of updates). A probe file is JSONL, one
 ``{"name": ..., "prompt": ..., "expect_regex": ...}`` (or ``"expect_substring"``) per line;
 ``llmkit data tasks --probes-out`` writes them for the generated tasks. Completions are greedy,
 so a probe's outcome is a function of the weights alone; only the completion is checked,
@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.data.sdft_data import iter_jsonl_objects, text_field
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
+from llmkit.io import iter_jsonl_objects, text_field
 from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.transformer import Transformer
 

@@ -1,8 +1,8 @@
 """The evaluation report: perplexity and probe scores of one model, as one JSON document.
 
-Handoff Phase 12 ("evaluate a checkpoint + tokenizer on a perplexity dataset and probes, get
-a JSON report") and "SDFT" §9: regression gates compare two such reports, before and after
-a block of updates (``eval_before.json``, ``eval_after.json``).
+SDFT's regression gates compare two such reports, before and after a block of updates
+(``eval_before.json``, ``eval_after.json``; docs/sdft.md), and fine-tuning validation writes
+one per evaluation (``eval/step_NNNNNN.json``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.data.corpus import write_json_atomic
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.perplexity import evaluate_perplexity
@@ -39,16 +38,11 @@ def evaluate(
     perplexity = None
     if ppl_files is not None:
         seq_len = model.config.max_seq_len if seq_len is None else seq_len
-        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows)
+        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files")
     scores = None
     if probes is not None:
         scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size)
     return {"perplexity": perplexity, "probes": scores}
-
-
-def write_report(path: str | Path, report: dict) -> None:
-    """Write ``report`` as indented JSON to ``path`` via a temp file and a rename."""
-    write_json_atomic(Path(path), report)
 
 
 @dataclass

@@ -1,36 +1,35 @@
 """Model configuration: the backbone's shape and its mHC residual.
 
 Every knob of the backbone lives here; YAML files under ``configs/model/`` hold the named
-sizes (``tiny``, ``120m``, ``350m``, ``900m``; handoff appendix E6).
+sizes (``tiny``, ``120m``, ``350m``, ``900m``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from llmkit.errors import LLMKitError
+from llmkit.io import dataclass_from_dict
 
-
-def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
-    """cls(**values), refusing unknown keys with a message that lists the known ones."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LLMKitError(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+POST_INIT_RENAMED = {"handoff": "split", "hc": "copy"}
+"""Earlier names of the ``mhc.post_init`` values, still accepted with a deprecation warning."""
 
 
 @dataclass
 class MHCConfig:
-    """Manifold-constrained hyper-connections (mHC paper Eq. 7-9; handoff "mHC" §4-6, E3).
+    """Manifold-constrained hyper-connections (mHC paper, arXiv 2512.24880, Eq. 7-9).
 
-    post_init: ``handoff`` starts H_post at 1/n per stream (b_post = logit(1/(2n))), so each
-    sublayer adds y/n to the mean read-out; ``hc`` starts it at 1 per stream (b_post = 0),
-    as plain hyper-connections do. See docs/architecture.md.
+    post_init: how H_post starts, i.e. how a sublayer's output y is written back to the n
+    streams. ``split`` (default): H_post = 1/n per stream (b_post = logit(1/(2n))), so the
+    streams share one y and each sublayer adds y/n to the mean read-out. ``copy``: H_post = 1
+    per stream (b_post = 0), every stream gets all of y, as plain hyper-connections start.
+    The earlier names ``handoff`` (= split) and ``hc`` (= copy) still work, with a warning.
+    See docs/architecture.md.
 
     implementation: ``fused`` (norm after the projection, compile-friendly pre-aggregation and
     "apply", recomputing Sinkhorn backward) or ``reference`` (the equations as written, autograd
@@ -42,8 +41,24 @@ class MHCConfig:
     sinkhorn_clamp: float = 15.0
     sinkhorn_eps: float = 1e-8
     res_bias: float = 2.0  # b_res: +res_bias on the diagonal, -res_bias off it
-    post_init: Literal["handoff", "hc"] = "handoff"
+    post_init: str = "split"
     implementation: Literal["fused", "reference"] = "fused"
+
+    def __post_init__(self) -> None:
+        if self.post_init in POST_INIT_RENAMED:
+            new = POST_INIT_RENAMED[self.post_init]
+            warnings.warn(
+                f"mhc.post_init {self.post_init!r} is deprecated: use {new!r}, which means the same", FutureWarning,
+                stacklevel=3,
+            )
+            self.post_init = new
+        problems = []
+        if self.post_init not in ("split", "copy"):
+            problems.append(f"mhc.post_init must be 'split' or 'copy', got {self.post_init!r}")
+        if self.implementation not in ("fused", "reference"):
+            problems.append(f"mhc.implementation must be 'fused' or 'reference', got {self.implementation!r}")
+        if problems:
+            raise LLMKitError("invalid model config: " + "; ".join(problems))
 
 
 @dataclass
@@ -90,10 +105,6 @@ class ModelConfig:
             problems.append(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
         if self.n_streams < 1:
             problems.append(f"n_streams must be >= 1, got {self.n_streams}")
-        if self.mhc.post_init not in ("handoff", "hc"):
-            problems.append(f"mhc.post_init must be 'handoff' or 'hc', got {self.mhc.post_init!r}")
-        if self.mhc.implementation not in ("fused", "reference"):
-            problems.append(f"mhc.implementation must be 'fused' or 'reference', got {self.mhc.implementation!r}")
         for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

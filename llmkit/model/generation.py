@@ -1,4 +1,4 @@
-"""Batched, KV-cached sampling and exact continuation scoring (handoff F2, F3).
+"""Batched, KV-cached sampling and exact continuation scoring (docs/architecture.md, "Sampling").
 
 Prompts of different lengths are left-padded to a common length P, so every row's next
 token sits in the same column. Row b has ``pad[b]`` pad tokens; its real token at column j
@@ -203,7 +203,7 @@ def generate(
 def continuation_logits(
     model: Transformer, contexts: list[list[int]], continuations: list[list[int]], pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The logits that predict every continuation token, in one batched forward (handoff F3, F4).
+    """The logits that predict every continuation token, in one batched forward.
 
     Contexts are left-padded to P columns and continuations right-padded to L, so every
     continuation starts at column P and the logits at column P - 1 + t predict its token t:

@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding (handoff F2, "TTT-Discover" §8).
+"""Key/value cache for incremental decoding (the sampler of SDFT and TTT-Discover).
 
 Attention keys and values of every layer, pre-allocated for a fixed batch and length:
 [n_layers, B, H_kv, S, D]. Only attention needs a cache: the mHC mappings, norms and MLPs

@@ -1,7 +1,7 @@
 """The LLaMA-style building blocks: RMSNorm, rotary embeddings, attention and SwiGLU.
 
 Projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) follow the
-handoff so that LoRA can target them by suffix.
+LLaMA family's, so that LoRA can target them by suffix.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LLMKitError
-from llmkit.model.config import dataclass_from_dict
+from llmkit.io import dataclass_from_dict
 
 LORA_FORMAT = "llmkit-lora-v1"
 LORA_SUFFIXES = (".lora_A", ".lora_B")

@@ -42,8 +42,8 @@ class MHCMapping(nn.Module):
     """Computes (H_pre [B,T,n], H_post [B,T,n], H_res [B,T,n,n]) from the stream X [B,T,n,C].
 
     phi_pre, phi_post and phi_res are one fused ``nn.Linear(nC, 2n + n^2)`` (``phi``). The
-    static biases start at the handoff's values (§6): b_pre = logit(1/n); b_post =
-    logit(1/(2n)) (post_init "handoff") or 0 ("hc"); b_res = +res_bias on the diagonal and
+    static biases start at b_pre = logit(1/n) (H_pre averages the streams); b_post =
+    logit(1/(2n)) (post_init "split") or 0 ("copy"); b_res = +res_bias on the diagonal and
     -res_bias off it, so H_res starts near the identity. alpha_* start at alpha_init.
     """
 
@@ -67,7 +67,7 @@ class MHCMapping(nn.Module):
         n = self.n
         self.b_pre.fill_(math.log((1 / n) / (1 - 1 / n)) if n > 1 else 0.0)
         post = 1 / (2 * n)
-        self.b_post.fill_(math.log(post / (1 - post)) if self.cfg.post_init == "handoff" else 0.0)
+        self.b_post.fill_(math.log(post / (1 - post)) if self.cfg.post_init == "split" else 0.0)
         eye = torch.eye(n, dtype=torch.bool)
         self.b_res.copy_(torch.where(eye, self.cfg.res_bias, -self.cfg.res_bias))
 

@@ -4,7 +4,7 @@ With n_streams = 1 each block is the plain pre-norm residual
     x = x + Attn(norm(x));  x = x + MLP(norm(x)).
 With n_streams = n > 1 the stream is X [B, T, n, C], initialised as the token embedding plus
 a learnable per-stream embedding (so the streams start distinct), and each sublayer sits inside
-an :class:`~llmkit.model.mhc.MHCResidual` (handoff "mHC" §7: mHC around attention AND MLP).
+an :class:`~llmkit.model.mhc.MHCResidual` (mHC around attention and around the MLP, as in the mHC paper).
 The read-out averages the streams, i(X) = 1/n 1^T X, the quantity H_res preserves.
 """
 
@@ -31,8 +31,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
         self.config = config
-        self.mhc = config.n_streams > 1
-        if self.mhc:
+        self.uses_mhc = config.n_streams > 1
+        if self.uses_mhc:
             self.attn_res = MHCResidual(config)
             self.mlp_res = MHCResidual(config)
 
@@ -67,7 +67,7 @@ class Block(nn.Module):
         def mlp(h: torch.Tensor) -> torch.Tensor:
             return self.mlp(self.mlp_norm(h))
 
-        if not self.mhc:
+        if not self.uses_mhc:
             x = x + attn(x)
             return x + mlp(x)
         x = self.attn_res(x, attn)
@@ -97,7 +97,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """N(0, init_std) for embeddings and linear maps; the residual output projections
-        (o_proj, down_proj) scaled by 1/sqrt(2 L) as in GPT-2; mHC biases per the handoff."""
+        (o_proj, down_proj) scaled by 1/sqrt(2 L) as in GPT-2; mHC biases as :meth:`MHCMapping.reset_biases` says."""
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -108,7 +108,7 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm) and module.weight is not None:
                 module.weight.fill_(1.0)
         for block in self.blocks:
-            if block.mhc:
+            if block.uses_mhc:
                 for res in (block.attn_res, block.mlp_res):
                     res.mapping.reset_biases()
                     for alpha in (res.mapping.alpha_pre, res.mapping.alpha_post, res.mapping.alpha_res):
@@ -159,7 +159,7 @@ class Transformer(nn.Module):
             block.compile()
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (handoff F1: targets are idx shifted by one)."""
+        """Mean next-token cross-entropy (targets are idx shifted by one)."""
         logits = self.forward(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 

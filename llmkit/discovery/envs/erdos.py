@@ -13,7 +13,7 @@ Values must lie in [0, 1] before and after the rescaling: a sequence whose resca
 exceeds 1 is invalid (the official verifier raises there too). The constant 0.5 gives exactly
 ``C5 = 0.5`` (reward 2); the best known is ``C5 = 0.380876``.
 
-State and action format (strict, handoff H2-H3): the one-line integer format of
+State and action format (strict): the one-line integer format of
 :mod:`.sequence`: exactly ``n`` whole numbers in ``0..q`` separated
 by spaces or tabs, value ``v`` meaning ``h = v / q``, not all zero, at most
 ``2 * n * (digits(q) + 1)`` characters; in a model's output only the first non-blank line

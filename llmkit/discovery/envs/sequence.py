@@ -3,7 +3,7 @@
 AC1 (:mod:`.autocorrelation`) and Erdős minimum overlap (:mod:`.erdos`) both ask for one line
 of exactly ``n`` whole numbers in ``0..q`` (ASCII digits only) separated by spaces or tabs,
 not all zero, at most ``2 * n * (digits(q) + 1)`` characters (twice the longest canonical
-line; handoff H2-H3: lock the format, reject anything else with a reason). Surrounding ASCII
+line: a locked format, anything else is rejected with a reason). Surrounding ASCII
 whitespace is ignored; in a model's output only the first non-blank line counts.
 :meth:`SequenceEnv.transition` returns the canonical form (single spaces). A subclass gives
 its ``name``, :meth:`~SequenceEnv.reward`, :meth:`~SequenceEnv.describe` (the score as the

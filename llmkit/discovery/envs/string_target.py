@@ -1,19 +1,18 @@
-"""The toy string-target environment of handoff Phase 10: guess a hidden string.
+"""The toy string-target environment: guess a hidden string.
 
-Handoff ``ToyStringMatchEnv`` (Phase 10, "TTT-Discover loop end-to-end on toy environment",
-``--target "HELLO"``): the reward is the fraction of positions where the guess has the target's
-character. It exists to check that the TTT-Discover loop raises a reward, not to be hard.
+The reward is the fraction of positions where the guess has the target's character. It exists
+to check that the TTT-Discover loop raises a reward (configs/ttt/toy.yaml), not to be hard.
 
 Reward (in [0, 1], 1 exactly for the target), two metrics:
 
-- ``"match"`` (default, the handoff's): ``#{i : s[i] == t[i]} / max(len(s), len(t))``. The
-  handoff divides by ``len(t)`` after cutting the guess to ``len(t)`` characters, which scores
-  ``"HELLO!!!"`` as 1; dividing by the longer length makes any extra character cost, so only
-  the target itself scores 1.
+- ``"match"`` (default): ``#{i : s[i] == t[i]} / max(len(s), len(t))``. Dividing by ``len(t)``
+  after cutting the guess to ``len(t)`` characters would score ``"HELLO!!!"`` as 1; dividing by
+  the longer length makes any extra character cost, so only the target itself scores 1.
 - ``"edit"``: ``1 - levenshtein(s, t) / max(len(s), len(t))``, smoother for insertions and
   deletions (a shifted guess keeps most of its credit).
 
-Format (strict, handoff H2-H3): the state is one line of 1 to ``max_chars`` printable characters
+Format (strict: a locked format, anything else rejected with a reason): the state is one line of
+1 to ``max_chars`` printable characters
 (``str.isprintable``: no control or format characters such as zero-width joiners) after
 stripping surrounding ASCII whitespace. In a model's output the first non-blank line is the
 guess and the rest is ignored. Anything else makes :meth:`StringTargetEnv.reward` and

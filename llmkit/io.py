@@ -1,0 +1,158 @@
+"""Plain data in and out: file patterns, UTF-8 lines, JSON and JSONL, dataclasses from dicts.
+
+Every reader raises :class:`LLMKitError` naming the file (and line) and what to do; every writer
+goes through a temp file in the same directory and a rename, so a crash never leaves a
+half-written file. ``what`` arguments name the setting a value came from (a YAML key such as
+``data.train_files``, or a command-line flag such as ``--input``), so an error points at the
+place the user can fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LLMKitError
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def expand_inputs(patterns: Sequence[str | Path], what: str) -> list[Path]:
+    """The files named by ``patterns``, each a path or a glob pattern (``**`` recurses).
+
+    Each pattern's matches are sorted; patterns keep their order and a file named twice is
+    kept once. A pattern that matches no file raises :class:`LLMKitError` naming ``what``
+    (the setting the patterns came from).
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise LLMKitError(f"{what}: {pattern!r} matches no file; check the path or pattern")
+        for path in matches:
+            if path not in seen:
+                seen.add(path)
+                files.append(path)
+    return files
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` for a UTF-8 text file, 1-based, line endings kept.
+
+    Reads one line at a time, so the file is never held in memory. A line that is not valid
+    UTF-8 raises :class:`LLMKitError` naming the file and the line.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LLMKitError(
+                    f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                    "line); re-encode the file as UTF-8 or leave it out of the inputs"
+                ) from e
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value's type reads in a message: "an object", "a string", ..."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("file:line", object)`` for each non-blank line of the JSONL file ``path``.
+
+    ``what`` names the file's contents and ``line_format`` shows a valid line, for the
+    messages: a missing file, a line that is not UTF-8 or not JSON, or a JSON value that is
+    not an object raises :class:`LLMKitError` naming the file (and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"{what} file {path} does not exist: check the path")
+    for number, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LLMKitError(f"{source}: not valid JSON ({e.msg}); each line must be {line_format}") from None
+        if not isinstance(record, dict):
+            raise LLMKitError(
+                f"{source}: got {json_kind(record)} where a JSON object is needed; each line must be {line_format}"
+            )
+        yield source, record
+
+
+def text_field(record: dict[str, Any], key: str, source: str, line_format: str) -> str:
+    """``record[key]``, checked to be a non-blank string (else :class:`LLMKitError` at ``source``)."""
+    if key not in record:
+        raise LLMKitError(f"{source}: no {key!r} field; each line must be {line_format}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise LLMKitError(f"{source}: {key!r} is {json_kind(value)}; it must be a string (each line is {line_format})")
+    if not value.strip():
+        raise LLMKitError(f"{source}: {key!r} is empty; give it some text or remove the line")
+    return value
+
+
+def read_json(path: str | Path, hint: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a missing, malformed or non-object file raises
+    :class:`LLMKitError` naming it, followed by ``hint`` (what the file should be)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"{path} does not exist: {hint}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LLMKitError(f"{path} is not valid JSON ({e}): {hint}") from None
+    if not isinstance(value, dict):
+        raise LLMKitError(f"{path} holds {json_kind(value)}, not a JSON object: {hint}")
+    return value
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` via a temp file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
+    """Write ``records`` as JSON lines to ``path`` via a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
+    """``cls(**values)``, refusing unknown keys with a message that names ``what`` and lists the known keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LLMKitError(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def as_dataclass(cls: type, value: Any) -> Any:
+    """``value`` as a ``cls``: a ``cls`` instance as is, its dict (as checkpoint hyperparameters
+    store it) converted, None the defaults."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return dataclass_from_dict(cls, value, cls.__name__)
+    return value

@@ -1,0 +1,157 @@
+"""Optimisation shared by every LightningModule: AdamW with warm-up + cosine, gradient clipping
+that works with a fused AdamW under bf16-mixed, and the per-token gradient accumulation of the
+modules that optimise by hand (SFT, SDFT, TTT-Discover).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from llmkit.errors import LLMKitError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr (the mHC paper's
+    pretraining recipe, AdamW betas 0.9/0.95).
+
+    decay_steps: optimizer steps from 0 to the end of the cosine; None uses the Trainer's
+    estimated_stepping_batches (max_steps, or epochs x batches / accumulation).
+    implementation: "foreach" or "fused" (one kernel for the whole update; the GPU configs use
+    it). Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer even
+    in bf16, where there is no loss scaler; :func:`clip_grad_norm` clips them itself in that case.
+    """
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+    implementation: Literal["foreach", "fused"] = "foreach"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML and checkpoints give a list
+
+
+class WarmupCosine:
+    """LR multiplier: (s+1)/W for s < W, then 1 -> min_ratio along a half cosine until
+    decay_steps, then min_ratio. A class, not a lambda, so LambdaLR can checkpoint it."""
+
+    def __init__(self, warmup_steps: int, decay_steps: int, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.decay_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
+    """AdamW over ``param_groups`` and the warm-up + cosine LambdaLR of ``o``, stepped per
+    optimizer step, in the dict ``configure_optimizers`` returns."""
+    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, **{o.implementation: True})
+    decay_steps = o.decay_steps or trainer.estimated_stepping_batches
+    if not math.isfinite(decay_steps):
+        raise LLMKitError(
+            "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs or model.optim.decay_steps"
+        )
+    warmup = o.warmup_steps
+    if warmup >= decay_steps:
+        warmup = max(1, int(decay_steps) // 10)
+        rank_zero_warn(
+            f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -> None:
+    """Scale ``module``'s gradients so their global L2 norm is at most ``max_norm``.
+
+    Goes through Lightning (``module.clip_gradients``: loss-scaler unscaling, FSDP) except for a
+    fused optimizer under bf16-mixed: a fused AdamW unscales inside its step, so Lightning's
+    mixed-precision plugin refuses to clip for it, although only an fp16 loss scaler needs that;
+    bf16 has none, so the gradients are clipped directly."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
+    if getattr(inner, "_step_supports_amp_scaling", False) and module.trainer.precision == "bf16-mixed":
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step of :class:`TokenMeanAccumulator` saw: the mean loss per real token
+    on this rank, the real tokens over all ranks, and the learning rate it stepped with."""
+
+    loss: float
+    tokens: int
+    lr: float
+
+
+class TokenMeanAccumulator:
+    """Per-token gradient accumulation for a LightningModule that optimises by hand.
+
+    Each micro-batch hands :meth:`backward` its loss *summed* over its real tokens and their
+    number. Every ``accumulate_grad_batches`` micro-batches (or at the last batch) the step
+    divides the summed gradients by the step's real-token count over all ranks (times the world
+    size, since DDP averages gradients over ranks), clips them to ``gradient_clip_val``, and steps
+    the optimizer and the LR scheduler. So the loss is a mean per real token however a step's
+    tokens are split into micro-batches and ranks, the normalisation peer trainers get wrong.
+    A step with no real token anywhere is skipped with a warning.
+    """
+
+    def __init__(
+        self, module: L.LightningModule, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None
+    ) -> None:
+        if accumulate_grad_batches < 1:
+            raise LLMKitError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.module = module
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self._loss_sum = 0.0
+        self._tokens = 0
+        self._micro_batches = 0
+
+    def backward(self, total: torch.Tensor, count: int, last: bool = False) -> StepStats | None:
+        """Backward of one micro-batch's summed loss; returns the step's statistics when this
+        micro-batch ends an accumulation window (or ``last``), else None."""
+        self.module.manual_backward(total)
+        self._loss_sum += total.item()
+        self._tokens += count
+        self._micro_batches += 1
+        if self._micro_batches < self.accumulate_grad_batches and not last:
+            return None
+        return self._step()
+
+    def _step(self) -> StepStats | None:
+        module = self.module
+        optimizer, scheduler = module.optimizers(), module.lr_schedulers()
+        local = torch.tensor(float(self._tokens), device=module.device)
+        tokens = int(module.trainer.strategy.reduce(local, reduce_op="sum").item())
+        loss = self._loss_sum / max(self._tokens, 1)
+        self._loss_sum, self._tokens, self._micro_batches = 0.0, 0, 0
+        if tokens == 0:
+            rank_zero_warn(f"step {module.global_step}: no real tokens in the accumulated batches; skipping the update")
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, module.trainer.world_size / tokens)
+        if self.gradient_clip_val is not None:
+            clip_grad_norm(module, optimizer, self.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return StepStats(loss=loss, tokens=tokens, lr=optimizer.param_groups[0]["lr"])
