@@ -13,12 +13,13 @@ import torch.nn.functional as F
 import yaml
 
 from llmkit.callbacks import EMATeacher
-from llmkit.checkpoint import load_backbone
 from llmkit.cli import main
-from llmkit.data.sdft_data import SDFTDataModule, teacher_prompt
+from llmkit.data.examples import teacher_prompt
+from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.data.tasks import write_task_files
 from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_backbone
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import continuation_logits, generate
 from llmkit.model.transformer import Transformer

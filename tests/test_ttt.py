@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
 
 from llmkit.callbacks import EMATeacher
 from llmkit.cli import main
@@ -47,13 +49,18 @@ def base_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def fit(base_ckpt, tokenizer_path, out: Path, steps: int, **ttt) -> TTTDiscoverModule:
+def fit(base_ckpt, tokenizer_path, out: Path, steps: int, logger=False, **ttt) -> TTTDiscoverModule:
     L.seed_everything(0, verbose=False)
     module = TTTDiscoverModule(ttt={**TOY, **ttt}, lora={"rank": 4, "alpha": 8.0}, out_dir=str(out),
                                init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
-    L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module)
+    L.Trainer(accelerator="cpu", max_steps=steps, logger=logger, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module)
     return module
+
+
+def logged_steps(log_dir: Path, metric: str) -> list[int]:
+    with (log_dir / "metrics.csv").open() as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get(metric)]
 
 
 def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ckpt, tokenizer_path, tmp_path):
@@ -78,6 +85,10 @@ def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ck
     assert all({"beta", "best_reward", "r_mean", "r_std", "r_max", "start_states", "adapter"} <= r.keys() for r in log)
     assert [r["adapter"] is not None for r in log] == [False, True, False, True]
     assert [r["best_reward"] for r in log] == sorted(r["best_reward"] for r in log)  # the archive keeps the best
+    # a step's start states are picked when the step asks for them, after the last step's rollouts entered
+    # the archive: step 2 already starts from states that step 1 found
+    assert log[0]["start_states"] == [0, 0] and log[0]["archive_size"] > 1
+    assert any(state_id > 0 for state_id in log[1]["start_states"])
 
     tensors, _, meta = read_lora(out / "adapters" / "step_000004.safetensors")
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_B"))  # the adapter learned
@@ -93,13 +104,21 @@ def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ck
             assert torch.equal(value, base[name]), name
 
 
-def test_best_of_n_spends_the_budget_without_updates(base_ckpt, tokenizer_path, tmp_path):
-    module = fit(base_ckpt, tokenizer_path, tmp_path, steps=3, mode="best_of_n")
-    assert module.global_step == 3
-    assert all(p.abs().sum() == 0 for n, p in module.model.named_parameters() if n.endswith("lora_B"))
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["mode"] == "best_of_n" and result["rollouts"] == 3 * 2 * 4
-    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_ckpt, tokenizer_path, tmp_path):
+    runs = {}
+    for mode in ("ttt", "best_of_n"):
+        logger = CSVLogger(tmp_path, name=mode, version=0)
+        runs[mode] = fit(base_ckpt, tokenizer_path, tmp_path / mode, steps=3, logger=logger, mode=mode)
+        assert logged_steps(Path(logger.log_dir), "ttt/best_reward") == [1, 2, 3]
+    ttt, best_of_n = runs["ttt"], runs["best_of_n"]
+    assert ttt.global_step == ttt.archive.step == 3  # one optimizer step per discovery step
+    assert best_of_n.archive.step == 3 and best_of_n.global_step == 0  # three steps, no optimizer step
+    assert best_of_n.trainer.optimizers[0].state_dict()["state"] == {}  # AdamW never stepped
+    assert all(p.abs().sum() == 0 for n, p in best_of_n.model.named_parameters() if n.endswith("lora_B"))
+    result = json.loads((tmp_path / "best_of_n" / "result.json").read_text())
+    assert result["mode"] == "best_of_n" and result["rollouts"] == 3 * 2 * 4 and result["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "best_of_n" / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["start_states"] == [0, 0] for r in log)  # no reuse: always the initial state
 
 
@@ -115,7 +134,7 @@ def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenize
 
 
 def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenizer_path, tmp_path, capsys):
-    """Handoff Phase 11: a discovery run's best states become SDFT examples, and SDFT trains on them."""
+    """Consolidation: a discovery run's best states become SDFT examples, and SDFT trains on them."""
     fit(base_ckpt, tokenizer_path, tmp_path / "run", steps=3)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     out = tmp_path / "consolidated.jsonl"

@@ -1,9 +1,9 @@
-"""Token-level distillation divergences for SDFT (handoff "SDFT" §5, Appendix A1/A2).
+"""Token-level distillation divergences for SDFT (arXiv 2601.19897; docs/math.md).
 
 At every real completion position t the student distribution p_s = softmax(student logits)
 is compared with the teacher's p_t over the full vocabulary, analytically (no sampling):
 
-    alpha = 1      reverse KL   KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)   (the handoff's default)
+    alpha = 1      reverse KL   KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)   (llmkit's default)
     alpha = 0      forward KL   KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)   (the SDFT authors' published runs)
     0 < alpha < 1  generalised JSD (GKD, Agarwal et al. 2024) with M = alpha p_t + (1 - alpha) p_s:
                    alpha KL(p_t || M) + (1 - alpha) KL(p_s || M)
@@ -32,7 +32,7 @@ def token_divergence(
     """The divergence [...] at every position of logits [..., V] (see the module docstring).
 
     top_k: compare the two distributions only on the student's k most likely tokens at each
-    position, both renormalised there: it bounds memory at large vocabularies (the handoff's
+    position, both renormalised there: it bounds memory at large vocabularies (the analytic
     full-vocabulary estimator is top_k=None).
     """
     if not 0.0 <= alpha <= 1.0:
@@ -62,7 +62,7 @@ def distill_loss_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the divergence over real completion tokens, their number).
 
-    logits [B, L, V] are aligned with the completion tokens [B, L] (handoff F4); ``mask`` [B, L]
+    logits [B, L, V] are aligned with the completion tokens [B, L] (logit t predicts token t); ``mask`` [B, L]
     is True on real tokens, EOS included, False on padding (prompts are never part of L).
     The first ``skip_first`` completion tokens of each row are left out (the official code
     skips 3). Returning the sum and the count lets a caller divide by the number of real

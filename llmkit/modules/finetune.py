@@ -6,16 +6,17 @@ subclass says how a batch becomes a loss by returning the loss *summed* over its
 tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the rest:
 
 - manual optimisation (SDFT samples inside its training step, so Lightning's automatic loop
-  does not fit): gradients of the summed losses accumulate over ``accumulate_grad_batches``
-  micro-batches and are divided by the total real-token count before clipping and the
-  AdamW step, so the loss is a mean per real token however a batch is split (and across
-  DDP ranks);
+  does not fit) through :class:`~llmkit.optim.TokenMeanAccumulator`: the loss is a mean per
+  real token however a step is split into micro-batches and ranks;
 - validation: each subclass's ``val/...`` loss on ``data.val_files`` and, when
   ``evaluation`` names held-out shards or probes, the :mod:`llmkit.eval` report (logged as
   ``val/ppl`` and ``val/probe_accuracy`` and written to ``LOG_DIR/eval/step_NNNNNN.json``,
   NNNNNN the optimizer steps the evaluated weights have taken);
 - checkpoints that ``llmkit generate`` and later fine-tuning runs read: the backbone's
   config is stored beside the weights (``ckpt["model_config"]``).
+
+:func:`load_student` and :func:`check_fits` are shared with TTT-Discover, which also starts
+from a checkpoint but draws its own data.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from llmkit.checkpoint import backbone_from_checkpoint, read_checkpoint
-from llmkit.data.sdft_data import Example
+from llmkit.data.examples import Example
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.eval.report import EvalConfig, write_report
+from llmkit.eval.report import EvalConfig
+from llmkit.io import as_dataclass, write_json_atomic
+from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
 from llmkit.model.transformer import Transformer
-from llmkit.modules.pretrain import OptimConfig, adamw_with_schedule, as_dataclass, clip_grad_norm
+from llmkit.optim import OptimConfig, TokenMeanAccumulator, adamw_with_schedule
 
 
 @dataclass
@@ -45,6 +46,39 @@ class FineTuneOptimConfig(OptimConfig):
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
+
+
+def load_student(
+    init_ckpt: str | None, tokenizer: str | None, gradient_checkpointing: bool | None = None
+) -> tuple[Transformer, Tokenizer]:
+    """The backbone of ``init_ckpt`` in training mode and the tokenizer it was trained with,
+    checked to share a vocabulary; ``gradient_checkpointing`` overrides the checkpoint's setting
+    unless None."""
+    if init_ckpt is None or tokenizer is None:
+        raise LLMKitError(
+            "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its "
+            ".model file); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
+        )
+    model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
+    if gradient_checkpointing is not None:
+        model.config.gradient_checkpointing = gradient_checkpointing
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size != model.config.vocab_size:
+        raise LLMKitError(
+            f"tokenizer {tokenizer} has vocab_size {tok.vocab_size} but the model in {init_ckpt} has "
+            f"{model.config.vocab_size}; use the tokenizer the model was trained with"
+        )
+    return model, tok
+
+
+def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str) -> None:
+    """Raise, naming the source, if a context plus its room (completion tokens) exceeds ``max_seq_len``."""
+    for source, ids, room in zip(sources, contexts, rooms, strict=True):
+        if len(ids) + room > max_seq_len:
+            raise LLMKitError(
+                f"{source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
+                f"max_seq_len {max_seq_len}; shorten it or lower the completion length"
+            )
 
 
 class FineTuneModule(L.LightningModule):
@@ -65,6 +99,9 @@ class FineTuneModule(L.LightningModule):
         compile: torch.compile each transformer block (GPU runs).
     """
 
+    loss_name = "loss"
+    """The per-token loss is logged as ``train/<loss_name>`` and ``val/<loss_name>``."""
+
     def __init__(
         self,
         init_ckpt: str | None = None,
@@ -77,56 +114,29 @@ class FineTuneModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if init_ckpt is None or tokenizer is None:
-            raise LLMKitError(
-                "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its "
-                ".model file); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
-            )
         self.automatic_optimization = False
         optim = as_dataclass(FineTuneOptimConfig, optim)
-        optim.betas = tuple(optim.betas)
         evaluation = as_dataclass(EvalConfig, evaluation)
-        if accumulate_grad_batches < 1:
-            raise LLMKitError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulator = TokenMeanAccumulator(self, accumulate_grad_batches, gradient_clip_val)
         self.save_hyperparameters(
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "optim": asdict(optim), "evaluation": asdict(evaluation),
              "accumulate_grad_batches": accumulate_grad_batches, "gradient_clip_val": gradient_clip_val,
              "gradient_checkpointing": gradient_checkpointing, "compile": compile}
         )
-        self.model: Transformer = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
-        if gradient_checkpointing is not None:
-            self.model.config.gradient_checkpointing = gradient_checkpointing
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing)
         self.config = self.model.config
-        self.tokenizer = Tokenizer(tokenizer)
-        if self.tokenizer.vocab_size != self.config.vocab_size:
-            raise LLMKitError(
-                f"tokenizer {tokenizer} has vocab_size {self.tokenizer.vocab_size} but the model in {init_ckpt} has "
-                f"{self.config.vocab_size}; use the tokenizer the model was trained with"
-            )
         self.optim = optim
         self.evaluation = evaluation
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_val = gradient_clip_val
-        self.compile_blocks = compile
-        self._acc_loss = 0.0
-        self._acc_tokens = 0
         self._loaded_step = 0
 
-    loss_name = "loss"
-    """The per-token loss is logged as ``train/<loss_name>`` and ``val/<loss_name>``."""
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def configure_model(self) -> None:
-        if self.compile_blocks:
+        if self.hparams.compile:
             for module in self.modules():
                 if isinstance(module, Transformer):
                     module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_schedule(self.model, self.optim, self.trainer)
+        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         """(the loss summed over the batch's real tokens, their number); ``stage`` is "train" or
@@ -141,16 +151,6 @@ class FineTuneModule(L.LightningModule):
                 raise LLMKitError(f"{example.source}: the {what} encodes to no tokens; give it some text")
         return ids
 
-    def check_fits(self, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str) -> None:
-        """Raise, naming the source, if a context plus its room (completion tokens) exceeds max_seq_len."""
-        limit = self.config.max_seq_len
-        for source, ids, room in zip(sources, contexts, rooms, strict=True):
-            if len(ids) + room > limit:
-                raise LLMKitError(
-                    f"{source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
-                    f"max_seq_len {limit}; shorten it or lower the completion length"
-                )
-
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         total, count = self.loss_sum(batch, "train", batch_idx)
         if not torch.isfinite(total):
@@ -159,33 +159,11 @@ class FineTuneModule(L.LightningModule):
                 f"non-finite training loss at global step {self.global_step} (batch {batch_idx}: {sources}, ...); "
                 f"lower optim.lr or resume from the last good checkpoint"
             )
-        self.manual_backward(total)
-        self._acc_loss += total.item()
-        self._acc_tokens += count
-        if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
-            self._optimizer_step()
-
-    def _optimizer_step(self) -> None:
-        """Divide the accumulated gradients by the real-token count (over all ranks), clip, step."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        tokens = int(self.trainer.strategy.reduce(torch.tensor(float(self._acc_tokens)), reduce_op="sum").item())
-        loss = self._acc_loss / max(self._acc_tokens, 1)
-        self._acc_loss, self._acc_tokens = 0.0, 0
-        if tokens == 0:
-            rank_zero_warn(f"step {self.global_step}: no real tokens in the accumulated batches; skipping the update")
-            optimizer.zero_grad(set_to_none=True)
-            return
-        scale = self.trainer.world_size / tokens  # DDP averages gradients over ranks
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, scale)
-        if self.gradient_clip_val is not None:
-            clip_grad_norm(self, optimizer, self.gradient_clip_val)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        self.log(f"train/{self.loss_name}", loss, prog_bar=True)
-        self.log("train/tokens_per_step", float(tokens))
-        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
+        stats = self.accumulator.backward(total, count, last=self.trainer.is_last_batch)
+        if stats is not None:
+            self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
+            self.log("train/tokens_per_step", float(stats.tokens))
+            self.log("train/lr", stats.lr, prog_bar=True)
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         total, count = self.loss_sum(batch, "val", batch_idx)
@@ -202,7 +180,7 @@ class FineTuneModule(L.LightningModule):
         step = self.global_step if self.trainer.state.fn == "fit" else self._loaded_step
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            write_report(log_dir / "eval" / f"step_{step:06d}.json", report)
+            write_json_atomic(log_dir / "eval" / f"step_{step:06d}.json", report)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()

@@ -1,101 +1,18 @@
-"""PretrainModule: next-token pretraining of the mHC backbone (handoff Phases 5-6, E2)."""
+"""PretrainModule: next-token pretraining of the mHC backbone (docs/architecture.md, "Training")."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from llmkit.errors import LLMKitError
-from llmkit.model.config import ModelConfig, dataclass_from_dict
+from llmkit.io import as_dataclass
+from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr (handoff E2).
-
-    decay_steps: optimizer steps from 0 to the end of the cosine; None uses the Trainer's
-    estimated_stepping_batches (max_steps, or epochs x batches / accumulation).
-    implementation: "foreach" or "fused" (one kernel for the whole update; the GPU configs use
-    it). Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer even
-    in bf16, where there is no loss scaler; PretrainModule clips them itself in that case.
-    """
-
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 2000
-    min_lr_ratio: float = 0.1
-    decay_steps: int | None = None
-    implementation: Literal["foreach", "fused"] = "foreach"
-
-
-class WarmupCosine:
-    """LR multiplier: (s+1)/W for s < W, then 1 -> min_ratio along a half cosine until
-    decay_steps, then min_ratio. A class, not a lambda, so LambdaLR can checkpoint it."""
-
-    def __init__(self, warmup_steps: int, decay_steps: int, min_ratio: float) -> None:
-        self.warmup_steps = warmup_steps
-        self.decay_steps = decay_steps
-        self.min_ratio = min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.decay_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def adamw_with_schedule(model: Transformer, o: OptimConfig, trainer: L.Trainer) -> dict:
-    """AdamW over ``model.param_groups`` and the warm-up + cosine LambdaLR of ``o``, stepped
-    per optimizer step, in the dict ``configure_optimizers`` returns."""
-    optimizer = torch.optim.AdamW(
-        model.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **{o.implementation: True}
-    )
-    decay_steps = o.decay_steps or trainer.estimated_stepping_batches
-    if not math.isfinite(decay_steps):
-        raise LLMKitError(
-            "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs or model.optim.decay_steps"
-        )
-    warmup = o.warmup_steps
-    if warmup >= decay_steps:
-        warmup = max(1, int(decay_steps) // 10)
-        rank_zero_warn(
-            f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
-        )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -> None:
-    """Scale ``module``'s gradients so their global L2 norm is at most ``max_norm``.
-
-    Goes through Lightning (``module.clip_gradients``: loss-scaler unscaling, FSDP) except for a
-    fused optimizer under bf16-mixed: a fused AdamW unscales inside its step, so Lightning's
-    mixed-precision plugin refuses to clip for it, although only an fp16 loss scaler needs that;
-    bf16 has none, so the gradients are clipped directly."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
-    if getattr(inner, "_step_supports_amp_scaling", False) and module.trainer.precision == "bf16-mixed":
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
-    else:
-        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-
-
-def as_dataclass(cls: type, value: Any) -> Any:
-    """Accept a dataclass instance or its dict (as stored in checkpoint hyperparameters)."""
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        return dataclass_from_dict(cls, value, cls.__name__)
-    return value
+from llmkit.optim import OptimConfig, adamw_with_schedule, clip_grad_norm
 
 
 class PretrainModule(L.LightningModule):
@@ -120,13 +37,11 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         super().__init__()
         config, optim = as_dataclass(ModelConfig, config), as_dataclass(OptimConfig, optim)
-        optim.betas = tuple(optim.betas)
         self.save_hyperparameters(
             {"config": config.to_dict(), "optim": asdict(optim), "compile": compile}
         )
         self.config = config
         self.optim = optim
-        self.compile_blocks = compile
         self.model = Transformer(config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
@@ -137,7 +52,7 @@ class PretrainModule(L.LightningModule):
         return self.config.vocab_size
 
     def configure_model(self) -> None:
-        if self.compile_blocks:
+        if self.hparams.compile:
             self.model.compile_blocks()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -173,7 +88,7 @@ class PretrainModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss))
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_schedule(self.model, self.optim, self.trainer)
+        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def configure_gradient_clipping(
         self,

@@ -1,4 +1,4 @@
-"""SDFTModule: on-policy self-distillation fine-tuning (handoff "SDFT" §2-6, A1/A2, F4, K3).
+"""SDFTModule: on-policy self-distillation fine-tuning (SDFT, Shenfeld et al., arXiv 2601.19897).
 
 Each training step, for a batch of examples (x, c):
 
@@ -6,8 +6,8 @@ Each training step, for a batch of examples (x, c):
    batched, without gradients (:func:`llmkit.model.generation.generate`); y ends at EOS or
    after ``max_new_tokens``, EOS included;
 2. one batched forward of the student on x + y and one of the teacher on template(x, c) + y,
-   each sliced to the logits that predict y (F4: from column C - 1 for a context of C
-   tokens; :func:`continuation_logits` aligns every row however long its context);
+   each sliced to the logits that predict y (from column C - 1 for a context of C tokens;
+   :func:`continuation_logits` aligns every row however long its context);
 3. the token-level divergence between the two next-token distributions over the full
    vocabulary (:func:`llmkit.modules.distill.distill_loss_sum`: reverse KL at alpha = 1,
    forward KL at alpha = 0), on real completion tokens only (no prompt, no padding; EOS
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from llmkit.data.sdft_data import TEACHER_TEMPLATE, Example, SDFTDataModule, teacher_prompt
+from llmkit.data.examples import TEACHER_TEMPLATE, Example, check_template, teacher_prompt
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
+from llmkit.io import as_dataclass
 from llmkit.model.generation import SamplingConfig, continuation_logits, generate
 from llmkit.modules.distill import distill_loss_sum
-from llmkit.modules.finetune import FineTuneModule
-from llmkit.modules.pretrain import as_dataclass
+from llmkit.modules.finetune import FineTuneModule, check_fits
 
 VAL_SEED = 1_000_003
 """Validation samples completions with seed VAL_SEED + batch index, so val/divergence is a
@@ -45,8 +45,8 @@ function of the weights alone."""
 class SDFTConfig:
     """The distillation and its on-policy sampling.
 
-    alpha: 1.0 reverse KL (the handoff's default), 0.0 forward KL (the SDFT authors'
-        published runs), in between the generalised JSD.
+    alpha: 1.0 reverse KL (llmkit's default, the paper's analytic objective), 0.0 forward KL
+        (the SDFT authors' published runs), in between the generalised JSD.
     top_k: compare the distributions on the student's top-k tokens only (memory); None is
         the full vocabulary.
     skip_first: leave the first k completion tokens out of the loss (the official code: 3).
@@ -54,6 +54,8 @@ class SDFTConfig:
         code samples at temperature 1.0 without truncation).
     compile_sampler: run the sampler's decode step through torch.compile (CUDA graphs on GPU;
         see :class:`SamplingConfig`); the training forwards follow the module's ``compile``.
+    teacher_template: the teacher's context, with ``{prompt}`` and ``{demonstration}`` (default:
+        the SDFT paper's; the authors' code ends it with a period instead of the colon).
     """
 
     alpha: float = 1.0
@@ -64,6 +66,7 @@ class SDFTConfig:
     sample_top_k: int | None = None
     sample_top_p: float | None = None
     compile_sampler: bool = False
+    teacher_template: str = TEACHER_TEMPLATE
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -75,6 +78,7 @@ class SDFTConfig:
         if self.temperature <= 0:
             raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
         self.sampling()  # checks max_new_tokens, top-k and top-p
+        check_template(self.teacher_template)
 
     def sampling(self, seed: int | None = None) -> SamplingConfig:
         return SamplingConfig(
@@ -86,9 +90,9 @@ class SDFTConfig:
 class SDFTModule(FineTuneModule):
     """SDFT from a pretrained checkpoint (see the module docstring).
 
-    Logs ``train/divergence`` (per real token), ``train/gen_len_mean|min|max``
-    and ``train/eos_fraction`` (handoff I2); validation logs ``val/divergence`` on completions
-    sampled with fixed seeds.
+    Logs ``train/divergence`` (per real token), ``train/gen_len_mean|min|max`` and
+    ``train/eos_fraction`` (a student that stops ending its answers shows there first);
+    validation logs ``val/divergence`` on completions sampled with fixed seeds.
 
     Args:
         sdft: the divergence and the sampling of y.
@@ -104,20 +108,14 @@ class SDFTModule(FineTuneModule):
         self.sdft = sdft
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
 
-    @property
-    def teacher_template(self) -> str:
-        """The data module's template (configurable as ``data.teacher_template``), else the handoff's."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        return datamodule.teacher_template if isinstance(datamodule, SDFTDataModule) else TEACHER_TEMPLATE
-
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         cfg = self.sdft
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
-        contexts = self.encode_prompts([teacher_prompt(e, self.teacher_template) for e in batch], batch,
+        contexts = self.encode_prompts([teacher_prompt(e, cfg.teacher_template) for e in batch], batch,
                                        "teacher prompt")
         sources, rooms = [e.source for e in batch], [cfg.max_new_tokens] * len(batch)
-        self.check_fits(sources, prompts, rooms, "prompt")
-        self.check_fits(sources, contexts, rooms, "teacher prompt")
+        check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt")
+        check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt")
 
         seed = VAL_SEED + batch_idx if stage == "val" else None
         with eval_mode(self.model):

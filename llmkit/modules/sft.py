@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkit.data.sdft_data import Example
+from llmkit.data.examples import Example
 from llmkit.model.generation import continuation_logits
-from llmkit.modules.finetune import FineTuneModule
+from llmkit.modules.finetune import FineTuneModule, check_fits
 
 
 class SFTModule(FineTuneModule):
@@ -24,7 +24,8 @@ class SFTModule(FineTuneModule):
         demonstrations = self.tokenizer.encode_batch([e.demonstration for e in batch])
         targets = [ids + [self.tokenizer.eos_id] for ids in demonstrations]
         sources = [e.source for e in batch]
-        self.check_fits(sources, prompts, [len(t) for t in targets], "prompt (with its demonstration)")
+        check_fits(self.config.max_seq_len, sources, prompts, [len(t) for t in targets],
+                   "prompt (with its demonstration)")
         logits, ids, mask = continuation_logits(self.model, prompts, targets, self.tokenizer.pad_id)
         total = F.cross_entropy(logits[mask].float(), ids[mask], reduction="sum")
         return total, int(mask.sum())

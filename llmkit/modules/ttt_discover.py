@@ -1,8 +1,10 @@
-"""TTTDiscoverModule: test-time training on one discovery problem (handoff "TTT-Discover" §1-8, K4).
+"""TTTDiscoverModule: test-time training on one discovery problem (TTT-Discover, arXiv 2601.16175).
 
-One training step (K4):
+The module's data are the states it starts from: :class:`StartStates` hands each training step
+the archive states PUCT picks for it, chosen when the step asks (a sized iterable, so Lightning
+does not fetch ahead, and the choice sees every earlier step's rollouts). One training step:
 
-1. pick start states from the archive by PUCT (``reuse``; else always the initial state);
+1. take the step's start states (PUCT over the archive with ``reuse``; else the initial state);
 2. build each start's prompt with the environment (``context_from_archive``) and sample
    ``group_size`` rollouts per start with the KV-cached sampler, LoRA on;
 3. parse each rollout into a state and score it, both in the sandboxed worker
@@ -10,16 +12,24 @@ One training step (K4):
 4. per group, the adaptive beta (KL(q_beta || uniform) = ``target_kl``; or ``fixed_beta``) and
    the leave-one-out entropic advantages; KL shaping against the frozen base, whose
    log-probabilities come from the same model with LoRA switched off;
-5. one REINFORCE update of the LoRA parameters only (per real token, clipped; the base is
-   frozen and its fingerprint is checked at the end);
+5. one REINFORCE update of the LoRA parameters only (per real token, clipped, through
+   :class:`~llmkit.optim.TokenMeanAccumulator`; the base is frozen and its fingerprint is
+   checked at the end);
 6. the rollouts' valid states enter the archive (top-2 children per start).
 
+``mode: best_of_n`` spends the same sampling budget from the initial state without updates or
+reuse: the baseline TTT-Discover must beat. It skips steps 4-5 and never steps the optimizer.
+
+The step axis is the discovery step (``archive.step``: steps completed), in both modes: it
+numbers the TensorBoard metrics (``ttt/...``, straight to the loggers), the lines of
+``discovery_log.jsonl`` and the adapter files. In ``ttt`` mode it equals Lightning's
+``global_step``; in ``best_of_n`` mode no optimizer step is taken, so ``global_step`` stays 0
+and the run stops after ``trainer.max_steps`` discovery steps.
+
 Outputs, in ``out_dir`` (default: the run's log directory): ``discovery_log.jsonl`` (one line
-per step, handoff I3), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and
-at the end, ``archive.json`` and ``result.json`` (the best state and its reward, and the
-problem's prompt for ``llmkit consolidate``). The same
-metrics go to TensorBoard under ``ttt/``. ``mode: best_of_n`` spends the same sampling budget
-from the initial state without updates or reuse: the baseline TTT-Discover must beat.
+per step), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and at the end,
+``archive.json`` and ``result.json`` (the best state and its reward, and the problem's prompt
+for ``llmkit consolidate``). See docs/ttt.md.
 """
 
 from __future__ import annotations
@@ -27,19 +37,20 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from llmkit.data.corpus import write_json_atomic
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
+from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
     LoRAConfig,
@@ -49,11 +60,14 @@ from llmkit.model.lora import (
     mark_only_lora_trainable,
     save_lora,
 )
-from llmkit.modules.finetune import FineTuneModule
-from llmkit.modules.pretrain import as_dataclass
+from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student
+from llmkit.optim import TokenMeanAccumulator, adamw_with_schedule
 
 MAX_LOGGED_REASONS = 3
 """Distinct failure reasons (parse errors, exceptions, timeouts) kept per step in discovery_log.jsonl."""
+
+STEP_METRICS = ("beta", "best_reward", "r_mean", "r_std", "r_max", "failures", "archive_size")
+"""The per-step statistics logged to TensorBoard as ``ttt/<name>``."""
 
 
 @dataclass
@@ -100,26 +114,63 @@ class TTTConfig:
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)  # checks both
 
 
-class TTTDiscoverModule(FineTuneModule):
+class StartStates:
+    """The training data: for each of ``steps`` steps, the ids of the archive states that step
+    starts from, selected when the step asks for them (see the module docstring)."""
+
+    def __init__(self, module: TTTDiscoverModule, steps: int) -> None:
+        self.module = module
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield [state.id for state in self.module.select_starts()]
+
+
+class TTTDiscoverModule(L.LightningModule):
     """TTT-Discover on one problem (see the module docstring); LoRA adapters only.
 
     Args:
+        init_ckpt: the checkpoint whose backbone is adapted (required).
+        tokenizer: the SentencePiece ``.model`` the backbone was trained with (required).
         ttt: the problem and the loop.
         lora: the adapter (the paper: rank 32).
+        optim: AdamW over the adapter and its schedule (the paper: lr 4e-5).
         out_dir: where logs, adapters and results go (None: the run's log directory).
-        **kwargs: the :class:`FineTuneModule` arguments (init_ckpt, tokenizer, optim, ...).
+        gradient_clip_val: clip the adapter's global gradient norm to this (None: no clipping).
+        gradient_checkpointing: override the backbone config's setting (None keeps it).
+        compile: torch.compile each transformer block (GPU runs).
     """
 
-    loss_name = "policy_loss"
-
     def __init__(
-        self, ttt: TTTConfig | None = None, lora: LoRAConfig | None = None, out_dir: str | None = None, **kwargs: Any
+        self,
+        init_ckpt: str | None = None,
+        tokenizer: str | None = None,
+        ttt: TTTConfig | None = None,
+        lora: LoRAConfig | None = None,
+        optim: FineTuneOptimConfig | None = None,
+        out_dir: str | None = None,
+        gradient_clip_val: float | None = 1.0,
+        gradient_checkpointing: bool | None = None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__()
+        self.automatic_optimization = False
         self.ttt = as_dataclass(TTTConfig, ttt)
         self.lora = as_dataclass(LoRAConfig, lora if lora is not None else {"rank": 32, "alpha": 64.0})
-        self.hparams.update({"ttt": asdict(self.ttt), "lora": self.lora.to_dict(), "out_dir": out_dir})
+        self.optim = as_dataclass(FineTuneOptimConfig, optim)
+        self.save_hyperparameters(
+            {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "ttt": asdict(self.ttt), "lora": self.lora.to_dict(),
+             "optim": asdict(self.optim), "out_dir": out_dir, "gradient_clip_val": gradient_clip_val,
+             "gradient_checkpointing": gradient_checkpointing, "compile": compile}
+        )
         self.out_dir = out_dir
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing)
+        self.config = self.model.config
+        self.accumulator = TokenMeanAccumulator(self, gradient_clip_val=gradient_clip_val)
         self.env: DiscoveryEnv = load_env(self.ttt.env, self.ttt.env_args)
         apply_lora(self.model, self.lora)
         mark_only_lora_trainable(self.model)
@@ -129,17 +180,24 @@ class TTTDiscoverModule(FineTuneModule):
         if why is not None:
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
-        self._step_log: dict[str, Any] = {}
 
-    def train_dataloader(self) -> DataLoader:
-        """One item per step: the loop draws its own data (rollouts) in the training step."""
-        return DataLoader(range(max(1, self.trainer.max_steps)), batch_size=1)
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.compile_blocks()
+
+    def configure_optimizers(self) -> dict:
+        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
+
+    def train_dataloader(self) -> StartStates:
+        if self.trainer.max_steps < 1:
+            raise LLMKitError("TTT-Discover needs trainer.max_steps >= 1: the number of discovery steps to run")
+        return StartStates(self, self.trainer.max_steps)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
 
-    def _starts(self) -> list[State]:
+    def select_starts(self) -> list[State]:
         """``starts_per_step`` start states. PUCT selection skips the lineage of each pick, so it
         can return fewer (early on, only the root); the picks are then repeated in turn, each
         repeat a group of its own, so every step samples the same number of rollouts."""
@@ -155,13 +213,13 @@ class TTTDiscoverModule(FineTuneModule):
         reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s)
         return (state if why is None else None), reward, why
 
-    def loss_sum(self, batch: Any, stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+    def training_step(self, batch: list[int], batch_idx: int) -> None:
         cfg, tok = self.ttt, self.tokenizer
-        starts = self._starts()
+        starts = [self.archive.get(state_id) for state_id in batch]
         others = [s.text for s in sorted(self.archive.states.values(), key=lambda s: -s.reward)]
         prompts = [tok.encode(self.env.context_from_archive(s.text, others)) for s in starts]
-        self.check_fits([f"archive state {s.id}" for s in starts], prompts, [cfg.max_new_tokens] * len(starts),
-                        f"{self.env.name} prompt")
+        check_fits(self.config.max_seq_len, [f"archive state {s.id}" for s in starts], prompts,
+                   [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt")
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         with eval_mode(self.model):
@@ -176,45 +234,57 @@ class TTTDiscoverModule(FineTuneModule):
             rollouts.setdefault(start.id, []).extend((s or "", r if s is not None else math.nan) for s, r, _ in scored)
             groups.append([r for _, r, _ in scored])
         betas = [cfg.fixed_beta if cfg.fixed_beta is not None else solve_beta(r, cfg.target_kl) for r in groups]
-        advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
+        metrics = {}
+        if cfg.mode == "ttt":
+            advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
+            metrics = self._update(contexts, actions, advantages)
         self.archive.record_batch(rollouts)
 
         rewards = [r for group in groups for r in group]
-        self._step_log = {
+        self._record_step(starts, {
             "problem": self.env.name, "beta": statistics.fmean(betas), "best_reward": self.archive.best().reward,
             "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
-        }
-        if cfg.mode == "best_of_n":
-            return torch.zeros((), device=self.device), 0
-        logp, mask = sequence_logprobs(self.model, contexts, actions, tok.pad_id)
+        }, metrics)
+
+    def _update(self, contexts: list[list[int]], actions: list[list[int]], advantages: torch.Tensor) -> dict:
+        """The policy-gradient step of the LoRA parameters; its TensorBoard metrics."""
+        cfg, pad = self.ttt, self.tokenizer.pad_id
+        logp, mask = sequence_logprobs(self.model, contexts, actions, pad)
         with torch.no_grad(), disable_lora(self.model):
-            logp_base, _ = sequence_logprobs(self.model, contexts, actions, tok.pad_id)
+            logp_base, _ = sequence_logprobs(self.model, contexts, actions, pad)
         shaped = kl_shaped_advantages(advantages.to(logp.device), logp.detach(), logp_base, mask, cfg.kl_lambda,
                                       cfg.kl_center)
         total, count = entropic_policy_loss(logp, mask, shaped)
-        return total.float(), int(count)
+        if not torch.isfinite(total):
+            raise LLMKitError(
+                f"non-finite policy loss at discovery step {self.archive.step + 1}; lower optim.lr or ttt.kl_lambda, "
+                f"or resume from the last good checkpoint"
+            )
+        stats = self.accumulator.backward(total.float(), int(count), last=True)
+        if stats is None:
+            return {}
+        return {"train/policy_loss": stats.loss, "train/lr": stats.lr, "train/tokens_per_step": float(stats.tokens)}
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        if self.ttt.mode == "ttt":
-            return super().training_step(batch, batch_idx)
-        with torch.no_grad():
-            self.loss_sum(batch, "train", batch_idx)
-        self.optimizers().step()  # no gradients, so no weight moves: it only counts the step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        record = {"step": step, **self._step_log, "adapter": None}
+    def _record_step(self, starts: list[State], record: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Log the step that just completed (``archive.step``) to the loggers, the progress bar,
+        ``discovery_log.jsonl``, and save the adapter every ``adapter_every`` steps."""
+        step = self.archive.step
+        record = {"step": step, **record, "adapter": None}
         if step % self.ttt.adapter_every == 0:
             record["adapter"] = str(self._save_adapter(step))
-        for key in ("beta", "best_reward", "r_mean", "r_std", "r_max", "failures", "archive_size"):
-            self.log(f"ttt/{key}", float(record[key]))
+        metrics = {f"ttt/{key}": float(record[key]) for key in STEP_METRICS} | metrics
+        for logger in self.trainer.loggers:  # the discovery step, not global_step (see the module docstring)
+            logger.log_metrics(metrics, step=step)
+        self.log_dict({k: metrics[k] for k in ("ttt/best_reward", "ttt/r_mean")}, prog_bar=True, logger=False)
         if self.trainer.is_global_zero:
             path = self.output_dir / "discovery_log.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.ttt.mode == "best_of_n" and step >= self.trainer.max_steps:
+            self.trainer.should_stop = True  # no optimizer step moves global_step towards max_steps
 
     def _save_adapter(self, step: int) -> Path:
         return save_lora(self.model, self.output_dir / "adapters" / f"step_{step:06d}.safetensors", self.lora,
@@ -225,22 +295,20 @@ class TTTDiscoverModule(FineTuneModule):
             raise LLMKitError("the base weights changed during TTT-Discover: only LoRA parameters may train")
         if not self.trainer.is_global_zero:
             return
-        adapter = self._save_adapter(self.global_step)
+        adapter = self._save_adapter(self.archive.step)
         best, initial = self.archive.best(), self.archive.get(0)
         write_json_atomic(self.output_dir / "archive.json", self.archive.to_dict())
         write_json_atomic(self.output_dir / "result.json", {
             "problem": self.env.name, "mode": self.ttt.mode, "prompt": self.env.context_from_archive(initial.text, []),
             "best_state": best.text, "best_reward": best.reward, "best_state_id": best.id, "found_at_step": best.step,
             "initial_reward": initial.reward,
-            "steps": self.global_step, "rollouts": self.archive.total_rollouts, "adapter": str(adapter),
+            "steps": self.archive.step, "rollouts": self.archive.total_rollouts, "adapter": str(adapter),
             "base_sha256": self.base_sha256,
         })
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+        checkpoint["model_config"] = self.config.to_dict()
         checkpoint["archive"] = self.archive.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
         self.archive = Archive.from_dict(checkpoint["archive"])
-
