@@ -246,7 +246,8 @@ def test_a_gate_with_nothing_to_evaluate_refuses_to_start(tmp_path, shards, toke
 
 
 def test_probes_need_a_tokenizer_and_blocks_a_step(tmp_path, shards):
-    with pytest.raises(LLMKitError, match="RegressionGate probes .* need the tokenizer"):
+    with pytest.raises(LLMKitError, match="RegressionGate needs the LightningModule to have `tokenizer` .* to complete "
+                                          "the probes .*p.jsonl; Student does not"):
         fit(tmp_path, Student(None, EvalConfig(probes=str(tmp_path / "p.jsonl"))), shards, 1, [RegressionGate()])
     with pytest.raises(LLMKitError, match="every_n_steps must be >= 1, got 0"):
         RegressionGate(every_n_steps=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmkit.callbacks import Replay
-from llmkit.data.sdft_data import Example, SDFTDataModule
+from llmkit.data.examples import Example
+from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.errors import LLMKitError
 
 

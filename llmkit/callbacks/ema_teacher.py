@@ -1,10 +1,10 @@
-"""EMATeacher: the SDFT teacher as an exponential moving average of the student (handoff "SDFT" §4).
+"""EMATeacher: the SDFT teacher as an exponential moving average of the student (SDFT, arXiv 2601.19897).
 
 After every optimizer step, for every parameter of the teacher and its student namesake:
 
     θ_ema ← τ θ_ema + (1 − τ) θ
 
-τ (``decay``) is 0.999 by default, the handoff's value; the SDFT authors' official code
+τ (``decay``) is 0.999 by default, llmkit's choice; the SDFT authors' official code
 uses 0.99 (``teacher = 0.99 * teacher + 0.01 * student`` each step), which adapts the
 teacher ten times faster. Lightning's ``EMAWeightAveraging`` keeps its average private and
 swaps it in for validation, so it cannot be a live teacher; here the average *is* the
@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from llmkit.callbacks.interfaces import HasTeacher, require
 from llmkit.errors import LLMKitError
 
 
@@ -42,15 +43,9 @@ class EMATeacher(Callback):
         self.last_step: int | None = None
 
     @staticmethod
-    def _pairs(pl_module: L.LightningModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _pairs(pl_module: HasTeacher) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher tensors, student tensors), parameters matched by name."""
-        teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "model", None)
-        if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
-            raise LLMKitError(
-                f"EMATeacher needs a module with `model` (the student) and `teacher`; {type(pl_module).__name__} "
-                f"lacks them: use it with SDFTModule"
-            )
-        t, s = dict(teacher.named_parameters()), dict(student.named_parameters())
+        t, s = dict(pl_module.teacher.named_parameters()), dict(pl_module.model.named_parameters())
         if t.keys() != s.keys():
             differ = sorted(t.keys() ^ s.keys())[:3]
             raise LLMKitError(
@@ -58,8 +53,11 @@ class EMATeacher(Callback):
             )
         return [t[name] for name in s], [s[name] for name in s]
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._pairs(require(self, pl_module, HasTeacher, "(use it with SDFTModule)"))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pairs(pl_module)  # fail before the first step, not after it
         if self.last_step is None:
             self.last_step = trainer.global_step
 

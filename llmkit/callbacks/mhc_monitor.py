@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from llmkit.callbacks.interfaces import HasBackbone, require
 from llmkit.errors import LLMKitError
 from llmkit.model.mhc import MHCMapping
 
@@ -83,6 +84,10 @@ class MHCMonitor(L.Callback):
             for handle in handles:
                 handle.remove()
         return captured
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(self, pl_module, HasBackbone, "(the backbone whose mappings it reads)")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -1,8 +1,7 @@
 """RegressionGate: accept a block of continual updates only if held-out metrics hold.
 
-Handoff "SDFT" §9 (evaluation gates) and Phase 8 ("before and after a block of SDFT updates,
-run perplexity eval on a fixed small validation text set and capability probes; if regression
-> threshold, revert weights"). Every ``every_n_steps`` optimizer steps (a *block*) the gate
+Continual learning must not forget what the model could do, so every ``every_n_steps``
+optimizer steps (a *block*) the gate
 evaluates the student (``pl_module.model``) with an :class:`~llmkit.eval.EvalConfig` and
 compares the report with the one from before the block:
 
@@ -47,9 +46,11 @@ from typing import Any
 import lightning as L
 import torch
 
+from llmkit.callbacks.interfaces import HasBackbone, HasEvaluation, HasTokenizer, require, satisfies
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.eval import EvalConfig, write_report
-from llmkit.model.transformer import Transformer
+from llmkit.eval import EvalConfig
+from llmkit.io import write_json_atomic
 
 _TOLERANCE = 1e-9
 """Slack on the thresholds for float noise: 0.8 - 0.75 is 0.05000000000000004, not above 0.05."""
@@ -147,6 +148,7 @@ class RegressionGate(L.Callback):
         self.rejections = 0
         self.decisions: list[dict] = []
         self._config: EvalConfig | None = None
+        self._tokenizer: Tokenizer | None = None
         self._dir: Path | None = None
         self._before: dict | None = None  # report of the kept weights, those of the snapshot
         self._snapshot: tuple[dict, list[dict]] | None = None
@@ -156,22 +158,19 @@ class RegressionGate(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        candidates = (self.evaluation, getattr(pl_module, "evaluation", None))
+        require(self, pl_module, HasBackbone, "(the backbone it evaluates)")
+        candidates = [self.evaluation]
+        if satisfies(pl_module, HasEvaluation):
+            candidates.append(pl_module.evaluation)
         config = next((c for c in candidates if c is not None and c.enabled), None)
         if config is None:
             raise LLMKitError(
                 "RegressionGate has nothing to evaluate: set evaluation.ppl_files (held-out .bin shards) "
                 "and/or evaluation.probes (a probe JSONL file) on the callback or on the module"
             )
-        if not isinstance(getattr(pl_module, "model", None), Transformer):
-            raise LLMKitError(
-                f"RegressionGate evaluates pl_module.model, a Transformer; {type(pl_module).__name__} has none"
-            )
-        if config.probes is not None and getattr(pl_module, "tokenizer", None) is None:
-            raise LLMKitError(
-                f"RegressionGate probes ({config.probes}) need the tokenizer: give {type(pl_module).__name__} "
-                "a tokenizer attribute or drop evaluation.probes"
-            )
+        if config.probes is not None:
+            why = f"to complete the probes {config.probes}"
+            self._tokenizer = require(self, pl_module, HasTokenizer, why).tokenizer
         self._config = config
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -200,7 +199,7 @@ class RegressionGate(L.Callback):
         self.decisions = copy.deepcopy(state_dict["decisions"])
 
     def _evaluate(self, pl_module: L.LightningModule) -> dict:
-        return self._config.run(pl_module.model, getattr(pl_module, "tokenizer", None))
+        return self._config.run(pl_module.model, self._tokenizer)
 
     def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._snapshot = (
@@ -231,9 +230,9 @@ class RegressionGate(L.Callback):
         accepted = decision["decision"] == "accepted"
         if trainer.is_global_zero:
             block_dir = self._dir / f"block_{self.blocks:04d}"
-            write_report(block_dir / "eval_before.json", self._before)
-            write_report(block_dir / "eval_after.json", after)
-            write_report(block_dir / "gate_decision.json", decision)
+            write_json_atomic(block_dir / "eval_before.json", self._before)
+            write_json_atomic(block_dir / "eval_after.json", after)
+            write_json_atomic(block_dir / "gate_decision.json", decision)
         if accepted:
             self._before = after
             self._take_snapshot(trainer, pl_module)

@@ -1,9 +1,8 @@
 """Replay: mix examples of earlier tasks into the SDFT continual-learning stream.
 
-Handoff "SDFT" §8 (Replay): store a buffer of past examples (prompts + demonstrations) and
-mix replay examples into the stream, ``replay_ratio = 0.2``, buffer size 50k by default;
-Phase 8: sample replay examples with probability ``replay_ratio`` and cap the buffer at
-``replay_buffer_size``.
+Replay keeps a buffer of past examples (prompts + demonstrations) and mixes them into the
+stream: each batch slot is replaced by a buffered example with probability ``replay_ratio``
+(0.2 by default), and the buffer holds at most ``buffer_size`` examples (50k by default).
 
 Batches from :class:`~llmkit.data.sdft_data.SDFTDataModule` are lists of
 :class:`~llmkit.data.sdft_data.Example` that the LightningModule tokenizes in
@@ -41,8 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from llmkit.data.commands import expand_inputs
-from llmkit.data.sdft_data import Example, read_examples
+from llmkit.data.examples import Example, read_all_examples
 from llmkit.errors import LLMKitError
 
 
@@ -59,7 +57,7 @@ class Replay(L.Callback):
     ``train/replay_buffer`` (examples in the buffer) every training batch.
 
     Args:
-        buffer_size: most examples the buffer holds (handoff ``replay_buffer_size``).
+        buffer_size: most examples the buffer holds.
         replay_ratio: probability that each batch slot is replaced by a buffered example.
         seed: seed of the callback's own random generator (slot choices, draws, reservoir).
         seed_files: SDFT JSONL paths or glob patterns of earlier tasks, put in the buffer at
@@ -106,7 +104,7 @@ class Replay(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.seed_files and not self.buffer:
-            self.add(example for path in expand_inputs(self.seed_files) for example in read_examples(path))
+            self.add(read_all_examples(self.seed_files, "Replay seed_files"))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
