@@ -1,6 +1,9 @@
 """The `llmkit` command end to end: LightningCLI fit/validate, generate, and clean errors."""
 
+import dataclasses
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import torch
 import yaml
 
 from llmkit.cli import main
+from llmkit.model.config import MHCConfig, ModelConfig
 from tests.conftest import VOCAB_SIZE
 
 
@@ -71,12 +75,19 @@ def test_generate_from_the_checkpoint(trained, tokenizer_path, capsys):
     assert capsys.readouterr().out == first  # greedy decoding is deterministic
 
 
-def test_print_config_shows_the_resolved_model(shards, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "fit", "--config", str(write_config(tmp_path, shards)), "--print_config"])
-    assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["config"]["mhc"]["sinkhorn_iters"] == 20
+def test_a_printed_config_runs_as_given_with_every_default_resolved(shards, tmp_path, capsys):
+    """What `--print_config` prints is a complete config: fed back, it resolves to itself."""
+    with pytest.raises(SystemExit):
+        main(["pretrain", "fit", "--config", str(write_config(tmp_path, shards)), "--model.config.n_streams", "2",
+              "--print_config"])
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"]["config"]["n_streams"] == 2  # the override is in it
+    assert set(resolved["model"]["config"]["mhc"]) == {f.name for f in dataclasses.fields(MHCConfig)}
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["pretrain", "fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == resolved
 
 
 def test_malformed_yaml_key_is_a_clean_error(shards, tmp_path, capsys):
@@ -119,13 +130,28 @@ def test_missing_checkpoint_and_missing_corpus(tmp_path, tokenizer_path, capsys)
     assert not out.exists()
 
 
-def test_console_script_entry_point_runs(tmp_path):
-    import subprocess
-
-    result = subprocess.run([sys.executable, "-m", "llmkit.cli", "--help"], capture_output=True, text=True)
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "llmkit", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("data", "pretrain", "generate", "demo"):
-        assert command in result.stdout
+    for command in ("data", "pretrain", "sdft", "sft", "ttt", "generate", "lora", "consolidate", "demo"):
+        assert re.search(rf"^    {command}\b", result.stdout, re.MULTILINE), command
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["data", "tokenizer", "--help"], ["data", "pack", "--help"], ["data", "tasks", "--help"],
+    ["generate", "--help"], ["lora", "merge", "--help"], ["consolidate", "--help"], ["demo", "--help"],
+    ["pretrain", "--help"], ["ttt", "--help"],
+])
+def test_help_answers_without_loading_torch_or_lightning(argv):
+    """What keeps `--help` instant: neither torch nor Lightning is imported to print it."""
+    script = (
+        "import sys\nfrom llmkit.cli import main\n"
+        f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "0 []", result.stderr
+    assert "usage: llmkit" in result.stdout
 
 
 def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_path):
@@ -184,7 +210,7 @@ def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def adapter(trained, tmp_path_factory):
     """A LoRA adapter with non-zero weights on the trained checkpoint, saved with its fingerprint."""
-    from llmkit.checkpoint import load_backbone
+    from llmkit.model.checkpoint import load_backbone
     from llmkit.model.lora import LoRAConfig, apply_lora, base_fingerprint, lora_layers, save_lora
 
     model = load_backbone(trained / "ckpt" / "last.ckpt")
@@ -200,7 +226,7 @@ def adapter(trained, tmp_path_factory):
 
 
 def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, tokenizer_path, tmp_path, capsys):
-    from llmkit.checkpoint import load_backbone
+    from llmkit.model.checkpoint import load_backbone
 
     path, lora_model = adapter
     ckpt = str(trained / "ckpt" / "last.ckpt")
@@ -231,18 +257,17 @@ def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenize
     assert "trained on base" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("size, checkpointing", [("120m", False), ("350m", True), ("900m", True)])
-def test_gpu_configs_turn_every_speed_setting_on(size, checkpointing, capsys):
-    """bf16-mixed, compiled blocks, fused AdamW, the fused mHC path and a bf16 residual stream in
-    each GPU config; activation checkpointing where the model needs it."""
-    config = Path(__file__).parents[1] / "configs" / "pretrain" / f"{size}_gpu.yaml"
+@pytest.mark.parametrize("size", ["120m", "350m", "900m"])
+def test_gpu_configs_resolve_their_model_and_turn_every_speed_setting_on(size, capsys):
+    """Each GPU config parses, its relative model path resolves to that model YAML, and it runs the fast
+    path of docs/performance.md: bf16-mixed, compiled blocks, fused AdamW, fused mHC, a bf16 stream."""
+    configs = Path(__file__).parents[1] / "configs"
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "fit", "--config", str(config), "--print_config"])
+        main(["pretrain", "fit", "--config", str(configs / "pretrain" / f"{size}_gpu.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["trainer"]["precision"] == "bf16-mixed"
-    assert printed["model"]["compile"] is True
-    assert printed["model"]["optim"]["implementation"] == "fused"
-    assert printed["model"]["config"]["mhc"]["implementation"] == "fused"
-    assert printed["model"]["config"]["gradient_checkpointing"] is checkpointing
-    assert printed["model"]["config"]["bf16_residual"] is True
+    model_yaml = configs / "model" / f"{size}.yaml"
+    assert ModelConfig.from_dict(printed["model"]["config"]) == ModelConfig.from_yaml(model_yaml)
+    speed = (printed["trainer"]["precision"], printed["model"]["compile"], printed["model"]["optim"]["implementation"],
+             printed["model"]["config"]["mhc"]["implementation"], printed["model"]["config"]["bf16_residual"])
+    assert speed == ("bf16-mixed", True, "fused", "fused", True)

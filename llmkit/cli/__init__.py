@@ -1,15 +1,18 @@
-"""The `llmkit` command: one entry point for data jobs, training, sampling and the demo.
+"""llmkit: one command for data jobs, training, sampling and the demo.
 
-    llmkit data {corpus,tokenizer,pack,tasks} ...  argparse (llmkit/data/commands.py)
+    llmkit data {corpus,tokenizer,pack,tasks} ...  corpus, tokenizer, packed shards, SDFT task files
     llmkit pretrain {fit,validate} --config YAML  LightningCLI (YAML, --print_config, overrides)
     llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
     llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)
     llmkit ttt fit --config YAML                  TTT-Discover on one problem (TTTDiscoverModule)
-    llmkit consolidate --run DIR --out FILE.jsonl discovery results -> SDFT examples
     llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
-    llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED     (llmkit/model/commands.py)
+    llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED
+    llmkit consolidate --run DIR --out FILE.jsonl discovery results -> SDFT examples
     llmkit demo                                   the whole pipeline on the stdlib corpus, CPU-sized
 
+The table of commands is :mod:`llmkit.cli.commands`; each argparse command's flags come from
+its function's signature (:mod:`llmkit.cli.signature`). torch and Lightning are imported only
+when a command runs, so ``llmkit --help`` and every ``--help`` below it answer at once.
 User errors (LLMKitError) print one clear line and exit with status 1; argument and YAML
 errors exit with status 2 from the parsers.
 """
@@ -17,76 +20,54 @@ errors exit with status 2 from the parsers.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import warnings
 
-from lightning.pytorch.cli import LightningCLI
-
+from llmkit.cli.commands import COMMANDS, LIGHTNING_COMMANDS
+from llmkit.cli.signature import add_command, call_command, summary
 from llmkit.errors import LLMKitError
-
-LIGHTNING_COMMANDS = {
-    "pretrain": ("llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule"),
-    "sdft": ("llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
-    "sft": ("llmkit.modules.sft:SFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
-    "ttt": ("llmkit.modules.ttt_discover:TTTDiscoverModule", None),
-}
-"""`llmkit NAME fit|validate ...` runs LightningCLI over (LightningModule, LightningDataModule)."""
-
-
-def _import(target: str | None) -> type | None:
-    if target is None:
-        return None
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_lightning_cli(command: str, args: list[str]) -> None:
-    """`llmkit COMMAND fit|validate ...`: LightningCLI over the command's module and data module."""
-    module, datamodule = (_import(target) for target in LIGHTNING_COMMANDS[command])
-    with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        LightningCLI(
-            module,
-            datamodule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": f"llmkit {command}"},
-            auto_configure_optimizers=False,
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmkit.data.commands import add_data_commands
-    from llmkit.demo import add_demo_command
-    from llmkit.discovery.consolidate import add_consolidate_command
-    from llmkit.model.commands import add_generate_command, add_lora_commands
-
+    """The parser of every argparse command; the LightningCLI ones are listed for ``--help`` only."""
     parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_data_commands(sub)
-    for command, (module, _) in LIGHTNING_COMMANDS.items():
-        help = f"LightningCLI over {module.split(':')[1]}: {command} {{fit,validate}} --config YAML"
-        sub.add_parser(command, help=help, add_help=False)
-    add_generate_command(sub)
-    add_lora_commands(sub)
-    add_consolidate_command(sub)
-    add_demo_command(sub)
+    for name, command in COMMANDS.items():
+        if callable(command):
+            add_command(sub.add_parser(name, help=summary(command), description=summary(command)), command)
+            continue
+        about = summary(sys.modules[next(iter(command.values())).__module__])
+        group = sub.add_parser(name, help=about, description=about)
+        inner = group.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+        for sub_name, fn in command.items():
+            add_command(inner.add_parser(sub_name, help=summary(fn), description=summary(fn)), fn)
+    for name, lightning in LIGHTNING_COMMANDS.items():
+        sub.add_parser(name, help=lightning.summary, add_help=False)
     return parser
+
+
+def lightning_usage(name: str) -> str:
+    """What ``llmkit NAME --help`` prints without loading Lightning."""
+    return (
+        f"usage: llmkit {name} {{fit,validate}} --config YAML [--key value ...]\n\n"
+        f"{LIGHTNING_COMMANDS[name].summary}.\n"
+        f"`llmkit {name} fit --help` lists every option (it loads Lightning, a few seconds).\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            run_lightning_cli(argv[0], argv[1:])
+            name, rest = argv[0], argv[1:]
+            if not rest or rest[0] in ("-h", "--help"):
+                print(lightning_usage(name), file=sys.stdout if rest else sys.stderr, end="")
+                return 0 if rest else 2
+            from llmkit.cli.lightning import run
+
+            run(name, rest)
             return 0
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        return call_command(args._command, args)
     except LLMKitError as e:
         print(f"llmkit: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

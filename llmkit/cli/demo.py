@@ -2,40 +2,46 @@
 
 stdlib corpus -> SentencePiece tokenizer (small vocab, case and whitespace kept) -> packed
 train/val shards -> pretrain the `tiny` mHC model -> validate -> sample from the checkpoint.
-Prints the val loss before and after training and where the TensorBoard logs are.
+Prints the val loss before and after training and where the TensorBoard logs are. Lightning
+and torch load when the demo runs, not when the module loads, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-
-from llmkit.callbacks import TokenThroughput
-from llmkit.checkpoint import load_backbone
-from llmkit.data.datamodule import PackedDataModule
-from llmkit.data.pipeline import build_corpus_shards
-from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.model.config import ModelConfig
-from llmkit.model.generation import SamplingConfig, generate
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
 class DemoConfig:
+    """What ``llmkit demo`` runs (each field is a flag).
+
+    Attributes:
+        out: where corpus, tokenizer, shards and checkpoints go.
+        log_dir: TensorBoard logs go to LOG_DIR/demo/version_N.
+        model: the model YAML (in an llmkit checkout: configs/model/tiny.yaml).
+        max_files: use only the first N stdlib files (default: all of them).
+        vocab_size: tokenizer vocabulary.
+        seq_len: tokens per training window (at most the model's max_seq_len).
+        batch_size: windows per step.
+        max_steps: optimizer steps.
+        lr: peak learning rate.
+        warmup_steps: linear warm-up steps.
+        val_windows: validation windows.
+        seed: seeds data order, initialisation and the sample.
+        prompt: text the sample continues.
+        max_new_tokens: tokens sampled after the prompt.
+    """
+
     out: Path = Path("lightning_logs/demo")
     log_dir: Path = Path("lightning_logs")
-    model_yaml: Path = REPO_CONFIGS / "model" / "tiny.yaml"
-    max_files: int | None = None  # None: the whole stdlib
+    model: Path = REPO_CONFIGS / "model" / "tiny.yaml"
+    max_files: int | None = None
     vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16
@@ -50,6 +56,26 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns the val losses, timings and artifact paths."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from llmkit.callbacks import TokenThroughput
+    from llmkit.data.datamodule import PackedDataModule
+    from llmkit.data.pipeline import build_corpus_shards
+    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.model.checkpoint import load_backbone
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.generation import SamplingConfig, generate
+    from llmkit.modules.pretrain import PretrainModule
+    from llmkit.optim import OptimConfig
+
+    if not cfg.model.is_file():
+        raise LLMKitError(
+            f"model config {cfg.model} not found: run the demo from an llmkit checkout or pass "
+            "--model path/to/tiny.yaml"
+        )
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     out = Path(cfg.out)
@@ -57,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     data_files = build_corpus_shards(out, "stdlib", cfg.vocab_size, cfg.max_files, log=lambda m: print("      " + m))
     tok_path = data_files.tokenizer
 
-    model_cfg = replace(ModelConfig.from_yaml(cfg.model_yaml), vocab_size=data_files.vocab_size)
+    model_cfg = replace(ModelConfig.from_yaml(cfg.model), vocab_size=data_files.vocab_size)
     seq_len = min(cfg.seq_len, model_cfg.max_seq_len)
     module = PretrainModule(
         model_cfg, OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.1)
@@ -69,6 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         batch_size=cfg.batch_size,
         val_windows=cfg.val_windows,
         seed=cfg.seed,
+        vocab_size=model_cfg.vocab_size,
     )
     logger = TensorBoardLogger(cfg.log_dir, name="demo")
     ckpt_dir = out / "checkpoints"
@@ -124,33 +151,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     return result
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(
-        out=Path(args.out), log_dir=Path(args.log_dir), max_files=args.max_files, vocab_size=args.vocab_size,
-        seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.max_steps,
-        val_windows=args.val_windows,
-    )
-    if args.model:
-        cfg.model_yaml = Path(args.model)
-    if not cfg.model_yaml.is_file():
-        raise LLMKitError(
-            f"model config {cfg.model_yaml} not found: run the demo from an llmkit checkout "
-            f"or pass --model path/to/tiny.yaml"
-        )
-    run_demo(cfg)
+def demo(config: DemoConfig) -> int:
+    """The whole pipeline on the stdlib corpus, CPU-sized.
+
+    Args:
+        config: what to run (one flag per field).
+    """
+    run_demo(config)
     return 0
-
-
-def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
-    d = DemoConfig()
-    p = subparsers.add_parser("demo", help="the whole pipeline on the stdlib corpus, CPU-sized")
-    p.add_argument("--out", default=str(d.out), help="where corpus, tokenizer, shards and checkpoints go")
-    p.add_argument("--log-dir", default=str(d.log_dir), help="TensorBoard logs go to LOG_DIR/demo/version_N")
-    p.add_argument("--model", default=None, help=f"model YAML (default {d.model_yaml})")
-    p.add_argument("--max-files", type=int, default=d.max_files, help="use only the first N stdlib files")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--val-windows", type=int, default=d.val_windows)
-    p.set_defaults(func=demo_command)

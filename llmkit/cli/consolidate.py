@@ -1,0 +1,30 @@
+"""``llmkit consolidate``: turn what TTT-Discover runs found into SDFT JSONL examples
+(:func:`llmkit.discovery.consolidate.consolidate`).
+
+:mod:`llmkit.discovery` (which imports torch) loads when the command runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llmkit.io import write_jsonl_atomic
+
+
+def consolidate(run: list[Path], out: Path, min_reward: float = -math.inf, top: int = 1) -> int:
+    """Turn TTT-Discover results into SDFT JSONL examples.
+
+    Args:
+        run: output directories of `llmkit ttt fit` runs.
+        out: the SDFT .jsonl file to write.
+        min_reward: keep states scoring at least this.
+        top: best states kept per run.
+    """
+    from llmkit.discovery.consolidate import consolidate as consolidate_runs
+
+    examples = consolidate_runs(run, min_reward, top)
+    write_jsonl_atomic(out, examples)
+    best = max(e["reward"] for e in examples)
+    print(f"wrote {out}: {len(examples)} SDFT examples from {len(run)} run(s), best reward {best:.6g}")
+    return 0

@@ -1,0 +1,66 @@
+"""LoRA adapter tools: merge an adapter into its base checkpoint's weights.
+
+``llmkit lora merge`` is the one command that writes an adapter into base weights (docs/lora.md).
+
+torch is imported when the command runs, not when the module loads, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmkit.io import write_json_atomic
+
+if TYPE_CHECKING:
+    from llmkit.model.transformer import Transformer
+
+
+def load_with_adapter(
+    ckpt: Path, lora: Path | None, device: str = "cpu", checkpoint: dict | None = None
+) -> Transformer:
+    """The backbone of ``ckpt`` (already read as ``checkpoint``, if given) in eval mode, with the
+    LoRA adapter at ``lora`` applied if given, checked to have been trained on this base."""
+    from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
+    from llmkit.model.lora import base_fingerprint, load_lora
+
+    model = backbone_from_checkpoint(checkpoint or read_checkpoint(ckpt, device), ckpt, device)
+    if lora is not None:
+        load_lora(model, lora, expected_base_sha256=base_fingerprint(model))
+    return model.eval()
+
+
+def merge(ckpt: Path, lora: Path, out: Path) -> int:
+    """Merge an adapter into its base checkpoint's weights: W0 + (alpha/r) B A, a plain backbone again.
+
+    Args:
+        ckpt: the base checkpoint the adapter was trained on.
+        lora: the adapter (.safetensors).
+        out: the merged checkpoint to write (and OUT.json saying what was merged).
+    """
+    import lightning
+    import torch
+
+    from llmkit.model.checkpoint import read_checkpoint
+    from llmkit.model.lora import lora_layers, merge_lora
+
+    checkpoint = read_checkpoint(ckpt)
+    model = load_with_adapter(ckpt, lora, checkpoint=checkpoint)
+    n = len(lora_layers(model))
+    merge_lora(model)
+    merged = {
+        "hyper_parameters": checkpoint.get("hyper_parameters", {}),
+        "model_config": model.config.to_dict(),
+        "hparams_name": "kwargs",
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items() if ".lora_" not in k},
+        "merged_lora": {"adapter": str(lora.resolve()), "base": str(ckpt.resolve())},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(merged, tmp)
+    os.replace(tmp, out)
+    write_json_atomic(out.with_name(out.name + ".json"), merged["merged_lora"] | {"layers": n})
+    print(f"wrote {out}: {n} LoRA layers merged into the base weights")
+    return 0
