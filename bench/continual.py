@@ -34,20 +34,23 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks import EMATeacher, TokenThroughput
-from llmkit.callbacks.throughput import device_description
-from llmkit.checkpoint import load_backbone
-from llmkit.data.corpus import DOC_SEPARATOR, write_json_atomic, write_jsonl_atomic
+from llmkit.data.corpus import DOC_SEPARATOR
 from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.examples import teacher_prompt
 from llmkit.data.packing import pack
 from llmkit.data.pipeline import build_corpus_shards
-from llmkit.data.sdft_data import SDFTDataModule, teacher_prompt
+from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.data.tasks import TASKS, make_examples, make_probes
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.eval import evaluate, read_probes
+from llmkit.io import write_json_atomic, write_jsonl_atomic
+from llmkit.model.checkpoint import load_backbone
 from llmkit.model.config import ModelConfig
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
+from llmkit.modules.pretrain import PretrainModule
 from llmkit.modules.sdft import SDFTModule
 from llmkit.modules.sft import SFTModule
+from llmkit.optim import OptimConfig
+from llmkit.profiling import device_description
 
 MIX_EXAMPLES_PER_SEED = 16
 """Task-format documents drawn per seed: each fact table contributes only this many, so the
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--alpha", type=float, default=1.0, help="SDFT divergence: 1 reverse KL, 0 forward KL")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="the handoff's; the official code uses 0.99")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="llmkit's default; the official code uses 0.99")
     p.add_argument("--max-new-tokens", type=int, default=24, help="SDFT completion length")
     p.add_argument("--examples", type=int, default=2000, help="training examples per task")
     p.add_argument("--probes", type=int, default=64, help="probes per task (fact tasks: 64 at most)")

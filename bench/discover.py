@@ -26,12 +26,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from llmkit.callbacks.throughput import device_description
-from llmkit.data.corpus import write_json_atomic, write_jsonl_atomic
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.discovery.env import load_env
+from llmkit.io import write_json_atomic, write_jsonl_atomic
 from llmkit.modules.sft import SFTModule
 from llmkit.modules.ttt_discover import TTTDiscoverModule
+from llmkit.profiling import device_description
 
 ENVS = {
     "ac1": "llmkit.discovery.envs.AutocorrelationEnv",

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from llmkit.callbacks.throughput import device_description
-from llmkit.data.corpus import write_json_atomic
+from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate, sample_tokens
 from llmkit.model.transformer import Transformer
+from llmkit.profiling import device_description
 
 
 @torch.no_grad()

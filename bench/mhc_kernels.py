@@ -27,10 +27,10 @@ import torch._dynamo
 import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
-from llmkit.callbacks.throughput import device_description
-from llmkit.data.corpus import write_json_atomic
+from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
+from llmkit.profiling import device_description
 
 KERNEL_DEFINITIONS = re.compile(r"async_compile\.(?:cpp_pybinding|cpp|triton)\(")
 LIBRARY_CALLS = re.compile(r"extern_kernels\.(\w+)\(|torch\.ops\.aten\.(_scaled_dot_product_\w+)\.default\(")

@@ -28,21 +28,22 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks import MHCMonitor
-from llmkit.callbacks.throughput import device_description
-from llmkit.data.corpus import write_json_atomic
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.packing import open_shard
 from llmkit.data.pipeline import build_corpus_shards
 from llmkit.data.tokenizer import Tokenizer
+from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig
+from llmkit.profiling import device_description
 
 VARIANTS = {  # name -> (n_streams, post_init)
-    "dense": (1, "handoff"),
-    "n4_handoff": (4, "handoff"),
-    "n4_hc": (4, "hc"),
-    "n2_handoff": (2, "handoff"),
-    "n2_hc": (2, "hc"),
+    "dense": (1, "split"),
+    "n4_split": (4, "split"),
+    "n4_copy": (4, "copy"),
+    "n2_split": (2, "split"),
+    "n2_copy": (2, "copy"),
 }
 
 
@@ -133,7 +134,7 @@ def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="configs/model/tiny.yaml")
-    p.add_argument("--variants", nargs="+", default=["dense", "n4_handoff", "n4_hc"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["dense", "n4_split", "n4_copy"], choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
     p.add_argument("--seq-len", type=int, default=128)

@@ -42,11 +42,12 @@ import torch._inductor.config
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
-from llmkit.callbacks.throughput import device_description, saved_activation_bytes
-from llmkit.data.corpus import write_json_atomic
+from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
-from llmkit.modules.pretrain import OptimConfig, PretrainModule
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig
+from llmkit.profiling import device_description, saved_activation_bytes
 
 CUDA = torch.cuda.is_available()
 

