@@ -24,6 +24,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check llmkit tests bench
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache
