@@ -306,6 +306,7 @@ def test_safe_reward_turns_exceptions_and_non_finite_results_into_zero(worker):
     assert safe_reward(_Env(), "abc", worker=worker) == (3.0, None)
 
 
+@pytest.mark.slow
 def test_safe_reward_kills_a_hanging_reward_and_the_next_call_works(worker):
     assert safe_reward(SleepingEnv(), "ok", worker=worker) == (1.0, None)  # worker up, module imported
     pid = worker.pid

@@ -171,6 +171,7 @@ def test_checkpointing_gives_the_same_gradients(implementation):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_blocks_match_the_eager_reference_and_compile_once(checkpointing):
     """torch.compile (inductor, C++ on CPU) of each block, with and without the checkpoint traced
@@ -216,6 +217,7 @@ def test_residual_stream_dtype_under_autocast_is_the_configured_one(implementati
     assert stream_dtype(model, torch.randint(0, VOCAB, (2, 17))) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16_residual", [False, True])
 def test_compiled_blocks_keep_the_configured_stream_dtype(bf16_residual):
     torch.manual_seed(0)

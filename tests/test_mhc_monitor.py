@@ -112,6 +112,7 @@ def test_monitor_rejects_batches_that_are_not_token_windows():
         monitor.on_train_batch_end(trainer, module(), None, [{"prompt": "x"}], 0)
 
 
+@pytest.mark.slow
 def test_monitor_leaves_compiled_checkpointed_blocks_in_one_graph():
     """Hooks inside the training forward graph-broke a compiled block under activation
     checkpointing (it then ran eagerly); the monitor's own eager forward leaves it compiled."""

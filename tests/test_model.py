@@ -94,6 +94,7 @@ def test_invalid_config_names_every_problem():
         ModelConfig(d_model=30, n_heads=4, n_streams=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 4])
 def test_tiny_model_learns_a_repeated_corpus(n):
     """Loss on a small repeated sequence falls from ~ln(V) to well under 1 nat in 150 steps."""

@@ -206,6 +206,7 @@ def test_sft_loss_is_the_demonstration_and_eos_likelihood(base_ckpt, tokenizer_p
     assert torch.allclose(total, F.cross_entropy(logits, torch.tensor(target), reduction="sum"), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sdft_lowers_the_teacher_student_divergence_on_its_prompts(base_ckpt, tokenizer_path, examples):
     module = sdft(base_ckpt, tokenizer_path)
     data = SDFTDataModule(str(examples), str(examples), batch_size=8)
