@@ -9,7 +9,6 @@ straight to disk, so the corpus is never held in memory either.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections import deque
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from llmkit.data.corpus import is_separator
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.io import iter_text_lines, write_json_atomic
+from llmkit.io import iter_text_lines, read_json, write_json_atomic
 
 PACK_FORMAT = "llmkit-packed-v1"
 """The ``format`` field of the metadata; bump it when the layout changes."""
@@ -274,12 +273,7 @@ def read_meta(bin_path: str | Path) -> dict:
         raise LLMKitError(
             f"{meta_file} (the metadata of {bin_path}) does not exist: re-create both with `{hint}`"
         )
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMKitError(f"{meta_file} is not valid JSON ({e}): re-create it with `{hint}`") from e
-    if not isinstance(meta, dict):
-        raise LLMKitError(f"{meta_file} is not a JSON object: re-create it with `{hint}`")
+    meta = read_json(meta_file, f"re-create it with `{hint}`")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise LLMKitError(
