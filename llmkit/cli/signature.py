@@ -35,11 +35,12 @@ _ENTRY = re.compile(r"^(\s*)(\w+)(?: \(.*?\))?:\s*(.*)$")
 def docstring_entries(obj: Any) -> dict[str, str]:
     """``{name: description}`` from the ``Args:`` or ``Attributes:`` section of ``obj``'s docstring
     (continuation lines joined)."""
-    lines = inspect.getdoc(obj).splitlines() if inspect.getdoc(obj) else []
+    lines = (inspect.getdoc(obj) or "").splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if _SECTION.match(line)), len(lines))
     entries: dict[str, str] = {}
     indent = None
     name = None
-    for line in lines[next((i + 1 for i, line in enumerate(lines) if _SECTION.match(line)), len(lines)):]:
+    for line in lines[start:]:
         if not line.strip():
             continue
         match = _ENTRY.match(line)
