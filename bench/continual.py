@@ -96,7 +96,7 @@ def pretrain(args: argparse.Namespace, shards, mix_bin: Path) -> Path:
     L.seed_everything(args.seed, verbose=False)
     module = PretrainModule(config, OptimConfig(lr=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 20)))
     data = PackedDataModule(train_files=[str(shards.train), str(mix_bin)], seq_len=args.seq_len,
-                            batch_size=args.pretrain_batch_size, seed=args.seed)
+                            batch_size=args.pretrain_batch_size, seed=args.seed, vocab_size=config.vocab_size)
     run = trainer(args, args.pretrain_steps, "pretrain", [TokenThroughput()])
     run.fit(module, data)
     ckpt = Path(args.work) / "pretrain.ckpt"

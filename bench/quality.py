@@ -70,6 +70,7 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
         val_windows=None,
         seed=seed,
         num_workers=args.num_workers,
+        vocab_size=config.vocab_size,
     )
     callbacks = [MHCMonitor(every_n_steps=max(1, steps // 20))] if n_streams > 1 else []
     trainer = L.Trainer(
