@@ -24,12 +24,24 @@ COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
 
 @dataclass(frozen=True)
 class LightningCommand:
-    """One ``llmkit NAME fit|validate``: import paths of its LightningModule and data module (None:
-    the module draws its own data), and the (source, target) links applied after instantiation."""
+    """One ``llmkit NAME fit|validate``.
+
+    module / datamodule: import paths of its LightningModule and data module (None: the module
+        draws its own data).
+    links: (source, target) argument links applied once the model is built.
+    fixed_by_checkpoint: hyperparameters (dotted, prefixes) that the weights of a ``--ckpt_path``
+        checkpoint depend on: a config or flag that contradicts the checkpoint is an error.
+        ``free`` lists exceptions inside them, settings of how to run, not of what was trained.
+    rebuild_from_checkpoint: with ``--ckpt_path``, build the model from that checkpoint (its
+        ``model_config``) instead of ``model.init_ckpt``.
+    """
 
     module: str
     datamodule: str | None = None
     links: tuple[tuple[str, str], ...] = ()
+    fixed_by_checkpoint: tuple[str, ...] = ()
+    free: tuple[str, ...] = ()
+    rebuild_from_checkpoint: bool = False
 
     @property
     def summary(self) -> str:
@@ -40,10 +52,19 @@ class LightningCommand:
 LIGHTNING_COMMANDS = {
     "pretrain": LightningCommand(
         "llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule",
-        links=(("model.vocab_size", "data.vocab_size"),),
+        links=(("model.vocab_size", "data.vocab_size"), ("model.max_seq_len", "data.max_seq_len")),
+        fixed_by_checkpoint=("config",),
+        free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation"),
     ),
-    "sdft": LightningCommand("llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
-    "sft": LightningCommand("llmkit.modules.sft:SFTModule", "llmkit.data.sdft_data:SDFTDataModule"),
-    "ttt": LightningCommand("llmkit.modules.ttt_discover:TTTDiscoverModule"),
+    "sdft": LightningCommand(
+        "llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule", rebuild_from_checkpoint=True
+    ),
+    "sft": LightningCommand(
+        "llmkit.modules.sft:SFTModule", "llmkit.data.sdft_data:SDFTDataModule", rebuild_from_checkpoint=True
+    ),
+    "ttt": LightningCommand(
+        "llmkit.modules.ttt_discover:TTTDiscoverModule",
+        fixed_by_checkpoint=("init_ckpt", "lora.rank", "lora.alpha", "lora.targets", "ttt.env", "ttt.env_args"),
+    ),
 }
 """The LightningCLI commands: ``llmkit NAME {fit,validate} --config YAML [--key value ...]``."""

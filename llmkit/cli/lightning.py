@@ -1,20 +1,37 @@
 """``llmkit {pretrain,sdft,sft,ttt} {fit,validate}``: LightningCLI over each LightningModule.
 
 YAML configs, ``--print_config``, dotted overrides and ``--ckpt_path`` work as Lightning users
-expect. Where a data module needs a value the model owns, it is linked explicitly
-(``LightningCLI.link_arguments``), never read from the module at run time: the pretraining
-shards are checked against the model's vocabulary through ``model.vocab_size -> data.vocab_size``,
-applied once the model is built (so ``validate --ckpt_path`` links the checkpoint's vocabulary).
+expect, with three additions:
+
+- **Links, not reach-throughs.** Where a data module needs a value the model owns, it is linked
+  explicitly (``LightningCLI.link_arguments``), applied once the model is built: the pretraining
+  shards are checked against ``model.vocab_size`` and windowed within ``model.max_seq_len``.
+- **A predictable ``--ckpt_path``.** LightningCLI restores the module's hyperparameters from the
+  checkpoint and silently drops what the user set. Here every checkpoint is integrity-checked
+  first (a missing, truncated or damaged file is one line), then, key by key: what the user did
+  not set comes from the checkpoint; what they set applies (evaluation, sampling, optimisation,
+  how to run); and what they set that contradicts a hyperparameter the weights depend on (the
+  command's ``fixed_by_checkpoint``: the architecture, LoRA's shape, the discovery problem) is an
+  error naming both values. Fine-tuning runs rebuild the model from the checkpoint itself, so
+  ``model.init_ckpt`` is not needed to validate or resume them. docs/checkpoints.md.
+- **Safe writes.** The Trainer gets :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO`.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Any
 
+from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from llmkit.callbacks.checkpoint import AtomicCheckpointIO
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
+from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_checkpoint_file
 
 
 def _import(target: str | None) -> type | None:
@@ -24,16 +41,89 @@ def _import(target: str | None) -> type | None:
     return getattr(importlib.import_module(module), name)
 
 
-class LLMKitCLI(LightningCLI):
-    """LightningCLI with the command's links between model and data arguments."""
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; tuples become lists (as YAML and checkpoints store them)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
 
-    def __init__(self, command: LightningCommand, **kwargs: object) -> None:
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten`."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, key = name.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    return nested
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def resolve_checkpoint_hparams(
+    command: LightningCommand, hparams: dict[str, Any], given: dict[str, Any], ckpt_path: str
+) -> dict[str, Any]:
+    """The module arguments for a run from ``ckpt_path``: its ``hparams``, overridden by what the
+    user ``given`` (config files and flags, nothing defaulted), refusing an override of a
+    hyperparameter the checkpoint's weights depend on (see the module docstring)."""
+    resolved, asked = flatten(hparams), flatten(given)
+    for name, value in asked.items():
+        if name in resolved and resolved[name] != value and _within(name, command.fixed_by_checkpoint) \
+                and not _within(name, command.free):
+            raise LLMKitError(
+                f"model.{name}: the checkpoint {ckpt_path} was trained with {resolved[name]!r} but the config asks "
+                f"for {value!r}; drop that setting (the checkpoint decides it) or pass a matching checkpoint"
+            )
+        resolved[name] = value
+    if command.rebuild_from_checkpoint:
+        resolved["init_ckpt"] = str(ckpt_path)
+    return unflatten(resolved)
+
+
+class LLMKitCLI(LightningCLI):
+    """LightningCLI with the command's links, the ``--ckpt_path`` policy and atomic checkpoint
+    writes (see the module docstring)."""
+
+    def __init__(self, command: LightningCommand, **kwargs: Any) -> None:
         self.command = command
         super().__init__(_import(command.module), _import(command.datamodule), **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in self.command.links:
             parser.link_arguments(source, target, apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self.given = parser.parse_args(args, defaults=False)  # what the user set: config files and flags
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        hparams = dict(load_checkpoint_file(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        given = self.given[subcommand].get("model") or Namespace()
+        module_args = resolve_checkpoint_hparams(self.command, hparams, given.as_dict(), ckpt_path)
+        self.config = self.parser.parse_object({subcommand: {"model": module_args}}, self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run(name: str, args: list[str]) -> None:

@@ -118,7 +118,7 @@ class PackedDataModule(L.LightningDataModule):
     Args:
         train_files: shard paths or glob patterns for training.
         val_files: shard paths or glob patterns for validation.
-        seq_len: tokens per window (the model's context length during training).
+        seq_len: tokens per window (None: the model's max_seq_len, which must then be given).
         batch_size: windows per micro-batch.
         samples_per_epoch: training windows per epoch; default: one pass worth of tokens,
             sum(n_tokens) // seq_len.
@@ -127,22 +127,33 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         vocab_size: the model's vocabulary size to check shards against (``llmkit pretrain``
             links it to the model's); None checks each shard against its own metadata only.
+        max_seq_len: the model's context (``llmkit pretrain`` links it to the model's): windows
+            may not be longer.
     """
 
     def __init__(
         self,
         train_files: list[str] | str | None = None,
         val_files: list[str] | str | None = None,
-        seq_len: int = 1024,
+        seq_len: int | None = None,
         batch_size: int = 8,
         samples_per_epoch: int | None = None,
         val_windows: int | None = 256,
         seed: int = 1234,
         num_workers: int = 0,
         vocab_size: int | None = None,
+        max_seq_len: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if seq_len is None and max_seq_len is None:
+            raise LLMKitError("data.seq_len is not set: give the window length (at most the model's max_seq_len)")
+        if seq_len is not None and max_seq_len is not None and seq_len > max_seq_len:
+            raise LLMKitError(
+                f"data.seq_len {seq_len} is longer than the model's max_seq_len {max_seq_len}: set data.seq_len "
+                f"to at most {max_seq_len} (or leave it out to use {max_seq_len})"
+            )
+        seq_len = max_seq_len if seq_len is None else seq_len
         self.train_files = [train_files] if isinstance(train_files, str) else train_files
         self.val_files = [val_files] if isinstance(val_files, str) else val_files
         self.seq_len = seq_len

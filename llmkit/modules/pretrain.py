@@ -51,6 +51,10 @@ class PretrainModule(L.LightningModule):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.model.compile_blocks()

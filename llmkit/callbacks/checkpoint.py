@@ -1,0 +1,89 @@
+"""Checkpoints you can trust: never half-written, integrity-checked when read, holding the final
+step, and saved when a run is interrupted.
+
+- :class:`AtomicCheckpointIO` (a Trainer plugin; ``llmkit`` commands add it) writes each
+  checkpoint to a temp file in its own directory, fsyncs it and renames it into place, so a crash
+  or a full disk never leaves a half-written ``last.ckpt``. Lightning's own writer goes through a
+  temp file in the system temp directory, and when that is another filesystem (a tmpfs ``/tmp``)
+  the final move is a copy straight into the destination, which a crash can cut short. Reading
+  goes through :func:`llmkit.model.checkpoint.load_checkpoint_file`: every member's CRC-32 is
+  checked and only tensors and plain data are loaded.
+- :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` (same arguments, ``save_last`` on) plus
+  two guarantees: the step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last
+  multiple of ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
+  ``last.ckpt`` of the last completed step before the run stops. Other exceptions (a bug, a
+  non-finite loss) do not overwrite it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from llmkit.model.checkpoint import load_checkpoint_file
+
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
+"""The exceptions Lightning raises for Ctrl-C and SIGTERM."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes by temp file + fsync + rename in the target directory; integrity-checked,
+    ``weights_only`` reads (see the module docstring). Remote paths (``s3://...``) use Lightning's."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step and is saved on
+    SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``."""
+
+    def __init__(self, *args: Any, save_last: bool | str = True, **kwargs: Any) -> None:
+        super().__init__(*args, save_last=save_last, **kwargs)
+
+    def _save_last_now(self, trainer: L.Trainer) -> bool:
+        """Save ``last`` at the current step unless it is saved already; whether it saved."""
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return False
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_now(trainer)
+        if self.last_model_path:
+            rank_zero_info(f"checkpoint: {self.last_model_path} (step {trainer.global_step})")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, INTERRUPTS):
+            return  # a failure is not a state to resume from: keep the last good checkpoint
+        what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        if self._save_last_now(trainer):
+            rank_zero_info(
+                f"{what} at step {trainer.global_step}: saved {self.last_model_path}; resume with "
+                f"--ckpt_path {self.last_model_path}"
+            )

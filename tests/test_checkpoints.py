@@ -1,0 +1,242 @@
+"""Checkpoints: never half-written, integrity-checked on every read, holding the final step, saved
+on Ctrl-C/SIGTERM, and a `--ckpt_path` policy a Lightning user can predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from llmkit.callbacks import AtomicCheckpointIO, Checkpoint
+from llmkit.cli import main
+from llmkit.data.datamodule import PackedDataModule
+from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_checkpoint_file
+from llmkit.model.config import ModelConfig
+from llmkit.modules.pretrain import PretrainModule
+from llmkit.optim import OptimConfig, WarmupCosine
+from tests.conftest import VOCAB_SIZE
+
+MODEL = {"vocab_size": VOCAB_SIZE, "n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "max_seq_len": 64,
+         "n_streams": 2}
+
+
+def write_config(tmp_path: Path, shards, max_steps: int = 3, every: int = 2) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
+            "default_root_dir": str(tmp_path / "root"), "enable_progress_bar": False, "num_sanity_val_steps": 0,
+            "limit_val_batches": 2, "enable_model_summary": False,
+            "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": every}}],
+        },
+        "model": {"config": MODEL, "optim": {"lr": 1e-3, "warmup_steps": 1}},
+        "data": {"train_files": [str(shards["train"])], "val_files": [str(shards["val"])], "seq_len": 32,
+                 "batch_size": 4},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> Path:
+    """`llmkit pretrain fit` for 3 steps, checkpointing every 2: last.ckpt must still hold step 3."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    assert main(["pretrain", "fit", "--config", str(write_config(tmp, shards))]) == 0
+    return tmp / "ckpt" / "last.ckpt"
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_the_final_step_is_saved_even_off_the_checkpoint_interval(trained):
+    assert step_of(trained) == 3
+    assert step_of(trained.parent / "epoch=0-step=2.ckpt") == 2
+    assert not list(trained.parent.glob(".*tmp*"))  # no temp file left by the atomic writes
+
+
+def test_validate_needs_only_the_checkpoint_and_the_val_shards(trained, shards, capsys):
+    """No data.seq_len: the windows are the model's max_seq_len (64), linked from the checkpoint's model."""
+    assert main(["pretrain", "validate", "--ckpt_path", str(trained), "--data.val_files", str(shards["val"]),
+                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(trained.parent.parent / "val")]) == 0
+    assert "val/loss" in capsys.readouterr().out
+
+
+def test_a_window_longer_than_the_model_is_one_clear_line(trained, shards, capsys):
+    code = main(["pretrain", "validate", "--ckpt_path", str(trained), "--data.val_files", str(shards["val"]),
+                 "--data.seq_len", "1024", "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "data.seq_len 1024 is longer than the model's max_seq_len 64" in err
+
+
+def test_an_architecture_override_that_contradicts_the_checkpoint_is_an_error(trained, shards, tmp_path, capsys):
+    base = ["pretrain", "validate", "--ckpt_path", str(trained), "--data.val_files", str(shards["val"]),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    assert main([*base, "--model.config.d_model", "64"]) == 1
+    err = capsys.readouterr().err
+    assert f"model.config.d_model: the checkpoint {trained} was trained with 32 but the config asks for 64" in err
+    other = tmp_path / "120m.yaml"
+    other.write_text(yaml.safe_dump({**MODEL, "n_layers": 12, "d_model": 768, "n_heads": 12}))
+    assert main([*base, "--model.config", str(other)]) == 1  # a whole model YAML of another size
+    assert "model.config.d_model: the checkpoint" in capsys.readouterr().err
+    # how to run is not what was trained: these apply
+    assert main([*base, "--model.config.gradient_checkpointing", "true", "--model.config.n_layers", "2"]) == 0
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_missing_checkpoint_is_one_line_for_fit_and_validate(command, shards, tmp_path, capsys):
+    missing = tmp_path / "nope.ckpt"
+    code = main(["pretrain", command, "--config", str(write_config(tmp_path, shards)), "--ckpt_path", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"llmkit: error: checkpoint {missing} does not exist: check the path " \
+                                "(ckpt_path, init_ckpt or --ckpt)\n"
+
+
+def damaged_copies(source: Path, tmp_path: Path) -> dict[str, Path]:
+    data = source.read_bytes()
+    copies = {"empty": b"", "truncated": data[: len(data) // 2], "random": bytes(range(256)) * 64,
+              "zeroed": data[: len(data) // 2] + bytes(65536) + data[len(data) // 2 + 65536:]}
+    paths = {}
+    for name, content in copies.items():
+        paths[name] = tmp_path / f"{name}.ckpt"
+        paths[name].write_bytes(content)
+    return paths
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "the file is empty"), ("truncated", "not a complete checkpoint archive"),
+    ("random", "not a complete checkpoint archive"), ("zeroed", "fails the CRC check, the file is damaged"),
+])
+def test_a_damaged_checkpoint_is_refused_by_every_reader(damage, message, trained, shards, tmp_path, capsys):
+    path = damaged_copies(trained, tmp_path)[damage]
+    with pytest.raises(LLMKitError, match=message):
+        load_checkpoint_file(path)
+    with pytest.raises(LLMKitError, match=message):
+        AtomicCheckpointIO().load_checkpoint(path)  # what the Trainer resumes through
+    assert main(["pretrain", "fit", "--config", str(write_config(tmp_path, shards, max_steps=5)),
+                 "--ckpt_path", str(path)]) == 1
+    assert main(["generate", "--ckpt", str(path), "--tokenizer", "x.model", "--prompt", "x"]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(f"cannot read checkpoint {path}: " in e and message in e for e in errors)
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(trained, tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(trained.read_bytes())
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
+    assert target.read_bytes() == trained.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+class Interrupt(L.Callback):
+    """Raises ``exception`` after optimizer step ``at``, as Lightning does for Ctrl-C (KeyboardInterrupt)
+    and for SIGTERM (SIGTERMException)."""
+
+    def __init__(self, at: int, exception: BaseException) -> None:
+        self.at, self.exception = at, exception
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            raise self.exception
+
+
+def fit(tmp_path: Path, shards, max_steps: int, callbacks: list, ckpt_path: Path | None = None) -> L.Trainer:
+    L.seed_everything(0, verbose=False)
+    module = PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1))
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=[Checkpoint(dirpath=tmp_path, every_n_train_steps=100), *callbacks])
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt(), SIGTERMException()])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(exception, shards, tmp_path):
+    if isinstance(exception, KeyboardInterrupt):
+        with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C ends with exit status 1
+            fit(tmp_path, shards, 6, [Interrupt(2, exception)])
+    else:
+        with pytest.raises(SIGTERMException):
+            fit(tmp_path, shards, 6, [Interrupt(2, exception)])
+    assert step_of(tmp_path / "last.ckpt") == 2
+    resumed = fit(tmp_path / "resumed", shards, 6, [], ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 6
+
+
+def test_a_failure_does_not_overwrite_the_last_good_checkpoint(shards, tmp_path):
+    fit(tmp_path, shards, 2, [])
+    with pytest.raises(LLMKitError, match="boom"):
+        fit(tmp_path, shards, 6, [Interrupt(3, LLMKitError("boom"))], ckpt_path=tmp_path / "last.ckpt")
+    assert step_of(tmp_path / "last.ckpt") == 2
+
+
+def test_sdft_validate_applies_evaluation_overrides_and_needs_no_init_ckpt(sdft_run, tmp_path, capsys):
+    ckpt, config, other_probes = sdft_run
+    assert main(["sdft", "validate", "--config", str(config), "--ckpt_path", str(ckpt),
+                 "--model.init_ckpt", str(tmp_path / "moved_away.ckpt"),
+                 "--model.evaluation.probes", str(other_probes), "--model.evaluation.max_windows", "3",
+                 "--trainer.default_root_dir", str(tmp_path / "val")]) == 0
+    report = json.loads(next((tmp_path / "val").rglob("step_*.json")).read_text())
+    assert [r["name"] for r in report["probes"]["results"]] == ["other-0", "other-1"]
+    assert report["perplexity"]["windows"] == 3
+
+
+@pytest.fixture
+def sdft_run(shards, tokenizer_path, tmp_path) -> tuple[Path, Path, Path]:
+    """A 2-step SDFT run from a random base, and a second probe file."""
+    torch.manual_seed(0)
+    base = tmp_path / "base.ckpt"
+    module = PretrainModule(ModelConfig(**{**MODEL, "max_seq_len": 256}))  # room for the teacher's template
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": module.config.to_dict()}}, base)
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"def f{i}(", "demonstration": "x)"}) + "\n" for i in range(4)))
+    probes = tmp_path / "probes.jsonl"
+    other = tmp_path / "other.jsonl"
+    for path, prefix in ((probes, "probe"), (other, "other")):
+        path.write_text("".join(json.dumps({"name": f"{prefix}-{i}", "prompt": "def ", "expect_substring": "("}) + "\n"
+                                for i in range(2)))
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt")}}]},
+        "model": {"init_ckpt": str(base), "tokenizer": str(tokenizer_path), "sdft": {"max_new_tokens": 4},
+                  "evaluation": {"ppl_files": [str(shards["val"])], "probes": str(probes), "seq_len": 32,
+                                 "max_windows": 8, "max_new_tokens": 4}},
+        "data": {"train_files": [str(examples)], "val_files": [str(examples)], "batch_size": 2},
+    }
+    path = tmp_path / "sdft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sdft", "fit", "--config", str(path)]) == 0
+    return tmp_path / "ckpt" / "last.ckpt", path, other
+
+
+def test_a_resumed_run_with_more_steps_follows_the_longer_schedule(shards, tmp_path):
+    """The warm-up + cosine is sized for the run that is going on, not restored from the checkpoint."""
+    first = fit(tmp_path, shards, 4, [])
+    assert first.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)  # the floor of a 4-step run
+    resumed = fit(tmp_path / "longer", shards, 8, [], ckpt_path=tmp_path / "last.ckpt")
+    expected = WarmupCosine(warmup_steps=1, decay_steps=8, min_ratio=0.1)
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * expected(8))
+    scheduler = resumed.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 8 and scheduler.lr_lambdas[0](6) == pytest.approx(expected(6))
