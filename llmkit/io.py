@@ -119,6 +119,31 @@ def read_json(path: str | Path, hint: str) -> dict[str, Any]:
     return value
 
 
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written before its rename: ``.NAME.PID.tmp`` in the same directory (a
+    rename within one filesystem is atomic), named after the writing process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp files of ``path`` whose writer no longer runs (a process killed with -9
+    cannot clean up after itself)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON to ``path`` via a temp file in the same directory + rename."""
     path = Path(path)

@@ -41,14 +41,14 @@ class OptimConfig:
         self.betas = tuple(self.betas)  # YAML and checkpoints give a list
 
 
+@dataclass(frozen=True)
 class WarmupCosine:
     """LR multiplier: (s+1)/W for s < W, then 1 -> min_ratio along a half cosine until
-    decay_steps, then min_ratio. A class, not a lambda, so LambdaLR can checkpoint it."""
+    decay_steps, then min_ratio."""
 
-    def __init__(self, warmup_steps: int, decay_steps: int, min_ratio: float) -> None:
-        self.warmup_steps = warmup_steps
-        self.decay_steps = decay_steps
-        self.min_ratio = min_ratio
+    warmup_steps: int
+    decay_steps: int
+    min_ratio: float
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -60,7 +60,14 @@ class WarmupCosine:
 
 def adamw_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
     """AdamW over ``param_groups`` and the warm-up + cosine LambdaLR of ``o``, stepped per
-    optimizer step, in the dict ``configure_optimizers`` returns."""
+    optimizer step, in the dict ``configure_optimizers`` returns.
+
+    The schedule is sized for this run (``decay_steps``, else the Trainer's length) and is not
+    restored from a checkpoint: LambdaLR saves the state of a callable object and would bring back
+    the old run's length, so the multiplier is handed over as a closure. A run resumed with a
+    longer ``max_steps`` follows the cosine of the new length from its current step (the LR rises
+    from the old floor to where the longer cosine is); docs/checkpoints.md.
+    """
     optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, **{o.implementation: True})
     decay_steps = o.decay_steps or trainer.estimated_stepping_batches
     if not math.isfinite(decay_steps):
@@ -73,7 +80,8 @@ def adamw_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Tra
         rank_zero_warn(
             f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
         )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
+    multiplier = WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import signal
+import subprocess
+import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from llmkit.data.packing import (
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
+from tests.conftest import synthetic_source
 
 VOCAB_SIZE = 400
 ROUND_TRIP_TEXTS = [
@@ -440,3 +445,38 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
     ]
     with pytest.raises(LLMKitError, match=r"^data\.val_files: '.*\*\.nothing' matches no file"):
         expand_inputs([str(tmp_path / "*.nothing")], "data.val_files")
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """kill -9 leaves a temp file nobody can clean up at the time; the next pack of that output does."""
+    out = tmp_path / "train.bin"
+    stale = [tmp_path / f".train.bin.{_dead_pid()}.tmp", tmp_path / f".train.bin.json.{_dead_pid()}.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "train.bin.json"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text((synthetic_source(300, seed=2) * 30), encoding="utf-8")
+    out = tmp_path / "out" / "big.bin"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", "data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(big),
+         "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(".big.bin.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until it writes
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.rstrip().splitlines()[-1] == "llmkit: interrupted" and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []

@@ -23,6 +23,7 @@ from llmkit.model.checkpoint import load_backbone
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import continuation_logits, generate
 from llmkit.model.transformer import Transformer
+from llmkit.modules.distill import distill_loss_sum
 from llmkit.modules.sdft import VAL_SEED, SDFTModule
 from llmkit.modules.sft import SFTModule
 from tests.conftest import VOCAB_SIZE
@@ -293,3 +294,26 @@ def test_cli_fit_validate_and_generate(command, base_ckpt, tokenizer_path, examp
     assert list((tmp_path / "val").rglob("eval/step_000003.json"))
     assert main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer_path), "--prompt", "def ",
                  "--max-new-tokens", "5", "--seed", "0"]) == 0
+
+
+def test_the_divergence_is_that_of_the_tempered_distributions_y_was_sampled_from(base_ckpt, tokenizer_path, examples,
+                                                                               monkeypatch):
+    seen = {}
+
+    def record_logits(model, *args):
+        out = continuation_logits(model, *args)
+        seen.setdefault("logits", []).append(out[0].detach())
+        return out
+
+    def record_divergence(student, teacher, *args):
+        seen["divergence"] = (student.detach(), teacher.detach())
+        return distill_loss_sum(student, teacher, *args)
+
+    monkeypatch.setattr("llmkit.modules.sdft.continuation_logits", record_logits)
+    monkeypatch.setattr("llmkit.modules.sdft.distill_loss_sum", record_divergence)
+    module = sdft(base_ckpt, tokenizer_path, sdft={"max_new_tokens": 6, "temperature": 0.5})
+    data = SDFTDataModule(str(examples))
+    data.setup("fit")
+    module.loss_sum(data.train_examples[:2], "val", 0)
+    student, teacher = seen["logits"]
+    assert torch.allclose(seen["divergence"][0], student / 0.5) and torch.allclose(seen["divergence"][1], teacher / 0.5)

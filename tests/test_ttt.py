@@ -19,6 +19,7 @@ from llmkit.discovery.consolidate import consolidate
 from llmkit.discovery.envs import StringTargetEnv
 from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
+from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.lora import read_lora
 from llmkit.model.transformer import Transformer
 from llmkit.modules.sdft import SDFTModule
@@ -160,3 +161,21 @@ def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenize
 def test_two_rollouts_per_start_are_refused():
     with pytest.raises(LLMKitError, match="group_size must be >= 3"):
         TTTConfig(group_size=2)
+
+
+def test_the_update_scores_actions_under_the_policy_that_sampled_them(base_ckpt, tokenizer_path):
+    """At ttt.temperature 0.5, log pi_theta is that of softmax(logits / 0.5), the distribution the sampler drew
+    from (the policy gradient and the KL shaping are wrong under any other)."""
+    module = TTTDiscoverModule(ttt={**TOY, "temperature": 0.5}, lora={"rank": 4, "alpha": 8.0},
+                               init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path))
+    tok = module.tokenizer
+    contexts = [tok.encode("alpha beta"), tok.encode("gamma")]
+    sampled = generate(module.model.eval(), contexts, SamplingConfig(max_new_tokens=6, temperature=0.5, seed=0),
+                       tok.eos_id, tok.pad_id)
+    actions = [row[real].tolist() for row, real in zip(sampled.tokens, sampled.mask, strict=True)]
+    logp, mask, logp_base = module.policy_logprobs(contexts, actions)
+    width = mask.size(1)
+    assert torch.allclose(logp[mask], sampled.logprobs[:, :width][mask], atol=1e-5)
+    assert torch.allclose(logp_base, logp.detach(), atol=1e-6)  # LoRA B starts at zero: the base is the policy
+    with pytest.raises(LLMKitError, match="ttt.temperature must be > 0"):
+        TTTConfig(temperature=0.0)

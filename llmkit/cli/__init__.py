@@ -14,7 +14,8 @@ The table of commands is :mod:`llmkit.cli.commands`; each argparse command's fla
 its function's signature (:mod:`llmkit.cli.signature`). torch and Lightning are imported only
 when a command runs, so ``llmkit --help`` and every ``--help`` below it answer at once.
 User errors (LLMKitError) print one clear line and exit with status 1; argument and YAML
-errors exit with status 2 from the parsers.
+errors exit with status 2 from the parsers; Ctrl-C prints one line and exits with 130 (what a
+command was writing is left unwritten: outputs only appear by rename).
 """
 
 from __future__ import annotations
@@ -71,3 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     except LLMKitError as e:
         print(f"llmkit: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("llmkit: interrupted", file=sys.stderr)
+        return 130

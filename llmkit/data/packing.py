@@ -10,10 +10,12 @@ straight to disk, so the corpus is never held in memory either.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,16 +25,13 @@ from tqdm import tqdm
 from llmkit.data.corpus import is_separator
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.io import iter_text_lines, read_json, write_json_atomic
+from llmkit.io import iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
 
 PACK_FORMAT = "llmkit-packed-v1"
 """The ``format`` field of the metadata; bump it when the layout changes."""
 
 PACK_META_SUFFIX = ".json"
 """The metadata of ``OUT.bin`` lives at ``OUT.bin`` + this suffix."""
-
-TMP_SUFFIX = ".tmp"
-"""Outputs are written to ``NAME`` + this suffix, then renamed to ``NAME``."""
 
 TASKS_IN_FLIGHT_PER_WORKER = 2
 """Chunks queued per worker process: enough to keep it busy, few enough to bound memory."""
@@ -128,7 +127,8 @@ _worker_encoder: _DocumentEncoder | None = None
 
 
 def _init_worker(tokenizer_path: str, append_eos: bool) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
+    """Pool initializer: load the tokenizer once per worker process; Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_encoder
     _worker_encoder = _DocumentEncoder(tokenizer_path, append_eos)
 
@@ -169,9 +169,10 @@ def pack(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    tmp_bin = output.with_name(output.name + TMP_SUFFIX)
     meta_file = meta_path_for(output)
-    tmp_meta = meta_file.with_name(meta_file.name + TMP_SUFFIX)
+    for path in (output, meta_file):
+        remove_stale_temps(path)
+    tmp_bin, tmp_meta = temp_path(output), temp_path(meta_file)
 
     n_tokens = n_documents = 0
     try:
@@ -237,10 +238,7 @@ def _encode_documents(
         for chunk in chunks:
             yield from encoder(chunk)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(
-        workers, initializer=_init_worker, initargs=(str(tokenizer_path), append_eos)
-    ) as pool:
+    with _worker_pool(workers, str(tokenizer_path), append_eos) as pool:
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -248,6 +246,28 @@ def _encode_documents(
                 yield from in_flight.popleft().get()
         while in_flight:
             yield from in_flight.popleft().get()
+
+
+@contextmanager
+def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterator[multiprocessing.pool.Pool]:
+    """A pool of ``spawn`` workers started with SIGINT blocked: the workers inherit the blocked
+    signal (Ctrl-C is the parent's to handle, and a worker cut off while it starts would print a
+    traceback), and a Ctrl-C during the start reaches the parent once the pool is up and closes it."""
+    mask = signal.pthread_sigmask if hasattr(signal, "pthread_sigmask") else None
+    if mask:
+        mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(tokenizer_path, append_eos)
+        )
+    except BaseException:
+        if mask:
+            mask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise
+    with pool:
+        if mask:
+            mask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        yield pool
 
 
 def _chunked(items: Iterable[_Document], size: int) -> Iterator[list[_Document]]:

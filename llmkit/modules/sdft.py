@@ -125,7 +125,9 @@ class SDFTModule(FineTuneModule):
         student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
         with torch.no_grad():
             teacher, _, _ = continuation_logits(self.teacher, contexts, completions, self.tokenizer.pad_id)
-        total, count = distill_loss_sum(student, teacher, mask, cfg.alpha, cfg.top_k, cfg.skip_first)
+        # the divergence of the distributions y was sampled from: softmax(logits / temperature)
+        total, count = distill_loss_sum(student / cfg.temperature, teacher / cfg.temperature, mask, cfg.alpha,
+                                        cfg.top_k, cfg.skip_first)
         self._log_completions(completions, stage, len(batch))
         return total, int(count)
 

@@ -111,6 +111,8 @@ class TTTConfig:
             raise LLMKitError("ttt.starts_per_step and ttt.adapter_every must be >= 1")
         if self.mode not in ("ttt", "best_of_n"):
             raise LLMKitError(f"ttt.mode must be 'ttt' or 'best_of_n', got {self.mode!r}")
+        if self.temperature <= 0:
+            raise LLMKitError(f"ttt.temperature must be > 0 (the policy samples), got {self.temperature}")
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)  # checks both
 
 
@@ -248,12 +250,19 @@ class TTTDiscoverModule(L.LightningModule):
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
         }, metrics)
 
+    def policy_logprobs(self, contexts: list[list[int]], actions: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """(log pi_theta, its mask, log pi_theta0) of every action token, under the policy that sampled
+        them: softmax(logits / ttt.temperature); pi_theta0 is the base (LoRA off, no gradient)."""
+        pad, temperature = self.tokenizer.pad_id, self.ttt.temperature
+        logp, mask = sequence_logprobs(self.model, contexts, actions, pad, temperature)
+        with torch.no_grad(), disable_lora(self.model):
+            logp_base, _ = sequence_logprobs(self.model, contexts, actions, pad, temperature)
+        return logp, mask, logp_base
+
     def _update(self, contexts: list[list[int]], actions: list[list[int]], advantages: torch.Tensor) -> dict:
         """The policy-gradient step of the LoRA parameters; its TensorBoard metrics."""
-        cfg, pad = self.ttt, self.tokenizer.pad_id
-        logp, mask = sequence_logprobs(self.model, contexts, actions, pad)
-        with torch.no_grad(), disable_lora(self.model):
-            logp_base, _ = sequence_logprobs(self.model, contexts, actions, pad)
+        cfg = self.ttt
+        logp, mask, logp_base = self.policy_logprobs(contexts, actions)
         shaped = kl_shaped_advantages(advantages.to(logp.device), logp.detach(), logp_base, mask, cfg.kl_lambda,
                                       cfg.kl_center)
         total, count = entropic_policy_loss(logp, mask, shaped)
