@@ -45,6 +45,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from llmkit.callbacks.interfaces import HasBackbone, HasEvaluation, HasTokenizer, require, satisfies
 from llmkit.data.tokenizer import Tokenizer
@@ -104,6 +105,19 @@ def gate_decision(before: dict, after: dict, max_ppl_increase: float, max_probe_
         "probe_accuracy_after": acc_after,
         "probe_drop": probe_drop,
     }
+
+
+def describe_decision(d: dict) -> str:
+    """The console line of a gate decision ``d``: block, steps, the metrics, the verdict and its reasons."""
+    parts = []
+    if d["ppl_after"] is not None:
+        parts.append(f"ppl {d['ppl_before']:.4g} -> {d['ppl_after']:.4g} ({d['ppl_increase']:+.2%})")
+    if d["probe_accuracy_after"] is not None:
+        parts.append(f"probes {d['probe_accuracy_before']:.3f} -> {d['probe_accuracy_after']:.3f}")
+    verdict = d["decision"]
+    if d["reasons"]:
+        verdict += f" ({'; '.join(d['reasons'])}); the weights of step {d['snapshot_step']} are restored"
+    return f"gate block {d['block']} (steps {d['start_step']}-{d['end_step']}): {', '.join(parts)}: {verdict}"
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -233,6 +247,7 @@ class RegressionGate(L.Callback):
             write_json_atomic(block_dir / "eval_before.json", self._before)
             write_json_atomic(block_dir / "eval_after.json", after)
             write_json_atomic(block_dir / "gate_decision.json", decision)
+        rank_zero_info(describe_decision(decision))
         if accepted:
             self._before = after
             self._take_snapshot(trainer, pl_module)

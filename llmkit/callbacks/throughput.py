@@ -2,15 +2,20 @@
 
 Logs, per stage, batches/s, samples/s, items/s (= tokens/s) and, where the device's peak
 FLOPs are known (NVIDIA GPUs), flops/s and MFU from the module's ``flops_per_batch``
-(6 N + 12 L C T per token, see ``Transformer.flops_per_token``).
+(6 N + 12 L C T per token, see ``Transformer.flops_per_token``). Its running totals of training
+(``train/time``, ``train/batches``, ``train/samples``, ``train/lengths``) are saved in checkpoints,
+so a resumed run's curves continue where they stopped instead of starting again at 0.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
 
 
 def batch_windows(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -30,3 +35,24 @@ class TokenThroughput(ThroughputMonitor):
         super().__init__(
             batch_size_fn=batch_windows, length_fn=batch_tokens, window_size=window_size, **kwargs
         )
+        self._resumed: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, float]:
+        stage = RunningStage.TRAINING
+        if stage not in self._samples:
+            return dict(self._resumed)
+        return {"time": time.perf_counter() - self._t0s[stage], "batches": self._batches[stage],
+                "samples": self._samples[stage], "lengths": self._lengths[stage]}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._resumed = dict(state_dict)
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        stage = trainer.state.stage
+        if stage == RunningStage.TRAINING and self._resumed:  # continue the saved totals
+            self._t0s[stage] -= self._resumed["time"]
+            self._batches[stage] = int(self._resumed["batches"])
+            self._samples[stage] = int(self._resumed["samples"])
+            self._lengths[stage] = int(self._resumed["lengths"])
+            self._resumed = {}

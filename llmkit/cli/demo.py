@@ -58,10 +58,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns the val losses, timings and artifact paths."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from llmkit.callbacks import TokenThroughput
+    from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, TokenThroughput
+    from llmkit.callbacks.console import quiet_known_noise
     from llmkit.data.datamodule import PackedDataModule
     from llmkit.data.pipeline import build_corpus_shards
     from llmkit.data.tokenizer import Tokenizer
@@ -76,6 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             f"model config {cfg.model} not found: run the demo from an llmkit checkout or pass "
             "--model path/to/tiny.yaml"
         )
+    quiet_known_noise()
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     out = Path(cfg.out)
@@ -97,7 +98,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         seed=cfg.seed,
         vocab_size=model_cfg.vocab_size,
     )
-    logger = TensorBoardLogger(cfg.log_dir, name="demo")
+    logger = TensorBoardLogger(cfg.log_dir, name="demo", default_hp_metric=False)
     ckpt_dir = out / "checkpoints"
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
@@ -106,7 +107,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         gradient_clip_val=1.0,
         logger=logger,
-        callbacks=[TokenThroughput(), ModelCheckpoint(dirpath=ckpt_dir, filename="last")],
+        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
+        plugins=[AtomicCheckpointIO()],
         val_check_interval=max(1, cfg.max_steps // 4),
         check_val_every_n_epoch=None,
         log_every_n_steps=10,

@@ -14,13 +14,18 @@ expect, with three additions:
   command's ``fixed_by_checkpoint``: the architecture, LoRA's shape, the discovery problem) is an
   error naming both values. Fine-tuning runs rebuild the model from the checkpoint itself, so
   ``model.init_ckpt`` is not needed to validate or resume them. docs/checkpoints.md.
-- **Safe writes.** The Trainer gets :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO`.
+- **Safe writes, a short console.** The Trainer gets
+  :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO` and
+  :class:`~llmkit.callbacks.console.RunSummary`; Lightning's tips and known-harmless warnings are
+  filtered (:func:`~llmkit.callbacks.console.quiet_known_noise`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -29,9 +34,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO
+from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progress_bar
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import load_checkpoint_file
+
+VALIDATE_CONFIG = "validate_config.yaml"
+"""What ``validate`` saves its config as, beside (never over) the ``config.yaml`` of the run it validates."""
 
 
 def _import(target: str | None) -> type | None:
@@ -89,6 +98,18 @@ def resolve_checkpoint_hparams(
     return unflatten(resolved)
 
 
+class LLMKitArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are the message alone: jsonargparse prints the usage of
+    every option first (dozens of lines before the one that names the bad key)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message.strip()}\n({prog} --help lists the options)\n")
+        self.exit(2)
+
+
 class LLMKitCLI(LightningCLI):
     """LightningCLI with the command's links, the ``--ckpt_path`` policy and atomic checkpoint
     writes (see the module docstring)."""
@@ -118,22 +139,45 @@ class LLMKitCLI(LightningCLI):
         module_args = resolve_checkpoint_hparams(self.command, hparams, given.as_dict(), ckpt_path)
         self.config = self.parser.parse_object({subcommand: {"model": module_args}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        """``validate --ckpt_path`` of a checkpoint inside a TensorBoard run logs into that run (at
+        the checkpoint's step, which the modules log as ``step``), not into a new version."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "validate" else None
+        logger = self.config[subcommand].trainer.get("logger") if ckpt_path else None
+        if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        args = logger.init_args
+        run = Path(ckpt_path).resolve().parent.parent  # SAVE_DIR/NAME/VERSION/checkpoints/X.ckpt
+        logged_runs = (Path(args.save_dir) / args.get("name", "lightning_logs")).resolve()
+        if args.get("version") is None and run.parent == logged_runs:
+            args.version = run.name
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunSummary())
+        default_bar = trainer.progress_bar_callback
+        bar = step_progress_bar(default_bar)
+        if bar is not None:
+            trainer.callbacks[trainer.callbacks.index(default_bar)] = bar
+        return trainer
 
 
 def run(name: str, args: list[str]) -> None:
     """``llmkit NAME ...``: LightningCLI over the command's module and data module."""
+    quiet_known_noise()
     with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         LLMKitCLI(
             LIGHTNING_COMMANDS[name],
             args=args,
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "config_filename": VALIDATE_CONFIG if "validate" in args[:1] else
+                                "config.yaml"},
             parser_kwargs={"prog": f"llmkit {name}"},
+            parser_class=LLMKitArgumentParser,
             auto_configure_optimizers=False,
         )

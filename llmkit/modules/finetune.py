@@ -170,6 +170,8 @@ class FineTuneModule(L.LightningModule):
         self.log(f"val/{self.loss_name}", total / max(count, 1), batch_size=max(count, 1), prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "validate":  # plot `validate --ckpt_path` at the checkpoint's step
+            self.log("step", float(self._loaded_step))
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return
         report = self.evaluation.run(self.model, self.tokenizer)

@@ -45,6 +45,7 @@ class PretrainModule(L.LightningModule):
         self.model = Transformer(config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
+        self._loaded_step = 0
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor
 
     @property
@@ -90,6 +91,8 @@ class PretrainModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        if self.trainer.state.fn == "validate":  # plot `validate --ckpt_path` at the checkpoint's step
+            self.log("step", float(self._loaded_step))
 
     def configure_optimizers(self) -> dict:
         return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
@@ -112,3 +115,4 @@ class PretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._loaded_step = checkpoint.get("global_step", 0)

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
@@ -173,7 +174,13 @@ class TTTDiscoverModule(L.LightningModule):
         self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing)
         self.config = self.model.config
         self.accumulator = TokenMeanAccumulator(self, gradient_clip_val=gradient_clip_val)
-        self.env: DiscoveryEnv = load_env(self.ttt.env, self.ttt.env_args)
+        try:
+            self.env: DiscoveryEnv = load_env(self.ttt.env, self.ttt.env_args)
+        except LLMKitError as e:
+            raise LLMKitError(
+                f"ttt.env: {e} (ttt.env_args {self.ttt.env_args} may come from the config: when you change ttt.env, "
+                "set ttt.env_args for it too)" if self.ttt.env_args else f"ttt.env: {e}"
+            ) from None
         apply_lora(self.model, self.lora)
         mark_only_lora_trainable(self.model)
         self.base_sha256 = base_fingerprint(self.model)
@@ -287,6 +294,14 @@ class TTTDiscoverModule(L.LightningModule):
         for logger in self.trainer.loggers:  # the discovery step, not global_step (see the module docstring)
             logger.log_metrics(metrics, step=step)
         self.log_dict({k: metrics[k] for k in ("ttt/best_reward", "ttt/r_mean")}, prog_bar=True, logger=False)
+        rollouts = len(record["start_states"]) * self.ttt.group_size
+        line = (f"discovery step {step}/{self.trainer.max_steps}: best reward {record['best_reward']:.6g} "
+                f"(this step: max {record['r_max']:.6g}, mean {record['r_mean']:.4g}), "
+                f"{record['failures']}/{rollouts} rollouts failed")
+        if record["failures"] == rollouts:
+            rank_zero_warn(f"{line}: every rollout failed ({'; '.join(record['failure_reasons'])})")
+        else:
+            rank_zero_info(line)
         if self.trainer.is_global_zero:
             path = self.output_dir / "discovery_log.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,102 @@
+"""What a run says on the console: where its logs and checkpoints go, the decisions it takes and
+its final metrics, in a few lines; not the advertising or known-harmless warnings of the libraries
+underneath.
+
+:class:`RunSummary` (``llmkit`` commands add it) prints the log directory when fit starts and the
+final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step rewards and
+failures, and the checkpoint paths are printed by their own callbacks and modules.
+:func:`quiet_known_noise` filters Lightning's product tips and warnings that are known to be harmless here.
+:func:`step_progress_bar` is Lightning's progress bar counting toward ``max_steps`` with a true
+total after a resume: Lightning's compares the batch index since the start of the epoch with the
+steps that remain ("40/9" when resuming step 30 of 40), and writes "Epoch 0/-2" when only
+``max_steps`` bounds the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+SUMMARY_METRICS = ("val/loss", "val/ppl", "val/divergence", "val/probe_accuracy", "train/loss", "train/divergence",
+                   "train/policy_loss", "ttt/best_reward")
+"""The metrics the final line reports, those a run has."""
+
+HARMLESS_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree use with torch >= 2.10
+    r".*does not have many workers.*",  # in-memory and memory-mapped data need no worker processes
+)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Drop Lightning's "Tip:" adverts and the warnings in :data:`HARMLESS_WARNINGS` for this process."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _value(value: Any) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+class RunSummary(L.Callback):
+    """Prints where the logs go when fit starts, and the step and metrics when it ends."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.loggers and trainer.log_dir:
+            rank_zero_info(f"logs: {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        shown = ", ".join(f"{k} {_value(metrics[k]):.4g}" for k in SUMMARY_METRICS if k in metrics)
+        rank_zero_info(f"fit finished at step {trainer.global_step}" + (f": {shown}" if shown else ""))
+
+
+class _StepTotal:
+    """Mixin: the training bar's total is the batch index this epoch ends at."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0 or trainer.max_epochs not in (None, -1):
+            return trainer.num_training_batches
+        remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches begun this epoch (on resume too)
+        return min(trainer.num_training_batches, done + remaining)
+
+
+class RichStepProgressBar(_StepTotal, RichProgressBar):
+    """Lightning's rich bar with :class:`_StepTotal`, and no "Epoch 0/-2" for a run bounded by steps."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs in (None, -1):
+            return f"Epoch {current_epoch:<{len(self.validation_description) - len('Epoch ')}}"
+        return super()._get_train_description(current_epoch)
+
+
+class TQDMStepProgressBar(_StepTotal, TQDMProgressBar):
+    """Lightning's tqdm bar with :class:`_StepTotal`."""
+
+
+def step_progress_bar(default: ProgressBar | None) -> ProgressBar | None:
+    """The step-counting bar to use instead of Lightning's ``default`` one (None when the bar is off or
+    is the user's own class)."""
+    if type(default) is RichProgressBar and _RICH_AVAILABLE:
+        return RichStepProgressBar()
+    if type(default) is TQDMProgressBar:
+        return TQDMStepProgressBar()
+    return None
