@@ -369,7 +369,7 @@ def test_write_corpus_selection_and_split(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(LLMKitError, match="stdlib, site-packages"):
+    with pytest.raises(LLMKitError, match="corpus source 'pypi' is neither stdlib nor site-packages nor an existing"):
         write_corpus("pypi", tmp_path, progress=False)
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "none")})
     with pytest.raises(LLMKitError, match="0 usable document"):
@@ -480,3 +480,66 @@ def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer,
     assert process.returncode == 130
     assert err.rstrip().splitlines()[-1] == "llmkit: interrupted" and "Traceback" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_write_corpus_from_user_text_folders_jsonl_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "a.txt").write_text("first note\nsecond line\n", encoding="utf-8")
+    (notes / "sub" / "b.md").write_text("# Title\n\nbody\n", encoding="utf-8")
+    (notes / "ignored.csv").write_text("a,b\n", encoding="utf-8")  # not a text type: not read
+    (notes / "blank.txt").write_text("  \n", encoding="utf-8")
+    (notes / "latin1.txt").write_bytes(b"caf\xe9\n")
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"record {i}", "id": i}) + "\n" for i in range(6)), encoding="utf-8")
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"body": [f"row {i}" for i in range(5)] + [None], "n": list(range(6))}), table,
+                   row_group_size=2)
+
+    out = tmp_path / "out"
+    summary = write_corpus([str(notes), str(lines), str(table)], out, val_fraction=0.3, text_column="body",
+                           progress=False)
+    train = _corpus_documents(out, summary["train_files"])
+    val = _corpus_documents(out, summary["val_files"])
+    expected = ["first note\nsecond line\n", "# Title\n\nbody\n", *(f"record {i}\n" for i in range(6)),
+                *(f"row {i}\n" for i in range(5))]
+    assert sorted(train + val) == sorted(expected)  # every document once, each closed by the separator
+    assert summary["n_files"] == 6 and summary["n_skipped"] == 3  # blank, latin1, the null row
+    assert 0 < len(val) < len(expected) and summary["source"] == [str(notes), str(lines), str(table)]
+    again = write_corpus([str(notes), str(lines), str(table)], tmp_path / "again", val_fraction=0.3,
+                         text_column="body", progress=False)
+    assert _corpus_documents(tmp_path / "again", again["val_files"]) == val  # the split is deterministic
+
+
+def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")
+    with pytest.raises(LLMKitError, match=r"bad\.jsonl:2: the document text must be the string field 'text' "
+                                          r"\(no such field\); set text_field .*\['body'\]"):
+        write_corpus([str(bad)], tmp_path / "o1", progress=False)
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(LLMKitError, match=r"unsupported file type '\.csv'; use \.txt, \.md, \.jsonl or \.parquet"):
+        write_corpus([str(csv)], tmp_path / "o2", progress=False)
+    with pytest.raises(LLMKitError, match=r"'nowhere/\*\.txt' matches no file"):
+        write_corpus(["nowhere/*.txt"], tmp_path / "o3", progress=False)
+    with pytest.raises(LLMKitError, match="not both"):
+        write_corpus(["stdlib", str(bad)], tmp_path / "o4", progress=False)
+
+
+def test_cli_corpus_from_user_files_then_tokenizer_and_pack(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:02d}.txt").write_text(f"Document {i} says hello to {i * 7} friends.\n" * 5, encoding="utf-8")
+    out = tmp_path / "corpus"
+    assert main(["data", "corpus", "--source", str(docs), "--out", str(out), "--val-fraction", "0.2"]) == 0
+    assert main(["data", "tokenizer", "--input", str(out / "train_*.txt"), "--model-prefix", str(tmp_path / "t"),
+                 "--vocab-size", "300"]) == 0
+    assert main(["data", "pack", "--tokenizer", str(tmp_path / "t.model"), "--input", str(out / "val_*.txt"),
+                 "--output", str(tmp_path / "val.bin")]) == 0
+    summary = json.loads((out / "corpus.json").read_text())
+    assert read_meta(tmp_path / "val.bin")["n_documents"] == summary["n_val_documents"] > 0

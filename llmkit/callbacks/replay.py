@@ -69,7 +69,7 @@ class Replay(L.Callback):
         buffer_size: int = 50_000,
         replay_ratio: float = 0.2,
         seed: int = 0,
-        seed_files: list[str] | None = None,
+        seed_files: list[str] | str | None = None,
     ) -> None:
         if buffer_size < 1:
             raise LLMKitError(f"replay buffer_size must be >= 1, got {buffer_size}")
@@ -79,7 +79,7 @@ class Replay(L.Callback):
             )
         self.buffer_size = buffer_size
         self.replay_ratio = replay_ratio
-        self.seed_files = seed_files
+        self.seed_files = [seed_files] if isinstance(seed_files, str) else seed_files
         self.rng = random.Random(seed)
         self.buffer: list[Example] = []
         self.seen_keys: set[int] = set()

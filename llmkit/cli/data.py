@@ -8,11 +8,10 @@ imports stay light (no torch, no Lightning): ``llmkit data ... --help`` answers 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from llmkit.data import packing
-from llmkit.data.corpus import Source, write_corpus
+from llmkit.data.corpus import write_corpus
 from llmkit.data.tasks import Task, write_task_files
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.io import expand_inputs
@@ -21,25 +20,37 @@ BYTES_PER_MB = 1_000_000
 
 
 def corpus(
-    source: Source, out: Path, val_fraction: float = 0.02, shard_mb: float = 16.0, max_files: int | None = None
+    source: list[str],
+    out: Path,
+    val_fraction: float = 0.02,
+    shard_mb: float = 16.0,
+    max_files: int | None = None,
+    text_field: str = "text",
+    text_column: str = "text",
 ) -> int:
-    """Write train/val text shards from this Python's own source files.
+    """Write train/val text shards from this Python's own source files or from your text.
 
     Args:
-        source: stdlib (the standard library without its tests) or site-packages (plus the installed packages).
+        source: stdlib (the standard library without its tests), site-packages (plus the installed packages), or
+            your files, directories and glob patterns: .txt and .md files (a document each), .jsonl (a document
+            per line), .parquet (a document per row; needs pyarrow).
         out: directory for the shards.
-        val_fraction: share of files held out for validation.
+        val_fraction: share of documents held out for validation (by a hash of their file and line or row).
         shard_mb: start a new shard past this many megabytes.
-        max_files: use only the first N files (sorted).
+        max_files: use only the first N files (in their sorted order).
+        text_field: the JSONL field that holds a document's text.
+        text_column: the Parquet column that holds a document's text.
     """
     summary = write_corpus(
-        source, out, val_fraction=val_fraction, shard_bytes=int(shard_mb * BYTES_PER_MB), max_files=max_files
+        source, out, val_fraction=val_fraction, shard_bytes=int(shard_mb * BYTES_PER_MB), max_files=max_files,
+        text_field=text_field, text_column=text_column,
     )
     print(
         f"wrote {out}: {summary['n_train_documents']:,} train documents "
         f"({summary['bytes_train']:,} bytes, {len(summary['train_files'])} shards) and "
         f"{summary['n_val_documents']:,} val documents ({summary['bytes_val']:,} bytes, "
-        f"{len(summary['val_files'])} shards); {summary['n_skipped']} files skipped"
+        f"{len(summary['val_files'])} shards) from {summary['n_files']:,} files; {summary['n_skipped']} "
+        "documents skipped (unreadable, not UTF-8, blank, or holding a separator line)"
     )
     return 0
 
@@ -62,7 +73,7 @@ def tokenizer(input: list[str], model_prefix: Path, config: TokenizerTrainConfig
     return 0
 
 
-def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, workers: int = os.cpu_count() or 1) -> int:
+def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, workers: int | None = None) -> int:
     """Tokenise text files into a .bin token shard.
 
     Args:
@@ -70,7 +81,7 @@ def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, work
         input: text files or glob patterns to pack.
         output: OUT.bin (its metadata goes to OUT.bin.json).
         eos: append the EOS token after each document.
-        workers: tokenizer processes.
+        workers: tokenizer processes (default: one per 2 MB of input, at most one per core).
     """
     meta = packing.pack(tokenizer, expand_inputs(input, "--input"), output, append_eos=eos, workers=workers)
     print(f"wrote {output}: {meta['n_tokens']:,} tokens ({meta['dtype']}) from {meta['n_documents']:,} documents")

@@ -1,10 +1,10 @@
-"""The plain-text corpus format, and the embedded default corpus built from Python sources.
+"""The plain-text corpus format, and :func:`write_corpus`, which builds one from a source.
 
 A corpus is a directory of UTF-8 text shards (``train_00000.txt``, ``val_00000.txt``, ...).
 Inside a shard, documents follow each other and each one is closed by a line holding exactly
-:data:`DOC_SEPARATOR`. :func:`write_corpus` builds such a directory from the ``.py`` files of
-the running interpreter's standard library (and optionally its installed packages), so a
-model can be trained with no download at all.
+:data:`DOC_SEPARATOR` (``llmkit data pack`` ends each with EOS). The source is this Python's
+own ``.py`` files (so a model can be trained with no download at all) or the user's text:
+``.txt``/``.md`` files, JSONL, Parquet (:mod:`llmkit.data.sources`).
 """
 
 from __future__ import annotations
@@ -12,37 +12,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import site
-import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 from tqdm import tqdm
 
+from llmkit.data.sources import list_source_files, read_documents
 from llmkit.errors import LLMKitError
 from llmkit.io import write_json_atomic
 
 DOC_SEPARATOR = "<|endoftext|>"
 """A line consisting of exactly this string ends a document in a plain-text shard."""
 
-SOURCES = ("stdlib", "site-packages")
-"""The values :func:`write_corpus` accepts for ``source``."""
-
-Source = Literal[SOURCES]
-"""A corpus source, as a type (the choices of ``llmkit data corpus --source``)."""
-
 SUMMARY_NAME = "corpus.json"
 """The summary :func:`write_corpus` writes next to the shards."""
-
-TEST_DIR_NAMES = frozenset({"test", "tests", "idle_test"})
-"""Directory names whose contents are test suites, left out of the corpus."""
-
-TEST_FILE_PREFIX = "test_"
-"""File names starting with this are tests, left out of the corpus."""
-
-SKIPPED_DIR_NAMES = frozenset({"__pycache__", "site-packages", "dist-packages"})
-"""Directory names never descended into (bytecode, and packages nested in the stdlib)."""
 
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.txt$")
 _SEPARATOR_LINE = (DOC_SEPARATOR + "\n").encode("utf-8")
@@ -52,14 +37,6 @@ _SPLIT_HASH_HEX_DIGITS = 8
 def is_separator(line: str) -> bool:
     """True if ``line`` (with or without its line ending) is a document separator."""
     return line.rstrip("\r\n") == DOC_SEPARATOR
-
-
-@dataclass(frozen=True)
-class _SourceFile:
-    """One ``.py`` file: where it lives, and its path relative to the root it was found in."""
-
-    path: Path
-    relative: str
 
 
 @dataclass
@@ -113,55 +90,59 @@ class _ShardWriter:
 
 
 def write_corpus(
-    source: str,
+    source: str | Sequence[str],
     out_dir: str | Path,
     *,
     val_fraction: float = 0.02,
     shard_bytes: int = 16_000_000,
     max_files: int | None = None,
+    text_field: str = "text",
+    text_column: str = "text",
     progress: bool = True,
 ) -> dict:
-    """Write the ``.py`` files of ``source`` as train/val text shards under ``out_dir``.
+    """Write the documents of ``source`` as train/val text shards under ``out_dir``.
 
-    ``source`` is ``"stdlib"`` (the standard library, without tests) or ``"site-packages"``
-    (the standard library plus installed packages). Files are taken stdlib first, then each
-    site directory, each sorted by relative path, the first ``max_files`` of them if given;
-    each valid, non-blank UTF-8 file is one document.
-    A file goes to val when the hash of its relative path falls below ``val_fraction``, so
-    the split is the same on every run; if that leaves val empty, the last document goes
-    there. Files that are not UTF-8, blank, or that contain a separator line are skipped.
+    ``source`` is ``"stdlib"``, ``"site-packages"`` or the user's files, directories and patterns
+    (see :mod:`llmkit.data.sources`; ``text_field`` / ``text_column`` name the text of JSONL lines
+    and Parquet rows). Files are read in their fixed order, the first ``max_files`` if given,
+    one document at a time. A document goes to val when the hash of its key falls below
+    ``val_fraction``, so the split is the same on every run; if that leaves val empty, the last
+    document goes there. Documents that are unreadable, not UTF-8, blank or that contain a
+    separator line are skipped and counted.
 
     Shards left in ``out_dir`` by an earlier run that this run did not write are removed.
-    Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were
-    considered, ``n_skipped`` of them skipped, the rest written as ``n_train_documents`` and
+    Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were read,
+    ``n_skipped`` documents skipped, the rest written as ``n_train_documents`` and
     ``n_val_documents``; shard names in ``train_files`` / ``val_files`` are relative to
     ``out_dir``.
     """
-    if source not in SOURCES:
-        raise LLMKitError(f"unknown corpus source {source!r}: choose one of {', '.join(SOURCES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise LLMKitError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = _list_source_files(source)
+    names = [source] if isinstance(source, str) else list(source)
+    files = list_source_files(names)
     if max_files is not None:
         files = files[:max_files]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     train = _ShardWriter(out_dir, "train", shard_bytes)
     val = _ShardWriter(out_dir, "val", shard_bytes)
     pending_train: str | None = None  # held back so it can go to val if val stays empty
     n_skipped = 0
+    label = names[0] if len(names) == 1 else f"{len(names)} sources"
     try:
-        for file in tqdm(files, desc=f"corpus {source}", unit="file", disable=not progress):
-            text = _read_document(file.path)
-            if text is None:
-                n_skipped += 1
-            elif _goes_to_val(file.relative, val_fraction):
-                val.add(text)
-            else:
-                if pending_train is not None:
-                    train.add(pending_train)
-                pending_train = text
+        with tqdm(files, desc=f"corpus {label}", unit="file", disable=not progress) as bar:
+            for file in bar:
+                for key, text in read_documents(file, text_field, text_column):
+                    if not _usable(text):
+                        n_skipped += 1
+                    elif _goes_to_val(key, val_fraction):
+                        val.add(text)
+                    else:
+                        if pending_train is not None:
+                            train.add(pending_train)
+                        pending_train = text
+                bar.set_postfix(documents=f"{train.n_documents + val.n_documents:,}", refresh=False)
         if pending_train is not None:
             (val if val.n_documents == 0 else train).add(pending_train)
         train.close()
@@ -195,51 +176,13 @@ def write_corpus(
     return summary
 
 
-def _list_source_files(source: str) -> list[_SourceFile]:
-    """The ``.py`` files of ``source``: stdlib first, then site dirs, each sorted by path."""
-    roots = [Path(sysconfig.get_paths()["stdlib"])]
-    if source == "site-packages":
-        roots += [Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]]
-    seen: set[Path] = set()
-    files: list[_SourceFile] = []
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for path, relative in _walk_python_files(root):
-            resolved = path.resolve()
-            if resolved not in seen:
-                seen.add(resolved)
-                files.append(_SourceFile(path, relative))
-    return files
+def _usable(text: str | None) -> bool:
+    """A document the format can hold: readable, not blank, without a separator line."""
+    return text is not None and bool(text.strip()) and not any(is_separator(line) for line in text.split("\n"))
 
 
-def _walk_python_files(root: Path) -> list[tuple[Path, str]]:
-    """``(path, relative posix path)`` of the non-test ``.py`` files under ``root``, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in SKIPPED_DIR_NAMES and d not in TEST_DIR_NAMES
-        ]
-        for name in filenames:
-            if name.endswith(".py") and not name.startswith(TEST_FILE_PREFIX):
-                path = Path(dirpath) / name
-                found.append((path, path.relative_to(root).as_posix()))
-    return sorted(found, key=lambda item: item[1])
-
-
-def _read_document(path: Path) -> str | None:
-    """The file's text, or None if it is unreadable, not UTF-8, blank or holds a separator."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.strip() or any(is_separator(line) for line in text.split("\n")):
-        return None
-    return text
-
-
-def _goes_to_val(relative: str, val_fraction: float) -> bool:
-    digest = hashlib.sha256(relative.encode("utf-8")).hexdigest()
+def _goes_to_val(key: str, val_fraction: float) -> bool:
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return int(digest[:_SPLIT_HASH_HEX_DIGITS], 16) / 16**_SPLIT_HASH_HEX_DIGITS < val_fraction
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import sentencepiece as spm
+from tqdm import tqdm
 
 from llmkit.data.corpus import is_separator
 from llmkit.errors import LLMKitError
@@ -84,20 +86,29 @@ class _SentenceStream:
     """Iterates the non-empty, non-separator lines of ``inputs``, newline stripped.
 
     sentencepiece turns an exception raised inside its iterator into a bare RuntimeError, so
-    the first one is kept in :attr:`error` for :func:`train_tokenizer` to re-raise.
+    the first one is kept in :attr:`error` for :func:`train_tokenizer` to re-raise. sentencepiece
+    reads every line (it samples ``input_sentence_size`` of them), so a bar over the input bytes
+    shows how far reading is; the training that follows prints nothing.
     """
 
-    def __init__(self, inputs: Sequence[Path]) -> None:
+    def __init__(self, inputs: Sequence[Path], progress: bool) -> None:
         self.inputs = inputs
+        self.progress = progress
         self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[str]:
+        total = sum(path.stat().st_size for path in self.inputs)
         try:
-            for path in self.inputs:
-                for _, line in iter_text_lines(path):
-                    line = line.rstrip("\r\n")
-                    if line and not is_separator(line):
-                        yield line
+            with tqdm(total=total, desc="tokenizer: reading", unit="B", unit_scale=True,
+                      disable=not self.progress) as bar:
+                for path in self.inputs:
+                    for _, line in iter_text_lines(path):
+                        bar.update(len(line.encode("utf-8")))
+                        line = line.rstrip("\r\n")
+                        if line and not is_separator(line):
+                            yield line
+            if self.progress:
+                print("tokenizer: training sentencepiece on the sampled lines ...", file=sys.stderr)
         except Exception as e:
             self.error = e
             raise
@@ -109,12 +120,13 @@ def train_tokenizer(
     config: TokenizerTrainConfig,
     *,
     verbose: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Train a tokenizer on the text files ``inputs``; return the path of ``PREFIX.model``.
 
     Writes ``PREFIX.model`` and ``PREFIX.vocab`` (parent directories created), each renamed
     into place from a temp prefix only once training succeeded. sentencepiece's log is shown
-    only when ``verbose``.
+    only when ``verbose``; a progress bar of the input read shows unless ``progress`` is False.
     """
     paths = [Path(p) for p in inputs]
     for path in paths:
@@ -129,7 +141,7 @@ def train_tokenizer(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_model, tmp_vocab = _with_suffix(tmp_prefix, ".model"), _with_suffix(tmp_prefix, ".vocab")
-    stream = _SentenceStream(paths)
+    stream = _SentenceStream(paths, progress)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(stream),

@@ -316,7 +316,8 @@ def load_env(class_path: str, init_args: Mapping[str, Any] | None = None) -> Dis
     except ImportError as error:
         raise LLMKitError(
             f"cannot import module {module_name!r} for environment {class_path!r} ({error}): "
-            "check the spelling and that its package is installed"
+            "check the spelling, and that its package is installed or its directory is on PYTHONPATH "
+            "(e.g. PYTHONPATH=. for a module in the working directory)"
         ) from error
     except Exception as error:
         raise LLMKitError(f"importing module {module_name!r} for environment {class_path!r} failed: "

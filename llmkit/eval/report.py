@@ -50,18 +50,23 @@ class EvalConfig:
     """What :func:`evaluate` runs, as YAML can say it: the held-out shards, the probe file and
     their settings. Used by ``llmkit sdft|sft validate`` and by the RegressionGate callback.
 
-    ppl_files: packed ``.bin`` shards (paths or globs) for perplexity; None skips it.
+    ppl_files: packed ``.bin`` shards (paths or globs; one may be given alone) for perplexity;
+        None skips it.
     probes: a probe JSONL file (:func:`read_probes`); None skips probes.
     seq_len: perplexity window length (None: the model's max_seq_len).
     """
 
-    ppl_files: list[str] | None = None
+    ppl_files: list[str] | str | None = None
     probes: str | None = None
     seq_len: int | None = None
     batch_size: int = 8
     max_windows: int | None = 64
     max_new_tokens: int = 32
     probe_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ppl_files, str):
+            self.ppl_files = [self.ppl_files]
 
     @property
     def enabled(self) -> bool:
