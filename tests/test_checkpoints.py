@@ -12,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.callbacks import AtomicCheckpointIO, Checkpoint
+from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, TokenThroughput
 from llmkit.cli import main
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.errors import LLMKitError
@@ -240,3 +240,51 @@ def test_a_resumed_run_with_more_steps_follows_the_longer_schedule(shards, tmp_p
     assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * expected(8))
     scheduler = resumed.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 8 and scheduler.lr_lambdas[0](6) == pytest.approx(expected(6))
+
+
+def test_throughput_totals_continue_across_a_resume(shards, tmp_path):
+    """train/batches, samples, lengths and time carry on from the checkpoint instead of restarting at 0."""
+    first = TokenThroughput()
+    fit(tmp_path, shards, 3, [first])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("TokenThroughput")]
+    assert (state["batches"], state["samples"], state["lengths"]) == (3, 3 * 4, 3 * 4 * 32) and state["time"] > 0
+    resumed = TokenThroughput()
+    fit(tmp_path / "resumed", shards, 5, [resumed], ckpt_path=tmp_path / "last.ckpt")
+    after = resumed.state_dict()
+    assert (after["batches"], after["samples"]) == (5, 5 * 4) and after["time"] > state["time"]
+
+
+def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(shards, tmp_path):
+    config = yaml.safe_load(write_config(tmp_path, shards, max_steps=3).read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run",
+                                                 "default_hp_metric": False}}
+    del config["trainer"]["callbacks"][0]["init_args"]["dirpath"]  # checkpoints go into the run
+    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml")]) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    assert main(["pretrain", "validate", "--config", str(tmp_path / "tb.yaml"),
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
+    assert (run / "config.yaml").is_file() and (run / "validate_config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [3]  # the checkpoint's step, not 0
+
+
+def test_the_progress_bar_counts_to_max_steps_after_a_resume():
+    from types import SimpleNamespace
+
+    from llmkit.callbacks.console import TQDMStepProgressBar
+
+    bar = TQDMStepProgressBar()
+    progress = SimpleNamespace(current=SimpleNamespace(ready=30))
+    bar._trainer = SimpleNamespace(max_steps=40, global_step=30, max_epochs=-1, num_training_batches=400,
+                                   accumulate_grad_batches=1, fit_loop=SimpleNamespace(
+                                       epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert bar.total_train_batches == 40  # Lightning's says 10, while the batch index runs 31..40
+    bar._trainer.max_steps = 1000
+    assert bar.total_train_batches == 400  # the epoch ends first

@@ -48,6 +48,15 @@ def trained(shards, tmp_path_factory):
     return tmp
 
 
+def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, capsys, caplog):
+    config = write_config(tmp_path, shards)
+    with caplog.at_level("INFO"):
+        assert main(["pretrain", "fit", "--config", str(config), "--trainer.max_steps", "1"]) == 0
+    said = caplog.text + "".join(capsys.readouterr())
+    assert f"logs: {tmp_path / 'logs'}" in said and "fit finished at step 1" in said
+    assert "Tip:" not in said and "LeafSpec" not in said
+
+
 def test_fit_writes_a_checkpoint_with_the_override_and_tensorboard_logs(trained):
     ckpt = torch.load(trained / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
@@ -96,7 +105,8 @@ def test_malformed_yaml_key_is_a_clean_error(shards, tmp_path, capsys):
         main(["pretrain", "fit", "--config", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "n_layer" in err
+    assert err.startswith('llmkit pretrain fit: error: Parser key "model.config":')  # the key first, no usage
+    assert "Option 'n_layer' is not accepted" in err and len(err.splitlines()) < 12
     assert "Traceback" not in err
 
 

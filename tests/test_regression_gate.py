@@ -101,10 +101,16 @@ def read_block(root: Path, block: int) -> dict[str, dict]:
     return {name.removesuffix(".json"): json.loads((folder / name).read_text()) for name in FILES}
 
 
-def test_a_regressing_block_is_rejected_and_weights_and_optimizer_restored(tmp_path, shards, tokenizer_path):
+def test_a_regressing_block_is_rejected_and_weights_and_optimizer_restored(tmp_path, shards, tokenizer_path,
+                                                                          caplog):
     module = Student(tokenizer_path, val_config(shards))
     recorder, gate = Recorder(), RegressionGate(every_n_steps=2, out_dir=str(tmp_path / "gates"))
-    trainer = fit(tmp_path, module, shards, 4, [Corrupt(at_step=3), recorder, gate])
+    with caplog.at_level("INFO"):
+        trainer = fit(tmp_path, module, shards, 4, [Corrupt(at_step=3), recorder, gate])
+    lines = [line for line in caplog.text.splitlines() if "gate block" in line]
+    assert len(lines) == 2 and "gate block 1 (steps 0-2): ppl" in lines[0] and lines[0].endswith(": accepted")
+    assert "gate block 2 (steps 2-4): ppl" in lines[1] and ": rejected (perplexity rose by" in lines[1]
+    assert lines[1].endswith("the weights of step 2 are restored")
 
     assert [d["decision"] for d in gate.decisions] == ["accepted", "rejected"] and gate.rejections == 1
     end_of_block_1, corrupted = recorder.states[2], recorder.states[4]

@@ -64,7 +64,8 @@ def logged_steps(log_dir: Path, metric: str) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get(metric)]
 
 
-def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ckpt, tokenizer_path, tmp_path):
+def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ckpt, tokenizer_path, tmp_path,
+                                                                         caplog):
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 4, "enable_progress_bar": False, "logger": False,
@@ -74,7 +75,10 @@ def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ck
                   "lora": {"rank": 4, "alpha": 8.0}, "optim": {"lr": 1e-3}, "out_dir": str(tmp_path / "out")},
     }
     (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(config))
-    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml")]) == 0
+    with caplog.at_level("INFO"):
+        assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml")]) == 0
+    steps = [line for line in caplog.text.splitlines() if "discovery step" in line]
+    assert len(steps) == 4 and "discovery step 4/4: best reward" in steps[-1] and "rollouts failed" in steps[-1]
 
     out = tmp_path / "out"
     result = json.loads((out / "result.json").read_text())
@@ -124,7 +128,9 @@ def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_
 
 
 def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenizer_path, tmp_path):
-    module = fit(base_ckpt, tokenizer_path, tmp_path, steps=2, env="tests.test_ttt.ThrowingEnv")
+    with pytest.warns(UserWarning, match=r"discovery step 1/2: best reward 0 .* 8/8 rollouts failed: every rollout "
+                                         r"failed \(reward failed: RuntimeError: verifier crashed"):
+        module = fit(base_ckpt, tokenizer_path, tmp_path, steps=2, env="tests.test_ttt.ThrowingEnv")
     assert module.global_step == 2
     log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
     assert [r["failures"] for r in log] == [8, 8] and all(r["r_max"] == 0.0 for r in log)
