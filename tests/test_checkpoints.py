@@ -288,3 +288,13 @@ def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     assert bar.total_train_batches == 40  # Lightning's says 10, while the batch index runs 31..40
     bar._trainer.max_steps = 1000
     assert bar.total_train_batches == 400  # the epoch ends first
+
+
+def test_a_checkpoint_of_another_module_says_which_command_reads_it(sdft_run, trained, tmp_path, capsys):
+    ckpt, config, _ = sdft_run
+    examples = str(ckpt.parent.parent / "ex.jsonl")
+    assert main(["sft", "validate", "--ckpt_path", str(ckpt), "--data.val_files", examples]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {ckpt} was written by SDFTModule, not SFTModule: use it with "
+                                       "`llmkit sdft validate` (or as model.init_ckpt to fine-tune from it)\n")
+    assert main(["sdft", "fit", "--config", str(config), "--ckpt_path", str(trained)]) == 1
+    assert "was written by PretrainModule, not SDFTModule: use it with `llmkit pretrain fit`" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from llmkit.callbacks.checkpoint import AtomicCheckpointIO
 from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progress_bar
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import load_checkpoint_file
+from llmkit.model.checkpoint import WRITER_KEY, load_checkpoint_file
 
 VALIDATE_CONFIG = "validate_config.yaml"
 """What ``validate`` saves its config as, beside (never over) the ``config.yaml`` of the run it validates."""
@@ -131,7 +131,15 @@ class LLMKitCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return
-        hparams = dict(load_checkpoint_file(ckpt_path).get("hyper_parameters") or {})
+        ckpt = load_checkpoint_file(ckpt_path)
+        expected = self.command.module.split(":")[1]
+        if ckpt.get(WRITER_KEY, expected) != expected:
+            writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")
+            raise LLMKitError(
+                f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
+                f"{subcommand}` (or as model.init_ckpt to fine-tune from it)"
+            )
+        hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return

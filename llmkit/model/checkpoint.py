@@ -20,6 +20,9 @@ from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
+WRITER_KEY = "llmkit_module"
+"""The checkpoint entry naming the LightningModule class that wrote it."""
+
 
 def check_checkpoint_file(path: str | Path) -> Path:
     """``path``, checked to be a complete, undamaged checkpoint archive (see the module docstring)."""

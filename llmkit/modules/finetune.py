@@ -33,7 +33,7 @@ from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
+from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, adamw_with_schedule
 
@@ -186,6 +186,7 @@ class FineTuneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()
+        checkpoint[WRITER_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._loaded_step = checkpoint.get("global_step", 0)  # names `validate --ckpt_path` reports

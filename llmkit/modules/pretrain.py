@@ -10,6 +10,7 @@ from torchmetrics import MeanMetric
 
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
+from llmkit.model.checkpoint import WRITER_KEY
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, adamw_with_schedule, clip_grad_norm
@@ -112,6 +113,7 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint[WRITER_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

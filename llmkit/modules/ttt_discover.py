@@ -52,6 +52,7 @@ from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantage
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
+from llmkit.model.checkpoint import WRITER_KEY
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
     LoRAConfig,
@@ -332,6 +333,7 @@ class TTTDiscoverModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()
+        checkpoint[WRITER_KEY] = type(self).__name__
         checkpoint["archive"] = self.archive.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
