@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from llmkit.io import remove_stale_temps, temp_path
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -43,7 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        remove_stale_temps(path)
+        tmp = temp_path(path)
         try:
             with tmp.open("wb") as f:
                 torch.save(checkpoint, f)

@@ -31,6 +31,7 @@ SUMMARY_METRICS = ("val/loss", "val/ppl", "val/divergence", "val/probe_accuracy"
 HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree use with torch >= 2.10
     r".*does not have many workers.*",  # in-memory and memory-mapped data need no worker processes
+    r".*callbacks used to create the checkpoint need to be provided",  # validate --ckpt_path: weights are enough
 )
 
 
@@ -63,7 +64,9 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         shown = ", ".join(f"{k} {_value(metrics[k]):.4g}" for k in SUMMARY_METRICS if k in metrics)
-        rank_zero_info(f"fit finished at step {trainer.global_step}" + (f": {shown}" if shown else ""))
+        batches = trainer.fit_loop.total_batch_idx + 1
+        where = f"step {trainer.global_step}" if trainer.global_step else f"{batches} batches, no optimizer step"
+        rank_zero_info(f"fit finished at {where}" + (f": {shown}" if shown else ""))
 
 
 class _StepTotal:
