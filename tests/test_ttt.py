@@ -185,3 +185,20 @@ def test_the_update_scores_actions_under_the_policy_that_sampled_them(base_ckpt,
     assert torch.allclose(logp_base, logp.detach(), atol=1e-6)  # LoRA B starts at zero: the base is the policy
     with pytest.raises(LLMKitError, match="ttt.temperature must be > 0"):
         TTTConfig(temperature=0.0)
+
+
+def test_an_env_that_does_not_import_or_rejects_the_configs_env_args_says_what_to_set(base_ckpt, tokenizer_path):
+    common = {"lora": {"rank": 4, "alpha": 8.0}, "init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path)}
+    with pytest.raises(LLMKitError, match=r"^ttt\.env: cannot import module 'mymod' .*directory is on PYTHONPATH"):
+        TTTDiscoverModule(ttt={**TOY, "env": "mymod.MyEnv"}, **common)
+    stale = r"^ttt\.env: could not build .*AutocorrelationEnv.* \(ttt\.env_args \{'target'.* may come from the config"
+    with pytest.raises(LLMKitError, match=stale + r": when you change ttt\.env, set ttt\.env_args"):
+        TTTDiscoverModule(ttt={**TOY, "env": "llmkit.discovery.envs.AutocorrelationEnv"}, **common)
+
+
+def test_a_single_file_is_accepted_where_a_list_of_files_is():
+    from llmkit.callbacks import Replay
+    from llmkit.eval import EvalConfig
+
+    assert EvalConfig(ppl_files="data/val.bin").ppl_files == ["data/val.bin"]
+    assert Replay(seed_files="old.jsonl").seed_files == ["old.jsonl"]
