@@ -466,15 +466,15 @@ def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokeniz
 @pytest.mark.slow
 def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
     big = tmp_path / "big.txt"
-    big.write_text((synthetic_source(300, seed=2) * 30), encoding="utf-8")
+    big.write_text((synthetic_source(300, seed=2) * 100), encoding="utf-8")  # 16 MB: seconds to pack
     out = tmp_path / "out" / "big.bin"
     process = subprocess.Popen(
         [sys.executable, "-m", "llmkit", "data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(big),
          "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 60
-    while not list(out.parent.glob(".big.bin.*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait until it writes
+    while not any(p.stat().st_size for p in out.parent.glob(".big.bin.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until the workers are up and tokens are being written
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -260,23 +261,29 @@ def _encode_documents(
 
 @contextmanager
 def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterator[multiprocessing.pool.Pool]:
-    """A pool of ``spawn`` workers started with SIGINT blocked: the workers inherit the blocked
-    signal (Ctrl-C is the parent's to handle, and a worker cut off while it starts would print a
-    traceback), and a Ctrl-C during the start reaches the parent once the pool is up and closes it."""
-    mask = signal.pthread_sigmask if hasattr(signal, "pthread_sigmask") else None
+    """A pool of ``spawn`` workers whose start a Ctrl-C cannot cut short: SIGINT is blocked while
+    they start, so the workers inherit it blocked (Ctrl-C is the parent's to handle; a worker
+    killed while it starts prints a traceback), and the parent defers a Ctrl-C that arrives
+    meanwhile (another thread may take the signal) until the pool is up, then raises it, which
+    closes the pool."""
+    deferred: list[int] = []
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: deferred.append(signum)) if in_main else None
+    mask = getattr(signal, "pthread_sigmask", None)
     if mask:
         mask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(tokenizer_path, append_eos)
         )
-    except BaseException:
+    finally:
         if mask:
             mask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        raise
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     with pool:
-        if mask:
-            mask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        if deferred:
+            raise KeyboardInterrupt
         yield pool
 
 
