@@ -1,6 +1,8 @@
-"""Does mHC learn better here? Equal-token pretraining of residual variants, several seeds.
+"""Does mHC learn better here? Does Muon? Equal-token pretraining of residual variants and
+optimizers, several seeds.
 
     python bench/quality.py                                   # tiny model, stdlib corpus, CPU-sized
+    python bench/quality.py --variants dense n4_split --optimizers adamw muon   # AdamW vs Muon
     python bench/quality.py --model configs/model/120m.yaml --source site-packages \
         --tokens 50_000_000 --seq-len 1024 --batch-size 16 --lr 6e-4 --seeds 0 1   # one GPU
 
@@ -54,14 +56,16 @@ def bytes_per_token(val_bin: Path, tokenizer: Tokenizer) -> float:
     return len(text.encode("utf-8")) / len(tokens)
 
 
-def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namespace, shards) -> dict:
+def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namespace, shards, optimizer: str = "adamw"
+                  ) -> dict:
     n_streams, post_init = VARIANTS[name]
     config = replace(
         base, vocab_size=shards.vocab_size, n_streams=n_streams, mhc=replace(base.mhc, post_init=post_init)
     )
     steps = max(1, args.tokens // (args.batch_size * args.seq_len))
     L.seed_everything(seed, verbose=False)
-    module = PretrainModule(config, OptimConfig(lr=args.lr, warmup_steps=max(1, steps // 20)), compile=args.compile)
+    optim = OptimConfig(name=optimizer, lr=args.lr, muon_lr=args.muon_lr, warmup_steps=max(1, steps // 20))
+    module = PretrainModule(config, optim, compile=args.compile)
     data = PackedDataModule(
         train_files=[str(shards.train)],
         val_files=[str(shards.val)],
@@ -79,7 +83,7 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
         devices=1,
         precision=args.precision,
         gradient_clip_val=1.0,
-        logger=TensorBoardLogger(Path(args.work) / "tb", name=f"{name}_seed{seed}"),
+        logger=TensorBoardLogger(Path(args.work) / "tb", name=f"{name}_{optimizer}_seed{seed}"),
         callbacks=callbacks,
         limit_val_batches=0,
         enable_checkpointing=False,
@@ -101,6 +105,7 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
     val_loss = val_trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     return {
         "variant": name,
+        "optimizer": optimizer,
         "seed": seed,
         "params": module.model.num_params(),
         "tokens": steps * args.batch_size * args.seq_len,
@@ -112,13 +117,14 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
 
 def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
     rows = []
-    for name in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == name]
+    for name, optimizer in dict.fromkeys((r["variant"], r["optimizer"]) for r in runs):
+        mine = [r for r in runs if (r["variant"], r["optimizer"]) == (name, optimizer)]
         losses = [r["val_loss"] for r in mine]
         bpb = [loss / math.log(2) / bytes_per_tok for loss in losses]
         rows.append(
             {
                 "variant": name,
+                "optimizer": optimizer,
                 "params": mine[0]["params"],
                 "tokens": mine[0]["tokens"],
                 "seeds": len(mine),
@@ -140,7 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak LR")
+    p.add_argument("--optimizers", nargs="+", default=["adamw"], choices=["adamw", "muon"],
+                   help="each variant is trained with each (muon: Muon on the hidden matrices, AdamW on the rest)")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak LR")
     p.add_argument("--source", default="stdlib", choices=["stdlib", "site-packages"])
     p.add_argument("--max-files", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -158,9 +167,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = []
     for seed in args.seeds:
         for name in args.variants:
-            runs.append(train_variant(name, seed, base, args, shards))
-            r = runs[-1]
-            print(f"  {name} seed {seed}: val loss {r['val_loss']:.4f} ({r['tokens_per_s']:.0f} tok/s)")
+            for optimizer in args.optimizers:
+                runs.append(train_variant(name, seed, base, args, shards, optimizer))
+                r = runs[-1]
+                print(f"  {name} {optimizer} seed {seed}: val loss {r['val_loss']:.4f} ({r['tokens_per_s']:.0f} tok/s)")
     rows = summarise(runs, bpt)
     device = device_description()
     print(
@@ -168,10 +178,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{bpt:.2f} bytes/token), seq {args.seq_len}, batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}, "
         f"{device}"
     )
-    print(f"{'variant':<12} {'params':>8} {'tokens':>11} {'val loss (nats/tok)':>21} {'bits/byte':>17} {'tok/s':>8}")
+    print(f"{'variant':<12} {'optimizer':<9} {'params':>8} {'tokens':>11} {'val loss (nats/tok)':>21} "
+          f"{'bits/byte':>17} {'tok/s':>8}")
     for r in rows:
         print(
-            f"{r['variant']:<12} {r['params'] / 1e6:>7.2f}M {r['tokens']:>11,} "
+            f"{r['variant']:<12} {r['optimizer']:<9} {r['params'] / 1e6:>7.2f}M {r['tokens']:>11,} "
             f"{r['val_loss_mean']:>12.4f} ± {r['val_loss_std']:.4f} {r['bpb_mean']:>8.4f} ± {r['bpb_std']:.4f} "
             f"{r['tokens_per_s']:>8.0f}"
         )

@@ -1,33 +1,45 @@
-"""Optimisation shared by every LightningModule: AdamW with warm-up + cosine, gradient clipping
-that works with a fused AdamW under bf16-mixed, and the per-token gradient accumulation of the
-modules that optimise by hand (SFT, SDFT, TTT-Discover).
+"""Optimisation shared by every LightningModule: AdamW, or Muon for the hidden weight matrices
+with AdamW for the rest, under a warm-up + cosine schedule; gradient clipping that works with a
+fused AdamW under bf16-mixed; and the per-token gradient accumulation of the modules that
+optimise by hand (SFT, SDFT, TTT-Discover). docs/optim.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llmkit.errors import LLMKitError
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr (the mHC paper's
-    pretraining recipe, AdamW betas 0.9/0.95).
+    """The optimizer and its schedule: linear warm-up then cosine decay to min_lr_ratio x the
+    peak LR (the mHC paper's pretraining recipe, AdamW betas 0.9/0.95).
 
+    name: ``adamw`` for every parameter, or ``muon``: ``torch.optim.Muon`` (momentum
+        orthogonalised by Newton-Schulz; Jordan et al. 2024) for the hidden weight matrices (the
+        attention and MLP projections of the blocks) at ``muon_lr`` / ``muon_weight_decay``, and
+        AdamW at ``lr`` / ``weight_decay`` for the embeddings, the LM head, norms, biases, the mHC
+        mapping (phi, alphas, biases) and the stream embedding. One schedule scales both.
     decay_steps: optimizer steps from 0 to the end of the cosine; None uses the Trainer's
-    estimated_stepping_batches (max_steps, or epochs x batches / accumulation).
-    implementation: "foreach" or "fused" (one kernel for the whole update; the GPU configs use
-    it). Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer even
-    in bf16, where there is no loss scaler; :func:`clip_grad_norm` clips them itself in that case.
+        estimated_stepping_batches (max_steps, or epochs x batches / accumulation).
+    implementation: "foreach" or "fused" AdamW (one kernel for the whole update; the GPU configs
+        use it). Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer
+        even in bf16, where there is no loss scaler; :func:`clip_grad_norm` clips them itself then.
+    muon_adjust_lr: how Muon scales its update to a matrix's shape: ``original`` (Keller
+        Jordan's, sqrt(max(1, rows/cols))) or ``match_rms_adamw`` (Moonshot's, an update RMS like
+        AdamW's, so ``muon_lr`` can be AdamW's LR).
     """
 
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -36,9 +48,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     decay_steps: int | None = None
     implementation: Literal["foreach", "fused"] = "foreach"
+    muon_lr: float = 0.02
+    muon_weight_decay: float = 0.0
+    muon_momentum: float = 0.95
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML and checkpoints give a list
+        if self.name not in ("adamw", "muon"):
+            raise LLMKitError(f"optim.name must be 'adamw' or 'muon', got {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,9 +76,112 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
-    """AdamW over ``param_groups`` and the warm-up + cosine LambdaLR of ``o``, stepped per
-    optimizer step, in the dict ``configure_optimizers`` returns.
+class _JointState(MutableMapping):
+    """The per-parameter states of several optimizers as one mapping: each read and write goes to
+    the optimizer that holds the parameter (a ChainMap would create an entry in the first
+    optimizer's defaultdict on every lookup of another's parameter)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def _holder(self, p: torch.Tensor) -> dict:
+        for optimizer in self.optimizers:
+            if p in optimizer.state or any(p is q for g in optimizer.param_groups for q in g["params"]):
+                return optimizer.state
+        raise KeyError(p)
+
+    def __getitem__(self, p: torch.Tensor) -> Any:
+        state = self._holder(p)
+        if p not in state:
+            raise KeyError(p)
+        return state[p]
+
+    def __setitem__(self, p: torch.Tensor, value: Any) -> None:
+        self._holder(p)[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._holder(p)[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return chain.from_iterable(optimizer.state for optimizer in self.optimizers)
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self.optimizers)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped as one optimizer, so Lightning's automatic optimisation, gradient
+    clipping and accumulation, the LR schedule and checkpoints treat the pair as one.
+
+    ``param_groups`` is the list of both optimizers' groups (the same dicts, so a scheduler that
+    sets ``lr`` reaches them), ``state`` a view of both states; ``state_dict`` holds both. Loading
+    a state dict replaces the inner groups and states, so the views are rebuilt after it.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        super().__init__([p for group in muon.param_groups + adamw.param_groups for p in group["params"]], {})
+        self.muon, self.adamw = muon, adamw
+        self._share_inner_groups()
+
+    def _share_inner_groups(self) -> None:
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = _JointState(self.muon, self.adamw)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self._share_inner_groups()
+
+
+def build_optimizer(param_groups: list[dict], o: OptimConfig) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer ``o`` names over ``param_groups`` (from ``Transformer.param_groups``: the
+    group marked ``hidden_matrices`` is Muon's under ``muon``), and a line saying how the
+    parameters were split."""
+    adamw_args = {"lr": o.lr, "betas": o.betas, "eps": o.eps, o.implementation: True}
+    hidden = [g for g in param_groups if g.get("hidden_matrices") and g["params"]]
+    if o.name == "adamw" or not hidden:
+        groups = [g for g in param_groups if g["params"]]
+        why = "" if o.name == "adamw" else " (Muon has no hidden matrix to train here)"
+        return torch.optim.AdamW(groups, **adamw_args), f"optimizer: AdamW on {_count(groups)}{why}"
+    muon = torch.optim.Muon(
+        [{**g, "weight_decay": o.muon_weight_decay} for g in hidden], lr=o.muon_lr, momentum=o.muon_momentum,
+        adjust_lr_fn=o.muon_adjust_lr,
+    )
+    rest = [g for g in param_groups if not g.get("hidden_matrices") and g["params"]]
+    adamw = torch.optim.AdamW(rest, **adamw_args)
+    return MuonAdamW(muon, adamw), (
+        f"optimizer: Muon (lr {o.muon_lr:g}, weight decay {o.muon_weight_decay:g}) on {_count(hidden)}; "
+        f"AdamW (lr {o.lr:g}, weight decay {o.weight_decay:g} on matrices) on {_count(rest)}"
+    )
+
+
+def _count(groups: list[dict]) -> str:
+    tensors = sum(len(g["params"]) for g in groups)
+    numbers = sum(p.numel() for g in groups for p in g["params"])
+    return f"{tensors} tensors ({numbers / 1e6:.2f}M parameters)"
+
+
+def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
+    """The optimizer of ``o`` over ``param_groups`` (:func:`build_optimizer`; its split is logged)
+    and the warm-up + cosine LambdaLR of ``o``, stepped per optimizer step, in the dict
+    ``configure_optimizers`` returns.
 
     The schedule is sized for this run (``decay_steps``, else the Trainer's length) and is not
     restored from a checkpoint: LambdaLR saves the state of a callable object and would bring back
@@ -68,7 +189,8 @@ def adamw_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Tra
     longer ``max_steps`` follows the cosine of the new length from its current step (the LR rises
     from the old floor to where the longer cosine is); docs/checkpoints.md.
     """
-    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, **{o.implementation: True})
+    optimizer, split = build_optimizer(param_groups, o)
+    rank_zero_info(split)
     decay_steps = o.decay_steps or trainer.estimated_stepping_batches
     if not math.isfinite(decay_steps):
         raise LLMKitError(

@@ -55,19 +55,25 @@ def test_streams_start_distinct():
     assert torch.cdist(emb, emb).triu(1)[torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)].min() > 0
 
 
-def test_weight_decay_only_on_linear_and_embedding_matrices():
+def test_weight_decay_only_on_matrices_and_the_hidden_ones_grouped_for_muon():
     model = Transformer(tiny(4))
-    decay, no_decay = model.param_groups(0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    hidden, matrices, rest = model.param_groups(0.1)
+    assert hidden["hidden_matrices"] and (hidden["weight_decay"], matrices["weight_decay"], rest["weight_decay"]) == (
+        0.1, 0.1, 0.0)
     names = {id(p): name for name, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert "tok_emb.weight" in decayed and "lm_head.weight" in decayed
-    assert "blocks.0.attn.q_proj.weight" in decayed and "blocks.0.attn_res.mapping.phi.weight" in decayed
+
+    def named(group: dict) -> set[str]:
+        return {names[id(p)] for p in group["params"]}
+
+    assert named(hidden) == {f"blocks.{i}.{part}.weight" for i in range(2)
+                             for part in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert named(matrices) == {"tok_emb.weight", "lm_head.weight"} | {
+        f"blocks.{i}.{res}_res.mapping.phi.weight" for i in range(2) for res in ("attn", "mlp")}
     for name in ("stream_emb", "norm.weight", "blocks.0.attn_res.mapping.b_res",
                  "blocks.0.attn_res.mapping.alpha_pre", "blocks.1.mlp_norm.weight"):
-        assert name in not_decayed
-    assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
+        assert name in named(rest)
+    assert sum(len(g["params"]) for g in (hidden, matrices, rest)) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("n", [1, 4])

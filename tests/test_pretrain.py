@@ -110,7 +110,7 @@ def test_weight_decay_groups_reach_the_optimizer():
     module = PretrainModule(model_config(), OptimConfig(weight_decay=0.1))
     module.trainer = L.Trainer(max_steps=10, logger=False)
     opt = module.configure_optimizers()["optimizer"]
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]  # hidden matrices, other matrices, rest
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
 

@@ -31,3 +31,9 @@ def test_quality_benchmark_runs_every_variant_and_seed(tmp_path, capsys):
     first = next(r for r in saved["runs"] if r["variant"] == "dense" and r["seed"] == 0)
     assert again[0]["val_loss_mean"] == pytest.approx(first["val_loss"], abs=1e-6)
     assert "bits/byte" in capsys.readouterr().out
+    both = bench.main(["--model", str(model), "--variants", "dense", "--optimizers", "adamw", "muon", "--seeds", "0",
+                       "--tokens", "8192", "--seq-len", "32", "--batch-size", "8", "--max-files", "40",
+                       "--vocab-size", "512", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "both.json")])
+    assert [(r["variant"], r["optimizer"]) for r in both] == [("dense", "adamw"), ("dense", "muon")]
+    assert both[0]["val_loss_mean"] == pytest.approx(first["val_loss"], abs=1e-6)  # the same AdamW run
+    assert both[1]["val_loss_mean"] != both[0]["val_loss_mean"] and 0 < both[1]["val_loss_mean"] < 6.3

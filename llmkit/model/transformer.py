@@ -176,17 +176,28 @@ class Transformer(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * seq_len
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on the matrices of Linear and Embedding layers only; none on norm
-        gains, mHC alphas/biases or the stream embedding."""
-        decay, no_decay, seen = [], [], set()
-        for module in self.modules():
-            for p in module.parameters(recurse=False):
+        """The trainable parameters in three optimizer groups:
+
+        - ``hidden_matrices``: the weights of the blocks' attention and MLP projections (what
+          Muon trains under ``optim.name: muon``), with weight decay;
+        - the other matrices of Linear and Embedding layers (embeddings, LM head, the mHC
+          mapping's phi, LoRA factors), with weight decay;
+        - everything else (norm gains, mHC alphas and biases, the stream embedding), without.
+        """
+        hidden, matrices, rest, seen = [], [], [], set()
+        for name, module in self.named_modules():
+            for key, p in module.named_parameters(recurse=False):
                 if id(p) in seen or not p.requires_grad:
                     continue
                 seen.add(id(p))
-                is_matrix = isinstance(module, (nn.Linear, nn.Embedding))
-                (decay if is_matrix else no_decay).append(p)
+                if not isinstance(module, (nn.Linear, nn.Embedding)):
+                    rest.append(p)
+                elif key == "weight" and name.startswith("blocks.") and ".mapping." not in name:
+                    hidden.append(p)
+                else:
+                    matrices.append(p)
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": hidden, "weight_decay": weight_decay, "hidden_matrices": True},
+            {"params": matrices, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
         ]

@@ -35,7 +35,7 @@ from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
 from llmkit.model.transformer import Transformer
-from llmkit.optim import OptimConfig, TokenMeanAccumulator, adamw_with_schedule
+from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
 
 
 @dataclass
@@ -136,7 +136,7 @@ class FineTuneModule(L.LightningModule):
                     module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
+        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         """(the loss summed over the batch's real tokens, their number); ``stage`` is "train" or

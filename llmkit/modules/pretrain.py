@@ -13,7 +13,7 @@ from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import WRITER_KEY
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
-from llmkit.optim import OptimConfig, adamw_with_schedule, clip_grad_norm
+from llmkit.optim import OptimConfig, clip_grad_norm, optimizer_with_schedule
 
 
 class PretrainModule(L.LightningModule):
@@ -96,7 +96,7 @@ class PretrainModule(L.LightningModule):
             self.log("step", float(self._loaded_step))
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
+        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def configure_gradient_clipping(
         self,

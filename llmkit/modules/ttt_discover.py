@@ -63,7 +63,7 @@ from llmkit.model.lora import (
     save_lora,
 )
 from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student
-from llmkit.optim import TokenMeanAccumulator, adamw_with_schedule
+from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
 
 MAX_LOGGED_REASONS = 3
 """Distinct failure reasons (parse errors, exceptions, timeouts) kept per step in discovery_log.jsonl."""
@@ -196,7 +196,7 @@ class TTTDiscoverModule(L.LightningModule):
             self.model.compile_blocks()
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
+        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def train_dataloader(self) -> StartStates:
         if self.trainer.max_steps < 1:
