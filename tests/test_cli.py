@@ -54,7 +54,16 @@ def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, 
         assert main(["pretrain", "fit", "--config", str(config), "--trainer.max_steps", "1"]) == 0
     said = caplog.text + "".join(capsys.readouterr())
     assert f"logs: {tmp_path / 'logs'}" in said and "fit finished at step 1" in said
+    assert "attention: flash (attention_backend auto, cpu float32)" in said
     assert "Tip:" not in said and "LeafSpec" not in said
+
+
+def test_an_attention_backend_this_machine_lacks_stops_fit_before_the_first_step(shards, tmp_path, capsys):
+    config = write_config(tmp_path, shards, attention_backend="cudnn")
+    assert main(["pretrain", "fit", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "llmkit: error: attention_backend cudnn needs a CUDA device (this is cpu): use auto, flash or math" in err
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_fit_writes_a_checkpoint_with_the_override_and_tensorboard_logs(trained):
@@ -82,6 +91,8 @@ def test_generate_from_the_checkpoint(trained, tokenizer_path, capsys):
     assert len(first.strip()) > len("def alpha")
     assert main(args) == 0
     assert capsys.readouterr().out == first  # greedy decoding is deterministic
+    assert main([*args, "--attention-backend", "math"]) == 0
+    assert capsys.readouterr().out == first  # the CPU's flash kernel and the math reference agree
 
 
 def test_a_printed_config_runs_as_given_with_every_default_resolved(shards, tmp_path, capsys):
@@ -165,11 +176,14 @@ def test_help_answers_without_loading_torch_or_lightning(argv):
 
 
 def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_path):
+    """The attention kernel is a setting of how to run, not of what was trained: a resume may change it."""
     config = write_config(tmp_path, shards)
     code = main(["pretrain", "fit", "--config", str(config), "--model.config.n_streams", "2",
+                 "--model.config.attention_backend", "math",
                  "--ckpt_path", str(trained / "ckpt" / "last.ckpt"), "--trainer.max_steps", "5"])
     assert code == 0
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 5 and resumed["hyper_parameters"]["config"]["attention_backend"] == "math"
 
 
 def test_generate_rejects_a_prompt_beyond_the_context(trained, tokenizer_path, capsys):

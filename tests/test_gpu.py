@@ -62,3 +62,35 @@ def test_compiled_fused_mhc_matches_the_eager_reference_on_gpu(checkpointing, mo
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert abs(losses[1] - losses[0]) <= loss_tol * losses[0]
         assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() <= grad_tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn", "efficient", "flash_attn"])
+def test_each_cuda_attention_backend_matches_math_in_bf16(backend):
+    """Each CUDA kernel against SDPA's math reference in bf16-mixed, with grouped-query heads and
+    mHC: the loss and gradients of training, and the padded, KV-cached sampling path."""
+    from llmkit.model import attention_backends
+    from llmkit.model.generation import SamplingConfig, generate
+    from llmkit.model.transformer import Transformer
+
+    if backend == "flash_attn" and attention_backends._flash_attn_package() is None:
+        pytest.skip("neither flash_attn nor flash_attn_interface is installed")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2,
+                                    d_ff=512, max_seq_len=256, n_streams=4)).cuda()
+    idx = torch.randint(0, VOCAB_SIZE, (4, 129), device="cuda")
+    prompts = [[5, 9, 11, 3, 7, 2, 8], [4, 4], [17, 1, 30, 2]]
+    losses, grads, first_logprobs = [], [], []
+    for name in ("math", backend):
+        model.config.attention_backend = name
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            sampled = generate(model, prompts, SamplingConfig(max_new_tokens=4, temperature=0.0), eos_id=None)
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        first_logprobs.append(sampled.logprobs[:, 0])
+    assert abs(losses[1] - losses[0]) <= 1e-2 * losses[0]
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() <= 5e-2
+    torch.testing.assert_close(first_logprobs[1], first_logprobs[0], atol=5e-2, rtol=5e-2)

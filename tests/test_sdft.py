@@ -117,6 +117,13 @@ def test_sampling_settings_reach_the_sampler(base_ckpt, tokenizer_path, examples
     assert config.seed == VAL_SEED + 3  # validation samples with a fixed seed per batch
 
 
+def test_the_attention_kernel_can_be_chosen_for_a_checkpoint_trained_with_another(base_ckpt, tokenizer_path):
+    assert sdft(base_ckpt, tokenizer_path).model.config.attention_backend == "auto"  # the checkpoint's
+    module = sdft(base_ckpt, tokenizer_path, attention_backend="math")
+    assert module.model.config.attention_backend == module.teacher.config.attention_backend == "math"
+    assert module.hparams.attention_backend == "math"
+
+
 def test_teacher_gets_no_gradient_and_follows_the_ema_formula(base_ckpt, tokenizer_path, examples):
     tau = 0.8
 

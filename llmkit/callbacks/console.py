@@ -2,8 +2,8 @@
 its final metrics, in a few lines; not the advertising or known-harmless warnings of the libraries
 underneath.
 
-:class:`RunSummary` (``llmkit`` commands add it) prints the log directory when fit starts and the
-final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step rewards and
+:class:`RunSummary` (``llmkit`` commands add it) prints the log directory and the attention kernel
+when fit starts and the final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step rewards and
 failures, and the checkpoint paths are printed by their own callbacks and modules.
 :func:`quiet_known_noise` filters Lightning's product tips and warnings that are known to be harmless here.
 :func:`step_progress_bar` is Lightning's progress bar counting toward ``max_steps`` with a true
@@ -23,6 +23,9 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+from llmkit.callbacks.interfaces import HasBackbone, satisfies
+from llmkit.model.attention_backends import resolve_backend
 
 SUMMARY_METRICS = ("val/loss", "val/ppl", "val/divergence", "val/probe_accuracy", "train/loss", "train/divergence",
                    "train/policy_loss", "ttt/best_reward")
@@ -50,16 +53,30 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype attention computes in under Lightning's ``precision`` ("bf16-mixed" -> bfloat16)."""
+    return _PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)
+
+
 def _value(value: Any) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
 class RunSummary(L.Callback):
-    """Prints where the logs go when fit starts, and the step and metrics when it ends."""
+    """Prints where the logs go and which attention kernel runs when fit starts (an unavailable
+    ``attention_backend`` fails here, before the first step), and the step and metrics when it ends."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.loggers and trainer.log_dir:
             rank_zero_info(f"logs: {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+        if satisfies(pl_module, HasBackbone):
+            asked, dtype = pl_module.model.config.attention_backend, compute_dtype(trainer.precision)
+            chosen = resolve_backend(asked, pl_module.device.type, dtype)
+            rank_zero_info(f"attention: {chosen} (attention_backend {asked}, {pl_module.device.type} "
+                           f"{str(dtype).removeprefix('torch.')})")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics

@@ -54,7 +54,8 @@ LIGHTNING_COMMANDS = {
         "llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule",
         links=(("model.vocab_size", "data.vocab_size"), ("model.max_seq_len", "data.max_seq_len")),
         fixed_by_checkpoint=("config",),
-        free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation"),
+        free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation",
+              "config.attention_backend"),
     ),
     "sdft": LightningCommand(
         "llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule", rebuild_from_checkpoint=True

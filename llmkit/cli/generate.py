@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llmkit.errors import LLMKitError
 from llmkit.io import iter_jsonl_objects, iter_text_lines, text_field, write_jsonl_atomic
+from llmkit.model.config import AttentionBackend
 
 _PROMPT_LINE = '{"prompt": "..."}'
 
@@ -47,6 +48,7 @@ def generate(
     bos: bool = False,
     compile: bool = False,
     device: str | None = None,
+    attention_backend: AttentionBackend | None = None,
 ) -> int:
     """Sample text from a checkpoint (KV-cached, batched).
 
@@ -67,6 +69,7 @@ def generate(
         bos: prepend the BOS token to each prompt.
         compile: compile the decode step (CUDA graphs on GPU).
         device: where to run (default: cuda if available, else cpu).
+        attention_backend: the attention kernel (default: the checkpoint's; docs/attention.md).
     """
     import torch
 
@@ -79,6 +82,8 @@ def generate(
         raise LLMKitError("give exactly one of --prompt and --prompt-file")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_with_adapter(ckpt, lora, device)
+    if attention_backend is not None:
+        model.config.attention_backend = attention_backend
     tok = Tokenizer(tokenizer)
     if tok.vocab_size != model.config.vocab_size:
         raise LLMKitError(

@@ -16,6 +16,10 @@ import yaml
 from llmkit.errors import LLMKitError
 from llmkit.io import dataclass_from_dict
 
+AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "flash_attn"]
+"""The attention kernels ``ModelConfig.attention_backend`` can name (llmkit.model.attention_backends)."""
+BACKENDS: tuple[str, ...] = AttentionBackend.__args__
+
 POST_INIT_RENAMED = {"handoff": "split", "hc": "copy"}
 """Earlier names of the ``mhc.post_init`` values, still accepted with a deprecation warning."""
 
@@ -90,6 +94,7 @@ class ModelConfig:
     mhc: MHCConfig = field(default_factory=MHCConfig)
     gradient_checkpointing: bool = False
     bf16_residual: bool = False  # under bf16 autocast, keep the residual stream in bf16 (not fp32)
+    attention_backend: AttentionBackend = "auto"  # the attention kernel, see docs/attention.md
 
     def __post_init__(self) -> None:
         if isinstance(self.mhc, dict):
@@ -108,6 +113,8 @@ class ModelConfig:
         for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_backend not in BACKENDS:
+            problems.append(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.model.attention_backends import attend, resolve_backend
 from llmkit.model.config import ModelConfig
 
 
@@ -55,10 +56,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with RoPE and optional grouped-query heads, via SDPA."""
+    """Multi-head causal attention with RoPE and optional grouped-query heads, computed by the
+    kernel ``config.attention_backend`` names (llmkit.model.attention_backends)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
@@ -94,9 +97,7 @@ class CausalSelfAttention(nn.Module):
             k_cache.index_copy_(2, cache_pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, cache_pos, v.to(v_cache.dtype))
             k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = attend(q, k, v, mask, resolve_backend(self.config.attention_backend, q.device.type, q.dtype))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -34,6 +34,7 @@ from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
+from llmkit.model.config import AttentionBackend
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
 
@@ -49,11 +50,14 @@ class FineTuneOptimConfig(OptimConfig):
 
 
 def load_student(
-    init_ckpt: str | None, tokenizer: str | None, gradient_checkpointing: bool | None = None
+    init_ckpt: str | None,
+    tokenizer: str | None,
+    gradient_checkpointing: bool | None = None,
+    attention_backend: AttentionBackend | None = None,
 ) -> tuple[Transformer, Tokenizer]:
     """The backbone of ``init_ckpt`` in training mode and the tokenizer it was trained with,
-    checked to share a vocabulary; ``gradient_checkpointing`` overrides the checkpoint's setting
-    unless None."""
+    checked to share a vocabulary; ``gradient_checkpointing`` and ``attention_backend`` override
+    the checkpoint's settings unless None."""
     if init_ckpt is None or tokenizer is None:
         raise LLMKitError(
             "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its "
@@ -62,6 +66,8 @@ def load_student(
     model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
     if gradient_checkpointing is not None:
         model.config.gradient_checkpointing = gradient_checkpointing
+    if attention_backend is not None:
+        model.config.attention_backend = attention_backend
     tok = Tokenizer(tokenizer)
     if tok.vocab_size != model.config.vocab_size:
         raise LLMKitError(
@@ -96,6 +102,7 @@ class FineTuneModule(L.LightningModule):
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip the global gradient norm to this (None: no clipping).
         gradient_checkpointing: override the backbone config's setting (None keeps it).
+        attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
         compile: torch.compile each transformer block (GPU runs).
     """
 
@@ -111,6 +118,7 @@ class FineTuneModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool | None = None,
+        attention_backend: AttentionBackend | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -121,9 +129,10 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters(
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "optim": asdict(optim), "evaluation": asdict(evaluation),
              "accumulate_grad_batches": accumulate_grad_batches, "gradient_clip_val": gradient_clip_val,
-             "gradient_checkpointing": gradient_checkpointing, "compile": compile}
+             "gradient_checkpointing": gradient_checkpointing, "attention_backend": attention_backend,
+             "compile": compile}
         )
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing)
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend)
         self.config = self.model.config
         self.optim = optim
         self.evaluation = evaluation

@@ -53,6 +53,7 @@ from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.checkpoint import WRITER_KEY
+from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
     LoRAConfig,
@@ -146,6 +147,7 @@ class TTTDiscoverModule(L.LightningModule):
         out_dir: where logs, adapters and results go (None: the run's log directory).
         gradient_clip_val: clip the adapter's global gradient norm to this (None: no clipping).
         gradient_checkpointing: override the backbone config's setting (None keeps it).
+        attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
         compile: torch.compile each transformer block (GPU runs).
     """
 
@@ -159,6 +161,7 @@ class TTTDiscoverModule(L.LightningModule):
         out_dir: str | None = None,
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool | None = None,
+        attention_backend: AttentionBackend | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -169,10 +172,11 @@ class TTTDiscoverModule(L.LightningModule):
         self.save_hyperparameters(
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "ttt": asdict(self.ttt), "lora": self.lora.to_dict(),
              "optim": asdict(self.optim), "out_dir": out_dir, "gradient_clip_val": gradient_clip_val,
-             "gradient_checkpointing": gradient_checkpointing, "compile": compile}
+             "gradient_checkpointing": gradient_checkpointing, "attention_backend": attention_backend,
+             "compile": compile}
         )
         self.out_dir = out_dir
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing)
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend)
         self.config = self.model.config
         self.accumulator = TokenMeanAccumulator(self, gradient_clip_val=gradient_clip_val)
         try:
