@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmkit.cli import consolidate, data, demo, generate, lora
+from llmkit.cli import consolidate, data, demo, generate, lora, scaling
 
 COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
     "data": {"corpus": data.corpus, "tokenizer": data.tokenizer, "pack": data.pack, "tasks": data.tasks},
@@ -18,6 +18,7 @@ COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
     "lora": {"merge": lora.merge},
     "consolidate": consolidate.consolidate,
     "demo": demo.demo,
+    "scaling": {"fit": scaling.fit},
 }
 """The argparse commands: ``llmkit NAME [SUB] --flag ...``, flags from each function's signature."""
 
