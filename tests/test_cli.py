@@ -154,25 +154,25 @@ def test_missing_checkpoint_and_missing_corpus(tmp_path, tokenizer_path, capsys)
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "llmkit", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("data", "pretrain", "sdft", "sft", "ttt", "generate", "lora", "consolidate", "demo"):
+    for command in ("data", "pretrain", "sdft", "sft", "ttt", "generate", "lora", "consolidate", "demo", "scaling"):
         assert re.search(rf"^    {command}\b", result.stdout, re.MULTILINE), command
 
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["data", "tokenizer", "--help"], ["data", "pack", "--help"], ["data", "tasks", "--help"],
     ["generate", "--help"], ["lora", "merge", "--help"], ["consolidate", "--help"], ["demo", "--help"],
-    ["pretrain", "--help"], ["ttt", "--help"],
+    ["pretrain", "--help"], ["ttt", "--help"], ["scaling", "--help"], ["scaling", "fit", "--help"],
 ])
 def test_help_answers_without_loading_torch_or_lightning(argv):
-    """What keeps `--help` instant: neither torch nor Lightning is imported to print it."""
+    """What keeps `--help` instant: neither torch, Lightning, TensorBoard nor matplotlib is imported to print it."""
     script = (
         "import sys\nfrom llmkit.cli import main\n"
         f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
-        "print(code, sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+        "print(code, sorted(m for m in ('torch', 'lightning', 'tensorboard', 'matplotlib') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.stdout.splitlines()[-1] == "0 []", result.stderr
-    assert "usage: llmkit" in result.stdout
+    assert f"usage: llmkit {' '.join(argv[:-1])}".strip() in result.stdout
 
 
 def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_path):

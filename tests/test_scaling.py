@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -240,18 +239,6 @@ def test_scaling_fit_errors_are_one_line_naming_the_run(tmp_path, capsys):
     assert f"run {nan}: the final val/loss (step 3) is nan" in capsys.readouterr().err
     assert main(["scaling", "fit", "--runs", str(only), "--breaks", "2", "--positions", "1e9"]) == 1
     assert "--positions gives 1 breakpoint(s) but --breaks is 2" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv", [["scaling", "--help"], ["scaling", "fit", "--help"]])
-def test_scaling_help_answers_without_loading_torch_or_lightning(argv):
-    script = (
-        "import sys\nfrom llmkit.cli import main\n"
-        f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
-        "print(code, sorted(m for m in ('torch', 'lightning', 'tensorboard', 'matplotlib') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.stdout.splitlines()[-1] == "0 []", result.stderr
-    assert "usage: llmkit scaling" in result.stdout
 
 
 # ---------------------------------------------------------------- real runs
