@@ -58,6 +58,39 @@ def test_flash_attn_without_the_package_says_how_to_install_it(monkeypatch):
         backends._resolve.cache_clear()
 
 
+@pytest.mark.parametrize("returns_lse", [False, True])
+def test_the_flash_attn_path_hands_the_package_its_layout_and_gqa(monkeypatch, returns_lse):
+    """A stand-in FlashAttention-3 package (causal attention on [B, T, H, D], GQA natively, the
+    reference's numbers): ``attend`` gives it that layout and takes its output back, with or
+    without the log-sum-exp some versions return; ``auto`` on CUDA in bf16 prefers it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import llmkit.model.attention_backends as backends
+
+    calls = []
+
+    def flash_attn_func(q, k, v, causal):
+        calls.append((q.shape, k.shape, causal))
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, "math").transpose(1, 2)
+        return (out, torch.zeros(1)) if returns_lse else out
+
+    fake = types.ModuleType("flash_attn_interface")
+    fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn_interface", None)
+    fake.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    backends._resolve.cache_clear()
+    try:
+        assert backends.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
+    finally:
+        backends._resolve.cache_clear()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    torch.testing.assert_close(attend(q, k, v, None, "flash_attn"), attend(q, k, v, None, "math"))
+    assert calls == [((2, 7, 4, 16), (2, 7, 2, 16), True)]
+
+
 def test_an_unknown_name_is_a_config_error():
     with pytest.raises(LLMKitError, match="attention_backend must be one of auto, flash, cudnn, efficient, math"):
         ModelConfig(attention_backend="sdpa")
