@@ -85,11 +85,7 @@ def generate(
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
     tok = Tokenizer(tokenizer)
-    if tok.vocab_size != model.config.vocab_size:
-        raise LLMKitError(
-            f"tokenizer {tokenizer} has vocab_size {tok.vocab_size} but checkpoint {ckpt} was trained with "
-            f"{model.config.vocab_size}; use the tokenizer it was trained with"
-        )
+    tok.check_vocab_size(model.config.vocab_size, f"checkpoint {ckpt}")
     texts = read_prompts(prompt_file) if prompt_file is not None else [prompt]
     texts = [t for t in texts for _ in range(num_samples)]
     encoded = [tok.encode(t, bos=bos) for t in texts]

@@ -214,6 +214,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
+    def check_vocab_size(self, vocab_size: int, model: str) -> None:
+        """Raise :class:`LLMKitError` unless this tokenizer's vocabulary has ``vocab_size``
+        tokens, the size of ``model`` (described as the error should name it)."""
+        if self.vocab_size != vocab_size:
+            raise LLMKitError(
+                f"tokenizer {self._path} has vocab_size {self.vocab_size} but {model} has {vocab_size}; "
+                "use the tokenizer the model was trained with"
+            )
+
     @property
     def bos_id(self) -> int:
         return self._sp.bos_id()

@@ -100,11 +100,7 @@ def score_probes(
     """
     if not probes:
         raise LLMKitError("no probes to score: give at least one")
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise LLMKitError(
-            f"tokenizer {tokenizer.path} has vocab_size {tokenizer.vocab_size} but the model has "
-            f"{model.config.vocab_size}; use the tokenizer the model was trained with"
-        )
+    tokenizer.check_vocab_size(model.config.vocab_size, "the model")
     context = model.config.max_seq_len
     encoded = [tokenizer.encode(probe.prompt) for probe in probes]
     for probe, ids in zip(probes, encoded, strict=True):

@@ -69,11 +69,7 @@ def load_student(
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
     tok = Tokenizer(tokenizer)
-    if tok.vocab_size != model.config.vocab_size:
-        raise LLMKitError(
-            f"tokenizer {tokenizer} has vocab_size {tok.vocab_size} but the model in {init_ckpt} has "
-            f"{model.config.vocab_size}; use the tokenizer the model was trained with"
-        )
+    tok.check_vocab_size(model.config.vocab_size, f"the model in {init_ckpt}")
     return model, tok
 
 
