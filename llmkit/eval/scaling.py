@@ -401,6 +401,13 @@ def _search(x: np.ndarray, y: np.ndarray, distinct: np.ndarray, k: int) -> tuple
     return tuple(float(v) for v in t)
 
 
+def min_distinct_x(breaks: int, searched: bool) -> tuple[int, str]:
+    """The fewest distinct x values that can determine a fit with ``breaks`` breakpoints, and
+    why: two per segment when the positions are searched too, one per coefficient when given
+    (the module docstring's identifiability rule)."""
+    return (2 * (breaks + 1), "two per segment") if searched else (breaks + 2, "one per coefficient")
+
+
 def fit_breakpoint(
     x: Sequence[float] | np.ndarray, loss: Sequence[float] | np.ndarray, breaks: int = 1,
     positions: Sequence[float] | None = None,
@@ -427,10 +434,11 @@ def fit_breakpoint(
     lx, ly = np.log10(x), np.log10(y)
     distinct = np.unique(lx)
     if positions is None:
-        if len(distinct) < 2 * (breaks + 1):
+        need, rule = min_distinct_x(breaks, searched=True)
+        if len(distinct) < need:
             raise LLMKitError(
                 f"{len(distinct)} distinct x value(s): a fit with {breaks} searched breakpoint(s) needs at least "
-                f"{2 * (breaks + 1)} (two per segment); add points or fit fewer breakpoints"
+                f"{need} ({rule}); add points or fit fewer breakpoints"
             )
         t = _search(lx, ly, distinct, breaks) if breaks else ()
     else:
@@ -462,7 +470,7 @@ def fit_runs(
         if not p.x(axis) > 0:
             raise LLMKitError(f"run {p.run}: its {AXIS_LABELS[axis]} is {p.x(axis)}; a log-log fit needs it positive")
     distinct = len({p.x(axis) for p in points})
-    need, rule = (2 * (breaks + 1), "two per segment") if positions is None else (breaks + 2, "one per coefficient")
+    need, rule = min_distinct_x(breaks, searched=positions is None)
     if distinct < need:
         named = f" ({points[0].run})" if len(points) == 1 else ""
         raise LLMKitError(
