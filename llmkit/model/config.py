@@ -66,11 +66,42 @@ class MHCConfig:
 
 
 @dataclass
+class RopeScaling:
+    """Rotary-frequency scaling for contexts past the pretraining length, as Hugging Face's
+    ``rope_scaling`` names it (see :func:`llmkit.model.layers.rope_frequencies`).
+
+    ``linear``: every inverse frequency divided by ``factor`` (position interpolation, Chen et al.
+    2023). ``llama3``: Llama 3.1's piecewise rule: wavelengths shorter than
+    ``original_max_seq_len / high_freq_factor`` unchanged, longer than ``original_max_seq_len /
+    low_freq_factor`` divided by ``factor``, a smooth blend between.
+    """
+
+    rope_type: Literal["linear", "llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise LLMKitError(f"invalid model config: rope_scaling.rope_type must be 'linear' or 'llama3', "
+                              f"got {self.rope_type!r}")
+        if self.factor <= 0 or (self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor):
+            raise LLMKitError("invalid model config: rope_scaling needs factor > 0 and, for llama3, "
+                              "high_freq_factor > low_freq_factor")
+
+
+@dataclass
 class ModelConfig:
     """A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, causal SDPA) with an mHC residual.
 
     ``n_streams: 1`` gives the plain pre-norm residual x + F(x); ``n_streams > 1`` expands the
     residual into n streams mixed by mHC around every attention and MLP sublayer.
+
+    The options that imported LLaMA-family models need (docs/interop.md) default to the plain
+    LLaMA block: ``head_dim`` (None: d_model / n_heads; Qwen3 sets it explicitly),
+    ``attention_bias`` (biases on the q/k/v projections, as Qwen2 has), ``qk_norm`` (an RMSNorm
+    over each head of q and k before RoPE, as Qwen3 has) and ``rope_scaling`` (:class:`RopeScaling`).
 
     ``bf16_residual``: under bf16 autocast (``precision: bf16-mixed``) the embedding makes the
     residual stream fp32 and every residual add keeps it fp32; with this flag the stream is cast
@@ -84,9 +115,13 @@ class ModelConfig:
     d_model: int = 768
     n_heads: int = 12
     n_kv_heads: int | None = None  # None: same as n_heads; fewer gives grouped-query attention
+    head_dim: int | None = None  # None: d_model // n_heads
     d_ff: int = 2048
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False
+    qk_norm: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -99,15 +134,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mhc, dict):
             self.mhc = MHCConfig(**self.mhc)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = dataclass_from_dict(RopeScaling, self.rope_scaling, "rope_scaling")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                                "unless head_dim is set")
+            self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            problems.append(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
+        if self.head_dim % 2 or self.head_dim < 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.n_streams < 1:
             problems.append(f"n_streams must be >= 1, got {self.n_streams}")
         for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
@@ -117,10 +157,6 @@ class ModelConfig:
             problems.append(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,12 +6,14 @@ LLaMA family's, so that LoRA can target them by suffix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmkit.model.attention_backends import attend, resolve_backend
-from llmkit.model.config import ModelConfig
+from llmkit.model.config import ModelConfig, RopeScaling
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,32 @@ class RMSNorm(nn.Module):
         return y.type_as(x)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim/2] for RoPE with base theta (RoFormer Eq. 34)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """The inverse frequencies theta^(-2i/D), i < D/2, of RoPE (RoFormer Eq. 15), optionally scaled.
+
+    ``linear`` divides them all by the factor. ``llama3`` (Llama 3.1) divides only the low
+    frequencies: with L the original context, a frequency whose wavelength 2 pi / f exceeds
+    L / low_freq_factor is divided by the factor, one below L / high_freq_factor is kept, and
+    between them f' = (1 - s) f / factor + s f with s = (L / wavelength - low) / (high - low).
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    wavelength = 2 * math.pi / inv_freq
+    context = scaling.original_max_seq_len
+    smooth = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor, blended)
+    return torch.where(wavelength < context / scaling.high_freq_factor, inv_freq, scaled)
+
+
+def rope_cache(
+    seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim/2] for RoPE with base theta (RoFormer Eq. 34)."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), rope_frequencies(head_dim, theta, scaling))
     return angles.cos(), angles.sin()
 
 
@@ -57,7 +81,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with RoPE and optional grouped-query heads, computed by the
-    kernel ``config.attention_backend`` names (llmkit.model.attention_backends)."""
+    kernel ``config.attention_backend`` names (llmkit.model.attention_backends).
+
+    ``config.attention_bias`` adds biases to the q/k/v projections (Qwen2); ``config.qk_norm``
+    RMS-normalises each head of q and k before RoPE, with a gain per head channel (Qwen3)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -65,11 +92,14 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(
         self,
@@ -88,8 +118,11 @@ class CausalSelfAttention(nn.Module):
         keys and values at slots ``cache_pos`` [T].
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:

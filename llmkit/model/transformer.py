@@ -89,7 +89,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
+        cos, sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -103,6 +103,8 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear):
                 scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
                 nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm) and module.weight is not None:
@@ -182,7 +184,8 @@ class Transformer(nn.Module):
           Muon trains under ``optim.name: muon``), with weight decay;
         - the other matrices of Linear and Embedding layers (embeddings, LM head, the mHC
           mapping's phi, LoRA factors), with weight decay;
-        - everything else (norm gains, mHC alphas and biases, the stream embedding), without.
+        - everything else (norm gains, projection biases, mHC alphas and biases, the stream
+          embedding), without.
         """
         hidden, matrices, rest, seen = [], [], [], set()
         for name, module in self.named_modules():
@@ -190,7 +193,7 @@ class Transformer(nn.Module):
                 if id(p) in seen or not p.requires_grad:
                     continue
                 seen.add(id(p))
-                if not isinstance(module, (nn.Linear, nn.Embedding)):
+                if not isinstance(module, (nn.Linear, nn.Embedding)) or key == "bias":
                     rest.append(p)
                 elif key == "weight" and name.startswith("blocks.") and ".mapping." not in name:
                     hidden.append(p)
