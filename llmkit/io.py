@@ -13,7 +13,9 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +183,25 @@ def as_dataclass(cls: type, value: Any) -> Any:
     if isinstance(value, dict):
         return dataclass_from_dict(cls, value, cls.__name__)
     return value
+
+
+@contextmanager
+def new_directory_atomic(path: str | Path, what: str) -> Iterator[Path]:
+    """Yield a temp directory beside ``path`` to fill; on success it is renamed to ``path``, on
+    an error removed, so ``path`` never holds a half-written result. ``path`` must not exist yet
+    (or be empty): an existing one raises :class:`LLMKitError` naming it (``what`` says what it
+    would have held)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LLMKitError(f"{path} already exists: choose a new directory for the {what} or remove that one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,6 @@ torch is imported when the command runs, not when the module loads, so ``--help`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,27 +39,18 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
         out: the merged checkpoint to write (and OUT.json saying what was merged).
     """
     import lightning
-    import torch
 
-    from llmkit.model.checkpoint import read_checkpoint
-    from llmkit.model.lora import lora_layers, merge_lora
+    from llmkit.model.checkpoint import read_checkpoint, write_backbone_checkpoint
+    from llmkit.model.lora import lora_layers, merged_base_state
 
     checkpoint = read_checkpoint(ckpt)
     model = load_with_adapter(ckpt, lora, checkpoint=checkpoint)
     n = len(lora_layers(model))
-    merge_lora(model)
-    merged = {
-        "hyper_parameters": checkpoint.get("hyper_parameters", {}),
-        "model_config": model.config.to_dict(),
-        "hparams_name": "kwargs",
-        "pytorch-lightning_version": lightning.__version__,
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items() if ".lora_" not in k},
-        "merged_lora": {"adapter": str(lora.resolve()), "base": str(ckpt.resolve())},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(merged, tmp)
-    os.replace(tmp, out)
-    write_json_atomic(out.with_name(out.name + ".json"), merged["merged_lora"] | {"layers": n})
+    merged_lora = {"adapter": str(lora.resolve()), "base": str(ckpt.resolve())}
+    write_backbone_checkpoint(
+        out, model.config, merged_base_state(model), hyper_parameters=checkpoint.get("hyper_parameters", {}),
+        hparams_name="kwargs", merged_lora=merged_lora, **{"pytorch-lightning_version": lightning.__version__},
+    )
+    write_json_atomic(out.with_name(out.name + ".json"), merged_lora | {"layers": n})
     print(f"wrote {out}: {n} LoRA layers merged into the base weights")
     return 0

@@ -1,27 +1,38 @@
-"""Load a trained backbone from a Lightning checkpoint, safely.
+"""Load a trained backbone from a Lightning checkpoint or a model directory, safely.
 
-Every checkpoint llmkit reads goes through :func:`load_checkpoint_file`: the file must exist, be
+Every checkpoint file llmkit reads goes through :func:`load_checkpoint_file`: the file must exist, be
 a complete zip archive whose every member passes its CRC-32 check (a truncated copy or a
 damaged block is caught before anything is loaded), and hold only tensors and plain containers
 (``torch.load(weights_only=True)``, never arbitrary pickled objects). Each failure is one
 :class:`LLMKitError` line naming the file. The model is rebuilt from the config dict the
 checkpoint holds (:func:`model_config_dict`).
+
+Wherever a checkpoint is read (:func:`read_checkpoint`: ``--ckpt``, ``init_ckpt``) a model
+directory works too: an llmkit model directory (``config.json`` with ``model_type: llmkit`` and a
+``model.safetensors`` in llmkit's names, :func:`save_model_dir`) or a Hugging Face LLaMA-family
+directory, converted in memory (:mod:`llmkit.model.hf`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmkit.errors import LLMKitError
+from llmkit.io import read_json, temp_path, write_json_atomic
 from llmkit.model.config import ModelConfig
+from llmkit.model.hf import read_hf_config, read_hf_model, read_safetensors, write_weights
 from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
 """The checkpoint entry naming the LightningModule class that wrote it."""
+MODEL_DIR_TYPE = "llmkit"
+"""The ``model_type`` in the ``config.json`` of an llmkit model directory."""
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
@@ -65,7 +76,10 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint at ``path`` as plain data, checked to hold a model config and weights."""
+    """The checkpoint at ``path`` as plain data, checked to hold a model config and weights; a
+    model directory (see the module docstring) reads as ``{"model_config", "state_dict"}``."""
+    if Path(path).is_dir():
+        return _read_model_dir(Path(path))
     ckpt = load_checkpoint_file(path, map_location)
     if "state_dict" not in ckpt or model_config_dict(ckpt) is None:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
@@ -97,3 +111,49 @@ def backbone_from_checkpoint(
             f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.eval()
+
+
+def write_backbone_checkpoint(
+    path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **extra: Any
+) -> None:
+    """Write a checkpoint that every command reading a backbone accepts: ``model_config``, the
+    ``state_dict`` under ``model.`` and the ``extra`` entries; via a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    torch.save({"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()},
+                **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def save_model_dir(
+    config: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+    extra_config: dict[str, Any],
+) -> None:
+    """Write a model (``config``, ``state``) as an llmkit model directory into ``out_dir``:
+    ``config.json`` (``model_type: llmkit``, the model config, ``extra_config`` such as the special
+    token ids) and ``model.safetensors`` (llmkit's names, in ``dtype``)."""
+    write_weights(config, state, out_dir / "model.safetensors", dtype)
+    write_json_atomic(out_dir / "config.json", {
+        "model_type": MODEL_DIR_TYPE, "llmkit_model_config": config.to_dict(),
+        "torch_dtype": str(dtype).removeprefix("torch."), **extra_config,
+    })
+
+
+def _read_model_dir(model_dir: Path) -> dict:
+    """An llmkit or Hugging Face model directory as ``{"model_config", "state_dict"}``."""
+    if read_hf_config(model_dir).get("model_type") != MODEL_DIR_TYPE:
+        config, state = read_hf_model(model_dir)
+        return {"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
+    values = read_json(model_dir / "config.json", "it must be the config.json of an llmkit model directory")
+    if not isinstance(values.get("llmkit_model_config"), dict):
+        raise LLMKitError(f"{model_dir / 'config.json'}: no 'llmkit_model_config'; write the directory with "
+                          "`llmkit convert to-hf`")
+    config = ModelConfig.from_dict(values["llmkit_model_config"])
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LLMKitError(f"{model_dir} has no *.safetensors weights: the directory is incomplete")
+    state = {name: tensor for path in files for name, tensor in read_safetensors(path)}
+    if config.tie_embeddings and "tok_emb.weight" in state:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return {"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}

@@ -359,6 +359,13 @@ def merge_lora(model: nn.Module) -> None:
         layer.merge()
 
 
+def merged_base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Merge every adapter into its base weight (:func:`merge_lora`) and return the state dict
+    without the adapter tensors: the weights of the plain backbone it now equals."""
+    merge_lora(model)
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
+
+
 def unmerge_lora(model: nn.Module) -> None:
     """Subtract scale B A again: the base back to within float32 rounding, not bit for bit."""
     for layer in _require_layers(model, "unmerge LoRA").values():
