@@ -11,7 +11,7 @@ protocol          attributes                             satisfied by
 HasBackbone       ``model``: Transformer                 every llmkit module
 HasTeacher        ``model``, ``teacher``: nn.Module      SDFTModule
 HasEvaluation     ``evaluation``: EvalConfig             SFTModule, SDFTModule
-HasTokenizer      ``tokenizer``: Tokenizer               SFTModule, SDFTModule, TTTDiscoverModule
+HasTokenizer      ``tokenizer``: TokenizerLike           SFTModule, SDFTModule, TTTDiscoverModule
 ================  =====================================  =====================================
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import lightning as L
 from torch import nn
 
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.model.transformer import Transformer
@@ -54,7 +54,7 @@ class HasEvaluation(Protocol):
 class HasTokenizer(Protocol):
     """The module carries the tokenizer its backbone was trained with."""
 
-    tokenizer: Tokenizer
+    tokenizer: TokenizerLike
 
 
 def _runtime_type(hint: Any) -> type | tuple[type, ...]:

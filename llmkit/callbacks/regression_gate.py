@@ -48,7 +48,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmkit.callbacks.interfaces import HasBackbone, HasEvaluation, HasTokenizer, require, satisfies
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval import EvalConfig
 from llmkit.io import write_json_atomic
@@ -162,7 +162,7 @@ class RegressionGate(L.Callback):
         self.rejections = 0
         self.decisions: list[dict] = []
         self._config: EvalConfig | None = None
-        self._tokenizer: Tokenizer | None = None
+        self._tokenizer: TokenizerLike | None = None
         self._dir: Path | None = None
         self._before: dict | None = None  # report of the kept weights, those of the snapshot
         self._snapshot: tuple[dict, list[dict]] | None = None

@@ -77,7 +77,8 @@ def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, work
     """Tokenise text files into a .bin token shard.
 
     Args:
-        tokenizer: the PREFIX.model to encode with.
+        tokenizer: what to encode with: a SentencePiece PREFIX.model, a Hugging Face tokenizer.json, or a model
+            directory holding one.
         input: text files or glob patterns to pack.
         output: OUT.bin (its metadata goes to OUT.bin.json).
         eos: append the EOS token after each document.

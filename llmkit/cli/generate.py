@@ -54,7 +54,8 @@ def generate(
 
     Args:
         ckpt: a .ckpt written by `llmkit pretrain fit`, a fine-tuning run or `llmkit lora merge`.
-        tokenizer: the SentencePiece .model its data was packed with.
+        tokenizer: the tokenizer its data was packed with: a SentencePiece .model, a Hugging Face
+            tokenizer.json, or a model directory holding one.
         prompt: one prompt (or use --prompt-file).
         prompt_file: one prompt per line, or .jsonl lines of {"prompt": ...}.
         lora: a LoRA adapter (.safetensors) trained on this checkpoint.
@@ -74,7 +75,7 @@ def generate(
     import torch
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.data.tokenizer import load_tokenizer
     from llmkit.model.generation import SamplingConfig
     from llmkit.model.generation import generate as sample
 
@@ -84,7 +85,7 @@ def generate(
     model = load_with_adapter(ckpt, lora, device)
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     tok.check_vocab_size(model.config.vocab_size, f"checkpoint {ckpt}")
     texts = read_prompts(prompt_file) if prompt_file is not None else [prompt]
     texts = [t for t in texts for _ in range(num_samples)]

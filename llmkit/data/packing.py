@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmkit.data.corpus import is_separator
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
 
@@ -111,7 +111,7 @@ class _DocumentEncoder:
     """Encodes documents to arrays of the shard's dtype, checking every id is in the vocab."""
 
     def __init__(self, tokenizer_path: str, append_eos: bool) -> None:
-        self.tokenizer = Tokenizer(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.append_eos = append_eos
         self.dtype = dtype_for_vocab(self.tokenizer.vocab_size)
 
@@ -124,7 +124,7 @@ class _DocumentEncoder:
                 raise LLMKitError(
                     f"{doc.path}: document {doc.index} encoded to an id outside "
                     f"[0, {self.tokenizer.vocab_size}) with {self.tokenizer.path}; the "
-                    "tokenizer model is corrupt: train it again"
+                    "tokenizer file is corrupt: train or download it again"
                 )
             arrays.append(array.astype(self.dtype))
         return arrays
@@ -154,7 +154,8 @@ def pack(
     chunk_docs: int = 64,
     progress: bool = True,
 ) -> dict:
-    """Tokenise the documents of the text files ``inputs`` into the shard ``output``.
+    """Tokenise the documents of the text files ``inputs`` into the shard ``output`` with the
+    tokenizer ``tokenizer_path`` names (:func:`~llmkit.data.tokenizer.load_tokenizer`).
 
     Documents are encoded ``chunk_docs`` at a time by ``workers`` spawned processes (in this
     process if ``workers <= 1``; None: one per :data:`BYTES_PER_WORKER` of input, at most one per
@@ -167,7 +168,7 @@ def pack(
     re-imports the main module: a script calling this with ``workers > 1`` must do so under
     ``if __name__ == "__main__":``.
     """
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise LLMKitError(f"no inputs to pack into {output}: pass the text files to pack")

@@ -1,4 +1,10 @@
-"""SentencePiece BPE tokenizer: training it on a text corpus, and the wrapper used to apply it.
+"""Tokenizers: what a ``--tokenizer`` / ``tokenizer:`` setting names, loaded (:func:`load_tokenizer`)
+behind one interface (:class:`TokenizerLike`); and llmkit's own, SentencePiece BPE: training it on a
+text corpus, and the wrapper used to apply it (:class:`Tokenizer`).
+
+A setting may name a SentencePiece ``.model`` (what ``llmkit data tokenizer`` writes), a Hugging
+Face ``tokenizer.json`` (:class:`~llmkit.data.hf_tokenizer.HFTokenizer`), or a model directory
+holding one of the two (docs/data.md#tokenizers).
 
 Training streams the corpus line by line into sentencepiece (never the ``input=`` file list),
 so document separators stay out of the vocabulary and memory stays bounded: sentencepiece
@@ -16,12 +22,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import sentencepiece as spm
 from tqdm import tqdm
 
 from llmkit.data.corpus import is_separator
+from llmkit.data.hf_tokenizer import HFTokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import iter_text_lines
 
@@ -29,6 +36,17 @@ _VOCAB_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. .*<=\s*(\d+)"
 _VOCAB_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
 _QUIET_LOG_LEVEL = 2
 _VERBOSE_LOG_LEVEL = 0
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+"""The Hugging Face tokenizer file of a model directory, taken first."""
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+"""The SentencePiece model of a model directory, taken when it has no ``tokenizer.json``."""
+
+_ACCEPTED = (
+    "a SentencePiece .model (`llmkit data tokenizer` writes one), a Hugging Face tokenizer.json, or a model "
+    "directory holding one"
+)
 
 
 @dataclass
@@ -177,12 +195,73 @@ def train_tokenizer(
     return _with_suffix(prefix, ".model")
 
 
-class Tokenizer:
-    """A trained sentencepiece model, loaded from ``PREFIX.model``.
+@runtime_checkable
+class TokenizerLike(Protocol):
+    """What llmkit uses of a tokenizer: :class:`Tokenizer` (SentencePiece) and
+    :class:`~llmkit.data.hf_tokenizer.HFTokenizer` both have it. Each pickles as its path."""
 
+    @property
+    def path(self) -> Path:
+        """The file the tokenizer was read from."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary: every id it encodes to is below this."""
+
+    @property
+    def bos_id(self) -> int:
+        """The beginning-of-sequence id (-1 if there is none)."""
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-sequence id, which generation stops at."""
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with (the eos id for a tokenizer without a pad token)."""
+
+    @property
+    def unk_id(self) -> int:
+        """The unknown-token id (-1 if there is none)."""
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the tokenizer file."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template (Jinja) prompts can be rendered with, or None."""
+
+    def check_vocab_size(self, vocab_size: int, model: str) -> None:
+        """Raise :class:`LLMKitError` unless a model of ``vocab_size`` rows (``model`` describes it)
+        fits this tokenizer: the same size for SentencePiece, at least as large for Hugging Face."""
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with ``bos_id`` / ``eos_id`` around it if asked."""
+
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]:
+        """:meth:`encode` each of ``texts``."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, without pad, bos and eos ids."""
+
+    def render_chat(self, prompt: str) -> str:
+        """``prompt`` as a user message rendered through :attr:`chat_template`, the assistant's turn opened."""
+
+
+class Tokenizer:
+    """A trained sentencepiece model, loaded from ``PREFIX.model`` (or a model directory's
+    ``tokenizer.model``; :func:`load_tokenizer` picks the class).
+
+    The special ids are the model's own; one without a pad piece (``pad_id`` -1 in sentencepiece,
+    as in LLaMA's) pads with ``eos_id``. It has no chat template (``chat_template`` is None).
     Pickles as its path: the receiving process (e.g. a DataLoader or packer worker) loads
     the model file again, so the file must still exist there.
     """
+
+    chat_template: str | None = None
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
@@ -215,8 +294,9 @@ class Tokenizer:
         return self._sp.GetPieceSize()
 
     def check_vocab_size(self, vocab_size: int, model: str) -> None:
-        """Raise :class:`LLMKitError` unless this tokenizer's vocabulary has ``vocab_size``
-        tokens, the size of ``model`` (described as the error should name it)."""
+        """Raise :class:`LLMKitError` unless this tokenizer's vocabulary has exactly ``vocab_size``
+        tokens, the size of ``model`` (described as the error should name it): llmkit trains its
+        models with the tokenizer's vocabulary size, so any other size means another tokenizer."""
         if self.vocab_size != vocab_size:
             raise LLMKitError(
                 f"tokenizer {self._path} has vocab_size {self.vocab_size} but {model} has {vocab_size}; "
@@ -233,7 +313,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._sp.pad_id()
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else self.eos_id
 
     @property
     def unk_id(self) -> int:
@@ -262,6 +343,32 @@ class Tokenizer:
         """
         special = {self.pad_id, self.bos_id, self.eos_id}
         return self._sp.Decode([int(i) for i in ids if int(i) not in special])
+
+    def render_chat(self, prompt: str) -> str:
+        """Always an error: a sentencepiece model has no chat template."""
+        raise LLMKitError(
+            f"tokenizer {self._path} is a SentencePiece model, which has no chat template: turn the chat_template "
+            "option off, or pass a Hugging Face model directory whose tokenizer has one"
+        )
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer ``path`` names: a ``.json`` file is a Hugging Face ``tokenizer.json``
+    (:class:`HFTokenizer`), any other file a SentencePiece model (:class:`Tokenizer`); a directory
+    gives its ``tokenizer.json``, else its ``tokenizer.model``. A path that is none of these is a
+    :class:`LLMKitError` saying what is accepted."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_TOKENIZER_FILE).is_file():
+            return HFTokenizer(path / HF_TOKENIZER_FILE)
+        if (path / SENTENCEPIECE_FILE).is_file():
+            return Tokenizer(path / SENTENCEPIECE_FILE)
+        raise LLMKitError(
+            f"tokenizer directory {path} has neither {HF_TOKENIZER_FILE} nor {SENTENCEPIECE_FILE}: pass {_ACCEPTED}"
+        )
+    if not path.is_file():
+        raise LLMKitError(f"tokenizer {path} does not exist: pass {_ACCEPTED}")
+    return HFTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
 
 
 def _has_text(path: Path) -> bool:

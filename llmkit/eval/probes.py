@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import iter_jsonl_objects, text_field
@@ -89,7 +89,7 @@ def read_probes(path: str | Path) -> list[Probe]:
 
 
 def score_probes(
-    model: Transformer, tokenizer: Tokenizer, probes: list[Probe], max_new_tokens: int = 32, batch_size: int = 32
+    model: Transformer, tokenizer: TokenizerLike, probes: list[Probe], max_new_tokens: int = 32, batch_size: int = 32
 ) -> dict:
     """Complete every probe's prompt greedily and check it.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval.perplexity import evaluate_perplexity
 from llmkit.eval.probes import Probe, read_probes, score_probes
@@ -19,7 +19,7 @@ from llmkit.model.transformer import Transformer
 
 def evaluate(
     model: Transformer,
-    tokenizer: Tokenizer | None,
+    tokenizer: TokenizerLike | None,
     ppl_files: list[str | Path] | None,
     probes: list[Probe] | None,
     seq_len: int | None = None,
@@ -34,7 +34,7 @@ def evaluate(
     if ppl_files is None and probes is None:
         raise LLMKitError("nothing to evaluate: give perplexity shards, probes, or both")
     if probes is not None and tokenizer is None:
-        raise LLMKitError("probes need the model's tokenizer: pass the .model file it was trained with")
+        raise LLMKitError("probes need the model's tokenizer: pass the tokenizer it was trained with")
     perplexity = None
     if ppl_files is not None:
         seq_len = model.config.max_seq_len if seq_len is None else seq_len
@@ -72,7 +72,7 @@ class EvalConfig:
     def enabled(self) -> bool:
         return self.ppl_files is not None or self.probes is not None
 
-    def run(self, model: Transformer, tokenizer: Tokenizer | None) -> dict:
+    def run(self, model: Transformer, tokenizer: TokenizerLike | None) -> dict:
         """The report of ``model`` (see :func:`evaluate`)."""
         probes = read_probes(self.probes) if self.probes is not None else None
         return evaluate(

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 
 from llmkit.data.examples import Example
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
@@ -54,23 +54,38 @@ def load_student(
     tokenizer: str | None,
     gradient_checkpointing: bool | None = None,
     attention_backend: AttentionBackend | None = None,
-) -> tuple[Transformer, Tokenizer]:
+    chat_template: bool = False,
+) -> tuple[Transformer, TokenizerLike]:
     """The backbone of ``init_ckpt`` in training mode and the tokenizer it was trained with,
-    checked to share a vocabulary; ``gradient_checkpointing`` and ``attention_backend`` override
-    the checkpoint's settings unless None."""
+    checked to share a vocabulary (and to have a chat template if ``chat_template``, the module
+    option of that name); ``gradient_checkpointing`` and ``attention_backend`` override the
+    checkpoint's settings unless None."""
     if init_ckpt is None or tokenizer is None:
         raise LLMKitError(
-            "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its "
-            ".model file); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
+            "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its .model, "
+            "tokenizer.json or model directory); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
         )
     model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
     if gradient_checkpointing is not None:
         model.config.gradient_checkpointing = gradient_checkpointing
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     tok.check_vocab_size(model.config.vocab_size, f"the model in {init_ckpt}")
+    if chat_template and tok.chat_template is None:
+        raise LLMKitError(
+            f"model.chat_template is true but the tokenizer {tok.path} has no chat template (a Hugging Face model "
+            "directory's tokenizer_config.json or chat_template.jinja holds one): set model.chat_template: false"
+        )
     return model, tok
+
+
+def prompt_ids(tokenizer: TokenizerLike, texts: list[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each of ``texts`` as a prompt: with ``chat_template``, first rendered as a user
+    message through the tokenizer's chat template, the assistant's turn opened after it."""
+    if chat_template:
+        texts = [tokenizer.render_chat(text) for text in texts]
+    return tokenizer.encode_batch(texts)
 
 
 def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str) -> None:
@@ -88,11 +103,15 @@ class FineTuneModule(L.LightningModule):
 
     The text of an example is used as written: the student's context is the tokens of its
     prompt, and what follows is the completion, with no separator added (put one at the end
-    of the prompts if the data needs it, as ``llmkit data tasks`` does).
+    of the prompts if the data needs it, as ``llmkit data tasks`` does). With ``chat_template``
+    every prompt (the student's, and SDFT's teacher prompt) is first rendered as a user message
+    through the tokenizer's chat template, so a chat model sees its own turn format; the
+    completion (SFT's demonstration, SDFT's sample) is the assistant's answer after it.
 
     Args:
         init_ckpt: the checkpoint whose backbone is fine-tuned (required).
-        tokenizer: the SentencePiece ``.model`` the backbone was trained with (required).
+        tokenizer: the tokenizer the backbone was trained with (required): a SentencePiece ``.model``, a
+            Hugging Face ``tokenizer.json``, or a model directory holding one.
         optim: AdamW and its warm-up + cosine schedule.
         evaluation: held-out shards and probes for validation and the RegressionGate.
         accumulate_grad_batches: micro-batches per optimizer step.
@@ -100,6 +119,8 @@ class FineTuneModule(L.LightningModule):
         gradient_checkpointing: override the backbone config's setting (None keeps it).
         attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
         compile: torch.compile each transformer block (GPU runs).
+        chat_template: render every prompt as a user message through the tokenizer's chat template before
+            encoding it (needs a Hugging Face tokenizer that has one).
     """
 
     loss_name = "loss"
@@ -116,6 +137,7 @@ class FineTuneModule(L.LightningModule):
         gradient_checkpointing: bool | None = None,
         attention_backend: AttentionBackend | None = None,
         compile: bool = False,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -126,9 +148,11 @@ class FineTuneModule(L.LightningModule):
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "optim": asdict(optim), "evaluation": asdict(evaluation),
              "accumulate_grad_batches": accumulate_grad_batches, "gradient_clip_val": gradient_clip_val,
              "gradient_checkpointing": gradient_checkpointing, "attention_backend": attention_backend,
-             "compile": compile}
+             "compile": compile, "chat_template": chat_template}
         )
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend)
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend,
+                                                  chat_template)
+        self.chat_template = chat_template
         self.config = self.model.config
         self.optim = optim
         self.evaluation = evaluation
@@ -149,8 +173,9 @@ class FineTuneModule(L.LightningModule):
         raise NotImplementedError
 
     def encode_prompts(self, texts: list[str], batch: list[Example], what: str) -> list[list[int]]:
-        """Token ids of ``texts`` (one per example of ``batch``); an empty one is an error naming its example."""
-        ids = self.tokenizer.encode_batch(texts)
+        """Token ids of the prompts ``texts`` (one per example of ``batch``; through the chat template
+        with ``chat_template``); an empty one is an error naming its example."""
+        ids = prompt_ids(self.tokenizer, texts, self.chat_template)
         for example, row in zip(batch, ids, strict=True):
             if not row:
                 raise LLMKitError(f"{example.source}: the {what} encodes to no tokens; give it some text")

@@ -5,7 +5,8 @@ the archive states PUCT picks for it, chosen when the step asks (a sized iterabl
 does not fetch ahead, and the choice sees every earlier step's rollouts). One training step:
 
 1. take the step's start states (PUCT over the archive with ``reuse``; else the initial state);
-2. build each start's prompt with the environment (``context_from_archive``) and sample
+2. build each start's prompt with the environment (``context_from_archive``; rendered as a user
+   message through the tokenizer's chat template with ``chat_template``) and sample
    ``group_size`` rollouts per start with the KV-cached sampler, LoRA on;
 3. parse each rollout into a state and score it, both in the sandboxed worker
    (:func:`safe_transition`, :func:`safe_reward`): anything that fails scores 0 and is counted;
@@ -63,7 +64,7 @@ from llmkit.model.lora import (
     mark_only_lora_trainable,
     save_lora,
 )
-from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student
+from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student, prompt_ids
 from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
 
 MAX_LOGGED_REASONS = 3
@@ -140,7 +141,8 @@ class TTTDiscoverModule(L.LightningModule):
 
     Args:
         init_ckpt: the checkpoint whose backbone is adapted (required).
-        tokenizer: the SentencePiece ``.model`` the backbone was trained with (required).
+        tokenizer: the tokenizer the backbone was trained with (required): a SentencePiece ``.model``, a
+            Hugging Face ``tokenizer.json``, or a model directory holding one.
         ttt: the problem and the loop.
         lora: the adapter (the paper: rank 32).
         optim: AdamW over the adapter and its schedule (the paper: lr 4e-5).
@@ -149,6 +151,8 @@ class TTTDiscoverModule(L.LightningModule):
         gradient_checkpointing: override the backbone config's setting (None keeps it).
         attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
         compile: torch.compile each transformer block (GPU runs).
+        chat_template: render each prompt (the environment's context) as a user message through the
+            tokenizer's chat template before encoding it (needs a Hugging Face tokenizer that has one).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class TTTDiscoverModule(L.LightningModule):
         gradient_checkpointing: bool | None = None,
         attention_backend: AttentionBackend | None = None,
         compile: bool = False,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -173,10 +178,12 @@ class TTTDiscoverModule(L.LightningModule):
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "ttt": asdict(self.ttt), "lora": self.lora.to_dict(),
              "optim": asdict(self.optim), "out_dir": out_dir, "gradient_clip_val": gradient_clip_val,
              "gradient_checkpointing": gradient_checkpointing, "attention_backend": attention_backend,
-             "compile": compile}
+             "compile": compile, "chat_template": chat_template}
         )
         self.out_dir = out_dir
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend)
+        self.chat_template = chat_template
+        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend,
+                                                  chat_template)
         self.config = self.model.config
         self.accumulator = TokenMeanAccumulator(self, gradient_clip_val=gradient_clip_val)
         try:
@@ -231,7 +238,7 @@ class TTTDiscoverModule(L.LightningModule):
         cfg, tok = self.ttt, self.tokenizer
         starts = [self.archive.get(state_id) for state_id in batch]
         others = [s.text for s in sorted(self.archive.states.values(), key=lambda s: -s.reward)]
-        prompts = [tok.encode(self.env.context_from_archive(s.text, others)) for s in starts]
+        prompts = prompt_ids(tok, [self.env.context_from_archive(s.text, others) for s in starts], self.chat_template)
         check_fits(self.config.max_seq_len, [f"archive state {s.id}" for s in starts], prompts,
                    [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt")
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
