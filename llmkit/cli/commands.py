@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmkit.cli import consolidate, data, demo, generate, lora, scaling
+from llmkit.cli import consolidate, convert, data, demo, generate, lora, scaling
 
 COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
     "data": {"corpus": data.corpus, "tokenizer": data.tokenizer, "pack": data.pack, "tasks": data.tasks},
     "generate": generate.generate,
     "lora": {"merge": lora.merge},
+    "convert": {"from-hf": convert.from_hf, "to-hf": convert.to_hf, "upcycle": convert.upcycle},
     "consolidate": consolidate.consolidate,
     "demo": demo.demo,
     "scaling": {"fit": scaling.fit},

@@ -1,0 +1,203 @@
+"""``llmkit convert {from-hf,to-hf,upcycle}``: Hugging Face LLaMA-family models in, llmkit models
+out, dense models to mHC (docs/interop.md).
+
+The work is done by :mod:`llmkit.model.hf`, :mod:`llmkit.model.upcycle` and
+:mod:`llmkit.model.checkpoint`; these functions name the flags, move the tokenizer files and
+report. torch is imported when a command runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from llmkit.errors import LLMKitError
+
+if TYPE_CHECKING:
+    import torch
+
+DType = Literal["auto", "bf16", "fp32"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+"""The tokenizer files of a Hugging Face model directory that an export carries along."""
+
+
+def _dtype(name: DType, stored: torch.dtype) -> torch.dtype:
+    """The dtype ``name`` means for weights stored as ``stored``: auto keeps bf16 as bf16 and
+    writes everything else as fp32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _describe(config_dict: dict, n_params: int) -> str:
+    streams = config_dict["n_streams"]
+    residual = "dense residual" if streams == 1 else f"mHC with {streams} streams"
+    return (f"{config_dict['n_layers']} layers, d_model {config_dict['d_model']}, vocab {config_dict['vocab_size']}, "
+            f"{n_params / 1e6:.1f}M parameters, {residual}")
+
+
+def from_hf(
+    model_dir: Path,
+    out: Path,
+    n_streams: int = 1,
+    dtype: DType = "auto",
+    max_seq_len: int | None = None,
+    seed: int = 0,
+) -> int:
+    """Convert a local Hugging Face model directory into an llmkit checkpoint.
+
+    Args:
+        model_dir: config.json and *.safetensors of a Llama, Mistral, Qwen2 or Qwen3 model (no network).
+        out: the checkpoint to write (.ckpt), for generate, sdft|sft|ttt fit --model.init_ckpt and lora.
+        n_streams: 1 keeps the dense residual; n > 1 upcycles to mHC with n streams and logits equal to the
+            dense model's (docs/interop.md).
+        dtype: the weights' dtype in the checkpoint; auto keeps bf16 weights bf16 and stores others as fp32.
+        max_seq_len: cap the context (default: the model's max_position_embeddings).
+        seed: seed of the upcycled model's stream embedding.
+    """
+    from llmkit.model.checkpoint import write_backbone_checkpoint
+    from llmkit.model.hf import read_hf_config, read_hf_model
+    from llmkit.model.upcycle import upcycle_state
+
+    config, state = read_hf_model(model_dir, max_seq_len=max_seq_len)
+    for name, tensor in state.items():
+        state[name] = tensor.to(_dtype(dtype, tensor.dtype))
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    if n_streams != 1:
+        config, state = upcycle_state(config, state, n_streams, seed)
+    model_type = read_hf_config(model_dir)["model_type"]
+    write_backbone_checkpoint(out, config, state, converted_from={
+        "model_dir": str(Path(model_dir).resolve()), "model_type": model_type, "n_streams": n_streams,
+    })
+    n_params = sum(t.numel() for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight"))
+    kinds = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    print(f"wrote {out}: {model_type} {_describe(config.to_dict(), n_params)}, {'/'.join(kinds)}")
+    print(f"  use it with --tokenizer {model_dir} (its tokenizer), e.g. "
+          f"llmkit generate --ckpt {out} --tokenizer {model_dir} --prompt ...")
+    return 0
+
+
+def to_hf(
+    ckpt: Path,
+    out: Path,
+    tokenizer: Path | None = None,
+    lora: Path | None = None,
+    merge_lora: bool = True,
+    dtype: DType = "auto",
+) -> int:
+    """Export a checkpoint: a Hugging Face model directory (one residual stream) or an llmkit model
+    directory (mHC), with the tokenizer's files.
+
+    Args:
+        ckpt: a checkpoint (or model directory) llmkit reads.
+        out: the directory to write; it must not exist yet.
+        tokenizer: the model's tokenizer (.model, tokenizer.json or a model directory); default: the one the
+            checkpoint was trained or converted with.
+        lora: a LoRA adapter (.safetensors) trained on this checkpoint.
+        merge_lora: merge the adapter into the weights; with --no-merge-lora it is written beside them, in PEFT's
+            layout (OUT/adapter), for a Hugging Face export.
+        dtype: the weights' dtype; auto keeps bf16 weights bf16 and writes others as fp32.
+    """
+    from llmkit.cli.lora import load_with_adapter
+    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.io import new_directory_atomic
+    from llmkit.model.checkpoint import read_checkpoint, save_model_dir
+    from llmkit.model.hf import save_hf_model, save_peft_adapter
+    from llmkit.model.lora import merged_base_state, read_lora
+
+    checkpoint = read_checkpoint(ckpt)
+    stored = checkpoint["state_dict"]["model.tok_emb.weight"].dtype
+    model = load_with_adapter(ckpt, lora if merge_lora else None, checkpoint=checkpoint)
+    config = model.config
+    if lora is not None and not merge_lora and config.n_streams != 1:
+        raise LLMKitError("--no-merge-lora exports the adapter in PEFT's layout, which needs a one-stream model; "
+                          "this one is mHC: merge the adapter (the default)")
+    state = merged_base_state(model) if lora is not None and merge_lora else model.state_dict()
+    tokenizer = tokenizer or _checkpoint_tokenizer(ckpt, checkpoint)
+    special: dict[str, int | None] = {}
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        tok.check_vocab_size(config.vocab_size, f"checkpoint {ckpt}")
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    out_dtype = _dtype(dtype, stored)
+    with new_directory_atomic(out, "exported model") as tmp:
+        if config.n_streams == 1:
+            save_hf_model(config, state, tmp, out_dtype, special)
+        else:
+            save_model_dir(config, state, tmp, out_dtype, special)
+        if tokenizer is not None:
+            _copy_tokenizer(Path(tokenizer), tmp)
+        if lora is not None and not merge_lora:
+            tensors, lora_config, _ = read_lora(lora)
+            save_peft_adapter(tensors, lora_config, tmp / "adapter")
+    kind = "a Hugging Face" if config.n_streams == 1 else "an llmkit (mHC)"
+    print(f"wrote {out}: {kind} model directory, {_describe(config.to_dict(), model.num_params())}, "
+          f"{str(out_dtype).removeprefix('torch.')}")
+    if tokenizer is None:
+        print("  no tokenizer: the checkpoint names none; pass --tokenizer to include its files")
+    if lora is not None:
+        print(f"  LoRA adapter {lora}: " + ("merged into the weights" if merge_lora else f"written to {out}/adapter"))
+    return 0
+
+
+def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
+    """Turn a dense checkpoint into an mHC one whose logits equal the dense model's (docs/interop.md).
+
+    Args:
+        ckpt: a one-stream checkpoint (or model directory) llmkit reads.
+        out: the checkpoint to write (.ckpt).
+        n_streams: residual streams of the mHC model.
+        seed: seed of the stream embedding.
+    """
+    from llmkit.model.checkpoint import model_config_dict, read_checkpoint, write_backbone_checkpoint
+    from llmkit.model.config import ModelConfig
+    from llmkit.model.upcycle import upcycle_state
+
+    checkpoint = read_checkpoint(ckpt)
+    dense = ModelConfig.from_dict(model_config_dict(checkpoint))
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    config, state = upcycle_state(dense, state, n_streams, seed)
+    write_backbone_checkpoint(out, config, state, upcycled_from=str(Path(ckpt).resolve()))
+    n_params = sum(t.numel() for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight"))
+    print(f"wrote {out}: {_describe(config.to_dict(), n_params)}, logits equal to {ckpt}'s at initialisation")
+    return 0
+
+
+def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
+    """The tokenizer a checkpoint names: a fine-tuning run's ``tokenizer`` hyperparameter, else the
+    model directory a converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
+    if checkpoint.get("hyper_parameters", {}).get("tokenizer"):
+        return Path(checkpoint["hyper_parameters"]["tokenizer"])
+    for source in (checkpoint.get("converted_from", {}).get("model_dir"), ckpt):
+        if source and Path(source).is_dir() and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            return Path(source)
+    return None
+
+
+def _copy_tokenizer(tokenizer: Path, out_dir: Path) -> None:
+    """Copy a tokenizer's files into ``out_dir`` as a Hugging Face model directory holds them: a
+    ``tokenizer.json`` with the files beside it, a model directory's tokenizer files, or a
+    SentencePiece model as ``tokenizer.model`` with a ``tokenizer_config.json`` naming its specials."""
+    if tokenizer.suffix == ".model":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+        piece = {name: sp.IdToPiece(i) if i >= 0 else None
+                 for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id()),
+                                 ("unk_token", sp.unk_id()))}
+        config = {"tokenizer_class": "LlamaTokenizer", **piece, "add_bos_token": False, "add_eos_token": False}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return
+    source = tokenizer if tokenizer.is_dir() else tokenizer.parent
+    if not tokenizer.is_dir():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and not (out_dir / name).exists():
+            shutil.copyfile(source / name, out_dir / name)

@@ -1,0 +1,372 @@
+"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / Qwen3 models built here with
+transformers (a test-only dependency), imported, compared with transformers' own forward and
+greedy decoding, upcycled to mHC, exported back; bad model directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.cli import main
+from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_backbone, read_checkpoint
+from llmkit.model.config import ModelConfig
+from llmkit.model.generation import SamplingConfig, generate
+from llmkit.model.hf import read_hf_model
+from llmkit.model.lora import LoRAConfig, apply_lora, base_fingerprint, save_lora
+from llmkit.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 160
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6)
+FAMILIES = {
+    # Llama 3.1's rope scaling, with an original context shorter than the test's sequences
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),  # TinyLlama/SmolLM-like
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4096)),  # a window past the context
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),  # head_dim != hidden / heads
+}
+EXPORTED_AS = {"llama3": "llama", "llama_tied": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def build_hf_model(family: str, root: Path, seed: int = 0):
+    """A tiny random model of ``family`` saved into ``root/family``; every weight (norm gains and
+    biases too) perturbed so that a wrong mapping cannot pass."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.08)
+    model.save_pretrained(root / family)
+    return model, root / family
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {family: build_hf_model(family, root) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted")
+    paths = {}
+    for family, (_, model_dir) in hf_models.items():
+        paths[family] = out / f"{family}.ckpt"
+        assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(paths[family])]) == 0
+    return paths
+
+
+def tokens(batch: int = 3, length: int = 80, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_logits_equal_transformers(family, hf_models, converted):
+    hf_model, _ = hf_models[family]
+    model = load_backbone(converted[family])
+    x = tokens()
+    with torch.no_grad():
+        expected, got = hf_model(x).logits, model(x)
+    assert expected.abs().max() > 0.5  # logits of a size where a wrong weight shows
+    assert (expected - got).abs().max().item() <= 1e-4
+    config = model.config
+    assert (config.attention_bias, config.qk_norm) == (family == "qwen2", family == "qwen3")
+    assert config.tie_embeddings == (family in ("llama_tied", "qwen2"))
+    assert (config.rope_scaling is not None) == (family == "llama3")
+    if config.tie_embeddings:
+        assert model.lm_head.weight is model.tok_emb.weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_equals_transformers_token_for_token(family, hf_models, converted):
+    hf_model, _ = hf_models[family]
+    model = load_backbone(converted[family])
+    prompts = tokens(batch=2, length=12, seed=2)
+    with torch.no_grad():
+        expected = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                     max_new_tokens=10, min_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    result = generate(model, prompts.tolist(), SamplingConfig(max_new_tokens=10, temperature=0.0), eos_id=None)
+    assert result.tokens.tolist() == expected[:, 12:].tolist()
+
+
+def test_a_model_directory_reads_like_its_converted_checkpoint(hf_models, converted):
+    _, model_dir = hf_models["qwen3"]
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["qwen3"])(x))
+
+
+def test_dtype_auto_keeps_the_source_dtype_and_bf16_halves_it(hf_models, tmp_path):
+    _, model_dir = hf_models["llama3"]
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(tmp_path / "bf16.ckpt"),
+                 "--dtype", "bf16", "--max-seq-len", "64"]) == 0
+    ckpt = read_checkpoint(tmp_path / "bf16.ckpt")
+    assert {t.dtype for t in ckpt["state_dict"].values()} == {torch.bfloat16}
+    assert ckpt["model_config"]["max_seq_len"] == 64 and ckpt["converted_from"]["model_type"] == "llama"
+    config, state = read_hf_model(model_dir)
+    assert {t.dtype for t in state.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+def test_upcycled_mhc_model_computes_the_dense_logits(family, hf_models, converted, tmp_path):
+    out = tmp_path / "n4.ckpt"
+    assert main(["convert", "from-hf", "--model-dir", str(hf_models[family][1]), "--out", str(out),
+                 "--n-streams", "4"]) == 0
+    dense, mhc = load_backbone(converted[family]), load_backbone(out)
+    assert mhc.config.n_streams == 4 and mhc.config.mhc.post_init == "copy"
+    x = tokens()
+    with torch.no_grad():
+        assert (dense(x) - mhc(x)).abs().max().item() <= 1e-5
+        # exact in the math, up to Sinkhorn's eps (1e-8) and float rounding: fp64 shows it
+        assert (dense.double()(x) - mhc.double()(x)).abs().max().item() <= 1e-6
+    # the streams differ (a zero-mean stream embedding), so training can pull them apart
+    assert mhc.stream_emb.abs().min() > 0 and mhc.stream_emb.sum(0).abs().max() < 1e-6
+    mhc.float().train()
+    mhc.loss(x[:, :-1], x[:, 1:]).backward()
+    assert mhc.blocks[0].attn_res.mapping.phi.weight.grad.abs().sum() > 0
+
+
+def test_upcycle_command_turns_any_dense_checkpoint_into_mhc(converted, tmp_path):
+    assert main(["convert", "upcycle", "--ckpt", str(converted["llama_tied"]), "--out", str(tmp_path / "u.ckpt"),
+                 "--n-streams", "2"]) == 0
+    x = tokens()
+    with torch.no_grad():
+        assert (load_backbone(converted["llama_tied"])(x) - load_backbone(tmp_path / "u.ckpt")(x)).abs().max() <= 1e-5
+    assert main(["convert", "upcycle", "--ckpt", str(tmp_path / "u.ckpt"), "--out", str(tmp_path / "uu.ckpt")]) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_loads_in_transformers_with_equal_logits(family, hf_models, converted, tmp_path):
+    hf_model, _ = hf_models[family]
+    out = tmp_path / "export"
+    assert main(["convert", "to-hf", "--ckpt", str(converted[family]), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == EXPORTED_AS[family]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (hf_model(x).logits - reloaded(x).logits).abs().max().item() <= 1e-4
+
+
+def test_an_mhc_model_exports_as_an_llmkit_directory_that_llmkit_loads(hf_models, tmp_path):
+    ckpt = tmp_path / "n4.ckpt"
+    assert main(["convert", "from-hf", "--model-dir", str(hf_models["qwen3"][1]), "--out", str(ckpt),
+                 "--n-streams", "4"]) == 0
+    out = tmp_path / "export"
+    assert main(["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llmkit"
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(load_backbone(ckpt)(x), load_backbone(out)(x))
+
+
+def adapted(ckpt: Path, path: Path) -> Transformer:
+    """The backbone of ``ckpt`` with a LoRA adapter whose B is non-zero, saved to ``path``."""
+    model = load_backbone(ckpt)
+    config = LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+    apply_lora(model, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    save_lora(model, path, config, base_fingerprint(load_backbone(ckpt)))
+    return model.eval()
+
+
+def test_lora_exports_merged_or_as_a_peft_adapter(converted, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = adapted(converted["llama3"], tmp_path / "adapter.safetensors")
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x)
+    merged, separate = tmp_path / "merged", tmp_path / "separate"
+    assert main(["convert", "to-hf", "--ckpt", str(converted["llama3"]), "--out", str(merged),
+                 "--lora", str(tmp_path / "adapter.safetensors")]) == 0
+    assert main(["convert", "to-hf", "--ckpt", str(converted["llama3"]), "--out", str(separate),
+                 "--lora", str(tmp_path / "adapter.safetensors"), "--no-merge-lora"]) == 0
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(x).logits
+        assert (expected - got).abs().max().item() <= 1e-4
+        base = transformers.AutoModelForCausalLM.from_pretrained(separate).eval()
+        assert (expected - base(x).logits).abs().max().item() > 1e-3  # the base alone differs
+        with_adapter = peft.PeftModel.from_pretrained(base, separate / "adapter").eval()
+        assert (expected - with_adapter(x).logits).abs().max().item() <= 1e-4
+
+
+# --- bad input: one line, nothing written ---------------------------------------------------------
+
+def break_dir(hf_models, tmp_path: Path, family: str = "llama3") -> Path:
+    model_dir = tmp_path / "model"
+    shutil.copytree(hf_models[family][1], model_dir)
+    return model_dir
+
+
+def edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def shard(model_dir: Path) -> None:
+    """Split model.safetensors into two shards with an index, as large models come."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, model_dir / file, metadata={"format": "pt"})
+    (model_dir / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_weights_with_an_index_import_equally(hf_models, converted, tmp_path):
+    model_dir = break_dir(hf_models, tmp_path)
+    shard(model_dir)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
+
+
+BAD = {
+    "no config.json": (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    "missing shard": (lambda d: (shard(d), (d / "model-00002-of-00002.safetensors").unlink()),
+                      "names the shard model-00002-of-00002.safetensors, which is missing"),
+    "shape mismatch": (lambda d: edit_config(d, intermediate_size=128),
+                       "down_proj.weight has shape [64, 96] but config.json implies [64, 128]"),
+    "unsupported architecture": (lambda d: edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+                                 "model_type 'gpt2' is not supported"),
+    "unknown rope type": (lambda d: edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0}),
+                          "rope type 'yarn' (rope_scaling) is not supported"),
+    "quantised": (lambda d: edit_config(d, quantization_config={"quant_method": "gptq"}),
+                  "quantization_config (gptq): quantised weights are not supported"),
+    "short sliding window": (lambda d: edit_config(d, model_type="mistral", sliding_window=32),
+                             "sliding_window 32 is shorter than the context 96"),
+    "damaged weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+                        "the file is damaged or not safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_model_directory_is_one_line_and_writes_nothing(case, hf_models, tmp_path, capsys):
+    model_dir = break_dir(hf_models, tmp_path)
+    damage, message = BAD[case]
+    damage(model_dir)
+    out = tmp_path / "out.ckpt"
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out.ckpt*"))
+
+
+def test_export_refuses_an_existing_directory_and_an_mhc_peft_adapter(converted, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["convert", "to-hf", "--ckpt", str(converted["qwen2"]), "--out", str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    config = ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=64, n_streams=2)
+    with pytest.raises(LLMKitError, match="n_streams 2"):
+        from llmkit.model.hf import hf_config
+        hf_config(config, torch.float32, {})
+
+
+# --- end to end: an imported model and its tokenizer.json through generate, sdft fit and ttt fit ---
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer.json trained here, a chat template and a
+    vocabulary padded past the tokenizer's, as Hugging Face models ship them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llmkit.data.tasks import write_task_files
+
+    root = tmp_path_factory.mktemp("imported")
+    write_task_files("arithmetic", 24, seed=0, out=root / "arith.jsonl")
+    texts = [json.loads(line)["prompt"] + json.loads(line)["demonstration"]
+             for line in (root / "arith.jsonl").read_text().splitlines()] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model_dir = root / "model"
+    model_dir.mkdir()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    vocab = -(-tok.get_vocab_size() // 16) * 16 + 16  # padded embedding rows the tokenizer never produces
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": vocab, "max_position_embeddings": 512},
+                                      tie_word_embeddings=True, eos_token_id=tok.token_to_id("<|im_end|>"),
+                                      bos_token_id=None, pad_token_id=tok.token_to_id("<|endoftext|>"))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(model_dir)
+    ckpt = root / "base.ckpt"
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(ckpt)]) == 0
+    return {"dir": model_dir, "ckpt": ckpt, "examples": root / "arith.jsonl", "hf": model}
+
+
+def test_generate_from_an_imported_model_prints_what_transformers_decodes(imported, capsys):
+    prompt = "What is 12 + 7?"
+    assert main(["generate", "--ckpt", str(imported["ckpt"]), "--tokenizer", str(imported["dir"]), "--prompt", prompt,
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.split("\n" + "-" * 40)[0]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(imported["dir"])
+    ids = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        out = imported["hf"].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                      pad_token_id=hf_tok.pad_token_id)
+    assert printed == prompt + hf_tok.decode(out[0, ids.size(1):], skip_special_tokens=True)
+
+
+def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported, tmp_path):
+    import yaml
+
+    common = {"init_ckpt": str(imported["ckpt"]), "tokenizer": str(imported["dir"]), "chat_template": True}
+    trainer = {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "logger": False,
+               "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0}
+    sdft = {"seed_everything": 0,
+            "trainer": {**trainer, "default_root_dir": str(tmp_path / "sdft"), "callbacks": [
+                {"class_path": "llmkit.callbacks.EMATeacher", "init_args": {"decay": 0.9}},
+                {"class_path": "llmkit.callbacks.Checkpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"),
+                                                                            "save_last": True}}]},
+            "model": {**common, "sdft": {"max_new_tokens": 6}, "optim": {"lr": 1e-3, "warmup_steps": 1}},
+            "data": {"train_files": [str(imported["examples"])], "val_files": [str(imported["examples"])],
+                     "batch_size": 2}}
+    (tmp_path / "sdft.yaml").write_text(yaml.safe_dump(sdft))
+    assert main(["sdft", "fit", "--config", str(tmp_path / "sdft.yaml")]) == 0
+    after = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == 2
+    before = read_checkpoint(imported["ckpt"])["state_dict"]
+    assert not torch.equal(after["state_dict"]["model.blocks.0.attn.q_proj.weight"],
+                           before["model.blocks.0.attn.q_proj.weight"])
+    ttt = {"seed_everything": 0, "trainer": {**trainer, "default_root_dir": str(tmp_path / "ttt"),
+                                             "enable_checkpointing": False},
+           "model": {**common, "out_dir": str(tmp_path / "ttt_out"), "lora": {"rank": 2, "alpha": 4.0},
+                     "ttt": {"env": "llmkit.discovery.envs.StringTargetEnv",
+                             "env_args": {"target": "sum", "metric": "edit"},
+                             "starts_per_step": 1, "group_size": 3, "max_new_tokens": 6}}}
+    (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(ttt))
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml")]) == 0
+    result = json.loads((tmp_path / "ttt_out" / "result.json").read_text())
+    assert result["steps"] == 2 and result["rollouts"] == 2 * 1 * 3
+    assert (tmp_path / "ttt_out" / "discovery_log.jsonl").read_text().count("\n") == 2
