@@ -214,6 +214,7 @@ def test_pack_round_trip_is_the_same_for_any_workers(
     assert meta == {
         "format": PACK_FORMAT,
         "vocab_size": VOCAB_SIZE,
+        "vocab_rule": "exact",
         "dtype": "uint16",
         "n_tokens": len(expected),
         "n_documents": 52,

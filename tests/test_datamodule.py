@@ -74,6 +74,20 @@ def test_vocab_mismatch_is_a_clear_error(shards):
         dm.setup("fit")
 
 
+def test_a_hugging_face_tokenizers_shards_fit_a_padded_vocabulary_but_never_a_smaller_one(shards, tmp_path):
+    """Shards packed with a tokenizer.json record vocab_rule at_least: a model with more embedding
+    rows than the tokenizer has tokens takes them, one with fewer does not."""
+    copies = {}
+    for split, path in shards.items():
+        copies[split] = tmp_path / path.name
+        copies[split].write_bytes(path.read_bytes())
+        meta = json.loads(path.with_name(path.name + ".json").read_text())
+        (tmp_path / (path.name + ".json")).write_text(json.dumps({**meta, "vocab_rule": "at_least"}))
+    make_dm(copies, vocab_size=VOCAB_SIZE + 64).setup("fit")
+    with pytest.raises(LLMKitError, match=rf"vocab_size {VOCAB_SIZE}.*model has vocab_size {VOCAB_SIZE - 1}"):
+        make_dm(copies, vocab_size=VOCAB_SIZE - 1).setup("fit")
+
+
 def test_shard_shorter_than_a_window_is_a_clear_error(shards):
     n = open_shard(shards["val"])[1]["n_tokens"]
     dm = make_dm(shards, seq_len=n)

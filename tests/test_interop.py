@@ -370,3 +370,47 @@ def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported
     result = json.loads((tmp_path / "ttt_out" / "result.json").read_text())
     assert result["steps"] == 2 and result["rollouts"] == 2 * 1 * 3
     assert (tmp_path / "ttt_out" / "discovery_log.jsonl").read_text().count("\n") == 2
+
+
+def test_continued_pretraining_of_an_imported_model_upcycled_to_mhc(imported, tmp_path, capsys):
+    """Pack text with the model's tokenizer.json, upcycle, check through the CLI that the upcycled
+    model's validation loss is the dense model's, pretrain two steps, and validate from the run's
+    checkpoint alone."""
+    import yaml
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(json.loads(line)["prompt"] + json.loads(line)["demonstration"]
+                              for line in imported["examples"].read_text().splitlines()) * 3)
+    shard = tmp_path / "text.bin"
+    assert main(["data", "pack", "--tokenizer", str(imported["dir"]), "--input", str(text), "--output", str(shard),
+                 "--workers", "1"]) == 0
+    upcycled = tmp_path / "mhc.ckpt"
+    assert main(["convert", "upcycle", "--ckpt", str(imported["ckpt"]), "--out", str(upcycled),
+                 "--n-streams", "2"]) == 0
+    config = {"seed_everything": 0,
+              "trainer": {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False,
+                          "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 2,
+                          "default_root_dir": str(tmp_path / "logs"), "logger": False, "callbacks": [
+                              {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+              "model": {"optim": {"lr": 1e-3, "warmup_steps": 1}},
+              "data": {"train_files": [str(shard)], "val_files": [str(shard)], "seq_len": 32, "batch_size": 2}}
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(config))
+    run = ["pretrain", "validate", "--config", str(tmp_path / "pretrain.yaml")]
+
+    def val_loss() -> float:
+        out = capsys.readouterr().out
+        return float(next(line.split()[-2] for line in out.splitlines() if "val/loss" in line))
+
+    assert main([*run, "--model.init_ckpt", str(imported["ckpt"])]) == 0
+    dense = val_loss()
+    assert main([*run, "--model.init_ckpt", str(upcycled)]) == 0
+    assert val_loss() == pytest.approx(dense, abs=1e-5)
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "pretrain.yaml"), "--model.init_ckpt",
+                 str(upcycled)]) == 0
+    last = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert last["global_step"] == 2 and last["model_config"]["n_streams"] == 2
+    assert last["model_config"]["vocab_size"] == read_checkpoint(imported["ckpt"])["model_config"]["vocab_size"]
+    upcycled.unlink()  # the run's checkpoint alone rebuilds the model
+    assert main([*run, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]) == 0
+    assert val_loss() < dense

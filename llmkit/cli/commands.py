@@ -58,6 +58,7 @@ LIGHTNING_COMMANDS = {
         fixed_by_checkpoint=("config",),
         free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation",
               "config.attention_backend"),
+        rebuild_from_checkpoint=True,
     ),
     "sdft": LightningCommand(
         "llmkit.modules.sdft:SDFTModule", "llmkit.data.sdft_data:SDFTDataModule", rebuild_from_checkpoint=True

@@ -83,12 +83,15 @@ class ResumableLoader(DataLoader):
 def open_checked_shards(
     paths: list[Path], seq_len: int, vocab_size: int | None
 ) -> list[np.memmap]:
-    """Memory-map shards and check them against the model: the same vocabulary size in the
-    metadata, every id below it, and at least seq_len + 1 tokens per shard."""
+    """Memory-map shards and check them against the model: a vocabulary that fits the model (the
+    same size for a SentencePiece tokenizer; at most the model's for a Hugging Face one, whose models
+    pad their embedding: the metadata's ``vocab_rule``), every id below it, and at least
+    seq_len + 1 tokens per shard."""
     shards = []
     for path in paths:
         tokens, meta = open_shard(path)
-        if vocab_size is not None and meta["vocab_size"] != vocab_size:
+        exact = meta.get("vocab_rule", "exact") == "exact"
+        if vocab_size is not None and (meta["vocab_size"] > vocab_size or exact and meta["vocab_size"] != vocab_size):
             raise LLMKitError(
                 f"{path} was packed with a tokenizer of vocab_size {meta['vocab_size']} "
                 f"({meta.get('tokenizer')}) but the model has vocab_size {vocab_size}; set "

@@ -60,6 +60,8 @@ class HFTokenizer:
     files again.
     """
 
+    vocab_rule = "at_least"
+
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         if not self._path.is_file():

@@ -209,6 +209,7 @@ def pack(
         meta = {
             "format": PACK_FORMAT,
             "vocab_size": tokenizer.vocab_size,
+            "vocab_rule": tokenizer.vocab_rule,
             "dtype": dtype.name,
             "n_tokens": n_tokens,
             "n_documents": n_documents,

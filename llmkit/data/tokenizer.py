@@ -208,6 +208,10 @@ class TokenizerLike(Protocol):
     def vocab_size(self) -> int:
         """Tokens in the vocabulary: every id it encodes to is below this."""
 
+    vocab_rule: Literal["exact", "at_least"]
+    """How a model's vocabulary must relate to this one's (:meth:`check_vocab_size`): ``exact`` for
+    SentencePiece, ``at_least`` for Hugging Face tokenizers; packed shards record it."""
+
     @property
     def bos_id(self) -> int:
         """The beginning-of-sequence id (-1 if there is none)."""
@@ -262,6 +266,7 @@ class Tokenizer:
     """
 
     chat_template: str | None = None
+    vocab_rule = "exact"
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)

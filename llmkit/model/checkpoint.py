@@ -60,10 +60,12 @@ def check_checkpoint_file(path: str | Path) -> Path:
 
 def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The checkpoint at ``path`` as plain data: integrity-checked, then loaded with
-    ``weights_only=True`` (tensors and plain containers only)."""
+    ``weights_only=True`` (tensors and plain containers only) and ``mmap=True`` (a tensor is read
+    from disk when it is used: the weights of a checkpoint that also holds optimizer state cost
+    no memory for that state)."""
     path = check_checkpoint_file(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):
         raise LLMKitError(
             f"cannot read checkpoint {path}: it is not a torch checkpoint of tensors and plain data "
@@ -87,10 +89,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_config_dict(ckpt: dict) -> dict | None:
-    """The backbone's config in a checkpoint: PretrainModule keeps it in its hyperparameters,
-    the fine-tuning modules (whose hyperparameters name their base checkpoint instead) in
-    ``ckpt["model_config"]``."""
-    return ckpt.get("hyper_parameters", {}).get("config") or ckpt.get("model_config")
+    """The backbone's config in a checkpoint: ``ckpt["model_config"]``, which every module and
+    ``llmkit convert`` write; a PretrainModule checkpoint from before it existed keeps the config
+    in its hyperparameters only."""
+    return ckpt.get("model_config") or ckpt.get("hyper_parameters", {}).get("config")
 
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:

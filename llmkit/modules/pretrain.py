@@ -6,14 +6,32 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
-from llmkit.model.checkpoint import WRITER_KEY
+from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, clip_grad_norm, optimizer_with_schedule
+
+RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
+"""The ``ModelConfig`` fields (with ``mhc.implementation``) that say how to run a backbone, not
+what it is: a run started from ``init_ckpt`` takes them from its own ``config``."""
+
+
+def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
+    """The backbone of ``init_ckpt`` in training mode, run as ``config``'s :data:`RUN_SETTINGS` and
+    ``mhc.implementation`` say."""
+    model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
+    shape = model.config
+    for name in RUN_SETTINGS:
+        setattr(shape, name, getattr(config, name))
+    shape.mhc.implementation = config.mhc.implementation
+    rank_zero_info(f"model.init_ckpt {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
+                   f"vocab {shape.vocab_size}, n_streams {shape.n_streams} (model.config's shape is not used)")
+    return model
 
 
 class PretrainModule(L.LightningModule):
@@ -24,10 +42,17 @@ class PretrainModule(L.LightningModule):
     stored as plain dicts, so a checkpoint alone rebuilds the model and loads with
     ``torch.load(weights_only=True)``.
 
+    With ``init_ckpt`` training starts from the weights of a checkpoint (llmkit's, one written by
+    ``llmkit convert from-hf`` or ``convert upcycle``, or a model directory; docs/interop.md): the
+    backbone's shape is the checkpoint's, and of ``config`` only the settings of how to run apply
+    (:data:`RUN_SETTINGS`). ``--ckpt_path`` of such a run rebuilds the model from that checkpoint
+    alone, so the initial one may be gone by then.
+
     Args:
         config: the backbone (see configs/model/*.yaml).
         optim: AdamW and learning-rate schedule.
         compile: torch.compile each transformer block (GPU runs).
+        init_ckpt: start from this checkpoint's weights, whose shape then replaces config's (None: random init).
     """
 
     def __init__(
@@ -35,15 +60,19 @@ class PretrainModule(L.LightningModule):
         config: ModelConfig | None = None,
         optim: OptimConfig | None = None,
         compile: bool = False,
+        init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         config, optim = as_dataclass(ModelConfig, config), as_dataclass(OptimConfig, optim)
         self.save_hyperparameters(
-            {"config": config.to_dict(), "optim": asdict(optim), "compile": compile}
+            {"config": config.to_dict(), "optim": asdict(optim), "compile": compile, "init_ckpt": init_ckpt}
         )
-        self.config = config
+        if init_ckpt is None:
+            self.model = Transformer(config)
+        else:
+            self.model = initial_backbone(init_ckpt, config)
+        self.config = self.model.config
         self.optim = optim
-        self.model = Transformer(config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
         self._loaded_step = 0
@@ -112,6 +141,7 @@ class PretrainModule(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["model_config"] = self.config.to_dict()  # the truth where init_ckpt set the shape
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint[WRITER_KEY] = type(self).__name__
 
