@@ -106,6 +106,19 @@ def test_rows_stop_at_eos_independently_and_eos_is_kept():
         assert torch.equal(out.tokens[row, :stop], free.tokens[row, :stop])
 
 
+def test_rows_stop_at_the_first_of_several_stop_ids():
+    model = model_for(4)
+    config = SamplingConfig(max_new_tokens=8, temperature=0)
+    free = generate(model, PROMPTS, config, eos_id=None)
+    stops = (int(free.tokens[0, 5]), int(free.tokens[1, 2]))
+    out = generate(model, PROMPTS, config, eos_id=stops)
+    for row in range(len(PROMPTS)):
+        hits = torch.isin(free.tokens[row], torch.tensor(stops)).nonzero()
+        stop = hits[0].item() + 1 if len(hits) else free.tokens.size(1)
+        assert out.mask[row].sum().item() == stop
+        assert torch.equal(out.tokens[row, :stop], free.tokens[row, :stop])
+
+
 def test_seeded_sampling_is_reproducible():
     model = model_for(4)
     a = generate(model, PROMPTS, SamplingConfig(max_new_tokens=10, seed=5), eos_id=None)

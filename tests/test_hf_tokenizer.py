@@ -188,6 +188,17 @@ def test_special_ids_fall_back_to_generation_config_then_tokenizer_config(raw_js
         strings.encode("x", bos=True)
 
 
+def test_stop_ids_are_eos_then_every_other_id_the_eos_lists_name(raw_json, ids, tokenizer_path, tmp_path):
+    """Llama 3.x Instruct lists <|end_of_text|>, <|eom_id|>, <|eot_id|>: generation must stop at each."""
+    listed = load_tokenizer(write_model_dir(
+        tmp_path / "listed", raw_json, config={"eos_token_id": [ids["</s>"], ids["<|im_end|>"]]},
+        generation_config={"eos_token_id": [ids["</s>"], ids["<|im_start|>"], ids["<|im_end|>"]]},
+    ))
+    assert listed.eos_id == ids["</s>"]
+    assert listed.stop_ids == (ids["</s>"], ids["<|im_end|>"], ids["<|im_start|>"])
+    assert load_tokenizer(tokenizer_path).stop_ids == (3,)
+
+
 def test_a_bare_tokenizer_json_reads_the_files_beside_it(model_dir, tok):
     bare = load_tokenizer(model_dir / "tokenizer.json")
     assert (bare.path, bare.bos_id, bare.eos_id, bare.pad_id) == (tok.path, tok.bos_id, tok.eos_id, tok.pad_id)

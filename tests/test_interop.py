@@ -325,13 +325,16 @@ def imported(tmp_path_factory):
     return {"dir": model_dir, "ckpt": ckpt, "examples": root / "arith.jsonl", "hf": model}
 
 
-def test_generate_from_an_imported_model_prints_what_transformers_decodes(imported, capsys):
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_from_an_imported_model_prints_what_transformers_decodes(chat, imported, capsys):
     prompt = "What is 12 + 7?"
     assert main(["generate", "--ckpt", str(imported["ckpt"]), "--tokenizer", str(imported["dir"]), "--prompt", prompt,
-                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+                 "--max-new-tokens", "8", "--temperature", "0", *(["--chat-template"] if chat else [])]) == 0
     printed = capsys.readouterr().out.split("\n" + "-" * 40)[0]
     hf_tok = transformers.AutoTokenizer.from_pretrained(imported["dir"])
-    ids = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False)])
+    text = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                      add_generation_prompt=True) if chat else prompt
+    ids = torch.tensor([hf_tok.encode(text, add_special_tokens=False)])
     with torch.no_grad():
         out = imported["hf"].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                                       pad_token_id=hf_tok.pad_token_id)

@@ -46,6 +46,7 @@ def generate(
     num_samples: int = 1,
     seed: int = 0,
     bos: bool = False,
+    chat_template: bool = False,
     compile: bool = False,
     device: str | None = None,
     attention_backend: AttentionBackend | None = None,
@@ -68,6 +69,8 @@ def generate(
         num_samples: samples per prompt.
         seed: the same seed gives the same samples.
         bos: prepend the BOS token to each prompt.
+        chat_template: render each prompt as a user message through the tokenizer's chat template (a Hugging Face
+            model's), the assistant's turn opened after it.
         compile: compile the decode step (CUDA graphs on GPU).
         device: where to run (default: cuda if available, else cpu).
         attention_backend: the attention kernel (default: the checkpoint's; docs/attention.md).
@@ -89,7 +92,7 @@ def generate(
     tok.check_vocab_size(model.config.vocab_size, f"checkpoint {ckpt}")
     texts = read_prompts(prompt_file) if prompt_file is not None else [prompt]
     texts = [t for t in texts for _ in range(num_samples)]
-    encoded = [tok.encode(t, bos=bos) for t in texts]
+    encoded = [tok.encode(tok.render_chat(t) if chat_template else t, bos=bos) for t in texts]
     for text, ids in zip(texts, encoded, strict=True):
         if not ids:
             raise LLMKitError("a prompt is empty: give at least one character of text (or --bos)")
@@ -108,7 +111,7 @@ def generate(
     )
     records = []
     for start in range(0, len(encoded), batch_size):
-        result = sample(model, encoded[start : start + batch_size], config, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        result = sample(model, encoded[start : start + batch_size], config, eos_id=tok.stop_ids, pad_id=tok.pad_id)
         for i, (tokens, mask) in enumerate(zip(result.tokens.tolist(), result.mask.tolist(), strict=True)):
             completion = tok.decode([t for t, real in zip(tokens, mask, strict=True) if real])
             records.append({"prompt": texts[start + i], "completion": completion})

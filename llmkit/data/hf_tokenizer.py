@@ -91,6 +91,7 @@ class HFTokenizer:
         self._bos_id = -1 if ids["bos"] is None else ids["bos"]
         self._eos_id = ids["eos"]
         self._pad_id = self._eos_id if ids["pad"] is None else ids["pad"]
+        self._stop_ids = _stop_ids(self._eos_id, directory, self._vocab_size)
         self._unk_id = _unk_id(self._tok, tokenizer_config)
         found = read_chat_template(directory, tokenizer_config)
         self.chat_template: str | None = found[0] if found else None
@@ -128,6 +129,12 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int:
         return self._eos_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: ``eos_id`` and every other id the model's ``eos_token_id``
+        lists (Llama 3.x Instruct ends a turn with ``<|eot_id|>``, the third of its three)."""
+        return self._stop_ids
 
     @property
     def pad_id(self) -> int:
@@ -216,6 +223,19 @@ def special_ids(
                          f"{role}_token")
 
     return {role: find(role) for role in SPECIAL_ROLES}
+
+
+def _stop_ids(eos_id: int, directory: Path, vocab_size: int) -> tuple[int, ...]:
+    """``eos_id``, then the further ids that the ``eos_token_id`` lists of ``config.json`` and
+    ``generation_config.json`` in ``directory`` name, in order, each once."""
+    stops = [eos_id]
+    for name in ID_FILES:
+        listed = _read_optional(directory / name).get("eos_token_id")
+        for value in listed if isinstance(listed, list) else []:
+            found = _config_id(value, directory / name, "eos_token_id", vocab_size)
+            if found is not None and found not in stops:
+                stops.append(found)
+    return tuple(stops)
 
 
 def _config_id(value: Any, file: Path, key: str, vocab_size: int) -> int | None:

@@ -221,6 +221,10 @@ class TokenizerLike(Protocol):
         """The end-of-sequence id, which generation stops at."""
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: ``eos_id`` first, then any other end-of-turn ids the model lists."""
+
+    @property
     def pad_id(self) -> int:
         """The id batches are padded with (the eos id for a tokenizer without a pad token)."""
 
@@ -315,6 +319,10 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self._sp.eos_id()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
 
     @property
     def pad_id(self) -> int:

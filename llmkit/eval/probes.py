@@ -114,7 +114,7 @@ def score_probes(
     with eval_mode(model):
         for start in range(0, len(probes), batch_size):
             batch = encoded[start : start + batch_size]
-            out = generate(model, batch, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            out = generate(model, batch, config, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
             for probe, tokens, mask in zip(probes[start:], out.tokens.tolist(), out.mask.tolist(), strict=False):
                 completion = tokenizer.decode([t for t, real in zip(tokens, mask, strict=True) if real])
                 results.append(

@@ -13,7 +13,7 @@ losses need. :func:`sequence_logprobs` recomputes exactly these in one batched f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,13 +145,13 @@ def generate(
     model: Transformer,
     prompts: list[list[int]],
     config: SamplingConfig,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     pad_id: int = 0,
 ) -> Generation:
     """Sample up to ``config.max_new_tokens`` tokens after each prompt, in one batch.
 
-    Rows stop independently at ``eos_id``; the loop ends when all rows have stopped. The
-    same seed gives the same samples.
+    Rows stop independently at ``eos_id`` (or at any of several ids: a tokenizer's ``stop_ids``);
+    the loop ends when all rows have stopped. The same seed gives the same samples.
     """
     cfg = model.config
     longest = max((len(p) for p in prompts), default=0)
@@ -165,6 +165,8 @@ def generate(
     if config.compile:  # bucket the prompt width so new prompt lengths rarely mean a new compile
         width = min(-(-longest // COMPILE_PAD_MULTIPLE) * COMPILE_PAD_MULTIPLE, cfg.max_seq_len - config.max_new_tokens)
     ids, pad = left_pad(prompts, pad_id, device, width)
+    stops = None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                                     device=device)
     B, P = ids.shape
     S = P + config.max_new_tokens
     autocast = torch.is_autocast_enabled(device.type)
@@ -188,8 +190,8 @@ def generate(
         logprobs[:, step] = torch.where(alive, logprob, 0.0)
         mask[:, step] = alive
         n = step + 1
-        if eos_id is not None:
-            alive &= token != eos_id
+        if stops is not None:
+            alive &= ~torch.isin(token, stops)
             if not bool(alive.any()):
                 break
         if step + 1 == config.max_new_tokens:

@@ -119,7 +119,7 @@ class SDFTModule(FineTuneModule):
 
         seed = VAL_SEED + batch_idx if stage == "val" else None
         with eval_mode(self.model):
-            y = generate(self.model, prompts, cfg.sampling(seed), self.tokenizer.eos_id, self.tokenizer.pad_id)
+            y = generate(self.model, prompts, cfg.sampling(seed), self.tokenizer.stop_ids, self.tokenizer.pad_id)
         completions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
         student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
@@ -133,7 +133,7 @@ class SDFTModule(FineTuneModule):
 
     def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
         lengths = [len(c) for c in completions]
-        eos = sum(c[-1] == self.tokenizer.eos_id for c in completions) / len(completions)
+        eos = sum(c[-1] in self.tokenizer.stop_ids for c in completions) / len(completions)
         self.log_dict(
             {f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/gen_len_min": float(min(lengths)),
              f"{stage}/gen_len_max": float(max(lengths)), f"{stage}/eos_fraction": eos},

@@ -244,7 +244,7 @@ class TTTDiscoverModule(L.LightningModule):
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         with eval_mode(self.model):
-            y = generate(self.model, contexts, sampling, tok.eos_id, tok.pad_id)
+            y = generate(self.model, contexts, sampling, tok.stop_ids, tok.pad_id)
         actions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
         groups, reasons, rollouts = [], [], {}
