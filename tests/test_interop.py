@@ -19,6 +19,7 @@ from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.hf import read_hf_model
 from llmkit.model.lora import LoRAConfig, apply_lora, base_fingerprint, save_lora
 from llmkit.model.transformer import Transformer
+from tests.conftest import VOCAB_SIZE
 
 transformers = pytest.importorskip("transformers")
 
@@ -168,6 +169,26 @@ def test_an_mhc_model_exports_as_an_llmkit_directory_that_llmkit_loads(hf_models
     x = tokens()
     with torch.no_grad():
         assert torch.equal(load_backbone(ckpt)(x), load_backbone(out)(x))
+
+
+def test_a_sentencepiece_tokenizer_exports_so_that_transformers_encodes_as_llmkit(tokenizer_path, tmp_path):
+    from llmkit.data.tokenizer import load_tokenizer
+
+    config = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=64,
+                         n_streams=1)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in Transformer(config).state_dict().items()},
+                "model_config": config.to_dict()}, ckpt)
+    assert main(["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"),
+                 "--tokenizer", str(tokenizer_path)]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ours = load_tokenizer(tokenizer_path)
+    for text in ["def alpha_1(beta, alpha=None):\n    if alpha is None:\n        return [x]", "  two  spaces",
+                 "digits 1234", "Ünïcode ✓ 日本", " lead"]:
+        ids = ours.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == ids
+        assert hf_tok.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == ours.eos_id == 3
 
 
 def adapted(ckpt: Path, path: Path) -> Transformer:

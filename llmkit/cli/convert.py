@@ -183,7 +183,9 @@ def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
 def _copy_tokenizer(tokenizer: Path, out_dir: Path) -> None:
     """Copy a tokenizer's files into ``out_dir`` as a Hugging Face model directory holds them: a
     ``tokenizer.json`` with the files beside it, a model directory's tokenizer files, or a
-    SentencePiece model as ``tokenizer.model`` with a ``tokenizer_config.json`` naming its specials."""
+    SentencePiece model as ``tokenizer.model`` with a ``tokenizer_config.json`` naming its specials
+    and whether it prefixes a space (``add_prefix_space``, as sentencepiece's ``add_dummy_prefix``;
+    llmkit trains without), so that ``transformers`` encodes as llmkit does."""
     if tokenizer.suffix == ".model":
         import sentencepiece as spm
 
@@ -192,7 +194,9 @@ def _copy_tokenizer(tokenizer: Path, out_dir: Path) -> None:
         piece = {name: sp.IdToPiece(i) if i >= 0 else None
                  for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id()),
                                  ("unk_token", sp.unk_id()))}
-        config = {"tokenizer_class": "LlamaTokenizer", **piece, "add_bos_token": False, "add_eos_token": False}
+        dummy_prefix = sp.EncodeAsPieces("a")[0].startswith("\u2581")  # sentencepiece's add_dummy_prefix
+        config = {"tokenizer_class": "LlamaTokenizer", **piece, "add_bos_token": False, "add_eos_token": False,
+                  "add_prefix_space": dummy_prefix}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return
     source = tokenizer if tokenizer.is_dir() else tokenizer.parent
