@@ -25,7 +25,8 @@ def walkthrough() -> str:
 def test_the_walkthrough_is_there_and_runs_on_a_cpu():
     script = walkthrough()
     for command in ("data corpus", "data tokenizer", "data pack", "pretrain fit", "pretrain validate", "generate",
-                    "data tasks", "sdft fit", "sdft validate", "sft fit", "ttt fit", "consolidate", "lora merge"):
+                    "data tasks", "sdft fit", "sdft validate", "sft fit", "ttt fit", "consolidate", "lora merge",
+                    "convert to-hf"):
         assert f"llmkit {command}" in script, command
     assert "_gpu.yaml" not in script  # the GPU configs are in a block of their own
 
