@@ -66,6 +66,79 @@ class MHCConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture-of-experts feed-forward in place of the dense SwiGLU (``n_experts > 0``); see
+    llmkit/model/moe.py and docs/moe.md.
+
+    Each token's router picks ``top_k`` of ``n_experts`` routed experts (SwiGLU FFNs of width
+    ``expert_dim``) and the output is their score-weighted sum, plus ``n_shared`` shared experts
+    every token goes through. Routers: ``switch`` (a learned linear gate; ``score`` softmax or
+    sigmoid) and ``hash`` (a fixed hash of the token id picks ``top_k`` <= 2 experts with weight
+    1/top_k each; no learned gate). MoE replaces the MLP in layers ``first_dense``,
+    ``first_dense + every``, ... (DeepSeek-V3 keeps its first layers dense).
+
+    Balancing (switch router): ``aux_loss_weight`` times the Switch Transformer loss
+    E * sum_e f_e P_e; ``bias_update_rate`` > 0 turns on DeepSeek-V3's auxiliary-loss-free
+    balancing (a per-expert bias added to the scores for selection only, moved by that rate
+    toward uniform load after each step); ``z_loss_weight`` times the router z-loss
+    mean(logsumexp(logits)^2) (ST-MoE).
+    """
+
+    n_experts: int = 0
+    top_k: int = 2
+    expert_dim: int = 512
+    n_shared: int = 0
+    every: int = 1
+    first_dense: int = 0
+    router: Literal["switch", "hash"] = "switch"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_experts < 0 or self.n_shared < 0 or self.expert_dim < 1 or self.every < 1 or self.first_dense < 0:
+            problems.append("moe.n_experts, n_shared and first_dense must be >= 0, expert_dim and every >= 1")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            problems.append(f"moe.top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
+        if self.router not in ("switch", "hash") or self.score not in ("softmax", "sigmoid"):
+            problems.append(f"moe.router must be switch or hash and moe.score softmax or sigmoid, got "
+                            f"{self.router!r} and {self.score!r}")
+        if self.router == "hash" and self.top_k > 2:
+            problems.append(f"the hash router picks at most 2 experts: moe.top_k must be 1 or 2, got {self.top_k}")
+        if problems:
+            raise LLMKitError("invalid model config: " + "; ".join(problems))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) has the MoE feed-forward."""
+        return self.n_experts > 0 and layer >= self.first_dense and (layer - self.first_dense) % self.every == 0
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, Sec. 2.1), for ``attention: mla``.
+
+    Keys and values come from a latent c_KV of ``kv_lora_rank`` numbers per token (the only thing
+    cached, with the ``qk_rope_head_dim`` RoPE key shared by all heads); queries from a latent of
+    ``q_lora_rank`` (None: a full-rank query projection). Each head's query and key have
+    ``qk_nope_head_dim`` dimensions without position and ``qk_rope_head_dim`` with RoPE; its value
+    ``v_head_dim``. See llmkit/model/mla.py and docs/attention.md.
+    """
+
+    kv_lora_rank: int = 128
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+
+    def __post_init__(self) -> None:
+        sizes = (self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+        if min(sizes) < 1 or (self.q_lora_rank is not None and self.q_lora_rank < 1) or self.qk_rope_head_dim % 2:
+            raise LLMKitError("invalid model config: mla sizes must be >= 1 and mla.qk_rope_head_dim even")
+
+
+@dataclass
 class RopeScaling:
     """Rotary-frequency scaling for contexts past the pretraining length, as Hugging Face's
     ``rope_scaling`` names it (see :func:`llmkit.model.layers.rope_frequencies`).
@@ -130,10 +203,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     bf16_residual: bool = False  # under bf16 autocast, keep the residual stream in bf16 (not fp32)
     attention_backend: AttentionBackend = "auto"  # the attention kernel, see docs/attention.md
+    attention: Literal["mha", "mla"] = "mha"  # mla: multi-head latent attention (MLAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.mhc, dict):
             self.mhc = MHCConfig(**self.mhc)
+        if isinstance(self.mla, dict):
+            self.mla = dataclass_from_dict(MLAConfig, self.mla, "mla")
+        if isinstance(self.moe, dict):
+            self.moe = dataclass_from_dict(MoEConfig, self.moe, "moe")
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = dataclass_from_dict(RopeScaling, self.rope_scaling, "rope_scaling")
         if self.n_kv_heads is None:
@@ -153,10 +233,17 @@ class ModelConfig:
         for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ("mha", "mla"):
+            problems.append(f"attention must be mha or mla, got {self.attention!r}")
         if self.attention_backend not in BACKENDS:
             problems.append(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions RoPE rotates in each head: ``head_dim``, or MLA's ``qk_rope_head_dim``."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
