@@ -1,8 +1,9 @@
-"""Does mHC learn better here? Does Muon? Equal-token pretraining of residual variants and
-optimizers, several seeds.
+"""Does mHC learn better here? Does Muon, MoE, MLA? Equal-token pretraining of backbone variants
+and optimizers, several seeds.
 
     python bench/quality.py                                   # tiny model, stdlib corpus, CPU-sized
     python bench/quality.py --variants dense n4_split --optimizers adamw muon   # AdamW vs Muon
+    python bench/quality.py --variants dense moe mla n4_split moe_n4 mla_n4      # MoE and MLA, +- mHC
     python bench/quality.py --model configs/model/120m.yaml --source site-packages \
         --tokens 50_000_000 --seq-len 1024 --batch-size 16 --lr 6e-4 --seeds 0 1   # one GPU
 
@@ -21,7 +22,6 @@ import argparse
 import math
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -40,13 +40,32 @@ from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig
 from llmkit.profiling import device_description
 
-VARIANTS = {  # name -> (n_streams, post_init)
-    "dense": (1, "split"),
-    "n4_split": (4, "split"),
-    "n4_copy": (4, "copy"),
-    "n2_split": (2, "split"),
-    "n2_copy": (2, "copy"),
+MOE = {"n_experts": 8, "n_shared": 1, "top_k": 3, "expert_dim": 176}
+"""The MoE of configs/model/moe_tiny.yaml: 3 routed + 1 shared experts of width 176 per token, the
+active width of the tiny model's dense d_ff 704 (equal active compute), 9 experts' parameters."""
+MLA = {"kv_lora_rank": 128, "q_lora_rank": None, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64}
+"""Latent attention for the tiny model's 4 heads of 64: 160 cached numbers per token and layer
+where its attention caches 512."""
+
+VARIANTS = {  # name -> ModelConfig fields over --model's
+    "dense": {"n_streams": 1},
+    "n4_split": {"n_streams": 4, "mhc": {"post_init": "split"}},
+    "n4_copy": {"n_streams": 4, "mhc": {"post_init": "copy"}},
+    "n2_split": {"n_streams": 2, "mhc": {"post_init": "split"}},
+    "n2_copy": {"n_streams": 2, "mhc": {"post_init": "copy"}},
+    "moe": {"n_streams": 1, "moe": MOE},
+    "moe_n4": {"n_streams": 4, "mhc": {"post_init": "split"}, "moe": MOE},
+    "mla": {"n_streams": 1, "attention": "mla", "mla": MLA},
+    "mla_n4": {"n_streams": 4, "mhc": {"post_init": "split"}, "attention": "mla", "mla": MLA},
 }
+
+
+def variant_config(base: ModelConfig, name: str, vocab_size: int) -> ModelConfig:
+    """``base`` with variant ``name``'s fields (nested ones merged) and the shards' vocabulary."""
+    values = base.to_dict()
+    for key, value in VARIANTS[name].items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return ModelConfig.from_dict({**values, "vocab_size": vocab_size})
 
 
 def bytes_per_token(val_bin: Path, tokenizer: Tokenizer) -> float:
@@ -58,10 +77,8 @@ def bytes_per_token(val_bin: Path, tokenizer: Tokenizer) -> float:
 
 def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namespace, shards, optimizer: str = "adamw"
                   ) -> dict:
-    n_streams, post_init = VARIANTS[name]
-    config = replace(
-        base, vocab_size=shards.vocab_size, n_streams=n_streams, mhc=replace(base.mhc, post_init=post_init)
-    )
+    config = variant_config(base, name, shards.vocab_size)
+    n_streams = config.n_streams
     steps = max(1, args.tokens // (args.batch_size * args.seq_len))
     L.seed_everything(seed, verbose=False)
     optim = OptimConfig(name=optimizer, lr=args.lr, muon_lr=args.muon_lr, warmup_steps=max(1, steps // 20))
@@ -108,6 +125,7 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
         "optimizer": optimizer,
         "seed": seed,
         "params": module.model.num_params(),
+        "active_params": module.model.active_params(),
         "tokens": steps * args.batch_size * args.seq_len,
         "val_loss": val_loss,
         "train_seconds": seconds,
@@ -126,6 +144,7 @@ def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
                 "variant": name,
                 "optimizer": optimizer,
                 "params": mine[0]["params"],
+                "active_params": mine[0]["active_params"],
                 "tokens": mine[0]["tokens"],
                 "seeds": len(mine),
                 "val_loss_mean": statistics.mean(losses),
@@ -178,11 +197,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{bpt:.2f} bytes/token), seq {args.seq_len}, batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}, "
         f"{device}"
     )
-    print(f"{'variant':<12} {'optimizer':<9} {'params':>8} {'tokens':>11} {'val loss (nats/tok)':>21} "
+    print(f"{'variant':<12} {'optimizer':<9} {'params':>8} {'active':>8} {'tokens':>11} {'val loss (nats/tok)':>21} "
           f"{'bits/byte':>17} {'tok/s':>8}")
     for r in rows:
         print(
-            f"{r['variant']:<12} {r['optimizer']:<9} {r['params'] / 1e6:>7.2f}M {r['tokens']:>11,} "
+            f"{r['variant']:<12} {r['optimizer']:<9} {r['params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
+            f"{r['tokens']:>11,} "
             f"{r['val_loss_mean']:>12.4f} ± {r['val_loss_std']:.4f} {r['bpb_mean']:>8.4f} ± {r['bpb_std']:.4f} "
             f"{r['tokens_per_s']:>8.0f}"
         )

@@ -1,13 +1,15 @@
-"""Trainer add-ons: safe checkpoints, throughput (tokens/s, MFU), mHC stability, and SDFT's EMA
-teacher, replay and gates."""
+"""Trainer add-ons: safe checkpoints, throughput (tokens/s, MFU), mHC stability, MoE expert load,
+and SDFT's EMA teacher, replay and gates."""
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint
 from llmkit.callbacks.ema_teacher import EMATeacher
 from llmkit.callbacks.mhc_monitor import MHCMonitor
+from llmkit.callbacks.moe_monitor import MoEMonitor
 from llmkit.callbacks.regression_gate import RegressionGate
 from llmkit.callbacks.replay import Replay
 from llmkit.callbacks.throughput import TokenThroughput
 
 __all__ = [
-    "AtomicCheckpointIO", "Checkpoint", "EMATeacher", "MHCMonitor", "RegressionGate", "Replay", "TokenThroughput",
+    "AtomicCheckpointIO", "Checkpoint", "EMATeacher", "MHCMonitor", "MoEMonitor", "RegressionGate", "Replay",
+    "TokenThroughput",
 ]

@@ -91,8 +91,8 @@ def to_hf(
     merge_lora: bool = True,
     dtype: DType = "auto",
 ) -> int:
-    """Export a checkpoint: a Hugging Face model directory (one residual stream) or an llmkit model
-    directory (mHC), with the tokenizer's files.
+    """Export a checkpoint: a Hugging Face model directory (one residual stream, dense, standard
+    attention) or an llmkit model directory (mHC, MoE, latent attention), with the tokenizer's files.
 
     Args:
         ckpt: a checkpoint (or model directory) llmkit reads.
@@ -108,16 +108,16 @@ def to_hf(
     from llmkit.data.tokenizer import load_tokenizer
     from llmkit.io import new_directory_atomic
     from llmkit.model.checkpoint import read_checkpoint, save_model_dir
-    from llmkit.model.hf import save_hf_model, save_peft_adapter
+    from llmkit.model.hf import hf_exportable, save_hf_model, save_peft_adapter
     from llmkit.model.lora import merged_base_state, read_lora
 
     checkpoint = read_checkpoint(ckpt)
     stored = checkpoint["state_dict"]["model.tok_emb.weight"].dtype
     model = load_with_adapter(ckpt, lora if merge_lora else None, checkpoint=checkpoint)
     config = model.config
-    if lora is not None and not merge_lora and config.n_streams != 1:
-        raise LLMKitError("--no-merge-lora exports the adapter in PEFT's layout, which needs a one-stream model; "
-                          "this one is mHC: merge the adapter (the default)")
+    if lora is not None and not merge_lora and not hf_exportable(config):
+        raise LLMKitError("--no-merge-lora exports the adapter in PEFT's layout, which needs a model transformers "
+                          "can load; this one (mHC, MoE or latent attention) is not: merge the adapter (the default)")
     state = merged_base_state(model) if lora is not None and merge_lora else model.state_dict()
     tokenizer = tokenizer or _checkpoint_tokenizer(ckpt, checkpoint)
     special: dict[str, int | None] = {}
@@ -127,7 +127,7 @@ def to_hf(
         special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     out_dtype = _dtype(dtype, stored)
     with new_directory_atomic(out, "exported model") as tmp:
-        if config.n_streams == 1:
+        if hf_exportable(config):
             save_hf_model(config, state, tmp, out_dtype, special)
         else:
             save_model_dir(config, state, tmp, out_dtype, special)
@@ -136,7 +136,7 @@ def to_hf(
         if lora is not None and not merge_lora:
             tensors, lora_config, _ = read_lora(lora)
             save_peft_adapter(tensors, lora_config, tmp / "adapter")
-    kind = "a Hugging Face" if config.n_streams == 1 else "an llmkit (mHC)"
+    kind = "a Hugging Face" if hf_exportable(config) else "an llmkit"
     print(f"wrote {out}: {kind} model directory, {_describe(config.to_dict(), model.num_params())}, "
           f"{str(out_dtype).removeprefix('torch.')}")
     if tokenizer is None:

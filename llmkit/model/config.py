@@ -235,6 +235,9 @@ class ModelConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.attention not in ("mha", "mla"):
             problems.append(f"attention must be mha or mla, got {self.attention!r}")
+        if self.attention == "mla" and (self.n_kv_heads != self.n_heads or self.attention_bias or self.qk_norm):
+            problems.append("attention: mla shares one latent and one RoPE key across heads; n_kv_heads (GQA), "
+                            "attention_bias and qk_norm apply only to attention: mha")
         if self.attention_backend not in BACKENDS:
             problems.append(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if problems:

@@ -134,7 +134,7 @@ def _decode_step(
 def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> Callable[..., torch.Tensor]:
     if not config.compile:
         return _decode_step
-    for buffer in (cache.k, cache.v):
+    for buffer in cache.buffers():
         torch._dynamo.mark_static_address(buffer)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     return torch.compile(_decode_step, mode=mode, dynamic=False)

@@ -234,12 +234,19 @@ def read_hf_model(
     return config, state
 
 
+def hf_exportable(config: ModelConfig) -> bool:
+    """Whether a model has a Hugging Face LLaMA-family form: one residual stream, standard
+    attention, the dense MLP (mHC, latent attention and MoE have none)."""
+    return config.n_streams == 1 and config.attention == "mha" and config.moe.n_experts == 0
+
+
 def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int | None]) -> dict[str, Any]:
     """The Hugging Face ``config.json`` of a one-stream llmkit model: Qwen3 if it has qk-norm,
     Qwen2 if it has q/k/v biases, Llama otherwise. ``special_ids`` holds ``bos_token_id``,
     ``eos_token_id`` and ``pad_token_id``."""
-    if config.n_streams != 1:
-        raise LLMKitError(f"a model with n_streams {config.n_streams} (mHC) has no Hugging Face architecture; "
+    if not hf_exportable(config):
+        raise LLMKitError(f"this model (n_streams {config.n_streams}, attention {config.attention}, "
+                          f"{config.moe.n_experts} experts) has no Hugging Face LLaMA-family architecture; "
                           "it is exported as an llmkit model directory")
     if config.qk_norm and config.attention_bias:
         raise LLMKitError("no supported Hugging Face family has both qk_norm and attention_bias")

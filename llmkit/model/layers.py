@@ -135,13 +135,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) (Shazeer 2020, as in LLaMA)."""
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020, as in LLaMA), of width ``d_ff`` (default: the config's)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        d_ff = d_ff or config.d_ff
+        self.gate_proj = nn.Linear(config.d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

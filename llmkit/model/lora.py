@@ -34,6 +34,7 @@ from torch import nn
 
 from llmkit.errors import LLMKitError
 from llmkit.io import dataclass_from_dict
+from llmkit.model.moe import GroupedLinear, cast_for_matmul, grouped_linear
 
 LORA_FORMAT = "llmkit-lora-v1"
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -116,7 +117,7 @@ class LoRALinear(nn.Linear):
         return y + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B A in float32."""
+        """scale * B A in float32 (batched over experts for :class:`LoRAGroupedLinear`)."""
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     @torch.no_grad()
@@ -137,17 +138,52 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.config.rank}, alpha={self.config.alpha}, merged={self.merged}"
 
 
-def _targeted_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+class LoRAGroupedLinear(LoRALinear):
+    """LoRA on every expert of a :class:`~llmkit.model.moe.GroupedLinear`: expert e computes
+    W_e x + (alpha / r) B_e A_e x with its own A_e [r, in] and B_e [out, r] (stored stacked,
+    ``lora_A`` [E, r, in] and ``lora_B`` [E, out, r]); merging, saving and loading work as for
+    :class:`LoRALinear` (``delta_weight`` is the batched B A)."""
+
+    def __init__(self, grouped: GroupedLinear, config: LoRAConfig) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = grouped.in_features, grouped.out_features
+        self.weight = grouped.weight
+        self.register_parameter("bias", None)
+        self.config = config
+        self.scale = config.scale
+        kw = {"device": grouped.weight.device, "dtype": grouped.weight.dtype}
+        n_experts = grouped.weight.size(0)
+        self.lora_A = nn.Parameter(torch.empty(n_experts, config.rank, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n_experts, self.out_features, config.rank, **kw))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.merged = False
+        self.train(grouped.training)
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        y = grouped_linear(x, cast_for_matmul(self.weight, x), ends)
+        if not self.enabled or self.merged:
+            return y
+        low = grouped_linear(self.lora_dropout(x), cast_for_matmul(self.lora_A, x), ends)
+        return y + self.scale * grouped_linear(low, cast_for_matmul(self.lora_B, x), ends)
+
+
+def _targeted_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear | GroupedLinear]:
+    """The model's nn.Linear layers and MoE expert projections whose last name component is a target."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, (nn.Linear, GroupedLinear)) and not isinstance(module, LoRALinear)
+        and name.rsplit(".", 1)[-1] in targets
     }
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace every ``nn.Linear`` whose last name component is in ``config.targets`` by a
-    :class:`LoRALinear` sharing its weight; returns the replaced names, sorted."""
+    """Replace every ``nn.Linear`` (and MoE expert projection) whose last name component is in
+    ``config.targets`` by a :class:`LoRALinear` (:class:`LoRAGroupedLinear`) sharing its weight;
+    returns the replaced names, sorted."""
     existing = lora_layers(model)
     if existing:
         raise LLMKitError(
@@ -173,7 +209,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             )
     for name, linear in found.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear.from_linear(linear, config))
+        adapted = LoRAGroupedLinear(linear, config) if isinstance(linear, GroupedLinear) else \
+            LoRALinear.from_linear(linear, config)
+        setattr(model.get_submodule(parent), child, adapted)
     return sorted(found)
 
 
@@ -329,8 +367,9 @@ def load_lora(model: nn.Module, path: str | Path, expected_base_sha256: str | No
         linears = _targeted_linears(model, config.targets)
     expected = {}
     for name, linear in linears.items():
-        expected[f"{name}.lora_A"] = (config.rank, linear.in_features)
-        expected[f"{name}.lora_B"] = (linear.out_features, config.rank)
+        experts = tuple(linear.weight.shape[:-2])  # (E,) for an MoE expert projection, () for a Linear
+        expected[f"{name}.lora_A"] = (*experts, config.rank, linear.in_features)
+        expected[f"{name}.lora_B"] = (*experts, linear.out_features, config.rank)
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
             raise LLMKitError(f"adapter {path} has no tensor for the model's {key}; it was made for another model")

@@ -19,17 +19,21 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
 from llmkit.model.mhc import MHCResidual
+from llmkit.model.mla import MultiHeadLatentAttention
+from llmkit.model.moe import GroupedLinear, MoEFeedForward
 
 
 class Block(nn.Module):
-    """Attention and MLP sublayers, each pre-normed, each with its own residual connection."""
+    """Attention and MLP sublayers, each pre-normed, each with its own residual connection. The
+    MLP is the dense SwiGLU, or a mixture of experts in the layers ``config.moe`` names."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.uses_moe = config.moe.is_moe_layer(layer)
+        self.mlp = MoEFeedForward(config) if self.uses_moe else SwiGLU(config)
         self.config = config
         self.uses_mhc = config.n_streams > 1
         if self.uses_mhc:
@@ -44,13 +48,15 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_pos: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One block; with ``config.gradient_checkpointing`` in training, its activations are
         recomputed in backward. The checkpoint sits inside this forward so that a compiled block
-        (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too."""
+        (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too.
+        ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them)."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, use_reentrant=False)
-        return self.sublayers(x, cos, sin, mask, kv_cache, cache_pos)
+            return checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, use_reentrant=False)
+        return self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids)
 
     def sublayers(
         self,
@@ -60,12 +66,13 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
         cache_pos: torch.Tensor | None,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(h), cos, sin, mask, kv_cache, cache_pos)
 
         def mlp(h: torch.Tensor) -> torch.Tensor:
-            return self.mlp(self.mlp_norm(h))
+            return self.mlp(self.mlp_norm(h), token_ids) if self.uses_moe else self.mlp(self.mlp_norm(h))
 
         if not self.uses_mhc:
             x = x + attn(x)
@@ -84,7 +91,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         if config.n_streams > 1:
             self.stream_emb = nn.Parameter(torch.zeros(config.n_streams, config.d_model))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -97,13 +104,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """N(0, init_std) for embeddings and linear maps; the residual output projections
-        (o_proj, down_proj) scaled by 1/sqrt(2 L) as in GPT-2; mHC biases as :meth:`MHCMapping.reset_biases` says."""
+        (o_proj, down_proj, the experts' too) scaled by 1/sqrt(2 L) as in GPT-2; mHC biases as
+        :meth:`MHCMapping.reset_biases` says."""
         std = self.config.init_std
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, GroupedLinear)):
                 scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
                 nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
@@ -148,7 +156,7 @@ class Transformer(nn.Module):
                 and torch.get_autocast_dtype(device) == torch.bfloat16:
             x = x.to(torch.bfloat16)  # sublayer outputs are bf16 under autocast: the adds stay bf16
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos)
+            x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx)
         if self.config.n_streams > 1:
             x = x.mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
@@ -171,19 +179,33 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel()
         return n
 
+    def active_params(self, non_embedding: bool = False) -> int:
+        """The parameters one token uses: all of them, except that of each MoE layer's routed
+        experts only top_k of n_experts count."""
+        n = self.num_params(non_embedding)
+        for block in self.blocks:
+            if block.uses_moe:
+                experts = sum(p.numel() for p in block.mlp.experts.parameters())
+                n -= experts - experts * self.config.moe.top_k // self.config.moe.n_experts
+        return n
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 N (non-embedding matmuls, forward + backward) plus
-        12 L C T for attention scores and values (PaLM appendix B)."""
+        """Training FLOPs per token: 6 N_active (non-embedding matmuls a token goes through, forward +
+        backward: :meth:`active_params`) plus 6 L T H (d_qk + d_v) for attention scores and values
+        (PaLM appendix B's 12 L C T when the heads' query/key and value widths d_qk = d_v sum to C;
+        MLA's are d_h + d_h^R and d_v)."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * seq_len
+        d_qk, d_v = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim, c.mla.v_head_dim) if c.attention == "mla" \
+            else (c.head_dim, c.head_dim)
+        return 6 * self.active_params(non_embedding=True) + 6 * c.n_layers * seq_len * c.n_heads * (d_qk + d_v)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The trainable parameters in three optimizer groups:
 
         - ``hidden_matrices``: the weights of the blocks' attention and MLP projections (what
           Muon trains under ``optim.name: muon``), with weight decay;
-        - the other matrices of Linear and Embedding layers (embeddings, LM head, the mHC
-          mapping's phi, LoRA factors), with weight decay;
+        - the other matrices (embeddings, LM head, the mHC mapping's phi, the MoE router and
+          experts, LoRA factors), with weight decay;
         - everything else (norm gains, projection biases, mHC alphas and biases, the stream
           embedding), without.
         """
@@ -193,9 +215,10 @@ class Transformer(nn.Module):
                 if id(p) in seen or not p.requires_grad:
                     continue
                 seen.add(id(p))
-                if not isinstance(module, (nn.Linear, nn.Embedding)) or key == "bias":
+                if not isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)) or key == "bias":
                     rest.append(p)
-                elif key == "weight" and name.startswith("blocks.") and ".mapping." not in name:
+                elif isinstance(module, nn.Linear) and key == "weight" and p.ndim == 2 and name.startswith("blocks.") \
+                        and ".mapping." not in name and ".router." not in name:
                     hidden.append(p)
                 else:
                     matrices.append(p)

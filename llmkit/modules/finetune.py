@@ -35,6 +35,7 @@ from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
 from llmkit.model.config import AttentionBackend
+from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
 
@@ -191,6 +192,8 @@ class FineTuneModule(L.LightningModule):
             )
         stats = self.accumulator.backward(total, count, last=self.trainer.is_last_batch)
         if stats is not None:
+            # the MoE layers' balance over the step, and their aux-loss-free bias update
+            self.log_dict(end_of_step(self.model, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
             self.log("train/tokens_per_step", float(stats.tokens))
             self.log("train/lr", stats.lr, prog_bar=True)

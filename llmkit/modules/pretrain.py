@@ -13,6 +13,7 @@ from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
 from llmkit.model.config import ModelConfig
+from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
 from llmkit.optim import OptimConfig, clip_grad_norm, optimizer_with_schedule
 
@@ -139,6 +140,11 @@ class PretrainModule(L.LightningModule):
             clip_grad_norm(self, optimizer, gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between optimizer steps: the MoE layers' balance over the last step is logged and their
+        auxiliary-loss-free biases move (loads summed over ranks, so every rank moves them alike)."""
+        self.log_dict(end_of_step(self.model, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = self.config.to_dict()  # the truth where init_ckpt set the shape
