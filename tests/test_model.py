@@ -1,5 +1,7 @@
 """Backbone: shapes, causality, weight-decay groups, checkpointing, and that it learns."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,14 @@ def test_tiny_model_learns_a_repeated_corpus(n):
         opt.step()
     assert first > 3.5  # about ln(64) = 4.16 at init
     assert loss.item() < 0.5
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_model_config_builds_on_the_meta_device(path):
+    """Every configs/model/*.yaml parses and builds (on the meta device: no memory), and its
+    active parameters never exceed its parameters."""
+    config = ModelConfig.from_yaml(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert 0 < model.active_params() <= model.num_params()
