@@ -467,7 +467,7 @@ def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokeniz
 @pytest.mark.slow
 def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
     big = tmp_path / "big.txt"
-    big.write_text((synthetic_source(300, seed=2) * 100), encoding="utf-8")  # 16 MB: seconds to pack
+    big.write_text((synthetic_source(300, seed=2) * 400), encoding="utf-8")  # 64 MB: seconds to pack on 2 workers
     out = tmp_path / "out" / "big.bin"
     process = subprocess.Popen(
         [sys.executable, "-m", "llmkit", "data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(big),
