@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, MutableMapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llmkit.errors import LLMKitError
 
@@ -210,10 +213,16 @@ def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L
 def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -> None:
     """Scale ``module``'s gradients so their global L2 norm is at most ``max_norm``.
 
-    Goes through Lightning (``module.clip_gradients``: loss-scaler unscaling, FSDP) except for a
-    fused optimizer under bf16-mixed: a fused AdamW unscales inside its step, so Lightning's
+    Goes through Lightning (``module.clip_gradients``: loss-scaler unscaling) except in two cases.
+    Under FSDP the norm is over every rank's shards, which only the root FSDP module computes
+    (``FullyShardedDataParallel.clip_grad_norm_``; Lightning's FSDP plugin refuses to clip by
+    norm). A fused optimizer under bf16-mixed unscales inside its step, so Lightning's
     mixed-precision plugin refuses to clip for it, although only an fp16 loss scaler needs that;
     bf16 has none, so the gradients are clipped directly."""
+    root = module.trainer.strategy.model
+    if isinstance(root, FullyShardedDataParallel):
+        root.clip_grad_norm_(max_norm)
+        return
     inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
     if getattr(inner, "_step_supports_amp_scaling", False) and module.trainer.precision == "bf16-mixed":
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
@@ -224,7 +233,7 @@ def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -
 @dataclass
 class StepStats:
     """What one optimizer step of :class:`TokenMeanAccumulator` saw: the mean loss per real token
-    on this rank, the real tokens over all ranks, and the learning rate it stepped with."""
+    and the real tokens, both over all ranks, and the learning rate it stepped with."""
 
     loss: float
     tokens: int
@@ -241,6 +250,12 @@ class TokenMeanAccumulator:
     the optimizer and the LR scheduler. So the loss is a mean per real token however a step's
     tokens are split into micro-batches and ranks, the normalisation peer trainers get wrong.
     A step with no real token anywhere is skipped with a warning.
+
+    Under DDP the backward of every micro-batch but a step's last runs in the strategy's
+    ``block_backward_sync`` (DDP's ``no_sync``): gradients accumulate locally and are all-reduced
+    once per optimizer step, by the last micro-batch's backward, as Lightning's automatic
+    optimisation does. The token count and the loss sum are all-reduced as tensors on the
+    module's device (NCCL reduces GPU tensors only).
     """
 
     def __init__(
@@ -258,20 +273,23 @@ class TokenMeanAccumulator:
     def backward(self, total: torch.Tensor, count: int, last: bool = False) -> StepStats | None:
         """Backward of one micro-batch's summed loss; returns the step's statistics when this
         micro-batch ends an accumulation window (or ``last``), else None."""
-        self.module.manual_backward(total)
+        ends_step = last or self._micro_batches + 1 >= self.accumulate_grad_batches
+        strategy = self.module.trainer.strategy
+        local = not ends_step and isinstance(strategy, ParallelStrategy)
+        with strategy.block_backward_sync() if local else nullcontext():
+            self.module.manual_backward(total)
         self._loss_sum += total.item()
         self._tokens += count
         self._micro_batches += 1
-        if self._micro_batches < self.accumulate_grad_batches and not last:
-            return None
-        return self._step()
+        return self._step() if ends_step else None
 
     def _step(self) -> StepStats | None:
         module = self.module
         optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-        local = torch.tensor(float(self._tokens), device=module.device)
-        tokens = int(module.trainer.strategy.reduce(local, reduce_op="sum").item())
-        loss = self._loss_sum / max(self._tokens, 1)
+        reduce = module.trainer.strategy.reduce
+        tokens = int(reduce(torch.tensor(self._tokens, dtype=torch.int64, device=module.device), reduce_op="sum"))
+        loss_sum = float(reduce(torch.tensor(self._loss_sum, dtype=torch.float32, device=module.device),
+                                reduce_op="sum"))
         self._loss_sum, self._tokens, self._micro_batches = 0.0, 0, 0
         if tokens == 0:
             rank_zero_warn(f"step {module.global_step}: no real tokens in the accumulated batches; skipping the update")
@@ -284,4 +302,4 @@ class TokenMeanAccumulator:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        return StepStats(loss=loss, tokens=tokens, lr=optimizer.param_groups[0]["lr"])
+        return StepStats(loss=loss_sum / tokens, tokens=tokens, lr=optimizer.param_groups[0]["lr"])

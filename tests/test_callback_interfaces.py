@@ -61,6 +61,7 @@ def test_llmkit_modules_satisfy_the_protocols_their_callbacks_need(tokenizer_pat
     assert satisfies(pretrain, HasBackbone)
     assert not any(satisfies(pretrain, p) for p in (HasTeacher, HasTokenizer, HasEvaluation))
     ckpt = tmp_path / "base.ckpt"
+    pretrain.configure_model()
     torch.save({"state_dict": pretrain.state_dict(), "hyper_parameters": {"config": CONFIG.to_dict()}}, ckpt)
     common = {"init_ckpt": str(ckpt), "tokenizer": str(tokenizer_path)}
     sdft, sft = SDFTModule(**common), SFTModule(**common)

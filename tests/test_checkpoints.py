@@ -206,6 +206,7 @@ def sdft_run(shards, tokenizer_path, tmp_path) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     base = tmp_path / "base.ckpt"
     module = PretrainModule(ModelConfig(**{**MODEL, "max_seq_len": 256}))  # room for the teacher's template
+    module.configure_model()
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": module.config.to_dict()}}, base)
     examples = tmp_path / "ex.jsonl"
     examples.write_text("".join(json.dumps({"prompt": f"def f{i}(", "demonstration": "x)"}) + "\n" for i in range(4)))

@@ -14,6 +14,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -404,6 +405,7 @@ def test_ttt_renders_the_environment_context_through_the_chat_template(padded_ck
     ttt = {"env_args": {"target": "alpha"}, "starts_per_step": 1, "group_size": 3, "max_new_tokens": 4}
     module = TTTDiscoverModule(init_ckpt=str(padded_ckpt), tokenizer=str(model_dir), ttt=ttt, chat_template=True,
                                lora={"rank": 2, "alpha": 4.0})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)  # one process: it samples every rollout
     with pytest.raises(Sampled) as sampled:
         module.training_step([0], 0)
     prompt = module.env.context_from_archive(module.archive.get(0).text, [module.archive.get(0).text])

@@ -96,7 +96,7 @@ def test_monitor_logs_each_interval_once_with_gradient_accumulation():
     monitor = MHCMonitor(every_n_steps=2)
     logged = []
     monitor_log = monitor.read_mappings
-    monitor.read_mappings = lambda model, idx: logged.append(len(idx)) or monitor_log(model, idx)
+    monitor.read_mappings = lambda model, idx, forward: logged.append(len(idx)) or monitor_log(model, idx, forward)
     data = DataLoader(TensorDataset(torch.randint(0, 50, (12, 8)), torch.randint(0, 50, (12, 8))), batch_size=2)
     L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor]).fit(pl_module, data)
@@ -107,7 +107,8 @@ def test_monitor_rejects_batches_that_are_not_token_windows():
     from llmkit.errors import LLMKitError
 
     monitor = MHCMonitor(every_n_steps=1)
-    trainer = type("T", (), {"global_step": 1, "is_global_zero": True, "loggers": []})()
+    trainer = type("T", (), {"global_step": 1, "is_global_zero": True, "loggers": [],
+                             "strategy": type("S", (), {"model": None})()})()
     with pytest.raises(LLMKitError, match="token-window batches"):
         monitor.on_train_batch_end(trainer, module(), None, [{"prompt": "x"}], 0)
 

@@ -86,6 +86,7 @@ def test_resume_continues_the_step_count_and_tokens(shards, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
     module = PretrainModule(model_config(), OptimConfig(warmup_steps=2))
+    module.configure_model()  # the backbone exists from here; the Trainer keeps it
     real_loss = module.model.loss
     calls = {"n": 0}
 
@@ -108,6 +109,7 @@ def test_datamodule_checks_shards_against_the_module_vocab(shards, tmp_path):
 
 def test_weight_decay_groups_reach_the_optimizer():
     module = PretrainModule(model_config(), OptimConfig(weight_decay=0.1))
+    module.configure_model()
     module.trainer = L.Trainer(max_steps=10, logger=False)
     opt = module.configure_optimizers()["optimizer"]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]  # hidden matrices, other matrices, rest
@@ -117,6 +119,7 @@ def test_weight_decay_groups_reach_the_optimizer():
 def test_bf16_mixed_with_accumulation_and_clipping(shards, tmp_path):
     """Automatic optimisation composes with the Trainer's precision, accumulation and clipping."""
     module = PretrainModule(model_config(), OptimConfig(warmup_steps=1))
+    module.configure_model()
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     t = trainer(tmp_path, max_steps=2, precision="bf16-mixed", accumulate_grad_batches=2)
     t.fit(module, datamodule=datamodule(shards))
@@ -151,8 +154,9 @@ def test_compiled_blocks_match_eager(shards, tmp_path):
     torch.manual_seed(0)
     eager = PretrainModule(model_config())
     compiled = PretrainModule(model_config(), compile=True)
+    eager.configure_model()
+    compiled.configure_model()  # builds and compiles the blocks
     compiled.model.load_state_dict(eager.model.state_dict())
-    compiled.configure_model()
     idx = torch.randint(0, VOCAB_SIZE, (2, SEQ_LEN))
     assert torch.allclose(compiled(idx), eager(idx), atol=1e-4)
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints stay interchangeable

@@ -25,6 +25,13 @@ class StubModule:
         self.logged.append((name, value, batch_size))
 
 
+@pytest.fixture(scope="module")
+def one_process() -> L.Trainer:
+    """The Trainer of a single-process run: Replay's global batch is this process's batch."""
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False)
+
+
 def examples(tag: str, n: int, start: int = 0) -> list[Example]:
     return [Example(f"{tag} prompt {i}", f"{tag} demo {i}", {"i": i}, f"{tag}:{i}") for i in range(start, start + n)]
 
@@ -39,7 +46,7 @@ def write_jsonl(path, batch: list[Example]):
     return path
 
 
-def test_replay_ratio_holds_and_replays_only_buffered_examples_of_earlier_batches():
+def test_replay_ratio_holds_and_replays_only_buffered_examples_of_earlier_batches(one_process):
     cb, stub = Replay(buffer_size=500, replay_ratio=0.2, seed=3), StubModule()
     cb.add(examples("old", 50))
     global_python, global_torch = random.getstate(), torch.get_rng_state()
@@ -49,7 +56,7 @@ def test_replay_ratio_holds_and_replays_only_buffered_examples_of_earlier_batche
         batch = examples("new", size, start=b * size)
         own = set(keys(batch))
         buffered = set(keys(cb.buffer))
-        cb.on_train_batch_start(None, stub, batch, b)
+        cb.on_train_batch_start(one_process, stub, batch, b)
         replaced = [k for k in keys(batch) if k not in own]
         assert set(replaced) <= buffered  # drawn from the buffer as it was before this batch
         assert len(replaced) + sum(k in own for k in keys(batch)) == size
@@ -67,13 +74,13 @@ def test_replay_ratio_holds_and_replays_only_buffered_examples_of_earlier_batche
     assert random.getstate() == global_python and torch.equal(torch.get_rng_state(), global_torch)
 
 
-def test_an_empty_buffer_replays_nothing_and_a_batch_never_replays_itself():
+def test_an_empty_buffer_replays_nothing_and_a_batch_never_replays_itself(one_process):
     cb, stub = Replay(replay_ratio=0.9), StubModule()
     batch = examples("new", 8)
-    cb.on_train_batch_start(None, stub, batch, 0)
+    cb.on_train_batch_start(one_process, stub, batch, 0)
     assert keys(batch) == keys(examples("new", 8)) and cb.last_fraction == 0.0 and len(cb.buffer) == 8
     with pytest.raises(LLMKitError, match="lists of Example"):
-        cb.on_train_batch_start(None, stub, torch.zeros(2, 3), 1)
+        cb.on_train_batch_start(one_process, stub, torch.zeros(2, 3), 1)
 
 
 def test_buffer_is_capped_deduplicated_and_a_uniform_reservoir():
@@ -99,11 +106,11 @@ def test_buffer_is_capped_deduplicated_and_a_uniform_reservoir():
     assert abs(early - runs * 10) < 4 * sd
 
 
-def test_state_round_trip_through_weights_only_load_continues_identically(tmp_path):
+def test_state_round_trip_through_weights_only_load_continues_identically(tmp_path, one_process):
     original, stub = Replay(buffer_size=40, replay_ratio=0.3, seed=7), StubModule()
     original.add(examples("old", 30))
     for b in range(20):
-        original.on_train_batch_start(None, stub, examples("new", 4, start=4 * b), b)
+        original.on_train_batch_start(one_process, stub, examples("new", 4, start=4 * b), b)
     torch.save(original.state_dict(), tmp_path / "replay.pt")
     restored = Replay(buffer_size=40, replay_ratio=0.3, seed=999)  # the seed is overridden by the state
     restored.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=True))
@@ -113,8 +120,8 @@ def test_state_round_trip_through_weights_only_load_continues_identically(tmp_pa
     replaced_any = False
     for b in range(20, 50):
         a, r = examples("new", 4, start=4 * b), examples("new", 4, start=4 * b)
-        original.on_train_batch_start(None, stub, a, b)
-        restored.on_train_batch_start(None, stub, r, b)
+        original.on_train_batch_start(one_process, stub, a, b)
+        restored.on_train_batch_start(one_process, stub, r, b)
         assert keys(a) == keys(r)
         replaced_any |= keys(a) != keys(examples("new", 4, start=4 * b))
     assert replaced_any and keys(restored.buffer) == keys(original.buffer)

@@ -3,7 +3,8 @@
 A callback names the protocol it relies on and calls :func:`require` in its ``setup``, so a
 callback attached to a module that lacks a piece fails before training with one line naming
 the callback, the module class and the missing attribute, not with an AttributeError in the
-middle of a step. The llmkit modules satisfy them structurally (no inheritance needed):
+middle of a step. The llmkit modules satisfy them structurally (no inheritance needed); what a
+module builds in ``configure_model`` (after ``setup``) it names in ``built_in_configure_model``:
 
 ================  =====================================  =====================================
 protocol          attributes                             satisfied by
@@ -62,10 +63,17 @@ def _runtime_type(hint: Any) -> type | tuple[type, ...]:
 
 
 def _missing(pl_module: L.LightningModule, protocol: type) -> list[str]:
-    """Each attribute of ``protocol`` that ``pl_module`` lacks or holds with another type, described."""
+    """Each attribute of ``protocol`` that ``pl_module`` lacks or holds with another type, described.
+
+    An attribute the module has not built yet but lists in ``built_in_configure_model`` (PretrainModule's
+    ``model``) counts as present: the Trainer calls ``configure_model`` after every callback's
+    ``setup`` and before any other hook that could use it."""
     problems = []
+    pending = getattr(pl_module, "built_in_configure_model", ())
     for name, hint in typing.get_type_hints(protocol).items():
         value = getattr(pl_module, name, None)
+        if value is None and name in pending:
+            continue
         if not isinstance(value, _runtime_type(hint)):
             kind = hint.__name__ if isinstance(hint, type) else str(hint)
             found = "none" if value is None else type(value).__name__

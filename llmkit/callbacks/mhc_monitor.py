@@ -19,18 +19,25 @@ activation checkpointing, which silently runs the block eagerly); the separate f
 ``torch.compiler.set_stance("force_eager")``, keeps the compiled training step untouched and
 costs one forward of ``max_tokens`` tokens per ``every_n_steps`` steps. It reads the mappings
 of the weights after that step's update. Batches are (x, y) token windows (PretrainModule).
+Under DDP rank 0 reads and logs its own batch; under FSDP every rank runs that forward through
+the root FSDP module (each gathers the shards with the others) and rank 0 logs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llmkit.callbacks.interfaces import HasBackbone, require
 from llmkit.errors import LLMKitError
 from llmkit.model.mhc import MHCMapping
+
+WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""Module-name parts that FSDP and activation-checkpoint wrappers insert between a block and its sublayers."""
 
 
 def mhc_stats(mappings: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -62,15 +69,17 @@ class MHCMonitor(L.Callback):
 
     @torch.no_grad()
     def read_mappings(
-        self, model: torch.nn.Module, idx: torch.Tensor
+        self, model: torch.nn.Module, idx: torch.Tensor, forward: Callable[[torch.Tensor], Any] | None = None
     ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(name, H_pre, H_post, H_res) of every mHC sublayer in depth order for the tokens idx
-        [T] (one row), from an eager forward of ``model``."""
+        [T] (one row), from an eager forward of ``model``, or of ``forward`` when something else
+        runs it (under FSDP the root module, which gathers the shards)."""
         captured: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         handles = []
         for module_name, module in model.named_modules():
             if isinstance(module, MHCMapping):
-                parts = module_name.split(".")  # ...blocks.{i}.{attn,mlp}_res.mapping -> L{i}.{attn,mlp}
+                # ...blocks.{i}.{attn,mlp}_res.mapping -> L{i}.{attn,mlp}, past FSDP's and checkpointing's wrappers
+                parts = [part for part in module_name.split(".") if part not in WRAPPER_NAMES]
                 name = f"L{parts[-3]}.{parts[-2].removesuffix('_res')}"
 
                 def hook(mod: MHCMapping, inputs: Any, outputs: tuple[torch.Tensor, ...], name: str = name) -> None:
@@ -79,7 +88,7 @@ class MHCMonitor(L.Callback):
                 handles.append(module.register_forward_hook(hook))
         try:
             with torch.compiler.set_stance("force_eager"):
-                model(idx[None])
+                (model if forward is None else forward)(idx[None])
         finally:
             for handle in handles:
                 handle.remove()
@@ -93,7 +102,8 @@ class MHCMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step - 1  # the optimizer step this batch completed, if it completed one
-        if step <= self.last_step or step % self.every_n_steps or not trainer.is_global_zero:
+        sharded = isinstance(trainer.strategy.model, FullyShardedDataParallel)  # every rank joins the forward
+        if step <= self.last_step or step % self.every_n_steps or not (sharded or trainer.is_global_zero):
             return
         self.last_step = step
         idx = batch[0] if isinstance(batch, (tuple, list)) else None
@@ -102,8 +112,9 @@ class MHCMonitor(L.Callback):
                 f"MHCMonitor needs (x, y) token-window batches (PretrainModule); got {type(batch).__name__}: "
                 "remove it from this run's trainer.callbacks"
             )
-        mappings = self.read_mappings(pl_module.model, idx[0, : self.max_tokens])
-        if not mappings:
+        forward = trainer.strategy.model if sharded else None
+        mappings = self.read_mappings(pl_module.model, idx[0, : self.max_tokens], forward)
+        if not mappings or not trainer.is_global_zero:
             return
         self.last_stats = mhc_stats(mappings)
         for logger in trainer.loggers:  # straight to the loggers: not tied to log_every_n_steps

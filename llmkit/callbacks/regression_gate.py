@@ -32,8 +32,14 @@ Checkpoints hold the block counter, the rejection count and the decisions, never
 snapshots: on resume the gate starts a fresh block at the resumed weights (a new baseline
 evaluation and a new snapshot). A checkpoint saved in the middle of a block holds that block's
 ungated weights, so save at block ends (``ModelCheckpoint(every_n_train_steps=every_n_steps)``)
-to resume from gated ones. Under DDP every rank evaluates and rank 0's decision is
-broadcast, so all ranks keep or restore the same weights; only rank 0 writes files.
+to resume from gated ones.
+
+Under DDP every rank evaluates (the same weights on the same data) and rank 0's reports are
+broadcast before anything is decided: every rank then compares the same two reports, takes the
+same decision and keeps or restores the same snapshot, so the weights stay identical across ranks
+even where kernels make rank-local evaluations differ in the last digits. Only rank 0 writes
+files. The gate evaluates the whole backbone outside the training forward, so it refuses a
+strategy that shards the parameters (FSDP).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from llmkit.callbacks.interfaces import HasBackbone, HasEvaluation, HasTokenizer, require, satisfies
 from llmkit.data.tokenizer import TokenizerLike
+from llmkit.distributed import require_data_parallel
 from llmkit.errors import LLMKitError
 from llmkit.eval import EvalConfig
 from llmkit.io import write_json_atomic
@@ -172,6 +179,7 @@ class RegressionGate(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        require_data_parallel(trainer, type(self).__name__)
         require(self, pl_module, HasBackbone, "(the backbone it evaluates)")
         candidates = [self.evaluation]
         if satisfies(pl_module, HasEvaluation):
@@ -190,7 +198,7 @@ class RegressionGate(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = Path(trainer.log_dir or trainer.default_root_dir) / "gates"
         self._dir = Path(self.out_dir) if self.out_dir is not None else root
-        self._before = self._evaluate(pl_module)
+        self._before = self._evaluate(trainer, pl_module)
         self._take_snapshot(trainer, pl_module)
         self._block_start = trainer.global_step
 
@@ -212,8 +220,9 @@ class RegressionGate(L.Callback):
         self.rejections = state_dict["rejections"]
         self.decisions = copy.deepcopy(state_dict["decisions"])
 
-    def _evaluate(self, pl_module: L.LightningModule) -> dict:
-        return self._config.run(pl_module.model, self._tokenizer)
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """The report of the student's current weights: rank 0's, on every rank (module docstring)."""
+        return trainer.strategy.broadcast(self._config.run(pl_module.model, self._tokenizer), src=0)
 
     def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._snapshot = (
@@ -229,7 +238,7 @@ class RegressionGate(L.Callback):
             optimizer.load_state_dict(state)
 
     def _gate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        after = self._evaluate(pl_module)
+        after = self._evaluate(trainer, pl_module)
         self.blocks += 1
         decision = {
             "block": self.blocks,
@@ -240,7 +249,6 @@ class RegressionGate(L.Callback):
             "max_ppl_increase": self.max_ppl_increase,
             "max_probe_drop": self.max_probe_drop,
         }
-        decision = trainer.strategy.broadcast(decision, src=0)  # every rank keeps or restores alike
         accepted = decision["decision"] == "accepted"
         if trainer.is_global_zero:
             block_dir = self._dir / f"block_{self.blocks:04d}"

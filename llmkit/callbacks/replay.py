@@ -24,8 +24,14 @@ epoch over a task adds nothing and does not count as new examples.
 All randomness comes from the callback's own seeded :class:`random.Random`; its state, the
 buffer and the digests go into the checkpoint (:meth:`Replay.state_dict`, plain data that
 ``torch.load(weights_only=True)`` reads), so a resumed run makes the same replay decisions
-as an uninterrupted one. Under DDP each rank keeps a buffer of the batches it trained on,
-and the checkpoint holds rank 0's.
+as an uninterrupted one.
+
+Under DDP the buffer is global and the same on every rank, by construction: each step every rank
+gathers all ranks' batches in rank order (the global batch), draws the replacement of every
+global slot with the same seeded generator, applies the draws of its own slots, and offers the
+whole global batch to the buffer. So every rank holds the same buffer, digests and generator
+state, a buffered example can reach any rank, and a run on N ranks with batch B makes the
+decisions a single process makes with batch N x B whose batches are the ranks' in rank order.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import lightning as L
 import torch
 
 from llmkit.data.examples import Example, read_all_examples
+from llmkit.distributed import gather_objects
 from llmkit.errors import LLMKitError
 
 
@@ -53,7 +60,7 @@ def example_key(example: Example) -> int:
 class Replay(L.Callback):
     """Replaces batch slots with buffered past examples and buffers new ones (see module docstring).
 
-    Logs ``train/replay_fraction`` (the fraction of this batch's slots replaced) and
+    Logs ``train/replay_fraction`` (the fraction of the global batch's slots replaced) and
     ``train/replay_buffer`` (examples in the buffer) every training batch.
 
     Args:
@@ -113,17 +120,21 @@ class Replay(L.Callback):
             raise LLMKitError(
                 f"Replay needs batches that are lists of Example (SDFTDataModule's), got {type(batch).__name__}"
             )
-        new = list(batch)
+        batches = gather_objects(trainer, list(batch))  # every rank's batch, in rank order
+        offset = sum(len(b) for b in batches[: trainer.global_rank])
+        new = [example for b in batches for example in b]
         replaced = 0
         if self.buffer:
-            for i in range(len(batch)):
+            for slot in range(len(new)):  # the same draws on every rank: each applies its own slots
                 if self.rng.random() < self.replay_ratio:
-                    batch[i] = self.buffer[self.rng.randrange(len(self.buffer))]
+                    example = self.buffer[self.rng.randrange(len(self.buffer))]
                     replaced += 1
+                    if offset <= slot < offset + len(batch):
+                        batch[slot - offset] = example
         self.add(new)
-        self.last_fraction = replaced / len(batch)
+        self.last_fraction = replaced / len(new)
         self.total_replayed += replaced
-        self.total_slots += len(batch)
+        self.total_slots += len(new)
         pl_module.log("train/replay_fraction", self.last_fraction, batch_size=len(batch))
         pl_module.log("train/replay_buffer", float(len(self.buffer)), batch_size=len(batch))
 

@@ -115,6 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
+    module.configure_model()  # the Trainer would build it later; the parameter count is printed now
     n_params = module.model.num_params()
     print(f"[4/5] pretrain: tiny model, {n_params / 1e6:.1f}M params, n_streams {model_cfg.n_streams}, "
           f"{cfg.max_steps} steps of {cfg.batch_size}x{seq_len} tokens")

@@ -131,7 +131,7 @@ class LLMKitCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return
-        ckpt = load_checkpoint_file(ckpt_path)
+        ckpt = load_checkpoint_file(ckpt_path, weights=False)  # the hyperparameters; Lightning loads the weights
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
             writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")

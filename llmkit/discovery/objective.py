@@ -20,7 +20,7 @@ reach the loss, so the only gradient is the one of log pi_theta.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -149,6 +149,7 @@ def kl_shaped_advantages(
     mask: torch.Tensor,
     lam: float,
     center: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-token advantages [B, L] (float64, detached) shaped towards the base model (§4).
 
@@ -163,6 +164,9 @@ def kl_shaped_advantages(
                                                          reorders tokens and adds no net drift)
 
     Padding positions are 0. Nothing here carries a gradient: the shaped A is a fixed weight.
+    When the batch is split over processes (DDP), ``reduce`` sums a tensor over all of them (the
+    strategy's all-reduce), so ``mean(d)`` is over every process's real tokens; None: this is the
+    whole batch.
     """
     if not (math.isfinite(lam) and lam >= 0):
         raise LLMKitError(f"lam (the KL shaping coefficient) must be a finite number >= 0, got {lam}")
@@ -172,7 +176,10 @@ def kl_shaped_advantages(
     a = _per_token(advantages, mask.shape)
     d = torch.where(mask, logp_sample.detach().to(torch.float64) - logp_base.detach().to(torch.float64), 0.0)
     if center:
-        d = d - d.sum() / mask.sum().clamp(min=1)
+        totals = torch.stack([d.sum(), mask.sum().to(d.dtype)])
+        if reduce is not None:
+            totals = reduce(totals)
+        d = d - totals[0] / totals[1].clamp(min=1)
     return torch.where(mask, a - lam * d, 0.0)
 
 

@@ -11,6 +11,14 @@ Wherever a checkpoint is read (:func:`read_checkpoint`: ``--ckpt``, ``init_ckpt`
 directory works too: an llmkit model directory (``config.json`` with ``model_type: llmkit`` and a
 ``model.safetensors`` in llmkit's names, :func:`save_model_dir`) or a Hugging Face LLaMA-family
 directory, converted in memory (:mod:`llmkit.model.hf`).
+
+So does a sharded checkpoint, the folder Lightning's FSDPStrategy writes with
+``state_dict_type: sharded`` (:func:`is_sharded_checkpoint`): every rank's shard of the weights
+and optimizer state in ``torch.distributed.checkpoint`` files, and everything else in
+``meta.pt``. It is read in one process, on the CPU, whatever the number of ranks that wrote it:
+``meta.pt`` (integrity-checked, ``weights_only``) with the weights gathered from the shards
+(:func:`sharded_weights`), never the optimizer state; so ``validate --ckpt_path``, ``generate``
+and ``init_ckpt`` take it on any strategy, and resuming its training takes FSDP again.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ WRITER_KEY = "llmkit_module"
 """The checkpoint entry naming the LightningModule class that wrote it."""
 MODEL_DIR_TYPE = "llmkit"
 """The ``model_type`` in the ``config.json`` of an llmkit model directory."""
+SHARDED_METADATA = "meta.pt"
+"""The file of a sharded checkpoint folder that holds everything but the weights and optimizer
+state (Lightning's ``_METADATA_FILENAME``); ``.metadata`` is torch.distributed.checkpoint's index."""
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
@@ -58,11 +69,45 @@ def check_checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (see the module docstring)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_METADATA).is_file() and (path / ".metadata").is_file()
+
+
+def sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full weights (``state_dict``) of the sharded checkpoint folder ``path``, gathered from
+    every rank's shard into CPU tensors in this one process; the optimizer state is not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:  # the planner rebuilds the saved tensors from the index: no model or process group needed
+        _load_state_dict(state, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:
+        raise LLMKitError(
+            f"cannot read the sharded checkpoint {path}: {str(e).splitlines()[0]}; a shard file is missing or "
+            "damaged: use another checkpoint"
+        ) from None
+    if "model" not in state:
+        raise LLMKitError(f"{path} is a sharded checkpoint without weights (no 'model' in its shards)")
+    return state["model"]
+
+
+def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu", weights: bool = True) -> dict:
     """The checkpoint at ``path`` as plain data: integrity-checked, then loaded with
     ``weights_only=True`` (tensors and plain containers only) and ``mmap=True`` (a tensor is read
     from disk when it is used: the weights of a checkpoint that also holds optimizer state cost
-    no memory for that state)."""
+    no memory for that state). A sharded checkpoint folder reads as its ``meta.pt`` with, if
+    ``weights``, the gathered ``state_dict`` (:func:`sharded_weights`)."""
+    if is_sharded_checkpoint(path):
+        ckpt = load_checkpoint_file(Path(path) / SHARDED_METADATA, map_location)
+        if weights:
+            ckpt["state_dict"] = {k: v.to(map_location) for k, v in sharded_weights(path).items()}
+        return ckpt
     path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
@@ -79,13 +124,26 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The checkpoint at ``path`` as plain data, checked to hold a model config and weights; a
-    model directory (see the module docstring) reads as ``{"model_config", "state_dict"}``."""
-    if Path(path).is_dir():
+    model directory (see the module docstring) reads as ``{"model_config", "state_dict"}``, a sharded
+    checkpoint folder as :func:`load_checkpoint_file` says."""
+    if Path(path).is_dir() and not is_sharded_checkpoint(path):
         return _read_model_dir(Path(path))
     ckpt = load_checkpoint_file(path, map_location)
     if "state_dict" not in ckpt or model_config_dict(ckpt) is None:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
     return ckpt
+
+
+def checkpoint_model_config(path: str | Path) -> ModelConfig:
+    """The backbone config of the checkpoint (file, sharded folder or model directory) at ``path``,
+    without building the model: a sharded checkpoint's weights are not gathered for it."""
+    if Path(path).is_dir() and not is_sharded_checkpoint(path):
+        config = _read_model_dir(Path(path))["model_config"]
+    else:
+        config = model_config_dict(load_checkpoint_file(path, weights=False))
+    if config is None:
+        raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config)")
+    return ModelConfig.from_dict(config)
 
 
 def model_config_dict(ckpt: dict) -> dict | None:

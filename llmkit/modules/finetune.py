@@ -8,10 +8,11 @@ tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the r
 - manual optimisation (SDFT samples inside its training step, so Lightning's automatic loop
   does not fit) through :class:`~llmkit.optim.TokenMeanAccumulator`: the loss is a mean per
   real token however a step is split into micro-batches and ranks;
-- validation: each subclass's ``val/...`` loss on ``data.val_files`` and, when
-  ``evaluation`` names held-out shards or probes, the :mod:`llmkit.eval` report (logged as
-  ``val/ppl`` and ``val/probe_accuracy`` and written to ``LOG_DIR/eval/step_NNNNNN.json``,
-  NNNNNN the optimizer steps the evaluated weights have taken);
+- validation: each subclass's ``val/...`` loss per real token on ``data.val_files`` (over every
+  rank's batches under DDP) and, when ``evaluation`` names held-out shards or probes, the
+  :mod:`llmkit.eval` report (logged as ``val/ppl`` and ``val/probe_accuracy`` and written by
+  rank 0 to ``LOG_DIR/eval/step_NNNNNN.json``, NNNNNN the optimizer steps the evaluated weights
+  have taken);
 - checkpoints that ``llmkit generate`` and later fine-tuning runs read: the backbone's
   config is stored beside the weights (``ckpt["model_config"]``).
 
@@ -27,9 +28,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from llmkit.data.examples import Example
 from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
+from llmkit.distributed import require_data_parallel
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
@@ -157,7 +160,11 @@ class FineTuneModule(L.LightningModule):
         self.config = self.model.config
         self.optim = optim
         self.evaluation = evaluation
+        self.val_loss = MeanMetric()
         self._loaded_step = 0
+
+    def setup(self, stage: str) -> None:
+        require_data_parallel(self.trainer, type(self).__name__)
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -198,16 +205,23 @@ class FineTuneModule(L.LightningModule):
             self.log("train/tokens_per_step", float(stats.tokens))
             self.log("train/lr", stats.lr, prog_bar=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.reset()
+
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         total, count = self.loss_sum(batch, "val", batch_idx)
-        self.log(f"val/{self.loss_name}", total / max(count, 1), batch_size=max(count, 1), prog_bar=True)
+        self.val_loss.update(total / max(count, 1), weight=max(count, 1))
 
     def on_validation_epoch_end(self) -> None:
+        # per real token over every rank's batches: the metric sums values and weights over ranks
+        self.log(f"val/{self.loss_name}", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
         if self.trainer.state.fn == "validate":  # plot `validate --ckpt_path` at the checkpoint's step
             self.log("step", float(self._loaded_step))
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return
-        report = self.evaluation.run(self.model, self.tokenizer)
+        # every rank evaluates the same weights; rank 0's report is the one logged, written and kept
+        report = self.trainer.strategy.broadcast(self.evaluation.run(self.model, self.tokenizer))
         if report["perplexity"] is not None:
             self.log("val/ppl", report["perplexity"]["ppl"])
         if report["probes"] is not None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
-from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
+from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
@@ -22,14 +24,25 @@ RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
 what it is: a run started from ``init_ckpt`` takes them from its own ``config``."""
 
 
+def run_as(shape: ModelConfig, config: ModelConfig) -> ModelConfig:
+    """``shape`` (changed in place) with ``config``'s :data:`RUN_SETTINGS` and ``mhc.implementation``."""
+    for name in RUN_SETTINGS:
+        setattr(shape, name, getattr(config, name))
+    shape.mhc.implementation = config.mhc.implementation
+    return shape
+
+
+def initial_config(init_ckpt: str, config: ModelConfig) -> ModelConfig:
+    """The backbone config of a run from ``init_ckpt``: the checkpoint's shape, run as ``config``
+    says (:func:`run_as`); the weights are not read."""
+    return run_as(checkpoint_model_config(init_ckpt), config)
+
+
 def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
     """The backbone of ``init_ckpt`` in training mode, run as ``config``'s :data:`RUN_SETTINGS` and
     ``mhc.implementation`` say."""
     model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
-    shape = model.config
-    for name in RUN_SETTINGS:
-        setattr(shape, name, getattr(config, name))
-    shape.mhc.implementation = config.mhc.implementation
+    shape = run_as(model.config, config)
     rank_zero_info(f"model.init_ckpt {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
                    f"vocab {shape.vocab_size}, n_streams {shape.n_streams} (model.config's shape is not used)")
     return model
@@ -49,12 +62,23 @@ class PretrainModule(L.LightningModule):
     (:data:`RUN_SETTINGS`). ``--ckpt_path`` of such a run rebuilds the model from that checkpoint
     alone, so the initial one may be gone by then.
 
+    The backbone is built in ``configure_model``, which the Trainer calls inside its strategy's
+    contexts, so each rank builds it straight on its device (under FSDP its GPU, before the
+    strategy shards it one ``Block`` at a time: docs/scaling_out.md); under
+    ``torch.device("meta")`` it allocates nothing. ``model`` is None until then (``config``,
+    ``vocab_size`` and ``max_seq_len`` are set from the start); outside a Trainer call
+    ``configure_model()`` yourself (``load_state_dict`` does).
+
     Args:
         config: the backbone (see configs/model/*.yaml).
         optim: AdamW and learning-rate schedule.
         compile: torch.compile each transformer block (GPU runs).
         init_ckpt: start from this checkpoint's weights, whose shape then replaces config's (None: random init).
     """
+
+    built_in_configure_model = ("model",)
+    """Attributes that ``configure_model`` builds, after every callback's ``setup``: a callback's
+    protocol check (:func:`llmkit.callbacks.interfaces.require`) takes them as present."""
 
     def __init__(
         self,
@@ -68,15 +92,13 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(
             {"config": config.to_dict(), "optim": asdict(optim), "compile": compile, "init_ckpt": init_ckpt}
         )
-        if init_ckpt is None:
-            self.model = Transformer(config)
-        else:
-            self.model = initial_backbone(init_ckpt, config)
-        self.config = self.model.config
+        self.config = config if init_ckpt is None else initial_config(init_ckpt, config)
+        self.model: Transformer | None = None  # built by configure_model
         self.optim = optim
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
         self._loaded_step = 0
+        self._flops_per_token: dict[int, float] = {}
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor
 
     @property
@@ -88,8 +110,29 @@ class PretrainModule(L.LightningModule):
         return self.config.max_seq_len
 
     def configure_model(self) -> None:
+        """Build the backbone (once: later calls keep it), from ``init_ckpt`` if given, and compile
+        its blocks with ``compile``."""
+        if self.model is not None:
+            return
+        init_ckpt = self.hparams.init_ckpt
+        self.model = Transformer(self.config) if init_ckpt is None else initial_backbone(init_ckpt, self.config)
+        self.config = self.model.config
         if self.hparams.compile:
             self.model.compile_blocks()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` after building the backbone if no Trainer has (a state dict
+        loaded into a fresh module, or the weights ``ddp_spawn`` hands back to the main process)."""
+        self.configure_model()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """``Transformer.flops_per_token`` of this backbone, counted once per ``seq_len`` on a copy on
+        the meta device (no memory): under FSDP the live parameters are this rank's shards."""
+        if seq_len not in self._flops_per_token:
+            with torch.device("meta"):
+                self._flops_per_token[seq_len] = Transformer(self.config).flops_per_token(seq_len)
+        return self._flops_per_token[seq_len]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -104,7 +147,7 @@ class PretrainModule(L.LightningModule):
                 f"trainer.gradient_clip_val, or resume from the last good checkpoint"
             )
         self.tokens_seen += x.numel() * self.trainer.world_size
-        self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        self.flops_per_batch = self.flops_per_token(x.size(1)) * x.numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
@@ -126,6 +169,11 @@ class PretrainModule(L.LightningModule):
             self.log("step", float(self._loaded_step))
 
     def configure_optimizers(self) -> dict:
+        if self.optim.name == "muon" and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise LLMKitError(
+                "optim.name: muon orthogonalises whole weight matrices, and FSDP gives each rank a shard of them: "
+                "use optim.name: adamw with FSDP, or Muon under DDP (docs/scaling_out.md)"
+            )
         return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def configure_gradient_clipping(

@@ -17,6 +17,11 @@ The teacher is ``self.teacher``: a frozen copy of the starting weights that neve
 gradients. Add the :class:`~llmkit.callbacks.EMATeacher` callback to make it the EMA of the
 student (the SDFT method); without it the teacher stays the initial model. It is part of the
 module's state, so checkpoints save and restore it.
+
+Under DDP each rank samples the completions of its own batch, with a seed of its own
+(:meth:`SDFTModule.sample_completions`); DDP starts every rank from rank 0's weights, the
+teacher included, so the teacher, like the student, is the same on every rank after every step
+(docs/scaling_out.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 from llmkit.data.examples import TEACHER_TEMPLATE, Example, check_template, teacher_prompt
+from llmkit.distributed import rank_seed
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass
@@ -117,10 +123,8 @@ class SDFTModule(FineTuneModule):
         check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt")
         check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt")
 
-        seed = VAL_SEED + batch_idx if stage == "val" else None
-        with eval_mode(self.model):
-            y = generate(self.model, prompts, cfg.sampling(seed), self.tokenizer.stop_ids, self.tokenizer.pad_id)
-        completions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
+        seed = VAL_SEED + batch_idx if stage == "val" else rank_seed(self.global_rank)
+        completions = self.sample_completions(prompts, seed)
 
         student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
         with torch.no_grad():
@@ -131,11 +135,19 @@ class SDFTModule(FineTuneModule):
         self._log_completions(completions, stage, len(batch))
         return total, int(count)
 
+    def sample_completions(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """The student's completion of each prompt (ids, EOS included), sampled without gradients with
+        ``seed``: fixed per validation batch, and in training a draw of its own per rank
+        (:func:`~llmkit.distributed.rank_seed`), so under DDP ranks never share a random stream."""
+        with eval_mode(self.model):
+            y = generate(self.model, prompts, self.sdft.sampling(seed), self.tokenizer.stop_ids, self.tokenizer.pad_id)
+        return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
+
     def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
         lengths = [len(c) for c in completions]
         eos = sum(c[-1] in self.tokenizer.stop_ids for c in completions) / len(completions)
         self.log_dict(
             {f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/gen_len_min": float(min(lengths)),
              f"{stage}/gen_len_max": float(max(lengths)), f"{stage}/eos_fraction": eos},
-            batch_size=batch_size,
+            batch_size=batch_size, sync_dist=stage == "val",  # validation's epoch means: over every rank
         )

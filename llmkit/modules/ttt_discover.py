@@ -31,6 +31,16 @@ Outputs, in ``out_dir`` (default: the run's log directory): ``discovery_log.json
 per step), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and at the end,
 ``archive.json`` and ``result.json`` (the best state and its reward, and the problem's prompt
 for ``llmkit consolidate``). See docs/ttt.md.
+
+Under DDP (``trainer.strategy: ddp``, N processes) the rollouts of a step are split: every rank
+picks the same start states (PUCT is deterministic over an archive that is the same on every
+rank), samples its contiguous share of the ``starts_per_step x group_size`` rollouts with a seed
+of its own and scores them; the scored rollouts are gathered in rank order, so every rank
+computes the same groups, betas and advantages and records the same rollouts into its archive.
+Each rank's policy loss covers its own rollouts, normalised by the token count over all ranks
+(and ``kl_center``'s mean over all ranks' tokens), and DDP averages the LoRA gradients: the
+update is the one a single process would make from all the rollouts. Rank 0 alone writes the
+outputs. docs/scaling_out.md.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
+from llmkit.distributed import gather_objects, rank_seed, rank_share, require_data_parallel
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
@@ -202,6 +213,15 @@ class TTTDiscoverModule(L.LightningModule):
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
 
+    def setup(self, stage: str) -> None:
+        require_data_parallel(self.trainer, type(self).__name__)
+        rollouts = self.ttt.starts_per_step * self.ttt.group_size
+        if rollouts < self.trainer.world_size:
+            raise LLMKitError(
+                f"ttt.starts_per_step x ttt.group_size = {rollouts} rollouts per step cannot be split over "
+                f"{self.trainer.world_size} processes: sample more rollouts per step or use fewer devices"
+            )
+
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.model.compile_blocks()
@@ -242,23 +262,25 @@ class TTTDiscoverModule(L.LightningModule):
         check_fits(self.config.max_seq_len, [f"archive state {s.id}" for s in starts], prompts,
                    [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt")
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
-        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        with eval_mode(self.model):
-            y = generate(self.model, contexts, sampling, tok.stop_ids, tok.pad_id)
-        actions = [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
+        # this rank samples and scores its share of the step's rollouts; then every rank holds all of them
+        mine = rank_share(len(contexts), self.global_rank, self.trainer.world_size)
+        actions = self.sample_actions([contexts[i] for i in mine])
+        scored_here = [self._score(starts[i // cfg.group_size], tok.decode(action))
+                       for i, action in zip(mine, actions, strict=True)]
+        scored = [rollout for part in gather_objects(self.trainer, scored_here) for rollout in part]
 
         groups, reasons, rollouts = [], [], {}
         for g, start in enumerate(starts):
-            scored = [self._score(start, tok.decode(a)) for a in actions[g * cfg.group_size : (g + 1) * cfg.group_size]]
-            reasons += [why for _, _, why in scored if why is not None]
+            group = scored[g * cfg.group_size : (g + 1) * cfg.group_size]
+            reasons += [why for _, _, why in group if why is not None]
             # a failed rollout still counts as a visit (PUCT's n and T); its NaN keeps it out of the archive
-            rollouts.setdefault(start.id, []).extend((s or "", r if s is not None else math.nan) for s, r, _ in scored)
-            groups.append([r for _, r, _ in scored])
+            rollouts.setdefault(start.id, []).extend((s or "", r if s is not None else math.nan) for s, r, _ in group)
+            groups.append([r for _, r, _ in group])
         betas = [cfg.fixed_beta if cfg.fixed_beta is not None else solve_beta(r, cfg.target_kl) for r in groups]
         metrics = {}
         if cfg.mode == "ttt":
             advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
-            metrics = self._update(contexts, actions, advantages)
+            metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
         self.archive.record_batch(rollouts)
 
         rewards = [r for group in groups for r in group]
@@ -268,6 +290,17 @@ class TTTDiscoverModule(L.LightningModule):
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
         }, metrics)
+
+    def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
+        """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
+        a seed of this rank's own (:func:`~llmkit.distributed.rank_seed`): under DDP each rank samples
+        its share of the step's rollouts, and no two ranks the same random stream."""
+        tok, cfg = self.tokenizer, self.ttt
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  seed=rank_seed(self.global_rank))
+        with eval_mode(self.model):
+            y = generate(self.model, contexts, sampling, tok.stop_ids, tok.pad_id)
+        return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
     def policy_logprobs(self, contexts: list[list[int]], actions: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """(log pi_theta, its mask, log pi_theta0) of every action token, under the policy that sampled
@@ -283,7 +316,7 @@ class TTTDiscoverModule(L.LightningModule):
         cfg = self.ttt
         logp, mask, logp_base = self.policy_logprobs(contexts, actions)
         shaped = kl_shaped_advantages(advantages.to(logp.device), logp.detach(), logp_base, mask, cfg.kl_lambda,
-                                      cfg.kl_center)
+                                      cfg.kl_center, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         total, count = entropic_policy_loss(logp, mask, shaped)
         if not torch.isfinite(total):
             raise LLMKitError(
@@ -323,15 +356,23 @@ class TTTDiscoverModule(L.LightningModule):
             self.trainer.should_stop = True  # no optimizer step moves global_step towards max_steps
 
     def _save_adapter(self, step: int) -> Path:
-        return save_lora(self.model, self.output_dir / "adapters" / f"step_{step:06d}.safetensors", self.lora,
-                         self.base_sha256)
+        """The adapter file of discovery step ``step``, written by rank 0 (every rank's adapter is the same)."""
+        path = self._adapter_path(step)
+        if self.trainer.is_global_zero:
+            save_lora(self.model, path, self.lora, self.base_sha256)
+        return path
+
+    def _adapter_path(self, step: int) -> Path:
+        return self.output_dir / "adapters" / f"step_{step:06d}.safetensors"
 
     def on_train_end(self) -> None:
         if base_fingerprint(self.model) != self.base_sha256:
             raise LLMKitError("the base weights changed during TTT-Discover: only LoRA parameters may train")
         if not self.trainer.is_global_zero:
             return
-        adapter = self._save_adapter(self.archive.step)
+        step = self.archive.step
+        saved = step > 0 and step % self.ttt.adapter_every == 0  # by _record_step, from these same weights
+        adapter = self._adapter_path(step) if saved else self._save_adapter(step)
         best, initial = self.archive.best(), self.archive.get(0)
         write_json_atomic(self.output_dir / "archive.json", self.archive.to_dict())
         write_json_atomic(self.output_dir / "result.json", {

@@ -1,0 +1,14 @@
+"""A toy discovery environment for tests whose rollouts come from an untrained model."""
+
+from __future__ import annotations
+
+from llmkit.discovery.envs.string_target import StringTargetEnv
+
+
+class PrintableGuessEnv(StringTargetEnv):
+    """``StringTargetEnv`` whose transition keeps a rollout's printable characters (``?`` if none):
+    every rollout of a random model becomes a guess, so rewards differ within a group and the
+    policy gradient is not zero."""
+
+    def transition(self, state: str, action: str) -> str:
+        return self._check("".join(c for c in action if c.isprintable()).strip() or "?")
