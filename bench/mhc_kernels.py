@@ -5,7 +5,10 @@ forward and backward, for the fused and the reference mHC path (and the dense bl
     python bench/mhc_kernels.py --model configs/model/350m.yaml --seq-len 1024
 
 Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); library calls are
-``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. Fewer generated kernels and no
+``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. The C++ backend fuses outer loops
+that the GPU backend launches as separate Triton kernels, so a CPU count says nothing about the
+number of kernels a GPU launches (for mHC, ~140 more per sublayer there: docs/performance.md);
+count GPU kernels on a GPU, with torch.profiler. Fewer generated kernels and no
 ``bmm`` mean fewer passes over the [B, T, n, C] stream: the fused path's pre-aggregation and
 "apply" become pointwise code that fuses with its neighbours, while the reference path's
 einsums stay batched matmuls with tiny n x n operands. Compile time is reported too, with

@@ -47,7 +47,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig
-from llmkit.profiling import device_description, saved_activation_bytes
+from llmkit.profiling import dense_bf16_peak_flops, device_description, saved_activation_bytes
 
 CUDA = torch.cuda.is_available()
 
@@ -184,7 +184,10 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
     times, model = (run_trainer if mode == "trainer" else run_bare)(config, args)
     step = statistics.median(times[args.warmup :])
     tokens = args.batch_size * args.seq_len
-    peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if CUDA and "bf16" in args.precision else None
+    peak = None
+    if CUDA and "bf16" in args.precision:
+        peak = get_available_flops(torch.device("cuda"), torch.bfloat16) or dense_bf16_peak_flops(
+            torch.cuda.get_device_name())
     flops_per_step = model.flops_per_token(args.seq_len) * tokens
     row = {
         "model": name,

@@ -3,9 +3,12 @@
 import argparse
 import json
 
+import pytest
+import torch
 import yaml
 
 from bench import throughput as bench
+from llmkit.profiling import dense_bf16_peak_flops
 
 
 def test_throughput_benchmark_measures_both_modes_and_both_residuals(tmp_path, capsys):
@@ -47,3 +50,33 @@ def test_targets_are_judged_on_a_gpu_run(monkeypatch):
         ("120m", "trainer", "time_ratio"): True,
     }
     assert bench.check_targets(rows, argparse.Namespace(precision="32-true")) == []
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA B200", 2.25e15), ("Tesla T4", None),
+])
+def test_dense_bf16_peaks_by_device_name(name, peak):
+    assert dense_bf16_peak_flops(name) == peak
+
+
+def test_token_throughput_fills_the_peak_lightning_lacks(monkeypatch):
+    """On an H200 Lightning finds no FLOPs entry (MFU '-'); TokenThroughput takes the datasheet peak."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import throughput_monitor
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+
+    from llmkit.callbacks import TokenThroughput
+
+    monkeypatch.setattr(throughput_monitor, "get_available_flops", lambda device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision="bf16-mixed",
+                              precision_plugin=MixedPrecision("bf16-mixed", "cuda"), enable_validation=True,
+                              state=SimpleNamespace(stage=RunningStage.TRAINING), world_size=1)
+    monitor = TokenThroughput()
+    monitor.setup(trainer, None, TrainerFn.FITTING)
+    assert monitor.available_flops == 989e12
+    assert {t.available_flops for t in monitor._throughputs.values()} == {989e12}

@@ -1,8 +1,9 @@
 """TokenThroughput: Lightning's ThroughputMonitor set up for (x, y) token batches.
 
 Logs, per stage, batches/s, samples/s, items/s (= tokens/s) and, where the device's peak
-FLOPs are known (NVIDIA GPUs), flops/s and MFU from the module's ``flops_per_batch``
-(6 N + 12 L C T per token, see ``Transformer.flops_per_token``). Its running totals of training
+FLOPs are known (NVIDIA GPUs: Lightning's table, else llmkit.profiling's dense bf16 peaks), flops/s
+and MFU from the module's ``flops_per_batch`` (6 N_active + attention per token, see
+``Transformer.flops_per_token``). Its running totals of training
 (``train/time``, ``train/batches``, ``train/samples``, ``train/lengths``) are saved in checkpoints,
 so a resumed run's curves continue where they stopped instead of starting again at 0.
 """
@@ -16,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
+
+from llmkit.profiling import dense_bf16_peak_flops
 
 
 def batch_windows(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -36,6 +39,16 @@ class TokenThroughput(ThroughputMonitor):
             batch_size_fn=batch_windows, length_fn=batch_tokens, window_size=window_size, **kwargs
         )
         self._resumed: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Lightning's setup; where its FLOPs table lacks this GPU under a bf16 precision, the
+        peak comes from :func:`~llmkit.profiling.dense_bf16_peak_flops`, so MFU is not left empty."""
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if self.available_flops is None and device.type == "cuda" and "bf16" in str(trainer.precision):
+            self.available_flops = dense_bf16_peak_flops(torch.cuda.get_device_name(device))
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
 
     def state_dict(self) -> dict[str, float]:
         stage = RunningStage.TRAINING
