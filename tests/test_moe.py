@@ -165,6 +165,8 @@ def test_end_of_step_reports_the_step_and_resets_the_loads():
     assert set(metrics) == {"moe/load_std", "moe/max_min_load", "moe/aux_loss"}
     for moe in moe_layers(model):
         assert moe.router.last_load.sum().item() == 2 * 16 * 2 and moe.router.load.sum().item() == 0
+    model.eval()(x)  # validation and generation run in eval mode: not part of a training step's load
+    assert end_of_step(model) == {}
 
 
 @pytest.mark.parametrize("n_streams", [1, 4])

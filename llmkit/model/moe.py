@@ -132,8 +132,9 @@ class Router(nn.Module):
             loss = cfg.aux_loss_weight * switch_aux_loss(probs, experts, cfg.n_experts)
             if cfg.z_loss_weight:
                 loss = loss + cfg.z_loss_weight * router_z_loss(logits)
-        with torch.no_grad():
-            self.load += expert_counts(experts, cfg.n_experts).to(self.load.dtype)
+        if self.training:  # the step's load: not validation's or generation's (eval mode)
+            with torch.no_grad():
+                self.load += expert_counts(experts, cfg.n_experts).to(self.load.dtype)
         return weights, experts, loss
 
     @torch.no_grad()
