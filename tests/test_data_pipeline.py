@@ -464,6 +464,15 @@ def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokeniz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "train.bin.json"]
 
 
+def user_terminal_sigint() -> None:
+    """In the child, before exec: SIGINT as a user's shell gives it (default action, not blocked).
+    A child inherits an ignored or blocked SIGINT, and Python then never installs its Ctrl-C
+    handler; in full-suite runs the pytest process had SIGINT ignored or blocked by the time this
+    test ran (the pack completed through 30 SIGINTs), which is the runner's state, not a user's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
     big = tmp_path / "big.txt"
@@ -471,22 +480,14 @@ def test_ctrl_c_during_pack_is_one_line_and_leaves_no_file(tokenizer: Tokenizer,
     out = tmp_path / "out" / "big.bin"
     process = subprocess.Popen(
         [sys.executable, "-m", "llmkit", "data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(big),
-         "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True,
+         "--output", str(out), "--workers", "2"], stderr=subprocess.PIPE, text=True, preexec_fn=user_terminal_sigint,
     )
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(".big.bin.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)  # wait until the pack has started writing
     assert process.poll() is None, "the pack ended before the test could interrupt it: give it more input"
-    # Ctrl-C, repeated while the process runs: in 2 of about 6 full-suite runs one SIGINT was not
-    # acted on and the pack completed (not reproduced alone or under load; undiagnosed, see the
-    # closing note of 2026-11-30). What this test guards is what any Ctrl-C must leave behind.
-    for _ in range(30):
-        process.send_signal(signal.SIGINT)
-        try:
-            _, err = process.communicate(timeout=2)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err.rstrip().splitlines()[-1] == "llmkit: interrupted" and "Traceback" not in err
     assert list(out.parent.iterdir()) == []
