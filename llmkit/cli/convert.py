@@ -18,6 +18,8 @@ from llmkit.errors import LLMKitError
 if TYPE_CHECKING:
     import torch
 
+    from llmkit.model.config import ModelConfig
+
 DType = Literal["auto", "bf16", "fp32"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model")
@@ -34,10 +36,11 @@ def _dtype(name: DType, stored: torch.dtype) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _describe(config_dict: dict, n_params: int) -> str:
-    streams = config_dict["n_streams"]
-    residual = "dense residual" if streams == 1 else f"mHC with {streams} streams"
-    return (f"{config_dict['n_layers']} layers, d_model {config_dict['d_model']}, vocab {config_dict['vocab_size']}, "
+def _describe(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
+    """One line on a model: its shape, its parameters (a tied head counted once) and its residual."""
+    n_params = sum(t.numel() for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight"))
+    residual = "dense residual" if config.n_streams == 1 else f"mHC with {config.n_streams} streams"
+    return (f"{config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}, "
             f"{n_params / 1e6:.1f}M parameters, {residual}")
 
 
@@ -61,23 +64,20 @@ def from_hf(
         seed: seed of the upcycled model's stream embedding.
     """
     from llmkit.model.checkpoint import write_backbone_checkpoint
-    from llmkit.model.hf import read_hf_config, read_hf_model
+    from llmkit.model.hf import read_hf_config, read_hf_model, tie_head
     from llmkit.model.upcycle import upcycle_state
 
     config, state = read_hf_model(model_dir, max_seq_len=max_seq_len)
-    for name, tensor in state.items():
-        state[name] = tensor.to(_dtype(dtype, tensor.dtype))
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    stored = {name: t for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight")}
+    state = tie_head(config, {name: t.to(_dtype(dtype, t.dtype)) for name, t in stored.items()})
     if n_streams != 1:
         config, state = upcycle_state(config, state, n_streams, seed)
     model_type = read_hf_config(model_dir)["model_type"]
     write_backbone_checkpoint(out, config, state, converted_from={
         "model_dir": str(Path(model_dir).resolve()), "model_type": model_type, "n_streams": n_streams,
     })
-    n_params = sum(t.numel() for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight"))
     kinds = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
-    print(f"wrote {out}: {model_type} {_describe(config.to_dict(), n_params)}, {'/'.join(kinds)}")
+    print(f"wrote {out}: {model_type} {_describe(config, state)}, {'/'.join(kinds)}")
     print(f"  use it with --tokenizer {model_dir} (its tokenizer), e.g. "
           f"llmkit generate --ckpt {out} --tokenizer {model_dir} --prompt ...")
     return 0
@@ -137,7 +137,7 @@ def to_hf(
             tensors, lora_config, _ = read_lora(lora)
             save_peft_adapter(tensors, lora_config, tmp / "adapter")
     kind = "a Hugging Face" if hf_exportable(config) else "an llmkit"
-    print(f"wrote {out}: {kind} model directory, {_describe(config.to_dict(), model.num_params())}, "
+    print(f"wrote {out}: {kind} model directory, {_describe(config, state)}, "
           f"{str(out_dtype).removeprefix('torch.')}")
     if tokenizer is None:
         print("  no tokenizer: the checkpoint names none; pass --tokenizer to include its files")
@@ -164,8 +164,7 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     config, state = upcycle_state(dense, state, n_streams, seed)
     write_backbone_checkpoint(out, config, state, upcycled_from=str(Path(ckpt).resolve()))
-    n_params = sum(t.numel() for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight"))
-    print(f"wrote {out}: {_describe(config.to_dict(), n_params)}, logits equal to {ckpt}'s at initialisation")
+    print(f"wrote {out}: {_describe(config, state)}, logits equal to {ckpt}'s at initialisation")
     return 0
 
 

@@ -32,9 +32,16 @@ from typing import Any
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.io import read_json, temp_path, write_json_atomic
+from llmkit.io import temp_path, write_json_atomic
 from llmkit.model.config import ModelConfig
-from llmkit.model.hf import read_hf_config, read_hf_model, read_safetensors, write_weights
+from llmkit.model.hf import (
+    model_config_from_hf,
+    read_hf_config,
+    read_hf_model,
+    read_safetensors,
+    tie_head,
+    write_weights,
+)
 from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
@@ -138,9 +145,8 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
     """The backbone config of the checkpoint (file, sharded folder or model directory) at ``path``,
     without building the model: a sharded checkpoint's weights are not gathered for it."""
     if Path(path).is_dir() and not is_sharded_checkpoint(path):
-        config = _read_model_dir(Path(path))["model_config"]
-    else:
-        config = model_config_dict(load_checkpoint_file(path, weights=False))
+        return _model_dir_config(Path(path))  # config.json only: the weights are not read
+    config = model_config_dict(load_checkpoint_file(path, weights=False))
     if config is None:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config)")
     return ModelConfig.from_dict(config)
@@ -200,20 +206,25 @@ def save_model_dir(
     })
 
 
+def _model_dir_config(model_dir: Path) -> ModelConfig:
+    """The backbone config of an llmkit or Hugging Face model directory, from its config.json alone."""
+    values = read_hf_config(model_dir)
+    if values.get("model_type") != MODEL_DIR_TYPE:
+        return model_config_from_hf(values, model_dir / "config.json")
+    if not isinstance(values.get("llmkit_model_config"), dict):
+        raise LLMKitError(f"{model_dir / 'config.json'}: no 'llmkit_model_config'; write the directory with "
+                          "`llmkit convert to-hf`")
+    return ModelConfig.from_dict(values["llmkit_model_config"])
+
+
 def _read_model_dir(model_dir: Path) -> dict:
     """An llmkit or Hugging Face model directory as ``{"model_config", "state_dict"}``."""
     if read_hf_config(model_dir).get("model_type") != MODEL_DIR_TYPE:
         config, state = read_hf_model(model_dir)
-        return {"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
-    values = read_json(model_dir / "config.json", "it must be the config.json of an llmkit model directory")
-    if not isinstance(values.get("llmkit_model_config"), dict):
-        raise LLMKitError(f"{model_dir / 'config.json'}: no 'llmkit_model_config'; write the directory with "
-                          "`llmkit convert to-hf`")
-    config = ModelConfig.from_dict(values["llmkit_model_config"])
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise LLMKitError(f"{model_dir} has no *.safetensors weights: the directory is incomplete")
-    state = {name: tensor for path in files for name, tensor in read_safetensors(path)}
-    if config.tie_embeddings and "tok_emb.weight" in state:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    else:
+        config = _model_dir_config(model_dir)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise LLMKitError(f"{model_dir} has no *.safetensors weights: the directory is incomplete")
+        state = tie_head(config, {name: tensor for path in files for name, tensor in read_safetensors(path)})
     return {"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}

@@ -193,6 +193,14 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise LLMKitError(f"cannot read {path}: {e}; the file is damaged or not safetensors") from None
 
 
+def tie_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with ``lm_head.weight`` the very tensor ``tok_emb.weight`` is when ``config``
+    ties them (files store a tied head once: :func:`write_weights` leaves it out)."""
+    if config.tie_embeddings and "tok_emb.weight" in state:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
 def read_hf_model(
     model_dir: str | Path, dtype: torch.dtype | None = None, max_seq_len: int | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -224,8 +232,7 @@ def read_hf_model(
             if not tensor.is_floating_point():
                 raise LLMKitError(f"{path}: {key} is {tensor.dtype}: quantised or integer weights are not supported")
             state[name] = tensor if dtype is None else tensor.to(dtype)
-    if config.tie_embeddings and "tok_emb.weight" in state:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    tie_head(config, state)
     missing = [name for name in expected if name not in state]
     if missing:
         raise LLMKitError(f"{model_dir}: the weights lack {hf_name(missing[0])}"
