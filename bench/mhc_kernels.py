@@ -1,5 +1,5 @@
 """What torch.compile makes of one transformer block: generated kernels and library calls,
-forward and backward, for the fused and the reference mHC path (and the dense block).
+forward and backward, for the mHC block and the dense block.
 
     python bench/mhc_kernels.py                                  # the tiny shape, any device
     python bench/mhc_kernels.py --model configs/model/350m.yaml --seq-len 1024
@@ -8,10 +8,11 @@ Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); libra
 ``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. The C++ backend fuses outer loops
 that the GPU backend launches as separate Triton kernels, so a CPU count says nothing about the
 number of kernels a GPU launches (for mHC, ~140 more per sublayer there: docs/performance.md);
-count GPU kernels on a GPU, with torch.profiler. Fewer generated kernels and no
-``bmm`` mean fewer passes over the [B, T, n, C] stream: the fused path's pre-aggregation and
-"apply" become pointwise code that fuses with its neighbours, while the reference path's
-einsums stay batched matmuls with tiny n x n operands. Compile time is reported too, with
+count GPU kernels on a GPU, with torch.profiler (bench/gpu_check.sh). The mHC math is four custom
+ops per sublayer (llmkit/model/mhc_ops.py), listed as library calls (``mhc_*``): opaque to
+inductor, each one Triton kernel forward and one backward on CUDA, so what an n = 4 block
+generates beyond the dense block is the tiny stacking of alpha and b and the gradient sums.
+Compile time is reported too, with
 inductor's FX graph cache off (its compiled-kernel caches may still be warm from an earlier
 run). Prints a table and writes JSON (--out).
 """
@@ -36,12 +37,14 @@ from llmkit.model.transformer import Transformer
 from llmkit.profiling import device_description
 
 KERNEL_DEFINITIONS = re.compile(r"async_compile\.(?:cpp_pybinding|cpp|triton)\(")
-LIBRARY_CALLS = re.compile(r"extern_kernels\.(\w+)\(|torch\.ops\.aten\.(_scaled_dot_product_\w+)\.default\(")
+LIBRARY_CALLS = re.compile(
+    r"extern_kernels\.(\w+)\(|torch\.ops\.aten\.(_scaled_dot_product_\w+)\.default\(|torch\.ops\.llmkit\.(\w+)\.default\(")
 
 
 def count(code: str) -> tuple[int, Counter]:
-    """(generated kernels, library calls by name; attention shown as sdpa / sdpa_backward)."""
-    names = (a or ("sdpa_backward" if b.endswith("backward") else "sdpa") for a, b in LIBRARY_CALLS.findall(code))
+    """(generated kernels, library calls by name; attention shown as sdpa / sdpa_backward, the mHC ops by name)."""
+    calls = LIBRARY_CALLS.findall(code)
+    names = (a or c or ("sdpa_backward" if b.endswith("backward") else "sdpa") for a, b, c in calls)
     return len(KERNEL_DEFINITIONS.findall(code)), Counter(names)
 
 
@@ -79,17 +82,16 @@ def main() -> None:
     base = ModelConfig.from_yaml(args.model)
     variants = {
         "dense (n=1)": replace(base, n_streams=1),
-        "mHC fused": replace(base, n_streams=args.n_streams, mhc=replace(base.mhc, implementation="fused")),
-        "mHC reference": replace(base, n_streams=args.n_streams, mhc=replace(base.mhc, implementation="reference")),
+        f"mHC (n={args.n_streams})": replace(base, n_streams=args.n_streams),
     }
     rows = {name: compile_block(config, args) for name, config in variants.items()}
     print(f"one block of {args.model}, batch {args.batch_size}, seq {args.seq_len}, {device_description()}")
-    print(f"{'variant':<14} {'graph':<8} {'generated':>9} {'library calls':<32} {'compile(s)':>10}")
+    print(f"{'variant':<14} {'graph':<8} {'generated':>9} {'library calls':<60} {'compile(s)':>10}")
     for name, row in rows.items():
         for i, (kernels, calls) in enumerate(zip(row["kernels"], row["calls"], strict=True)):
             graph = ("forward", "backward")[i] if len(row["kernels"]) == 2 else f"graph {i}"
             listed = ", ".join(f"{k} x{v}" for k, v in sorted(calls.items()))
-            print(f"{name if i == 0 else '':<14} {graph:<8} {kernels:>9} {listed:<32} "
+            print(f"{name if i == 0 else '':<14} {graph:<8} {kernels:>9} {listed:<60} "
                   f"{row['compile_s'] if i == 0 else '':>10.4}")
     out = Path(args.out)
     write_json_atomic(out, {"args": vars(args), "device": device_description(), "rows": rows})

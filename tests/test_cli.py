@@ -284,7 +284,7 @@ def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenize
 @pytest.mark.parametrize("size", ["120m", "350m", "900m"])
 def test_gpu_configs_resolve_their_model_and_turn_every_speed_setting_on(size, capsys):
     """Each GPU config parses, its relative model path resolves to that model YAML, and it runs the fast
-    path of docs/performance.md: bf16-mixed, compiled blocks, fused AdamW, fused mHC, a bf16 stream."""
+    path of docs/performance.md: bf16-mixed, compiled blocks, fused AdamW, the mHC kernels, a bf16 stream."""
     configs = Path(__file__).parents[1] / "configs"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "fit", "--config", str(configs / "pretrain" / f"{size}_gpu.yaml"), "--print_config"])
@@ -294,4 +294,4 @@ def test_gpu_configs_resolve_their_model_and_turn_every_speed_setting_on(size, c
     assert ModelConfig.from_dict(printed["model"]["config"]) == ModelConfig.from_yaml(model_yaml)
     speed = (printed["trainer"]["precision"], printed["model"]["compile"], printed["model"]["optim"]["implementation"],
              printed["model"]["config"]["mhc"]["implementation"], printed["model"]["config"]["bf16_residual"])
-    assert speed == ("bf16-mixed", True, "fused", "fused", True)
+    assert speed == ("bf16-mixed", True, "fused", "auto", True)

@@ -33,35 +33,83 @@ def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_fused_mhc_matches_the_eager_reference_on_gpu(checkpointing, monkeypatch):
-    """The Triton kernels torch.compile generates for the fused path (mapping, Sinkhorn and its
-    recomputing backward, pre-aggregation, apply) against the eager reference: fp32 within 1e-5
-    (TF32 off), bf16-mixed within the CPU-measured bf16 tolerances (tests/test_mhc_fused.py)."""
+def test_compiled_mhc_ops_match_the_oracle_on_gpu(checkpointing, monkeypatch):
+    """Compiled blocks running the mHC custom ops' Triton kernels against the eager equation-literal
+    oracle (tests/mhc_oracle.py): fp32 within 1e-5 (TF32 off), bf16-mixed within the CPU-measured
+    bf16 tolerances (tests/test_mhc_ops.py)."""
     from llmkit.model.config import MHCConfig
     from llmkit.model.transformer import Transformer
-
-    def build(implementation: str) -> Transformer:
-        return Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=3, d_model=128, n_heads=4, d_ff=256,
-                                       max_seq_len=128, n_streams=4, gradient_checkpointing=checkpointing,
-                                       mhc=MHCConfig(implementation=implementation, alpha_init=0.5))).cuda()
+    from tests.mhc_oracle import literal_mhc
 
     torch.manual_seed(0)
-    reference, fused = build("reference"), build("fused")
-    fused.load_state_dict(reference.state_dict())
-    fused.compile_blocks()
+    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=3, d_model=128, n_heads=4, d_ff=256,
+                                    max_seq_len=128, n_streams=4, gradient_checkpointing=checkpointing,
+                                    mhc=MHCConfig(alpha_init=0.5))).cuda()
     idx = torch.randint(0, VOCAB_SIZE, (4, 65), device="cuda")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    def loss_and_grads(autocast: bool) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    with literal_mhc():
+        oracle = {autocast: loss_and_grads(autocast) for autocast in (False, True)}
+    model.compile_blocks()
     for autocast, loss_tol, grad_tol in ((False, 1e-5, 1e-5), (True, 1e-4, 2e-2)):
-        losses, grads = [], []
-        for model in (reference, fused):
-            model.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss = model.loss(idx[:, :-1], idx[:, 1:])
-            loss.backward()
-            losses.append(loss.item())
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        assert abs(losses[1] - losses[0]) <= loss_tol * losses[0]
-        assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() <= grad_tol
+        (loss_o, grads_o), (loss, grads) = oracle[autocast], loss_and_grads(autocast)
+        assert abs(loss - loss_o) <= loss_tol * loss_o
+        assert ((grads - grads_o).norm() / grads_o.norm()).item() <= grad_tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype):
+    """Each mHC op and its backward, Triton (use_triton=True) against the same op's PyTorch code,
+    at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits."""
+    from llmkit.model import mhc_ops
+
+    torch.manual_seed(0)
+    m, n, c = 4096, 4, 768
+    p = 2 * n + n * n
+    x = torch.randn(m, n, c, device="cuda").to(dtype)
+    y = torch.randn(m, c, device="cuda").to(dtype)
+    phi = 0.02 * torch.randn(p, n * c, device="cuda")
+    alpha = torch.tensor([0.7, -0.4, 1.3], device="cuda")
+    bias = torch.randn(p, device="cuda")
+    bias[2 * n], bias[2 * n + 1] = 40.0, -40.0
+
+    def run(use_triton: bool) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (x, y, phi, alpha, bias)]
+        lx, ly, lphi, lalpha, lbias = leaves
+        proj, sumsq = mhc_ops.mhc_project(lx.flatten(1), lphi, use_triton)
+        h_pre, h_post, h_res = mhc_ops.mhc_coefficients(proj, sumsq, lalpha, lbias, n, n * c, 20, 15.0, 1e-8, 1e-6,
+                                                        use_triton)
+        out = mhc_ops.mhc_apply(lx, ly + mhc_ops.mhc_pre(lx, h_pre, use_triton), h_post, h_res, use_triton)
+        torch.manual_seed(1)
+        (out.float() * torch.randn_like(out, dtype=torch.float32)).sum().backward()
+        return [h_pre, h_post, h_res, out] + [leaf.grad for leaf in leaves]
+
+    names = ["h_pre", "h_post", "h_res", "out", "grad_x", "grad_y", "grad_phi", "grad_alpha", "grad_bias"]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(names, run(True), run(False), strict=True):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= tol, name
+
+
+@pytest.mark.gpu
+def test_compiled_cached_decode_with_the_mhc_kernels_equals_eager_greedy_decode():
+    from llmkit.model.generation import SamplingConfig, generate
+    from llmkit.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
+                                    max_seq_len=128, n_streams=4)).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    eager = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0), eos_id=None)
+    compiled = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0, compile=True), eos_id=None)
+    assert torch.equal(compiled.tokens, eager.tokens)
 
 
 @pytest.mark.gpu

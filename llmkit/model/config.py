@@ -35,9 +35,11 @@ class MHCConfig:
     The earlier names ``handoff`` (= split) and ``hc`` (= copy) still work, with a warning.
     See docs/architecture.md.
 
-    implementation: ``fused`` (norm after the projection, compile-friendly pre-aggregation and
-    "apply", recomputing Sinkhorn backward) or ``reference`` (the equations as written, autograd
-    through every Sinkhorn iteration). Same math; see llmkit/model/mhc.py and docs/performance.md.
+    implementation: ``auto`` (default): the mHC ops (llmkit/model/mhc_ops.py) run their Triton
+    kernels on CUDA and their PyTorch code elsewhere; ``torch``: the PyTorch code on every device,
+    a fallback should the kernels misbehave on your GPU, and a second opinion to compare against.
+    Same math either way; the earlier values ``fused`` and ``reference`` mean ``auto``, with a
+    warning. See docs/performance.md.
     """
 
     alpha_init: float = 0.01
@@ -46,7 +48,7 @@ class MHCConfig:
     sinkhorn_eps: float = 1e-8
     res_bias: float = 2.0  # b_res: +res_bias on the diagonal, -res_bias off it
     post_init: str = "split"
-    implementation: Literal["fused", "reference"] = "fused"
+    implementation: str = "auto"  # auto or torch (a str: the earlier values still parse)
 
     def __post_init__(self) -> None:
         if self.post_init in POST_INIT_RENAMED:
@@ -56,11 +58,18 @@ class MHCConfig:
                 stacklevel=3,
             )
             self.post_init = new
+        if self.implementation in ("fused", "reference"):
+            warnings.warn(
+                f"mhc.implementation {self.implementation!r} is gone: one mHC path runs on each device, and "
+                "this config loads as 'auto'; in a YAML write 'auto' (or 'torch' for the PyTorch code "
+                "everywhere)", FutureWarning, stacklevel=3,
+            )
+            self.implementation = "auto"
         problems = []
         if self.post_init not in ("split", "copy"):
             problems.append(f"mhc.post_init must be 'split' or 'copy', got {self.post_init!r}")
-        if self.implementation not in ("fused", "reference"):
-            problems.append(f"mhc.implementation must be 'fused' or 'reference', got {self.implementation!r}")
+        if self.implementation not in ("auto", "torch"):
+            problems.append(f"mhc.implementation must be 'auto' or 'torch', got {self.implementation!r}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
 

@@ -1,0 +1,766 @@
+"""Triton kernels for manifold-constrained hyper-connections (mHC, arXiv 2512.24880).
+
+One launch per step of the mHC residual (see :mod:`llmkit.model.mhc` for the math and the
+PyTorch implementations these kernels replace). Per token, the stream is X [n, C] and x = vec X
+has width K = n C; P = 2n + n^2 mapping logits.
+
+- :func:`project_forward` / :func:`project_backward`: Eq. 7's projection, proj = x phi^T, and
+  sumsq = sum_k x_k^2 (the RMSNorm statistic, applied after the projection), from one read of x.
+- :func:`coefficients_forward` / :func:`coefficients_backward`: Eq. 7-9 from (proj, sumsq):
+  l = alpha * proj * rsqrt(sumsq / K + norm_eps) + bias, H_pre = sigmoid(l_pre) (Eq. 8),
+  H_post = 2 sigmoid(l_post) (Eq. 8), H_res = Sinkhorn-Knopp(l_res) (Eq. 9).
+- :func:`pre_forward` / :func:`pre_backward`: the sublayer's input H_pre X (Eq. 3).
+- :func:`apply_forward` / :func:`apply_backward`: Eq. 3's update X' = H_res X + H_post^T y.
+
+All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
+route it to PyTorch). Every kernel is deterministic: cross-program sums go through fp32
+partials reduced with torch, never atomics.
+
+Dots: on a GPU the forward projection keeps bf16/fp16 operands (tensor cores, fp32
+accumulation); fp32 operands (an fp32 stream, and the backward's dots, which take the fp32
+gradient and x upcast exactly) follow ``torch.get_float32_matmul_precision()`` as torch's own
+matmuls do: full fp32 ("ieee") at "highest", the default, and tf32 at "high" or "medium".
+
+Triton's interpreter (TRITON_INTERPRET=1, fixed when this module is imported) differs from a GPU
+in two ways handled here: ``tl.dot`` on bf16 operands returns garbage (triton issue 11584), so
+interpreted kernels upcast both dot operands to fp32; and fp32 -> bf16 casts truncate instead of
+rounding to nearest even, so there torch rounds phi for the dot (:func:`_dot_weight`); bf16
+outputs stored by the interpreter are truncated (within a bf16 ulp of a GPU's).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Block sizes, chosen for an H100/H200 at M = 16k tokens, C = 768..1024, n = 4 (module-level so
+# that tests can shrink them to exercise multi-program paths on tiny shapes).
+PROJECT_BLOCK_M = 64  # tokens per tile in the projection kernels (>= 16 for tl.dot)
+PROJECT_BLOCK_K = 128  # columns of x per tile in the projection kernels (>= 16 for tl.dot)
+PROJECT_BWD_PROGRAMS = 512  # target program count of project_backward: (K blocks) x (M splits)
+COEFF_BLOCK_ELEMENTS = 2048  # tokens per coefficient program = this / padded n^2 (capped at 128)
+STREAM_BLOCK_C = 512  # channels per program (or per loop step) in the pre/apply kernels
+NUM_WARPS = 4
+
+
+def _check_stream_dtype(t: Tensor, name: str) -> None:
+    assert t.dtype in _STREAM_DTYPES, (
+        f"mhc_triton: {name} has dtype {t.dtype}; the Triton kernels take bf16, fp16 or fp32 "
+        "(route fp64 to the PyTorch implementation)"
+    )
+
+
+def _dot_weight(phi: Tensor, x: Tensor) -> Tensor:
+    """phi as the projection kernels take it. Their dot sees phi rounded to x's dtype; on a GPU the
+    kernels round it (to nearest even). The interpreter truncates fp32 -> bf16 casts instead, so
+    there torch rounds phi beforehand and the kernels' cast is exact."""
+    return phi.to(x.dtype) if INTERPRETED else phi
+
+
+def _fp32_dot_precision() -> str:
+    """tl.dot's input_precision for fp32 operands, as torch.get_float32_matmul_precision() asks."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _padded_streams(n: int) -> int:
+    assert 1 <= n <= 8, f"mhc_triton: n_streams must be in 1..8, got {n}"
+    return triton.next_power_of_2(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection (Eq. 7): proj = x phi^T, sumsq = sum x^2
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _project_fwd_kernel(
+    x_ptr,
+    phi_ptr,
+    proj_ptr,
+    sumsq_ptr,
+    M,
+    K,
+    P,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_M),): one block of tokens per program, looping over K; x read once."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ps = tl.arange(0, BLOCK_P)
+    p_ok = ps < P
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        phi = tl.load(phi_ptr + ps[:, None] * K + ks[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        phi = phi.to(x_ptr.dtype.element_ty)  # the dot runs in x's precision
+        x32 = x.to(tl.float32)
+        sumsq += tl.sum(x32 * x32, axis=1)
+        if DOT_FP32:
+            acc = tl.dot(x32, tl.trans(phi.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(phi), acc)
+    tl.store(proj_ptr + rows[:, None] * P + ps[None, :], acc, mask=row_ok[:, None] & p_ok[None, :])
+    tl.store(sumsq_ptr + rows, sumsq, mask=row_ok)
+
+
+def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] (bf16, fp16 or fp32), phi [P, K]. Returns proj = x phi^T [M, P] and sumsq = sum x^2 [M],
+    both fp32, from one read of x.
+
+    phi is rounded to x's dtype for the dot (as autocast would), accumulated in fp32.
+    """
+    _check_stream_dtype(x, "x")
+    _check_stream_dtype(phi, "phi")
+    x, phi = x.contiguous(), phi.contiguous()
+    M, K = x.shape
+    P = phi.shape[0]
+    assert phi.shape[1] == K, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
+    proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
+    sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, PROJECT_BLOCK_M),)
+    _project_fwd_kernel[grid](
+        x,
+        _dot_weight(phi, x),
+        proj,
+        sumsq,
+        M,
+        K,
+        P,
+        BLOCK_M=PROJECT_BLOCK_M,
+        BLOCK_K=PROJECT_BLOCK_K,
+        BLOCK_P=max(16, triton.next_power_of_2(P)),
+        DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+        DOT_PRECISION=_fp32_dot_precision(),
+        num_warps=NUM_WARPS,
+        num_stages=3,
+    )
+    return proj, sumsq
+
+
+@triton.jit
+def _project_bwd_kernel(
+    grad_proj_ptr,
+    grad_sumsq_ptr,
+    x_ptr,
+    phi_ptr,
+    grad_x_ptr,
+    grad_phi_partial_ptr,
+    M,
+    K,
+    P,
+    rows_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(K, BLOCK_K), S): a column block of x for one of S row ranges. Writes grad_x for its
+    tile and its fp32 partial of grad_phi [BLOCK_P, BLOCK_K] (summed over S by the caller)."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    split = tl.program_id(1)
+    ps = tl.arange(0, BLOCK_P)
+    p_ok = ps < P
+    tile_ok = p_ok[:, None] & k_ok[None, :]
+    phi = tl.load(phi_ptr + ps[:, None] * K + ks[None, :], mask=tile_ok, other=0.0)
+    # The forward's dot saw phi rounded to x's dtype; differentiate that function.
+    phi = phi.to(x_ptr.dtype.element_ty).to(tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    row_start = split * rows_per_split
+    for m0 in range(row_start, row_start + rows_per_split, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        gp = tl.load(grad_proj_ptr + rows[:, None] * P + ps[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+        gs = tl.load(grad_sumsq_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        offsets = rows.to(tl.int64)[:, None] * K + ks[None, :]
+        xk_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + offsets, mask=xk_ok, other=0.0).to(tl.float32)
+        gp = gp.to(tl.float32)
+        grad_x = tl.dot(gp, phi, input_precision=DOT_PRECISION) + 2.0 * x * gs[:, None]
+        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=xk_ok)
+        acc = tl.dot(tl.trans(gp), x, acc, input_precision=DOT_PRECISION)
+    partial = grad_phi_partial_ptr + split.to(tl.int64) * P * K
+    tl.store(partial + ps[:, None] * K + ks[None, :], acc, mask=tile_ok)
+
+
+def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`project_forward`. Returns grad_x = grad_proj phi + 2 x grad_sumsq [M, K] in
+    x.dtype and grad_phi = grad_proj^T x [P, K] in phi.dtype, fp32 math (fp32 dots: :func:`_fp32_dot_precision`).
+
+    One read of x, one write of grad_x. The rows are split into S ranges, each program writing an
+    fp32 grad_phi partial [P, BLOCK_K]; the [S, P, K] partials are summed with torch (deterministic).
+    """
+    _check_stream_dtype(x, "x")
+    _check_stream_dtype(phi, "phi")
+    grad_proj, grad_sumsq = grad_proj.contiguous(), grad_sumsq.contiguous()
+    x, phi = x.contiguous(), phi.contiguous()
+    M, K = x.shape
+    P = phi.shape[0]
+    k_blocks = triton.cdiv(K, PROJECT_BLOCK_K)
+    row_blocks = triton.cdiv(M, PROJECT_BLOCK_M)
+    splits = min(row_blocks, max(1, PROJECT_BWD_PROGRAMS // k_blocks))
+    rows_per_split = triton.cdiv(row_blocks, splits) * PROJECT_BLOCK_M
+    splits = triton.cdiv(M, rows_per_split)
+    grad_x = torch.empty_like(x)
+    partial = torch.empty(splits, P, K, device=x.device, dtype=torch.float32)
+    _project_bwd_kernel[(k_blocks, splits)](
+        grad_proj,
+        grad_sumsq,
+        x,
+        _dot_weight(phi, x),
+        grad_x,
+        partial,
+        M,
+        K,
+        P,
+        rows_per_split,
+        BLOCK_M=PROJECT_BLOCK_M,
+        BLOCK_K=PROJECT_BLOCK_K,
+        BLOCK_P=max(16, triton.next_power_of_2(P)),
+        DOT_PRECISION=_fp32_dot_precision(),
+        num_warps=2 * NUM_WARPS,  # four fp32 tiles live at once (phi, x, grad_x, the grad_phi accumulator)
+        num_stages=3,
+    )
+    return grad_x, partial.sum(dim=0).to(phi.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coefficients (Eq. 7-9): logits, sigmoids and Sinkhorn-Knopp, per token in registers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_logits(
+    proj_ptr,
+    sumsq_ptr,
+    alpha_ptr,
+    bias_ptr,
+    toks,
+    tok_ok,
+    width,
+    norm_eps,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    P: tl.constexpr,
+):
+    """Eq. 7 for a block of tokens: returns rms_inv [T], the projections (pre, post [T, NP],
+    res [T, NP, NP]) and the logits l = alpha * proj * rms_inv + bias in the same shapes; padded
+    lanes (stream index >= N, token out of range) hold zeros."""
+    j = tl.arange(0, NP)
+    j_ok = j < N
+    vec_ok = tok_ok[:, None] & j_ok[None, :]
+    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    row = proj_ptr + toks[:, None] * P
+    proj_pre = tl.load(row + j[None, :], mask=vec_ok, other=0.0)
+    proj_post = tl.load(row + N + j[None, :], mask=vec_ok, other=0.0)
+    res_offsets = 2 * N + j[:, None] * N + j[None, :]  # [NP (i), NP (j)]
+    proj_res = tl.load(row[:, :, None] + res_offsets[None, :, :], mask=mat_ok, other=0.0)
+    sumsq = tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0)
+    rms_inv = tl.rsqrt(sumsq / width + norm_eps)
+    alpha_pre = tl.load(alpha_ptr)
+    alpha_post = tl.load(alpha_ptr + 1)
+    alpha_res = tl.load(alpha_ptr + 2)
+    bias_pre = tl.load(bias_ptr + j, mask=j_ok, other=0.0)
+    bias_post = tl.load(bias_ptr + N + j, mask=j_ok, other=0.0)
+    bias_res = tl.load(bias_ptr + res_offsets, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    r2 = rms_inv[:, None]
+    l_pre = tl.where(vec_ok, alpha_pre * (proj_pre * r2) + bias_pre[None, :], 0.0)
+    l_post = tl.where(vec_ok, alpha_post * (proj_post * r2) + bias_post[None, :], 0.0)
+    l_res = tl.where(mat_ok, alpha_res * (proj_res * r2[:, :, None]) + bias_res[None, :, :], 0.0)
+    return rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res
+
+
+@triton.jit
+def _normalize_columns(m, ok, eps):
+    """T_c: M[:, i, j] / (sum_i M[:, i, j] + eps); ok [NP] marks the real columns (padded ones
+    divide by 1, so eps = 0 cannot produce 0/0). Returns the result and the denominators [T, NP]."""
+    denom = tl.where(ok[None, :], tl.sum(m, axis=1) + eps, 1.0)
+    return m / denom[:, None, :], denom
+
+
+@triton.jit
+def _normalize_rows(m, ok, eps):
+    """T_r: M[:, i, j] / (sum_j M[:, i, j] + eps), as :func:`_normalize_columns` over rows."""
+    denom = tl.where(ok[None, :], tl.sum(m, axis=2) + eps, 1.0)
+    return m / denom[:, :, None], denom
+
+
+@triton.jit
+def _sinkhorn_m0(l_res, mat_ok, clamp):
+    """Eq. 9's starting point M0 = exp(clamp(l, -clamp, clamp)), zero on padded lanes."""
+    return tl.where(mat_ok, tl.exp(tl.minimum(tl.maximum(l_res, -clamp), clamp)), 0.0)
+
+
+@triton.jit
+def _sinkhorn_iterate(m, steps, ok, eps):
+    """`steps` Sinkhorn-Knopp iterations M <- T_r(T_c(M)) (Eq. 9)."""
+    for _ in range(steps):
+        m, _cd = _normalize_columns(m, ok, eps)
+        m, _rd = _normalize_rows(m, ok, eps)
+    return m
+
+
+@triton.jit
+def _coeff_fwd_kernel(
+    proj_ptr,
+    sumsq_ptr,
+    alpha_ptr,
+    bias_ptr,
+    pre_ptr,
+    post_ptr,
+    res_ptr,
+    M,
+    width,
+    iters,
+    clamp,
+    eps,
+    norm_eps,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_T),): a block of tokens per program, each token's n x n in registers."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < M
+    j = tl.arange(0, NP)
+    j_ok = j < N
+    vec_ok = tok_ok[:, None] & j_ok[None, :]
+    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    _r, _pp, _pq, _pr, l_pre, l_post, l_res = _load_logits(
+        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, width, norm_eps, N, NP, P
+    )
+    h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
+    vec_offsets = toks[:, None] * N + j[None, :]
+    tl.store(pre_ptr + vec_offsets, tl.sigmoid(l_pre), mask=vec_ok)
+    tl.store(post_ptr + vec_offsets, 2.0 * tl.sigmoid(l_post), mask=vec_ok)
+    mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
+    tl.store(res_ptr + mat_offsets, h_res, mask=mat_ok)
+
+
+def _coeff_launch_shape(M: int, n: int) -> tuple[int, int, int]:
+    """(padded n, tokens per program, programs) for the coefficient kernels."""
+    n_pad = _padded_streams(n)
+    block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // (n_pad * n_pad)))
+    return n_pad, block_t, triton.cdiv(M, block_t)
+
+
+def coefficients_forward(
+    proj: Tensor,
+    sumsq: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    n: int,
+    width: int,
+    iters: int,
+    clamp: float,
+    eps: float,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 7-9 from proj [M, P] and sumsq [M] (fp32): returns H_pre [M, n], H_post [M, n] and
+    H_res [M, n, n] in fp32. alpha = (alpha_pre, alpha_post, alpha_res) [3], bias [P]; width = K."""
+    proj, sumsq, alpha, bias = (t.contiguous() for t in (proj, sumsq, alpha, bias))
+    M, P = proj.shape
+    assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
+    n_pad, block_t, programs = _coeff_launch_shape(M, n)
+    h_pre = torch.empty(M, n, device=proj.device, dtype=torch.float32)
+    h_post = torch.empty(M, n, device=proj.device, dtype=torch.float32)
+    h_res = torch.empty(M, n, n, device=proj.device, dtype=torch.float32)
+    _coeff_fwd_kernel[(programs,)](
+        proj,
+        sumsq,
+        alpha,
+        bias,
+        h_pre,
+        h_post,
+        h_res,
+        M,
+        width,
+        iters,
+        clamp,
+        eps,
+        norm_eps,
+        N=n,
+        NP=n_pad,
+        P=P,
+        BLOCK_T=block_t,
+        num_warps=NUM_WARPS,
+    )
+    return h_pre, h_post, h_res
+
+
+@triton.jit
+def _coeff_bwd_kernel(
+    grad_pre_ptr,
+    grad_post_ptr,
+    grad_res_ptr,
+    proj_ptr,
+    sumsq_ptr,
+    alpha_ptr,
+    bias_ptr,
+    grad_proj_ptr,
+    grad_sumsq_ptr,
+    grad_alpha_partial_ptr,
+    grad_bias_partial_ptr,
+    M,
+    width,
+    iters,
+    clamp,
+    eps,
+    norm_eps,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_T),), as the forward. Writes grad_proj and grad_sumsq per token and one
+    row of grad_alpha [3] and grad_bias [P] partials per program (summed by the caller)."""
+    pid = tl.program_id(0)
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < M
+    j = tl.arange(0, NP)
+    j_ok = j < N
+    vec_ok = tok_ok[:, None] & j_ok[None, :]
+    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
+        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, width, norm_eps, N, NP, P
+    )
+    vec_offsets = toks[:, None] * N + j[None, :]
+    mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
+
+    # Sigmoids (Eq. 8): d sigmoid = s (1 - s).
+    s_pre = tl.sigmoid(l_pre)
+    g_pre = tl.load(grad_pre_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
+    dl_pre = tl.where(vec_ok, g_pre * s_pre * (1.0 - s_pre), 0.0)
+    s_post = tl.sigmoid(l_post)
+    g_post = tl.load(grad_post_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
+    dl_post = tl.where(vec_ok, 2.0 * g_post * s_post * (1.0 - s_post), 0.0)
+
+    # Sinkhorn-Knopp (Eq. 9) in reverse. Iteration t maps M_t -> A = T_c(M_t) -> M_{t+1} = T_r(A);
+    # for t = iters-1 .. 0, M_t is recomputed from M0 (t forward iterations, O(iters^2) in all,
+    # nothing per iteration leaves the registers), then
+    #   g_A = (g - sum_j(g * M_{t+1})) / rowdenom,   g <- (g_A - sum_i(g_A * A)) / coldenom.
+    # Padded lanes (stream index >= n) hold M = 0 and divide by 1; their gradient never reaches
+    # a real lane (it only meets zeros of M), and is reset to zero after each step so that it
+    # cannot grow into inf (inf * 0 = nan would).
+    m0 = _sinkhorn_m0(l_res, mat_ok, clamp)
+    g = tl.load(grad_res_ptr + mat_offsets, mask=mat_ok, other=0.0).to(tl.float32)
+    for step in range(iters):
+        m_t = _sinkhorn_iterate(m0, iters - 1 - step, j_ok, eps)
+        a, col_denom = _normalize_columns(m_t, j_ok, eps)
+        m_next, row_denom = _normalize_rows(a, j_ok, eps)
+        g_a = (g - tl.sum(g * m_next, axis=2)[:, :, None]) / row_denom[:, :, None]
+        g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / col_denom[:, None, :]
+        g = tl.where(mat_ok, g, 0.0)
+    # exp, then clamp: the gradient passes on [-clamp, clamp] inclusive, as torch.clamp's does.
+    inside = (l_res >= -clamp) & (l_res <= clamp)
+    dl_res = tl.where(mat_ok & inside, g * m0, 0.0)
+
+    # Eq. 7: l = alpha * proj * rms_inv + bias, rms_inv = (sumsq / K + norm_eps)^(-1/2).
+    alpha_pre = tl.load(alpha_ptr)
+    alpha_post = tl.load(alpha_ptr + 1)
+    alpha_res = tl.load(alpha_ptr + 2)
+    r2 = rms_inv[:, None]
+    r3 = rms_inv[:, None, None]
+    tl.store(grad_proj_ptr + toks[:, None] * P + j[None, :], dl_pre * alpha_pre * r2, mask=vec_ok)
+    tl.store(grad_proj_ptr + toks[:, None] * P + N + j[None, :], dl_post * alpha_post * r2, mask=vec_ok)
+    res_cols = 2 * N + j[:, None] * N + j[None, :]
+    tl.store(grad_proj_ptr + toks[:, None, None] * P + res_cols[None, :, :], dl_res * alpha_res * r3, mask=mat_ok)
+    grad_rms_inv = (
+        alpha_pre * tl.sum(dl_pre * proj_pre, axis=1)
+        + alpha_post * tl.sum(dl_post * proj_post, axis=1)
+        + alpha_res * tl.sum(tl.sum(dl_res * proj_res, axis=2), axis=1)
+    )
+    grad_sumsq = grad_rms_inv * (-0.5 / width) * rms_inv * rms_inv * rms_inv
+    tl.store(grad_sumsq_ptr + toks, grad_sumsq, mask=tok_ok)
+
+    # Per-program partials: d l / d alpha = proj * rms_inv, d l / d bias = 1.
+    alpha_row = grad_alpha_partial_ptr + pid * 3
+    tl.store(alpha_row, tl.sum(tl.sum(dl_pre * proj_pre * r2, axis=1), axis=0))
+    tl.store(alpha_row + 1, tl.sum(tl.sum(dl_post * proj_post * r2, axis=1), axis=0))
+    tl.store(alpha_row + 2, tl.sum(tl.sum(tl.sum(dl_res * proj_res * r3, axis=2), axis=1), axis=0))
+    bias_row = grad_bias_partial_ptr + pid * P
+    tl.store(bias_row + j, tl.sum(dl_pre, axis=0), mask=j_ok)
+    tl.store(bias_row + N + j, tl.sum(dl_post, axis=0), mask=j_ok)
+    tl.store(bias_row + res_cols, tl.sum(dl_res, axis=0), mask=j_ok[:, None] & j_ok[None, :])
+
+
+def coefficients_backward(
+    grad_pre: Tensor,
+    grad_post: Tensor,
+    grad_res: Tensor,
+    proj: Tensor,
+    sumsq: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    n: int,
+    width: int,
+    iters: int,
+    clamp: float,
+    eps: float,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact gradient of :func:`coefficients_forward`: returns grad_proj [M, P], grad_sumsq [M],
+    grad_alpha [3] and grad_bias [P], all fp32 (the incoming gradients may be any float dtype).
+
+    One kernel recomputes the forward on chip and runs the Sinkhorn iterations backwards. Reverse
+    step t recomputes its input M_t from M0 by t forward iterations, so the kernel does
+    iters (iters + 1) / 2 iterations per token (210 at iters = 20) and keeps no per-iteration
+    state: Triton cannot index register arrays dynamically, which rules out on-chip checkpoints
+    at a runtime iteration count, and the n x n work per token is tiny next to the memory traffic.
+    grad_alpha and grad_bias come from per-program partials summed with torch (deterministic).
+    """
+    tensors = (grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias)
+    grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias = (t.contiguous() for t in tensors)
+    M, P = proj.shape
+    assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
+    n_pad, block_t, programs = _coeff_launch_shape(M, n)
+    grad_proj = torch.empty(M, P, device=proj.device, dtype=torch.float32)
+    grad_sumsq = torch.empty(M, device=proj.device, dtype=torch.float32)
+    alpha_partial = torch.empty(programs, 3, device=proj.device, dtype=torch.float32)
+    bias_partial = torch.empty(programs, P, device=proj.device, dtype=torch.float32)
+    _coeff_bwd_kernel[(programs,)](
+        grad_pre,
+        grad_post,
+        grad_res,
+        proj,
+        sumsq,
+        alpha,
+        bias,
+        grad_proj,
+        grad_sumsq,
+        alpha_partial,
+        bias_partial,
+        M,
+        width,
+        iters,
+        clamp,
+        eps,
+        norm_eps,
+        N=n,
+        NP=n_pad,
+        P=P,
+        BLOCK_T=block_t,
+        num_warps=NUM_WARPS,
+    )
+    return grad_proj, grad_sumsq, alpha_partial.sum(dim=0), bias_partial.sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stream ops (Eq. 3): H_pre X and X' = H_res X + H_post^T y
+# ----------------------------------------------------------------------------------------------
+
+
+def _stream_block(C: int) -> int:
+    return min(STREAM_BLOCK_C, triton.next_power_of_2(C))
+
+
+@triton.jit
+def _pre_fwd_kernel(x_ptr, h_pre_ptr, out_ptr, C, N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (M, cdiv(C, BLOCK_C)): out[c] = sum_m H_pre[m] X[m, c] for one token's channel block."""
+    tok = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m in tl.static_range(N):
+        h = tl.load(h_pre_ptr + tok * N + m).to(tl.float32)
+        acc += h * tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * C + cols, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
+    """H_pre X (Eq. 3): x [M, n, C], h_pre [M, n] fp32 -> [M, C] in x.dtype, fp32 math, one read of x."""
+    _check_stream_dtype(x, "x")
+    x, h_pre = x.contiguous(), h_pre.contiguous()
+    M, n, C = x.shape
+    _padded_streams(n)
+    out = torch.empty(M, C, device=x.device, dtype=x.dtype)
+    block_c = _stream_block(C)
+    _pre_fwd_kernel[(M, triton.cdiv(C, block_c))](x, h_pre, out, C, N=n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return out
+
+
+@triton.jit
+def _pre_bwd_kernel(
+    grad_out_ptr,
+    x_ptr,
+    h_pre_ptr,
+    grad_x_ptr,
+    grad_h_ptr,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid (M,): one token per program, looping over C. grad_x[m] = H_pre[m] g and
+    grad_h[m] = sum_c g[c] X[m, c]."""
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    r_ok = rows < N
+    h = tl.load(h_pre_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((NP,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        g = tl.load(grad_out_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+        offsets = (tok * N + rows[:, None]) * C + cols[None, :]
+        tile_ok = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(grad_x_ptr + offsets, (h[:, None] * g[None, :]).to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
+        acc += tl.sum(x * g[None, :], axis=1)
+    tl.store(grad_h_ptr + tok * N + rows, acc, mask=r_ok)
+
+
+def pre_backward(grad_out: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`pre_forward`: grad_x [M, n, C] in x.dtype and grad_h_pre [M, n] fp32, one pass."""
+    _check_stream_dtype(x, "x")
+    grad_out, x, h_pre = grad_out.contiguous(), x.contiguous(), h_pre.contiguous()
+    M, n, C = x.shape
+    n_pad = _padded_streams(n)
+    grad_x = torch.empty_like(x)
+    grad_h = torch.empty(M, n, device=x.device, dtype=torch.float32)
+    _pre_bwd_kernel[(M,)](
+        grad_out, x, h_pre, grad_x, grad_h, C, N=n, NP=n_pad, BLOCK_C=_stream_block(C), num_warps=NUM_WARPS
+    )
+    return grad_x, grad_h
+
+
+@triton.jit
+def _apply_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    h_post_ptr,
+    h_res_ptr,
+    out_ptr,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid (M, cdiv(C, BLOCK_C)): X'[i, c] = sum_m H_res[i, m] X[m, c] + H_post[i] y[c] for one
+    token's channel block; reads each X[m] block and y once."""
+    tok = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    rows = tl.arange(0, NP)
+    r_ok = rows < N
+    y = tl.load(y_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+    h_post = tl.load(h_post_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
+    acc = h_post[:, None] * y[None, :]
+    for m in tl.static_range(N):
+        h_col = tl.load(h_res_ptr + tok * N * N + rows * N + m, mask=r_ok, other=0.0).to(tl.float32)
+        x_m = tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+        acc += h_col[:, None] * x_m[None, :]
+    offsets = (tok * N + rows[:, None]) * C + cols[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
+def apply_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """X' = H_res X + H_post^T y (Eq. 3): x [M, n, C], y [M, C] (its dtype may differ from x's),
+    h_post [M, n], h_res [M, n, n] fp32 -> X' [M, n, C] in x.dtype, fp32 math, one pass."""
+    _check_stream_dtype(x, "x")
+    _check_stream_dtype(y, "y")
+    x, y, h_post, h_res = x.contiguous(), y.contiguous(), h_post.contiguous(), h_res.contiguous()
+    M, n, C = x.shape
+    n_pad = _padded_streams(n)
+    out = torch.empty_like(x)
+    block_c = _stream_block(C)
+    _apply_fwd_kernel[(M, triton.cdiv(C, block_c))](
+        x, y, h_post, h_res, out, C, N=n, NP=n_pad, BLOCK_C=block_c, num_warps=NUM_WARPS
+    )
+    return out
+
+
+@triton.jit
+def _apply_bwd_kernel(
+    grad_out_ptr,
+    x_ptr,
+    y_ptr,
+    h_post_ptr,
+    h_res_ptr,
+    grad_x_ptr,
+    grad_y_ptr,
+    grad_h_post_ptr,
+    grad_h_res_ptr,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid (M,): one token per program, looping over C; reads grad_out, X and y once.
+    grad_x[m] = sum_i H_res[i, m] g[i], grad_y = sum_i H_post[i] g[i],
+    grad_h_post[i] = sum_c g[i] y, grad_h_res[i, m] = sum_c g[i] X[m]."""
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    r_ok = rows < N
+    acc_post = tl.zeros((NP,), dtype=tl.float32)
+    acc_res = tl.zeros((NP, NP), dtype=tl.float32)  # [i, m]
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        offsets = (tok * N + rows[:, None]) * C + cols[None, :]
+        tile_ok = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)  # [m, c]
+        y = tl.load(y_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+        grad_x = tl.zeros((NP, BLOCK_C), dtype=tl.float32)
+        grad_y = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for i in tl.static_range(N):
+            g_i = tl.load(grad_out_ptr + (tok * N + i) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+            h_row = tl.load(h_res_ptr + tok * N * N + i * N + rows, mask=r_ok, other=0.0).to(tl.float32)
+            grad_x += h_row[:, None] * g_i[None, :]
+            grad_y += tl.load(h_post_ptr + tok * N + i).to(tl.float32) * g_i
+            acc_post += tl.where(rows == i, tl.sum(g_i * y, axis=0), 0.0)
+            acc_res += tl.where(rows[:, None] == i, tl.sum(x * g_i[None, :], axis=1)[None, :], 0.0)
+        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(grad_y_ptr + tok * C + cols, grad_y.to(grad_y_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(grad_h_post_ptr + tok * N + rows, acc_post, mask=r_ok)
+    mat_offsets = tok * N * N + rows[:, None] * N + rows[None, :]
+    tl.store(grad_h_res_ptr + mat_offsets, acc_res, mask=r_ok[:, None] & r_ok[None, :])
+
+
+def apply_backward(
+    grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`apply_forward`: grad_x [M, n, C] in x.dtype, grad_y [M, C] in y.dtype,
+    grad_h_post [M, n] and grad_h_res [M, n, n] in fp32; one pass over grad_out, x and y."""
+    _check_stream_dtype(x, "x")
+    _check_stream_dtype(y, "y")
+    grad_out, x, y = grad_out.contiguous(), x.contiguous(), y.contiguous()
+    h_post, h_res = h_post.contiguous(), h_res.contiguous()
+    M, n, C = x.shape
+    n_pad = _padded_streams(n)
+    grad_x = torch.empty_like(x)
+    grad_y = torch.empty_like(y)
+    grad_h_post = torch.empty(M, n, device=x.device, dtype=torch.float32)
+    grad_h_res = torch.empty(M, n, n, device=x.device, dtype=torch.float32)
+    _apply_bwd_kernel[(M,)](
+        grad_out,
+        x,
+        y,
+        h_post,
+        h_res,
+        grad_x,
+        grad_y,
+        grad_h_post,
+        grad_h_res,
+        C,
+        N=n,
+        NP=n_pad,
+        BLOCK_C=_stream_block(C),
+        num_warps=NUM_WARPS,
+    )
+    return grad_x, grad_y, grad_h_post, grad_h_res

@@ -1,0 +1,415 @@
+"""The mHC Triton kernels (llmkit/model/mhc_triton.py) on CPU under the Triton interpreter,
+against an equation-literal fp64 oracle written here from the mHC math (arXiv 2512.24880,
+Eq. 3 and 7-9): RMS-normalised x, then the projection, sigmoids and an unrolled Sinkhorn with
+torch.clamp / exp, differentiated by torch.autograd.
+
+Tolerances: fp32 inputs 1e-5 (relative and absolute, on values of order one); bf16 inputs are
+compared with the oracle run in fp64 on the same bf16-rounded values (phi included, which the
+projection's dot sees in x's dtype), 1e-5 for outputs kept in fp32 and 1e-2 of the output's
+scale for outputs stored in bf16 (8 significant bits: a GPU's rounding costs up to 2^-9, the
+interpreter's truncating fp32 -> bf16 cast up to 2^-8 relative).
+
+The interpreter is chosen when mhc_triton is imported, so the module fixture imports it with
+TRITON_INTERPRET=1 and restores the environment at once (other tests, and the subprocesses they
+start, must not inherit the variable); see :func:`interpreted_import`. Tiny shapes keep the
+interpreter fast; the `small_blocks` variants shrink the kernels' block sizes so that tails,
+K loops, several programs and the project_backward split partials are all exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+ITERS, CLAMP, EPS, NORM_EPS = 20, 15.0, 1e-8, 1e-5
+MODULE = "llmkit.model.mhc_triton"
+
+
+def _triton_python_module(name: str) -> bool:
+    """triton's Python modules; its compiled extension (triton._C) is shared, never re-imported."""
+    top, _, rest = name.partition(".")
+    return top == "triton" and not (rest == "_C" or rest.startswith("_C."))
+
+
+@contextlib.contextmanager
+def interpreted_import() -> Iterator[ModuleType]:
+    """Imports mhc_triton with TRITON_INTERPRET=1 against a private copy of triton's Python modules.
+
+    triton.jit picks the interpreter when a function is decorated, triton's own library functions
+    (tl.sum, tl.zeros, tl.sigmoid) included, and torch (torch._dynamo, torch.compile) imports triton
+    long before this module runs. So triton's Python modules are imported afresh for mhc_triton and,
+    at teardown, the session's own triton modules are put back and the interpreted mhc_triton is
+    dropped, so that later imports (GPU tests, compiled kernels) see what they would have seen.
+    """
+    saved = {name: module for name, module in sys.modules.items() if _triton_python_module(name)}
+    previous = os.environ.get("TRITON_INTERPRET")
+    try:
+        for name in saved:
+            del sys.modules[name]
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.import_module(MODULE)
+            # The private triton keeps interpreting when it imports more of itself lazily (at launch);
+            # setting the knob also writes the variable, restored below.
+            module.triton.knobs.runtime.interpret = True
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+        if "triton._C" in sys.modules:
+            module.triton._C = sys.modules["triton._C"]
+        yield module
+    finally:
+        for name in [name for name in sys.modules if _triton_python_module(name) or name == MODULE]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        package = sys.modules["llmkit.model"]
+        if "mhc_triton" in vars(package):
+            delattr(package, "mhc_triton")
+
+
+@pytest.fixture(scope="module")
+def mt() -> Iterator[ModuleType]:
+    pytest.importorskip("triton")
+    existing = sys.modules.get(MODULE)
+    if existing is not None:
+        if not existing.INTERPRETED:
+            pytest.skip("a GPU session imported the compiled mhc_triton kernels; the interpreter cannot run them")
+        yield existing
+        return
+    with interpreted_import() as module:
+        assert module.INTERPRETED
+        yield module
+
+
+@pytest.fixture(params=["default_blocks", "small_blocks"])
+def blocks(request, mt, monkeypatch) -> str:
+    """The kernels' own block sizes, or small ones: several programs per kernel, K loops, C tails."""
+    if request.param == "small_blocks":
+        monkeypatch.setattr(mt, "PROJECT_BLOCK_M", 16)
+        monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)
+        monkeypatch.setattr(mt, "PROJECT_BWD_PROGRAMS", 10)  # K = 160: 5 K blocks x 2 row splits
+        monkeypatch.setattr(mt, "COEFF_BLOCK_ELEMENTS", 64)  # 4 tokens per program at n = 3, 4
+        monkeypatch.setattr(mt, "STREAM_BLOCK_C", 16)
+    return request.param
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, atol: float | None = None) -> None:
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol if atol is None else atol)
+
+
+def bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """An output stored in bf16: within 1e-2 relative of the fp64 truth (of its scale)."""
+    assert actual.dtype == torch.bfloat16
+    close(actual, expected, 1e-2, 1e-2 * expected.abs().max().item())
+
+
+# --- the fp64 oracle ------------------------------------------------------------------------------
+
+
+def sinkhorn(logits: torch.Tensor) -> torch.Tensor:
+    m = torch.clamp(logits, -CLAMP, CLAMP).exp()
+    for _ in range(ITERS):
+        m = m / (m.sum(dim=-2, keepdim=True) + EPS)  # columns
+        m = m / (m.sum(dim=-1, keepdim=True) + EPS)  # rows
+    return m
+
+
+def coefficients_from_d(d: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, n: int):
+    alpha_vec = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    logits = alpha_vec * d + bias
+    h_pre = torch.sigmoid(logits[:, :n])
+    h_post = 2 * torch.sigmoid(logits[:, n : 2 * n])
+    return h_pre, h_post, sinkhorn(logits[:, 2 * n :].reshape(-1, n, n))
+
+
+def coefficients_oracle(proj, sumsq, alpha, bias, n: int, width: int):
+    """Eq. 7-9 from the projection of the raw stream and its sum of squares."""
+    rms_inv = torch.rsqrt(sumsq / width + NORM_EPS)
+    return coefficients_from_d(proj * rms_inv[:, None], alpha, bias, n)
+
+
+def mapping_oracle(x, phi, alpha, bias, n: int):
+    """Eq. 7-9 literally: x' = RMSNorm(x), then x' phi^T."""
+    x_norm = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + NORM_EPS)
+    return coefficients_from_d(x_norm @ phi.T, alpha, bias, n)
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def grads_of(outputs, weights, inputs) -> list[torch.Tensor]:
+    loss = sum((o * w.double()).sum() for o, w in zip(outputs, weights, strict=True))
+    return list(torch.autograd.grad(loss, inputs))
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def mapping_inputs(m: int, n: int, c: int, dtype: torch.dtype, peaked: bool = False, seed: int = 0):
+    """x [M, nC], phi [P, nC] (fp32), alpha [3], bias [P]; ``peaked``: H_res logits past both clamps."""
+    g = torch.Generator().manual_seed(seed)
+    p = 2 * n + n * n
+    x = torch.randn(m, n * c, generator=g).to(dtype)
+    phi = (torch.randn(p, n * c, generator=g) / (n * c) ** 0.5).to(torch.float32)
+    alpha = torch.tensor([0.7, -0.4, 1.3])
+    bias = torch.randn(p, generator=g)
+    if peaked:
+        bias[2 * n :] = 12.0 * torch.randn(n * n, generator=g)
+        bias[2 * n] = 40.0  # above +clamp for every token
+        if n > 1:
+            bias[2 * n + 1] = -40.0  # below -clamp for every token
+    return x, phi, alpha, bias
+
+
+def output_weights(m: int, n: int, seed: int = 1) -> list[torch.Tensor]:
+    """Upstream gradients for (H_pre, H_post, H_res)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, n, generator=g), torch.randn(m, n, generator=g), torch.randn(m, n, n, generator=g)]
+
+
+# --- projection ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_project_forward_and_backward(mt, blocks, dtype):
+    m, n, c = 40, 4, 40  # K = 160: a K tail at BLOCK_K 128 (and 32); rows tails at BLOCK_M 64 (and 16)
+    x, phi, _, _ = mapping_inputs(m, n, c, dtype)
+    proj, sumsq = mt.project_forward(x, phi)
+    assert proj.dtype == sumsq.dtype == torch.float32
+
+    # The dot runs in x's precision: the oracle takes phi rounded to x's dtype, exactly as the kernel.
+    x64, phi64 = leaves(x, phi.to(dtype))
+    proj_ref, sumsq_ref = x64 @ phi64.T, x64.square().sum(-1)
+    close(proj, proj_ref, 1e-5)
+    close(sumsq, sumsq_ref, 1e-5)
+
+    g = torch.Generator().manual_seed(2)
+    grad_proj, grad_sumsq = torch.randn(m, proj.shape[1], generator=g), torch.randn(m, generator=g)
+    grad_x, grad_phi = mt.project_backward(grad_proj, grad_sumsq, x, phi)
+    assert grad_x.dtype == dtype and grad_phi.dtype == torch.float32
+    grad_x_ref, grad_phi_ref = grads_of([proj_ref, sumsq_ref], [grad_proj, grad_sumsq], [x64, phi64])
+    if dtype == torch.bfloat16:
+        bf16_close(grad_x, grad_x_ref)
+    else:
+        close(grad_x, grad_x_ref, 1e-5)
+    close(grad_phi, grad_phi_ref, 1e-5)
+
+
+def test_project_rejects_fp64(mt):
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="fp64"):
+        mt.project_forward(x, torch.randn(6, 8))
+
+
+# --- coefficients (Eq. 7-9) ----------------------------------------------------------------------
+
+
+def projected(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (proj, sumsq) of the raw stream, computed in fp64 and rounded once."""
+    x64 = x.double()
+    return (x64 @ phi.double().T).float(), x64.square().sum(-1).float()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_coefficients_forward(mt, n):
+    m, c = 9, 8
+    x, phi, alpha, bias = mapping_inputs(m, n, c, torch.float32, peaked=True)
+    proj, sumsq = projected(x, phi)
+    h_pre, h_post, h_res = mt.coefficients_forward(proj, sumsq, alpha, bias, n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
+    expected = coefficients_oracle(*leaves(proj, sumsq, alpha, bias), n, n * c)
+    for actual, ref in zip((h_pre, h_post, h_res), expected, strict=True):
+        assert actual.dtype == torch.float32 and actual.shape == ref.shape
+        close(actual, ref, 1e-5)
+    close(h_res.sum(-1), torch.ones(m, n), 1e-5)  # rows of a Sinkhorn iterate sum to 1
+
+
+@pytest.mark.parametrize(("n", "peaked"), [(1, False), (3, False), (3, True), (4, True)])
+def test_coefficients_backward(mt, blocks, n, peaked):
+    m, c = 13, 8
+    x, phi, alpha, bias = mapping_inputs(m, n, c, torch.float32, peaked=peaked)
+    proj, sumsq = projected(x, phi)
+    if peaked:
+        proj[0, 2 * n + n * n - 1] = 0.0  # token 0's last H_res logit is exactly +clamp: bias = clamp, d = 0
+        bias[2 * n + n * n - 1] = CLAMP
+    weights = output_weights(m, n)
+    weights[2] = weights[2].to(torch.bfloat16)  # an incoming gradient in bf16 is upcast by the kernel
+    grads = mt.coefficients_backward(*weights, proj, sumsq, alpha, bias, n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
+    inputs = leaves(proj, sumsq, alpha, bias)
+    expected = grads_of(coefficients_oracle(*inputs, n, n * c), weights, inputs)
+    for name, actual, ref in zip(("proj", "sumsq", "alpha", "bias"), grads, expected, strict=True):
+        assert actual.dtype == torch.float32 and actual.shape == ref.shape, name
+        close(actual, ref, 1e-5)
+    if peaked:
+        grad_proj, grad_proj_ref = grads[0], expected[0]
+        logits = alpha[2] * proj[:, 2 * n :] * torch.rsqrt(sumsq / (n * c) + NORM_EPS)[:, None] + bias[2 * n :]
+        outside = logits.abs() > CLAMP
+        assert outside[:, 0].all() and (n == 1 or outside[:, 1].all())
+        assert (grad_proj[:, 2 * n :][outside] == 0).all() and (grad_proj_ref[:, 2 * n :][outside] == 0).all()
+        assert grad_proj[0, -1] != 0 and grad_proj_ref[0, -1] != 0  # on the boundary: torch.clamp passes it
+        assert grads[3][2 * n] == 0  # clamped for every token: no bias gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [3, 4])
+def test_mapping_end_to_end(mt, n, dtype):
+    """x -> project -> coefficients and back again, against the literal RMSNorm-then-projection oracle."""
+    m, c = 10, 12
+    x, phi, alpha, bias = mapping_inputs(m, n, c, dtype, peaked=True, seed=n)
+    width = n * c
+    proj, sumsq = mt.project_forward(x, phi)
+    outputs = mt.coefficients_forward(proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS)
+    weights = output_weights(m, n)
+    grad_proj, grad_sumsq, grad_alpha, grad_bias = mt.coefficients_backward(
+        *weights, proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS
+    )
+    grad_x, grad_phi = mt.project_backward(grad_proj, grad_sumsq, x, phi)
+
+    inputs = leaves(x, phi.to(dtype), alpha, bias)
+    expected = mapping_oracle(*inputs, n)
+    for actual, ref in zip(outputs, expected, strict=True):
+        close(actual, ref, 1e-5)
+    grad_x_ref, grad_phi_ref, grad_alpha_ref, grad_bias_ref = grads_of(expected, weights, inputs)
+    if dtype == torch.bfloat16:
+        bf16_close(grad_x, grad_x_ref)
+    else:
+        close(grad_x, grad_x_ref, 1e-5)
+    close(grad_phi, grad_phi_ref, 1e-5)
+    close(grad_alpha, grad_alpha_ref, 1e-5)
+    close(grad_bias, grad_bias_ref, 1e-5)
+
+
+# --- stream ops (Eq. 3) ------------------------------------------------------------------------------
+
+
+def stream_inputs(m: int, n: int, c: int, x_dtype: torch.dtype, y_dtype: torch.dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(m, n, c, generator=g).to(x_dtype)
+    y = torch.randn(m, c, generator=g).to(y_dtype)
+    h_pre = torch.rand(m, n, generator=g)
+    h_post = 2 * torch.rand(m, n, generator=g)
+    h_res = torch.rand(m, n, n, generator=g)
+    return x, y, h_pre, h_post, h_res
+
+
+def check_stream(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    if dtype == torch.bfloat16:
+        bf16_close(actual, expected)
+    else:
+        close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_pre(mt, blocks, n, dtype):
+    m, c = 6, 40  # C = 40: a tail at BLOCK_C 64 (default) and 16 (small)
+    x, grad_out, h_pre, _, _ = stream_inputs(m, n, c, dtype, dtype)
+    out = mt.pre_forward(x, h_pre)
+    x64, h64 = leaves(x, h_pre)
+    ref = (h64[:, :, None] * x64).sum(dim=1)
+    check_stream(out, ref, dtype)
+    grad_x, grad_h = mt.pre_backward(grad_out, x, h_pre)
+    grad_x_ref, grad_h_ref = grads_of([ref], [grad_out], [x64, h64])
+    check_stream(grad_x, grad_x_ref, dtype)
+    assert grad_h.dtype == torch.float32
+    close(grad_h, grad_h_ref, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "y_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_apply(mt, blocks, n, x_dtype, y_dtype):
+    m, c = 6, 40
+    x, y, _, h_post, h_res = stream_inputs(m, n, c, x_dtype, y_dtype)
+    out = mt.apply_forward(x, y, h_post, h_res)
+    x64, y64, post64, res64 = leaves(x, y, h_post, h_res)
+    ref = (res64[:, :, :, None] * x64[:, None, :, :]).sum(dim=2) + post64[:, :, None] * y64[:, None, :]
+    check_stream(out, ref, x_dtype)
+
+    grad_out = torch.randn(m, n, c, generator=torch.Generator().manual_seed(4)).to(x_dtype)
+    grad_x, grad_y, grad_h_post, grad_h_res = mt.apply_backward(grad_out, x, y, h_post, h_res)
+    expected = grads_of([ref], [grad_out], [x64, y64, post64, res64])
+    check_stream(grad_x, expected[0], x_dtype)
+    check_stream(grad_y, expected[1], y_dtype)
+    for actual, ref_grad in zip((grad_h_post, grad_h_res), expected[2:], strict=True):
+        assert actual.dtype == torch.float32
+        close(actual, ref_grad, 1e-5)
+
+
+# --- the kernels behind the custom ops (llmkit/model/mhc_ops.py) ----------------------------------
+
+
+def test_the_ops_route_to_the_kernels_only_where_they_should(mt, monkeypatch):
+    from llmkit.model import mhc_ops
+
+    x = torch.randn(2, 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert mhc_ops.triton_kernels(x, True) is None  # a CPU tensor without the interpreter: PyTorch code
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mhc_ops.triton_kernels(x, True) is mt
+    assert mhc_ops.triton_kernels(x, False) is None  # mhc.implementation: torch
+    assert mhc_ops.triton_kernels(x.double(), True) is None  # fp64 stays in PyTorch
+
+
+def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
+    """Schema, fake kernels, autograd registration and AOT dispatch of each op on the Triton path."""
+    from llmkit.model import mhc_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    m, n, c = 6, 4, 8
+    p = 2 * n + n * n
+    x, y = torch.randn(m, n, c, requires_grad=True), torch.randn(m, c, requires_grad=True)
+    phi = torch.randn(p, n * c, requires_grad=True)
+    h = [torch.rand(m, n, requires_grad=True), torch.rand(m, n, requires_grad=True),
+         torch.rand(m, n, n, requires_grad=True)]
+    proj, sumsq = (t.detach().requires_grad_() for t in mhc_ops.mhc_project(x.flatten(1), phi, True))
+    alpha, bias = torch.tensor([0.7, -0.4, 1.3], requires_grad=True), torch.randn(p, requires_grad=True)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(mhc_ops.mhc_project, (x.flatten(1), phi, True), test_utils=tests)
+    torch.library.opcheck(mhc_ops.mhc_coefficients,
+                          (proj, sumsq, alpha, bias, n, n * c, ITERS, CLAMP, EPS, NORM_EPS, True), test_utils=tests)
+    torch.library.opcheck(mhc_ops.mhc_pre, (x, h[0], True), test_utils=tests)
+    torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h[1], h[2], True), test_utils=tests)
+
+
+def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch):
+    """A 2-layer n = 4 model's loss and every gradient, with the ops' Triton kernels (interpreted)
+    against the same ops' PyTorch code (mhc.implementation: torch), fp32."""
+    from llmkit.model.config import MHCConfig, ModelConfig
+    from llmkit.model.transformer import Transformer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = []
+    for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward"):
+        kernel = getattr(mt, name)
+        monkeypatch.setattr(mt, name, lambda *a, _k=kernel, _n=name: launched.append(_n) or _k(*a))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=16, n_streams=4,
+                         mhc=MHCConfig(alpha_init=0.5))
+    model = Transformer(config)
+    idx = torch.randint(0, 61, (2, 9))
+    results = []
+    for implementation in ("auto", "torch"):
+        model.config.mhc.implementation = implementation  # MHCMapping reads the shared MHCConfig
+        model.zero_grad()
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_t, grads_t), (loss_p, grads_p) = results
+    assert sorted(set(launched)) == ["apply_forward", "coefficients_backward", "pre_backward", "project_backward"]
+    assert len(launched) == 4 * 2 * 2  # 2 layers x 2 sublayers, only while implementation was auto
+    assert abs(loss_t - loss_p) <= 1e-6 * loss_p
+    assert ((grads_t - grads_p).norm() / grads_p.norm()).item() <= 1e-5
