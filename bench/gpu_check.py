@@ -1,0 +1,604 @@
+"""The GPU check of the issue's targets in one run: one markdown table at the end, JSON beside it.
+
+    bash bench/gpu_check.sh                         # H100/H200: everything below, meant to end within 8 min
+    python -m bench.gpu_check --models tiny --seq-len 32 --batch-size 2 --steps 1 --warmup 1 \\
+        --device cpu --no-compile --skip-pytest     # CPU smoke run of every section (no GPU numbers)
+
+Sections (every row names the device it ran on, ``llmkit.profiling.device_description``):
+
+1. Training throughput: ``bench.throughput.measure`` in bare mode (the Transformer and AdamW in a
+   plain loop, no Trainer) for each --models x --n-streams, with activation checkpointing off:
+   ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios.
+2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
+   clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
+   and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). On a CPU: profiler CPU op events
+   instead, labelled as such (they say nothing about GPU kernels).
+3. Memory: section 1's peak GiB beside the bytes autograd saves in one training forward
+   (``bench.throughput.training_forward_bytes``), and their n/1 ratios.
+4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
+   compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
+   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams.
+5. ``pytest -m gpu`` over tests/ in a subprocess (JUnit XML read back): counts per file; test
+   modules that do not import here (a missing jsonargparse, say) are reported, not fatal.
+
+The issue's targets (judged on CUDA only; "n/a" elsewhere): n=4 / n=1 step time <= 1.20 at 120m
+and <= 1.15 at 350m; n=4 / n=1 peak memory <= 1.25; compiled decode at batch 64 >= 40k new
+tokens/s for 120m n=4.
+
+Time: sections 1-4 run in full except the comparison decode runs, which start only while time is
+left (--time-budget); the GPU tests then get what remains of it, at least 60 s and at most
+--pytest-timeout (killed after, and reported as timed out).
+
+Exit status: 0 when every section ran (whatever the targets and tests say), 1 when one raised
+(its row says ERROR), 2 when --device cuda finds no GPU. Never imports llmkit.cli or jsonargparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TIME_RATIO_BOUNDS = {"120m": 1.20, "350m": 1.15}
+"""n = 4 / n = 1 training step time, at most, by model."""
+MEM_RATIO_BOUND = 1.25
+"""n = 4 / n = 1 CUDA peak memory, at most, for every model."""
+DECODE_TARGET = {"model": "120m", "n_streams": 4, "batch": 64, "bound": 40_000.0}
+"""Compiled decode new tokens/s, at least."""
+MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
+"""What a test module that fails to import lacks (the second form: a module poisoned in sys.modules)."""
+PYTEST_RESERVE_S = 120
+"""Seconds of --time-budget kept for the GPU tests: a comparison decode run (a --gen-n-streams after
+the first) starts only while elapsed < budget - this."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["120m", "350m"], help="names in configs/model/ or YAML paths")
+    p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4], help="include 1: ratios are against it")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="training steps before timing (compile included)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda if available; cpu hides the GPUs (CUDA_VISIBLE_DEVICES='')")
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
+                   help="default: bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled blocks and compiled decode (default: on cuda only)")
+    p.add_argument("--optimizer", choices=["fused", "foreach"], default=None,
+                   help="AdamW implementation (default: fused on cuda, foreach on cpu)")
+    p.add_argument("--mhc-implementation", default=None, help="default: each model YAML's mhc.implementation")
+    p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
+    p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
+    p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],
+                   help="the first always runs; later ones (comparisons) only within --time-budget")
+    p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=None, help="default: 1 64 on cuda, 1 4 on cpu")
+    p.add_argument("--gen-prompt-len", type=int, default=32)
+    p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per row (default: 128 on cuda, 8 on cpu)")
+    p.add_argument("--gen-repeats", type=int, default=None,
+                   help="timed decode runs after the warm-up, best kept (default: 3 on cuda, 1 on cpu)")
+    p.add_argument("--skip-pytest", action="store_true", help="leave out section 5 (pytest -m gpu)")
+    p.add_argument("--pytest-timeout", type=int, default=300, help="seconds at most for the GPU tests")
+    p.add_argument("--time-budget", type=float, default=420.0,
+                   help=f"soft limit in seconds: comparison decode runs start only before budget - "
+                        f"{PYTEST_RESERVE_S}, and pytest gets max(60, what is left) (capped by --pytest-timeout)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: $OUT/gpu_check.json if OUT is set, else lightning_logs/bench/)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
+                       else Path("lightning_logs/bench/gpu_check.json"))
+    args.kernel_model = args.kernel_model or args.models[0]
+    args.gen_model = args.gen_model or args.models[0]
+    return args
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill the device-dependent defaults. --device cpu hides the GPUs before anything asks
+    torch about CUDA, so bench.throughput (which reads torch.cuda.is_available() on import),
+    device_description and the pytest subprocess all see a CPU-only machine."""
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device == "cuda"
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    args.compile = cuda if args.compile is None else args.compile
+    args.optimizer = args.optimizer or ("fused" if cuda else "foreach")
+    # eager decode on a CPU is slow (64 x 128 new tokens took ~40 s a run on a 2-core VM): smoke-run sizes there
+    args.gen_batch_sizes = args.gen_batch_sizes or ([1, 64] if cuda else [1, 4])
+    args.gen_tokens = args.gen_tokens or (128 if cuda else 8)
+    args.gen_repeats = args.gen_repeats or (3 if cuda else 1)
+
+
+class Clock:
+    """Elapsed seconds since the start, and progress lines stamped with them."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, message: str) -> None:
+        print(f"[{self.elapsed():5.0f}s] {message}", flush=True)
+
+
+def error_text(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def model_yaml(name: str) -> Path:
+    """The YAML behind a --models entry, as bench.throughput.model_config resolves it."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / f"configs/model/{name}.yaml"
+
+
+def bench_namespace(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """The options bench.throughput's measure/model_config read, for model ``name``: no
+    activation checkpointing, the YAML's bf16-residual and mHC settings unless overridden."""
+    from llmkit.model.config import ModelConfig
+
+    implementation = args.mhc_implementation or ModelConfig.from_yaml(model_yaml(name)).mhc.implementation
+    return argparse.Namespace(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+                              warmup=args.warmup, precision=args.precision, compile=args.compile,
+                              optimizer=args.optimizer, checkpointing="off", bf16_residual="config",
+                              mhc_implementation=implementation)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, precision: str) -> None:
+    """One optimizer step as bench.throughput.run_bare takes it (its loop body)."""
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dict:
+    """Section 2: profiler events of one training step after warm-up (the compiled graphs
+    bench.throughput.measure just built for this shape are still in dynamo's cache)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import throughput
+    from llmkit.model.transformer import Transformer
+
+    device = torch.device("cuda" if throughput.CUDA else "cpu")
+    torch.manual_seed(0)
+    config = throughput.model_config(name, n_streams, ns)
+    model = Transformer(config).to(device)
+    if ns.compile:
+        model.compile_blocks()
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), **{ns.optimizer: True})
+    tokens = torch.randint(0, config.vocab_size, (ns.batch_size, ns.seq_len + 1), device=device)
+    for _ in range(max(2, ns.warmup)):  # compile, and AdamW's first step allocating its state
+        train_step(model, optimizer, tokens, ns.precision)
+    throughput.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if throughput.CUDA else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, tokens, ns.precision)
+        throughput.sync()
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if throughput.CUDA and not gpu:
+        raise RuntimeError("the profiler recorded no CUDA events (is CUPTI available?)")
+    copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in gpu)
+    cpu_ops = sum(e.device_type == torch.autograd.DeviceType.CPU and e.name != "[memory]" for e in events)
+    del model, optimizer
+    return {"model": name, "n_streams": n_streams, "n_layers": config.n_layers,
+            "counted": "cuda_kernels" if throughput.CUDA else "cpu_op_events",
+            "count": len(gpu) - copies if throughput.CUDA else cpu_ops,
+            "cuda_kernels": len(gpu) - copies, "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops}
+
+
+def per_sublayer(kernel_rows: list[dict]) -> list[dict]:
+    """(K_n - K_1) / (2 L): the kernels each block sublayer adds at n streams over the dense one."""
+    dense = {r["model"]: r for r in kernel_rows if r["n_streams"] == 1}
+    return [{"model": r["model"], "n_streams": r["n_streams"], "counted": r["counted"],
+             "value": (r["count"] - dense[r["model"]]["count"]) / (2 * r["n_layers"])}
+            for r in kernel_rows if r["n_streams"] != 1 and r["model"] in dense]
+
+
+def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> None:
+    """Sections 1-3: bench.throughput.measure per (model, n), and the kernel count of
+    --kernel-model right after each of its measurements."""
+    from bench import throughput
+
+    training, kernels, memory = report["training"], report["kernels"], report["memory"]
+    for name in args.models:
+        try:
+            ns = bench_namespace(args, name)
+        except Exception as e:  # a bad --models entry: the other models still run
+            traceback.print_exc()
+            training["errors"].append({"model": name, "n_streams": None, "error": error_text(e)})
+            continue
+        for n in args.n_streams:
+            clock.log(f"1 training {name} n={n}: {args.warmup} warm-up + {args.steps} timed steps")
+            try:
+                row = throughput.measure(name, n, "bare", ns)
+            except Exception as e:
+                traceback.print_exc()
+                training["errors"].append({"model": name, "n_streams": n, "error": error_text(e)})
+                release_memory()
+                continue
+            row["device"] = report["device"]
+            row["saved_act_bytes"] = round(row["saved_act_GiB"] * 2**30)
+            training["rows"].append(row)
+            peak = "-" if row["peak_mem_GiB"] is None else f"{row['peak_mem_GiB']:.2f} GiB"
+            clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:,.0f} tokens/s, peak {peak}, "
+                      f"saved activations {row['saved_act_GiB']:.3f} GiB (first step {row['first_step_s']:.1f} s)")
+            if name != args.kernel_model:
+                continue
+            clock.log(f"2 kernels of one training step, {name} n={n}")
+            try:
+                k = count_step_kernels(name, n, ns)
+            except Exception as e:
+                traceback.print_exc()
+                kernels["errors"].append({"model": name, "n_streams": n, "error": error_text(e)})
+                release_memory()
+                continue
+            k["device"] = report["device"]
+            kernels["rows"].append(k)
+            clock.log(f"  {k['count']} {k['counted'].replace('_', ' ')}")
+    throughput.add_ratios(training["rows"])
+    kernels["per_sublayer"] = per_sublayer(kernels["rows"])
+    memory["rows"] = [{key: r[key] for key in ("model", "n_streams", "peak_mem_GiB", "saved_act_GiB",
+                                               "saved_act_bytes", "mem_ratio", "act_ratio", "device")}
+                      for r in training["rows"]]
+    release_memory()
+
+
+def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Namespace) -> dict:
+    """New tokens/s of one (model, batch), timed the way bench/generate.py's main does."""
+    from bench import generate as generate_bench
+    from llmkit.model.generation import SamplingConfig
+
+    device = next(model.parameters()).device
+    sampling = SamplingConfig(max_new_tokens=args.gen_tokens, temperature=1.0, top_k=50, seed=0)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, args.gen_prompt_len), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and args.precision == "bf16-mixed" else contextlib.nullcontext())
+    times = []
+    with autocast:
+        generate_bench.run(mode, model, prompts, sampling)  # warm-up (and compile)
+        for _ in range(max(1, args.gen_repeats)):
+            generate_bench.sync()
+            start = time.perf_counter()
+            generate_bench.run(mode, model, prompts, sampling)
+            generate_bench.sync()
+            times.append(time.perf_counter() - start)
+    seconds = min(times)
+    return {"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": batch * args.gen_tokens / seconds}
+
+
+def generation_section(args: argparse.Namespace, clock: Clock, report: dict) -> None:
+    """Section 4, for each --gen-n-streams (the first always; later ones within the budget)."""
+    from bench import throughput
+    from llmkit.model.transformer import Transformer
+
+    section = report["generation"]
+    mode = section["mode"]
+    device = torch.device("cuda" if throughput.CUDA else "cpu")
+    for i, n in enumerate(args.gen_n_streams):
+        if i > 0 and clock.elapsed() > args.time_budget - PYTEST_RESERVE_S:
+            clock.log(f"4 generation {args.gen_model} n={n}: skipped (time budget)")
+            section["skipped"].append({"model": args.gen_model, "n_streams": n, "reason": "time budget"})
+            continue
+        torch._dynamo.reset()
+        release_memory()
+        try:
+            torch.manual_seed(0)
+            model = Transformer(throughput.model_config(args.gen_model, n, bench_namespace(args, args.gen_model)))
+            model = model.to(device).eval()
+        except Exception as e:
+            traceback.print_exc()
+            section["errors"].append({"model": args.gen_model, "n_streams": n, "batch": None, "error": error_text(e)})
+            continue
+        for batch in args.gen_batch_sizes:
+            clock.log(f"4 generation {args.gen_model} n={n} batch {batch}: {mode} decode, prompt "
+                      f"{args.gen_prompt_len}, {args.gen_tokens} new tokens")
+            try:
+                row = {"model": args.gen_model, "n_streams": n, **decode_rate(model, batch, mode, args),
+                       "device": report["device"]}
+            except Exception as e:
+                traceback.print_exc()
+                section["errors"].append({"model": args.gen_model, "n_streams": n, "batch": batch,
+                                          "error": error_text(e)})
+                release_memory()
+                continue
+            section["rows"].append(row)
+            clock.log(f"  {row['new_tokens_per_s']:,.0f} new tokens/s ({row['seconds']:.3f} s)")
+        del model
+    torch._dynamo.reset()
+    release_memory()
+
+
+def source_file(classname: str, name: str) -> str:
+    """The test module a JUnit testcase came from (a collection error names it in ``name``)."""
+    parts = (classname or name).split(".")
+    for end in range(len(parts), 0, -1):
+        path = Path(*parts[:end]).with_suffix(".py")
+        if (ROOT / path).is_file():
+            return path.as_posix()
+    return (classname or name).replace(".", "/") + ".py"
+
+
+def summarize_junit(xml_text: str) -> dict:
+    """Counts per test file, and the modules pytest could not import, from pytest's JUnit XML."""
+    files: dict[str, dict[str, int]] = {}
+    not_collected = []
+    for case in ET.fromstring(xml_text).iter("testcase"):
+        path = source_file(case.get("classname", ""), case.get("name", ""))
+        error, failure, skipped = case.find("error"), case.find("failure"), case.find("skipped")
+        if error is not None and error.get("message") == "collection failure":
+            text = error.text or ""
+            found = MISSING_MODULE.search(text)
+            missing = found and (found.group(1) or found.group(2))
+            last = (text.strip().splitlines() or ["?"])[-1].removeprefix("E").strip()
+            reason = f"No module named '{missing}'" if found and found.group(1) else last[:200]
+            source = ROOT / path
+            has_gpu = source.is_file() and "mark.gpu" in source.read_text(encoding="utf-8", errors="replace")
+            not_collected.append({"file": path, "reason": reason, "missing_module": missing, "has_gpu_tests": has_gpu})
+            continue
+        outcome = ("failed" if failure is not None else "errors" if error is not None
+                   else "skipped" if skipped is not None else "passed")
+        counts = files.setdefault(path, {"passed": 0, "failed": 0, "errors": 0, "skipped": 0})
+        counts[outcome] += 1
+    return {"files": files, "not_collected": not_collected}
+
+
+def pytest_section(args: argparse.Namespace, clock: Clock, report: dict) -> None:
+    """Section 5: ``pytest -m gpu tests`` in a subprocess (its output in a log beside the JSON)."""
+    section = report["pytest"]
+    timeout = int(min(args.pytest_timeout, max(60.0, args.time_budget - clock.elapsed())))
+    log = Path(args.out).with_name(Path(args.out).stem + "_pytest.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "gpu_tests.xml"
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        section.update(command=" ".join(cmd[1:]), log=str(log), timeout_s=timeout)
+        clock.log(f"5 {section['command']} (at most {timeout} s; output in {log})")
+        release_memory()
+        start = time.perf_counter()
+        with log.open("w", encoding="utf-8") as out:
+            # its own session, stdout to a file: on a timeout the whole group (inductor's compile
+            # workers included) is killed and nothing holds a pipe open
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                section["returncode"] = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                section["returncode"], section["timed_out"] = None, True
+        section["seconds"] = time.perf_counter() - start
+        section["output_tail"] = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        if junit.is_file():
+            section.update(summarize_junit(junit.read_text(encoding="utf-8")))
+    summary = next((line for line in reversed(section["output_tail"]) if line.strip()), "")
+    clock.log(f"  {'timed out' if section.get('timed_out') else summary}")
+
+
+def judge(value: float | None, bound: float, at_most: bool, applies: bool) -> str:
+    if value is None:
+        return "-"
+    if not applies:
+        return "n/a"
+    return "PASS" if (value <= bound if at_most else value >= bound) else "FAIL"
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets against the rows that exist; judged on CUDA only."""
+    on_gpu = report["device_type"] == "cuda"
+    results = []
+    for r in report["training"]["rows"]:
+        if r["n_streams"] != 4:
+            continue
+        if r["model"] in TIME_RATIO_BOUNDS:
+            bound = TIME_RATIO_BOUNDS[r["model"]]
+            results.append({"target": "time_ratio", "model": r["model"], "bound": bound, "at_most": True,
+                            "value": r["time_ratio"], "result": judge(r["time_ratio"], bound, True, on_gpu)})
+        results.append({"target": "mem_ratio", "model": r["model"], "bound": MEM_RATIO_BOUND, "at_most": True,
+                        "value": r["mem_ratio"], "result": judge(r["mem_ratio"], MEM_RATIO_BOUND, True, on_gpu)})
+    t = DECODE_TARGET
+    for r in report["generation"]["rows"]:
+        if (r["model"], r["n_streams"], r["batch"]) == (t["model"], t["n_streams"], t["batch"]):
+            results.append({"target": "decode_tokens_per_s", "model": r["model"], "bound": t["bound"],
+                            "at_most": False, "value": r["new_tokens_per_s"],
+                            "result": judge(r["new_tokens_per_s"], t["bound"], False,
+                                            on_gpu and r["mode"] == "compiled")})
+    return results
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def table(report: dict) -> str:
+    """The one markdown table: a bold header row per section, then its rows."""
+    args, device = report["args"], report["device"]
+    verdicts = {(t["target"], t["model"]): t for t in report["targets"]}
+    lines = ["| case | measured | target | result | device |", "|---|---|---|---|---|"]
+
+    def row(case: str, measured: str, target: str = "", result: str = "", dev: str = device) -> None:
+        cells = [case, measured, target, result, dev]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+
+    def header(text: str) -> None:
+        row(f"**{text}**", "", "", "", "")
+
+    def errors(section: dict) -> None:
+        for e in section["errors"]:
+            case = " ".join(str(x) for x in (e.get("model"), e.get("n_streams") and f"n={e['n_streams']}",
+                                             e.get("batch") and f"batch {e['batch']}") if x)
+            row(case, e["error"], "", "ERROR")
+
+    def verdict(what: str, model: str) -> tuple[str, str]:
+        t = verdicts.get((what, model))
+        if t is None:
+            return "", ""
+        bound = f"{t['bound']:,.0f} new tok/s" if what == "decode_tokens_per_s" else f"{t['bound']:.2f}x"
+        return ("<= " if t["at_most"] else ">= ") + bound, t["result"]
+
+    blocks = "compiled blocks" if args["compile"] else "eager blocks"
+    header(f"1. Training throughput: bare loop, {args['precision']}, {blocks}, {args['optimizer']} AdamW, "
+           f"seq {args['seq_len']} x batch {args['batch_size']}, no checkpointing, median of {args['steps']} "
+           f"timed steps after {args['warmup']} warm-up")
+    training = report["training"]
+    for r in training["rows"]:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        row(f"{r['model']} n={r['n_streams']}",
+            f"{r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU {mfu}, "
+            f"peak {fmt(r['peak_mem_GiB'], '.2f', ' GiB')}", "", "", r["device"])
+        if r["n_streams"] != 1 and r["time_ratio"] is not None:
+            target, result = verdict("time_ratio", r["model"])
+            row(f"{r['model']} n={r['n_streams']} / n=1",
+                f"time {r['time_ratio']:.3f}x, peak memory {fmt(r['mem_ratio'], '.3f', 'x')}",
+                target and "time " + target, result, r["device"])
+    errors(training)
+
+    kernels = report["kernels"]
+    what = "CUDA kernels" if report["device_type"] == "cuda" else "CPU op events (no GPU: not kernels)"
+    header(f"2. {what} in one training step (forward, backward, AdamW) after warm-up, torch.profiler")
+    for k in kernels["rows"]:
+        extra = f" (+{k['cuda_memcpy_memset']} memcpy/memset)" if k["counted"] == "cuda_kernels" else ""
+        row(f"{k['model']} n={k['n_streams']}", f"{k['count']:,} {k['counted'].replace('_', ' ')}{extra}",
+            "", "", k["device"])
+    for s in kernels["per_sublayer"]:
+        row(f"{s['model']} (n={s['n_streams']} - n=1) / (2 x layers)",
+            f"{s['value']:.1f} more per block sublayer", "", "", device)
+    errors(kernels)
+
+    header("3. Memory: CUDA peak over the training steps; bytes autograd saves in one training forward")
+    memory = report["memory"]
+    for m in memory["rows"]:
+        row(f"{m['model']} n={m['n_streams']}", f"peak {fmt(m['peak_mem_GiB'], '.2f', ' GiB')}, saved activations "
+            f"{m['saved_act_GiB']:.3f} GiB", "", "", m["device"])
+        if m["n_streams"] != 1 and m["act_ratio"] is not None:
+            target, result = verdict("mem_ratio", m["model"])
+            row(f"{m['model']} n={m['n_streams']} / n=1",
+                f"peak {fmt(m['mem_ratio'], '.3f', 'x')}, saved activations {m['act_ratio']:.3f}x",
+                target and "peak " + target, result, m["device"])
+
+    generation = report["generation"]
+    header(f"4. Generation: {generation['mode']} decode with KV cache, prompt {args['gen_prompt_len']}, "
+           f"{args['gen_tokens']} new tokens, best of {args['gen_repeats']}, random weights")
+    for g in generation["rows"]:
+        target, result = "", ""
+        if g["batch"] == DECODE_TARGET["batch"] and g["n_streams"] == DECODE_TARGET["n_streams"]:
+            target, result = verdict("decode_tokens_per_s", g["model"])
+        row(f"{g['model']} n={g['n_streams']} batch {g['batch']}",
+            f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s)", target, result, g["device"])
+    for s in generation["skipped"]:
+        row(f"{s['model']} n={s['n_streams']}", f"skipped: {s['reason']}", "", "-")
+    errors(generation)
+
+    pytest = report["pytest"]
+    header("5. GPU tests: pytest -m gpu tests")
+    if pytest.get("skipped"):
+        row("pytest -m gpu", f"skipped ({pytest['skipped']})", "", "-")
+    elif pytest.get("timed_out"):
+        row("pytest -m gpu", f"timed out after {pytest['timeout_s']} s (see {pytest['log']})", "", "FAIL")
+    elif "files" not in pytest:
+        tail = next((line for line in reversed(pytest.get("output_tail", [])) if line.strip()), "no output")
+        row("pytest -m gpu", f"no results (exit {pytest.get('returncode')}): {tail[:200]}", "", "ERROR")
+    else:
+        for path, c in sorted(pytest["files"].items()):
+            counts = ", ".join(f"{v} {k}" for k, v in c.items() if v) or "none"
+            result = "FAIL" if c["failed"] or c["errors"] else "PASS" if c["passed"] else "-"
+            row(path, counts, "", result)
+        gpu_missing = [m for m in pytest["not_collected"] if m["has_gpu_tests"]]
+        for m in gpu_missing:
+            row(m["file"], f"not collected: {m['reason']}", "", "NOT COLLECTED")
+        others = len(pytest["not_collected"]) - len(gpu_missing)
+        if others:
+            names = sorted({m["missing_module"] or "?" for m in pytest["not_collected"] if not m["has_gpu_tests"]})
+            row("other test modules", f"{others} without gpu tests not collected (missing: {', '.join(names)})",
+                "", "-")
+        if not pytest["files"] and not gpu_missing:
+            row("pytest -m gpu", f"no gpu tests ran (exit {pytest.get('returncode')})", "", "-")
+    return "\n".join(lines)
+
+
+def new_report(args: argparse.Namespace, device: str) -> dict:
+    return {
+        "device": device, "device_type": args.device, "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items()},
+        "training": {"rows": [], "errors": []},
+        "kernels": {"rows": [], "per_sublayer": [], "errors": []},
+        "memory": {"rows": [], "errors": []},
+        "generation": {"mode": "compiled" if args.compile else "cached", "rows": [], "skipped": [], "errors": []},
+        "pytest": {},
+        "targets": [],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    resolve_device(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    from bench import throughput  # only now: it reads torch.cuda.is_available() on import
+    from llmkit.io import write_json_atomic
+    from llmkit.profiling import device_description
+
+    if throughput.CUDA != (args.device == "cuda"):
+        print("gpu_check: --device cpu must hide the GPUs before CUDA starts; run it in a fresh process",
+              file=sys.stderr)
+        return 2
+    clock = Clock()
+    report = new_report(args, device_description())
+    clock.log(f"gpu_check on {report['device']}, torch {torch.__version__}, {args.precision}, "
+              f"compile={args.compile}; JSON to {args.out}")
+    training_sections(args, clock, report)
+    generation_section(args, clock, report)
+    if args.skip_pytest:
+        report["pytest"] = {"skipped": "--skip-pytest"}
+    else:
+        try:
+            pytest_section(args, clock, report)
+        except Exception as e:
+            traceback.print_exc()
+            report["pytest"].update(error=error_text(e), output_tail=[error_text(e)])
+    report["targets"] = targets(report)
+    report["elapsed_s"] = clock.elapsed()
+    failed = [name for name in ("training", "kernels", "memory", "generation") if report[name]["errors"]]
+    failed += ["pytest"] if report["pytest"].get("error") else []
+    report["section_errors"] = failed
+    write_json_atomic(Path(args.out), report)
+    print("\n" + table(report) + "\n")
+    verdicts = [t["result"] for t in report["targets"]]
+    print(f"targets: {verdicts.count('PASS')} met, {verdicts.count('FAIL')} not met, {verdicts.count('n/a')} n/a; "
+          f"{clock.elapsed():.0f} s; wrote {args.out}" + (f"; sections with errors: {', '.join(failed)}"
+                                                          if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

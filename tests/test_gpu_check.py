@@ -1,0 +1,168 @@
+"""bench/gpu_check.py on a CPU: the smoke run of every section without jsonargparse or llmkit.cli,
+the wrapper's exit without CUDA, and the target, JUnit and table logic on made-up rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+         "--device", "cpu", "--no-compile", "--skip-pytest"]
+HEADERS = ["**1. Training throughput", "**2. CPU op events", "**3. Memory", "**4. Generation", "**5. GPU tests"]
+
+
+@pytest.mark.slow
+def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path):
+    poison = tmp_path / "poison"
+    poison.mkdir()  # imported at start-up: `import jsonargparse` (or of llmkit.cli) then raises
+    (poison / "sitecustomize.py").write_text("import sys\nsys.modules['jsonargparse'] = None\n"
+                                             "sys.modules['llmkit.cli'] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(poison), str(ROOT)]))
+    env.pop("OUT", None)
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", *SMOKE, "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["section_errors"] == [] and report["device_type"] == "cpu"
+    assert report["device"].startswith("CPU")
+
+    training = report["training"]["rows"]
+    assert [(r["model"], r["n_streams"]) for r in training] == [("tiny", 1), ("tiny", 4)]
+    dense, mhc = training
+    for r in training:
+        assert r["mode"] == "bare" and r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["device"] == report["device"]
+        assert r["mfu"] is None and r["peak_mem_GiB"] is None and not r["gradient_checkpointing"]
+    assert mhc["time_ratio"] == pytest.approx(mhc["step_s"] / dense["step_s"])
+
+    kernels = report["kernels"]
+    assert [(k["model"], k["n_streams"]) for k in kernels["rows"]] == [("tiny", 1), ("tiny", 4)]
+    for k in kernels["rows"]:
+        assert k["counted"] == "cpu_op_events" and isinstance(k["count"], int) and k["count"] > 0
+    (sub,) = kernels["per_sublayer"]
+    k1, k4 = (k["count"] for k in kernels["rows"])
+    assert sub["n_streams"] == 4 and sub["value"] == pytest.approx((k4 - k1) / (2 * 4))  # tiny: 4 layers
+
+    memory = report["memory"]["rows"]
+    assert [(m["n_streams"], m["peak_mem_GiB"]) for m in memory] == [(1, None), (4, None)]
+    assert all(isinstance(m["saved_act_bytes"], int) and m["saved_act_bytes"] > 0 for m in memory)
+    assert memory[1]["act_ratio"] == pytest.approx(memory[1]["saved_act_bytes"] / memory[0]["saved_act_bytes"])
+    assert memory[1]["act_ratio"] > 1  # four streams keep more than one
+
+    generation = report["generation"]
+    assert generation["mode"] == "cached" and generation["skipped"] == []
+    assert [(g["n_streams"], g["batch"]) for g in generation["rows"]] == [(4, 1), (4, 4), (1, 1), (1, 4)]
+    for g in generation["rows"]:
+        assert g["new_tokens_per_s"] == pytest.approx(g["batch"] * 8 / g["seconds"])
+
+    assert report["pytest"] == {"skipped": "--skip-pytest"}
+    assert [t["result"] for t in report["targets"]] == ["-"]  # tiny's memory ratio: no CUDA peak to judge
+    assert sum(line.startswith("|---") for line in done.stdout.splitlines()) == 1  # one table
+    for header in HEADERS:
+        assert header in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("python", ["python3", sys.executable])
+def test_wrapper_exits_2_with_one_line_without_cuda(python, tmp_path):
+    if python == sys.executable and torch.cuda.is_available():
+        pytest.skip("this python sees a CUDA device")
+    env = dict(os.environ, PYTHON=python, OUT=str(tmp_path))
+    done = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--skip-pytest"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if python == "python3" and done.returncode == 0:
+        pytest.skip("python3 here sees a CUDA device")
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2
+    assert len(output) == 1 and "CUDA" in output[0]
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def made_up_report(device_type: str) -> dict:
+    args = gpu_check.parse_args(["--out", "unused.json"])
+    args.device, args.precision, args.compile, args.optimizer = device_type, "bf16-mixed", True, "fused"
+    args.gen_batch_sizes, args.gen_tokens, args.gen_repeats = [1, 64], 128, 3
+    report = gpu_check.new_report(args, "NVIDIA H200" if device_type == "cuda" else "CPU")
+
+    def train(model, n, step, peak, time_ratio=1.0, mem_ratio=1.0):
+        return {"model": model, "n_streams": n, "step_s": step, "tokens_per_s": 16384 / step, "mfu": 0.4,
+                "peak_mem_GiB": peak, "saved_act_GiB": 1.0, "time_ratio": time_ratio, "mem_ratio": mem_ratio,
+                "act_ratio": 1.0, "device": report["device"]}
+
+    report["training"]["rows"] = [train("120m", 1, 0.1, 20.0), train("120m", 4, 0.115, 26.0, 1.15, 1.30),
+                                  train("350m", 1, 0.3, 40.0), train("350m", 4, 0.36, 48.0, 1.20, 1.20)]
+    report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30) for r in report["training"]["rows"]]
+    report["generation"]["rows"] = [
+        {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
+         "new_tokens_per_s": 40960.0, "device": report["device"]},
+        {"model": "120m", "n_streams": 4, "batch": 1, "mode": "compiled", "seconds": 0.5,
+         "new_tokens_per_s": 256.0, "device": report["device"]},
+    ]
+    report["pytest"] = {"skipped": "--skip-pytest"}
+    report["targets"] = gpu_check.targets(report)
+    return report
+
+
+def test_targets_are_the_issue_bounds_and_judged_on_cuda_only():
+    verdicts = {(t["target"], t["model"]): t["result"] for t in made_up_report("cuda")["targets"]}
+    assert verdicts == {
+        ("time_ratio", "120m"): "PASS",  # 1.15 <= 1.20
+        ("mem_ratio", "120m"): "FAIL",  # 1.30 > 1.25
+        ("time_ratio", "350m"): "FAIL",  # 1.20 > 1.15
+        ("mem_ratio", "350m"): "PASS",
+        ("decode_tokens_per_s", "120m"): "PASS",  # 40,960 >= 40,000 at batch 64
+    }
+    assert {t["result"] for t in made_up_report("cpu")["targets"]} == {"n/a"}
+
+
+def test_table_has_one_header_row_per_section_and_the_verdicts():
+    text = gpu_check.table(made_up_report("cuda"))
+    lines = text.splitlines()
+    assert lines[0] == "| case | measured | target | result | device |"
+    assert sum(line.startswith("| **") for line in lines) == 5
+    assert "**2. CUDA kernels" in text
+    assert "| 120m n=4 / n=1 | time 1.150x, peak memory 1.300x | time <= 1.20x | PASS | NVIDIA H200 |" in lines
+    assert "| 120m n=4 / n=1 | peak 1.300x, saved activations 1.000x | peak <= 1.25x | FAIL | NVIDIA H200 |" in lines
+    assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
+    assert all(line.count(" | ") == 4 for line in lines if not line.startswith("|---"))  # five cells each
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="" name="tests.test_sdft"><error message="collection failure">Traceback:
+E   ModuleNotFoundError: No module named 'jsonargparse'</error></testcase>
+<testcase classname="" name="tests.test_no_such_module"><error message="collection failure">
+E   ModuleNotFoundError: No module named 'tokenizers'</error></testcase>
+<testcase classname="tests.test_gpu" name="test_a" />
+<testcase classname="tests.test_gpu" name="test_b"><failure message="assert 0">E assert 0</failure></testcase>
+<testcase classname="tests.test_gpu" name="test_c"><skipped message="no flash_attn" /></testcase>
+<testcase classname="tests.test_fsdp.TestSome" name="test_d"><error message="failed on setup">E</error></testcase>
+</testsuite></testsuites>"""
+
+
+def test_pytest_results_are_read_per_file_and_import_failures_reported():
+    summary = gpu_check.summarize_junit(JUNIT)
+    assert summary["files"] == {
+        "tests/test_gpu.py": {"passed": 1, "failed": 1, "errors": 0, "skipped": 1},
+        "tests/test_fsdp.py": {"passed": 0, "failed": 0, "errors": 1, "skipped": 0},
+    }
+    assert [(m["file"], m["missing_module"], m["has_gpu_tests"]) for m in summary["not_collected"]] == [
+        ("tests/test_sdft.py", "jsonargparse", True),  # it holds a gpu test: shown as not collected
+        ("tests/test_no_such_module.py", "tokenizers", False),
+    ]
+    report = made_up_report("cuda")
+    report["pytest"] = {"returncode": 1, **summary}
+    lines = gpu_check.table(report).splitlines()
+    assert "| tests/test_gpu.py | 1 passed, 1 failed, 1 skipped |  | FAIL | NVIDIA H200 |" in lines
+    assert ("| tests/test_sdft.py | not collected: No module named 'jsonargparse' |  | NOT COLLECTED "
+            "| NVIDIA H200 |") in lines
+    assert any(line.startswith("| other test modules | 1 without gpu tests") for line in lines)
