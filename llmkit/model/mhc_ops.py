@@ -255,8 +255,8 @@ def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: b
         return kernels.apply_forward(*_contiguous(x, y, h_post.float(), h_res.float()))
     with no_autocast(x):
         dtype = accumulate_dtype(x, h_res)
-        mixed = torch.bmm(h_res.to(dtype), x.to(dtype)) + h_post.to(dtype)[:, :, None] * y.to(dtype)[:, None, :]
-        return mixed.to(x.dtype)
+        post = h_post.to(dtype)[:, :, None] * y.to(dtype)[:, None, :]
+        return torch.baddbmm(post, h_res.to(dtype), x.to(dtype)).to(x.dtype)
 
 
 @mhc_apply.register_fake
