@@ -30,12 +30,16 @@ outputs stored by the interpreter are truncated (within a bf16 ulp of a GPU's).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+INTERPRETED: bool = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")  # triton >= 3.4
+                     else os.environ.get("TRITON_INTERPRET") == "1")
+"""Whether triton.jit decorated these kernels for its CPU interpreter (decided at import)."""
 
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
