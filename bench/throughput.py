@@ -21,7 +21,7 @@ backward in one training forward (distinct storages, no parameters), counted thr
 saved-tensor hooks after the timed steps: activation memory on any device, CPU included (under
 eager activation checkpointing it misses the block inputs the checkpoint holds), while "peak
 GiB" is the CUDA allocator's peak over the timed steps. Defaults on
-a GPU: bf16-mixed, compiled blocks, fused AdamW, the fused mHC path, and each model YAML's
+a GPU: bf16-mixed, compiled blocks, fused AdamW, the mHC Triton kernels, and each model YAML's
 activation-checkpointing and bf16-residual settings. Prints a table, the n/1 ratios, the
 issue's targets, and writes JSON (--out).
 """

@@ -164,7 +164,7 @@ class Transformer(nn.Module):
     def compile_blocks(self) -> None:
         """torch.compile each block in place. Blocks share one code path and, with parameters
         traced as inputs, one compiled graph: compile time is that of a single block, not of
-        the depth (the fused mHC mappings, Sinkhorn included, become a few kernels per block)."""
+        the depth (each mHC residual is four opaque custom ops, llmkit/model/mhc_ops.py)."""
         for block in self.blocks:
             block.compile()
 
