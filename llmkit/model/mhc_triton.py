@@ -43,12 +43,17 @@ INTERPRETED: bool = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "kn
 
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Block sizes, chosen for an H100/H200 at M = 16k tokens, C = 768..1024, n = 4 (module-level so
-# that tests can shrink them to exercise multi-program paths on tiny shapes).
-PROJECT_BLOCK_M = 64  # tokens per tile in the projection kernels (>= 16 for tl.dot)
-PROJECT_BLOCK_K = 128  # columns of x per tile in the projection kernels (>= 16 for tl.dot)
+# Block sizes for an H100/H200 at M = 16k tokens, C = 768..1024, n = 4 (module-level so that tests
+# can shrink them to exercise multi-program paths on tiny shapes). The projection kernels' tiles,
+# warps and stages are the ones that compile for sm_90 without spilling and with at most 128
+# registers per thread, bf16 and fp32 streams alike (bench/mhc_triton_compile.py; the earlier
+# 64 x 128 tiles spilled up to 4.4 KB per thread); their speed is unmeasured.
+PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot)
+PROJECT_BWD_BLOCK_M = 32  # tokens per tile in project_backward
+PROJECT_BLOCK_K = 32  # columns of x per tile in both projection kernels (>= 16 for tl.dot)
 PROJECT_BWD_PROGRAMS = 512  # target program count of project_backward: (K blocks) x (M splits)
-COEFF_BLOCK_ELEMENTS = 2048  # tokens per coefficient program = this / padded n^2 (capped at 128)
+COEFF_BLOCK_ELEMENTS = 512  # tokens per coefficient program = this / padded n^2 (capped at 128): 32 at n = 4,
+# 512 programs for 16k tokens, 32 (forward) and 56 (backward) registers per thread on sm_90 (2048: 90 and 231)
 STREAM_BLOCK_C = 512  # channels per program (or per loop step) in the pre/apply kernels
 NUM_WARPS = 4
 
@@ -149,7 +154,7 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         BLOCK_P=max(16, triton.next_power_of_2(P)),
         DOT_FP32=INTERPRETED or x.dtype == torch.float32,
         DOT_PRECISION=_fp32_dot_precision(),
-        num_warps=NUM_WARPS,
+        num_warps=8,
         num_stages=3,
     )
     return proj, sumsq
@@ -215,9 +220,9 @@ def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tens
     M, K = x.shape
     P = phi.shape[0]
     k_blocks = triton.cdiv(K, PROJECT_BLOCK_K)
-    row_blocks = triton.cdiv(M, PROJECT_BLOCK_M)
+    row_blocks = triton.cdiv(M, PROJECT_BWD_BLOCK_M)
     splits = min(row_blocks, max(1, PROJECT_BWD_PROGRAMS // k_blocks))
-    rows_per_split = triton.cdiv(row_blocks, splits) * PROJECT_BLOCK_M
+    rows_per_split = triton.cdiv(row_blocks, splits) * PROJECT_BWD_BLOCK_M
     splits = triton.cdiv(M, rows_per_split)
     grad_x = torch.empty_like(x)
     partial = torch.empty(splits, P, K, device=x.device, dtype=torch.float32)
@@ -232,12 +237,12 @@ def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tens
         K,
         P,
         rows_per_split,
-        BLOCK_M=PROJECT_BLOCK_M,
+        BLOCK_M=PROJECT_BWD_BLOCK_M,
         BLOCK_K=PROJECT_BLOCK_K,
         BLOCK_P=max(16, triton.next_power_of_2(P)),
         DOT_PRECISION=_fp32_dot_precision(),
-        num_warps=2 * NUM_WARPS,  # four fp32 tiles live at once (phi, x, grad_x, the grad_phi accumulator)
-        num_stages=3,
+        num_warps=8,  # four fp32 tiles live at once (phi, x, grad_x, the grad_phi accumulator)
+        num_stages=1,
     )
     return grad_x, partial.sum(dim=0).to(phi.dtype)
 

@@ -1,0 +1,139 @@
+"""Compile every mHC Triton kernel for an NVIDIA GPU without one, and show what each costs on chip.
+
+    python bench/mhc_triton_compile.py                          # sm_90 (H100/H200), the 120m shape
+    python bench/mhc_triton_compile.py --arch 80 --d-model 1024  # A100, the 350m width
+
+Each wrapper of llmkit/model/mhc_triton.py runs once on CPU tensors of the given shape with its
+kernel launches recorded instead of run; every recorded launch (its arguments, constexprs,
+num_warps and num_stages, exactly as the wrapper chose them) is then compiled by Triton down to a
+cubin for the target (Triton ships ptxas), and ``cuobjdump --dump-resource-usage`` reads its
+registers per thread, stack frame (where ptxas spills registers), local and shared memory. This checks that the kernels
+compile for a GPU, which Triton's CPU interpreter (what the tests run) cannot; it says nothing
+about speed. Prints a table and writes JSON (--out). Must not run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from llmkit.io import write_json_atomic
+from llmkit.model import mhc_triton
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+RESOURCES = re.compile(r"Function (\w+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+KERNELS = [name for name in vars(mhc_triton) if name.startswith("_") and name.endswith("_kernel")]
+
+
+class RecordedLaunches:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel: triton.JITFunction) -> None:
+        self.kernel = kernel
+        self.launches: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid: tuple):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
+    """Run every wrapper, forward and backward, on CPU tensors with the kernels recorded, not run."""
+    recorders = {name: RecordedLaunches(getattr(mhc_triton, name)) for name in KERNELS}
+    for name, recorder in recorders.items():
+        setattr(mhc_triton, name, recorder)
+    try:
+        p, f32 = 2 * n + n * n, torch.float32
+        x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
+        phi, alpha, bias = torch.empty(p, n * d_model), torch.empty(3), torch.empty(p)
+        proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
+        h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
+        coefficient_args = (n, n * d_model, 20, 15.0, 1e-8, 1e-6)
+        mhc_triton.project_forward(x.view(tokens, -1), phi)
+        mhc_triton.project_backward(proj, sumsq, x.view(tokens, -1), phi)
+        mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args)
+        mhc_triton.coefficients_backward(h_pre, h_post, h_res, proj, sumsq, alpha, bias, *coefficient_args)
+        mhc_triton.pre_forward(x, h_pre)
+        mhc_triton.pre_backward(y, x, h_pre)
+        mhc_triton.apply_forward(x, y, h_post, h_res)
+        mhc_triton.apply_backward(torch.empty_like(x, dtype=f32), x, y, h_post, h_res)
+    finally:
+        for name, recorder in recorders.items():
+            setattr(mhc_triton, name, recorder.kernel)
+    return recorders
+
+
+def compile_launch(
+    kernel: triton.JITFunction, args: tuple, kwargs: dict, target: GPUTarget
+) -> triton.compiler.CompiledKernel:
+    """The cubin of one recorded launch: pointers typed by their tensors' dtypes, ints i32, floats fp32."""
+    kwargs = dict(kwargs)
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    values = dict(zip([param.name for param in kernel.params], args, strict=False)) | kwargs
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = POINTER_TYPES[value.dtype]
+        else:
+            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack, shared and local (spilled) bytes, as cuobjdump reads the cubin."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    _, regs, stack, shared, local = RESOURCES.search(out).groups()
+    return {"registers": int(regs), "stack_bytes": int(stack), "shared_bytes": int(shared), "local_bytes": int(local)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 H100/H200, 80 A100, 89 L4/4090")
+    p.add_argument("--dtypes", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"], help="stream dtypes")
+    p.add_argument("--n-streams", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--tokens", type=int, default=16384, help="B T of a training step (sets grids and row splits)")
+    p.add_argument("--out", default="lightning_logs/bench/mhc_triton_compile.json")
+    args = p.parse_args(argv)
+    if mhc_triton.INTERPRETED:
+        sys.exit("mhc_triton_compile: TRITON_INTERPRET=1 is set; unset it to compile the kernels")
+    target = GPUTarget("cuda", args.arch, 32)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        for name, recorder in record_launches(dtype, args.tokens, args.n_streams, args.d_model).items():
+            for launch_args, launch_kwargs in recorder.launches:
+                compiled = compile_launch(recorder.kernel, launch_args, launch_kwargs, target)
+                rows.append({"kernel": name.strip("_").removesuffix("_kernel"), "stream": dtype_name,
+                             "num_warps": compiled.metadata.num_warps, **resource_usage(compiled.asm["cubin"])})
+    print(f"mHC Triton kernels compiled for sm_{args.arch} (n = {args.n_streams}, C = {args.d_model}, "
+          f"{args.tokens} tokens), triton {triton.__version__}, no GPU needed")
+    print(f"{'kernel':<16} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8}")
+    for r in rows:
+        print(f"{r['kernel']:<16} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
+              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8}")
+    write_json_atomic(Path(args.out), {"args": vars(args), "triton": triton.__version__, "rows": rows})
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    main()
