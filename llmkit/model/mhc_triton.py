@@ -253,6 +253,18 @@ def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tens
 
 
 @triton.jit
+def _token_lanes(pid, M, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program ``pid``'s tokens [T] and stream lanes [NP] (padded to a power of two) with their
+    masks: tok_ok [T], j_ok [NP], vec_ok [T, NP] (H_pre, H_post), mat_ok [T, NP, NP] (H_res)."""
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < M
+    j = tl.arange(0, NP)
+    j_ok = j < N
+    vec_ok = tok_ok[:, None] & j_ok[None, :]
+    return toks, tok_ok, j, j_ok, vec_ok, vec_ok[:, None, :] & j_ok[None, :, None]
+
+
+@triton.jit
 def _load_logits(
     proj_ptr,
     sumsq_ptr,
@@ -260,19 +272,18 @@ def _load_logits(
     bias_ptr,
     toks,
     tok_ok,
+    j,
+    j_ok,
+    vec_ok,
+    mat_ok,
     width,
     norm_eps,
     N: tl.constexpr,
-    NP: tl.constexpr,
     P: tl.constexpr,
 ):
-    """Eq. 7 for a block of tokens: returns rms_inv [T], the projections (pre, post [T, NP],
-    res [T, NP, NP]) and the logits l = alpha * proj * rms_inv + bias in the same shapes; padded
-    lanes (stream index >= N, token out of range) hold zeros."""
-    j = tl.arange(0, NP)
-    j_ok = j < N
-    vec_ok = tok_ok[:, None] & j_ok[None, :]
-    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    """Eq. 7 for a block of tokens (lanes and masks from :func:`_token_lanes`): returns rms_inv [T],
+    the projections (pre, post [T, NP], res [T, NP, NP]) and the logits l = alpha * proj * rms_inv
+    + bias in the same shapes; padded lanes (stream index >= N, token out of range) hold zeros."""
     row = proj_ptr + toks[:, None] * P
     proj_pre = tl.load(row + j[None, :], mask=vec_ok, other=0.0)
     proj_post = tl.load(row + N + j[None, :], mask=vec_ok, other=0.0)
@@ -344,14 +355,9 @@ def _coeff_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_T),): a block of tokens per program, each token's n x n in registers."""
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = toks < M
-    j = tl.arange(0, NP)
-    j_ok = j < N
-    vec_ok = tok_ok[:, None] & j_ok[None, :]
-    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(tl.program_id(0), M, N, NP, BLOCK_T)
     _r, _pp, _pq, _pr, l_pre, l_post, l_res = _load_logits(
-        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, width, norm_eps, N, NP, P
+        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
     )
     h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
     vec_offsets = toks[:, None] * N + j[None, :]
@@ -439,14 +445,9 @@ def _coeff_bwd_kernel(
     """Grid (cdiv(M, BLOCK_T),), as the forward. Writes grad_proj and grad_sumsq per token and one
     row of grad_alpha [3] and grad_bias [P] partials per program (summed by the caller)."""
     pid = tl.program_id(0)
-    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = toks < M
-    j = tl.arange(0, NP)
-    j_ok = j < N
-    vec_ok = tok_ok[:, None] & j_ok[None, :]
-    mat_ok = vec_ok[:, None, :] & j_ok[None, :, None]
+    toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(pid, M, N, NP, BLOCK_T)
     rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
-        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, width, norm_eps, N, NP, P
+        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
     )
     vec_offsets = toks[:, None] * N + j[None, :]
     mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
