@@ -49,7 +49,7 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # registers per thread, bf16 and fp32 streams alike (bench/mhc_triton_compile.py; the earlier
 # 64 x 128 tiles spilled up to 4.4 KB per thread); their speed is unmeasured.
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot)
-PROJECT_BWD_BLOCK_M = 32  # tokens per tile in project_backward
+PROJECT_BWD_BLOCK_M = 16  # tokens per tile in project_backward (32 spills with triton 3.9)
 PROJECT_BLOCK_K = 32  # columns of x per tile in both projection kernels (>= 16 for tl.dot)
 PROJECT_BWD_PROGRAMS = 512  # target program count of project_backward: (K blocks) x (M splits)
 COEFF_BLOCK_ELEMENTS = 512  # tokens per coefficient program = this / padded n^2 (capped at 128): 32 at n = 4,
