@@ -9,6 +9,7 @@ each a no-op on a single device:
 
 - :func:`gather_objects`: every rank's Python object, in rank order, on every rank;
 - :func:`rank_share`: a rank's contiguous part of a list split over the ranks;
+- :func:`sum_over_ranks`: a tensor summed over the ranks (MoE loads, KL-centre statistics);
 - :func:`rank_seed`: a sampling seed of its own for each rank, drawn from the seeded global
   generator, so ranks never sample the same stream and a seeded run is reproducible;
 - :func:`require_data_parallel`: a one-line refusal of a sharded strategy (FSDP, DeepSpeed,
@@ -17,6 +18,8 @@ each a no-op on a single device:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import lightning as L
@@ -32,6 +35,12 @@ def gather_objects(trainer: L.Trainer, obj: T) -> list[T]:
     """``obj`` of every rank, in rank order, on every rank: one ``trainer.strategy.broadcast`` from
     each rank (picklable objects; ``[obj]`` on a single device)."""
     return [trainer.strategy.broadcast(obj, src=rank) for rank in range(trainer.world_size)]
+
+
+def sum_over_ranks(trainer: L.Trainer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of a tensor that returns its sum over every rank (``trainer.strategy.reduce``
+    with ``reduce_op="sum"``): the tensor itself on a single device."""
+    return partial(trainer.strategy.reduce, reduce_op="sum")
 
 
 def rank_share(n: int, rank: int, world_size: int) -> range:

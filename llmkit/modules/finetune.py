@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 
 from llmkit.data.examples import Example
 from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
-from llmkit.distributed import require_data_parallel
+from llmkit.distributed import require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
@@ -200,7 +200,7 @@ class FineTuneModule(L.LightningModule):
         stats = self.accumulator.backward(total, count, last=self.trainer.is_last_batch)
         if stats is not None:
             # the MoE layers' balance over the step, and their aux-loss-free bias update
-            self.log_dict(end_of_step(self.model, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")))
+            self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
             self.log("train/tokens_per_step", float(stats.tokens))
             self.log("train/lr", stats.lr, prog_bar=True)

@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
@@ -192,7 +193,7 @@ class PretrainModule(L.LightningModule):
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Between optimizer steps: the MoE layers' balance over the last step is logged and their
         auxiliary-loss-free biases move (loads summed over ranks, so every rank moves them alike)."""
-        self.log_dict(end_of_step(self.model, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")))
+        self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = self.config.to_dict()  # the truth where init_ckpt set the shape

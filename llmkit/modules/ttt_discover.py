@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
-from llmkit.distributed import gather_objects, rank_seed, rank_share, require_data_parallel
+from llmkit.distributed import gather_objects, rank_seed, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
@@ -316,7 +316,7 @@ class TTTDiscoverModule(L.LightningModule):
         cfg = self.ttt
         logp, mask, logp_base = self.policy_logprobs(contexts, actions)
         shaped = kl_shaped_advantages(advantages.to(logp.device), logp.detach(), logp_base, mask, cfg.kl_lambda,
-                                      cfg.kl_center, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+                                      cfg.kl_center, sum_over_ranks(self.trainer))
         total, count = entropic_policy_loss(logp, mask, shaped)
         if not torch.isfinite(total):
             raise LLMKitError(
