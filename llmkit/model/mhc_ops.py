@@ -64,17 +64,13 @@ def no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _contiguous(*tensors: Tensor) -> list[Tensor]:
-    return [t.contiguous() for t in tensors]
-
-
 # --- x phi^T and sum(x^2) -----------------------------------------------------------------------
 
 @torch.library.custom_op("llmkit::mhc_project", mutates_args=())
 def mhc_project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
     """(x phi^T [M, P], sum_k x_k^2 [M]) for x [M, nC], phi [P, nC], accumulated in fp32."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        return kernels.project_forward(*_contiguous(x, phi))
+        return kernels.project_forward(x, phi)
     with no_autocast(x):
         xf = x.to(accumulate_dtype(x))
         return xf @ phi.to(xf.dtype).T, xf.square().sum(-1)
@@ -92,7 +88,7 @@ def mhc_project_backward(
 ) -> tuple[Tensor, Tensor]:
     """(dL/dx = g phi + 2 x g_sumsq, dL/dphi = g^T x) in x's and phi's dtypes."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        return kernels.project_backward(*_contiguous(grad_proj, grad_sumsq, x, phi))
+        return kernels.project_backward(grad_proj, grad_sumsq, x, phi)
     with no_autocast(x):
         xf = x.to(accumulate_dtype(x, grad_proj))
         grad_x = grad_proj.to(xf.dtype) @ phi.to(xf.dtype) + 2 * xf * grad_sumsq.to(xf.dtype)[:, None]
@@ -127,8 +123,12 @@ def mapping_logits(
     dtype = accumulate_dtype(proj)
     rms_inv = torch.rsqrt(sumsq.to(dtype)[:, None] / width + norm_eps)
     d = proj.to(dtype) * rms_inv
-    alpha_per_column = alpha.to(dtype).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
-    return alpha_per_column * d + bias.to(dtype), d, rms_inv
+    return alpha_per_column(alpha, n, dtype) * d + bias.to(dtype), d, rms_inv
+
+
+def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """(alpha_pre, alpha_post, alpha_res) [3] repeated over the logits' columns: [2n + n^2]."""
+    return alpha.to(dtype).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
 
 
 @torch.library.custom_op("llmkit::mhc_coefficients", mutates_args=())
@@ -139,8 +139,8 @@ def mhc_coefficients(
     """(H_pre [M, n], H_post [M, n], H_res [M, n, n]) in fp32: H_pre = sigmoid(H~_pre),
     H_post = 2 sigmoid(H~_post), H_res = Sinkhorn(H~_res) (Eq. 8-9) from :func:`mapping_logits`."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
-        return kernels.coefficients_forward(*_contiguous(proj, sumsq, alpha.float(), bias.float()),
-                                            n, width, iters, clamp, eps, norm_eps)
+        return kernels.coefficients_forward(proj, sumsq, alpha.float(), bias.float(), n, width, iters, clamp, eps,
+                                            norm_eps)
     with no_autocast(proj):
         logits, _, _ = mapping_logits(proj, sumsq, alpha, bias, n, width, norm_eps)
         h_res = sinkhorn_knopp(logits[:, 2 * n:].reshape(-1, n, n), iters, clamp, eps)
@@ -160,9 +160,8 @@ def mhc_coefficients_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dL/dproj, dL/dsumsq, dL/dalpha, dL/dbias), recomputing the forward (Sinkhorn included)."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
-        grads = kernels.coefficients_backward(
-            *_contiguous(grad_pre.float(), grad_post.float(), grad_res.float(), proj, sumsq, alpha.float(),
-                         bias.float()), n, width, iters, clamp, eps, norm_eps)
+        grads = kernels.coefficients_backward(grad_pre, grad_post, grad_res, proj, sumsq, alpha.float(), bias.float(),
+                                              n, width, iters, clamp, eps, norm_eps)
         return grads[0], grads[1], grads[2].to(alpha.dtype), grads[3].to(bias.dtype)
     with no_autocast(proj):
         logits, d, rms_inv = mapping_logits(proj, sumsq, alpha, bias, n, width, norm_eps)
@@ -174,7 +173,7 @@ def mhc_coefficients_backward(
         ), dim=-1)
         by_alpha = (grad_logits * d).split((n, n, n * n), dim=-1)
         grad_alpha = torch.stack([g.sum() for g in by_alpha])
-        grad_d = grad_logits * alpha.to(d.dtype).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+        grad_d = grad_logits * alpha_per_column(alpha, n, d.dtype)
         grad_rms_inv = (grad_d * proj.to(d.dtype)).sum(-1, keepdim=True)
         grad_sumsq = grad_rms_inv * -0.5 * rms_inv.pow(3) / width  # d rsqrt(s / K + eps) / ds
         return grad_d * rms_inv, grad_sumsq.squeeze(-1), grad_alpha.to(alpha.dtype), grad_logits.sum(0).to(bias.dtype)
@@ -204,7 +203,7 @@ mhc_coefficients.register_autograd(_coefficients_grad, setup_context=_coefficien
 def mhc_pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
     """H_pre X = sum_m H_pre[m] X[m]: [M, C] in X's dtype from X [M, n, C] and H_pre [M, n]."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        return kernels.pre_forward(*_contiguous(x, h_pre.float()))
+        return kernels.pre_forward(x, h_pre.float())
     with no_autocast(x):
         dtype = accumulate_dtype(x, h_pre)
         return torch.bmm(h_pre.to(dtype)[:, None, :], x.to(dtype)).squeeze(1).to(x.dtype)
@@ -219,7 +218,7 @@ def _(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
 def mhc_pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
     """(dL/dX = H_pre[m] g, dL/dH_pre[m] = <g, X[m]>) for g = dL/d(H_pre X)."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        grad_x, grad_h = kernels.pre_backward(*_contiguous(grad, x, h_pre.float()))
+        grad_x, grad_h = kernels.pre_backward(grad, x, h_pre.float())
         return grad_x, grad_h.to(h_pre.dtype)
     with no_autocast(x):
         dtype = accumulate_dtype(x, h_pre)
@@ -252,7 +251,7 @@ def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: b
     """X'[i] = sum_m H_res[i, m] X[m] + H_post[i] y: [M, n, C] in X's dtype (y may differ: a bf16
     sublayer output on an fp32 stream), computed in fp32."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        return kernels.apply_forward(*_contiguous(x, y, h_post.float(), h_res.float()))
+        return kernels.apply_forward(x, y, h_post.float(), h_res.float())
     with no_autocast(x):
         dtype = accumulate_dtype(x, h_res)
         post = h_post.to(dtype)[:, :, None] * y.to(dtype)[:, None, :]
@@ -270,7 +269,7 @@ def mhc_apply_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dL/dX = H_res^T G, dL/dy = H_post^T G, dL/dH_post[i] = <G[i], y>, dL/dH_res[i, m] = <G[i], X[m]>)."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        grads = kernels.apply_backward(*_contiguous(grad, x, y, h_post.float(), h_res.float()))
+        grads = kernels.apply_backward(grad, x, y, h_post.float(), h_res.float())
         return grads[0], grads[1], grads[2].to(h_post.dtype), grads[3].to(h_res.dtype)
     with no_autocast(x):
         dtype = accumulate_dtype(x, h_res)
