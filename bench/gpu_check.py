@@ -47,12 +47,15 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch._dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 TIME_RATIO_BOUNDS = {"120m": 1.20, "350m": 1.15}
 """n = 4 / n = 1 training step time, at most, by model."""
@@ -151,6 +154,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def attempt(errors: list[dict], where: dict, run: Callable[..., T], *args: Any) -> T | None:
+    """``run(*args)``; if it raises, None, after printing the traceback, recording ``where`` with the
+    error in the section's ``errors`` and freeing memory (the section's other rows still run)."""
+    try:
+        return run(*args)
+    except Exception as e:
+        traceback.print_exc()
+        errors.append({**where, "error": error_text(e)})
+        release_memory()
+        return None
+
+
 def model_yaml(name: str) -> Path:
     """The YAML behind a --models entry, as bench.throughput.model_config resolves it."""
     return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / f"configs/model/{name}.yaml"
@@ -229,20 +244,13 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
 
     training, kernels, memory = report["training"], report["kernels"], report["memory"]
     for name in args.models:
-        try:
-            ns = bench_namespace(args, name)
-        except Exception as e:  # a bad --models entry: the other models still run
-            traceback.print_exc()
-            training["errors"].append({"model": name, "n_streams": None, "error": error_text(e)})
+        ns = attempt(training["errors"], {"model": name, "n_streams": None}, bench_namespace, args, name)
+        if ns is None:  # a bad --models entry: the other models still run
             continue
         for n in args.n_streams:
             clock.log(f"1 training {name} n={n}: {args.warmup} warm-up + {args.steps} timed steps")
-            try:
-                row = throughput.measure(name, n, "bare", ns)
-            except Exception as e:
-                traceback.print_exc()
-                training["errors"].append({"model": name, "n_streams": n, "error": error_text(e)})
-                release_memory()
+            row = attempt(training["errors"], {"model": name, "n_streams": n}, throughput.measure, name, n, "bare", ns)
+            if row is None:
                 continue
             row["device"] = report["device"]
             row["saved_act_bytes"] = round(row["saved_act_GiB"] * 2**30)
@@ -253,12 +261,8 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
             if name != args.kernel_model:
                 continue
             clock.log(f"2 kernels of one training step, {name} n={n}")
-            try:
-                k = count_step_kernels(name, n, ns)
-            except Exception as e:
-                traceback.print_exc()
-                kernels["errors"].append({"model": name, "n_streams": n, "error": error_text(e)})
-                release_memory()
+            k = attempt(kernels["errors"], {"model": name, "n_streams": n}, count_step_kernels, name, n, ns)
+            if k is None:
                 continue
             k["device"] = report["device"]
             kernels["rows"].append(k)
@@ -294,10 +298,18 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
     return {"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": batch * args.gen_tokens / seconds}
 
 
+def decode_model(args: argparse.Namespace, n_streams: int, device: torch.device) -> torch.nn.Module:
+    """--gen-model with ``n_streams`` streams, random weights, on ``device`` in eval mode."""
+    from bench import throughput
+    from llmkit.model.transformer import Transformer
+
+    config = throughput.model_config(args.gen_model, n_streams, bench_namespace(args, args.gen_model))
+    return Transformer(config).to(device).eval()
+
+
 def generation_section(args: argparse.Namespace, clock: Clock, report: dict) -> None:
     """Section 4, for each --gen-n-streams (the first always; later ones within the budget)."""
     from bench import throughput
-    from llmkit.model.transformer import Transformer
 
     section = report["generation"]
     mode = section["mode"]
@@ -309,26 +321,19 @@ def generation_section(args: argparse.Namespace, clock: Clock, report: dict) -> 
             continue
         torch._dynamo.reset()
         release_memory()
-        try:
-            torch.manual_seed(0)
-            model = Transformer(throughput.model_config(args.gen_model, n, bench_namespace(args, args.gen_model)))
-            model = model.to(device).eval()
-        except Exception as e:
-            traceback.print_exc()
-            section["errors"].append({"model": args.gen_model, "n_streams": n, "batch": None, "error": error_text(e)})
+        torch.manual_seed(0)
+        model = attempt(section["errors"], {"model": args.gen_model, "n_streams": n, "batch": None},
+                        decode_model, args, n, device)
+        if model is None:
             continue
         for batch in args.gen_batch_sizes:
             clock.log(f"4 generation {args.gen_model} n={n} batch {batch}: {mode} decode, prompt "
                       f"{args.gen_prompt_len}, {args.gen_tokens} new tokens")
-            try:
-                row = {"model": args.gen_model, "n_streams": n, **decode_rate(model, batch, mode, args),
-                       "device": report["device"]}
-            except Exception as e:
-                traceback.print_exc()
-                section["errors"].append({"model": args.gen_model, "n_streams": n, "batch": batch,
-                                          "error": error_text(e)})
-                release_memory()
+            rate = attempt(section["errors"], {"model": args.gen_model, "n_streams": n, "batch": batch},
+                           decode_rate, model, batch, mode, args)
+            if rate is None:
                 continue
+            row = {"model": args.gen_model, "n_streams": n, **rate, "device": report["device"]}
             section["rows"].append(row)
             clock.log(f"  {row['new_tokens_per_s']:,.0f} new tokens/s ({row['seconds']:.3f} s)")
         del model
