@@ -23,23 +23,17 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, computed in (at least) fp32 and cast back.
+    """y = x / sqrt(mean(x^2) + eps) * g, computed in (at least) fp32 and cast back."""
 
-    With ``affine=False`` there is no gain g (used by the mHC mapping, whose linear map
-    absorbs any per-channel gain).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = upcast(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * upcast(self.weight)
-        return y.type_as(x)
+        return (y * upcast(self.weight)).type_as(x)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:

@@ -115,7 +115,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm) and module.weight is not None:
+            elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         for block in self.blocks:
             if block.uses_mhc:
