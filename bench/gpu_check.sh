@@ -8,6 +8,11 @@
 # Runs from the repository root with it on PYTHONPATH (llmkit need not be installed); PYTHON
 # picks the interpreter (default python3). Exits 2 with one line when that python sees no GPU;
 # for a CPU smoke run call `python -m bench.gpu_check ... --device cpu` directly.
+#
+# Then, where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
+# minute). For a GPU machine without network, unpack its wheel into .cache/liger (ignored by git)
+# where there is network, and bring that folder along:
+#   pip download liger-kernel==0.8.5 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/*.whl .cache/liger
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,4 +21,12 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     echo "gpu_check: no CUDA device: '$PYTHON' cannot import torch or torch.cuda.is_available() is False; run this on a GPU machine" >&2
     exit 2
 fi
-exec "$PYTHON" -m bench.gpu_check "$@"
+[ -d .cache/liger ] && export PYTHONPATH="$PYTHONPATH:$PWD/.cache/liger"
+status=0
+"$PYTHON" -m bench.gpu_check "$@" || status=$?
+if "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
+    "$PYTHON" -m bench.mhc_liger || status=$?
+else
+    echo "gpu_check: liger-kernel does not import here; its comparison (bench/mhc_liger.py) not run"
+fi
+exit "$status"
