@@ -10,6 +10,12 @@ cubin for the target (Triton ships ptxas), and ``cuobjdump --dump-resource-usage
 registers per thread, stack frame (where ptxas spills registers), local and shared memory. This checks that the kernels
 compile for a GPU, which Triton's CPU interpreter (what the tests run) cannot; it says nothing
 about speed. Prints a table and writes JSON (--out). Must not run under TRITON_INTERPRET=1.
+
+The table also gives each launch's tensor bytes per token: the sum of its tensor arguments' sizes,
+which is its memory traffic when it reads or writes each once (the kernels' one-pass design; small
+tensors that several programs re-read, φ and the projections' gradients, count once, as if from
+L2), and the sum over one sublayer's 8 launches against a dense residual's (docs/performance.md
+turns it into a time).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
     for name, recorder in recorders.items():
         setattr(mhc_triton, name, recorder)
     try:
-        p, f32 = 2 * n + n * n, torch.float32
+        p = 2 * n + n * n
         x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
         phi, alpha, bias = torch.empty(p, n * d_model), torch.empty(3), torch.empty(p)
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
@@ -65,7 +71,7 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         mhc_triton.pre_forward(x, h_pre)
         mhc_triton.pre_backward(y, x, h_pre)
         mhc_triton.apply_forward(x, y, h_post, h_res)
-        mhc_triton.apply_backward(torch.empty_like(x, dtype=f32), x, y, h_post, h_res)
+        mhc_triton.apply_backward(torch.empty_like(x), x, y, h_post, h_res)  # dL/dX' in the stream's dtype
     finally:
         for name, recorder in recorders.items():
             setattr(mhc_triton, name, recorder.kernel)
@@ -89,6 +95,12 @@ def compile_launch(
         else:
             signature[param.name] = "fp32" if isinstance(value, float) else "i32"
     return triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+
+
+def tensor_bytes(args: tuple, kwargs: dict) -> int:
+    """The summed sizes of a launch's distinct tensor arguments."""
+    tensors = {t.data_ptr(): t.nbytes for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+    return sum(tensors.values())
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -122,13 +134,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for launch_args, launch_kwargs in recorder.launches:
                 compiled = compile_launch(recorder.kernel, launch_args, launch_kwargs, target)
                 rows.append({"kernel": name.strip("_").removesuffix("_kernel"), "stream": dtype_name,
-                             "num_warps": compiled.metadata.num_warps, **resource_usage(compiled.asm["cubin"])})
+                             "num_warps": compiled.metadata.num_warps, **resource_usage(compiled.asm["cubin"]),
+                             "bytes_per_token": tensor_bytes(launch_args, launch_kwargs) / args.tokens})
     print(f"mHC Triton kernels compiled for sm_{args.arch} (n = {args.n_streams}, C = {args.d_model}, "
           f"{args.tokens} tokens), triton {triton.__version__}, no GPU needed")
-    print(f"{'kernel':<16} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8}")
+    print(f"{'kernel':<16} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8} "
+          f"{'B/token':>8}")
     for r in rows:
         print(f"{r['kernel']:<16} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
-              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8}")
+              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}")
+    for dtype_name in args.dtypes:
+        size = {"bf16": 2, "fp32": 4}[dtype_name]
+        traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name)
+        print(f"{dtype_name} stream: one sublayer's launches move {traffic:.0f} B per token = "
+              f"{traffic / (size * args.d_model):.1f} C stream elements "
+              "(a dense residual: 6 C, x + y and its gradient)")
     write_json_atomic(Path(args.out), {"args": vars(args), "triton": triton.__version__, "rows": rows})
     print(f"wrote {args.out}")
     return rows
