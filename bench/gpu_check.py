@@ -11,8 +11,11 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
-   and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). On a CPU: profiler CPU op events
-   instead, labelled as such (they say nothing about GPU kernels).
+   and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
+   summed kernel time, and per mHC Triton kernel its launches, milliseconds and achieved bandwidth
+   (its tensor bytes, as bench/mhc_triton_compile.py counts them, over its time). On a CPU:
+   profiler CPU op events instead, and the llmkit ops' CPU time, labelled as such (they say
+   nothing about GPU kernels).
 3. Memory: section 1's peak GiB beside the bytes autograd saves in one training forward
    (``bench.throughput.training_forward_bytes``), and their n/1 ratios.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
@@ -63,6 +66,8 @@ MEM_RATIO_BOUND = 1.25
 """n = 4 / n = 1 CUDA peak memory, at most, for every model."""
 DECODE_TARGET = {"model": "120m", "n_streams": 4, "batch": 64, "bound": 40_000.0}
 """Compiled decode new tokens/s, at least."""
+MHC_KERNEL = re.compile(r"_((?:project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
+"""The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
 """What a test module that fails to import lacks (the second form: a module poisoned in sys.modules)."""
 PYTEST_RESERVE_S = 120
@@ -223,10 +228,46 @@ def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dic
     copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in gpu)
     cpu_ops = sum(e.device_type == torch.autograd.DeviceType.CPU and e.name != "[memory]" for e in events)
     del model, optimizer
+    stream = torch.bfloat16 if config.bf16_residual and ns.precision == "bf16-mixed" else torch.float32
     return {"model": name, "n_streams": n_streams, "n_layers": config.n_layers,
             "counted": "cuda_kernels" if throughput.CUDA else "cpu_op_events",
             "count": len(gpu) - copies if throughput.CUDA else cpu_ops,
-            "cuda_kernels": len(gpu) - copies, "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops}
+            "cuda_kernels": len(gpu) - copies, "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops,
+            **step_time_by_kernel(events, throughput.CUDA, n_streams, config.d_model,
+                                  ns.batch_size * ns.seq_len, stream)}
+
+
+def step_time_by_kernel(events: list, cuda: bool, n: int, d_model: int, tokens: int, stream: torch.dtype) -> dict:
+    """Where one step's time goes. On CUDA: every kernel's summed time (``kernel_ms``) and, per
+    mHC Triton kernel, its launches, milliseconds and achieved bandwidth (its tensor bytes per
+    launch, as bench/mhc_triton_compile.py records them at this shape, over its mean time). On a
+    CPU: the llmkit ops' CPU milliseconds (no kernel total, no bandwidth)."""
+    by_kernel: dict[str, dict] = {}
+    if cuda:
+        timed = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                 and not e.name.startswith(("Memcpy", "Memset"))]
+        named = [(m.group(1), e) for e in timed if (m := MHC_KERNEL.search(e.name))]
+    else:
+        named = [(e.name.removeprefix("llmkit::"), e) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("llmkit::")]
+    for key, e in named:
+        entry = by_kernel.setdefault(key, {"launches": 0, "ms": 0.0})
+        entry["launches"] += 1
+        entry["ms"] += e.time_range.elapsed_us() / 1e3
+    if cuda and by_kernel and n > 1:
+        from bench.mhc_triton_compile import record_launches, tensor_bytes
+
+        recorded = record_launches(stream, tokens, n, d_model)
+        for name, recorder in recorded.items():
+            key = MHC_KERNEL.search(name).group(1)
+            if key in by_kernel:
+                launch_bytes = sum(tensor_bytes(a, k) for a, k in recorder.launches)
+                entry = by_kernel[key]
+                entry["bytes_per_launch"] = launch_bytes
+                entry["GB_per_s"] = launch_bytes * entry["launches"] / (entry["ms"] * 1e6)
+    return {"kernel_ms": sum(e.time_range.elapsed_us() for e in timed) / 1e3 if cuda else None,
+            "mhc_ms": sum(entry["ms"] for entry in by_kernel.values()),
+            "by_kernel": dict(sorted(by_kernel.items()))}
 
 
 def per_sublayer(kernel_rows: list[dict]) -> list[dict]:
@@ -494,6 +535,13 @@ def table(report: dict) -> str:
         extra = f" (+{k['cuda_memcpy_memset']} memcpy/memset)" if k["counted"] == "cuda_kernels" else ""
         row(f"{k['model']} n={k['n_streams']}", f"{k['count']:,} {k['counted'].replace('_', ' ')}{extra}",
             "", "", k["device"])
+        if k.get("by_kernel"):
+            total = "" if k["kernel_ms"] is None else f"all kernels {k['kernel_ms']:.1f} ms, of which "
+            what = "mHC kernels" if k["kernel_ms"] is not None else "llmkit ops (CPU time)"
+            row(f"{k['model']} n={k['n_streams']} time", f"{total}{what} {k['mhc_ms']:.1f} ms", "", "", k["device"])
+            for key, e in k["by_kernel"].items():
+                rate = f", {e['GB_per_s']:,.0f} GB/s" if "GB_per_s" in e else ""
+                row(f"  {key}", f"{e['launches']} x, {e['ms']:.2f} ms{rate}", "", "", k["device"])
     for s in kernels["per_sublayer"]:
         row(f"{s['model']} (n={s['n_streams']} - n=1) / (2 x layers)",
             f"{s['value']:.1f} more per block sublayer", "", "", device)

@@ -137,6 +137,51 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert all(line.count(" | ") == 4 for line in lines if not line.startswith("|---"))  # five cells each
 
 
+CPU = torch.autograd.DeviceType.CPU
+
+
+class FakeEvent:
+    """What step_time_by_kernel reads of a profiler event."""
+
+    def __init__(self, name: str, us: float, device_type=torch.autograd.DeviceType.CUDA) -> None:
+        self.name, self.device_type, self.us = name, device_type, us
+        self.time_range = self
+
+    def elapsed_us(self) -> float:
+        return self.us
+
+
+def test_step_time_by_kernel_sums_the_mhc_kernels_and_their_bandwidth_from_their_tensor_bytes():
+    pytest.importorskip("triton")
+    events = [FakeEvent("_project_fwd_kernel", 100.0), FakeEvent("_project_fwd_kernel", 100.0),
+              FakeEvent("_apply_bwd_kernel", 40.0), FakeEvent("triton_poi_fused_add_0", 50.0),
+              FakeEvent("Memcpy HtoD (Pageable -> Device)", 10.0), FakeEvent("aten::mm", 999.0, CPU)]
+    t, n, c = 64, 4, 32
+    got = gpu_check.step_time_by_kernel(events, True, n, c, t, torch.bfloat16)
+    assert got["kernel_ms"] == pytest.approx(0.29) and got["mhc_ms"] == pytest.approx(0.24)
+    assert list(got["by_kernel"]) == ["apply_bwd", "project_fwd"]
+    project = got["by_kernel"]["project_fwd"]
+    # x [t, nC] bf16; phi [2n + n^2, nC], proj [t, 24] and sum x^2 [t] fp32
+    expected = t * n * c * 2 + 24 * n * c * 4 + t * 24 * 4 + t * 4
+    assert project["launches"] == 2 and project["ms"] == pytest.approx(0.2)
+    assert project["bytes_per_launch"] == expected
+    assert project["GB_per_s"] == pytest.approx(expected * 2 / 0.2e6)
+    cpu = gpu_check.step_time_by_kernel([FakeEvent("llmkit::mhc_pre", 30.0, CPU)] + events, False, n, c, t,
+                                        torch.float32)
+    assert cpu == {"kernel_ms": None, "mhc_ms": pytest.approx(0.03),
+                   "by_kernel": {"mhc_pre": {"launches": 1, "ms": pytest.approx(0.03)}}}
+
+
+def test_table_shows_where_the_step_time_goes():
+    report = made_up_report("cuda")
+    report["kernels"]["rows"] = [{"model": "120m", "n_streams": 4, "counted": "cuda_kernels", "count": 900,
+                                  "cuda_memcpy_memset": 2, "device": "NVIDIA H200", "kernel_ms": 52.5, "mhc_ms": 9.25,
+                                  "by_kernel": {"apply_fwd": {"launches": 24, "ms": 1.5, "GB_per_s": 3200.4}}}]
+    lines = gpu_check.table(report).splitlines()
+    assert "| 120m n=4 time | all kernels 52.5 ms, of which mHC kernels 9.2 ms |  |  | NVIDIA H200 |" in lines
+    assert "|   apply_fwd | 24 x, 1.50 ms, 3,200 GB/s |  |  | NVIDIA H200 |" in lines
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="" name="tests.test_sdft"><error message="collection failure">Traceback:
 E   ModuleNotFoundError: No module named 'jsonargparse'</error></testcase>
