@@ -340,3 +340,31 @@ def test_lora_gradients_flow_through_gradient_checkpointing(n):
     for name, grad in ckpt.items():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0, name
         assert torch.allclose(grad, plain[name], atol=1e-6), name
+
+
+def test_lora_on_the_mhc_projection_phi_changes_the_mapping_trains_and_merges():
+    """targets: [phi] adapts the mHC mapping's projection: the op reads phi's weight, so the adapter's
+    term must be added to the projection (it was silently dropped once)."""
+    base = base_model()
+    idx = tokens()
+    model = adapted(config=LoRAConfig(rank=2, alpha=4.0, targets=["phi"]))
+    with torch.no_grad():  # alpha_init 0.01 would scale the adapter's effect on the mapping down 100x
+        for m in (base, model):
+            for name, p in m.named_parameters():
+                if ".alpha_" in name:
+                    p.fill_(1.0)
+    layers = lora_layers(model)
+    assert sorted(layers) == [f"blocks.{i}.{r}_res.mapping.phi" for i in range(2) for r in ("attn", "mlp")]
+    wrapped = model(idx)
+    assert (wrapped - base(idx)).abs().max() > 1e-3  # the adapter matters
+    with disable_lora(model):
+        assert torch.equal(model(idx), base(idx))
+
+    model.train()
+    model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for name, layer in layers.items():
+        assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().max() > 0, name
+        assert layer.lora_B.grad.abs().max() > 0, name
+    model.eval()
+    merge_lora(model)
+    assert torch.allclose(model(idx), wrapped, atol=1e-5)

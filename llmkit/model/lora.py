@@ -112,9 +112,15 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        update = self.low_rank(x)
+        return y if update is None else y + update
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapter's term of forward(x), scale * B A dropout(x); None when disabled or merged.
+        For callers that apply ``weight`` themselves (the mHC mapping's projection op)."""
         if not self.enabled or self.merged:
-            return y
-        return y + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+            return None
+        return self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in float32 (batched over experts for :class:`LoRAGroupedLinear`)."""

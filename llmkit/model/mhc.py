@@ -30,6 +30,7 @@ from torch import nn
 
 from llmkit.model import mhc_ops
 from llmkit.model.config import ModelConfig
+from llmkit.model.lora import LoRALinear
 
 
 class MHCMapping(nn.Module):
@@ -71,7 +72,10 @@ class MHCMapping(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         *lead, n, c = x.shape
-        proj, sumsq = mhc_ops.mhc_project(x.reshape(-1, n * c), self.phi.weight, self.use_triton)
+        flat = x.reshape(-1, n * c)
+        proj, sumsq = mhc_ops.mhc_project(flat, self.phi.weight, self.use_triton)
+        if isinstance(self.phi, LoRALinear) and (update := self.phi.low_rank(flat)) is not None:
+            proj = proj + update.to(proj.dtype)  # LoRA on phi (targets: [phi]) adds to x phi^T, before the 1/rms
         alpha = torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res))
         bias = torch.cat((self.b_pre, self.b_post, self.b_res.flatten()))
         h_pre, h_post, h_res = mhc_ops.mhc_coefficients(
