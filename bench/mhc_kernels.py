@@ -8,10 +8,11 @@ Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); libra
 ``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. The C++ backend fuses outer loops
 that the GPU backend launches as separate Triton kernels, so a CPU count says nothing about the
 number of kernels a GPU launches (for mHC, ~140 more per sublayer there: docs/performance.md);
-count GPU kernels on a GPU, with torch.profiler (bench/gpu_check.sh). The mHC math is four custom
-ops per sublayer (llmkit/model/mhc_ops.py), listed as library calls (``mhc_*``): opaque to
-inductor, each one Triton kernel forward and one backward on CUDA, so what an n = 4 block
-generates beyond the dense block is the tiny stacking of alpha and b and the gradient sums.
+count GPU kernels on a GPU, with torch.profiler (bench/gpu_check.sh). The mHC math is one custom
+op per sublayer forward and two backward (llmkit/model/mhc_ops.py; here the first block's, plus
+the final write-back), listed as library calls (``mhc_*``): opaque to inductor, each a few
+Triton kernels on CUDA, so what an n = 4 block generates beyond the dense block is the tiny
+stacking of alpha and b.
 Compile time is reported too, with
 inductor's FX graph cache off (its compiled-kernel caches may still be warm from an earlier
 run). Prints a table and writes JSON (--out).
@@ -33,6 +34,7 @@ from torch._inductor.utils import run_and_get_code
 
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
+from llmkit.model.mhc import finish
 from llmkit.model.transformer import Transformer
 from llmkit.profiling import device_description
 
@@ -59,7 +61,7 @@ def compile_block(config: ModelConfig, args: argparse.Namespace) -> dict:
 
     def step(x: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = block(x, cos, sin)
+            out = finish(block(x, cos, sin), True)  # mHC: with the block's pending write-back
         out.float().sum().backward()
 
     t0 = time.perf_counter()

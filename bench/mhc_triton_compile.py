@@ -15,7 +15,7 @@ The table also gives each launch's tensor bytes per token: the sum of its tensor
 which is its memory traffic when it reads or writes each once (the kernels' one-pass design; small
 tensors that several programs re-read, φ and the projections' gradients, count once, as if from
 L2), and the sum over one sublayer's 8 launches against a dense residual's (docs/performance.md
-turns it into a time).
+turns it into a time). Nothing else touches the stream: the op's backward writes dL/dX once.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class RecordedLaunches:
 
 
 def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
-    """Run every wrapper, forward and backward, on CPU tensors with the kernels recorded, not run."""
+    """Run every wrapper as one sublayer's ``llmkit::mhc_boundary`` does, forward and backward, on
+    CPU tensors with the kernels recorded, not run."""
     recorders = {name: RecordedLaunches(getattr(mhc_triton, name)) for name in KERNELS}
     for name, recorder in recorders.items():
         setattr(mhc_triton, name, recorder)
@@ -64,14 +65,16 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
         h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
         coefficient_args = (n, n * d_model, 20, 15.0, 1e-8, 1e-6)
+        mhc_triton.apply_forward(x, y, h_post, h_res)  # the previous sublayer's write-back
         mhc_triton.project_forward(x.view(tokens, -1), phi)
-        mhc_triton.project_backward(proj, sumsq, x.view(tokens, -1), phi)
         mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args)
-        mhc_triton.coefficients_backward(h_pre, h_post, h_res, proj, sumsq, alpha, bias, *coefficient_args)
         mhc_triton.pre_forward(x, h_pre)
-        mhc_triton.pre_backward(y, x, h_pre)
-        mhc_triton.apply_forward(x, y, h_post, h_res)
-        mhc_triton.apply_backward(torch.empty_like(x), x, y, h_post, h_res)  # dL/dX' in the stream's dtype
+        # backward: dL/dX' and dL/du come in the stream's dtype, as in training
+        mhc_triton.pre_backward(y, x)
+        mhc_triton.coefficients_backward(h_pre, h_post, h_res, proj, sumsq, alpha, bias, *coefficient_args)
+        grad_x_next = torch.empty_like(x).view(tokens, -1)  # dL/dX from the next sublayer's write-back
+        mhc_triton.project_backward(proj, sumsq, x.view(tokens, -1), phi, grad_x_next, (y, h_pre))
+        mhc_triton.apply_backward(torch.empty_like(x), x, y, h_post, h_res)
     finally:
         for name, recorder in recorders.items():
             setattr(mhc_triton, name, recorder.kernel)

@@ -14,12 +14,25 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from llmkit.model import transformer
 from llmkit.model.layers import upcast
-from llmkit.model.mhc import MHCMapping, MHCResidual
+from llmkit.model.mhc import Entry, MHCMapping, MHCResidual, Pending
 from llmkit.model.sinkhorn import sinkhorn_knopp
 
 
-def literal_mapping(mapping: MHCMapping, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def literal_apply(stream: torch.Tensor | Pending) -> torch.Tensor:
+    """Eq. 3's write-back X' = H_res X + H_post^T y of a pending stream, with fp32 H applied outside
+    autocast (a plain stream is returned as it is)."""
+    if not isinstance(stream, Pending):
+        return stream
+    x, y, h_post, h_res = stream
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.promote_types(x.dtype, h_res.dtype)
+        mixed = torch.einsum("...nm,...mc->...nc", h_res.to(dtype), x.to(dtype))
+        return (mixed + h_post.to(dtype)[..., None] * y.to(dtype)[..., None, :]).to(x.dtype)
+
+
+def literal_coefficients(mapping: MHCMapping, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H_pre, H_post, H_res) for X [..., n, C] by Eq. 7-9 as written."""
     *lead, n, c = x.shape
     x_flat = upcast(x.reshape(*lead, n * c))
@@ -33,29 +46,34 @@ def literal_mapping(mapping: MHCMapping, x: torch.Tensor) -> tuple[torch.Tensor,
     return h_pre, h_post, sinkhorn_knopp(logits, cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps)
 
 
-def literal_residual(
-    residual: MHCResidual, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Eq. 3: X' = H_res X + H_post^T F(H_pre X), with fp32 H applied to the stream outside autocast."""
-    h_pre, h_post, h_res = literal_mapping(residual.mapping, x)
+def literal_mapping(mapping: MHCMapping, stream: torch.Tensor | Pending) -> Entry:
+    """The sublayer's stream (any pending write-back applied), input H_pre X and mappings."""
+    x = literal_apply(stream)
+    h_pre, h_post, h_res = literal_coefficients(mapping, x)
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.promote_types(x.dtype, h_pre.dtype)
-        x_pre = torch.einsum("...n,...nc->...c", h_pre.to(dtype), x.to(dtype)).to(x.dtype)
-    y = sublayer(x_pre)
-    with torch.autocast(x.device.type, enabled=False):
-        mixed = torch.einsum("...nm,...mc->...nc", h_res.to(dtype), x.to(dtype))
-        return (mixed + h_post.to(dtype)[..., None] * y.to(dtype)[..., None, :]).to(x.dtype)
+        u = torch.einsum("...n,...nc->...c", h_pre.to(dtype), x.to(dtype)).to(x.dtype)
+    return Entry(x, u, h_pre, h_post, h_res)
+
+
+def literal_residual(
+    residual: MHCResidual, stream: torch.Tensor | Pending, sublayer: Callable[[torch.Tensor], torch.Tensor]
+) -> Pending:
+    """Eq. 3 around one sublayer: X' = H_res X + H_post^T F(H_pre X), left pending as the model does."""
+    entry = literal_mapping(residual.mapping, stream)
+    return Pending(entry.x, sublayer(entry.u), entry.h_post, entry.h_res)
 
 
 @contextmanager
 def literal_mhc() -> Iterator[None]:
-    """Run every MHCResidual (and MHCMapping) in the block by the oracle while the context is open."""
-    residual_forward, mapping_forward = MHCResidual.forward, MHCMapping.forward
+    """Run every MHCResidual, MHCMapping and the final write-back by the oracle while the context is open."""
+    saved = MHCResidual.forward, MHCMapping.forward, transformer.finish
     MHCResidual.forward, MHCMapping.forward = literal_residual, literal_mapping
+    transformer.finish = lambda stream, use_triton: literal_apply(stream)
     try:
         yield
     finally:
-        MHCResidual.forward, MHCMapping.forward = residual_forward, mapping_forward
+        MHCResidual.forward, MHCMapping.forward, transformer.finish = saved
 
 
 def loss_and_grads(model: torch.nn.Module, idx: torch.Tensor, vocab: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

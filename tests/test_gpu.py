@@ -68,7 +68,9 @@ def test_compiled_mhc_ops_match_the_oracle_on_gpu(checkpointing, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype):
     """Each mHC op and its backward, Triton (use_triton=True) against the same op's PyTorch code,
-    at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits."""
+    at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits: mhc_enter, then
+    mhc_boundary on its pending stream (with a LoRA-like update on the first projection), then
+    mhc_apply."""
     from llmkit.model import mhc_ops
 
     torch.manual_seed(0)
@@ -77,22 +79,25 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype):
     x = torch.randn(m, n, c, device="cuda").to(dtype)
     y = torch.randn(m, c, device="cuda").to(dtype)
     phi = 0.02 * torch.randn(p, n * c, device="cuda")
+    update = 0.1 * torch.randn(m, p, device="cuda")
     alpha = torch.tensor([0.7, -0.4, 1.3], device="cuda")
     bias = torch.randn(p, device="cuda")
     bias[2 * n], bias[2 * n + 1] = 40.0, -40.0
 
     def run(use_triton: bool) -> list[torch.Tensor]:
-        leaves = [t.clone().requires_grad_() for t in (x, y, phi, alpha, bias)]
-        lx, ly, lphi, lalpha, lbias = leaves
-        proj, sumsq = mhc_ops.mhc_project(lx.flatten(1), lphi, use_triton)
-        h_pre, h_post, h_res = mhc_ops.mhc_coefficients(proj, sumsq, lalpha, lbias, n, n * c, 20, 15.0, 1e-8, 1e-6,
-                                                        use_triton)
-        out = mhc_ops.mhc_apply(lx, ly + mhc_ops.mhc_pre(lx, h_pre, use_triton), h_post, h_res, use_triton)
+        leaves = [t.clone().requires_grad_() for t in (x, y, phi, update, alpha, bias)]
+        lx, ly, lphi, lupdate, lalpha, lbias = leaves
+        settings = (20, 15.0, 1e-8, 1e-6, use_triton)
+        u, _, h_post, h_res, _, _ = mhc_ops.mhc_enter(lx, lupdate, lphi, lalpha, lbias, *settings)
+        x1, u1, h_pre1, h_post1, h_res1, _, _ = mhc_ops.mhc_boundary(lx, ly + u, h_post, h_res, lphi, lalpha, lbias,
+                                                                     *settings)
+        out = mhc_ops.mhc_apply(x1, ly + u1, h_post1, h_res1, use_triton)
         torch.manual_seed(1)
         (out.float() * torch.randn_like(out, dtype=torch.float32)).sum().backward()
-        return [h_pre, h_post, h_res, out] + [leaf.grad for leaf in leaves]
+        return [h_pre1, h_post1, h_res1, x1, out] + [leaf.grad for leaf in leaves]
 
-    names = ["h_pre", "h_post", "h_res", "out", "grad_x", "grad_y", "grad_phi", "grad_alpha", "grad_bias"]
+    names = ["h_pre", "h_post", "h_res", "x1", "out", "grad_x", "grad_y", "grad_phi", "grad_update", "grad_alpha",
+             "grad_bias"]
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, b in zip(names, run(True), run(False), strict=True):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= tol, name

@@ -7,7 +7,7 @@ import torch
 
 from llmkit.errors import LLMKitError
 from llmkit.model.config import MHCConfig, ModelConfig
-from llmkit.model.mhc import MHCMapping, MHCResidual
+from llmkit.model.mhc import MHCMapping, MHCResidual, finish
 from llmkit.model.sinkhorn import sinkhorn_knopp
 
 # 20 Sinkhorn iterations end with a row normalisation, so rows sum to 1 up to float error.
@@ -60,7 +60,7 @@ def test_sinkhorn_runs_in_fp32_for_bf16_input():
 def test_initial_mappings_average_the_streams_and_start_h_res_near_the_identity(n):
     mapping = MHCMapping(small_config(n))
     x = torch.randn(2, 5, n, 32)
-    h_pre, h_post, h_res = mapping(x)
+    _, _, h_pre, h_post, h_res = mapping(x)  # an Entry: (x, u, H_pre, H_post, H_res)
     # b_pre = logit(1/n), b_post = logit(1/2n); the dynamic term is alpha=0.01 times O(1).
     assert torch.allclose(h_pre.sum(-1), torch.ones(2, 5), atol=0.05)
     assert torch.allclose(h_post.sum(-1), torch.ones(2, 5), atol=0.05)
@@ -74,7 +74,7 @@ def test_initial_mappings_average_the_streams_and_start_h_res_near_the_identity(
 
 def test_copy_post_init_starts_h_post_at_one_per_stream():
     mapping = MHCMapping(small_config(4, post_init="copy"))
-    _, h_post, _ = mapping(torch.randn(2, 3, 4, 32))
+    h_post = mapping(torch.randn(2, 3, 4, 32)).h_post
     assert torch.allclose(h_post, torch.ones_like(h_post), atol=0.02)
 
 
@@ -99,7 +99,7 @@ def test_h_res_preserves_the_stream_mean(alpha_init):
     torch.manual_seed(0)
     mapping = MHCMapping(small_config(4, alpha_init=alpha_init))
     x = torch.randn(2, 7, 4, 32)
-    _, _, h_res = mapping(x)
+    h_res = mapping(x).h_res
     mixed = torch.einsum("btnm,btmc->btnc", h_res, x)
     err = (mixed.mean(dim=2) - x.mean(dim=2)).abs().max()
     bound = (h_res.sum(-2) - 1).abs().max() * x.abs().max()
@@ -112,8 +112,10 @@ def test_residual_output_is_h_res_x_plus_h_post_times_f():
     res = MHCResidual(small_config(4))
     x = torch.randn(2, 3, 4, 32)
     f = torch.nn.Linear(32, 32)
-    out = res(x, f)
-    h_pre, h_post, h_res = res.mapping(x)
+    pending = res(x, f)  # the write-back is left to the next sublayer's mapping, or finish
+    _, u, h_pre, h_post, h_res = res.mapping(x)
     x_in = (h_pre.unsqueeze(-1) * x).sum(2)
+    assert torch.equal(pending.x, x) and torch.allclose(u, x_in, atol=1e-6)
     expected = h_res @ x + h_post.unsqueeze(-1) * f(x_in).unsqueeze(2)
-    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(finish(pending, True), expected, atol=1e-5)
+    assert torch.allclose(res.mapping(pending).x, expected, atol=1e-5)  # the next mapping's stream

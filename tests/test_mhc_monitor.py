@@ -72,9 +72,9 @@ def test_monitor_matches_a_direct_computation_after_a_training_step():
                 ("attn", block.attn_res, lambda h, b=block: b.attn(b.attn_norm(h), cos, sin)),
                 ("mlp", block.mlp_res, lambda h, b=block: b.mlp(b.mlp_norm(h))),
             ):
-                h_pre, h_post, h_res = res.mapping(x)
-                mappings.append((f"L{i}.{kind}", h_pre[0, :8], h_post[0, :8], h_res[0, :8]))
-                x = res(x, sub)
+                entry = res.mapping(x)
+                mappings.append((f"L{i}.{kind}", entry.h_pre[0, :8], entry.h_post[0, :8], entry.h_res[0, :8]))
+                x = res(x, sub)  # Pending: the next mapping writes it back
     expected = mhc_stats(mappings)
     assert set(monitor.last_stats) == set(expected)
     assert len(expected) == 2 * 2 * 4 + 2
@@ -114,9 +114,10 @@ def test_monitor_rejects_batches_that_are_not_token_windows():
 
 
 @pytest.mark.slow
-def test_monitor_leaves_compiled_checkpointed_blocks_in_one_graph():
+def test_monitor_leaves_compiled_checkpointed_blocks_compiled():
     """Hooks inside the training forward graph-broke a compiled block under activation
-    checkpointing (it then ran eagerly); the monitor's own eager forward leaves it compiled."""
+    checkpointing (it then ran eagerly); the monitor's own eager forward leaves it compiled: the
+    two graphs of an mHC model (the first block, and the blocks whose stream comes in Pending)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -132,6 +133,6 @@ def test_monitor_leaves_compiled_checkpointed_blocks_in_one_graph():
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[monitor]).fit(pl_module, data)
     assert monitor.last_step == 1 and len(monitor.last_stats) == 2 * 2 * 4 + 2
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
     torch._dynamo.reset()

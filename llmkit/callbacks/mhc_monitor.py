@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llmkit.callbacks.interfaces import HasBackbone, require
 from llmkit.errors import LLMKitError
-from llmkit.model.mhc import MHCMapping
+from llmkit.model.mhc import Entry, MHCMapping
 
 WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 """Module-name parts that FSDP and activation-checkpoint wrappers insert between a block and its sublayers."""
@@ -82,8 +82,8 @@ class MHCMonitor(L.Callback):
                 parts = [part for part in module_name.split(".") if part not in WRAPPER_NAMES]
                 name = f"L{parts[-3]}.{parts[-2].removesuffix('_res')}"
 
-                def hook(mod: MHCMapping, inputs: Any, outputs: tuple[torch.Tensor, ...], name: str = name) -> None:
-                    captured.append((name, *(h[0].float() for h in outputs)))
+                def hook(mod: MHCMapping, inputs: Any, entry: Entry, name: str = name) -> None:
+                    captured.append((name, *(h[0].float() for h in (entry.h_pre, entry.h_post, entry.h_res))))
 
                 handles.append(module.register_forward_hook(hook))
         try:

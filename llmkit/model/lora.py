@@ -115,10 +115,15 @@ class LoRALinear(nn.Linear):
         update = self.low_rank(x)
         return y if update is None else y + update
 
+    @property
+    def active(self) -> bool:
+        """Whether forward adds the adapter's term: enabled and not merged into ``weight``."""
+        return self.enabled and not self.merged
+
     def low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The adapter's term of forward(x), scale * B A dropout(x); None when disabled or merged.
+        """The adapter's term of forward(x), scale * B A dropout(x); None unless :attr:`active`.
         For callers that apply ``weight`` themselves (the mHC mapping's projection op)."""
-        if not self.enabled or self.merged:
+        if not self.active:
             return None
         return self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 

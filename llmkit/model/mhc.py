@@ -15,8 +15,11 @@ H_res is projected onto the doubly-stochastic matrices (Eq. 9), which preserves 
 the streams. All mapping math runs in fp32 (fp64 in an fp64 model), whatever the autocast dtype.
 
 The operations run as ``torch.library`` custom ops (llmkit/model/mhc_ops.py): Triton kernels
-on CUDA, their PyTorch code elsewhere, each one opaque node to ``torch.compile``. The
-equation-literal version (RMSNorm, einsums, autograd through every Sinkhorn iteration) lives in
+on CUDA, their PyTorch code elsewhere, each one opaque node to ``torch.compile``. Each
+sublayer's write-back X_{l+1} = H_res X_l + H_post^T y_l is deferred (:class:`Pending`) and done
+by the op that starts the next sublayer, in the same pass as that sublayer's mapping
+(``llmkit::mhc_boundary``); :func:`finish` writes back the last one. The equation-literal
+version (RMSNorm, einsums, autograd through every Sinkhorn iteration) lives in
 tests/mhc_oracle.py, the oracle the ops are tested against.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +37,42 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.lora import LoRALinear
 
 
+class Pending(NamedTuple):
+    """The residual stream between two mHC sublayers: X_l and the sublayer's output y_l with its
+    H_post and H_res, not yet written back. The next sublayer's mapping op (or :func:`finish`)
+    applies X_{l+1} = H_res X_l + H_post^T y_l (Eq. 3)."""
+
+    x: torch.Tensor  # [B, T, n, C]
+    y: torch.Tensor  # [B, T, C]
+    h_post: torch.Tensor  # [B, T, n]
+    h_res: torch.Tensor  # [B, T, n, n]
+
+
+class Entry(NamedTuple):
+    """What :class:`MHCMapping` gives a sublayer: its stream X, its input u = H_pre X and its
+    mappings H_pre, H_post, H_res (fp32; fp64 for an fp64 model)."""
+
+    x: torch.Tensor  # [B, T, n, C]
+    u: torch.Tensor  # [B, T, C]
+    h_pre: torch.Tensor  # [B, T, n]
+    h_post: torch.Tensor  # [B, T, n]
+    h_res: torch.Tensor  # [B, T, n, n]
+
+
+def finish(stream: torch.Tensor | Pending, use_triton: bool) -> torch.Tensor:
+    """The stream [B, T, n, C] with any pending write-back applied (after the last sublayer);
+    ``use_triton``: ``mhc.implementation == "auto"``."""
+    if not isinstance(stream, Pending):
+        return stream
+    *lead, n, c = stream.x.shape
+    mixed = mhc_ops.mhc_apply(stream.x.reshape(-1, n, c), stream.y.reshape(-1, c), stream.h_post.reshape(-1, n),
+                              stream.h_res.reshape(-1, n, n), use_triton)
+    return mixed.view(stream.x.shape)
+
+
 class MHCMapping(nn.Module):
-    """Computes (H_pre [..., n], H_post [..., n], H_res [..., n, n]) from the stream X [..., n, C].
+    """Computes a sublayer's H_pre [..., n], H_post [..., n], H_res [..., n, n] and input H_pre X
+    from its stream X [..., n, C] (an :class:`Entry`).
 
     phi_pre, phi_post and phi_res are one fused ``nn.Linear(nC, 2n + n^2)`` (``phi``). The
     static biases start at b_pre = logit(1/n) (H_pre averages the streams); b_post =
@@ -70,33 +108,40 @@ class MHCMapping(nn.Module):
     def use_triton(self) -> bool:
         return self.cfg.implementation == "auto"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        *lead, n, c = x.shape
-        flat = x.reshape(-1, n * c)
-        proj, sumsq = mhc_ops.mhc_project(flat, self.phi.weight, self.use_triton)
-        if isinstance(self.phi, LoRALinear) and (update := self.phi.low_rank(flat)) is not None:
-            proj = proj + update.to(proj.dtype)  # LoRA on phi (targets: [phi]) adds to x phi^T, before the 1/rms
+    def forward(self, stream: torch.Tensor | Pending) -> Entry:
+        """The sublayer's :class:`Entry` from its stream: X itself, or the previous sublayer's
+        :class:`Pending` output, whose write-back the same op applies first (``mhc_boundary``)."""
+        cfg = self.cfg
         alpha = torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res))
         bias = torch.cat((self.b_pre, self.b_post, self.b_res.flatten()))
-        h_pre, h_post, h_res = mhc_ops.mhc_coefficients(
-            proj, sumsq, alpha, bias, n, n * c, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_clamp,
-            self.cfg.sinkhorn_eps, self.norm_eps, self.use_triton)
-        return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+        settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, self.use_triton)
+        lora = isinstance(self.phi, LoRALinear) and self.phi.active
+        if isinstance(stream, Pending) and not lora:
+            *lead, n, c = stream.x.shape
+            x, u, h_pre, h_post, h_res, _, _ = mhc_ops.mhc_boundary(
+                stream.x.reshape(-1, n, c), stream.y.reshape(-1, c), stream.h_post.reshape(-1, n),
+                stream.h_res.reshape(-1, n, n), self.phi.weight, alpha, bias, *settings)
+        else:
+            x = finish(stream, self.use_triton)
+            *lead, n, c = x.shape
+            flat = x.reshape(-1, n, c)
+            # LoRA on phi (targets: [phi]) adds its term to x phi^T, before the norm's 1/rms
+            update = self.phi.low_rank(flat.view(-1, n * c)) if lora else None
+            u, h_pre, h_post, h_res, _, _ = mhc_ops.mhc_enter(flat, update, self.phi.weight, alpha, bias, *settings)
+        return Entry(x.view(*lead, n, c), u.view(*lead, c), h_pre.view(*lead, n), h_post.view(*lead, n),
+                     h_res.view(*lead, n, n))
 
 
 class MHCResidual(nn.Module):
-    """One mHC residual connection around a sublayer F: X -> H_res X + H_post^T F(H_pre X)."""
+    """One mHC residual connection around a sublayer F: X -> H_res X + H_post^T F(H_pre X), its
+    write-back left :class:`Pending` for the next sublayer's mapping (or :func:`finish`)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.mapping = MHCMapping(config)
 
     def forward(
-        self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        *lead, n, c = x.shape
-        h_pre, h_post, h_res = self.mapping(x)  # [B, T, ...]: what forward hooks (MHCMonitor) read
-        streams, use_triton = x.reshape(-1, n, c), self.mapping.use_triton
-        y = sublayer(mhc_ops.mhc_pre(streams, h_pre.reshape(-1, n), use_triton).view(*lead, c))
-        mixed = mhc_ops.mhc_apply(streams, y.reshape(-1, c), h_post.reshape(-1, n), h_res.reshape(-1, n, n), use_triton)
-        return mixed.view(x.shape)
+        self, stream: torch.Tensor | Pending, sublayer: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Pending:
+        entry = self.mapping(stream)  # what forward hooks (MHCMonitor) read
+        return Pending(entry.x, sublayer(entry.u), entry.h_post, entry.h_res)

@@ -1,26 +1,35 @@
 """The mHC residual's operations as ``torch.library`` custom ops (mHC paper, arXiv 2512.24880).
 
-One runtime path on every device: :class:`llmkit.model.mhc.MHCResidual` calls these four ops,
-each a single opaque node to ``torch.compile`` (``register_fake`` gives it shapes,
-``register_autograd`` a backward that is itself one op), so a compiled block holds a handful of
-mHC nodes instead of the ~140 small kernels per sublayer that the 20 Sinkhorn iterations and
-the H math become when the compiler traces them:
+One runtime path on every device: :class:`llmkit.model.mhc.MHCMapping` calls these ops, each a
+single opaque node to ``torch.compile`` (``register_fake`` gives it shapes, ``register_autograd``
+a backward made of ops), so a compiled block holds a handful of mHC nodes instead of the ~140
+small kernels per sublayer that the 20 Sinkhorn iterations and the H math become when the
+compiler traces them:
 
 ================================  ================================================================
 op                                computes (tokens flattened: M = B T, streams X [M, n, C])
 ================================  ================================================================
-``llmkit::mhc_project``           x phi^T and sum(x^2) of x = vec X [M, nC] (Eq. 7's projection)
-``llmkit::mhc_coefficients``      H_pre, H_post, H_res from them (Eq. 7-9, Sinkhorn included)
-``llmkit::mhc_pre``               H_pre X, the sublayer's input [M, C] (Eq. 3)
-``llmkit::mhc_apply``             H_res X + H_post^T y, the next stream (Eq. 3)
+``llmkit::mhc_enter``             from X: x phi^T and sum(x^2) of x = vec X (Eq. 7's projection),
+                                  H_pre, H_post, H_res (Eq. 7-9, Sinkhorn included) and the
+                                  sublayer's input u = H_pre X (Eq. 3)
+``llmkit::mhc_boundary``          X = H_res' X' + H_post'^T y', the previous sublayer's pending
+                                  write-back (Eq. 3), then ``mhc_enter``'s work on that X
+``llmkit::mhc_apply``             the last sublayer's write-back H_res X + H_post^T y
 ================================  ================================================================
 
-On CUDA (bf16/fp16/fp32 streams) each op and its backward is one Triton kernel
-(llmkit/model/mhc_triton.py), which reads each stream tensor once; elsewhere, on fp64 and with
-``mhc.implementation: torch`` the ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the
-Triton kernels on CPU tensors (the tests do). Either way the H coefficients and all mapping math
-are fp32 (fp64 for fp64 streams), and the backward keeps only X, y and O(n^2) floats per token:
-Sinkhorn's iterations are recomputed, not stored.
+Why a boundary op: autograd sums the gradients of a tensor that several ops read. With one op
+per step (projection, pre-aggregation, write-back) every stream X_l fed three ops, so backward
+wrote dL/dX_l three times and then summed them. Here the write-back of sublayer l is deferred to
+the op that starts sublayer l + 1 (llmkit.model.mhc.Pending), so X_{l+1} is made and read by one
+op, whose backward forms dL/dX_{l+1} in one pass (the projection's, the pre-aggregation's and the
+next write-back's terms) and writes dL/dX_l once. docs/performance.md counts the bytes.
+
+On CUDA (bf16/fp16/fp32 streams) each step is one Triton kernel (llmkit/model/mhc_triton.py),
+which reads each stream tensor once; elsewhere, on fp64 and with ``mhc.implementation: torch``
+the ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors
+(the tests do). Either way the H coefficients and all mapping math are fp32 (fp64 for fp64
+streams), and the backward keeps only X, y and O(n^2) floats per token: Sinkhorn's iterations
+are recomputed, not stored.
 """
 
 import os
@@ -64,10 +73,9 @@ def no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
 
 
-# --- x phi^T and sum(x^2) -----------------------------------------------------------------------
+# --- the steps, each one Triton kernel or its PyTorch code ------------------------------------
 
-@torch.library.custom_op("llmkit::mhc_project", mutates_args=())
-def mhc_project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
+def project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
     """(x phi^T [M, P], sum_k x_k^2 [M]) for x [M, nC], phi [P, nC], accumulated in fp32."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
         return kernels.project_forward(x, phi)
@@ -75,45 +83,6 @@ def mhc_project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tenso
         xf = x.to(accumulate_dtype(x))
         return xf @ phi.to(xf.dtype).T, xf.square().sum(-1)
 
-
-@mhc_project.register_fake
-def _(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    dtype = accumulate_dtype(x)
-    return x.new_empty(x.shape[0], phi.shape[0], dtype=dtype), x.new_empty(x.shape[0], dtype=dtype)
-
-
-@torch.library.custom_op("llmkit::mhc_project_backward", mutates_args=())
-def mhc_project_backward(
-    grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tensor, use_triton: bool
-) -> tuple[Tensor, Tensor]:
-    """(dL/dx = g phi + 2 x g_sumsq, dL/dphi = g^T x) in x's and phi's dtypes."""
-    if (kernels := triton_kernels(x, use_triton)) is not None:
-        return kernels.project_backward(grad_proj, grad_sumsq, x, phi)
-    with no_autocast(x):
-        xf = x.to(accumulate_dtype(x, grad_proj))
-        grad_x = grad_proj.to(xf.dtype) @ phi.to(xf.dtype) + 2 * xf * grad_sumsq.to(xf.dtype)[:, None]
-        return grad_x.to(x.dtype), (grad_proj.to(xf.dtype).T @ xf).to(phi.dtype)
-
-
-@mhc_project_backward.register_fake
-def _(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(phi)
-
-
-def _project_setup(ctx, inputs: tuple, output: tuple) -> None:
-    x, phi, ctx.use_triton = inputs
-    ctx.save_for_backward(x, phi)
-
-
-def _project_grad(ctx, grad_proj: Tensor, grad_sumsq: Tensor) -> tuple:
-    x, phi = ctx.saved_tensors
-    return *mhc_project_backward(grad_proj, grad_sumsq, x, phi, ctx.use_triton), None
-
-
-mhc_project.register_autograd(_project_grad, setup_context=_project_setup)
-
-
-# --- H_pre, H_post, H_res (Eq. 7-9) -----------------------------------------------------------
 
 def mapping_logits(
     proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, n: int, width: int, norm_eps: float
@@ -131,8 +100,7 @@ def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return alpha.to(dtype).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
 
 
-@torch.library.custom_op("llmkit::mhc_coefficients", mutates_args=())
-def mhc_coefficients(
+def coefficients(
     proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, n: int, width: int, iters: int, clamp: float,
     eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,14 +115,7 @@ def mhc_coefficients(
         return torch.sigmoid(logits[:, :n]), 2 * torch.sigmoid(logits[:, n:2 * n]), h_res
 
 
-@mhc_coefficients.register_fake
-def _(proj, sumsq, alpha, bias, n, width, iters, clamp, eps, norm_eps, use_triton) -> tuple[Tensor, Tensor, Tensor]:
-    m, dtype = proj.shape[0], accumulate_dtype(proj)
-    return proj.new_empty(m, n, dtype=dtype), proj.new_empty(m, n, dtype=dtype), proj.new_empty(m, n, n, dtype=dtype)
-
-
-@torch.library.custom_op("llmkit::mhc_coefficients_backward", mutates_args=())
-def mhc_coefficients_backward(
+def coefficients_backward(
     grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor,
     n: int, width: int, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -179,29 +140,8 @@ def mhc_coefficients_backward(
         return grad_d * rms_inv, grad_sumsq.squeeze(-1), grad_alpha.to(alpha.dtype), grad_logits.sum(0).to(bias.dtype)
 
 
-@mhc_coefficients_backward.register_fake
-def _(grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias, n, width, iters, clamp, eps, norm_eps, use_triton):
-    return torch.empty_like(proj), torch.empty_like(sumsq), torch.empty_like(alpha), torch.empty_like(bias)
-
-
-def _coefficients_setup(ctx, inputs: tuple, output: tuple) -> None:
-    proj, sumsq, alpha, bias, *ctx.attrs = inputs
-    ctx.save_for_backward(proj, sumsq, alpha, bias)
-
-
-def _coefficients_grad(ctx, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor) -> tuple:
-    grads = mhc_coefficients_backward(grad_pre, grad_post, grad_res, *ctx.saved_tensors, *ctx.attrs)
-    return *grads, *([None] * len(ctx.attrs))
-
-
-mhc_coefficients.register_autograd(_coefficients_grad, setup_context=_coefficients_setup)
-
-
-# --- H_pre X (Eq. 3's sublayer input) ---------------------------------------------------------
-
-@torch.library.custom_op("llmkit::mhc_pre", mutates_args=())
-def mhc_pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
-    """H_pre X = sum_m H_pre[m] X[m]: [M, C] in X's dtype from X [M, n, C] and H_pre [M, n]."""
+def pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
+    """H_pre X = sum_m H_pre[m] X[m]: [M, C] in X's dtype from X [M, n, C] and H_pre [M, n], fp32 math."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
         return kernels.pre_forward(x, h_pre.float())
     with no_autocast(x):
@@ -209,45 +149,7 @@ def mhc_pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
         return torch.bmm(h_pre.to(dtype)[:, None, :], x.to(dtype)).squeeze(1).to(x.dtype)
 
 
-@mhc_pre.register_fake
-def _(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[2])
-
-
-@torch.library.custom_op("llmkit::mhc_pre_backward", mutates_args=())
-def mhc_pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """(dL/dX = H_pre[m] g, dL/dH_pre[m] = <g, X[m]>) for g = dL/d(H_pre X)."""
-    if (kernels := triton_kernels(x, use_triton)) is not None:
-        grad_x, grad_h = kernels.pre_backward(grad, x, h_pre.float())
-        return grad_x, grad_h.to(h_pre.dtype)
-    with no_autocast(x):
-        dtype = accumulate_dtype(x, h_pre)
-        g = grad.to(dtype)
-        grad_x = h_pre.to(dtype)[:, :, None] * g[:, None, :]
-        return grad_x.to(x.dtype), torch.bmm(x.to(dtype), g[:, :, None]).squeeze(-1).to(h_pre.dtype)
-
-
-@mhc_pre_backward.register_fake
-def _(grad: Tensor, x: Tensor, h_pre: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(h_pre)
-
-
-def _pre_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, h_pre, ctx.use_triton = inputs
-    ctx.save_for_backward(x, h_pre)
-
-
-def _pre_grad(ctx, grad: Tensor) -> tuple:
-    return *mhc_pre_backward(grad, *ctx.saved_tensors, ctx.use_triton), None
-
-
-mhc_pre.register_autograd(_pre_grad, setup_context=_pre_setup)
-
-
-# --- H_res X + H_post^T y (Eq. 3's next stream) -----------------------------------------------
-
-@torch.library.custom_op("llmkit::mhc_apply", mutates_args=())
-def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
+def apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
     """X'[i] = sum_m H_res[i, m] X[m] + H_post[i] y: [M, n, C] in X's dtype (y may differ: a bf16
     sublayer output on an fp32 stream), computed in fp32."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
@@ -256,6 +158,151 @@ def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: b
         dtype = accumulate_dtype(x, h_res)
         post = h_post.to(dtype)[:, :, None] * y.to(dtype)[:, None, :]
         return torch.baddbmm(post, h_res.to(dtype), x.to(dtype)).to(x.dtype)
+
+
+def enter(
+    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
+    eps: float, norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(u, H_pre, H_post, H_res, proj, sumsq) of one sublayer from its stream X [M, n, C]."""
+    m, n, c = x.shape
+    proj, sumsq = project(x.reshape(m, n * c), phi, use_triton)
+    if proj_update is not None:
+        proj = proj + proj_update.to(proj.dtype)
+    h_pre, h_post, h_res = coefficients(proj, sumsq, alpha, bias, n, n * c, iters, clamp, eps, norm_eps, use_triton)
+    return pre(x, h_pre, use_triton), h_pre, h_post, h_res, proj, sumsq
+
+
+def _entered_like(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty (u, H_pre, H_post, H_res, proj, sumsq) for X [M, n, C]: the ops' fake results."""
+    m, n, c = x.shape
+    dtype = accumulate_dtype(x)
+    h = [x.new_empty(m, n, dtype=dtype), x.new_empty(m, n, dtype=dtype), x.new_empty(m, n, n, dtype=dtype)]
+    return x.new_empty(m, c), *h, x.new_empty(m, phi.shape[0], dtype=dtype), x.new_empty(m, dtype=dtype)
+
+
+# --- mhc_enter: a sublayer's mapping and input from its stream ------------------------------------
+
+@torch.library.custom_op("llmkit::mhc_enter", mutates_args=())
+def mhc_enter(
+    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
+    eps: float, norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(u = H_pre X [M, C], H_pre, H_post, H_res, proj, sumsq) from X [M, n, C], phi [P, nC],
+    alpha [3] and bias [P] (Eq. 3, 7-9). ``proj_update`` [M, P], if given, is added to x phi^T
+    (a LoRA adapter's term on phi). proj (x phi^T, updated) and sumsq (sum x^2) are returned for
+    the backward only: they carry no gradient."""
+    return enter(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
+
+
+@mhc_enter.register_fake
+def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton):
+    return _entered_like(x, phi)
+
+
+@torch.library.custom_op("llmkit::mhc_enter_backward", mutates_args=())
+def mhc_enter_backward(
+    grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
+    phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
+    eps: float, norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dX, dL/dproj, dL/dphi, dL/dalpha, dL/dbias) of :func:`mhc_enter`, with dL/dX also
+    summing ``grad_x`` (X's gradient from its other reader), all in one pass over X:
+
+        dL/dH_pre = <g_u, X[m]> + grad_pre  ->  (dproj, dsumsq) by the coefficients' backward
+        dL/dX     = grad_x + H_pre[m] g_u + dproj phi + 2 x dsumsq,   dL/dphi = dproj^T x
+    """
+    m, n, c = x.shape
+    coefficient_args = (n, n * c, iters, clamp, eps, norm_eps, use_triton)
+    if (kernels := triton_kernels(x, use_triton)) is not None:
+        grad_h_pre = kernels.pre_backward(grad_u, x) + grad_pre.float()
+        grad_proj, grad_sumsq, grad_alpha, grad_bias = coefficients_backward(
+            grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
+        grad_x, grad_phi = kernels.project_backward(
+            grad_proj, grad_sumsq, x.reshape(m, n * c), phi, None if grad_x is None else grad_x.reshape(m, n * c),
+            (grad_u, h_pre))
+        return grad_x.view(m, n, c), grad_proj, grad_phi.to(phi.dtype), grad_alpha, grad_bias
+    with no_autocast(x):
+        dtype = accumulate_dtype(x, proj)
+        xf, g_u = x.to(dtype), grad_u.to(dtype)
+        grad_h_pre = torch.bmm(xf, g_u[:, :, None]).squeeze(-1) + grad_pre.to(dtype)
+        grad_proj, grad_sumsq, grad_alpha, grad_bias = coefficients_backward(
+            grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
+        flat = xf.reshape(m, n * c)
+        total = (grad_proj @ phi.to(dtype) + 2 * flat * grad_sumsq[:, None]).view(m, n, c)
+        total = total + h_pre.to(dtype)[:, :, None] * g_u[:, None, :]
+        if grad_x is not None:
+            total = total + grad_x.to(dtype)
+        return total.to(x.dtype), grad_proj, (grad_proj.T @ flat).to(phi.dtype), grad_alpha, grad_bias
+
+
+@mhc_enter_backward.register_fake
+def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre, iters, clamp, eps,
+      norm_eps, use_triton):
+    return torch.empty_like(x), torch.empty_like(proj), torch.empty_like(phi), torch.empty_like(alpha), \
+        torch.empty_like(bias)
+
+
+def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
+    x, proj_update, phi, alpha, bias, *ctx.attrs = inputs
+    _, h_pre, _, _, proj, sumsq = output
+    ctx.mark_non_differentiable(proj, sumsq)
+    ctx.has_update = proj_update is not None
+    ctx.save_for_backward(x, phi, alpha, bias, proj, sumsq, h_pre)
+
+
+def _enter_grad(ctx, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
+    grad_x, grad_proj, *grads = mhc_enter_backward(None, grad_u, grad_pre, grad_post, grad_res, *ctx.saved_tensors,
+                                                    *ctx.attrs)
+    return grad_x, grad_proj if ctx.has_update else None, *grads, *([None] * len(ctx.attrs))
+
+
+mhc_enter.register_autograd(_enter_grad, setup_context=_enter_setup)
+
+
+# --- mhc_boundary: the previous sublayer's write-back, then mhc_enter ----------------------------
+
+@torch.library.custom_op("llmkit::mhc_boundary", mutates_args=())
+def mhc_boundary(
+    x_prev: Tensor, y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, phi: Tensor, alpha: Tensor,
+    bias: Tensor, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(X, u, H_pre, H_post, H_res, proj, sumsq): X = H_res' X' + H_post'^T y' [M, n, C] from the
+    previous sublayer's stream X' = ``x_prev``, output y' and coefficients (Eq. 3), then
+    :func:`mhc_enter` on X. X is read by nothing else, so its gradient is never summed."""
+    x = apply(x_prev, y_prev, h_post_prev, h_res_prev, use_triton)
+    return x, *enter(x, None, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
+
+
+@mhc_boundary.register_fake
+def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton):
+    return torch.empty_like(x_prev), *_entered_like(x_prev, phi)
+
+
+def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
+    x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, *ctx.attrs = inputs
+    x, _, h_pre, _, _, proj, sumsq = output
+    ctx.mark_non_differentiable(proj, sumsq)
+    ctx.save_for_backward(x_prev, y_prev, h_post_prev, h_res_prev, x, phi, alpha, bias, proj, sumsq, h_pre)
+
+
+def _boundary_grad(ctx, grad_x, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
+    x_prev, y_prev, h_post_prev, h_res_prev, *entered = ctx.saved_tensors
+    grad_x, _, *grads = mhc_enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, *entered, *ctx.attrs)
+    use_triton = ctx.attrs[-1]
+    return *mhc_apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), *grads, \
+        *([None] * len(ctx.attrs))
+
+
+mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
+
+
+# --- H_res X + H_post^T y (Eq. 3's next stream) -----------------------------------------------
+
+@torch.library.custom_op("llmkit::mhc_apply", mutates_args=())
+def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
+    """The last sublayer's write-back, :func:`apply` (the others' is inside :func:`mhc_boundary`)."""
+    return apply(x, y, h_post, h_res, use_triton)
 
 
 @mhc_apply.register_fake

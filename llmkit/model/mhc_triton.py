@@ -9,7 +9,8 @@ has width K = n C; P = 2n + n^2 mapping logits.
 - :func:`coefficients_forward` / :func:`coefficients_backward`: Eq. 7-9 from (proj, sumsq):
   l = alpha * proj * rsqrt(sumsq / K + norm_eps) + bias, H_pre = sigmoid(l_pre) (Eq. 8),
   H_post = 2 sigmoid(l_post) (Eq. 8), H_res = Sinkhorn-Knopp(l_res) (Eq. 9).
-- :func:`pre_forward` / :func:`pre_backward`: the sublayer's input H_pre X (Eq. 3).
+- :func:`pre_forward` / :func:`pre_backward`: the sublayer's input H_pre X (Eq. 3); the backward
+  gives dL/dH_pre only (:func:`project_backward` adds the pre-aggregation's share of dL/dX).
 - :func:`apply_forward` / :func:`apply_backward`: Eq. 3's update X' = H_res X + H_post^T y.
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
@@ -168,17 +169,26 @@ def _project_bwd_kernel(
     phi_ptr,
     grad_x_ptr,
     grad_phi_partial_ptr,
+    grad_in_ptr,
+    grad_u_ptr,
+    h_pre_ptr,
     M,
     K,
     P,
+    C,
+    N,
     rows_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_IN: tl.constexpr,
+    HAS_PRE: tl.constexpr,
 ):
     """Grid (cdiv(K, BLOCK_K), S): a column block of x for one of S row ranges. Writes grad_x for its
-    tile and its fp32 partial of grad_phi [BLOCK_P, BLOCK_K] (summed over S by the caller)."""
+    tile and its fp32 partial of grad_phi [BLOCK_P, BLOCK_K] (summed over S by the caller). With
+    HAS_GRAD_IN grad_x also adds grad_in [M, K]; with HAS_PRE the pre-aggregation's term
+    H_pre[m] g_u[c] for column k = m C + c (g_u [M, C], H_pre [M, N])."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     split = tl.program_id(1)
@@ -200,15 +210,32 @@ def _project_bwd_kernel(
         x = tl.load(x_ptr + offsets, mask=xk_ok, other=0.0).to(tl.float32)
         gp = gp.to(tl.float32)
         grad_x = tl.dot(gp, phi, input_precision=DOT_PRECISION) + 2.0 * x * gs[:, None]
+        if HAS_GRAD_IN:
+            grad_x += tl.load(grad_in_ptr + offsets, mask=xk_ok, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            streams = ks // C
+            wide_rows = rows.to(tl.int64)[:, None]
+            g_u = tl.load(grad_u_ptr + wide_rows * C + (ks - streams * C)[None, :], mask=xk_ok, other=0.0)
+            h = tl.load(h_pre_ptr + wide_rows * N + streams[None, :], mask=xk_ok, other=0.0)
+            grad_x += h * g_u.to(tl.float32)
         tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=xk_ok)
         acc = tl.dot(tl.trans(gp), x, acc, input_precision=DOT_PRECISION)
     partial = grad_phi_partial_ptr + split.to(tl.int64) * P * K
     tl.store(partial + ps[:, None] * K + ks[None, :], acc, mask=tile_ok)
 
 
-def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+def project_backward(
+    grad_proj: Tensor,
+    grad_sumsq: Tensor,
+    x: Tensor,
+    phi: Tensor,
+    grad_in: Tensor | None = None,
+    pre: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Backward of :func:`project_forward`. Returns grad_x = grad_proj phi + 2 x grad_sumsq [M, K] in
     x.dtype and grad_phi = grad_proj^T x [P, K] in phi.dtype, fp32 math (fp32 dots: :func:`_fp32_dot_precision`).
+    grad_x also sums, in the same pass, ``grad_in`` [M, K] (x's gradient from elsewhere) and, for
+    ``pre`` = (g_u [M, C], H_pre [M, n]), the pre-aggregation's H_pre[m] g_u (x = vec X, K = n C).
 
     One read of x, one write of grad_x. The rows are split into S ranges, each program writing an
     fp32 grad_phi partial [P, BLOCK_K]; the [S, P, K] partials are summed with torch (deterministic).
@@ -219,6 +246,11 @@ def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tens
     x, phi = x.contiguous(), phi.contiguous()
     M, K = x.shape
     P = phi.shape[0]
+    grad_u, h_pre = (pre[0].contiguous(), pre[1].float().contiguous()) if pre is not None else (x, x)
+    n = h_pre.shape[1] if pre is not None else 1
+    if pre is not None and (grad_u.shape[0] != M or n * grad_u.shape[1] != K):
+        raise ValueError(f"pre: g_u {tuple(grad_u.shape)} and H_pre {tuple(h_pre.shape)} do not match x {(M, K)}")
+    grad_in = grad_in.contiguous() if grad_in is not None else None
     k_blocks = triton.cdiv(K, PROJECT_BLOCK_K)
     row_blocks = triton.cdiv(M, PROJECT_BWD_BLOCK_M)
     splits = min(row_blocks, max(1, PROJECT_BWD_PROGRAMS // k_blocks))
@@ -233,14 +265,21 @@ def project_backward(grad_proj: Tensor, grad_sumsq: Tensor, x: Tensor, phi: Tens
         _dot_weight(phi, x),
         grad_x,
         partial,
+        x if grad_in is None else grad_in,  # placeholders are never read
+        grad_u,
+        h_pre,
         M,
         K,
         P,
+        K // n,
+        n,
         rows_per_split,
         BLOCK_M=PROJECT_BWD_BLOCK_M,
         BLOCK_K=PROJECT_BLOCK_K,
         BLOCK_P=max(16, triton.next_power_of_2(P)),
         DOT_PRECISION=_fp32_dot_precision(),
+        HAS_GRAD_IN=grad_in is not None,
+        HAS_PRE=pre is not None,
         num_warps=8,  # four fp32 tiles live at once (phi, x, grad_x, the grad_phi accumulator)
         num_stages=1,
     )
@@ -608,45 +647,38 @@ def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
 def _pre_bwd_kernel(
     grad_out_ptr,
     x_ptr,
-    h_pre_ptr,
-    grad_x_ptr,
     grad_h_ptr,
     C,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (M,): one token per program, looping over C. grad_x[m] = H_pre[m] g and
-    grad_h[m] = sum_c g[c] X[m, c]."""
+    """Grid (M,): one token per program, looping over C: grad_h[m] = sum_c g[c] X[m, c]."""
     tok = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     r_ok = rows < N
-    h = tl.load(h_pre_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((NP,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = cols < C
         g = tl.load(grad_out_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
         offsets = (tok * N + rows[:, None]) * C + cols[None, :]
-        tile_ok = r_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-        tl.store(grad_x_ptr + offsets, (h[:, None] * g[None, :]).to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
+        x = tl.load(x_ptr + offsets, mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x * g[None, :], axis=1)
     tl.store(grad_h_ptr + tok * N + rows, acc, mask=r_ok)
 
 
-def pre_backward(grad_out: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward of :func:`pre_forward`: grad_x [M, n, C] in x.dtype and grad_h_pre [M, n] fp32, one pass."""
+def pre_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    """dL/dH_pre [M, n] fp32 of :func:`pre_forward`, <g, X[m]>, one read of x. Its other term,
+    dL/dX = H_pre[m] g, :func:`project_backward` adds in its own pass over x (``pre``)."""
     _check_stream_dtype(x, "x")
-    grad_out, x, h_pre = grad_out.contiguous(), x.contiguous(), h_pre.contiguous()
+    grad_out, x = grad_out.contiguous(), x.contiguous()
     M, n, C = x.shape
-    n_pad = _padded_streams(n)
-    grad_x = torch.empty_like(x)
     grad_h = torch.empty(M, n, device=x.device, dtype=torch.float32)
     _pre_bwd_kernel[(M,)](
-        grad_out, x, h_pre, grad_x, grad_h, C, N=n, NP=n_pad, BLOCK_C=_stream_block(C), num_warps=NUM_WARPS
+        grad_out, x, grad_h, C, N=n, NP=_padded_streams(n), BLOCK_C=_stream_block(C), num_warps=NUM_WARPS
     )
-    return grad_x, grad_h
+    return grad_h
 
 
 @triton.jit

@@ -3,9 +3,10 @@
     M_0 = exp(clamp(H~, -c, c));   M_t = T_r(T_c(M_{t-1}));   H_res = M_{t_max}
 
 T_c divides each column by its sum (plus eps), T_r each row. Both functions compute in fp32
-(fp64 for fp64 input) whatever the input dtype. They are the PyTorch code of the
-``llmkit::mhc_coefficients`` op (llmkit/model/mhc_ops.py), whose backward recomputes the
-iterations instead of keeping them, as the mHC paper's kernel does on chip:
+(fp64 for fp64 input) whatever the input dtype. They are the PyTorch code of the mHC ops'
+coefficient step (``coefficients`` and ``coefficients_backward`` in llmkit/model/mhc_ops.py),
+whose backward recomputes the iterations instead of keeping them, as the mHC paper's kernel
+does on chip:
 
 - :func:`sinkhorn_knopp`: the forward, plain tensor ops (autograd through it keeps every
   iteration's tensors, which is why the op does not use it for training).

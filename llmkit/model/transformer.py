@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
-from llmkit.model.mhc import MHCResidual
+from llmkit.model.mhc import MHCResidual, Pending, finish
 from llmkit.model.mla import MultiHeadLatentAttention
 from llmkit.model.moe import GroupedLinear, MoEFeedForward
 
@@ -42,32 +42,34 @@ class Block(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Pending,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_pos: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Pending:
         """One block; with ``config.gradient_checkpointing`` in training, its activations are
         recomputed in backward. The checkpoint sits inside this forward so that a compiled block
         (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too.
-        ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them)."""
+        ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them).
+        With mHC the stream comes in and goes out :class:`~llmkit.model.mhc.Pending` (the first
+        block takes the embedded stream X [B, T, n, C])."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, use_reentrant=False)
         return self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids)
 
     def sublayers(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Pending,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
         cache_pos: torch.Tensor | None,
         token_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Pending:
         def attn(h: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(h), cos, sin, mask, kv_cache, cache_pos)
 
@@ -158,13 +160,15 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx)
         if self.config.n_streams > 1:
-            x = x.mean(dim=2)
+            x = finish(x, self.config.mhc.implementation == "auto").mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place. Blocks share one code path and, with parameters
-        traced as inputs, one compiled graph: compile time is that of a single block, not of
-        the depth (each mHC residual is four opaque custom ops, llmkit/model/mhc_ops.py)."""
+        traced as inputs, one compiled graph (with mHC two: the first block takes the embedded
+        stream, the others the previous block's Pending one): compile time is that of a block or
+        two, not of the depth (each mHC residual is one opaque custom op forward and two
+        backward, llmkit/model/mhc_ops.py)."""
         for block in self.blocks:
             block.compile()
 
