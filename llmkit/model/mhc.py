@@ -64,7 +64,7 @@ def finish(stream: torch.Tensor | Pending, use_triton: bool) -> torch.Tensor:
     ``use_triton``: ``mhc.implementation == "auto"``."""
     if not isinstance(stream, Pending):
         return stream
-    *lead, n, c = stream.x.shape
+    n, c = stream.x.shape[-2:]
     mixed = mhc_ops.mhc_apply(stream.x.reshape(-1, n, c), stream.y.reshape(-1, c), stream.h_post.reshape(-1, n),
                               stream.h_res.reshape(-1, n, n), use_triton)
     return mixed.view(stream.x.shape)
@@ -126,7 +126,7 @@ class MHCMapping(nn.Module):
             *lead, n, c = x.shape
             flat = x.reshape(-1, n, c)
             # LoRA on phi (targets: [phi]) adds its term to x phi^T, before the norm's 1/rms
-            update = self.phi.low_rank(flat.view(-1, n * c)) if lora else None
+            update = self.phi.low_rank(flat.reshape(-1, n * c)) if lora else None
             u, h_pre, h_post, h_res, _, _ = mhc_ops.mhc_enter(flat, update, self.phi.weight, alpha, bias, *settings)
         return Entry(x.view(*lead, n, c), u.view(*lead, c), h_pre.view(*lead, n), h_post.view(*lead, n),
                      h_res.view(*lead, n, n))
