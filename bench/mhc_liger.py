@@ -71,7 +71,7 @@ def residual_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with the next sublayer's mapping), so :func:`finish` does it here, as after a model's last one."""
     if isinstance(module, LigerResidual):
         return module(x, torch.tanh)
-    return finish(module(x, torch.tanh), module.mapping.use_triton)
+    return finish(module(x, torch.tanh), module.mapping.cfg.use_triton)
 
 
 def make_residual(args: argparse.Namespace, alpha: float, device: torch.device) -> MHCResidual:

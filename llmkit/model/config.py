@@ -50,6 +50,11 @@ class MHCConfig:
     post_init: str = "split"
     implementation: str = "auto"  # auto or torch (a str: the earlier values still parse)
 
+    @property
+    def use_triton(self) -> bool:
+        """Whether the mHC ops may run their Triton kernels (``implementation: auto``)."""
+        return self.implementation == "auto"
+
     def __post_init__(self) -> None:
         if self.post_init in POST_INIT_RENAMED:
             new = POST_INIT_RENAMED[self.post_init]

@@ -47,6 +47,12 @@ class Pending(NamedTuple):
     h_post: torch.Tensor  # [B, T, n]
     h_res: torch.Tensor  # [B, T, n, n]
 
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(X [M, n, C], y [M, C], H_post [M, n], H_res [M, n, n]) with the tokens flattened
+        (M = B T), as the ops take them."""
+        n, c = self.x.shape[-2:]
+        return self.x.reshape(-1, n, c), self.y.reshape(-1, c), self.h_post.reshape(-1, n), self.h_res.reshape(-1, n, n)
+
 
 class Entry(NamedTuple):
     """What :class:`MHCMapping` gives a sublayer: its stream X, its input u = H_pre X and its
@@ -61,13 +67,10 @@ class Entry(NamedTuple):
 
 def finish(stream: torch.Tensor | Pending, use_triton: bool) -> torch.Tensor:
     """The stream [B, T, n, C] with any pending write-back applied (after the last sublayer);
-    ``use_triton``: ``mhc.implementation == "auto"``."""
+    ``use_triton``: :attr:`MHCConfig.use_triton <llmkit.model.config.MHCConfig.use_triton>`."""
     if not isinstance(stream, Pending):
         return stream
-    n, c = stream.x.shape[-2:]
-    mixed = mhc_ops.mhc_apply(stream.x.reshape(-1, n, c), stream.y.reshape(-1, c), stream.h_post.reshape(-1, n),
-                              stream.h_res.reshape(-1, n, n), use_triton)
-    return mixed.view(stream.x.shape)
+    return mhc_ops.mhc_apply(*stream.flat(), use_triton).view(stream.x.shape)
 
 
 class MHCMapping(nn.Module):
@@ -104,25 +107,20 @@ class MHCMapping(nn.Module):
         eye = torch.eye(n, dtype=torch.bool)
         self.b_res.copy_(torch.where(eye, self.cfg.res_bias, -self.cfg.res_bias))
 
-    @property
-    def use_triton(self) -> bool:
-        return self.cfg.implementation == "auto"
-
     def forward(self, stream: torch.Tensor | Pending) -> Entry:
         """The sublayer's :class:`Entry` from its stream: X itself, or the previous sublayer's
         :class:`Pending` output, whose write-back the same op applies first (``mhc_boundary``)."""
         cfg = self.cfg
         alpha = torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res))
         bias = torch.cat((self.b_pre, self.b_post, self.b_res.flatten()))
-        settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, self.use_triton)
+        settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, cfg.use_triton)
         lora = isinstance(self.phi, LoRALinear) and self.phi.active
         if isinstance(stream, Pending) and not lora:
             *lead, n, c = stream.x.shape
-            x, u, h_pre, h_post, h_res, _, _ = mhc_ops.mhc_boundary(
-                stream.x.reshape(-1, n, c), stream.y.reshape(-1, c), stream.h_post.reshape(-1, n),
-                stream.h_res.reshape(-1, n, n), self.phi.weight, alpha, bias, *settings)
+            x, u, h_pre, h_post, h_res, _, _ = mhc_ops.mhc_boundary(*stream.flat(), self.phi.weight, alpha, bias,
+                                                                     *settings)
         else:
-            x = finish(stream, self.use_triton)
+            x = finish(stream, cfg.use_triton)
             *lead, n, c = x.shape
             flat = x.reshape(-1, n, c)
             # LoRA on phi (targets: [phi]) adds its term to x phi^T, before the norm's 1/rms

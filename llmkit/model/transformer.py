@@ -160,7 +160,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx)
         if self.config.n_streams > 1:
-            x = finish(x, self.config.mhc.implementation == "auto").mean(dim=2)
+            x = finish(x, self.config.mhc.use_triton).mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
 
     def compile_blocks(self) -> None:
