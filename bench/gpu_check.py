@@ -66,6 +66,8 @@ MEM_RATIO_BOUND = 1.25
 """n = 4 / n = 1 CUDA peak memory, at most, for every model."""
 DECODE_TARGET = {"model": "120m", "n_streams": 4, "batch": 64, "bound": 40_000.0}
 """Compiled decode new tokens/s, at least."""
+COPIES = ("Memcpy", "Memset")
+"""The profiler's CUDA events that are copies, not kernels."""
 MHC_KERNEL = re.compile(r"_((?:project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
 """The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
@@ -223,18 +225,24 @@ def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dic
         throughput.sync()
     events = prof.events()
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = cuda_kernels(events)
     if throughput.CUDA and not gpu:
         raise RuntimeError("the profiler recorded no CUDA events (is CUPTI available?)")
-    copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in gpu)
+    copies = len(gpu) - len(kernels)
     cpu_ops = sum(e.device_type == torch.autograd.DeviceType.CPU and e.name != "[memory]" for e in events)
     del model, optimizer
     stream = torch.bfloat16 if config.bf16_residual and ns.precision == "bf16-mixed" else torch.float32
     return {"model": name, "n_streams": n_streams, "n_layers": config.n_layers,
             "counted": "cuda_kernels" if throughput.CUDA else "cpu_op_events",
-            "count": len(gpu) - copies if throughput.CUDA else cpu_ops,
-            "cuda_kernels": len(gpu) - copies, "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops,
+            "count": len(kernels) if throughput.CUDA else cpu_ops,
+            "cuda_kernels": len(kernels), "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops,
             **step_time_by_kernel(events, throughput.CUDA, n_streams, config.d_model,
                                   ns.batch_size * ns.seq_len, stream)}
+
+
+def cuda_kernels(events: list) -> list:
+    """The profiler's CUDA kernel events: its CUDA events less the copies (memcpy, memset)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(COPIES)]
 
 
 def step_time_by_kernel(events: list, cuda: bool, n: int, d_model: int, tokens: int, stream: torch.dtype) -> dict:
@@ -244,8 +252,7 @@ def step_time_by_kernel(events: list, cuda: bool, n: int, d_model: int, tokens: 
     CPU: the llmkit ops' CPU milliseconds (no kernel total, no bandwidth)."""
     by_kernel: dict[str, dict] = {}
     if cuda:
-        timed = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                 and not e.name.startswith(("Memcpy", "Memset"))]
+        timed = cuda_kernels(events)
         named = [(m.group(1), e) for e in timed if (m := MHC_KERNEL.search(e.name))]
     else:
         named = [(e.name.removeprefix("llmkit::"), e) for e in events
