@@ -32,24 +32,34 @@ def literal_apply(stream: torch.Tensor | Pending) -> torch.Tensor:
         return (mixed + h_post.to(dtype)[..., None] * y.to(dtype)[..., None, :]).to(x.dtype)
 
 
-def literal_coefficients(mapping: MHCMapping, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(H_pre, H_post, H_res) for X [..., n, C] by Eq. 7-9 as written."""
+def literal_coefficients(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, norm_eps: float, iters: int,
+    clamp: float, eps: float, update: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H_pre, H_post, H_res) for X [..., n, C] by Eq. 7-9 as written, from phi [2n + n^2, nC],
+    alpha = (alpha_pre, alpha_post, alpha_res) and b = (b_pre, b_post, vec b_res). ``update``, if
+    given, is a term of x phi^T (a LoRA adapter's), normalised with it."""
     *lead, n, c = x.shape
     x_flat = upcast(x.reshape(*lead, n * c))
-    x_norm = x_flat * torch.rsqrt(x_flat.square().mean(-1, keepdim=True) + mapping.norm_eps)
-    d = x_norm @ mapping.phi.weight.to(x_flat.dtype).T
+    rms_inv = torch.rsqrt(x_flat.square().mean(-1, keepdim=True) + norm_eps)
+    d = (x_flat * rms_inv) @ phi.to(x_flat.dtype).T
+    if update is not None:
+        d = d + update * rms_inv
     d_pre, d_post, d_res = d.split((n, n, n * n), dim=-1)
-    h_pre = torch.sigmoid(mapping.alpha_pre * d_pre + mapping.b_pre)
-    h_post = 2 * torch.sigmoid(mapping.alpha_post * d_post + mapping.b_post)
-    logits = mapping.alpha_res * d_res.reshape(*lead, n, n) + mapping.b_res
-    cfg = mapping.cfg
-    return h_pre, h_post, sinkhorn_knopp(logits, cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps)
+    h_pre = torch.sigmoid(alpha[0] * d_pre + bias[:n])
+    h_post = 2 * torch.sigmoid(alpha[1] * d_post + bias[n:2 * n])
+    logits = alpha[2] * d_res.reshape(*lead, n, n) + bias[2 * n:].reshape(n, n)
+    return h_pre, h_post, sinkhorn_knopp(logits, iters, clamp, eps)
 
 
 def literal_mapping(mapping: MHCMapping, stream: torch.Tensor | Pending) -> Entry:
     """The sublayer's stream (any pending write-back applied), input H_pre X and mappings."""
     x = literal_apply(stream)
-    h_pre, h_post, h_res = literal_coefficients(mapping, x)
+    cfg = mapping.cfg
+    alpha = torch.stack((mapping.alpha_pre, mapping.alpha_post, mapping.alpha_res))
+    bias = torch.cat((mapping.b_pre, mapping.b_post, mapping.b_res.flatten()))
+    h_pre, h_post, h_res = literal_coefficients(x, mapping.phi.weight, alpha, bias, mapping.norm_eps,
+                                                cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps)
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.promote_types(x.dtype, h_pre.dtype)
         u = torch.einsum("...n,...nc->...c", h_pre.to(dtype), x.to(dtype)).to(x.dtype)

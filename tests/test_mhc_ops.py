@@ -25,7 +25,7 @@ from llmkit.model.mhc import MHCResidual, Pending, finish
 from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_backward
 from llmkit.model.transformer import Transformer
 from llmkit.profiling import saved_activation_bytes
-from tests.mhc_oracle import literal_mapping, literal_mhc, loss_and_grads
+from tests.mhc_oracle import literal_coefficients, literal_mapping, literal_mhc, loss_and_grads
 
 VOCAB = 97
 
@@ -103,13 +103,8 @@ def test_every_op_passes_opcheck(dtype):
 
 def literal_enter(x, update, phi, alpha, bias):
     """(u, H_pre, H_post, H_res) of Eq. 3 and 7-9 as written, autograd through the unrolled Sinkhorn."""
-    n = x.shape[1]
-    xf = x.flatten(1)
-    d = (xf @ phi.T + (0 if update is None else update)) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
-    logits = alpha.repeat_interleave(torch.tensor([n, n, n * n])) * d + bias
-    h_pre = torch.sigmoid(logits[:, :n])
-    h_res = sinkhorn_knopp(logits[:, 2 * n:].reshape(-1, n, n), 20, 15.0, 1e-8)
-    return torch.einsum("mn,mnc->mc", h_pre, x), h_pre, 2 * torch.sigmoid(logits[:, n:2 * n]), h_res
+    h_pre, h_post, h_res = literal_coefficients(x, phi, alpha, bias, 1e-6, 20, 15.0, 1e-8, update)
+    return torch.einsum("mn,mnc->mc", h_pre, x), h_pre, h_post, h_res
 
 
 def check_against(ops_out, oracle_out, ops_in, oracle_in, names) -> list[torch.Tensor]:
