@@ -52,9 +52,9 @@ class LigerResidual(nn.Module):
         m = residual.mapping
         self.n, self.cfg, self.norm_eps = m.n, m.cfg, m.norm_eps
         self.phi = nn.Parameter(m.phi.weight.detach().t().contiguous().to(dtype))
-        self.b = nn.Parameter(torch.cat((m.b_pre, m.b_post, m.b_res.flatten())).detach().float())
-        self.alphas = nn.ParameterList(nn.Parameter(a.detach().float().clone())
-                                       for a in (m.alpha_pre, m.alpha_post, m.alpha_res))
+        alpha, bias = (t.detach().float() for t in m.alpha_and_bias())
+        self.b = nn.Parameter(bias)
+        self.alphas = nn.ParameterList(nn.Parameter(a.clone()) for a in alpha)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ops.liger_mhc_coeffs(
@@ -94,8 +94,7 @@ def doubly_stochastic_error(h_res: torch.Tensor) -> tuple[float, float]:
 def largest_residual_logit(mapping: nn.Module, x: torch.Tensor) -> float:
     """max |H~_res| (Eq. 7's alpha_res * (x' phi_res) + b_res) of an fp64 mapping over x [M, n, C]."""
     proj, sumsq = mhc_ops.project(x.flatten(1), mapping.phi.weight, False)
-    alpha = torch.stack((mapping.alpha_pre, mapping.alpha_post, mapping.alpha_res))
-    bias = torch.cat((mapping.b_pre, mapping.b_post, mapping.b_res.flatten()))
+    alpha, bias = mapping.alpha_and_bias()
     logits, _, _ = mhc_ops.mapping_logits(proj, sumsq, alpha, bias, mapping.n, x[0].numel(), mapping.norm_eps)
     return logits[:, 2 * mapping.n:].abs().max().item()
 

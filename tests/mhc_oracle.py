@@ -56,8 +56,7 @@ def literal_mapping(mapping: MHCMapping, stream: torch.Tensor | Pending) -> Entr
     """The sublayer's stream (any pending write-back applied), input H_pre X and mappings."""
     x = literal_apply(stream)
     cfg = mapping.cfg
-    alpha = torch.stack((mapping.alpha_pre, mapping.alpha_post, mapping.alpha_res))
-    bias = torch.cat((mapping.b_pre, mapping.b_post, mapping.b_res.flatten()))
+    alpha, bias = mapping.alpha_and_bias()
     h_pre, h_post, h_res = literal_coefficients(x, mapping.phi.weight, alpha, bias, mapping.norm_eps,
                                                 cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps)
     with torch.autocast(x.device.type, enabled=False):

@@ -107,12 +107,16 @@ class MHCMapping(nn.Module):
         eye = torch.eye(n, dtype=torch.bool)
         self.b_res.copy_(torch.where(eye, self.cfg.res_bias, -self.cfg.res_bias))
 
+    def alpha_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_pre, alpha_post, alpha_res) [3] and (b_pre, b_post, vec b_res) [2n + n^2], as the ops take them."""
+        return (torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res)),
+                torch.cat((self.b_pre, self.b_post, self.b_res.flatten())))
+
     def forward(self, stream: torch.Tensor | Pending) -> Entry:
         """The sublayer's :class:`Entry` from its stream: X itself, or the previous sublayer's
         :class:`Pending` output, whose write-back the same op applies first (``mhc_boundary``)."""
         cfg = self.cfg
-        alpha = torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res))
-        bias = torch.cat((self.b_pre, self.b_post, self.b_res.flatten()))
+        alpha, bias = self.alpha_and_bias()
         settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, cfg.use_triton)
         lora = isinstance(self.phi, LoRALinear) and self.phi.active
         if isinstance(stream, Pending) and not lora:
