@@ -9,14 +9,19 @@
 # picks the interpreter (default python3). Exits 2 with one line when that python sees no GPU;
 # for a CPU smoke run call `python -m bench.gpu_check ... --device cpu` directly.
 #
-# Then, where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
-# minute). For a GPU machine without network, unpack its wheel into .cache/liger (ignored by git)
-# where there is network, and bring that folder along:
+# Then, while less than EXTRA_BEFORE_S seconds (default 450) have passed, so that the whole
+# command ends within about 9.5 minutes:
+# - bench/mhc_kernel_variants.py times each mHC kernel alone in the variants worth choosing
+#   between (tiles, the backward's dot precision), with its error against fp64 (about a minute);
+# - where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
+#   minute). For a GPU machine without network, unpack its wheel into .cache/liger (ignored by
+#   git) where there is network, and bring that folder along:
 #   pip download liger-kernel==0.8.5 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/*.whl .cache/liger
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
+EXTRA_BEFORE_S="${EXTRA_BEFORE_S:-450}"
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
     echo "gpu_check: no CUDA device: '$PYTHON' cannot import torch or torch.cuda.is_available() is False; run this on a GPU machine" >&2
     exit 2
@@ -24,9 +29,16 @@ fi
 [ -d .cache/liger ] && export PYTHONPATH="$PYTHONPATH:$PWD/.cache/liger"
 status=0
 "$PYTHON" -m bench.gpu_check "$@" || status=$?
-if "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
+if [ "$SECONDS" -lt "$EXTRA_BEFORE_S" ]; then
+    "$PYTHON" -m bench.mhc_kernel_variants || status=$?
+else
+    echo "gpu_check: ${SECONDS} s have passed; bench/mhc_kernel_variants.py not run"
+fi
+if ! "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
+    echo "gpu_check: liger-kernel does not import here; its comparison (bench/mhc_liger.py) not run"
+elif [ "$SECONDS" -lt "$EXTRA_BEFORE_S" ]; then
     "$PYTHON" -m bench.mhc_liger || status=$?
 else
-    echo "gpu_check: liger-kernel does not import here; its comparison (bench/mhc_liger.py) not run"
+    echo "gpu_check: ${SECONDS} s have passed; bench/mhc_liger.py not run"
 fi
 exit "$status"

@@ -57,6 +57,10 @@ COEFF_BLOCK_ELEMENTS = 512  # tokens per coefficient program = this / padded n^2
 # 512 programs for 16k tokens, 32 (forward) and 56 (backward) registers per thread on sm_90 (2048: 90 and 231)
 STREAM_BLOCK_C = 512  # channels per program (or per loop step) in the pre/apply kernels
 NUM_WARPS = 4
+FP32_DOT_PRECISION: str | None = None
+"""tl.dot's input_precision for fp32 operands ("ieee", "tf32" or "tf32x3"); None follows torch's float32
+matmul precision. On a GPU "ieee" runs on CUDA cores, the others on tensor cores (tf32x3: three tf32
+products, about fp32's accuracy); bench/mhc_kernel_variants.py times and checks each."""
 
 
 def _check_stream_dtype(t: Tensor, name: str) -> None:
@@ -74,7 +78,10 @@ def _dot_weight(phi: Tensor, x: Tensor) -> Tensor:
 
 
 def _fp32_dot_precision() -> str:
-    """tl.dot's input_precision for fp32 operands, as torch.get_float32_matmul_precision() asks."""
+    """tl.dot's input_precision for fp32 operands: FP32_DOT_PRECISION if set, else what
+    torch.get_float32_matmul_precision() asks."""
+    if FP32_DOT_PRECISION is not None:
+        return FP32_DOT_PRECISION
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 

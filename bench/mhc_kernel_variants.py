@@ -1,0 +1,189 @@
+"""Each mHC Triton kernel alone at a training shape, in the variants worth choosing between on a GPU:
+time, achieved bandwidth and error against fp64.
+
+    python bench/mhc_kernel_variants.py                    # CUDA: n = 4, C = 768, 16k tokens, bf16 stream
+    python bench/mhc_kernel_variants.py --d-model 1024     # the 350m width
+    TRITON_INTERPRET=1 python bench/mhc_kernel_variants.py --tokens 32 --d-model 16 --dtype fp32  # CPU: errors only
+
+The variants are module-level settings of llmkit/model/mhc_triton.py, each set for one kernel
+while it runs ("*" marks the setting in force):
+
+- project backward: FP32_DOT_PRECISION "ieee" (CUDA-core FMAs, what torch's default "highest"
+  float32 matmul precision gives), "tf32" and "tf32x3" (tensor cores). At C = 768 its two dots
+  are 2 x 32 x nC multiply-adds per token, about as long on an H200's CUDA cores as the kernel's
+  memory traffic, so "ieee" may make it compute-bound (docs/performance.md);
+- project forward: PROJECT_BLOCK_M 32 and 64 tokens per program;
+- coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
+- pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program.
+
+Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA only. Bandwidth:
+the launch's tensor bytes, as bench/mhc_triton_compile.py counts them, over that time. Error: the
+largest ||out - ref|| / ||ref|| over the kernel's outputs, ref the same math in fp64 (llmkit's
+PyTorch ops) on the same inputs (phi rounded to the stream's dtype, as the projection's dot sees
+it). Inputs are random, never zeros. Under the interpreter every dot is fp32 whatever the precision
+asked, so there the rows check the code path, not tf32's error. Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bench.mhc_triton_compile import RecordedLaunches, tensor_bytes
+from llmkit.io import write_json_atomic
+from llmkit.model import mhc_ops, mhc_triton
+from llmkit.profiling import device_description
+
+ITERS, CLAMP, EPS, NORM_EPS = 20, 15.0, 1e-8, 1e-6
+VARIANTS_JSON = "mhc_kernel_variants.json"
+
+
+@dataclass
+class Case:
+    """One wrapper of mhc_triton, its kernel, the setting varied and its fp64 reference outputs."""
+
+    name: str
+    kernel: str
+    setting: str
+    values: tuple
+    run: Callable[[], tuple[Tensor, ...]]
+    reference: tuple[Tensor, ...]
+
+
+@contextlib.contextmanager
+def setting(name: str, value: object) -> Iterator[None]:
+    saved = getattr(mhc_triton, name)
+    setattr(mhc_triton, name, value)
+    try:
+        yield
+    finally:
+        setattr(mhc_triton, name, saved)
+
+
+def launch_bytes(case: Case) -> int:
+    """The tensor bytes of the launches the case makes (recorded, not run)."""
+    kernel = getattr(mhc_triton, case.kernel)
+    recorder = RecordedLaunches(kernel)
+    setattr(mhc_triton, case.kernel, recorder)
+    try:
+        case.run()
+    finally:
+        setattr(mhc_triton, case.kernel, kernel)
+    return sum(tensor_bytes(a, k) for a, k in recorder.launches)
+
+
+def relative_error(outputs: tuple[Tensor, ...], reference: tuple[Tensor, ...]) -> float:
+    return max(((o.double() - r).norm() / r.norm()).item() for o, r in zip(outputs, reference, strict=True))
+
+
+def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """Every kernel on random inputs of one sublayer's shape, with its fp64 reference."""
+    g = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g, device=device)
+
+    p, k = 2 * n + n * n, n * c
+    x, y, phi = randn(tokens, n, c, dtype=dtype), randn(tokens, c, dtype=dtype), randn(p, k) / k**0.5
+    h_pre, h_post, h_res = rand(tokens, n), 2 * rand(tokens, n), rand(tokens, n, n)
+    grad_stream, grad_u = randn(tokens, n, c, dtype=dtype), randn(tokens, c, dtype=dtype)
+    grad_proj, grad_sumsq = randn(tokens, p), randn(tokens) / k
+    grad_h = (randn(tokens, n), randn(tokens, n), randn(tokens, n, n))
+    alpha, bias = torch.tensor([1.0, 1.0, 1.0], device=device), randn(p)
+    x64, y64, phi64 = x.double(), y.double(), phi.to(dtype).double()
+    flat, flat64 = x.view(tokens, k), x64.view(tokens, k)
+    proj64, sumsq64 = mhc_ops.project(flat64, phi64, False)
+    proj, sumsq = proj64.float(), sumsq64.float()
+    coefficient_args = (n, k, ITERS, CLAMP, EPS, NORM_EPS)
+    pre_term = (h_pre.double()[:, :, None] * grad_u.double()[:, None, :]).view(tokens, k)
+    tiles = ("STREAM_BLOCK_C", (256, 512, 1024))
+    return [
+        Case("project forward", "_project_fwd_kernel", "PROJECT_BLOCK_M", (32, 64),
+             lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
+        Case("project backward", "_project_bwd_kernel", "FP32_DOT_PRECISION", ("ieee", "tf32", "tf32x3"),
+             lambda: mhc_triton.project_backward(grad_proj, grad_sumsq, flat, phi, grad_stream.view(tokens, k),
+                                                 (grad_u, h_pre)),
+             (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]
+              + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64)),
+        Case("coefficients forward", "_coeff_fwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
+             lambda: mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args),
+             mhc_ops.coefficients(proj64, sumsq64, alpha.double(), bias.double(), *coefficient_args, False)),
+        Case("coefficients backward", "_coeff_bwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
+             lambda: mhc_triton.coefficients_backward(*grad_h, proj, sumsq, alpha, bias, *coefficient_args),
+             mhc_ops.coefficients_backward(*(t.double() for t in grad_h), proj64, sumsq64, alpha.double(),
+                                           bias.double(), *coefficient_args, False)),
+        Case("pre forward", "_pre_fwd_kernel", *tiles, lambda: (mhc_triton.pre_forward(x, h_pre),),
+             (mhc_ops.pre(x64, h_pre.double(), False),)),
+        Case("pre backward", "_pre_bwd_kernel", *tiles, lambda: (mhc_triton.pre_backward(grad_u, x),),
+             (torch.bmm(x64, grad_u.double()[:, :, None]).squeeze(-1),)),
+        Case("apply forward", "_apply_fwd_kernel", *tiles, lambda: (mhc_triton.apply_forward(x, y, h_post, h_res),),
+             (mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False),)),
+        Case("apply backward", "_apply_bwd_kernel", *tiles,
+             lambda: mhc_triton.apply_backward(grad_stream, x, y, h_post, h_res),
+             mhc_ops.mhc_apply_backward(grad_stream.double(), x64, y64, h_post.double(), h_res.double(), False)),
+    ]
+
+
+def in_force(name: str) -> object:
+    """The value a setting has now (the dot precision as torch's float32 matmul precision picks it)."""
+    return mhc_triton._fp32_dot_precision() if name == "FP32_DOT_PRECISION" else getattr(mhc_triton, name)
+
+
+def measure(case: Case, value: object, timed: bool) -> dict:
+    row = {"kernel": case.name, "setting": case.setting, "value": value, "in_force": value == in_force(case.setting)}
+    with setting(case.setting, value):
+        row.update(error=relative_error(case.run(), case.reference), bytes=launch_bytes(case), ms=None,
+                   GB_per_s=None)
+        if timed:
+            import triton.testing
+
+            row["ms"] = triton.testing.do_bench(case.run, warmup=25, rep=100, return_mode="median")
+            row["GB_per_s"] = row["bytes"] / (row["ms"] * 1e6)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-streams", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--tokens", type=int, default=16384, help="B T of a training step")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the stream's dtype")
+    p.add_argument("--out", default=str(Path(os.environ.get("OUT", "lightning_logs/bench")) / VARIANTS_JSON),
+                   help="JSON path (default: in $OUT if OUT is set, else in lightning_logs/bench/)")
+    args = p.parse_args(argv)
+    if not (torch.cuda.is_available() or mhc_triton.INTERPRETED):
+        sys.exit("mhc_kernel_variants: no CUDA device; on a CPU set TRITON_INTERPRET=1 (errors only, tiny shapes)")
+    device = torch.device("cpu" if mhc_triton.INTERPRETED else "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    timed = device.type == "cuda"
+    rows = []
+    for case in cases(args.tokens, args.n_streams, args.d_model, dtype, device):
+        rows += [measure(case, value, timed) for value in case.values]
+
+    print(f"mHC Triton kernels alone: n = {args.n_streams}, C = {args.d_model}, {args.tokens} tokens, "
+          f"{args.dtype} stream, {device_description()}" + ("" if timed else " (interpreter: no times)"))
+    print(f"{'kernel':<22} {'setting':<28} {'ms':>8} {'GB/s':>7} {'rel. error':>10}")
+    for r in rows:
+        mark = "*" if r["in_force"] else " "
+        ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
+        rate = f"{r['GB_per_s']:.0f}" if r["GB_per_s"] is not None else "-"
+        print(f"{r['kernel']:<22} {mark}{r['setting'] + ' = ' + str(r['value']):<27} {ms:>8} {rate:>7} "
+              f"{r['error']:>10.1e}")
+    write_json_atomic(Path(args.out), {"args": vars(args), "device": device_description(), "rows": rows})
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench/mhc_kernel_variants.py on a CPU: every mHC kernel, in every variant the GPU run times,
+computes its math (the interpreter, fp32 stream, against fp64), and the dot-precision override
+reaches the projection kernels' launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS, N, C = 40, 4, 24
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("variants") / "mhc_kernel_variants.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.mhc_kernel_variants", "--tokens", str(TOKENS), "--n-streams", str(N),
+         "--d-model", str(C), "--dtype", "fp32", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_in_every_variant_matches_fp64(report):
+    from llmkit.model import mhc_triton
+
+    kernels = {r["kernel"] for r in report["rows"]}
+    assert len(kernels) == len([name for name in vars(mhc_triton) if name.endswith("_kernel")]) == 8
+    for r in report["rows"]:
+        assert r["error"] < 1e-5, r
+        assert r["ms"] is None and r["GB_per_s"] is None  # no times in the interpreter
+    for kernel in kernels:  # exactly one row per kernel is the setting in force
+        assert sum(r["in_force"] for r in report["rows"] if r["kernel"] == kernel) == 1, kernel
+    precisions = [r["value"] for r in report["rows"] if r["kernel"] == "project backward"]
+    assert precisions == ["ieee", "tf32", "tf32x3"]
+
+
+def test_the_bandwidth_counts_each_tensor_of_the_launch_once(report):
+    """apply forward reads X, y, H_post, H_res and writes X' (fp32 here)."""
+    (row,) = [r for r in report["rows"] if r["kernel"] == "apply forward" and r["in_force"]]
+    assert row["bytes"] == 4 * TOKENS * (2 * N * C + C + N + N * N)
+
+
+def test_the_dot_precision_setting_reaches_the_projection_launches(monkeypatch):
+    from bench.mhc_triton_compile import record_launches
+    from llmkit.model import mhc_triton
+
+    if mhc_triton.INTERPRETED:
+        pytest.skip("needs the compiled module (another test left the interpreted one imported)")
+    for setting, expected in ((None, "ieee"), ("tf32x3", "tf32x3")):
+        monkeypatch.setattr(mhc_triton, "FP32_DOT_PRECISION", setting)
+        launches = record_launches(torch.bfloat16, 32, 4, 16)
+        (backward,) = launches["_project_bwd_kernel"].launches
+        assert backward[1]["DOT_PRECISION"] == expected
+    monkeypatch.setattr(mhc_triton, "FP32_DOT_PRECISION", None)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        (backward,) = record_launches(torch.bfloat16, 32, 4, 16)["_project_bwd_kernel"].launches
+        assert backward[1]["DOT_PRECISION"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
