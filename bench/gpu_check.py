@@ -57,15 +57,11 @@ from typing import Any, TypeVar
 import torch
 import torch._dynamo
 
+from bench import targets
+
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
-TIME_RATIO_BOUNDS = {"120m": 1.20, "350m": 1.15}
-"""n = 4 / n = 1 training step time, at most, by model."""
-MEM_RATIO_BOUND = 1.25
-"""n = 4 / n = 1 CUDA peak memory, at most, for every model."""
-DECODE_TARGET = {"model": "120m", "n_streams": 4, "batch": 64, "bound": 40_000.0}
-"""Compiled decode new tokens/s, at least."""
 COPIES = ("Memcpy", "Memset")
 """The profiler's CUDA events that are copies, not kernels."""
 MHC_KERNEL = re.compile(r"_((?:project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
@@ -465,20 +461,20 @@ def judge(value: float | None, bound: float, at_most: bool, applies: bool) -> st
     return "PASS" if (value <= bound if at_most else value >= bound) else "FAIL"
 
 
-def targets(report: dict) -> list[dict]:
+def judge_targets(report: dict) -> list[dict]:
     """The issue's targets against the rows that exist; judged on CUDA only."""
     on_gpu = report["device_type"] == "cuda"
     results = []
     for r in report["training"]["rows"]:
         if r["n_streams"] != 4:
             continue
-        if r["model"] in TIME_RATIO_BOUNDS:
-            bound = TIME_RATIO_BOUNDS[r["model"]]
+        if r["model"] in targets.TIME_RATIO:
+            bound = targets.TIME_RATIO[r["model"]]
             results.append({"target": "time_ratio", "model": r["model"], "bound": bound, "at_most": True,
                             "value": r["time_ratio"], "result": judge(r["time_ratio"], bound, True, on_gpu)})
-        results.append({"target": "mem_ratio", "model": r["model"], "bound": MEM_RATIO_BOUND, "at_most": True,
-                        "value": r["mem_ratio"], "result": judge(r["mem_ratio"], MEM_RATIO_BOUND, True, on_gpu)})
-    t = DECODE_TARGET
+        results.append({"target": "mem_ratio", "model": r["model"], "bound": targets.MEM_RATIO, "at_most": True,
+                        "value": r["mem_ratio"], "result": judge(r["mem_ratio"], targets.MEM_RATIO, True, on_gpu)})
+    t = targets.DECODE
     for r in report["generation"]["rows"]:
         if (r["model"], r["n_streams"], r["batch"]) == (t["model"], t["n_streams"], t["batch"]):
             results.append({"target": "decode_tokens_per_s", "model": r["model"], "bound": t["bound"],
@@ -570,7 +566,7 @@ def table(report: dict) -> str:
            f"{args['gen_tokens']} new tokens, best of {args['gen_repeats']}, random weights")
     for g in generation["rows"]:
         target, result = "", ""
-        if g["batch"] == DECODE_TARGET["batch"] and g["n_streams"] == DECODE_TARGET["n_streams"]:
+        if g["batch"] == targets.DECODE["batch"] and g["n_streams"] == targets.DECODE["n_streams"]:
             target, result = verdict("decode_tokens_per_s", g["model"])
         row(f"{g['model']} n={g['n_streams']} batch {g['batch']}",
             f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s)", target, result, g["device"])
@@ -646,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             traceback.print_exc()
             report["pytest"].update(error=error_text(e), output_tail=[error_text(e)])
-    report["targets"] = targets(report)
+    report["targets"] = judge_targets(report)
     report["elapsed_s"] = clock.elapsed()
     failed = [name for name in ("training", "kernels", "memory", "generation") if report[name]["errors"]]
     failed += ["pytest"] if report["pytest"].get("error") else []

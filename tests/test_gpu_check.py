@@ -109,7 +109,7 @@ def made_up_report(device_type: str) -> dict:
          "new_tokens_per_s": 256.0, "device": report["device"]},
     ]
     report["pytest"] = {"skipped": "--skip-pytest"}
-    report["targets"] = gpu_check.targets(report)
+    report["targets"] = gpu_check.judge_targets(report)
     return report
 
 
