@@ -4,6 +4,8 @@ on Ctrl-C/SIGTERM, and a `--ckpt_path` policy a Lightning user can predict."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -129,6 +131,26 @@ def test_a_damaged_checkpoint_is_refused_by_every_reader(damage, message, traine
     assert main(["generate", "--ckpt", str(path), "--tokenizer", "x.model", "--prompt", "x"]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(f"cannot read checkpoint {path}: " in e and message in e for e in errors)
+
+
+def test_a_checkpoint_read_twice_is_checked_once_unless_it_changed(trained, tmp_path, monkeypatch):
+    """init_ckpt's config, then its weights: one CRC pass over an unchanged file; a file rewritten
+    in between (damaged, here) is checked again and refused."""
+    import zipfile
+
+    path = tmp_path / "init.ckpt"
+    path.write_bytes(trained.read_bytes())
+    passes = []
+    real_testzip = zipfile.ZipFile.testzip
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda self: passes.append(1) or real_testzip(self))
+    first = load_checkpoint_file(path, weights=False)
+    second = load_checkpoint_file(path)
+    assert len(passes) == 1 and first.keys() == second.keys()
+    path.write_bytes(damaged_copies(trained, tmp_path)["zeroed"].read_bytes())
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1))  # a new mtime even on a coarse clock
+    with pytest.raises(LLMKitError, match="fails the CRC check"):
+        load_checkpoint_file(path)
+    assert len(passes) == 2
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(trained, tmp_path, monkeypatch):

@@ -53,13 +53,21 @@ SHARDED_METADATA = "meta.pt"
 state (Lightning's ``_METADATA_FILENAME``); ``.metadata`` is torch.distributed.checkpoint's index."""
 
 
+_CHECKED: dict[Path, tuple[int, int]] = {}
+"""Files this process has checked, with their (size, mtime in ns) then: a file read twice (a run's
+config from ``init_ckpt``, then its weights) is checked once, unless it changed in between."""
+
+
 def check_checkpoint_file(path: str | Path) -> Path:
     """``path``, checked to be a complete, undamaged checkpoint archive (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"checkpoint {path} does not exist: check the path (ckpt_path, init_ckpt or --ckpt)")
-    if path.stat().st_size == 0:
+    stat = path.stat()
+    if stat.st_size == 0:
         raise LLMKitError(f"cannot read checkpoint {path}: the file is empty (an interrupted copy?); use another one")
+    if _CHECKED.get(path.resolve()) == (stat.st_size, stat.st_mtime_ns):
+        return path
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -73,6 +81,7 @@ def check_checkpoint_file(path: str | Path) -> Path:
             f"cannot read checkpoint {path}: its member {damaged} fails the CRC check, the file is damaged; "
             "use another checkpoint (an earlier one, or a fresh copy)"
         )
+    _CHECKED[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
     return path
 
 
