@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkit.data.datamodule import PackedDataModule
-from llmkit.model.config import ModelConfig
+from llmkit.model.config import MHCConfig, ModelConfig
 from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig
 from tests.conftest import VOCAB_SIZE
@@ -104,13 +104,17 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype):
 
 
 @pytest.mark.gpu
-def test_compiled_cached_decode_with_the_mhc_kernels_equals_eager_greedy_decode():
+@pytest.mark.parametrize("implementation", ["auto", "torch"])
+def test_compiled_cached_decode_with_the_mhc_ops_equals_eager_greedy_decode(implementation):
+    """The compiled decode step is a CUDA graph: the ops (Triton kernels, or their PyTorch code with
+    mhc.implementation: torch) must run inside its capture."""
     from llmkit.model.generation import SamplingConfig, generate
     from llmkit.model.transformer import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
-                                    max_seq_len=128, n_streams=4)).cuda().eval()
+                                    max_seq_len=128, n_streams=4,
+                                    mhc=MHCConfig(implementation=implementation))).cuda().eval()
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     eager = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0), eos_id=None)
     compiled = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0, compile=True), eos_id=None)

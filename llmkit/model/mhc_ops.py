@@ -96,8 +96,10 @@ def mapping_logits(
 
 
 def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """(alpha_pre, alpha_post, alpha_res) [3] repeated over the logits' columns: [2n + n^2]."""
-    return alpha.to(dtype).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+    """(alpha_pre, alpha_post, alpha_res) [3] repeated over the logits' columns: [2n + n^2]. Device
+    ops only (no host tensor, no sync), so the PyTorch code can run inside a captured CUDA graph."""
+    a = alpha.to(dtype)
+    return torch.cat((a[0].expand(n), a[1].expand(n), a[2].expand(n * n)))
 
 
 def coefficients(
