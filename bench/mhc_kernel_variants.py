@@ -141,15 +141,19 @@ def in_force(name: str) -> object:
 
 
 def measure(case: Case, value: object, timed: bool) -> dict:
-    row = {"kernel": case.name, "setting": case.setting, "value": value, "in_force": value == in_force(case.setting)}
-    with setting(case.setting, value):
-        row.update(error=relative_error(case.run(), case.reference), bytes=launch_bytes(case), ms=None,
-                   GB_per_s=None)
-        if timed:
-            import triton.testing
+    """One row; a variant that fails (to compile, say) gets its error's first line, and the rest still run."""
+    row = {"kernel": case.name, "setting": case.setting, "value": value, "in_force": value == in_force(case.setting),
+           "error": None, "bytes": None, "ms": None, "GB_per_s": None, "failed": None}
+    try:
+        with setting(case.setting, value):
+            row.update(error=relative_error(case.run(), case.reference), bytes=launch_bytes(case))
+            if timed:
+                import triton.testing
 
-            row["ms"] = triton.testing.do_bench(case.run, warmup=25, rep=100, return_mode="median")
-            row["GB_per_s"] = row["bytes"] / (row["ms"] * 1e6)
+                row["ms"] = triton.testing.do_bench(case.run, warmup=25, rep=100, return_mode="median")
+                row["GB_per_s"] = row["bytes"] / (row["ms"] * 1e6)
+    except Exception as e:  # reported in the table, as gpu_check reports a section that raised
+        row["failed"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
     return row
 
 
@@ -178,10 +182,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mark = "*" if r["in_force"] else " "
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
         rate = f"{r['GB_per_s']:.0f}" if r["GB_per_s"] is not None else "-"
-        print(f"{r['kernel']:<22} {mark}{r['setting'] + ' = ' + str(r['value']):<27} {ms:>8} {rate:>7} "
-              f"{r['error']:>10.1e}")
+        error = f"{r['error']:>10.1e}" if r["failed"] is None else f"FAILED {r['failed']}"
+        print(f"{r['kernel']:<22} {mark}{r['setting'] + ' = ' + str(r['value']):<27} {ms:>8} {rate:>7} {error}")
     write_json_atomic(Path(args.out), {"args": vars(args), "device": device_description(), "rows": rows})
     print(f"wrote {args.out}")
+    if any(r["failed"] for r in rows):
+        sys.exit(1)
     return rows
 
 

@@ -69,3 +69,14 @@ def test_the_dot_precision_setting_reaches_the_projection_launches(monkeypatch):
         assert backward[1]["DOT_PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_a_variant_that_fails_is_a_row_not_the_end_of_the_run():
+    from bench.mhc_kernel_variants import Case, measure
+
+    def fails():
+        raise RuntimeError("PassManager::run failed\nmore lines")
+
+    case = Case("pre forward", "_pre_fwd_kernel", "STREAM_BLOCK_C", (256,), fails, (torch.ones(1),))
+    row = measure(case, 256, timed=False)
+    assert row["failed"] == "RuntimeError: PassManager::run failed" and row["error"] is None and row["ms"] is None
