@@ -58,6 +58,22 @@ def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, 
     assert "Tip:" not in said and "LeafSpec" not in said
 
 
+def test_float32_matmul_precision_applies_to_the_run_and_is_saved_with_its_config(shards, tmp_path, capsys):
+    config = write_config(tmp_path, shards)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert main(["pretrain", "fit", "--config", str(config), "--trainer.max_steps", "1",
+                     "--float32_matmul_precision", "high"]) == 0
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    (saved,) = (tmp_path / "logs").rglob("config.yaml")
+    assert yaml.safe_load(saved.read_text())["float32_matmul_precision"] == "high"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(config), "--float32_matmul_precision", "fast"])
+    assert exit_info.value.code == 2 and "float32_matmul_precision" in capsys.readouterr().err
+
+
 def test_an_attention_backend_this_machine_lacks_stops_fit_before_the_first_step(shards, tmp_path, capsys):
     config = write_config(tmp_path, shards, attention_backend="cudnn")
     assert main(["pretrain", "fit", "--config", str(config)]) == 1

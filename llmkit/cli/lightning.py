@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
@@ -121,6 +122,11 @@ class LLMKitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in self.command.links:
             parser.link_arguments(source, target, apply_on="instantiate")
+        parser.add_argument(
+            "--float32_matmul_precision", choices=["highest", "high", "medium"], default=None,
+            help="torch.set_float32_matmul_precision for the run (what Lightning advises on GPUs with tensor "
+                 "cores): 'high' or 'medium' let fp32 matmuls use TF32, under bf16-mixed the mHC projection's "
+                 "backward dots among them (docs/performance.md); default: leave torch's ('highest')")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -148,9 +154,12 @@ class LLMKitCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": module_args}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """``validate --ckpt_path`` of a checkpoint inside a TensorBoard run logs into that run (at
-        the checkpoint's step, which the modules log as ``step``), not into a new version."""
+        """Applies ``float32_matmul_precision``. ``validate --ckpt_path`` of a checkpoint inside a
+        TensorBoard run logs into that run (at the checkpoint's step, which the modules log as
+        ``step``), not into a new version."""
         subcommand = self.config.get("subcommand")
+        if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
+            torch.set_float32_matmul_precision(precision)
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "validate" else None
         logger = self.config[subcommand].trainer.get("logger") if ckpt_path else None
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
