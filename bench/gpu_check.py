@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["fused", "foreach"], default=None,
                    help="AdamW implementation (default: fused on cuda, foreach on cpu)")
     p.add_argument("--mhc-implementation", default=None, help="default: each model YAML's mhc.implementation")
+    p.add_argument("--float32-matmul-precision", choices=["highest", "high", "medium"], default=None,
+                   help="torch.set_float32_matmul_precision for the run (the mHC projection backward's dots: "
+                        "FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
     p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
     p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],
@@ -131,6 +134,9 @@ def resolve_device(args: argparse.Namespace) -> None:
     args.gen_batch_sizes = args.gen_batch_sizes or ([1, 64] if cuda else [1, 4])
     args.gen_tokens = args.gen_tokens or (128 if cuda else 8)
     args.gen_repeats = args.gen_repeats or (3 if cuda else 1)
+    if args.float32_matmul_precision is not None:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
+    args.float32_matmul_precision = torch.get_float32_matmul_precision()
 
 
 class Clock:
@@ -516,8 +522,8 @@ def table(report: dict) -> str:
 
     blocks = "compiled blocks" if args["compile"] else "eager blocks"
     header(f"1. Training throughput: bare loop, {args['precision']}, {blocks}, {args['optimizer']} AdamW, "
-           f"seq {args['seq_len']} x batch {args['batch_size']}, no checkpointing, median of {args['steps']} "
-           f"timed steps after {args['warmup']} warm-up")
+           f"fp32 matmuls {args['float32_matmul_precision']}, seq {args['seq_len']} x batch {args['batch_size']}, "
+           f"no checkpointing, median of {args['steps']} timed steps after {args['warmup']} warm-up")
     training = report["training"]
     for r in training["rows"]:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"

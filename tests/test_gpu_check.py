@@ -30,11 +30,12 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(poison), str(ROOT)]))
     env.pop("OUT", None)
     out = tmp_path / "x.json"
-    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", *SMOKE, "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", *SMOKE, "--float32-matmul-precision", "high",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["section_errors"] == [] and report["device_type"] == "cpu"
+    assert report["args"]["float32_matmul_precision"] == "high" and "fp32 matmuls high" in done.stdout
     assert report["device"].startswith("CPU")
 
     training = report["training"]["rows"]
