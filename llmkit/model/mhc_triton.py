@@ -20,7 +20,8 @@ partials reduced with torch, never atomics.
 Dots: on a GPU the forward projection keeps bf16/fp16 operands (tensor cores, fp32
 accumulation); fp32 operands (an fp32 stream, and the backward's dots, which take the fp32
 gradient and x upcast exactly) follow ``torch.get_float32_matmul_precision()`` as torch's own
-matmuls do: full fp32 ("ieee") at "highest", the default, and tf32 at "high" or "medium".
+matmuls do: full fp32 ("ieee", CUDA-core FMAs) at "highest", the default, and tf32 at "high" or
+"medium"; :data:`FP32_DOT_PRECISION` overrides that for these kernels.
 
 Triton's interpreter (TRITON_INTERPRET=1, fixed when this module is imported) differs from a GPU
 in two ways handled here: ``tl.dot`` on bf16 operands returns garbage (triton issue 11584), so
