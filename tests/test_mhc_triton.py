@@ -218,6 +218,30 @@ def test_project_forward_and_backward(mt, blocks, dtype):
     close(grad_phi, grad_phi_ref, 1e-5)
 
 
+@pytest.mark.parametrize("programs, splits", [(1, 1), (2, 2), (3, 3), (256, 5)])
+def test_project_forward_splits_k_when_there_are_few_tokens(mt, monkeypatch, programs, splits):
+    """Decode (M = batch): one block of tokens would leave a single program looping over all of K,
+    so K is split into up to PROJECT_FWD_PROGRAMS / (token blocks) parts (here K = 160, five tiles
+    of 32: splits of 5, 3 and 2 tiles, or 2, 2 and 1) whose fp32 partials torch sums; every split
+    gives the oracle's values."""
+    launched = []
+    kernel = mt._project_fwd_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mt, "_project_fwd_kernel", Recorded())
+    monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)
+    x, phi, _, _ = mapping_inputs(3, 4, 40, torch.float32)  # three tokens: one block of 64
+    proj, sumsq = mt.project_forward(x, phi)
+    assert launched == [(1, splits)]
+    x64, phi64 = x.double(), phi.double()
+    close(proj, x64 @ phi64.T, 1e-5)
+    close(sumsq, x64.square().sum(-1), 1e-5)
+
+
 def test_project_rejects_fp64(mt):
     x = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(AssertionError, match="fp64"):

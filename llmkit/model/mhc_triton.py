@@ -53,6 +53,7 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot)
 PROJECT_BWD_BLOCK_M = 16  # tokens per tile in project_backward (32 spills with triton 3.9)
 PROJECT_BLOCK_K = 32  # columns of x per tile in both projection kernels (>= 16 for tl.dot)
+PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 PROJECT_BWD_PROGRAMS = 512  # target program count of project_backward: (K blocks) x (M splits)
 COEFF_BLOCK_ELEMENTS = 512  # tokens per coefficient program = this / padded n^2 (capped at 128): 32 at n = 4,
 # 512 programs for 16k tokens, 32 (forward) and 56 (backward) registers per thread on sm_90 (2048: 90 and 231)
@@ -105,21 +106,26 @@ def _project_fwd_kernel(
     M,
     K,
     P,
+    cols_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M),): one block of tokens per program, looping over K; x read once."""
+    """Grid (cdiv(M, BLOCK_M), S): a block of tokens per program, looping over its split's
+    cols_per_split columns of K (all of K when S = 1); x read once. Writes split s's sums at
+    proj_ptr + s M P and sumsq_ptr + s M."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    split = tl.program_id(1)
     ps = tl.arange(0, BLOCK_P)
     p_ok = ps < P
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * cols_per_split
+    for k0 in range(k_start, tl.minimum(k_start + cols_per_split, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -131,6 +137,8 @@ def _project_fwd_kernel(
             acc = tl.dot(x32, tl.trans(phi.to(tl.float32)), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(x, tl.trans(phi), acc)
+    proj_ptr += split.to(tl.int64) * M * P
+    sumsq_ptr += split.to(tl.int64) * M
     tl.store(proj_ptr + rows[:, None] * P + ps[None, :], acc, mask=row_ok[:, None] & p_ok[None, :])
     tl.store(sumsq_ptr + rows, sumsq, mask=row_ok)
 
@@ -139,7 +147,10 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     """x [M, K] (bf16, fp16 or fp32), phi [P, K]. Returns proj = x phi^T [M, P] and sumsq = sum x^2 [M],
     both fp32, from one read of x.
 
-    phi is rounded to x's dtype for the dot (as autocast would), accumulated in fp32.
+    phi is rounded to x's dtype for the dot (as autocast would), accumulated in fp32. With few
+    tokens (decode: M = batch) the token blocks alone would leave the GPU idle, one program
+    looping over all of K, so K is split until there are about PROJECT_FWD_PROGRAMS programs;
+    the splits' fp32 partials are summed with torch (deterministic).
     """
     _check_stream_dtype(x, "x")
     _check_stream_dtype(phi, "phi")
@@ -147,10 +158,13 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     P = phi.shape[0]
     assert phi.shape[1] == K, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
-    proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
-    sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, PROJECT_BLOCK_M),)
-    _project_fwd_kernel[grid](
+    row_blocks, k_blocks = triton.cdiv(M, PROJECT_BLOCK_M), triton.cdiv(K, PROJECT_BLOCK_K)
+    splits = min(k_blocks, max(1, PROJECT_FWD_PROGRAMS // row_blocks))
+    cols_per_split = triton.cdiv(k_blocks, splits) * PROJECT_BLOCK_K
+    splits = triton.cdiv(K, cols_per_split)
+    proj = torch.empty(splits, M, P, device=x.device, dtype=torch.float32)
+    sumsq = torch.empty(splits, M, device=x.device, dtype=torch.float32)
+    _project_fwd_kernel[(row_blocks, splits)](
         x,
         _dot_weight(phi, x),
         proj,
@@ -158,6 +172,7 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         M,
         K,
         P,
+        cols_per_split,
         BLOCK_M=PROJECT_BLOCK_M,
         BLOCK_K=PROJECT_BLOCK_K,
         BLOCK_P=max(16, triton.next_power_of_2(P)),
@@ -166,7 +181,9 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         num_warps=8,
         num_stages=3,
     )
-    return proj, sumsq
+    if splits == 1:
+        return proj[0], sumsq[0]
+    return proj.sum(dim=0), sumsq.sum(dim=0)
 
 
 @triton.jit
