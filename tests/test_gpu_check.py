@@ -162,8 +162,10 @@ def test_step_time_by_kernel_sums_the_mhc_kernels_and_their_bandwidth_from_their
     assert got["kernel_ms"] == pytest.approx(0.29) and got["mhc_ms"] == pytest.approx(0.24)
     assert list(got["by_kernel"]) == ["apply_bwd", "project_fwd"]
     project = got["by_kernel"]["project_fwd"]
-    # x [t, nC] bf16; phi [2n + n^2, nC], proj [t, 24] and sum x^2 [t] fp32
-    expected = t * n * c * 2 + 24 * n * c * 4 + t * 24 * 4 + t * 4
+    # x [t, nC] bf16; phi [2n + n^2, nC], proj [t, 24] and sum x^2 [t] fp32, the last two once per split of
+    # nC: 64 tokens are one token block, so project_forward splits nC = 128 into its four 32-column tiles
+    splits = n * c // 32
+    expected = t * n * c * 2 + 24 * n * c * 4 + splits * (t * 24 * 4 + t * 4)
     assert project["launches"] == 2 and project["ms"] == pytest.approx(0.2)
     assert project["bytes_per_launch"] == expected
     assert project["GB_per_s"] == pytest.approx(expected * 2 / 0.2e6)
