@@ -87,6 +87,15 @@ def _fp32_dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _split(length: int, block: int, parts: int) -> tuple[int, int]:
+    """(S, span): ``length`` cut into S ranges of ``span`` (a multiple of ``block``; the last may be
+    shorter), S as close to ``parts`` as whole blocks allow, at least 1: how the projection kernels
+    spread one dimension over programs when the other gives too few."""
+    blocks = triton.cdiv(length, block)
+    span = triton.cdiv(blocks, min(blocks, max(1, parts))) * block
+    return triton.cdiv(length, span), span
+
+
 def _padded_streams(n: int) -> int:
     assert 1 <= n <= 8, f"mhc_triton: n_streams must be in 1..8, got {n}"
     return triton.next_power_of_2(n)
@@ -158,10 +167,8 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     P = phi.shape[0]
     assert phi.shape[1] == K, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
-    row_blocks, k_blocks = triton.cdiv(M, PROJECT_BLOCK_M), triton.cdiv(K, PROJECT_BLOCK_K)
-    splits = min(k_blocks, max(1, PROJECT_FWD_PROGRAMS // row_blocks))
-    cols_per_split = triton.cdiv(k_blocks, splits) * PROJECT_BLOCK_K
-    splits = triton.cdiv(K, cols_per_split)
+    row_blocks = triton.cdiv(M, PROJECT_BLOCK_M)
+    splits, cols_per_split = _split(K, PROJECT_BLOCK_K, PROJECT_FWD_PROGRAMS // row_blocks)
     proj = torch.empty(splits, M, P, device=x.device, dtype=torch.float32)
     sumsq = torch.empty(splits, M, device=x.device, dtype=torch.float32)
     _project_fwd_kernel[(row_blocks, splits)](
@@ -277,10 +284,7 @@ def project_backward(
         raise ValueError(f"pre: g_u {tuple(grad_u.shape)} and H_pre {tuple(h_pre.shape)} do not match x {(M, K)}")
     grad_in = grad_in.contiguous() if grad_in is not None else None
     k_blocks = triton.cdiv(K, PROJECT_BLOCK_K)
-    row_blocks = triton.cdiv(M, PROJECT_BWD_BLOCK_M)
-    splits = min(row_blocks, max(1, PROJECT_BWD_PROGRAMS // k_blocks))
-    rows_per_split = triton.cdiv(row_blocks, splits) * PROJECT_BWD_BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = _split(M, PROJECT_BWD_BLOCK_M, PROJECT_BWD_PROGRAMS // k_blocks)
     grad_x = torch.empty_like(x)
     partial = torch.empty(splits, P, K, device=x.device, dtype=torch.float32)
     _project_bwd_kernel[(k_blocks, splits)](
