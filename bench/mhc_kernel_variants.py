@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.mhc_triton_compile import RecordedLaunches, tensor_bytes
+from bench.mhc_triton_compile import recorded, tensor_bytes
 from llmkit.io import write_json_atomic
 from llmkit.model import mhc_ops, mhc_triton
 from llmkit.profiling import device_description
@@ -70,14 +70,9 @@ def setting(name: str, value: object) -> Iterator[None]:
 
 def launch_bytes(case: Case) -> int:
     """The tensor bytes of the launches the case makes (recorded, not run)."""
-    kernel = getattr(mhc_triton, case.kernel)
-    recorder = RecordedLaunches(kernel)
-    setattr(mhc_triton, case.kernel, recorder)
-    try:
+    with recorded([case.kernel]) as recorders:
         case.run()
-    finally:
-        setattr(mhc_triton, case.kernel, kernel)
-    return sum(tensor_bytes(a, k) for a, k in recorder.launches)
+    return sum(tensor_bytes(a, k) for a, k in recorders[case.kernel].launches)
 
 
 def relative_error(outputs: tuple[Tensor, ...], reference: tuple[Tensor, ...]) -> float:

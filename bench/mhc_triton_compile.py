@@ -21,11 +21,13 @@ turns it into a time). Nothing else touches the stream: the op's backward writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,13 +54,23 @@ class RecordedLaunches:
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
 
 
-def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
-    """Run every wrapper as one sublayer's ``llmkit::mhc_boundary`` does, forward and backward, on
-    CPU tensors with the kernels recorded, not run."""
-    recorders = {name: RecordedLaunches(getattr(mhc_triton, name)) for name in KERNELS}
+@contextlib.contextmanager
+def recorded(names: Iterable[str]) -> Iterator[dict[str, RecordedLaunches]]:
+    """mhc_triton's kernels ``names`` replaced by recorders while the block runs, then put back."""
+    recorders = {name: RecordedLaunches(getattr(mhc_triton, name)) for name in names}
     for name, recorder in recorders.items():
         setattr(mhc_triton, name, recorder)
     try:
+        yield recorders
+    finally:
+        for name, recorder in recorders.items():
+            setattr(mhc_triton, name, recorder.kernel)
+
+
+def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
+    """Run every wrapper as one sublayer's ``llmkit::mhc_boundary`` does, forward and backward, on
+    CPU tensors with the kernels recorded, not run."""
+    with recorded(KERNELS) as recorders:
         p = 2 * n + n * n
         x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
         phi, alpha, bias = torch.empty(p, n * d_model), torch.empty(3), torch.empty(p)
@@ -75,9 +87,6 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         grad_x_next = torch.empty_like(x).view(tokens, -1)  # dL/dX from the next sublayer's write-back
         mhc_triton.project_backward(proj, sumsq, x.view(tokens, -1), phi, grad_x_next, (y, h_pre))
         mhc_triton.apply_backward(torch.empty_like(x), x, y, h_post, h_res)
-    finally:
-        for name, recorder in recorders.items():
-            setattr(mhc_triton, name, recorder.kernel)
     return recorders
 
 
