@@ -66,7 +66,8 @@ def check_checkpoint_file(path: str | Path) -> Path:
     stat = path.stat()
     if stat.st_size == 0:
         raise LLMKitError(f"cannot read checkpoint {path}: the file is empty (an interrupted copy?); use another one")
-    if _CHECKED.get(path.resolve()) == (stat.st_size, stat.st_mtime_ns):
+    key, checked = path.resolve(), (stat.st_size, stat.st_mtime_ns)
+    if _CHECKED.get(key) == checked:
         return path
     try:
         with zipfile.ZipFile(path) as archive:
@@ -81,7 +82,7 @@ def check_checkpoint_file(path: str | Path) -> Path:
             f"cannot read checkpoint {path}: its member {damaged} fails the CRC check, the file is damaged; "
             "use another checkpoint (an earlier one, or a fresh copy)"
         )
-    _CHECKED[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
+    _CHECKED[key] = checked
     return path
 
 
