@@ -37,12 +37,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.mhc_triton_compile import recorded, tensor_bytes
+from bench.mhc_triton_compile import coefficient_settings, recorded, tensor_bytes
 from llmkit.io import write_json_atomic
 from llmkit.model import mhc_ops, mhc_triton
 from llmkit.profiling import device_description
 
-ITERS, CLAMP, EPS, NORM_EPS = 20, 15.0, 1e-8, 1e-6
 VARIANTS_JSON = "mhc_kernel_variants.json"
 
 
@@ -100,7 +99,7 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     flat, flat64 = x.view(tokens, k), x64.view(tokens, k)
     proj64, sumsq64 = mhc_ops.project(flat64, phi64, False)
     proj, sumsq = proj64.float(), sumsq64.float()
-    coefficient_args = (n, k, ITERS, CLAMP, EPS, NORM_EPS)
+    coefficient_args = (n, k, *coefficient_settings())
     pre_term = (h_pre.double()[:, :, None] * grad_u.double()[:, None, :]).view(tokens, k)
     tiles = ("STREAM_BLOCK_C", (256, 512, 1024))
     return [

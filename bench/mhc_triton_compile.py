@@ -37,6 +37,7 @@ from triton.compiler import ASTSource
 
 from llmkit.io import write_json_atomic
 from llmkit.model import mhc_triton
+from llmkit.model.config import ModelConfig
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 RESOURCES = re.compile(r"Function (\w+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -52,6 +53,13 @@ class RecordedLaunches:
 
     def __getitem__(self, grid: tuple):
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def coefficient_settings() -> tuple[int, float, float, float]:
+    """(Sinkhorn iterations, clamp, eps, the norm's eps) of a default model config, as the ops pass
+    them to the coefficient kernels."""
+    config = ModelConfig()
+    return config.mhc.sinkhorn_iters, config.mhc.sinkhorn_clamp, config.mhc.sinkhorn_eps, config.norm_eps
 
 
 @contextlib.contextmanager
@@ -76,7 +84,7 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         phi, alpha, bias = torch.empty(p, n * d_model), torch.empty(3), torch.empty(p)
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
         h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
-        coefficient_args = (n, n * d_model, 20, 15.0, 1e-8, 1e-6)
+        coefficient_args = (n, n * d_model, *coefficient_settings())
         mhc_triton.apply_forward(x, y, h_post, h_res)  # the previous sublayer's write-back
         mhc_triton.project_forward(x.view(tokens, -1), phi)
         mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args)
