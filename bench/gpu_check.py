@@ -134,9 +134,6 @@ def resolve_device(args: argparse.Namespace) -> None:
     args.gen_batch_sizes = args.gen_batch_sizes or ([1, 64] if cuda else [1, 4])
     args.gen_tokens = args.gen_tokens or (128 if cuda else 8)
     args.gen_repeats = args.gen_repeats or (3 if cuda else 1)
-    if args.float32_matmul_precision is not None:
-        torch.set_float32_matmul_precision(args.float32_matmul_precision)
-    args.float32_matmul_precision = torch.get_float32_matmul_precision()
 
 
 class Clock:
@@ -623,6 +620,9 @@ def new_report(args: argparse.Namespace, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     resolve_device(args)
+    if args.float32_matmul_precision is not None:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
+    args.float32_matmul_precision = torch.get_float32_matmul_precision()  # the one in force, for the report
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
