@@ -1,11 +1,17 @@
 """KV-cached batched generation and continuation scoring."""
 
+import contextlib
+from dataclasses import replace
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmkit.errors import LLMKitError
+from llmkit.model import generation
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import (
+    Generation,
     SamplingConfig,
     generate,
     left_pad,
@@ -14,6 +20,7 @@ from llmkit.model.generation import (
     sequence_logprobs,
 )
 from llmkit.model.kv_cache import KVCache
+from llmkit.model.lora import LoRAConfig, apply_lora
 from llmkit.model.transformer import Transformer
 
 V = 97
@@ -191,3 +198,124 @@ def test_compiled_decode_step_matches_eager():
     compiled = generate(model, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0, compile=True), eos_id=None)
     assert torch.equal(eager.tokens, compiled.tokens)
     assert torch.allclose(eager.logprobs, compiled.logprobs, atol=ATOL)
+
+
+def frozen_model(path: str, lora_targets: list[str] | None = None, **overrides) -> Transformer:
+    """A small model from a configs/model YAML, every parameter frozen (autocast caches no casts
+    of those: without held weights, every decode step would cast each one again)."""
+    torch.manual_seed(0)
+    config = replace(ModelConfig.from_yaml(f"configs/model/{path}"), vocab_size=V, n_layers=2, **overrides)
+    model = Transformer(config).eval()
+    if lora_targets:
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=lora_targets))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)  # B starts at zero: make the adapters count
+    return model.requires_grad_(False)
+
+
+MATMUL_MODELS = {
+    "dense": ("tiny.yaml", None, {"n_streams": 1}),
+    "mhc": ("tiny.yaml", None, {}),
+    "tied": ("tiny.yaml", None, {"tie_embeddings": True}),
+    "moe": ("moe_tiny.yaml", ["gate_proj", "down_proj"], {}),
+    "mla_lora": ("mla_tiny.yaml", ["q_proj", "kv_b_proj", "o_proj", "phi"], {}),
+}
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts the casts (``aten._to_copy``) whose source is one of the given tensors' storage."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.sources = {t.data_ptr() for t in tensors}
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.sources:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", MATMUL_MODELS)
+def test_autocast_sampling_casts_the_matmul_weights_once_for_the_same_samples(kind, monkeypatch):
+    """Under autocast, generate holds the matmul-only weights in bf16 while it runs: the decode
+    steps never cast them (without that, every step casts each one), the samples and log-probs
+    are bit-identical, and afterwards every module holds its own fp32 parameter again."""
+    path, targets, overrides = MATMUL_MODELS[kind]
+    model = frozen_model(path, targets, **overrides)
+    params = dict(model.named_parameters())
+    snapshot = {name: p.clone() for name, p in params.items()}
+    held = [getattr(module, name) for module, name in model.matmul_only_params()]
+    sampling = SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=20, seed=0)
+
+    def sample() -> tuple[Generation, int]:
+        with torch.autocast("cpu", dtype=torch.bfloat16), CastCounter(held) as counter:
+            return generate(model, PROMPTS, sampling, eos_id=None), counter.casts
+
+    once, casts_once = sample()
+    monkeypatch.setattr(generation, "matmul_weights_in_autocast_dtype", lambda m, d: contextlib.nullcontext())
+    every_step, casts_every_step = sample()
+    assert casts_once == len(held)  # each weight once, when generate starts
+    assert casts_every_step >= len(held) * sampling.max_new_tokens  # prefill + 4 decode steps, each casting all
+    assert torch.equal(once.tokens, every_step.tokens)
+    assert torch.equal(once.logprobs, every_step.logprobs)
+    for name, p in model.named_parameters():  # the very same Parameter objects, unchanged
+        assert p is params[name] and p.dtype == torch.float32 and torch.equal(p, snapshot[name]), name
+
+
+def test_the_matmul_only_params_leave_out_what_is_read_directly_or_shared():
+    """phi (the mHC ops read it), MLA's kv_b_proj (the absorbed decode adds LoRA to it) and a
+    tied lm_head (the embedding) are left out; every other projection, router and expert weight,
+    and LoRA's factors, are in."""
+    model = frozen_model("mla_tiny.yaml", ["q_proj", "kv_b_proj", "phi", "gate_proj"], tie_embeddings=True,
+                         moe=ModelConfig.from_yaml("configs/model/moe_tiny.yaml").moe)
+    names = {f"{owner}.{key}" for owner, module in model.named_modules()
+             for m, key in model.matmul_only_params() if m is module}
+    prefix = "blocks.1."
+    assert {n.removeprefix(prefix) for n in names if n.startswith(prefix)} == {
+        "attn.q_proj.weight", "attn.q_proj.lora_A", "attn.q_proj.lora_B", "attn.kv_a_proj_with_mqa.weight",
+        "attn.o_proj.weight", "mlp.router.gate.weight",
+        "mlp.experts.gate_proj.weight", "mlp.experts.gate_proj.lora_A", "mlp.experts.gate_proj.lora_B",
+        "mlp.experts.up_proj.weight", "mlp.experts.down_proj.weight",
+        "mlp.shared.gate_proj.weight", "mlp.shared.gate_proj.lora_A", "mlp.shared.gate_proj.lora_B",
+        "mlp.shared.up_proj.weight", "mlp.shared.down_proj.weight",
+    }
+    assert not any(n.startswith(("lm_head", "tok_emb")) for n in names)
+
+
+def test_sampling_that_fails_gives_the_modules_their_own_parameters_back():
+    model = frozen_model("tiny.yaml")
+    params = dict(model.named_parameters())
+    calls = 0
+
+    def fail_on_the_third_forward(module, inputs, output):
+        nonlocal calls
+        calls += 1
+        assert module.weight.dtype == torch.bfloat16  # held in bf16 while sampling
+        if calls == 3:
+            raise RuntimeError("interrupted")
+
+    model.lm_head.register_forward_hook(fail_on_the_third_forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="interrupted"):
+        generate(model, PROMPTS, SamplingConfig(max_new_tokens=5), eos_id=None)
+    assert all(p is params[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_compiled_autocast_decode_holds_bf16_weights_without_recompiling():
+    """The compiled decode step under autocast, with the weights held in bf16, samples what the
+    eager step samples, and a later generate (new bf16 copies of the weights) reuses its graph."""
+    model = model_for(4)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = generate(model, PROMPTS, greedy, eos_id=None)
+        torch._dynamo.reset()
+        compiled = generate(model, PROMPTS, replace(greedy, compile=True), eos_id=None)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        again = generate(model, PROMPTS, replace(greedy, compile=True), eos_id=None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(eager.tokens, compiled.tokens) and torch.equal(compiled.tokens, again.tokens)
+    assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-2)  # bf16 matmuls, fused differently
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -13,11 +13,13 @@ losses need. :func:`sequence_logprobs` recomputes exactly these in one batched f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmkit.errors import LLMKitError
 from llmkit.model.kv_cache import KVCache
@@ -140,6 +142,36 @@ def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> 
     return torch.compile(_decode_step, mode=mode, dynamic=False)
 
 
+@contextmanager
+def matmul_weights_in_autocast_dtype(model: Transformer, device_type: str) -> Iterator[None]:
+    """Under autocast, hold the model's :meth:`~llmkit.model.transformer.Transformer.matmul_only_params`
+    in the autocast dtype until exit; without autocast, do nothing.
+
+    Autocast casts an fp32 weight at every matmul that reads it, so a compiled decode step casts
+    every weight for every new token (an eager step caches the casts of weights that require
+    grad, not of frozen ones). Rounded once here, as autocast rounds them, the weights give the
+    same values with no per-token casts (docs/performance.md counts them). The modules hold the
+    copies as new parameters and get their own back on exit, whatever happens inside: the
+    original parameters are never touched, so an optimizer or DDP holding them is unaffected.
+    The copies take half the weights' fp32 memory meanwhile.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    held = []
+    try:
+        for module, name in model.matmul_only_params():
+            p = module._parameters[name]
+            if p.dtype == torch.float32 and type(p.data) is torch.Tensor:  # not a sharded (FSDP) DTensor
+                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                held.append((module, name, p))
+        yield
+    finally:
+        for module, name, p in held:
+            module._parameters[name] = p
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -176,29 +208,30 @@ def generate(
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    cols = torch.arange(P, device=device)
-    logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, S), cache, cols)[:, -1]
-    decode = _decode_fn(config, device, cache)
-    tokens = torch.full((B, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, config.max_new_tokens, device=device)
-    mask = torch.zeros(B, config.max_new_tokens, dtype=torch.bool, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)
-    n = 0
-    for step in range(config.max_new_tokens):
-        token, logprob = sample_tokens(logits, config, generator)
-        tokens[:, step] = torch.where(alive, token, pad_id)
-        logprobs[:, step] = torch.where(alive, logprob, 0.0)
-        mask[:, step] = alive
-        n = step + 1
-        if stops is not None:
-            alive &= ~torch.isin(token, stops)
-            if not bool(alive.any()):
+    with matmul_weights_in_autocast_dtype(model, device.type):
+        cols = torch.arange(P, device=device)
+        logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, S), cache, cols)[:, -1]
+        decode = _decode_fn(config, device, cache)
+        tokens = torch.full((B, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, config.max_new_tokens, device=device)
+        mask = torch.zeros(B, config.max_new_tokens, dtype=torch.bool, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+        n = 0
+        for step in range(config.max_new_tokens):
+            token, logprob = sample_tokens(logits, config, generator)
+            tokens[:, step] = torch.where(alive, token, pad_id)
+            logprobs[:, step] = torch.where(alive, logprob, 0.0)
+            mask[:, step] = alive
+            n = step + 1
+            if stops is not None:
+                alive &= ~torch.isin(token, stops)
+                if not bool(alive.any()):
+                    break
+            if step + 1 == config.max_new_tokens:
                 break
-        if step + 1 == config.max_new_tokens:
-            break
-        slot = torch.tensor([P + step], device=device)
-        logits = decode(model, tokens[:, step : step + 1], _positions(pad, slot), padded_attention_mask(pad, slot, S),
-                        cache, slot)
+            slot = torch.tensor([P + step], device=device)
+            logits = decode(model, tokens[:, step : step + 1], _positions(pad, slot),
+                            padded_attention_mask(pad, slot, S), cache, slot)
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
 
 

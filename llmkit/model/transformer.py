@@ -10,6 +10,8 @@ The read-out averages the streams, i(X) = 1/n 1^T X, the quantity H_res preserve
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,6 +204,24 @@ class Transformer(nn.Module):
         d_qk, d_v = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim, c.mla.v_head_dim) if c.attention == "mla" \
             else (c.head_dim, c.head_dim)
         return 6 * self.active_params(non_embedding=True) + 6 * c.n_layers * seq_len * c.n_heads * (d_qk + d_v)
+
+    def matmul_only_params(self) -> list[tuple[nn.Module, str]]:
+        """(module, name) of each parameter that the forward uses only as a matmul operand, so
+        that under autocast it only ever meets autocast's cast: the weight and bias of every
+        nn.Linear and GroupedLinear (LoRA's factors included). Left out: the two projections
+        whose weight is read directly, mHC's phi (the mHC ops take it: fp32 on their PyTorch
+        path) and MLA's kv_b_proj (the absorbed decode adds a LoRA update to it first), and any
+        parameter another module also holds (a tied lm_head is the embedding, looked up)."""
+        owners = Counter(id(p) for module in self.modules() for p in module.parameters(recurse=False))
+        read_directly = set()
+        for module in self.modules():
+            if isinstance(module, MHCResidual):
+                read_directly.update(id(p) for p in module.mapping.phi.parameters())
+            elif isinstance(module, MultiHeadLatentAttention):
+                read_directly.update(id(p) for p in module.kv_b_proj.parameters())
+        return [(module, name) for module in self.modules() if isinstance(module, (nn.Linear, GroupedLinear))
+                for name, p in module.named_parameters(recurse=False)
+                if owners[id(p)] == 1 and id(p) not in read_directly]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The trainable parameters in three optimizer groups:
