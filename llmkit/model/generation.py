@@ -183,7 +183,8 @@ def generate(
     """Sample up to ``config.max_new_tokens`` tokens after each prompt, in one batch.
 
     Rows stop independently at ``eos_id`` (or at any of several ids: a tokenizer's ``stop_ids``);
-    the loop ends when all rows have stopped. The same seed gives the same samples.
+    the loop ends when all rows have stopped. The same seed gives the same samples. Under
+    autocast the matmul weights are rounded once for the call (:func:`matmul_weights_in_autocast_dtype`).
     """
     cfg = model.config
     longest = max((len(p) for p in prompts), default=0)
