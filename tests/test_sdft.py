@@ -225,6 +225,21 @@ def test_sdft_lowers_the_teacher_student_divergence_on_its_prompts(base_ckpt, to
     assert after["val/divergence"] < 0.5 * before["val/divergence"], (before, after)
 
 
+def test_sdft_under_bf16_mixed_samples_and_still_trains_its_own_fp32_weights(base_ckpt, tokenizer_path, examples):
+    """bf16-mixed on the CPU: the sampler holds bf16 copies of the weights inside each training
+    step (llmkit.model.generation), and the optimizer still trains the model's own fp32 ones."""
+    module = sdft(base_ckpt, tokenizer_path)
+    data = SDFTDataModule(str(examples), str(examples), batch_size=8)
+    run = trainer(24, [EMATeacher(decay=0.99)], limit_val_batches=2, precision="bf16-mixed")
+    (before,) = run.validate(module, data, verbose=False)
+    start = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    run.fit(module, data)
+    (after,) = run.validate(module, data, verbose=False)
+    assert after["val/divergence"] < 0.5 * before["val/divergence"], (before, after)
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+    assert not torch.equal(module.model.blocks[0].attn.q_proj.weight, start["blocks.0.attn.q_proj.weight"])
+
+
 @pytest.mark.gpu
 def test_sdft_bf16_mixed_with_gradient_checkpointing_on_gpu(base_ckpt, tokenizer_path, examples):
     module = sdft(base_ckpt, tokenizer_path, gradient_checkpointing=True)
