@@ -303,26 +303,36 @@ def test_sampling_that_fails_gives_the_modules_their_own_parameters_back():
     assert all(p is params[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
 
 
+def compiled_autocast_samples_across_a_weight_change(model: Transformer, prompts: list[list[int]],
+                                                     max_new_tokens: int) -> list[tuple[torch.Tensor, int]]:
+    """Greedy samples of the compiled decode under bf16 autocast, each checked equal to the eager
+    decode's, before and after the LM head is negated (as weights change between an SDFT or
+    TTT-Discover step's generate calls); with dynamo's graph count after each compiled call. The
+    head is first scaled up: peaked next-token distributions leave no near-ties for bf16 to flip."""
+    device = next(model.parameters()).device
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    torch._dynamo.reset()
+    results = []
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        for _ in range(2):
+            eager = generate(model, prompts, greedy, eos_id=None)
+            compiled = generate(model, prompts, replace(greedy, compile=True), eos_id=None)
+            assert torch.equal(compiled.tokens, eager.tokens)
+            results.append((compiled.tokens, torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+            with torch.no_grad():
+                model.lm_head.weight.neg_()  # greedy now picks what was least likely
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    return results
+
+
 @pytest.mark.slow
 def test_compiled_autocast_decode_samples_the_current_weights_without_recompiling():
     """Under autocast each generate call holds new bf16 copies of the weights: the compiled decode
     step samples what the eager one does, follows the weights when they change between calls
-    (as after an SDFT or TTT-Discover optimizer step) and reuses its graph."""
-    model = model_for(4)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked next-token distributions: no near-ties for bf16 to flip
-    greedy = SamplingConfig(max_new_tokens=6, temperature=0)
-    samples, graphs = [], []
-    torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for _ in range(2):
-            eager = generate(model, PROMPTS, greedy, eos_id=None)
-            compiled = generate(model, PROMPTS, replace(greedy, compile=True), eos_id=None)
-            assert torch.equal(compiled.tokens, eager.tokens)
-            samples.append(compiled.tokens)
-            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-            with torch.no_grad():
-                model.lm_head.weight.neg_()  # greedy now picks what was least likely
-    assert not torch.equal(samples[0], samples[1])
-    assert graphs[0] == graphs[1]
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    and reuses its graph."""
+    (before, graphs_before), (after, graphs_after) = compiled_autocast_samples_across_a_weight_change(
+        model_for(4), PROMPTS, max_new_tokens=6)
+    assert not torch.equal(before, after)
+    assert graphs_before == graphs_after

@@ -126,29 +126,15 @@ def test_compiled_autocast_decode_samples_the_current_weights_on_gpu():
     """Under bf16 autocast generate holds new bf16 copies of the weights at each call, static
     inputs of the decode step's CUDA graph: the compiled step must sample what the eager one
     does, and follow the weights when they change between calls (as after an optimizer step)."""
-    from dataclasses import replace
-
-    from llmkit.model.generation import SamplingConfig, generate
     from llmkit.model.transformer import Transformer
+    from tests.test_generation import compiled_autocast_samples_across_a_weight_change
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
                                     max_seq_len=128, n_streams=4, bf16_residual=True)).cuda().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked next-token distributions: no near-ties for bf16 to flip
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0)
-    samples = []
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(2):
-            eager = generate(model, prompts, greedy, eos_id=None)
-            compiled = generate(model, prompts, replace(greedy, compile=True), eos_id=None)
-            assert torch.equal(compiled.tokens, eager.tokens)
-            samples.append(compiled.tokens)
-            with torch.no_grad():
-                model.lm_head.weight.neg_()  # greedy now picks what was least likely
-    assert not torch.equal(samples[0], samples[1])
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    (before, _), (after, _) = compiled_autocast_samples_across_a_weight_change(model, [[1, 2, 3, 4, 5], [7, 8, 9]],
+                                                                              max_new_tokens=16)
+    assert not torch.equal(before, after)
 
 
 @pytest.mark.gpu
