@@ -175,7 +175,7 @@ class LoRAGroupedLinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         y = grouped_linear(x, cast_for_matmul(self.weight, x), ends)
-        if not self.enabled or self.merged:
+        if not self.active:
             return y
         low = grouped_linear(self.lora_dropout(x), cast_for_matmul(self.lora_A, x), ends)
         return y + self.scale * grouped_linear(low, cast_for_matmul(self.lora_B, x), ends)

@@ -74,7 +74,7 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
     """The matrix ``linear`` applies: its weight, plus scale * B A if it is an active, unmerged
     :class:`~llmkit.model.lora.LoRALinear` (the absorbed decode, Sec. 2.1.2, reads W^UK and W^UV
     as matrices; LoRA dropout, a training-time noise, is not applied)."""
-    if isinstance(linear, LoRALinear) and linear.enabled and not linear.merged:
+    if isinstance(linear, LoRALinear) and linear.active:
         return linear.weight + linear.scale * (linear.lora_B @ linear.lora_A)
     return linear.weight
 
