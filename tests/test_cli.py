@@ -111,6 +111,35 @@ def test_generate_from_the_checkpoint(trained, tokenizer_path, capsys):
     assert capsys.readouterr().out == first  # the CPU's flash kernel and the math reference agree
 
 
+def test_generate_samples_under_bf16_autocast_when_asked(trained, tokenizer_path, capsys, monkeypatch):
+    import llmkit.model.generation as generation
+
+    sample, autocast_seen = generation.generate, []
+
+    def spy(*args, **kwargs):
+        autocast_seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    args = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+            "--prompt", "def alpha", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(args) == 0  # auto is 32-true on a CPU
+    assert main([*args, "--precision", "bf16-mixed"]) == 0
+    assert autocast_seen == [False, torch.bfloat16]
+    assert capsys.readouterr().out.split("-" * 40)[1].strip().startswith("def alpha")
+
+
+def test_generate_precision_auto_is_bf16_mixed_on_a_cuda_gpu_with_bf16(monkeypatch):
+    from llmkit.cli.generate import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "bf16-mixed"
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("32-true", "cuda") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100
+    assert resolve_precision("auto", "cuda") == "32-true"
+
+
 def test_a_printed_config_runs_as_given_with_every_default_resolved(shards, tmp_path, capsys):
     """What `--print_config` prints is a complete config: fed back, it resolves to itself."""
     with pytest.raises(SystemExit):

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from llmkit.errors import LLMKitError
 from llmkit.io import iter_jsonl_objects, iter_text_lines, text_field, write_jsonl_atomic
 from llmkit.model.config import AttentionBackend
 
 _PROMPT_LINE = '{"prompt": "..."}'
+
+Precision = Literal["auto", "32-true", "bf16-mixed"]
+"""How ``llmkit generate`` computes, named as Lightning's ``trainer.precision`` names it."""
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -29,6 +33,16 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise LLMKitError(f"prompt file {path} has no prompts: write one prompt per line (or JSONL)")
     return prompts
+
+
+def resolve_precision(precision: Precision, device: str) -> Precision:
+    """``precision``, with auto made bf16-mixed on a CUDA device that has bf16 and 32-true elsewhere."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def generate(
@@ -50,6 +64,7 @@ def generate(
     compile: bool = False,
     device: str | None = None,
     attention_backend: AttentionBackend | None = None,
+    precision: Precision = "auto",
 ) -> int:
     """Sample text from a checkpoint (KV-cached, batched).
 
@@ -74,6 +89,8 @@ def generate(
         compile: compile the decode step (CUDA graphs on GPU).
         device: where to run (default: cuda if available, else cpu).
         attention_backend: the attention kernel (default: the checkpoint's; docs/attention.md).
+        precision: bf16-mixed samples under bf16 autocast, as training under bf16-mixed does; auto
+            picks it on a CUDA GPU with bf16, 32-true elsewhere.
     """
     import torch
 
@@ -110,8 +127,11 @@ def generate(
         compile=compile,
     )
     records = []
+    bf16 = resolve_precision(precision, device) == "bf16-mixed"
     for start in range(0, len(encoded), batch_size):
-        result = sample(model, encoded[start : start + batch_size], config, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            result = sample(model, encoded[start : start + batch_size], config, eos_id=tok.stop_ids,
+                            pad_id=tok.pad_id)
         for i, (tokens, mask) in enumerate(zip(result.tokens.tolist(), result.mask.tolist(), strict=True)):
             completion = tok.decode([t for t, real in zip(tokens, mask, strict=True) if real])
             records.append({"prompt": texts[start + i], "completion": completion})
