@@ -126,6 +126,46 @@ def test_rows_stop_at_the_first_of_several_stop_ids():
         assert torch.equal(out.tokens[row, :stop], free.tokens[row, :stop])
 
 
+def test_reading_the_stop_check_every_few_steps_gives_the_same_generation(monkeypatch):
+    """On CUDA the host reads whether every row has stopped only every few steps (a read waits for
+    the GPU): the steps run after the batch stopped are cut off, so the result is the same."""
+    model = model_for(4)
+    config = SamplingConfig(max_new_tokens=12, temperature=0)
+    free = generate(model, PROMPTS, config, eos_id=None)
+    stops = (int(free.tokens[0, 1]), int(free.tokens[2, 2]))
+    last_stop = max(int(torch.isin(row, torch.tensor(stops)).nonzero()[0]) for row in free.tokens)
+    assert last_stop < 4  # so the batch stops before the first read at step 5
+    forwards = []
+    model.lm_head.register_forward_hook(lambda *_: forwards.append(1))
+    every_step = generate(model, PROMPTS, config, eos_id=stops)
+    assert len(forwards) == 1 + last_stop  # the prefill, then one decode step per token up to the stop
+    monkeypatch.setitem(generation.STOP_CHECK_INTERVAL, "cpu", 5)
+    every_fifth = generate(model, PROMPTS, config, eos_id=stops)
+    assert len(forwards) - (1 + last_stop) == 5  # the prefill and 4 decode steps: it ran on to step 5
+    for field in ("tokens", "mask", "logprobs"):
+        assert torch.equal(getattr(every_fifth, field), getattr(every_step, field))
+    assert every_step.tokens.size(1) == last_stop + 1
+
+
+def test_decode_steps_make_no_tensors_from_host_data():
+    """A tensor built from Python numbers on a GPU is a host-to-device copy that waits for the
+    GPU: a decode step makes none, so the host can queue steps ahead (seen here as lift_fresh)."""
+
+    class LiftCounter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+
+    def lifts(max_new_tokens: int) -> int:
+        with LiftCounter() as counter:
+            generate(model_for(4), PROMPTS, SamplingConfig(max_new_tokens=max_new_tokens, seed=0), eos_id=(3, 4))
+        return counter.count
+
+    assert lifts(12) == lifts(2) > 0
+
+
 def test_seeded_sampling_is_reproducible():
     model = model_for(4)
     a = generate(model, PROMPTS, SamplingConfig(max_new_tokens=10, seed=5), eos_id=None)

@@ -25,6 +25,12 @@ from llmkit.errors import LLMKitError
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.transformer import Transformer
 
+STOP_CHECK_INTERVAL = {"cuda": 8}
+"""Steps between the host's reads of whether every row has stopped, by device type (1 where
+absent). Each read waits for the GPU to finish every queued step; between reads the host queues
+steps ahead. A batch that has stopped runs at most interval - 1 more steps, whose tokens are
+masked and cut off."""
+
 COMPILE_PAD_MULTIPLE = 64
 """With compile, prompts are left-padded to a multiple of this many tokens: the compiled decode
 step has static shapes, and this bounds how many distinct shapes (compiles) a run meets."""
@@ -125,12 +131,12 @@ def sample_tokens(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _decode_step(
-    model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-    cache: KVCache, slot: torch.Tensor,
-) -> torch.Tensor:
-    """Logits [B, V] for one new token per row, written into cache slot ``slot``."""
-    return model(tokens, positions, mask, cache, slot)[:, -1]
+def _decode_step(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, slot: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+    """Logits [B, V] for one new token per row, at cache column ``slot`` [1]; its positions and
+    mask are built here, so a compiled step computes them inside its graph."""
+    mask = padded_attention_mask(pad, slot, cache.max_len)
+    return model(tokens, _positions(pad, slot), mask, cache, slot)[:, -1]
 
 
 def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> Callable[..., torch.Tensor]:
@@ -183,7 +189,8 @@ def generate(
     """Sample up to ``config.max_new_tokens`` tokens after each prompt, in one batch.
 
     Rows stop independently at ``eos_id`` (or at any of several ids: a tokenizer's ``stop_ids``);
-    the loop ends when all rows have stopped. The same seed gives the same samples. Under
+    the loop ends when all rows have stopped (read every :data:`STOP_CHECK_INTERVAL` steps). The
+    same seed gives the same samples. Under
     autocast the matmul weights are rounded once for the call (:func:`matmul_weights_in_autocast_dtype`).
     """
     cfg = model.config
@@ -217,22 +224,21 @@ def generate(
         logprobs = torch.zeros(B, config.max_new_tokens, device=device)
         mask = torch.zeros(B, config.max_new_tokens, dtype=torch.bool, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
-        n = 0
+        slots = torch.arange(P, S, device=device)  # sliced per step: no host-to-device copy, which would sync
+        check_every = STOP_CHECK_INTERVAL.get(device.type, 1)
         for step in range(config.max_new_tokens):
             token, logprob = sample_tokens(logits, config, generator)
             tokens[:, step] = torch.where(alive, token, pad_id)
             logprobs[:, step] = torch.where(alive, logprob, 0.0)
             mask[:, step] = alive
-            n = step + 1
             if stops is not None:
                 alive &= ~torch.isin(token, stops)
-                if not bool(alive.any()):
+                if (step + 1) % check_every == 0 and not bool(alive.any()):
                     break
             if step + 1 == config.max_new_tokens:
                 break
-            slot = torch.tensor([P + step], device=device)
-            logits = decode(model, tokens[:, step : step + 1], _positions(pad, slot),
-                            padded_attention_mask(pad, slot, S), cache, slot)
+            logits = decode(model, tokens[:, step : step + 1], pad, slots[step : step + 1], cache)
+    n = int(mask.any(dim=0).sum())  # the columns up to the one where the last row stopped (alive only falls)
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
 
 
