@@ -1,6 +1,8 @@
 """GPU runs of the pretraining path (skipped without CUDA): bf16-mixed, compiled blocks,
 activation checkpointing, n=1 and n=4, through the real Trainer."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -135,6 +137,36 @@ def test_compiled_autocast_decode_samples_the_current_weights_on_gpu():
     (before, _), (after, _) = compiled_autocast_samples_across_a_weight_change(model, [[1, 2, 3, 4, 5], [7, 8, 9]],
                                                                               max_new_tokens=16)
     assert not torch.equal(before, after)
+
+
+@pytest.mark.gpu
+def test_decode_steps_never_wait_for_the_gpu():
+    """A host read of a CUDA tensor (or a copy from host data) waits for the GPU and stops the host
+    from queuing steps ahead. A generate call's number of such waits must not grow with its length,
+    but for the read of whether every row has stopped, once every STOP_CHECK_INTERVAL steps."""
+    from llmkit.model.generation import STOP_CHECK_INTERVAL, SamplingConfig, generate
+    from llmkit.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
+                                    max_seq_len=128, n_streams=4)).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+
+    def waits(max_new_tokens: int, eos_id: int | None) -> int:
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=20, top_p=0.9, seed=0)
+        generate(model, prompts, config, eos_id=eos_id)  # warm up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(model, prompts, config, eos_id=eos_id)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught)
+
+    assert waits(40, None) == waits(8, None)
+    never = VOCAB_SIZE + 1  # a stop id no row samples: every call runs to its length
+    assert waits(40, never) - waits(8, never) == (40 - 8) // STOP_CHECK_INTERVAL["cuda"]
 
 
 @pytest.mark.gpu
