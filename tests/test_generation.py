@@ -1,6 +1,8 @@
 """KV-cached batched generation and continuation scoring."""
 
 import contextlib
+import gc
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -295,7 +297,7 @@ def test_autocast_sampling_casts_the_matmul_weights_once_for_the_same_samples(ki
             return generate(model, PROMPTS, sampling, eos_id=None), counter.casts
 
     once, casts_once = sample()
-    monkeypatch.setattr(generation, "matmul_weights_in_autocast_dtype", lambda m, d: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "matmul_weights_in_autocast_dtype", lambda *_: contextlib.nullcontext())
     every_step, casts_every_step = sample()
     assert casts_once == len(held)  # each weight once, when generate starts
     assert casts_every_step >= len(held) * sampling.max_new_tokens  # prefill + 4 decode steps, each casting all
@@ -369,10 +371,43 @@ def compiled_autocast_samples_across_a_weight_change(model: Transformer, prompts
 
 @pytest.mark.slow
 def test_compiled_autocast_decode_samples_the_current_weights_without_recompiling():
-    """Under autocast each generate call holds new bf16 copies of the weights: the compiled decode
-    step samples what the eager one does, follows the weights when they change between calls
-    and reuses its graph."""
+    """Under autocast each compiled generate call rewrites the bf16 copies of the weights it keeps:
+    the compiled decode step samples what the eager one does, follows the weights when they
+    change between calls and reuses its graph."""
     (before, graphs_before), (after, graphs_after) = compiled_autocast_samples_across_a_weight_change(
         model_for(4), PROMPTS, max_new_tokens=6)
     assert not torch.equal(before, after)
     assert graphs_before == graphs_after
+
+
+@pytest.mark.slow
+def test_compiled_calls_reuse_the_kv_cache_and_the_bf16_weights_at_their_addresses():
+    """A CUDA graph reads the KV cache and the held bf16 weights where it was recorded, so
+    consecutive compiled calls on a model reuse them: the cache zeroed (what a call leaves in it
+    is never read by the next), the weights rewritten. A new batch shape gets a new cache; eager
+    calls keep nothing, and what is kept does not keep the model alive."""
+    model = model_for(4)
+    lm_head_seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, _: lm_head_seen.append(module.weight.data_ptr()))
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0)
+    compiled = replace(greedy, compile=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = generate(model, PROMPTS, greedy, eos_id=None)
+        assert model not in generation._compiled_decode_buffers
+        lm_head_seen.clear()
+        first = generate(model, PROMPTS, compiled, eos_id=None)
+        kept = generation._compiled_decode_buffers[model]
+        cache, cache_addresses = kept.cache, [b.data_ptr() for b in kept.cache.buffers()]
+        for b in cache.buffers():
+            b.fill_(float("nan"))
+        second = generate(model, PROMPTS, compiled, eos_id=None)
+        assert kept.cache is cache and [b.data_ptr() for b in cache.buffers()] == cache_addresses
+        assert len(set(lm_head_seen)) == 1 and lm_head_seen[0] != model.lm_head.weight.data_ptr()
+        assert torch.equal(first.tokens, eager.tokens) and torch.equal(second.tokens, eager.tokens)
+        assert torch.equal(second.logprobs, first.logprobs)
+        generate(model, PROMPTS[:2], compiled, eos_id=None)
+        assert kept.cache is not cache and kept.cache.k.size(1) == 2
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -13,16 +13,18 @@ losses need. :func:`sequence_logprobs` recomputes exactly these in one batched f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmkit.errors import LLMKitError
-from llmkit.model.kv_cache import KVCache
+from llmkit.model.config import ModelConfig
+from llmkit.model.kv_cache import KVCache, cache_shapes
 from llmkit.model.transformer import Transformer
 
 STOP_CHECK_INTERVAL = {"cuda": 8}
@@ -43,7 +45,9 @@ class SamplingConfig:
     compile: run the decode step through torch.compile; the step has static shapes (the
     cache is pre-allocated and every step attends over all of it under a mask), so on CUDA
     it is captured as a CUDA graph ("reduce-overhead"). Prompts are then left-padded to a
-    multiple of COMPILE_PAD_MULTIPLE tokens. Eager is the default, and the right choice on CPU.
+    multiple of COMPILE_PAD_MULTIPLE tokens. The cache (and, under autocast, the bf16 weight
+    copies) stay allocated for the next compiled call on the model, so its CUDA graph replays.
+    Eager is the default, and the right choice on CPU.
     """
 
     max_new_tokens: int = 256
@@ -149,7 +153,9 @@ def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> 
 
 
 @contextmanager
-def matmul_weights_in_autocast_dtype(model: Transformer, device_type: str) -> Iterator[None]:
+def matmul_weights_in_autocast_dtype(
+    model: Transformer, device_type: str, kept: list[torch.Tensor] | None = None
+) -> Iterator[None]:
     """Under autocast, hold the model's :meth:`~llmkit.model.transformer.Transformer.matmul_only_params`
     in the autocast dtype until exit; without autocast, do nothing.
 
@@ -160,22 +166,65 @@ def matmul_weights_in_autocast_dtype(model: Transformer, device_type: str) -> It
     copies as new parameters and get their own back on exit, whatever happens inside: the
     original parameters are never touched, so an optimizer or DDP holding them is unaffected.
     The copies take half the weights' fp32 memory meanwhile.
+
+    ``kept``: a list the copies stay in after exit, rewritten in place by the next call whose
+    weights have the same shapes (a compiled decode step's CUDA graph reads them at fixed
+    addresses); refilled when they do not.
     """
     if not torch.is_autocast_enabled(device_type):
         yield
         return
     dtype = torch.get_autocast_dtype(device_type)
+    weights = [(module, name, module._parameters[name]) for module, name in model.matmul_only_params()]
+    weights = [(module, name, p) for module, name, p in weights
+               if p.dtype == torch.float32 and type(p.data) is torch.Tensor]  # not a sharded (FSDP) DTensor
+    if kept is not None and [(k.shape, k.dtype, k.device) for k in kept] == [(p.shape, dtype, p.device)
+                                                                             for _, _, p in weights]:
+        copies = [k.copy_(p.detach()) for k, (_, _, p) in zip(kept, weights, strict=True)]
+    else:
+        copies = [p.detach().to(dtype) for _, _, p in weights]
+        if kept is not None:
+            kept[:] = copies
     held = []
     try:
-        for module, name in model.matmul_only_params():
-            p = module._parameters[name]
-            if p.dtype == torch.float32 and type(p.data) is torch.Tensor:  # not a sharded (FSDP) DTensor
-                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                held.append((module, name, p))
+        for (module, name, p), copy in zip(weights, copies, strict=True):
+            module._parameters[name] = nn.Parameter(copy, requires_grad=False)
+            held.append((module, name, p))
         yield
     finally:
         for module, name, p in held:
             module._parameters[name] = p
+
+
+@dataclass
+class _CompiledDecodeBuffers:
+    """What a compiled ``generate`` call leaves for the next one on the same model. The decode
+    step's CUDA graph reads its static inputs (the KV cache, the held bf16 weights) at the
+    addresses it was recorded with: new ones at every call would mean a new recording at every
+    call, each kept by PyTorch (and past cudagraph_unexpected_rerecord_limit, 128, no CUDA graph
+    at all on PyTorch <= 2.12)."""
+
+    cache: KVCache | None = None
+    weights: list[torch.Tensor] = field(default_factory=list)
+
+
+_compiled_decode_buffers: weakref.WeakKeyDictionary[Transformer, _CompiledDecodeBuffers] = weakref.WeakKeyDictionary()
+
+
+def _kv_cache(buffers: _CompiledDecodeBuffers | None, config: ModelConfig, batch_size: int, max_len: int,
+              device: torch.device, dtype: torch.dtype) -> KVCache:
+    """A zeroed KV cache: the one ``buffers`` holds where its shapes fit, else a new one (kept there)."""
+    if buffers is None:
+        return KVCache(config, batch_size, max_len, device, dtype)
+    cache = buffers.cache
+    wanted = [(torch.Size(shape), dtype, device) for shape in cache_shapes(config, batch_size, max_len).values()]
+    if cache is not None and [(b.shape, b.dtype, b.device) for b in cache.buffers()] == wanted:
+        for b in cache.buffers():
+            b.zero_()
+        return cache
+    buffers.cache = None  # let the allocator reuse its memory
+    buffers.cache = KVCache(config, batch_size, max_len, device, dtype)
+    return buffers.cache
 
 
 @torch.no_grad()
@@ -211,12 +260,13 @@ def generate(
     S = P + config.max_new_tokens
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.lm_head.weight.dtype
-    cache = KVCache(cfg, B, S, device, dtype)
+    kept = _compiled_decode_buffers.setdefault(model, _CompiledDecodeBuffers()) if config.compile else None
+    cache = _kv_cache(kept, cfg, B, S, device, dtype)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    with matmul_weights_in_autocast_dtype(model, device.type):
+    with matmul_weights_in_autocast_dtype(model, device.type, kept.weights if kept is not None else None):
         cols = torch.arange(P, device=device)
         logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, S), cache, cols)[:, -1]
         decode = _decode_fn(config, device, cache)
