@@ -140,6 +140,37 @@ def test_compiled_autocast_decode_samples_the_current_weights_on_gpu():
 
 
 @pytest.mark.gpu
+def test_compiled_generate_calls_replay_the_cuda_graph_they_recorded(monkeypatch):
+    """Between the compiled generate calls of a training run the weights change in place (an
+    optimizer step) while the call keeps its KV cache and bf16 weight copies: after the first
+    calls have compiled and recorded, later ones replay and record nothing."""
+    from torch._inductor import cudagraph_trees
+
+    from llmkit.model.generation import SamplingConfig, generate
+    from llmkit.model.transformer import Transformer
+
+    recordings = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *args, **kwargs: recordings.append(1) or record(self, *args, **kwargs))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
+                                    max_seq_len=128, n_streams=4, bf16_residual=True)).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    config = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=20, seed=0, compile=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):  # compile, warm up, record
+            generate(model, prompts, config, eos_id=None)
+        assert recordings
+        recorded = len(recordings)
+        for _ in range(3):
+            with torch.no_grad():
+                model.lm_head.weight.mul_(1.5)
+            generate(model, prompts, config, eos_id=None)
+        assert len(recordings) == recorded
+
+
+@pytest.mark.gpu
 def test_decode_steps_never_wait_for_the_gpu():
     """A host read of a CUDA tensor (or a copy from host data) waits for the GPU and stops the host
     from queuing steps ahead. A generate call's number of such waits must not grow with its length,
