@@ -201,8 +201,8 @@ class _CompiledDecodeBuffers:
     """What a compiled ``generate`` call leaves for the next one on the same model. The decode
     step's CUDA graph reads its static inputs (the KV cache, the held bf16 weights) at the
     addresses it was recorded with: new ones at every call would mean a new recording at every
-    call, each kept by PyTorch (and past cudagraph_unexpected_rerecord_limit, 128, no CUDA graph
-    at all on PyTorch <= 2.12)."""
+    call, each kept by PyTorch (and on PyTorch 2.11, past cudagraph_unexpected_rerecord_limit,
+    128, no CUDA graph at all)."""
 
     cache: KVCache | None = None
     weights: list[torch.Tensor] = field(default_factory=list)
