@@ -274,7 +274,6 @@ def generate(
         logprobs = torch.zeros(B, config.max_new_tokens, device=device)
         mask = torch.zeros(B, config.max_new_tokens, dtype=torch.bool, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
-        slots = torch.arange(P, S, device=device)  # sliced per step: no host-to-device copy, which would sync
         check_every = STOP_CHECK_INTERVAL.get(device.type, 1)
         for step in range(config.max_new_tokens):
             token, logprob = sample_tokens(logits, config, generator)
@@ -287,7 +286,8 @@ def generate(
                     break
             if step + 1 == config.max_new_tokens:
                 break
-            logits = decode(model, tokens[:, step : step + 1], pad, slots[step : step + 1], cache)
+            slot = torch.full((1,), P + step, device=device)  # a fill kernel: no host-to-device copy, which waits
+            logits = decode(model, tokens[:, step : step + 1], pad, slot, cache)
     n = int(mask.any(dim=0).sum())  # the columns up to the one where the last row stopped (alive only falls)
     return Generation(tokens[:, :n], mask[:, :n], logprobs[:, :n])
 
