@@ -92,10 +92,10 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
             results[mode] = min(times)
         for mode, seconds in results.items():
-            speedup = results["reforward"] / seconds if "reforward" in results else float("nan")
+            speedup = f"{results['reforward'] / seconds:.1f}x" if "reforward" in results else "-"
             tps = batch * args.new_tokens / seconds
             rows.append({"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": tps})
-            print(f"{batch:>5} {mode:>10} {seconds:>9.3f} {tps:>10.0f} {speedup:>12.1f}x")
+            print(f"{batch:>5} {mode:>10} {seconds:>9.3f} {tps:>10.0f} {speedup:>13}")
     out = Path(args.out)
     write_json_atomic(out, {"args": vars(args), "device": name, "rows": rows})
     print(f"wrote {out}")
