@@ -175,11 +175,12 @@ def matmul_weights_in_autocast_dtype(
         yield
         return
     dtype = torch.get_autocast_dtype(device_type)
-    weights = [(module, name, module._parameters[name]) for module, name in model.matmul_only_params()]
-    weights = [(module, name, p) for module, name, p in weights
-               if p.dtype == torch.float32 and type(p.data) is torch.Tensor]  # not a sharded (FSDP) DTensor
-    if kept is not None and [(k.shape, k.dtype, k.device) for k in kept] == [(p.shape, dtype, p.device)
-                                                                             for _, _, p in weights]:
+    weights = [(module, name, p) for module, name in model.matmul_only_params()
+               if (p := module._parameters[name]).dtype == torch.float32
+               and type(p.data) is torch.Tensor]  # not a sharded (FSDP) DTensor
+    fits = kept is not None and ([(k.shape, k.dtype, k.device) for k in kept]
+                                 == [(p.shape, dtype, p.device) for _, _, p in weights])
+    if fits:
         copies = [k.copy_(p.detach()) for k, (_, _, p) in zip(kept, weights, strict=True)]
     else:
         copies = [p.detach().to(dtype) for _, _, p in weights]
@@ -239,8 +240,8 @@ def generate(
 
     Rows stop independently at ``eos_id`` (or at any of several ids: a tokenizer's ``stop_ids``);
     the loop ends when all rows have stopped (read every :data:`STOP_CHECK_INTERVAL` steps). The
-    same seed gives the same samples. Under
-    autocast the matmul weights are rounded once for the call (:func:`matmul_weights_in_autocast_dtype`).
+    same seed gives the same samples. Under autocast the matmul weights are rounded once for the
+    call (:func:`matmul_weights_in_autocast_dtype`).
     """
     cfg = model.config
     longest = max((len(p) for p in prompts), default=0)
