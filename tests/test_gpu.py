@@ -105,19 +105,26 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= tol, name
 
 
+DECODE_PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
+
+
+def decode_model(**overrides):
+    """The seeded 2-layer mHC (n = 4) model the decode tests sample from, on the GPU, in eval mode."""
+    from llmkit.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
+                                   max_seq_len=128, n_streams=4, **overrides)).cuda().eval()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["auto", "torch"])
 def test_compiled_cached_decode_with_the_mhc_ops_equals_eager_greedy_decode(implementation):
     """The compiled decode step is a CUDA graph: the ops (Triton kernels, or their PyTorch code with
     mhc.implementation: torch) must run inside its capture."""
     from llmkit.model.generation import SamplingConfig, generate
-    from llmkit.model.transformer import Transformer
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
-                                    max_seq_len=128, n_streams=4,
-                                    mhc=MHCConfig(implementation=implementation))).cuda().eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    model, prompts = decode_model(mhc=MHCConfig(implementation=implementation)), DECODE_PROMPTS
     eager = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0), eos_id=None)
     compiled = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=0.0, compile=True), eos_id=None)
     assert torch.equal(compiled.tokens, eager.tokens)
@@ -125,17 +132,13 @@ def test_compiled_cached_decode_with_the_mhc_ops_equals_eager_greedy_decode(impl
 
 @pytest.mark.gpu
 def test_compiled_autocast_decode_samples_the_current_weights_on_gpu():
-    """Under bf16 autocast generate holds new bf16 copies of the weights at each call, static
+    """Under bf16 autocast a compiled generate call rewrites the bf16 weight copies it keeps, static
     inputs of the decode step's CUDA graph: the compiled step must sample what the eager one
     does, and follow the weights when they change between calls (as after an optimizer step)."""
-    from llmkit.model.transformer import Transformer
     from tests.test_generation import compiled_autocast_samples_across_a_weight_change
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
-                                    max_seq_len=128, n_streams=4, bf16_residual=True)).cuda().eval()
-    (before, _), (after, _) = compiled_autocast_samples_across_a_weight_change(model, [[1, 2, 3, 4, 5], [7, 8, 9]],
-                                                                              max_new_tokens=16)
+    (before, _), (after, _) = compiled_autocast_samples_across_a_weight_change(
+        decode_model(bf16_residual=True), DECODE_PROMPTS, max_new_tokens=16)
     assert not torch.equal(before, after)
 
 
@@ -147,16 +150,12 @@ def test_compiled_generate_calls_replay_the_cuda_graph_they_recorded(monkeypatch
     from torch._inductor import cudagraph_trees
 
     from llmkit.model.generation import SamplingConfig, generate
-    from llmkit.model.transformer import Transformer
 
     recordings = []
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
                         lambda self, *args, **kwargs: recordings.append(1) or record(self, *args, **kwargs))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
-                                    max_seq_len=128, n_streams=4, bf16_residual=True)).cuda().eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    model, prompts = decode_model(bf16_residual=True), DECODE_PROMPTS
     config = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=20, seed=0, compile=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):  # compile, warm up, record
@@ -176,12 +175,8 @@ def test_decode_steps_never_wait_for_the_gpu():
     from queuing steps ahead. A generate call's number of such waits must not grow with its length,
     but for the read of whether every row has stopped, once every STOP_CHECK_INTERVAL steps."""
     from llmkit.model.generation import STOP_CHECK_INTERVAL, SamplingConfig, generate
-    from llmkit.model.transformer import Transformer
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256,
-                                    max_seq_len=128, n_streams=4)).cuda().eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    model, prompts = decode_model(), DECODE_PROMPTS
 
     def waits(max_new_tokens: int, eos_id: int | None) -> int:
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=20, top_p=0.9, seed=0)
