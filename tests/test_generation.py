@@ -386,7 +386,7 @@ def compiled_autocast_samples_across_a_weight_change(model: Transformer, prompts
 @pytest.mark.slow
 def test_compiled_autocast_decode_samples_the_current_weights_without_recompiling():
     """Under autocast each compiled generate call rewrites the bf16 copies of the weights it keeps:
-    the compiled decode step samples what the eager one does, follows the weights when they
+    the compiled decode step samples greedily for the current weights, follows them when they
     change between calls and reuses its graph."""
     (before, graphs_before), (after, graphs_after) = compiled_autocast_samples_across_a_weight_change(
         model_for(4), PROMPTS, max_new_tokens=6)
