@@ -225,6 +225,22 @@ def test_sdft_lowers_the_teacher_student_divergence_on_its_prompts(base_ckpt, to
     assert after["val/divergence"] < 0.5 * before["val/divergence"], (before, after)
 
 
+def test_validation_logs_the_epochs_shortest_and_longest_completion(base_ckpt, tokenizer_path, examples, monkeypatch):
+    """val/gen_len_min and _max are over every completion of the epoch, not means of per-batch extremes."""
+    module = sdft(base_ckpt, tokenizer_path)
+    lengths = []
+
+    def completions(prompts: list[list[int]], seed: int) -> list[list[int]]:  # batch k: lengths 3k+1 .. 3k+4
+        batch = [[5] * (1 + 3 * (len(lengths) // 4) + row) for row in range(len(prompts))]
+        lengths.extend(len(c) for c in batch)
+        return batch
+
+    monkeypatch.setattr(module, "sample_completions", completions)
+    (metrics,) = trainer(1).validate(module, SDFTDataModule(str(examples), str(examples), batch_size=4), verbose=False)
+    assert len(lengths) == 16
+    assert (metrics["val/gen_len_min"], metrics["val/gen_len_max"]) == (min(lengths), max(lengths)) == (1, 13)
+
+
 def test_sdft_under_bf16_mixed_samples_and_still_trains_its_own_fp32_weights(base_ckpt, tokenizer_path, examples):
     """bf16-mixed on the CPU: the sampler holds bf16 copies of the weights inside each training
     step (llmkit.model.generation), and the optimizer still trains the model's own fp32 ones."""

@@ -146,8 +146,9 @@ class SDFTModule(FineTuneModule):
     def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
         lengths = [len(c) for c in completions]
         eos = sum(c[-1] in self.tokenizer.stop_ids for c in completions) / len(completions)
-        self.log_dict(
-            {f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/gen_len_min": float(min(lengths)),
-             f"{stage}/gen_len_max": float(max(lengths)), f"{stage}/eos_fraction": eos},
-            batch_size=batch_size, sync_dist=stage == "val",  # validation's epoch means: over every rank
-        )
+        sync = stage == "val"  # validation's epoch values: over every rank
+        self.log_dict({f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/eos_fraction": eos},
+                      batch_size=batch_size, sync_dist=sync)
+        # an epoch's min and max are over its batches' (a mean of per-batch extremes would be neither)
+        self.log(f"{stage}/gen_len_min", float(min(lengths)), batch_size=batch_size, sync_dist=sync, reduce_fx="min")
+        self.log(f"{stage}/gen_len_max", float(max(lengths)), batch_size=batch_size, sync_dist=sync, reduce_fx="max")
