@@ -65,12 +65,21 @@ def test_the_final_step_is_saved_even_off_the_checkpoint_interval(trained):
     assert not list(trained.parent.glob(".*tmp*"))  # no temp file left by the atomic writes
 
 
-def test_validate_needs_only_the_checkpoint_and_the_val_shards(trained, shards, capsys):
-    """No data.seq_len: the windows are the model's max_seq_len (64), linked from the checkpoint's model."""
-    assert main(["pretrain", "validate", "--ckpt_path", str(trained), "--data.val_files", str(shards["val"]),
-                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                 "--trainer.default_root_dir", str(trained.parent.parent / "val")]) == 0
+def test_validate_needs_only_the_checkpoint_and_scores_the_windows_its_run_scored(trained, shards, capsys,
+                                                                                  monkeypatch):
+    """The data settings not given come from the checkpoint's run (its files, seq_len 32, batch 4), not
+    from the defaults (windows of the model's max_seq_len, 64, batches of 8): what validate logs
+    into the run's curve is the loss the run measured. Given ones apply."""
+    seen = []
+    setup = PackedDataModule.setup
+    monkeypatch.setattr(PackedDataModule, "setup", lambda self, stage: seen.append(
+        (self.val_files, self.seq_len, self.batch_size)) or setup(self, stage))
+    base = ["pretrain", "validate", "--ckpt_path", str(trained), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(trained.parent.parent / "val")]
+    assert main(base) == 0
     assert "val/loss" in capsys.readouterr().out
+    assert main([*base, "--data.batch_size", "2"]) == 0
+    assert seen == [([str(shards["val"])], 32, 4), ([str(shards["val"])], 32, 2)]
 
 
 def test_a_window_longer_than_the_model_is_one_clear_line(trained, shards, capsys):
@@ -103,6 +112,17 @@ def test_a_missing_checkpoint_is_one_line_for_fit_and_validate(command, shards, 
     err = capsys.readouterr().err
     assert code == 1 and err == f"llmkit: error: checkpoint {missing} does not exist: check the path " \
                                 "(ckpt_path, init_ckpt or --ckpt)\n"
+
+
+def test_a_checkpoint_that_lightning_did_not_write_is_one_line(shards, tmp_path, capsys):
+    """A torch.save'd dict (no state_dict, no Lightning version) is neither resumed nor validated."""
+    other = tmp_path / "weights.ckpt"
+    torch.save({"model": {"w": torch.zeros(2)}}, other)
+    code = main(["pretrain", "validate", "--ckpt_path", str(other), "--data.val_files", str(shards["val"]),
+                 "--model.config.vocab_size", str(VOCAB_SIZE)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"{other} is not a Lightning training checkpoint (it has no state_dict" in err
 
 
 def damaged_copies(source: Path, tmp_path: Path) -> dict[str, Path]:
@@ -278,7 +298,9 @@ def test_throughput_totals_continue_across_a_resume(shards, tmp_path):
     assert (after["batches"], after["samples"]) == (5, 5 * 4) and after["time"] > state["time"]
 
 
-def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(shards, tmp_path):
+@pytest.mark.parametrize("config_given", [True, False])
+def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, shards, tmp_path, caplog):
+    """With the run's config (its TensorBoardLogger), or with none (Lightning's default logger)."""
     config = yaml.safe_load(write_config(tmp_path, shards, max_steps=3).read_text())
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                    "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run",
@@ -287,8 +309,10 @@ def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(shards, tmp_pa
     (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml")]) == 0
     run = tmp_path / "tb" / "run" / "version_0"
-    assert main(["pretrain", "validate", "--config", str(tmp_path / "tb.yaml"),
-                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    given = ["--config", str(tmp_path / "tb.yaml")] if config_given else ["--trainer.enable_progress_bar", "false"]
+    with caplog.at_level("INFO"):
+        assert main(["pretrain", "validate", *given, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert f"logs: {run}" in caplog.text
     assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
     assert (run / "config.yaml").is_file() and (run / "validate_config.yaml").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

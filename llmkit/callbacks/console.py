@@ -65,13 +65,22 @@ def _value(value: Any) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+def _print_log_dir(trainer: L.Trainer) -> None:
+    if trainer.loggers and trainer.log_dir:
+        rank_zero_info(f"logs: {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+
+
 class RunSummary(L.Callback):
     """Prints where the logs go and which attention kernel runs when fit starts (an unavailable
-    ``attention_backend`` fails here, before the first step), and the step and metrics when it ends."""
+    ``attention_backend`` fails here, before the first step), and the step and metrics when it
+    ends; where the logs go when a ``validate`` run starts."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # not fit's validations
+            _print_log_dir(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.loggers and trainer.log_dir:
-            rank_zero_info(f"logs: {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+        _print_log_dir(trainer)
         if satisfies(pl_module, HasBackbone):
             asked, dtype = pl_module.model.config.attention_backend, compute_dtype(trainer.precision)
             chosen = resolve_backend(asked, pl_module.device.type, dtype)

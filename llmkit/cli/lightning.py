@@ -33,6 +33,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO
 from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progress_bar
@@ -138,6 +139,12 @@ class LLMKitCLI(LightningCLI):
         if not ckpt_path:
             return
         ckpt = load_checkpoint_file(ckpt_path, weights=False)  # the hyperparameters; Lightning loads the weights
+        if not {"state_dict", "pytorch-lightning_version"} <= ckpt.keys():
+            raise LLMKitError(
+                f"{ckpt_path} is not a Lightning training checkpoint (it has no state_dict or no "
+                f"pytorch-lightning_version): --ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from "
+                f"other weights, use model.init_ckpt"
+            )
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
             writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")
@@ -145,30 +152,62 @@ class LLMKitCLI(LightningCLI):
                 f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
                 f"{subcommand}` (or as model.init_ckpt to fine-tune from it)"
             )
+        restored = {}
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        given = self.given[subcommand].get("model") or Namespace()
-        module_args = resolve_checkpoint_hparams(self.command, hparams, given.as_dict(), ckpt_path)
-        self.config = self.parser.parse_object({subcommand: {"model": module_args}}, self.config)
+        if hparams:
+            given = self.given[subcommand].get("model") or Namespace()
+            restored["model"] = resolve_checkpoint_hparams(self.command, hparams, given.as_dict(), ckpt_path)
+        if data := self._checkpoint_data_args(ckpt.get("datamodule_hyper_parameters") or {}, subcommand):
+            restored["data"] = data
+        if restored:
+            self.config = self.parser.parse_object({subcommand: restored}, self.config)
+
+    def _checkpoint_data_args(self, hparams: dict[str, Any], subcommand: str) -> dict[str, Any]:
+        """The data module's arguments the run of the checkpoint used and the user did not set now
+        (windows, batch size, seed, files): a ``validate`` then scores the windows the run scored, and
+        a resumed ``fit`` continues on its data. The linked ones come from the model."""
+        known = self.config[subcommand].get("data")
+        if known is None:
+            return {}
+        linked = {target.removeprefix("data.") for _, target in self.command.links}
+        given = flatten((self.given[subcommand].get("data") or Namespace()).as_dict())
+        return unflatten({name: value for name, value in flatten(hparams).items()
+                          if name.split(".")[0] in known and name.split(".")[0] not in linked
+                          and not _within(name, tuple(given))})
 
     def before_instantiate_classes(self) -> None:
         """Applies ``float32_matmul_precision``. ``validate --ckpt_path`` of a checkpoint inside a
         TensorBoard run logs into that run (at the checkpoint's step, which the modules log as
-        ``step``), not into a new version."""
+        ``step``), not into a new version: with the config's TensorBoardLogger when it logs there,
+        and with Lightning's default logger (none configured, no ``trainer.default_root_dir``)."""
         subcommand = self.config.get("subcommand")
         if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
             torch.set_float32_matmul_precision(precision)
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "validate" else None
-        logger = self.config[subcommand].trainer.get("logger") if ckpt_path else None
+        if not ckpt_path:
+            return
+        trainer = self.config[subcommand].trainer
+        logger = trainer.get("logger")
+        run = Path(ckpt_path).resolve().parent.parent  # SAVE_DIR/NAME/VERSION/checkpoints/X.ckpt
+        in_a_run = any(run.glob("events.out.tfevents.*"))
+        if logger in (None, True) and trainer.get("default_root_dir") is None and in_a_run:
+            default = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {
+                "save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name,
+                "default_hp_metric": False}}
+            self.config = self.parser.parse_object({subcommand: {"trainer": {"logger": default}}}, self.config)
+            return
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
             return
         args = logger.init_args
-        run = Path(ckpt_path).resolve().parent.parent  # SAVE_DIR/NAME/VERSION/checkpoints/X.ckpt
         logged_runs = (Path(args.save_dir) / args.get("name", "lightning_logs")).resolve()
         if args.get("version") is None and run.parent == logged_runs:
             args.version = run.name
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate: the modules define no test or predict step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
@@ -189,12 +228,16 @@ def run(name: str, args: list[str]) -> None:
     quiet_known_noise()
     with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        LLMKitCLI(
-            LIGHTNING_COMMANDS[name],
-            args=args,
-            save_config_kwargs={"overwrite": True, "config_filename": VALIDATE_CONFIG if "validate" in args[:1] else
-                                "config.yaml"},
-            parser_kwargs={"prog": f"llmkit {name}"},
-            parser_class=LLMKitArgumentParser,
-            auto_configure_optimizers=False,
-        )
+        try:
+            LLMKitCLI(
+                LIGHTNING_COMMANDS[name],
+                args=args,
+                save_config_kwargs={"overwrite": True, "config_filename": VALIDATE_CONFIG if "validate" in args[:1]
+                                    else "config.yaml"},
+                parser_kwargs={"prog": f"llmkit {name}"},
+                parser_class=LLMKitArgumentParser,
+                auto_configure_optimizers=False,
+            )
+        except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
+            raise LLMKitError(f"trainer: {' '.join(str(e).split())} (check the trainer settings: accelerator, "
+                              "devices, strategy, precision)") from e
