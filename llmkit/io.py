@@ -146,24 +146,36 @@ def _running(pid: int) -> bool:
     return True
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` as indented JSON to ``path`` via a temp file in the same directory + rename."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield the temp path (:func:`temp_path`) to write the file ``path`` to; on success it is
+    renamed to ``path``, on an error removed, so ``path`` is never half-written (a killed writer's
+    is removed by the next write). A directory at ``path`` raises :class:`LLMKitError` before
+    anything is written."""
     path = Path(path)
+    if path.is_dir():
+        raise LLMKitError(f"cannot write {path}: it is a directory; give the path of a file instead")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
-    """Write ``records`` as JSON lines to ``path`` via a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    """Write ``records`` as JSON lines to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:

@@ -276,6 +276,89 @@ def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: CUDA is not available here (torch.cuda.is_available() is False); use --device cpu"),
+    ("foo", "--device foo: not a device llmkit generates on; use cpu, cuda, cuda:N or mps"),
+    ("xla", "--device xla: not a device llmkit generates on; use cpu, cuda, cuda:N or mps"),
+    ("mps", "--device mps: MPS is not available here (torch.backends.mps.is_available() is False); use --device cpu"),
+])
+def test_generate_blames_a_device_this_machine_lacks_not_the_checkpoint(device, message, trained, tokenizer_path,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt", "def f(", "--device", device]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+
+
+def test_the_checkpoint_loader_reports_the_file_not_the_device(trained, tmp_path):
+    """Only the file's faults read as "not a torch checkpoint"; the tensors go to the device after."""
+    import zipfile
+
+    from llmkit.errors import LLMKitError
+    from llmkit.model.checkpoint import load_checkpoint_file
+
+    path = trained / "ckpt" / "last.ckpt"
+    ckpt = load_checkpoint_file(path, "meta")
+    assert {t.device.type for t in ckpt["state_dict"].values()} == {"meta"}
+    with pytest.raises(RuntimeError, match="device type") as error:
+        load_checkpoint_file(path, "foo")
+    assert not isinstance(error.value, LLMKitError)
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:  # a sound archive, but not torch's
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(LLMKitError, match="it is not a torch checkpoint of tensors and plain data"):
+        load_checkpoint_file(tmp_path / "notes.zip")
+
+
+@pytest.mark.parametrize("flag", ["--num-samples", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path, capsys):
+    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt", "x", flag, value]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {flag} {value}: must be 1 or more\n"
+
+
+def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained, tokenizer_path, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("def alpha\n")
+    out = tmp_path / "data"
+    out.mkdir()
+    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt-file", str(tmp_path / "prompts.txt"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: --out {out}: it is a directory; give the .jsonl file to "
+                                       f"write, e.g. {out / 'completions.jsonl'}\n")
+    assert main(["data", "tasks", "--task", "arithmetic", "--n", "5", "--out", str(out)]) == 1  # llmkit.io's writers
+    assert capsys.readouterr().err == f"llmkit: error: cannot write {out}: it is a directory; give the path of a " \
+                                      "file instead\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "prompts.txt"]  # no temp file left behind
+
+
+def test_an_atomic_write_that_fails_leaves_no_temp_file(tmp_path):
+    from llmkit.io import write_jsonl_atomic
+
+    with pytest.raises(TypeError):
+        write_jsonl_atomic(tmp_path / "out.jsonl", [{"ok": 1}, {"not json": object()}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
+                                                                       capsys):
+    model_dir = tmp_path / "exported"
+    assert main(["convert", "to-hf", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--out", str(model_dir),
+                 "--tokenizer", str(tokenizer_path)]) == 0
+    base = ["pretrain", "validate", "--data.val_files", str(shards["val"]), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(tmp_path / "val")]
+    capsys.readouterr()
+    assert main([*base, "--ckpt_path", str(model_dir)]) == 1
+    assert capsys.readouterr().err == (
+        f"llmkit: error: checkpoint {model_dir} is a model directory, not a training checkpoint: --ckpt_path takes "
+        f"a Lightning .ckpt file (e.g. .../checkpoints/last.ckpt); to validate or train from a model directory "
+        f"give it as --model.init_ckpt {model_dir}, to sample from it `llmkit generate --ckpt {model_dir}`\n"
+    )
+    assert main([*base, "--model.init_ckpt", str(model_dir)]) == 0  # the advice holds
+    assert "val/loss" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def adapter(trained, tmp_path_factory):
     """A LoRA adapter with non-zero weights on the trained checkpoint, saved with its fingerprint."""
@@ -314,6 +397,16 @@ def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, 
         assert torch.allclose(load_backbone(merged)(idx), lora_model.eval()(idx), atol=1e-5)
     assert main(["generate", "--ckpt", str(merged), *gen]) == 0
     assert capsys.readouterr().out == with_lora
+
+
+def test_lora_merge_onto_a_directory_is_refused_and_leaves_no_temp_file(trained, adapter, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    assert main(["lora", "merge", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--lora", str(adapter[0]),
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: cannot write {out}: it is a directory; give the path of a " \
+                                      "file instead\n"
+    assert [p.name for p in tmp_path.rglob("*")] == ["merged"]
 
 
 def test_adapter_for_another_base_is_refused(adapter, shards, tmp_path, tokenizer_path, capsys):

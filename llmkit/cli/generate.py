@@ -35,6 +35,28 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def check_device(device: str) -> None:
+    """Raise :class:`LLMKitError` (naming ``--device``) unless ``device`` is cpu, or a CUDA or MPS
+    device this machine has."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda", "mps"):
+        raise LLMKitError(f"--device {device}: not a device llmkit generates on; use cpu, cuda, cuda:N or mps")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise LLMKitError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        raise LLMKitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise LLMKitError(f"--device {device}: MPS is not available here (torch.backends.mps.is_available() is "
+                          "False); use --device cpu")
+
+
 def resolve_precision(precision: Precision, device: str) -> Precision:
     """``precision``, with auto made bf16-mixed on a CUDA device that has bf16 and 32-true elsewhere."""
     if precision != "auto":
@@ -87,7 +109,7 @@ def generate(
         chat_template: render each prompt as a user message through the tokenizer's chat template (a Hugging Face
             model's), the assistant's turn opened after it.
         compile: compile the decode step (CUDA graphs on GPU).
-        device: where to run (default: cuda if available, else cpu).
+        device: where to run: cpu, cuda, cuda:N or mps (default: cuda if available, else cpu).
         attention_backend: the attention kernel (default: the checkpoint's; docs/attention.md).
         precision: bf16-mixed samples under bf16 autocast, as training under bf16-mixed does; auto
             picks it on a CUDA GPU with bf16, 32-true elsewhere.
@@ -101,6 +123,14 @@ def generate(
 
     if (prompt is None) == (prompt_file is None):
         raise LLMKitError("give exactly one of --prompt and --prompt-file")
+    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if value < 1:
+            raise LLMKitError(f"{flag} {value}: must be 1 or more")
+    if out is not None and out.is_dir():
+        raise LLMKitError(f"--out {out}: it is a directory; give the .jsonl file to write, e.g. "
+                          f"{out / 'completions.jsonl'}")
+    if device is not None:
+        check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_with_adapter(ckpt, lora, device)
     if attention_backend is not None:

@@ -23,7 +23,6 @@ and ``init_ckpt`` take it on any strategy, and resuming its training takes FSDP 
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.io import temp_path, write_json_atomic
+from llmkit.io import atomic_file, write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.hf import (
     model_config_from_hf,
@@ -61,6 +60,13 @@ config from ``init_ckpt``, then its weights) is checked once, unless it changed 
 def check_checkpoint_file(path: str | Path) -> Path:
     """``path``, checked to be a complete, undamaged checkpoint archive (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():  # read_checkpoint reads model directories itself: a directory here came from --ckpt_path
+        kind = "a model directory" if (path / "config.json").is_file() else "a directory"
+        raise LLMKitError(
+            f"checkpoint {path} is {kind}, not a training checkpoint: --ckpt_path takes a Lightning .ckpt file "
+            f"(e.g. .../checkpoints/last.ckpt); to validate or train from a model directory give it as "
+            f"--model.init_ckpt {path}, to sample from it `llmkit generate --ckpt {path}`"
+        )
     if not path.is_file():
         raise LLMKitError(f"checkpoint {path} does not exist: check the path (ckpt_path, init_ckpt or --ckpt)")
     stat = path.stat()
@@ -118,16 +124,18 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     """The checkpoint at ``path`` as plain data: integrity-checked, then loaded with
     ``weights_only=True`` (tensors and plain containers only) and ``mmap=True`` (a tensor is read
     from disk when it is used: the weights of a checkpoint that also holds optimizer state cost
-    no memory for that state). A sharded checkpoint folder reads as its ``meta.pt`` with, if
-    ``weights``, the gathered ``state_dict`` (:func:`sharded_weights`)."""
+    no memory for that state), onto the CPU: its tensors are moved to ``map_location`` after, so
+    a device that is unknown or absent is never reported as a bad file. A sharded checkpoint
+    folder reads as its ``meta.pt`` with, if ``weights``, the gathered ``state_dict``
+    (:func:`sharded_weights`)."""
     if is_sharded_checkpoint(path):
         ckpt = load_checkpoint_file(Path(path) / SHARDED_METADATA, map_location)
         if weights:
             ckpt["state_dict"] = {k: v.to(map_location) for k, v in sharded_weights(path).items()}
         return ckpt
     path = check_checkpoint_file(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    try:  # onto the CPU, so that what fails here is the file, never the device (unknown, absent, full)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):
         raise LLMKitError(
             f"cannot read checkpoint {path}: it is not a torch checkpoint of tensors and plain data "
@@ -136,7 +144,18 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
         ) from None
     if not isinstance(ckpt, dict):
         raise LLMKitError(f"{path} is not an llmkit checkpoint (it holds {type(ckpt).__name__}, not a dict)")
-    return ckpt
+    return ckpt if torch.device(map_location).type == "cpu" else _to_device(ckpt, torch.device(map_location))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -193,13 +212,10 @@ def write_backbone_checkpoint(
     path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **extra: Any
 ) -> None:
     """Write a checkpoint that every command reading a backbone accepts: ``model_config``, the
-    ``state_dict`` under ``model.`` and the ``extra`` entries; via a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    torch.save({"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()},
-                **extra}, tmp)
-    os.replace(tmp, path)
+    ``state_dict`` under ``model.`` and the ``extra`` entries; through :func:`llmkit.io.atomic_file`."""
+    with atomic_file(path) as tmp:
+        torch.save({"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()},
+                    **extra}, tmp)
 
 
 def save_model_dir(
