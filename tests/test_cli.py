@@ -359,6 +359,22 @@ def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained,
     assert "val/loss" in capsys.readouterr().out
 
 
+def test_lightning_commands_offer_fit_and_validate_and_name_a_bad_trainer_setting(trained, shards, capsys,
+                                                                                  monkeypatch):
+    ckpt = str(trained / "ckpt" / "last.ckpt")
+    with pytest.raises(SystemExit) as exited:  # the modules have no test or predict step
+        main(["pretrain", "test", "--ckpt_path", ckpt])
+    assert exited.value.code == 2
+    assert "invalid choice: 'test' (choose from 'fit', 'validate')" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["pretrain", "validate", "--ckpt_path", ckpt, "--data.val_files", str(shards["val"]),
+                 "--trainer.accelerator", "gpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmkit: error: trainer: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.endswith("(check the trainer settings: accelerator, devices, strategy, precision)\n")
+
+
 @pytest.fixture(scope="module")
 def adapter(trained, tmp_path_factory):
     """A LoRA adapter with non-zero weights on the trained checkpoint, saved with its fingerprint."""
