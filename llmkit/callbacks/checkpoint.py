@@ -18,7 +18,6 @@ step, and saved when a run is interrupted.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.io import remove_stale_temps, temp_path
+from llmkit.io import atomic_file
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -42,18 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        tmp = temp_path(path)
-        try:
-            with tmp.open("wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as tmp, tmp.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if "://" in str(path):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llmkit.errors import LLMKitError
-from llmkit.io import temp_path
+from llmkit.io import atomic_file
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
@@ -511,11 +510,6 @@ def plot(law: BreakpointScalingLaw, points: Sequence[tuple[float, float]], path:
     ax.set_xlabel(x_label)
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LLMKitError
-from llmkit.io import dataclass_from_dict
+from llmkit.io import atomic_file, dataclass_from_dict
 from llmkit.model.moe import GroupedLinear, cast_for_matmul, grouped_linear
 
 LORA_FORMAT = "llmkit-lora-v1"
@@ -307,13 +306,8 @@ def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig, base_sha25
         "base_sha256": base_sha256,
         "n_layers_adapted": str(len(layers)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
