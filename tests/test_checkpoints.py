@@ -115,14 +115,14 @@ def test_a_missing_checkpoint_is_one_line_for_fit_and_validate(command, shards, 
 
 
 def test_a_checkpoint_that_lightning_did_not_write_is_one_line(shards, tmp_path, capsys):
-    """A torch.save'd dict (no state_dict, no Lightning version) is neither resumed nor validated."""
+    """A torch.save'd dict (no Lightning version) is neither resumed nor validated."""
     other = tmp_path / "weights.ckpt"
     torch.save({"model": {"w": torch.zeros(2)}}, other)
     code = main(["pretrain", "validate", "--ckpt_path", str(other), "--data.val_files", str(shards["val"]),
                  "--model.config.vocab_size", str(VOCAB_SIZE)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
-    assert f"{other} is not a Lightning training checkpoint (it has no state_dict" in err
+    assert f"{other} is not a Lightning training checkpoint (it has no pytorch-lightning_version)" in err
 
 
 def damaged_copies(source: Path, tmp_path: Path) -> dict[str, Path]:

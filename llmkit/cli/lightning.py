@@ -139,11 +139,11 @@ class LLMKitCLI(LightningCLI):
         if not ckpt_path:
             return
         ckpt = load_checkpoint_file(ckpt_path, weights=False)  # the hyperparameters; Lightning loads the weights
-        if not {"state_dict", "pytorch-lightning_version"} <= ckpt.keys():
+        if "pytorch-lightning_version" not in ckpt:  # in every file Lightning writes, a sharded folder's meta.pt too
             raise LLMKitError(
-                f"{ckpt_path} is not a Lightning training checkpoint (it has no state_dict or no "
-                f"pytorch-lightning_version): --ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from "
-                f"other weights, use model.init_ckpt"
+                f"{ckpt_path} is not a Lightning training checkpoint (it has no pytorch-lightning_version): "
+                f"--ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from other weights, use "
+                f"model.init_ckpt"
             )
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
