@@ -162,6 +162,28 @@ def test_train_tokenizer_input_errors(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin.txt"]
 
 
+def test_tokenizer_model_prefix_drops_model_and_refuses_a_directory(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model-prefix spm.model` wrote spm.model.model, and `--model-prefix toks/` wrote toks.model
+    beside the directory."""
+    config = TokenizerTrainConfig(vocab_size=360, normalization="identity")
+    inputs = [corpus_dir / "train_00000.txt"]
+    assert train_tokenizer(inputs, tmp_path / "spm.model", config, progress=False) == tmp_path / "spm.model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spm.model", "spm.vocab"]
+
+    assert main(["data", "tokenizer", "--input", str(inputs[0]), "--model-prefix", f"{tmp_path}/toks/"]) == 1
+    assert capsys.readouterr().err == (
+        f"llmkit: error: tokenizer model prefix '{tmp_path}/toks/' names a directory: add a file name stem, e.g. "
+        f"{tmp_path}/toks/spm writes spm.model and spm.vocab there\n"
+    )
+    (tmp_path / "d").mkdir()
+    with pytest.raises(LLMKitError, match=r"tokenizer model prefix '.*d\.model' names a directory"):
+        train_tokenizer(inputs, tmp_path / "d.model", config, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "spm.model", "spm.vocab"]
+    assert not any((tmp_path / "d").iterdir())
+
+
 # --- documents and packing ---------------------------------------------------------------
 
 
@@ -254,6 +276,36 @@ def test_pack_errors_leave_no_output(tokenizer: Tokenizer, tmp_path: Path) -> No
     with pytest.raises(LLMKitError, match=r"latin\.txt:3: not valid UTF-8"):
         pack(tokenizer.path, [latin], out, workers=2, chunk_docs=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin.txt"]
+
+
+def test_pack_refuses_to_overwrite_an_input_or_write_to_a_directory(
+    tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--output` equal to an input (even through a symlink), or whose .bin.json is one, would
+    replace that text with tokens; a directory output failed in os.replace after tokenizing."""
+    text = tmp_path / "val_00000.txt"
+    text.write_bytes((corpus_dir / "val_00000.txt").read_bytes())
+    original = text.read_bytes()
+    (tmp_path / "link.txt").symlink_to(text)
+    (tmp_path / "x.bin.json").write_bytes(original)
+    (tmp_path / "data").mkdir()
+    names = sorted(p.name for p in tmp_path.iterdir())
+
+    assert main(["data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(text), "--output", str(text)]) == 1
+    assert capsys.readouterr().err == (
+        f"llmkit: error: pack output {text} would overwrite the input {text} with tokens: write the shard to a "
+        ".bin file that is not an input\n"
+    )
+    with pytest.raises(LLMKitError, match=r"pack output .*val_00000\.txt would overwrite the input .*link\.txt"):
+        pack(tokenizer.path, [tmp_path / "link.txt"], text, workers=1, progress=False)
+    with pytest.raises(LLMKitError, match=r"pack output .*x\.bin would overwrite the input .*x\.bin\.json with its "
+                                          r"metadata"):
+        pack(tokenizer.path, [text, tmp_path / "x.bin.json"], tmp_path / "x.bin", workers=1, progress=False)
+    with pytest.raises(LLMKitError, match=r"pack output .*data is a directory: give the \.bin file to write, e\.g\. "
+                                          r".*data/train\.bin$"):
+        pack(tokenizer.path, [text], tmp_path / "data", workers=1, progress=False)
+    assert text.read_bytes() == original and (tmp_path / "x.bin.json").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == names and not any((tmp_path / "data").iterdir())
 
 
 def test_read_meta_errors(tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path) -> None:
@@ -433,6 +485,22 @@ def test_cli_tokenizer_and_pack(
     )
 
 
+def test_cli_tasks_refuse_one_file_for_examples_and_probes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probes overwrote the examples while the summary said both were written."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t5.jsonl"
+    out.write_text("keep\n", encoding="utf-8")
+    assert main(["data", "tasks", "--task", "arithmetic", "--n", "5", "--out", str(out), "--probes-out",
+                 "t5.jsonl"]) == 1
+    assert capsys.readouterr().err == (
+        f"llmkit: error: the examples and the probes would both be written to {out} (the probes overwriting the "
+        "examples): write the probes to a file of their own\n"
+    )
+    assert out.read_text(encoding="utf-8") == "keep\n" and [p.name for p in tmp_path.iterdir()] == ["t5.jsonl"]
+
+
 def test_cli_corpus(tmp_path: Path) -> None:
     assert main(["data", "corpus", "--source", "stdlib", "--out", str(tmp_path), "--max-files", "5"]) == 0
     assert json.loads((tmp_path / "corpus.json").read_text())["n_files"] == 5
@@ -528,11 +596,18 @@ def test_write_corpus_from_user_text_folders_jsonl_and_parquet(tmp_path: Path) -
 
 
 def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")
     with pytest.raises(LLMKitError, match=r"bad\.jsonl:2: the document text must be the string field 'text' "
                                           r"\(no such field\); set text_field .*\['body'\]"):
         write_corpus([str(bad)], tmp_path / "o1", progress=False)
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"body": ["row"]}), table)
+    with pytest.raises(LLMKitError, match=r"rows\.parquet has no column 'text'; set text_column to one of \['body'\]$"):
+        write_corpus([str(table)], tmp_path / "o5", progress=False)
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n", encoding="utf-8")
     with pytest.raises(LLMKitError, match=r"unsupported file type '\.csv'; use \.txt, \.md, \.jsonl or \.parquet"):

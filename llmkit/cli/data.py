@@ -55,12 +55,13 @@ def corpus(
     return 0
 
 
-def tokenizer(input: list[str], model_prefix: Path, config: TokenizerTrainConfig, verbose: bool = False) -> int:
+def tokenizer(input: list[str], model_prefix: str, config: TokenizerTrainConfig, verbose: bool = False) -> int:
     """Train a SentencePiece tokenizer.
 
     Args:
         input: text files or glob patterns to train on.
-        model_prefix: writes PREFIX.model and PREFIX.vocab.
+        model_prefix: writes PREFIX.model and PREFIX.vocab (a trailing .model is dropped: data/tok/spm.model
+            writes data/tok/spm.model and data/tok/spm.vocab); not a directory.
         config: the training options (one flag each).
         verbose: show sentencepiece's log.
     """

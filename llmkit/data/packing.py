@@ -161,7 +161,8 @@ def pack(
     process if ``workers <= 1``; None: one per :data:`BYTES_PER_WORKER` of input, at most one per
     core); results are written in input order, so the shard is the same for any ``workers``.
     ``eos_id`` follows every document if ``append_eos``. The ``.bin`` and its ``.bin.json``
-    metadata only appear, via renames, once all is written.
+    metadata only appear, via renames, once all is written; an ``output`` that is a directory,
+    or whose ``.bin`` or ``.bin.json`` is one of the ``inputs``, is refused before that.
     Returns the metadata.
 
     Workers are started with ``spawn`` (safe whatever threads this process runs), which
@@ -175,10 +176,11 @@ def pack(
     for path in paths:
         if not path.is_file():
             raise LLMKitError(f"pack input {path} does not exist: check the path")
+    output = Path(output)
+    _check_output(output, paths)
     if workers is None:
         size = sum(path.stat().st_size for path in paths)
         workers = max(1, min(os.cpu_count() or 1, size // BYTES_PER_WORKER))
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     meta_file = meta_path_for(output)
@@ -228,6 +230,22 @@ def pack(
         tmp_bin.unlink(missing_ok=True)
         tmp_meta.unlink(missing_ok=True)
     return meta
+
+
+def _check_output(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse, before anything is written, an ``output`` that is a directory, or whose ``.bin`` or
+    ``.bin.json`` is one of the ``inputs`` (packing would overwrite that text)."""
+    if output.is_dir():
+        raise LLMKitError(
+            f"pack output {output} is a directory: give the .bin file to write, e.g. {output / 'train.bin'}"
+        )
+    for target, what in ((output, "tokens"), (meta_path_for(output), "its metadata")):
+        for path in inputs:
+            if target.exists() and target.samefile(path):
+                raise LLMKitError(
+                    f"pack output {output} would overwrite the input {path} with {what}: write the shard to a "
+                    ".bin file that is not an input"
+                )
 
 
 def _encode_documents(

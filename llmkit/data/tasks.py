@@ -164,7 +164,13 @@ def write_task_files(
 ) -> dict[str, int]:
     """Write ``n`` examples of ``task`` as SDFT JSONL to ``out`` (``{"prompt", "demonstration",
     "task", "answer"}`` per line) and, if ``probes_out`` is given, ``n_probes`` probes to it
-    (:func:`make_probes`). Both files are written to a temp file and renamed. Returns the counts written."""
+    (:func:`make_probes`). Both files are written to a temp file and renamed; the same path for
+    both is refused before either is written. Returns the counts written."""
+    if probes_out is not None and Path(probes_out).resolve() == Path(out).resolve():
+        raise LLMKitError(
+            f"the examples and the probes would both be written to {out} (the probes overwriting the "
+            "examples): write the probes to a file of their own"
+        )
     examples = make_examples(task, n, seed)
     probes = make_probes(task, n_probes, seed, {e.prompt for e in examples}) if probes_out is not None else []
     write_jsonl_atomic(Path(out), [{"prompt": e.prompt, "demonstration": e.demonstration, **e.meta} for e in examples])

@@ -142,7 +142,8 @@ def train_tokenizer(
 ) -> Path:
     """Train a tokenizer on the text files ``inputs``; return the path of ``PREFIX.model``.
 
-    Writes ``PREFIX.model`` and ``PREFIX.vocab`` (parent directories created), each renamed
+    Writes ``PREFIX.model`` and ``PREFIX.vocab`` (parent directories created; a ``model_prefix``
+    ending in ``.model`` has it dropped, one naming a directory is refused), each renamed
     into place from a temp prefix only once training succeeded. sentencepiece's log is shown
     only when ``verbose``; a progress bar of the input read shows unless ``progress`` is False.
     """
@@ -155,7 +156,7 @@ def train_tokenizer(
             f"tokenizer inputs have no text (only blank or separator lines): "
             f"{', '.join(map(str, paths))}"
         )
-    prefix = Path(model_prefix)
+    prefix = _model_prefix(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_model, tmp_vocab = _with_suffix(tmp_prefix, ".model"), _with_suffix(tmp_prefix, ".vocab")
@@ -387,6 +388,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
 def _has_text(path: Path) -> bool:
     """True if the file has at least one line that is neither blank nor a separator."""
     return any(line.strip() and not is_separator(line) for _, line in iter_text_lines(path))
+
+
+def _model_prefix(model_prefix: str | Path) -> Path:
+    """``model_prefix`` without one trailing ``.model`` (``spm.model`` writes ``spm.model``, not
+    ``spm.model.model``); one that ends in a path separator or names a directory raises
+    :class:`LLMKitError`, since sentencepiece would write ``DIR.model`` beside the directory."""
+    text = str(model_prefix)
+    stem = text.removesuffix(".model")
+    if not stem or stem[-1] in (os.sep, os.altsep) or Path(stem).is_dir():
+        raise LLMKitError(
+            f"tokenizer model prefix {text!r} names a directory: add a file name stem, e.g. "
+            f"{Path(stem) / 'spm'} writes spm.model and spm.vocab there"
+        )
+    return Path(stem)
 
 
 def _with_suffix(prefix: Path, suffix: str) -> Path:
