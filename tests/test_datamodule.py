@@ -1,6 +1,7 @@
 """PackedDataModule: window alignment, determinism, shard checks."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -93,6 +94,27 @@ def test_shard_shorter_than_a_window_is_a_clear_error(shards):
     dm = make_dm(shards, seq_len=n)
     with pytest.raises(LLMKitError, match=r"fewer than seq_len \+ 1"):
         dm.setup("validate")
+
+
+def test_too_few_training_windows_for_one_batch_per_process_is_a_clear_error(shards):
+    """The train loader drops the last partial batch: with fewer windows than a batch (per process
+    under DDP) Lightning only warned and the run exited 0 having trained nothing."""
+    n = open_shard(shards["train"])[1]["n_tokens"] // 32
+    make_dm(shards, batch_size=n).setup("fit")
+    with pytest.raises(LLMKitError, match=rf"^data\.train_files give {n} windows of 32 tokens, fewer than "
+                                          rf"data\.batch_size {n + 1}: lower data\.batch_size or data\.seq_len, or "
+                                          r"add data$"):
+        make_dm(shards, batch_size=n + 1).setup("fit")
+    with pytest.raises(LLMKitError, match=r"^data\.samples_per_epoch gives 3 windows, fewer than data\.batch_size 4: "
+                                          r"raise data\.samples_per_epoch or lower data\.batch_size$"):
+        make_dm(shards, samples_per_epoch=3).setup("fit")
+    dm = make_dm(shards, samples_per_epoch=7)
+    dm.trainer = SimpleNamespace(world_size=2)  # a DistributedSampler gives each process ceil(7 / 2) = 4
+    dm.setup("fit")
+    dm = make_dm(shards, samples_per_epoch=6)
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(LLMKitError, match=r"gives 6 windows, 3 for each of 2 processes, fewer than data\.batch_size 4"):
+        dm.setup("fit")
 
 
 def test_out_of_range_token_id_is_named_with_its_position(shards, tmp_path):

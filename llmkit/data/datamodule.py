@@ -176,6 +176,7 @@ class PackedDataModule(L.LightningDataModule):
             paths = expand_inputs(self.train_files, "data.train_files")
             shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
             self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
+            self._check_train_batches(len(self.train_set))
         if stage in ("fit", "validate") and self.val_set is None and self.val_files:
             paths = expand_inputs(self.val_files, "data.val_files")
             shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
@@ -192,6 +193,25 @@ class PackedDataModule(L.LightningDataModule):
         shard = np.searchsorted(bounds, flat, side="right")
         offset = flat - np.concatenate(([0], bounds[:-1]))[shard]
         return np.stack([shard, offset], axis=1)
+
+    def _check_train_batches(self, n_windows: int) -> None:
+        """Refuse training windows too few for one batch per process: the loader drops the last
+        partial batch, so the run would train on nothing (Lightning only warns and exits 0).
+        Under DDP, Lightning's DistributedSampler gives each process ceil(n_windows / world size)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = -(-n_windows // world_size)
+        if per_process >= self.batch_size:
+            return
+        split = f", {per_process} for each of {world_size} processes" if world_size > 1 else ""
+        if self.samples_per_epoch:
+            raise LLMKitError(
+                f"data.samples_per_epoch gives {n_windows} windows{split}, fewer than data.batch_size "
+                f"{self.batch_size}: raise data.samples_per_epoch or lower data.batch_size"
+            )
+        raise LLMKitError(
+            f"data.train_files give {n_windows} windows of {self.seq_len} tokens{split}, fewer than "
+            f"data.batch_size {self.batch_size}: lower data.batch_size or data.seq_len, or add data"
+        )
 
     def _val_starts(self, shards: list[np.memmap]) -> np.ndarray:
         starts = [
