@@ -1,7 +1,6 @@
-"""``llmkit convert {from-hf,to-hf,upcycle}``: Hugging Face LLaMA-family models in, llmkit models
-out, dense models to mHC (docs/interop.md).
+"""Hugging Face LLaMA-family models in, llmkit models out, dense models to mHC (docs/interop.md).
 
-The work is done by :mod:`llmkit.model.hf`, :mod:`llmkit.model.upcycle` and
+``llmkit convert {from-hf,to-hf,upcycle}``. The work is done by :mod:`llmkit.model.hf`, :mod:`llmkit.model.upcycle` and
 :mod:`llmkit.model.checkpoint`; these functions name the flags, move the tokenizer files and
 report. torch is imported when a command runs, so ``--help`` is instant.
 """
