@@ -501,9 +501,14 @@ def test_cli_tasks_refuse_one_file_for_examples_and_probes(
     assert out.read_text(encoding="utf-8") == "keep\n" and [p.name for p in tmp_path.iterdir()] == ["t5.jsonl"]
 
 
-def test_cli_corpus(tmp_path: Path) -> None:
+def test_cli_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "corpus", "--source", "stdlib", "--out", str(tmp_path), "--max-files", "5"]) == 0
     assert json.loads((tmp_path / "corpus.json").read_text())["n_files"] == 5
+    capsys.readouterr()
+    corpus_json = tmp_path / "corpus.json"
+    assert main(["data", "corpus", "--source", "stdlib", "--out", str(corpus_json), "--max-files", "5"]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: out_dir {corpus_json} is a file, not a directory: give a "
+                                       "directory to write the shards into\n")
 
 
 def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:

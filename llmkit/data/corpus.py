@@ -123,6 +123,8 @@ def write_corpus(
     if max_files is not None:
         files = files[:max_files]
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     train = _ShardWriter(out_dir, "train", shard_bytes)
