@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -283,6 +284,18 @@ def test_a_resumed_run_with_more_steps_follows_the_longer_schedule(shards, tmp_p
     assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * expected(8))
     scheduler = resumed.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 8 and scheduler.lr_lambdas[0](6) == pytest.approx(expected(6))
+
+
+def test_resuming_with_max_steps_already_reached_says_there_is_nothing_to_train(trained, shards, tmp_path):
+    config = str(write_config(tmp_path, shards, max_steps=3))
+    with pytest.warns(UserWarning, match=f"{trained} is at step 3 and trainer.max_steps is 3: this fit has nothing "
+                                         "to train; raise trainer.max_steps to continue the run"):
+        assert main(["pretrain", "fit", "--config", config, "--ckpt_path", str(trained)]) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*nothing to train")
+        assert main(["pretrain", "fit", "--config", config, "--ckpt_path", str(trained),
+                     "--trainer.max_steps", "4"]) == 0
+    assert step_of(tmp_path / "ckpt" / "last.ckpt") == 4
 
 
 def test_throughput_totals_continue_across_a_resume(shards, tmp_path):

@@ -33,6 +33,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO
@@ -152,6 +153,10 @@ class LLMKitCLI(LightningCLI):
                 f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
                 f"{subcommand}` (or as model.init_ckpt to fine-tune from it)"
             )
+        max_steps = self.config[subcommand].trainer.get("max_steps")
+        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= ckpt.get("global_step", -1):
+            rank_zero_warn(f"{ckpt_path} is at step {ckpt['global_step']} and trainer.max_steps is {max_steps}: "
+                           f"this fit has nothing to train; raise trainer.max_steps to continue the run")
         restored = {}
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
