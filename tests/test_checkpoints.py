@@ -335,6 +335,27 @@ def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, 
     assert [e.step for e in events.Scalars("val/loss")] == [3]  # the checkpoint's step, not 0
 
 
+def test_a_run_that_stops_on_bad_input_before_its_first_step_leaves_no_version_directory(shards, tmp_path,
+                                                                                         capsys):
+    """The corrected run is version_0, where the paths the user wrote down point; a failed
+    validation of an existing run leaves that run alone."""
+    config = yaml.safe_load(write_config(tmp_path, shards, max_steps=1).read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"}}
+    del config["trainer"]["callbacks"][0]["init_args"]["dirpath"]  # checkpoints go into the run
+    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
+    base = ["pretrain", "fit", "--config", str(tmp_path / "tb.yaml")]
+    assert main([*base, "--data.train_files", str(tmp_path / "missing.bin")]) == 1
+    assert "data.train_files" in capsys.readouterr().err
+    assert not (tmp_path / "tb" / "run").exists() or not any((tmp_path / "tb" / "run").iterdir())
+    assert main(base) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert main(["pretrain", "validate", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                 "--data.val_files", str(tmp_path / "missing.bin")]) == 1
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+
+
 def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     from types import SimpleNamespace
 

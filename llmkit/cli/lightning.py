@@ -15,9 +15,10 @@ expect, with three additions:
   error naming both values. Fine-tuning runs rebuild the model from the checkpoint itself, so
   ``model.init_ckpt`` is not needed to validate or resume them. docs/checkpoints.md.
 - **Safe writes, a short console.** The Trainer gets
-  :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO` and
-  :class:`~llmkit.callbacks.console.RunSummary`; Lightning's tips and known-harmless warnings are
-  filtered (:func:`~llmkit.callbacks.console.quiet_known_noise`).
+  :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO`,
+  :class:`~llmkit.callbacks.console.RunSummary` and
+  :class:`~llmkit.callbacks.run_dir.DiscardUnstartedRun`; Lightning's tips and known-harmless
+  warnings are filtered (:func:`~llmkit.callbacks.console.quiet_known_noise`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO
 from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progress_bar
+from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import WRITER_KEY, load_checkpoint_file
@@ -220,7 +222,7 @@ class LLMKitCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(RunSummary())
+        trainer.callbacks += [RunSummary(), DiscardUnstartedRun(trainer.log_dir if trainer.loggers else None)]
         default_bar = trainer.progress_bar_callback
         bar = step_progress_bar(default_bar)
         if bar is not None:
