@@ -23,13 +23,17 @@ expect, with three additions:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
@@ -103,15 +107,67 @@ def resolve_checkpoint_hparams(
     return unflatten(resolved)
 
 
+def readable_parse_error(message: str) -> str:
+    """jsonargparse's ``message`` for a key typed ``SomeConfig | None`` lists what every member of
+    the Union said (including that the value is not None) in about ten lines; the one line a user
+    needs: the key and what is wrong with it (an unknown option with the nearest known one, a value
+    of the wrong type, a path that is not there)."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    if key is None:
+        return message.strip()
+    missing = re.search(r"Expected a path but (.+?) either not accessible or invalid", message)
+    if missing:
+        return (f"{key.group(1)}: no file {missing.group(1)} (a relative path in a config file is relative to "
+                f"that file's directory)")
+    if "Union subtypes" not in message:
+        return f"{key.group(1)}: {' '.join(message[key.end():].split())}"
+    problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)\n\s*- Expected a <class 'NoneType'>",
+                        message, re.S)
+    if problem is None:
+        return message.strip()
+    name, reason = key.group(1), " ".join(problem.group(2).split())
+    if inner := re.fullmatch(r'Parser key "([^"]+)": (.*)', reason):
+        name, reason = f"{name}.{inner.group(1)}", inner.group(2)
+    if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", reason):
+        module, _, cls = problem.group(1).rpartition(".")
+        option = unknown.group(1)
+        reason = f"unknown option {option!r}{_nearest(option, getattr(importlib.import_module(module), cls))}"
+    return f"{name}: {reason}"
+
+
+def _nearest(option: str, cls: type) -> str:
+    """" (did you mean 'n_layers'?)" for the closest field of the dataclass ``cls``, else the fields."""
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    close = difflib.get_close_matches(option, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else (f"; known: {', '.join(names)}" if names else "")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Raise :class:`LLMKitError` naming the ``--config`` file that is not valid YAML, and where
+    (jsonargparse names only "<unicode string>", whichever of several files it was)."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.removeprefix("--config=")
+        if value == arg or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise LLMKitError(f"{value}: not valid YAML{where}: {problem}") from None
+
+
 class LLMKitArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors are the message alone: jsonargparse prints the usage of
-    every option first (dozens of lines before the one that names the bad key)."""
+    """LightningCLI's parser, whose errors are the message alone (:func:`readable_parse_error`):
+    jsonargparse prints the usage of every option first (dozens of lines before the one that
+    names the bad key)."""
 
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error:
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {message.strip()}\n({prog} --help lists the options)\n")
+        sys.stderr.write(f"{prog}: error: {readable_parse_error(message)}\n({prog} --help lists the options)\n")
         self.exit(2)
 
 
@@ -133,6 +189,10 @@ class LLMKitCLI(LightningCLI):
                  "backward dots among them (docs/performance.md); default: leave torch's ('highest')")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            check_config_files(list(args))
+        except LLMKitError as e:
+            parser.error(str(e))  # as every other config error: the message alone, exit 2
         super().parse_arguments(parser, args)
         self.given = parser.parse_args(args, defaults=False)  # what the user set: config files and flags
 
