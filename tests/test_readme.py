@@ -48,6 +48,8 @@ def test_the_readme_walkthrough_runs_verbatim(tmp_path):
     found = [json.loads(line) for line in (tmp_path / "found.jsonl").read_text().splitlines()]
     assert found and all(f["reward"] > 0 for f in found)
     assert (tmp_path / "merged.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == [  # validations log into their runs
+        "pretrain_tiny", "sdft_tiny", "sft_tiny", "ttt_toy"]
     said = result.stdout + result.stderr
     for line in ("logs: lightning_logs/pretrain_tiny/version_0", "checkpoint: lightning_logs/sdft_tiny/version_0",
                  "gate block 1 (steps 0-4)", "discovery step 4/4: best reward", "wrote merged.ckpt"):
