@@ -1,7 +1,7 @@
 """``llmkit {pretrain,sdft,sft,ttt} {fit,validate}``: LightningCLI over each LightningModule.
 
 YAML configs, ``--print_config``, dotted overrides and ``--ckpt_path`` work as Lightning users
-expect, with three additions:
+expect, with these additions:
 
 - **Links, not reach-throughs.** Where a data module needs a value the model owns, it is linked
   explicitly (``LightningCLI.link_arguments``), applied once the model is built: the pretraining
@@ -9,11 +9,15 @@ expect, with three additions:
 - **A predictable ``--ckpt_path``.** LightningCLI restores the module's hyperparameters from the
   checkpoint and silently drops what the user set. Here every checkpoint is integrity-checked
   first (a missing, truncated or damaged file is one line), then, key by key: what the user did
-  not set comes from the checkpoint; what they set applies (evaluation, sampling, optimisation,
-  how to run); and what they set that contradicts a hyperparameter the weights depend on (the
-  command's ``fixed_by_checkpoint``: the architecture, LoRA's shape, the discovery problem) is an
-  error naming both values. Fine-tuning runs rebuild the model from the checkpoint itself, so
-  ``model.init_ckpt`` is not needed to validate or resume them. docs/checkpoints.md.
+  not set comes from the checkpoint, the data module's settings included; what they set applies
+  (evaluation, sampling, optimisation, how to run); and what they set that contradicts a
+  hyperparameter the weights depend on (the command's ``fixed_by_checkpoint``: the architecture,
+  LoRA's shape, the discovery problem) is an error naming both values. Fine-tuning runs rebuild
+  the model from the checkpoint itself, so ``model.init_ckpt`` is not needed to validate or
+  resume them. A ``validate`` logs into the checkpoint's run. docs/checkpoints.md.
+- **Config errors in one line**, naming the key or the YAML file and what is wrong
+  (:func:`readable_parse_error`, :func:`check_config_files`); Lightning's own refusals of a
+  trainer setting too. Only ``fit`` and ``validate`` are offered.
 - **Safe writes, a short console.** The Trainer gets
   :class:`~llmkit.callbacks.checkpoint.AtomicCheckpointIO`,
   :class:`~llmkit.callbacks.console.RunSummary` and
