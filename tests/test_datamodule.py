@@ -154,3 +154,17 @@ def test_ranks_get_disjoint_windows_when_lightning_adds_a_distributed_sampler(sh
         seen.append([i for batch in loader.batch_sampler for i in batch])
         assert sum(len(x) for x, _ in loader) == len(seen[rank]) == 32
     assert not set(seen[0]) & set(seen[1])
+
+
+def test_a_resume_past_the_end_of_a_pass_of_the_data_now_is_an_error_not_endless_empty_passes(shards):
+    """A checkpoint's loader position (4 batches into a pass) on data that now gives 4 batches per
+    pass: skipping them left every pass empty, and Lightning started the next one forever."""
+    dm = make_dm(shards, samples_per_epoch=16, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "consumed": 4})
+    with pytest.raises(LLMKitError, match=r"resumes the training data at batch 4 of a pass, but the data gives 4 "
+                                          r"batches per pass now"):
+        next(iter(loader))
+    loader.load_state_dict({"epoch": 0, "consumed": 3})
+    assert len(list(loader)) == 1 and loader.state_dict() == {"epoch": 1, "consumed": 0}

@@ -62,6 +62,12 @@ class ResumableLoader(DataLoader):
         self.consumed = 0
 
     def __iter__(self) -> Iterator[Any]:
+        if self.consumed >= len(self):  # else every pass would be empty, and Lightning would start the next forever
+            raise LLMKitError(
+                f"the checkpoint resumes the training data at batch {self.consumed} of a pass, but the data gives "
+                f"{len(self)} batches per pass now: resume with the run's data settings (files, batch_size, "
+                f"seq_len, samples_per_epoch), or start a new run from its weights with model.init_ckpt"
+            )
         if self.generator is not None:
             self.generator.manual_seed(self.seed + self.epoch)
         batches = super().__iter__()
