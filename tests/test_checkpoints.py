@@ -356,6 +356,14 @@ def test_a_run_that_stops_on_bad_input_before_its_first_step_leaves_no_version_d
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
 
 
+def test_a_module_refuses_a_checkpoint_another_module_wrote_in_plain_lightning_too(sdft_run, shards, tmp_path):
+    """Trainer.fit(ckpt_path=...) without the CLI: one line before the weights meet the wrong module."""
+    ckpt, _, _ = sdft_run
+    with pytest.raises(LLMKitError, match=r"^this checkpoint was written by SDFTModule, not PretrainModule: resume "
+                                          r"or load it with SDFTModule, or give it to PretrainModule as init_ckpt"):
+        fit(tmp_path / "wrong", shards, 3, [], ckpt_path=ckpt)
+
+
 def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     from types import SimpleNamespace
 

@@ -52,6 +52,18 @@ SHARDED_METADATA = "meta.pt"
 state (Lightning's ``_METADATA_FILENAME``); ``.metadata`` is torch.distributed.checkpoint's index."""
 
 
+def check_writer(checkpoint: dict[str, Any], module: str) -> None:
+    """Raise :class:`LLMKitError` when the training checkpoint ``checkpoint`` was written by another
+    llmkit LightningModule than ``module`` (its ``WRITER_KEY``), before its weights meet the wrong
+    module's (a resume would otherwise fail on state_dict keys, or train on)."""
+    writer = checkpoint.get(WRITER_KEY, module)
+    if writer != module:
+        raise LLMKitError(
+            f"this checkpoint was written by {writer}, not {module}: resume or load it with {writer}, or give it to "
+            f"{module} as init_ckpt to start from its weights"
+        )
+
+
 _CHECKED: dict[Path, tuple[int, int]] = {}
 """Files this process has checked, with their (size, mtime in ns) then: a file read twice (a run's
 config from ``init_ckpt``, then its weights) is checked once, unless it changed in between."""

@@ -36,7 +36,7 @@ from llmkit.distributed import require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, read_checkpoint
+from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, check_writer, read_checkpoint
 from llmkit.model.config import AttentionBackend
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
@@ -236,4 +236,5 @@ class FineTuneModule(L.LightningModule):
         checkpoint[WRITER_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_writer(checkpoint, type(self).__name__)
         self._loaded_step = checkpoint.get("global_step", 0)  # names `validate --ckpt_path` reports

@@ -14,7 +14,13 @@ from torchmetrics import MeanMetric
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
-from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
+from llmkit.model.checkpoint import (
+    WRITER_KEY,
+    backbone_from_checkpoint,
+    check_writer,
+    checkpoint_model_config,
+    read_checkpoint,
+)
 from llmkit.model.config import ModelConfig
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
@@ -201,5 +207,6 @@ class PretrainModule(L.LightningModule):
         checkpoint[WRITER_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_writer(checkpoint, type(self).__name__)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self._loaded_step = checkpoint.get("global_step", 0)

@@ -64,7 +64,7 @@ from llmkit.distributed import gather_objects, rank_seed, rank_share, require_da
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import WRITER_KEY
+from llmkit.model.checkpoint import WRITER_KEY, check_writer
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -389,4 +389,5 @@ class TTTDiscoverModule(L.LightningModule):
         checkpoint["archive"] = self.archive.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_writer(checkpoint, type(self).__name__)
         self.archive = Archive.from_dict(checkpoint["archive"])
