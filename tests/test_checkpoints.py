@@ -364,6 +364,14 @@ def test_a_module_refuses_a_checkpoint_another_module_wrote_in_plain_lightning_t
         fit(tmp_path / "wrong", shards, 3, [], ckpt_path=ckpt)
 
 
+def test_a_validation_after_fit_in_the_same_process_is_logged_at_the_step_fit_ended(shards, tmp_path):
+    """Not at 0 (the step of no loaded checkpoint), where scaling fits would read a stale loss."""
+    trainer = fit(tmp_path, shards, 3, [])
+    data = PackedDataModule(val_files=[str(shards["val"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    (metrics,) = trainer.validate(trainer.lightning_module, datamodule=data, verbose=False)
+    assert metrics["step"] == 3
+
+
 def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     from types import SimpleNamespace
 

@@ -241,6 +241,15 @@ def test_validation_logs_the_epochs_shortest_and_longest_completion(base_ckpt, t
     assert (metrics["val/gen_len_min"], metrics["val/gen_len_max"]) == (min(lengths), max(lengths)) == (1, 13)
 
 
+def test_a_validation_after_fit_in_the_same_process_is_logged_at_the_step_fit_ended(base_ckpt, tokenizer_path,
+                                                                                     examples):
+    module, data = sdft(base_ckpt, tokenizer_path), SDFTDataModule(str(examples), str(examples), batch_size=4)
+    run = trainer(2, limit_val_batches=1)
+    run.fit(module, data)
+    (metrics,) = run.validate(module, data, verbose=False)
+    assert metrics["step"] == 2
+
+
 def test_sdft_under_bf16_mixed_samples_and_still_trains_its_own_fp32_weights(base_ckpt, tokenizer_path, examples):
     """bf16-mixed on the CPU: the sampler holds bf16 copies of the weights inside each training
     step (llmkit.model.generation), and the optimizer still trains the model's own fp32 ones."""

@@ -161,7 +161,7 @@ class FineTuneModule(L.LightningModule):
         self.optim = optim
         self.evaluation = evaluation
         self.val_loss = MeanMetric()
-        self._loaded_step = 0
+        self._weights_step = 0  # the optimizer step of the weights held: a loaded checkpoint's, or the last fit's end
 
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
@@ -216,8 +216,8 @@ class FineTuneModule(L.LightningModule):
         # per real token over every rank's batches: the metric sums values and weights over ranks
         self.log(f"val/{self.loss_name}", self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
-        if self.trainer.state.fn == "validate":  # plot `validate --ckpt_path` at the checkpoint's step
-            self.log("step", float(self._loaded_step))
+        if self.trainer.state.fn == "validate":  # plot a validation at the step of the weights it scores
+            self.log("step", float(self._weights_step))
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return
         # every rank evaluates the same weights; rank 0's report is the one logged, written and kept
@@ -226,7 +226,7 @@ class FineTuneModule(L.LightningModule):
             self.log("val/ppl", report["perplexity"]["ppl"])
         if report["probes"] is not None:
             self.log("val/probe_accuracy", report["probes"]["accuracy"])
-        step = self.global_step if self.trainer.state.fn == "fit" else self._loaded_step
+        step = self.global_step if self.trainer.state.fn == "fit" else self._weights_step
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             write_json_atomic(log_dir / "eval" / f"step_{step:06d}.json", report)
@@ -235,6 +235,9 @@ class FineTuneModule(L.LightningModule):
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WRITER_KEY] = type(self).__name__
 
+    def on_fit_end(self) -> None:
+        self._weights_step = self.global_step  # a validate after fit, in this process, scores these weights
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
-        self._loaded_step = checkpoint.get("global_step", 0)  # names `validate --ckpt_path` reports
+        self._weights_step = checkpoint.get("global_step", 0)

@@ -104,7 +104,7 @@ class PretrainModule(L.LightningModule):
         self.optim = optim
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
-        self._loaded_step = 0
+        self._weights_step = 0  # the optimizer step of the weights held: a loaded checkpoint's, or the last fit's end
         self._flops_per_token: dict[int, float] = {}
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor
 
@@ -172,8 +172,8 @@ class PretrainModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
-        if self.trainer.state.fn == "validate":  # plot `validate --ckpt_path` at the checkpoint's step
-            self.log("step", float(self._loaded_step))
+        if self.trainer.state.fn == "validate":  # plot a validation at the step of the weights it scores
+            self.log("step", float(self._weights_step))
 
     def configure_optimizers(self) -> dict:
         if self.optim.name == "muon" and isinstance(self.trainer.strategy, FSDPStrategy):
@@ -206,7 +206,10 @@ class PretrainModule(L.LightningModule):
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint[WRITER_KEY] = type(self).__name__
 
+    def on_fit_end(self) -> None:
+        self._weights_step = self.global_step  # a validate after fit, in this process, scores these weights
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_writer(checkpoint, type(self).__name__)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-        self._loaded_step = checkpoint.get("global_step", 0)
+        self._weights_step = checkpoint.get("global_step", 0)
