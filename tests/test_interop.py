@@ -262,6 +262,45 @@ def test_sharded_weights_with_an_index_import_equally(hf_models, converted, tmp_
         assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
 
 
+def set_head(model_dir: Path, noise: float) -> None:
+    """Store lm_head.weight: the embedding plus ``noise`` (0: equal to it), whatever the config says."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    emb = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = emb + noise * torch.randn(emb.shape, generator=torch.Generator().manual_seed(3))
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_tied_config_with_a_stored_head_equal_to_the_embedding_imports_tied(hf_models, converted, tmp_path):
+    model_dir = break_dir(hf_models, tmp_path, "llama_tied")
+    set_head(model_dir, 0.0)  # a tied model saved with both tensors
+    model, x = load_backbone(model_dir), tokens()
+    assert model.lm_head.weight is model.tok_emb.weight
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(x).logits
+        assert torch.equal(model(x), load_backbone(converted["llama_tied"])(x))
+        assert (expected - model(x)).abs().max().item() <= 1e-4
+
+
+def test_a_tied_config_with_an_untied_head_is_refused_by_the_reader_as_well(hf_models, tmp_path):
+    model_dir = break_dir(hf_models, tmp_path, "qwen2")
+    set_head(model_dir, 0.1)
+    shard(model_dir)  # lm_head.weight and model.embed_tokens.weight in different shards
+    with pytest.raises(LLMKitError, match=r"model-0000\d-of-00002.safetensors: lm_head.weight differs"):
+        read_hf_model(model_dir)
+
+
+def test_rope_parameters_and_rope_scaling_that_agree_import_equally(hf_models, converted, tmp_path):
+    model_dir = break_dir(hf_models, tmp_path)  # llama3: rope_parameters with rope_theta 500000
+    params = json.loads((model_dir / "config.json").read_text())["rope_parameters"]
+    scaling = {("type" if k == "rope_type" else k): v for k, v in params.items() if k != "rope_theta"}
+    edit_config(model_dir, rope_theta=params["rope_theta"], rope_scaling=scaling)  # as transformers 4 wrote it
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
+
+
 BAD = {
     "no config.json": (lambda d: (d / "config.json").unlink(), "has no config.json"),
     "missing shard": (lambda d: (shard(d), (d / "model-00002-of-00002.safetensors").unlink()),
@@ -272,6 +311,15 @@ BAD = {
                                  "model_type 'gpt2' is not supported"),
     "unknown rope type": (lambda d: edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0}),
                           "rope type 'yarn' (rope_scaling) is not supported"),
+    "rope keys disagree": (lambda d: edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                                 rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+                           "rope_parameters has rope_type 'default' but rope_scaling has 'yarn' (transformers reads "
+                           "rope_scaling); remove the wrong one of the two keys"),
+    "untied head in a tied config": (lambda d: edit_config(d, tie_word_embeddings=True),  # llama3 stores its head
+                                     "model.safetensors: lm_head.weight differs from model.embed_tokens.weight, but "
+                                     "config.json has tie_word_embeddings true (transformers 4 ties them, 5 does not): "
+                                     "set tie_word_embeddings to false to keep this head, or delete lm_head.weight to "
+                                     "tie it to the embedding"),
     "quantised": (lambda d: edit_config(d, quantization_config={"quant_method": "gptq"}),
                   "quantization_config (gptq): quantised weights are not supported"),
     "short sliding window": (lambda d: edit_config(d, model_type="mistral", sliding_window=32),

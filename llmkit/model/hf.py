@@ -88,10 +88,30 @@ def _field(hf: dict[str, Any], key: str, source: Path) -> Any:
     return hf[key]
 
 
+def _rope_spec(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """A RoPE dict as transformers completes it: ``type`` read as ``rope_type`` (default ``default``),
+    ``rope_theta`` and ``partial_rotary_factor`` taken from the top level when the dict lacks them."""
+    spec = dict(spec)
+    spec["rope_type"] = spec.pop("type", spec.get("rope_type", "default"))
+    spec["rope_theta"] = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    spec["partial_rotary_factor"] = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return spec
+
+
 def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
     """RoPE's base and scaling from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` and
-    ``rope_scaling`` (earlier)."""
-    spec = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    ``rope_scaling`` (earlier). A config with both must say the same in each: transformers reads
+    ``rope_scaling`` alone then (5's ``convert_rope_params_to_dict``; 4 ignores ``rope_parameters``)."""
+    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if params and scaling:
+        params, scaling = _rope_spec(params, hf), _rope_spec(scaling, hf)
+        for key in sorted(set(params) | set(scaling), key=lambda k: (k != "rope_type", k)):
+            if params.get(key) != scaling.get(key):
+                raise LLMKitError(
+                    f"{source}: rope_parameters has {key} {params.get(key)!r} but rope_scaling has "
+                    f"{scaling.get(key)!r} (transformers reads rope_scaling); remove the wrong one of the two keys"
+                )
+    spec = {**scaling, **params}
     theta = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise LLMKitError(f"{source}: partial_rotary_factor is not supported (llmkit rotates whole heads)")
@@ -201,6 +221,19 @@ def tie_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
     return state
 
 
+def _check_tied_head(embedding: torch.Tensor, path: Path, head: torch.Tensor) -> None:
+    """Refuse a stored ``lm_head.weight`` that differs from the embedding under ``tie_word_embeddings``
+    true: transformers 4 ties them (its ``tie_weights`` puts the embedding in the head after loading),
+    5 keeps the file's head (``tie_weights`` warns "so we will NOT tie them"), so the checkpoint means
+    one model or another depending on the version. An equal head (a tied model saved with both) ties."""
+    if not torch.equal(head.to(embedding.dtype), embedding):
+        raise LLMKitError(
+            f"{path}: lm_head.weight differs from model.embed_tokens.weight, but config.json has "
+            "tie_word_embeddings true (transformers 4 ties them, 5 does not): set tie_word_embeddings to false "
+            "to keep this head, or delete lm_head.weight to tie it to the embedding"
+        )
+
+
 def read_hf_model(
     model_dir: str | Path, dtype: torch.dtype | None = None, max_seq_len: int | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -216,13 +249,12 @@ def read_hf_model(
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    stored_head: tuple[Path, torch.Tensor] | None = None  # a tied config's lm_head.weight, if the files hold one
     for path in weight_files(model_dir):
         for key, tensor in read_safetensors(path):
             name = llmkit_name(key)
             if name is None and key.endswith(_IGNORED):
                 continue
-            if name == "lm_head.weight" and config.tie_embeddings:
-                continue  # tied: the head is the embedding, as transformers also reads it
             if name not in expected:
                 raise LLMKitError(f"{path}: tensor {key} is not a weight of this {hf['model_type']} config; "
                                   "the weights and config.json do not belong together")
@@ -231,7 +263,12 @@ def read_hf_model(
                                   f"{list(expected[name])}; the weights and config.json do not belong together")
             if not tensor.is_floating_point():
                 raise LLMKitError(f"{path}: {key} is {tensor.dtype}: quantised or integer weights are not supported")
+            if name == "lm_head.weight" and config.tie_embeddings:
+                stored_head = (path, tensor)  # tied: the head is the embedding, if the two are equal (below)
+                continue
             state[name] = tensor if dtype is None else tensor.to(dtype)
+    if stored_head is not None and "tok_emb.weight" in state:
+        _check_tied_head(state["tok_emb.weight"], *stored_head)
     tie_head(config, state)
     missing = [name for name in expected if name not in state]
     if missing:
