@@ -165,6 +165,16 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | None], instead: str) -> None:
+    """Raise :class:`LLMKitError` before anything is written if ``out`` (named ``what``) is the same
+    file or directory as one of ``inputs`` (``{name: path}``, None skipped), which a command reads:
+    writing it would replace its own input. The message names both, then says ``instead``."""
+    out = Path(out)
+    for name, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise LLMKitError(f"{what} {out} is the {name} it reads: {instead}")
+
+
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON to ``path`` through :func:`atomic_file`."""
     with atomic_file(path) as tmp:

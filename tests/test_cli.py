@@ -473,3 +473,57 @@ def test_gpu_configs_resolve_their_model_and_turn_every_speed_setting_on(size, c
     speed = (printed["trainer"]["precision"], printed["model"]["compile"], printed["model"]["optim"]["implementation"],
              printed["model"]["config"]["mhc"]["implementation"], printed["model"]["config"]["bf16_residual"])
     assert speed == ("bf16-mixed", True, "fused", "auto", True)
+
+
+def test_commands_refuse_an_out_that_is_their_own_input_before_reading_it(trained, adapter, tmp_path, capsys):
+    """`lora merge --out BASE` turned a training checkpoint into a merged backbone, and with it failed the
+    fingerprint check of every adapter trained on BASE; `convert upcycle` replaced its input too."""
+    ckpt, lora = tmp_path / "last.ckpt", tmp_path / "adapter.safetensors"
+    ckpt.write_bytes((trained / "ckpt" / "last.ckpt").read_bytes())
+    lora.write_bytes(adapter[0].read_bytes())
+    before = ckpt.read_bytes(), lora.read_bytes()
+    same_ckpt = tmp_path / "sub" / ".." / "last.ckpt"  # another spelling of the same file
+    (tmp_path / "sub").mkdir()
+    for argv, message in [
+        (["lora", "merge", "--ckpt", str(ckpt), "--lora", str(lora), "--out", str(same_ckpt)],
+         f"--out {same_ckpt} is the --ckpt it reads: write the merged checkpoint to another file"),
+        (["lora", "merge", "--ckpt", str(ckpt), "--lora", str(lora), "--out", str(lora)],
+         f"--out {lora} is the --lora it reads: write the merged checkpoint to another file"),
+        (["convert", "upcycle", "--ckpt", str(ckpt), "--out", str(ckpt)],
+         f"--out {ckpt} is the --ckpt it reads: write the upcycled checkpoint to another file"),
+        (["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(ckpt)],
+         f"--out {ckpt} is the --ckpt it reads: write the exported model to a new directory"),
+        (["convert", "from-hf", "--model-dir", str(tmp_path / "sub"), "--out", str(tmp_path / "sub")],
+         f"--out {tmp_path / 'sub'} is the --model-dir it reads: give the path of the .ckpt file to write"),
+    ]:
+        assert main(argv) == 1
+        assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+    assert (ckpt.read_bytes(), lora.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "last.ckpt", "sub"]
+
+
+def write_discovery_run(run: Path) -> None:
+    """The files `llmkit ttt fit` leaves for consolidation: an initial state and one that beats it."""
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"prompt": "find x", "problem": "toy", "initial_reward": 0.0}))
+    (run / "archive.json").write_text(json.dumps({"states": [{"id": 0, "reward": 0.0, "text": "x = 0"},
+                                                             {"id": 1, "reward": 1.0, "text": "x = 1"}]}))
+
+
+def test_consolidate_refuses_to_overwrite_a_run_it_reads(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_discovery_run(run)
+    before = {name: (run / name).read_bytes() for name in ("result.json", "archive.json")}
+    for name in before:
+        assert main(["consolidate", "--run", str(run), "--out", str(run / name)]) == 1
+        assert capsys.readouterr().err == (f"llmkit: error: --out {run / name} is the {name} of --run {run} it "
+                                           "reads: write the SDFT examples to another file\n")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_consolidate_counts_a_run_given_twice_once(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "found.jsonl"
+    write_discovery_run(run)
+    assert main(["consolidate", "--run", str(run), str(run / ".." / "run"), str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}: 1 SDFT examples from 1 run(s), best reward 1\n"
+    assert [json.loads(line)["run"] for line in out.read_text().splitlines()] == [str(run)]

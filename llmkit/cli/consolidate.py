@@ -9,22 +9,29 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from llmkit.io import write_jsonl_atomic
+from llmkit.io import refuse_overwrite, write_jsonl_atomic
 
 
 def consolidate(run: list[Path], out: Path, min_reward: float = -math.inf, top: int = 1) -> int:
     """Turn TTT-Discover results into SDFT JSONL examples.
 
     Args:
-        run: output directories of `llmkit ttt fit` runs.
+        run: output directories of `llmkit ttt fit` runs (a run given twice counts once).
         out: the SDFT .jsonl file to write.
         min_reward: keep states scoring at least this.
         top: best states kept per run.
     """
+    unique: dict[Path, Path] = {}  # resolved path: the path as first given
+    for path in run:
+        unique.setdefault(path.resolve(), path)
+    runs = list(unique.values())
+    inputs = {f"{name} of --run {path}": path / name for path in runs for name in ("result.json", "archive.json")}
+    refuse_overwrite(out, "--out", inputs, "write the SDFT examples to another file")
+
     from llmkit.discovery.consolidate import consolidate as consolidate_runs
 
-    examples = consolidate_runs(run, min_reward, top)
+    examples = consolidate_runs(runs, min_reward, top)
     write_jsonl_atomic(out, examples)
     best = max(e["reward"] for e in examples)
-    print(f"wrote {out}: {len(examples)} SDFT examples from {len(run)} run(s), best reward {best:.6g}")
+    print(f"wrote {out}: {len(examples)} SDFT examples from {len(runs)} run(s), best reward {best:.6g}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from llmkit.errors import LLMKitError
+from llmkit.io import new_directory_atomic, refuse_overwrite
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +63,8 @@ def from_hf(
         max_seq_len: cap the context (default: the model's max_position_embeddings).
         seed: seed of the upcycled model's stream embedding.
     """
+    refuse_overwrite(out, "--out", {"--model-dir": model_dir}, "give the path of the .ckpt file to write")
+
     from llmkit.model.checkpoint import write_backbone_checkpoint
     from llmkit.model.hf import read_hf_config, read_hf_model, tie_head
     from llmkit.model.upcycle import upcycle_state
@@ -103,9 +106,11 @@ def to_hf(
             layout (OUT/adapter), for a Hugging Face export.
         dtype: the weights' dtype; auto keeps bf16 weights bf16 and writes others as fp32.
     """
+    refuse_overwrite(out, "--out", {"--ckpt": ckpt, "--tokenizer": tokenizer, "--lora": lora},
+                     "write the exported model to a new directory")
+
     from llmkit.cli.lora import load_with_adapter
     from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.io import new_directory_atomic
     from llmkit.model.checkpoint import read_checkpoint, save_model_dir
     from llmkit.model.hf import hf_exportable, save_hf_model, save_peft_adapter
     from llmkit.model.lora import merged_base_state, read_lora
@@ -154,6 +159,8 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
         n_streams: residual streams of the mHC model.
         seed: seed of the stream embedding.
     """
+    refuse_overwrite(out, "--out", {"--ckpt": ckpt}, "write the upcycled checkpoint to another file")
+
     from llmkit.model.checkpoint import model_config_dict, read_checkpoint, write_backbone_checkpoint
     from llmkit.model.config import ModelConfig
     from llmkit.model.upcycle import upcycle_state

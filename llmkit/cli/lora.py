@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmkit.io import write_json_atomic
+from llmkit.io import refuse_overwrite, write_json_atomic
 
 if TYPE_CHECKING:
     from llmkit.model.transformer import Transformer
@@ -38,6 +38,8 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
         lora: the adapter (.safetensors).
         out: the merged checkpoint to write (and OUT.json saying what was merged).
     """
+    refuse_overwrite(out, "--out", {"--ckpt": ckpt, "--lora": lora}, "write the merged checkpoint to another file")
+
     import lightning
 
     from llmkit.model.checkpoint import read_checkpoint, write_backbone_checkpoint
