@@ -356,6 +356,16 @@ def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained,
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "prompts.txt"]  # no temp file left behind
 
 
+def test_generate_refuses_to_write_its_completions_over_its_prompt_file(trained, tokenizer_path, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def alpha\n")
+    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
+                 "--prompt-file", str(prompts), "--out", str(prompts)]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: --out {prompts} is the --prompt-file it reads: write the "
+                                       "completions to another file\n")
+    assert prompts.read_text() == "def alpha\n"
+
+
 def test_an_atomic_write_that_fails_leaves_no_temp_file(tmp_path):
     from llmkit.io import write_jsonl_atomic
 

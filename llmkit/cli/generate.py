@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from llmkit.errors import LLMKitError
-from llmkit.io import iter_jsonl_objects, iter_text_lines, text_field, write_jsonl_atomic
+from llmkit.io import iter_jsonl_objects, iter_text_lines, refuse_overwrite, text_field, write_jsonl_atomic
 from llmkit.model.config import AttentionBackend
 
 _PROMPT_LINE = '{"prompt": "..."}'
@@ -126,6 +126,8 @@ def generate(
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise LLMKitError(f"{flag} {value}: must be 1 or more")
+    if out is not None:
+        refuse_overwrite(out, "--out", {"--prompt-file": prompt_file}, "write the completions to another file")
     if out is not None and out.is_dir():
         raise LLMKitError(f"--out {out}: it is a directory; give the .jsonl file to write, e.g. "
                           f"{out / 'completions.jsonl'}")
