@@ -168,3 +168,25 @@ def test_a_resume_past_the_end_of_a_pass_of_the_data_now_is_an_error_not_endless
         next(iter(loader))
     loader.load_state_dict({"epoch": 0, "consumed": 3})
     assert len(list(loader)) == 1 and loader.state_dict() == {"epoch": 1, "consumed": 0}
+
+
+def test_with_a_plain_trainer_the_shards_are_checked_against_the_module_being_run(shards):
+    """No CLI links the data module to the model: setup takes the PretrainModule's vocab_size and
+    max_seq_len, so a mismatch is the same one line, not an IndexError in the embedding mid-step."""
+    import lightning as L
+
+    from llmkit.model.config import ModelConfig
+    from llmkit.modules.pretrain import PretrainModule
+
+    def fit(vocab_size: int, max_seq_len: int, seq_len: int) -> None:
+        config = ModelConfig(vocab_size=vocab_size, n_layers=1, d_model=16, n_heads=2, d_ff=32, max_seq_len=max_seq_len)
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(PretrainModule(config), make_dm(shards, vocab_size=None, seq_len=seq_len))
+
+    with pytest.raises(LLMKitError, match=rf"was packed with a tokenizer of vocab_size {VOCAB_SIZE} .* but the model "
+                                          rf"has vocab_size {VOCAB_SIZE - 1}"):
+        fit(VOCAB_SIZE - 1, 64, 32)
+    with pytest.raises(LLMKitError, match=r"^data\.seq_len 64 is longer than the model's max_seq_len 32"):
+        fit(VOCAB_SIZE, 32, 64)
+    fit(VOCAB_SIZE, 64, 32)

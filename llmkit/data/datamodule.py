@@ -121,6 +121,14 @@ def open_checked_shards(
     return shards
 
 
+def _check_window(seq_len: int, max_seq_len: int | None) -> None:
+    if max_seq_len is not None and seq_len > max_seq_len:
+        raise LLMKitError(
+            f"data.seq_len {seq_len} is longer than the model's max_seq_len {max_seq_len}: set data.seq_len "
+            f"to at most {max_seq_len} (or leave it out to use {max_seq_len})"
+        )
+
+
 class PackedDataModule(L.LightningDataModule):
     """Train/val DataLoaders of (x, y) token windows from packed `.bin` shards.
 
@@ -135,9 +143,10 @@ class PackedDataModule(L.LightningDataModule):
         seed: seeds the training window offsets and their shuffling.
         num_workers: DataLoader worker processes.
         vocab_size: the model's vocabulary size to check shards against (``llmkit pretrain``
-            links it to the model's); None checks each shard against its own metadata only.
-        max_seq_len: the model's context (``llmkit pretrain`` links it to the model's): windows
-            may not be longer.
+            links it to the model's; None: the ``vocab_size`` of the LightningModule being run,
+            else each shard is checked against its own metadata only).
+        max_seq_len: the model's context (``llmkit pretrain`` links it to the model's; None: the
+            module's ``max_seq_len``): windows may not be longer.
     """
 
     def __init__(
@@ -157,11 +166,8 @@ class PackedDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if seq_len is None and max_seq_len is None:
             raise LLMKitError("data.seq_len is not set: give the window length (at most the model's max_seq_len)")
-        if seq_len is not None and max_seq_len is not None and seq_len > max_seq_len:
-            raise LLMKitError(
-                f"data.seq_len {seq_len} is longer than the model's max_seq_len {max_seq_len}: set data.seq_len "
-                f"to at most {max_seq_len} (or leave it out to use {max_seq_len})"
-            )
+        if seq_len is not None:
+            _check_window(seq_len, max_seq_len)
         seq_len = max_seq_len if seq_len is None else seq_len
         self.train_files = [train_files] if isinstance(train_files, str) else train_files
         self.val_files = [val_files] if isinstance(val_files, str) else val_files
@@ -176,6 +182,11 @@ class PackedDataModule(L.LightningDataModule):
         self.val_set: PackedWindows | None = None
 
     def setup(self, stage: str) -> None:
+        # a plain Trainer has no CLI links: the module being run (PretrainModule) gives what they would
+        module = getattr(self.trainer, "lightning_module", None)
+        if self.vocab_size is None:
+            self.vocab_size = getattr(module, "vocab_size", None)
+        _check_window(self.seq_len, self.hparams.max_seq_len or getattr(module, "max_seq_len", None))
         if stage == "fit" and self.train_set is None:
             if not self.train_files:
                 raise LLMKitError("data.train_files is empty: give the training .bin shards")
