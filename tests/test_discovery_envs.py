@@ -365,3 +365,21 @@ def test_load_env_by_import_path():
 def test_load_env_failures_are_clear(class_path, init_args, match):
     with pytest.raises(LLMKitError, match=match):
         load_env(class_path, init_args)
+
+
+def test_a_script_that_runs_the_worker_without_a_main_guard_is_told_to_add_one(tmp_path):
+    """The spawned worker imports the main script again; at import time that script starts a worker
+    of its own, which Python refuses: both processes' errors name the cure."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from llmkit.discovery.env import EnvWorker\n"
+                      "from llmkit.discovery.envs.string_target import StringTargetEnv\n"
+                      "ok, value = EnvWorker(start_timeout_s=30).call(StringTargetEnv('ab'), 'reward', ('ab',), 10.0)\n"
+                      "if not ok:\n    raise SystemExit(value)\n")  # as TTTDiscoverModule raises
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and "the worker process died while starting" in said
+    assert said.count('run the Trainer under `if __name__ == "__main__":`') == 2  # the worker's and the script's

@@ -144,6 +144,12 @@ def _worker_main(conn: Any) -> None:
         conn.send(reply)
 
 
+SPAWN_HINT = ("the worker process imports the main script again: in a script of your own, run the Trainer "
+              "under `if __name__ == \"__main__\":`")
+"""Why a spawned worker that dies while starting most often does: a script that runs training at
+import time, so the worker, importing it, starts a worker of its own (Python refuses)."""
+
+
 class EnvWorker:
     """A persistent worker process that runs environment methods with a time limit.
 
@@ -184,11 +190,15 @@ class EnvWorker:
         except Exception as error:
             parent.close()
             child.close()
-            return f"could not start the environment worker process: {_describe(error)}"
+            hint = f"; {SPAWN_HINT}" if "bootstrapping phase" in str(error) else ""
+            return f"could not start the environment worker process: {_describe(error)}{hint}"
         child.close()
         self._process, self._conn = process, parent
         status, value = self._receive(self.start_timeout_s, "starting")
-        return None if status == "ready" else value
+        if status == "ready":
+            return None
+        died = value.startswith("the worker process died")
+        return f"{value}; {SPAWN_HINT}" if died and self._ctx.get_start_method() == "spawn" else value
 
     def _receive(self, timeout_s: float, doing: str) -> tuple[str, Any]:
         """The worker's next reply, or ("error", reason) after killing it on a timeout or death."""
