@@ -60,6 +60,11 @@ class OptimConfig:
         self.betas = tuple(self.betas)  # YAML and checkpoints give a list
         if self.name not in ("adamw", "muon"):
             raise LLMKitError(f"optim.name must be 'adamw' or 'muon', got {self.name!r}")
+        for name in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_steps"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise LLMKitError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LLMKitError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,47 @@ def test_llmkit_modules_satisfy_the_protocols_their_callbacks_need(tokenizer_pat
     assert not satisfies(sft, HasTeacher)
     ttt = TTTDiscoverModule(**common, lora={"rank": 2, "alpha": 4.0})
     assert satisfies(ttt, HasBackbone) and satisfies(ttt, HasTokenizer)
+
+
+def test_a_callback_or_module_given_the_other_kind_of_batch_says_which_it_needs(shards, tokenizer_path, tmp_path):
+    """Token windows (pretraining) and prompt/demonstration examples (SFT, SDFT) do not mix: one line
+    naming what is needed, not an AttributeError mid-step."""
+    from llmkit.callbacks import Replay
+    from llmkit.callbacks.throughput import batch_tokens
+    from llmkit.data.sdft_data import SDFTDataModule
+    from llmkit.data.tasks import write_task_files
+
+    with pytest.raises(LLMKitError, match=r"^Replay needs batches that are lists of Example \(SDFTDataModule's, in "
+                                          r"SFTModule and SDFTModule runs\), got a list of Tensor$"):
+        fit(PretrainModule(CONFIG), Replay(buffer_size=4), shards)
+    with pytest.raises(LLMKitError, match=r"^TokenThroughput counts \(x, y\) batches of token windows .* got a list "
+                                          r"of str$"):
+        batch_tokens(["an example"])
+    examples = tmp_path / "ex.jsonl"
+    write_task_files("arithmetic", 4, seed=0, out=examples)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(LLMKitError, match=r"^PretrainModule trains on token windows \(PackedDataModule\), not "
+                                          r"SDFTDataModule's examples"):
+        trainer.fit(PretrainModule(CONFIG), SDFTDataModule(str(examples)))
+    pretrain = PretrainModule(CONFIG)
+    pretrain.configure_model()
+    torch.save({"state_dict": pretrain.state_dict(), "hyper_parameters": {"config": CONFIG.to_dict()}},
+               tmp_path / "base.ckpt")
+    sft = SFTModule(init_ckpt=str(tmp_path / "base.ckpt"), tokenizer=str(tokenizer_path))
+    with pytest.raises(LLMKitError, match=r"^SFTModule trains on prompt/demonstration examples \(SDFTDataModule\), "
+                                          r"not PackedDataModule's token windows"):
+        trainer.fit(sft, PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=2))
+
+
+def test_settings_that_cannot_work_are_refused_when_given():
+    from llmkit.optim import OptimConfig
+
+    with pytest.raises(LLMKitError, match=r"^MHCMonitor every_n_steps and max_tokens must be >= 1, got 0 and 64$"):
+        MHCMonitor(every_n_steps=0)
+    with pytest.raises(LLMKitError, match=r"^RegressionGate max_ppl_increase and max_probe_drop must be >= 0"):
+        RegressionGate(max_ppl_increase=-1)
+    with pytest.raises(LLMKitError, match=r"^optim.lr must be >= 0, got -1"):
+        OptimConfig(lr=-1)
+    with pytest.raises(LLMKitError, match=r"^optim.min_lr_ratio must be in \[0, 1\], got 2"):
+        OptimConfig(min_lr_ratio=2)

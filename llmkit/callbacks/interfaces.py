@@ -81,6 +81,11 @@ def _missing(pl_module: L.LightningModule, protocol: type) -> list[str]:
     return problems
 
 
+def batch_kind(batch: Any) -> str:
+    """What a batch is, for an error saying a callback got the wrong kind: "list of Tensor"."""
+    return type(batch).__name__ + (f" of {type(batch[0]).__name__}" if isinstance(batch, list) and batch else "")
+
+
 def satisfies(pl_module: L.LightningModule, protocol: type[T]) -> bool:
     """Whether ``pl_module`` has every attribute of ``protocol`` with the declared type."""
     return not _missing(pl_module, protocol)

@@ -62,6 +62,9 @@ class MHCMonitor(L.Callback):
     """Logs :func:`mhc_stats` every ``every_n_steps`` optimizer steps (see module docstring)."""
 
     def __init__(self, every_n_steps: int = 50, max_tokens: int = 64) -> None:
+        if every_n_steps < 1 or max_tokens < 1:
+            raise LLMKitError(f"MHCMonitor every_n_steps and max_tokens must be >= 1, got {every_n_steps} and "
+                              f"{max_tokens}")
         self.every_n_steps = every_n_steps
         self.max_tokens = max_tokens
         self.last_stats: dict[str, float] = {}

@@ -160,6 +160,9 @@ class RegressionGate(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise LLMKitError(f"RegressionGate every_n_steps must be >= 1, got {every_n_steps}")
+        if max_ppl_increase < 0 or max_probe_drop < 0:
+            raise LLMKitError(f"RegressionGate max_ppl_increase and max_probe_drop must be >= 0 (the regressions "
+                              f"tolerated), got {max_ppl_increase} and {max_probe_drop}")
         self.every_n_steps = every_n_steps
         self.max_ppl_increase = max_ppl_increase
         self.max_probe_drop = max_probe_drop

@@ -46,6 +46,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from llmkit.callbacks.interfaces import batch_kind
 from llmkit.data.examples import Example, read_all_examples
 from llmkit.distributed import gather_objects
 from llmkit.errors import LLMKitError
@@ -116,10 +117,9 @@ class Replay(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not isinstance(batch, list):
-            raise LLMKitError(
-                f"Replay needs batches that are lists of Example (SDFTDataModule's), got {type(batch).__name__}"
-            )
+        if not isinstance(batch, list) or not all(isinstance(example, Example) for example in batch):
+            raise LLMKitError(f"Replay needs batches that are lists of Example (SDFTDataModule's, in SFTModule and "
+                              f"SDFTModule runs), got a {batch_kind(batch)}")
         batches = gather_objects(trainer, list(batch))  # every rank's batch, in rank order
         offset = sum(len(b) for b in batches[: trainer.global_rank])
         new = [example for b in batches for example in b]

@@ -18,17 +18,27 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
+from llmkit.callbacks.interfaces import batch_kind
+from llmkit.errors import LLMKitError
 from llmkit.profiling import dense_bf16_peak_flops
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    """x of an (x, y) batch of token windows; :class:`LLMKitError` for another kind of batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise LLMKitError(f"TokenThroughput counts (x, y) batches of token windows (PackedDataModule's, in "
+                      f"PretrainModule runs), got a {batch_kind(batch)}")
 
 
 def batch_windows(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     """Number of windows (samples) in an (x, y) batch."""
-    return batch[0].size(0)
+    return _inputs(batch).size(0)
 
 
 def batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     """Number of input tokens in an (x, y) batch."""
-    return batch[0].numel()
+    return _inputs(batch).numel()
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.examples import Example
 from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
 from llmkit.distributed import require_data_parallel, sum_over_ranks
@@ -165,6 +166,9 @@ class FineTuneModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
+        if isinstance(self.trainer.datamodule, PackedDataModule):
+            raise LLMKitError(f"{type(self).__name__} trains on prompt/demonstration examples (SDFTDataModule), not "
+                              f"PackedDataModule's token windows, which PretrainModule trains on")
 
     def configure_model(self) -> None:
         if self.hparams.compile:

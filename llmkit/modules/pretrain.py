@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
@@ -115,6 +116,11 @@ class PretrainModule(L.LightningModule):
     @property
     def max_seq_len(self) -> int:
         return self.config.max_seq_len
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.datamodule, SDFTDataModule):
+            raise LLMKitError("PretrainModule trains on token windows (PackedDataModule), not SDFTDataModule's "
+                              "examples, which SFTModule and SDFTModule train on")
 
     def configure_model(self) -> None:
         """Build the backbone (once: later calls keep it), from ``init_ckpt`` if given, and compile
