@@ -22,8 +22,8 @@ class DemoConfig:
     """What ``llmkit demo`` runs (each field is a flag).
 
     Attributes:
-        out: where corpus, tokenizer, shards and checkpoints go.
-        log_dir: TensorBoard logs go to LOG_DIR/demo/version_N.
+        out: where corpus, tokenizer and shards go.
+        log_dir: TensorBoard logs and checkpoints go to LOG_DIR/demo/version_N.
         model: the model YAML (in an llmkit checkout: configs/model/tiny.yaml).
         max_files: use only the first N stdlib files (default: all of them).
         vocab_size: tokenizer vocabulary.
@@ -99,7 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         vocab_size=model_cfg.vocab_size,
     )
     logger = TensorBoardLogger(cfg.log_dir, name="demo", default_hp_metric=False)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = Path(logger.log_dir) / "checkpoints"  # the run's own: a rerun never samples an earlier run's
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
         accelerator="auto",
