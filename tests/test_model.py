@@ -1,5 +1,6 @@
 """Backbone: shapes, causality, weight-decay groups, checkpointing, and that it learns."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,15 @@ def test_every_model_config_builds_on_the_meta_device(path):
     with torch.device("meta"):
         model = Transformer(config)
     assert 0 < model.active_params() <= model.num_params()
+
+
+def test_a_tied_lm_head_counts_in_the_training_flops_as_an_untied_one_does():
+    """The head is a V x C matmul whether it is the embedding or not: MFU and the scaling fits'
+    compute axis must not drop 6 V C per token for a tied model."""
+    untied = ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=64)
+    tied = replace(untied, tie_embeddings=True)
+    with torch.device("meta"):
+        dense, shared = Transformer(untied), Transformer(tied)
+    assert shared.num_params() == dense.num_params() - 97 * 32
+    assert shared.flops_per_token(64) == dense.flops_per_token(64)
+    assert dense.flops_per_token(64) == 6 * dense.num_params(non_embedding=True) + 12 * 2 * 32 * 64

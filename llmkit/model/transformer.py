@@ -197,13 +197,15 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 N_active (non-embedding matmuls a token goes through, forward +
-        backward: :meth:`active_params`) plus 6 L T H (d_qk + d_v) for attention scores and values
-        (PaLM appendix B's 12 L C T when the heads' query/key and value widths d_qk = d_v sum to C;
-        MLA's are d_h + d_h^R and d_v)."""
+        backward: :meth:`active_params`; a tied LM head, which ``non_embedding`` leaves out with the
+        embedding it is, is still a V x C matmul and counts) plus 6 L T H (d_qk + d_v) for attention
+        scores and values (PaLM appendix B's 12 L C T when the heads' query/key and value widths
+        d_qk = d_v sum to C; MLA's are d_h + d_h^R and d_v)."""
         c = self.config
         d_qk, d_v = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim, c.mla.v_head_dim) if c.attention == "mla" \
             else (c.head_dim, c.head_dim)
-        return 6 * self.active_params(non_embedding=True) + 6 * c.n_layers * seq_len * c.n_heads * (d_qk + d_v)
+        matmuls = self.active_params(non_embedding=True) + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
+        return 6 * matmuls + 6 * c.n_layers * seq_len * c.n_heads * (d_qk + d_v)
 
     def matmul_only_params(self) -> list[tuple[nn.Module, str]]:
         """(module, name) of each parameter that the forward uses only as a matmul operand, so
