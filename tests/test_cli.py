@@ -184,6 +184,10 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     assert error("--config", str(tmp_path / "sub" / "my.yaml")) == (
         "llmkit pretrain fit: error: model.config: no file ../model/tiny.yaml (a relative path in a config file is "
         "relative to that file's directory)")
+    # a value of the right type that the config class refuses: its own one line, not jsonargparse's wrapper
+    assert main(["pretrain", "fit", "--config", str(config), "--model.config.n_kv_heads", "3"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "llmkit: error: invalid model config: n_heads (4) must be divisible by n_kv_heads (3)"
     (tmp_path / "broken.yaml").write_text("model:\n  optim: [1, 2\n  x: 1\n")
     assert error("--config", str(tmp_path / "broken.yaml")) == (
         f"llmkit pretrain: error: {tmp_path / 'broken.yaml'}: not valid YAML at line 3, column 4: expected ',' or "

@@ -312,3 +312,10 @@ def run(name: str, args: list[str]) -> None:
         except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
             raise LLMKitError(f"trainer: {' '.join(str(e).split())} (check the trainer settings: accelerator, "
                               "devices, strategy, precision)") from e
+        except ValueError as e:  # jsonargparse wraps what a config class refused (ModelConfig's checks)
+            cause = e
+            while cause is not None and not isinstance(cause, LLMKitError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
