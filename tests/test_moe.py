@@ -13,6 +13,7 @@ from llmkit.model.moe import (
     end_of_step,
     expert_counts,
     expert_utilization,
+    grouped_linear,
     load_balance_std,
     moe_layers,
     switch_aux_loss,
@@ -292,3 +293,21 @@ def test_an_moe_model_upcycles_to_mhc_and_exports_as_an_llmkit_directory(tmp_pat
     assert main(["convert", "to-hf", "--ckpt", str(tmp_path / "moe.ckpt"), "--out", str(tmp_path / "out")]) == 0
     with torch.no_grad():
         assert torch.equal(load_backbone(tmp_path / "out")(x), dense(x))
+
+
+def test_the_per_expert_fallback_under_torch_compile_does_not_recompile_for_new_expert_loads():
+    """fp32 (no grouped kernel): each step routes other row counts to the experts; traced, the
+    fallback specialised on them and recompiled up to dynamo's limit (then ran eager, warning)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    weight = torch.randn(4, 8, 16)
+    compiled = torch.compile(lambda x, ends: grouped_linear(x, weight, ends) * 2)
+    for step in range(12):
+        counts = torch.tensor([step * 3 % 5 + 1, 2, step * 7 % 4 + 1, 3])
+        x = torch.randn(int(counts.sum()), 16)
+        rows = torch.split(x, counts.tolist())
+        expected = torch.cat([r @ w.t() for r, w in zip(rows, weight, strict=True)]) * 2
+        torch.testing.assert_close(compiled(x, counts.cumsum(0)), expected)
+    assert counters["stats"]["unique_graphs"] <= 2  # before and after the eager fallback; 8 (the limit) before

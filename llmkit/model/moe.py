@@ -159,6 +159,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     layout per expert): one grouped matmul where supported, else a matmul per expert."""
     if grouped_mm_supported(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=ends.to(torch.int32))
+    return _matmul_per_expert(x, weight, ends)
+
+
+@torch.compiler.disable  # eager under torch.compile: traced, each new set of row counts would compile anew
+def _matmul_per_expert(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """grouped_linear without a grouped kernel: a matmul per expert over its rows (the counts on the host)."""
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     parts = [rows @ w.t() for rows, w in zip(torch.split(x, sizes), weight, strict=True)]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.size(1))
