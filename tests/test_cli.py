@@ -48,6 +48,11 @@ def trained(shards, tmp_path_factory):
     return tmp
 
 
+def generate_args(trained: Path, tokenizer: Path, *args: str) -> list[str]:
+    """``llmkit generate`` on the trained fixture's last checkpoint, with ``args``."""
+    return ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer), *args]
+
+
 def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, capsys, caplog):
     config = write_config(tmp_path, shards)
     with caplog.at_level("INFO"):
@@ -99,8 +104,8 @@ def test_validate_from_the_checkpoint_alone(trained, shards, capsys):
 
 
 def test_generate_from_the_checkpoint(trained, tokenizer_path, capsys):
-    args = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-            "--prompt", "def alpha", "--max-new-tokens", "6", "--temperature", "0"]
+    args = generate_args(trained, tokenizer_path, "--prompt", "def alpha", "--max-new-tokens", "6",
+                         "--temperature", "0")
     assert main(args) == 0
     first = capsys.readouterr().out
     assert first.startswith("def alpha")
@@ -121,8 +126,8 @@ def test_generate_samples_under_bf16_autocast_when_asked(trained, tokenizer_path
         return sample(*args, **kwargs)
 
     monkeypatch.setattr(generation, "generate", spy)
-    args = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-            "--prompt", "def alpha", "--max-new-tokens", "6", "--temperature", "0"]
+    args = generate_args(trained, tokenizer_path, "--prompt", "def alpha", "--max-new-tokens", "6",
+                         "--temperature", "0")
     assert main(args) == 0  # auto is 32-true on a CPU
     assert main([*args, "--precision", "bf16-mixed"]) == 0
     assert autocast_seen == [False, torch.bfloat16]
@@ -207,8 +212,7 @@ def test_generate_rejects_a_tokenizer_of_another_vocabulary(trained, tmp_path, c
 
     other = train_tokenizer([corpus_dir / "train.txt"], tmp_path / "other",
                             TokenizerTrainConfig(vocab_size=350, normalization="identity"))
-    code = main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(other),
-                 "--prompt", "x"])
+    code = main(generate_args(trained, other, "--prompt", "x"))
     assert code == 1
     assert "vocab_size 350" in capsys.readouterr().err
 
@@ -260,8 +264,7 @@ def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_pa
 
 
 def test_generate_rejects_a_prompt_beyond_the_context(trained, tokenizer_path, capsys):
-    code = main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-                 "--prompt", "alpha beta gamma " * 40])
+    code = main(generate_args(trained, tokenizer_path, "--prompt", "alpha beta gamma " * 40))
     assert code == 1
     assert "max_seq_len 64" in capsys.readouterr().err
 
@@ -282,8 +285,7 @@ def test_generate_refuses_files_that_are_not_plain_checkpoints(tmp_path, tokeniz
 def test_generate_batches_a_prompt_file_like_single_prompts(trained, tokenizer_path, tmp_path, capsys):
     prompts = ["def alpha", "import os", "    return [beta"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    base = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-            "--max-new-tokens", "8", "--temperature", "0"]
+    base = generate_args(trained, tokenizer_path, "--max-new-tokens", "8", "--temperature", "0")
     out = tmp_path / "out.jsonl"
     assert main([*base, "--prompt-file", str(tmp_path / "prompts.txt"), "--batch-size", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -295,7 +297,7 @@ def test_generate_batches_a_prompt_file_like_single_prompts(trained, tokenizer_p
 
 
 def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
-    base = ["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path)]
+    base = generate_args(trained, tokenizer_path)
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert main([*base, "--prompt-file", str(tmp_path / "empty.txt")]) == 1
     assert "has no prompts" in capsys.readouterr().err
@@ -314,8 +316,7 @@ def test_generate_blames_a_device_this_machine_lacks_not_the_checkpoint(device, 
                                                                         capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-                 "--prompt", "def f(", "--device", device]) == 1
+    assert main(generate_args(trained, tokenizer_path, "--prompt", "def f(", "--device", device)) == 1
     assert capsys.readouterr().err == f"llmkit: error: {message}\n"
 
 
@@ -341,8 +342,7 @@ def test_the_checkpoint_loader_reports_the_file_not_the_device(trained, tmp_path
 @pytest.mark.parametrize("flag", ["--num-samples", "--batch-size"])
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path, capsys):
-    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-                 "--prompt", "x", flag, value]) == 1
+    assert main(generate_args(trained, tokenizer_path, "--prompt", "x", flag, value)) == 1
     assert capsys.readouterr().err == f"llmkit: error: {flag} {value}: must be 1 or more\n"
 
 
@@ -350,8 +350,8 @@ def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained,
     (tmp_path / "prompts.txt").write_text("def alpha\n")
     out = tmp_path / "data"
     out.mkdir()
-    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-                 "--prompt-file", str(tmp_path / "prompts.txt"), "--out", str(out)]) == 1
+    assert main(generate_args(trained, tokenizer_path, "--prompt-file", str(tmp_path / "prompts.txt"),
+                              "--out", str(out))) == 1
     assert capsys.readouterr().err == (f"llmkit: error: --out {out}: it is a directory; give the .jsonl file to "
                                        f"write, e.g. {out / 'completions.jsonl'}\n")
     assert main(["data", "tasks", "--task", "arithmetic", "--n", "5", "--out", str(out)]) == 1  # llmkit.io's writers
@@ -363,8 +363,7 @@ def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained,
 def test_generate_refuses_to_write_its_completions_over_its_prompt_file(trained, tokenizer_path, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def alpha\n")
-    assert main(["generate", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--tokenizer", str(tokenizer_path),
-                 "--prompt-file", str(prompts), "--out", str(prompts)]) == 1
+    assert main(generate_args(trained, tokenizer_path, "--prompt-file", str(prompts), "--out", str(prompts))) == 1
     assert capsys.readouterr().err == (f"llmkit: error: --out {prompts} is the --prompt-file it reads: write the "
                                        "completions to another file\n")
     assert prompts.read_text() == "def alpha\n"
