@@ -126,11 +126,11 @@ def generate(
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise LLMKitError(f"{flag} {value}: must be 1 or more")
-    if out is not None:
+    if out is not None:  # before sampling, not when the completions are written
         refuse_overwrite(out, "--out", {"--prompt-file": prompt_file}, "write the completions to another file")
-    if out is not None and out.is_dir():
-        raise LLMKitError(f"--out {out}: it is a directory; give the .jsonl file to write, e.g. "
-                          f"{out / 'completions.jsonl'}")
+        if out.is_dir():
+            raise LLMKitError(f"--out {out}: it is a directory; give the .jsonl file to write, e.g. "
+                              f"{out / 'completions.jsonl'}")
     if device is not None:
         check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
