@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import itertools
 import re
 import sys
 import warnings
@@ -149,9 +150,10 @@ def _nearest(option: str, cls: type) -> str:
 def check_config_files(args: list[str]) -> None:
     """Raise :class:`LLMKitError` naming the ``--config`` file that is not valid YAML, and where
     (jsonargparse names only "<unicode string>", whichever of several files it was)."""
-    for i, arg in enumerate(args):
-        value = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.removeprefix("--config=")
-        if value == arg or not Path(value).is_file():
+    given = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    given += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    for value in given:
+        if not Path(value).is_file():  # a YAML string given inline, or a missing file: jsonargparse says
             continue
         try:
             yaml.safe_load(Path(value).read_text(encoding="utf-8"))
