@@ -311,16 +311,22 @@ def test_throughput_totals_continue_across_a_resume(shards, tmp_path):
     assert (after["batches"], after["samples"]) == (5, 5 * 4) and after["time"] > state["time"]
 
 
-@pytest.mark.parametrize("config_given", [True, False])
-def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, shards, tmp_path, caplog):
-    """With the run's config (its TensorBoardLogger), or with none (Lightning's default logger)."""
-    config = yaml.safe_load(write_config(tmp_path, shards, max_steps=3).read_text())
+def write_tensorboard_config(tmp_path: Path, shards, max_steps: int) -> Path:
+    """:func:`write_config` logging to the TensorBoard run TMP/tb/run/version_N, its checkpoints inside it."""
+    config = yaml.safe_load(write_config(tmp_path, shards, max_steps=max_steps).read_text())
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                    "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run",
                                                  "default_hp_metric": False}}
-    del config["trainer"]["callbacks"][0]["init_args"]["dirpath"]  # checkpoints go into the run
-    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml")]) == 0
+    del config["trainer"]["callbacks"][0]["init_args"]["dirpath"]
+    path = tmp_path / "tb.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("config_given", [True, False])
+def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, shards, tmp_path, caplog):
+    """With the run's config (its TensorBoardLogger), or with none (Lightning's default logger)."""
+    assert main(["pretrain", "fit", "--config", str(write_tensorboard_config(tmp_path, shards, 3))]) == 0
     run = tmp_path / "tb" / "run" / "version_0"
     given = ["--config", str(tmp_path / "tb.yaml")] if config_given else ["--trainer.enable_progress_bar", "false"]
     with caplog.at_level("INFO"):
@@ -339,12 +345,7 @@ def test_a_run_that_stops_on_bad_input_before_its_first_step_leaves_no_version_d
                                                                                          capsys):
     """The corrected run is version_0, where the paths the user wrote down point; a failed
     validation of an existing run leaves that run alone."""
-    config = yaml.safe_load(write_config(tmp_path, shards, max_steps=1).read_text())
-    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                   "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"}}
-    del config["trainer"]["callbacks"][0]["init_args"]["dirpath"]  # checkpoints go into the run
-    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
-    base = ["pretrain", "fit", "--config", str(tmp_path / "tb.yaml")]
+    base = ["pretrain", "fit", "--config", str(write_tensorboard_config(tmp_path, shards, 1))]
     assert main([*base, "--data.train_files", str(tmp_path / "missing.bin")]) == 1
     assert "data.train_files" in capsys.readouterr().err
     assert not (tmp_path / "tb" / "run").exists() or not any((tmp_path / "tb" / "run").iterdir())
