@@ -396,3 +396,32 @@ def test_a_checkpoint_of_another_module_says_which_command_reads_it(sdft_run, tr
                                        "`llmkit sdft validate` (or as model.init_ckpt to fine-tune from it)\n")
     assert main(["sdft", "fit", "--config", str(config), "--ckpt_path", str(trained)]) == 1
     assert "was written by PretrainModule, not SDFTModule: use it with `llmkit pretrain fit`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config_given", [True, False])
+def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards, tmp_path, caplog, recwarn):
+    """With the run's config or none: one TensorBoard run whose curves continue, what the first run
+    logged after the checkpoint hidden (those steps are trained again), the resume's config beside the
+    run's."""
+    config = yaml.safe_load(write_tensorboard_config(tmp_path, shards, 4).read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = -1  # keep the step-2 checkpoint
+    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
+    every_step = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2"]
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml"), *every_step]) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    first_config = (run / "config.yaml").read_text()
+    given = ["--config", str(tmp_path / "tb.yaml")] if config_given else ["--trainer.enable_progress_bar", "false"]
+    with caplog.at_level("INFO"):
+        assert main(["pretrain", "fit", *given, *every_step, "--trainer.max_steps", "6",
+                     "--ckpt_path", str(run / "checkpoints" / "epoch=0-step=2.ckpt")]) == 0
+    assert f"logs: {run}" in caplog.text
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # it holds the run continued
+    assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
+    assert (run / "config.yaml").read_text() == first_config
+    assert "max_steps: 6" in (run / "resume_step_2_config.yaml").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]  # the first run's 2 and 3 hidden
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 3, 5]

@@ -14,7 +14,8 @@ expect, with these additions:
   hyperparameter the weights depend on (the command's ``fixed_by_checkpoint``: the architecture,
   LoRA's shape, the discovery problem) is an error naming both values. Fine-tuning runs rebuild
   the model from the checkpoint itself, so ``model.init_ckpt`` is not needed to validate or
-  resume them. A ``validate`` logs into the checkpoint's run. docs/checkpoints.md.
+  resume them. A ``validate`` or a resumed ``fit`` logs into the checkpoint's run.
+  docs/checkpoints.md.
 - **Config errors in one line**, naming the key or the YAML file and what is wrong
   (:func:`readable_parse_error`, :func:`check_config_files`); Lightning's own refusals of a
   trainer setting too. Only ``fit`` and ``validate`` are offered.
@@ -183,6 +184,7 @@ class LLMKitCLI(LightningCLI):
 
     def __init__(self, command: LightningCommand, **kwargs: Any) -> None:
         self.command = command
+        self.ckpt_step: int | None = None  # the global step of ``--ckpt_path``'s checkpoint
         super().__init__(_import(command.module), _import(command.datamodule), **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -214,6 +216,7 @@ class LLMKitCLI(LightningCLI):
                 f"--ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from other weights, use "
                 f"model.init_ckpt"
             )
+        self.ckpt_step = ckpt.get("global_step")
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
             writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")
@@ -250,32 +253,49 @@ class LLMKitCLI(LightningCLI):
                           and not _within(name, tuple(given))})
 
     def before_instantiate_classes(self) -> None:
-        """Applies ``float32_matmul_precision``. ``validate --ckpt_path`` of a checkpoint inside a
-        TensorBoard run logs into that run (at the checkpoint's step, which the modules log as
-        ``step``), not into a new version: with the config's TensorBoardLogger when it logs there,
-        and with Lightning's default logger (none configured, no ``trainer.default_root_dir``)."""
+        """Applies ``float32_matmul_precision``. ``validate`` and a resumed ``fit`` of a checkpoint
+        inside a TensorBoard run (``SAVE_DIR/NAME/version_N/checkpoints/X.ckpt``) log into that
+        run, not into a new version: with the config's TensorBoardLogger when it logs to
+        ``SAVE_DIR/NAME``, and with Lightning's default logger (none configured, no
+        ``trainer.default_root_dir``). A validation's metrics land at the checkpoint's step (the
+        modules log it as ``step``). A resume hides what the run logged from the checkpoint's step
+        on (TensorBoard's ``purge_step``: those steps are trained again) and saves its config as
+        ``resume_step_N_config.yaml`` beside the run's ``config.yaml``, never over it."""
         subcommand = self.config.get("subcommand")
         if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
             torch.set_float32_matmul_precision(precision)
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "validate" else None
+        ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
+        run = Path(ckpt_path).resolve().parent.parent
+        logger = self._log_into_run(subcommand, run)
+        if logger is not None and subcommand == "fit" and self.ckpt_step is not None:
+            logger.init_args.purge_step = self.ckpt_step
+            self.save_config_kwargs = {**self.save_config_kwargs,
+                                       "config_filename": f"resume_step_{self.ckpt_step}_config.yaml"}
+            checkpoints = re.escape(str(Path(run.parent.name, run.name, "checkpoints")))  # the run it continues
+            warnings.filterwarnings("ignore", message=f"Checkpoint directory .*{checkpoints} exists and is not empty")
+
+    def _log_into_run(self, subcommand: str, run: Path) -> Namespace | None:
+        """Point the run's logger at the TensorBoard run ``run`` (see :meth:`before_instantiate_classes`)
+        and return its config, or None where it logs elsewhere."""
         trainer = self.config[subcommand].trainer
         logger = trainer.get("logger")
-        run = Path(ckpt_path).resolve().parent.parent  # SAVE_DIR/NAME/VERSION/checkpoints/X.ckpt
         in_a_run = any(run.glob("events.out.tfevents.*"))
         if logger in (None, True) and trainer.get("default_root_dir") is None and in_a_run:
             default = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {
                 "save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name,
                 "default_hp_metric": False}}
             self.config = self.parser.parse_object({subcommand: {"trainer": {"logger": default}}}, self.config)
-            return
+            return self.config[subcommand].trainer.logger
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-            return
+            return None
         args = logger.init_args
         logged_runs = (Path(args.save_dir) / args.get("name", "lightning_logs")).resolve()
-        if args.get("version") is None and run.parent == logged_runs:
-            args.version = run.name
+        if args.get("version") not in (None, run.name) or run.parent != logged_runs:
+            return None
+        args.version = run.name
+        return logger
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
