@@ -346,6 +346,19 @@ def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path,
     assert capsys.readouterr().err == f"llmkit: error: {flag} {value}: must be 1 or more\n"
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-new-tokens", "0", "max_new_tokens must be >= 1, got 0"),
+    ("--top-k", "0", "top_k must be >= 1, got 0"),
+    ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
+    ("--temperature", "-1", "temperature must be >= 0 (0 = greedy), got -1.0"),
+])
+def test_generate_refuses_a_bad_sampling_flag_before_it_loads_the_model(flag, value, message, tmp_path, capsys):
+    """The checkpoint given does not exist: the sampling error comes first, not after a long load."""
+    assert main(["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tmp_path / "t.model"),
+                 "--prompt", "x", flag, value]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+
+
 def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained, tokenizer_path, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("def alpha\n")
     out = tmp_path / "data"

@@ -7,6 +7,7 @@ torch is imported when the command runs, not when the module loads, so ``--help`
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,8 @@ def generate(
 
     if (prompt is None) == (prompt_file is None):
         raise LLMKitError("give exactly one of --prompt and --prompt-file")
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, compile=compile)  # checked before the model loads
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise LLMKitError(f"{flag} {value}: must be 1 or more")
@@ -154,10 +157,7 @@ def generate(
     if max_new_tokens > room:
         print(f"llmkit: note: generating {room} new tokens, all the context window leaves after the "
               f"longest prompt (max_seq_len {model.config.max_seq_len})", file=sys.stderr)
-    config = SamplingConfig(
-        max_new_tokens=min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        compile=compile,
-    )
+    config = dataclasses.replace(config, max_new_tokens=min(max_new_tokens, room))
     records = []
     bf16 = resolve_precision(precision, device) == "bf16-mixed"
     for start in range(0, len(encoded), batch_size):
