@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmkit.errors import LLMKitError
 from llmkit.model.config import ModelConfig, MoEConfig
 from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
@@ -74,6 +75,10 @@ def test_the_hash_router_is_a_fixed_function_of_the_token_with_at_most_two_disti
     assert torch.equal(experts, a) and (weights == 0.5).all() and loss.item() == 0.0
     with pytest.raises(Exception, match="moe.top_k must be 1 or 2"):
         MoEConfig(n_experts=8, top_k=3, router="hash")
+    for ignored in ({"bias_update_rate": 1e-3}, {"z_loss_weight": 1e-3}):  # it would silently do nothing
+        with pytest.raises(LLMKitError, match="the hash router has no learned gate to balance: moe.bias_update_rate "
+                                              "and z_loss_weight must be 0 with it"):
+            MoEConfig(n_experts=8, router="hash", **ignored)
 
 
 def test_the_aux_loss_is_the_switch_formula():

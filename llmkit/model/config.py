@@ -91,7 +91,8 @@ class MoEConfig:
     1/top_k each; no learned gate). MoE replaces the MLP in layers ``first_dense``,
     ``first_dense + every``, ... (DeepSeek-V3 keeps its first layers dense).
 
-    Balancing (switch router): ``aux_loss_weight`` times the Switch Transformer loss
+    Balancing (switch router; the hash router has none, ``aux_loss_weight`` is unused and the two
+    others must be 0 with it): ``aux_loss_weight`` times the Switch Transformer loss
     E * sum_e f_e P_e; ``bias_update_rate`` > 0 turns on DeepSeek-V3's auxiliary-loss-free
     balancing (a per-expert bias added to the scores for selection only, moved by that rate
     toward uniform load after each step); ``z_loss_weight`` times the router z-loss
@@ -121,6 +122,9 @@ class MoEConfig:
                             f"{self.router!r} and {self.score!r}")
         if self.router == "hash" and self.top_k > 2:
             problems.append(f"the hash router picks at most 2 experts: moe.top_k must be 1 or 2, got {self.top_k}")
+        if self.router == "hash" and (self.bias_update_rate or self.z_loss_weight):
+            problems.append(f"the hash router has no learned gate to balance: moe.bias_update_rate and z_loss_weight "
+                            f"must be 0 with it, got {self.bias_update_rate} and {self.z_loss_weight}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
 
