@@ -29,21 +29,26 @@ def expand_inputs(patterns: Sequence[str | Path], what: str) -> list[Path]:
     """The files named by ``patterns``, each a path or a glob pattern (``**`` recurses).
 
     Each pattern's matches are sorted; patterns keep their order and a file named twice is
-    kept once. A pattern that matches no file raises :class:`LLMKitError` naming ``what``
-    (the setting the patterns came from).
+    kept once (:func:`unique_paths`). A pattern that matches no file raises
+    :class:`LLMKitError` naming ``what`` (the setting the patterns came from).
     """
     files: list[Path] = []
-    seen: set[Path] = set()
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
             raise LLMKitError(f"{what}: {pattern!r} matches no file; check the path or pattern")
-        for path in matches:
-            if path not in seen:
-                seen.add(path)
-                files.append(path)
-    return files
+        files += matches
+    return unique_paths(files)
+
+
+def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """``paths`` in their order, each file or directory once however it is spelled (``run``,
+    ``./run``, ``x/../run``, a symlink to it), as it was first spelled."""
+    unique: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:

@@ -553,3 +553,6 @@ def test_consolidate_counts_a_run_given_twice_once(tmp_path, capsys):
     assert main(["consolidate", "--run", str(run), str(run / ".." / "run"), str(run), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"wrote {out}: 1 SDFT examples from 1 run(s), best reward 1\n"
     assert [json.loads(line)["run"] for line in out.read_text().splitlines()] == [str(run)]
+    from llmkit.discovery.consolidate import consolidate  # the Python function too
+
+    assert [e["run"] for e in consolidate([run, tmp_path / "." / "run"])] == [str(run)]

@@ -517,6 +517,8 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
         corpus_dir / "train_00000.txt",
         corpus_dir / "train_00001.txt",
     ]
+    alias = corpus_dir / ".." / corpus_dir.name / "val_00000.txt"  # one file, spelled two ways: read once
+    assert expand_inputs([str(corpus_dir / "val_00000.txt"), str(alias)], "--input") == [corpus_dir / "val_00000.txt"]
     with pytest.raises(LLMKitError, match=r"^data\.val_files: '.*\*\.nothing' matches no file"):
         expand_inputs([str(tmp_path / "*.nothing")], "data.val_files")
 

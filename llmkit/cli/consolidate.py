@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from llmkit.io import refuse_overwrite, write_jsonl_atomic
+from llmkit.io import refuse_overwrite, unique_paths, write_jsonl_atomic
 
 
 def consolidate(run: list[Path], out: Path, min_reward: float = -math.inf, top: int = 1) -> int:
@@ -21,10 +21,7 @@ def consolidate(run: list[Path], out: Path, min_reward: float = -math.inf, top: 
         min_reward: keep states scoring at least this.
         top: best states kept per run.
     """
-    unique: dict[Path, Path] = {}  # resolved path: the path as first given
-    for path in run:
-        unique.setdefault(path.resolve(), path)
-    runs = list(unique.values())
+    runs = unique_paths(run)
     inputs = {f"{name} of --run {path}": path / name for path in runs for name in ("result.json", "archive.json")}
     refuse_overwrite(out, "--out", inputs, "write the SDFT examples to another file")
 

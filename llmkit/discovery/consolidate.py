@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LLMKitError
-from llmkit.io import read_json
+from llmkit.io import read_json, unique_paths
 
 _RUN_HINT = "pass the output directory of a finished `llmkit ttt fit` run (was it interrupted?)"
 
 
 def consolidate(run_dirs: list[str | Path], min_reward: float = -math.inf, top: int = 1) -> list[dict[str, Any]]:
-    """SDFT examples from discovery runs (see the module docstring), best first within each run."""
+    """SDFT examples from discovery runs (see the module docstring), best first within each run; a
+    run given twice counts once."""
     if top < 1:
         raise LLMKitError(f"top must be >= 1, got {top}")
     if not run_dirs:
         raise LLMKitError("no discovery runs given: pass the output directories of `llmkit ttt fit` runs")
+    run_dirs = unique_paths(run_dirs)
     examples = []
-    for run in map(Path, run_dirs):
+    for run in run_dirs:
         result, archive = read_json(run / "result.json", _RUN_HINT), read_json(run / "archive.json", _RUN_HINT)
         try:
             prompt, problem, initial = result["prompt"], result["problem"], result["initial_reward"]
