@@ -218,8 +218,9 @@ def test_adapter_for_another_shape_names_the_key(tmp_path):
 def test_unreadable_adapter_files_name_the_path(tmp_path):
     model = base_model()
     missing = tmp_path / "missing.safetensors"
-    with pytest.raises(LLMKitError, match=re.escape(str(missing)) + ".*does not exist"):
-        load_lora(model, missing)
+    with pytest.raises(LLMKitError, match=re.escape(str(missing)) + " does not exist; pass a TTT-Discover run's "
+                                          r"adapters/step_N\.safetensors, or a file written by llmkit\.model"):
+        load_lora(model, missing)  # where adapters come from, in words a CLI user knows
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(LLMKitError, match=re.escape(str(garbage)) + ".*not a safetensors file"):

@@ -311,27 +311,31 @@ def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig, base_sha25
     return path
 
 
+_WRITTEN_BY = "a TTT-Discover run's adapters/step_N.safetensors, or a file written by llmkit.model.lora.save_lora"
+"""Where llmkit LoRA adapters come from, for the errors of :func:`read_lora`."""
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig, dict[str, str]]:
     """Read an adapter written by :func:`save_lora`: (tensors on CPU, config, metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise LLMKitError(f"LoRA adapter {path} does not exist; pass the .safetensors file written by save_lora")
+        raise LLMKitError(f"LoRA adapter {path} does not exist; pass {_WRITTEN_BY}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as e:
         raise LLMKitError(
-            f"cannot read LoRA adapter {path}: it is not a safetensors file ({e}); pass a file written by save_lora"
+            f"cannot read LoRA adapter {path}: it is not a safetensors file ({e}); pass {_WRITTEN_BY}"
         ) from None
     if metadata.get("format") != LORA_FORMAT:
         raise LLMKitError(
             f"{path} is not an llmkit LoRA adapter (metadata format {metadata.get('format')!r}, expected "
-            f"{LORA_FORMAT!r}); pass a file written by save_lora"
+            f"{LORA_FORMAT!r}); pass {_WRITTEN_BY}"
         )
     missing = [k for k in ("config", "base_sha256") if k not in metadata]
     if missing:
-        raise LLMKitError(f"LoRA adapter {path} lacks metadata {missing}; re-save it with save_lora")
+        raise LLMKitError(f"LoRA adapter {path} lacks metadata {missing}; pass {_WRITTEN_BY}")
     try:
         config = LoRAConfig.from_dict(json.loads(metadata["config"]))
     except (json.JSONDecodeError, TypeError, LLMKitError) as e:
@@ -339,7 +343,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig, di
     strays = [k for k in tensors if not k.endswith(LORA_SUFFIXES)]
     if strays:
         raise LLMKitError(
-            f"LoRA adapter {path} holds non-LoRA tensors such as {strays[0]!r}; re-save it with save_lora"
+            f"LoRA adapter {path} holds non-LoRA tensors such as {strays[0]!r}; pass {_WRITTEN_BY}"
         )
     return tensors, config, metadata
 
