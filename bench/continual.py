@@ -1,7 +1,7 @@
 """Does SDFT forget less than SFT? A miniature continual-learning experiment (SDFT paper §5).
 
-    python bench/continual.py                      # tiny model, stdlib corpus, CPU-sized (~30 min on 2 cores)
-    python bench/continual.py --model configs/model/120m.yaml --pretrain-steps 3000 --steps 300 \
+    python -m bench.continual                      # tiny model, stdlib corpus, CPU-sized (~30 min on 2 cores)
+    python -m bench.continual --model configs/model/120m.yaml --pretrain-steps 3000 --steps 300 \
         --batch-size 32 --precision bf16-mixed     # one GPU
 
 1. Pretrain the model on the default corpus mixed with task-format documents: for tasks A and
@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from bench.models import MODEL_HELP, model_name, model_yaml
 from llmkit.callbacks import EMATeacher, TokenThroughput
 from llmkit.data.corpus import DOC_SEPARATOR
 from llmkit.data.datamodule import PackedDataModule
@@ -91,7 +92,7 @@ def trainer(args: argparse.Namespace, steps: int, name: str, callbacks: list) ->
 
 
 def pretrain(args: argparse.Namespace, shards, mix_bin: Path) -> Path:
-    config = ModelConfig.from_yaml(args.model)
+    config = ModelConfig.from_yaml(model_yaml(args.model))
     config.vocab_size = shards.vocab_size
     L.seed_everything(args.seed, verbose=False)
     module = PretrainModule(config, OptimConfig(lr=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 20)))
@@ -149,7 +150,7 @@ def summarise(rows: list[dict], tasks: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--model", default="tiny", type=model_name, help=MODEL_HELP)
     p.add_argument("--tasks", nargs=2, default=["colors", "cities"], choices=TASKS, metavar="TASK",
                    help="task A then task B")
     p.add_argument("--pretrained", default=None, help="a checkpoint from an earlier run: skip pretraining")

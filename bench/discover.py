@@ -1,7 +1,7 @@
 """TTT-Discover vs best-of-N at the same sampling budget, on AC1 and Erdős minimum overlap.
 
-    python bench/discover.py                                   # demo model, CPU-sized (~10 minutes on 2 cores)
-    python bench/discover.py --ckpt BASE.ckpt --tokenizer TOK.model --steps 50 --starts 8 --group 64   # one GPU
+    python -m bench.discover                                   # demo model, CPU-sized (~10 minutes on 2 cores)
+    python -m bench.discover --ckpt BASE.ckpt --tokenizer TOK.model --steps 50 --starts 8 --group 64   # one GPU
 
 1. Format warm-up: the base model (default: `llmkit demo`'s, trained on code only) first learns
    the answer format with a short SFT run on the environment's prompts (as the loop builds

@@ -1,8 +1,8 @@
 """New tokens/s of the KV-cached sampler (eager and compiled) against re-forwarding the whole
 sequence for every new token.
 
-    python bench/generate.py --model configs/model/120m.yaml --batch-sizes 1 64        # GPU
-    python bench/generate.py --model configs/model/tiny.yaml --batch-sizes 1 64        # CPU
+    python -m bench.generate --model configs/model/120m.yaml --batch-sizes 1 64        # GPU
+    python -m bench.generate --model configs/model/tiny.yaml --batch-sizes 1 64        # CPU
 
 Random weights and random prompts of --prompt-len tokens (speed does not depend on what the
 model learned); no EOS, so every row generates --new-tokens tokens. Each mode runs once to
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.models import MODEL_HELP, model_name, model_yaml
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate, sample_tokens
@@ -52,7 +53,7 @@ def sync() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--model", default="tiny", type=model_name, help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, default=4)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--prompt-len", type=int, default=64)
@@ -65,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = replace(ModelConfig.from_yaml(args.model), n_streams=args.n_streams)
+    config = replace(ModelConfig.from_yaml(model_yaml(args.model)), n_streams=args.n_streams)
     torch.manual_seed(0)
     model = Transformer(config).to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

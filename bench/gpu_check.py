@@ -58,6 +58,7 @@ import torch
 import torch._dynamo
 
 from bench import targets
+from bench.models import MODEL_HELP, model_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -75,7 +76,7 @@ the first) starts only while elapsed < budget - this."""
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help="names in configs/model/ or YAML paths")
+    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4], help="include 1: ratios are against it")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
@@ -170,11 +171,6 @@ def attempt(errors: list[dict], where: dict, run: Callable[..., T], *args: Any) 
         errors.append({**where, "error": error_text(e)})
         release_memory()
         return None
-
-
-def model_yaml(name: str) -> Path:
-    """The YAML behind a --models entry, as bench.throughput.model_config resolves it."""
-    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / f"configs/model/{name}.yaml"
 
 
 def bench_namespace(args: argparse.Namespace, name: str) -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """Peak training memory of a model config without a GPU: one eager training step (forward, backward,
 AdamW) on fake tensors, its live tensor bytes tracked by category, n = 1 beside n = 4.
 
-    python bench/memory_estimate.py                              # 120m and 350m, seq 1024, batch 16
-    python bench/memory_estimate.py --models 900m --batch-size 8 --checkpointing on
+    python -m bench.memory_estimate                              # 120m and 350m, seq 1024, batch 16
+    python -m bench.memory_estimate --models 900m --batch-size 8 --checkpointing on
 
 Each (model, n) runs under ``torch._subclasses.FakeTensorMode`` (shapes and dtypes, no storage, no
 arithmetic: seconds on a CPU) inside ``torch.distributed._tools.mem_tracker.MemTracker``, which
@@ -29,6 +29,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from bench.models import MODEL_HELP
 from bench.throughput import model_config
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
@@ -64,7 +65,7 @@ def peak_bytes(config: ModelConfig, seq_len: int, batch_size: int, precision: st
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help="names in configs/model/ or YAML paths")
+    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4], help="include 1: ratios are against it")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)

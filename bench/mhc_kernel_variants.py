@@ -1,9 +1,9 @@
 """Each mHC Triton kernel alone at a training shape, in the variants worth choosing between on a GPU:
 time, achieved bandwidth and error against fp64.
 
-    python bench/mhc_kernel_variants.py                    # CUDA: n = 4, C = 768, 16k tokens, bf16 stream
-    python bench/mhc_kernel_variants.py --d-model 1024     # the 350m width
-    TRITON_INTERPRET=1 python bench/mhc_kernel_variants.py --tokens 32 --d-model 16 --dtype fp32  # CPU: errors only
+    python -m bench.mhc_kernel_variants                    # CUDA: n = 4, C = 768, 16k tokens, bf16 stream
+    python -m bench.mhc_kernel_variants --d-model 1024     # the 350m width
+    TRITON_INTERPRET=1 python -m bench.mhc_kernel_variants --tokens 32 --d-model 16 --dtype fp32  # CPU: errors only
 
 The variants are module-level settings of llmkit/model/mhc_triton.py, each set for one kernel
 while it runs ("*" marks the setting in force):

@@ -1,8 +1,8 @@
 """What torch.compile makes of one transformer block: generated kernels and library calls,
 forward and backward, for the mHC block and the dense block.
 
-    python bench/mhc_kernels.py                                  # the tiny shape, any device
-    python bench/mhc_kernels.py --model configs/model/350m.yaml --seq-len 1024
+    python -m bench.mhc_kernels                                  # the tiny shape, any device
+    python -m bench.mhc_kernels --model configs/model/350m.yaml --seq-len 1024
 
 Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); library calls are
 ``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. The C++ backend fuses outer loops
@@ -32,6 +32,7 @@ import torch._dynamo
 import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 
+from bench.models import MODEL_HELP, model_name, model_yaml
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.mhc import finish
@@ -73,7 +74,7 @@ def compile_block(config: ModelConfig, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--model", default="tiny", type=model_name, help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
@@ -81,7 +82,7 @@ def main() -> None:
     args = p.parse_args()
     torch._inductor.config.fx_graph_cache = False
 
-    base = ModelConfig.from_yaml(args.model)
+    base = ModelConfig.from_yaml(model_yaml(args.model))
     variants = {
         "dense (n=1)": replace(base, n_streams=1),
         f"mHC (n={args.n_streams})": replace(base, n_streams=args.n_streams),

@@ -1,7 +1,7 @@
 """llmkit's mHC ops beside liger-kernel's (``liger_kernel.ops.mhc``) at one shape: math, saved state, speed.
 
-    python bench/mhc_liger.py                       # CUDA: n = 4, C = 768, 16k tokens, bf16 stream
-    TRITON_INTERPRET=1 python bench/mhc_liger.py    # CPU: sections 1 and 2 at a tiny shape (fp32)
+    python -m bench.mhc_liger                       # CUDA: n = 4, C = 768, 16k tokens, bf16 stream
+    TRITON_INTERPRET=1 python -m bench.mhc_liger    # CPU: sections 1 and 2 at a tiny shape (fp32)
 
 liger-kernel is not an llmkit dependency: ``pip install liger-kernel`` (0.8.5 has the mHC ops), or
 unpack its wheel somewhere on PYTHONPATH (bench/gpu_check.sh adds ``.cache/liger`` when it exists).

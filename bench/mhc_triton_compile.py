@@ -1,7 +1,7 @@
 """Compile every mHC Triton kernel for an NVIDIA GPU without one, and show what each costs on chip.
 
-    python bench/mhc_triton_compile.py                          # sm_90 (H100/H200), the 120m shape
-    python bench/mhc_triton_compile.py --arch 80 --d-model 1024  # A100, the 350m width
+    python -m bench.mhc_triton_compile                          # sm_90 (H100/H200), the 120m shape
+    python -m bench.mhc_triton_compile --arch 80 --d-model 1024  # A100, the 350m width
 
 Each wrapper of llmkit/model/mhc_triton.py runs once on CPU tensors of the given shape with its
 kernel launches recorded instead of run; every recorded launch (its arguments, constexprs,

@@ -1,10 +1,10 @@
 """Does mHC learn better here? Does Muon, MoE, MLA? Equal-token pretraining of backbone variants
 and optimizers, several seeds.
 
-    python bench/quality.py                                   # tiny model, stdlib corpus, CPU-sized
-    python bench/quality.py --variants dense n4_split --optimizers adamw muon   # AdamW vs Muon
-    python bench/quality.py --variants dense moe mla n4_split moe_n4 mla_n4      # MoE and MLA, +- mHC
-    python bench/quality.py --model configs/model/120m.yaml --source site-packages \
+    python -m bench.quality                                   # tiny model, stdlib corpus, CPU-sized
+    python -m bench.quality --variants dense n4_split --optimizers adamw muon   # AdamW vs Muon
+    python -m bench.quality --variants dense moe mla n4_split moe_n4 mla_n4      # MoE and MLA, +- mHC
+    python -m bench.quality --model configs/model/120m.yaml --source site-packages \
         --tokens 50_000_000 --seq-len 1024 --batch-size 16 --lr 6e-4 --seeds 0 1   # one GPU
 
 Every variant trains through the real PretrainModule and Trainer on the same shards, for the
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from bench.models import MODEL_HELP, model_name, model_yaml
 from llmkit.callbacks import MHCMonitor
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.packing import open_shard
@@ -159,7 +160,7 @@ def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/model/tiny.yaml")
+    p.add_argument("--model", default="tiny", type=model_name, help=MODEL_HELP)
     p.add_argument("--variants", nargs="+", default=["dense", "n4_split", "n4_copy"], choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     shards = build_corpus_shards(Path(args.work), args.source, args.vocab_size, args.max_files)
     bpt = bytes_per_token(shards.val, Tokenizer(shards.tokenizer))
-    base = ModelConfig.from_yaml(args.model)
+    base = ModelConfig.from_yaml(model_yaml(args.model))
     runs = []
     for seed in args.seeds:
         for name in args.variants:

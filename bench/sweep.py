@@ -1,8 +1,8 @@
 """A scaling sweep: a grid of model sizes x token budgets, each run's logs ready for `llmkit scaling fit`.
 
-    python bench/sweep.py                                 # 2 widths x 2 depths x 3 budgets, CPU, minutes
+    python -m bench.sweep                                 # 2 widths x 2 depths x 3 budgets, CPU, minutes
     llmkit scaling fit --runs lightning_logs/bench/sweep/runs --plot sweep.png
-    python bench/sweep.py --d-models 256 512 --n-layers 4 8 --tokens 5_000_000 20_000_000 \
+    python -m bench.sweep --d-models 256 512 --n-layers 4 8 --tokens 5_000_000 20_000_000 \
         --seq-len 512 --batch-size 32 --vocab-size 8192 --source site-packages --max-files 5000   # one GPU
 
 Every run trains a model of the tiny family (4 heads, SwiGLU of 2.75 d, ``--n-streams``

@@ -1,8 +1,8 @@
 """Training throughput of the backbone, mHC (n_streams = n) against the dense residual (n = 1).
 
-    python bench/throughput.py                                   # GPU: 120m and 350m, seq 1024, n = 1 and 4
-    python bench/throughput.py --models 900m --batch-size 8      # the 900m target (checkpointing on)
-    python bench/throughput.py --models tiny --seq-len 256 --batch-size 8 --steps 5   # CPU smoke run
+    python -m bench.throughput                                   # GPU: 120m and 350m, seq 1024, n = 1 and 4
+    python -m bench.throughput --models 900m --batch-size 8      # the 900m target (checkpointing on)
+    python -m bench.throughput --models tiny --seq-len 256 --batch-size 8 --steps 5   # CPU smoke run
 
 Each (model, n, mode) runs --warmup + --steps optimizer steps on random tokens (the data
 pipeline is not what is measured):
@@ -43,6 +43,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
 from bench import targets
+from bench.models import MODEL_HELP, model_yaml
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
@@ -95,8 +96,7 @@ class StepTimer(L.Callback):
 
 
 def model_config(name: str, n_streams: int, args: argparse.Namespace) -> ModelConfig:
-    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(__file__).parents[1] / f"configs/model/{name}.yaml"
-    base = ModelConfig.from_yaml(path)
+    base = ModelConfig.from_yaml(model_yaml(name))
     checkpointing = base.gradient_checkpointing if args.checkpointing == "config" else args.checkpointing == "on"
     bf16_residual = base.bf16_residual if args.bf16_residual == "config" else args.bf16_residual == "on"
     return replace(
@@ -241,7 +241,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help="names in configs/model/ or YAML paths")
+    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=["trainer", "bare"], default=["trainer", "bare"])
     p.add_argument("--seq-len", type=int, default=1024)

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,18 @@ def test_token_throughput_fills_the_peak_lightning_lacks(monkeypatch):
     monitor.setup(trainer, None, TrainerFn.FITTING)
     assert monitor.available_flops == 989e12
     assert {t.available_flops for t in monitor._throughputs.values()} == {989e12}
+
+
+
+def test_every_benchmark_takes_a_model_by_name_or_yaml_path():
+    from bench.models import CONFIGS, model_name, model_yaml
+
+    assert model_yaml("tiny") == CONFIGS / "tiny.yaml" and model_yaml("my/model.yml") == Path("my/model.yml")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'tiy': no such model; give a name in configs/model/ "
+                                                         r"\(.*\btiny\b.*\) or a YAML path"):
+        model_yaml("tiy")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=model_name)
+    assert parser.parse_args(["--model", "120m"]).model == "120m"  # as given, for the tables and JSON
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "tiy"])
