@@ -260,7 +260,7 @@ class LLMKitCLI(LightningCLI):
         ``trainer.default_root_dir``). A validation's metrics land at the checkpoint's step (the
         modules log it as ``step``). A resume hides what the run logged from the checkpoint's step
         on (TensorBoard's ``purge_step``: those steps are trained again) and saves its config as
-        ``resume_step_N_config.yaml`` beside the run's ``config.yaml``, never over it."""
+        ``resume_step_S_config.yaml`` (S: the checkpoint's step) beside the run's ``config.yaml``."""
         subcommand = self.config.get("subcommand")
         if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
             torch.set_float32_matmul_precision(precision)
