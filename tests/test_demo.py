@@ -1,11 +1,14 @@
 """`llmkit demo` end to end on a slice of the stdlib corpus (about half a minute on CPU)."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmkit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -38,15 +41,20 @@ def test_demo_runs_end_to_end_and_learns(tmp_path, capsys):
         float, re.search(r"val loss \(nats/token\): ([\d.]+) before -> ([\d.]+) after", printed).groups()
     )
     assert after < before - 0.5
-    assert (tmp_path / "logs" / "demo" / "version_0" / "checkpoints" / "last.ckpt").is_file()
-    assert (out / "data" / "train.bin.json").is_file()
-    assert list((tmp_path / "logs" / "demo").rglob("events.out.tfevents.*"))
-    assert "TensorBoard: tensorboard --logdir" in printed
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "data" / "train.bin.json").is_file()
+    assert list((tmp_path / "logs" / "demo" / "version_0").glob("events.out.tfevents.*"))
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'demo' / 'version_0'}" in printed
+    # every file of the demo's that a config or a benchmark names by default is where the demo wrote it
+    named = {m for f in [*REPO.glob("configs/**/*.yaml"), *REPO.glob("bench/*.py")]
+             for m in re.findall(r"lightning_logs/demo/[\w./-]+", f.read_text())}
+    assert "lightning_logs/demo/checkpoints/last.ckpt" in named
+    assert [m for m in sorted(named) if not (out / m.removeprefix("lightning_logs/demo/")).is_file()] == []
 
-    # a rerun in the same place samples its own checkpoint (Lightning named a second one last-v1.ckpt)
+    # a rerun in the same place replaces the checkpoint and samples its own (Lightning named a second one
+    # last-v1.ckpt and the demo sampled the first)
     assert main(["demo", "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--max-files", "150",
                  "--max-steps", "2", "--vocab-size", "1024", "--seq-len", "64", "--batch-size", "8",
                  "--val-windows", "8"]) == 0
-    rerun = tmp_path / "logs" / "demo" / "version_1" / "checkpoints" / "last.ckpt"
-    assert f"sample from {rerun}" in capsys.readouterr().out
-    assert torch.load(rerun, weights_only=True)["global_step"] == 2
+    assert f"sample from {out / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -99,7 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         vocab_size=model_cfg.vocab_size,
     )
     logger = TensorBoardLogger(cfg.log_dir, name="demo", default_hp_metric=False)
-    ckpt_dir = Path(logger.log_dir) / "checkpoints"  # the run's own: a rerun never samples an earlier run's
+    ckpt_dir = out / "checkpoints"  # where configs/{sdft,sft,ttt} look for it; a rerun replaces it, and samples it
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
         accelerator="auto",
@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         gradient_clip_val=1.0,
         logger=logger,
-        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
+        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0, enable_version_counter=False)],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=max(1, cfg.max_steps // 4),
         check_val_every_n_epoch=None,
