@@ -400,20 +400,21 @@ def test_a_checkpoint_of_another_module_says_which_command_reads_it(sdft_run, tr
 
 @pytest.mark.parametrize("config_given", [True, False])
 def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards, tmp_path, caplog, recwarn):
-    """With the run's config or none: one TensorBoard run whose curves continue, what the first run
-    logged after the checkpoint hidden (those steps are trained again), the resume's config beside the
-    run's."""
+    """With the run's config or none: one TensorBoard run whose curves continue. The first run went past
+    its step-2 checkpoint to step 4; the resume hides what it logged after step 2 (trained again) and
+    keeps a validation of the checkpoint (logged at 2); the resume's config goes beside the run's."""
     config = yaml.safe_load(write_tensorboard_config(tmp_path, shards, 4).read_text())
     config["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = -1  # keep the step-2 checkpoint
     (tmp_path / "tb.yaml").write_text(yaml.safe_dump(config))
     every_step = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2"]
     assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml"), *every_step]) == 0
     run = tmp_path / "tb" / "run" / "version_0"
+    step_2 = str(run / "checkpoints" / "epoch=0-step=2.ckpt")
     first_config = (run / "config.yaml").read_text()
     given = ["--config", str(tmp_path / "tb.yaml")] if config_given else ["--trainer.enable_progress_bar", "false"]
+    assert main(["pretrain", "validate", *given, "--ckpt_path", step_2]) == 0
     with caplog.at_level("INFO"):
-        assert main(["pretrain", "fit", *given, *every_step, "--trainer.max_steps", "6",
-                     "--ckpt_path", str(run / "checkpoints" / "epoch=0-step=2.ckpt")]) == 0
+        assert main(["pretrain", "fit", *given, *every_step, "--trainer.max_steps", "6", "--ckpt_path", step_2]) == 0
     assert f"logs: {run}" in caplog.text
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # it holds the run continued
     assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
@@ -423,5 +424,11 @@ def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards,
 
     events = EventAccumulator(str(run))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]  # the first run's 2 and 3 hidden
-    assert [e.step for e in events.Scalars("val/loss")] == [1, 3, 5]
+    # train/loss at x logs batch x + 1: the first run's 2 (its third batch) stays beside the resume's, its 3 goes
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 2, 3, 4, 5]
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3, 5]  # fit's at 1 and 3 (Lightning's x) ...
+    # ... and the validate's at 2; a resume with nothing to train hides nothing
+    assert main(["pretrain", "fit", *given, "--trainer.max_steps", "2", "--ckpt_path", step_2]) == 0
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3, 5]

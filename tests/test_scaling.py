@@ -162,6 +162,8 @@ def test_the_flops_window_comes_from_config_yaml_then_hparams_then_the_context(
 @pytest.mark.parametrize("make, loss, message", [
     (lambda d: d.mkdir(), "final", "no TensorBoard event files (events.out.tfevents.*)"),
     (lambda d: write_run(d, None, [(3, 512.0)]), "final", "no val/loss scalar in its TensorBoard events"),
+    (lambda d: (write_run(d, [(3, 5.0)], [(3, 512.0)]), SummaryWriter(str(d), purge_step=0).close()), "final",
+     "no val/loss scalar in its TensorBoard events"),  # the tag is there, its points hidden by a resume's purge
     (lambda d: write_run(d, [(3, 5.0), (7, math.nan)], [(3, 512.0)]), "final",
      "the final val/loss (step 7) is nan: the run diverged"),
     (lambda d: write_run(d, [(3, math.nan), (7, math.inf)], [(3, 512.0)]), "best", "every val/loss is non-finite"),

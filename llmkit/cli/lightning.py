@@ -258,8 +258,9 @@ class LLMKitCLI(LightningCLI):
         run, not into a new version: with the config's TensorBoardLogger when it logs to
         ``SAVE_DIR/NAME``, and with Lightning's default logger (none configured, no
         ``trainer.default_root_dir``). A validation's metrics land at the checkpoint's step (the
-        modules log it as ``step``). A resume hides what the run logged from the checkpoint's step
-        on (TensorBoard's ``purge_step``: those steps are trained again) and saves its config as
+        modules log it as ``step``). A resume that trains hides what the run logged after the
+        checkpoint's step S (TensorBoard's ``purge_step``: those steps are trained again; a
+        validation of the checkpoint, logged at S, stays) and saves its config as
         ``resume_step_S_config.yaml`` (S: the checkpoint's step) beside the run's ``config.yaml``."""
         subcommand = self.config.get("subcommand")
         if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
@@ -270,7 +271,9 @@ class LLMKitCLI(LightningCLI):
         run = Path(ckpt_path).resolve().parent.parent
         logger = self._log_into_run(subcommand, run)
         if logger is not None and subcommand == "fit" and self.ckpt_step is not None:
-            logger.init_args.purge_step = self.ckpt_step
+            max_steps = self.config[subcommand].trainer.get("max_steps")
+            if max_steps is None or max_steps < 0 or max_steps > self.ckpt_step:  # it trains: steps past S again
+                logger.init_args.purge_step = self.ckpt_step + 1
             self.save_config_kwargs = {**self.save_config_kwargs,
                                        "config_filename": f"resume_step_{self.ckpt_step}_config.yaml"}
             checkpoints = re.escape(str(Path(run.parent.name, run.name, "checkpoints")))  # the run it continues

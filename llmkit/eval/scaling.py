@@ -181,17 +181,18 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    if "val/loss" not in scalars:
+    val = [(e.step, e.value) for e in events.Scalars("val/loss")] if "val/loss" in scalars else []
+    if not val:  # a tag whose points a resume's purge_step hid has none left
         raise LLMKitError(
             f"run {run}: no val/loss scalar in its TensorBoard events, so it never validated; give it val_files "
             "and let it reach a validation (val_check_interval), or leave it out"
         )
-    if "train/tokens" not in scalars:
+    tokens_logged = events.Scalars("train/tokens") if "train/tokens" in scalars else []
+    if not tokens_logged:
         raise LLMKitError(
             f"run {run}: no train/tokens scalar in its TensorBoard events (PretrainModule logs it every "
             "log_every_n_steps steps); train it with llmkit's PretrainModule for more steps, or leave it out"
         )
-    val = [(e.step, e.value) for e in events.Scalars("val/loss")]
     if loss == "final":
         step = max(s for s, _ in val)
         value = [v for s, v in val if s == step][-1]  # a step validated twice: its last value
@@ -206,7 +207,7 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
             raise LLMKitError(f"run {run}: every val/loss is non-finite: the run diverged; leave it out")
         step, value = min(finite, key=lambda e: e[1])
     logged: dict[int, float] = {}
-    for e in events.Scalars("train/tokens"):
+    for e in tokens_logged:
         logged[e.step] = e.value  # a step logged twice keeps its last value
     steps = np.array(sorted(logged), dtype=float)
     tokens = _tokens_at(step, steps, np.array([logged[s] for s in sorted(logged)]))
