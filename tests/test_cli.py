@@ -556,3 +556,15 @@ def test_consolidate_counts_a_run_given_twice_once(tmp_path, capsys):
     from llmkit.discovery.consolidate import consolidate  # the Python function too
 
     assert [e["run"] for e in consolidate([run, tmp_path / "." / "run"])] == [str(run)]
+
+
+def test_an_error_on_a_rank_above_0_says_which_rank(tmp_path, capsys, monkeypatch):
+    """Every rank of a distributed run reports its own error: the copies are told apart."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    args = ["consolidate", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "out.jsonl")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith(f"llmkit: error: {tmp_path / 'missing'}")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith(f"llmkit: error (rank 1): {tmp_path / 'missing'}")

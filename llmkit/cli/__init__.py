@@ -55,6 +55,14 @@ def lightning_usage(name: str) -> str:
     )
 
 
+def error_prefix() -> str:
+    """``llmkit: error: ``, naming the rank on the ranks above 0 of a distributed run, where every
+    rank reports its own error: ``llmkit: error (rank 1): ``."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")  # not loaded: one process
+    rank = rank_zero.rank_zero_only.rank if rank_zero is not None else 0
+    return f"llmkit: error (rank {rank}): " if rank else "llmkit: error: "
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return call_command(args._command, args)
     except LLMKitError as e:
-        print(f"llmkit: error: {e}", file=sys.stderr)
+        print(f"{error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("llmkit: interrupted", file=sys.stderr)
