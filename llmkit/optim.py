@@ -235,6 +235,11 @@ def clip_grad_norm(module: L.LightningModule, optimizer: Any, max_norm: float) -
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
 
+MAX_EMPTY_WINDOWS = 10
+"""Accumulation windows in a row without a real token after which :class:`TokenMeanAccumulator`
+stops the run: each is skipped without an optimizer step, so ``max_steps`` would never come."""
+
+
 @dataclass
 class StepStats:
     """What one optimizer step of :class:`TokenMeanAccumulator` saw: the mean loss per real token
@@ -254,7 +259,8 @@ class TokenMeanAccumulator:
     size, since DDP averages gradients over ranks), clips them to ``gradient_clip_val``, and steps
     the optimizer and the LR scheduler. So the loss is a mean per real token however a step's
     tokens are split into micro-batches and ranks, the normalisation peer trainers get wrong.
-    A step with no real token anywhere is skipped with a warning.
+    A step with no real token anywhere is skipped with a warning; :data:`MAX_EMPTY_WINDOWS` in a
+    row stop the run with an :class:`LLMKitError`.
 
     Under DDP the backward of every micro-batch but a step's last runs in the strategy's
     ``block_backward_sync`` (DDP's ``no_sync``): gradients accumulate locally and are all-reduced
@@ -274,6 +280,7 @@ class TokenMeanAccumulator:
         self._loss_sum = 0.0
         self._tokens = 0
         self._micro_batches = 0
+        self._empty_windows = 0  # accumulation windows in a row without a real token
 
     def backward(self, total: torch.Tensor, count: int, last: bool = False) -> StepStats | None:
         """Backward of one micro-batch's summed loss; returns the step's statistics when this
@@ -297,14 +304,23 @@ class TokenMeanAccumulator:
                                 reduce_op="sum"))
         self._loss_sum, self._tokens, self._micro_batches = 0.0, 0, 0
         if tokens == 0:
-            rank_zero_warn(f"step {module.global_step}: no real tokens in the accumulated batches; skipping the update")
             optimizer.zero_grad(set_to_none=True)
+            self._empty_windows += 1
+            if self._empty_windows >= MAX_EMPTY_WINDOWS:  # global_step stands still: max_steps is never reached
+                raise LLMKitError(
+                    f"step {module.global_step}: {self._empty_windows} accumulation windows in a row had no real token "
+                    "to learn from, so training makes no progress; check the data (empty demonstrations or "
+                    "completions) and the settings that drop tokens (sdft.skip_first against sdft.max_new_tokens)"
+                )
+            rank_zero_warn(f"step {module.global_step}: no real tokens in the accumulated batches; skipping the update")
             return None
+        self._empty_windows = 0
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, module.trainer.world_size / tokens)
         if self.gradient_clip_val is not None:
             clip_grad_norm(module, optimizer, self.gradient_clip_val)
+        lr = optimizer.param_groups[0]["lr"]  # the step's, before the scheduler moves it on
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        return StepStats(loss=loss_sum / tokens, tokens=tokens, lr=optimizer.param_groups[0]["lr"])
+        return StepStats(loss=loss_sum / tokens, tokens=tokens, lr=lr)

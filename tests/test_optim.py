@@ -138,3 +138,31 @@ def test_every_module_takes_muon(tmp_path, tokenizer_path):
         optimizer = module.configure_optimizers()["optimizer"]
         # SFT trains every weight: Muon takes the hidden matrices; TTT trains LoRA factors only: AdamW alone
         assert isinstance(optimizer, MuonAdamW if isinstance(module, SFTModule) else torch.optim.AdamW)
+
+
+def accumulator_module(weight: torch.nn.Parameter, optimizer: torch.optim.Optimizer, scheduler):
+    """The little of a LightningModule :class:`TokenMeanAccumulator` uses, on one process."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        device=torch.device("cpu"), global_step=0, parameters=lambda: [weight], manual_backward=lambda l: l.backward(),
+        optimizers=lambda: optimizer, lr_schedulers=lambda: scheduler,
+        trainer=SimpleNamespace(world_size=1, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+                                precision="32-true"))
+
+
+def test_the_accumulator_reports_the_lr_it_stepped_with_and_stops_a_run_that_never_steps():
+    from llmkit.optim import MAX_EMPTY_WINDOWS, TokenMeanAccumulator
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    accumulator = TokenMeanAccumulator(accumulator_module(weight, optimizer, scheduler))
+    stats = accumulator.backward((weight * 2).sum(), 2)
+    assert stats.lr == 1.0 and optimizer.param_groups[0]["lr"] == 0.5  # the step's lr, not the next one's
+    for _ in range(MAX_EMPTY_WINDOWS - 1):  # skipped with a warning: no token, no optimizer step
+        with pytest.warns(UserWarning, match="no real tokens"):
+            assert accumulator.backward((weight * 0).sum(), 0) is None
+    with pytest.raises(LLMKitError, match=f"{MAX_EMPTY_WINDOWS} accumulation windows in a row had no real token"):
+        accumulator.backward((weight * 0).sum(), 0)
+    assert accumulator.backward((weight * 2).sum(), 2).lr == 0.5  # a window with tokens starts the count again

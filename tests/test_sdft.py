@@ -364,3 +364,11 @@ def test_the_divergence_is_that_of_the_tempered_distributions_y_was_sampled_from
     module.loss_sum(data.train_examples[:2], "val", 0)
     student, teacher = seen["logits"]
     assert torch.allclose(seen["divergence"][0], student / 0.5) and torch.allclose(seen["divergence"][1], teacher / 0.5)
+
+
+def test_skip_first_must_leave_a_completion_token_to_learn_from():
+    from llmkit.modules.sdft import SDFTConfig
+
+    with pytest.raises(LLMKitError, match=r"sdft.skip_first must be >= 0 and below sdft.max_new_tokens \(3\), got 3"):
+        SDFTConfig(max_new_tokens=3, skip_first=3)  # no token left: every step skipped, max_steps never reached
+    assert SDFTConfig(max_new_tokens=3, skip_first=2).skip_first == 2

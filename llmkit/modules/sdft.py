@@ -79,8 +79,9 @@ class SDFTConfig:
             raise LLMKitError(f"sdft.alpha must be in [0, 1] (1 = reverse KL, 0 = forward KL), got {self.alpha}")
         if self.top_k is not None and self.top_k < 2:
             raise LLMKitError(f"sdft.top_k must be >= 2 or null (full vocabulary), got {self.top_k}")
-        if self.skip_first < 0:
-            raise LLMKitError(f"sdft.skip_first must be >= 0, got {self.skip_first}")
+        if not 0 <= self.skip_first < self.max_new_tokens:  # else no completion token is ever learned from
+            raise LLMKitError(f"sdft.skip_first must be >= 0 and below sdft.max_new_tokens ({self.max_new_tokens}), "
+                              f"got {self.skip_first}")
         if self.temperature <= 0:
             raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
         self.sampling()  # checks max_new_tokens, top-k and top-p
