@@ -225,6 +225,21 @@ def test_scoring_is_differentiable_and_ignores_padding():
     assert torch.allclose(alone[0], scored[1], atol=ATOL)
 
 
+def test_rows_that_each_fit_the_window_score_together_whatever_their_mix():
+    """One row with a long context, one with a long continuation: 40 + 40 columns, more than the
+    window of 64, though each row (40 + 3, 3 + 40) fits. Each row scores as it does alone."""
+    model = model_for(4)
+    contexts, continuations = [list(range(1, 41)), [7, 8, 9]], [[5, 6, 7], list(range(10, 50))]
+    scored, mask = sequence_logprobs(model, contexts, continuations)
+    for row in range(2):
+        alone, _ = sequence_logprobs(model, contexts[row : row + 1], continuations[row : row + 1])
+        n = len(continuations[row])
+        assert mask[row].sum() == n and torch.allclose(alone[0, :n], scored[row, :n], atol=ATOL)
+    with pytest.raises(LLMKitError, match=r"^row 1: context \(30\) \+ continuation \(40\) tokens exceed the model's "
+                                          r"max_seq_len 64"):
+        sequence_logprobs(model, [[1], [2] * 30], [[3], list(range(10, 50))])
+
+
 def test_bad_inputs_are_clear_errors():
     model = model_for(1)
     with pytest.raises(LLMKitError, match="context window max_seq_len 64"):

@@ -304,19 +304,24 @@ def continuation_logits(
     (logits [B, L, V], targets [B, L], mask [B, L]); mask is True on real continuation
     tokens (an EOS among them included) and is built from the lengths, never by comparing
     ids with pad_id, so pad_id == eos_id cannot hide an EOS. Differentiable.
+
+    Each row's context + continuation must fit the model's window; the batch's P + L need not
+    (a long context in one row, a long continuation in another): the padding after a short
+    continuation, which no real token attends to, takes the window's last position.
     """
     if len(contexts) != len(continuations):
         raise LLMKitError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    window = model.config.max_seq_len
+    for row, (context, continuation) in enumerate(zip(contexts, continuations, strict=True)):
+        if len(context) + len(continuation) > window:
+            raise LLMKitError(f"row {row}: context ({len(context)}) + continuation ({len(continuation)}) tokens "
+                              f"exceed the model's max_seq_len {window}")
     device = next(model.parameters()).device
     ctx, pad = left_pad(contexts, pad_id, device)
     B, P = ctx.shape
     L = max((len(c) for c in continuations), default=0)
     if L == 0:
         raise LLMKitError("every continuation is empty: nothing to score")
-    if P + L > model.config.max_seq_len:
-        raise LLMKitError(
-            f"context ({P}) + continuation ({L}) tokens exceed the model's max_seq_len {model.config.max_seq_len}"
-        )
     cont = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.bool)
     for row, seq in enumerate(continuations):
@@ -325,7 +330,8 @@ def continuation_logits(
     cont, mask = cont.to(device), mask.to(device)
     ids = torch.cat([ctx, cont], dim=1)
     cols = torch.arange(P + L, device=device)
-    logits = model(ids, _positions(pad, cols), padded_attention_mask(pad, cols, P + L))
+    positions = _positions(pad, cols).clamp(max=window - 1)
+    logits = model(ids, positions, padded_attention_mask(pad, cols, P + L))
     return logits[:, P - 1 : P + L - 1], cont, mask
 
 
