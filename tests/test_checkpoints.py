@@ -238,7 +238,7 @@ def test_sdft_validate_applies_evaluation_overrides_and_needs_no_init_ckpt(sdft_
                  "--model.init_ckpt", str(tmp_path / "moved_away.ckpt"),
                  "--model.evaluation.probes", str(other_probes), "--model.evaluation.max_windows", "3",
                  "--trainer.default_root_dir", str(tmp_path / "val")]) == 0
-    report = json.loads(next((tmp_path / "val").rglob("step_*.json")).read_text())
+    report = json.loads(next((tmp_path / "val").rglob("validate_step_*.json")).read_text())
     assert [r["name"] for r in report["probes"]["results"]] == ["other-0", "other-1"]
     assert report["perplexity"]["windows"] == 3
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llmkit.data.packing import open_shard
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.eval import Probe, evaluate, evaluate_perplexity, read_probes, score_probes
+from llmkit.eval import EvalConfig, Probe, evaluate, evaluate_perplexity, read_probes, score_probes
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate
@@ -150,3 +150,10 @@ def test_report_combines_both_sections_and_is_written_atomically(model, tokenize
         evaluate(model, tokenizer, None, None, seq_len=32)
     with pytest.raises(LLMKitError, match="probes need the model's tokenizer"):
         evaluate(model, None, None, probes)
+
+
+def test_an_eval_config_takes_one_probe_file():
+    """A list (as ppl_files takes) is refused when built, not deep in the first evaluation."""
+    with pytest.raises(LLMKitError, match=r"evaluation.probes takes one probe JSONL file, got \['a.jsonl'\]"):
+        EvalConfig(probes=["a.jsonl"])
+    assert EvalConfig(probes="a.jsonl", ppl_files="v.bin").ppl_files == ["v.bin"]

@@ -412,6 +412,31 @@ def test_ttt_renders_the_environment_context_through_the_chat_template(padded_ck
     assert sampled.value.args[0] == [tok.encode(tok.render_chat(prompt))] * 3
 
 
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_the_gate_scores_probes_through_the_chat_template_as_the_module_trains(chat_template, padded_ckpt, model_dir,
+                                                                             tok, tmp_path, monkeypatch):
+    """Probes are prompts like the training ones: rendered through the template when the module's are."""
+    from llmkit.callbacks import RegressionGate
+
+    class Sampled(Exception):
+        """Stops the evaluation once the probe sampler has its contexts."""
+
+    def sampler(model, contexts, *args, **kwargs):
+        raise Sampled(contexts)
+
+    monkeypatch.setattr("llmkit.eval.probes.generate", sampler)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"name": "sum", "prompt": "What is 2 + 3?", "expect_substring": "5"}) + "\n")
+    module = SFTModule(str(padded_ckpt), str(model_dir), chat_template=chat_template)
+    gate = RegressionGate(evaluation={"probes": str(probes)})  # an EvalConfig's dict, as YAML gives it
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    gate.setup(trainer, module, "fit")
+    with pytest.raises(Sampled) as sampled:
+        gate._evaluate(trainer, module)
+    prompt = tok.render_chat("What is 2 + 3?") if chat_template else "What is 2 + 3?"
+    assert sampled.value.args[0] == [tok.encode(prompt)]
+
+
 def test_chat_template_without_a_template_is_a_one_line_error_at_setup(tokenizer_path, raw_json, ids, tmp_path):
     sp_ckpt = save_backbone(tmp_path / "sp.ckpt", VOCAB_SIZE)
     no_template = write_model_dir(tmp_path / "plain", raw_json, config={"eos_token_id": ids["</s>"]})

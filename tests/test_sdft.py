@@ -338,7 +338,7 @@ def test_cli_fit_validate_and_generate(command, base_ckpt, tokenizer_path, examp
                  "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
     assert ("val/divergence" if command == "sdft" else "val/loss") in out and "val/ppl" in out
-    assert list((tmp_path / "val").rglob("eval/step_000003.json"))
+    assert list((tmp_path / "val").rglob("eval/validate_step_000003.json"))
     assert main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer_path), "--prompt", "def ",
                  "--max-new-tokens", "5", "--seed", "0"]) == 0
 

@@ -58,7 +58,7 @@ from llmkit.data.tokenizer import TokenizerLike
 from llmkit.distributed import require_data_parallel
 from llmkit.errors import LLMKitError
 from llmkit.eval import EvalConfig
-from llmkit.io import write_json_atomic
+from llmkit.io import as_dataclass, write_json_atomic
 
 _TOLERANCE = 1e-9
 """Slack on the thresholds for float noise: 0.8 - 0.75 is 0.05000000000000004, not above 0.05."""
@@ -146,7 +146,8 @@ class RegressionGate(L.Callback):
         every_n_steps: optimizer steps per gated block.
         max_ppl_increase: largest accepted relative perplexity increase over a block.
         max_probe_drop: largest accepted absolute probe-accuracy drop over a block.
-        evaluation: what to evaluate; None uses the LightningModule's ``evaluation``.
+        evaluation: what to evaluate (an EvalConfig or its dict); None uses the LightningModule's
+            ``evaluation``.
         out_dir: where ``block_NNNN/`` folders go; None: ``gates/`` in the trainer's log dir.
     """
 
@@ -155,7 +156,7 @@ class RegressionGate(L.Callback):
         every_n_steps: int = 50,
         max_ppl_increase: float = 0.05,
         max_probe_drop: float = 0.05,
-        evaluation: EvalConfig | None = None,
+        evaluation: EvalConfig | dict | None = None,
         out_dir: str | None = None,
     ) -> None:
         if every_n_steps < 1:
@@ -166,13 +167,14 @@ class RegressionGate(L.Callback):
         self.every_n_steps = every_n_steps
         self.max_ppl_increase = max_ppl_increase
         self.max_probe_drop = max_probe_drop
-        self.evaluation = evaluation
+        self.evaluation = as_dataclass(EvalConfig, evaluation) if evaluation is not None else None
         self.out_dir = out_dir
         self.blocks = 0
         self.rejections = 0
         self.decisions: list[dict] = []
         self._config: EvalConfig | None = None
         self._tokenizer: TokenizerLike | None = None
+        self._chat_template = False  # the module's option, where it has one
         self._dir: Path | None = None
         self._before: dict | None = None  # report of the kept weights, those of the snapshot
         self._snapshot: tuple[dict, list[dict]] | None = None
@@ -196,6 +198,7 @@ class RegressionGate(L.Callback):
         if config.probes is not None:
             why = f"to complete the probes {config.probes}"
             self._tokenizer = require(self, pl_module, HasTokenizer, why).tokenizer
+            self._chat_template = bool(getattr(pl_module, "chat_template", False))  # as its training prompts
         self._config = config
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -225,7 +228,8 @@ class RegressionGate(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """The report of the student's current weights: rank 0's, on every rank (module docstring)."""
-        return trainer.strategy.broadcast(self._config.run(pl_module.model, self._tokenizer), src=0)
+        report = self._config.run(pl_module.model, self._tokenizer, self._chat_template)
+        return trainer.strategy.broadcast(report, src=0)
 
     def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._snapshot = (

@@ -89,9 +89,12 @@ def read_probes(path: str | Path) -> list[Probe]:
 
 
 def score_probes(
-    model: Transformer, tokenizer: TokenizerLike, probes: list[Probe], max_new_tokens: int = 32, batch_size: int = 32
+    model: Transformer, tokenizer: TokenizerLike, probes: list[Probe], max_new_tokens: int = 32, batch_size: int = 32,
+    chat_template: bool = False,
 ) -> dict:
-    """Complete every probe's prompt greedily and check it.
+    """Complete every probe's prompt greedily and check it; with ``chat_template`` the prompt is
+    first rendered as a user message through the tokenizer's chat template, as the fine-tuning
+    modules render their training prompts.
 
     New tokens stop at EOS and are capped so the longest prompt plus them fits the model's
     ``max_seq_len`` (the cap is reported as ``max_new_tokens``). Returns ``{"accuracy",
@@ -102,7 +105,7 @@ def score_probes(
         raise LLMKitError("no probes to score: give at least one")
     tokenizer.check_vocab_size(model.config.vocab_size, "the model")
     context = model.config.max_seq_len
-    encoded = [tokenizer.encode(probe.prompt) for probe in probes]
+    encoded = [tokenizer.encode(tokenizer.render_chat(p.prompt) if chat_template else p.prompt) for p in probes]
     for probe, ids in zip(probes, encoded, strict=True):
         if not ids or len(ids) >= context:
             raise LLMKitError(

@@ -2,11 +2,12 @@
 
 SDFT's regression gates compare two such reports, before and after a block of updates
 (``eval_before.json``, ``eval_after.json``; docs/sdft.md), and fine-tuning validation writes
-one per evaluation (``eval/step_NNNNNN.json``).
+one per evaluation (``eval/step_NNNNNN.json``; a ``validate``'s ``eval/validate_step_NNNNNN.json``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,12 @@ def evaluate(
     max_windows: int | None = 256,
     max_new_tokens: int = 32,
     probe_batch_size: int = 32,
+    chat_template: bool = False,
 ) -> dict:
     """``{"perplexity": ..., "probes": ...}``: :func:`evaluate_perplexity` on ``ppl_files``
-    (``seq_len`` defaults to the model's max_seq_len) and :func:`score_probes` on ``probes``;
-    a section is None when its input is None. The tokenizer is needed for probes only."""
+    (``seq_len`` defaults to the model's max_seq_len) and :func:`score_probes` on ``probes``
+    (through the tokenizer's chat template with ``chat_template``); a section is None when its
+    input is None. The tokenizer is needed for probes only."""
     if ppl_files is None and probes is None:
         raise LLMKitError("nothing to evaluate: give perplexity shards, probes, or both")
     if probes is not None and tokenizer is None:
@@ -41,7 +44,7 @@ def evaluate(
         perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files")
     scores = None
     if probes is not None:
-        scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size)
+        scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size, chat_template)
     return {"perplexity": perplexity, "probes": scores}
 
 
@@ -67,15 +70,17 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ppl_files, str):
             self.ppl_files = [self.ppl_files]
+        if self.probes is not None and not isinstance(self.probes, (str, os.PathLike)):
+            raise LLMKitError(f"evaluation.probes takes one probe JSONL file, got {self.probes!r}")
 
     @property
     def enabled(self) -> bool:
         return self.ppl_files is not None or self.probes is not None
 
-    def run(self, model: Transformer, tokenizer: TokenizerLike | None) -> dict:
+    def run(self, model: Transformer, tokenizer: TokenizerLike | None, chat_template: bool = False) -> dict:
         """The report of ``model`` (see :func:`evaluate`)."""
         probes = read_probes(self.probes) if self.probes is not None else None
         return evaluate(
             model, tokenizer, self.ppl_files, probes, self.seq_len, self.batch_size, self.max_windows,
-            self.max_new_tokens, self.probe_batch_size,
+            self.max_new_tokens, self.probe_batch_size, chat_template,
         )

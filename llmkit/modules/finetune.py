@@ -12,7 +12,7 @@ tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the r
   rank's batches under DDP) and, when ``evaluation`` names held-out shards or probes, the
   :mod:`llmkit.eval` report (logged as ``val/ppl`` and ``val/probe_accuracy`` and written by
   rank 0 to ``LOG_DIR/eval/step_NNNNNN.json``, NNNNNN the optimizer steps the evaluated weights
-  have taken);
+  have taken; a ``validate`` writes ``validate_step_NNNNNN.json`` beside them);
 - checkpoints that ``llmkit generate`` and later fine-tuning runs read: the backbone's
   config is stored beside the weights (``ckpt["model_config"]``).
 
@@ -225,15 +225,16 @@ class FineTuneModule(L.LightningModule):
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return
         # every rank evaluates the same weights; rank 0's report is the one logged, written and kept
-        report = self.trainer.strategy.broadcast(self.evaluation.run(self.model, self.tokenizer))
+        report = self.trainer.strategy.broadcast(self.evaluation.run(self.model, self.tokenizer, self.chat_template))
         if report["perplexity"] is not None:
             self.log("val/ppl", report["perplexity"]["ppl"])
         if report["probes"] is not None:
             self.log("val/probe_accuracy", report["probes"]["accuracy"])
-        step = self.global_step if self.trainer.state.fn == "fit" else self._weights_step
+        fitting = self.trainer.state.fn == "fit"
+        name = f"step_{self.global_step:06d}" if fitting else f"validate_step_{self._weights_step:06d}"
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.trainer.is_global_zero:
-            write_json_atomic(log_dir / "eval" / f"step_{step:06d}.json", report)
+        if self.trainer.is_global_zero:  # a validate's report never replaces the one fit wrote for the same weights
+            write_json_atomic(log_dir / "eval" / f"{name}.json", report)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()
