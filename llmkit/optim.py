@@ -186,12 +186,16 @@ def _count(groups: list[dict]) -> str:
     return f"{tensors} tensors ({numbers / 1e6:.2f}M parameters)"
 
 
-def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
+def optimizer_with_schedule(
+    param_groups: list[dict], o: OptimConfig, trainer: L.Trainer, micro_batches_per_step: int = 1
+) -> dict:
     """The optimizer of ``o`` over ``param_groups`` (:func:`build_optimizer`; its split is logged)
     and the warm-up + cosine LambdaLR of ``o``, stepped per optimizer step, in the dict
     ``configure_optimizers`` returns.
 
-    The schedule is sized for this run (``decay_steps``, else the Trainer's length) and is not
+    The schedule is sized for this run (``decay_steps``, else the Trainer's length in optimizer
+    steps: ``max_steps``, or its batches over ``micro_batches_per_step``, the accumulation of a
+    module that optimises by hand, which Lightning's estimate does not know) and is not
     restored from a checkpoint: LambdaLR saves the state of a callable object and would bring back
     the old run's length, so the multiplier is handed over as a closure. A run resumed with a
     longer ``max_steps`` follows the cosine of the new length from its current step (the LR rises
@@ -200,6 +204,8 @@ def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L
     optimizer, split = build_optimizer(param_groups, o)
     rank_zero_info(split)
     decay_steps = o.decay_steps or trainer.estimated_stepping_batches
+    if not o.decay_steps and trainer.max_steps == -1 and math.isfinite(decay_steps):
+        decay_steps = math.ceil(decay_steps / micro_batches_per_step)
     if not math.isfinite(decay_steps):
         raise LLMKitError(
             "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs or model.optim.decay_steps"

@@ -177,7 +177,8 @@ class FineTuneModule(L.LightningModule):
                     module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
-        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
+        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer,
+                                       self.accumulator.accumulate_grad_batches)
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         """(the loss summed over the batch's real tokens, their number); ``stage`` is "train" or
