@@ -155,6 +155,32 @@ def test_teacher_gets_no_gradient_and_follows_the_ema_formula(base_ckpt, tokeniz
     assert moved > 0  # the teacher is not simply the student
 
 
+def test_an_moe_teacher_averages_the_routing_bias_and_stays_in_eval_mode():
+    """The balancing bias is a buffer moved by a rule, not by gradient: the average covers it, and
+    the teacher (eval mode) counts no routing load of its own."""
+    from types import SimpleNamespace
+
+    config = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=32,
+                         moe={"n_experts": 4, "top_k": 2, "expert_dim": 16, "bias_update_rate": 0.01})
+    student = Transformer(config)
+    module = SimpleNamespace(model=student, teacher=Transformer(config).requires_grad_(False))
+    module.teacher.load_state_dict(student.state_dict())
+    ema = EMATeacher(decay=0.5)
+    ema.last_step = 0
+    router = student.blocks[0].mlp.router
+    router.bias += torch.tensor([0.04, -0.02, 0.0, 0.02])
+    ema.on_train_batch_end(SimpleNamespace(global_step=1), module, None, None, 0)
+    assert torch.allclose(module.teacher.blocks[0].mlp.router.bias, router.bias / 2)
+
+    sdft_module = SDFTModule.__new__(SDFTModule)  # the train/eval switch alone, on a built module's parts
+    L.LightningModule.__init__(sdft_module)
+    sdft_module.model, sdft_module.teacher = student, module.teacher
+    sdft_module.train()
+    assert sdft_module.model.training and not sdft_module.teacher.training
+    sdft_module.teacher(torch.randint(0, VOCAB_SIZE, (2, 8)))
+    assert module.teacher.blocks[0].mlp.router.load.sum() == 0  # the student's load alone moves the bias
+
+
 def test_ema_teacher_is_saved_and_restored_with_the_checkpoint(base_ckpt, tokenizer_path, examples, tmp_path):
     module = sdft(base_ckpt, tokenizer_path)
     run = trainer(2, [EMATeacher(decay=0.5)])

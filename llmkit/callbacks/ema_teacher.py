@@ -1,6 +1,7 @@
 """EMATeacher: the SDFT teacher as an exponential moving average of the student (SDFT, arXiv 2601.19897).
 
-After every optimizer step, for every parameter of the teacher and its student namesake:
+After every optimizer step, for every parameter (and floating-point buffer a checkpoint keeps,
+such as an MoE router's balancing bias) of the teacher and its student namesake:
 
     θ_ema ← τ θ_ema + (1 − τ) θ
 
@@ -44,14 +45,17 @@ class EMATeacher(Callback):
 
     @staticmethod
     def _pairs(pl_module: HasTeacher) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(teacher tensors, student tensors), parameters matched by name."""
-        t, s = dict(pl_module.teacher.named_parameters()), dict(pl_module.model.named_parameters())
+        """(teacher tensors, student tensors) matched by name: the parameters and the floating-point
+        buffers a checkpoint keeps (an MoE router's balancing bias, which moves by a rule, not by
+        gradient: averaged too, so the teacher routes as the average of the student does)."""
+        t, s = pl_module.teacher.state_dict(keep_vars=True), pl_module.model.state_dict(keep_vars=True)
         if t.keys() != s.keys():
             differ = sorted(t.keys() ^ s.keys())[:3]
             raise LLMKitError(
                 f"teacher and student parameters differ (e.g. {differ}): the teacher must be a copy of the student"
             )
-        return [t[name] for name in s], [s[name] for name in s]
+        names = [name for name, tensor in s.items() if tensor.is_floating_point()]
+        return [t[name] for name in names], [s[name] for name in names]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -115,6 +115,13 @@ class SDFTModule(FineTuneModule):
         self.sdft = sdft
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
 
+    def train(self, mode: bool = True) -> SDFTModule:
+        """Lightning's switch between training and evaluation; the teacher stays in eval mode (an
+        MoE teacher must not count its routing into the balancing load, for one)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         cfg = self.sdft
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
