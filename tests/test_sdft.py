@@ -398,3 +398,17 @@ def test_skip_first_must_leave_a_completion_token_to_learn_from():
     with pytest.raises(LLMKitError, match=r"sdft.skip_first must be >= 0 and below sdft.max_new_tokens \(3\), got 3"):
         SDFTConfig(max_new_tokens=3, skip_first=3)  # no token left: every step skipped, max_steps never reached
     assert SDFTConfig(max_new_tokens=3, skip_first=2).skip_first == 2
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    ({"probes": "missing_probes.jsonl"}, "probe file missing_probes.jsonl does not exist"),
+    ({"ppl_files": ["missing_val.bin"]}, "evaluation.ppl_files: 'missing_val.bin' matches no file"),
+])
+def test_a_bad_evaluation_file_stops_the_run_before_its_first_step(evaluation, message, base_ckpt, tokenizer_path,
+                                                                   examples):
+    """Not at the first validation, after every step up to it has run."""
+    module = SFTModule(str(base_ckpt), str(tokenizer_path), evaluation=evaluation)
+    run = trainer(3, val_check_interval=2)
+    with pytest.raises(LLMKitError, match=message):
+        run.fit(module, SDFTDataModule(str(examples), batch_size=4, val_files=str(examples)))
+    assert run.global_step == 0

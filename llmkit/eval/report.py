@@ -15,6 +15,7 @@ from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval.perplexity import evaluate_perplexity
 from llmkit.eval.probes import Probe, read_probes, score_probes
+from llmkit.io import expand_inputs
 from llmkit.model.transformer import Transformer
 
 
@@ -76,6 +77,14 @@ class EvalConfig:
     @property
     def enabled(self) -> bool:
         return self.ppl_files is not None or self.probes is not None
+
+    def check_files(self) -> None:
+        """Raise :class:`LLMKitError` now, naming the setting, if a shard is missing or the probe
+        file is missing or malformed: before a run trains up to its first evaluation."""
+        if self.ppl_files is not None:
+            expand_inputs(self.ppl_files, "evaluation.ppl_files")
+        if self.probes is not None:
+            read_probes(self.probes)
 
     def run(self, model: Transformer, tokenizer: TokenizerLike | None, chat_template: bool = False) -> dict:
         """The report of ``model`` (see :func:`evaluate`)."""

@@ -169,6 +169,7 @@ class FineTuneModule(L.LightningModule):
         if isinstance(self.trainer.datamodule, PackedDataModule):
             raise LLMKitError(f"{type(self).__name__} trains on prompt/demonstration examples (SDFTDataModule), not "
                               f"PackedDataModule's token windows, which PretrainModule trains on")
+        self.evaluation.check_files()  # a bad path is one line now, not after the steps up to the first validation
 
     def configure_model(self) -> None:
         if self.hparams.compile:
