@@ -108,7 +108,8 @@ class FineTuneModule(L.LightningModule):
 
     The text of an example is used as written: the student's context is the tokens of its
     prompt, and what follows is the completion, with no separator added (put one at the end
-    of the prompts if the data needs it, as ``llmkit data tasks`` does). With ``chat_template``
+    of the prompts if the data needs it; ``llmkit data tasks``'s prompts end with their
+    question mark or colon). With ``chat_template``
     every prompt (the student's, and SDFT's teacher prompt) is first rendered as a user message
     through the tokenizer's chat template, so a chat model sees its own turn format; the
     completion (SFT's demonstration, SDFT's sample) is the assistant's answer after it.
