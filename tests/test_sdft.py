@@ -412,3 +412,13 @@ def test_a_bad_evaluation_file_stops_the_run_before_its_first_step(evaluation, m
     with pytest.raises(LLMKitError, match=message):
         run.fit(module, SDFTDataModule(str(examples), batch_size=4, val_files=str(examples)))
     assert run.global_step == 0
+
+
+def test_the_trainers_accumulation_on_a_fine_tuning_run_points_to_the_modules(base_ckpt, tokenizer_path, examples,
+                                                                              shards, tmp_path, capsys):
+    config = write_cli_config(tmp_path, base_ckpt, tokenizer_path, examples, shards, "sft")
+    assert main(["sft", "fit", "--config", str(config), "--trainer.accumulate_grad_batches", "2"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("llmkit: error: trainer: Automatic gradient accumulation is not supported for manual")
+    assert last.endswith("(this module optimises by hand: set model.gradient_clip_val (and, for sft and sdft, "
+                         "model.accumulate_grad_batches) instead)")

@@ -335,8 +335,10 @@ def run(name: str, args: list[str]) -> None:
                 auto_configure_optimizers=False,
             )
         except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
-            raise LLMKitError(f"trainer: {' '.join(str(e).split())} (check the trainer settings: accelerator, "
-                              "devices, strategy, precision)") from e
+            hint = ("this module optimises by hand: set model.gradient_clip_val (and, for sft and sdft, "
+                    "model.accumulate_grad_batches) instead" if "manual optimization" in str(e)
+                    else "check the trainer settings: accelerator, devices, strategy, precision")
+            raise LLMKitError(f"trainer: {' '.join(str(e).split())} ({hint})") from e
         except ValueError as e:  # jsonargparse wraps what a config class refused (ModelConfig's checks)
             cause = e
             while cause is not None and not isinstance(cause, LLMKitError):
