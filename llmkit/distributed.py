@@ -10,8 +10,9 @@ each a no-op on a single device:
 - :func:`gather_objects`: every rank's Python object, in rank order, on every rank;
 - :func:`rank_share`: a rank's contiguous part of a list split over the ranks;
 - :func:`sum_over_ranks`: a tensor summed over the ranks (MoE loads, KL-centre statistics);
-- :func:`rank_seed`: a sampling seed of its own for each rank, drawn from the seeded global
-  generator, so ranks never sample the same stream and a seeded run is reproducible;
+- :class:`RankSeeds`: a sampling seed of its own for each rank and draw, from a base drawn
+  from the seeded global generator, so ranks never sample the same stream, a seeded run is
+  reproducible, and a resumed one (its state is checkpointed) samples what it would have;
 - :func:`require_data_parallel`: a one-line refusal of a sharded strategy (FSDP, DeepSpeed,
   model parallel) by a module that runs its whole backbone outside ``forward``.
 """
@@ -51,14 +52,34 @@ def rank_share(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def rank_seed(rank: int) -> int:
-    """A seed for the sampling of global rank ``rank``: one draw from torch's global generator plus
-    the rank.
+MAX_RANKS = 2**16
+"""Ranks :class:`RankSeeds` keeps apart: one draw's seeds for ranks below it never meet another's."""
 
-    Every rank draws once, so the generators stay in step, and ranks seeded alike
-    (``seed_everything``, which Lightning applies in every process) draw the same number: adding
-    the rank gives each its own stream instead of the same samples on different prompts."""
-    return int(torch.randint(0, 2**62, ()).item()) + rank
+
+class RankSeeds:
+    """The sampling seeds of a module: draw k of global rank r is ``base + k * MAX_RANKS + r``.
+
+    ``base`` is one draw from torch's global generator when the module is built, so modules built
+    after ``seed_everything`` (which Lightning applies in every process) agree on it, and the rank
+    gives each its own stream instead of the same samples on different prompts. The seeds depend
+    on nothing else: not on torch's global generator, which checkpoints do not hold and data
+    loaders draw from, so with :meth:`state_dict` in the checkpoint a resumed run samples what an
+    uninterrupted one does."""
+
+    def __init__(self) -> None:
+        self.base = int(torch.randint(0, 2**40, ()).item())
+        self.draws = 0
+
+    def next(self, rank: int) -> int:
+        """The seed of the next draw for global rank ``rank``."""
+        self.draws += 1
+        return self.base + self.draws * MAX_RANKS + rank
+
+    def state_dict(self) -> dict[str, int]:
+        return {"base": self.base, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.base, self.draws = state["base"], state["draws"]
 
 
 def require_data_parallel(trainer: L.Trainer, who: str) -> None:

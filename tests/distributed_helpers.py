@@ -149,8 +149,8 @@ class SkewedGate(RegressionGate):
         config, run = self._config, self._config.run
         calls = []
 
-        def skewed(model: torch.nn.Module, tokenizer: Any) -> dict:
-            report = run(model, tokenizer)
+        def skewed(model: torch.nn.Module, tokenizer: Any, chat_template: bool = False) -> dict:
+            report = run(model, tokenizer, chat_template)
             calls.append(1)
             if len(calls) > 1:  # the first report is the baseline before any block
                 report["perplexity"]["ppl"] *= 10

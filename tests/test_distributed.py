@@ -11,7 +11,7 @@ update would hide in the weights) and ends at the same weights (WEIGHT_TOLERANCE
 add the same numbers in different orders, and AdamW turns rounding in near-zero gradient entries
 into visible, still tiny, differences). Where a module samples inside its step (SDFT,
 TTT-Discover), the single process is handed the samples the two ranks drew (``ReplaySamples``):
-random draws are per rank by design (``rank_seed``), so what is compared is everything after
+random draws are per rank by design (``RankSeeds``), so what is compared is everything after
 sampling.
 """
 
@@ -37,7 +37,7 @@ from llmkit.data.examples import Example
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.data.tasks import write_task_files
 from llmkit.discovery.objective import kl_shaped_advantages
-from llmkit.distributed import gather_objects, rank_seed, rank_share
+from llmkit.distributed import MAX_RANKS, RankSeeds, gather_objects, rank_share
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.model.checkpoint import is_sharded_checkpoint, load_backbone
@@ -124,9 +124,16 @@ def test_rank_share_splits_in_order_and_a_single_process_gathers_itself():
     one = SimpleNamespace(world_size=1, strategy=SimpleNamespace(broadcast=lambda obj, src: obj))
     assert gather_objects(one, {"a": 1}) == [{"a": 1}]
     torch.manual_seed(5)
-    first = rank_seed(0)
+    rank_0 = RankSeeds()
     torch.manual_seed(5)
-    assert rank_seed(1) == first + 1  # same draw on ranks seeded alike, a stream of its own per rank
+    rank_1 = RankSeeds()  # built after the same seed_everything: the same base
+    torch.randint(0, 10, (3,))  # the global generator moves on (a data loader's draw): the seeds do not
+    first = [rank_0.next(0) for _ in range(3)]
+    assert [rank_1.next(1) for _ in range(3)] == [s + 1 for s in first]  # a stream of its own per rank
+    assert len(set(first)) == 3 and first[1] - first[0] == MAX_RANKS
+    resumed = RankSeeds()
+    resumed.load_state_dict({"base": rank_0.base, "draws": 1})  # a checkpoint taken after one draw
+    assert [resumed.next(0) for _ in range(2)] == first[1:]
 
 
 def test_kl_centering_over_a_split_batch_is_the_centering_of_the_whole():

@@ -181,6 +181,25 @@ def test_an_moe_teacher_averages_the_routing_bias_and_stays_in_eval_mode():
     assert module.teacher.blocks[0].mlp.router.load.sum() == 0  # the student's load alone moves the bias
 
 
+def test_a_resumed_sdft_run_samples_and_ends_as_an_uninterrupted_one(base_ckpt, tokenizer_path, examples, tmp_path):
+    """The samples' seeds are checkpointed (RankSeeds), not replayed from the run's seed."""
+    def run(max_steps: int, ckpt_path=None) -> SDFTModule:
+        L.seed_everything(0, verbose=False)
+        module = sdft(base_ckpt, tokenizer_path)
+        fitted = trainer(max_steps, [EMATeacher(decay=0.5)])
+        fitted.fit(module, SDFTDataModule(str(examples), batch_size=4), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            fitted.save_checkpoint(tmp_path / f"step{max_steps}.ckpt")
+        return module
+
+    straight, _ = run(4), run(2)
+    torch.randint(0, 10, (5,))  # a resume in another process: the global generator is wherever it is
+    resumed = run(4, tmp_path / "step2.ckpt")
+    assert resumed.seeds.state_dict() == straight.seeds.state_dict()
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_ema_teacher_is_saved_and_restored_with_the_checkpoint(base_ckpt, tokenizer_path, examples, tmp_path):
     module = sdft(base_ckpt, tokenizer_path)
     run = trainer(2, [EMATeacher(decay=0.5)])

@@ -202,3 +202,15 @@ def test_a_single_file_is_accepted_where_a_list_of_files_is():
 
     assert EvalConfig(ppl_files="data/val.bin").ppl_files == ["data/val.bin"]
     assert Replay(seed_files="old.jsonl").seed_files == ["old.jsonl"]
+
+
+def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path, tmp_path):
+    """A resumed discovery samples the rollouts an uninterrupted one would, not the first steps' again."""
+    module = fit(base_ckpt, tokenizer_path, tmp_path / "run", 2)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["sampling_seeds"] == {"base": module.seeds.base, "draws": 2}  # one draw per step
+    fresh = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, init_ckpt=str(base_ckpt),
+                              tokenizer=str(tokenizer_path))
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.seeds.next(0) == module.seeds.next(0)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from llmkit.data.examples import TEACHER_TEMPLATE, Example, check_template, teacher_prompt
-from llmkit.distributed import rank_seed
+from llmkit.distributed import RankSeeds
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass
@@ -114,6 +114,7 @@ class SDFTModule(FineTuneModule):
         self.hparams["sdft"] = asdict(sdft)
         self.sdft = sdft
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.seeds = RankSeeds()  # the training samples' seeds, checkpointed
 
     def train(self, mode: bool = True) -> SDFTModule:
         """Lightning's switch between training and evaluation; the teacher stays in eval mode (an
@@ -121,6 +122,15 @@ class SDFTModule(FineTuneModule):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["sampling_seeds"] = self.seeds.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "sampling_seeds" in checkpoint:  # older checkpoints: the seeds start afresh
+            self.seeds.load_state_dict(checkpoint["sampling_seeds"])
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         cfg = self.sdft
@@ -131,7 +141,7 @@ class SDFTModule(FineTuneModule):
         check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt")
         check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt")
 
-        seed = VAL_SEED + batch_idx if stage == "val" else rank_seed(self.global_rank)
+        seed = VAL_SEED + batch_idx if stage == "val" else self.seeds.next(self.global_rank)
         completions = self.sample_completions(prompts, seed)
 
         student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
@@ -146,7 +156,8 @@ class SDFTModule(FineTuneModule):
     def sample_completions(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         """The student's completion of each prompt (ids, EOS included), sampled without gradients with
         ``seed``: fixed per validation batch, and in training a draw of its own per rank
-        (:func:`~llmkit.distributed.rank_seed`), so under DDP ranks never share a random stream."""
+        (:class:`~llmkit.distributed.RankSeeds`, checkpointed), so under DDP ranks never share a random
+        stream and a resumed run samples what an uninterrupted one does."""
         with eval_mode(self.model):
             y = generate(self.model, prompts, self.sdft.sampling(seed), self.tokenizer.stop_ids, self.tokenizer.pad_id)
         return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]

@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
-from llmkit.distributed import gather_objects, rank_seed, rank_share, require_data_parallel, sum_over_ranks
+from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
@@ -212,6 +212,7 @@ class TTTDiscoverModule(L.LightningModule):
         if why is not None:
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
+        self.seeds = RankSeeds()  # the rollouts' seeds, checkpointed
 
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
@@ -293,11 +294,11 @@ class TTTDiscoverModule(L.LightningModule):
 
     def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
         """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
-        a seed of this rank's own (:func:`~llmkit.distributed.rank_seed`): under DDP each rank samples
+        a seed of this rank's own (:class:`~llmkit.distributed.RankSeeds`): under DDP each rank samples
         its share of the step's rollouts, and no two ranks the same random stream."""
         tok, cfg = self.tokenizer, self.ttt
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  seed=rank_seed(self.global_rank))
+                                  seed=self.seeds.next(self.global_rank))
         with eval_mode(self.model):
             y = generate(self.model, contexts, sampling, tok.stop_ids, tok.pad_id)
         return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
@@ -387,7 +388,10 @@ class TTTDiscoverModule(L.LightningModule):
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WRITER_KEY] = type(self).__name__
         checkpoint["archive"] = self.archive.to_dict()
+        checkpoint["sampling_seeds"] = self.seeds.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
         self.archive = Archive.from_dict(checkpoint["archive"])
+        if "sampling_seeds" in checkpoint:  # older checkpoints: the seeds start afresh
+            self.seeds.load_state_dict(checkpoint["sampling_seeds"])
