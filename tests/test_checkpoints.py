@@ -448,3 +448,13 @@ def test_a_refused_resume_leaves_the_run_it_would_continue_as_it_was(shards, tmp
     events = EventAccumulator(str(run))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3]
+
+
+def test_a_run_resumed_in_a_copied_directory_writes_last_ckpt_not_last_v1(shards, tmp_path):
+    """The copy's last.ckpt is the run's earlier state: replaced, so --ckpt_path .../last.ckpt resumes the latest."""
+    fit(tmp_path / "run", shards, 2, [])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "last.ckpt").write_bytes((tmp_path / "run" / "last.ckpt").read_bytes())
+    fit(copy, shards, 4, [], ckpt_path=copy / "last.ckpt")
+    assert sorted(p.name for p in copy.iterdir()) == ["last.ckpt"] and step_of(copy / "last.ckpt") == 4

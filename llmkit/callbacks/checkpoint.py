@@ -8,9 +8,12 @@ step, and saved when a run is interrupted.
   the final move is a copy straight into the destination, which a crash can cut short. Reading
   goes through :func:`llmkit.model.checkpoint.load_checkpoint_file`: every member's CRC-32 is
   checked and only tensors and plain data are loaded.
-- :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` (same arguments, ``save_last`` on) plus
-  two guarantees: the step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last
-  multiple of ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
+- :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` (same arguments, ``save_last`` on,
+  ``enable_version_counter`` off: a file of the name it writes, ``last.ckpt`` or
+  ``epoch=0-step=20.ckpt``, is this run's earlier state, from before a resume or a copy of its
+  directory, and is replaced rather than joined by ``last-v1.ckpt``) plus two guarantees: the
+  step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last multiple of
+  ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
   ``last.ckpt`` of the last completed step before the run stops. Other exceptions (a bug, a
   non-finite loss) do not overwrite it.
 """
@@ -54,10 +57,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step and is saved on
-    SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``."""
+    SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``; files are replaced,
+    not versioned (``enable_version_counter`` off)."""
 
-    def __init__(self, *args: Any, save_last: bool | str = True, **kwargs: Any) -> None:
-        super().__init__(*args, save_last=save_last, **kwargs)
+    def __init__(self, *args: Any, save_last: bool | str = True, enable_version_counter: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, save_last=save_last, enable_version_counter=enable_version_counter, **kwargs)
 
     def _save_last_now(self, trainer: L.Trainer) -> bool:
         """Save ``last`` at the current step unless it is saved already; whether it saved."""

@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         gradient_clip_val=1.0,
         logger=logger,
-        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0, enable_version_counter=False)],
+        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=max(1, cfg.max_steps // 4),
         check_val_every_n_epoch=None,
