@@ -568,3 +568,14 @@ def test_an_error_on_a_rank_above_0_says_which_rank(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert main(args) == 1
     assert capsys.readouterr().err.startswith(f"llmkit: error (rank 1): {tmp_path / 'missing'}")
+
+
+def test_a_lightning_command_stopped_by_sigterm_exits_143_not_0(monkeypatch):
+    """Lightning's SIGTERMException is a SystemExit without a code: a scheduler saw a finished run."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(name, args):
+        raise SIGTERMException
+
+    monkeypatch.setattr("llmkit.cli.lightning.run", stopped)
+    assert main(["pretrain", "fit", "--config", "x.yaml"]) == 143

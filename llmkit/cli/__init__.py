@@ -15,7 +15,10 @@ its function's signature (:mod:`llmkit.cli.signature`). torch and Lightning are 
 when a command runs, so ``llmkit --help`` and every ``--help`` below it answer at once.
 User errors (LLMKitError) print one clear line and exit with status 1; argument and YAML
 errors exit with status 2 from the parsers; Ctrl-C prints one line and exits with 130 (what a
-command was writing is left unwritten: outputs only appear by rename).
+command was writing is left unwritten: outputs only appear by rename). A Lightning command
+stopped by Ctrl-C exits with Lightning's 1 after its graceful shutdown, and by SIGTERM with 143
+(128 + 15), not 0: a scheduler must not take an interrupted run for a finished one. Both save a
+resumable checkpoint first (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def lightning_usage(name: str) -> str:
     )
 
 
+EXIT_SIGTERM = 143
+"""The exit status of a Lightning command stopped by SIGTERM (the shell's 128 + signal 15)."""
+
+
 def error_prefix() -> str:
     """``llmkit: error: ``, naming the rank on the ranks above 0 of a distributed run, where every
     rank reports its own error: ``llmkit: error (rank 1): ``."""
@@ -71,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             if not rest or rest[0] in ("-h", "--help"):
                 print(lightning_usage(name), file=sys.stdout if rest else sys.stderr, end="")
                 return 0 if rest else 2
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
             from llmkit.cli.lightning import run
 
-            run(name, rest)
+            try:
+                run(name, rest)
+            except SIGTERMException:  # a SystemExit without a code, which would exit 0 as a finished run does
+                return EXIT_SIGTERM
             return 0
         args = build_parser().parse_args(argv)
         return call_command(args._command, args)
