@@ -458,3 +458,16 @@ def test_a_run_resumed_in_a_copied_directory_writes_last_ckpt_not_last_v1(shards
     (copy / "last.ckpt").write_bytes((tmp_path / "run" / "last.ckpt").read_bytes())
     fit(copy, shards, 4, [], ckpt_path=copy / "last.ckpt")
     assert sorted(p.name for p in copy.iterdir()) == ["last.ckpt"] and step_of(copy / "last.ckpt") == 4
+
+
+def test_a_discovery_checkpoint_is_pointed_to_ttt_fit_which_is_all_ttt_offers(trained, tmp_path, capsys):
+    """TTTDiscoverModule has no validation step: `llmkit ttt validate` is neither offered nor suggested."""
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["llmkit_module"] = "TTTDiscoverModule"
+    torch.save(ckpt, tmp_path / "ttt.ckpt")
+    assert main(["pretrain", "validate", "--ckpt_path", str(tmp_path / "ttt.ckpt")]) == 1
+    assert "was written by TTTDiscoverModule, not PretrainModule: use it with `llmkit ttt fit`" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ttt", "validate", "--ckpt_path", str(tmp_path / "ttt.ckpt")])
+    assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def lightning_usage(name: str) -> str:
     """What ``llmkit NAME --help`` prints without loading Lightning."""
     return (
-        f"usage: llmkit {name} {{fit,validate}} --config YAML [--key value ...]\n\n"
+        f"usage: llmkit {name} {{{','.join(LIGHTNING_COMMANDS[name].subcommands)}}} --config YAML [--key value ...]\n\n"
         f"{LIGHTNING_COMMANDS[name].summary}.\n"
         f"`llmkit {name} fit --help` lists every option (it loads Lightning, a few seconds).\n"
     )

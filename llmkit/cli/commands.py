@@ -36,6 +36,7 @@ class LightningCommand:
         ``free`` lists exceptions inside them, settings of how to run, not of what was trained.
     rebuild_from_checkpoint: with ``--ckpt_path``, build the model from that checkpoint (its
         ``model_config``) instead of ``model.init_ckpt``.
+    subcommands: what it offers (a module without a validation step has no ``validate``).
     """
 
     module: str
@@ -44,11 +45,12 @@ class LightningCommand:
     fixed_by_checkpoint: tuple[str, ...] = ()
     free: tuple[str, ...] = ()
     rebuild_from_checkpoint: bool = False
+    subcommands: tuple[str, ...] = ("fit", "validate")
 
     @property
     def summary(self) -> str:
         names = [path.split(":")[1] for path in (self.module, self.datamodule) if path]
-        return f"LightningCLI over {' and '.join(names)}: fit|validate --config YAML"
+        return f"LightningCLI over {' and '.join(names)}: {'|'.join(self.subcommands)} --config YAML"
 
 
 LIGHTNING_COMMANDS = {
@@ -69,6 +71,7 @@ LIGHTNING_COMMANDS = {
     "ttt": LightningCommand(
         "llmkit.modules.ttt_discover:TTTDiscoverModule",
         fixed_by_checkpoint=("init_ckpt", "lora.rank", "lora.alpha", "lora.targets", "ttt.env", "ttt.env_args"),
+        subcommands=("fit",),  # a discovery run scores itself every step: no validation step
     ),
 }
-"""The LightningCLI commands: ``llmkit NAME {fit,validate} --config YAML [--key value ...]``."""
+"""The LightningCLI commands: ``llmkit NAME {fit,validate} --config YAML [--key value ...]`` (ttt: fit)."""

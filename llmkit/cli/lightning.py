@@ -220,9 +220,10 @@ class LLMKitCLI(LightningCLI):
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
             writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")
+            offered = LIGHTNING_COMMANDS[writer].subcommands if writer in LIGHTNING_COMMANDS else (subcommand,)
             raise LLMKitError(
                 f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
-                f"{subcommand}` (or as model.init_ckpt to fine-tune from it)"
+                f"{subcommand if subcommand in offered else offered[0]}` (or as model.init_ckpt to fine-tune from it)"
             )
         max_steps = self.config[subcommand].trainer.get("max_steps")
         if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= ckpt.get("global_step", -1):
@@ -300,10 +301,9 @@ class LLMKitCLI(LightningCLI):
         args.version = run.name
         return logger
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """fit and validate: the modules define no test or predict step."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+    def subcommands(self) -> dict[str, set[str]]:
+        """The command's (fit and validate; ttt: fit): the modules define no test or predict step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in self.command.subcommands}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
