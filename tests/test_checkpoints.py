@@ -417,6 +417,10 @@ def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards,
         assert main(["pretrain", "fit", *given, *every_step, "--trainer.max_steps", "6", "--ckpt_path", step_2]) == 0
     assert f"logs: {run}" in caplog.text
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # it holds the run continued
+    without_config = [str(w.message) for w in recwarn if "resuming without --config" in str(w.message)]
+    assert without_config == ([] if config_given else [
+        "resuming without --config: the trainer runs with Lightning's defaults (seed, callbacks, gradient clipping, "
+        f"validation), not the run's; add --config {run / 'config.yaml'} to continue it as it ran"])
     assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
     assert (run / "config.yaml").read_text() == first_config
     assert "max_steps: 6" in (run / "resume_step_2_config.yaml").read_text()

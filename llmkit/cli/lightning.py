@@ -225,6 +225,11 @@ class LLMKitCLI(LightningCLI):
                 f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
                 f"{subcommand if subcommand in offered else offered[0]}` (or as model.init_ckpt to fine-tune from it)"
             )
+        run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"  # LightningCLI's copy, in a run
+        if subcommand == "fit" and not self.given[subcommand].get("config") and run_config.is_file():
+            rank_zero_warn(f"resuming without --config: the trainer runs with Lightning's defaults (seed, callbacks, "
+                           f"gradient clipping, validation), not the run's; add --config {run_config} to continue "
+                           f"it as it ran")
         max_steps = self.config[subcommand].trainer.get("max_steps")
         if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= ckpt.get("global_step", -1):
             rank_zero_warn(f"{ckpt_path} is at step {ckpt['global_step']} and trainer.max_steps is {max_steps}: "
