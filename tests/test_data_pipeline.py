@@ -421,6 +421,30 @@ def test_write_corpus_selection_and_split(tmp_path: Path, monkeypatch: pytest.Mo
     assert split == write_corpus("stdlib", out, val_fraction=0.5, progress=False)
 
 
+def test_an_interrupted_corpus_leaves_no_corpus_that_looks_whole(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after some shards: every shard (this run's, and the earlier run's it partly replaced) and
+    the earlier corpus.json are removed, so `pack --input 'out/train_*.txt'` cannot take a part for the
+    whole."""
+    from llmkit.data import corpus
+
+    stdlib = _fake_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    out = tmp_path / "out"
+    write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)  # an earlier, whole corpus
+    documents = corpus.read_documents
+
+    def interrupted(file, *args):
+        if file.path.name == "c.py":
+            raise KeyboardInterrupt
+        yield from documents(file, *args)
+
+    monkeypatch.setattr(corpus, "read_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LLMKitError, match="corpus source 'pypi' is neither stdlib nor site-packages nor an existing"):
         write_corpus("pypi", tmp_path, progress=False)

@@ -110,7 +110,10 @@ def write_corpus(
     document goes there. Documents that are unreadable, not UTF-8, blank or that contain a
     separator line are skipped and counted.
 
-    Shards left in ``out_dir`` by an earlier run that this run did not write are removed.
+    Shards left in ``out_dir`` by an earlier run that this run did not write are removed. A run
+    that is interrupted or fails after its first shard removes every shard and the summary (an
+    earlier run's shards, partly replaced, are no corpus either), so a half-written corpus never
+    looks like a whole one.
     Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were read,
     ``n_skipped`` documents skipped, the rest written as ``n_train_documents`` and
     ``n_val_documents``; shard names in ``train_files`` / ``val_files`` are relative to
@@ -132,6 +135,7 @@ def write_corpus(
     pending_train: str | None = None  # held back so it can go to val if val stays empty
     n_skipped = 0
     label = names[0] if len(names) == 1 else f"{len(names)} sources"
+    finished = False
     try:
         with tqdm(files, desc=f"corpus {label}", unit="file", disable=not progress) as bar:
             for file in bar:
@@ -149,9 +153,13 @@ def write_corpus(
             (val if val.n_documents == 0 else train).add(pending_train)
         train.close()
         val.close()
+        finished = True
     finally:
         train.abort()
         val.abort()
+        if not finished and (train.files or val.files):  # no part of a corpus that looks like a whole one:
+            _remove_stale_shards(out_dir, keep=set())  # this run's shards, and an earlier run's they broke
+            (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
 
     n_documents = train.n_documents + val.n_documents
     if n_documents < 2:
