@@ -151,12 +151,23 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: set back at once, at import, before threads start
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+"""The process's umask when llmkit loaded: the permissions :func:`atomic_file` gives its files."""
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield the temp path (:func:`temp_path`) to write the file ``path`` to; on success it is
     renamed to ``path``, on an error removed, so ``path`` is never half-written (a killed writer's
     is removed by the next write). A directory at ``path`` raises :class:`LLMKitError` before
-    anything is written."""
+    anything is written. The file gets the permissions a plain ``open`` would give it (0666 less
+    the umask), whatever the writer gave the temp file (safetensors' ``save_file`` gives 0600)."""
     path = Path(path)
     if path.is_dir():
         raise LLMKitError(f"cannot write {path}: it is a directory; give the path of a file instead")
@@ -165,9 +176,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
 
 
 def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | None], instead: str) -> None:

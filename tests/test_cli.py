@@ -390,6 +390,21 @@ def test_an_atomic_write_that_fails_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_atomic_write_gets_the_permissions_of_a_plain_open(tmp_path):
+    """safetensors writes 0600: exported weights and adapters were unreadable to a group sharing them."""
+    import stat
+
+    from safetensors.torch import save_file
+
+    from llmkit.io import UMASK, atomic_file
+
+    with atomic_file(tmp_path / "model.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    (tmp_path / "plain.txt").write_text("x")
+    mode = stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~UMASK
+
+
 def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
                                                                        capsys):
     model_dir = tmp_path / "exported"
