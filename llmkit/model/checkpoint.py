@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities import move_data_to_device
 
 from llmkit.errors import LLMKitError
 from llmkit.io import atomic_file, write_json_atomic
@@ -157,7 +156,18 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
         ) from None
     if not isinstance(ckpt, dict):
         raise LLMKitError(f"{path} is not an llmkit checkpoint (it holds {type(ckpt).__name__}, not a dict)")
-    return ckpt if torch.device(map_location).type == "cpu" else move_data_to_device(ckpt, map_location)
+    return ckpt if torch.device(map_location).type == "cpu" else _to_device(ckpt, torch.device(map_location))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
