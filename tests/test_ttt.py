@@ -219,3 +219,26 @@ def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path
                               tokenizer=str(tokenizer_path))
     fresh.on_load_checkpoint(checkpoint)
     assert fresh.seeds.next(0) == module.seeds.next(0)
+
+
+def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path, tmp_path):
+    """archive.json and result.json after every step: Ctrl-C at step 3, checkpointing off, loses nothing found."""
+
+    class CtrlC(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if pl_module.archive.step == 3:
+                raise KeyboardInterrupt
+
+    L.seed_everything(1, verbose=False)
+    module = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
+                               init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[CtrlC()]).fit(module)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["steps"], result["finished"]) == (3, False)
+    assert result["adapter"] == str(tmp_path / "adapters" / "step_000002.safetensors")  # adapter_every 2
+    assert result["best_reward"] == module.archive.best().reward
+    assert len(json.loads((tmp_path / "archive.json").read_text())["states"]) == len(module.archive)
+    assert result["best_reward"] > result["initial_reward"]  # seed 1 finds states (as in the CLI run)
+    assert consolidate([tmp_path])[0]["reward"] == result["best_reward"]  # consolidate takes the interrupted run

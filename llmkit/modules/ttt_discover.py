@@ -30,7 +30,8 @@ and the run stops after ``trainer.max_steps`` discovery steps.
 Outputs, in ``out_dir`` (default: the run's log directory): ``discovery_log.jsonl`` (one line
 per step), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and at the end,
 ``archive.json`` and ``result.json`` (the best state and its reward, and the problem's prompt
-for ``llmkit consolidate``). See docs/ttt.md.
+for ``llmkit consolidate``), rewritten after every step, so an interrupted run leaves them with
+``"finished": false``. See docs/ttt.md.
 
 Under DDP (``trainer.strategy: ddp``, N processes) the rollouts of a step are split: every rank
 picks the same start states (PUCT is deterministic over an archive that is the same on every
@@ -353,6 +354,8 @@ class TTTDiscoverModule(L.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            last_saved = step - step % self.ttt.adapter_every
+            self._write_results(self._adapter_path(last_saved) if last_saved > 0 else None, finished=False)
         if self.ttt.mode == "best_of_n" and step >= self.trainer.max_steps:
             self.trainer.should_stop = True  # no optimizer step moves global_step towards max_steps
 
@@ -373,14 +376,20 @@ class TTTDiscoverModule(L.LightningModule):
             return
         step = self.archive.step
         saved = step > 0 and step % self.ttt.adapter_every == 0  # by _record_step, from these same weights
-        adapter = self._adapter_path(step) if saved else self._save_adapter(step)
+        self._write_results(self._adapter_path(step) if saved else self._save_adapter(step), finished=True)
+
+    def _write_results(self, adapter: Path | None, finished: bool) -> None:
+        """``archive.json`` and ``result.json`` as of the last step, the adapter saved at or before it
+        (None before the first), and whether the run finished: written after every step too, so an
+        interrupted run leaves what it found (``llmkit consolidate`` reads it). Rank 0 only."""
         best, initial = self.archive.best(), self.archive.get(0)
         write_json_atomic(self.output_dir / "archive.json", self.archive.to_dict())
         write_json_atomic(self.output_dir / "result.json", {
             "problem": self.env.name, "mode": self.ttt.mode, "prompt": self.env.context_from_archive(initial.text, []),
             "best_state": best.text, "best_reward": best.reward, "best_state_id": best.id, "found_at_step": best.step,
             "initial_reward": initial.reward,
-            "steps": self.archive.step, "rollouts": self.archive.total_rollouts, "adapter": str(adapter),
+            "steps": self.archive.step, "rollouts": self.archive.total_rollouts,
+            "adapter": None if adapter is None else str(adapter), "finished": finished,
             "base_sha256": self.base_sha256,
         })
 
