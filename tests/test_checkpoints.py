@@ -475,3 +475,21 @@ def test_a_discovery_checkpoint_is_pointed_to_ttt_fit_which_is_all_ttt_offers(tr
     with pytest.raises(SystemExit):
         main(["ttt", "validate", "--ckpt_path", str(tmp_path / "ttt.ckpt")])
     assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path, monkeypatch):
+    """torch.save turned a KeyboardInterrupt in mid-write into a RuntimeError: a traceback and no interrupt save."""
+    import signal
+
+    real_save = torch.save
+
+    def save_interrupted(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the checkpoint is being written
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

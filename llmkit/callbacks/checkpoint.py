@@ -21,6 +21,10 @@ step, and saved when a run is interrupted.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -37,14 +41,37 @@ INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 """The exceptions Lightning raises for Ctrl-C and SIGTERM."""
 
 
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then raise them again for the handlers they had
+    (Python's KeyboardInterrupt, Lightning's SIGTERM flag). ``torch.save`` turns a KeyboardInterrupt
+    in the middle of a write into a RuntimeError, which is no interrupt: there was a traceback and no
+    interrupt save. Held, Ctrl-C lands once the checkpoint is whole. Python handles signals in the
+    main thread only, so elsewhere this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint writes by temp file + fsync + rename in the target directory; integrity-checked,
-    ``weights_only`` reads (see the module docstring). Remote paths (``s3://...``) use Lightning's."""
+    """Checkpoint writes by temp file + fsync + rename in the target directory, Ctrl-C and SIGTERM
+    held until the file is whole (:func:`interrupts_held`); integrity-checked, ``weights_only``
+    reads (see the module docstring). Remote paths (``s3://...``) use Lightning's."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(path) as tmp, tmp.open("wb") as f:
+        with interrupts_held(), atomic_file(path) as tmp, tmp.open("wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
