@@ -493,3 +493,24 @@ def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path,
         AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_an_interrupt_after_the_steps_checkpoint_says_it_holds_the_step(shards, tmp_path, caplog):
+    """Ctrl-C during the validation after a checkpointed step printed nothing, though last.ckpt held it."""
+    class CtrlCInValidation(L.Callback):
+        def on_validation_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[AtomicCheckpointIO()], val_check_interval=2,
+                        num_sanity_val_steps=0, limit_val_batches=1,
+                        callbacks=[Checkpoint(dirpath=tmp_path, every_n_train_steps=2), CtrlCInValidation()])
+    data = PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])], seq_len=32,
+                            batch_size=4, vocab_size=VOCAB_SIZE)
+    with caplog.at_level("INFO"), pytest.raises(SystemExit):
+        trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    last = tmp_path / "last.ckpt"
+    assert f"Ctrl-C at step 2: {last} holds it; resume with --ckpt_path {last}" in caplog.text
+    assert step_of(last) == 2

@@ -90,10 +90,17 @@ class Checkpoint(ModelCheckpoint):
     def __init__(self, *args: Any, save_last: bool | str = True, enable_version_counter: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, enable_version_counter=enable_version_counter, **kwargs)
+        self._last_step: int | None = None  # the step this process last wrote ``last`` at
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step = trainer.global_step
 
     def _save_last_now(self, trainer: L.Trainer) -> bool:
-        """Save ``last`` at the current step unless it is saved already; whether it saved."""
-        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+        """Save ``last`` at the current step unless it holds that step already (another file saved at
+        this step does not count); whether it saved."""
+        if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking
+                or self._last_step == trainer.global_step):
             return False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return True
@@ -107,8 +114,9 @@ class Checkpoint(ModelCheckpoint):
         if not isinstance(exception, INTERRUPTS):
             return  # a failure is not a state to resume from: keep the last good checkpoint
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
-        if self._save_last_now(trainer):
+        saved = self._save_last_now(trainer)
+        if self._last_step == trainer.global_step:  # saved now, or before it (an interrupt during validation)
             rank_zero_info(
-                f"{what} at step {trainer.global_step}: saved {self.last_model_path}; resume with "
-                f"--ckpt_path {self.last_model_path}"
+                f"{what} at step {trainer.global_step}: {'saved ' if saved else ''}{self.last_model_path}"
+                f"{'' if saved else ' holds it'}; resume with --ckpt_path {self.last_model_path}"
             )
