@@ -185,6 +185,7 @@ class LLMKitCLI(LightningCLI):
     def __init__(self, command: LightningCommand, **kwargs: Any) -> None:
         self.command = command
         self.ckpt_step: int | None = None  # the global step of ``--ckpt_path``'s checkpoint
+        self.ckpt_run: Path | None = None  # its run, SAVE_DIR/NAME/version_N, when it lies in version_N/checkpoints
         super().__init__(_import(command.module), _import(command.datamodule), **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -217,6 +218,7 @@ class LLMKitCLI(LightningCLI):
                 f"model.init_ckpt"
             )
         self.ckpt_step = ckpt.get("global_step")
+        self.ckpt_run = Path(ckpt_path).resolve().parent.parent
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
             writer = next((n for n, c in LIGHTNING_COMMANDS.items() if c.module.endswith(f":{ckpt[WRITER_KEY]}")), "?")
@@ -225,7 +227,7 @@ class LLMKitCLI(LightningCLI):
                 f"{ckpt_path} was written by {ckpt[WRITER_KEY]}, not {expected}: use it with `llmkit {writer} "
                 f"{subcommand if subcommand in offered else offered[0]}` (or as model.init_ckpt to fine-tune from it)"
             )
-        run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"  # LightningCLI's copy, in a run
+        run_config = self.ckpt_run / "config.yaml"  # LightningCLI's copy, in a run
         if subcommand == "fit" and not self.given[subcommand].get("config") and run_config.is_file():
             rank_zero_warn(f"resuming without --config: the trainer runs with Lightning's defaults (seed, callbacks, "
                            f"gradient clipping, validation), not the run's; add --config {run_config} to continue "
@@ -271,10 +273,9 @@ class LLMKitCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if (precision := self.config[subcommand].get("float32_matmul_precision")) is not None:
             torch.set_float32_matmul_precision(precision)
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path:
+        run = self.ckpt_run
+        if run is None:  # no --ckpt_path
             return
-        run = Path(ckpt_path).resolve().parent.parent
         logger = self._log_into_run(subcommand, run)
         if logger is not None and subcommand == "fit" and self.ckpt_step is not None:
             max_steps = self.config[subcommand].trainer.get("max_steps")
