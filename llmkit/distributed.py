@@ -52,6 +52,9 @@ def rank_share(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+SEEDS_KEY = "sampling_seeds"
+"""The checkpoint entry that holds a module's :class:`RankSeeds`."""
+
 MAX_RANKS = 2**16
 """Ranks :class:`RankSeeds` keeps apart: one draw's seeds for ranks below it never meet another's."""
 
@@ -80,6 +83,16 @@ class RankSeeds:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.base, self.draws = state["base"], state["draws"]
+
+    def save_to(self, checkpoint: dict) -> None:
+        """Put the state in a module's checkpoint (its ``on_save_checkpoint``)."""
+        checkpoint[SEEDS_KEY] = self.state_dict()
+
+    def restore_from(self, checkpoint: dict) -> None:
+        """Take the state from a module's checkpoint (its ``on_load_checkpoint``); a checkpoint
+        written before the seeds were kept leaves them as built."""
+        if SEEDS_KEY in checkpoint:
+            self.load_state_dict(checkpoint[SEEDS_KEY])
 
 
 def require_data_parallel(trainer: L.Trainer, who: str) -> None:

@@ -125,12 +125,11 @@ class SDFTModule(FineTuneModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["sampling_seeds"] = self.seeds.state_dict()
+        self.seeds.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if "sampling_seeds" in checkpoint:  # older checkpoints: the seeds start afresh
-            self.seeds.load_state_dict(checkpoint["sampling_seeds"])
+        self.seeds.restore_from(checkpoint)
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         cfg = self.sdft

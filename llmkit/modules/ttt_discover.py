@@ -397,10 +397,9 @@ class TTTDiscoverModule(L.LightningModule):
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WRITER_KEY] = type(self).__name__
         checkpoint["archive"] = self.archive.to_dict()
-        checkpoint["sampling_seeds"] = self.seeds.state_dict()
+        self.seeds.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
         self.archive = Archive.from_dict(checkpoint["archive"])
-        if "sampling_seeds" in checkpoint:  # older checkpoints: the seeds start afresh
-            self.seeds.load_state_dict(checkpoint["sampling_seeds"])
+        self.seeds.restore_from(checkpoint)
