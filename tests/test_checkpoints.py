@@ -437,12 +437,18 @@ def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards,
     events.Reload()
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3, 5]
 
-def test_a_refused_resume_leaves_the_run_it_would_continue_as_it_was(shards, tmp_path):
-    """Its events file (whose purge_step would hide the run's last steps) and config are removed."""
+def test_a_refused_resume_leaves_the_run_it_would_continue_as_it_was(shards, tmp_path, monkeypatch):
+    """Its events file (whose purge_step would hide the run's last steps) and config are removed.
+    TensorBoard's writer creates its file from a background thread at its first write; that write
+    is delayed here, as on a busy machine, so the file appears only when the logger is flushed."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
     assert main(["pretrain", "fit", "--config", str(write_tensorboard_config(tmp_path, shards, 4)),
                  "--trainer.log_every_n_steps", "1"]) == 0
     run = tmp_path / "tb" / "run" / "version_0"
     before = sorted(p.name for p in run.iterdir())
+    write = RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.5), write(self, data)))
     assert main(["pretrain", "fit", "--config", str(tmp_path / "tb.yaml"), "--trainer.max_steps", "6",
                  "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
                  "--data.train_files", str(tmp_path / "missing.bin")]) == 1

@@ -39,6 +39,8 @@ class DiscardUnstartedRun(L.Callback):
         if (self.log_dir is None or not isinstance(exception, LLMKitError) or self.stepped
                 or not trainer.is_global_zero or not self.log_dir.is_dir()):
             return
+        for logger in trainer.loggers:  # TensorBoard creates its events file from a thread at its first write:
+            logger.finalize("failed")  # flushed, every file the run added exists (Lightning finalizes again: a no-op)
         if self.found is None:
             if not any(self.log_dir.rglob("*.ckpt")):
                 shutil.rmtree(self.log_dir, ignore_errors=True)
