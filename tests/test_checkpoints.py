@@ -388,6 +388,22 @@ def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     assert bar.total_train_batches == 400  # the epoch ends first
 
 
+def test_the_step_counting_bar_keeps_the_settings_of_the_bar_it_replaces():
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+
+    from llmkit.callbacks.console import RichStepProgressBar, TQDMStepProgressBar, step_progress_bar
+
+    bar = step_progress_bar(RichProgressBar(refresh_rate=7, leave=True, console_kwargs={"width": 90}))
+    assert isinstance(bar, RichStepProgressBar) and (bar.refresh_rate, bar._leave, bar._console_kwargs) == (
+        7, True, {"width": 90})
+    assert f"{3e-4:{bar.theme.metrics_format}}" == "0.0003"  # Lightning's default ".3f" shows 0.000
+    assert step_progress_bar(RichProgressBar(theme=RichProgressBarTheme(metrics_format=".2e"))).theme.metrics_format \
+        == ".2e"
+    bar = step_progress_bar(TQDMProgressBar(refresh_rate=3, process_position=1, leave=True))
+    assert isinstance(bar, TQDMStepProgressBar) and (bar.refresh_rate, bar.process_position, bar._leave) == (3, 1, True)
+
+
 def test_a_checkpoint_of_another_module_says_which_command_reads_it(sdft_run, trained, tmp_path, capsys):
     ckpt, config, _ = sdft_run
     examples = str(ckpt.parent.parent / "ex.jsonl")

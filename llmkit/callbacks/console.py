@@ -14,6 +14,7 @@ steps that remain ("40/9" when resuming step 30 of 40), and writes "Epoch 0/-2" 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
@@ -122,10 +124,14 @@ class TQDMStepProgressBar(_StepTotal, TQDMProgressBar):
 
 
 def step_progress_bar(default: ProgressBar | None) -> ProgressBar | None:
-    """The step-counting bar to use instead of Lightning's ``default`` one (None when the bar is off or
-    is the user's own class)."""
+    """The step-counting bar to use instead of ``default``, Lightning's bar with its settings (None when
+    the bar is off or is the user's own class). The rich bar's metrics show 4 significant digits
+    unless the theme sets a format: Lightning's ".3f" shows a learning rate of 3e-4 as 0.000."""
     if type(default) is RichProgressBar and _RICH_AVAILABLE:
-        return RichStepProgressBar()
+        theme = default.theme
+        if theme.metrics_format == RichProgressBarTheme.metrics_format:
+            theme = dataclasses.replace(theme, metrics_format=".4g")
+        return RichStepProgressBar(default.refresh_rate, default._leave, theme, default._console_kwargs)
     if type(default) is TQDMProgressBar:
-        return TQDMStepProgressBar()
+        return TQDMStepProgressBar(default.refresh_rate, default.process_position, default._leave)
     return None
