@@ -314,13 +314,13 @@ def test_safe_reward_kills_a_hanging_reward_and_the_next_call_works(worker):
     reward, reason = safe_reward(SleepingEnv(), "hang", timeout_s=0.5, worker=worker)
     elapsed = time.monotonic() - start
     assert reward == 0.0 and "timed out after 0.5 s" in reason
-    assert elapsed < 0.5 + 1.0, elapsed
+    assert elapsed < 10, elapsed  # cut at the timeout, not after the 60 s sleep (slack for a loaded CI machine)
     assert worker.pid is None  # killed
     assert safe_reward(SleepingEnv(), "ok", worker=worker) == (1.0, None)
     assert worker.pid not in (None, pid)
     start = time.monotonic()
     state, reason = safe_transition(SleepingEnv(), "x", "hang", timeout_s=0.5, worker=worker)  # busy loop
-    assert state is None and "timed out" in reason and time.monotonic() - start < 1.5
+    assert state is None and "timed out" in reason and time.monotonic() - start < 10
     assert safe_transition(SleepingEnv(), "x", "fine", worker=worker) == ("fine", None)
 
 
