@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
@@ -37,10 +35,11 @@ from llmkit.distributed import require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import WRITER_KEY, backbone_from_checkpoint, check_writer, read_checkpoint
+from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
 from llmkit.model.config import AttentionBackend
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
+from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
 
 
@@ -103,7 +102,7 @@ def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], 
             )
 
 
-class FineTuneModule(L.LightningModule):
+class FineTuneModule(LLMKitModule):
     """Base of :class:`SFTModule` and :class:`SDFTModule` (see the module docstring).
 
     The text of an example is used as written: the student's context is the tokens of its
@@ -163,7 +162,6 @@ class FineTuneModule(L.LightningModule):
         self.optim = optim
         self.evaluation = evaluation
         self.val_loss = MeanMetric()
-        self._weights_step = 0  # the optimizer step of the weights held: a loaded checkpoint's, or the last fit's end
 
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
@@ -223,8 +221,7 @@ class FineTuneModule(L.LightningModule):
         # per real token over every rank's batches: the metric sums values and weights over ranks
         self.log(f"val/{self.loss_name}", self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
-        if self.trainer.state.fn == "validate":  # plot a validation at the step of the weights it scores
-            self.log("step", float(self._weights_step))
+        self.log_weights_step()
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return
         # every rank evaluates the same weights; rank 0's report is the one logged, written and kept
@@ -234,18 +231,7 @@ class FineTuneModule(L.LightningModule):
         if report["probes"] is not None:
             self.log("val/probe_accuracy", report["probes"]["accuracy"])
         fitting = self.trainer.state.fn == "fit"
-        name = f"step_{self.global_step:06d}" if fitting else f"validate_step_{self._weights_step:06d}"
+        name = f"step_{self.global_step:06d}" if fitting else f"validate_step_{self.weights_step:06d}"
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:  # a validate's report never replaces the one fit wrote for the same weights
             write_json_atomic(log_dir / "eval" / f"{name}.json", report)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_config"] = self.config.to_dict()
-        checkpoint[WRITER_KEY] = type(self).__name__
-
-    def on_fit_end(self) -> None:
-        self._weights_step = self.global_step  # a validate after fit, in this process, scores these weights
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_writer(checkpoint, type(self).__name__)
-        self._weights_step = checkpoint.get("global_step", 0)

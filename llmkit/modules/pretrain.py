@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -15,16 +14,11 @@ from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
-from llmkit.model.checkpoint import (
-    WRITER_KEY,
-    backbone_from_checkpoint,
-    check_writer,
-    checkpoint_model_config,
-    read_checkpoint,
-)
+from llmkit.model.checkpoint import backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
+from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, clip_grad_norm, optimizer_with_schedule
 
 RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
@@ -56,7 +50,7 @@ def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
     return model
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(LLMKitModule):
     """Causal-LM pretraining: cross-entropy on (x, y) windows from PackedDataModule.
 
     Logs train/loss, train/lr, train/tokens, val/loss and val/ppl to the Trainer's logger;
@@ -105,7 +99,6 @@ class PretrainModule(L.LightningModule):
         self.optim = optim
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
-        self._weights_step = 0  # the optimizer step of the weights held: a loaded checkpoint's, or the last fit's end
         self._flops_per_token: dict[int, float] = {}
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor
 
@@ -178,8 +171,7 @@ class PretrainModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
-        if self.trainer.state.fn == "validate":  # plot a validation at the step of the weights it scores
-            self.log("step", float(self._weights_step))
+        self.log_weights_step()
 
     def configure_optimizers(self) -> dict:
         if self.optim.name == "muon" and isinstance(self.trainer.strategy, FSDPStrategy):
@@ -208,14 +200,9 @@ class PretrainModule(L.LightningModule):
         self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["model_config"] = self.config.to_dict()  # the truth where init_ckpt set the shape
+        super().on_save_checkpoint(checkpoint)
         checkpoint["tokens_seen"] = self.tokens_seen
-        checkpoint[WRITER_KEY] = type(self).__name__
-
-    def on_fit_end(self) -> None:
-        self._weights_step = self.global_step  # a validate after fit, in this process, scores these weights
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_writer(checkpoint, type(self).__name__)
+        super().on_load_checkpoint(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-        self._weights_step = checkpoint.get("global_step", 0)

@@ -54,7 +54,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -65,7 +64,6 @@ from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_da
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import WRITER_KEY, check_writer
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -76,6 +74,7 @@ from llmkit.model.lora import (
     mark_only_lora_trainable,
     save_lora,
 )
+from llmkit.modules.base import LLMKitModule
 from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student, prompt_ids
 from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
 
@@ -148,7 +147,7 @@ class StartStates:
             yield [state.id for state in self.module.select_starts()]
 
 
-class TTTDiscoverModule(L.LightningModule):
+class TTTDiscoverModule(LLMKitModule):
     """TTT-Discover on one problem (see the module docstring); LoRA adapters only.
 
     Args:
@@ -394,12 +393,11 @@ class TTTDiscoverModule(L.LightningModule):
         })
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_config"] = self.config.to_dict()
-        checkpoint[WRITER_KEY] = type(self).__name__
+        super().on_save_checkpoint(checkpoint)
         checkpoint["archive"] = self.archive.to_dict()
         self.seeds.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_writer(checkpoint, type(self).__name__)
+        super().on_load_checkpoint(checkpoint)
         self.archive = Archive.from_dict(checkpoint["archive"])
         self.seeds.restore_from(checkpoint)

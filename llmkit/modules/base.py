@@ -1,0 +1,49 @@
+"""LLMKitModule: what every llmkit LightningModule writes into its checkpoints and checks in them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from llmkit.model.checkpoint import WRITER_KEY, check_writer
+from llmkit.model.config import ModelConfig
+
+
+class LLMKitModule(L.LightningModule):
+    """Base of :class:`~llmkit.modules.pretrain.PretrainModule`,
+    :class:`~llmkit.modules.finetune.FineTuneModule` and
+    :class:`~llmkit.modules.ttt_discover.TTTDiscoverModule`.
+
+    A checkpoint holds the backbone's config (``ckpt["model_config"]``, the truth where
+    ``init_ckpt`` set the shape, read by ``llmkit generate`` and later fine-tuning runs) and the
+    name of the module that wrote it, which a loading module checks
+    (:func:`~llmkit.model.checkpoint.check_writer`: a checkpoint of another module is refused with
+    the command that reads it). The module also knows the optimizer step of the weights it holds
+    (:attr:`weights_step`: a loaded checkpoint's, or the last fit's end), at which a ``validate``
+    plots its metrics (:meth:`log_weights_step`).
+    """
+
+    config: ModelConfig
+    """The backbone's config; a subclass sets it in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights_step = 0
+
+    def log_weights_step(self) -> None:
+        """In a ``validate``, log ``step``: Lightning then plots the validation at the step of the
+        weights it scores, not at 0."""
+        if self.trainer.state.fn == "validate":
+            self.log("step", float(self.weights_step))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_config"] = self.config.to_dict()
+        checkpoint[WRITER_KEY] = type(self).__name__
+
+    def on_fit_end(self) -> None:
+        self.weights_step = self.global_step  # a validate after fit, in this process, scores these weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_writer(checkpoint, type(self).__name__)
+        self.weights_step = checkpoint.get("global_step", 0)
