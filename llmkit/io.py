@@ -185,12 +185,17 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | None], instead: str) -> None:
     """Raise :class:`LLMKitError` before anything is written if ``out`` (named ``what``) is the same
-    file or directory as one of ``inputs`` (``{name: path}``, None skipped), which a command reads:
-    writing it would replace its own input. The message names both, then says ``instead``."""
+    file or directory as one of ``inputs`` (``{name: path}``, None skipped), which a command reads,
+    or an existing file inside one that is a directory (a model directory's weights, say): writing it
+    would replace the command's own input. The message names both, then says ``instead``."""
     out = Path(out)
     for name, path in inputs.items():
-        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+        if path is None or not out.exists() or not Path(path).exists():
+            continue
+        if out.samefile(path):
             raise LLMKitError(f"{what} {out} is the {name} it reads: {instead}")
+        if Path(path).is_dir() and Path(path).resolve() in out.resolve().parents:
+            raise LLMKitError(f"{what} {out} is a file in the {name} {path} it reads: {instead}")
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:

@@ -351,12 +351,33 @@ def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path,
     ("--top-k", "0", "top_k must be >= 1, got 0"),
     ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
     ("--temperature", "-1", "temperature must be >= 0 (0 = greedy), got -1.0"),
+    ("--temperature", "nan", "temperature must be >= 0 (0 = greedy), got nan"),
 ])
 def test_generate_refuses_a_bad_sampling_flag_before_it_loads_the_model(flag, value, message, tmp_path, capsys):
     """The checkpoint given does not exist: the sampling error comes first, not after a long load."""
     assert main(["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tmp_path / "t.model"),
                  "--prompt", "x", flag, value]) == 1
     assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+
+
+def test_generate_gives_each_batch_its_own_samples_and_takes_top_k_none(trained, tokenizer_path, tmp_path):
+    """Every batch replayed the seed's stream: --num-samples 4 --batch-size 1 gave one sample four times."""
+    prompts = tmp_path / "prompts.JSONL"  # read as JSONL whatever the suffix's case
+    prompts.write_text('{"prompt": "def"}\n')
+
+    def completions(*args: str) -> list[str]:
+        out = tmp_path / "out.jsonl"
+        assert main(generate_args(trained, tokenizer_path, "--prompt-file", str(prompts), "--out", str(out),
+                                  "--max-new-tokens", "8", "--temperature", "2", *args)) == 0
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert {r["prompt"] for r in records} == {"def"}
+        return [r["completion"] for r in records]
+
+    samples = completions("--num-samples", "4", "--batch-size", "1", "--top-k", "none")
+    assert len(set(samples)) == 4
+    assert completions("--num-samples", "4", "--batch-size", "1", "--top-k", "none") == samples  # seeded
+    assert completions("--num-samples", "4", "--batch-size", "1", "--top-k", "none", "--seed", "1") != samples
+    assert len(set(completions("--num-samples", "4", "--batch-size", "4", "--top-k", "1"))) == 1  # greedy
 
 
 def test_writing_onto_a_directory_is_refused_before_anything_is_written(trained, tokenizer_path, tmp_path, capsys):
@@ -518,13 +539,16 @@ def test_gpu_configs_resolve_their_model_and_turn_every_speed_setting_on(size, c
 
 def test_commands_refuse_an_out_that_is_their_own_input_before_reading_it(trained, adapter, tmp_path, capsys):
     """`lora merge --out BASE` turned a training checkpoint into a merged backbone, and with it failed the
-    fingerprint check of every adapter trained on BASE; `convert upcycle` replaced its input too."""
+    fingerprint check of every adapter trained on BASE; `convert upcycle` replaced its input too, and
+    `--out MODEL_DIR/model.safetensors` replaced a model directory's weights with a .ckpt."""
     ckpt, lora = tmp_path / "last.ckpt", tmp_path / "adapter.safetensors"
     ckpt.write_bytes((trained / "ckpt" / "last.ckpt").read_bytes())
     lora.write_bytes(adapter[0].read_bytes())
     before = ckpt.read_bytes(), lora.read_bytes()
     same_ckpt = tmp_path / "sub" / ".." / "last.ckpt"  # another spelling of the same file
     (tmp_path / "sub").mkdir()
+    weights = tmp_path / "sub" / "model.safetensors"  # a model directory's file: --out must not replace it
+    weights.write_bytes(b"a model's weights")
     for argv, message in [
         (["lora", "merge", "--ckpt", str(ckpt), "--lora", str(lora), "--out", str(same_ckpt)],
          f"--out {same_ckpt} is the --ckpt it reads: write the merged checkpoint to another file"),
@@ -536,10 +560,23 @@ def test_commands_refuse_an_out_that_is_their_own_input_before_reading_it(traine
          f"--out {ckpt} is the --ckpt it reads: write the exported model to a new directory"),
         (["convert", "from-hf", "--model-dir", str(tmp_path / "sub"), "--out", str(tmp_path / "sub")],
          f"--out {tmp_path / 'sub'} is the --model-dir it reads: give the path of the .ckpt file to write"),
+        (["convert", "from-hf", "--model-dir", str(tmp_path / "sub"), "--out", str(weights)],
+         f"--out {weights} is a file in the --model-dir {tmp_path / 'sub'} it reads: give the path of the .ckpt "
+         "file to write"),
+        (["convert", "upcycle", "--ckpt", str(tmp_path / "sub"), "--out", str(weights)],
+         f"--out {weights} is a file in the --ckpt {tmp_path / 'sub'} it reads: write the upcycled checkpoint to "
+         "another file"),
+        (["lora", "merge", "--ckpt", str(tmp_path / "sub"), "--lora", str(lora), "--out", str(weights)],
+         f"--out {weights} is a file in the --ckpt {tmp_path / 'sub'} it reads: write the merged checkpoint to "
+         "another file"),
+        (["generate", "--ckpt", str(ckpt), "--tokenizer", str(tmp_path / "sub"), "--prompt", "x", "--out", str(ckpt)],
+         f"--out {ckpt} is the --ckpt it reads: write the completions to another file"),
+        (["generate", "--ckpt", str(ckpt), "--tokenizer", str(weights), "--prompt", "x", "--out", str(weights)],
+         f"--out {weights} is the --tokenizer it reads: write the completions to another file"),
     ]:
         assert main(argv) == 1
         assert capsys.readouterr().err == f"llmkit: error: {message}\n"
-    assert (ckpt.read_bytes(), lora.read_bytes()) == before
+    assert (ckpt.read_bytes(), lora.read_bytes(), weights.read_bytes()) == (*before, b"a model's weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "last.ckpt", "sub"]
 
 

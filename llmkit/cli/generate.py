@@ -24,7 +24,7 @@ Precision = Literal["auto", "32-true", "bf16-mixed"]
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a file: ``.jsonl`` lines of {"prompt": ...}, else one prompt per non-blank line."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         prompts = [text_field(record, "prompt", source, _PROMPT_LINE)
                    for source, record in iter_jsonl_objects(path, "prompt", _PROMPT_LINE)]
     elif not path.is_file():
@@ -105,7 +105,7 @@ def generate(
         top_k: sample among the k most likely tokens only.
         top_p: sample within the top-p probability mass only.
         num_samples: samples per prompt.
-        seed: the same seed gives the same samples.
+        seed: the same seed (and batch size) gives the same samples; each batch samples its own stream.
         bos: prepend the BOS token to each prompt.
         chat_template: render each prompt as a user message through the tokenizer's chat template (a Hugging Face
             model's), the assistant's turn opened after it.
@@ -130,7 +130,8 @@ def generate(
         if value < 1:
             raise LLMKitError(f"{flag} {value}: must be 1 or more")
     if out is not None:  # before sampling, not when the completions are written
-        refuse_overwrite(out, "--out", {"--prompt-file": prompt_file}, "write the completions to another file")
+        refuse_overwrite(out, "--out", {"--prompt-file": prompt_file, "--ckpt": ckpt, "--tokenizer": tokenizer,
+                                        "--lora": lora}, "write the completions to another file")
         if out.is_dir():
             raise LLMKitError(f"--out {out}: it is a directory; give the .jsonl file to write, e.g. "
                               f"{out / 'completions.jsonl'}")
@@ -160,7 +161,9 @@ def generate(
     config = dataclasses.replace(config, max_new_tokens=min(max_new_tokens, room))
     records = []
     bf16 = resolve_precision(precision, device) == "bf16-mixed"
+    batch_seeds = torch.Generator().manual_seed(seed)  # one seed per batch: the batches' samples differ
     for start in range(0, len(encoded), batch_size):
+        config = dataclasses.replace(config, seed=int(torch.randint(2**62, (), generator=batch_seeds)))
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
             result = sample(model, encoded[start : start + batch_size], config, eos_id=tok.stop_ids,
                             pad_id=tok.pad_id)

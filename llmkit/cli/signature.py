@@ -6,7 +6,8 @@ parameter typed as a dataclass contributes one flag per field, documented in the
 
 - ``max_new_tokens`` becomes ``--max-new-tokens`` (the command-line contract in docs/ uses
   dashes, which jsonargparse, the library behind LightningCLI, cannot produce);
-- a parameter without a default is required; ``X | None`` takes an X or nothing;
+- a parameter without a default is required; ``X | None`` takes an X or nothing, and where its
+  default is a number, also the word ``none`` (``--top-k none``);
 - ``bool`` is a switch with its negation (``--compile`` / ``--no-compile``);
 - ``list[X]`` takes one or more values; ``Literal[...]`` its values as choices.
 
@@ -66,12 +67,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """argparse's ``type`` for an ``int | None`` or ``float | None`` parameter: the word none, or a number."""
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's error says "invalid int value"
+    return parse
+
+
 def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, help: str) -> None:
     """One argument for parameter ``name`` of type ``hint`` (``inspect.Parameter.empty``: required)."""
     required = default is inspect.Parameter.empty
     args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in args if a is not type(None))  # X | None: an X, None by default
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    if optional:
+        hint = next(a for a in args if a is not type(None))  # X | None: an X, or None
         args = typing.get_args(hint)
     kwargs: dict[str, Any] = {"help": help, "dest": name}
     if required:
@@ -86,6 +97,9 @@ def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, he
         kwargs.update(nargs="+", type=args[0])
     elif typing.get_origin(hint) is Literal:
         kwargs.update(choices=args, type=type(args[0]))
+    elif hint in (int, float) and optional and default not in (None, inspect.Parameter.empty):
+        kwargs["type"] = _or_none(hint)  # --top-k none turns off what is on by default
+        kwargs["help"] += "; none turns it off"
     elif hint in (str, int, float, Path):
         kwargs["type"] = hint
     else:
