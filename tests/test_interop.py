@@ -410,6 +410,32 @@ def test_generate_from_an_imported_model_prints_what_transformers_decodes(chat, 
     assert printed == prompt + hf_tok.decode(out[0, ids.size(1):], skip_special_tokens=True)
 
 
+def test_export_keeps_every_stop_id_and_the_sampling_defaults(imported, tmp_path):
+    """The export named only the first eos id (a chat model exported so stops at no end of turn) and
+    dropped generation_config.json's sampling defaults; a tokenizer without BOS wrote bos_token_id -1."""
+    import shutil
+
+    from llmkit.data.tokenizer import load_tokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(imported["dir"], source)
+    vocab = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+    end_of_turn, end_of_text = (next(t["id"] for t in vocab if t["content"] == c) for c in ("<|im_end|>",
+                                                                                         "<|endoftext|>"))
+    edit_config(source, eos_token_id=[end_of_turn, end_of_text])
+    (source / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [end_of_turn, end_of_text]}))
+    out = tmp_path / "exported"
+    assert main(["convert", "to-hf", "--ckpt", str(imported["ckpt"]), "--tokenizer", str(source),
+                 "--out", str(out)]) == 0
+    config, generation = (json.loads((out / name).read_text()) for name in ("config.json", "generation_config.json"))
+    assert config["eos_token_id"] == generation["eos_token_id"] == [end_of_turn, end_of_text]
+    assert config["bos_token_id"] is None and generation["bos_token_id"] is None
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"]) == (True, 0.6, 0.9)
+    assert load_tokenizer(out).stop_ids == load_tokenizer(source).stop_ids == (end_of_turn, end_of_text)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [end_of_turn, end_of_text]
+
+
 def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported, tmp_path):
     import yaml
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from llmkit.errors import LLMKitError
-from llmkit.io import new_directory_atomic, refuse_overwrite
+from llmkit.io import new_directory_atomic, read_json, refuse_overwrite
 
 if TYPE_CHECKING:
     import torch
@@ -124,15 +124,19 @@ def to_hf(
                           "can load; this one (mHC, MoE or latent attention) is not: merge the adapter (the default)")
     state = merged_base_state(model) if lora is not None and merge_lora else model.state_dict()
     tokenizer = tokenizer or _checkpoint_tokenizer(ckpt, checkpoint)
-    special: dict[str, int | None] = {}
+    special: dict[str, int | list[int] | None] = {}
+    generation: dict = {}
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         tok.check_vocab_size(config.vocab_size, f"checkpoint {ckpt}")
-        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        stops = list(tok.stop_ids)  # a chat model's end of turn too: eos_token_id lists every id it stops at
+        special = {"bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
+                   "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": tok.pad_id}
+        generation = _source_generation_config(Path(tokenizer))
     out_dtype = _dtype(dtype, stored)
     with new_directory_atomic(out, "exported model") as tmp:
         if hf_exportable(config):
-            save_hf_model(config, state, tmp, out_dtype, special)
+            save_hf_model(config, state, tmp, out_dtype, special, generation)
         else:
             save_model_dir(config, state, tmp, out_dtype, special)
         if tokenizer is not None:
@@ -183,6 +187,16 @@ def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
         if source and Path(source).is_dir() and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
             return Path(source)
     return None
+
+
+def _source_generation_config(tokenizer: Path) -> dict:
+    """The ``generation_config.json`` of the model directory a Hugging Face tokenizer comes from
+    (its sampling defaults: ``do_sample``, ``temperature``, ``top_p``...), or {}."""
+    source = tokenizer if tokenizer.is_dir() else tokenizer.parent
+    path = source / "generation_config.json"
+    if tokenizer.suffix == ".model" or not path.is_file():
+        return {}
+    return read_json(path, "the model directory's generation config; fix or remove it")
 
 
 def _copy_tokenizer(tokenizer: Path, out_dir: Path) -> None:

@@ -284,7 +284,9 @@ def hf_exportable(config: ModelConfig) -> bool:
     return config.n_streams == 1 and config.attention == "mha" and config.moe.n_experts == 0
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int | None]) -> dict[str, Any]:
+def hf_config(
+    config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int | list[int] | None]
+) -> dict[str, Any]:
     """The Hugging Face ``config.json`` of a one-stream llmkit model: Qwen3 if it has qk-norm,
     Qwen2 if it has q/k/v biases, Llama otherwise. ``special_ids`` holds ``bos_token_id``,
     ``eos_token_id`` and ``pad_token_id``."""
@@ -341,14 +343,15 @@ def write_weights(
 
 def save_hf_model(
     config: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
-    special_ids: dict[str, int | None],
+    special_ids: dict[str, int | list[int] | None], generation: dict[str, Any] | None = None,
 ) -> None:
     """Write ``config.json``, ``generation_config.json`` and ``model.safetensors`` (Hugging Face
-    names, in ``dtype``) of a one-stream model (``config``, ``state``) into ``out_dir``."""
+    names, in ``dtype``) of a one-stream model (``config``, ``state``) into ``out_dir``. The
+    generation config is ``generation`` (a source model's sampling defaults) with ``special_ids``."""
     hf = hf_config(config, dtype, special_ids)  # refuses what has no Hugging Face form before writing
     write_weights(config, state, out_dir / "model.safetensors", dtype, hf_name)
     write_json_atomic(out_dir / "config.json", hf)
-    write_json_atomic(out_dir / "generation_config.json", {k: v for k, v in special_ids.items() if v is not None})
+    write_json_atomic(out_dir / "generation_config.json", {**(generation or {}), **special_ids})
 
 
 def save_peft_adapter(tensors: dict[str, torch.Tensor], config: LoRAConfig, out_dir: Path) -> None:
