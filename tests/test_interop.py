@@ -262,6 +262,29 @@ def test_sharded_weights_with_an_index_import_equally(hf_models, converted, tmp_
         assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
 
 
+def test_a_stray_safetensors_file_beside_model_safetensors_is_not_read(hf_models, converted, tmp_path):
+    """As transformers reads it; a zeroed copy beside it used to replace the weights (Mistral also ships a
+    consolidated.safetensors in its own names)."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = break_dir(hf_models, tmp_path)
+    zeros = {k: torch.zeros_like(t) for k, t in load_file(model_dir / "model.safetensors").items()}
+    save_file(zeros, model_dir / "zz_old.safetensors", metadata={"format": "pt"})
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
+
+
+def split_without_index(model_dir: Path) -> None:
+    """Two files holding the embedding each, and no index to say which is meant."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    save_file({"model.embed_tokens.weight": tensors["model.embed_tokens.weight"]}, model_dir / "a.safetensors")
+    save_file(tensors, model_dir / "b.safetensors")
+    (model_dir / "model.safetensors").unlink()
+
+
 def set_head(model_dir: Path, noise: float) -> None:
     """Store lm_head.weight: the embedding plus ``noise`` (0: equal to it), whatever the config says."""
     from safetensors.torch import load_file, save_file
@@ -326,6 +349,8 @@ BAD = {
                              "sliding_window 32 is shorter than the context 96"),
     "damaged weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
                         "the file is damaged or not safetensors"),
+    "a tensor in two files": (split_without_index, "b.safetensors: tensor model.embed_tokens.weight is in another "
+                              "file of"),
 }
 
 

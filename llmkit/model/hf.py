@@ -196,6 +196,8 @@ def weight_files(model_dir: Path) -> list[Path]:
                 raise LLMKitError(f"{index} names the shard {path.name}, which is missing from {model_dir}: "
                                   "download the complete model")
         return files
+    if (model_dir / "model.safetensors").is_file():  # as transformers reads it: a stray file beside it is not read
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise LLMKitError(f"{model_dir} has no *.safetensors weights (pytorch_model.bin is not read): "
@@ -258,6 +260,9 @@ def read_hf_model(
             if name not in expected:
                 raise LLMKitError(f"{path}: tensor {key} is not a weight of this {hf['model_type']} config; "
                                   "the weights and config.json do not belong together")
+            if name in state:
+                raise LLMKitError(f"{path}: tensor {key} is in another file of {model_dir} too; keep one copy of "
+                                  "the weights (or a model.safetensors.index.json naming the shards)")
             if tuple(tensor.shape) != expected[name]:
                 raise LLMKitError(f"{path}: {key} has shape {list(tensor.shape)} but config.json implies "
                                   f"{list(expected[name])}; the weights and config.json do not belong together")
