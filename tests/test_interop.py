@@ -461,6 +461,23 @@ def test_export_keeps_every_stop_id_and_the_sampling_defaults(imported, tmp_path
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [end_of_turn, end_of_text]
 
 
+def test_upcycle_and_lora_merge_keep_the_tokenizer_link_and_the_weights_dtype(imported, tmp_path):
+    """Their checkpoints lost the model directory a converted model came from (to-hf then wrote no
+    tokenizer), and a merge of a bf16 base wrote fp32."""
+    bf16, adapter = tmp_path / "bf16.ckpt", tmp_path / "adapter.safetensors"
+    assert main(["convert", "from-hf", "--model-dir", str(imported["dir"]), "--out", str(bf16), "--dtype", "bf16"]) == 0
+    adapted(bf16, adapter)
+    merged, upcycled, from_dir = tmp_path / "merged.ckpt", tmp_path / "upcycled.ckpt", tmp_path / "from_dir.ckpt"
+    assert main(["lora", "merge", "--ckpt", str(bf16), "--lora", str(adapter), "--out", str(merged)]) == 0
+    assert {t.dtype for t in torch.load(merged, weights_only=True)["state_dict"].values()} == {torch.bfloat16}
+    assert main(["convert", "upcycle", "--ckpt", str(merged), "--out", str(upcycled)]) == 0
+    assert main(["convert", "upcycle", "--ckpt", str(imported["dir"]), "--out", str(from_dir)]) == 0
+    for source in (merged, upcycled, from_dir):
+        out = tmp_path / f"{source.stem}_exported"
+        assert main(["convert", "to-hf", "--ckpt", str(source), "--out", str(out)]) == 0
+        assert (out / "tokenizer.json").read_bytes() == (imported["dir"] / "tokenizer.json").read_bytes(), source
+
+
 def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported, tmp_path):
     import yaml
 

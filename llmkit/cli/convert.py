@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import LLMKitError
 from llmkit.io import new_directory_atomic, read_json, refuse_overwrite
@@ -173,9 +173,22 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
     dense = ModelConfig.from_dict(model_config_dict(checkpoint))
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     config, state = upcycle_state(dense, state, n_streams, seed)
-    write_backbone_checkpoint(out, config, state, upcycled_from=str(Path(ckpt).resolve()))
+    write_backbone_checkpoint(out, config, state, upcycled_from=str(Path(ckpt).resolve()),
+                              **tokenizer_link(ckpt, checkpoint))
     print(f"wrote {out}: {_describe(config, state)}, logits equal to {ckpt}'s at initialisation")
     return 0
+
+
+def tokenizer_link(ckpt: Path, checkpoint: dict) -> dict[str, Any]:
+    """What a checkpoint written from ``ckpt`` (read as ``checkpoint``) by ``upcycle`` or ``lora
+    merge`` keeps of its source, so that ``to-hf`` still finds the tokenizer
+    (:func:`_checkpoint_tokenizer`): the source's ``converted_from``, or one naming ``ckpt`` when it
+    is a model directory."""
+    if "converted_from" in checkpoint:
+        return {"converted_from": checkpoint["converted_from"]}
+    if Path(ckpt).is_dir():
+        return {"converted_from": {"model_dir": str(Path(ckpt).resolve())}}
+    return {}
 
 
 def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:

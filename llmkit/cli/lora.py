@@ -42,6 +42,7 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
 
     import lightning
 
+    from llmkit.cli.convert import tokenizer_link
     from llmkit.model.checkpoint import read_checkpoint, write_backbone_checkpoint
     from llmkit.model.lora import lora_layers, merged_base_state
 
@@ -49,9 +50,13 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
     model = load_with_adapter(ckpt, lora, checkpoint=checkpoint)
     n = len(lora_layers(model))
     merged_lora = {"adapter": str(lora.resolve()), "base": str(ckpt.resolve())}
+    base = checkpoint["state_dict"]
+    state = {k: v.to(base[f"model.{k}"].dtype) if f"model.{k}" in base else v  # a bf16 base stays bf16
+             for k, v in merged_base_state(model).items()}
     write_backbone_checkpoint(
-        out, model.config, merged_base_state(model), hyper_parameters=checkpoint.get("hyper_parameters", {}),
-        hparams_name="kwargs", merged_lora=merged_lora, **{"pytorch-lightning_version": lightning.__version__},
+        out, model.config, state, hyper_parameters=checkpoint.get("hyper_parameters", {}), hparams_name="kwargs",
+        merged_lora=merged_lora, **tokenizer_link(ckpt, checkpoint),
+        **{"pytorch-lightning_version": lightning.__version__},
     )
     write_json_atomic(out.with_name(out.name + ".json"), merged_lora | {"layers": n})
     print(f"wrote {out}: {n} LoRA layers merged into the base weights")
