@@ -119,6 +119,25 @@ def test_dtype_auto_keeps_the_source_dtype_and_bf16_halves_it(hf_models, tmp_pat
     assert {t.dtype for t in state.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-seq-len", "0"], "--max-seq-len 0: must be 1 or more (leave it out for the model's context)"),
+    (["--n-streams", "0"], "--n-streams 0: 1 keeps the dense residual, 2 or more upcycles to mHC"),
+])
+def test_from_hf_refuses_a_context_or_stream_count_below_one(flags, message, hf_models, tmp_path, capsys):
+    """--max-seq-len 0 meant "no cap" without a word."""
+    assert main(["convert", "from-hf", "--model-dir", str(hf_models["llama3"][1]), "--out", str(tmp_path / "o.ckpt"),
+                 *flags]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n" and not (tmp_path / "o.ckpt").exists()
+
+
+def test_from_hf_says_when_max_seq_len_is_beyond_the_models_context(hf_models, tmp_path, capsys):
+    assert main(["convert", "from-hf", "--model-dir", str(hf_models["llama3"][1]), "--out", str(tmp_path / "o.ckpt"),
+                 "--max-seq-len", "1000"]) == 0
+    assert read_checkpoint(tmp_path / "o.ckpt")["model_config"]["max_seq_len"] == 96
+    assert "--max-seq-len 1000 is beyond the model's max_position_embeddings; the context stays 96" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
 def test_upcycled_mhc_model_computes_the_dense_logits(family, hf_models, converted, tmp_path):
     out = tmp_path / "n4.ckpt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,12 +65,19 @@ def from_hf(
         seed: seed of the upcycled model's stream embedding.
     """
     refuse_overwrite(out, "--out", {"--model-dir": model_dir}, "give the path of the .ckpt file to write")
+    if n_streams < 1:
+        raise LLMKitError(f"--n-streams {n_streams}: 1 keeps the dense residual, 2 or more upcycles to mHC")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise LLMKitError(f"--max-seq-len {max_seq_len}: must be 1 or more (leave it out for the model's context)")
 
     from llmkit.model.checkpoint import write_backbone_checkpoint
     from llmkit.model.hf import read_hf_config, read_hf_model, tie_head
     from llmkit.model.upcycle import upcycle_state
 
     config, state = read_hf_model(model_dir, max_seq_len=max_seq_len)
+    if max_seq_len is not None and config.max_seq_len < max_seq_len:
+        print(f"llmkit: note: --max-seq-len {max_seq_len} is beyond the model's max_position_embeddings; the context "
+              f"stays {config.max_seq_len}", file=sys.stderr)
     stored = {name: t for name, t in state.items() if not (config.tie_embeddings and name == "lm_head.weight")}
     state = tie_head(config, {name: t.to(_dtype(dtype, t.dtype)) for name, t in stored.items()})
     if n_streams != 1:
