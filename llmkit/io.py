@@ -133,12 +133,15 @@ def temp_path(path: Path) -> Path:
 
 
 def remove_stale_temps(path: Path) -> None:
-    """Delete the temp files of ``path`` whose writer no longer runs (a process killed with -9
-    cannot clean up after itself)."""
+    """Delete the temp files (or directories) of ``path`` whose writer no longer runs (a process
+    killed with -9 cannot clean up after itself)."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
         if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
@@ -235,11 +238,12 @@ def new_directory_atomic(path: str | Path, what: str) -> Iterator[Path]:
     """Yield a temp directory beside ``path`` to fill; on success it is renamed to ``path``, on
     an error removed, so ``path`` never holds a half-written result. ``path`` must not exist yet
     (or be empty): an existing one raises :class:`LLMKitError` naming it (``what`` says what it
-    would have held)."""
+    would have held). A killed writer's temp directory is removed by the next write."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise LLMKitError(f"{path} already exists: choose a new directory for the {what} or remove that one")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -385,11 +387,17 @@ def test_a_bad_model_directory_is_one_line_and_writes_nothing(case, hf_models, t
     assert not out.exists() and not list(tmp_path.glob(".out.ckpt*"))
 
 
-def test_export_refuses_an_existing_directory_and_an_mhc_peft_adapter(converted, tmp_path, capsys):
+def test_export_refuses_a_taken_directory_and_an_mhc_peft_adapter_and_clears_a_killed_one(converted, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["convert", "to-hf", "--ckpt", str(converted["qwen2"]), "--out", str(tmp_path / "taken")]) == 1
     assert "already exists" in capsys.readouterr().err
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # an export killed with -9 left its temp directory
+    killed.wait()
+    (tmp_path / f".exported.{killed.pid}.tmp").mkdir()
+    (tmp_path / f".exported.{killed.pid}.tmp" / "model.safetensors").write_bytes(b"half")
+    assert main(["convert", "to-hf", "--ckpt", str(converted["qwen2"]), "--out", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "taken"]
     config = ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=64, n_streams=2)
     with pytest.raises(LLMKitError, match="n_streams 2"):
         from llmkit.model.hf import hf_config
@@ -457,8 +465,6 @@ def test_generate_from_an_imported_model_prints_what_transformers_decodes(chat, 
 def test_export_keeps_every_stop_id_and_the_sampling_defaults(imported, tmp_path):
     """The export named only the first eos id (a chat model exported so stops at no end of turn) and
     dropped generation_config.json's sampling defaults; a tokenizer without BOS wrote bos_token_id -1."""
-    import shutil
-
     from llmkit.data.tokenizer import load_tokenizer
 
     source = tmp_path / "source"
