@@ -354,7 +354,10 @@ BAD = {
     "unsupported architecture": (lambda d: edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"]),
                                  "model_type 'gpt2' is not supported"),
     "unknown rope type": (lambda d: edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0}),
-                          "rope type 'yarn' (rope_scaling) is not supported"),
+                          "rope type 'yarn' (rope_parameters) is not supported"),
+    "heads that do not divide": (lambda d: edit_config(d, num_key_value_heads=3),
+                                 "config.json: invalid model config: n_heads (4) must be divisible by n_kv_heads (3) "
+                                 "(in llmkit's names for the file's fields)"),
     "rope keys disagree": (lambda d: edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
                                                  rope_scaling={"rope_type": "yarn", "factor": 4.0}),
                            "rope_parameters has rope_type 'default' but rope_scaling has 'yarn' (transformers reads "

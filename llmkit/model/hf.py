@@ -127,8 +127,8 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
             original_max_seq_len=int(spec["original_max_position_embeddings"]),
         )
     raise LLMKitError(
-        f"{source}: rope type {rope_type!r} (rope_scaling) is not supported: llmkit implements default, "
-        "linear and llama3"
+        f"{source}: rope type {rope_type!r} ({'rope_parameters' if params else 'rope_scaling'}) is not supported: "
+        "llmkit implements default, linear and llama3"
     )
 
 
@@ -162,7 +162,7 @@ def model_config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | No
             f"the whole context: convert with --max-seq-len {window} (or less)"
         )
     n_heads = int(_field(hf, "num_attention_heads", source))
-    return ModelConfig(
+    fields = dict(
         vocab_size=int(_field(hf, "vocab_size", source)),
         n_layers=int(_field(hf, "num_hidden_layers", source)),
         d_model=int(_field(hf, "hidden_size", source)),
@@ -180,6 +180,10 @@ def model_config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | No
         qk_norm=model_type == "qwen3",
         n_streams=1,
     )
+    try:
+        return ModelConfig(**fields)
+    except LLMKitError as e:  # a shape no model has (heads that do not divide...): name the file it came from
+        raise LLMKitError(f"{source}: {e} (in llmkit's names for the file's fields)") from None
 
 
 def weight_files(model_dir: Path) -> list[Path]:
