@@ -296,6 +296,15 @@ def test_a_stray_safetensors_file_beside_model_safetensors_is_not_read(hf_models
         assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
 
 
+def test_a_weights_file_given_as_a_checkpoint_points_to_its_model_directory(hf_models, capsys):
+    """It said the file was a truncated checkpoint archive."""
+    weights = hf_models["llama3"][1] / "model.safetensors"
+    assert main(["generate", "--ckpt", str(weights), "--tokenizer", str(weights.parent), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {weights} is a weights file, not a checkpoint: give the model "
+                                       f"directory it is in ({weights.parent}), which llmkit reads with its "
+                                       "config.json, or a .ckpt\n")
+
+
 def split_without_index(model_dir: Path) -> None:
     """Two files holding the embedding each, and no index to say which is meant."""
     from safetensors.torch import load_file, save_file

@@ -81,6 +81,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
         )
     if not path.is_file():
         raise LLMKitError(f"checkpoint {path} does not exist: check the path (ckpt_path, init_ckpt or --ckpt)")
+    if path.suffix == ".safetensors":
+        raise LLMKitError(f"{path} is a weights file, not a checkpoint: give the model directory it is in "
+                          f"({path.parent}), which llmkit reads with its config.json, or a .ckpt")
     stat = path.stat()
     if stat.st_size == 0:
         raise LLMKitError(f"cannot read checkpoint {path}: the file is empty (an interrupted copy?); use another one")
