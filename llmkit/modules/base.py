@@ -19,9 +19,10 @@ class LLMKitModule(L.LightningModule):
     ``init_ckpt`` set the shape, read by ``llmkit generate`` and later fine-tuning runs) and the
     name of the module that wrote it, which a loading module checks
     (:func:`~llmkit.model.checkpoint.check_writer`: a checkpoint of another module is refused,
-    naming the module that wrote it; ``llmkit`` commands name the command that reads it). The module also knows the optimizer step of the weights it holds
-    (:attr:`weights_step`: a loaded checkpoint's, or the last fit's end), at which a ``validate``
-    plots its metrics (:meth:`log_weights_step`).
+    naming the module that wrote it; ``llmkit`` commands name the command that reads it). The
+    module also knows the optimizer step of the weights it holds (:attr:`weights_step`: a loaded
+    checkpoint's, or the last fit's end), at which a ``validate`` plots its metrics
+    (:meth:`log_weights_step`).
     """
 
     config: ModelConfig
