@@ -1,6 +1,6 @@
 """TTT-Discover vs best-of-N at the same sampling budget, on AC1 and Erdős minimum overlap.
 
-    python -m bench.discover                                   # demo model, CPU-sized (~10 minutes on 2 cores)
+    python -m bench.discover                                   # demo model, CPU-sized (about 18 minutes on 2 cores)
     python -m bench.discover --ckpt BASE.ckpt --tokenizer TOK.model --steps 50 --starts 8 --group 64   # one GPU
 
 1. Format warm-up: the base model (default: `llmkit demo`'s, trained on code only) first learns

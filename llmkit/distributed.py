@@ -67,22 +67,30 @@ class RankSeeds:
     gives each its own stream instead of the same samples on different prompts. The seeds depend
     on nothing else: not on torch's global generator, which checkpoints do not hold and data
     loaders draw from, so with :meth:`state_dict` in the checkpoint a resumed run samples what an
-    uninterrupted one does."""
+    uninterrupted one does. The state holds the draws of the batches that completed
+    (:meth:`batch_completed`): a checkpoint an interrupt saves in mid-batch, which the resumed run
+    repeats, holds the draws from before that batch."""
 
     def __init__(self) -> None:
         self.base = int(torch.randint(0, 2**40, ()).item())
         self.draws = 0
+        self.completed = 0  # the draws of completed batches: what a checkpoint holds
 
     def next(self, rank: int) -> int:
         """The seed of the next draw for global rank ``rank``."""
         self.draws += 1
         return self.base + self.draws * MAX_RANKS + rank
 
+    def batch_completed(self) -> None:
+        """Call at the end of a training step: its draws now belong to the checkpointed state."""
+        self.completed = self.draws
+
     def state_dict(self) -> dict[str, int]:
-        return {"base": self.base, "draws": self.draws}
+        return {"base": self.base, "draws": self.completed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.base, self.draws = state["base"], state["draws"]
+        self.completed = self.draws
 
     def save_to(self, checkpoint: dict) -> None:
         """Put the state in a module's checkpoint (its ``on_save_checkpoint``)."""

@@ -341,7 +341,8 @@ def test_ttt_discover_under_the_cli_ddp_launcher_splits_rollouts_and_writes_once
     the second process): each rank samples 3 of the step's 6 rollouts, both ranks hold the same
     archive and adapter, rank 0 alone writes discovery_log.jsonl, the adapters, archive.json and
     result.json; one process handed the six rollouts of each step reaches the same archive and
-    LoRA weights (KL centring over both ranks' tokens included)."""
+    LoRA weights (KL centring over both ranks' tokens included). Without model.out_dir, where rank 0
+    alone used to ask the trainer for its log directory, a collective, and the run hung up."""
     ttt = {"env": "tests.lenient_env.PrintableGuessEnv", "env_args": {"target": "alpha", "metric": "edit"},
            "starts_per_step": 2, "group_size": 3, "max_new_tokens": 8, "adapter_every": 1, "kl_center": True}
     model = {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path), "ttt": ttt,
@@ -350,9 +351,10 @@ def test_ttt_discover_under_the_cli_ddp_launcher_splits_rollouts_and_writes_once
     config = {"seed_everything": 0,
               "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 2, "logger": False,
                           "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                          "default_root_dir": str(out / "run"),  # no model.out_dir: the run's directory
                           "callbacks": [{"class_path": "tests.distributed_helpers.RankLog",
                                          "init_args": {"out": str(out)}}]},
-              "model": {**model, "out_dir": str(out / "run")}}
+              "model": model}
     (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "llmkit", "ttt", "fit", "--config", str(tmp_path / "ttt.yaml")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from llmkit.model.transformer import Transformer
 from llmkit.modules.sdft import SDFTModule
 from llmkit.modules.ttt_discover import TTTConfig, TTTDiscoverModule
 from tests.conftest import VOCAB_SIZE
+from tests.lenient_env import PrintableGuessEnv
 
 CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=512, n_streams=2)
 TOY = {"env": "llmkit.discovery.envs.StringTargetEnv", "env_args": {"target": "alpha", "metric": "edit"},
@@ -174,6 +176,52 @@ def test_two_rollouts_per_start_are_refused():
         TTTConfig(group_size=2)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"fixed_beta": -1.0}, "ttt.fixed_beta must be a finite number >= 0 (or null: the adaptive beta), got -1.0"),
+    ({"fixed_beta": math.nan}, "ttt.fixed_beta must be a finite number >= 0"),
+    ({"target_kl": 0.0}, "ttt.target_kl must be a finite number > 0, got 0.0"),
+    ({"kl_lambda": -1.0}, "ttt.kl_lambda must be a finite number >= 0, got -1.0"),
+    ({"puct_c": -1.0}, "ttt.puct_c must be a finite number >= 0, got -1.0"),
+    ({"archive_size": 0}, "ttt.archive_size must be a finite number >= 1, got 0"),
+    ({"children_per_parent": 0}, "ttt.children_per_parent must be a finite number >= 1, got 0"),
+    ({"reward_timeout_s": 0.0}, "ttt.reward_timeout_s must be a finite number > 0, got 0.0"),
+    ({"failure_reward": math.inf}, "ttt.failure_reward must be a finite number, got inf"),
+])
+def test_a_bad_loop_setting_is_refused_when_the_config_is_built_naming_its_key(setting, message):
+    """fixed_beta, target_kl and kl_lambda were found only after the model loaded and a step sampled."""
+    with pytest.raises(LLMKitError, match=re.escape(message)):
+        TTTConfig(**setting)
+
+
+class NegativeEnv(PrintableGuessEnv):
+    """The edit-distance reward less 100 (higher is better, every reward < 0); a rollout of odd length fails."""
+
+    def transition(self, state: str, action: str) -> str:
+        if len(action) % 2:
+            raise ValueError("odd length")
+        return super().transition(state, action)
+
+    def reward(self, state: str) -> float:
+        return super().reward(state) - 100.0
+
+
+def test_failed_rollouts_score_failure_reward_which_must_stay_below_the_valid_ones(base_ckpt, tokenizer_path,
+                                                                                   tmp_path, recwarn):
+    """Failures scored 0: with negative rewards a failure beat every valid state and got the advantage."""
+    module = fit(base_ckpt, tokenizer_path, tmp_path / "low", 1, env="tests.test_ttt.NegativeEnv",
+                 failure_reward=-1000.0)
+    log = json.loads((tmp_path / "low" / "discovery_log.jsonl").read_text())
+    assert 0 < log["failures"] < 8 and -200 < log["r_max"] < 0  # a valid state's reward, not a failure's
+    assert log["r_mean"] < -200  # failures count at -1000
+    assert not [w for w in recwarn if "failure_reward" in str(w.message)]
+    fit(base_ckpt, tokenizer_path, tmp_path / "default", 1, env="tests.test_ttt.NegativeEnv")
+    warned = [str(w.message) for w in recwarn if "failure_reward" in str(w.message)]
+    assert len(warned) == 1 and re.fullmatch(  # once, not for each such rollout
+        rf"{re.escape(module.env.name)}: a valid state scored -\d+(\.\d+)?, below ttt.failure_reward 0, so failing "
+        r"rollouts are favoured over it: set ttt.failure_reward at or below the environment's lowest reward",
+        warned[0]), warned
+
+
 def test_the_update_scores_actions_under_the_policy_that_sampled_them(base_ckpt, tokenizer_path):
     """At ttt.temperature 0.5, log pi_theta is that of softmax(logits / 0.5), the distribution the sampler drew
     from (the policy gradient and the KL shaping are wrong under any other)."""
@@ -219,10 +267,24 @@ def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path
                               tokenizer=str(tokenizer_path))
     fresh.on_load_checkpoint(checkpoint)
     assert fresh.seeds.next(0) == module.seeds.next(0)
+    module.on_save_checkpoint(checkpoint)  # a step began sampling (the draw above) and was interrupted:
+    assert checkpoint["sampling_seeds"]["draws"] == 2  # its resume samples that step's rollouts again
+
+
+def test_a_run_in_a_used_out_dir_drops_the_later_steps_log_and_adapters(base_ckpt, tokenizer_path, tmp_path):
+    """discovery_log.jsonl was appended to: a rerun (or a resume from step 2 of 4) read 1,2,3,1."""
+    fit(base_ckpt, tokenizer_path, tmp_path, 3)  # adapters at steps 2 (adapter_every) and 3 (the end)
+    with (tmp_path / "discovery_log.jsonl").open("a") as f:
+        f.write('{"step": 4, "problem": "str')  # a line a killed run left half-written
+    fit(base_ckpt, tokenizer_path, tmp_path, 1)
+    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["step_000001.safetensors"]
 
 
 def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path, tmp_path):
-    """archive.json and result.json after every step: Ctrl-C at step 3, checkpointing off, loses nothing found."""
+    """archive.json and result.json after every step, and the adapter on the interrupt: Ctrl-C after step 3,
+    checkpointing off, loses nothing found or trained (adapter_every 2 kept step 2's adapter only)."""
 
     class CtrlC(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
@@ -237,7 +299,8 @@ def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path
                   enable_progress_bar=False, enable_model_summary=False, callbacks=[CtrlC()]).fit(module)
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["steps"], result["finished"]) == (3, False)
-    assert result["adapter"] == str(tmp_path / "adapters" / "step_000002.safetensors")  # adapter_every 2
+    assert result["adapter"] == str(tmp_path / "adapters" / "step_000003.safetensors")  # saved on the interrupt
+    assert read_lora(result["adapter"])[0].keys() == {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert result["best_reward"] == module.archive.best().reward
     assert len(json.loads((tmp_path / "archive.json").read_text())["states"]) == len(module.archive)
     assert result["best_reward"] > result["initial_reward"]  # seed 1 finds states (as in the CLI run)

@@ -123,6 +123,10 @@ class SDFTModule(FineTuneModule):
         self.teacher.eval()
         return self
 
+    def training_step(self, batch: list[Example], batch_idx: int) -> None:
+        super().training_step(batch, batch_idx)
+        self.seeds.batch_completed()  # an interrupt inside the batch saves the seeds from before it
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         self.seeds.save_to(checkpoint)

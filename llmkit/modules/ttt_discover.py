@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -63,7 +64,7 @@ from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantage
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
-from llmkit.io import as_dataclass, write_json_atomic
+from llmkit.io import as_dataclass, atomic_file, write_json_atomic
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -96,7 +97,10 @@ class TTTConfig:
     kl_lambda / kl_center: KL shaping A - lambda log(pi/pi0) (center: the official code's
         batch-centred form).
     reuse: pick starts from the archive by PUCT (c = puct_c); False always starts from the
-        initial state.
+        initial state. archive_size: states kept; children_per_parent: the best children of one
+        parent state a step adds.
+    failure_reward: the reward of a rollout that fails (no valid state, a verifier error or
+        timeout): keep it at or below the environment's lowest reward, or failing pays.
     """
 
     env: str = "llmkit.discovery.envs.StringTargetEnv"
@@ -114,6 +118,7 @@ class TTTConfig:
     archive_size: int = 1000
     children_per_parent: int = 2
     reward_timeout_s: float = 5.0
+    failure_reward: float = 0.0
     adapter_every: int = 10
     mode: Literal["ttt", "best_of_n"] = "ttt"
 
@@ -128,7 +133,35 @@ class TTTConfig:
             raise LLMKitError(f"ttt.mode must be 'ttt' or 'best_of_n', got {self.mode!r}")
         if self.temperature <= 0:
             raise LLMKitError(f"ttt.temperature must be > 0 (the policy samples), got {self.temperature}")
+        for key, value in (("target_kl", self.target_kl), ("reward_timeout_s", self.reward_timeout_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise LLMKitError(f"ttt.{key} must be a finite number > 0, got {value}")
+        for key, value, low in (("kl_lambda", self.kl_lambda, 0), ("puct_c", self.puct_c, 0),
+                                ("archive_size", self.archive_size, 1),
+                                ("children_per_parent", self.children_per_parent, 1)):
+            if not (math.isfinite(value) and value >= low):
+                raise LLMKitError(f"ttt.{key} must be a finite number >= {low}, got {value}")
+        if self.fixed_beta is not None and not (math.isfinite(self.fixed_beta) and self.fixed_beta >= 0):
+            raise LLMKitError(f"ttt.fixed_beta must be a finite number >= 0 (or null: the adaptive beta), "
+                              f"got {self.fixed_beta}")
+        if not math.isfinite(self.failure_reward):
+            raise LLMKitError(f"ttt.failure_reward must be a finite number, got {self.failure_reward}")
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)  # checks both
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``discovery_log.jsonl`` line; infinite for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class _SaveOnInterrupt(L.Callback):
+    """:meth:`TTTDiscoverModule.save_after_interrupt` when a run stops on an exception."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        pl_module.save_after_interrupt()
 
 
 class StartStates:
@@ -213,6 +246,12 @@ class TTTDiscoverModule(LLMKitModule):
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
         self.seeds = RankSeeds()  # the rollouts' seeds, checkpointed
+        self.output_dir: Path | None = None  # set when fit starts
+        self._weights_ahead = False  # inside a step, after its update: the weights are not archive.step's
+        self._warned_failure_reward = False
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_SaveOnInterrupt()]
 
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
@@ -235,9 +274,23 @@ class TTTDiscoverModule(LLMKitModule):
             raise LLMKitError("TTT-Discover needs trainer.max_steps >= 1: the number of discovery steps to run")
         return StartStates(self, self.trainer.max_steps)
 
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+    def on_fit_start(self) -> None:
+        """Resolve the output directory on every rank (``trainer.log_dir`` is a collective under DDP;
+        rank 0 writes there later), and drop what a run went on to write past the step this one starts
+        at (a resume's later steps, or an earlier run's in the same ``out_dir``): the log's later
+        records and adapters."""
+        self.output_dir = Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        if not self.trainer.is_global_zero:
+            return
+        log = self.output_dir / "discovery_log.jsonl"
+        if log.is_file():
+            lines = log.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _logged_step(line) <= self.archive.step]
+            with atomic_file(log) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for adapter in (self.output_dir / "adapters").glob("step_*.safetensors"):
+            if int(adapter.stem.removeprefix("step_")) > self.archive.step:
+                adapter.unlink()
 
     def select_starts(self) -> list[State]:
         """``starts_per_step`` start states. PUCT selection skips the lineage of each pick, so it
@@ -251,9 +304,16 @@ class TTTDiscoverModule(LLMKitModule):
         """(new state or None, reward, failure reason or None) of one rollout, sandboxed."""
         state, why = safe_transition(self.env, start.text, action, self.ttt.reward_timeout_s)
         if state is None:
-            return None, 0.0, why
+            return None, self.ttt.failure_reward, why
         reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s)
-        return (state if why is None else None), reward, why
+        if why is not None:
+            return None, self.ttt.failure_reward, why
+        if reward < self.ttt.failure_reward and not self._warned_failure_reward:
+            self._warned_failure_reward = True
+            rank_zero_warn(f"{self.env.name}: a valid state scored {reward:.6g}, below ttt.failure_reward "
+                           f"{self.ttt.failure_reward:g}, so failing rollouts are favoured over it: set "
+                           f"ttt.failure_reward at or below the environment's lowest reward")
+        return state, reward, None
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         cfg, tok = self.ttt, self.tokenizer
@@ -282,6 +342,7 @@ class TTTDiscoverModule(LLMKitModule):
         if cfg.mode == "ttt":
             advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
             metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
+            self._weights_ahead = True
         self.archive.record_batch(rollouts)
 
         rewards = [r for group in groups for r in group]
@@ -291,6 +352,8 @@ class TTTDiscoverModule(LLMKitModule):
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
         }, metrics)
+        self.seeds.batch_completed()
+        self._weights_ahead = False
 
     def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
         """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
@@ -325,6 +388,11 @@ class TTTDiscoverModule(LLMKitModule):
                 f"or resume from the last good checkpoint"
             )
         stats = self.accumulator.backward(total.float(), int(count), last=True)
+        if not all(bool(p.isfinite().all()) for p in self.model.parameters() if p.requires_grad):
+            raise LLMKitError(
+                f"the LoRA weights are not finite after discovery step {self.archive.step + 1} (the update diverged): "
+                f"lower optim.lr (now {self.optim.lr}), or resume from the last good checkpoint"
+            )
         if stats is None:
             return {}
         return {"train/policy_loss": stats.loss, "train/lr": stats.lr, "train/tokens_per_step": float(stats.tokens)}
@@ -371,11 +439,25 @@ class TTTDiscoverModule(LLMKitModule):
     def on_train_end(self) -> None:
         if base_fingerprint(self.model) != self.base_sha256:
             raise LLMKitError("the base weights changed during TTT-Discover: only LoRA parameters may train")
-        if not self.trainer.is_global_zero:
-            return
-        step = self.archive.step
+        if self.trainer.is_global_zero:
+            self._save_last(finished=True)
+
+    def save_after_interrupt(self) -> None:
+        """Save the adapter and results of the last completed step when the run stops on an
+        exception (Ctrl-C among them), which ``on_train_end`` does not see; not when the weights
+        already hold an update of the unfinished step."""
+        if self.trainer.is_global_zero and self.output_dir is not None and self.archive.step > 0 \
+                and not self._weights_ahead:
+            self._save_last(finished=False)
+
+    def _save_last(self, finished: bool) -> None:
+        step, best = self.archive.step, self.archive.best()
         saved = step > 0 and step % self.ttt.adapter_every == 0  # by _record_step, from these same weights
-        self._write_results(self._adapter_path(step) if saved else self._save_adapter(step), finished=True)
+        adapter = self._adapter_path(step) if saved else self._save_adapter(step)
+        self._write_results(adapter, finished)
+        rank_zero_info(f"discovery {'finished' if finished else 'stopped'} at step {step}: best reward "
+                       f"{best.reward:.6g} (initial {self.archive.get(0).reward:.6g}, found at step {best.step}); "
+                       f"{self.output_dir / 'result.json'}, adapter {adapter}")
 
     def _write_results(self, adapter: Path | None, finished: bool) -> None:
         """``archive.json`` and ``result.json`` as of the last step, the adapter saved at or before it
