@@ -271,6 +271,24 @@ def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path
     assert checkpoint["sampling_seeds"]["draws"] == 2  # its resume samples that step's rollouts again
 
 
+def test_an_update_that_leaves_the_adapter_non_finite_stops_the_run_in_one_line(base_ckpt, tokenizer_path, tmp_path,
+                                                                                 monkeypatch):
+    """It surfaced at the next step, as the sampler's "probability tensor contains either inf, nan"."""
+    from llmkit.optim import TokenMeanAccumulator
+
+    backward = TokenMeanAccumulator.backward
+
+    def diverging(self, *args, **kwargs):
+        stats = backward(self, *args, **kwargs)
+        next(p for p in self.module.parameters() if p.requires_grad).data.fill_(math.inf)
+        return stats
+
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", diverging)
+    with pytest.raises(LLMKitError, match=r"the LoRA weights are not finite after discovery step 1 \(the update "
+                                          r"diverged\): lower optim.lr \(now 0.001\)"):
+        fit(base_ckpt, tokenizer_path, tmp_path, 2, env="tests.lenient_env.PrintableGuessEnv")
+
+
 def test_a_run_in_a_used_out_dir_drops_the_later_steps_log_and_adapters(base_ckpt, tokenizer_path, tmp_path):
     """discovery_log.jsonl was appended to: a rerun (or a resume from step 2 of 4) read 1,2,3,1."""
     fit(base_ckpt, tokenizer_path, tmp_path, 3)  # adapters at steps 2 (adapter_every) and 3 (the end)
