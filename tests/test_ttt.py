@@ -134,6 +134,30 @@ def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_
     assert all(r["start_states"] == [0, 0] for r in log)  # no reuse: always the initial state
 
 
+def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenizer_path, tmp_path):
+    """The resume purged from global_step + 1 = 1 (best_of_n never steps the optimizer): steps 1-2 were lost."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = {
+        "seed_everything": 1,
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"}},
+                    "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint"}]},
+        "model": {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path), "ttt": {**TOY, "mode": "best_of_n"},
+                  "lora": {"rank": 4, "alpha": 8.0}},
+    }
+    (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(config))
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml")]) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml"), "--trainer.max_steps", "3",
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert (run / "resume_step_2_config.yaml").is_file()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("ttt/best_reward")] == [1, 2, 3]
+
+
 def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenizer_path, tmp_path):
     with pytest.warns(UserWarning, match=r"discovery step \d/2: best reward 0 .* 8/8 rollouts failed: every rollout "
                                          r"failed \(reward failed: RuntimeError: verifier crashed"):

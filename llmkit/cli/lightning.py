@@ -52,7 +52,7 @@ from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progres
 from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import WRITER_KEY, load_checkpoint_file
+from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, load_checkpoint_file
 
 VALIDATE_CONFIG = "validate_config.yaml"
 """What ``validate`` saves its config as, beside (never over) the ``config.yaml`` of the run it validates."""
@@ -184,7 +184,7 @@ class LLMKitCLI(LightningCLI):
 
     def __init__(self, command: LightningCommand, **kwargs: Any) -> None:
         self.command = command
-        self.ckpt_step: int | None = None  # the global step of ``--ckpt_path``'s checkpoint
+        self.ckpt_step: int | None = None  # the step the logs number ``--ckpt_path``'s checkpoint with
         self.ckpt_run: Path | None = None  # its run, SAVE_DIR/NAME/version_N, when it lies in version_N/checkpoints
         super().__init__(_import(command.module), _import(command.datamodule), **kwargs)
 
@@ -217,7 +217,7 @@ class LLMKitCLI(LightningCLI):
                 f"--ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from other weights, use "
                 f"model.init_ckpt"
             )
-        self.ckpt_step = ckpt.get("global_step")
+        self.ckpt_step = ckpt.get(LOGGED_STEP_KEY, ckpt.get("global_step"))  # TTT best_of_n: discovery steps
         self.ckpt_run = Path(ckpt_path).resolve().parent.parent
         expected = self.command.module.split(":")[1]
         if ckpt.get(WRITER_KEY, expected) != expected:
@@ -233,8 +233,9 @@ class LLMKitCLI(LightningCLI):
                            f"gradient clipping, validation), not the run's; add --config {run_config} to continue "
                            f"it as it ran")
         max_steps = self.config[subcommand].trainer.get("max_steps")
-        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= ckpt.get("global_step", -1):
-            rank_zero_warn(f"{ckpt_path} is at step {ckpt['global_step']} and trainer.max_steps is {max_steps}: "
+        if subcommand == "fit" and max_steps is not None and self.ckpt_step is not None and \
+                0 <= max_steps <= self.ckpt_step:
+            rank_zero_warn(f"{ckpt_path} is at step {self.ckpt_step} and trainer.max_steps is {max_steps}: "
                            f"this fit has nothing to train; raise trainer.max_steps to continue the run")
         restored = {}
         hparams = dict(ckpt.get("hyper_parameters") or {})

@@ -45,6 +45,10 @@ from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
 """The checkpoint entry naming the LightningModule class that wrote it."""
+LOGGED_STEP_KEY = "llmkit_logged_step"
+"""The checkpoint entry holding the step its module's logs number the checkpoint's state with:
+``global_step``, but TTT-Discover's discovery steps, which ``mode: best_of_n`` counts without an
+optimizer step."""
 MODEL_DIR_TYPE = "llmkit"
 """The ``model_type`` in the ``config.json`` of an llmkit model directory."""
 SHARDED_METADATA = "meta.pt"

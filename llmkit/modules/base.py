@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from llmkit.model.checkpoint import WRITER_KEY, check_writer
+from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, check_writer
 from llmkit.model.config import ModelConfig
 
 
@@ -32,6 +32,12 @@ class LLMKitModule(L.LightningModule):
         super().__init__()
         self.weights_step = 0
 
+    @property
+    def logged_step(self) -> int:
+        """The step this module's logs number its current state with (saved in checkpoints as
+        :data:`~llmkit.model.checkpoint.LOGGED_STEP_KEY`, where a resume's TensorBoard purge starts)."""
+        return self.global_step
+
     def log_weights_step(self) -> None:
         """In a ``validate``, log ``step``: Lightning then plots the validation at the step of the
         weights it scores, not at 0."""
@@ -41,6 +47,7 @@ class LLMKitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WRITER_KEY] = type(self).__name__
+        checkpoint[LOGGED_STEP_KEY] = self.logged_step
 
     def on_fit_end(self) -> None:
         self.weights_step = self.global_step  # a validate after fit, in this process, scores these weights

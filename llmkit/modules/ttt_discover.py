@@ -253,6 +253,11 @@ class TTTDiscoverModule(LLMKitModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return [_SaveOnInterrupt()]
 
+    @property
+    def logged_step(self) -> int:
+        """The discovery step (see the module docstring): ``global_step`` stays 0 in best_of_n."""
+        return self.archive.step
+
     def setup(self, stage: str) -> None:
         require_data_parallel(self.trainer, type(self).__name__)
         rollouts = self.ttt.starts_per_step * self.ttt.group_size
