@@ -599,11 +599,21 @@ def test_consolidate_refuses_to_overwrite_a_run_it_reads(tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--top", "0"], "top (--top) must be >= 1, got 0"),
+    (["--min-reward", "nan"], "min_reward (--min-reward) must be a number, got nan"),
+])
+def test_consolidate_refuses_a_bad_flag_naming_it(flags, message, tmp_path, capsys):
+    write_discovery_run(tmp_path / "run")
+    assert main(["consolidate", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o.jsonl"), *flags]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n" and not (tmp_path / "o.jsonl").exists()
+
+
 def test_consolidate_counts_a_run_given_twice_once(tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "found.jsonl"
     write_discovery_run(run)
     assert main(["consolidate", "--run", str(run), str(run / ".." / "run"), str(run), "--out", str(out)]) == 0
-    assert capsys.readouterr().out == f"wrote {out}: 1 SDFT examples from 1 run(s), best reward 1\n"
+    assert capsys.readouterr().out == f"wrote {out}: 1 SDFT example from 1 run(s), best reward 1\n"
     assert [json.loads(line)["run"] for line in out.read_text().splitlines()] == [str(run)]
     from llmkit.discovery.consolidate import consolidate  # the Python function too
 

@@ -30,5 +30,6 @@ def consolidate(run: list[Path], out: Path, min_reward: float = -math.inf, top: 
     examples = consolidate_runs(runs, min_reward, top)
     write_jsonl_atomic(out, examples)
     best = max(e["reward"] for e in examples)
-    print(f"wrote {out}: {len(examples)} SDFT examples from {len(runs)} run(s), best reward {best:.6g}")
+    print(f"wrote {out}: {len(examples)} SDFT example{'s' if len(examples) != 1 else ''} from {len(runs)} run(s), "
+          f"best reward {best:.6g}")
     return 0

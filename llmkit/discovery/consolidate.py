@@ -22,14 +22,17 @@ from typing import Any
 from llmkit.errors import LLMKitError
 from llmkit.io import read_json, unique_paths
 
-_RUN_HINT = "pass the output directory of a finished `llmkit ttt fit` run (was it interrupted?)"
+_RUN_HINT = ("pass the output directory of an `llmkit ttt fit` run (its model.out_dir, or the run's log directory; "
+             "a run writes result.json after its first step)")
 
 
 def consolidate(run_dirs: list[str | Path], min_reward: float = -math.inf, top: int = 1) -> list[dict[str, Any]]:
     """SDFT examples from discovery runs (see the module docstring), best first within each run; a
     run given twice counts once."""
     if top < 1:
-        raise LLMKitError(f"top must be >= 1, got {top}")
+        raise LLMKitError(f"top (--top) must be >= 1, got {top}")
+    if math.isnan(min_reward):
+        raise LLMKitError("min_reward (--min-reward) must be a number, got nan")
     if not run_dirs:
         raise LLMKitError("no discovery runs given: pass the output directories of `llmkit ttt fit` runs")
     run_dirs = unique_paths(run_dirs)
