@@ -158,6 +158,31 @@ def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenize
     assert [e.step for e in events.Scalars("ttt/best_reward")] == [1, 2, 3]
 
 
+
+def test_a_resumed_discovery_says_nothing_of_lightnings_resume_caveats(base_ckpt, tokenizer_path, tmp_path, recwarn):
+    """Lightning warned that the data was not resumable (the starts come from the archive: it is) and printed
+    a 13-line example about manual optimization (the state after step S is the one to save)."""
+    config = {
+        "seed_everything": 1,
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "logger": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1,
+                                                 "save_top_k": -1}}]},
+        "model": {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path), "ttt": {**TOY, "adapter_every": 1},
+                  "lora": {"rank": 4, "alpha": 8.0}, "out_dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "ttt.yaml").write_text(yaml.safe_dump(config))
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml"), "--trainer.max_steps", "3"]) == 0
+    first, _, _ = read_lora(tmp_path / "out" / "adapters" / "step_000003.safetensors")
+    assert main(["ttt", "fit", "--config", str(tmp_path / "ttt.yaml"), "--trainer.max_steps", "3",
+                 "--ckpt_path", str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")]) == 0
+    again, _, _ = read_lora(tmp_path / "out" / "adapters" / "step_000003.safetensors")
+    assert all(torch.equal(first[name], again[name]) for name in first)  # exact
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "not resumable" in m or "manual optimization" in m], said
+
+
 def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenizer_path, tmp_path):
     with pytest.warns(UserWarning, match=r"discovery step \d/2: best reward 0 .* 8/8 rollouts failed: every rollout "
                                          r"failed \(reward failed: RuntimeError: verifier crashed"):

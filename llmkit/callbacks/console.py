@@ -37,6 +37,7 @@ HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree use with torch >= 2.10
     r".*does not have many workers.*",  # in-memory and memory-mapped data need no worker processes
     r".*callbacks used to create the checkpoint need to be provided",  # validate --ckpt_path: weights are enough
+    r"Using ModelCheckpoint with manual optimization",  # the state after step S is the one a resume needs
 )
 
 

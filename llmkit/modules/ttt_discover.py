@@ -179,6 +179,14 @@ class StartStates:
         for _ in range(self.steps):
             yield [state.id for state in self.module.select_starts()]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to keep: the starts come from the archive, which the module's checkpoint holds.
+        With :meth:`load_state_dict` it tells Lightning that a resume inside the run is exact."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See :meth:`state_dict`."""
+
 
 class TTTDiscoverModule(LLMKitModule):
     """TTT-Discover on one problem (see the module docstring); LoRA adapters only.
