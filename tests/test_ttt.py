@@ -179,6 +179,8 @@ def test_a_resumed_discovery_says_nothing_of_lightnings_resume_caveats(base_ckpt
                  "--ckpt_path", str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")]) == 0
     again, _, _ = read_lora(tmp_path / "out" / "adapters" / "step_000003.safetensors")
     assert all(torch.equal(first[name], again[name]) for name in first)  # exact
+    log = [json.loads(line) for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # steps 2 and 3 once, from the resume
     said = [str(w.message) for w in recwarn]
     assert not [m for m in said if "not resumable" in m or "manual optimization" in m], said
 

@@ -356,7 +356,9 @@ class TTTDiscoverModule(LLMKitModule):
             advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
             metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
             self._weights_ahead = True
-        self.archive.record_batch(rollouts)
+        self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
+        self.seeds.batch_completed()
+        self._weights_ahead = False
 
         rewards = [r for group in groups for r in group]
         self._record_step(starts, {
@@ -365,8 +367,6 @@ class TTTDiscoverModule(LLMKitModule):
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
         }, metrics)
-        self.seeds.batch_completed()
-        self._weights_ahead = False
 
     def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
         """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
