@@ -1,6 +1,7 @@
 """PackedDataModule: window alignment, determinism, shard checks."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -190,3 +191,21 @@ def test_with_a_plain_trainer_the_shards_are_checked_against_the_module_being_ru
     with pytest.raises(LLMKitError, match=r"^data\.seq_len 64 is longer than the model's max_seq_len 32"):
         fit(VOCAB_SIZE, 32, 64)
     fit(VOCAB_SIZE, 64, 32)
+
+
+def test_shards_packed_with_different_tokenizers_are_refused(shards, tmp_path):
+    """Only the vocabulary size was checked: a validation shard of another tokenizer of the same size gave a
+    meaningless val/loss, and train shards of two tokenizers trained together."""
+    import shutil
+
+    other = tmp_path / "other.bin"
+    shutil.copyfile(shards["val"], other)
+    meta = json.loads(Path(f"{shards['val']}.json").read_text())
+    meta.update(tokenizer_sha256="0" * 64, tokenizer="/elsewhere/spm.model")
+    Path(f"{other}.json").write_text(json.dumps(meta))
+    for train, val in (([shards["train"]], [other]), ([shards["train"], other], [shards["val"]])):
+        data = PackedDataModule(train_files=[str(p) for p in train], val_files=[str(p) for p in val], seq_len=32,
+                                batch_size=4, vocab_size=VOCAB_SIZE)
+        with pytest.raises(LLMKitError, match=rf"^{other} was packed with another tokenizer \(/elsewhere/spm.model\) "
+                                              rf"than {shards['train']} \("):
+            data.setup("fit")

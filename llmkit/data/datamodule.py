@@ -87,15 +87,24 @@ class ResumableLoader(DataLoader):
 
 
 def open_checked_shards(
-    paths: list[Path], seq_len: int, vocab_size: int | None
+    paths: list[Path], seq_len: int, vocab_size: int | None, packed_with: dict[str, Any]
 ) -> list[np.memmap]:
     """Memory-map shards and check them against the model: a vocabulary that fits the model (the
     same size for a SentencePiece tokenizer; at most the model's for a Hugging Face one, whose models
     pad their embedding: the metadata's ``vocab_rule``), every id below it, and at least
-    seq_len + 1 tokens per shard."""
+    seq_len + 1 tokens per shard. Every shard must come from one tokenizer (``tokenizer_sha256``):
+    ``packed_with`` holds the first shard's path and metadata, and is filled on the first call."""
     shards = []
     for path in paths:
         tokens, meta = open_shard(path)
+        if not packed_with:
+            packed_with.update(path=path, meta=meta)
+        elif meta.get("tokenizer_sha256") != packed_with["meta"].get("tokenizer_sha256"):
+            raise LLMKitError(
+                f"{path} was packed with another tokenizer ({meta.get('tokenizer')}) than {packed_with['path']} "
+                f"({packed_with['meta'].get('tokenizer')}): its ids mean other text; pack every shard, train and "
+                "validation, with the model's tokenizer"
+            )
         exact = meta.get("vocab_rule", "exact") == "exact"
         if vocab_size is not None and (meta["vocab_size"] > vocab_size or exact and meta["vocab_size"] != vocab_size):
             raise LLMKitError(
@@ -180,6 +189,7 @@ class PackedDataModule(L.LightningDataModule):
         self.vocab_size = vocab_size
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
+        self._packed_with: dict[str, Any] = {}  # the first shard opened: path, metadata
 
     def setup(self, stage: str) -> None:
         # a plain Trainer has no CLI links: the module being run (PretrainModule) gives what they would
@@ -191,12 +201,12 @@ class PackedDataModule(L.LightningDataModule):
             if not self.train_files:
                 raise LLMKitError("data.train_files is empty: give the training .bin shards")
             paths = expand_inputs(self.train_files, "data.train_files")
-            shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
+            shards = open_checked_shards(paths, self.seq_len, self.vocab_size, self._packed_with)
             self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
             self._check_train_batches(len(self.train_set))
         if stage in ("fit", "validate") and self.val_set is None and self.val_files:
             paths = expand_inputs(self.val_files, "data.val_files")
-            shards = open_checked_shards(paths, self.seq_len, self.vocab_size)
+            shards = open_checked_shards(paths, self.seq_len, self.vocab_size, self._packed_with)
             self.val_set = PackedWindows(shards, self._val_starts(shards), self.seq_len)
         if stage == "validate" and self.val_set is None:
             raise LLMKitError("data.val_files is empty: give the validation .bin shards")
