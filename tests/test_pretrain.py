@@ -100,6 +100,17 @@ def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
     assert not (tmp_path / "ckpt" / "last.ckpt").exists()
 
 
+def test_a_non_finite_validation_loss_stops_the_run_with_the_step(shards, tmp_path, monkeypatch):
+    """It was logged (and shown in the bar), and the run failed only at the next training batch."""
+    module = PretrainModule(model_config(), OptimConfig(warmup_steps=2))
+    module.configure_model()
+    real_loss = module.model.loss
+    monkeypatch.setattr(module.model, "loss", lambda x, y: real_loss(x, y) * (1.0 if module.training else float("nan")))
+    with pytest.raises(LLMKitError, match=r"^non-finite val/loss \(nan\) at global step 2: the weights diverged"):
+        trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1).fit(module,
+                                                                                     datamodule=datamodule(shards))
+
+
 def test_datamodule_checks_shards_against_the_module_vocab(shards, tmp_path):
     """`llmkit pretrain` links model.vocab_size to data.vocab_size (test_cli checks the link)."""
     module = PretrainModule(model_config(vocab_size=VOCAB_SIZE * 2))

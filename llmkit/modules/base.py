@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
+from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, check_writer
 from llmkit.model.config import ModelConfig
 
@@ -37,6 +39,15 @@ class LLMKitModule(L.LightningModule):
         """The step this module's logs number its current state with (saved in checkpoints as
         :data:`~llmkit.model.checkpoint.LOGGED_STEP_KEY`, where a resume's TensorBoard purge starts)."""
         return self.global_step
+
+    def check_validation_loss(self, name: str, loss: torch.Tensor) -> None:
+        """Raise on a non-finite validation loss ``name``: the weights diverged (it was logged, and
+        the run went on to fail at the next training batch)."""
+        if not torch.isfinite(loss):
+            raise LLMKitError(
+                f"non-finite {name} ({loss.item()}) at global step {self.global_step}: the weights diverged; lower "
+                f"optim.lr, set gradient clipping, or resume from the last good checkpoint"
+            )
 
     def log_weights_step(self) -> None:
         """In a ``validate``, log ``step``: Lightning then plots the validation at the step of the

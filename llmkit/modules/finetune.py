@@ -219,8 +219,10 @@ class FineTuneModule(LLMKitModule):
 
     def on_validation_epoch_end(self) -> None:
         # per real token over every rank's batches: the metric sums values and weights over ranks
-        self.log(f"val/{self.loss_name}", self.val_loss.compute(), prog_bar=True)
+        loss = self.val_loss.compute()
         self.val_loss.reset()
+        self.check_validation_loss(f"val/{self.loss_name}", loss)
+        self.log(f"val/{self.loss_name}", loss, prog_bar=True)
         self.log_weights_step()
         if not self.evaluation.enabled or self.trainer.sanity_checking:
             return

@@ -169,6 +169,7 @@ class PretrainModule(LLMKitModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
+        self.check_validation_loss("val/loss", loss)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log_weights_step()
