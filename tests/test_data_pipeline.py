@@ -184,6 +184,26 @@ def test_tokenizer_model_prefix_drops_model_and_refuses_a_directory(
     assert not any((tmp_path / "d").iterdir())
 
 
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model-prefix", "{tmp}/a.jsonl/spm"], "model prefix {tmp}/a.jsonl/spm: {tmp}/a.jsonl is a file, not a "
+                                              "directory; give a prefix inside a directory, e.g. tok/spm"),
+    (["--model-prefix", "{tmp}/spm", "--pad-id", "3"], "pad_id and eos_id are both 3: give each special token its "
+                                                       "own id (-1: no such token)"),
+])
+def test_tokenizer_training_errors_that_sentencepiece_gave_as_internals_are_one_line(
+    args: list[str], message: str, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the prefix needs a directory was a FileExistsError traceback; two special tokens on one id,
+    sentencepiece's "INTERNAL: src/trainer_interface.cc(830) [insert_id(...)]"."""
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    argv = ["data", "tokenizer", "--input", str(corpus_dir / "train_00000.txt"), "--vocab-size", "360",
+            *[a.format(tmp=tmp_path) for a in args]]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message.format(tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
 # --- documents and packing ---------------------------------------------------------------
 
 

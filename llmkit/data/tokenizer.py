@@ -84,7 +84,7 @@ class TokenizerTrainConfig:
     vocab_size: int = 32000
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9995
-    normalization: str = "nmt_nfkc_cf"
+    normalization: Literal["nmt_nfkc_cf", "nmt_nfkc", "nfkc_cf", "nfkc", "identity"] = "nmt_nfkc_cf"
     keep_whitespace: bool = False
     byte_fallback: bool = True
     input_sentence_size: int = 2_000_000
@@ -132,6 +132,17 @@ class _SentenceStream:
             raise
 
 
+def _check_special_ids(config: TokenizerTrainConfig) -> None:
+    """Two special tokens on one id fail inside sentencepiece with an internal error: say which."""
+    named: dict[int, str] = {}
+    for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+        value = getattr(config, name)
+        if value >= 0 and value in named:
+            raise LLMKitError(f"{named[value]} and {name} are both {value}: give each special token its own id "
+                              "(-1: no such token)")
+        named[value] = name
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     model_prefix: str | Path,
@@ -157,6 +168,11 @@ def train_tokenizer(
             f"{', '.join(map(str, paths))}"
         )
     prefix = _model_prefix(model_prefix)
+    file_parent = next((parent for parent in prefix.parents if parent.is_file()), None)
+    if file_parent is not None:
+        raise LLMKitError(f"model prefix {model_prefix}: {file_parent} is a file, not a directory; give a prefix "
+                          "inside a directory, e.g. tok/spm")
+    _check_special_ids(config)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_model, tmp_vocab = _with_suffix(tmp_prefix, ".model"), _with_suffix(tmp_prefix, ".vocab")
