@@ -682,3 +682,16 @@ def test_cli_corpus_from_user_files_then_tokenizer_and_pack(tmp_path: Path) -> N
                  "--output", str(tmp_path / "val.bin")]) == 0
     summary = json.loads((out / "corpus.json").read_text())
     assert read_meta(tmp_path / "val.bin")["n_documents"] == summary["n_val_documents"] > 0
+
+
+def test_pack_refuses_jsonl_and_parquet_inputs_pointing_to_data_corpus(tokenizer: Tokenizer, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A .jsonl was packed as raw text: the model would train on the JSON syntax."""
+    records = tmp_path / "a.JSONL"
+    records.write_text('{"text": "hello world"}\n')
+    assert main(["data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(records),
+                 "--output", str(tmp_path / "p.bin")]) == 1
+    assert capsys.readouterr().err == (
+        f"llmkit: error: --input {records}: pack reads plain text files, one document per file or per separator; "
+        "turn .JSONL records into text with `llmkit data corpus` first (docs/data.md)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.JSONL"]

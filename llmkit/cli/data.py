@@ -14,6 +14,7 @@ from llmkit.data import packing
 from llmkit.data.corpus import write_corpus
 from llmkit.data.tasks import Task, write_task_files
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
 
 BYTES_PER_MB = 1_000_000
@@ -85,7 +86,13 @@ def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, work
         eos: append the EOS token after each document.
         workers: tokenizer processes (default: one per 2 MB of input, at most one per core).
     """
-    meta = packing.pack(tokenizer, expand_inputs(input, "--input"), output, append_eos=eos, workers=workers)
+    inputs = expand_inputs(input, "--input")
+    for path in inputs:
+        if path.suffix.lower() in (".jsonl", ".parquet"):  # pack would encode the JSON syntax (or bytes) as text
+            raise LLMKitError(f"--input {path}: pack reads plain text files, one document per file or per "
+                              f"separator; turn {path.suffix} records into text with `llmkit data corpus` first "
+                              "(docs/data.md)")
+    meta = packing.pack(tokenizer, inputs, output, append_eos=eos, workers=workers)
     print(f"wrote {output}: {meta['n_tokens']:,} tokens ({meta['dtype']}) from {meta['n_documents']:,} documents")
     return 0
 
