@@ -476,6 +476,40 @@ def test_a_refused_resume_leaves_the_run_it_would_continue_as_it_was(shards, tmp
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3]
 
 
+class CtrlCInStep3(L.Callback):
+    """Ctrl-C inside the third batch's step, after its forward and backward."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(shards, tmp_path):
+    """The checkpoint saved on the interrupt held the data loader past the batch in flight and the logging step
+    one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(root: Path) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(root / "tb" / "run" / "version_0"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "100"]
+    for root in (tmp_path / "straight", tmp_path / "interrupted"):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
+    config = str(tmp_path / "interrupted" / "tb.yaml")
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        main(["pretrain", "fit", "--config", config, *every, "--trainer.callbacks+=tests.test_checkpoints.CtrlCInStep3"])
+    last = tmp_path / "interrupted" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert step_of(last) == 2
+    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
+    assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+
+
 def test_a_run_resumed_in_a_copied_directory_writes_last_ckpt_not_last_v1(shards, tmp_path):
     """The copy's last.ckpt is the run's earlier state: replaced, so --ckpt_path .../last.ckpt resumes the latest."""
     fit(tmp_path / "run", shards, 2, [])

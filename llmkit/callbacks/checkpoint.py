@@ -82,6 +82,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
 
 
+def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
+    """Before saving an interrupted run: if a training batch was fetched but its step not done, put
+    the data loader back before it (a :class:`~llmkit.data.datamodule.ResumableLoader`; the resume
+    trains that batch, not the one after it) and the logging step counter back by one.
+
+    Lightning's checkpoints saved in the loop, at a batch's end, hold the logging step
+    (``_batches_that_stepped``) before that batch's increment, and a resume adds it; an interrupt
+    inside the next batch comes after the increment, so without this the resumed curves skipped a
+    step."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    if progress.ready <= progress.processed:
+        return
+    loaders = trainer.train_dataloader
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        if hasattr(loader, "rewind_in_flight"):
+            loader.rewind_in_flight()
+    trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
+
+
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step and is saved on
     SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``; files are replaced,
@@ -114,6 +133,7 @@ class Checkpoint(ModelCheckpoint):
         if not isinstance(exception, INTERRUPTS):
             return  # a failure is not a state to resume from: keep the last good checkpoint
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        _forget_the_batch_in_flight(trainer)
         saved = self._save_last_now(trainer)
         if self._last_step == trainer.global_step:  # saved now, or before it (an interrupt during validation)
             rank_zero_info(

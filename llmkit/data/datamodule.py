@@ -60,6 +60,7 @@ class ResumableLoader(DataLoader):
         self.seed = seed
         self.epoch = 0
         self.consumed = 0
+        self.before_last: tuple[int, int] | None = None  # (epoch, consumed) before the last batch yielded
 
     def __iter__(self) -> Iterator[Any]:
         if self.consumed >= len(self):  # else every pass would be empty, and Lightning would start the next forever
@@ -74,10 +75,18 @@ class ResumableLoader(DataLoader):
         for _ in range(self.consumed):
             next(batches)
         for batch in batches:
+            self.before_last = (self.epoch, self.consumed)
             self.consumed += 1
             if self.consumed == len(self):  # Lightning stops at len(loader) without exhausting us
                 self.epoch, self.consumed = self.epoch + 1, 0
             yield batch
+
+    def rewind_in_flight(self) -> None:
+        """Go back to before the last batch yielded, whose step an interrupt cut short: a checkpoint
+        saved now resumes with that batch (:class:`~llmkit.callbacks.Checkpoint` calls this)."""
+        if self.before_last is not None:
+            self.epoch, self.consumed = self.before_last
+            self.before_last = None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}
