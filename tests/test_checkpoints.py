@@ -503,7 +503,8 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
     config = str(tmp_path / "interrupted" / "tb.yaml")
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
-        main(["pretrain", "fit", "--config", config, *every, "--trainer.callbacks+=tests.test_checkpoints.CtrlCInStep3"])
+        main(["pretrain", "fit", "--config", config, *every,
+              "--trainer.callbacks+=tests.test_checkpoints.CtrlCInStep3"])
     last = tmp_path / "interrupted" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert step_of(last) == 2
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
