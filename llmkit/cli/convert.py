@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from llmkit.errors import LLMKitError
 from llmkit.io import new_directory_atomic, read_json, refuse_overwrite
@@ -173,7 +173,7 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
     """
     refuse_overwrite(out, "--out", {"--ckpt": ckpt}, "write the upcycled checkpoint to another file")
 
-    from llmkit.model.checkpoint import model_config_dict, read_checkpoint, write_backbone_checkpoint
+    from llmkit.model.checkpoint import model_config_dict, read_checkpoint, tokenizer_link, write_backbone_checkpoint
     from llmkit.model.config import ModelConfig
     from llmkit.model.upcycle import upcycle_state
 
@@ -185,18 +185,6 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
                               **tokenizer_link(ckpt, checkpoint))
     print(f"wrote {out}: {_describe(config, state)}, logits equal to {ckpt}'s at initialisation")
     return 0
-
-
-def tokenizer_link(ckpt: Path, checkpoint: dict) -> dict[str, Any]:
-    """What a checkpoint written from ``ckpt`` (read as ``checkpoint``) by ``upcycle`` or ``lora
-    merge`` keeps of its source, so that ``to-hf`` still finds the tokenizer
-    (:func:`_checkpoint_tokenizer`): the source's ``converted_from``, or one naming ``ckpt`` when it
-    is a model directory."""
-    if "converted_from" in checkpoint:
-        return {"converted_from": checkpoint["converted_from"]}
-    if Path(ckpt).is_dir():
-        return {"converted_from": {"model_dir": str(Path(ckpt).resolve())}}
-    return {}
 
 
 def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:

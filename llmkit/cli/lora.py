@@ -42,8 +42,7 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
 
     import lightning
 
-    from llmkit.cli.convert import tokenizer_link
-    from llmkit.model.checkpoint import read_checkpoint, write_backbone_checkpoint
+    from llmkit.model.checkpoint import read_checkpoint, tokenizer_link, write_backbone_checkpoint
     from llmkit.model.lora import lora_layers, merged_base_state
 
     checkpoint = read_checkpoint(ckpt)

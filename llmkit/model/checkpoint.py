@@ -227,6 +227,17 @@ def backbone_from_checkpoint(
     return model.eval()
 
 
+def tokenizer_link(ckpt: str | Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint written from ``ckpt`` (read as ``checkpoint``) by ``llmkit convert upcycle``
+    or ``llmkit lora merge`` keeps of its source, so that ``llmkit convert to-hf`` still finds the
+    tokenizer: the source's ``converted_from``, or one naming ``ckpt`` when it is a model directory."""
+    if "converted_from" in checkpoint:
+        return {"converted_from": checkpoint["converted_from"]}
+    if Path(ckpt).is_dir():
+        return {"converted_from": {"model_dir": str(Path(ckpt).resolve())}}
+    return {}
+
+
 def write_backbone_checkpoint(
     path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **extra: Any
 ) -> None:
