@@ -253,7 +253,7 @@ def test_a_lightning_cli_pretraining_run_is_read_as_it_trained(shards, tmp_path)
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "log_every_n_steps": 4,
                     "val_check_interval": 6, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
                     "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False,
-                    "enable_checkpointing": False,
+                    "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint"}],
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "cli"}}},
         "model": {"config": {**CONFIG.to_dict(), "vocab_size": 384}, "optim": {"lr": 1e-3, "warmup_steps": 1}},
@@ -262,8 +262,14 @@ def test_a_lightning_cli_pretraining_run_is_read_as_it_trained(shards, tmp_path)
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(tmp_path / "config.yaml")]) == 0
-    point = read_run(tmp_path / "logs" / "cli" / "version_0")
+    run = tmp_path / "logs" / "cli" / "version_0"
+    point = read_run(run)
     assert point.step == 5 and point.tokens == 6 * 4 * 16  # validated after 6 steps; tokens logged at step 3 only
+    # a validate of the same weights logs at their step, 6: its tokens are still those of 6 steps, not 7
+    assert main(["pretrain", "validate", "--config", str(tmp_path / "config.yaml"),
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    validated = read_run(run)
+    assert validated.step == 6 and validated.tokens == 6 * 4 * 16
     assert point.seq_len == 16 and 0 < point.loss < math.log(384) + 0.5
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_dict(config["model"]["config"]))

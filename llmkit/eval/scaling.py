@@ -157,12 +157,14 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     """The point of one run: its validation loss, tokens, parameters and FLOPs.
 
     From ``run``'s TensorBoard event files: the ``val/loss`` scalar (``final``: the one logged
-    last, at the highest step; ``best``: the lowest finite one) and the ``train/tokens`` scalar
-    (cumulative training tokens) at that val/loss's step, interpolated between logged steps and
-    extended past the last at the run's mean rate. From ``hparams.yaml``: ``config``, the
-    :class:`ModelConfig` of the model, built on the meta device (no memory, no weights) to
-    count its non-embedding parameters and its FLOPs per token. The window length for the FLOPs
-    is, in order: ``data.seq_len`` of the ``config.yaml`` that LightningCLI saves beside
+    last, at the highest step; ``best``: the lowest finite one) and the training tokens of the
+    weights it scored: the ``val/tokens`` logged with it, or in runs from before that was logged,
+    the ``train/tokens`` scalar (cumulative) at that val/loss's step, interpolated between logged
+    steps and extended past the last at the run's mean rate (which counts a step too many for a
+    ``validate``, logged at the weights' step where fit's validations sit one before). From
+    ``hparams.yaml``: ``config``, the :class:`ModelConfig` of the model, built on the meta device
+    (no memory, no weights) to count its non-embedding parameters and its FLOPs per token. The
+    window length for the FLOPs is, in order: ``data.seq_len`` of the ``config.yaml`` that LightningCLI saves beside
     hparams.yaml; the data module's ``seq_len`` that the Trainer logs into hparams.yaml with the
     model's (a run trained in Python, such as ``bench/sweep.py``'s); the model's
     ``max_seq_len`` when neither is there or the value is null (as ``PackedDataModule`` reads a
@@ -210,7 +212,11 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     for e in tokens_logged:
         logged[e.step] = e.value  # a step logged twice keeps its last value
     steps = np.array(sorted(logged), dtype=float)
-    tokens = _tokens_at(step, steps, np.array([logged[s] for s in sorted(logged)]))
+    validated = {e.step: e.value for e in events.Scalars("val/tokens")} if "val/tokens" in scalars else {}
+    if step in validated:
+        tokens = validated[step]
+    else:
+        tokens = _tokens_at(step, steps, np.array([logged[s] for s in sorted(logged)]))
 
     hparams_file = run / "hparams.yaml"
     if not hparams_file.is_file():

@@ -53,7 +53,8 @@ def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
 class PretrainModule(LLMKitModule):
     """Causal-LM pretraining: cross-entropy on (x, y) windows from PackedDataModule.
 
-    Logs train/loss, train/lr, train/tokens, val/loss and val/ppl to the Trainer's logger;
+    Logs train/loss, train/lr, train/tokens, val/loss, val/ppl and val/tokens (the training tokens
+    of the weights scored, which scaling fits read) to the Trainer's logger;
     add ``llmkit.callbacks.TokenThroughput`` for tokens/s and MFU. Hyperparameters are
     stored as plain dicts, so a checkpoint alone rebuilds the model and loads with
     ``torch.load(weights_only=True)``.
@@ -172,6 +173,7 @@ class PretrainModule(LLMKitModule):
         self.check_validation_loss("val/loss", loss)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        self.log("val/tokens", float(self.tokens_seen))  # what the scored weights trained on, for scaling fits
         self.log_weights_step()
 
     def configure_optimizers(self) -> dict:
