@@ -185,7 +185,6 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-
 def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | None], instead: str) -> None:
     """Raise :class:`LLMKitError` before anything is written if ``out`` (named ``what``) is the same
     file or directory as one of ``inputs`` (``{name: path}``, None skipped), which a command reads,

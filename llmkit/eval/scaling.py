@@ -164,11 +164,11 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     ``validate``, logged at the weights' step where fit's validations sit one before). From
     ``hparams.yaml``: ``config``, the :class:`ModelConfig` of the model, built on the meta device
     (no memory, no weights) to count its non-embedding parameters and its FLOPs per token. The
-    window length for the FLOPs is, in order: ``data.seq_len`` of the ``config.yaml`` that LightningCLI saves beside
-    hparams.yaml; the data module's ``seq_len`` that the Trainer logs into hparams.yaml with the
-    model's (a run trained in Python, such as ``bench/sweep.py``'s); the model's
-    ``max_seq_len`` when neither is there or the value is null (as ``PackedDataModule`` reads a
-    null seq_len).
+    window length for the FLOPs is, in order: ``data.seq_len`` of the ``config.yaml`` that
+    LightningCLI saves beside hparams.yaml; the data module's ``seq_len`` that the Trainer logs
+    into hparams.yaml with the model's (a run trained in Python, such as ``bench/sweep.py``'s);
+    the model's ``max_seq_len`` when neither is there or the value is null (as
+    ``PackedDataModule`` reads a null seq_len).
 
     Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss or
     train/tokens scalar, a non-finite selected loss, or no readable hparams.yaml with a
