@@ -7,6 +7,8 @@ network.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,13 @@ from llmkit.data.packing import pack
 from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 VOCAB_SIZE = 384
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended: a temp file named after it is a killed writer's."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 def synthetic_source(n_docs: int, seed: int) -> str:

@@ -28,7 +28,7 @@ from llmkit.data.packing import (
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
-from tests.conftest import synthetic_source
+from tests.conftest import dead_pid, synthetic_source
 
 VOCAB_SIZE = 400
 ROUND_TRIP_TEXTS = [
@@ -567,16 +567,10 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.nothing")], "data.val_files")
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
     """kill -9 leaves a temp file nobody can clean up at the time; the next pack of that output does."""
     out = tmp_path / "train.bin"
-    stale = [tmp_path / f".train.bin.{_dead_pid()}.tmp", tmp_path / f".train.bin.json.{_dead_pid()}.tmp"]
+    stale = [tmp_path / f".train.bin.{dead_pid()}.tmp", tmp_path / f".train.bin.json.{dead_pid()}.tmp"]
     for path in stale:
         path.write_bytes(b"half")
     pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)

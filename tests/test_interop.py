@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.hf import read_hf_model
 from llmkit.model.lora import LoRAConfig, apply_lora, base_fingerprint, save_lora
 from llmkit.model.transformer import Transformer
-from tests.conftest import VOCAB_SIZE
+from tests.conftest import VOCAB_SIZE, dead_pid
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,10 +402,9 @@ def test_export_refuses_a_taken_directory_and_an_mhc_peft_adapter_and_clears_a_k
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["convert", "to-hf", "--ckpt", str(converted["qwen2"]), "--out", str(tmp_path / "taken")]) == 1
     assert "already exists" in capsys.readouterr().err
-    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # an export killed with -9 left its temp directory
-    killed.wait()
-    (tmp_path / f".exported.{killed.pid}.tmp").mkdir()
-    (tmp_path / f".exported.{killed.pid}.tmp" / "model.safetensors").write_bytes(b"half")
+    killed = tmp_path / f".exported.{dead_pid()}.tmp"  # an export killed with -9 left its temp directory
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     assert main(["convert", "to-hf", "--ckpt", str(converted["qwen2"]), "--out", str(tmp_path / "exported")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "taken"]
     config = ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=64, n_streams=2)
