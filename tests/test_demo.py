@@ -37,6 +37,9 @@ def test_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
+    # the bar counts steps: not Lightning's "Epoch 0/-2" of a run bounded by max_steps, nor its lr of "0.000"
+    assert "Epoch 0/-2" not in printed
+    assert float(re.search(r"train/lr:\s+(\S+)", printed).group(1)) > 0
     before, after = map(
         float, re.search(r"val loss \(nats/token\): ([\d.]+) before -> ([\d.]+) after", printed).groups()
     )

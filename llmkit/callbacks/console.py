@@ -136,3 +136,11 @@ def step_progress_bar(default: ProgressBar | None) -> ProgressBar | None:
     if type(default) is TQDMProgressBar:
         return TQDMStepProgressBar(default.refresh_rate, default.process_position, default._leave)
     return None
+
+
+def use_step_progress_bar(trainer: L.Trainer) -> None:
+    """Put :func:`step_progress_bar` in the place of ``trainer``'s bar, where there is one to replace."""
+    default = trainer.progress_bar_callback
+    bar = step_progress_bar(default)
+    if bar is not None:
+        trainer.callbacks[trainer.callbacks.index(default)] = bar

@@ -61,7 +61,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, TokenThroughput
-    from llmkit.callbacks.console import quiet_known_noise
+    from llmkit.callbacks.console import quiet_known_noise, use_step_progress_bar
     from llmkit.data.datamodule import PackedDataModule
     from llmkit.data.pipeline import build_corpus_shards
     from llmkit.data.tokenizer import Tokenizer
@@ -115,6 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
+    use_step_progress_bar(trainer)
     module.configure_model()  # the Trainer would build it later; the parameter count is printed now
     n_params = module.model.num_params()
     print(f"[4/5] pretrain: tiny model, {n_params / 1e6:.1f}M params, n_streams {model_cfg.n_streams}, "

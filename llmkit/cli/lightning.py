@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from llmkit.callbacks.checkpoint import AtomicCheckpointIO
-from llmkit.callbacks.console import RunSummary, quiet_known_noise, step_progress_bar
+from llmkit.callbacks.console import RunSummary, quiet_known_noise, use_step_progress_bar
 from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
@@ -319,10 +319,7 @@ class LLMKitCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks += [RunSummary(), DiscardUnstartedRun(trainer.log_dir if trainer.loggers else None)]
-        default_bar = trainer.progress_bar_callback
-        bar = step_progress_bar(default_bar)
-        if bar is not None:
-            trainer.callbacks[trainer.callbacks.index(default_bar)] = bar
+        use_step_progress_bar(trainer)
         return trainer
 
 
