@@ -63,6 +63,21 @@ def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, 
     assert "Tip:" not in said and "LeafSpec" not in said
 
 
+def test_llmkit_warnings_print_as_one_line_and_the_libraries_keep_their_source_lines(monkeypatch):
+    import warnings
+
+    import llmkit.optim
+    from llmkit.callbacks.console import quiet_known_noise
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    quiet_known_noise()
+    ours = warnings.formatwarning("optim.warmup_steps 40 >= decay_steps 20", UserWarning, llmkit.optim.__file__, 216,
+                                  "    rank_zero_warn(")
+    assert ours == "llmkit: warning: optim.warmup_steps 40 >= decay_steps 20\n"
+    theirs = warnings.formatwarning("deprecated", FutureWarning, torch.__file__, 7, "    x = 1")
+    assert theirs == f"{torch.__file__}:7: FutureWarning: deprecated\n  x = 1\n"
+
+
 def test_float32_matmul_precision_applies_to_the_run_and_is_saved_with_its_config(shards, tmp_path, capsys):
     config = write_config(tmp_path, shards)
     before = torch.get_float32_matmul_precision()

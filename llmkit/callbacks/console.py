@@ -5,7 +5,8 @@ underneath.
 :class:`RunSummary` (``llmkit`` commands add it) prints the log directory and the attention kernel
 when fit starts and the final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step rewards and
 failures, and the checkpoint paths are printed by their own callbacks and modules.
-:func:`quiet_known_noise` filters Lightning's product tips and warnings that are known to be harmless here.
+:func:`quiet_known_noise` filters Lightning's product tips and warnings that are known to be harmless here,
+and prints llmkit's own warnings as one line, without the file and source line Python adds.
 :func:`step_progress_bar` is Lightning's progress bar counting toward ``max_steps`` with a true
 total after a resume: Lightning's compares the batch index since the start of the epoch with the
 steps that remain ("40/9" when resuming step 30 of 40), and writes "Epoch 0/-2" when only
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,8 +48,23 @@ class _NoTips(logging.Filter):
         return not record.getMessage().startswith("💡 Tip:")
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_python_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """``llmkit: warning: MESSAGE`` for a warning llmkit raises (its message names the setting); Python's
+    two lines with the file, line number and source line for one of the libraries underneath."""
+    if filename.startswith(_PACKAGE_DIR):
+        return f"llmkit: warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 def quiet_known_noise() -> None:
-    """Drop Lightning's "Tip:" adverts and the warnings in :data:`HARMLESS_WARNINGS` for this process."""
+    """Drop Lightning's "Tip:" adverts and the warnings in :data:`HARMLESS_WARNINGS` for this process,
+    and print llmkit's own warnings in one line."""
+    warnings.formatwarning = _format_warning
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
