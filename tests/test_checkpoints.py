@@ -98,6 +98,8 @@ def test_an_architecture_override_that_contradicts_the_checkpoint_is_an_error(tr
     assert main([*base, "--model.config.d_model", "64"]) == 1
     err = capsys.readouterr().err
     assert f"model.config.d_model: the checkpoint {trained} was trained with 32 but the config asks for 64" in err
+    assert "drop that setting or pass --model.config.d_model 32" in err
+    assert main([*base, "--model.config.d_model", "32"]) == 0  # the flag the error suggests is accepted
     other = tmp_path / "120m.yaml"
     other.write_text(yaml.safe_dump({**MODEL, "n_layers": 12, "d_model": 768, "n_heads": 12}))
     assert main([*base, "--model.config", str(other)]) == 1  # a whole model YAML of another size

@@ -105,7 +105,8 @@ def resolve_checkpoint_hparams(
                 and not _within(name, command.free):
             raise LLMKitError(
                 f"model.{name}: the checkpoint {ckpt_path} was trained with {resolved[name]!r} but the config asks "
-                f"for {value!r}; drop that setting (the checkpoint decides it) or pass a matching checkpoint"
+                f"for {value!r}; drop that setting or pass --model.{name} {resolved[name]!r} (the checkpoint decides "
+                f"it), or pass a matching checkpoint"
             )
         resolved[name] = value
     if command.rebuild_from_checkpoint:

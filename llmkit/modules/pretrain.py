@@ -45,8 +45,9 @@ def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
     ``mhc.implementation`` say."""
     model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
     shape = run_as(model.config, config)
-    rank_zero_info(f"model.init_ckpt {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
-                   f"vocab {shape.vocab_size}, n_streams {shape.n_streams} (model.config's shape is not used)")
+    rank_zero_info(f"weights from {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
+                   f"vocab {shape.vocab_size}, n_streams {shape.n_streams} (the checkpoint's shape; "
+                   f"model.config's is not used)")
     return model
 
 
