@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmkit.discovery import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
+from llmkit.discovery.objective import beta_summary
 from llmkit.errors import LLMKitError
 
 
@@ -63,6 +64,12 @@ def test_two_rollouts_return_the_cap():
     assert solve_beta([0.0, 1.0], beta_max=50.0) == 50.0
     # three rollouts, two tied at the best: the KL tends to ln(3/2) < ln 2, never the target
     assert solve_beta([1.0, 1.0, 0.0]) == 1e6
+
+
+def test_a_steps_betas_are_summarised_by_their_median_and_the_capped_count():
+    # the mean of these is ~333,000, whatever the two solvable groups say
+    assert beta_summary([0.5, solve_beta([1.0, 1.0, 0.0]), 2.0]) == {"beta": 2.0, "beta_capped": 1.0}
+    assert beta_summary([3.0]) == {"beta": 3.0, "beta_capped": 0.0}
 
 
 def test_a_too_small_spread_returns_the_cap():

@@ -93,7 +93,8 @@ def test_cli_run_trains_only_lora_logs_saves_and_improves_the_toy_reward(base_ck
     assert StringTargetEnv(target="alpha", metric="edit").reward(result["best_state"]) == result["best_reward"]
     log = [json.loads(line) for line in (out / "discovery_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all({"beta", "best_reward", "r_mean", "r_std", "r_max", "start_states", "adapter"} <= r.keys() for r in log)
+    keys = {"beta", "beta_capped", "best_reward", "r_mean", "r_std", "r_max", "start_states", "adapter"}
+    assert all(keys <= r.keys() for r in log)
     assert [r["adapter"] is not None for r in log] == [False, True, False, True]
     assert [r["best_reward"] for r in log] == sorted(r["best_reward"] for r in log)  # the archive keeps the best
     # a step's start states are picked when the step asks for them, after the last step's rollouts entered

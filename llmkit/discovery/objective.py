@@ -9,6 +9,7 @@ with the constant baseline -1: A = w - 1.
 The pieces, in the order a training step uses them:
 
     solve_beta            beta(s) such that KL(q_beta || uniform) = ln 2 over the K rollouts (paper Appendix A.1)
+    beta_summary          a step's betas in two numbers: their median and how many hit the cap
     loo_advantages        A_i = w_i - 1 with a leave-one-out estimate of E exp(beta R) (Appendix A.1)
     kl_shaped_advantages  A - lam log(pi_theta / pi_theta0) on every action token
     entropic_policy_loss  the surrogate -sum_t A_t log pi_theta(a_t), summed, with the token count
@@ -20,6 +21,7 @@ reach the loss, so the only gradient is the one of log pi_theta.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +31,10 @@ from llmkit.errors import LLMKitError
 # Added to the leave-one-out normaliser, as in the official code: it only matters when every
 # other rollout has weight ~0, where it caps the advantage of the best one near 1e12.
 _LOO_EPS = 1e-12
+
+BETA_MAX = 1e6
+"""The cap of the adaptive beta: a group whose KL target is out of reach (ties at the best, K = 2,
+a tiny spread) gets it (:func:`solve_beta`)."""
 
 
 def _rewards(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -58,7 +64,7 @@ def _kl_to_uniform(spread: torch.Tensor, beta: float) -> float:
 
 
 def solve_beta(
-    rewards: torch.Tensor | Sequence[float], target_kl: float = math.log(2), beta_max: float = 1e6, iters: int = 60
+    rewards: torch.Tensor | Sequence[float], target_kl: float = math.log(2), beta_max: float = BETA_MAX, iters: int = 60
 ) -> float:
     """The adaptive beta(s) of one group of K rollouts from the same start state (§5, A4, F6).
 
@@ -102,6 +108,12 @@ def solve_beta(
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def beta_summary(betas: Sequence[float]) -> dict[str, float]:
+    """The betas of a step's groups as ``beta``, their median, and ``beta_capped``, how many are at
+    :data:`BETA_MAX`: one capped group would make a mean of 1e6 / groups whatever the others are."""
+    return {"beta": statistics.median(betas), "beta_capped": float(sum(b >= BETA_MAX for b in betas))}
 
 
 def loo_advantages(rewards: torch.Tensor | Sequence[float], beta: float) -> torch.Tensor:

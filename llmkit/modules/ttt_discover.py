@@ -60,7 +60,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
-from llmkit.discovery.objective import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
+from llmkit.discovery.objective import (
+    beta_summary,
+    entropic_policy_loss,
+    kl_shaped_advantages,
+    loo_advantages,
+    solve_beta,
+)
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
@@ -82,7 +88,7 @@ from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
 MAX_LOGGED_REASONS = 3
 """Distinct failure reasons (parse errors, exceptions, timeouts) kept per step in discovery_log.jsonl."""
 
-STEP_METRICS = ("beta", "best_reward", "r_mean", "r_std", "r_max", "failures", "archive_size")
+STEP_METRICS = ("beta", "beta_capped", "best_reward", "r_mean", "r_std", "r_max", "failures", "archive_size")
 """The per-step statistics logged to TensorBoard as ``ttt/<name>``."""
 
 
@@ -362,7 +368,7 @@ class TTTDiscoverModule(LLMKitModule):
 
         rewards = [r for group in groups for r in group]
         self._record_step(starts, {
-            "problem": self.env.name, "beta": statistics.fmean(betas), "best_reward": self.archive.best().reward,
+            "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
             "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
             "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
