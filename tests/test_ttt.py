@@ -133,6 +133,11 @@ def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_
     log = [json.loads(line) for line in (tmp_path / "best_of_n" / "discovery_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["start_states"] == [0, 0] for r in log)  # no reuse: always the initial state
+    # no adapter trains, so none is saved (the ttt run, with adapter_every 2, saved steps 2 and 3)
+    assert result["adapter"] is None and all(r["adapter"] is None for r in log)
+    assert not (tmp_path / "best_of_n" / "adapters").exists()
+    assert sorted(p.name for p in (tmp_path / "ttt" / "adapters").iterdir()) == ["step_000002.safetensors",
+                                                                               "step_000003.safetensors"]
 
 
 def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenizer_path, tmp_path):

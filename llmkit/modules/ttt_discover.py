@@ -28,10 +28,10 @@ numbers the TensorBoard metrics (``ttt/...``, straight to the loggers), the line
 and the run stops after ``trainer.max_steps`` discovery steps.
 
 Outputs, in ``out_dir`` (default: the run's log directory): ``discovery_log.jsonl`` (one line
-per step), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and at the end,
-``archive.json`` and ``result.json`` (the best state and its reward, and the problem's prompt
-for ``llmkit consolidate``), rewritten after every step, so an interrupted run leaves them with
-``"finished": false``. See docs/ttt.md.
+per step), ``adapters/step_NNNNNN.safetensors`` every ``adapter_every`` steps and at the end
+(``ttt`` mode: ``best_of_n`` trains no adapter), ``archive.json`` and ``result.json`` (the best
+state and its reward, and the problem's prompt for ``llmkit consolidate``), rewritten after every
+step, so an interrupted run leaves them with ``"finished": false``. See docs/ttt.md.
 
 Under DDP (``trainer.strategy: ddp``, N processes) the rollouts of a step are split: every rank
 picks the same start states (PUCT is deterministic over an archive that is the same on every
@@ -418,10 +418,11 @@ class TTTDiscoverModule(LLMKitModule):
 
     def _record_step(self, starts: list[State], record: dict[str, Any], metrics: dict[str, float]) -> None:
         """Log the step that just completed (``archive.step``) to the loggers, the progress bar,
-        ``discovery_log.jsonl``, and save the adapter every ``adapter_every`` steps."""
+        ``discovery_log.jsonl``, and save the adapter every ``adapter_every`` steps (in ``ttt`` mode:
+        ``best_of_n`` trains none)."""
         step = self.archive.step
         record = {"step": step, **record, "adapter": None}
-        if step % self.ttt.adapter_every == 0:
+        if self.ttt.mode == "ttt" and step % self.ttt.adapter_every == 0:
             record["adapter"] = str(self._save_adapter(step))
         metrics = {f"ttt/{key}": float(record[key]) for key in STEP_METRICS} | metrics
         for logger in self.trainer.loggers:  # the discovery step, not global_step (see the module docstring)
@@ -440,8 +441,7 @@ class TTTDiscoverModule(LLMKitModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            last_saved = step - step % self.ttt.adapter_every
-            self._write_results(self._adapter_path(last_saved) if last_saved > 0 else None, finished=False)
+            self._write_results(self._last_saved_adapter(step), finished=False)
         if self.ttt.mode == "best_of_n" and step >= self.trainer.max_steps:
             self.trainer.should_stop = True  # no optimizer step moves global_step towards max_steps
 
@@ -454,6 +454,12 @@ class TTTDiscoverModule(LLMKitModule):
 
     def _adapter_path(self, step: int) -> Path:
         return self.output_dir / "adapters" / f"step_{step:06d}.safetensors"
+
+    def _last_saved_adapter(self, step: int) -> Path | None:
+        """The adapter :meth:`_record_step` saved at or before ``step``: None before the first, and in
+        ``best_of_n`` mode."""
+        last_saved = step - step % self.ttt.adapter_every
+        return self._adapter_path(last_saved) if self.ttt.mode == "ttt" and last_saved > 0 else None
 
     def on_train_end(self) -> None:
         if base_fingerprint(self.model) != self.base_sha256:
@@ -471,12 +477,13 @@ class TTTDiscoverModule(LLMKitModule):
 
     def _save_last(self, finished: bool) -> None:
         step, best = self.archive.step, self.archive.best()
-        saved = step > 0 and step % self.ttt.adapter_every == 0  # by _record_step, from these same weights
-        adapter = self._adapter_path(step) if saved else self._save_adapter(step)
+        adapter = self._last_saved_adapter(step)
+        if self.ttt.mode == "ttt" and adapter != self._adapter_path(step):  # else saved from these same weights
+            adapter = self._save_adapter(step)
         self._write_results(adapter, finished)
         rank_zero_info(f"discovery {'finished' if finished else 'stopped'} at step {step}: best reward "
                        f"{best.reward:.6g} (initial {self.archive.get(0).reward:.6g}, found at step {best.step}); "
-                       f"{self.output_dir / 'result.json'}, adapter {adapter}")
+                       f"{self.output_dir / 'result.json'}" + (f", adapter {adapter}" if adapter else ""))
 
     def _write_results(self, adapter: Path | None, finished: bool) -> None:
         """``archive.json`` and ``result.json`` as of the last step, the adapter saved at or before it
