@@ -186,6 +186,15 @@ def _count(groups: list[dict]) -> str:
     return f"{tensors} tensors ({numbers / 1e6:.2f}M parameters)"
 
 
+def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``train/lr``: AdamW's learning rate on its schedule (``optim.lr`` at the peak), and under
+    Muon also ``train/muon_lr``, Muon's (``optim.muon_lr`` at the peak)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the optimizer
+    if isinstance(inner, MuonAdamW):
+        return {"train/lr": inner.adamw.param_groups[0]["lr"], "train/muon_lr": inner.muon.param_groups[0]["lr"]}
+    return {"train/lr": inner.param_groups[0]["lr"]}
+
+
 def optimizer_with_schedule(
     param_groups: list[dict], o: OptimConfig, trainer: L.Trainer, micro_batches_per_step: int = 1
 ) -> dict:
@@ -249,11 +258,12 @@ stops the run: each is skipped without an optimizer step, so ``max_steps`` would
 @dataclass
 class StepStats:
     """What one optimizer step of :class:`TokenMeanAccumulator` saw: the mean loss per real token
-    and the real tokens, both over all ranks, and the learning rate it stepped with."""
+    and the real tokens, both over all ranks, and the learning rates it stepped with
+    (:func:`lr_metrics`)."""
 
     loss: float
     tokens: int
-    lr: float
+    lrs: dict[str, float]
 
 
 class TokenMeanAccumulator:
@@ -325,8 +335,8 @@ class TokenMeanAccumulator:
         torch._foreach_mul_(grads, module.trainer.world_size / tokens)
         if self.gradient_clip_val is not None:
             clip_grad_norm(module, optimizer, self.gradient_clip_val)
-        lr = optimizer.param_groups[0]["lr"]  # the step's, before the scheduler moves it on
+        lrs = lr_metrics(optimizer)  # the step's, before the scheduler moves them on
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        return StepStats(loss=loss_sum / tokens, tokens=tokens, lr=lr)
+        return StepStats(loss=loss_sum / tokens, tokens=tokens, lrs=lrs)

@@ -85,6 +85,10 @@ def test_muon_trains_under_bf16_mixed_accumulation_clipping_and_a_fused_adamw(tm
     multiplier = WarmupCosine(2, 3, 0.5)(3)
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(0.02 * multiplier)  # one schedule scales both
     assert optimizer.adamw.param_groups[0]["lr"] == pytest.approx(1e-3 * multiplier)
+    # each optimizer's rate is logged under its own name (train/lr was Muon's, and AdamW's was not logged)
+    step_3 = WarmupCosine(2, 3, 0.5)(2)  # logged in step 3, before the scheduler moves on
+    assert trainer.logged_metrics["train/lr"] == pytest.approx(1e-3 * step_3)
+    assert trainer.logged_metrics["train/muon_lr"] == pytest.approx(0.02 * step_3)
 
 
 def test_a_resumed_muon_run_equals_an_uninterrupted_one(tmp_path):
@@ -159,13 +163,13 @@ def test_the_accumulator_reports_the_lr_it_stepped_with_and_stops_a_run_that_nev
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
     accumulator = TokenMeanAccumulator(accumulator_module(weight, optimizer, scheduler))
     stats = accumulator.backward((weight * 2).sum(), 2)
-    assert stats.lr == 1.0 and optimizer.param_groups[0]["lr"] == 0.5  # the step's lr, not the next one's
+    assert stats.lrs == {"train/lr": 1.0} and optimizer.param_groups[0]["lr"] == 0.5  # the step's, not the next's
     for _ in range(MAX_EMPTY_WINDOWS - 1):  # skipped with a warning: no token, no optimizer step
         with pytest.warns(UserWarning, match="no real tokens"):
             assert accumulator.backward((weight * 0).sum(), 0) is None
     with pytest.raises(LLMKitError, match=f"{MAX_EMPTY_WINDOWS} accumulation windows in a row had no real token"):
         accumulator.backward((weight * 0).sum(), 0)
-    assert accumulator.backward((weight * 2).sum(), 2).lr == 0.5  # a window with tokens starts the count again
+    assert accumulator.backward((weight * 2).sum(), 2).lrs == {"train/lr": 0.5}  # a window with tokens: count again
 
 
 def test_the_schedule_of_a_module_that_accumulates_by_hand_counts_optimizer_steps():

@@ -208,7 +208,7 @@ class FineTuneModule(LLMKitModule):
             self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
             self.log("train/tokens_per_step", float(stats.tokens))
-            self.log("train/lr", stats.lr, prog_bar=True)
+            self.log_dict(stats.lrs, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_loss.reset()

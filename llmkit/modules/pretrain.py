@@ -19,7 +19,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
-from llmkit.optim import OptimConfig, clip_grad_norm, optimizer_with_schedule
+from llmkit.optim import OptimConfig, clip_grad_norm, lr_metrics, optimizer_with_schedule
 
 RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
 """The ``ModelConfig`` fields (with ``mhc.implementation``) that say how to run a backbone, not
@@ -54,9 +54,9 @@ def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
 class PretrainModule(LLMKitModule):
     """Causal-LM pretraining: cross-entropy on (x, y) windows from PackedDataModule.
 
-    Logs train/loss, train/lr, train/tokens, val/loss, val/ppl and val/tokens (the training tokens
-    of the weights scored, which scaling fits read) to the Trainer's logger;
-    add ``llmkit.callbacks.TokenThroughput`` for tokens/s and MFU. Hyperparameters are
+    Logs train/loss, train/lr (and train/muon_lr under Muon), train/tokens, val/loss, val/ppl and
+    val/tokens (the training tokens of the weights scored, which scaling fits read) to the
+    Trainer's logger; add ``llmkit.callbacks.TokenThroughput`` for tokens/s and MFU. Hyperparameters are
     stored as plain dicts, so a checkpoint alone rebuilds the model and loads with
     ``torch.load(weights_only=True)``.
 
@@ -158,7 +158,7 @@ class PretrainModule(LLMKitModule):
         self.flops_per_batch = self.flops_per_token(x.size(1)) * x.numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log_dict(lr_metrics(self.optimizers()), prog_bar=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -414,7 +414,7 @@ class TTTDiscoverModule(LLMKitModule):
             )
         if stats is None:
             return {}
-        return {"train/policy_loss": stats.loss, "train/lr": stats.lr, "train/tokens_per_step": float(stats.tokens)}
+        return {"train/policy_loss": stats.loss, **stats.lrs, "train/tokens_per_step": float(stats.tokens)}
 
     def _record_step(self, starts: list[State], record: dict[str, Any], metrics: dict[str, float]) -> None:
         """Log the step that just completed (``archive.step``) to the loggers, the progress bar,
