@@ -338,6 +338,7 @@ def run(name: str, args: list[str]) -> None:
                 parser_kwargs={"prog": f"llmkit {name}"},
                 parser_class=LLMKitArgumentParser,
                 auto_configure_optimizers=False,
+                seed_everything_default=0,  # Lightning's default, True, also seeds 0, warning "No seed found"
             )
         except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
             hint = ("this module optimises by hand: set model.gradient_clip_val (and, for sft and sdft, "
