@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,6 +118,7 @@ def test_aux_loss_free_balancing_evens_out_a_skewed_router():
     for _ in range(150):
         with torch.no_grad():
             module(h[None])
+        module.router.add_routed_to_load()  # what the block does after its forward
         end_of_step(module)
         loads.append(load_balance_std(module.router.last_load).item())
     assert loads[0] > 0.13  # expert 0 in almost every token's top 2: shares near 1/2, 1/6, 1/6, 1/6
@@ -279,6 +283,39 @@ def test_pretraining_an_moe_model_logs_its_balance_moves_the_biases_and_draws_hi
     assert {"moe/L0/utilization", "moe/L1/utilization"} <= set(histograms)
     last = events.Histograms("moe/L0/utilization")[-1].histogram_value
     assert len(last.bucket) == 4 and sum(last.bucket) == 2 * 32 * 2  # every (token, slot) assignment of a step
+
+
+def test_the_balance_is_taken_after_the_step_under_checkpointing_and_accumulation(shards, tmp_path):
+    """Lightning zeroes the gradients between a step's first forward and its backward: the biases
+    moved there changed the routing a checkpointed block recomputed (CheckpointError), and under
+    accumulation the step's loads were read one micro-batch into the next window."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from llmkit.callbacks import MoEMonitor
+    from llmkit.data.datamodule import PackedDataModule
+    from llmkit.modules.pretrain import PretrainModule
+    from tests.conftest import VOCAB_SIZE
+
+    cfg = config(bias_update_rate=0.01)
+    cfg.vocab_size, cfg.gradient_checkpointing = VOCAB_SIZE, True
+    module = PretrainModule(config=ModelConfig.from_dict(cfg.to_dict()), optim={"lr": 1e-3, "warmup_steps": 1})
+    logger = CSVLogger(tmp_path, name="moe")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[MoEMonitor(every_n_steps=1)])
+    trainer.fit(module, PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=2,
+                                         vocab_size=VOCAB_SIZE))
+    assert trainer.global_step == 3
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+    worst = {int(r["step"]): float(r["moe/max_min_load"]) for r in rows if r.get("moe/max_min_load")}
+    per_layer = {int(r["step"]): max(float(r["moe/L0/max_min_load"]), float(r["moe/L1/max_min_load"]))
+                 for r in rows if r.get("moe/L0/max_min_load")}
+    # the module's worst layer and the monitor's layers describe the same two micro-batches of each step
+    assert sorted(worst) == sorted(per_layer) == [0, 1, 2]
+    assert all(worst[step] == pytest.approx(per_layer[step]) for step in worst)
+    for layer in moe_layers(module.model):
+        assert layer.router.last_load.sum() == 2 * (2 * 32) * 2  # micro-batches x tokens x top_k
 
 
 def test_an_moe_model_upcycles_to_mhc_and_exports_as_an_llmkit_directory(tmp_path):

@@ -98,6 +98,7 @@ class Router(nn.Module):
         if self.cfg.router == "switch":
             self.gate = nn.Linear(config.d_model, self.cfg.n_experts, bias=False)
         self.register_buffer("bias", torch.zeros(self.cfg.n_experts))
+        self.register_buffer("routed", torch.zeros(self.cfg.n_experts), persistent=False)
         self.register_buffer("load", torch.zeros(self.cfg.n_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(self.cfg.n_experts), persistent=False)
 
@@ -134,8 +135,15 @@ class Router(nn.Module):
                 loss = loss + cfg.z_loss_weight * router_z_loss(logits)
         if self.training:  # the step's load: not validation's or generation's (eval mode)
             with torch.no_grad():
-                self.load += expert_counts(experts, cfg.n_experts).to(self.load.dtype)
+                self.routed.copy_(expert_counts(experts, cfg.n_experts))
         return weights, experts, loss
+
+    @torch.no_grad()
+    def add_routed_to_load(self) -> None:
+        """Add this forward's assignments (``routed``) to the step's ``load``. The block calls it
+        after its forward, outside activation checkpointing, whose recomputation in backward runs
+        the router again: it rewrites ``routed`` with the same counts, and adds nothing."""
+        self.load += self.routed
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

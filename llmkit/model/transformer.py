@@ -59,8 +59,12 @@ class Block(nn.Module):
         With mHC the stream comes in and goes out :class:`~llmkit.model.mhc.Pending` (the first
         block takes the embedded stream X [B, T, n, C])."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, use_reentrant=False)
-        return self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids)
+            x = checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, use_reentrant=False)
+        else:
+            x = self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids)
+        if self.uses_moe and self.training:
+            self.mlp.router.add_routed_to_load()
+        return x
 
     def sublayers(
         self,

@@ -198,9 +198,13 @@ class PretrainModule(LLMKitModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """Between optimizer steps: the MoE layers' balance over the last step is logged and their
-        auxiliary-loss-free biases move (loads summed over ranks, so every rank moves them alike)."""
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step (its closure runs the last micro-batch's forward and backward), then the
+        MoE layers' balance over the step is logged and their auxiliary-loss-free biases move (loads
+        summed over ranks, so every rank moves them alike). Not earlier: Lightning zeroes the
+        gradients between a step's first forward and its backward, where a bias that moved would
+        change the routing a checkpointed block recomputes."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
