@@ -20,6 +20,7 @@ from llmkit.model.moe import (
     grouped_linear,
     load_balance_std,
     moe_layers,
+    scale_balancing_loss,
     switch_aux_loss,
 )
 from llmkit.model.transformer import Transformer
@@ -105,6 +106,12 @@ def test_the_aux_loss_gradient_reaches_the_router_and_its_value_is_kept():
     (0.5 * switch_aux_loss(logits.softmax(-1), experts, 4)).backward()
     torch.testing.assert_close(grad, module.router.gate.weight.grad)
     assert module.aux_loss.item() == pytest.approx(0.5 * switch_aux_loss(logits.softmax(-1), experts, 4).item())
+    # the module weighs it as it weighs its cross-entropy: 1/accumulation for a mean, the tokens for a sum
+    for scale in (0.25, 37.0, 0.0):
+        module.zero_grad()
+        scale_balancing_loss(module, scale)
+        (module(h[None]) * 0).sum().backward()
+        torch.testing.assert_close(module.router.gate.weight.grad, scale * grad)
 
 
 def test_aux_loss_free_balancing_evens_out_a_skewed_router():
@@ -316,6 +323,36 @@ def test_the_balance_is_taken_after_the_step_under_checkpointing_and_accumulatio
     assert all(worst[step] == pytest.approx(per_layer[step]) for step in worst)
     for layer in moe_layers(module.model):
         assert layer.router.last_load.sum() == 2 * (2 * 32) * 2  # micro-batches x tokens x top_k
+        assert layer.aux_scale == 0.5  # the balancing loss is divided by the accumulation, as the loss is
+
+
+def test_fine_tuning_weighs_the_balancing_loss_by_its_loss_tokens_and_ttt_not_at_all(tmp_path, tokenizer_path):
+    """SFT and SDFT back-propagate a loss summed over tokens, divided by the step's tokens after
+    backward: a balancing loss sent in with weight 1 ended up divided by the tokens too. TTT trains
+    LoRA factors under frozen routers, where it would only push the layers below."""
+    from llmkit.data.examples import Example
+    from llmkit.modules.sdft import SDFTModule
+    from llmkit.modules.sft import SFTModule
+    from llmkit.modules.ttt_discover import TTTDiscoverModule
+    from tests.conftest import VOCAB_SIZE
+
+    cfg = config()
+    cfg.vocab_size, cfg.max_seq_len = VOCAB_SIZE, 256  # room for SDFT's teacher prompt
+    base = tmp_path / "base.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in Transformer(cfg).state_dict().items()},
+                "hyper_parameters": {"config": cfg.to_dict()}}, base)
+    common = {"init_ckpt": str(base), "tokenizer": str(tokenizer_path)}
+    batch = [Example("the cat", "sat on the mat", source="a:1"), Example("a dog", "ran", source="a:2")]
+    sft = SFTModule(**common)
+    _, count = sft.loss_sum(batch, "train", 0)
+    assert [float(layer.aux_scale) for layer in moe_layers(sft.model)] == [float(count)] * 2
+    sdft = SDFTModule(**common, sdft={"max_new_tokens": 6, "skip_first": 1})
+    sdft.trainer = None
+    _, count = sdft.loss_sum(batch, "val", 0)
+    assert [float(layer.aux_scale) for layer in moe_layers(sdft.model)] == [float(count)] * 2
+    ttt = TTTDiscoverModule(**common, lora={"rank": 2, "alpha": 4.0})
+    ttt.configure_model()
+    assert [float(layer.aux_scale) for layer in moe_layers(ttt.model)] == [0.0, 0.0]
 
 
 def test_an_moe_model_upcycles_to_mhc_and_exports_as_an_llmkit_directory(tmp_path):

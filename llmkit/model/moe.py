@@ -67,19 +67,22 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _AuxLossGradient(torch.autograd.Function):
-    """Identity on ``y`` whose backward also sends gradient 1 into ``aux``: the auxiliary loss
-    joins the training objective from inside the layer (also under activation checkpointing and
-    torch.compile), so every module that trains the backbone optimises CE + aux without
-    collecting it (as DeepSeek-V2's reference code does)."""
+    """Identity on ``y`` whose backward also sends gradient ``scale`` into ``aux``: the auxiliary
+    loss joins the training objective from inside the layer (also under activation checkpointing
+    and torch.compile), so every module that trains the backbone optimises CE + aux without
+    collecting it (as DeepSeek-V2's reference code does); ``scale`` (:func:`scale_balancing_loss`)
+    weighs it as the module weighs its cross-entropy."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        ctx.aux_dtype = aux.dtype
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad, scale.to(ctx.aux_dtype), None
 
 
 class Router(nn.Module):
@@ -236,6 +239,7 @@ class MoEFeedForward(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared = SwiGLU(config, config.moe.n_shared * config.moe.expert_dim) if config.moe.n_shared else None
         self.aux_loss = torch.zeros(())
+        self.register_buffer("aux_scale", torch.ones(()), persistent=False)  # see scale_balancing_loss
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """MoE(x) for x [B, T, C] (``token_ids`` [B, T] for the hash router). The balancing loss
@@ -248,13 +252,25 @@ class MoEFeedForward(nn.Module):
         y = y.view(x.shape)
         self.aux_loss = loss.detach()
         if loss.requires_grad:
-            y = _AuxLossGradient.apply(y, loss)
+            y = _AuxLossGradient.apply(y, loss, self.aux_scale)
         return y
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     """The model's MoE layers in depth order."""
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+@torch.no_grad()
+def scale_balancing_loss(model: nn.Module, scale: float) -> None:
+    """Weigh the balancing loss of the forwards to come by ``scale``, as the caller weighs the
+    cross-entropy it back-propagates, so that over a step it counts as ``aux_loss_weight`` and
+    ``z_loss_weight`` say against the mean cross-entropy per token: 1 / accumulate_grad_batches for
+    a mean loss that Lightning divides by the accumulation, the micro-batch's loss tokens for a sum
+    divided by the step's tokens after backward (:class:`~llmkit.optim.TokenMeanAccumulator`), 0
+    where the routers are frozen (their balancing loss would only push the layers below)."""
+    for layer in moe_layers(model):
+        layer.aux_scale.fill_(scale)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
 from llmkit.model.config import ModelConfig
-from llmkit.model.moe import end_of_step
+from llmkit.model.moe import end_of_step, scale_balancing_loss
 from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, clip_grad_norm, lr_metrics, optimizer_with_schedule
@@ -127,6 +127,10 @@ class PretrainModule(LLMKitModule):
         self.config = self.model.config
         if self.hparams.compile:
             self.model.compile_blocks()
+
+    def on_train_start(self) -> None:
+        """An MoE balancing loss weighs as the cross-entropy, which Lightning divides by the accumulation."""
+        scale_balancing_loss(self.model, 1 / self.trainer.accumulate_grad_batches)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` after building the backbone if no Trainer has (a state dict

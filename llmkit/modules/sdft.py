@@ -39,6 +39,7 @@ from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass
 from llmkit.model.generation import SamplingConfig, continuation_logits, generate
+from llmkit.model.moe import scale_balancing_loss
 from llmkit.modules.distill import distill_loss_sum
 from llmkit.modules.finetune import FineTuneModule, check_fits
 
@@ -147,6 +148,7 @@ class SDFTModule(FineTuneModule):
         seed = VAL_SEED + batch_idx if stage == "val" else self.seeds.next(self.global_rank)
         completions = self.sample_completions(prompts, seed)
 
+        scale_balancing_loss(self.model, sum(max(len(c) - cfg.skip_first, 0) for c in completions))  # loss tokens
         student, _, mask = continuation_logits(self.model, prompts, completions, self.tokenizer.pad_id)
         with torch.no_grad():
             teacher, _, _ = continuation_logits(self.teacher, contexts, completions, self.tokenizer.pad_id)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from llmkit.data.examples import Example
 from llmkit.model.generation import continuation_logits
+from llmkit.model.moe import scale_balancing_loss
 from llmkit.modules.finetune import FineTuneModule, check_fits
 
 
@@ -26,6 +27,7 @@ class SFTModule(FineTuneModule):
         sources = [e.source for e in batch]
         check_fits(self.config.max_seq_len, sources, prompts, [len(t) for t in targets],
                    "prompt (with its demonstration)")
+        scale_balancing_loss(self.model, sum(len(t) for t in targets))  # as the summed loss's tokens
         logits, ids, mask = continuation_logits(self.model, prompts, targets, self.tokenizer.pad_id)
         total = F.cross_entropy(logits[mask].float(), ids[mask], reduction="sum")
         return total, int(mask.sum())

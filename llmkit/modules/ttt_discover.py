@@ -81,6 +81,7 @@ from llmkit.model.lora import (
     mark_only_lora_trainable,
     save_lora,
 )
+from llmkit.model.moe import scale_balancing_loss
 from llmkit.modules.base import LLMKitModule
 from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student, prompt_ids
 from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
@@ -282,6 +283,7 @@ class TTTDiscoverModule(LLMKitModule):
             )
 
     def configure_model(self) -> None:
+        scale_balancing_loss(self.model, 0.0)  # MoE routers are frozen with the base: no balancing loss to train
         if self.hparams.compile:
             self.model.compile_blocks()
 
