@@ -490,16 +490,18 @@ class CtrlCInStep3(L.Callback):
             raise KeyboardInterrupt
 
 
+def losses(root: Path) -> list[tuple[int, float]]:
+    """The train/loss curve of the TensorBoard run of :func:`write_tensorboard_config` under ``root``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tb" / "run" / "version_0"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
 def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(shards, tmp_path):
     """The checkpoint saved on the interrupt held the data loader past the batch in flight and the logging step
     one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def losses(root: Path) -> list[tuple[int, float]]:
-        events = EventAccumulator(str(root / "tb" / "run" / "version_0"))
-        events.Reload()
-        return [(e.step, e.value) for e in events.Scalars("train/loss")]
-
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "100"]
     for root in (tmp_path / "straight", tmp_path / "interrupted"):
         root.mkdir()
@@ -515,6 +517,41 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     assert step_of(last) == 2
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+
+
+class CtrlCAfterStep3(L.Callback):
+    """Ctrl-C between batches, after the third step and its validation."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("first_run", [
+    ["--trainer.max_steps", "6"],  # its last step validates
+    ["--trainer.max_steps", "5"],  # its last step does not
+    ["--trainer.callbacks+=tests.test_checkpoints.CtrlCAfterStep3"],  # stopped after a step that validated
+])
+def test_a_run_extended_from_its_last_checkpoint_continues_its_curves_step_for_step(first_run, shards, tmp_path):
+    """A checkpoint saved between batches after a step that validated made the resumed curves skip a step
+    (Lightning's resume counted that step again): 6 steps validating every 3, resumed to 8, logged 0-5, 7, 8."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3",
+             "--model.optim.decay_steps", "8"]  # one schedule for the runs of 5, 6 and 8 steps
+    for root in (tmp_path / "straight", tmp_path / "extended"):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 8).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # saved at the end alone
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
+    config = str(tmp_path / "extended" / "tb.yaml")
+    try:
+        main(["pretrain", "fit", "--config", config, *every, *first_run])
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C
+        pass
+    last = tmp_path / "extended" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
+    assert [step for step, _ in losses(tmp_path / "extended")] == list(range(8))
+    assert losses(tmp_path / "extended") == losses(tmp_path / "straight")
 
 
 def test_a_run_resumed_in_a_copied_directory_writes_last_ckpt_not_last_v1(shards, tmp_path):

@@ -101,6 +101,25 @@ def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
 
 
+@contextmanager
+def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
+    """Save a checkpoint between batches (at the end of fit, or on an interrupt after a batch) with
+    the logging step a resume continues from.
+
+    Lightning takes such a checkpoint for one saved when the last batch's validation ended, before
+    that batch's count of the logging step: if the last batch was one to validate after, the resume
+    skips the validation and adds the count. Saved after the count, the resumed curves skipped a
+    step (a 6-step run validating every 3 steps, resumed to 8, logged steps 0-5, 7, 8)."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.current
+    counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None)
+    loop._batches_that_stepped -= counted_twice
+    try:
+        yield
+    finally:
+        loop._batches_that_stepped += counted_twice
+
+
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step and is saved on
     SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``; files are replaced,
@@ -121,7 +140,8 @@ class Checkpoint(ModelCheckpoint):
         if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking
                 or self._last_step == trainer.global_step):
             return False
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        with _logging_step_as_a_resume_counts_it(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
