@@ -233,6 +233,55 @@ def test_the_last_partial_block_is_gated_at_train_end_and_logged(tmp_path, shard
     assert third["eval_before"] == read_block(gates, 2)["eval_after"]
 
 
+class InterruptAt(L.Callback):
+    """Ctrl-C before the step ``at_step`` + 1, as a user's mid-run."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, module, *args) -> None:
+        if trainer.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_a_block_interrupted_and_resumed_is_gated_as_the_uninterrupted_one(tmp_path, shards, tokenizer_path):
+    """The Ctrl-C checkpoint holds the block's ungated weights: the resume took them for its baseline and accepted
+    the regression. It now finishes the block against the baseline and snapshot the checkpoint holds."""
+    from llmkit.callbacks import Checkpoint
+
+    def run(root: Path, callbacks: list, ckpt_path: Path | None = None) -> tuple[Student, RegressionGate]:
+        module, gate = Student(tokenizer_path, val_config(shards)), RegressionGate(every_n_steps=4,
+                                                                                  out_dir=str(root / "gates"))
+        checkpoint = Checkpoint(dirpath=root / "ckpt", every_n_train_steps=100)
+        try:
+            fit(root, module, shards, 4, [Corrupt(at_step=1), *callbacks, checkpoint, gate], ckpt_path=ckpt_path,
+                enable_checkpointing=True)
+        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C
+            pass
+        return module, gate
+
+    initial = copy.deepcopy(Student(tokenizer_path, None).state_dict())
+    straight, straight_gate = run(tmp_path / "straight", [])
+    run(tmp_path / "interrupted", [InterruptAt(2)])
+    last = tmp_path / "interrupted" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2 and saved["callbacks"]["RegressionGate"]["block"]["start_step"] == 0
+    resumed, resumed_gate = run(tmp_path / "interrupted", [], ckpt_path=last)
+
+    assert [d["decision"] for d in straight_gate.decisions] == ["rejected"]
+    assert resumed_gate.decisions == straight_gate.decisions  # the same block 0-4, baseline and verdict
+    assert same(resumed.state_dict(), initial) and same(straight.state_dict(), initial)  # restored to step 0
+    assert not torch.load(tmp_path / "interrupted" / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][
+        "RegressionGate"].get("block")  # saved at a block's end: no snapshot to carry
+
+
+@pytest.mark.parametrize("thresholds", [{"max_ppl_increase": math.nan}, {"max_ppl_increase": math.inf},
+                                        {"max_probe_drop": math.nan}, {"max_probe_drop": 1.5}])
+def test_a_threshold_that_would_turn_the_gate_off_is_refused(thresholds):
+    with pytest.raises(LLMKitError, match="max_ppl_increase must be a number >= 0 and max_probe_drop one in"):
+        RegressionGate(**thresholds)
+
+
 def test_a_rejected_last_block_never_reaches_the_last_checkpoint(tmp_path, shards, tokenizer_path):
     module = Student(tokenizer_path, val_config(shards))
     recorder, gate = Recorder(), RegressionGate(every_n_steps=3)

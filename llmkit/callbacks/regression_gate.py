@@ -28,11 +28,13 @@ gated weights. A run that ends otherwise (``max_epochs``, early stopping, ``max_
 it at train end, after those callbacks may have saved: a rejection then reaches the in-memory
 module (what ``fit`` leaves you) but not a checkpoint already written.
 
-Checkpoints hold the block counter, the rejection count and the decisions, never the
-snapshots: on resume the gate starts a fresh block at the resumed weights (a new baseline
-evaluation and a new snapshot). A checkpoint saved in the middle of a block holds that block's
-ungated weights, so save at block ends (``ModelCheckpoint(every_n_train_steps=every_n_steps)``)
-to resume from gated ones.
+Checkpoints hold the block counter, the rejection count and the decisions. One saved at a block's
+end holds gated weights, and its resume starts a fresh block at them (a new baseline evaluation
+and a new snapshot, of the weights the run would have kept). One saved in the middle of a block
+(a Ctrl-C, or ``every_n_train_steps`` off the block ends) holds that block's ungated weights, so
+it also holds the block's start, its baseline report and its snapshot, and the resume gates the
+block against them as the uninterrupted run would: such a checkpoint is about twice the size of
+one saved at a block's end (``ModelCheckpoint(every_n_train_steps=every_n_steps)``).
 
 Under DDP every rank evaluates (the same weights on the same data) and rank 0's reports are
 broadcast before anything is decided: every rank then compares the same two reports, takes the
@@ -161,9 +163,9 @@ class RegressionGate(L.Callback):
     ) -> None:
         if every_n_steps < 1:
             raise LLMKitError(f"RegressionGate every_n_steps must be >= 1, got {every_n_steps}")
-        if max_ppl_increase < 0 or max_probe_drop < 0:
-            raise LLMKitError(f"RegressionGate max_ppl_increase and max_probe_drop must be >= 0 (the regressions "
-                              f"tolerated), got {max_ppl_increase} and {max_probe_drop}")
+        if not (0 <= max_ppl_increase < math.inf and 0 <= max_probe_drop <= 1):  # NaN compares False: refused
+            raise LLMKitError(f"RegressionGate max_ppl_increase must be a number >= 0 and max_probe_drop one in [0, 1] "
+                              f"(the regressions tolerated), got {max_ppl_increase} and {max_probe_drop}")
         self.every_n_steps = every_n_steps
         self.max_ppl_increase = max_ppl_increase
         self.max_probe_drop = max_probe_drop
@@ -180,6 +182,8 @@ class RegressionGate(L.Callback):
         self._snapshot: tuple[dict, list[dict]] | None = None
         self._snapshot_step = 0
         self._block_start = 0
+        self._step = 0  # the last optimizer step this run completed
+        self._resumed_block: dict | None = None  # the unfinished block a checkpoint held
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -204,11 +208,21 @@ class RegressionGate(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = Path(trainer.log_dir or trainer.default_root_dir) / "gates"
         self._dir = Path(self.out_dir) if self.out_dir is not None else root
+        self._step = trainer.global_step
+        block, self._resumed_block = self._resumed_block, None
+        if block is not None:  # finish the block the checkpoint was saved in, against its own baseline
+            self._block_start, self._before = block["start_step"], block["before"]
+            self._snapshot, self._snapshot_step = (block["module"], block["optimizers"]), block["snapshot_step"]
+            rank_zero_info(f"gate block {self.blocks + 1} resumed at step {trainer.global_step} (started at step "
+                           f"{self._block_start}; its baseline and the weights of step {self._snapshot_step} "
+                           f"from the checkpoint)")
+            return
         self._before = self._evaluate(trainer, pl_module)
         self._take_snapshot(trainer, pl_module)
         self._block_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._step = trainer.global_step
         steps = trainer.global_step - self._block_start
         last = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
         if steps >= self.every_n_steps or (last and steps > 0):
@@ -219,12 +233,18 @@ class RegressionGate(L.Callback):
             self._gate(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "rejections": self.rejections, "decisions": copy.deepcopy(self.decisions)}
+        state = {"blocks": self.blocks, "rejections": self.rejections, "decisions": copy.deepcopy(self.decisions)}
+        if self._snapshot is not None and self._step > self._block_start:  # in the middle of a block
+            module, optimizers = self._snapshot
+            state["block"] = {"start_step": self._block_start, "before": self._before, "module": module,
+                              "optimizers": optimizers, "snapshot_step": self._snapshot_step}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.blocks = state_dict["blocks"]
         self.rejections = state_dict["rejections"]
         self.decisions = copy.deepcopy(state_dict["decisions"])
+        self._resumed_block = state_dict.get("block")
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """The report of the student's current weights: rank 0's, on every rank (module docstring)."""
