@@ -65,6 +65,14 @@ class OptimConfig:
                 raise LLMKitError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise LLMKitError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name, value in (("betas[0]", self.betas[0]), ("betas[1]", self.betas[1]),
+                            ("muon_momentum", self.muon_momentum)):
+            if not 0 <= value < 1:
+                raise LLMKitError(f"optim.{name} must be in [0, 1), got {value}")
+        if not 0 < self.eps < math.inf:
+            raise LLMKitError(f"optim.eps must be > 0, got {self.eps}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise LLMKitError(f"optim.decay_steps must be >= 1 (or null: the Trainer's steps), got {self.decay_steps}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Backbone: shapes, causality, weight-decay groups, checkpointing, and that it learns."""
 
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,8 +101,30 @@ def test_sequence_longer_than_max_seq_len_is_rejected():
 
 
 def test_invalid_config_names_every_problem():
-    with pytest.raises(LLMKitError, match="divisible by n_heads.*n_streams"):
+    with pytest.raises(LLMKitError, match="n_streams must be >= 1.*divisible by n_heads"):
         ModelConfig(d_model=30, n_heads=4, n_streams=0)
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"n_heads": 0}, "n_heads must be >= 1, got 0"),  # was a ZeroDivisionError
+    ({"n_kv_heads": -4}, "n_kv_heads must be >= 1, got -4"),  # was a negative dimension deep in torch
+    ({"mhc": {"sinkhorn_iters": 0}}, "mhc.sinkhorn_iters must be >= 1"),  # H_res rows summed to 7.8
+    ({"mhc": {"sinkhorn_eps": -1.0}}, "mhc.sinkhorn_clamp and sinkhorn_eps must be > 0"),
+    ({"mhc": {"sinkhorn_iter": 3}}, "unknown mhc keys ['sinkhorn_iter']"),  # was a TypeError
+    ({"norm_eps": 0.0}, "norm_eps and rope_theta must be > 0"),
+    ({"moe": {"n_experts": 4, "top_k": 2, "aux_loss_weight": -0.01}}, "moe.aux_loss_weight must be >= 0"),
+    ({"moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": math.nan}}, "moe.bias_update_rate must be >= 0"),
+    ({"n_layers": 4, "moe": {"n_experts": 4, "top_k": 2, "first_dense": 9}}, "leaves no MoE layer among the 4"),
+])
+def test_a_setting_that_would_break_the_model_or_its_math_is_one_clear_error(values, says):
+    with pytest.raises(LLMKitError, match=re.escape(says)):
+        ModelConfig.from_dict({"vocab_size": 64, "n_layers": 2, "d_model": 32, "n_heads": 4, **values})
+
+
+def test_an_mla_model_takes_any_head_dim():
+    """MLA's heads have their own sizes (mla.*): head_dim, unused, is not held to RoPE's evenness."""
+    config = ModelConfig(vocab_size=64, n_layers=1, d_model=30, n_heads=2, attention="mla")
+    assert config.head_dim == 15 and config.rope_dim == config.mla.qk_rope_head_dim
 
 
 @pytest.mark.slow

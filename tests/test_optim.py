@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import lightning as L
 import pytest
@@ -36,6 +37,17 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
                             "parameters)")
     with pytest.raises(LLMKitError, match="optim.name must be 'adamw' or 'muon'"):
         OptimConfig(name="sgd")
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"betas": (1.5, 0.9)}, "optim.betas[0] must be in [0, 1), got 1.5"),
+    ({"muon_momentum": 5.0}, "optim.muon_momentum must be in [0, 1), got 5.0"),
+    ({"eps": -1.0}, "optim.eps must be > 0, got -1.0"),
+    ({"decay_steps": -5}, "optim.decay_steps must be >= 1 (or null: the Trainer's steps), got -5"),
+])
+def test_an_optimizer_setting_out_of_its_range_is_refused(values, says):
+    with pytest.raises(LLMKitError, match=re.escape(says)):
+        OptimConfig(**values)
 
 
 def test_one_step_is_exactly_a_muon_step_and_an_adamw_step():

@@ -6,6 +6,7 @@ sizes (``tiny``, ``120m``, ``350m``, ``900m``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,14 @@ class MHCConfig:
             )
             self.implementation = "auto"
         problems = []
+        if self.sinkhorn_iters < 1:
+            problems.append(f"mhc.sinkhorn_iters must be >= 1 (H_res is doubly stochastic only after them), "
+                            f"got {self.sinkhorn_iters}")
+        if not (0 < self.sinkhorn_clamp < math.inf and 0 < self.sinkhorn_eps < math.inf):
+            problems.append(f"mhc.sinkhorn_clamp and sinkhorn_eps must be > 0, got {self.sinkhorn_clamp} and "
+                            f"{self.sinkhorn_eps}")
+        if not all(math.isfinite(v) for v in (self.alpha_init, self.res_bias)):
+            problems.append(f"mhc.alpha_init and res_bias must be finite, got {self.alpha_init} and {self.res_bias}")
         if self.post_init not in ("split", "copy"):
             problems.append(f"mhc.post_init must be 'split' or 'copy', got {self.post_init!r}")
         if self.implementation not in ("auto", "torch"):
@@ -122,6 +131,11 @@ class MoEConfig:
                             f"{self.router!r} and {self.score!r}")
         if self.router == "hash" and self.top_k > 2:
             problems.append(f"the hash router picks at most 2 experts: moe.top_k must be 1 or 2, got {self.top_k}")
+        weights = {"aux_loss_weight": self.aux_loss_weight, "z_loss_weight": self.z_loss_weight,
+                   "bias_update_rate": self.bias_update_rate}
+        for name, value in weights.items():
+            if not 0 <= value < math.inf:  # NaN too
+                problems.append(f"moe.{name} must be >= 0, got {value}")
         if self.router == "hash" and (self.bias_update_rate or self.z_loss_weight):
             problems.append(f"the hash router has no learned gate to balance: moe.bias_update_rate and z_loss_weight "
                             f"must be 0 with it, got {self.bias_update_rate} and {self.z_loss_weight}")
@@ -227,7 +241,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.mhc, dict):
-            self.mhc = MHCConfig(**self.mhc)
+            self.mhc = dataclass_from_dict(MHCConfig, self.mhc, "mhc")
         if isinstance(self.mla, dict):
             self.mla = dataclass_from_dict(MLAConfig, self.mla, "mla")
         if isinstance(self.moe, dict):
@@ -237,20 +251,25 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         problems = []
-        if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
-                                "unless head_dim is set")
-            self.head_dim = self.d_model // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2 or self.head_dim < 2:
-            problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
-        if self.n_streams < 1:
-            problems.append(f"n_streams must be >= 1, got {self.n_streams}")
-        for name in ("vocab_size", "n_layers", "d_ff", "max_seq_len", "n_heads"):
+        for name in ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len", "n_heads", "n_kv_heads",
+                     "n_streams"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads >= 1 and self.n_kv_heads >= 1:  # the head checks divide by them
+            if self.head_dim is None:
+                if self.d_model % self.n_heads:
+                    problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                                    "unless head_dim is set")
+                self.head_dim = self.d_model // self.n_heads
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            if self.attention == "mha" and (self.head_dim % 2 or self.head_dim < 2):
+                problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if not (0 < self.norm_eps < math.inf and 0 < self.rope_theta < math.inf):
+            problems.append(f"norm_eps and rope_theta must be > 0, got {self.norm_eps} and {self.rope_theta}")
+        if self.moe.n_experts and not any(self.moe.is_moe_layer(i) for i in range(self.n_layers)):
+            problems.append(f"moe.first_dense ({self.moe.first_dense}) leaves no MoE layer among the "
+                            f"{self.n_layers} layers: lower it, or set moe.n_experts 0 for a dense model")
         if self.attention not in ("mha", "mla"):
             problems.append(f"attention must be mha or mla, got {self.attention!r}")
         if self.attention == "mla" and (self.n_kv_heads != self.n_heads or self.attention_bias or self.qk_norm):
