@@ -154,6 +154,8 @@ def test_report_combines_both_sections_and_is_written_atomically(model, tokenize
 
 def test_an_eval_config_takes_one_probe_file():
     """A list (as ppl_files takes) is refused when built, not deep in the first evaluation."""
+    with pytest.raises(LLMKitError, match=r"evaluation.max_windows 0, probe_batch_size -1: these must be >= 1"):
+        EvalConfig(max_windows=0, probe_batch_size=-1)  # a ZeroDivisionError after the first steps, or a range()
     with pytest.raises(LLMKitError, match=r"evaluation.probes takes one probe JSONL file, got \['a.jsonl'\]"):
         EvalConfig(probes=["a.jsonl"])
     assert EvalConfig(probes="a.jsonl", ppl_files="v.bin").ppl_files == ["v.bin"]

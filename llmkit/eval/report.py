@@ -73,6 +73,12 @@ class EvalConfig:
             self.ppl_files = [self.ppl_files]
         if self.probes is not None and not isinstance(self.probes, (str, os.PathLike)):
             raise LLMKitError(f"evaluation.probes takes one probe JSONL file, got {self.probes!r}")
+        sizes = {"seq_len": self.seq_len, "batch_size": self.batch_size, "max_windows": self.max_windows,
+                 "max_new_tokens": self.max_new_tokens, "probe_batch_size": self.probe_batch_size}
+        small = [f"{name} {value}" for name, value in sizes.items() if value is not None and value < 1]
+        if small:
+            raise LLMKitError(f"evaluation.{', '.join(small)}: these must be >= 1 (seq_len and max_windows may be "
+                              f"null: the model's max_seq_len, every window)")
 
     @property
     def enabled(self) -> bool:
