@@ -152,6 +152,20 @@ def test_report_combines_both_sections_and_is_written_atomically(model, tokenize
         evaluate(model, None, None, probes)
 
 
+def test_shards_of_another_tokenizer_of_the_same_size_are_refused(model, tokenizer, shards, corpus_dir, tmp_path):
+    """Only the size was checked: a model scored on shards of another tokenizer reported a perplexity of ids
+    that mean other text (1223 where its own shards gave 174)."""
+    from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    config = TokenizerTrainConfig(vocab_size=VOCAB_SIZE, normalization="identity", keep_whitespace=False)
+    other = Tokenizer(train_tokenizer([corpus_dir / "train.txt"], tmp_path / "other", config))
+    assert other.vocab_size == tokenizer.vocab_size and other.sha256 != tokenizer.sha256
+    files = [str(shards["val"])]
+    with pytest.raises(LLMKitError, match=re.escape(f"{shards['val']} was packed with another tokenizer")):
+        evaluate(model, other, files, None, seq_len=32, max_windows=1)
+    assert evaluate(model, tokenizer, files, None, seq_len=32, max_windows=1)["perplexity"]["windows"] == 1
+
+
 def test_an_eval_config_takes_one_probe_file():
     """A list (as ppl_files takes) is refused when built, not deep in the first evaluation."""
     with pytest.raises(LLMKitError, match=r"evaluation.max_windows 0, probe_batch_size -1: these must be >= 1"):

@@ -118,8 +118,8 @@ def open_checked_shards(
         if vocab_size is not None and (meta["vocab_size"] > vocab_size or exact and meta["vocab_size"] != vocab_size):
             raise LLMKitError(
                 f"{path} was packed with a tokenizer of vocab_size {meta['vocab_size']} "
-                f"({meta.get('tokenizer')}) but the model has vocab_size {vocab_size}; set "
-                f"model.config.vocab_size: {meta['vocab_size']} or re-pack with the model's tokenizer"
+                f"({meta.get('tokenizer')}) but the model has vocab_size {vocab_size}: pack it with the model's "
+                f"tokenizer (or, pretraining from scratch, set model.config.vocab_size: {meta['vocab_size']})"
             )
         limit = meta["vocab_size"] if vocab_size is None else vocab_size
         for begin in range(0, len(tokens), _SCAN_CHUNK):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.packing import read_meta
+from llmkit.data.tokenizer import TokenizerLike
 from llmkit.errors import LLMKitError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import expand_inputs
@@ -28,9 +30,11 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_windows: int | None = 256,
     what: str = "ppl_files",
+    tokenizer: TokenizerLike | None = None,
 ) -> dict:
     """Next-token loss of ``model`` on the fixed validation windows of ``shard_files`` (paths
-    or glob patterns; ``what`` names the setting they came from, for errors).
+    or glob patterns; ``what`` names the setting they came from, for errors), packed with
+    ``tokenizer`` where it is given (the model's: a tokenizer of the same size would go unnoticed).
 
     Returns ``{"loss", "ppl", "bits_per_token", "tokens", "windows", "seq_len", "files"}``:
     loss in nats per token, ppl = exp(loss) (inf past float64's range), bits_per_token =
@@ -46,6 +50,13 @@ def evaluate_perplexity(
             f"use seq_len <= {model.config.max_seq_len}"
         )
     files = expand_inputs(shard_files, what)
+    for path in files if tokenizer is not None else []:
+        meta = read_meta(path)
+        if meta.get("tokenizer_sha256") != tokenizer.sha256:
+            raise LLMKitError(
+                f"{what}: {path} was packed with another tokenizer ({meta.get('tokenizer')}) than the model's "
+                f"({tokenizer.path}): its ids mean other text; pack it with the model's tokenizer"
+            )
     data = PackedDataModule(
         val_files=[str(f) for f in files], seq_len=seq_len, batch_size=batch_size, val_windows=max_windows,
         vocab_size=model.config.vocab_size,

@@ -42,7 +42,8 @@ def evaluate(
     perplexity = None
     if ppl_files is not None:
         seq_len = model.config.max_seq_len if seq_len is None else seq_len
-        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files")
+        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files",
+                                         tokenizer)
     scores = None
     if probes is not None:
         scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size, chat_template)
