@@ -187,7 +187,8 @@ def test_with_a_plain_trainer_the_shards_are_checked_against_the_module_being_ru
 
     with pytest.raises(LLMKitError, match=rf"was packed with a tokenizer of vocab_size {VOCAB_SIZE} .* but the model "
                                           rf"has vocab_size {VOCAB_SIZE - 1}: pack it with the model's tokenizer "
-                                          rf"\(or, pretraining from scratch, set model.config.vocab_size: {VOCAB_SIZE}\)"):
+                                          rf"\(or, pretraining from scratch, set model.config.vocab_size: "
+                                          rf"{VOCAB_SIZE}\)"):
         fit(VOCAB_SIZE - 1, 64, 32)
     with pytest.raises(LLMKitError, match=r"^data\.seq_len 64 is longer than the model's max_seq_len 32"):
         fit(VOCAB_SIZE, 32, 64)
