@@ -391,6 +391,24 @@ def test_sft_prompts_are_rendered_and_demonstrations_end_with_eos(padded_ckpt, m
     assert targets == [tok.encode(e.demonstration) + [tok.eos_id] for e in EXAMPLES]
 
 
+def test_chat_sft_ends_a_demonstration_with_the_turn_end_of_the_template(padded_ckpt, raw_json, ids, tmp_path,
+                                                                        monkeypatch):
+    """Llama 3.x lists <|end_of_text|> first among its eos ids and ends a turn with <|eot_id|>: chat SFT taught
+    the first, so the fine-tuned model ran past its turn's end. Here </s> plays <|end_of_text|>, <|im_end|>
+    <|eot_id|>."""
+    directory = write_model_dir(tmp_path / "llama3like", raw_json,
+                                config={"bos_token_id": ids["<s>"], "eos_token_id": [ids["</s>"], ids["<|im_end|>"]]},
+                                tokenizer_config={"pad_token": "<pad>", "chat_template": CHAT_TEMPLATE})
+    tok = load_tokenizer(directory)
+    assert (tok.eos_id, tok.turn_end_id) == (ids["</s>"], ids["<|im_end|>"])
+    calls = recorded_contexts(monkeypatch, "llmkit.modules.sft")
+    for chat_template in (True, False):
+        SFTModule(str(padded_ckpt), str(directory), chat_template=chat_template).loss_sum(EXAMPLES, "train", 0)
+    (_, chat_targets), (_, plain_targets) = calls
+    assert [t[-1] for t in chat_targets] == [ids["<|im_end|>"]] * len(EXAMPLES)
+    assert [t[-1] for t in plain_targets] == [ids["</s>"]] * len(EXAMPLES)  # a document ends with eos
+
+
 def test_ttt_renders_the_environment_context_through_the_chat_template(padded_ckpt, model_dir, tok, monkeypatch):
     class Sampled(Exception):
         """Stops the training step once the sampler has its contexts."""

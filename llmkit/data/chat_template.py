@@ -80,10 +80,23 @@ def compile_chat_template(template: str, source: Path) -> Template:
 def render_user_prompt(template: Template, source: Path, prompt: str, bos_token: str, eos_token: str) -> str:
     """``prompt`` as the one user message of a conversation, rendered by ``template`` (compiled by
     :func:`compile_chat_template` from ``source``) with the assistant's turn opened after it."""
+    return _render(template, source, [{"role": "user", "content": prompt}], True, bos_token, eos_token)
+
+
+def assistant_turn_end(template: Template, source: Path, bos_token: str, eos_token: str) -> str:
+    """The text ``template`` writes after an assistant message's content, which ends its turn
+    (``<|eot_id|>`` for Llama 3, ``<|im_end|>`` and a newline for Qwen)."""
+    answer = "\x00answer\x00"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
+    text = _render(template, source, messages, False, bos_token, eos_token)
+    return text[text.rindex(answer) + len(answer):] if answer in text else ""
+
+
+def _render(template: Template, source: Path, messages: list[dict[str, str]], add_generation_prompt: bool,
+            bos_token: str, eos_token: str) -> str:
     try:
         return template.render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, bos_token=bos_token,
-            eos_token=eos_token,
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
         )
     except LLMKitError:
         raise

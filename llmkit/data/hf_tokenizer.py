@@ -21,6 +21,7 @@ import tokenizers
 
 from llmkit.data.chat_template import (
     TOKENIZER_CONFIG_FILE,
+    assistant_turn_end,
     compile_chat_template,
     read_chat_template,
     render_user_prompt,
@@ -177,6 +178,15 @@ class HFTokenizer:
         :attr:`chat_template` in jinja2's sandbox (:mod:`llmkit.data.chat_template`)."""
         return render_user_prompt(self._compiled_chat_template, self._chat_template_file, prompt,
                            self._token(self.bos_id), self._token(self.eos_id))
+
+    @cached_property
+    def turn_end_id(self) -> int:
+        """The token an assistant's turn ends with under :attr:`chat_template`: the first of
+        :attr:`stop_ids` in the text the template writes after the assistant's content, else
+        ``eos_id`` (Llama 3.x lists ``<|end_of_text|>`` first but ends a turn with ``<|eot_id|>``)."""
+        end = assistant_turn_end(self._compiled_chat_template, self._chat_template_file, self._token(self.bos_id),
+                                 self._token(self.eos_id))
+        return next((i for i in self.encode(end) if i in self.stop_ids), self.eos_id)
 
     @cached_property
     def _compiled_chat_template(self) -> Template:

@@ -275,6 +275,10 @@ class TokenizerLike(Protocol):
     def render_chat(self, prompt: str) -> str:
         """``prompt`` as a user message rendered through :attr:`chat_template`, the assistant's turn opened."""
 
+    @property
+    def turn_end_id(self) -> int:
+        """The token :attr:`chat_template` ends an assistant's turn with (a fine-tuning target's last)."""
+
 
 class Tokenizer:
     """A trained sentencepiece model, loaded from ``PREFIX.model`` (or a model directory's
@@ -373,6 +377,11 @@ class Tokenizer:
         """
         special = {self.pad_id, self.bos_id, self.eos_id}
         return self._sp.Decode([int(i) for i in ids if int(i) not in special])
+
+    @property
+    def turn_end_id(self) -> int:
+        """``eos_id``: without a chat template, a text ends as a document does."""
+        return self.eos_id
 
     def render_chat(self, prompt: str) -> str:
         """Always an error: a sentencepiece model has no chat template."""

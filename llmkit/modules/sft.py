@@ -1,7 +1,8 @@
 """SFTModule: supervised fine-tuning on (prompt, demonstration) pairs, the SDFT baseline.
 
-The loss is the next-token cross-entropy of the demonstration followed by EOS, given the
-prompt (the prompt's own tokens are context, never targets), summed over real target
+The loss is the next-token cross-entropy of the demonstration followed by EOS (with
+``chat_template``, the token the template ends an assistant's turn with: ``<|eot_id|>`` for
+Llama 3), given the prompt (the prompt's own tokens are context, never targets), summed over real target
 tokens and averaged per token by :class:`FineTuneModule`. The same JSONL files, callbacks
 (Replay, RegressionGate) and evaluation as SDFT apply, so the two compare like for like.
 """
@@ -23,7 +24,8 @@ class SFTModule(FineTuneModule):
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
         demonstrations = self.tokenizer.encode_batch([e.demonstration for e in batch])
-        targets = [ids + [self.tokenizer.eos_id] for ids in demonstrations]
+        end = self.tokenizer.turn_end_id if self.chat_template else self.tokenizer.eos_id  # as generation will stop
+        targets = [ids + [end] for ids in demonstrations]
         sources = [e.source for e in batch]
         check_fits(self.config.max_seq_len, sources, prompts, [len(t) for t in targets],
                    "prompt (with its demonstration)")
