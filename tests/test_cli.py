@@ -78,6 +78,15 @@ def test_llmkit_warnings_print_as_one_line_and_the_libraries_keep_their_source_l
     assert theirs == f"{torch.__file__}:7: FutureWarning: deprecated\n  x = 1\n"
 
 
+def test_an_abbreviated_option_is_refused_not_expanded(shards, tmp_path, capsys):
+    """argparse expanded --model.config.moe.n_expert to n_experts without a word."""
+    config = write_config(tmp_path, shards)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(config), "--model.config.moe.n_expert", "4"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --moe.n_expert=4" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_float32_matmul_precision_applies_to_the_run_and_is_saved_with_its_config(shards, tmp_path, capsys):
     config = write_config(tmp_path, shards)
     before = torch.get_float32_matmul_precision()

@@ -169,7 +169,11 @@ def check_config_files(args: list[str]) -> None:
 class LLMKitArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are the message alone (:func:`readable_parse_error`):
     jsonargparse prints the usage of every option first (dozens of lines before the one that
-    names the bad key)."""
+    names the bad key). Options are not abbreviated: argparse took ``--model.config.moe.n_expert``
+    for ``n_experts``, silently."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error:
