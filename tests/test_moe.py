@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,21 @@ def test_fine_tuning_weighs_the_balancing_loss_by_its_loss_tokens_and_ttt_not_at
     ttt = TTTDiscoverModule(**common, lora={"rank": 2, "alpha": 4.0})
     ttt.configure_model()
     assert [float(layer.aux_scale) for layer in moe_layers(ttt.model)] == [0.0, 0.0]
+
+
+def test_the_monitor_names_a_layer_by_its_block():
+    """moe/L0 was the first MoE layer, whatever block it sat in: with first_dense 1 it was block 1's."""
+    from types import SimpleNamespace
+
+    from llmkit.callbacks import MoEMonitor
+
+    model = Transformer(replace(config(), n_layers=3, moe=replace(config().moe, first_dense=1))).train()
+    model(torch.randint(0, 64, (2, 8)))
+    logged = {}
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update(metrics))
+    trainer = SimpleNamespace(global_step=1, is_global_zero=True, loggers=[logger])
+    MoEMonitor(every_n_steps=1).on_train_batch_end(trainer, SimpleNamespace(model=model), None, None, 0)
+    assert sorted(logged) == ["moe/L1/load_std", "moe/L1/max_min_load", "moe/L2/load_std", "moe/L2/max_min_load"]
 
 
 def test_an_moe_model_upcycles_to_mhc_and_exports_as_an_llmkit_directory(tmp_path):

@@ -2,7 +2,8 @@
 
 The training modules already log the step's balance averaged over the layers (``moe/load_std``,
 ``moe/max_min_load``, ``moe/aux_loss``; llmkit.model.moe.end_of_step). Every ``every_n_steps``
-optimizer steps this callback adds, for each MoE layer i:
+optimizer steps this callback adds, for each block i with an MoE layer (i counts every block,
+so with ``moe.first_dense: 1`` the first is ``L1``):
 
 - ``moe/L{i}/load_std`` and ``moe/L{i}/max_min_load``: the spread of the experts' shares of the
   step's (token, expert) assignments and the most over the least loaded expert;
@@ -21,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks.interfaces import HasBackbone, require
-from llmkit.model.moe import load_balance_std, moe_layers
+from llmkit.model.moe import load_balance_std
 
 
 class MoEMonitor(L.Callback):
@@ -43,8 +44,10 @@ class MoEMonitor(L.Callback):
             return
         self.last_step = step
         metrics = {}
-        for i, layer in enumerate(moe_layers(pl_module.model)):
-            router = layer.router
+        for i, block in enumerate(pl_module.model.blocks):
+            if not block.uses_moe:
+                continue
+            router = block.mlp.router
             counts = router.load if bool(router.load.any()) else router.last_load  # before or after end_of_step
             metrics[f"moe/L{i}/load_std"] = float(load_balance_std(counts))
             metrics[f"moe/L{i}/max_min_load"] = float(counts.max() / counts.min().clamp_min(1))
