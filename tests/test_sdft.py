@@ -335,6 +335,22 @@ def test_prompts_longer_than_the_context_name_the_example(base_ckpt, tokenizer_p
         module.loss_sum(data.train_examples, "train", 0)
 
 
+@pytest.mark.parametrize("module_class", [SDFTModule, SFTModule])
+def test_an_example_too_long_for_the_window_stops_the_run_before_its_first_step(module_class, base_ckpt,
+                                                                             tokenizer_path, examples, tmp_path):
+    """It was found when its batch came up (step 2 of 20 in the report), after the steps before it."""
+    path = tmp_path / "mixed.jsonl"
+    lines = examples.read_text().splitlines()  # 16 that fit, then one that does not
+    path.write_text("\n".join([*lines, json.dumps({"prompt": "a", "demonstration": "x = 1\n" * 300})]) + "\n")
+    settings = {"sdft": {"max_new_tokens": 12}} if module_class is SDFTModule else {}
+    module = module_class(init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), **settings)
+    run = trainer(20)
+    with pytest.raises(LLMKitError, match=r"mixed.jsonl:17: the (prompt \(with its demonstration\)|teacher prompt) "
+                                          r"is \d+ tokens"):
+        run.fit(module, SDFTDataModule(str(path), batch_size=4))
+    assert run.global_step == 0
+
+
 def test_bad_settings_and_a_mismatched_tokenizer_are_clear_errors(base_ckpt, tokenizer_path, tmp_path, corpus_dir):
     with pytest.raises(LLMKitError, match="alpha must be in"):
         sdft(base_ckpt, tokenizer_path, sdft={"alpha": 1.5})

@@ -53,6 +53,10 @@ class FineTuneOptimConfig(OptimConfig):
     warmup_steps: int = 10
 
 
+CHECK_BATCH = 256
+"""Examples encoded at a time when ``setup`` checks that every one fits the model's window."""
+
+
 def load_student(
     init_ckpt: str | None,
     tokenizer: str | None,
@@ -92,13 +96,14 @@ def prompt_ids(tokenizer: TokenizerLike, texts: list[str], chat_template: bool) 
     return tokenizer.encode_batch(texts)
 
 
-def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str) -> None:
+def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str,
+               advice: str = "shorten it or lower the completion length") -> None:
     """Raise, naming the source, if a context plus its room (completion tokens) exceeds ``max_seq_len``."""
     for source, ids, room in zip(sources, contexts, rooms, strict=True):
         if len(ids) + room > max_seq_len:
             raise LLMKitError(
                 f"{source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
-                f"max_seq_len {max_seq_len}; shorten it or lower the completion length"
+                f"max_seq_len {max_seq_len}; {advice}"
             )
 
 
@@ -169,6 +174,11 @@ class FineTuneModule(LLMKitModule):
             raise LLMKitError(f"{type(self).__name__} trains on prompt/demonstration examples (SDFTDataModule), not "
                               f"PackedDataModule's token windows, which PretrainModule trains on")
         self.evaluation.check_files()  # a bad path is one line now, not after the steps up to the first validation
+        data = self.trainer.datamodule
+        for examples in (getattr(data, "train_examples", None) if stage == "fit" else None,
+                         getattr(data, "val_examples", None)):
+            for start in range(0, len(examples or []), CHECK_BATCH):  # an example too long for the window fails now
+                self.encode(examples[start : start + CHECK_BATCH])
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -179,6 +189,12 @@ class FineTuneModule(LLMKitModule):
     def configure_optimizers(self) -> dict:
         return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer,
                                        self.accumulator.accumulate_grad_batches)
+
+    def encode(self, batch: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        """The token ids :meth:`loss_sum` feeds the model for ``batch``, each row checked to fit the
+        model's window (:func:`check_fits`): ``setup`` runs it over every example, so one too long
+        is an error before the first step, naming its file and line."""
+        raise NotImplementedError
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
         """(the loss summed over the batch's real tokens, their number); ``stage`` is "train" or

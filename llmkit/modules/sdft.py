@@ -136,7 +136,8 @@ class SDFTModule(FineTuneModule):
         super().on_load_checkpoint(checkpoint)
         self.seeds.restore_from(checkpoint)
 
-    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+    def encode(self, batch: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        """(the student's prompts' ids, the teacher's: the prompt with the demonstration in context)."""
         cfg = self.sdft
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
         contexts = self.encode_prompts([teacher_prompt(e, cfg.teacher_template) for e in batch], batch,
@@ -144,6 +145,11 @@ class SDFTModule(FineTuneModule):
         sources, rooms = [e.source for e in batch], [cfg.max_new_tokens] * len(batch)
         check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt")
         check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt")
+        return prompts, contexts
+
+    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+        cfg = self.sdft
+        prompts, contexts = self.encode(batch)
 
         seed = VAL_SEED + batch_idx if stage == "val" else self.seeds.next(self.global_rank)
         completions = self.sample_completions(prompts, seed)

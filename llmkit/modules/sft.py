@@ -21,14 +21,18 @@ from llmkit.modules.finetune import FineTuneModule, check_fits
 class SFTModule(FineTuneModule):
     """Maximum likelihood of the demonstrations; arguments as :class:`FineTuneModule`."""
 
-    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+    def encode(self, batch: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        """(the prompts' ids, the targets': the demonstration and the end of its turn)."""
         prompts = self.encode_prompts([e.prompt for e in batch], batch, "prompt")
         demonstrations = self.tokenizer.encode_batch([e.demonstration for e in batch])
         end = self.tokenizer.turn_end_id if self.chat_template else self.tokenizer.eos_id  # as generation will stop
         targets = [ids + [end] for ids in demonstrations]
-        sources = [e.source for e in batch]
-        check_fits(self.config.max_seq_len, sources, prompts, [len(t) for t in targets],
-                   "prompt (with its demonstration)")
+        check_fits(self.config.max_seq_len, [e.source for e in batch], prompts, [len(t) for t in targets],
+                   "prompt (with its demonstration)", "shorten the example")
+        return prompts, targets
+
+    def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:
+        prompts, targets = self.encode(batch)
         scale_balancing_loss(self.model, sum(len(t) for t in targets))  # as the summed loss's tokens
         logits, ids, mask = continuation_logits(self.model, prompts, targets, self.tokenizer.pad_id)
         total = F.cross_entropy(logits[mask].float(), ids[mask], reduction="sum")
