@@ -446,6 +446,8 @@ def test_a_resumed_fit_continues_the_run_of_its_checkpoint(config_given, shards,
     assert sorted(p.name for p in (tmp_path / "tb" / "run").iterdir()) == ["version_0"]  # no version_1
     assert (run / "config.yaml").read_text() == first_config
     assert "max_steps: 6" in (run / "resume_step_2_config.yaml").read_text()
+    resumed = yaml.safe_load((run / "resume_step_2_config.yaml").read_text())["trainer"]["logger"]["init_args"]
+    assert resumed["version"] == 0  # not "version_0", which the progress bar showed as v_num "on_0"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run))

@@ -114,6 +114,14 @@ def resolve_checkpoint_hparams(
     return unflatten(resolved)
 
 
+def logger_version(run_name: str) -> int | str:
+    """TensorBoardLogger's ``version`` for the run directory ``run_name``: N for ``version_N``
+    (Lightning's progress bar shows a version given as a string by its last 4 characters: "on_0"),
+    else the name."""
+    number = re.fullmatch(r"version_(\d+)", run_name)
+    return int(number[1]) if number else run_name
+
+
 def readable_parse_error(message: str) -> str:
     """jsonargparse's ``message`` for a key typed ``SomeConfig | None`` lists what every member of
     the Union said (including that the value is not None) in about ten lines; the one line a user
@@ -300,7 +308,7 @@ class LLMKitCLI(LightningCLI):
         in_a_run = any(run.glob("events.out.tfevents.*"))
         if logger in (None, True) and trainer.get("default_root_dir") is None and in_a_run:
             default = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {
-                "save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name,
+                "save_dir": str(run.parent.parent), "name": run.parent.name, "version": logger_version(run.name),
                 "default_hp_metric": False}}
             self.config = self.parser.parse_object({subcommand: {"trainer": {"logger": default}}}, self.config)
             return self.config[subcommand].trainer.logger
@@ -308,9 +316,9 @@ class LLMKitCLI(LightningCLI):
             return None
         args = logger.init_args
         logged_runs = (Path(args.save_dir) / args.get("name", "lightning_logs")).resolve()
-        if args.get("version") not in (None, run.name) or run.parent != logged_runs:
+        if args.get("version") not in (None, run.name, logger_version(run.name)) or run.parent != logged_runs:
             return None
-        args.version = run.name
+        args.version = logger_version(run.name)
         return logger
 
     def subcommands(self) -> dict[str, set[str]]:
