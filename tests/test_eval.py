@@ -97,6 +97,8 @@ def test_probe_completions_are_capped_to_the_context_and_long_prompts_refused(mo
     assert scores["max_new_tokens"] == 64 - n
     with pytest.raises(LLMKitError, match="probe 'too long': its prompt is"):
         score_probes(model, tokenizer, [Probe("too long", prompt, expect_regex=".")])
+    with pytest.raises(LLMKitError, match="^probes.jsonl:3: probe 'too long': its prompt is"):  # read from a file
+        score_probes(model, tokenizer, [Probe("too long", prompt, expect_regex=".", source="probes.jsonl:3")])
 
 
 def test_a_probe_needs_exactly_one_valid_expectation():
@@ -131,6 +133,7 @@ def test_read_probes_reads_both_expectations_and_refuses_an_empty_file(tmp_path)
     path.write_text('{"name": "a", "prompt": "p", "expect_substring": "x"}\n'
                     '{"name": "b", "prompt": "q", "expect_regex": "y+"}\n', encoding="utf-8")
     assert read_probes(path) == [Probe("a", "p", expect_substring="x"), Probe("b", "q", expect_regex="y+")]
+    assert [p.source for p in read_probes(path)] == [f"{path}:1", f"{path}:2"]
     path.write_text("\n")
     with pytest.raises(LLMKitError, match=re.escape(f"{path} has no probes")):
         read_probes(path)

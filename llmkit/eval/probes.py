@@ -11,7 +11,7 @@ never the prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.data.tokenizer import TokenizerLike
@@ -30,12 +30,13 @@ _PROBE_LINE = '{"name": "...", "prompt": "...", "expect_regex": "..."} (or "expe
 @dataclass
 class Probe:
     """A prompt and what its completion must show: ``re.search(expect_regex, completion)`` or
-    ``expect_substring in completion``."""
+    ``expect_substring in completion``. ``source`` is where it was read (``file:line``), if anywhere."""
 
     name: str
     prompt: str
     expect_regex: str | None = None
     expect_substring: str | None = None
+    source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -80,7 +81,7 @@ def read_probes(path: str | Path) -> list[Probe]:
         prompt = text_field(record, "prompt", source, _PROBE_LINE)
         expected = {key: text_field(record, key, source, _PROBE_LINE) for key in EXPECTATIONS if key in record}
         try:
-            probes.append(Probe(name, prompt, **expected))
+            probes.append(Probe(name, prompt, **expected, source=source))
         except LLMKitError as e:
             raise LLMKitError(f"{source}: {e}") from None
     if not probes:
@@ -108,8 +109,9 @@ def score_probes(
     encoded = [tokenizer.encode(tokenizer.render_chat(p.prompt) if chat_template else p.prompt) for p in probes]
     for probe, ids in zip(probes, encoded, strict=True):
         if not ids or len(ids) >= context:
+            where = f"{probe.source}: " if probe.source else ""
             raise LLMKitError(
-                f"probe {probe.name!r}: its prompt is {len(ids)} tokens; it needs 1 to {context - 1} to leave "
+                f"{where}probe {probe.name!r}: its prompt is {len(ids)} tokens; it needs 1 to {context - 1} to leave "
                 f"room for a completion in the model's max_seq_len {context}: shorten it"
             )
     config = SamplingConfig(max_new_tokens=min(max_new_tokens, context - max(map(len, encoded))), temperature=0)
