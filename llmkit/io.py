@@ -74,12 +74,25 @@ def json_kind(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _RepeatedKey(key)
+    return dict(pairs)
+
+
 def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", object)`` for each non-blank line of the JSONL file ``path``.
 
     ``what`` names the file's contents and ``line_format`` shows a valid line, for the
-    messages: a missing file, a line that is not UTF-8 or not JSON, or a JSON value that is
-    not an object raises :class:`LLMKitError` naming the file (and line).
+    messages: a missing file, a line that is not UTF-8 or not JSON, a JSON value that is not an
+    object, or an object that gives a key twice (JSON keeps the last, silently) raises
+    :class:`LLMKitError` naming the file (and line).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,9 +102,11 @@ def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterato
             continue
         source = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
         except json.JSONDecodeError as e:
             raise LLMKitError(f"{source}: not valid JSON ({e.msg}); each line must be {line_format}") from None
+        except _RepeatedKey as e:
+            raise LLMKitError(f"{source}: the key {e.args[0]!r} is given twice; keep one") from None
         if not isinstance(record, dict):
             raise LLMKitError(
                 f"{source}: got {json_kind(record)} where a JSON object is needed; each line must be {line_format}"

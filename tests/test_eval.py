@@ -119,7 +119,8 @@ def test_a_probe_needs_exactly_one_valid_expectation():
      ('{"name": "b", "prompt": "p", "expect_regexp": "x"}', "unknown fields ['expect_regexp']"),
      ('{"name": "a", "prompt": "p", "expect_substring": "x"}', "probe name 'a' is already used at"),
      ('{"name": "b", "prompt": ["p"], "expect_substring": "x"}', "'prompt' is an array"),
-     ('{"name": "b"', "not valid JSON")],
+     ('{"name": "b"', "not valid JSON"),
+     ('{"name": "b", "prompt": "p", "expect_substring": "x", "prompt": "q"}', "the key 'prompt' is given twice")],
 )
 def test_read_probes_reports_file_and_line(tmp_path, line, message):
     path = tmp_path / "probes.jsonl"
