@@ -475,7 +475,12 @@ def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
     with pytest.raises(LLMKitError, match="1 usable document"):
         write_corpus("stdlib", tmp_path / "one", max_files=1, progress=False)
-    assert list((tmp_path / "one").iterdir()) == []
+    # the directories these failed runs created are gone again; one that was there stays
+    assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(LLMKitError, match="1 usable document"):
+        write_corpus("stdlib", tmp_path / "mine", max_files=1, progress=False)
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -128,6 +128,7 @@ def write_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
+    created = not out_dir.exists()  # removed again if the run leaves it empty
     out_dir.mkdir(parents=True, exist_ok=True)
 
     train = _ShardWriter(out_dir, "train", shard_bytes)
@@ -160,11 +161,15 @@ def write_corpus(
         if not finished and (train.files or val.files):  # no part of a corpus that looks like a whole one:
             _remove_stale_shards(out_dir, keep=set())  # this run's shards, and an earlier run's they broke
             (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+        if not finished and created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
     n_documents = train.n_documents + val.n_documents
     if n_documents < 2:
         for name in train.files + val.files:
             (out_dir / name).unlink()
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise LLMKitError(
             f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
             "file(s); at least 2 are needed (one for train, one for val): raise max_files "
