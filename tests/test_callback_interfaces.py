@@ -108,7 +108,7 @@ def test_settings_that_cannot_work_are_refused_when_given():
 
     with pytest.raises(LLMKitError, match=r"^MHCMonitor every_n_steps and max_tokens must be >= 1, got 0 and 64$"):
         MHCMonitor(every_n_steps=0)
-    with pytest.raises(LLMKitError, match=r"^RegressionGate max_ppl_increase and max_probe_drop must be >= 0"):
+    with pytest.raises(LLMKitError, match=r"^RegressionGate max_ppl_increase must be a number >= 0 and max_probe_drop"):
         RegressionGate(max_ppl_increase=-1)
     with pytest.raises(LLMKitError, match=r"^optim.lr must be >= 0, got -1"):
         OptimConfig(lr=-1)
