@@ -155,12 +155,6 @@ def test_teacher_gets_no_gradient_and_follows_the_ema_formula(base_ckpt, tokeniz
     assert moved > 0  # the teacher is not simply the student
 
 
-def test_the_teacher_is_in_eval_mode_from_the_start(base_ckpt, tokenizer_path):
-    """Lightning's model summary, printed before fit switches modes, counted it in train mode."""
-    module = sdft(base_ckpt, tokenizer_path)
-    assert module.model.training and not any(m.training for m in module.teacher.modules())
-
-
 def test_an_moe_teacher_averages_the_routing_bias_and_stays_in_eval_mode():
     """The balancing bias is a buffer moved by a rule, not by gradient: the average covers it, and
     the teacher (eval mode) counts no routing load of its own."""
