@@ -106,7 +106,7 @@ def to_hf(
 
     Args:
         ckpt: a checkpoint (or model directory) llmkit reads.
-        out: the directory to write; it must not exist yet.
+        out: the directory to write: a new one, or an empty one.
         tokenizer: the model's tokenizer (.model, tokenizer.json or a model directory); default: the one the
             checkpoint was trained or converted with.
         lora: a LoRA adapter (.safetensors) trained on this checkpoint.
