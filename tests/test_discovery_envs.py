@@ -201,7 +201,7 @@ def test_malformed_states_get_zero_reward_with_a_reason_through_safe_reward(work
 # ----------------------------------------------------------------------------- Erdős
 
 
-def test_erdos_constant_half_scores_exactly_one_half():
+def test_erdos_constant_half_has_c5_one_half_and_reward_two():
     for n, q in [(1, 2), (4, 100), (31, 7), (400, 1000)]:
         env = ErdosMinOverlapEnv(n=n, q=q)
         assert env.c5(env.initial_state()) == 0.5
