@@ -1,4 +1,6 @@
-"""The GPU check of the issue's targets in one run: one markdown table at the end, JSON beside it.
+"""The GPU check of the issue's targets in one run: one markdown table at the end (also written
+beside the JSON as gpu_check.md), the JSON rewritten after each section, so a run cut short keeps
+what it measured.
 
     bash bench/gpu_check.sh                         # H100/H200: everything below, meant to end within 8 min
     python -m bench.gpu_check --models tiny --seq-len 32 --batch-size 2 --steps 1 --warmup 1 \\
@@ -21,8 +23,9 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
    best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams.
-5. ``pytest -m gpu`` over tests/ in a subprocess (JUnit XML read back): counts per file; test
-   modules that do not import here (a missing jsonargparse, say) are reported, not fatal.
+5. ``pytest -m gpu -v`` over tests/ in a subprocess (JUnit XML read back): counts per file; test
+   modules that do not import here (a missing jsonargparse, say) are reported, not fatal; the log
+   beside the JSON names each test as it ends, so a timeout still says which ran.
 
 The issue's targets (judged on CUDA only; "n/a" elsewhere): n=4 / n=1 step time <= 1.20 at 120m
 and <= 1.15 at 350m; n=4 / n=1 peak memory <= 1.25; compiled decode at batch 64 >= 40k new
@@ -58,7 +61,7 @@ import torch
 import torch._dynamo
 
 from bench import targets
-from bench.models import MODEL_HELP, model_yaml
+from bench.models import MODEL_HELP, model_name, model_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -76,7 +79,7 @@ the first) starts only while elapsed < budget - this."""
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
+    p.add_argument("--models", nargs="+", type=model_name, default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4], help="include 1: ratios are against it")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
@@ -116,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        else Path("lightning_logs/bench/gpu_check.json"))
     args.kernel_model = args.kernel_model or args.models[0]
     args.gen_model = args.gen_model or args.models[0]
+    if args.kernel_model not in args.models:
+        p.error(f"--kernel-model {args.kernel_model} must be one of --models ({' '.join(args.models)}): "
+                "its kernels are counted on the steps section 1 runs")
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     return args
 
 
@@ -169,7 +177,10 @@ def attempt(errors: list[dict], where: dict, run: Callable[..., T], *args: Any) 
     except Exception as e:
         traceback.print_exc()
         errors.append({**where, "error": error_text(e)})
-        release_memory()
+        try:
+            release_memory()
+        except Exception:  # a CUDA error (an illegal memory access) leaves the context unusable: so be it
+            traceback.print_exc()
         return None
 
 
@@ -426,7 +437,7 @@ def pytest_section(args: argparse.Namespace, clock: Clock, report: dict) -> None
     log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "gpu_tests.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         section.update(command=" ".join(cmd[1:]), log=str(log), timeout_s=timeout)
@@ -623,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     from bench import throughput  # only now: it reads torch.cuda.is_available() on import
-    from llmkit.io import write_json_atomic
+    from llmkit.io import atomic_file, write_json_atomic
     from llmkit.profiling import device_description
 
     if throughput.CUDA != (args.device == "cuda"):
@@ -634,8 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     report = new_report(args, device_description())
     clock.log(f"gpu_check on {report['device']}, torch {torch.__version__}, {args.precision}, "
               f"compile={args.compile}; JSON to {args.out}")
+    out = Path(args.out)
     training_sections(args, clock, report)
+    write_json_atomic(out, report)  # after each section: a run killed later keeps what it measured
     generation_section(args, clock, report)
+    write_json_atomic(out, report)
     if args.skip_pytest:
         report["pytest"] = {"skipped": "--skip-pytest"}
     else:
@@ -649,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [name for name in ("training", "kernels", "memory", "generation") if report[name]["errors"]]
     failed += ["pytest"] if report["pytest"].get("error") else []
     report["section_errors"] = failed
-    write_json_atomic(Path(args.out), report)
+    write_json_atomic(out, report)
+    with atomic_file(out.with_suffix(".md")) as tmp:  # the table, should the console's tail not come back
+        tmp.write_text(table(report) + "\n", encoding="utf-8")
     print("\n" + table(report) + "\n")
     verdicts = [t["result"] for t in report["targets"]]
     print(f"targets: {verdicts.count('PASS')} met, {verdicts.count('FAIL')} not met, {verdicts.count('n/a')} n/a; "

@@ -30,7 +30,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from bench.models import MODEL_HELP
+from bench.models import MODEL_HELP, model_name
 from bench.throughput import model_config
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
@@ -77,7 +77,7 @@ def peak_bytes(config: ModelConfig, seq_len: int, batch_size: int, precision: st
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
+    p.add_argument("--models", nargs="+", type=model_name, default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4], help="include 1: ratios are against it")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)

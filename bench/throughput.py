@@ -43,7 +43,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
 from bench import targets
-from bench.models import MODEL_HELP, model_yaml
+from bench.models import MODEL_HELP, model_name, model_yaml
 from llmkit.io import write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
@@ -241,7 +241,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["120m", "350m"], help=MODEL_HELP)
+    p.add_argument("--models", nargs="+", type=model_name, default=["120m", "350m"], help=MODEL_HELP)
     p.add_argument("--n-streams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=["trainer", "bare"], default=["trainer", "bare"])
     p.add_argument("--seq-len", type=int, default=1024)
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="reuse inductor's FX graph cache (off: first_step_s includes tracing and lowering again)")
     p.add_argument("--out", default="lightning_logs/bench/throughput.json")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     torch._inductor.config.fx_graph_cache = args.compile_cache
 
     rows = []

@@ -69,6 +69,7 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     assert report["pytest"] == {"skipped": "--skip-pytest"}
     assert [t["result"] for t in report["targets"]] == ["-"]  # tiny's memory ratio: no CUDA peak to judge
     assert sum(line.startswith("|---") for line in done.stdout.splitlines()) == 1  # one table
+    assert out.with_suffix(".md").read_text() in done.stdout  # also beside the JSON
     for header in HEADERS:
         assert header in done.stdout
 
@@ -87,6 +88,45 @@ def test_wrapper_exits_2_with_one_line_without_cuda(python, tmp_path):
     assert done.returncode == 2
     assert len(output) == 1 and "CUDA" in output[0]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("limit_s, extras_run", [(540, True), (50, False)])
+def test_wrapper_logs_its_console_and_runs_the_extras_only_where_they_fit(limit_s, extras_run, tmp_path):
+    """A stand-in python that 'sees' CUDA and liger and echoes what it is asked to run."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then exit 0; fi\necho "ran $*"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), LIMIT_S=str(limit_s))
+    done = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--skip-pytest"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ran = [line for line in done.stdout.splitlines() if line.startswith("ran ")]
+    assert ran == ["ran -m bench.gpu_check --skip-pytest"] + (
+        ["ran -m bench.mhc_kernel_variants", "ran -m bench.mhc_liger"] if extras_run else [])
+    if not extras_run:
+        assert "bench/mhc_kernel_variants.py (about 90 s) not run" in done.stdout
+    assert (tmp_path / "out" / "gpu_check_console.log").read_text() == done.stdout + done.stderr
+
+
+def test_a_dead_cuda_context_in_a_row_costs_that_row_not_the_report(monkeypatch):
+    """After an illegal memory access, freeing memory raises too: from inside the handler it ended the run
+    before anything was written."""
+    def dead(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "release_memory", dead)
+    errors: list[dict] = []
+    assert gpu_check.attempt(errors, {"model": "120m"}, dead) is None
+    assert errors == [{"model": "120m", "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+
+
+def test_flags_that_would_leave_a_section_empty_are_refused(capsys):
+    for flags in (["--models", "tiny", "--kernel-model", "120m"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.parse_args(flags)
+        assert exit_info.value.code == 2
+    assert "--kernel-model 120m must be one of --models (tiny)" in capsys.readouterr().err
 
 
 def made_up_report(device_type: str) -> dict:
