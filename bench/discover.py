@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--work", default="lightning_logs/bench/discover")
     p.add_argument("--out", default=None, help="JSON results (default WORK/discover.json)")
     args = p.parse_args(argv)
+    for flag, path in (("--ckpt", args.ckpt), ("--tokenizer", args.tokenizer)):
+        if not Path(path).is_file():
+            p.error(f"{flag} {path} does not exist: run `llmkit demo` first (it writes both), or pass yours")
+    if args.group < 3:
+        p.error(f"--group must be >= 3 (two rollouts make the adaptive beta unbounded), got {args.group}")
 
     runs = []
     for env_name in args.envs:

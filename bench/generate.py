@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="lightning_logs/bench/generate.json")
     args = p.parse_args()
+    if min(args.batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1:
+        p.error("--batch-sizes, --prompt-len, --new-tokens and --repeats must be >= 1")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = replace(ModelConfig.from_yaml(model_yaml(args.model)), n_streams=args.n_streams)
