@@ -79,11 +79,12 @@ class _RepeatedKey(Exception):
 
 
 def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
             raise _RepeatedKey(key)
-    return dict(pairs)
+        record[key] = value
+    return record
 
 
 def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterator[tuple[str, dict[str, Any]]]:
