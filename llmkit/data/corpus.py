@@ -161,15 +161,15 @@ def write_corpus(
         if not finished and (train.files or val.files):  # no part of a corpus that looks like a whole one:
             _remove_stale_shards(out_dir, keep=set())  # this run's shards, and an earlier run's they broke
             (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-        if not finished and created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if not finished and created:
+            _remove_if_empty(out_dir)
 
     n_documents = train.n_documents + val.n_documents
     if n_documents < 2:
         for name in train.files + val.files:
             (out_dir / name).unlink()
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if created:
+            _remove_if_empty(out_dir)
         raise LLMKitError(
             f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
             "file(s); at least 2 are needed (one for train, one for val): raise max_files "
@@ -199,6 +199,12 @@ def _usable(text: str | None) -> bool:
 def _goes_to_val(key: str, val_fraction: float) -> bool:
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return int(digest[:_SPLIT_HASH_HEX_DIGITS], 16) / 16**_SPLIT_HASH_HEX_DIGITS < val_fraction
+
+
+def _remove_if_empty(out_dir: Path) -> None:
+    """Remove ``out_dir``, a directory a failed run created, unless something is in it."""
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
