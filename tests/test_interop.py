@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llmkit.cli import main
+from llmkit.data.tokenizer import tokenizer_record
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import load_backbone, read_checkpoint
+from llmkit.model.checkpoint import TOKENIZER_KEY, load_backbone, read_checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.hf import read_hf_model
@@ -497,7 +498,7 @@ def test_export_keeps_every_stop_id_and_the_sampling_defaults(imported, tmp_path
 
 def test_upcycle_and_lora_merge_keep_the_tokenizer_link_and_the_weights_dtype(imported, tmp_path):
     """Their checkpoints lost the model directory a converted model came from (to-hf then wrote no
-    tokenizer), and a merge of a bf16 base wrote fp32."""
+    tokenizer), and a merge of a bf16 base wrote fp32. They keep the tokenizer the base learned."""
     bf16, adapter = tmp_path / "bf16.ckpt", tmp_path / "adapter.safetensors"
     assert main(["convert", "from-hf", "--model-dir", str(imported["dir"]), "--out", str(bf16), "--dtype", "bf16"]) == 0
     adapted(bf16, adapter)
@@ -506,6 +507,9 @@ def test_upcycle_and_lora_merge_keep_the_tokenizer_link_and_the_weights_dtype(im
     assert {t.dtype for t in torch.load(merged, weights_only=True)["state_dict"].values()} == {torch.bfloat16}
     assert main(["convert", "upcycle", "--ckpt", str(merged), "--out", str(upcycled)]) == 0
     assert main(["convert", "upcycle", "--ckpt", str(imported["dir"]), "--out", str(from_dir)]) == 0
+    learned = tokenizer_record(imported["dir"] / "tokenizer.json")  # from-hf records the directory's tokenizer
+    for source in (bf16, merged, upcycled):
+        assert torch.load(source, weights_only=True)[TOKENIZER_KEY] == learned, source
     for source in (merged, upcycled, from_dir):
         out = tmp_path / f"{source.stem}_exported"
         assert main(["convert", "to-hf", "--ckpt", str(source), "--out", str(out)]) == 0
@@ -530,6 +534,7 @@ def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported
     assert main(["sdft", "fit", "--config", str(tmp_path / "sdft.yaml")]) == 0
     after = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert after["global_step"] == 2
+    assert after[TOKENIZER_KEY] == tokenizer_record(imported["dir"] / "tokenizer.json")
     before = read_checkpoint(imported["ckpt"])["state_dict"]
     assert not torch.equal(after["state_dict"]["model.blocks.0.attn.q_proj.weight"],
                            before["model.blocks.0.attn.q_proj.weight"])

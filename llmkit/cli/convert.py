@@ -70,7 +70,8 @@ def from_hf(
     if max_seq_len is not None and max_seq_len < 1:
         raise LLMKitError(f"--max-seq-len {max_seq_len}: must be 1 or more (leave it out for the model's context)")
 
-    from llmkit.model.checkpoint import write_backbone_checkpoint
+    from llmkit.data.tokenizer import directory_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import TOKENIZER_KEY, write_backbone_checkpoint
     from llmkit.model.hf import read_hf_config, read_hf_model, tie_head
     from llmkit.model.upcycle import upcycle_state
 
@@ -83,9 +84,11 @@ def from_hf(
     if n_streams != 1:
         config, state = upcycle_state(config, state, n_streams, seed)
     model_type = read_hf_config(model_dir)["model_type"]
+    file = directory_tokenizer(Path(model_dir))
+    learned = {TOKENIZER_KEY: tokenizer_record(file)} if file is not None else {}
     write_backbone_checkpoint(out, config, state, converted_from={
         "model_dir": str(Path(model_dir).resolve()), "model_type": model_type, "n_streams": n_streams,
-    })
+    }, **learned)
     kinds = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     print(f"wrote {out}: {model_type} {_describe(config, state)}, {'/'.join(kinds)}")
     print(f"  use it with --tokenizer {model_dir} (its tokenizer), e.g. "
@@ -118,8 +121,8 @@ def to_hf(
                      "write the exported model to a new directory")
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.model.checkpoint import read_checkpoint, save_model_dir
+    from llmkit.data.tokenizer import load_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, save_model_dir
     from llmkit.model.hf import hf_exportable, save_hf_model, save_peft_adapter
     from llmkit.model.lora import merged_base_state, read_lora
 
@@ -137,6 +140,7 @@ def to_hf(
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         tok.check_vocab_size(config.vocab_size, f"checkpoint {ckpt}")
+        check_tokenizer(checkpoint, ckpt, tokenizer_record(tok.path))
         stops = list(tok.stop_ids)  # a chat model's end of turn too: eos_token_id lists every id it stops at
         special = {"bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
                    "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": tok.pad_id}
@@ -189,9 +193,14 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
 
 def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
     """The tokenizer a checkpoint names: a fine-tuning run's ``tokenizer`` hyperparameter, else the
-    model directory a converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
+    one it records (:func:`~llmkit.model.checkpoint.recorded_tokenizer`: a pretraining run's), else
+    the model directory a converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
+    from llmkit.model.checkpoint import recorded_tokenizer
+
     if checkpoint.get("hyper_parameters", {}).get("tokenizer"):
         return Path(checkpoint["hyper_parameters"]["tokenizer"])
+    if (recorded := recorded_tokenizer(checkpoint)) is not None:
+        return recorded
     for source in (checkpoint.get("converted_from", {}).get("model_dir"), ckpt):
         if source and Path(source).is_dir() and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
             return Path(source)

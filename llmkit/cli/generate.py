@@ -70,7 +70,7 @@ def resolve_precision(precision: Precision, device: str) -> Precision:
 
 def generate(
     ckpt: Path,
-    tokenizer: Path,
+    tokenizer: Path | None = None,
     prompt: str | None = None,
     prompt_file: Path | None = None,
     lora: Path | None = None,
@@ -94,7 +94,7 @@ def generate(
     Args:
         ckpt: a .ckpt written by `llmkit pretrain fit`, a fine-tuning run or `llmkit lora merge`.
         tokenizer: the tokenizer its data was packed with: a SentencePiece .model, a Hugging Face
-            tokenizer.json, or a model directory holding one.
+            tokenizer.json, or a model directory holding one; default: the one the checkpoint records.
         prompt: one prompt (or use --prompt-file).
         prompt_file: one prompt per line, or .jsonl lines of {"prompt": ...}.
         lora: a LoRA adapter (.safetensors) trained on this checkpoint.
@@ -118,7 +118,8 @@ def generate(
     import torch
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.data.tokenizer import load_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, recorded_tokenizer
     from llmkit.model.generation import SamplingConfig
     from llmkit.model.generation import generate as sample
 
@@ -138,11 +139,17 @@ def generate(
     if device is not None:
         check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_with_adapter(ckpt, lora, device)
+    checkpoint = read_checkpoint(ckpt, device)
+    tokenizer = tokenizer or recorded_tokenizer(checkpoint)
+    if tokenizer is None:
+        raise LLMKitError(f"{ckpt} records no tokenizer that is still on disk: give --tokenizer (the .model, "
+                          f"tokenizer.json or model directory its data was packed with)")
+    model = load_with_adapter(ckpt, lora, device, checkpoint=checkpoint)
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
     tok = load_tokenizer(tokenizer)
     tok.check_vocab_size(model.config.vocab_size, f"checkpoint {ckpt}")
+    check_tokenizer(checkpoint, ckpt, tokenizer_record(tok.path))
     texts = read_prompts(prompt_file) if prompt_file is not None else [prompt]
     texts = [t for t in texts for _ in range(num_samples)]
     encoded = [tok.encode(tok.render_chat(t) if chat_template else t, bos=bos) for t in texts]

@@ -200,6 +200,13 @@ class PackedDataModule(L.LightningDataModule):
         self.val_set: PackedWindows | None = None
         self._packed_with: dict[str, Any] = {}  # the first shard opened: path, metadata
 
+    @property
+    def tokenizer_record(self) -> dict[str, str] | None:
+        """The tokenizer the shards were packed with, as a checkpoint records it
+        (:func:`~llmkit.data.tokenizer.tokenizer_record`), once ``setup`` has opened them."""
+        meta = self._packed_with.get("meta")
+        return None if meta is None else {"path": meta["tokenizer"], "sha256": meta["tokenizer_sha256"]}
+
     def setup(self, stage: str) -> None:
         # a plain Trainer has no CLI links: the module being run (PretrainModule) gives what they would
         module = getattr(self.trainer, "lightning_module", None)

@@ -398,16 +398,28 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
     :class:`LLMKitError` saying what is accepted."""
     path = Path(path)
     if path.is_dir():
-        if (path / HF_TOKENIZER_FILE).is_file():
-            return HFTokenizer(path / HF_TOKENIZER_FILE)
-        if (path / SENTENCEPIECE_FILE).is_file():
-            return Tokenizer(path / SENTENCEPIECE_FILE)
+        if (file := directory_tokenizer(path)) is not None:
+            return load_tokenizer(file)
         raise LLMKitError(
             f"tokenizer directory {path} has neither {HF_TOKENIZER_FILE} nor {SENTENCEPIECE_FILE}: pass {_ACCEPTED}"
         )
     if not path.is_file():
         raise LLMKitError(f"tokenizer {path} does not exist: pass {_ACCEPTED}")
     return HFTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+
+
+def tokenizer_record(path: Path) -> dict[str, str]:
+    """The tokenizer file at ``path`` as a checkpoint records the one its weights learned
+    (:data:`~llmkit.model.checkpoint.TOKENIZER_KEY`): the file and its SHA-256, which is the
+    tokenizer's ``sha256`` that packed shards record."""
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def directory_tokenizer(model_dir: Path) -> Path | None:
+    """The tokenizer file of a model directory that :func:`load_tokenizer` reads: its
+    ``tokenizer.json``, else its ``tokenizer.model``; None if it has neither."""
+    return next((model_dir / name for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE) if (model_dir / name).is_file()),
+                None)
 
 
 def _has_text(path: Path) -> bool:

@@ -49,6 +49,12 @@ LOGGED_STEP_KEY = "llmkit_logged_step"
 """The checkpoint entry holding the step its module's logs number the checkpoint's state with:
 ``global_step``, but TTT-Discover's discovery steps, which ``mode: best_of_n`` counts without an
 optimizer step."""
+TOKENIZER_KEY = "llmkit_tokenizer"
+"""The checkpoint entry naming the tokenizer whose ids the weights learned, ``{"path", "sha256"}``
+(the SHA-256 of its file, which packed shards record as ``tokenizer_sha256``): every module writes
+it, ``llmkit convert from-hf`` too where the model directory holds a tokenizer, and
+:func:`check_tokenizer` holds a tokenizer met later to it. Checkpoints written before it existed,
+and model directories, have none."""
 MODEL_DIR_TYPE = "llmkit"
 """The ``model_type`` in the ``config.json`` of an llmkit model directory."""
 SHARDED_METADATA = "meta.pt"
@@ -71,6 +77,26 @@ def check_writer(checkpoint: dict[str, Any], module: str) -> None:
 _CHECKED: dict[Path, tuple[int, int]] = {}
 """Files this process has checked, with their (size, mtime in ns) then: a file read twice (a run's
 config from ``init_ckpt``, then its weights) is checked once, unless it changed in between."""
+
+
+def check_tokenizer(checkpoint: dict[str, Any], ckpt: str | Path, tokenizer: dict[str, str] | None) -> None:
+    """Raise :class:`LLMKitError` when ``tokenizer`` (``{"path", "sha256"}``, or None: unknown) is not
+    the tokenizer the weights of ``checkpoint`` (read from ``ckpt``) learned (:data:`TOKENIZER_KEY`),
+    where both are known: another tokenizer of the same size passes every shape check, and its ids
+    mean other text."""
+    learned = checkpoint.get(TOKENIZER_KEY)
+    if learned and tokenizer and learned["sha256"] != tokenizer["sha256"]:
+        raise LLMKitError(
+            f"{ckpt} learned the ids of the tokenizer {learned['path']} (sha256 {learned['sha256'][:12]}), not of "
+            f"{tokenizer['path']} (sha256 {tokenizer['sha256'][:12]}): the same ids mean other text; use the "
+            f"model's tokenizer, and data packed with it"
+        )
+
+
+def recorded_tokenizer(checkpoint: dict[str, Any]) -> Path | None:
+    """The file of the tokenizer ``checkpoint`` records (:data:`TOKENIZER_KEY`), if it is still there."""
+    learned = checkpoint.get(TOKENIZER_KEY)
+    return Path(learned["path"]) if learned and Path(learned["path"]).is_file() else None
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
@@ -230,12 +256,14 @@ def backbone_from_checkpoint(
 def tokenizer_link(ckpt: str | Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint written from ``ckpt`` (read as ``checkpoint``) by ``llmkit convert upcycle``
     or ``llmkit lora merge`` keeps of its source, so that ``llmkit convert to-hf`` still finds the
-    tokenizer: the source's ``converted_from``, or one naming ``ckpt`` when it is a model directory."""
+    tokenizer and later commands still check it: the source's :data:`TOKENIZER_KEY` and
+    ``converted_from``, or a ``converted_from`` naming ``ckpt`` when it is a model directory."""
+    link = {TOKENIZER_KEY: checkpoint[TOKENIZER_KEY]} if TOKENIZER_KEY in checkpoint else {}
     if "converted_from" in checkpoint:
-        return {"converted_from": checkpoint["converted_from"]}
+        return link | {"converted_from": checkpoint["converted_from"]}
     if Path(ckpt).is_dir():
-        return {"converted_from": {"model_dir": str(Path(ckpt).resolve())}}
-    return {}
+        return link | {"converted_from": {"model_dir": str(Path(ckpt).resolve())}}
+    return link
 
 
 def write_backbone_checkpoint(

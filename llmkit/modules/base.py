@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, check_writer
+from llmkit.model.checkpoint import LOGGED_STEP_KEY, TOKENIZER_KEY, WRITER_KEY, check_tokenizer, check_writer
 from llmkit.model.config import ModelConfig
 
 
@@ -24,11 +24,16 @@ class LLMKitModule(L.LightningModule):
     naming the module that wrote it; ``llmkit`` commands name the command that reads it). The
     module also knows the optimizer step of the weights it holds (:attr:`weights_step`: a loaded
     checkpoint's, or the last fit's end), at which a ``validate`` plots its metrics
-    (:meth:`log_weights_step`).
+    (:meth:`log_weights_step`). It records the tokenizer whose ids the weights learned
+    (:attr:`tokenizer_record`, :data:`~llmkit.model.checkpoint.TOKENIZER_KEY`), and a checkpoint
+    it loads must have learned the same one.
     """
 
     config: ModelConfig
     """The backbone's config; a subclass sets it in ``__init__``."""
+    tokenizer_record: dict[str, str] | None = None
+    """The tokenizer this module's data is encoded with (``{"path", "sha256"}``; None: unknown): a
+    fine-tuning module's ``tokenizer``, the one pretraining shards were packed with."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,14 +60,25 @@ class LLMKitModule(L.LightningModule):
         if self.trainer.state.fn == "validate":
             self.log("step", float(self.weights_step))
 
+    def take_tokenizer_of(self, checkpoint: dict[str, Any], ckpt: str) -> None:
+        """Check that ``checkpoint`` (read from ``ckpt``) learned the ids of :attr:`tokenizer_record`
+        (:func:`~llmkit.model.checkpoint.check_tokenizer`), and take its record where this module
+        knows none."""
+        check_tokenizer(checkpoint, ckpt, self.tokenizer_record)
+        self.tokenizer_record = self.tokenizer_record or checkpoint.get(TOKENIZER_KEY)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WRITER_KEY] = type(self).__name__
         checkpoint[LOGGED_STEP_KEY] = self.logged_step
+        if self.tokenizer_record is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer_record
 
     def on_fit_end(self) -> None:
         self.weights_step = self.global_step  # a validate after fit, in this process, scores these weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        self.take_tokenizer_of(checkpoint, ckpt_path or "the checkpoint")
         self.weights_step = checkpoint.get("global_step", 0)

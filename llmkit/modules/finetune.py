@@ -30,12 +30,12 @@ from torchmetrics import MeanMetric
 
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.examples import Example
-from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
+from llmkit.data.tokenizer import TokenizerLike, load_tokenizer, tokenizer_record
 from llmkit.distributed import require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
+from llmkit.model.checkpoint import backbone_from_checkpoint, check_tokenizer, read_checkpoint
 from llmkit.model.config import AttentionBackend
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
@@ -65,21 +65,24 @@ def load_student(
     chat_template: bool = False,
 ) -> tuple[Transformer, TokenizerLike]:
     """The backbone of ``init_ckpt`` in training mode and the tokenizer it was trained with,
-    checked to share a vocabulary (and to have a chat template if ``chat_template``, the module
-    option of that name); ``gradient_checkpointing`` and ``attention_backend`` override the
-    checkpoint's settings unless None."""
+    checked to share a vocabulary, to be the tokenizer the checkpoint records if it records one,
+    and to have a chat template if ``chat_template`` (the module option of that name);
+    ``gradient_checkpointing`` and ``attention_backend`` override the checkpoint's settings unless
+    None."""
     if init_ckpt is None or tokenizer is None:
         raise LLMKitError(
             "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its .model, "
             "tokenizer.json or model directory); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
         )
-    model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
+    checkpoint = read_checkpoint(init_ckpt)
+    model = backbone_from_checkpoint(checkpoint, init_ckpt).train()
     if gradient_checkpointing is not None:
         model.config.gradient_checkpointing = gradient_checkpointing
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
     tok = load_tokenizer(tokenizer)
     tok.check_vocab_size(model.config.vocab_size, f"the model in {init_ckpt}")
+    check_tokenizer(checkpoint, init_ckpt, tokenizer_record(tok.path))
     if chat_template and tok.chat_template is None:
         raise LLMKitError(
             f"model.chat_template is true but the tokenizer {tok.path} has no chat template (a Hugging Face model "
@@ -162,6 +165,7 @@ class FineTuneModule(LLMKitModule):
         )
         self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend,
                                                   chat_template)
+        self.tokenizer_record = tokenizer_record(self.tokenizer.path)
         self.chat_template = chat_template
         self.config = self.model.config
         self.optim = optim

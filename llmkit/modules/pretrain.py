@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
@@ -40,10 +41,10 @@ def initial_config(init_ckpt: str, config: ModelConfig) -> ModelConfig:
     return run_as(checkpoint_model_config(init_ckpt), config)
 
 
-def initial_backbone(init_ckpt: str, config: ModelConfig) -> Transformer:
-    """The backbone of ``init_ckpt`` in training mode, run as ``config``'s :data:`RUN_SETTINGS` and
-    ``mhc.implementation`` say."""
-    model = backbone_from_checkpoint(read_checkpoint(init_ckpt), init_ckpt).train()
+def initial_backbone(checkpoint: dict, init_ckpt: str, config: ModelConfig) -> Transformer:
+    """The backbone of ``checkpoint`` (read from ``init_ckpt``) in training mode, run as
+    ``config``'s :data:`RUN_SETTINGS` and ``mhc.implementation`` say."""
+    model = backbone_from_checkpoint(checkpoint, init_ckpt).train()
     shape = run_as(model.config, config)
     rank_zero_info(f"weights from {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
                    f"vocab {shape.vocab_size}, n_streams {shape.n_streams} (the checkpoint's shape; "
@@ -113,9 +114,14 @@ class PretrainModule(LLMKitModule):
         return self.config.max_seq_len
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.trainer.datamodule, SDFTDataModule):
+        """Refuse SDFT's data module; take the tokenizer of PackedDataModule's shards (set up before
+        this), which ``init_ckpt`` and a loaded checkpoint must have learned."""
+        data = self.trainer.datamodule
+        if isinstance(data, SDFTDataModule):
             raise LLMKitError("PretrainModule trains on token windows (PackedDataModule), not SDFTDataModule's "
                               "examples, which SFTModule and SDFTModule train on")
+        if isinstance(data, PackedDataModule):
+            self.tokenizer_record = data.tokenizer_record
 
     def configure_model(self) -> None:
         """Build the backbone (once: later calls keep it), from ``init_ckpt`` if given, and compile
@@ -123,7 +129,12 @@ class PretrainModule(LLMKitModule):
         if self.model is not None:
             return
         init_ckpt = self.hparams.init_ckpt
-        self.model = Transformer(self.config) if init_ckpt is None else initial_backbone(init_ckpt, self.config)
+        if init_ckpt is None:
+            self.model = Transformer(self.config)
+        else:
+            checkpoint = read_checkpoint(init_ckpt)
+            self.take_tokenizer_of(checkpoint, init_ckpt)
+            self.model = initial_backbone(checkpoint, init_ckpt, self.config)
         self.config = self.model.config
         if self.hparams.compile:
             self.model.compile_blocks()
