@@ -149,13 +149,18 @@ def summarise(runs: list[dict], bytes_per_tok: float) -> list[dict]:
                 "tokens": mine[0]["tokens"],
                 "seeds": len(mine),
                 "val_loss_mean": statistics.mean(losses),
-                "val_loss_std": statistics.stdev(losses) if len(mine) > 1 else 0.0,
+                "val_loss_std": statistics.stdev(losses) if len(mine) > 1 else None,  # one seed: no spread
                 "bpb_mean": statistics.mean(bpb),
-                "bpb_std": statistics.stdev(bpb) if len(mine) > 1 else 0.0,
+                "bpb_std": statistics.stdev(bpb) if len(mine) > 1 else None,
                 "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in mine),
             }
         )
     return rows
+
+
+def mean_std(mean: float, std: float | None) -> str:
+    """``mean ± std``, or the mean alone where one seed gives no spread."""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"{r['variant']:<12} {r['optimizer']:<9} {r['params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
             f"{r['tokens']:>11,} "
-            f"{r['val_loss_mean']:>12.4f} ± {r['val_loss_std']:.4f} {r['bpb_mean']:>8.4f} ± {r['bpb_std']:.4f} "
+            f"{mean_std(r['val_loss_mean'], r['val_loss_std']):>21} {mean_std(r['bpb_mean'], r['bpb_std']):>17} "
             f"{r['tokens_per_s']:>8.0f}"
         )
     out = Path(args.out or Path(args.work) / "quality.json")

@@ -31,7 +31,11 @@ def test_quality_benchmark_runs_every_variant_and_seed(tmp_path, capsys):
                         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "again.json")])
     first = next(r for r in saved["runs"] if r["variant"] == "dense" and r["seed"] == 0)
     assert again[0]["val_loss_mean"] == pytest.approx(first["val_loss"], abs=1e-6)
-    assert "bits/byte" in capsys.readouterr().out
+    assert again[0]["val_loss_std"] is None and again[0]["bpb_std"] is None  # one seed has no spread
+    table = capsys.readouterr().out
+    assert "bits/byte" in table
+    row = next(line for line in table.splitlines()[::-1] if line.startswith("dense "))
+    assert "±" not in row and f"{again[0]['val_loss_mean']:.4f}" in row  # the last table: one seed, no "± 0.0000"
     both = bench.main(["--model", str(model), "--variants", "dense", "--optimizers", "adamw", "muon", "--seeds", "0",
                        "--tokens", "8192", "--seq-len", "32", "--batch-size", "8", "--max-files", "40",
                        "--vocab-size", "512", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "both.json")])
