@@ -101,6 +101,22 @@ def test_every_op_passes_opcheck(dtype):
         torch.library.opcheck(op, args)
 
 
+def test_the_ops_results_are_contiguous_on_a_non_contiguous_stream():
+    """The fake kernels gave a transposed X's strides to results that are contiguous, and a compiled
+    caller then failed on the stride mismatch."""
+    t = op_inputs(torch.float32, m=5, c=6)
+    x = t["x"].permute(2, 1, 0).contiguous().permute(2, 1, 0).requires_grad_()  # [M, n, C], M's stride 1
+    assert not x.is_contiguous()
+    weights = (t["phi"], t["alpha"], t["bias"])
+    torch.library.opcheck(mhc_ops.mhc_enter, (x, None, *weights, *SETTINGS))
+    torch.library.opcheck(mhc_ops.mhc_boundary, (x, t["y"], t["h_post"], t["h_res"], *weights, *SETTINGS))
+    torch.library.opcheck(mhc_ops.mhc_apply, (x, t["y"], t["h_post"], t["h_res"], False))
+    compiled = torch.compile(lambda x: mhc_ops.mhc_apply(x, t["y"], t["h_post"], t["h_res"], False) * 2 + 1,
+                             backend="aot_eager", fullgraph=True)
+    expected = mhc_ops.mhc_apply(x, t["y"], t["h_post"], t["h_res"], False) * 2 + 1
+    assert torch.equal(compiled(x), expected)
+
+
 def literal_enter(x, update, phi, alpha, bias):
     """(u, H_pre, H_post, H_res) of Eq. 3 and 7-9 as written, autograd through the unrolled Sinkhorn."""
     h_pre, h_post, h_res = literal_coefficients(x, phi, alpha, bias, 1e-6, 20, 15.0, 1e-8, update)

@@ -424,6 +424,12 @@ def test_the_ops_route_to_the_kernels_only_where_they_should(mt, monkeypatch):
     assert mhc_ops.triton_kernels(x, True) is mt
     assert mhc_ops.triton_kernels(x, False) is None  # mhc.implementation: torch
     assert mhc_ops.triton_kernels(x.double(), True) is None  # fp64 stays in PyTorch
+    assert mhc_ops.triton_kernels(x[:0], True) is None  # no tokens: nothing to launch (a grid of 0 divided by 0)
+    x, y = torch.randn(0, 4, 8), torch.randn(0, 8)
+    h_post, h_res = torch.rand(0, 4), torch.rand(0, 4, 4)
+    phi, alpha, bias = torch.randn(24, 32), torch.tensor([0.7, -0.4, 1.3]), torch.randn(24)
+    x_next, u, *_ = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias, ITERS, CLAMP, EPS, NORM_EPS, True)
+    assert x_next.shape == (0, 4, 8) and u.shape == (0, 8)
 
 
 def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):

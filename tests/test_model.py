@@ -112,6 +112,7 @@ def test_invalid_config_names_every_problem():
     ({"mhc": {"sinkhorn_eps": -1.0}}, "mhc.sinkhorn_clamp and sinkhorn_eps must be > 0"),
     ({"mhc": {"sinkhorn_iter": 3}}, "unknown mhc keys ['sinkhorn_iter']"),  # was a TypeError
     ({"norm_eps": 0.0}, "norm_eps and rope_theta must be > 0"),
+    ({"n_streams": 9}, "n_streams must be at most 8"),  # trained on CPU, failed at a GPU's first forward
     ({"moe": {"n_experts": 4, "top_k": 2, "aux_loss_weight": -0.01}}, "moe.aux_loss_weight must be >= 0"),
     ({"moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": math.nan}}, "moe.bias_update_rate must be >= 0"),
     ({"n_layers": 4, "moe": {"n_experts": 4, "top_k": 2, "first_dense": 9}}, "leaves no MoE layer among the 4"),

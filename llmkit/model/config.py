@@ -196,6 +196,11 @@ class RopeScaling:
                               "high_freq_factor > low_freq_factor")
 
 
+MAX_STREAMS = 8
+"""The most residual streams mHC runs with: its Triton kernels keep each token's n x n H_res in
+registers (llmkit/model/mhc_triton.py)."""
+
+
 @dataclass
 class ModelConfig:
     """A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, causal SDPA) with an mHC residual.
@@ -255,6 +260,9 @@ class ModelConfig:
                      "n_streams"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_streams > MAX_STREAMS:
+            problems.append(f"n_streams must be at most {MAX_STREAMS} (the mHC kernels hold each token's n x n H_res "
+                            f"in registers; the paper uses 4), got {self.n_streams}")
         if self.n_heads >= 1 and self.n_kv_heads >= 1:  # the head checks divide by them
             if self.head_dim is None:
                 if self.d_model % self.n_heads:

@@ -54,7 +54,7 @@ def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
 
 def triton_kernels(t: Tensor, use_triton: bool) -> ModuleType | None:
     """llmkit.model.mhc_triton when the ops should run Triton kernels on ``t``'s device and dtype, else None."""
-    if not use_triton or t.dtype not in TRITON_DTYPES:
+    if not use_triton or t.dtype not in TRITON_DTYPES or t.numel() == 0:  # no tokens: nothing to launch
         return None
     if not (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         return None
@@ -175,6 +175,12 @@ def enter(
     return pre(x, h_pre, use_triton), h_pre, h_post, h_res, proj, sumsq
 
 
+def _empty(t: Tensor) -> Tensor:
+    """A contiguous empty tensor of ``t``'s shape and dtype: the ops' results are contiguous whatever
+    their inputs' strides (``empty_like`` would copy a transposed input's)."""
+    return t.new_empty(t.shape)
+
+
 def _entered_like(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Empty (u, H_pre, H_post, H_res, proj, sumsq) for X [M, n, C]: the ops' fake results."""
     m, n, c = x.shape
@@ -241,8 +247,7 @@ def mhc_enter_backward(
 @mhc_enter_backward.register_fake
 def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre, iters, clamp, eps,
       norm_eps, use_triton):
-    return torch.empty_like(x), torch.empty_like(proj), torch.empty_like(phi), torch.empty_like(alpha), \
-        torch.empty_like(bias)
+    return _empty(x), _empty(proj), _empty(phi), _empty(alpha), _empty(bias)
 
 
 def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -278,7 +283,7 @@ def mhc_boundary(
 
 @mhc_boundary.register_fake
 def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton):
-    return torch.empty_like(x_prev), *_entered_like(x_prev, phi)
+    return _empty(x_prev), *_entered_like(x_prev, phi)
 
 
 def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -309,7 +314,7 @@ def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: b
 
 @mhc_apply.register_fake
 def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
-    return torch.empty_like(x)
+    return _empty(x)
 
 
 @torch.library.custom_op("llmkit::mhc_apply_backward", mutates_args=())
@@ -332,7 +337,7 @@ def mhc_apply_backward(
 
 @mhc_apply_backward.register_fake
 def _(grad, x, y, h_post, h_res, use_triton) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post), torch.empty_like(h_res)
+    return _empty(x), _empty(y), _empty(h_post), _empty(h_res)
 
 
 def _apply_setup(ctx, inputs: tuple, output: Tensor) -> None:

@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmkit.model.config import MAX_STREAMS
+
 INTERPRETED: bool = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")  # triton >= 3.4
                      else os.environ.get("TRITON_INTERPRET") == "1")
 """Whether triton.jit decorated these kernels for its CPU interpreter (decided at import)."""
@@ -97,7 +99,7 @@ def _split(length: int, block: int, parts: int) -> tuple[int, int]:
 
 
 def _padded_streams(n: int) -> int:
-    assert 1 <= n <= 8, f"mhc_triton: n_streams must be in 1..8, got {n}"
+    assert 1 <= n <= MAX_STREAMS, f"mhc_triton: n_streams must be in 1..{MAX_STREAMS} (ModelConfig checks it), got {n}"
     return triton.next_power_of_2(n)
 
 
