@@ -216,6 +216,13 @@ def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | 
             raise LLMKitError(f"{what} {out} is a file in the {name} {path} it reads: {instead}")
 
 
+def refuse_existing(out: str | Path, what: str, instead: str) -> None:
+    """Raise :class:`LLMKitError` if ``out`` (named ``what``) exists: a command that writes a
+    checkpoint never replaces a file, which may be a trained run's ``last.ckpt``."""
+    if Path(out).exists():
+        raise LLMKitError(f"{what} {out} already exists: {instead}, or remove it first")
+
+
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON to ``path`` through :func:`atomic_file`."""
     with atomic_file(path) as tmp:

@@ -179,6 +179,47 @@ def test_export_round_trip_loads_in_transformers_with_equal_logits(family, hf_mo
         assert (hf_model(x).logits - reloaded(x).logits).abs().max().item() <= 1e-4
 
 
+def test_a_model_without_tokenizer_files_exports_its_special_ids_and_sampling_defaults(hf_models, converted, tmp_path):
+    """With no tokenizer to read them from, the export wrote no *_token_id and an empty
+    generation_config.json: transformers' generate then never stopped at EOS."""
+    source = hf_models["llama3"][1]
+    assert main(["convert", "to-hf", "--ckpt", str(converted["llama3"]), "--out", str(tmp_path / "out")]) == 0
+    given, exported = (json.loads((d / "config.json").read_text()) for d in (source, tmp_path / "out"))
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (given["bos_token_id"], given["eos_token_id"]) \
+        == (1, 2)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+
+
+@pytest.mark.parametrize("command", ["from-hf", "upcycle", "merge"])
+def test_a_checkpoint_writer_never_replaces_an_existing_file(command, hf_models, converted, tmp_path, capsys):
+    """from-hf, upcycle and lora merge replaced whatever --out named: a trained run's last.ckpt too."""
+    out = tmp_path / "last.ckpt"
+    out.write_bytes(b"a trained run's checkpoint")
+    adapter = tmp_path / "adapter.safetensors"
+    if command == "merge":
+        adapted(converted["llama3"], adapter)
+    args = {"from-hf": ["convert", "from-hf", "--model-dir", str(hf_models["llama3"][1])],
+            "upcycle": ["convert", "upcycle", "--ckpt", str(converted["llama3"])],
+            "merge": ["lora", "merge", "--ckpt", str(converted["llama3"]), "--lora", str(adapter)]}[command]
+    assert main([*args, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"llmkit: error: --out {out} already exists: ")
+    assert out.read_bytes() == b"a trained run's checkpoint"
+
+
+def test_an_unused_qwen_sliding_window_imports_at_full_context(hf_models, tmp_path):
+    """use_sliding_window with max_window_layers at the layer count windows no layer (transformers'
+    layer_types are all full_attention); it was refused as a window shorter than the context."""
+    model_dir = break_dir(hf_models, tmp_path, "qwen2")
+    edit_config(model_dir, use_sliding_window=True, sliding_window=32, max_window_layers=2, layer_types=None)
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(tmp_path / "a.ckpt")]) == 0
+    assert read_checkpoint(tmp_path / "a.ckpt")["model_config"]["max_seq_len"] == 96
+    edit_config(model_dir, max_window_layers=1)  # layer 1 attends over 32 tokens
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(tmp_path / "b.ckpt")]) == 1
+    edit_config(model_dir, layer_types=["full_attention", "full_attention"])  # where listed, layer_types decide
+    assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(tmp_path / "c.ckpt")]) == 0
+
+
 def test_an_mhc_model_exports_as_an_llmkit_directory_that_llmkit_loads(hf_models, tmp_path):
     ckpt = tmp_path / "n4.ckpt"
     assert main(["convert", "from-hf", "--model-dir", str(hf_models["qwen3"][1]), "--out", str(ckpt),
@@ -304,6 +345,22 @@ def test_a_weights_file_given_as_a_checkpoint_points_to_its_model_directory(hf_m
                                        "config.json, or a .ckpt\n")
 
 
+def test_a_pickled_weights_file_and_a_peft_directory_say_what_they_are(hf_models, converted, tokenizer_path, tmp_path,
+                                                                       capsys):
+    """They said 'not an llmkit checkpoint (no model config or state_dict)' and 'does not exist'."""
+    model_dir = break_dir(hf_models, tmp_path)
+    (model_dir / "pytorch_model.bin").write_bytes(b"pickled")
+    assert main(["generate", "--ckpt", str(model_dir / "pytorch_model.bin"), "--prompt", "x"]) == 1
+    assert "is a Hugging Face weights file in pickle format, which llmkit does not load" in capsys.readouterr().err
+    peft = tmp_path / "adapter"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    assert main(["generate", "--ckpt", str(converted["llama3"]), "--lora", str(peft),
+                 "--tokenizer", str(tokenizer_path), "--prompt", "x"]) == 1
+    assert f"LoRA adapter {peft} is a directory (a PEFT adapter directory, which llmkit writes but does not read)" \
+        in capsys.readouterr().err
+
+
 def split_without_index(model_dir: Path) -> None:
     """Two files holding the embedding each, and no index to say which is meant."""
     from safetensors.torch import load_file, save_file
@@ -379,6 +436,10 @@ BAD = {
                   "quantization_config (gptq): quantised weights are not supported"),
     "short sliding window": (lambda d: edit_config(d, model_type="mistral", sliding_window=32),
                              "sliding_window 32 is shorter than the context 96"),
+    "rope scaling without its factor": (lambda d: edit_config(d, rope_parameters={"rope_type": "linear"},
+                                                              rope_scaling=None),
+                                        "rope_parameters of rope type 'linear' lacks factor; transformers needs them "
+                                        "too"),
     "damaged weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
                         "the file is damaged or not safetensors"),
     "a tensor in two files": (split_without_index, "b.safetensors: tensor model.embed_tokens.weight is in another "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from llmkit.errors import LLMKitError
-from llmkit.io import new_directory_atomic, read_json, refuse_overwrite
+from llmkit.io import new_directory_atomic, read_json, refuse_existing, refuse_overwrite
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from llmkit.model.config import ModelConfig
 
 DType = Literal["auto", "bf16", "fp32"]
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""The special token ids a Hugging Face config.json names, which an export without a tokenizer keeps."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model")
 """The tokenizer files of a Hugging Face model directory that an export carries along."""
@@ -65,6 +67,7 @@ def from_hf(
         seed: seed of the upcycled model's stream embedding.
     """
     refuse_overwrite(out, "--out", {"--model-dir": model_dir}, "give the path of the .ckpt file to write")
+    refuse_existing(out, "--out", "give the path of a new .ckpt file to write")
     if n_streams < 1:
         raise LLMKitError(f"--n-streams {n_streams}: 1 keeps the dense residual, 2 or more upcycles to mHC")
     if max_seq_len is not None and max_seq_len < 1:
@@ -83,16 +86,20 @@ def from_hf(
     state = tie_head(config, {name: t.to(_dtype(dtype, t.dtype)) for name, t in stored.items()})
     if n_streams != 1:
         config, state = upcycle_state(config, state, n_streams, seed)
-    model_type = read_hf_config(model_dir)["model_type"]
+    hf_config = read_hf_config(model_dir)
     file = directory_tokenizer(Path(model_dir))
     learned = {TOKENIZER_KEY: tokenizer_record(file)} if file is not None else {}
     write_backbone_checkpoint(out, config, state, converted_from={
-        "model_dir": str(Path(model_dir).resolve()), "model_type": model_type, "n_streams": n_streams,
+        "model_dir": str(Path(model_dir).resolve()), "model_type": hf_config["model_type"], "n_streams": n_streams,
+        "special_token_ids": {key: hf_config[key] for key in SPECIAL_IDS if hf_config.get(key) is not None},
     }, **learned)
     kinds = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
-    print(f"wrote {out}: {model_type} {_describe(config, state)}, {'/'.join(kinds)}")
-    print(f"  use it with --tokenizer {model_dir} (its tokenizer), e.g. "
-          f"llmkit generate --ckpt {out} --tokenizer {model_dir} --prompt ...")
+    print(f"wrote {out}: {hf_config['model_type']} {_describe(config, state)}, {'/'.join(kinds)}")
+    if file is not None:
+        print(f"  its tokenizer is {file}, which generate and to-hf take by default, e.g. "
+              f"llmkit generate --ckpt {out} --prompt ...")
+    else:
+        print(f"  {model_dir} has no tokenizer files: give the model's tokenizer as --tokenizer when you use it")
     return 0
 
 
@@ -137,7 +144,12 @@ def to_hf(
     tokenizer = tokenizer or _checkpoint_tokenizer(ckpt, checkpoint)
     special: dict[str, int | list[int] | None] = {}
     generation: dict = {}
-    if tokenizer is not None:
+    if tokenizer is None:  # what the source model's directory gave, if it was converted from one
+        source = checkpoint.get("converted_from", {})
+        special = source.get("special_token_ids", {})
+        if source.get("model_dir") and Path(source["model_dir"]).is_dir():
+            generation = _source_generation_config(Path(source["model_dir"]))
+    else:
         tok = load_tokenizer(tokenizer)
         tok.check_vocab_size(config.vocab_size, f"checkpoint {ckpt}")
         check_tokenizer(checkpoint, ckpt, tokenizer_record(tok.path))
@@ -176,6 +188,7 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
         seed: seed of the stream embedding.
     """
     refuse_overwrite(out, "--out", {"--ckpt": ckpt}, "write the upcycled checkpoint to another file")
+    refuse_existing(out, "--out", "write the upcycled checkpoint to a new file")
 
     from llmkit.model.checkpoint import model_config_dict, read_checkpoint, tokenizer_link, write_backbone_checkpoint
     from llmkit.model.config import ModelConfig
@@ -192,15 +205,17 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
 
 
 def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
-    """The tokenizer a checkpoint names: a fine-tuning run's ``tokenizer`` hyperparameter, else the
-    one it records (:func:`~llmkit.model.checkpoint.recorded_tokenizer`: a pretraining run's), else
-    the model directory a converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
+    """The tokenizer a checkpoint names: the one it records
+    (:func:`~llmkit.model.checkpoint.recorded_tokenizer`, an absolute path), else a fine-tuning
+    run's ``tokenizer`` hyperparameter if that path exists from here, else the model directory a
+    converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
     from llmkit.model.checkpoint import recorded_tokenizer
 
-    if checkpoint.get("hyper_parameters", {}).get("tokenizer"):
-        return Path(checkpoint["hyper_parameters"]["tokenizer"])
     if (recorded := recorded_tokenizer(checkpoint)) is not None:
         return recorded
+    named = checkpoint.get("hyper_parameters", {}).get("tokenizer")
+    if named and Path(named).exists():  # a fine-tuning run's, as given: relative to where it ran
+        return Path(named)
     for source in (checkpoint.get("converted_from", {}).get("model_dir"), ckpt):
         if source and Path(source).is_dir() and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
             return Path(source)

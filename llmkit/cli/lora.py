@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmkit.io import refuse_overwrite, write_json_atomic
+from llmkit.io import refuse_existing, refuse_overwrite, write_json_atomic
 
 if TYPE_CHECKING:
     from llmkit.model.transformer import Transformer
@@ -39,6 +39,7 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
         out: the merged checkpoint to write (and OUT.json saying what was merged).
     """
     refuse_overwrite(out, "--out", {"--ckpt": ckpt, "--lora": lora}, "write the merged checkpoint to another file")
+    refuse_existing(out, "--out", "write the merged checkpoint to a new file")
 
     import lightning
 

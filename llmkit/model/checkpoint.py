@@ -114,6 +114,10 @@ def check_checkpoint_file(path: str | Path) -> Path:
     if path.suffix == ".safetensors":
         raise LLMKitError(f"{path} is a weights file, not a checkpoint: give the model directory it is in "
                           f"({path.parent}), which llmkit reads with its config.json, or a .ckpt")
+    if path.suffix in (".bin", ".pt", ".pth") and (path.parent / "config.json").is_file():
+        raise LLMKitError(f"{path} is a Hugging Face weights file in pickle format, which llmkit does not load: "
+                          f"re-save the model with safetensors (transformers' save_pretrained) and give its "
+                          f"directory")
     stat = path.stat()
     if stat.st_size == 0:
         raise LLMKitError(f"cannot read checkpoint {path}: the file is empty (an interrupted copy?); use another one")

@@ -118,6 +118,13 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
     rope_type = spec.get("rope_type", spec.get("type", "default"))
     if rope_type == "default":
         return theta, None
+    where = "rope_parameters" if params else "rope_scaling"
+    if rope_type in ("linear", "llama3"):
+        needed = ("factor",) if rope_type == "linear" else \
+            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if missing := [key for key in needed if spec.get(key) is None]:
+            raise LLMKitError(f"{source}: {where} of rope type {rope_type!r} lacks {', '.join(missing)}; "
+                              "transformers needs them too: add them from the model's release")
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor=float(spec["factor"]))
     if rope_type == "llama3":
@@ -127,9 +134,20 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
             original_max_seq_len=int(spec["original_max_position_embeddings"]),
         )
     raise LLMKitError(
-        f"{source}: rope type {rope_type!r} ({'rope_parameters' if params else 'rope_scaling'}) is not supported: "
+        f"{source}: rope type {rope_type!r} ({where}) is not supported: "
         "llmkit implements default, linear and llama3"
     )
+
+
+def _windowed(hf: dict[str, Any], model_type: str) -> bool:
+    """Whether any layer attends over a sliding window, as transformers decides: ``layer_types``
+    where the config lists them; else every Mistral layer, and the Qwen layers from
+    ``max_window_layers`` on when ``use_sliding_window`` is set."""
+    if hf.get("layer_types") is not None:
+        return "sliding_attention" in hf["layer_types"]
+    if model_type == "mistral":
+        return True
+    return bool(hf.get("use_sliding_window")) and hf.get("max_window_layers", 0) < hf.get("num_hidden_layers", 0)
 
 
 def model_config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | None = None) -> ModelConfig:
@@ -154,9 +172,7 @@ def model_config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | No
     context = int(_field(hf, "max_position_embeddings", source))
     seq_len = min(context, max_seq_len) if max_seq_len else context
     window = hf.get("sliding_window")
-    windowed = (model_type == "mistral" or hf.get("use_sliding_window")
-                or "sliding_attention" in (hf.get("layer_types") or []))
-    if windowed and window is not None and window < seq_len:
+    if window is not None and _windowed(hf, model_type) and window < seq_len:
         raise LLMKitError(
             f"{source}: sliding_window {window} is shorter than the context {seq_len}, and llmkit attends over "
             f"the whole context: convert with --max-seq-len {window} (or less)"

@@ -318,6 +318,10 @@ _WRITTEN_BY = "a TTT-Discover run's adapters/step_N.safetensors, or a file writt
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig, dict[str, str]]:
     """Read an adapter written by :func:`save_lora`: (tensors on CPU, config, metadata)."""
     path = Path(path)
+    if path.is_dir():
+        peft = " (a PEFT adapter directory, which llmkit writes but does not read)" if \
+            (path / "adapter_config.json").is_file() else ""
+        raise LLMKitError(f"LoRA adapter {path} is a directory{peft}: pass {_WRITTEN_BY}")
     if not path.is_file():
         raise LLMKitError(f"LoRA adapter {path} does not exist; pass {_WRITTEN_BY}")
     try:
