@@ -347,6 +347,21 @@ def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, 
     assert [e.step for e in events.Scalars("val/loss")] == [3]  # the checkpoint's step, not 0
 
 
+def test_a_run_validates_and_resumes_with_the_config_yaml_it_saved(shards, tmp_path):
+    """The run's config.yaml writes null for n_kv_heads and head_dim, which the model config
+    derives and the checkpoint holds: both commands were refused ("trained with 4 but the config
+    asks for None"), though the CLI itself advises that file for a resume."""
+    assert main(["pretrain", "fit", "--config", str(write_tensorboard_config(tmp_path, shards, 2))]) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["config"]
+    assert saved["n_kv_heads"] is None and saved["head_dim"] is None
+    last = str(run / "checkpoints" / "last.ckpt")
+    assert main(["pretrain", "validate", "--config", str(run / "config.yaml"), "--ckpt_path", last]) == 0
+    assert main(["pretrain", "fit", "--config", str(run / "config.yaml"), "--ckpt_path", last,
+                 "--trainer.max_steps", "3"]) == 0
+    assert step_of(run / "checkpoints" / "last.ckpt") == 3
+
+
 def test_a_run_that_stops_on_bad_input_before_its_first_step_leaves_no_version_directory(shards, tmp_path,
                                                                                          capsys):
     """The corrected run is version_0, where the paths the user wrote down point; a failed

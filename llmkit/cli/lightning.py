@@ -98,11 +98,15 @@ def resolve_checkpoint_hparams(
 ) -> dict[str, Any]:
     """The module arguments for a run from ``ckpt_path``: its ``hparams``, overridden by what the
     user ``given`` (config files and flags, nothing defaulted), refusing an override of a
-    hyperparameter the checkpoint's weights depend on (see the module docstring)."""
+    hyperparameter the checkpoint's weights depend on (see the module docstring). A null given for
+    one of those keeps the checkpoint's value: a run's saved config.yaml writes null where the
+    model config derives the value (``n_kv_heads``, ``head_dim``), which the checkpoint holds."""
     resolved, asked = flatten(hparams), flatten(given)
     for name, value in asked.items():
-        if name in resolved and resolved[name] != value and _within(name, command.fixed_by_checkpoint) \
-                and not _within(name, command.free):
+        fixed = _within(name, command.fixed_by_checkpoint) and not _within(name, command.free)
+        if fixed and value is None and resolved.get(name) is not None:
+            continue  # null: left to the config to derive (n_kv_heads, head_dim), as a run's config.yaml says it
+        if name in resolved and resolved[name] != value and fixed:
             raise LLMKitError(
                 f"model.{name}: the checkpoint {ckpt_path} was trained with {resolved[name]!r} but the config asks "
                 f"for {value!r}; drop that setting or pass --model.{name} {resolved[name]!r} (the checkpoint decides "
