@@ -507,19 +507,21 @@ class CtrlCInStep3(L.Callback):
             raise KeyboardInterrupt
 
 
-def losses(root: Path) -> list[tuple[int, float]]:
-    """The train/loss curve of the TensorBoard run of :func:`write_tensorboard_config` under ``root``."""
+def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """The ``tag`` curve of the TensorBoard run of :func:`write_tensorboard_config` under ``root``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(root / "tb" / "run" / "version_0"))
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(shards, tmp_path):
     """The checkpoint saved on the interrupt held the data loader past the batch in flight and the logging step
-    one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step."""
-    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "100"]
+    one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step;
+    its batch counters one ahead too, so the resume validated one step early (and never validated the last)."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+             "--trainer.check_val_every_n_epoch", "null"]  # as the configs: validation counts batches across epochs
     for root in (tmp_path / "straight", tmp_path / "interrupted"):
         root.mkdir()
         config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
@@ -534,6 +536,9 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     assert step_of(last) == 2
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+    validations = losses(tmp_path / "straight", "val/loss")
+    assert [step for step, _ in validations] == [1, 3, 5]
+    assert losses(tmp_path / "interrupted", "val/loss") == validations
 
 
 class CtrlCAfterStep3(L.Callback):

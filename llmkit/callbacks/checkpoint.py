@@ -85,20 +85,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     """Before saving an interrupted run: if a training batch was fetched but its step not done, put
     the data loader back before it (a :class:`~llmkit.data.datamodule.ResumableLoader`; the resume
-    trains that batch, not the one after it) and the logging step counter back by one.
+    trains that batch, not the one after it), undo what callbacks did at its start
+    (:meth:`~llmkit.callbacks.Replay.rewind_in_flight`) and put the loop's batch counters back to
+    the last batch done, so that the checkpoint is the one an interrupt between the two batches saves.
 
-    Lightning's checkpoints saved in the loop, at a batch's end, hold the logging step
-    (``_batches_that_stepped``) before that batch's increment, and a resume adds it; an interrupt
-    inside the next batch comes after the increment, so without this the resumed curves skipped a
-    step."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    if progress.ready <= progress.processed:
+    Lightning restores counters that count the batch in flight as a restart mid-batch: the resume
+    then counted its logging step once more (the curves skipped a step) and, where validation
+    counts batches across epochs (``check_val_every_n_epoch: null``, as the configs set), it
+    numbered every later batch one ahead, so it validated one step early and never after the
+    last one."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.current.ready <= progress.current.processed:
         return
     loaders = trainer.train_dataloader
-    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-        if hasattr(loader, "rewind_in_flight"):
-            loader.rewind_in_flight()
-    trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
+    for stateful in [*(loaders if isinstance(loaders, (list, tuple)) else [loaders]), *trainer.callbacks]:
+        if hasattr(stateful, "rewind_in_flight"):  # ResumableLoader, Replay
+            stateful.rewind_in_flight()
+    for counts in (progress.total, progress.current):
+        counts.ready = counts.started = counts.processed
+    progress.is_last_batch = False  # the batch done was not the epoch's last: one more was fetched
 
 
 @contextmanager
