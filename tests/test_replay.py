@@ -214,3 +214,45 @@ def test_training_step_sees_the_replaced_examples_and_a_resume_restores_the_buff
     _, _, uninterrupted = fit(tmp_path, max_steps=6)
     assert resumed_module.received == resumed.after == uninterrupted.after[3:]
     assert keys(resumed.buffer) == keys(uninterrupted.buffer)
+
+
+def test_rewinding_the_batch_in_flight_restores_the_state_before_its_start(one_process):
+    replay, stub = Replay(buffer_size=8, replay_ratio=0.5, seed=3), StubModule()
+    replay.add(examples("old", 8))  # full: the next examples overwrite slots
+    before = (keys(replay.buffer), set(replay.seen_keys), replay.rng.getstate())
+    replay.on_train_batch_start(one_process, stub, examples("new", 6), 0)
+    assert keys(replay.buffer) != before[0]
+    replay.rewind_in_flight()
+    assert (keys(replay.buffer), replay.seen_keys, replay.rng.getstate()) == before
+    replay.on_train_batch_start(one_process, stub, examples("new", 6), 0)
+    replay.on_train_batch_end(one_process, stub, None, examples("new", 6), 0)
+    done = keys(replay.buffer)
+    replay.rewind_in_flight()  # a batch whose step ended is not undone
+    assert keys(replay.buffer) == done
+
+
+class InterruptedRecorder(Recorder):
+    """Ctrl-C inside the third batch's step, after Replay's draws for it."""
+
+    def training_step(self, batch: list[Example], batch_idx: int) -> torch.Tensor:
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_resume_after_ctrl_c_inside_a_step_replays_what_an_uninterrupted_run_does(tmp_path):
+    """The interrupt's checkpoint held the draws and buffer additions of the batch in flight, which
+    the resume trains again: it drew other replacements (SFT's weights differed by 2e-4)."""
+    from llmkit.callbacks import Checkpoint
+
+    write_jsonl(tmp_path / "old.jsonl", examples("old", 6))
+    write_jsonl(tmp_path / "new.jsonl", examples("new", 12))
+    replay = RecordingReplay(buffer_size=16, replay_ratio=0.5, seed=1, seed_files=[str(tmp_path / "old.jsonl")])
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[replay, Checkpoint(dirpath=tmp_path / "ckpt")])
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        trainer.fit(InterruptedRecorder(), SDFTDataModule(train_files=str(tmp_path / "new.jsonl"), batch_size=4))
+    _, resumed_module, resumed = fit(tmp_path, max_steps=6, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _, _, uninterrupted = fit(tmp_path, max_steps=6)
+    assert resumed_module.received == resumed.after == uninterrupted.after[2:]
+    assert keys(resumed.buffer) == keys(uninterrupted.buffer)

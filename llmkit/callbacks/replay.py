@@ -24,7 +24,9 @@ epoch over a task adds nothing and does not count as new examples.
 All randomness comes from the callback's own seeded :class:`random.Random`; its state, the
 buffer and the digests go into the checkpoint (:meth:`Replay.state_dict`, plain data that
 ``torch.load(weights_only=True)`` reads), so a resumed run makes the same replay decisions
-as an uninterrupted one.
+as an uninterrupted one. An interrupt inside a step, whose batch the resume trains again, undoes
+what that batch's start drew and buffered first (:meth:`Replay.rewind_in_flight`), as the data
+loader puts that batch back.
 
 Under DDP the buffer is global and the same on every rank, by construction: each step every rank
 gathers all ranks' batches in rank order (the global batch), draws the replacement of every
@@ -50,6 +52,17 @@ from llmkit.callbacks.interfaces import batch_kind
 from llmkit.data.examples import Example, read_all_examples
 from llmkit.distributed import gather_objects
 from llmkit.errors import LLMKitError
+
+
+@dataclasses.dataclass
+class InFlight:
+    """What the start of the training batch in flight changed: the generator state and buffer
+    length before it, the buffer slots it overwrote (with what they held) and the digests it added."""
+
+    rng_state: tuple
+    buffer_len: int
+    overwritten: dict[int, Example] = dataclasses.field(default_factory=dict)
+    keys: list[int] = dataclasses.field(default_factory=list)
 
 
 def example_key(example: Example) -> int:
@@ -94,6 +107,7 @@ class Replay(L.Callback):
         self.last_fraction = 0.0
         self.total_replayed = 0
         self.total_slots = 0
+        self.in_flight: InFlight | None = None  # set from a batch's start to its end
 
     def add(self, examples: Iterable[Example]) -> None:
         """Offer ``examples`` to the buffer: each one not seen before is a new element of the
@@ -103,11 +117,15 @@ class Replay(L.Callback):
             if key in self.seen_keys:
                 continue
             self.seen_keys.add(key)
+            if self.in_flight is not None:
+                self.in_flight.keys.append(key)
             if len(self.buffer) < self.buffer_size:
                 self.buffer.append(example)
             else:
                 slot = self.rng.randrange(len(self.seen_keys))
                 if slot < self.buffer_size:
+                    if self.in_flight is not None:
+                        self.in_flight.overwritten.setdefault(slot, self.buffer[slot])
                     self.buffer[slot] = example
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -121,6 +139,7 @@ class Replay(L.Callback):
             raise LLMKitError(f"Replay needs batches that are lists of Example (SDFTDataModule's, in SFTModule and "
                               f"SDFTModule runs), got a {batch_kind(batch)}")
         batches = gather_objects(trainer, list(batch))  # every rank's batch, in rank order
+        self.in_flight = InFlight(self.rng.getstate(), len(self.buffer))
         offset = sum(len(b) for b in batches[: trainer.global_rank])
         new = [example for b in batches for example in b]
         replaced = 0
@@ -137,6 +156,25 @@ class Replay(L.Callback):
         self.total_slots += len(new)
         pl_module.log("train/replay_fraction", self.last_fraction, batch_size=len(batch))
         pl_module.log("train/replay_buffer", float(len(self.buffer)), batch_size=len(batch))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.in_flight = None
+
+    def rewind_in_flight(self) -> None:
+        """Undo what the start of the batch in flight drew and buffered: an interrupt cut its step
+        short, and the checkpoint saved now resumes with that batch
+        (:class:`~llmkit.callbacks.Checkpoint` calls this, as it does the data loader's)."""
+        undo, self.in_flight = self.in_flight, None
+        if undo is None:
+            return
+        self.rng.setstate(undo.rng_state)
+        del self.buffer[undo.buffer_len:]
+        for slot, example in undo.overwritten.items():
+            if slot < undo.buffer_len:
+                self.buffer[slot] = example
+        self.seen_keys.difference_update(undo.keys)
 
     def state_dict(self) -> dict[str, Any]:
         """The buffer (a list of dicts with the :class:`Example` fields), the digests of every
