@@ -121,7 +121,7 @@ class PretrainModule(LLMKitModule):
             raise LLMKitError("PretrainModule trains on token windows (PackedDataModule), not SDFTDataModule's "
                               "examples, which SFTModule and SDFTModule train on")
         if isinstance(data, PackedDataModule):
-            self.tokenizer_record = data.tokenizer_record
+            self.tokenizer_record = data.tokenizer_record or self.tokenizer_record
 
     def configure_model(self) -> None:
         """Build the backbone (once: later calls keep it), from ``init_ckpt`` if given, and compile
