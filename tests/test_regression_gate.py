@@ -275,6 +275,46 @@ def test_a_block_interrupted_and_resumed_is_gated_as_the_uninterrupted_one(tmp_p
         "RegressionGate"].get("block")  # saved at a block's end: no snapshot to carry
 
 
+class GateInterruptedAt(RegressionGate):
+    """A gate whose evaluation at the end of the block ending at ``at_step`` is cut by Ctrl-C, once."""
+
+    def __init__(self, at_step: int | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at_step = at_step
+
+    def _evaluate(self, trainer, pl_module) -> dict:
+        if trainer.global_step == self.at_step and self.at_step is not None:
+            self.at_step = None
+            raise KeyboardInterrupt
+        return super()._evaluate(trainer, pl_module)
+
+
+def test_an_interrupt_while_gating_a_block_gates_that_block_on_resume(tmp_path, shards, tokenizer_path):
+    """The checkpoint saved while the gate evaluated step 3, the end of block 0-3, resumed that block
+    and trained on: block 1 became steps 0-5 and block 0-3's reports were never written."""
+    from llmkit.callbacks import Checkpoint
+
+    def run(root: Path, gate: RegressionGate, ckpt_path: Path | None = None) -> Student:
+        module = Student(tokenizer_path, val_config(shards))
+        try:
+            fit(root, module, shards, 5, [Checkpoint(dirpath=root / "ckpt", every_n_train_steps=100), gate],
+                ckpt_path=ckpt_path, enable_checkpointing=True)
+        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C
+            pass
+        return module
+
+    straight_gate = RegressionGate(every_n_steps=3, out_dir=str(tmp_path / "straight" / "gates"))
+    straight = run(tmp_path / "straight", straight_gate)
+    gates = tmp_path / "interrupted" / "gates"
+    run(tmp_path / "interrupted", GateInterruptedAt(3, every_n_steps=3, out_dir=str(gates)))
+    resumed_gate = GateInterruptedAt(None, every_n_steps=3, out_dir=str(gates))  # its state_key: the same class
+    resumed = run(tmp_path / "interrupted", resumed_gate, ckpt_path=tmp_path / "interrupted" / "ckpt" / "last.ckpt")
+    assert [(d["start_step"], d["end_step"]) for d in straight_gate.decisions] == [(0, 3), (3, 5)]
+    assert resumed_gate.decisions == straight_gate.decisions
+    assert read_block(gates, 1) == read_block(tmp_path / "straight" / "gates", 1)
+    assert same(resumed.state_dict(), straight.state_dict())
+
+
 @pytest.mark.parametrize("thresholds", [{"max_ppl_increase": math.nan}, {"max_ppl_increase": math.inf},
                                         {"max_probe_drop": math.nan}, {"max_probe_drop": 1.5}])
 def test_a_threshold_that_would_turn_the_gate_off_is_refused(thresholds):

@@ -33,8 +33,9 @@ end holds gated weights, and its resume starts a fresh block at them (a new base
 and a new snapshot, of the weights the run would have kept). One saved in the middle of a block
 (a Ctrl-C, or ``every_n_train_steps`` off the block ends) holds that block's ungated weights, so
 it also holds the block's start, its baseline report and its snapshot, and the resume gates the
-block against them as the uninterrupted run would: such a checkpoint is about twice the size of
-one saved at a block's end (``ModelCheckpoint(every_n_train_steps=every_n_steps)``).
+block against them as the uninterrupted run would (at once, if the interrupt came while the gate
+evaluated the block's end): such a checkpoint is about twice the size of one saved at a block's
+end (``ModelCheckpoint(every_n_train_steps=every_n_steps)``).
 
 Under DDP every rank evaluates (the same weights on the same data) and rank 0's reports are
 broadcast before anything is decided: every rank then compares the same two reports, takes the
@@ -216,6 +217,8 @@ class RegressionGate(L.Callback):
             rank_zero_info(f"gate block {self.blocks + 1} resumed at step {trainer.global_step} (started at step "
                            f"{self._block_start}; its baseline and the weights of step {self._snapshot_step} "
                            f"from the checkpoint)")
+            if trainer.global_step - self._block_start >= self.every_n_steps:  # interrupted while gating its end
+                self._gate(trainer, pl_module)
             return
         self._before = self._evaluate(trainer, pl_module)
         self._take_snapshot(trainer, pl_module)
