@@ -441,17 +441,18 @@ def test_write_corpus_selection_and_split(tmp_path: Path, monkeypatch: pytest.Mo
     assert split == write_corpus("stdlib", out, val_fraction=0.5, progress=False)
 
 
-def test_an_interrupted_corpus_leaves_no_corpus_that_looks_whole(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C after some shards: every shard (this run's, and the earlier run's it partly replaced) and
-    the earlier corpus.json are removed, so `pack --input 'out/train_*.txt'` cannot take a part for the
-    whole."""
+def test_an_interrupted_corpus_leaves_the_earlier_one_whole(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after some shards leaves the earlier corpus as it was and no temp directory. The shards
+    went straight into --out: an interrupt removed the earlier corpus, and SIGKILL left this run's
+    first shards beside the earlier run's later ones and its corpus.json, a mix that looked whole."""
     from llmkit.data import corpus
 
     stdlib = _fake_stdlib(tmp_path / "stdlib")
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
     out = tmp_path / "out"
     write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)  # an earlier, whole corpus
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
     documents = corpus.read_documents
 
     def interrupted(file, *args):
@@ -462,7 +463,21 @@ def test_an_interrupted_corpus_leaves_no_corpus_that_looks_whole(tmp_path: Path,
     monkeypatch.setattr(corpus, "read_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier and "corpus.json" in earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stdlib"]
+
+
+def test_a_killed_corpus_run_leaves_the_earlier_one_and_its_temp_directory_goes_next_run(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    stdlib = _fake_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    out = tmp_path / "out"
+    summary = write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False)
+    killed = tmp_path / f".out.{dead_pid()}.tmp"  # what kill -9 in the middle of a second run leaves
+    killed.mkdir()
+    (killed / "train_00000.txt").write_text("half a corpus\n")
+    assert write_corpus("stdlib", out, val_fraction=0.0, shard_bytes=1, progress=False) == summary
+    assert not killed.exists()
 
 
 def test_write_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

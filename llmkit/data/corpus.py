@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from llmkit.data.sources import list_source_files, read_documents
+from llmkit.data.sources import SourceFile, list_source_files, read_documents
 from llmkit.errors import LLMKitError
-from llmkit.io import write_json_atomic
+from llmkit.io import remove_stale_temps, temp_path, write_json_atomic
 
 DOC_SEPARATOR = "<|endoftext|>"
 """A line consisting of exactly this string ends a document in a plain-text shard."""
@@ -110,10 +111,11 @@ def write_corpus(
     document goes there. Documents that are unreadable, not UTF-8, blank or that contain a
     separator line are skipped and counted.
 
-    Shards left in ``out_dir`` by an earlier run that this run did not write are removed. A run
-    that is interrupted or fails after its first shard removes every shard and the summary (an
-    earlier run's shards, partly replaced, are no corpus either), so a half-written corpus never
-    looks like a whole one.
+    The shards are written into a temp directory beside ``out_dir`` (``.NAME.PID.tmp``) and moved
+    into it once all of them are whole: the shards and summary of an earlier run there are replaced
+    then, and a run that is interrupted, fails or is killed (``kill -9`` too) leaves ``out_dir`` as
+    it was; the next run removes a killed run's temp directory. So a part of a corpus never passes
+    for the whole, and an earlier corpus is never left partly replaced.
     Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were read,
     ``n_skipped`` documents skipped, the rest written as ``n_train_documents`` and
     ``n_val_documents``; shard names in ``train_files`` / ``val_files`` are relative to
@@ -128,15 +130,49 @@ def write_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
-    created = not out_dir.exists()  # removed again if the run leaves it empty
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    staging = temp_path(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        train, val, n_skipped = _write_shards(files, names, staging, val_fraction, shard_bytes, text_field,
+                                              text_column, progress)
+        n_documents = train.n_documents + val.n_documents
+        if n_documents < 2:
+            raise LLMKitError(
+                f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
+                "file(s); at least 2 are needed (one for train, one for val): raise max_files "
+                "or use another source"
+            )
+        summary = {
+            "source": source,
+            "n_files": len(files),
+            "n_skipped": n_skipped,
+            "n_train_documents": train.n_documents,
+            "n_val_documents": val.n_documents,
+            "train_files": train.files,
+            "val_files": val.files,
+            "bytes_train": train.n_bytes,
+            "bytes_val": val.n_bytes,
+        }
+        _install(staging, out_dir, summary)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
 
+
+def _write_shards(
+    files: list[SourceFile], names: list[str], out_dir: Path, val_fraction: float, shard_bytes: int, text_field: str,
+    text_column: str, progress: bool,
+) -> tuple[_ShardWriter, _ShardWriter, int]:
+    """Write the usable documents of ``files`` as train and val shards into ``out_dir``; the two
+    writers (their shard names and counts) and the number of documents skipped."""
     train = _ShardWriter(out_dir, "train", shard_bytes)
     val = _ShardWriter(out_dir, "val", shard_bytes)
     pending_train: str | None = None  # held back so it can go to val if val stays empty
     n_skipped = 0
     label = names[0] if len(names) == 1 else f"{len(names)} sources"
-    finished = False
     try:
         with tqdm(files, desc=f"corpus {label}", unit="file", disable=not progress) as bar:
             for file in bar:
@@ -154,41 +190,24 @@ def write_corpus(
             (val if val.n_documents == 0 else train).add(pending_train)
         train.close()
         val.close()
-        finished = True
     finally:
         train.abort()
         val.abort()
-        if not finished and (train.files or val.files):  # no part of a corpus that looks like a whole one:
-            _remove_stale_shards(out_dir, keep=set())  # this run's shards, and an earlier run's they broke
-            (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-        if not finished and created:
-            _remove_if_empty(out_dir)
+    return train, val, n_skipped
 
-    n_documents = train.n_documents + val.n_documents
-    if n_documents < 2:
-        for name in train.files + val.files:
-            (out_dir / name).unlink()
-        if created:
-            _remove_if_empty(out_dir)
-        raise LLMKitError(
-            f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
-            "file(s); at least 2 are needed (one for train, one for val): raise max_files "
-            "or use another source"
-        )
-    _remove_stale_shards(out_dir, keep=set(train.files) | set(val.files))
-    summary = {
-        "source": source,
-        "n_files": len(files),
-        "n_skipped": n_skipped,
-        "n_train_documents": train.n_documents,
-        "n_val_documents": val.n_documents,
-        "train_files": train.files,
-        "val_files": val.files,
-        "bytes_train": train.n_bytes,
-        "bytes_val": val.n_bytes,
-    }
+
+def _install(staging: Path, out_dir: Path, summary: dict) -> None:
+    """Move the whole corpus in ``staging`` into ``out_dir``, replacing an earlier run's: the
+    earlier summary is removed first and this run's written last, so that no summary ever stands
+    beside a mix of the two runs' shards."""
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if _SHARD_NAME.match(path.name):
+            path.unlink()
+    for name in summary["train_files"] + summary["val_files"]:
+        os.replace(staging / name, out_dir / name)
     write_json_atomic(out_dir / SUMMARY_NAME, summary)
-    return summary
 
 
 def _usable(text: str | None) -> bool:
@@ -199,15 +218,3 @@ def _usable(text: str | None) -> bool:
 def _goes_to_val(key: str, val_fraction: float) -> bool:
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return int(digest[:_SPLIT_HASH_HEX_DIGITS], 16) / 16**_SPLIT_HASH_HEX_DIGITS < val_fraction
-
-
-def _remove_if_empty(out_dir: Path) -> None:
-    """Remove ``out_dir``, a directory a failed run created, unless something is in it."""
-    if not any(out_dir.iterdir()):
-        out_dir.rmdir()
-
-
-def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
-    for path in out_dir.iterdir():
-        if _SHARD_NAME.match(path.name) and path.name not in keep:
-            path.unlink()
