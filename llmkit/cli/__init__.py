@@ -14,8 +14,9 @@ The table of commands is :mod:`llmkit.cli.commands`; each argparse command's fla
 its function's signature (:mod:`llmkit.cli.signature`). torch and Lightning are imported only
 when a command runs, so ``llmkit --help`` and every ``--help`` below it answer at once.
 User errors (LLMKitError) print one clear line and exit with status 1; argument and YAML
-errors exit with status 2 from the parsers; Ctrl-C prints one line and exits with 130 (what a
-command was writing is left unwritten: outputs only appear by rename). A Lightning command
+errors exit with status 2 from the parsers; Ctrl-C prints one line and exits with 130, and
+SIGTERM with 143 (what a command was writing is left unwritten: outputs only appear by rename,
+and the command's temp files are removed on the way out). A Lightning command
 stopped by Ctrl-C exits with Lightning's 1 after its graceful shutdown, and by SIGTERM with 143
 (128 + 15), not 0: a scheduler must not take an interrupted run for a finished one. Both save a
 resumable checkpoint first (docs/checkpoints.md).
@@ -24,7 +25,9 @@ resumable checkpoint first (docs/checkpoints.md).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from llmkit.cli.commands import COMMANDS, LIGHTNING_COMMANDS
 from llmkit.cli.signature import add_command, call_command, summary
@@ -59,7 +62,16 @@ def lightning_usage(name: str) -> str:
 
 
 EXIT_SIGTERM = 143
-"""The exit status of a Lightning command stopped by SIGTERM (the shell's 128 + signal 15)."""
+"""The exit status of a command stopped by SIGTERM (the shell's 128 + signal 15)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in an argparse command's main thread so that its cleanup runs as on Ctrl-C
+    (Python's default SIGTERM ends the process at once, leaving temp files and worker processes)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def error_prefix() -> str:
@@ -88,10 +100,20 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_SIGTERM
             return 0
         args = build_parser().parse_args(argv)
-        return call_command(args._command, args)
+        # the demo runs Lightning, which handles SIGTERM itself (a checkpoint, then exit)
+        handle = argv[0] != "demo" and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
+        try:
+            return call_command(args._command, args)
+        finally:
+            if handle:
+                signal.signal(signal.SIGTERM, previous)
     except LLMKitError as e:
         print(f"{error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("llmkit: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("llmkit: terminated", file=sys.stderr)
+        return EXIT_SIGTERM
