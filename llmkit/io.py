@@ -217,9 +217,10 @@ def refuse_overwrite(out: str | Path, what: str, inputs: dict[str, str | Path | 
 
 
 def refuse_existing(out: str | Path, what: str, instead: str) -> None:
-    """Raise :class:`LLMKitError` if ``out`` (named ``what``) exists: a command that writes a
-    checkpoint never replaces a file, which may be a trained run's ``last.ckpt``."""
-    if Path(out).exists():
+    """Raise :class:`LLMKitError` if a file ``out`` (named ``what``) exists: a command that writes a
+    checkpoint never replaces one, which may be a trained run's ``last.ckpt`` (a directory there is
+    :func:`atomic_file`'s error)."""
+    if Path(out).is_file():
         raise LLMKitError(f"{what} {out} already exists: {instead}, or remove it first")
 
 
