@@ -87,6 +87,30 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any
     return record
 
 
+def check_yaml_keys(path: str | Path) -> None:
+    """Raise :class:`LLMKitError` naming the file and line if a mapping of the YAML file ``path``
+    gives a key twice: YAML loaders keep the last one silently (``max_steps: 400`` then
+    ``max_steps: 30`` ran 30 steps), as JSON's do. A file YAML cannot parse is left to its reader."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise LLMKitError(f"{path}:{line}: key {key!r} is given twice in one mapping (first on line "
+                                      f"{lines[key]}), and YAML keeps the last silently: remove one of them")
+                lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeys)
+    except (yaml.YAMLError, TypeError, UnicodeDecodeError):
+        return
+
+
 def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", object)`` for each non-blank line of the JSONL file ``path``.
 

@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from llmkit.cli import main
+from llmkit.errors import LLMKitError
+from llmkit.io import check_yaml_keys
 from llmkit.model.config import MHCConfig, ModelConfig
 from tests.conftest import VOCAB_SIZE
 
@@ -191,6 +193,29 @@ def test_malformed_yaml_key_is_a_clean_error(shards, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("llmkit pretrain fit: error: model.config: unknown option 'n_layer' (did you "
                                        "mean 'n_layers'?)\n(llmkit pretrain fit --help lists the options)\n")
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_its_lines(shards, tmp_path, capsys):
+    """YAML kept the last of the two silently: a config with max_steps 400 then 30 ran 30 steps."""
+    text = write_config(tmp_path, shards).read_text()
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(text.replace("trainer:\n", "trainer:\n  max_steps: 400\n", 1))
+    assert "max_steps: 400" in doubled.read_text() and "max_steps:" in text
+    assert main(["pretrain", "fit", f"--config={doubled}"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"llmkit: error: {re.escape(str(doubled))}:\d+: key 'max_steps' is given twice in one "
+                        r"mapping \(first on line \d+\), and YAML keeps the last silently: remove one of them\n", err)
+    model = tmp_path / "model.yaml"
+    model.write_text("n_layers: 2\nd_model: 32\nn_layers: 4\n")
+    with pytest.raises(LLMKitError, match=r"model.yaml:3: key 'n_layers' is given twice in one mapping \(first on "
+                                          r"line 1\)"):
+        ModelConfig.from_yaml(model)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml")),
+                         ids=lambda p: str(p.relative_to(Path(__file__).parent.parent)))
+def test_the_shipped_configs_give_every_key_once(path):
+    check_yaml_keys(path)
 
 
 def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, capsys):

@@ -52,6 +52,7 @@ from llmkit.callbacks.console import RunSummary, quiet_known_noise, use_step_pro
 from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
+from llmkit.io import check_yaml_keys
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, load_checkpoint_file
 
 VALIDATE_CONFIG = "validate_config.yaml"
@@ -343,6 +344,10 @@ class LLMKitCLI(LightningCLI):
 def run(name: str, args: list[str]) -> None:
     """``llmkit NAME ...``: LightningCLI over the command's module and data module."""
     quiet_known_noise()
+    for arg in args:  # --config FILE, --config=FILE, --model.config FILE...: a key given twice in one is refused
+        value = Path(arg.partition("=")[2] if arg.startswith("--") else arg)
+        if value.suffix in (".yaml", ".yml") and value.is_file():
+            check_yaml_keys(value)
     with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         try:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from llmkit.errors import LLMKitError
-from llmkit.io import dataclass_from_dict
+from llmkit.io import check_yaml_keys, dataclass_from_dict
 
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "flash_attn"]
 """The attention kernels ``ModelConfig.attention_backend`` can name (llmkit.model.attention_backends)."""
@@ -306,6 +306,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise LLMKitError(f"model config {path} does not exist")
+        check_yaml_keys(path)
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(values, dict):
             raise LLMKitError(f"model config {path} must be a YAML mapping of ModelConfig fields")
