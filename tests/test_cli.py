@@ -201,10 +201,13 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_its_lines(shards, tm
     doubled = tmp_path / "doubled.yaml"
     doubled.write_text(text.replace("trainer:\n", "trainer:\n  max_steps: 400\n", 1))
     assert "max_steps: 400" in doubled.read_text() and "max_steps:" in text
-    assert main(["pretrain", "fit", f"--config={doubled}"]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # a config error as every other: the message alone, exit 2
+        main(["pretrain", "fit", f"--config={doubled}"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"llmkit: error: {re.escape(str(doubled))}:\d+: key 'max_steps' is given twice in one "
-                        r"mapping \(first on line \d+\), and YAML keeps the last silently: remove one of them\n", err)
+    assert re.match(rf"llmkit pretrain: error: {re.escape(str(doubled))}:\d+: key 'max_steps' is given twice "
+                    r"in one mapping \(first on line \d+\), and YAML keeps the last silently: remove one of them\n",
+                    err)
     model = tmp_path / "model.yaml"
     model.write_text("n_layers: 2\nd_model: 32\nn_layers: 4\n")
     with pytest.raises(LLMKitError, match=r"model.yaml:3: key 'n_layers' is given twice in one mapping \(first on "

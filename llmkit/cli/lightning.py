@@ -163,10 +163,14 @@ def _nearest(option: str, cls: type) -> str:
 
 
 def check_config_files(args: list[str]) -> None:
-    """Raise :class:`LLMKitError` naming the ``--config`` file that is not valid YAML, and where
-    (jsonargparse names only "<unicode string>", whichever of several files it was)."""
+    """Raise :class:`LLMKitError` naming a config file that is not valid YAML, and where
+    (jsonargparse names only "<unicode string>", whichever of several files it was), or that gives
+    a key twice in one mapping (:func:`~llmkit.io.check_yaml_keys`). The files: every ``--config``
+    one, and a ``.yaml``/``.yml`` file given to any other option (``--model.config FILE.yaml``)."""
     given = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
     given += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    given += [value for value in values if Path(value).suffix in (".yaml", ".yml") and value not in given]
     for value in given:
         if not Path(value).is_file():  # a YAML string given inline, or a missing file: jsonargparse says
             continue
@@ -177,6 +181,7 @@ def check_config_files(args: list[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise LLMKitError(f"{value}: not valid YAML{where}: {problem}") from None
+        check_yaml_keys(value)
 
 
 class LLMKitArgumentParser(LightningArgumentParser):
@@ -344,10 +349,6 @@ class LLMKitCLI(LightningCLI):
 def run(name: str, args: list[str]) -> None:
     """``llmkit NAME ...``: LightningCLI over the command's module and data module."""
     quiet_known_noise()
-    for arg in args:  # --config FILE, --config=FILE, --model.config FILE...: a key given twice in one is refused
-        value = Path(arg.partition("=")[2] if arg.startswith("--") else arg)
-        if value.suffix in (".yaml", ".yml") and value.is_file():
-            check_yaml_keys(value)
     with warnings.catch_warnings():  # args= is intended: `llmkit` owns sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         try:
