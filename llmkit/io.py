@@ -184,6 +184,17 @@ def remove_stale_temps(path: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def temp_directory(path: Path) -> Path:
+    """An empty temp directory beside ``path`` (:func:`temp_path`) to write its content into, the
+    temp directories of killed writers removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -289,11 +300,7 @@ def new_directory_atomic(path: str | Path, what: str) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise LLMKitError(f"{path} already exists: choose a new directory for the {what} or remove that one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_directory(path)
     try:
         yield tmp
         if path.exists():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from llmkit.data.sources import SourceFile, list_source_files, read_documents
 from llmkit.errors import LLMKitError
-from llmkit.io import remove_stale_temps, temp_path, write_json_atomic
+from llmkit.io import temp_directory, write_json_atomic
 
 DOC_SEPARATOR = "<|endoftext|>"
 """A line consisting of exactly this string ends a document in a plain-text shard."""
@@ -130,11 +130,7 @@ def write_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
-    staging = temp_path(out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = temp_directory(out_dir)
     try:
         train, val, n_skipped = _write_shards(files, names, staging, val_fraction, shard_bytes, text_field,
                                               text_column, progress)
