@@ -245,6 +245,10 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     assert main(["pretrain", "fit", "--config", str(config), "--model.config.n_kv_heads", "3"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == \
         "llmkit: error: invalid model config: n_heads (4) must be divisible by n_kv_heads (3)"
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_step: 30\n")  # the nearest Trainer argument, as model keys
+    assert error("--config", str(tmp_path / "typo.yaml")) == (
+        "llmkit pretrain: error: Subcommand 'fit' does not accept option 'trainer.max_step' (did you mean "
+        "'trainer.max_steps'?)")
     (tmp_path / "broken.yaml").write_text("model:\n  optim: [1, 2\n  x: 1\n")
     assert error("--config", str(tmp_path / "broken.yaml")) == (
         f"llmkit pretrain: error: {tmp_path / 'broken.yaml'}: not valid YAML at line 3, column 4: expected ',' or "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import itertools
 import re
 import sys
@@ -134,7 +135,8 @@ def readable_parse_error(message: str) -> str:
     of the wrong type, a path that is not there)."""
     key = re.match(r'Parser key "([^"]+)":', message)
     if key is None:
-        return message.strip()
+        trainer = re.search(r"does not accept option 'trainer\.(\w+)'$", message.strip())
+        return message.strip() + (_nearest_trainer_option(trainer.group(1)) if trainer else "")
     missing = re.search(r"Expected a path but (.+?) either not accessible or invalid", message)
     if missing:
         return (f"{key.group(1)}: no file {missing.group(1)} (a relative path in a config file is relative to "
@@ -160,6 +162,12 @@ def _nearest(option: str, cls: type) -> str:
     names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     close = difflib.get_close_matches(option, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else (f"; known: {', '.join(names)}" if names else "")
+
+
+def _nearest_trainer_option(option: str) -> str:
+    """" (did you mean 'trainer.max_steps'?)" for the closest argument of ``Trainer``, or ""."""
+    close = difflib.get_close_matches(option, list(inspect.signature(Trainer.__init__).parameters), n=1)
+    return f" (did you mean 'trainer.{close[0]}'?)" if close else ""
 
 
 def check_config_files(args: list[str]) -> None:
