@@ -519,7 +519,8 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
 def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(shards, tmp_path):
     """The checkpoint saved on the interrupt held the data loader past the batch in flight and the logging step
     one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step;
-    its batch counters one ahead too, so the resume validated one step early (and never validated the last)."""
+    its batch counters one ahead too, so the resume validated one step early (and never validated the last),
+    and its token count one batch ahead (train/tokens and val/tokens, which scaling fits read)."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]  # as the configs: validation counts batches across epochs
     for root in (tmp_path / "straight", tmp_path / "interrupted"):
@@ -539,6 +540,7 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     validations = losses(tmp_path / "straight", "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
     assert losses(tmp_path / "interrupted", "val/loss") == validations
+    assert losses(tmp_path / "interrupted", "train/tokens") == losses(tmp_path / "straight", "train/tokens")
 
 
 class CtrlCAfterStep3(L.Callback):

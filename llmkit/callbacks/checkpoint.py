@@ -85,9 +85,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     """Before saving an interrupted run: if a training batch was fetched but its step not done, put
     the data loader back before it (a :class:`~llmkit.data.datamodule.ResumableLoader`; the resume
-    trains that batch, not the one after it), undo what callbacks did at its start
-    (:meth:`~llmkit.callbacks.Replay.rewind_in_flight`) and put the loop's batch counters back to
-    the last batch done, so that the checkpoint is the one an interrupt between the two batches saves.
+    trains that batch, not the one after it), undo what callbacks and the module counted of it
+    (``rewind_in_flight``: Replay's draws, PretrainModule's tokens) and put the loop's batch
+    counters back to the last batch done, so that the checkpoint is the one an interrupt between
+    the two batches saves.
 
     Lightning restores counters that count the batch in flight as a restart mid-batch: the resume
     then counted its logging step once more (the curves skipped a step) and, where validation
@@ -98,8 +99,9 @@ def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     if progress.current.ready <= progress.current.processed:
         return
     loaders = trainer.train_dataloader
-    for stateful in [*(loaders if isinstance(loaders, (list, tuple)) else [loaders]), *trainer.callbacks]:
-        if hasattr(stateful, "rewind_in_flight"):  # ResumableLoader, Replay
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    for stateful in [*loaders, *trainer.callbacks, trainer.lightning_module]:
+        if hasattr(stateful, "rewind_in_flight"):  # ResumableLoader, Replay, PretrainModule (its token count)
             stateful.rewind_in_flight()
     for counts in (progress.total, progress.current):
         counts.ready = counts.started = counts.processed

@@ -102,6 +102,7 @@ class PretrainModule(LLMKitModule):
         self.optim = optim
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
+        self._tokens_in_flight = 0  # what training_step counted for the batch in flight
         self._flops_per_token: dict[int, float] = {}
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor
 
@@ -169,12 +170,23 @@ class PretrainModule(LLMKitModule):
                 f"(epoch {self.current_epoch}, batch {batch_idx}); lower optim.lr, set "
                 f"trainer.gradient_clip_val, or resume from the last good checkpoint"
             )
-        self.tokens_seen += x.numel() * self.trainer.world_size
+        self._tokens_in_flight = x.numel() * self.trainer.world_size
+        self.tokens_seen += self._tokens_in_flight
         self.flops_per_batch = self.flops_per_token(x.size(1)) * x.numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         self.log_dict(lr_metrics(self.optimizers()), prog_bar=True)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._tokens_in_flight = 0
+
+    def rewind_in_flight(self) -> None:
+        """Uncount the tokens of the batch in flight, whose step an interrupt cut short: the resume
+        trains that batch again (:class:`~llmkit.callbacks.Checkpoint` calls this, as it does the
+        data loader's)."""
+        self.tokens_seen -= self._tokens_in_flight
+        self._tokens_in_flight = 0
 
     def on_validation_epoch_start(self) -> None:
         self.val_loss.reset()  # fresh state in this loop's grad/inference mode
