@@ -281,14 +281,15 @@ def _encode_documents(
 
 @contextmanager
 def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterator[multiprocessing.pool.Pool]:
-    """A pool of ``spawn`` workers whose start a Ctrl-C cannot cut short: SIGINT is blocked while
-    they start, so the workers inherit it blocked (Ctrl-C is the parent's to handle; a worker
-    killed while it starts prints a traceback), and the parent defers a Ctrl-C that arrives
-    meanwhile (another thread may take the signal) until the pool is up, then raises it, which
-    closes the pool."""
+    """A pool of ``spawn`` workers whose start a Ctrl-C or SIGTERM cannot cut short (a worker left
+    starting by a parent that quit prints a traceback). SIGINT is blocked while they start, so the
+    workers inherit it blocked (Ctrl-C is the parent's to handle); the parent defers a SIGINT or
+    SIGTERM that arrives meanwhile (another thread may take SIGINT) until the pool is up, then
+    raises it again under the handler it had, which closes the pool."""
     deferred: list[int] = []
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: deferred.append(signum)) if in_main else None
+    watched = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+    previous = {signum: signal.signal(signum, lambda signum, frame: deferred.append(signum)) for signum in watched}
     mask = getattr(signal, "pthread_sigmask", None)
     if mask:
         mask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -299,11 +300,11 @@ def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterato
     finally:
         if mask:
             mask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     with pool:
         if deferred:
-            raise KeyboardInterrupt
+            signal.raise_signal(deferred[0])  # Ctrl-C: KeyboardInterrupt; SIGTERM: what its handler does
         yield pool
 
 
