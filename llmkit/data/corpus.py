@@ -130,7 +130,7 @@ def write_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
-    staging = temp_directory(out_dir)
+    staging = temp_directory(out_dir.resolve())  # resolved: --out . has no name to put the temp name beside
     try:
         train, val, n_skipped = _write_shards(files, names, staging, val_fraction, shard_bytes, text_field,
                                               text_column, progress)
