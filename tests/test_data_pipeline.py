@@ -714,3 +714,14 @@ def test_pack_refuses_jsonl_and_parquet_inputs_pointing_to_data_corpus(tokenizer
         f"llmkit: error: --input {records}: pack reads plain text files, one document per file or per separator; "
         "turn .JSONL records into text with `llmkit data corpus` first (docs/data.md)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.JSONL"]
+
+
+def test_a_corpus_can_be_written_into_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .`: the temp directory is named after the resolved directory ('.' has no name)."""
+    stdlib = _fake_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    summary = write_corpus("stdlib", ".", val_fraction=0.0, progress=False)
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == sorted(
+        ["corpus.json", *summary["train_files"], *summary["val_files"]])
