@@ -107,6 +107,7 @@ def test_plot_writes_a_png_in_place_and_says_how_to_install_matplotlib(tmp_path,
 def write_run(
     run: Path, val: list[tuple[int, float]] | None, tokens: list[tuple[int, float]] | None,
     config: ModelConfig | None = CONFIG, hparams_seq_len: int | None = None, cli_seq_len: object = "absent",
+    train_files: str | None = None,
 ) -> Path:
     """A run directory as `llmkit pretrain fit` leaves it: TensorBoard events, hparams.yaml (with
     the tuple tag Lightning writes for AdamW's betas) and, when ``cli_seq_len`` is given, the
@@ -119,7 +120,7 @@ def write_run(
     writer.add_scalar("train/loss", 5.0, 0)
     writer.close()
     if config is not None:
-        hparams = {"config": config.to_dict(), "seq_len": hparams_seq_len}
+        hparams = {"config": config.to_dict(), "seq_len": hparams_seq_len, "train_files": train_files}
         text = yaml.safe_dump(hparams) + "optim:\n  betas: !!python/tuple\n  - 0.9\n  - 0.95\n"
         (run / "hparams.yaml").write_text(text)
     if cli_seq_len != "absent":
@@ -194,6 +195,21 @@ def test_one_run_is_too_few_and_the_error_names_it(tmp_path):
     with pytest.raises(LLMKitError, match=rf"1 run\(s\) \({run}\) give 1 distinct value\(s\) of training FLOPs; "
                                           r"a fit with 1 breakpoint\(s\) needs at least 4"):
         fit_runs(read_runs([run]), "compute", breaks=1)
+
+
+def test_runs_on_shards_of_different_tokenizers_are_not_fitted_together(tmp_path):
+    """Losses in nats per token of two tokenizers were fitted as one law without a word."""
+    for name, sha in (("a", "a" * 64), ("b", "b" * 64)):
+        (tmp_path / f"{name}.bin").write_bytes(b"")
+        (tmp_path / f"{name}.bin.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    a = write_run(tmp_path / "ra", [(3, 5.0)], [(3, 512.0)], train_files=str(tmp_path / "a.bin"))
+    same = write_run(tmp_path / "rs", [(3, 4.0)], [(3, 1024.0)], train_files=str(tmp_path / "a*.bin"))
+    gone = write_run(tmp_path / "rg", [(3, 4.5)], [(3, 768.0)], train_files="moved/elsewhere.bin")
+    assert [p.tokenizer for p in read_runs([a, same, gone])] == ["a" * 64, "a" * 64, None]  # unknown: not refused
+    b = write_run(tmp_path / "rb", [(3, 4.0)], [(3, 1024.0)], train_files=[str(tmp_path / "b.bin")])
+    with pytest.raises(LLMKitError, match=rf"runs {a} and {b} trained on shards of different tokenizers \(sha256 "
+                                          r"aaaaaaaaaaaa and bbbbbbbbbbbb\)"):
+        read_runs([a, b])
 
 
 def synthetic_runs(root: Path, budgets: list[int], at: float) -> list[Path]:

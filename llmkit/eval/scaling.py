@@ -33,7 +33,9 @@ is read from it.
 
 from __future__ import annotations
 
+import glob
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from llmkit.data.packing import meta_path_for
 from llmkit.errors import LLMKitError
 from llmkit.io import atomic_file
 from llmkit.model.config import ModelConfig
@@ -77,6 +80,8 @@ class RunPoint:
         params: non-embedding parameters of the model.
         flops: training FLOPs up to that step, ``Transformer.flops_per_token(seq_len) * tokens``.
         seq_len: the training window length the FLOPs were counted with.
+        tokenizer: the ``tokenizer_sha256`` of the run's first training shard, when its metadata
+            is still where the run's hparams.yaml says (None: unknown).
     """
 
     run: Path
@@ -86,6 +91,7 @@ class RunPoint:
     params: int
     flops: float
     seq_len: int
+    tokenizer: str | None = None
 
     def x(self, axis: Axis) -> float:
         """The run's value on ``axis``: FLOPs (compute), non-embedding parameters or tokens."""
@@ -93,7 +99,7 @@ class RunPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": str(self.run), "loss": self.loss, "step": self.step, "tokens": self.tokens,
-                "params": self.params, "flops": self.flops, "seq_len": self.seq_len}
+                "params": self.params, "flops": self.flops, "seq_len": self.seq_len, "tokenizer": self.tokenizer}
 
 
 class _HparamsLoader(yaml.SafeLoader):
@@ -245,12 +251,39 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     seq_len = config.max_seq_len if seq_len is None else int(seq_len)
     return RunPoint(run=run, loss=float(value), step=int(step), tokens=tokens,
                     params=model.num_params(non_embedding=True), flops=model.flops_per_token(seq_len) * tokens,
-                    seq_len=seq_len)
+                    seq_len=seq_len, tokenizer=_shard_tokenizer(hparams.get("train_files")))
+
+
+def _shard_tokenizer(train_files: Any) -> str | None:
+    """The ``tokenizer_sha256`` in the metadata of the first shard that ``train_files`` (a run's
+    data module argument, as hparams.yaml holds it: a path, a pattern, or a list of them) names,
+    or None where that metadata cannot be read from here (a relative path from another directory)."""
+    first = train_files[0] if isinstance(train_files, list) and train_files else train_files
+    if not isinstance(first, str):
+        return None
+    shards = sorted(glob.glob(first)) or [first]
+    try:
+        return json.loads(meta_path_for(shards[0]).read_text(encoding="utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_runs(paths: Sequence[str | Path], loss: LossChoice = "final") -> list[RunPoint]:
-    """:func:`read_run` on every run :func:`find_runs` finds in ``paths``."""
-    return [read_run(run, loss) for run in find_runs(paths)]
+    """:func:`read_run` on every run :func:`find_runs` finds in ``paths``; runs whose shards came
+    from different tokenizers are refused: a loss in nats per token of one tokenizer is not
+    comparable with another's."""
+    points = [read_run(run, loss) for run in find_runs(paths)]
+    first_with: dict[str, Path] = {}
+    for point in points:
+        if point.tokenizer is not None:
+            first_with.setdefault(point.tokenizer, point.run)
+    if len(first_with) > 1:
+        (a, run_a), (b, run_b) = list(first_with.items())[:2]
+        raise LLMKitError(
+            f"runs {run_a} and {run_b} trained on shards of different tokenizers (sha256 {a[:12]} and {b[:12]}): "
+            "their losses, in nats per token, are not comparable; fit each tokenizer's runs apart"
+        )
+    return points
 
 
 @dataclass(frozen=True)
