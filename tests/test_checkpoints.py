@@ -543,6 +543,39 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     assert losses(tmp_path / "interrupted", "train/tokens") == losses(tmp_path / "straight", "train/tokens")
 
 
+class CtrlCInValidationAtStep2(L.Callback):
+    """Ctrl-C inside the validation that follows the second step."""
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == 2 and not trainer.sanity_checking:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_inside_a_validation_resumes_on_the_same_step_axis(shards, tmp_path):
+    """The interrupt's checkpoint took back a logging step the batch had not counted yet: the resumed
+    curves logged step 1 twice and every later point a step early. The interrupted validation itself
+    is not run again (Lightning skips the validation of the step it resumes at): its point is missing."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+             "--trainer.check_val_every_n_epoch", "null"]
+    for root in (tmp_path / "straight", tmp_path / "interrupted"):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
+    config = str(tmp_path / "interrupted" / "tb.yaml")
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        main(["pretrain", "fit", "--config", config, *every,
+              "--trainer.callbacks+=tests.test_checkpoints.CtrlCInValidationAtStep2"])
+    last = tmp_path / "interrupted" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert step_of(last) == 2
+    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
+    assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+    validations = losses(tmp_path / "straight", "val/loss")
+    assert [step for step, _ in validations] == [1, 3, 5]
+    assert losses(tmp_path / "interrupted", "val/loss") == validations[1:]
+
+
 class CtrlCAfterStep3(L.Callback):
     """Ctrl-C between batches, after the third step and its validation."""
 

@@ -116,10 +116,13 @@ def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
     Lightning takes such a checkpoint for one saved when the last batch's validation ended, before
     that batch's count of the logging step: if the last batch was one to validate after, the resume
     skips the validation and adds the count. Saved after the count, the resumed curves skipped a
-    step (a 6-step run validating every 3 steps, resumed to 8, logged steps 0-5, 7, 8)."""
+    step (a 6-step run validating every 3 steps, resumed to 8, logged steps 0-5, 7, 8). An
+    interrupt inside that validation comes before the count, which the checkpoint then keeps as
+    it is (taken back, the resumed curves logged a step twice and every later one a step early)."""
     loop = trainer.fit_loop.epoch_loop
     progress = loop.batch_progress.current
-    counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None)
+    counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None) \
+        and not trainer.validating  # inside that validation (an interrupt) the batch is not counted yet
     loop._batches_that_stepped -= counted_twice
     try:
         yield
