@@ -646,8 +646,14 @@ def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path,
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", save_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    # Ctrl-C as a user's terminal gives it: a test runner started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and the interrupt then never raised
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 

@@ -600,10 +600,9 @@ def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokeniz
 def user_terminal_sigint() -> None:
     """In the child, before exec: SIGINT as a user's shell gives it (default action, not blocked).
     A child inherits an ignored or blocked SIGINT, and Python then never installs its Ctrl-C
-    handler. Without this, the pack sometimes ran to completion through 30 SIGINTs in full-suite
-    runs, never alone; a probe of the runner's SIGINT disposition and mask at every test boundary
-    saw no change, so the cause is not established (a preexec_fn also makes subprocess fork
-    rather than vfork). What this test checks is the pack under a user's Ctrl-C."""
+    handler. A test runner started as a background job of a non-interactive shell (``cmd &`` in a
+    script) has SIGINT ignored, and without this the pack ran to completion through 30 SIGINTs in
+    such full-suite runs. What this test checks is the pack under a user's Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
