@@ -516,31 +516,40 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def straight_and_resumed(shards, tmp_path: Path, interrupt: str) -> tuple[Path, Path]:
+    """Two 6-step runs validating every 2 steps, as the configs count batches (across epochs): one
+    straight, one stopped by the callback ``interrupt`` (Ctrl-C, only that save) at step 2 and
+    resumed from its last.ckpt. Their roots, for :func:`losses`."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+             "--trainer.check_val_every_n_epoch", "null"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for root in (straight, interrupted):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every]) == 0
+    config = str(interrupted / "tb.yaml")
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        main(["pretrain", "fit", "--config", config, *every,
+              f"--trainer.callbacks+=tests.test_checkpoints.{interrupt}"])
+    last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert step_of(last) == 2
+    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
+    return straight, interrupted
+
+
 def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(shards, tmp_path):
     """The checkpoint saved on the interrupt held the data loader past the batch in flight and the logging step
     one ahead: the resume skipped that batch (its losses were the next batches') and its curves skipped a step;
     its batch counters one ahead too, so the resume validated one step early (and never validated the last),
     and its token count one batch ahead (train/tokens and val/tokens, which scaling fits read)."""
-    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
-             "--trainer.check_val_every_n_epoch", "null"]  # as the configs: validation counts batches across epochs
-    for root in (tmp_path / "straight", tmp_path / "interrupted"):
-        root.mkdir()
-        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
-        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
-        (root / "tb.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
-    config = str(tmp_path / "interrupted" / "tb.yaml")
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
-        main(["pretrain", "fit", "--config", config, *every,
-              "--trainer.callbacks+=tests.test_checkpoints.CtrlCInStep3"])
-    last = tmp_path / "interrupted" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
-    assert step_of(last) == 2
-    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
-    assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
-    validations = losses(tmp_path / "straight", "val/loss")
+    straight, interrupted = straight_and_resumed(shards, tmp_path, "CtrlCInStep3")
+    assert losses(interrupted) == losses(straight)
+    validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
-    assert losses(tmp_path / "interrupted", "val/loss") == validations
-    assert losses(tmp_path / "interrupted", "train/tokens") == losses(tmp_path / "straight", "train/tokens")
+    assert losses(interrupted, "val/loss") == validations
+    assert losses(interrupted, "train/tokens") == losses(straight, "train/tokens")
 
 
 class CtrlCInValidationAtStep2(L.Callback):
@@ -555,25 +564,11 @@ def test_ctrl_c_inside_a_validation_resumes_on_the_same_step_axis(shards, tmp_pa
     """The interrupt's checkpoint took back a logging step the batch had not counted yet: the resumed
     curves logged step 1 twice and every later point a step early. The interrupted validation itself
     is not run again (Lightning skips the validation of the step it resumes at): its point is missing."""
-    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
-             "--trainer.check_val_every_n_epoch", "null"]
-    for root in (tmp_path / "straight", tmp_path / "interrupted"):
-        root.mkdir()
-        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
-        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
-        (root / "tb.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every]) == 0
-    config = str(tmp_path / "interrupted" / "tb.yaml")
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
-        main(["pretrain", "fit", "--config", config, *every,
-              "--trainer.callbacks+=tests.test_checkpoints.CtrlCInValidationAtStep2"])
-    last = tmp_path / "interrupted" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
-    assert step_of(last) == 2
-    assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
-    assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
-    validations = losses(tmp_path / "straight", "val/loss")
+    straight, interrupted = straight_and_resumed(shards, tmp_path, "CtrlCInValidationAtStep2")
+    assert losses(interrupted) == losses(straight)
+    validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
-    assert losses(tmp_path / "interrupted", "val/loss") == validations[1:]
+    assert losses(interrupted, "val/loss") == validations[1:]
 
 
 class CtrlCAfterStep3(L.Callback):
