@@ -14,6 +14,8 @@ import glob
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,6 +215,29 @@ def _read_umask() -> int:
 
 UMASK = _read_umask()
 """The process's umask when llmkit loaded: the permissions :func:`atomic_file` gives its files."""
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then raise them again for the handlers they had
+    (Python's KeyboardInterrupt; Lightning's SIGTERM flag, or llmkit's in a data command), for work
+    an interrupt must not cut in half: ``torch.save`` turns a KeyboardInterrupt in the middle of a
+    write into a RuntimeError, which is no interrupt (a checkpoint lands once it is whole), and a
+    worker pool left half-started prints tracebacks. Python handles signals in the main thread
+    only, so elsewhere this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 @contextmanager

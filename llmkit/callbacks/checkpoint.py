@@ -21,8 +21,6 @@ step, and saved when a run is interrupted.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,33 +32,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.io import atomic_file
+from llmkit.io import atomic_file, interrupts_held
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 """The exceptions Lightning raises for Ctrl-C and SIGTERM."""
-
-
-@contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then raise them again for the handlers they had
-    (Python's KeyboardInterrupt, Lightning's SIGTERM flag). ``torch.save`` turns a KeyboardInterrupt
-    in the middle of a write into a RuntimeError, which is no interrupt: there was a traceback and no
-    interrupt save. Held, Ctrl-C lands once the checkpoint is whole. Python handles signals in the
-    main thread only, so elsewhere this holds nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in held}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

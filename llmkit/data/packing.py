@@ -13,10 +13,9 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from llmkit.data.corpus import is_separator
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.io import iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
+from llmkit.io import interrupts_held, iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
 
 PACK_FORMAT = "llmkit-packed-v1"
 """The ``format`` field of the metadata; bump it when the layout changes."""
@@ -282,29 +281,22 @@ def _encode_documents(
 @contextmanager
 def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterator[multiprocessing.pool.Pool]:
     """A pool of ``spawn`` workers whose start a Ctrl-C or SIGTERM cannot cut short (a worker left
-    starting by a parent that quit prints a traceback). SIGINT is blocked while they start, so the
-    workers inherit it blocked (Ctrl-C is the parent's to handle); the parent defers a SIGINT or
-    SIGTERM that arrives meanwhile (another thread may take SIGINT) until the pool is up, then
-    raises it again under the handler it had, which closes the pool."""
-    deferred: list[int] = []
-    in_main = threading.current_thread() is threading.main_thread()
-    watched = (signal.SIGINT, signal.SIGTERM) if in_main else ()
-    previous = {signum: signal.signal(signum, lambda signum, frame: deferred.append(signum)) for signum in watched}
+    starting by a parent that quit prints a traceback): the parent holds both signals until the
+    pool is up (:func:`~llmkit.io.interrupts_held`), then raises them, which closes the pool. SIGINT
+    is also blocked while the workers start, so they inherit it blocked: Ctrl-C is the parent's
+    to handle."""
     mask = getattr(signal, "pthread_sigmask", None)
-    if mask:
-        mask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(tokenizer_path, append_eos)
-        )
-    finally:
-        if mask:
-            mask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    with pool:
-        if deferred:
-            signal.raise_signal(deferred[0])  # Ctrl-C: KeyboardInterrupt; SIGTERM: what its handler does
+    with ExitStack() as stack:
+        with interrupts_held():
+            if mask:
+                mask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                    workers, initializer=_init_worker, initargs=(tokenizer_path, append_eos)
+                ))
+            finally:
+                if mask:
+                    mask(signal.SIG_UNBLOCK, {signal.SIGINT})
         yield pool
 
 
