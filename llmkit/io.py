@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -166,6 +167,12 @@ def read_json(path: str | Path, hint: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LLMKitError(f"{path} holds {json_kind(value)}, not a JSON object: {hint}")
     return value
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the bytes of the file ``path`` (a tokenizer's identity in shard metadata and
+    checkpoints)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def temp_path(path: Path) -> Path:

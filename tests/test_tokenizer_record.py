@@ -94,8 +94,9 @@ def test_pretraining_from_init_ckpt_refuses_shards_of_another_tokenizer(pretrain
 def test_fine_tuning_refuses_another_tokenizer_and_records_its_own(pretrained, tokenizer_path, other):
     with pytest.raises(LLMKitError, match="learned the ids of the tokenizer"):
         load_student(str(pretrained), str(other["tokenizer"]))
-    model, tok = load_student(str(pretrained), str(tokenizer_path))
+    model, tok, record = load_student(str(pretrained), str(tokenizer_path))
     assert tok.path == tokenizer_path and model.config.vocab_size == VOCAB_SIZE
+    assert record == tokenizer_record(tokenizer_path) == load_checkpoint_file(pretrained)[TOKENIZER_KEY]
 
 
 def test_generate_takes_the_recorded_tokenizer_and_refuses_another(pretrained, tokenizer_path, other, capsys):

@@ -11,7 +11,6 @@ the special ids come from the JSON files beside ``tokenizer.json`` in the model 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +26,7 @@ from llmkit.data.chat_template import (
     render_user_prompt,
 )
 from llmkit.errors import LLMKitError
-from llmkit.io import read_json
+from llmkit.io import file_sha256, read_json
 
 if TYPE_CHECKING:
     from jinja2 import Template
@@ -148,7 +147,7 @@ class HFTokenizer:
     @cached_property
     def sha256(self) -> str:
         """Hex SHA-256 of the ``tokenizer.json``, computed on first use."""
-        return hashlib.sha256(self._path.read_bytes()).hexdigest()
+        return file_sha256(self._path)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with ``bos_id`` / ``eos_id`` around it if asked. The tokenizer's

@@ -14,7 +14,6 @@ samples at most ``input_sentence_size`` lines. The special ids are fixed by the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from llmkit.data.corpus import is_separator
 from llmkit.data.hf_tokenizer import HFTokenizer
 from llmkit.errors import LLMKitError
-from llmkit.io import iter_text_lines
+from llmkit.io import file_sha256, iter_text_lines
 
 _VOCAB_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. .*<=\s*(\d+)")
 _VOCAB_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
@@ -357,7 +356,7 @@ class Tokenizer:
     @cached_property
     def sha256(self) -> str:
         """Hex SHA-256 of the model file, computed on first use."""
-        return hashlib.sha256(self._path.read_bytes()).hexdigest()
+        return file_sha256(self._path)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with ``bos_id`` / ``eos_id`` around it if asked."""
@@ -412,7 +411,7 @@ def tokenizer_record(path: Path) -> dict[str, str]:
     """The tokenizer file at ``path`` as a checkpoint records the one its weights learned
     (:data:`~llmkit.model.checkpoint.TOKENIZER_KEY`): the file and its SHA-256, which is the
     tokenizer's ``sha256`` that packed shards record."""
-    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
 def directory_tokenizer(model_dir: Path) -> Path | None:

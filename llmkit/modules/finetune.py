@@ -63,12 +63,13 @@ def load_student(
     gradient_checkpointing: bool | None = None,
     attention_backend: AttentionBackend | None = None,
     chat_template: bool = False,
-) -> tuple[Transformer, TokenizerLike]:
-    """The backbone of ``init_ckpt`` in training mode and the tokenizer it was trained with,
-    checked to share a vocabulary, to be the tokenizer the checkpoint records if it records one,
-    and to have a chat template if ``chat_template`` (the module option of that name);
-    ``gradient_checkpointing`` and ``attention_backend`` override the checkpoint's settings unless
-    None."""
+) -> tuple[Transformer, TokenizerLike, dict[str, str]]:
+    """The backbone of ``init_ckpt`` in training mode, the tokenizer it was trained with and that
+    tokenizer's record (:func:`~llmkit.data.tokenizer.tokenizer_record`, the module's
+    ``tokenizer_record``), checked to share a vocabulary, to be the tokenizer the checkpoint records
+    if it records one, and to have a chat template if ``chat_template`` (the module option of that
+    name); ``gradient_checkpointing`` and ``attention_backend`` override the checkpoint's settings
+    unless None."""
     if init_ckpt is None or tokenizer is None:
         raise LLMKitError(
             "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its .model, "
@@ -82,13 +83,14 @@ def load_student(
         model.config.attention_backend = attention_backend
     tok = load_tokenizer(tokenizer)
     tok.check_vocab_size(model.config.vocab_size, f"the model in {init_ckpt}")
-    check_tokenizer(checkpoint, init_ckpt, tokenizer_record(tok.path))
+    record = tokenizer_record(tok.path)
+    check_tokenizer(checkpoint, init_ckpt, record)
     if chat_template and tok.chat_template is None:
         raise LLMKitError(
             f"model.chat_template is true but the tokenizer {tok.path} has no chat template (a Hugging Face model "
             "directory's tokenizer_config.json or chat_template.jinja holds one): set model.chat_template: false"
         )
-    return model, tok
+    return model, tok, record
 
 
 def prompt_ids(tokenizer: TokenizerLike, texts: list[str], chat_template: bool) -> list[list[int]]:
@@ -163,9 +165,8 @@ class FineTuneModule(LLMKitModule):
              "gradient_checkpointing": gradient_checkpointing, "attention_backend": attention_backend,
              "compile": compile, "chat_template": chat_template}
         )
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend,
-                                                  chat_template)
-        self.tokenizer_record = tokenizer_record(self.tokenizer.path)
+        self.model, self.tokenizer, self.tokenizer_record = load_student(
+            init_ckpt, tokenizer, gradient_checkpointing, attention_backend, chat_template)
         self.chat_template = chat_template
         self.config = self.model.config
         self.optim = optim

@@ -58,7 +58,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from llmkit.data.tokenizer import tokenizer_record
 from llmkit.discovery.archive import Archive, State
 from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import (
@@ -242,9 +241,8 @@ class TTTDiscoverModule(LLMKitModule):
         )
         self.out_dir = out_dir
         self.chat_template = chat_template
-        self.model, self.tokenizer = load_student(init_ckpt, tokenizer, gradient_checkpointing, attention_backend,
-                                                  chat_template)
-        self.tokenizer_record = tokenizer_record(self.tokenizer.path)
+        self.model, self.tokenizer, self.tokenizer_record = load_student(
+            init_ckpt, tokenizer, gradient_checkpointing, attention_backend, chat_template)
         self.config = self.model.config
         self.accumulator = TokenMeanAccumulator(self, gradient_clip_val=gradient_clip_val)
         try:
