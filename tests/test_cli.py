@@ -65,6 +65,26 @@ def test_fit_tells_where_its_logs_go_without_third_party_tips(shards, tmp_path, 
     assert "Tip:" not in said and "LeafSpec" not in said
 
 
+def test_fit_says_the_model_in_one_line_in_the_place_of_lightnings_table(shards, tmp_path, capsys, caplog):
+    config = yaml.safe_load(write_config(tmp_path, shards).read_text())
+    del config["trainer"]["enable_model_summary"]  # Lightning's default: on
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(config))
+    with caplog.at_level("INFO"):
+        assert main(["pretrain", "fit", "--config", str(tmp_path / "default.yaml"), "--trainer.max_steps", "1"]) == 0
+    said = caplog.text + "".join(capsys.readouterr())
+    from llmkit.model.transformer import Transformer
+    model = Transformer(ModelConfig(**config["model"]["config"]))
+    total, body = model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6
+    assert f"model: 2 layers, d_model 32, 4 heads, mHC 4 streams; {total:.2f}M parameters, {body:.2f}M without" in said
+    assert "Total FLOPs" not in said and "Trainable params" not in said
+
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelSummary"})
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "own.yaml"), "--trainer.max_steps", "1",
+                 "--trainer.default_root_dir", str(tmp_path / "own")]) == 0
+    assert "Trainable params" in "".join(capsys.readouterr())  # a summary callback the user asks for stays
+
+
 def test_llmkit_warnings_print_as_one_line_and_the_libraries_keep_their_source_lines(monkeypatch):
     import warnings
 

@@ -168,3 +168,25 @@ def test_a_tied_lm_head_counts_in_the_training_flops_as_an_untied_one_does():
     assert shared.num_params() == dense.num_params() - 97 * 32
     assert shared.flops_per_token(64) == dense.flops_per_token(64)
     assert dense.flops_per_token(64) == 6 * dense.num_params(non_embedding=True) + 12 * 2 * 32 * 64
+
+
+def test_summary_names_the_shape_and_counts_the_parameters():
+    from llmkit.model.config import MLAConfig, MoEConfig
+
+    dense = Transformer(ModelConfig(vocab_size=100, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    max_seq_len=16, n_streams=1))
+    # embedding 100 x 32 and head 32 x 100; a block: q, o 32 x 32, k, v 32 x 16, mlp 3 x 32 x 64, 2 norms
+    block = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32
+    assert dense.num_params() == 2 * 100 * 32 + 2 * block + 32
+    assert dense.summary() == ("2 layers, d_model 32, 4 heads (2 kv), one residual stream; "
+                               f"{dense.num_params() / 1e6:.2f}M parameters, {(100 * 32 + 2 * block + 32) / 1e6:.2f}M "
+                               "without the embedding")
+    moe = Transformer(ModelConfig(vocab_size=100, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=16,
+                                  n_streams=2, attention="mla", mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8,
+                                                                              qk_rope_head_dim=4, v_head_dim=8),
+                                  moe=MoEConfig(n_experts=4, top_k=1, expert_dim=16)))
+    active = moe.active_params(non_embedding=True)
+    assert active < moe.num_params(non_embedding=True)
+    assert moe.summary().startswith("2 layers, d_model 32, 4 heads, latent attention (kv rank 16), MoE 4 experts, "
+                                    "top-1, mHC 2 streams; ")
+    assert moe.summary().endswith(f", {active / 1e6:.2f}M active per token")

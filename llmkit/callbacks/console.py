@@ -2,9 +2,10 @@
 its final metrics, in a few lines; not the advertising or known-harmless warnings of the libraries
 underneath.
 
-:class:`RunSummary` (``llmkit`` commands add it) prints the log directory and the attention kernel
-when fit starts and the final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step rewards and
-failures, and the checkpoint paths are printed by their own callbacks and modules.
+:class:`RunSummary` (``llmkit`` commands add it, in the place of Lightning's module table) prints
+the log directory, the model's sizes and parameter counts and the attention kernel when fit
+starts, and the final step and metrics when it ends. The gate's decisions, TTT-Discover's per-step
+rewards and failures, and the checkpoint paths are printed by their own callbacks and modules.
 :func:`quiet_known_noise` filters Lightning's product tips and warnings that are known to be harmless here,
 and prints llmkit's own warnings as one line, without the file and source line Python adds.
 :func:`step_progress_bar` is Lightning's progress bar counting toward ``max_steps`` with a true
@@ -91,9 +92,9 @@ def _print_log_dir(trainer: L.Trainer) -> None:
 
 
 class RunSummary(L.Callback):
-    """Prints where the logs go and which attention kernel runs when fit starts (an unavailable
-    ``attention_backend`` fails here, before the first step), and the step and metrics when it
-    ends; where the logs go when a ``validate`` run starts."""
+    """Prints where the logs go, the model in one line and which attention kernel runs when fit
+    starts (an unavailable ``attention_backend`` fails here, before the first step), and the step
+    and metrics when it ends; where the logs go when a ``validate`` run starts."""
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":  # not fit's validations
@@ -104,6 +105,7 @@ class RunSummary(L.Callback):
         if satisfies(pl_module, HasBackbone):
             asked, dtype = pl_module.model.config.attention_backend, compute_dtype(trainer.precision)
             chosen = resolve_backend(asked, pl_module.device.type, dtype)
+            rank_zero_info(f"model: {pl_module.model.summary()}")
             rank_zero_info(f"attention: {chosen} (attention_backend {asked}, {pl_module.device.type} "
                            f"{str(dtype).removeprefix('torch.')})")
 

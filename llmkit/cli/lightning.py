@@ -44,6 +44,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -348,7 +349,14 @@ class LLMKitCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        own_summary = any(isinstance(c, ModelSummary) for c in callbacks)
+        trainer = super().instantiate_trainer(**kwargs)  # (Lightning adds its callbacks to that list)
+        if not own_summary:
+            # Lightning's own table: a row per metric and a FLOPs column of zeros (llmkit gives it no
+            # example input); RunSummary's "model:" line says what it would
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelSummary)]
         trainer.callbacks += [RunSummary(), DiscardUnstartedRun(trainer.log_dir if trainer.loggers else None)]
         use_step_progress_bar(trainer)
         return trainer

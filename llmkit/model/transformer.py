@@ -199,6 +199,23 @@ class Transformer(nn.Module):
                 n -= experts - experts * self.config.moe.top_k // self.config.moe.n_experts
         return n
 
+    def summary(self) -> str:
+        """The model in one line: its sizes and the options that shape it, with parameter counts
+        (the total, without the embedding, and with MoE the :meth:`active_params` per token)."""
+        c = self.config
+        heads = f"{c.n_heads} heads" + (f" ({c.n_kv_heads} kv)" if c.n_kv_heads != c.n_heads else "")
+        parts = [f"{c.n_layers} layers", f"d_model {c.d_model}", heads]
+        if c.attention == "mla":
+            parts.append(f"latent attention (kv rank {c.mla.kv_lora_rank})")
+        if c.moe.n_experts:
+            parts.append(f"MoE {c.moe.n_experts} experts, top-{c.moe.top_k}")
+        parts.append(f"mHC {c.n_streams} streams" if c.n_streams > 1 else "one residual stream")
+        counts = f"{self.num_params() / 1e6:.2f}M parameters, {self.num_params(non_embedding=True) / 1e6:.2f}M " \
+                 "without the embedding"
+        if c.moe.n_experts:
+            counts += f", {self.active_params(non_embedding=True) / 1e6:.2f}M active per token"
+        return f"{', '.join(parts)}; {counts}"
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 N_active (non-embedding matmuls a token goes through, forward +
         backward: :meth:`active_params`; a tied LM head, which ``non_embedding`` leaves out with the
