@@ -10,6 +10,8 @@ each a no-op on a single device:
 - :func:`gather_objects`: every rank's Python object, in rank order, on every rank;
 - :func:`rank_share`: a rank's contiguous part of a list split over the ranks;
 - :func:`sum_over_ranks`: a tensor summed over the ranks (MoE loads, KL-centre statistics);
+- :class:`EvalSampler`: each item of an evaluation set on one rank only, the shorter ranks'
+  shares padded with :data:`PAD_INDEX` so that every rank runs as many batches;
 - :class:`RankSeeds`: a sampling seed of its own for each rank and draw, from a base drawn
   from the seeded global generator, so ranks never sample the same stream, a seeded run is
   reproducible, and a resumed one (its state is checkpointed) samples what it would have;
@@ -19,13 +21,14 @@ each a no-op on a single device:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from functools import partial
 from typing import TypeVar
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from torch.utils.data import DistributedSampler
 
 from llmkit.errors import LLMKitError
 
@@ -50,6 +53,31 @@ def rank_share(n: int, rank: int, world_size: int) -> range:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
+
+
+PAD_INDEX = -1
+"""The index :class:`EvalSampler` pads a shorter rank's share with: the dataset answers it with an
+item that weighs nothing in the metric (:class:`~llmkit.data.datamodule.PackedWindows`: targets all
+``IGNORE_INDEX``)."""
+
+
+class EvalSampler(DistributedSampler):
+    """Rank r of R takes items r, r + R, r + 2R, ... of an evaluation set, each item on one rank
+    only; a rank whose share is one shorter ends on :data:`PAD_INDEX`.
+
+    Lightning's own (torch's DistributedSampler) pads the shorter shares with the first items
+    again, so a metric of a set whose size the ranks do not divide counts those twice and moves
+    with the number of devices. Padding, rather than shares of uneven length, keeps the ranks'
+    batch counts equal: a sharded model's every forward is a collective. Lightning leaves a loader
+    whose sampler is a DistributedSampler as it is.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)  # num_samples: ceil(N / R)
+
+    def __iter__(self) -> Iterator[int]:
+        share = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(share + [PAD_INDEX] * (self.num_samples - len(share)))
 
 
 SEEDS_KEY = "sampling_seeds"

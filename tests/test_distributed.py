@@ -37,7 +37,7 @@ from llmkit.data.examples import Example
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.data.tasks import write_task_files
 from llmkit.discovery.objective import kl_shaped_advantages
-from llmkit.distributed import MAX_RANKS, RankSeeds, gather_objects, rank_share
+from llmkit.distributed import MAX_RANKS, PAD_INDEX, EvalSampler, RankSeeds, gather_objects, rank_share
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.model.checkpoint import is_sharded_checkpoint, load_backbone
@@ -174,6 +174,27 @@ def test_the_all_reduced_token_count_lives_on_the_module_device():
     assert [(t.device.type, t.dtype) for t in reduced] == [("meta", torch.int64), ("meta", torch.float32)]
     assert stats.tokens == 8 and stats.loss == 12.0 / 8
     assert torch.allclose(weight.detach(), torch.full((2,), 1 - 3 * 2 / 8))  # gradient 3, x world size / tokens
+
+
+def test_eval_sampler_puts_each_item_on_one_rank_and_pads_the_shorter_shares():
+    shares = [list(EvalSampler(range(9), num_replicas=3, rank=r)) for r in range(3)] + \
+        [list(EvalSampler(range(7), num_replicas=3, rank=r)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4, 7], [2, 5, 8], [0, 3, 6], [1, 4, PAD_INDEX], [2, 5, PAD_INDEX]]
+
+
+@pytest.mark.slow
+def test_validation_under_ddp_scores_each_window_once(base_ckpt, shards):
+    """9 windows on 2 ranks: Lightning's sampler scores window 0 twice (val/loss 5.9766 for 5.9722
+    in one process, measured); EvalSampler pads rank 1 with a window whose targets count nothing,
+    and both ranks run 3 batches."""
+    def val_loss(**kwargs) -> float:
+        data = PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])], seq_len=16,
+                                batch_size=2, vocab_size=VOCAB_SIZE, val_windows=9)
+        module = PretrainModule(CONFIG, OptimConfig(), init_ckpt=str(base_ckpt))
+        return run([], **kwargs).validate(module, data, verbose=False)[0]["val/loss"]
+
+    one, two = val_loss(devices=1), val_loss(strategy="ddp_spawn", devices=2)
+    assert two == pytest.approx(one, rel=1e-6, abs=0)
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 A window is seq_len + 1 consecutive tokens of one shard; x = window[:-1], y = window[1:]
 (next-token prediction). Training windows start at offsets drawn from a seeded RNG (nanoGPT-style
-random crops, never crossing a shard boundary); the DataLoader shuffles their order each
-epoch, and under DDP Lightning's DistributedSampler gives each rank distinct windows.
-Validation uses a fixed set: consecutive non-overlapping windows from the start of each val
-shard, the same on every run. The training loader is resumable: a mid-epoch checkpoint
-continues at the next unseen batch, in the same order, instead of replaying the epoch.
+random crops, never crossing a shard boundary); the DataLoader shuffles their order each epoch,
+and under DDP Lightning's DistributedSampler gives each rank distinct windows. Validation uses a
+fixed set: consecutive non-overlapping windows from the start of each val shard, the same on
+every run, and under DDP each window on one rank only
+(:class:`~llmkit.distributed.EvalSampler`), so val/loss is the same on any number of devices.
+The training loader is resumable: a mid-epoch checkpoint continues at the next unseen batch, in
+the same order, instead of replaying the epoch.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llmkit.data.packing import open_shard
+from llmkit.distributed import PAD_INDEX, EvalSampler
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
+
+IGNORE_INDEX = -100
+"""The target id no loss counts (``F.cross_entropy``'s default ``ignore_index``)."""
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when checking a shard's ids against the vocabulary
 
 
 class PackedWindows(Dataset):
-    """Windows (x, y) of length seq_len at given (shard, offset) starts."""
+    """Windows (x, y) of length seq_len at given (shard, offset) starts; index
+    :data:`~llmkit.distributed.PAD_INDEX` gives a window whose targets are all ``IGNORE_INDEX``."""
 
     def __init__(self, shards: list[np.memmap], starts: np.ndarray, seq_len: int) -> None:
         self.shards = shards
@@ -39,6 +46,8 @@ class PackedWindows(Dataset):
         return len(self.starts)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == PAD_INDEX:  # a shorter rank's evaluation padding: no target counts
+            return torch.zeros(self.seq_len, dtype=torch.int64), torch.full((self.seq_len,), IGNORE_INDEX)
         shard, offset = self.starts[i]
         window = torch.from_numpy(
             self.shards[shard][offset : offset + self.seq_len + 1].astype(np.int64)
@@ -282,10 +291,11 @@ class PackedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []  # no val_files: Lightning skips validation
+        ranks = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
             self.val_set,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=EvalSampler(self.val_set, ranks, self.trainer.global_rank) if ranks > 1 else None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from llmkit.data.datamodule import PackedDataModule
+from llmkit.data.datamodule import IGNORE_INDEX, PackedDataModule
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
@@ -193,7 +193,9 @@ class PretrainModule(LLMKitModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.val_loss.update(self.model.loss(x, y), weight=y.numel())
+        counted = (y != IGNORE_INDEX).sum()  # all but a padding window's (EvalSampler)
+        loss = self.model.loss(x, y)  # a padding batch's too: every rank runs as many forwards
+        self.val_loss.update(torch.where(counted > 0, loss, 0.0), weight=counted)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
