@@ -653,6 +653,34 @@ def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypatch, caplog):
+    """The interrupt, raised once the final last.ckpt was whole, found it unrecorded and wrote it again."""
+    import signal
+
+    real_save, saved = torch.save, []
+
+    def save_interrupted(obj, f):
+        saved.append(obj["global_step"])
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run's final checkpoint is being written
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[AtomicCheckpointIO()], limit_val_batches=0,
+                        callbacks=[Checkpoint(dirpath=tmp_path, every_n_train_steps=100)])
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (see above)
+    try:
+        with caplog.at_level("INFO"), pytest.raises(SystemExit):
+            trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    last = tmp_path / "last.ckpt"
+    assert saved == [2] and step_of(last) == 2
+    assert f"Ctrl-C at step 2: {last} holds it" in caplog.text
+
+
 def test_an_interrupt_after_the_steps_checkpoint_says_it_holds_the_step(shards, tmp_path, caplog):
     """Ctrl-C during the validation after a checkpointed step printed nothing, though last.ckpt held it."""
     class CtrlCInValidation(L.Callback):

@@ -117,8 +117,9 @@ class Checkpoint(ModelCheckpoint):
         self._last_step: int | None = None  # the step this process last wrote ``last`` at
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_step = trainer.global_step
+        with interrupts_held():  # an interrupt in the write comes once it is recorded, and is not saved again
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            self._last_step = trainer.global_step
 
     def _save_last_now(self, trainer: L.Trainer) -> bool:
         """Save ``last`` at the current step unless it holds that step already (another file saved at
