@@ -92,6 +92,32 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class RunSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR over this run's :class:`WarmupCosine` whose checkpoint brings back only where the
+    schedule is (``last_epoch``). Loading one keeps this run's optimizer settings (``lr``,
+    ``weight_decay``, betas, Muon's momentum: every group's hyperparameters as built, which
+    Lightning's restore of the optimizer state, done first, overwrote with the old run's) and sets
+    each group's learning rate for the step it resumes at: what you set applies on resume
+    (docs/checkpoints.md). The multiplier is a closure: LambdaLR saves the state of a callable
+    object, and would bring back the old run's length."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: WarmupCosine) -> None:
+        super().__init__(optimizer, lambda step: multiplier(step))
+        self.multiplier = multiplier
+        self.configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k not in ("multiplier", "configured")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        scale = self.multiplier(self.last_epoch)
+        for group, configured in zip(self.optimizer.param_groups, self.configured, strict=True):
+            group.update(configured, lr=configured["initial_lr"] * scale)
+        self.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
 class _JointState(MutableMapping):
     """The per-parameter states of several optimizers as one mapping: each read and write goes to
     the optimizer that holds the parameter (a ChainMap would create an entry in the first
@@ -166,6 +192,12 @@ class MuonAdamW(torch.optim.Optimizer):
         self._share_inner_groups()
 
 
+def optimizer_name(state: dict[str, Any]) -> str:
+    """``muon`` or ``adamw``: the optimizer ``build_optimizer`` built whose state dict ``state`` is
+    (:class:`MuonAdamW`'s holds both optimizers' by name)."""
+    return "muon" if "muon" in state else "adamw"
+
+
 def build_optimizer(param_groups: list[dict], o: OptimConfig) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer ``o`` names over ``param_groups`` (from ``Transformer.param_groups``: the
     group marked ``hidden_matrices`` is Muon's under ``muon``), and a line saying how the
@@ -212,11 +244,10 @@ def optimizer_with_schedule(
 
     The schedule is sized for this run (``decay_steps``, else the Trainer's length in optimizer
     steps: ``max_steps``, or its batches over ``micro_batches_per_step``, the accumulation of a
-    module that optimises by hand, which Lightning's estimate does not know) and is not
-    restored from a checkpoint: LambdaLR saves the state of a callable object and would bring back
-    the old run's length, so the multiplier is handed over as a closure. A run resumed with a
-    longer ``max_steps`` follows the cosine of the new length from its current step (the LR rises
-    from the old floor to where the longer cosine is); docs/checkpoints.md.
+    module that optimises by hand, which Lightning's estimate does not know), and a checkpoint
+    restores only its step (:class:`RunSchedule`). A run resumed with a longer ``max_steps``
+    follows the cosine of the new length from its current step (the LR rises from the old floor
+    to where the longer cosine is); one resumed with another ``lr`` trains at it; docs/checkpoints.md.
     """
     optimizer, split = build_optimizer(param_groups, o)
     rank_zero_info(split)
@@ -233,8 +264,7 @@ def optimizer_with_schedule(
         rank_zero_warn(
             f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
         )
-    multiplier = WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step))
+    scheduler = RunSchedule(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

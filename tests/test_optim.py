@@ -112,6 +112,34 @@ def test_a_resumed_muon_run_equals_an_uninterrupted_one(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name  # the Muon momentum and the AdamW moments were restored
 
 
+def test_a_resume_trains_with_the_optimizer_settings_it_is_given(tmp_path):
+    """Lightning's restore of the optimizer and scheduler state brought back the old run's lr,
+    weight decay and schedule base: a resume with other settings trained at the old ones."""
+    fit(tmp_path / "first", 2, OptimConfig(**{**MUON.__dict__, "decay_steps": 6}))
+    changed = OptimConfig(**{**MUON.__dict__, "decay_steps": 6, "lr": 1e-4, "muon_lr": 1e-3, "weight_decay": 0.0,
+                             "muon_momentum": 0.9, "betas": (0.8, 0.9)})
+    _, trainer = fit(tmp_path / "resumed", 3, changed, ckpt_path=tmp_path / "first" / "last.ckpt")
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    scale = WarmupCosine(changed.warmup_steps, 6, changed.min_lr_ratio)(3)  # after step 3
+    assert [g["lr"] for g in optimizer.muon.param_groups] == [pytest.approx(1e-3 * scale)]
+    assert [g["momentum"] for g in optimizer.muon.param_groups] == [0.9]
+    assert [g["lr"] for g in optimizer.adamw.param_groups] == [pytest.approx(1e-4 * scale)] * 2
+    assert [g["weight_decay"] for g in optimizer.adamw.param_groups] == [0.0, 0.0]
+    assert {g["betas"] for g in optimizer.adamw.param_groups} == {(0.8, 0.9)}
+    assert scheduler.base_lrs == [1e-3, 1e-4, 1e-4] and scheduler.last_epoch == 3
+
+
+@pytest.mark.parametrize(("first", "then", "says"), [
+    ("adamw", "muon", "holds the state of AdamW, and this run builds Muon with AdamW"),
+    ("muon", "adamw", "holds the state of Muon with AdamW, and this run builds AdamW"),
+])
+def test_a_resume_with_another_optimizer_is_one_line(tmp_path, first, then, says):
+    fit(tmp_path / "first", 1, OptimConfig(**{**MUON.__dict__, "name": first}))
+    with pytest.raises(LLMKitError, match=f"^optim.name: the checkpoint .*last.ckpt {says}: resume with the run's"):
+        fit(tmp_path / "resumed", 2, OptimConfig(**{**MUON.__dict__, "name": then}),
+            ckpt_path=tmp_path / "first" / "last.ckpt")
+
+
 def test_with_nothing_for_muon_it_is_adamw_and_says_so():
     model = Transformer(CONFIG).requires_grad_(False)
     model.lm_head.weight.requires_grad_(True)

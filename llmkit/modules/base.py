@@ -10,6 +10,7 @@ import torch
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, TOKENIZER_KEY, WRITER_KEY, check_tokenizer, check_writer
 from llmkit.model.config import ModelConfig
+from llmkit.optim import MuonAdamW, optimizer_name
 
 
 class LLMKitModule(L.LightningModule):
@@ -38,6 +39,7 @@ class LLMKitModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.weights_step = 0
+        self._resumed_optimizer: str | None = None  # the optimizer a loaded checkpoint's state is of
 
     @property
     def logged_step(self) -> int:
@@ -82,3 +84,20 @@ class LLMKitModule(L.LightningModule):
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
         self.take_tokenizer_of(checkpoint, ckpt_path or "the checkpoint")
         self.weights_step = checkpoint.get("global_step", 0)
+        states = checkpoint.get("optimizer_states")
+        self._resumed_optimizer = optimizer_name(states[0]) if states else None
+
+    def on_fit_start(self) -> None:
+        """Refuse to resume a checkpoint whose optimizer state is of another optimizer than
+        ``optim.name`` builds (Lightning restores it after this hook, and the state of one does not
+        load into the other)."""
+        if self._resumed_optimizer is None or not self.trainer.optimizers:
+            return
+        built = "muon" if isinstance(self.trainer.optimizers[0], MuonAdamW) else "adamw"
+        if built != self._resumed_optimizer:
+            names = {"adamw": "AdamW", "muon": "Muon with AdamW"}
+            raise LLMKitError(
+                f"optim.name: the checkpoint {self.trainer.ckpt_path} holds the state of "
+                f"{names[self._resumed_optimizer]}, and this run builds {names[built]}: resume with the run's "
+                f"optim.name, or start a new run from its weights with model.init_ckpt"
+            )

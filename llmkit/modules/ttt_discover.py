@@ -300,6 +300,7 @@ class TTTDiscoverModule(LLMKitModule):
         rank 0 writes there later), and drop what a run went on to write past the step this one starts
         at (a resume's later steps, or an earlier run's in the same ``out_dir``): the log's later
         records and adapters."""
+        super().on_fit_start()
         self.output_dir = Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
