@@ -88,9 +88,12 @@ class _AuxLossGradient(torch.autograd.Function):
 class Router(nn.Module):
     """Chooses ``top_k`` experts per token and their weights.
 
-    ``switch``: scores s = softmax(W_r h) or sigmoid(W_r h); the experts are TopK(s + b), b the
+    ``switch``: scores s = softmax(W_r h) or sigmoid(W_r h), in fp32 under autocast too (a bf16
+    gate would round the logits the choice is made on); the experts are TopK(s + b), b the
     balancing bias (a buffer: DeepSeek-V3's auxiliary-loss-free balancing, arXiv 2412.19437,
-    Sec. 2.1.2, moved by :meth:`update_bias`); weights are the chosen s renormalised to sum 1.
+    Sec. 2.1.2, moved by :meth:`update_bias`); weights are the chosen s renormalised to sum 1
+    (Mixtral, DeepSeek-V3), except with top_k 1: the score itself (Switch Transformer, arXiv
+    2101.03961, Eq. 2), since a single renormalised weight is 1 and would carry no gradient to W_r.
     ``hash``: the experts are fixed by the token id (one multiplicative hash per slot, the second
     moved off the first), each weighted 1/top_k; nothing is learned (Hash Layers, arXiv 2106.04426).
     """
@@ -127,11 +130,13 @@ class Router(nn.Module):
             weights = torch.full(experts.shape, 1.0 / cfg.top_k, device=h.device)
             loss = torch.zeros((), device=h.device)
         else:
-            logits = self.gate(h).float()
+            with torch.autocast(h.device.type, enabled=False):
+                logits = self.gate(h.to(self.gate.weight.dtype)).float()  # fp32 weights: fp32 logits
             scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
             experts = torch.topk(scores + self.bias, cfg.top_k, dim=-1).indices
             weights = scores.gather(-1, experts)
-            weights = weights / weights.sum(-1, keepdim=True)
+            if cfg.top_k > 1:
+                weights = weights / weights.sum(-1, keepdim=True)
             probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
             loss = cfg.aux_loss_weight * switch_aux_loss(probs, experts, cfg.n_experts)
             if cfg.z_loss_weight:
