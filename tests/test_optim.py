@@ -147,6 +147,16 @@ def test_with_nothing_for_muon_it_is_adamw_and_says_so():
     assert isinstance(optimizer, torch.optim.AdamW) and "(Muon has no hidden matrix to train here)" in split
 
 
+def test_fine_tuning_lowers_muons_lr_with_adamws():
+    """The fine-tuning defaults kept pretraining's muon_lr 0.02 beside lr 2e-5: one Muon step moved
+    the hidden matrices 55 times as far as an AdamW step."""
+    from llmkit.modules.finetune import FineTuneOptimConfig
+
+    pretraining, fine_tuning = OptimConfig(), FineTuneOptimConfig()
+    assert fine_tuning.lr < pretraining.lr
+    assert fine_tuning.muon_lr / fine_tuning.lr == pytest.approx(pretraining.muon_lr / pretraining.lr, rel=0.03)
+
+
 class WeightsDigest(L.Callback):
     """Each rank's sum of every weight after training, gathered on rank 0 into a file."""
 

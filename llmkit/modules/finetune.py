@@ -45,10 +45,12 @@ from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_sched
 
 @dataclass
 class FineTuneOptimConfig(OptimConfig):
-    """:class:`OptimConfig` with fine-tuning defaults: the SDFT authors' lr 2e-5, no weight
-    decay, a short warm-up (YAML that sets only some fields keeps these for the rest)."""
+    """:class:`OptimConfig` with fine-tuning defaults: the SDFT authors' lr 2e-5, Muon's LR
+    lowered with it (the pretraining defaults' ratio, 0.02 to 3e-4: 1.3e-3), no weight decay, a
+    short warm-up (YAML that sets only some fields keeps these for the rest)."""
 
     lr: float = 2e-5
+    muon_lr: float = 1.3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
 
