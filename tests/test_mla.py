@@ -153,7 +153,7 @@ def test_the_cache_holds_only_the_latent_and_the_shared_rope_key(dtype):
     assert latent.data_ptr() == cache.latent[1].data_ptr()  # a view: writes go into the cache
     size = torch.finfo(dtype).bits // 8
     assert cache_bytes_per_token(config, dtype) == (LATENT + ROPE) * config.n_layers * size
-    mha = ModelConfig(**{**config.to_dict(), "attention": "mha"})
+    mha = ModelConfig(**{**config.to_dict(), "attention": "mha", "mla": {}})
     assert cache_bytes_per_token(mha, dtype) == 2 * 4 * 8 * config.n_layers * size
 
 

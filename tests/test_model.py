@@ -116,6 +116,8 @@ def test_invalid_config_names_every_problem():
     ({"moe": {"n_experts": 4, "top_k": 2, "aux_loss_weight": -0.01}}, "moe.aux_loss_weight must be >= 0"),
     ({"moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": math.nan}}, "moe.bias_update_rate must be >= 0"),
     ({"n_layers": 4, "moe": {"n_experts": 4, "top_k": 2, "first_dense": 9}}, "leaves no MoE layer among the 4"),
+    ({"attention": "mla", "mla": {"kv_lora_rank": 0, "qk_rope_head_dim": 3}},  # was one message naming neither
+     "mla.kv_lora_rank must be >= 1, got 0; mla.qk_rope_head_dim must be even (RoPE rotates pairs), got 3"),
 ])
 def test_a_setting_that_would_break_the_model_or_its_math_is_one_clear_error(values, says):
     with pytest.raises(LLMKitError, match=re.escape(says)):
@@ -123,9 +125,27 @@ def test_a_setting_that_would_break_the_model_or_its_math_is_one_clear_error(val
 
 
 def test_an_mla_model_takes_any_head_dim():
-    """MLA's heads have their own sizes (mla.*): head_dim, unused, is not held to RoPE's evenness."""
+    """MLA's heads have their own sizes (mla.*): head_dim, unused, is not held to RoPE's evenness, nor
+    d_model to a multiple of n_heads (48 over 5 heads was refused "unless head_dim is set")."""
     config = ModelConfig(vocab_size=64, n_layers=1, d_model=30, n_heads=2, attention="mla")
     assert config.head_dim == 15 and config.rope_dim == config.mla.qk_rope_head_dim
+    Transformer(ModelConfig(vocab_size=64, n_layers=1, d_model=48, n_heads=5, d_ff=64, attention="mla"))
+
+
+def test_a_head_count_that_does_not_divide_d_model_is_one_problem_not_two():
+    with pytest.raises(LLMKitError) as e:
+        ModelConfig(d_model=256, n_heads=5)
+    assert str(e.value) == "invalid model config: d_model (256) must be divisible by n_heads (5) unless head_dim is set"
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"mla": {"kv_lora_rank": 64}}, "mla.kv_lora_rank set, but attention is mha: the mla section is unused"),
+    ({"moe": {"top_k": 1, "router": "hash"}},
+     "moe.top_k, moe.router set, but moe.n_experts is 0 (a dense model): the moe section is unused"),
+])
+def test_settings_of_a_section_the_model_does_not_use_are_a_warning(values, says):
+    with pytest.warns(UserWarning, match=f"^{re.escape(says)}$"):
+        ModelConfig(**values)
 
 
 @pytest.mark.slow

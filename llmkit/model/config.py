@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,9 +165,15 @@ class MLAConfig:
     v_head_dim: int = 64
 
     def __post_init__(self) -> None:
-        sizes = (self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
-        if min(sizes) < 1 or (self.q_lora_rank is not None and self.q_lora_rank < 1) or self.qk_rope_head_dim % 2:
-            raise LLMKitError("invalid model config: mla sizes must be >= 1 and mla.qk_rope_head_dim even")
+        sizes = {"kv_lora_rank": self.kv_lora_rank, "q_lora_rank": self.q_lora_rank,
+                 "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+                 "v_head_dim": self.v_head_dim}
+        problems = [f"mla.{name} must be >= 1, got {value}" for name, value in sizes.items()
+                    if value is not None and value < 1]
+        if self.qk_rope_head_dim >= 1 and self.qk_rope_head_dim % 2:
+            problems.append(f"mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if problems:
+            raise LLMKitError("invalid model config: " + "; ".join(problems))
 
 
 @dataclass
@@ -264,15 +270,17 @@ class ModelConfig:
             problems.append(f"n_streams must be at most {MAX_STREAMS} (the mHC kernels hold each token's n x n H_res "
                             f"in registers; the paper uses 4), got {self.n_streams}")
         if self.n_heads >= 1 and self.n_kv_heads >= 1:  # the head checks divide by them
-            if self.head_dim is None:
-                if self.d_model % self.n_heads:
-                    problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
-                                    "unless head_dim is set")
-                self.head_dim = self.d_model // self.n_heads
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-            if self.attention == "mha" and (self.head_dim % 2 or self.head_dim < 2):
-                problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
+            derived = self.head_dim is None
+            if derived:
+                self.head_dim = self.d_model // self.n_heads
+            if self.attention == "mha":  # MLA's heads take their widths from mla
+                if derived and self.d_model % self.n_heads:
+                    problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                                    "unless head_dim is set")
+                elif self.head_dim % 2 or self.head_dim < 2:
+                    problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
         if not (0 < self.norm_eps < math.inf and 0 < self.rope_theta < math.inf):
             problems.append(f"norm_eps and rope_theta must be > 0, got {self.norm_eps} and {self.rope_theta}")
         if self.moe.n_experts and not any(self.moe.is_moe_layer(i) for i in range(self.n_layers)):
@@ -287,6 +295,13 @@ class ModelConfig:
             problems.append(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if problems:
             raise LLMKitError("invalid model config: " + "; ".join(problems))
+        for section, unused, why in (("mla", self.attention != "mla", "attention is mha"),
+                                     ("moe", not self.moe.n_experts, "moe.n_experts is 0 (a dense model)")):
+            values = getattr(self, section)
+            changed = [f"{section}.{f.name}" for f in fields(values) if getattr(values, f.name) != f.default]
+            if unused and changed:  # a warning: a checkpoint whose config has them still loads
+                warnings.warn(f"{', '.join(changed)} set, but {why}: the {section} section is unused",
+                              stacklevel=3)
 
     @property
     def rope_dim(self) -> int:
