@@ -301,7 +301,7 @@ class ModelConfig:
             changed = [f"{section}.{f.name}" for f in fields(values) if getattr(values, f.name) != f.default]
             if unused and changed:  # a warning: a checkpoint whose config has them still loads
                 warnings.warn(f"{', '.join(changed)} set, but {why}: the {section} section is unused",
-                              stacklevel=3)
+                              stacklevel=1)
 
     @property
     def rope_dim(self) -> int:
