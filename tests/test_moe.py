@@ -21,6 +21,7 @@ from llmkit.model.moe import (
     grouped_linear,
     load_balance_std,
     moe_layers,
+    router_z_loss,
     scale_balancing_loss,
     switch_aux_loss,
 )
@@ -90,6 +91,36 @@ def test_the_router_chooses_on_fp32_logits_under_bf16_autocast():
         weights, experts, _ = module.router(h, None)
     assert weights.dtype == torch.float32
     assert torch.equal(experts, module.router(h, None)[1])  # a bf16 gate chose other experts for 1% of them
+
+
+@pytest.mark.parametrize("router", ["hash", "switch"])
+def test_a_padded_training_forward_balances_and_counts_only_its_real_tokens(router):
+    """Fine-tuning's padded batches (continuation_logits) routed their padding too: 240 assignments
+    counted for 128 real ones, all the pads on two experts, and the pads in the balancing loss."""
+    from llmkit.model.generation import continuation_logits
+
+    torch.manual_seed(0)
+    model = Transformer(config(router=router, n_experts=8, z_loss_weight=0.0 if router == "hash" else 1e-3)).train()
+    contexts, continuations = [list(range(10, 40)), [5, 6]], [[7, 8], list(range(40, 62))]
+    continuation_logits(model, contexts, continuations)
+    padded = [layer.router.load.clone() for layer in moe_layers(model)]
+    for layer in moe_layers(model):
+        layer.router.load.zero_()
+    for context, continuation in zip(contexts, continuations, strict=True):  # each row alone: no padding
+        model(torch.tensor([context + continuation]))
+    assert [layer.router.load.tolist() for layer in moe_layers(model)] == [load.tolist() for load in padded]
+    assert padded[0].sum() == 2 * (32 + 24)
+
+
+def test_the_balancing_losses_over_real_tokens_are_those_of_the_real_tokens_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 4)
+    probs, experts = logits.softmax(-1), logits.topk(2, -1).indices
+    real = torch.tensor([True] * 6 + [False] * 4)
+    assert switch_aux_loss(probs, experts, 4, real).item() == pytest.approx(
+        switch_aux_loss(probs[real], experts[real], 4).item())
+    assert router_z_loss(logits, real).item() == pytest.approx(router_z_loss(logits[real]).item())
+    assert expert_counts(experts, 4, real).tolist() == expert_counts(experts[real], 4).tolist()
 
 
 def test_the_hash_router_is_a_fixed_function_of_the_token_with_at_most_two_distinct_experts():

@@ -331,7 +331,8 @@ def continuation_logits(
     ids = torch.cat([ctx, cont], dim=1)
     cols = torch.arange(P + L, device=device)
     positions = _positions(pad, cols).clamp(max=window - 1)
-    logits = model(ids, positions, padded_attention_mask(pad, cols, P + L))
+    real = torch.cat([cols[None, :P] >= pad[:, None], mask], dim=1)  # MoE balancing leaves the padding out
+    logits = model(ids, positions, padded_attention_mask(pad, cols, P + L), real_tokens=real)
     return logits[:, P - 1 : P + L - 1], cont, mask
 
 

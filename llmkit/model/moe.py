@@ -32,12 +32,14 @@ HASH_MULTIPLIERS = (2654435761, 2246822519)
 """Knuth's multiplicative-hash constants, one per hash-router slot."""
 
 
-def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """How many of the assignments ``experts`` (any shape, expert ids) went to each expert [E];
-    a scatter-add rather than ``bincount``, whose output size depends on the data (torch.compile
-    would break the graph there)."""
+def expert_counts(experts: torch.Tensor, n_experts: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """How many of the assignments ``experts`` (any shape, expert ids; [N, k] with ``real``) went to
+    each expert [E], counting only the tokens where ``real`` [N] is True if given; a scatter-add
+    rather than ``bincount``, whose output size depends on the data (torch.compile would break the
+    graph there)."""
     flat = experts.reshape(-1)
-    return torch.zeros(n_experts, device=flat.device, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones_like(flat) if real is None else real[:, None].expand_as(experts).reshape(-1).long()
+    return torch.zeros(n_experts, device=flat.device, dtype=torch.long).scatter_add_(0, flat, ones)
 
 
 def load_balance_std(counts: torch.Tensor) -> torch.Tensor:
@@ -53,17 +55,25 @@ def expert_utilization(counts: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
-def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+def switch_aux_loss(
+    probs: torch.Tensor, experts: torch.Tensor, n_experts: int, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """The Switch Transformer balancing loss (arXiv 2101.03961, Eq. 4, generalised to top-k):
     E * sum_e f_e P_e, f_e the fraction of the N k assignments routed to expert e and P_e the
-    mean router probability of e over the N tokens. 1 at uniform routing, E at collapse."""
-    fraction = expert_counts(experts, n_experts).to(probs.dtype) / experts.numel()
-    return n_experts * torch.sum(fraction * probs.mean(0))
+    mean router probability of e over the N tokens (probs [N, E], experts [N, k]); with ``real``
+    [N], over the tokens where it is True. 1 at uniform routing, E at collapse."""
+    if real is None:
+        real = torch.ones(probs.size(0), dtype=torch.bool, device=probs.device)
+    tokens = real.sum().clamp_min(1).to(probs.dtype)
+    fraction = expert_counts(experts, n_experts, real).to(probs.dtype) / (tokens * experts.size(-1))
+    return n_experts * torch.sum(fraction * (probs * real[:, None]).sum(0) / tokens)
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss (arXiv 2202.08906, Eq. 5): mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+def router_z_loss(logits: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's router z-loss (arXiv 2202.08906, Eq. 5): mean over tokens (those where ``real`` [N]
+    is True, if given) of logsumexp(logits)^2."""
+    z = torch.logsumexp(logits.float(), dim=-1).square()
+    return z.mean() if real is None else (z * real).sum() / real.sum().clamp_min(1)
 
 
 class _AuxLossGradient(torch.autograd.Function):
@@ -118,10 +128,12 @@ class Router(nn.Module):
         return torch.stack((first, (first + offset) % n), dim=-1)
 
     def forward(
-        self, h: torch.Tensor, token_ids: torch.Tensor | None
+        self, h: torch.Tensor, token_ids: torch.Tensor | None, real: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights [N, k] fp32, experts [N, k], balancing loss scalar) for tokens h [N, C]; the
-        loss is aux_loss_weight * Switch loss + z_loss_weight * z-loss (0 for the hash router)."""
+        loss is aux_loss_weight * Switch loss + z_loss_weight * z-loss (0 for the hash router).
+        ``real`` [N] (None: all) marks the tokens that are not padding: only they count in the
+        balancing losses and in the step's load (what the bias update and the metrics read)."""
         cfg = self.cfg
         if cfg.router == "hash":
             if token_ids is None:
@@ -138,12 +150,12 @@ class Router(nn.Module):
             if cfg.top_k > 1:
                 weights = weights / weights.sum(-1, keepdim=True)
             probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-            loss = cfg.aux_loss_weight * switch_aux_loss(probs, experts, cfg.n_experts)
+            loss = cfg.aux_loss_weight * switch_aux_loss(probs, experts, cfg.n_experts, real)
             if cfg.z_loss_weight:
-                loss = loss + cfg.z_loss_weight * router_z_loss(logits)
+                loss = loss + cfg.z_loss_weight * router_z_loss(logits, real)
         if self.training:  # the step's load: not validation's or generation's (eval mode)
             with torch.no_grad():
-                self.routed.copy_(expert_counts(experts, cfg.n_experts))
+                self.routed.copy_(expert_counts(experts, cfg.n_experts, real))
         return weights, experts, loss
 
     @torch.no_grad()
@@ -246,11 +258,14 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = torch.zeros(())
         self.register_buffer("aux_scale", torch.ones(()), persistent=False)  # see scale_balancing_loss
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE(x) for x [B, T, C] (``token_ids`` [B, T] for the hash router). The balancing loss
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, real_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MoE(x) for x [B, T, C] (``token_ids`` [B, T] for the hash router; ``real_tokens`` [B, T],
+        False on padding, which the balancing and the load then leave out). The balancing loss
         joins the objective through the backward pass; its value is kept in ``aux_loss``."""
         h = x.reshape(-1, x.size(-1))
-        weights, experts, loss = self.router(h, token_ids)
+        weights, experts, loss = self.router(h, token_ids, None if real_tokens is None else real_tokens.reshape(-1))
         y = self.experts(h, weights, experts)
         if self.shared is not None:
             y = y + self.shared(h)

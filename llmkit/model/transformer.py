@@ -51,17 +51,20 @@ class Block(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_pos: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        real_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | Pending:
         """One block; with ``config.gradient_checkpointing`` in training, its activations are
         recomputed in backward. The checkpoint sits inside this forward so that a compiled block
         (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too.
-        ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them).
+        ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them),
+        ``real_tokens`` [B, T] False where they are padding (left out of the MoE balancing).
         With mHC the stream comes in and goes out :class:`~llmkit.model.mhc.Pending` (the first
         block takes the embedded stream X [B, T, n, C])."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            x = checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, use_reentrant=False)
+            x = checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, real_tokens,
+                           use_reentrant=False)
         else:
-            x = self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids)
+            x = self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids, real_tokens)
         if self.uses_moe and self.training:
             self.mlp.router.add_routed_to_load()
         return x
@@ -75,12 +78,13 @@ class Block(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
         cache_pos: torch.Tensor | None,
         token_ids: torch.Tensor | None = None,
+        real_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | Pending:
         def attn(h: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(h), cos, sin, mask, kv_cache, cache_pos)
 
         def mlp(h: torch.Tensor) -> torch.Tensor:
-            return self.mlp(self.mlp_norm(h), token_ids) if self.uses_moe else self.mlp(self.mlp_norm(h))
+            return self.mlp(self.mlp_norm(h), token_ids, real_tokens) if self.uses_moe else self.mlp(self.mlp_norm(h))
 
         if not self.uses_mhc:
             x = x + attn(x)
@@ -141,13 +145,15 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_pos: torch.Tensor | None = None,
+        real_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for tokens idx [B, T].
 
         Training calls forward(idx): positions 0..T-1 and the causal mask. Padded batches
         and cached decoding (llmkit.model.generation) also pass per-row RoPE ``positions``
         [B, T], a boolean attention ``mask`` [B, 1, T, S], and a ``kv_cache`` whose slots
-        ``cache_pos`` [T] receive this call's keys and values.
+        ``cache_pos`` [T] receive this call's keys and values; a padded batch that trains passes
+        ``real_tokens`` [B, T], False on padding, which MoE layers leave out of their balancing.
         """
         T = idx.size(1)
         if positions is None:
@@ -164,7 +170,8 @@ class Transformer(nn.Module):
                 and torch.get_autocast_dtype(device) == torch.bfloat16:
             x = x.to(torch.bfloat16)  # sublayer outputs are bf16 under autocast: the adds stay bf16
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx)
+            x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx,
+                      real_tokens)
         if self.config.n_streams > 1:
             x = finish(x, self.config.mhc.use_triton).mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
@@ -231,10 +238,11 @@ class Transformer(nn.Module):
     def matmul_only_params(self) -> list[tuple[nn.Module, str]]:
         """(module, name) of each parameter that the forward uses only as a matmul operand, so
         that under autocast it only ever meets autocast's cast: the weight and bias of every
-        nn.Linear and GroupedLinear (LoRA's factors included). Left out: the two projections
-        whose weight is read directly, mHC's phi (the mHC ops take it: fp32 on their PyTorch
-        path) and MLA's kv_b_proj (the absorbed decode adds a LoRA update to it first), and any
-        parameter another module also holds (a tied lm_head is the embedding, looked up)."""
+        nn.Linear and GroupedLinear (LoRA's factors included). Left out: the projections whose
+        weight is read directly, mHC's phi (the mHC ops take it: fp32 on their PyTorch path),
+        MLA's kv_b_proj (the absorbed decode adds a LoRA update to it first) and the MoE router's
+        gate (fp32 outside autocast), and any parameter another module also holds (a tied lm_head
+        is the embedding, looked up)."""
         owners = Counter(id(p) for module in self.modules() for p in module.parameters(recurse=False))
         read_directly = set()
         for module in self.modules():
@@ -242,6 +250,8 @@ class Transformer(nn.Module):
                 read_directly.update(id(p) for p in module.mapping.phi.parameters())
             elif isinstance(module, MultiHeadLatentAttention):
                 read_directly.update(id(p) for p in module.kv_b_proj.parameters())
+            elif isinstance(module, MoEFeedForward) and module.router.cfg.router == "switch":
+                read_directly.update(id(p) for p in module.router.gate.parameters())
         return [(module, name) for module in self.modules() if isinstance(module, (nn.Linear, GroupedLinear))
                 for name, p in module.named_parameters(recurse=False)
                 if owners[id(p)] == 1 and id(p) not in read_directly]
