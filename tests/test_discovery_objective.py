@@ -76,6 +76,17 @@ def test_a_too_small_spread_returns_the_cap():
     assert solve_beta([0.0, 1e-9, 2e-9, 3e-9]) == 1e6
 
 
+def test_rewards_given_as_a_list_keep_float64():
+    """A list was read as float32: 0.5 + 1e-9 steps became ties (beta 0, not the cap), close
+    rewards got equal advantages, and a finite 1e39 became inf."""
+    assert solve_beta([0.5, 0.5 + 1e-9, 0.5 + 2e-9, 0.5 + 3e-9]) == 1e6
+    rewards = [0.66541230, 0.66541233, 0.66541236, 0.6654]
+    beta = solve_beta(rewards)
+    assert torch.equal(loo_advantages(rewards, beta), loo_advantages(torch.tensor(rewards, dtype=torch.float64), beta))
+    assert loo_advantages(rewards, beta)[0] != loo_advantages(rewards, beta)[1]
+    assert torch.isfinite(loo_advantages([1e39, 2e39, 3e39], solve_beta([1e39, 2e39, 3e39]))).all()
+
+
 def test_one_rollout_is_refused():
     with pytest.raises(LLMKitError, match="K >= 2"):
         solve_beta([1.0])

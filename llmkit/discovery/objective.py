@@ -38,8 +38,10 @@ a tiny spread) gets it (:func:`solve_beta`)."""
 
 
 def _rewards(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """The K rewards of one group as a float64 vector, checked: K >= 2 and all finite."""
-    r = torch.as_tensor(rewards).detach().to(torch.float64)
+    """The K rewards of one group as a float64 vector, checked: K >= 2 and all finite. A list is
+    read as float64 (``as_tensor``'s default, float32, made 1e39 inf and close rewards ties)."""
+    r = (rewards.detach() if isinstance(rewards, torch.Tensor) else torch.as_tensor(rewards, dtype=torch.float64))
+    r = r.to(torch.float64)
     if r.dim() != 1:
         raise LLMKitError(f"rewards must be a vector of the K rollouts of one start state, got shape {tuple(r.shape)}")
     if r.numel() < 2:
