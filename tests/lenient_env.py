@@ -12,3 +12,13 @@ class PrintableGuessEnv(StringTargetEnv):
 
     def transition(self, state: str, action: str) -> str:
         return self._check("".join(c for c in action if c.isprintable()).strip() or "?")
+
+
+class StrictContextEnv(PrintableGuessEnv):
+    """``PrintableGuessEnv`` whose prompt builder fails on any state but the initial one (a parse of
+    the archive's states, which are model output, that not every state survives)."""
+
+    def context_from_archive(self, state: str, archive_texts: list[str]) -> str:
+        if state != self.initial_state():
+            raise ValueError(f"cannot read {state[:10]!r}")
+        return super().context_from_archive(state, archive_texts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,35 @@ class SleepingEnv(_Env):
 class DyingEnv(_Env):
     def reward(self, state: str) -> float:
         os._exit(3)
+
+
+class HostileEnv(_Env):
+    """A verifier that does what a sandbox must contain; ``state`` says what."""
+
+    def reward(self, state: str) -> float:
+        if state == "print":
+            print("x" * 1_000_000)
+            os.write(2, b"y" * 1_000_000)
+            return 1.0
+        if state == "write":
+            with open("left.txt", "w") as f:
+                f.write("here")
+            return float(os.path.abspath("left.txt").startswith(os.path.abspath(os.sep + "tmp")) or 1)
+        if state == "memory":
+            return float(len(bytearray(512 << 20)))
+        if state == "big file":
+            with open("big.bin", "wb") as f:
+                f.write(bytes(2 << 20))
+            return 1.0
+        if state.startswith("fork "):  # a child that outlives the call, then a hang
+            import subprocess
+            child = subprocess.Popen(["sleep", "60"])
+            with open(state.split()[1], "w") as f:
+                f.write(str(child.pid))
+            time.sleep(60)
+        if state == "bool":
+            return True
+        return float(os.getcwd() != os.environ.get("LLMKIT_TEST_CWD"))
 
 
 class NoRewardEnv:
@@ -324,6 +354,48 @@ def test_safe_reward_kills_a_hanging_reward_and_the_next_call_works(worker):
     assert safe_transition(SleepingEnv(), "x", "fine", worker=worker) == ("fine", None)
 
 
+def test_the_worker_is_confined_in_memory_files_output_and_directory(tmp_path, capfd, monkeypatch):
+    """A verifier allocated 3 GB, wrote into the trainer's directory and put 5 MB on its console."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMKIT_TEST_CWD", str(tmp_path))  # read by the worker, which inherits it
+    worker = EnvWorker(memory_mb=256, file_mb=1)
+    try:
+        assert safe_reward(HostileEnv(), "cwd", worker=worker) == (1.0, None)  # not the trainer's directory
+        workdir = worker._workdir
+        assert safe_reward(HostileEnv(), "print", worker=worker) == (1.0, None)
+        said = "".join(capfd.readouterr())
+        assert "x" * 1000 not in said and "y" * 1000 not in said
+        assert safe_reward(HostileEnv(), "write", worker=worker) == (1.0, None)
+        assert not (tmp_path / "left.txt").exists() and (Path(workdir) / "left.txt").exists()
+        reward, reason = safe_reward(HostileEnv(), "memory", worker=worker)
+        assert reward == 0.0 and reason == "reward failed: MemoryError"
+        reward, reason = safe_reward(HostileEnv(), "big file", worker=worker)
+        assert reward == 0.0 and "File too large" in reason
+        reward, reason = safe_reward(HostileEnv(), "bool", worker=worker)
+        assert reward == 0.0 and "returned bool, not a real number" in reason
+        assert safe_reward(_Env(), "ab", worker=worker) == (2.0, None)  # the same worker still serves
+    finally:
+        worker.close()
+    assert not Path(workdir).exists()  # removed with the worker
+
+
+@pytest.mark.slow
+def test_a_killed_worker_takes_the_processes_it_started_along(tmp_path):
+    """A hanging verifier's child (pid 6422) ran on after the kill, adopted by init."""
+    worker = EnvWorker()
+    try:
+        reward, reason = safe_reward(HostileEnv(), f"fork {tmp_path / 'child'}", timeout_s=3.0, worker=worker)
+        assert reward == 0.0 and "timed out" in reason
+    finally:
+        worker.close()
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
+            Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+
+
 def test_safe_reward_survives_a_dying_worker(worker):
     reward, reason = safe_reward(DyingEnv(), "x", worker=worker)
     assert reward == 0.0 and "died" in reason and "exit code 3" in reason
@@ -383,3 +455,15 @@ def test_a_script_that_runs_the_worker_without_a_main_guard_is_told_to_add_one(t
     said = result.stdout + result.stderr
     assert result.returncode == 1 and "the worker process died while starting" in said
     assert said.count('run the Trainer under `if __name__ == "__main__":`') == 2  # the worker's and the script's
+
+
+def test_the_environments_import_without_torch():
+    """The worker imports them with each environment it unpickles, and again after every kill:
+    through the package's objective, torch made that 1.0 s of its 1.04 s."""
+    import subprocess
+    import sys
+
+    code = "import sys, llmkit.discovery.envs; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "False"

@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from llmkit.discovery import entropic_policy_loss, kl_shaped_advantages, loo_advantages, solve_beta
-from llmkit.discovery.objective import beta_summary
+from llmkit.discovery.objective import (
+    beta_summary,
+    entropic_policy_loss,
+    kl_shaped_advantages,
+    loo_advantages,
+    solve_beta,
+)
 from llmkit.errors import LLMKitError
 
 

@@ -204,6 +204,21 @@ def test_a_crashing_verifier_scores_zero_and_the_run_goes_on(base_ckpt, tokenize
     assert json.loads((tmp_path / "result.json").read_text())["best_state_id"] == 0
 
 
+def test_a_prompt_builder_that_fails_on_a_found_state_stops_the_run_in_one_line(base_ckpt, tokenizer_path, tmp_path):
+    """context_from_archive reads states the model found: it raised a traceback out of training_step."""
+    with pytest.raises(LLMKitError, match=r"^environment .*: context_from_archive failed on archive state [1-9]\d* "
+                                          r"\(found at step 1\) with ValueError: cannot read .*; it must accept every "
+                                          r"state its transition returns$"):
+        fit(base_ckpt, tokenizer_path, tmp_path, steps=3, env="tests.lenient_env.StrictContextEnv", reuse=True)
+
+
+def test_the_reward_worker_runs_with_the_configured_memory(base_ckpt, tokenizer_path, tmp_path):
+    module = fit(base_ckpt, tokenizer_path, tmp_path, steps=1, reward_memory_mb=512)
+    assert module.worker.memory_mb == 512 and module.worker.pid is None  # closed at teardown
+    with pytest.raises(LLMKitError, match="ttt.reward_memory_mb must be >= 64"):
+        TTTConfig(reward_memory_mb=8)
+
+
 def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenizer_path, tmp_path, capsys):
     """Consolidation: a discovery run's best states become SDFT examples, and SDFT trains on them."""
     fit(base_ckpt, tokenizer_path, tmp_path / "run", steps=3)

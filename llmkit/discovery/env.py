@@ -24,11 +24,22 @@ Worker: one persistent process (:class:`EnvWorker`, started with the ``"spawn"``
 shares no threads, locks or CUDA state with the trainer) serves all calls in turn, so a call
 costs a pickle of the environment and two pipe round trips (well under a millisecond for the
 environments in :mod:`llmkit.discovery.envs`), not a process start. Starting it (once, and
-again after each kill) takes a fraction of a second and does not count against ``timeout_s``;
-nor does importing the environment's module in the worker on first use (bounded separately by
-``load_timeout_s``). The environment must be picklable and its class importable by path, and
-the caller's main script must be import-safe (``if __name__ == "__main__":``), the usual rule
-for spawned processes. Calls from several threads are serialised.
+again after each kill) takes about a second on a loaded CPU (a Python interpreter and the
+environment's imports) and does not count against ``timeout_s``; nor does importing the
+environment's module in the worker on first use (bounded separately by ``load_timeout_s``).
+
+The worker is confined (on POSIX systems): it leads a session of its own, so a kill
+(``killpg``) takes whatever processes it started too; its memory is capped
+(``RLIMIT_DATA``, ``memory_mb``) and so is any file it writes (``RLIMIT_FSIZE``, ``file_mb``;
+a larger write fails with an error instead of killing it); it runs in a temporary directory
+of its own, removed when it stops, so relative paths land there; its stdout and stderr go to
+``/dev/null``, so a printing verifier cannot flood the trainer's console. This is a process
+boundary with limits, not a security boundary: code that means harm can still open absolute
+paths or the network. Run verifiers of untrusted code in a container.
+
+The environment must be picklable and its class importable by path, and the caller's main
+script must be import-safe (``if __name__ == "__main__":``), the usual rule for spawned
+processes. Calls from several threads are serialised.
 
 :func:`load_env` builds an environment from a YAML-style ``class_path`` ("package.module.Class")
 and ``init_args``. Model output is only ever parsed, never passed to ``eval`` or ``exec``.
@@ -46,8 +57,12 @@ import inspect
 import math
 import multiprocessing
 import numbers
+import os
 import pickle
+import shutil
 import signal
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -59,6 +74,12 @@ ASCII_WHITESPACE = " \t\r\n"
 
 REASON_CHARS = 500
 """Error messages from the worker are cut to this many characters."""
+
+MEMORY_MB = 4096
+"""The worker's default memory cap (``RLIMIT_DATA``: its heap and private mappings), in MiB."""
+
+FILE_MB = 64
+"""The default cap on any file the worker writes (``RLIMIT_FSIZE``), in MiB."""
 
 ENV_METHODS = ("initial_state", "context_from_archive", "transition", "reward")
 """The methods a :class:`DiscoveryEnv` must have (besides the ``name`` attribute)."""
@@ -97,14 +118,15 @@ class DiscoveryEnv(Protocol):
 
 def _describe(error: BaseException) -> str:
     try:
-        text = f"{type(error).__name__}: {error}"
+        message = str(error)
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
     except Exception:  # a hostile __str__
         text = type(error).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
 def _checked_reward(value: Any) -> float:
-    if not isinstance(value, numbers.Real):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"reward returned {type(value).__name__}, not a real number")
     return float(value)
 
@@ -118,10 +140,32 @@ def _checked_state(value: Any) -> str:
 _RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {"reward": _checked_reward, "transition": _checked_state}
 
 
-def _worker_main(conn: Any) -> None:
+def _confine(workdir: str, memory_mb: int, file_mb: int) -> None:
+    """The worker's confinement (module docstring), where the system has it."""
+    if hasattr(os, "setsid"):
+        os.setsid()  # its own session: EnvWorker's killpg reaches what it starts
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        resource = None
+    if resource is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError (EFBIG) instead
+        for limit, value in ((resource.RLIMIT_DATA, memory_mb << 20), (resource.RLIMIT_FSIZE, file_mb << 20),
+                             (resource.RLIMIT_CORE, 0)):
+            hard = resource.getrlimit(limit)[1]
+            resource.setrlimit(limit, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+    os.chdir(workdir)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(quiet, fd)
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def _worker_main(conn: Any, workdir: str, memory_mb: int, file_mb: int) -> None:
     """The worker's loop: receive (pickled env, method, args), reply "loaded" once the env is
     unpickled, then ("ok", value) or ("error", reason). ``None`` or a closed pipe ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's business
+    _confine(workdir, memory_mb, file_mb)
     conn.send(("ready", None))
     while True:
         try:
@@ -155,16 +199,28 @@ class EnvWorker:
 
     :meth:`call` never raises for anything the environment does; it returns ``(True, value)``
     or ``(False, reason)``. The process starts on first use and after a kill; :meth:`close`
-    stops it (also done at interpreter exit for the default worker).
+    stops it (also done at interpreter exit for the default worker). It runs confined to
+    ``memory_mb`` of memory and files of ``file_mb`` (module docstring).
     """
 
-    def __init__(self, start_method: str = "spawn", start_timeout_s: float = 60.0, load_timeout_s: float = 30.0):
+    def __init__(self, start_method: str = "spawn", start_timeout_s: float = 60.0, load_timeout_s: float = 30.0,
+                 memory_mb: int = MEMORY_MB, file_mb: int = FILE_MB):
         self._ctx = multiprocessing.get_context(start_method)
         self.start_timeout_s = start_timeout_s
         self.load_timeout_s = load_timeout_s
+        self.memory_mb, self.file_mb = memory_mb, file_mb
         self._lock = threading.Lock()
         self._process: Any = None
         self._conn: Any = None
+        self._workdir: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Its settings: a copy (a module that ``ddp_spawn`` sends to a process) starts a worker of its own."""
+        return {"start_method": self._ctx.get_start_method(), "start_timeout_s": self.start_timeout_s,
+                "load_timeout_s": self.load_timeout_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     @property
     def pid(self) -> int | None:
@@ -172,24 +228,35 @@ class EnvWorker:
         return self._process.pid if self._process is not None and self._process.is_alive() else None
 
     def _stop(self) -> None:
-        process, conn = self._process, self._conn
-        self._process = self._conn = None
+        process, conn, workdir = self._process, self._conn, self._workdir
+        self._process = self._conn = self._workdir = None
+        if process is not None and process.pid is not None and hasattr(os, "killpg"):
+            try:  # the worker's session: what it started, and the worker unless it never got to setsid
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
         if process is not None and process.is_alive():
             process.kill()
         if process is not None:
             process.join(5.0)
         if conn is not None:
             conn.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _start(self) -> str | None:
         """Start the worker and wait for its greeting; a reason on failure, else None."""
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child,), daemon=True, name="llmkit-env-worker")
+        self._workdir = tempfile.mkdtemp(prefix="llmkit-env-")
+        process = self._ctx.Process(target=_worker_main, args=(child, self._workdir, self.memory_mb, self.file_mb),
+                                    daemon=True, name="llmkit-env-worker")
         try:
             process.start()
         except Exception as error:
             parent.close()
             child.close()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
             hint = f"; {SPAWN_HINT}" if "bootstrapping phase" in str(error) else ""
             return f"could not start the environment worker process: {_describe(error)}{hint}"
         child.close()

@@ -59,7 +59,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from llmkit.discovery.archive import Archive, State
-from llmkit.discovery.env import DiscoveryEnv, load_env, safe_reward, safe_transition
+from llmkit.discovery.env import MEMORY_MB, DiscoveryEnv, EnvWorker, load_env, safe_reward, safe_transition
 from llmkit.discovery.objective import (
     beta_summary,
     entropic_policy_loss,
@@ -108,6 +108,8 @@ class TTTConfig:
         parent state a step adds.
     failure_reward: the reward of a rollout that fails (no valid state, a verifier error or
         timeout): keep it at or below the environment's lowest reward, or failing pays.
+    reward_timeout_s / reward_memory_mb: the time one transition or reward call may take, and the
+        memory the worker that runs them may hold (llmkit/discovery/env.py).
     """
 
     env: str = "llmkit.discovery.envs.StringTargetEnv"
@@ -125,6 +127,7 @@ class TTTConfig:
     archive_size: int = 1000
     children_per_parent: int = 2
     reward_timeout_s: float = 5.0
+    reward_memory_mb: int = MEMORY_MB
     failure_reward: float = 0.0
     adapter_every: int = 10
     mode: Literal["ttt", "best_of_n"] = "ttt"
@@ -136,6 +139,9 @@ class TTTConfig:
             )
         if self.starts_per_step < 1 or self.adapter_every < 1:
             raise LLMKitError("ttt.starts_per_step and ttt.adapter_every must be >= 1")
+        if self.reward_memory_mb < 64:
+            raise LLMKitError(f"ttt.reward_memory_mb must be >= 64 (a Python interpreter's own), got "
+                              f"{self.reward_memory_mb}")
         if self.mode not in ("ttt", "best_of_n"):
             raise LLMKitError(f"ttt.mode must be 'ttt' or 'best_of_n', got {self.mode!r}")
         if self.temperature <= 0:
@@ -255,8 +261,9 @@ class TTTDiscoverModule(LLMKitModule):
         apply_lora(self.model, self.lora)
         mark_only_lora_trainable(self.model)
         self.base_sha256 = base_fingerprint(self.model)
+        self.worker = EnvWorker(memory_mb=self.ttt.reward_memory_mb)  # closed at teardown
         initial = self.env.initial_state()
-        reward, why = safe_reward(self.env, initial, self.ttt.reward_timeout_s)
+        reward, why = safe_reward(self.env, initial, self.ttt.reward_timeout_s, self.worker)
         if why is not None:
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
@@ -324,10 +331,10 @@ class TTTDiscoverModule(LLMKitModule):
 
     def _score(self, start: State, action: str) -> tuple[str | None, float, str | None]:
         """(new state or None, reward, failure reason or None) of one rollout, sandboxed."""
-        state, why = safe_transition(self.env, start.text, action, self.ttt.reward_timeout_s)
+        state, why = safe_transition(self.env, start.text, action, self.ttt.reward_timeout_s, self.worker)
         if state is None:
             return None, self.ttt.failure_reward, why
-        reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s)
+        reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s, self.worker)
         if why is not None:
             return None, self.ttt.failure_reward, why
         if reward < self.ttt.failure_reward and not self._warned_failure_reward:
@@ -337,11 +344,26 @@ class TTTDiscoverModule(LLMKitModule):
                            f"ttt.failure_reward at or below the environment's lowest reward")
         return state, reward, None
 
+    def context(self, start: State, others: list[str]) -> str:
+        """The environment's prompt for ``start`` (``context_from_archive``, run here: it reads states,
+        which are parsed model output, so an error in it stops the run with one line naming it)."""
+        try:
+            return self.env.context_from_archive(start.text, others)
+        except Exception as error:
+            raise LLMKitError(
+                f"environment {self.env.name}: context_from_archive failed on archive state {start.id} (found at "
+                f"step {start.step}) with {type(error).__name__}: {str(error)[:200]}; it must accept every state "
+                f"its transition returns"
+            ) from error
+
+    def teardown(self, stage: str) -> None:
+        self.worker.close()
+
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         cfg, tok = self.ttt, self.tokenizer
         starts = [self.archive.get(state_id) for state_id in batch]
         others = [s.text for s in sorted(self.archive.states.values(), key=lambda s: -s.reward)]
-        prompts = prompt_ids(tok, [self.env.context_from_archive(s.text, others) for s in starts], self.chat_template)
+        prompts = prompt_ids(tok, [self.context(s, others) for s in starts], self.chat_template)
         check_fits(self.config.max_seq_len, [f"archive state {s.id}" for s in starts], prompts,
                    [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt")
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
