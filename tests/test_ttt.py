@@ -372,7 +372,28 @@ def test_a_run_in_a_used_out_dir_drops_the_later_steps_log_and_adapters(base_ckp
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["step_000001.safetensors"]
 
 
-def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path, tmp_path):
+def test_a_run_that_fails_before_its_first_step_leaves_no_earlier_results(base_ckpt, tokenizer_path, tmp_path):
+    """The earlier run's result.json (finished, naming a deleted adapter) stayed, and consolidate took it."""
+    fit(base_ckpt, tokenizer_path, tmp_path, 2)
+    assert consolidate([tmp_path])  # the first run found something
+
+    class FailsAtTheFirstStep(L.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            raise RuntimeError("a bug in step 1")
+
+    module = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
+                               init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+    with pytest.raises(RuntimeError, match="a bug in step 1"):
+        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[FailsAtTheFirstStep()]).fit(module)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["finished"] is False and result["adapter"] is None and result["best_state_id"] == 0
+    assert len(json.loads((tmp_path / "archive.json").read_text())["states"]) == 1
+    with pytest.raises(LLMKitError, match="no state in 1 run"):
+        consolidate([tmp_path])
+
+
+def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path, tmp_path, caplog):
     """archive.json and result.json after every step, and the adapter on the interrupt: Ctrl-C after step 3,
     checkpointing off, loses nothing found or trained (adapter_every 2 kept step 2's adapter only)."""
 
@@ -384,9 +405,11 @@ def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path
     L.seed_everything(1, verbose=False)
     module = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
                                init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+    with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
         L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, callbacks=[CtrlC()]).fit(module)
+    # the console said only "discovery stopped at step 3", though nothing could resume the run
+    assert "; no checkpoint to resume from (trainer.enable_checkpointing is off: docs/ttt.md)" in caplog.text
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["steps"], result["finished"]) == (3, False)
     assert result["adapter"] == str(tmp_path / "adapters" / "step_000003.safetensors")  # saved on the interrupt

@@ -306,7 +306,8 @@ class TTTDiscoverModule(LLMKitModule):
         """Resolve the output directory on every rank (``trainer.log_dir`` is a collective under DDP;
         rank 0 writes there later), and drop what a run went on to write past the step this one starts
         at (a resume's later steps, or an earlier run's in the same ``out_dir``): the log's later
-        records and adapters."""
+        records and adapters; ``archive.json`` and ``result.json`` are this run's from the start, so a
+        run that fails before its first step leaves no earlier run's results for ``consolidate``."""
         super().on_fit_start()
         self.output_dir = Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
@@ -320,6 +321,7 @@ class TTTDiscoverModule(LLMKitModule):
         for adapter in (self.output_dir / "adapters").glob("step_*.safetensors"):
             if int(adapter.stem.removeprefix("step_")) > self.archive.step:
                 adapter.unlink()
+        self._write_results(self._last_saved_adapter(self.archive.step), finished=False)
 
     def select_starts(self) -> list[State]:
         """``starts_per_step`` start states. PUCT selection skips the lineage of each pick, so it
@@ -506,9 +508,12 @@ class TTTDiscoverModule(LLMKitModule):
         if self.ttt.mode == "ttt" and adapter != self._adapter_path(step):  # else saved from these same weights
             adapter = self._save_adapter(step)
         self._write_results(adapter, finished)
+        unresumable = not finished and self.trainer.checkpoint_callback is None
         rank_zero_info(f"discovery {'finished' if finished else 'stopped'} at step {step}: best reward "
                        f"{best.reward:.6g} (initial {self.archive.get(0).reward:.6g}, found at step {best.step}); "
-                       f"{self.output_dir / 'result.json'}" + (f", adapter {adapter}" if adapter else ""))
+                       f"{self.output_dir / 'result.json'}" + (f", adapter {adapter}" if adapter else "")
+                       + ("; no checkpoint to resume from (trainer.enable_checkpointing is off: docs/ttt.md)"
+                          if unresumable else ""))
 
     def _write_results(self, adapter: Path | None, finished: bool) -> None:
         """``archive.json`` and ``result.json`` as of the last step, the adapter saved at or before it
