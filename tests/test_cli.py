@@ -80,9 +80,11 @@ def test_fit_says_the_model_in_one_line_in_the_place_of_lightnings_table(shards,
 
     config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelSummary"})
     (tmp_path / "own.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pretrain", "fit", "--config", str(tmp_path / "own.yaml"), "--trainer.max_steps", "1",
-                 "--trainer.default_root_dir", str(tmp_path / "own")]) == 0
-    assert "Trainable params" in "".join(capsys.readouterr())  # a summary callback the user asks for stays
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["pretrain", "fit", "--config", str(tmp_path / "own.yaml"), "--trainer.max_steps", "1",
+                     "--trainer.default_root_dir", str(tmp_path / "own")]) == 0
+    assert "Trainable params" in caplog.text + "".join(capsys.readouterr())  # a summary callback asked for stays
 
 
 def test_llmkit_warnings_print_as_one_line_and_the_libraries_keep_their_source_lines(monkeypatch):

@@ -214,9 +214,36 @@ def test_a_prompt_builder_that_fails_on_a_found_state_stops_the_run_in_one_line(
 
 def test_the_reward_worker_runs_with_the_configured_memory(base_ckpt, tokenizer_path, tmp_path):
     module = fit(base_ckpt, tokenizer_path, tmp_path, steps=1, reward_memory_mb=512)
-    assert module.worker.memory_mb == 512 and module.worker.pid is None  # closed at teardown
+    assert [(w.memory_mb, w.pid) for w in module.workers] == [(512, None)]  # closed at teardown
     with pytest.raises(LLMKitError, match="ttt.reward_memory_mb must be >= 64"):
         TTTConfig(reward_memory_mb=8)
+
+
+def test_several_reward_workers_score_a_step_as_one_does(base_ckpt, tokenizer_path, tmp_path):
+    """All scoring went through one worker, one call at a time: 512 rollouts of a 1 s verifier took
+    512 s a step. Each worker now takes a contiguous share of the rollouts, in a thread of its own."""
+    class WorkerPids(L.Callback):
+        pids: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            self.pids.append([w.pid for w in pl_module.workers])
+
+    def run(out: Path, workers: int) -> list[dict]:
+        L.seed_everything(0, verbose=False)
+        module = TTTDiscoverModule(ttt={**TOY, "env": "tests.lenient_env.PrintableGuessEnv", "reward_workers": workers},
+                                   lora={"rank": 4, "alpha": 8.0}, out_dir=str(out), init_ckpt=str(base_ckpt),
+                                   tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[WorkerPids()]).fit(module)
+        return [json.loads(line) for line in (out / "discovery_log.jsonl").read_text().splitlines()]
+
+    one = run(tmp_path / "one", 1)
+    WorkerPids.pids = []
+    three = run(tmp_path / "three", 3)
+    assert all(len(set(pids)) == 3 and None not in pids for pids in WorkerPids.pids)  # every worker served
+    for record in one + three:
+        record.pop("adapter", None)  # in each run's own directory
+    assert three == one  # the same rollouts, scored alike, in the same order
 
 
 def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenizer_path, tmp_path, capsys):

@@ -50,6 +50,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -109,7 +110,8 @@ class TTTConfig:
     failure_reward: the reward of a rollout that fails (no valid state, a verifier error or
         timeout): keep it at or below the environment's lowest reward, or failing pays.
     reward_timeout_s / reward_memory_mb: the time one transition or reward call may take, and the
-        memory the worker that runs them may hold (llmkit/discovery/env.py).
+        memory a worker that runs them may hold (llmkit/discovery/env.py); reward_workers: how many
+        such workers score a step's rollouts in parallel (each a process of its own).
     """
 
     env: str = "llmkit.discovery.envs.StringTargetEnv"
@@ -128,6 +130,7 @@ class TTTConfig:
     children_per_parent: int = 2
     reward_timeout_s: float = 5.0
     reward_memory_mb: int = MEMORY_MB
+    reward_workers: int = 1
     failure_reward: float = 0.0
     adapter_every: int = 10
     mode: Literal["ttt", "best_of_n"] = "ttt"
@@ -137,8 +140,8 @@ class TTTConfig:
             raise LLMKitError(
                 f"ttt.group_size must be >= 3 (K = 2 makes the adaptive beta unbounded), got {self.group_size}"
             )
-        if self.starts_per_step < 1 or self.adapter_every < 1:
-            raise LLMKitError("ttt.starts_per_step and ttt.adapter_every must be >= 1")
+        if self.starts_per_step < 1 or self.adapter_every < 1 or self.reward_workers < 1:
+            raise LLMKitError("ttt.starts_per_step, ttt.adapter_every and ttt.reward_workers must be >= 1")
         if self.reward_memory_mb < 64:
             raise LLMKitError(f"ttt.reward_memory_mb must be >= 64 (a Python interpreter's own), got "
                               f"{self.reward_memory_mb}")
@@ -261,9 +264,9 @@ class TTTDiscoverModule(LLMKitModule):
         apply_lora(self.model, self.lora)
         mark_only_lora_trainable(self.model)
         self.base_sha256 = base_fingerprint(self.model)
-        self.worker = EnvWorker(memory_mb=self.ttt.reward_memory_mb)  # closed at teardown
+        self.workers = [EnvWorker(memory_mb=self.ttt.reward_memory_mb) for _ in range(self.ttt.reward_workers)]
         initial = self.env.initial_state()
-        reward, why = safe_reward(self.env, initial, self.ttt.reward_timeout_s, self.worker)
+        reward, why = safe_reward(self.env, initial, self.ttt.reward_timeout_s, self.workers[0])
         if why is not None:
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
         self.archive = Archive(initial, reward, self.ttt.archive_size, self.ttt.puct_c, self.ttt.children_per_parent)
@@ -331,12 +334,26 @@ class TTTDiscoverModule(LLMKitModule):
         picked = self.archive.select(n) if self.ttt.reuse and self.ttt.mode == "ttt" else [self.archive.get(0)]
         return [picked[i % len(picked)] for i in range(n)]
 
-    def _score(self, start: State, action: str) -> tuple[str | None, float, str | None]:
-        """(new state or None, reward, failure reason or None) of one rollout, sandboxed."""
-        state, why = safe_transition(self.env, start.text, action, self.ttt.reward_timeout_s, self.worker)
+    def score_rollouts(self, rollouts: list[tuple[State, str]]) -> list[tuple[str | None, float, str | None]]:
+        """(new state or None, reward, failure reason or None) of each (start, action), in order. Each
+        worker takes a contiguous share in a thread of its own: a call waits on its worker process, so
+        the threads, and the processes, run at once."""
+        shares = [rank_share(len(rollouts), k, len(self.workers)) for k in range(len(self.workers))]
+
+        def score(k: int) -> list[tuple[str | None, float, str | None]]:
+            return [self._score(*rollouts[i], self.workers[k]) for i in shares[k]]
+
+        if len(self.workers) == 1:
+            return score(0)
+        with ThreadPoolExecutor(len(self.workers), thread_name_prefix="llmkit-score") as pool:
+            return [scored for share in pool.map(score, range(len(self.workers))) for scored in share]
+
+    def _score(self, start: State, action: str, worker: EnvWorker) -> tuple[str | None, float, str | None]:
+        """(new state or None, reward, failure reason or None) of one rollout, sandboxed in ``worker``."""
+        state, why = safe_transition(self.env, start.text, action, self.ttt.reward_timeout_s, worker)
         if state is None:
             return None, self.ttt.failure_reward, why
-        reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s, self.worker)
+        reward, why = safe_reward(self.env, state, self.ttt.reward_timeout_s, worker)
         if why is not None:
             return None, self.ttt.failure_reward, why
         if reward < self.ttt.failure_reward and not self._warned_failure_reward:
@@ -359,7 +376,8 @@ class TTTDiscoverModule(LLMKitModule):
             ) from error
 
     def teardown(self, stage: str) -> None:
-        self.worker.close()
+        for worker in self.workers:
+            worker.close()
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         cfg, tok = self.ttt, self.tokenizer
@@ -372,8 +390,8 @@ class TTTDiscoverModule(LLMKitModule):
         # this rank samples and scores its share of the step's rollouts; then every rank holds all of them
         mine = rank_share(len(contexts), self.global_rank, self.trainer.world_size)
         actions = self.sample_actions([contexts[i] for i in mine])
-        scored_here = [self._score(starts[i // cfg.group_size], tok.decode(action))
-                       for i, action in zip(mine, actions, strict=True)]
+        scored_here = self.score_rollouts([(starts[i // cfg.group_size], tok.decode(action))
+                                           for i, action in zip(mine, actions, strict=True)])
         scored = [rollout for part in gather_objects(self.trainer, scored_here) for rollout in part]
 
         groups, reasons, rollouts = [], [], {}
