@@ -390,7 +390,7 @@ def test_ttt_discover_under_the_cli_ddp_launcher_splits_rollouts_and_writes_once
     assert [r["step"] for r in log] == [1, 2]
     written = [str(Path(w).relative_to(run_dir)) for w in ranks[0]["writes"]]
     assert sorted(written) == ["adapters/step_000001.safetensors", "adapters/step_000002.safetensors",
-                               *["archive.json"] * 3, *["result.json"] * 3]  # after each step, and at the end
+                               *["archive.json"] * 4, *["result.json"] * 4]  # at the start, each step, the end
     assert json.loads((run_dir / "result.json").read_text())["rollouts"] == 12
 
     L.seed_everything(0, verbose=False)

@@ -419,7 +419,7 @@ def test_ttt_renders_the_environment_context_through_the_chat_template(padded_ck
     monkeypatch.setattr("llmkit.modules.ttt_discover.generate", sampler)
     # score in this process: the sandboxed worker takes seconds to start and is not what is tested here
     monkeypatch.setattr("llmkit.modules.ttt_discover.safe_reward",
-                        lambda env, state, timeout: (env.reward(state), None))
+                        lambda env, state, timeout, worker: (env.reward(state), None))
     ttt = {"env_args": {"target": "alpha"}, "starts_per_step": 1, "group_size": 3, "max_new_tokens": 4}
     module = TTTDiscoverModule(init_ckpt=str(padded_ckpt), tokenizer=str(model_dir), ttt=ttt, chat_template=True,
                                lora={"rank": 2, "alpha": 4.0})
