@@ -132,6 +132,26 @@ def test_a_regressing_block_is_rejected_and_weights_and_optimizer_restored(tmp_p
     assert not (tmp_path / "gates" / "block_0003").exists()  # no steps after block 2: nothing to gate
 
 
+class ScheduledStudent(Student):
+    """A Student whose learning rate falls every step."""
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_rejected_block_keeps_the_learning_rate_of_the_schedule(tmp_path, shards, tokenizer_path):
+    """The schedule is not rewound, but the snapshot's optimizer groups held the block start's rate: the
+    step after a rejection ran at it (SDFT's train/lr read 0.001 between 0.000689 and 0.000186)."""
+    module = ScheduledStudent(tokenizer_path, val_config(shards))
+    gate = RegressionGate(every_n_steps=2, out_dir=str(tmp_path / "gates"))
+    trainer = fit(tmp_path, module, shards, 4, [Corrupt(at_step=3), gate])
+    assert [d["decision"] for d in gate.decisions] == ["accepted", "rejected"]
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == scheduler.get_last_lr() == [1e-3 / 5]
+
+
 def test_a_harmless_block_is_accepted_and_keeps_its_weights(tmp_path, shards, tokenizer_path):
     module = Student(tokenizer_path, val_config(shards), lr=1e-3)
     recorder, gate = Recorder(), RegressionGate(every_n_steps=2)

@@ -262,10 +262,15 @@ class RegressionGate(L.Callback):
         self._snapshot_step = trainer.global_step
 
     def _restore_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The block-start weights and optimizer state, at the learning rates of the schedule's current
+        step: the schedule is not rewound, and the snapshot's groups hold the block start's rates."""
         module_state, optimizer_states = self._snapshot
         pl_module.load_state_dict(module_state)
         for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
+            rates = [group["lr"] for group in optimizer.param_groups]
             optimizer.load_state_dict(state)
+            for group, lr in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
 
     def _gate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         after = self._evaluate(trainer, pl_module)
