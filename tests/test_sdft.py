@@ -181,6 +181,21 @@ def test_an_moe_teacher_averages_the_routing_bias_and_stays_in_eval_mode():
     assert module.teacher.blocks[0].mlp.router.load.sum() == 0  # the student's load alone moves the bias
 
 
+def test_the_teacher_stays_in_eval_mode_through_fit(base_ckpt, tokenizer_path, examples):
+    """It was built in training mode, and fit calls no train() that the module's switch would catch."""
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            modes.append((module.model.training, module.teacher.training))
+
+    module = sdft(base_ckpt, tokenizer_path)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=1,
+              callbacks=[Modes()]).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
+    assert modes == [(True, False), (True, False)]
+
+
 def test_a_resumed_sdft_run_samples_and_ends_as_an_uninterrupted_one(base_ckpt, tokenizer_path, examples, tmp_path):
     """The samples' seeds are checkpointed (RankSeeds), not replayed from the run's seed."""
     def run(max_steps: int, ckpt_path=None) -> SDFTModule:

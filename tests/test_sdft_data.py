@@ -57,7 +57,9 @@ def test_teacher_template_is_the_papers_verbatim_and_fills_both_fields():
 @pytest.mark.parametrize(
     "template, message",
     [("{prompt} only", "lacks ['demonstration']"), ("{prompt} {demonstration} {other}", "unknown fields ['other']"),
-     ("{prompt {demonstration}", "malformed")],
+     ("{prompt {demonstration}", "malformed"),
+     # passed, and the teacher saw the prompt in repr quotes and a padded demonstration
+     ("{prompt!r} {demonstration:>5}", "without a conversion or format spec ({prompt!r}, {demonstration:>5})")],
 )
 def test_a_bad_teacher_template_is_refused(template, message):
     with pytest.raises(LLMKitError, match=re.escape(message)):

@@ -57,9 +57,16 @@ def check_template(template: str) -> None:
     """Raise :class:`LLMKitError` unless ``template`` uses ``{prompt}`` and ``{demonstration}``
     and no other field (literal braces are written ``{{`` and ``}}``)."""
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as e:
         raise LLMKitError(f"teacher template is malformed ({e}): write literal braces as {{{{ and }}}}") from None
+    shaped = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+              for name, spec, conversion in fields if spec or conversion]
+    if shaped:
+        raise LLMKitError(f"teacher template fields take the text as it is: write {{prompt}} and {{demonstration}}, "
+                          f"without a conversion or format spec ({', '.join(shaped)})")
+    names = {name for name, _, _ in fields}
     missing = [name for name in TEMPLATE_FIELDS if name not in names]
     unknown = sorted(names - set(TEMPLATE_FIELDS))
     if missing or unknown:

@@ -114,7 +114,7 @@ class SDFTModule(FineTuneModule):
         sdft = as_dataclass(SDFTConfig, sdft)
         self.hparams["sdft"] = asdict(sdft)
         self.sdft = sdft
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False)  # eval mode from fit's first train()
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()  # fit calls no train() first
         self.seeds = RankSeeds()  # the training samples' seeds, checkpointed
 
     def train(self, mode: bool = True) -> SDFTModule:
