@@ -2,8 +2,25 @@
 
 Raise :class:`LLMKitError` for anything the user can fix (a missing file, a bad shard, a
 mismatched vocabulary, a non-finite loss): the message must say what is wrong, where (file,
-line, step) and what to do. The CLI prints it without a traceback and exits with status 1.
+line, step) and what to do. The CLI prints it without a traceback and exits with status 1. A
+warning llmkit raises prints, under the `llmkit` command, as one line too (:func:`format_warning`).
 """
+
+import warnings
+from pathlib import Path
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_python_formatwarning = warnings.formatwarning
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """``llmkit: warning: MESSAGE`` for a warning llmkit raises (its message names the setting); Python's
+    two lines with the file, line number and source line for one of the libraries underneath (a
+    ``warnings.formatwarning``)."""
+    if filename.startswith(_PACKAGE_DIR):
+        return f"llmkit: warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
 
 
 class LLMKitError(Exception):

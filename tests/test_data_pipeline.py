@@ -10,6 +10,7 @@ import sys
 import sysconfig
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_tokenizer_round_trip(tokenizer: Tokenizer, text: str) -> None:
     assert tokenizer.decode(ids) == text
     assert tokenizer.encode_batch([text, text]) == [ids, ids]
     assert tokenizer.encode(text, bos=True, eos=True) == [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+def test_the_default_tokenizer_gives_back_case_newlines_and_indentation(corpus_dir: Path, tmp_path: Path) -> None:
+    """The default was nmt_nfkc_cf: every document came back lowercased and without newlines, and a
+    model trained on its ids could never write a capital letter or a line break; pack now says so."""
+    default = Tokenizer(train_tokenizer(sorted(corpus_dir.glob("*.txt")), tmp_path / "default",
+                                        TokenizerTrainConfig(vocab_size=VOCAB_SIZE)))
+    text = "Two Sentences.\n\n    Indented, UPPER and lower.\n"
+    assert default.decode(default.encode(text)) == text
+    lossy = Tokenizer(train_tokenizer(sorted(corpus_dir.glob("*.txt")), tmp_path / "lossy",
+                                      TokenizerTrainConfig(vocab_size=VOCAB_SIZE, normalization="nmt_nfkc_cf")))
+    (tmp_path / "doc.txt").write_text(text)
+    says = r"does not give back the text it encodes: in .*doc.txt, 'Two Sentences.*' comes back as 'two sentences"
+    with pytest.warns(UserWarning, match=says + r".*', and a model trained on these shards cannot write"):
+        pack(lossy.path, [tmp_path / "doc.txt"], tmp_path / "lossy.bin", workers=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pack(default.path, [tmp_path / "doc.txt"], tmp_path / "default.bin", workers=1, progress=False)
 
 
 def test_tokenizer_properties(tokenizer: Tokenizer) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from llmkit.callbacks.interfaces import HasBackbone, satisfies
+from llmkit.errors import format_warning
 from llmkit.model.attention_backends import resolve_backend
 
 SUMMARY_METRICS = ("val/loss", "val/ppl", "val/divergence", "val/probe_accuracy", "train/loss", "train/divergence",
@@ -49,23 +49,10 @@ class _NoTips(logging.Filter):
         return not record.getMessage().startswith("💡 Tip:")
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
-_python_formatwarning = warnings.formatwarning
-
-
-def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                    line: str | None = None) -> str:
-    """``llmkit: warning: MESSAGE`` for a warning llmkit raises (its message names the setting); Python's
-    two lines with the file, line number and source line for one of the libraries underneath."""
-    if filename.startswith(_PACKAGE_DIR):
-        return f"llmkit: warning: {message}\n"
-    return _python_formatwarning(message, category, filename, lineno, line)
-
-
 def quiet_known_noise() -> None:
     """Drop Lightning's "Tip:" adverts and the warnings in :data:`HARMLESS_WARNINGS` for this process,
     and print llmkit's own warnings in one line."""
-    warnings.formatwarning = _format_warning
+    warnings.formatwarning = format_warning
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):

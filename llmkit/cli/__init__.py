@@ -28,10 +28,11 @@ import argparse
 import signal
 import sys
 import threading
+import warnings
 
 from llmkit.cli.commands import COMMANDS, LIGHTNING_COMMANDS
 from llmkit.cli.signature import add_command, call_command, summary
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, format_warning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             except SIGTERMException:  # a SystemExit without a code, which would exit 0 as a finished run does
                 return EXIT_SIGTERM
             return 0
+        warnings.formatwarning = format_warning  # (Lightning commands: quiet_known_noise does it)
         args = build_parser().parse_args(argv)
         # the demo runs Lightning, which handles SIGTERM itself (a checkpoint, then exit)
         handle = argv[0] != "demo" and threading.current_thread() is threading.main_thread()

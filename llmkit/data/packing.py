@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmkit.data.corpus import is_separator
-from llmkit.data.tokenizer import load_tokenizer
+from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import interrupts_held, iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
 
@@ -96,6 +97,30 @@ def iter_documents(path: str | Path) -> Iterator[tuple[int, str]]:
     text = "".join(lines)
     if text.strip():
         yield index, text
+
+
+ROUND_TRIP_BYTES = 1 << 16
+"""The text (the start of the first document) :func:`check_round_trip` encodes and decodes."""
+
+
+def check_round_trip(tokenizer: TokenizerLike, path: Path) -> None:
+    """Warn when ``tokenizer`` does not give back the start of ``path``'s first document: what it
+    drops (case, newlines, runs of spaces under a normalising sentencepiece rule) a model trained
+    on its ids can never write."""
+    lines, size = [], 0
+    for _, line in iter_text_lines(path):
+        if is_separator(line) or size >= ROUND_TRIP_BYTES:
+            break
+        lines.append(line)
+        size += len(line)
+    text = "".join(lines)
+    back = tokenizer.decode(tokenizer.encode(text))
+    if back != text:
+        at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), min(len(text), len(back)))
+        warnings.warn(
+            f"{tokenizer.path} does not give back the text it encodes: in {path}, {text[at:at + 24]!r} comes back as "
+            f"{back[at:at + 24]!r}, and a model trained on these shards cannot write what it drops (a sentencepiece "
+            f"tokenizer keeps everything trained with --normalization identity --keep-whitespace)", stacklevel=2)
 
 
 class _Document(NamedTuple):
@@ -177,6 +202,7 @@ def pack(
             raise LLMKitError(f"pack input {path} does not exist: check the path")
     output = Path(output)
     _check_output(output, paths)
+    check_round_trip(tokenizer, paths[0])
     if workers is None:
         size = sum(path.stat().st_size for path in paths)
         workers = max(1, min(os.cpu_count() or 1, size // BYTES_PER_WORKER))

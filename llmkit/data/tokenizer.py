@@ -62,10 +62,12 @@ class TokenizerTrainConfig:
         vocab_size: tokens in the vocabulary, special tokens and byte fallbacks included.
         model_type: sentencepiece's algorithm.
         character_coverage: share of the corpus's characters that get their own piece.
-        normalization: sentencepiece's normalization_rule_name: nmt_nfkc_cf case-folds; identity
-            keeps text as is, which code needs (pair it with keep_whitespace).
+        normalization: sentencepiece's normalization_rule_name: identity (the default) keeps text
+            as it is; the nmt/nfkc rules rewrite it (nmt_nfkc_cf and nfkc_cf case-fold, the nmt
+            ones drop newlines), and a generative model cannot write what its tokenizer drops.
         keep_whitespace: keep runs of spaces and leading spaces (indentation) instead of
-            collapsing them (sentencepiece's remove_extra_whitespaces, negated).
+            collapsing them (sentencepiece's remove_extra_whitespaces, negated; on by default:
+            with identity, text round-trips exactly).
         byte_fallback: unknown characters become byte tokens, so every string is encodable.
         input_sentence_size: lines sampled from the input to train on (bounds memory).
         shuffle_input_sentence: sample those lines at random rather than take the first ones.
@@ -83,8 +85,8 @@ class TokenizerTrainConfig:
     vocab_size: int = 32000
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9995
-    normalization: Literal["nmt_nfkc_cf", "nmt_nfkc", "nfkc_cf", "nfkc", "identity"] = "nmt_nfkc_cf"
-    keep_whitespace: bool = False
+    normalization: Literal["nmt_nfkc_cf", "nmt_nfkc", "nfkc_cf", "nfkc", "identity"] = "identity"
+    keep_whitespace: bool = True
     byte_fallback: bool = True
     input_sentence_size: int = 2_000_000
     shuffle_input_sentence: bool = True
