@@ -12,6 +12,7 @@ import importlib
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -275,6 +276,22 @@ def test_pack_with_a_tokenizer_json(tok, tmp_path):
     assert (meta["vocab_size"], meta["eos_id"], meta["bos_id"], meta["pad_id"]) == (400, tok.eos_id, tok.bos_id,
                                                                                      tok.pad_id)
     assert meta["tokenizer"] == str(tok.path.resolve()) and meta["tokenizer_sha256"] == tok.sha256
+
+
+def test_pack_encodes_special_token_text_in_a_document_as_text(tok, tmp_path):
+    """A document that quotes the end-of-sequence token ended there (a second eos in one document),
+    and one that quotes a chat marker got the marker's id."""
+    raw = RawTokenizer.from_file(str(tok.path))
+    text = tmp_path / "quoting.txt"
+    text.write_text(f'tokens = {{"{raw.id_to_token(tok.eos_id)}": 2}}  # <|im_start|> too\n', encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and it gives the text back: no round-trip warning
+        pack(tok.path, [text], tmp_path / "out.bin", workers=1, progress=False)
+    tokens = open_shard(tmp_path / "out.bin")[0].tolist()
+    specials = {tok.eos_id, tok.bos_id, raw.token_to_id("<|im_start|>")}
+    assert [t for t in tokens if t in specials] == [tok.eos_id] and tokens[-1] == tok.eos_id
+    assert tok.decode(tokens) == text.read_text()
+    assert tok.encode("<|im_start|>") == [raw.token_to_id("<|im_start|>")]  # elsewhere: the marker
 
 
 # --- chat templates ------------------------------------------------------------------------------

@@ -155,14 +155,21 @@ class HFTokenizer:
         return self._around(self._tok.encode(text, add_special_tokens=False).ids, bos, eos)
 
     def encode_batch(
-        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1,
+        plain_text: bool = False,
     ) -> list[list[int]]:
         """:meth:`encode` each of ``texts``: in this thread if ``num_threads`` is 1, else on the
-        ``tokenizers`` library's thread pool (its size is the library's: ``RAYON_NUM_THREADS``)."""
-        if num_threads > 1:
-            encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        else:
-            encodings = [self._tok.encode(text, add_special_tokens=False) for text in texts]
+        ``tokenizers`` library's thread pool (its size is the library's: ``RAYON_NUM_THREADS``).
+        With ``plain_text``, special-token text in them is encoded as the text it is (the library's
+        ``encode_special_tokens``), as packing raw documents needs."""
+        self._tok.encode_special_tokens = plain_text
+        try:
+            if num_threads > 1:
+                encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+            else:
+                encodings = [self._tok.encode(text, add_special_tokens=False) for text in texts]
+        finally:
+            self._tok.encode_special_tokens = False
         return [self._around(encoding.ids, bos, eos) for encoding in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -114,7 +114,7 @@ def check_round_trip(tokenizer: TokenizerLike, path: Path) -> None:
         lines.append(line)
         size += len(line)
     text = "".join(lines)
-    back = tokenizer.decode(tokenizer.encode(text))
+    back = tokenizer.decode(tokenizer.encode_batch([text], plain_text=True)[0])  # as pack encodes
     if back != text:
         at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), min(len(text), len(back)))
         warnings.warn(
@@ -140,7 +140,7 @@ class _DocumentEncoder:
         self.dtype = dtype_for_vocab(self.tokenizer.vocab_size)
 
     def __call__(self, documents: Sequence[_Document]) -> list[np.ndarray]:
-        encoded = self.tokenizer.encode_batch([doc.text for doc in documents], eos=self.append_eos)
+        encoded = self.tokenizer.encode_batch([doc.text for doc in documents], eos=self.append_eos, plain_text=True)
         arrays = []
         for doc, ids in zip(documents, encoded, strict=True):
             array = np.asarray(ids, dtype=np.int64)

@@ -266,9 +266,12 @@ class TokenizerLike(Protocol):
         """Token ids of ``text``, with ``bos_id`` / ``eos_id`` around it if asked."""
 
     def encode_batch(
-        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1,
+        plain_text: bool = False,
     ) -> list[list[int]]:
-        """:meth:`encode` each of ``texts``."""
+        """:meth:`encode` each of ``texts``; with ``plain_text``, special-token text in them
+        (``<|endoftext|>`` in a document) is encoded as the text it is, as packing needs: a
+        document must not end itself or open a chat turn."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, without pad, bos and eos ids."""
@@ -365,9 +368,11 @@ class Tokenizer:
         return self._sp.Encode(text, add_bos=bos, add_eos=eos)
 
     def encode_batch(
-        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1,
+        plain_text: bool = False,
     ) -> list[list[int]]:
-        """:meth:`encode` each of ``texts``, on ``num_threads`` sentencepiece threads."""
+        """:meth:`encode` each of ``texts``, on ``num_threads`` sentencepiece threads (sentencepiece
+        never reads control-token text as the token: ``plain_text`` changes nothing)."""
         return self._sp.Encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
