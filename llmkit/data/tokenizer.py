@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -107,13 +108,18 @@ class _SentenceStream:
     sentencepiece turns an exception raised inside its iterator into a bare RuntimeError, so
     the first one is kept in :attr:`error` for :func:`train_tokenizer` to re-raise. sentencepiece
     reads every line (it samples ``input_sentence_size`` of them), so a bar over the input bytes
-    shows how far reading is; the training that follows prints nothing.
+    shows how far reading is; the training that follows prints nothing. Lines longer than
+    ``max_bytes`` (which sentencepiece would skip without a word) are left out here and counted:
+    :attr:`long_lines` of them, :attr:`long_bytes` of the :attr:`total_bytes` read (:attr:`lines`
+    went to training).
     """
 
-    def __init__(self, inputs: Sequence[Path], progress: bool) -> None:
+    def __init__(self, inputs: Sequence[Path], progress: bool, max_bytes: int) -> None:
         self.inputs = inputs
         self.progress = progress
+        self.max_bytes = max_bytes
         self.error: Exception | None = None
+        self.lines = self.long_lines = self.long_bytes = self.total_bytes = 0
 
     def __iter__(self) -> Iterator[str]:
         total = sum(path.stat().st_size for path in self.inputs)
@@ -122,9 +128,15 @@ class _SentenceStream:
                       disable=not self.progress) as bar:
                 for path in self.inputs:
                     for _, line in iter_text_lines(path):
-                        bar.update(len(line.encode("utf-8")))
+                        size = len(line.encode("utf-8"))
+                        bar.update(size)
+                        self.total_bytes += size
                         line = line.rstrip("\r\n")
-                        if line and not is_separator(line):
+                        if len(line.encode("utf-8")) > self.max_bytes:
+                            self.long_lines += 1
+                            self.long_bytes += size
+                        elif line and not is_separator(line):
+                            self.lines += 1
                             yield line
             if self.progress:
                 print("tokenizer: training sentencepiece on the sampled lines ...", file=sys.stderr)
@@ -177,7 +189,7 @@ def train_tokenizer(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_model, tmp_vocab = _with_suffix(tmp_prefix, ".model"), _with_suffix(tmp_prefix, ".vocab")
-    stream = _SentenceStream(paths, progress)
+    stream = _SentenceStream(paths, progress, config.max_sentence_length)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(stream),
@@ -206,10 +218,18 @@ def train_tokenizer(
     except RuntimeError as e:
         if stream.error is not None:
             raise stream.error from e
+        if stream.long_lines and not stream.lines:
+            raise LLMKitError(f"every line of {', '.join(map(str, paths))} is longer than max_sentence_length "
+                              f"{config.max_sentence_length} bytes: raise --max-sentence-length, or split the "
+                              f"lines") from None
         raise _training_error(e, config, paths) from e
     finally:
         tmp_model.unlink(missing_ok=True)
         tmp_vocab.unlink(missing_ok=True)
+    if stream.long_lines:
+        warnings.warn(f"{stream.long_lines:,} lines ({stream.long_bytes / stream.total_bytes:.1%} of the text) are "
+                      f"longer than max_sentence_length {config.max_sentence_length} bytes and were left out of "
+                      f"training: raise --max-sentence-length, or split them", stacklevel=2)
     return _with_suffix(prefix, ".model")
 
 
