@@ -1,9 +1,11 @@
 """PackedDataModule: next-token windows over memory-mapped `.bin` shards.
 
 A window is seq_len + 1 consecutive tokens of one shard; x = window[:-1], y = window[1:]
-(next-token prediction). Training windows start at offsets drawn from a seeded RNG (nanoGPT-style
-random crops, never crossing a shard boundary); the DataLoader shuffles their order each epoch,
-and under DDP Lightning's DistributedSampler gives each rank distinct windows. Validation uses a
+(next-token prediction). Training windows are, by default, each shard's consecutive
+non-overlapping windows (every token is a target once per epoch); with ``samples_per_epoch``, that
+many random crops at offsets drawn from a seeded RNG (nanoGPT-style). None crosses a shard
+boundary; the DataLoader shuffles their order each epoch, and under DDP Lightning's
+DistributedSampler gives each rank distinct windows. Validation uses a
 fixed set: consecutive non-overlapping windows from the start of each val shard, the same on
 every run, and under DDP each window on one rank only
 (:class:`~llmkit.distributed.EvalSampler`), so val/loss is the same on any number of devices.
@@ -104,6 +106,13 @@ class ResumableLoader(DataLoader):
         self.epoch, self.consumed = state["epoch"], state["consumed"]
 
 
+def _consecutive_windows(shards: list[np.memmap], seq_len: int) -> np.ndarray:
+    """(shard, offset) [N, 2] of each shard's consecutive non-overlapping windows of seq_len + 1
+    tokens from its start: every token but a shard's last partial window is a target once."""
+    starts = [(k, off) for k, s in enumerate(shards) for off in range(0, len(s) - seq_len, seq_len)]
+    return np.asarray(starts, dtype=np.int64).reshape(-1, 2)
+
+
 def open_checked_shards(
     paths: list[Path], seq_len: int, vocab_size: int | None, packed_with: dict[str, Any]
 ) -> list[np.memmap]:
@@ -164,10 +173,11 @@ class PackedDataModule(L.LightningDataModule):
         val_files: shard paths or glob patterns for validation.
         seq_len: tokens per window (None: the model's max_seq_len, which must then be given).
         batch_size: windows per micro-batch.
-        samples_per_epoch: training windows per epoch; default: one pass worth of tokens,
-            sum(n_tokens) // seq_len.
+        samples_per_epoch: training windows per epoch, random crops; default: the shards'
+            consecutive windows, one pass over every token (random crops drawn once cover only
+            1 - 1/e of the tokens, however many epochs: the 37% they miss is never trained on).
         val_windows: cap on the fixed validation windows (None: all of them).
-        seed: seeds the training window offsets and their shuffling.
+        seed: seeds the shuffling of the training windows (and the crops' offsets).
         num_workers: DataLoader worker processes.
         vocab_size: the model's vocabulary size to check shards against (``llmkit pretrain``
             links it to the model's; None: the ``vocab_size`` of the LightningModule being run,
@@ -237,8 +247,10 @@ class PackedDataModule(L.LightningDataModule):
             raise LLMKitError("data.val_files is empty: give the validation .bin shards")
 
     def _train_starts(self, shards: list[np.memmap]) -> np.ndarray:
+        if not self.samples_per_epoch:
+            return _consecutive_windows(shards, self.seq_len)
         n_valid = np.array([len(s) - self.seq_len for s in shards], dtype=np.int64)
-        n = self.samples_per_epoch or max(1, int(sum(len(s) for s in shards)) // self.seq_len)
+        n = self.samples_per_epoch
         rng = np.random.default_rng(self.seed)
         flat = rng.integers(0, int(n_valid.sum()), size=n)
         bounds = np.cumsum(n_valid)
@@ -266,14 +278,8 @@ class PackedDataModule(L.LightningDataModule):
         )
 
     def _val_starts(self, shards: list[np.memmap]) -> np.ndarray:
-        starts = [
-            (k, off)
-            for k, s in enumerate(shards)
-            for off in range(0, len(s) - self.seq_len, self.seq_len)
-        ]
-        if self.val_windows is not None:
-            starts = starts[: self.val_windows]
-        return np.asarray(starts, dtype=np.int64).reshape(-1, 2)
+        starts = _consecutive_windows(shards, self.seq_len)
+        return starts if self.val_windows is None else starts[: self.val_windows]
 
     def train_dataloader(self) -> ResumableLoader:
         return ResumableLoader(
