@@ -37,12 +37,24 @@ _SCAN_CHUNK = 1 << 24  # tokens per chunk when checking a shard's ids against th
 
 class PackedWindows(Dataset):
     """Windows (x, y) of length seq_len at given (shard, offset) starts; index
-    :data:`~llmkit.distributed.PAD_INDEX` gives a window whose targets are all ``IGNORE_INDEX``."""
+    :data:`~llmkit.distributed.PAD_INDEX` gives a window whose targets are all ``IGNORE_INDEX``.
+    It pickles its shards as their files, which a DataLoader worker maps again: a memmap pickles
+    as its whole data, a copy per worker where workers are spawned (macOS, Windows; Python 3.14's
+    forkserver on Linux)."""
 
     def __init__(self, shards: list[np.memmap], starts: np.ndarray, seq_len: int) -> None:
         self.shards = shards
         self.starts = starts  # [N, 2] int64: shard index, token offset
         self.seq_len = seq_len
+
+    def __getstate__(self) -> dict[str, Any]:
+        files = [(s.filename, s.dtype.str, s.offset, s.shape) for s in self.shards]
+        return {**self.__dict__, "shards": files}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        shards = [np.memmap(name, mode="r", dtype=dtype, offset=offset, shape=shape)
+                  for name, dtype, offset, shape in state["shards"]]
+        self.__dict__.update(state, shards=shards)
 
     def __len__(self) -> int:
         return len(self.starts)
