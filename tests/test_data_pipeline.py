@@ -676,7 +676,8 @@ def test_write_corpus_from_user_text_folders_jsonl_and_parquet(tmp_path: Path) -
     (notes / "blank.txt").write_text("  \n", encoding="utf-8")
     (notes / "latin1.txt").write_bytes(b"caf\xe9\n")
     lines = tmp_path / "lines.jsonl"
-    lines.write_text("".join(json.dumps({"text": f"record {i}", "id": i}) + "\n" for i in range(6)), encoding="utf-8")
+    records = [{"text": f"record {i}", "id": i} for i in range(6)] + [{"text": None, "id": 6}]  # a null, skipped
+    lines.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     table = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"body": [f"row {i}" for i in range(5)] + [None], "n": list(range(6))}), table,
                    row_group_size=2)
@@ -689,7 +690,7 @@ def test_write_corpus_from_user_text_folders_jsonl_and_parquet(tmp_path: Path) -
     expected = ["first note\nsecond line\n", "# Title\n\nbody\n", *(f"record {i}\n" for i in range(6)),
                 *(f"row {i}\n" for i in range(5))]
     assert sorted(train + val) == sorted(expected)  # every document once, each closed by the separator
-    assert summary["n_files"] == 6 and summary["n_skipped"] == 3  # blank, latin1, the null row
+    assert summary["n_files"] == 6 and summary["n_skipped"] == 4  # blank, latin1, the null line and row
     assert 0 < len(val) < len(expected) and summary["source"] == [str(notes), str(lines), str(table)]
     again = write_corpus([str(notes), str(lines), str(table)], tmp_path / "again", val_fraction=0.3,
                          text_column="body", progress=False)

@@ -97,7 +97,8 @@ def list_source_files(source: Sequence[str]) -> list[SourceFile]:
 def read_documents(file: SourceFile, text_field: str = "text", text_column: str = "text") -> Iterator[
         tuple[str, str | None]]:
     """``(key, text)`` for each document of ``file``; text is None where the file is unreadable or
-    not UTF-8 (it is then skipped and counted, as the embedded sources' unreadable files are)."""
+    not UTF-8, or a JSONL or Parquet document's text is null (it is then skipped and counted, as the
+    embedded sources' unreadable files are)."""
     if file.path.suffix == ".jsonl":
         yield from _jsonl_documents(file, text_field)
     elif file.path.suffix == ".parquet":
@@ -113,6 +114,9 @@ def _jsonl_documents(file: SourceFile, text_field: str) -> Iterator[tuple[str, s
     line_format = f'{{"{text_field}": "..."}}'
     for source, record in iter_jsonl_objects(file.path, "corpus", line_format):
         text = record.get(text_field)
+        if text is None and text_field in record:  # a null, as a Parquet null: skipped and counted
+            yield f"{file.key}:{source.rsplit(':', 1)[1]}", None
+            continue
         if not isinstance(text, str):
             found = "no such field" if text_field not in record else f"it is {json_kind(text)}"
             raise LLMKitError(
