@@ -199,7 +199,7 @@ class EnvWorker:
 
     :meth:`call` never raises for anything the environment does; it returns ``(True, value)``
     or ``(False, reason)``. The process starts on first use and after a kill; :meth:`close`
-    stops it (also done at interpreter exit for the default worker). It runs confined to
+    stops it (also done at interpreter exit). It runs confined to
     ``memory_mb`` of memory and files of ``file_mb`` (module docstring).
     """
 
@@ -213,6 +213,7 @@ class EnvWorker:
         self._process: Any = None
         self._conn: Any = None
         self._workdir: str | None = None
+        atexit.register(self.close)  # its processes and directory go with the interpreter, whoever forgets it
 
     def __getstate__(self) -> dict[str, Any]:
         """Its settings: a copy (a module that ``ddp_spawn`` sends to a process) starts a worker of its own."""
@@ -332,7 +333,6 @@ def default_worker() -> EnvWorker:
     with _default_lock:
         if _default_worker is None:
             _default_worker = EnvWorker()
-            atexit.register(_default_worker.close)
         return _default_worker
 
 
