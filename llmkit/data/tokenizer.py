@@ -131,13 +131,13 @@ class _SentenceStream:
                         size = len(line.encode("utf-8"))
                         bar.update(size)
                         self.total_bytes += size
-                        line = line.rstrip("\r\n")
-                        if len(line.encode("utf-8")) > self.max_bytes:
+                        text = line.rstrip("\r\n")
+                        if size - (len(line) - len(text)) > self.max_bytes:  # the line ending: 1 byte a character
                             self.long_lines += 1
                             self.long_bytes += size
-                        elif line and not is_separator(line):
+                        elif text and not is_separator(text):
                             self.lines += 1
-                            yield line
+                            yield text
             if self.progress:
                 print("tokenizer: training sentencepiece on the sampled lines ...", file=sys.stderr)
         except Exception as e:
