@@ -2,6 +2,8 @@
 activation checkpointing, n=1 and n=4, through the real Trainer."""
 
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -147,20 +149,22 @@ def test_compiled_generate_calls_replay_the_cuda_graph_they_recorded(monkeypatch
     """Between the compiled generate calls of a training run the weights change in place (an
     optimizer step) while the call keeps its KV cache and bf16 weight copies: after the first
     calls have compiled and recorded, later ones replay and record nothing."""
-    from torch._inductor import cudagraph_trees
+    from torch._inductor import cudagraph_trees, cudagraph_utils
 
     from llmkit.model.generation import SamplingConfig, generate
 
-    recordings = []
+    recordings, skips = [], []
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
                         lambda self, *args, **kwargs: recordings.append(1) or record(self, *args, **kwargs))
+    # inductor says why it skips CUDA graphs ("skipping cudagraphs due to ...") through this logger
+    monkeypatch.setattr(cudagraph_utils.cudagraphs_log, "warning", lambda msg, *args, **kwargs: skips.append(msg))
     model, prompts = decode_model(bf16_residual=True), DECODE_PROMPTS
     config = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=20, seed=0, compile=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):  # compile, warm up, record
             generate(model, prompts, config, eos_id=None)
-        assert recordings
+        assert recordings, f"no CUDA graph was recorded; inductor: {skips or 'no skip reason logged'}"
         recorded = len(recordings)
         for _ in range(3):
             with torch.no_grad():
@@ -178,7 +182,8 @@ def test_decode_steps_never_wait_for_the_gpu():
 
     model, prompts = decode_model(), DECODE_PROMPTS
 
-    def waits(max_new_tokens: int, eos_id: int | None) -> int:
+    def waits(max_new_tokens: int, eos_id: int | None) -> Counter[str]:
+        """Where (file:line) the second of two equal calls waited, and how often."""
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=20, top_p=0.9, seed=0)
         generate(model, prompts, config, eos_id=eos_id)  # warm up
         with warnings.catch_warnings(record=True) as caught:
@@ -188,11 +193,14 @@ def test_decode_steps_never_wait_for_the_gpu():
                 generate(model, prompts, config, eos_id=eos_id)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return sum("synchronizing" in str(w.message) for w in caught)
+        return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
 
-    assert waits(40, None) == waits(8, None)
+    short, long = waits(8, None), waits(40, None)
+    assert long == short, f"waits at 40 tokens {dict(long)}, at 8 {dict(short)}"
     never = VOCAB_SIZE + 1  # a stop id no row samples: every call runs to its length
-    assert waits(40, never) - waits(8, never) == (40 - 8) // STOP_CHECK_INTERVAL["cuda"]
+    short, long = waits(8, never), waits(40, never)
+    checks = (40 - 8) // STOP_CHECK_INTERVAL["cuda"]
+    assert long.total() - short.total() == checks, f"waits at 40 tokens {dict(long)}, at 8 {dict(short)}"
 
 
 @pytest.mark.gpu
