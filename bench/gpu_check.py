@@ -22,7 +22,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    (``bench.throughput.training_forward_bytes``), and their n/1 ratios.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
-   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams.
+   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams. It runs
+   in a child process killed after --gen-timeout seconds (a compile or decode that hangs costs
+   that, not the rest of the run), with TORCH_LOGS=recompiles,cudagraphs (why a CUDA graph was
+   skipped or re-recorded); before the kill the child prints every thread's stack.
 5. ``pytest -m gpu -v`` over tests/ in a subprocess (JUnit XML read back): counts per file; test
    modules that do not import here (a missing jsonargparse, say) are reported, not fatal; the log
    beside the JSON names each test as it ends, so a timeout still says which ran.
@@ -43,7 +46,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import gc
+import json
 import os
 import re
 import signal
@@ -72,6 +77,8 @@ MHC_KERNEL = re.compile(r"_((?:project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
 """The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
 """What a test module that fails to import lacks (the second form: a module poisoned in sys.modules)."""
+GEN_STACKS_BEFORE_KILL_S = 10
+"""Seconds before section 4's child is killed at which it prints every thread's stack."""
 PYTEST_RESERVE_S = 120
 """Seconds of --time-budget kept for the GPU tests: a comparison decode run (a --gen-n-streams after
 the first) starts only while elapsed < budget - this."""
@@ -106,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per row (default: 128 on cuda, 8 on cpu)")
     p.add_argument("--gen-repeats", type=int, default=None,
                    help="timed decode runs after the warm-up, best kept (default: 3 on cuda, 1 on cpu)")
+    p.add_argument("--gen-timeout", type=float, default=240.0,
+                   help="seconds at most for section 4's child process (its rows so far are kept)")
+    p.add_argument("--generation-child", type=float, default=None, help=argparse.SUPPRESS)
+    # (internal) run section 4 alone, its clock starting at this many seconds (the parent's)
     p.add_argument("--skip-pytest", action="store_true", help="leave out section 5 (pytest -m gpu)")
     p.add_argument("--pytest-timeout", type=int, default=300, help="seconds at most for the GPU tests")
     p.add_argument("--time-budget", type=float, default=420.0,
@@ -146,10 +157,10 @@ def resolve_device(args: argparse.Namespace) -> None:
 
 
 class Clock:
-    """Elapsed seconds since the start, and progress lines stamped with them."""
+    """Elapsed seconds since the start (``offset`` seconds ago), and progress lines stamped with them."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, offset: float = 0.0) -> None:
+        self.start = time.perf_counter() - offset
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -361,8 +372,10 @@ def decode_model(args: argparse.Namespace, n_streams: int, device: torch.device)
     return Transformer(config).to(device).eval()
 
 
-def generation_section(args: argparse.Namespace, clock: Clock, report: dict) -> None:
-    """Section 4, for each --gen-n-streams (the first always; later ones within the budget)."""
+def generation_section(args: argparse.Namespace, clock: Clock, report: dict,
+                       on_row: Callable[[], None] = lambda: None) -> None:
+    """Section 4, for each --gen-n-streams (the first always; later ones within the budget);
+    ``on_row`` after each row or error."""
     from bench import throughput
 
     section = report["generation"]
@@ -385,14 +398,66 @@ def generation_section(args: argparse.Namespace, clock: Clock, report: dict) -> 
                       f"{args.gen_prompt_len}, {args.gen_tokens} new tokens")
             rate = attempt(section["errors"], {"model": args.gen_model, "n_streams": n, "batch": batch},
                            decode_rate, model, batch, mode, args)
-            if rate is None:
-                continue
-            row = {"model": args.gen_model, "n_streams": n, **rate, "device": report["device"]}
-            section["rows"].append(row)
-            clock.log(f"  {row['new_tokens_per_s']:,.0f} new tokens/s ({row['seconds']:.3f} s)")
+            if rate is not None:
+                row = {"model": args.gen_model, "n_streams": n, **rate, "device": report["device"]}
+                section["rows"].append(row)
+                clock.log(f"  {row['new_tokens_per_s']:,.0f} new tokens/s ({row['seconds']:.3f} s)")
+            on_row()
         del model
     torch._dynamo.reset()
     release_memory()
+
+
+def run_child(cmd: list[str], timeout: float, **popen: Any) -> int | None:
+    """Run ``cmd`` from the repository root in its own session; on a timeout kill the whole group
+    (inductor's compile workers included) and return None, else its exit status."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(popen.pop("env", {}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **popen)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def generation_in_child(args: argparse.Namespace, argv: list[str], clock: Clock, report: dict) -> None:
+    """Section 4 through a child process (``--generation-child``) given at most --gen-timeout
+    seconds; its rows, skips and errors so far join the report, and a kill is one more error."""
+    section = report["generation"]
+    with tempfile.TemporaryDirectory() as tmp:
+        child_out = Path(tmp) / "generation.json"
+        cmd = [sys.executable, "-m", "bench.gpu_check", *argv, "--out", str(child_out),
+               "--generation-child", f"{clock.elapsed():.1f}"]
+        release_memory()
+        returncode = run_child(cmd, args.gen_timeout,
+                               env={"TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,cudagraphs")})
+        if child_out.is_file():
+            child = json.loads(child_out.read_text(encoding="utf-8"))["generation"]
+            for key in ("rows", "skipped", "errors"):
+                section[key] += child[key]
+    if returncode is None:
+        section["errors"].append({"model": args.gen_model, "error": f"timed out after {args.gen_timeout:.0f} s "
+                                  "(the stacks the child printed before its kill are in the console log)"})
+        clock.log(f"4 generation: killed after {args.gen_timeout:.0f} s")
+    elif returncode != 0 and not section["errors"]:
+        section["errors"].append({"model": args.gen_model, "error": f"the child process exited {returncode}"})
+
+
+def generation_child(args: argparse.Namespace) -> int:
+    """``--generation-child``: section 4 alone, the report rewritten after each row, every thread's
+    stack printed shortly before the parent's kill."""
+    from llmkit.io import write_json_atomic
+    from llmkit.profiling import device_description
+
+    faulthandler.dump_traceback_later(max(1.0, args.gen_timeout - GEN_STACKS_BEFORE_KILL_S), exit=False)
+    clock = Clock(args.generation_child)
+    report = new_report(args, device_description())
+    out = Path(args.out)
+    generation_section(args, clock, report, on_row=lambda: write_json_atomic(out, report))
+    write_json_atomic(out, report)
+    return 0
 
 
 def source_file(classname: str, name: str) -> str:
@@ -439,22 +504,14 @@ def pytest_section(args: argparse.Namespace, clock: Clock, report: dict) -> None
         junit = Path(tmp) / "gpu_tests.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         section.update(command=" ".join(cmd[1:]), log=str(log), timeout_s=timeout)
         clock.log(f"5 {section['command']} (at most {timeout} s; output in {log})")
         release_memory()
         start = time.perf_counter()
-        with log.open("w", encoding="utf-8") as out:
-            # its own session, stdout to a file: on a timeout the whole group (inductor's compile
-            # workers included) is killed and nothing holds a pipe open
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                section["returncode"] = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                section["returncode"], section["timed_out"] = None, True
+        with log.open("w", encoding="utf-8") as out:  # a file: nothing holds a pipe open after a kill
+            section["returncode"] = run_child(cmd, timeout, stdout=out, stderr=subprocess.STDOUT)
+        if section["returncode"] is None:
+            section["timed_out"] = True
         section["seconds"] = time.perf_counter() - start
         section["output_tail"] = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         if junit.is_file():
@@ -625,6 +682,7 @@ def new_report(args: argparse.Namespace, device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     resolve_device(args)
     if args.float32_matmul_precision is not None:
@@ -641,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: --device cpu must hide the GPUs before CUDA starts; run it in a fresh process",
               file=sys.stderr)
         return 2
+    if args.generation_child is not None:
+        return generation_child(args)
     clock = Clock()
     report = new_report(args, device_description())
     clock.log(f"gpu_check on {report['device']}, torch {torch.__version__}, {args.precision}, "
@@ -648,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     training_sections(args, clock, report)
     write_json_atomic(out, report)  # after each section: a run killed later keeps what it measured
-    generation_section(args, clock, report)
+    generation_in_child(args, argv, clock, report)
     write_json_atomic(out, report)
     if args.skip_pytest:
         report["pytest"] = {"skipped": "--skip-pytest"}

@@ -74,6 +74,30 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
         assert header in done.stdout
 
 
+@pytest.mark.slow
+def test_a_generation_that_hangs_is_killed_and_the_report_still_written(tmp_path):
+    """On an H200 the compiled decode of 120m n=4 at batch 1 hung, and the run's remaining minutes
+    (and the GPU tests) went with it. Section 4's child is killed after --gen-timeout; it prints
+    its stacks first, and the other sections' rows, the table and the JSON remain."""
+    hang = tmp_path / "hang"
+    hang.mkdir()  # every generate call of the child process sleeps past its timeout
+    (hang / "sitecustomize.py").write_text("import time\nimport llmkit.model.generation as g\n"
+                                           "g.generate = lambda *args, **kwargs: time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hang), str(ROOT)]))
+    env.pop("OUT", None)
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", *SMOKE, "--gen-timeout", "30", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["section_errors"] == ["generation"] and len(report["training"]["rows"]) == 2
+    assert report["generation"]["rows"] == []
+    assert report["generation"]["errors"] == [{"model": "tiny", "error": "timed out after 30 s (the stacks the "
+                                               "child printed before its kill are in the console log)"}]
+    assert "sitecustomize.py\", line 3 in <lambda>" in done.stderr  # the stack, printed before the kill
+    assert "killed after 30 s" in done.stdout and "| tiny | timed out after 30 s" in done.stdout
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("python", ["python3", sys.executable])
 def test_wrapper_exits_2_with_one_line_without_cuda(python, tmp_path):
