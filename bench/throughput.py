@@ -170,6 +170,29 @@ def training_forward_bytes(model: Transformer, seq_len: int, batch_size: int, pr
     return saved_activation_bytes(model, forward)
 
 
+def training_step_memory(model: Transformer, seq_len: int, batch_size: int, precision: str) -> dict:
+    """On CUDA, GiB above what one training step starts with (weights, optimizer state): held
+    after its forward (what backward needs: the saved activations and the loss graph's tensors)
+    and its peak through backward; None elsewhere. Beside the saved-tensor bytes they say whether
+    memory beyond the saved activations is held from the forward or transient in the backward."""
+    if not CUDA:
+        return {"held_after_forward_GiB": None, "step_peak_GiB": None}
+    model.to("cuda").train()
+    model.zero_grad(set_to_none=True)
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device="cuda")
+    gc.collect()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    held = torch.cuda.memory_allocated() - start
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated() - start
+    model.zero_grad(set_to_none=True)
+    return {"held_after_forward_GiB": held / 2**30, "step_peak_GiB": peak / 2**30}
+
+
 def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> dict:
     torch._dynamo.reset()  # each configuration compiles from scratch: first_step_s is its compile cost
     gc.collect()
@@ -200,6 +223,7 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
     }
     row["saved_act_GiB"] = training_forward_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
+    row.update(training_step_memory(model, args.seq_len, args.batch_size, args.precision))
     del model
     return row
 
