@@ -19,7 +19,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    profiler CPU op events instead, and the llmkit ops' CPU time, labelled as such (they say
    nothing about GPU kernels).
 3. Memory: section 1's peak GiB beside the bytes autograd saves in one training forward
-   (``bench.throughput.training_forward_bytes``), and their n/1 ratios.
+   (``bench.throughput.training_forward_bytes``), and their n/1 ratios; on CUDA also what one more
+   training step holds after its forward and its peak, above what it starts with
+   (``bench.throughput.training_step_memory``): whether memory beyond the saved activations is
+   held from the forward or transient in the backward.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
    best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams. It runs
@@ -335,7 +338,8 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
     throughput.add_ratios(training["rows"])
     kernels["per_sublayer"] = per_sublayer(kernels["rows"])
     memory["rows"] = [{key: r[key] for key in ("model", "n_streams", "peak_mem_GiB", "saved_act_GiB",
-                                               "saved_act_bytes", "mem_ratio", "act_ratio", "device")}
+                                               "saved_act_bytes", "held_after_forward_GiB", "step_peak_GiB",
+                                               "mem_ratio", "act_ratio", "device")}
                       for r in training["rows"]]
     release_memory()
 
@@ -617,11 +621,14 @@ def table(report: dict) -> str:
             f"{s['value']:.1f} more per block sublayer", "", "", device)
     errors(kernels)
 
-    header("3. Memory: CUDA peak over the training steps; bytes autograd saves in one training forward")
+    header("3. Memory: CUDA peak over the training steps; bytes autograd saves in one training forward; "
+           "above one step's start: held after its forward, its peak")
     memory = report["memory"]
     for m in memory["rows"]:
+        step = ("" if m.get("held_after_forward_GiB") is None else
+                f"; held after forward {m['held_after_forward_GiB']:.2f} GiB, step peak {m['step_peak_GiB']:.2f} GiB")
         row(f"{m['model']} n={m['n_streams']}", f"peak {fmt(m['peak_mem_GiB'], '.2f', ' GiB')}, saved activations "
-            f"{m['saved_act_GiB']:.3f} GiB", "", "", m["device"])
+            f"{m['saved_act_GiB']:.3f} GiB{step}", "", "", m["device"])
         if m["n_streams"] != 1 and m["act_ratio"] is not None:
             target, result = verdict("mem_ratio", m["model"])
             row(f"{m['model']} n={m['n_streams']} / n=1",

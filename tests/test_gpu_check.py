@@ -55,7 +55,8 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     assert sub["n_streams"] == 4 and sub["value"] == pytest.approx((k4 - k1) / (2 * 4))  # tiny: 4 layers
 
     memory = report["memory"]["rows"]
-    assert [(m["n_streams"], m["peak_mem_GiB"]) for m in memory] == [(1, None), (4, None)]
+    assert [(m["n_streams"], m["peak_mem_GiB"], m["held_after_forward_GiB"]) for m in memory] == [(1, None, None),
+                                                                                                  (4, None, None)]
     assert all(isinstance(m["saved_act_bytes"], int) and m["saved_act_bytes"] > 0 for m in memory)
     assert memory[1]["act_ratio"] == pytest.approx(memory[1]["saved_act_bytes"] / memory[0]["saved_act_bytes"])
     assert memory[1]["act_ratio"] > 1  # four streams keep more than one
@@ -129,7 +130,7 @@ def test_wrapper_logs_its_console_and_runs_the_extras_only_where_they_fit(limit_
     assert ran == ["ran -m bench.gpu_check --skip-pytest"] + (
         ["ran -m bench.mhc_kernel_variants", "ran -m bench.mhc_liger"] if extras_run else [])
     if not extras_run:
-        assert "bench/mhc_kernel_variants.py (about 90 s) not run" in done.stdout
+        assert "bench/mhc_kernel_variants.py (about 120 s) not run" in done.stdout
     assert (tmp_path / "out" / "gpu_check_console.log").read_text() == done.stdout + done.stderr
 
 
@@ -166,7 +167,8 @@ def made_up_report(device_type: str) -> dict:
 
     report["training"]["rows"] = [train("120m", 1, 0.1, 20.0), train("120m", 4, 0.115, 26.0, 1.15, 1.30),
                                   train("350m", 1, 0.3, 40.0), train("350m", 4, 0.36, 48.0, 1.20, 1.20)]
-    report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30) for r in report["training"]["rows"]]
+    report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30, held_after_forward_GiB=r["peak_mem_GiB"] / 4,
+                                     step_peak_GiB=r["peak_mem_GiB"] / 2) for r in report["training"]["rows"]]
     report["generation"]["rows"] = [
         {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
          "new_tokens_per_s": 40960.0, "device": report["device"]},
@@ -198,6 +200,8 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert "**2. CUDA kernels" in text
     assert "| 120m n=4 / n=1 | time 1.150x, peak memory 1.300x | time <= 1.20x | PASS | NVIDIA H200 |" in lines
     assert "| 120m n=4 / n=1 | peak 1.300x, saved activations 1.000x | peak <= 1.25x | FAIL | NVIDIA H200 |" in lines
+    assert ("| 120m n=4 | peak 26.00 GiB, saved activations 1.000 GiB; held after forward 6.50 GiB, step peak "
+            "13.00 GiB |  |  | NVIDIA H200 |") in lines
     assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
     assert all(line.count(" | ") == 4 for line in lines if not line.startswith("|---"))  # five cells each
 
