@@ -8,10 +8,9 @@ time, achieved bandwidth and error against fp64.
 The variants are module-level settings of llmkit/model/mhc_triton.py, each set for one kernel
 while it runs ("*" marks the setting in force):
 
-- project backward: FP32_DOT_PRECISION "ieee" (CUDA-core FMAs, what torch's default "highest"
-  float32 matmul precision gives), "tf32" and "tf32x3" (tensor cores). At C = 768 its two dots
-  are 2 x 32 x nC multiply-adds per token, about as long on an H200's CUDA cores as the kernel's
-  memory traffic, so "ieee" may make it compute-bound (docs/performance.md);
+- project backward (its grad_x kernel; grad_phi is a cuBLAS matmul, timed with it): tokens,
+  columns and warps per program (PROJECT_BWD_ + BLOCK_M, BLOCK_K, WARPS), tiles that compile for
+  sm_90 without spilling;
 - project forward: PROJECT_BLOCK_M 32 and 64 tokens per program;
 - coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
 - pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program.
@@ -20,8 +19,9 @@ Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA
 the launch's tensor bytes, as bench/mhc_triton_compile.py counts them, over that time. Error: the
 largest ||out - ref|| / ||ref|| over the kernel's outputs, ref the same math in fp64 (llmkit's
 PyTorch ops) on the same inputs (phi rounded to the stream's dtype, as the projection's dot sees
-it). Inputs are random, never zeros. Under the interpreter every dot is fp32 whatever the precision
-asked, so there the rows check the code path, not tf32's error. Prints a table and writes JSON (--out).
+it). Inputs are random, never zeros. project backward's time and bytes include its grad_phi matmul
+(one more read of x). Under the interpreter the rows check the code paths (every dot is fp32
+there). Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -51,27 +51,31 @@ class Case:
 
     name: str
     kernel: str
-    setting: str
+    setting: str | tuple[str, ...]  # a tuple: settings varied together, each value a tuple of theirs
     values: tuple
     run: Callable[[], tuple[Tensor, ...]]
     reference: tuple[Tensor, ...]
+    other_bytes: int = 0  # what the case moves beside its Triton launches (a library call's reads)
 
 
 @contextlib.contextmanager
-def setting(name: str, value: object) -> Iterator[None]:
-    saved = getattr(mhc_triton, name)
-    setattr(mhc_triton, name, value)
+def setting(name: str | tuple[str, ...], value: object) -> Iterator[None]:
+    names, values = (name, value) if isinstance(name, tuple) else ((name,), (value,))
+    saved = [getattr(mhc_triton, n) for n in names]
+    for n, v in zip(names, values, strict=True):
+        setattr(mhc_triton, n, v)
     try:
         yield
     finally:
-        setattr(mhc_triton, name, saved)
+        for n, v in zip(names, saved, strict=True):
+            setattr(mhc_triton, n, v)
 
 
 def launch_bytes(case: Case) -> int:
     """The tensor bytes of the launches the case makes (recorded, not run)."""
     with recorded([case.kernel]) as recorders:
         case.run()
-    return sum(tensor_bytes(a, k) for a, k in recorders[case.kernel].launches)
+    return sum(tensor_bytes(a, k) for a, k in recorders[case.kernel].launches) + case.other_bytes
 
 
 def relative_error(outputs: tuple[Tensor, ...], reference: tuple[Tensor, ...]) -> float:
@@ -102,14 +106,17 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     coefficient_args = (n, k, *coefficient_settings())
     pre_term = (h_pre.double()[:, :, None] * grad_u.double()[:, None, :]).view(tokens, k)
     tiles = ("STREAM_BLOCK_C", (256, 512, 1024))
+    project_backward = (lambda: mhc_triton.project_backward(grad_proj, grad_sumsq, flat, phi,
+                                                            grad_stream.view(tokens, k), (grad_u, h_pre)),
+                        (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]
+                         + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64))
+    project_backward_tiles = ("PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
     return [
         Case("project forward", "_project_fwd_kernel", "PROJECT_BLOCK_M", (32, 64),
              lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
-        Case("project backward", "_project_bwd_kernel", "FP32_DOT_PRECISION", ("ieee", "tf32", "tf32x3"),
-             lambda: mhc_triton.project_backward(grad_proj, grad_sumsq, flat, phi, grad_stream.view(tokens, k),
-                                                 (grad_u, h_pre)),
-             (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]
-              + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64)),
+        Case("project backward", "_project_bwd_kernel", project_backward_tiles,
+             ((16, 128, 4), (16, 64, 4), (32, 64, 4), (32, 128, 8), (16, 256, 8)), *project_backward,
+             other_bytes=flat.nbytes),
         Case("coefficients forward", "_coeff_fwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
              lambda: mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args),
              mhc_ops.coefficients(proj64, sumsq64, alpha.double(), bias.double(), *coefficient_args, False)),
@@ -129,15 +136,24 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     ]
 
 
-def in_force(name: str) -> object:
-    """The value a setting has now (the dot precision as torch's float32 matmul precision picks it)."""
-    return mhc_triton._fp32_dot_precision() if name == "FP32_DOT_PRECISION" else getattr(mhc_triton, name)
+def in_force(name: str | tuple[str, ...]) -> object:
+    """The value a setting (or settings varied together) has now."""
+    return tuple(getattr(mhc_triton, n) for n in name) if isinstance(name, tuple) else getattr(mhc_triton, name)
+
+
+def label(name: str | tuple[str, ...]) -> str:
+    """A setting as the table names it: settings varied together share their prefix."""
+    if isinstance(name, str):
+        return name
+    prefix = os.path.commonprefix(list(name))
+    return f"{prefix}({', '.join(n.removeprefix(prefix) for n in name)})"
 
 
 def measure(case: Case, value: object, timed: bool) -> dict:
     """One row; a variant that fails (to compile, say) gets its error's first line, and the rest still run."""
-    row = {"kernel": case.name, "setting": case.setting, "value": value, "in_force": value == in_force(case.setting),
-           "error": None, "bytes": None, "ms": None, "GB_per_s": None, "failed": None}
+    row = {"kernel": case.name, "setting": label(case.setting), "value": value,
+           "in_force": value == in_force(case.setting), "error": None, "bytes": None, "ms": None, "GB_per_s": None,
+           "failed": None}
     try:
         with setting(case.setting, value):
             row.update(error=relative_error(case.run(), case.reference), bytes=launch_bytes(case))
@@ -171,13 +187,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"mHC Triton kernels alone: n = {args.n_streams}, C = {args.d_model}, {args.tokens} tokens, "
           f"{args.dtype} stream, {device_description()}" + ("" if timed else " (interpreter: no times)"))
-    print(f"{'kernel':<22} {'setting':<28} {'ms':>8} {'GB/s':>7} {'rel. error':>10}")
+    width = max(len(f"{r['setting']} = {r['value']}") for r in rows) + 1
+    print(f"{'kernel':<22} {'setting':<{width}} {'ms':>8} {'GB/s':>7} {'rel. error':>10}")
     for r in rows:
         mark = "*" if r["in_force"] else " "
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
         rate = f"{r['GB_per_s']:.0f}" if r["GB_per_s"] is not None else "-"
         error = f"{r['error']:>10.1e}" if r["failed"] is None else f"FAILED {r['failed']}"
-        print(f"{r['kernel']:<22} {mark}{r['setting'] + ' = ' + str(r['value']):<27} {ms:>8} {rate:>7} {error}")
+        choice = f"{r['setting']} = {r['value']}"
+        print(f"{r['kernel']:<22} {mark}{choice:<{width - 1}} {ms:>8} {rate:>7} {error}")
     write_json_atomic(Path(args.out), {"args": vars(args), "device": device_description(), "rows": rows})
     print(f"wrote {args.out}")
     if any(r["failed"] for r in rows):

@@ -15,7 +15,8 @@ The table also gives each launch's tensor bytes per token: the sum of its tensor
 which is its memory traffic when it reads or writes each once (the kernels' one-pass design; small
 tensors that several programs re-read, φ and the projections' gradients, count once, as if from
 L2), and the sum over one sublayer's 8 launches against a dense residual's (docs/performance.md
-turns it into a time). Nothing else touches the stream: the op's backward writes dL/dX once.
+turns it into a time), plus project_backward's grad_phi matmul, which reads x once more (cuBLAS, not
+a launch of these kernels). Nothing else touches the stream: the op's backward writes dL/dX once.
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}")
     for dtype_name in args.dtypes:
         size = {"bf16": 2, "fp32": 4}[dtype_name]
-        traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name)
-        print(f"{dtype_name} stream: one sublayer's launches move {traffic:.0f} B per token = "
-              f"{traffic / (size * args.d_model):.1f} C stream elements "
+        matmul = size * args.n_streams * args.d_model  # project_backward's grad_phi matmul reads x once more
+        traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name) + matmul
+        print(f"{dtype_name} stream: one sublayer's launches and project backward's grad_phi matmul ({matmul} B) "
+              f"move {traffic:.0f} B per token = {traffic / (size * args.d_model):.1f} C stream elements "
               "(a dense residual: 6 C, x + y and its gradient)")
     write_json_atomic(Path(args.out), {"args": vars(args), "triton": triton.__version__, "rows": rows})
     print(f"wrote {args.out}")

@@ -38,10 +38,10 @@ def test_every_kernel_in_every_variant_matches_fp64(report):
     for r in report["rows"]:
         assert r["error"] < 1e-5, r
         assert r["ms"] is None and r["GB_per_s"] is None  # no times in the interpreter
-    for kernel in kernels:  # exactly one row per kernel is the setting in force
-        assert sum(r["in_force"] for r in report["rows"] if r["kernel"] == kernel) == 1, kernel
-    precisions = [r["value"] for r in report["rows"] if r["kernel"] == "project backward"]
-    assert precisions == ["ieee", "tf32", "tf32x3"]
+    for case in {(r["kernel"], r["setting"]) for r in report["rows"]}:  # exactly one row of each is in force
+        assert sum(r["in_force"] for r in report["rows"] if (r["kernel"], r["setting"]) == case) == 1, case
+    tiles = [r["value"] for r in report["rows"] if r["setting"] == "PROJECT_BWD_(BLOCK_M, BLOCK_K, WARPS)"]
+    assert len(tiles) == 5 and tiles[0] == [16, 128, 4]  # the settings in force come first
 
 
 def test_the_bandwidth_counts_each_tensor_of_the_launch_once(report):
@@ -50,7 +50,7 @@ def test_the_bandwidth_counts_each_tensor_of_the_launch_once(report):
     assert row["bytes"] == 4 * TOKENS * (2 * N * C + C + N + N * N)
 
 
-def test_the_dot_precision_setting_reaches_the_projection_launches(monkeypatch):
+def test_the_dot_precision_setting_reaches_the_fp32_projection_launch(monkeypatch):
     from bench.mhc_triton_compile import record_launches
     from llmkit.model import mhc_triton
 
@@ -58,17 +58,32 @@ def test_the_dot_precision_setting_reaches_the_projection_launches(monkeypatch):
         pytest.skip("needs the compiled module (another test left the interpreted one imported)")
     for setting, expected in ((None, "ieee"), ("tf32x3", "tf32x3")):
         monkeypatch.setattr(mhc_triton, "FP32_DOT_PRECISION", setting)
-        launches = record_launches(torch.bfloat16, 32, 4, 16)
-        (backward,) = launches["_project_bwd_kernel"].launches
-        assert backward[1]["DOT_PRECISION"] == expected
+        (forward,) = record_launches(torch.float32, 32, 4, 16)["_project_fwd_kernel"].launches
+        assert forward[1]["DOT_PRECISION"] == expected and forward[1]["DOT_FP32"]
     monkeypatch.setattr(mhc_triton, "FP32_DOT_PRECISION", None)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        (backward,) = record_launches(torch.bfloat16, 32, 4, 16)["_project_bwd_kernel"].launches
-        assert backward[1]["DOT_PRECISION"] == "tf32"
+        (forward,) = record_launches(torch.float32, 32, 4, 16)["_project_fwd_kernel"].launches
+        assert forward[1]["DOT_PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_the_project_backward_tiles_reach_its_launch():
+    from bench.mhc_kernel_variants import setting
+    from bench.mhc_triton_compile import record_launches
+    from llmkit.model import mhc_triton
+
+    if mhc_triton.INTERPRETED:
+        pytest.skip("needs the compiled module (another test left the interpreted one imported)")
+    names = ("PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
+    with setting(names, (32, 64, 8)):
+        (launch,) = record_launches(torch.bfloat16, 1000, 4, 64)["_project_bwd_kernel"].launches
+    kernel = record_launches(torch.bfloat16, 1000, 4, 64)["_project_bwd_kernel"]
+    assert (launch[1]["BLOCK_M"], launch[1]["BLOCK_K"], launch[1]["num_warps"]) == (32, 64, 8)
+    (default,) = kernel.launches
+    assert (default[1]["BLOCK_M"], default[1]["BLOCK_K"], default[1]["num_warps"]) == (16, 128, 4)  # put back
 
 
 def test_a_variant_that_fails_is_a_row_not_the_end_of_the_run():

@@ -109,7 +109,7 @@ def blocks(request, mt, monkeypatch) -> str:
         monkeypatch.setattr(mt, "PROJECT_BLOCK_M", 16)
         monkeypatch.setattr(mt, "PROJECT_BWD_BLOCK_M", 16)
         monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)
-        monkeypatch.setattr(mt, "PROJECT_BWD_PROGRAMS", 10)  # K = 160: 5 K blocks x 2 row splits
+        monkeypatch.setattr(mt, "PROJECT_BWD_BLOCK_K", 32)  # K = 160: 5 column blocks, the last one short
         monkeypatch.setattr(mt, "COEFF_BLOCK_ELEMENTS", 64)  # 4 tokens per program at n = 3, 4
         monkeypatch.setattr(mt, "STREAM_BLOCK_C", 16)
     return request.param
@@ -497,4 +497,4 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
     assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in ("bf16", "fp32")}
     for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, r
-        assert 0 < r["registers"] <= 128, r
+        assert 0 < r["registers"] <= 255, r  # (apply_bwd takes 149 at the tiles an H200 ran fastest)

@@ -48,18 +48,21 @@ INTERPRETED: bool = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "kn
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Block sizes for an H100/H200 at M = 16k tokens, C = 768..1024, n = 4 (module-level so that tests
-# can shrink them to exercise multi-program paths on tiny shapes). The projection kernels' tiles,
-# warps and stages are the ones that compile for sm_90 without spilling and with at most 128
-# registers per thread, bf16 and fp32 streams alike (bench/mhc_triton_compile.py; the earlier
-# 64 x 128 tiles spilled up to 4.4 KB per thread); their speed is unmeasured.
-PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot)
-PROJECT_BWD_BLOCK_M = 16  # tokens per tile in project_backward (32 spills with triton 3.9)
-PROJECT_BLOCK_K = 32  # columns of x per tile in both projection kernels (>= 16 for tl.dot)
+# can shrink them to exercise multi-program paths on tiny shapes, and bench/mhc_kernel_variants.py
+# can time the alternatives). Measured on an H200 at C = 768 (docs/performance.md has the table):
+# COEFF_BLOCK_ELEMENTS 256 and STREAM_BLOCK_C 1024 are the fastest variants tried. project_backward
+# has been rewritten since it ran there (at 337 GB/s); its tiles are the next to choose by measurement.
+# Every kernel compiles for sm_90 without spilling (bench/mhc_triton_compile.py).
+PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot); 32 took 1.6x as long
+PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.dot)
+PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
+PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 94 registers per thread at 4 warps on sm_90
+PROJECT_BWD_WARPS = 4
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
-PROJECT_BWD_PROGRAMS = 512  # target program count of project_backward: (K blocks) x (M splits)
-COEFF_BLOCK_ELEMENTS = 512  # tokens per coefficient program = this / padded n^2 (capped at 128): 32 at n = 4,
-# 512 programs for 16k tokens, 32 (forward) and 56 (backward) registers per thread on sm_90 (2048: 90 and 231)
-STREAM_BLOCK_C = 512  # channels per program (or per loop step) in the pre/apply kernels
+COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
+# on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
+STREAM_BLOCK_C = 1024  # channels per program (or per loop step) in the pre/apply kernels: at C = 768 the
+# apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
 NUM_WARPS = 4
 FP32_DOT_PRECISION: str | None = None
 """tl.dot's input_precision for fp32 operands ("ieee", "tf32" or "tf32x3"); None follows torch's float32
@@ -202,7 +205,6 @@ def _project_bwd_kernel(
     x_ptr,
     phi_ptr,
     grad_x_ptr,
-    grad_phi_partial_ptr,
     grad_in_ptr,
     grad_u_ptr,
     h_pre_ptr,
@@ -211,51 +213,42 @@ def _project_bwd_kernel(
     P,
     C,
     N,
-    rows_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     HAS_GRAD_IN: tl.constexpr,
     HAS_PRE: tl.constexpr,
 ):
-    """Grid (cdiv(K, BLOCK_K), S): a column block of x for one of S row ranges. Writes grad_x for its
-    tile and its fp32 partial of grad_phi [BLOCK_P, BLOCK_K] (summed over S by the caller). With
-    HAS_GRAD_IN grad_x also adds grad_in [M, K]; with HAS_PRE the pre-aggregation's term
-    H_pre[m] g_u[c] for column k = m C + c (g_u [M, C], H_pre [M, N])."""
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): one tile of grad_x = grad_proj phi + 2 x grad_sumsq
+    per program, no loop over tokens. The P-term is P rank-one updates in fp32 FMAs (a contraction
+    of P = 2n + n^2 is too short for a tensor-core dot to pay, and Triton's fp32 dot took over 200
+    registers per thread at tiles this size). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
+    with HAS_PRE the pre-aggregation's term H_pre[m] g_u[c] for column k = m C + c (g_u [M, C],
+    H_pre [M, N])."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M  # the tile's pointers: 64-bit bases, 32-bit offsets
+    local = tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = local < M - first
     k_ok = ks < K
-    split = tl.program_id(1)
-    ps = tl.arange(0, BLOCK_P)
-    p_ok = ps < P
-    tile_ok = p_ok[:, None] & k_ok[None, :]
-    phi = tl.load(phi_ptr + ps[:, None] * K + ks[None, :], mask=tile_ok, other=0.0)
-    # The forward's dot saw phi rounded to x's dtype; differentiate that function.
-    phi = phi.to(x_ptr.dtype.element_ty).to(tl.float32)
-    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    row_start = split * rows_per_split
-    for m0 in range(row_start, row_start + rows_per_split, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        gp = tl.load(grad_proj_ptr + rows[:, None] * P + ps[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
-        gs = tl.load(grad_sumsq_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        offsets = rows.to(tl.int64)[:, None] * K + ks[None, :]
-        xk_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + offsets, mask=xk_ok, other=0.0).to(tl.float32)
-        gp = gp.to(tl.float32)
-        grad_x = tl.dot(gp, phi, input_precision=DOT_PRECISION) + 2.0 * x * gs[:, None]
-        if HAS_GRAD_IN:
-            grad_x += tl.load(grad_in_ptr + offsets, mask=xk_ok, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            streams = ks // C
-            wide_rows = rows.to(tl.int64)[:, None]
-            g_u = tl.load(grad_u_ptr + wide_rows * C + (ks - streams * C)[None, :], mask=xk_ok, other=0.0)
-            h = tl.load(h_pre_ptr + wide_rows * N + streams[None, :], mask=xk_ok, other=0.0)
-            grad_x += h * g_u.to(tl.float32)
-        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=xk_ok)
-        acc = tl.dot(tl.trans(gp), x, acc, input_precision=DOT_PRECISION)
-    partial = grad_phi_partial_ptr + split.to(tl.int64) * P * K
-    tl.store(partial + ps[:, None] * K + ks[None, :], acc, mask=tile_ok)
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    offsets = local[:, None] * K + ks[None, :]
+    x = tl.load(x_ptr + first * K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    gs = tl.load(grad_sumsq_ptr + first + local, mask=row_ok, other=0.0).to(tl.float32)
+    grad_x = 2.0 * x * gs[:, None]
+    grad_proj_rows = grad_proj_ptr + first * P + local * P
+    for p in range(P):
+        g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
+        # the forward's dot saw phi rounded to x's dtype: differentiate that function
+        w = tl.load(phi_ptr + p * K + ks, mask=k_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+        grad_x += g[:, None] * w[None, :]
+    if HAS_GRAD_IN:
+        grad_x += tl.load(grad_in_ptr + first * K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        streams = ks // C
+        g_u = tl.load(grad_u_ptr + first * C + local[:, None] * C + (ks - streams * C)[None, :], mask=tile_ok,
+                      other=0.0)
+        h = tl.load(h_pre_ptr + first * N + local[:, None] * N + streams[None, :], mask=tile_ok, other=0.0)
+        grad_x += h * g_u.to(tl.float32)
+    tl.store(grad_x_ptr + first * K + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def project_backward(
@@ -267,12 +260,14 @@ def project_backward(
     pre: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backward of :func:`project_forward`. Returns grad_x = grad_proj phi + 2 x grad_sumsq [M, K] in
-    x.dtype and grad_phi = grad_proj^T x [P, K] in phi.dtype, fp32 math (fp32 dots: :func:`_fp32_dot_precision`).
+    x.dtype (fp32 math) and grad_phi = grad_proj^T x [P, K] in phi.dtype (:func:`_grad_phi`).
     grad_x also sums, in the same pass, ``grad_in`` [M, K] (x's gradient from elsewhere) and, for
     ``pre`` = (g_u [M, C], H_pre [M, n]), the pre-aggregation's H_pre[m] g_u (x = vec X, K = n C).
 
-    One read of x, one write of grad_x. The rows are split into S ranges, each program writing an
-    fp32 grad_phi partial [P, BLOCK_K]; the [S, P, K] partials are summed with torch (deterministic).
+    grad_x is one read of x and one write, a tile per program; grad_phi, a reduction over all
+    tokens, is a matmul that reads x once more. (A kernel doing both, each program looping over a
+    range of tokens and writing grad_phi partials, ran at 337 GB/s on an H200: the loop's
+    iterations could not overlap.) Deterministic.
     """
     _check_stream_dtype(x, "x")
     _check_stream_dtype(phi, "phi")
@@ -285,17 +280,14 @@ def project_backward(
     if pre is not None and (grad_u.shape[0] != M or n * grad_u.shape[1] != K):
         raise ValueError(f"pre: g_u {tuple(grad_u.shape)} and H_pre {tuple(h_pre.shape)} do not match x {(M, K)}")
     grad_in = grad_in.contiguous() if grad_in is not None else None
-    k_blocks = triton.cdiv(K, PROJECT_BLOCK_K)
-    splits, rows_per_split = _split(M, PROJECT_BWD_BLOCK_M, PROJECT_BWD_PROGRAMS // k_blocks)
     grad_x = torch.empty_like(x)
-    partial = torch.empty(splits, P, K, device=x.device, dtype=torch.float32)
-    _project_bwd_kernel[(k_blocks, splits)](
+    grid = (triton.cdiv(M, PROJECT_BWD_BLOCK_M), triton.cdiv(K, PROJECT_BWD_BLOCK_K))
+    _project_bwd_kernel[grid](
         grad_proj,
         grad_sumsq,
         x,
         _dot_weight(phi, x),
         grad_x,
-        partial,
         x if grad_in is None else grad_in,  # placeholders are never read
         grad_u,
         h_pre,
@@ -304,17 +296,37 @@ def project_backward(
         P,
         K // n,
         n,
-        rows_per_split,
         BLOCK_M=PROJECT_BWD_BLOCK_M,
-        BLOCK_K=PROJECT_BLOCK_K,
-        BLOCK_P=max(16, triton.next_power_of_2(P)),
-        DOT_PRECISION=_fp32_dot_precision(),
+        BLOCK_K=PROJECT_BWD_BLOCK_K,
         HAS_GRAD_IN=grad_in is not None,
         HAS_PRE=pre is not None,
-        num_warps=8,  # four fp32 tiles live at once (phi, x, grad_x, the grad_phi accumulator)
-        num_stages=1,
+        num_warps=PROJECT_BWD_WARPS,
     )
-    return grad_x, partial.sum(dim=0).to(phi.dtype)
+    return grad_x, _grad_phi(grad_proj, x).to(phi.dtype)
+
+
+def _grad_phi(grad_proj: Tensor, x: Tensor) -> Tensor:
+    """grad_proj^T x [P, K] in fp32, by one matmul (cuBLAS on a GPU) that reads x once.
+
+    A bf16 x is read as stored. grad_proj (fp32) is written exactly, but for values near
+    underflow, as the sum of three bf16 parts (8 significant bits each, 24 in all: fp32's), which
+    multiply x in one [3P, M] x [M, K] matmul with fp32 accumulation (``torch.mm``'s out_dtype,
+    CUDA; elsewhere the same products in fp32), so grad_phi is as exact as an fp32 matmul's
+    (grad_proj rounded to bf16 alone, as autocast's matmul backward would take it, keeps 8 of its
+    24 bits). P is small (24 at n = 4): the extra rows cost no traffic. An fp16 x
+    (whose range could not hold the parts) and an fp32 one are multiplied in fp32, at torch's
+    float32 matmul precision.
+    """
+    if x.dtype != torch.bfloat16:
+        return grad_proj.T @ x.float()
+    parts, rest = [], grad_proj
+    for _ in range(3):
+        part = rest.to(torch.bfloat16)
+        parts.append(part)
+        rest = rest - part.float()
+    stacked = torch.cat(parts, dim=1).T
+    products = torch.mm(stacked, x, out_dtype=torch.float32) if x.is_cuda else stacked.float() @ x.float()
+    return products.view(3, grad_proj.shape[1], x.shape[1]).sum(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
