@@ -13,7 +13,7 @@ The interpreter is chosen when mhc_triton is imported, so the module fixture imp
 TRITON_INTERPRET=1 and restores the environment at once (other tests, and the subprocesses they
 start, must not inherit the variable); see :func:`interpreted_import`. Tiny shapes keep the
 interpreter fast; the `small_blocks` variants shrink the kernels' block sizes so that tails,
-K loops, several programs and the project_backward split partials are all exercised.
+K loops, several programs and programs that take several token blocks are all exercised.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def blocks(request, mt, monkeypatch) -> str:
         monkeypatch.setattr(mt, "PROJECT_BWD_BLOCK_M", 16)
         monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)
         monkeypatch.setattr(mt, "PROJECT_BWD_BLOCK_K", 32)  # K = 160: 5 column blocks, the last one short
-        monkeypatch.setattr(mt, "COEFF_BLOCK_ELEMENTS", 64)  # 4 tokens per program at n = 3, 4
+        monkeypatch.setattr(mt, "COEFF_BLOCK_ELEMENTS", 64)  # 4 tokens per block at n = 3, 4
+        monkeypatch.setattr(mt, "COEFF_BWD_PROGRAMS", 3)  # each backward program takes several blocks
         monkeypatch.setattr(mt, "STREAM_BLOCK_C", 16)
     return request.param
 

@@ -59,6 +59,7 @@ PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kern
 PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 94 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
+COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
 # on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
 STREAM_BLOCK_C = 1024  # channels per program (or per loop step) in the pre/apply kernels: at C = 768 the
@@ -513,6 +514,7 @@ def _coeff_bwd_kernel(
     grad_sumsq_ptr,
     grad_alpha_partial_ptr,
     grad_bias_partial_ptr,
+    iterates_ptr,
     M,
     width,
     iters,
@@ -524,71 +526,98 @@ def _coeff_bwd_kernel(
     P: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_T),), as the forward. Writes grad_proj and grad_sumsq per token and one
-    row of grad_alpha [3] and grad_bias [P] partials per program (summed by the caller)."""
+    """Grid (G,): program g takes token blocks g, g + G, ... of BLOCK_T tokens; writes grad_proj and
+    grad_sumsq per token and one row of grad_alpha [3] and grad_bias [P] partials (summed by the
+    caller). Its Sinkhorn iterates go to its own slot of iterates_ptr [G, BLOCK_T, iters, NP, NP]."""
     pid = tl.program_id(0)
-    toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(pid, M, N, NP, BLOCK_T)
-    rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
-        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
-    )
-    vec_offsets = toks[:, None] * N + j[None, :]
-    mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
-
-    # Sigmoids (Eq. 8): d sigmoid = s (1 - s).
-    s_pre = tl.sigmoid(l_pre)
-    g_pre = tl.load(grad_pre_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
-    dl_pre = tl.where(vec_ok, g_pre * s_pre * (1.0 - s_pre), 0.0)
-    s_post = tl.sigmoid(l_post)
-    g_post = tl.load(grad_post_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
-    dl_post = tl.where(vec_ok, 2.0 * g_post * s_post * (1.0 - s_post), 0.0)
-
-    # Sinkhorn-Knopp (Eq. 9) in reverse. Iteration t maps M_t -> A = T_c(M_t) -> M_{t+1} = T_r(A);
-    # for t = iters-1 .. 0, M_t is recomputed from M0 (t forward iterations, O(iters^2) in all,
-    # nothing per iteration leaves the registers), then
-    #   g_A = (g - sum_j(g * M_{t+1})) / rowdenom,   g <- (g_A - sum_i(g_A * A)) / coldenom.
-    # Padded lanes (stream index >= n) hold M = 0 and divide by 1; their gradient never reaches
-    # a real lane (it only meets zeros of M), and is reset to zero after each step so that it
-    # cannot grow into inf (inf * 0 = nan would).
-    m0 = _sinkhorn_m0(l_res, mat_ok, clamp)
-    g = tl.load(grad_res_ptr + mat_offsets, mask=mat_ok, other=0.0).to(tl.float32)
-    for step in range(iters):
-        m_t = _sinkhorn_iterate(m0, iters - 1 - step, j_ok, eps)
-        a, col_denom = _normalize_columns(m_t, j_ok, eps)
-        m_next, row_denom = _normalize_rows(a, j_ok, eps)
-        g_a = (g - tl.sum(g * m_next, axis=2)[:, :, None]) / row_denom[:, :, None]
-        g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / col_denom[:, None, :]
-        g = tl.where(mat_ok, g, 0.0)
-    # exp, then clamp: the gradient passes on [-clamp, clamp] inclusive, as torch.clamp's does.
-    inside = (l_res >= -clamp) & (l_res <= clamp)
-    dl_res = tl.where(mat_ok & inside, g * m0, 0.0)
-
-    # Eq. 7: l = alpha * proj * rms_inv + bias, rms_inv = (sumsq / K + norm_eps)^(-1/2).
     alpha_pre = tl.load(alpha_ptr)
     alpha_post = tl.load(alpha_ptr + 1)
     alpha_res = tl.load(alpha_ptr + 2)
-    r2 = rms_inv[:, None]
-    r3 = rms_inv[:, None, None]
-    tl.store(grad_proj_ptr + toks[:, None] * P + j[None, :], dl_pre * alpha_pre * r2, mask=vec_ok)
-    tl.store(grad_proj_ptr + toks[:, None] * P + N + j[None, :], dl_post * alpha_post * r2, mask=vec_ok)
+    j = tl.arange(0, NP)
+    j_ok = j < N
     res_cols = 2 * N + j[:, None] * N + j[None, :]
-    tl.store(grad_proj_ptr + toks[:, None, None] * P + res_cols[None, :, :], dl_res * alpha_res * r3, mask=mat_ok)
-    grad_rms_inv = (
-        alpha_pre * tl.sum(dl_pre * proj_pre, axis=1)
-        + alpha_post * tl.sum(dl_post * proj_post, axis=1)
-        + alpha_res * tl.sum(tl.sum(dl_res * proj_res, axis=2), axis=1)
-    )
-    grad_sumsq = grad_rms_inv * (-0.5 / width) * rms_inv * rms_inv * rms_inv
-    tl.store(grad_sumsq_ptr + toks, grad_sumsq, mask=tok_ok)
+    # this program's iterate slots: token, iteration, then the n x n matrix (padded to NP x NP)
+    square = j[:, None] * NP + j[None, :]
+    slots = (iterates_ptr + pid.to(tl.int64) * BLOCK_T * iters * NP * NP
+             + tl.arange(0, BLOCK_T)[:, None, None] * (iters * NP * NP) + square[None, :, :])
+    sum_alpha_pre = 0.0
+    sum_alpha_post = 0.0
+    sum_alpha_res = 0.0
+    sum_bias_pre = tl.zeros((NP,), dtype=tl.float32)
+    sum_bias_post = tl.zeros((NP,), dtype=tl.float32)
+    sum_bias_res = tl.zeros((NP, NP), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(M, BLOCK_T), tl.num_programs(0)):
+        toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(block, M, N, NP, BLOCK_T)
+        rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
+            proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
+        )
+        vec_offsets = toks[:, None] * N + j[None, :]
+        mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
 
-    # Per-program partials: d l / d alpha = proj * rms_inv, d l / d bias = 1.
+        # Sigmoids (Eq. 8): d sigmoid = s (1 - s).
+        s_pre = tl.sigmoid(l_pre)
+        g_pre = tl.load(grad_pre_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
+        dl_pre = tl.where(vec_ok, g_pre * s_pre * (1.0 - s_pre), 0.0)
+        s_post = tl.sigmoid(l_post)
+        g_post = tl.load(grad_post_ptr + vec_offsets, mask=vec_ok, other=0.0).to(tl.float32)
+        dl_post = tl.where(vec_ok, 2.0 * g_post * s_post * (1.0 - s_post), 0.0)
+
+        # Sinkhorn-Knopp (Eq. 9) in reverse. Iteration t maps M_t -> A = T_c(M_t) -> M_{t+1} = T_r(A).
+        # The forward is recomputed once, each M_t stored in the program's slots; then for
+        # t = iters-1 .. 0, from M_t reloaded (A and the denominators recomputed from it):
+        #   g_A = (g - sum_j(g * M_{t+1})) / rowdenom,   g <- (g_A - sum_i(g_A * A)) / coldenom.
+        # Padded lanes (stream index >= n) hold M = 0 and divide by 1; their gradient never reaches
+        # a real lane (it only meets zeros of M), and is reset to zero after each step so that it
+        # cannot grow into inf (inf * 0 = nan would).
+        m0 = _sinkhorn_m0(l_res, mat_ok, clamp)
+        m_t = m0
+        for t in range(iters):
+            tl.store(slots + t * NP * NP, m_t)
+            m_t = _sinkhorn_iterate(m_t, 1, j_ok, eps)
+        tl.debug_barrier()  # every thread's stores are visible to the loads below, whatever their layout
+        g = tl.load(grad_res_ptr + mat_offsets, mask=mat_ok, other=0.0).to(tl.float32)
+        for step in range(iters):
+            m_t = tl.load(slots + (iters - 1 - step) * NP * NP)
+            a, col_denom = _normalize_columns(m_t, j_ok, eps)
+            m_next, row_denom = _normalize_rows(a, j_ok, eps)
+            g_a = (g - tl.sum(g * m_next, axis=2)[:, :, None]) / row_denom[:, :, None]
+            g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / col_denom[:, None, :]
+            g = tl.where(mat_ok, g, 0.0)
+        tl.debug_barrier()  # the next block's stores come after every load of this one
+        # exp, then clamp: the gradient passes on [-clamp, clamp] inclusive, as torch.clamp's does.
+        inside = (l_res >= -clamp) & (l_res <= clamp)
+        dl_res = tl.where(mat_ok & inside, g * m0, 0.0)
+
+        # Eq. 7: l = alpha * proj * rms_inv + bias, rms_inv = (sumsq / K + norm_eps)^(-1/2).
+        r2 = rms_inv[:, None]
+        r3 = rms_inv[:, None, None]
+        tl.store(grad_proj_ptr + toks[:, None] * P + j[None, :], dl_pre * alpha_pre * r2, mask=vec_ok)
+        tl.store(grad_proj_ptr + toks[:, None] * P + N + j[None, :], dl_post * alpha_post * r2, mask=vec_ok)
+        tl.store(grad_proj_ptr + toks[:, None, None] * P + res_cols[None, :, :], dl_res * alpha_res * r3,
+                 mask=mat_ok)
+        grad_rms_inv = (
+            alpha_pre * tl.sum(dl_pre * proj_pre, axis=1)
+            + alpha_post * tl.sum(dl_post * proj_post, axis=1)
+            + alpha_res * tl.sum(tl.sum(dl_res * proj_res, axis=2), axis=1)
+        )
+        grad_sumsq = grad_rms_inv * (-0.5 / width) * rms_inv * rms_inv * rms_inv
+        tl.store(grad_sumsq_ptr + toks, grad_sumsq, mask=tok_ok)
+
+        # This program's partials: d l / d alpha = proj * rms_inv, d l / d bias = 1.
+        sum_alpha_pre += tl.sum(tl.sum(dl_pre * proj_pre * r2, axis=1), axis=0)
+        sum_alpha_post += tl.sum(tl.sum(dl_post * proj_post * r2, axis=1), axis=0)
+        sum_alpha_res += tl.sum(tl.sum(tl.sum(dl_res * proj_res * r3, axis=2), axis=1), axis=0)
+        sum_bias_pre += tl.sum(dl_pre, axis=0)
+        sum_bias_post += tl.sum(dl_post, axis=0)
+        sum_bias_res += tl.sum(dl_res, axis=0)
     alpha_row = grad_alpha_partial_ptr + pid * 3
-    tl.store(alpha_row, tl.sum(tl.sum(dl_pre * proj_pre * r2, axis=1), axis=0))
-    tl.store(alpha_row + 1, tl.sum(tl.sum(dl_post * proj_post * r2, axis=1), axis=0))
-    tl.store(alpha_row + 2, tl.sum(tl.sum(tl.sum(dl_res * proj_res * r3, axis=2), axis=1), axis=0))
+    tl.store(alpha_row, sum_alpha_pre)
+    tl.store(alpha_row + 1, sum_alpha_post)
+    tl.store(alpha_row + 2, sum_alpha_res)
     bias_row = grad_bias_partial_ptr + pid * P
-    tl.store(bias_row + j, tl.sum(dl_pre, axis=0), mask=j_ok)
-    tl.store(bias_row + N + j, tl.sum(dl_post, axis=0), mask=j_ok)
-    tl.store(bias_row + res_cols, tl.sum(dl_res, axis=0), mask=j_ok[:, None] & j_ok[None, :])
+    tl.store(bias_row + j, sum_bias_pre, mask=j_ok)
+    tl.store(bias_row + N + j, sum_bias_post, mask=j_ok)
+    tl.store(bias_row + res_cols, sum_bias_res, mask=j_ok[:, None] & j_ok[None, :])
 
 
 def coefficients_backward(
@@ -609,22 +638,26 @@ def coefficients_backward(
     """Exact gradient of :func:`coefficients_forward`: returns grad_proj [M, P], grad_sumsq [M],
     grad_alpha [3] and grad_bias [P], all fp32 (the incoming gradients may be any float dtype).
 
-    One kernel recomputes the forward on chip and runs the Sinkhorn iterations backwards. Reverse
-    step t recomputes its input M_t from M0 by t forward iterations, so the kernel does
-    iters (iters + 1) / 2 iterations per token (210 at iters = 20) and keeps no per-iteration
-    state: Triton cannot index register arrays dynamically, which rules out on-chip checkpoints
-    at a runtime iteration count, and the n x n work per token is tiny next to the memory traffic.
-    grad_alpha and grad_bias come from per-program partials summed with torch (deterministic).
+    One kernel recomputes the forward and runs the Sinkhorn iterations backwards: 2 iters
+    iterations per token. Triton cannot index register arrays, so each program stores its
+    tokens' iterates M_t in a scratch slot of its own (iters n_pad^2 fp32 per token, written and
+    read once, mostly from L2) and takes its token blocks in turn, so the scratch is at most
+    COEFF_BWD_PROGRAMS slots whatever M (21 MB at n = 4). Recomputing each M_t from M0 instead,
+    as this kernel first did, took 210 iterations per token at iters = 20: 0.19 ms per call on an
+    H200 at 16k tokens. grad_alpha and grad_bias come from per-program partials summed with
+    torch (deterministic).
     """
     tensors = (grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias)
     grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias = (t.contiguous() for t in tensors)
     M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
-    n_pad, block_t, programs = _coeff_launch_shape(M, n)
+    n_pad, block_t, blocks = _coeff_launch_shape(M, n)
+    programs = min(blocks, COEFF_BWD_PROGRAMS)
     grad_proj = torch.empty(M, P, device=proj.device, dtype=torch.float32)
     grad_sumsq = torch.empty(M, device=proj.device, dtype=torch.float32)
     alpha_partial = torch.empty(programs, 3, device=proj.device, dtype=torch.float32)
     bias_partial = torch.empty(programs, P, device=proj.device, dtype=torch.float32)
+    iterates = torch.empty(programs, block_t, max(iters, 1), n_pad, n_pad, device=proj.device, dtype=torch.float32)
     _coeff_bwd_kernel[(programs,)](
         grad_pre,
         grad_post,
@@ -637,6 +670,7 @@ def coefficients_backward(
         grad_sumsq,
         alpha_partial,
         bias_partial,
+        iterates,
         M,
         width,
         iters,
