@@ -209,6 +209,7 @@ def _project_bwd_kernel(
     grad_in_ptr,
     grad_u_ptr,
     h_pre_ptr,
+    grad_proj_parts_ptr,
     M,
     K,
     P,
@@ -216,15 +217,19 @@ def _project_bwd_kernel(
     N,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     HAS_GRAD_IN: tl.constexpr,
     HAS_PRE: tl.constexpr,
+    SPLIT_GRAD_PROJ: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): one tile of grad_x = grad_proj phi + 2 x grad_sumsq
     per program, no loop over tokens. The P-term is P rank-one updates in fp32 FMAs (a contraction
     of P = 2n + n^2 is too short for a tensor-core dot to pay, and Triton's fp32 dot took over 200
     registers per thread at tiles this size). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
     with HAS_PRE the pre-aggregation's term H_pre[m] g_u[c] for column k = m C + c (g_u [M, C],
-    H_pre [M, N])."""
+    H_pre [M, N]). With SPLIT_GRAD_PROJ the first program of each token block also writes its
+    rows of grad_proj as three bf16 parts that sum to it (grad_proj_parts [M, 3P], part-major
+    columns), for :func:`_grad_phi`'s matmul."""
     first = tl.program_id(0).to(tl.int64) * BLOCK_M  # the tile's pointers: 64-bit bases, 32-bit offsets
     local = tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -236,6 +241,16 @@ def _project_bwd_kernel(
     gs = tl.load(grad_sumsq_ptr + first + local, mask=row_ok, other=0.0).to(tl.float32)
     grad_x = 2.0 * x * gs[:, None]
     grad_proj_rows = grad_proj_ptr + first * P + local * P
+    if SPLIT_GRAD_PROJ:
+        if tl.program_id(1) == 0:
+            ps = tl.arange(0, BLOCK_P)
+            rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
+            rest = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=rows_ps_ok, other=0.0)
+            parts = grad_proj_parts_ptr + first * 3 * P + local[:, None] * (3 * P) + ps[None, :]
+            for part in tl.static_range(3):  # 8 significant bits each: fp32's 24 (near underflow, fewer)
+                rounded = rest.to(tl.bfloat16)
+                tl.store(parts + part * P, rounded, mask=rows_ps_ok)
+                rest = rest - rounded.to(tl.float32)
     for p in range(P):
         g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
         # the forward's dot saw phi rounded to x's dtype: differentiate that function
@@ -282,6 +297,8 @@ def project_backward(
         raise ValueError(f"pre: g_u {tuple(grad_u.shape)} and H_pre {tuple(h_pre.shape)} do not match x {(M, K)}")
     grad_in = grad_in.contiguous() if grad_in is not None else None
     grad_x = torch.empty_like(x)
+    split = x.dtype == torch.bfloat16
+    parts = torch.empty(M, 3 * P, device=x.device, dtype=torch.bfloat16) if split else grad_x
     grid = (triton.cdiv(M, PROJECT_BWD_BLOCK_M), triton.cdiv(K, PROJECT_BWD_BLOCK_K))
     _project_bwd_kernel[grid](
         grad_proj,
@@ -292,6 +309,7 @@ def project_backward(
         x if grad_in is None else grad_in,  # placeholders are never read
         grad_u,
         h_pre,
+        parts,  # a placeholder without the split, never written
         M,
         K,
         P,
@@ -299,35 +317,32 @@ def project_backward(
         n,
         BLOCK_M=PROJECT_BWD_BLOCK_M,
         BLOCK_K=PROJECT_BWD_BLOCK_K,
+        BLOCK_P=triton.next_power_of_2(P),
         HAS_GRAD_IN=grad_in is not None,
         HAS_PRE=pre is not None,
+        SPLIT_GRAD_PROJ=split,
         num_warps=PROJECT_BWD_WARPS,
     )
-    return grad_x, _grad_phi(grad_proj, x).to(phi.dtype)
+    return grad_x, _grad_phi(parts if split else grad_proj, x).to(phi.dtype)
 
 
 def _grad_phi(grad_proj: Tensor, x: Tensor) -> Tensor:
     """grad_proj^T x [P, K] in fp32, by one matmul (cuBLAS on a GPU) that reads x once.
 
-    A bf16 x is read as stored. grad_proj (fp32) is written exactly, but for values near
-    underflow, as the sum of three bf16 parts (8 significant bits each, 24 in all: fp32's), which
-    multiply x in one [3P, M] x [M, K] matmul with fp32 accumulation (``torch.mm``'s out_dtype,
-    CUDA; elsewhere the same products in fp32), so grad_phi is as exact as an fp32 matmul's
-    (grad_proj rounded to bf16 alone, as autocast's matmul backward would take it, keeps 8 of its
-    24 bits). P is small (24 at n = 4): the extra rows cost no traffic. An fp16 x
-    (whose range could not hold the parts) and an fp32 one are multiplied in fp32, at torch's
-    float32 matmul precision.
+    For a bf16 x, ``grad_proj`` is [M, 3P]: the fp32 gradient written exactly (but for values near
+    underflow) as three bf16 parts, which the projection's kernel wrote. x, read as stored,
+    multiplies all three in one [3P, M] x [M, K] matmul with fp32 accumulation (``torch.mm``'s
+    out_dtype, CUDA; elsewhere the same products in fp32), and the three partial results are
+    summed: grad_phi is as exact as an fp32 matmul's, where grad_proj rounded to bf16 alone (what
+    autocast's matmul backward would take) keeps 8 of its 24 bits. P is small (24 at n = 4): the
+    extra rows cost no traffic. An fp16 x (whose range could not hold the parts) and an fp32 one
+    are multiplied in fp32, at torch's float32 matmul precision, with grad_proj [M, P].
     """
     if x.dtype != torch.bfloat16:
         return grad_proj.T @ x.float()
-    parts, rest = [], grad_proj
-    for _ in range(3):
-        part = rest.to(torch.bfloat16)
-        parts.append(part)
-        rest = rest - part.float()
-    stacked = torch.cat(parts, dim=1).T
-    products = torch.mm(stacked, x, out_dtype=torch.float32) if x.is_cuda else stacked.float() @ x.float()
-    return products.view(3, grad_proj.shape[1], x.shape[1]).sum(dim=0)
+    parts = grad_proj.T
+    products = torch.mm(parts, x, out_dtype=torch.float32) if x.is_cuda else parts.float() @ x.float()
+    return products.view(3, -1, x.shape[1]).sum(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
