@@ -105,8 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="AdamW implementation (default: fused on cuda, foreach on cpu)")
     p.add_argument("--mhc-implementation", default=None, help="default: each model YAML's mhc.implementation")
     p.add_argument("--float32-matmul-precision", choices=["highest", "high", "medium"], default=None,
-                   help="torch.set_float32_matmul_precision for the run (the mHC projection backward's dots: "
-                        "FMAs at highest, TF32 at high/medium); default: torch's")
+                   help="torch.set_float32_matmul_precision for the run (fp32 matmuls, and an fp32 mHC "
+                        "stream's projection: FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
     p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
     p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],

@@ -1,11 +1,12 @@
 """Triton kernels for manifold-constrained hyper-connections (mHC, arXiv 2512.24880).
 
 One launch per step of the mHC residual (see :mod:`llmkit.model.mhc` for the math and the
-PyTorch implementations these kernels replace). Per token, the stream is X [n, C] and x = vec X
-has width K = n C; P = 2n + n^2 mapping logits.
+PyTorch implementations these kernels replace), and one cuBLAS matmul (dL/dphi). Per token, the
+stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
 
 - :func:`project_forward` / :func:`project_backward`: Eq. 7's projection, proj = x phi^T, and
-  sumsq = sum_k x_k^2 (the RMSNorm statistic, applied after the projection), from one read of x.
+  sumsq = sum_k x_k^2 (the RMSNorm statistic, applied after the projection), from one read of x;
+  backward, dL/dx from one read of x and dL/dphi = g^T x by a matmul (:func:`_grad_phi`).
 - :func:`coefficients_forward` / :func:`coefficients_backward`: Eq. 7-9 from (proj, sumsq):
   l = alpha * proj * rsqrt(sumsq / K + norm_eps) + bias, H_pre = sigmoid(l_pre) (Eq. 8),
   H_post = 2 sigmoid(l_post) (Eq. 8), H_res = Sinkhorn-Knopp(l_res) (Eq. 9).
@@ -18,10 +19,10 @@ route it to PyTorch). Every kernel is deterministic: cross-program sums go throu
 partials reduced with torch, never atomics.
 
 Dots: on a GPU the forward projection keeps bf16/fp16 operands (tensor cores, fp32
-accumulation); fp32 operands (an fp32 stream, and the backward's dots, which take the fp32
-gradient and x upcast exactly) follow ``torch.get_float32_matmul_precision()`` as torch's own
-matmuls do: full fp32 ("ieee", CUDA-core FMAs) at "highest", the default, and tf32 at "high" or
-"medium"; :data:`FP32_DOT_PRECISION` overrides that for these kernels.
+accumulation); with an fp32 stream its operands follow ``torch.get_float32_matmul_precision()``
+as torch's own matmuls do: full fp32 ("ieee", CUDA-core FMAs) at "highest", the default, and
+tf32 at "high" or "medium"; :data:`FP32_DOT_PRECISION` overrides that for these kernels. The
+backward's g phi is fp32 FMAs, and its g^T x a matmul as exact as an fp32 one.
 
 Triton's interpreter (TRITON_INTERPRET=1, fixed when this module is imported) differs from a GPU
 in two ways handled here: ``tl.dot`` on bf16 operands returns garbage (triton issue 11584), so
@@ -56,7 +57,7 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot); 32 took 1.6x as long
 PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.dot)
 PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
-PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 94 registers per thread at 4 warps on sm_90
+PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 104 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
@@ -66,9 +67,9 @@ STREAM_BLOCK_C = 1024  # channels per program (or per loop step) in the pre/appl
 # apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
 NUM_WARPS = 4
 FP32_DOT_PRECISION: str | None = None
-"""tl.dot's input_precision for fp32 operands ("ieee", "tf32" or "tf32x3"); None follows torch's float32
-matmul precision. On a GPU "ieee" runs on CUDA cores, the others on tensor cores (tf32x3: three tf32
-products, about fp32's accuracy); bench/mhc_kernel_variants.py times and checks each."""
+"""tl.dot's input_precision for fp32 operands (an fp32 stream's forward projection): "ieee", "tf32" or
+"tf32x3"; None follows torch's float32 matmul precision. On a GPU "ieee" runs on CUDA cores, the
+others on tensor cores (tf32x3: three tf32 products, about fp32's accuracy)."""
 
 
 def _check_stream_dtype(t: Tensor, name: str) -> None:
