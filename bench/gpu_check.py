@@ -22,7 +22,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    (``bench.throughput.training_forward_bytes``), and their n/1 ratios; on CUDA also what one more
    training step holds after its forward and its peak, above what it starts with
    (``bench.throughput.training_step_memory``): whether memory beyond the saved activations is
-   held from the forward or transient in the backward.
+   held from the forward or transient in the backward; and the same of --kernel-model's step with
+   eager blocks, whether it comes with compiling them.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
    best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams. It runs
@@ -342,6 +343,28 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
                                                "mem_ratio", "act_ratio", "device")}
                       for r in training["rows"]]
     release_memory()
+    if throughput.CUDA and args.compile:  # the same step with eager blocks: is a memory excess the compiler's?
+        for n in args.n_streams:
+            clock.log(f"3 memory of one eager training step, {args.kernel_model} n={n}")
+            row = attempt(memory["errors"], {"model": args.kernel_model, "n_streams": n}, eager_step_memory, args, n)
+            if row is not None:
+                memory["eager"].append({**row, "device": report["device"]})
+
+
+def eager_step_memory(args: argparse.Namespace, n_streams: int) -> dict:
+    """``bench.throughput.training_step_memory`` of --kernel-model with eager blocks (no compile)."""
+    from bench import throughput
+    from llmkit.model.transformer import Transformer
+
+    torch._dynamo.reset()
+    release_memory()
+    config = throughput.model_config(args.kernel_model, n_streams, bench_namespace(args, args.kernel_model))
+    model = Transformer(config).cuda()
+    row = {"model": args.kernel_model, "n_streams": n_streams,
+           **throughput.training_step_memory(model, args.seq_len, args.batch_size, args.precision)}
+    del model
+    release_memory()
+    return row
 
 
 def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Namespace) -> dict:
@@ -634,6 +657,11 @@ def table(report: dict) -> str:
             row(f"{m['model']} n={m['n_streams']} / n=1",
                 f"peak {fmt(m['mem_ratio'], '.3f', 'x')}, saved activations {m['act_ratio']:.3f}x",
                 target and "peak " + target, result, m["device"])
+    for m in memory.get("eager", []):
+        row(f"{m['model']} n={m['n_streams']} eager blocks",
+            f"held after forward {m['held_after_forward_GiB']:.2f} GiB, step peak {m['step_peak_GiB']:.2f} GiB",
+            "", "", m["device"])
+    errors(memory)
 
     generation = report["generation"]
     header(f"4. Generation: {generation['mode']} decode with KV cache, prompt {args['gen_prompt_len']}, "
@@ -681,7 +709,7 @@ def new_report(args: argparse.Namespace, device: str) -> dict:
         "args": {k: v for k, v in vars(args).items()},
         "training": {"rows": [], "errors": []},
         "kernels": {"rows": [], "per_sublayer": [], "errors": []},
-        "memory": {"rows": [], "errors": []},
+        "memory": {"rows": [], "eager": [], "errors": []},
         "generation": {"mode": "compiled" if args.compile else "cached", "rows": [], "skipped": [], "errors": []},
         "pytest": {},
         "targets": [],

@@ -57,6 +57,7 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     memory = report["memory"]["rows"]
     assert [(m["n_streams"], m["peak_mem_GiB"], m["held_after_forward_GiB"]) for m in memory] == [(1, None, None),
                                                                                                   (4, None, None)]
+    assert report["memory"]["eager"] == []  # measured on CUDA only
     assert all(isinstance(m["saved_act_bytes"], int) and m["saved_act_bytes"] > 0 for m in memory)
     assert memory[1]["act_ratio"] == pytest.approx(memory[1]["saved_act_bytes"] / memory[0]["saved_act_bytes"])
     assert memory[1]["act_ratio"] > 1  # four streams keep more than one
@@ -169,6 +170,9 @@ def made_up_report(device_type: str) -> dict:
                                   train("350m", 1, 0.3, 40.0), train("350m", 4, 0.36, 48.0, 1.20, 1.20)]
     report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30, held_after_forward_GiB=r["peak_mem_GiB"] / 4,
                                      step_peak_GiB=r["peak_mem_GiB"] / 2) for r in report["training"]["rows"]]
+    report["memory"]["eager"] = [{"model": "120m", "n_streams": 4, "held_after_forward_GiB": 5.0,
+                                  "step_peak_GiB": 9.5, "device": report["device"]}]
+    report["memory"]["errors"] = [{"model": "120m", "n_streams": 1, "error": "OutOfMemoryError: CUDA out of memory"}]
     report["generation"]["rows"] = [
         {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
          "new_tokens_per_s": 40960.0, "device": report["device"]},
@@ -202,6 +206,8 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert "| 120m n=4 / n=1 | peak 1.300x, saved activations 1.000x | peak <= 1.25x | FAIL | NVIDIA H200 |" in lines
     assert ("| 120m n=4 | peak 26.00 GiB, saved activations 1.000 GiB; held after forward 6.50 GiB, step peak "
             "13.00 GiB |  |  | NVIDIA H200 |") in lines
+    assert "| 120m n=4 eager blocks | held after forward 5.00 GiB, step peak 9.50 GiB |  |  | NVIDIA H200 |" in lines
+    assert "| 120m n=1 | OutOfMemoryError: CUDA out of memory |  | ERROR | NVIDIA H200 |" in lines  # shown
     assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
     assert all(line.count(" | ") == 4 for line in lines if not line.startswith("|---"))  # five cells each
 
