@@ -28,8 +28,9 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
    best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams. It runs
    in a child process killed after --gen-timeout seconds (a compile or decode that hangs costs
-   that, not the rest of the run), with TORCH_LOGS=recompiles,cudagraphs (why a CUDA graph was
-   skipped or re-recorded); before the kill the child prints every thread's stack.
+   that, not the rest of the run), with TORCH_LOGS=recompiles,graph_breaks,cudagraphs (why it
+   recompiled, where dynamo broke the graph, why a CUDA graph was skipped or re-recorded); before
+   the kill the child prints every thread's stack.
 5. ``pytest -m gpu -v`` over tests/ in a subprocess (JUnit XML read back): counts per file; test
    modules that do not import here (a missing jsonargparse, say) are reported, not fatal; the log
    beside the JSON names each test as it ends, so a timeout still says which ran.
@@ -459,7 +460,7 @@ def generation_in_child(args: argparse.Namespace, argv: list[str], clock: Clock,
                "--generation-child", f"{clock.elapsed():.1f}"]
         release_memory()
         returncode = run_child(cmd, args.gen_timeout,
-                               env={"TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,cudagraphs")})
+                               env={"TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,graph_breaks,cudagraphs")})
         if child_out.is_file():
             child = json.loads(child_out.read_text(encoding="utf-8"))["generation"]
             for key in ("rows", "skipped", "errors"):
