@@ -11,6 +11,7 @@ so a resumed run's curves continue where they stopped instead of starting again 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -52,13 +53,20 @@ class TokenThroughput(ThroughputMonitor):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Lightning's setup; where its FLOPs table lacks this GPU under a bf16 precision, the
-        peak comes from :func:`~llmkit.profiling.dense_bf16_peak_flops`, so MFU is not left empty."""
-        super().setup(trainer, pl_module, stage)
+        peak comes from :func:`~llmkit.profiling.dense_bf16_peak_flops`, so MFU is not left empty
+        (and Lightning's warning that it found no FLOPs for the chip is not shown)."""
         device = trainer.strategy.root_device
-        if self.available_flops is None and device.type == "cuda" and "bf16" in str(trainer.precision):
-            self.available_flops = dense_bf16_peak_flops(torch.cuda.get_device_name(device))
+        ours = None
+        if device.type == "cuda" and "bf16" in str(trainer.precision):
+            ours = dense_bf16_peak_flops(torch.cuda.get_device_name(device))
+        with warnings.catch_warnings():
+            if ours is not None:
+                warnings.filterwarnings("ignore", message="FLOPs not found for")
+            super().setup(trainer, pl_module, stage)
+        if self.available_flops is None and ours is not None:
+            self.available_flops = ours
             for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+                throughput.available_flops = ours
 
     def state_dict(self) -> dict[str, float]:
         stage = RunningStage.TRAINING
