@@ -57,7 +57,7 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot); 32 took 1.6x as long
 PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.dot)
 PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
-PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 104 registers per thread at 4 warps on sm_90
+PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 118 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
@@ -229,8 +229,8 @@ def _project_bwd_kernel(
     registers per thread at tiles this size). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
     with HAS_PRE the pre-aggregation's term H_pre[m] g_u[c] for column k = m C + c (g_u [M, C],
     H_pre [M, N]). With SPLIT_GRAD_PROJ the first program of each token block also writes its
-    rows of grad_proj as three bf16 parts that sum to it (grad_proj_parts [M, 3P], part-major
-    columns), for :func:`_grad_phi`'s matmul."""
+    tokens' grad_proj as three bf16 parts that sum to it, transposed for :func:`_grad_phi`'s
+    matmul: grad_proj_parts [3P, M], row part * P + p."""
     first = tl.program_id(0).to(tl.int64) * BLOCK_M  # the tile's pointers: 64-bit bases, 32-bit offsets
     local = tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -247,10 +247,10 @@ def _project_bwd_kernel(
             ps = tl.arange(0, BLOCK_P)
             rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
             rest = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=rows_ps_ok, other=0.0)
-            parts = grad_proj_parts_ptr + first * 3 * P + local[:, None] * (3 * P) + ps[None, :]
+            parts = grad_proj_parts_ptr + first + local[:, None] + ps.to(tl.int64)[None, :] * M
             for part in tl.static_range(3):  # 8 significant bits each: fp32's 24 (near underflow, fewer)
                 rounded = rest.to(tl.bfloat16)
-                tl.store(parts + part * P, rounded, mask=rows_ps_ok)
+                tl.store(parts + part * P * M, rounded, mask=rows_ps_ok)
                 rest = rest - rounded.to(tl.float32)
     for p in range(P):
         g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
@@ -299,7 +299,7 @@ def project_backward(
     grad_in = grad_in.contiguous() if grad_in is not None else None
     grad_x = torch.empty_like(x)
     split = x.dtype == torch.bfloat16
-    parts = torch.empty(M, 3 * P, device=x.device, dtype=torch.bfloat16) if split else grad_x
+    parts = torch.empty(3 * P, M, device=x.device, dtype=torch.bfloat16) if split else grad_x
     grid = (triton.cdiv(M, PROJECT_BWD_BLOCK_M), triton.cdiv(K, PROJECT_BWD_BLOCK_K))
     _project_bwd_kernel[grid](
         grad_proj,
@@ -330,8 +330,8 @@ def project_backward(
 def _grad_phi(grad_proj: Tensor, x: Tensor) -> Tensor:
     """grad_proj^T x [P, K] in fp32, by one matmul (cuBLAS on a GPU) that reads x once.
 
-    For a bf16 x, ``grad_proj`` is [M, 3P]: the fp32 gradient written exactly (but for values near
-    underflow) as three bf16 parts, which the projection's kernel wrote. x, read as stored,
+    For a bf16 x, ``grad_proj`` is [3P, M]: the fp32 gradient written exactly (but for values near
+    underflow) as three bf16 parts, transposed, which the projection's kernel wrote. x, read as stored,
     multiplies all three in one [3P, M] x [M, K] matmul with fp32 accumulation (``torch.mm``'s
     out_dtype, CUDA; elsewhere the same products in fp32), and the three partial results are
     summed: grad_phi is as exact as an fp32 matmul's, where grad_proj rounded to bf16 alone (what
@@ -341,8 +341,7 @@ def _grad_phi(grad_proj: Tensor, x: Tensor) -> Tensor:
     """
     if x.dtype != torch.bfloat16:
         return grad_proj.T @ x.float()
-    parts = grad_proj.T
-    products = torch.mm(parts, x, out_dtype=torch.float32) if x.is_cuda else parts.float() @ x.float()
+    products = torch.mm(grad_proj, x, out_dtype=torch.float32) if x.is_cuda else grad_proj.float() @ x.float()
     return products.view(3, -1, x.shape[1]).sum(dim=0)
 
 
