@@ -94,18 +94,29 @@ def _fp32_dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch arithmetic on the host (``triton.cdiv`` costs about 3 us a call
+    from Python: it goes through Triton's constexpr-function wrapper)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as ``triton.next_power_of_2`` without its wrapper."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _split(length: int, block: int, parts: int) -> tuple[int, int]:
     """(S, span): ``length`` cut into S ranges of ``span`` (a multiple of ``block``; the last may be
     shorter), S as close to ``parts`` as whole blocks allow, at least 1: how the projection kernels
     spread one dimension over programs when the other gives too few."""
-    blocks = triton.cdiv(length, block)
-    span = triton.cdiv(blocks, min(blocks, max(1, parts))) * block
-    return triton.cdiv(length, span), span
+    blocks = _cdiv(length, block)
+    span = _cdiv(blocks, min(blocks, max(1, parts))) * block
+    return _cdiv(length, span), span
 
 
 def _padded_streams(n: int) -> int:
     assert 1 <= n <= MAX_STREAMS, f"mhc_triton: n_streams must be in 1..{MAX_STREAMS} (ModelConfig checks it), got {n}"
-    return triton.next_power_of_2(n)
+    return _next_power_of_2(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     P = phi.shape[0]
     assert phi.shape[1] == K, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
-    row_blocks = triton.cdiv(M, PROJECT_BLOCK_M)
+    row_blocks = _cdiv(M, PROJECT_BLOCK_M)
     splits, cols_per_split = _split(K, PROJECT_BLOCK_K, PROJECT_FWD_PROGRAMS // row_blocks)
     proj = torch.empty(splits, M, P, device=x.device, dtype=torch.float32)
     sumsq = torch.empty(splits, M, device=x.device, dtype=torch.float32)
@@ -189,7 +200,7 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         cols_per_split,
         BLOCK_M=PROJECT_BLOCK_M,
         BLOCK_K=PROJECT_BLOCK_K,
-        BLOCK_P=max(16, triton.next_power_of_2(P)),
+        BLOCK_P=max(16, _next_power_of_2(P)),
         DOT_FP32=INTERPRETED or x.dtype == torch.float32,
         DOT_PRECISION=_fp32_dot_precision(),
         num_warps=8,
@@ -300,7 +311,7 @@ def project_backward(
     grad_x = torch.empty_like(x)
     split = x.dtype == torch.bfloat16
     parts = torch.empty(3 * P, M, device=x.device, dtype=torch.bfloat16) if split else grad_x
-    grid = (triton.cdiv(M, PROJECT_BWD_BLOCK_M), triton.cdiv(K, PROJECT_BWD_BLOCK_K))
+    grid = (_cdiv(M, PROJECT_BWD_BLOCK_M), _cdiv(K, PROJECT_BWD_BLOCK_K))
     _project_bwd_kernel[grid](
         grad_proj,
         grad_sumsq,
@@ -318,7 +329,7 @@ def project_backward(
         n,
         BLOCK_M=PROJECT_BWD_BLOCK_M,
         BLOCK_K=PROJECT_BWD_BLOCK_K,
-        BLOCK_P=triton.next_power_of_2(P),
+        BLOCK_P=_next_power_of_2(P),
         HAS_GRAD_IN=grad_in is not None,
         HAS_PRE=pre is not None,
         SPLIT_GRAD_PROJ=split,
@@ -469,7 +480,7 @@ def _coeff_launch_shape(M: int, n: int) -> tuple[int, int, int]:
     """(padded n, tokens per program, programs) for the coefficient kernels."""
     n_pad = _padded_streams(n)
     block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // (n_pad * n_pad)))
-    return n_pad, block_t, triton.cdiv(M, block_t)
+    return n_pad, block_t, _cdiv(M, block_t)
 
 
 def coefficients_forward(
@@ -707,7 +718,7 @@ def coefficients_backward(
 
 
 def _stream_block(C: int) -> int:
-    return min(STREAM_BLOCK_C, triton.next_power_of_2(C))
+    return min(STREAM_BLOCK_C, _next_power_of_2(C))
 
 
 @triton.jit
@@ -731,7 +742,7 @@ def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
     _padded_streams(n)
     out = torch.empty(M, C, device=x.device, dtype=x.dtype)
     block_c = _stream_block(C)
-    _pre_fwd_kernel[(M, triton.cdiv(C, block_c))](x, h_pre, out, C, N=n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    _pre_fwd_kernel[(M, _cdiv(C, block_c))](x, h_pre, out, C, N=n, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
 
@@ -813,7 +824,7 @@ def apply_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor
     n_pad = _padded_streams(n)
     out = torch.empty_like(x)
     block_c = _stream_block(C)
-    _apply_fwd_kernel[(M, triton.cdiv(C, block_c))](
+    _apply_fwd_kernel[(M, _cdiv(C, block_c))](
         x, y, h_post, h_res, out, C, N=n, NP=n_pad, BLOCK_C=block_c, num_warps=NUM_WARPS
     )
     return out
