@@ -12,8 +12,9 @@
 # Everything it prints also goes to gpu_check_console.log beside the JSON (in $OUT when set), since
 # a remote runner may hand back only the end of the console.
 #
-# Then two extras, each only where its usual time still fits before LIMIT_S seconds (default 540,
+# Then three extras, each only where its usual time still fits before LIMIT_S seconds (default 540,
 # 9 minutes) have passed since the start (gpu_check.py itself is meant to end within 8 minutes):
+# - bench/mhc_host_overhead.py: the host time of one mHC sublayer's ops (about 30 s);
 # - bench/mhc_kernel_variants.py times each mHC kernel alone in the variants worth choosing
 #   between (tiles), with its error against fp64 (about 2 minutes);
 # - where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
@@ -25,7 +26,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 LIMIT_S="${LIMIT_S:-540}"
-VARIANTS_S=120  # the extras' usual times on an H200
+HOST_S=30  # the extras' usual times on an H200 (estimates where not yet run there)
+VARIANTS_S=120
 LIGER_S=60
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
     echo "gpu_check: no CUDA device: '$PYTHON' cannot import torch or torch.cuda.is_available() is False; run this on a GPU machine" >&2
@@ -37,6 +39,11 @@ exec > >(tee -a "$LOG_DIR/gpu_check_console.log") 2>&1
 [ -d .cache/liger ] && export PYTHONPATH="$PYTHONPATH:$PWD/.cache/liger"
 status=0
 "$PYTHON" -m bench.gpu_check "$@" || status=$?
+if [ $((SECONDS + HOST_S)) -le "$LIMIT_S" ]; then
+    "$PYTHON" -m bench.mhc_host_overhead || status=$?
+else
+    echo "gpu_check: ${SECONDS} s have passed; bench/mhc_host_overhead.py (about ${HOST_S} s) not run"
+fi
 if [ $((SECONDS + VARIANTS_S)) -le "$LIMIT_S" ]; then
     "$PYTHON" -m bench.mhc_kernel_variants || status=$?
 else

@@ -7,8 +7,9 @@ forward and backward, for the mHC block and the dense block.
 Generated kernels are inductor's fused loops (C++ on CPU, Triton on CUDA); library calls are
 ``extern_kernels.*`` (mm, bmm, ...) and the attention kernel. The C++ backend fuses outer loops
 that the GPU backend launches as separate Triton kernels, so a CPU count says nothing about the
-number of kernels a GPU launches (for mHC, ~140 more per sublayer there: docs/performance.md);
-count GPU kernels on a GPU, with torch.profiler (bench/gpu_check.sh). The mHC math is one custom
+number of kernels a GPU launches (for mHC before the custom ops, ~140 more per sublayer there; with
+them, 16 on an H200: docs/performance.md); count GPU kernels on a GPU, with torch.profiler
+(bench/gpu_check.sh). The mHC math is one custom
 op per sublayer forward and two backward (llmkit/model/mhc_ops.py; here the first block's, plus
 the final write-back), listed as library calls (``mhc_*``): opaque to inductor, each a few
 Triton kernels on CUDA, so what an n = 4 block generates beyond the dense block is the tiny

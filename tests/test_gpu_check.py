@@ -117,7 +117,7 @@ def test_wrapper_exits_2_with_one_line_without_cuda(python, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-@pytest.mark.parametrize("limit_s, extras_run", [(540, True), (50, False)])
+@pytest.mark.parametrize("limit_s, extras_run", [(540, True), (20, False)])
 def test_wrapper_logs_its_console_and_runs_the_extras_only_where_they_fit(limit_s, extras_run, tmp_path):
     """A stand-in python that 'sees' CUDA and liger and echoes what it is asked to run."""
     fake = tmp_path / "python"
@@ -129,8 +129,10 @@ def test_wrapper_logs_its_console_and_runs_the_extras_only_where_they_fit(limit_
     assert done.returncode == 0, done.stderr
     ran = [line for line in done.stdout.splitlines() if line.startswith("ran ")]
     assert ran == ["ran -m bench.gpu_check --skip-pytest"] + (
-        ["ran -m bench.mhc_kernel_variants", "ran -m bench.mhc_liger"] if extras_run else [])
+        ["ran -m bench.mhc_host_overhead", "ran -m bench.mhc_kernel_variants", "ran -m bench.mhc_liger"]
+        if extras_run else [])
     if not extras_run:
+        assert "bench/mhc_host_overhead.py (about 30 s) not run" in done.stdout
         assert "bench/mhc_kernel_variants.py (about 120 s) not run" in done.stdout
     assert (tmp_path / "out" / "gpu_check_console.log").read_text() == done.stdout + done.stderr
 

@@ -1,0 +1,109 @@
+"""Host time of one mHC sublayer's ops: what the CPU spends per sublayer to issue the forward op
+(``mhc_boundary``) and its two backward ops, before any GPU work.
+
+    python -m bench.mhc_host_overhead            # CUDA: real launches on 16 tokens (the GPU idles)
+    TRITON_INTERPRET=1 python -m bench.mhc_host_overhead   # CPU: the Triton kernels recorded, not run
+
+On a GPU the ops run on 16 tokens of width 64, so their kernels take microseconds and the wall
+time of many calls (one synchronize at the end) is the host's: custom-op dispatch, the wrappers' Python and
+tensor allocations, Triton's launcher and the small torch kernels. On a CPU the Triton launches
+are recorded instead of run (bench/mhc_triton_compile.py's recorder), so the figure is the ops'
+own Python and dispatch without Triton's launcher, plus the small torch ops on 16 tokens (the
+CPU's fallback for the dphi matmul among them). A
+training step at 120m issues 24 sublayers of this; on an H200 its n = 4 step ran 6.9 ms longer
+than its kernels (docs/performance.md). Prints one line per measurement and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmkit.io import write_json_atomic
+from llmkit.model import mhc_ops
+from llmkit.profiling import device_description
+
+
+def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
+    """A callable issuing one sublayer's forward op and its two backward ops on the Triton path."""
+    g = torch.Generator(device).manual_seed(0)
+    p = 2 * n + n * n
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    x, y = randn(tokens, n, c, dtype=torch.bfloat16), randn(tokens, c, dtype=torch.bfloat16)
+    h_post, h_res = torch.rand(tokens, n, generator=g, device=device), torch.rand(tokens, n, n, generator=g,
+                                                                                  device=device)
+    phi, alpha, bias = randn(p, n * c) / (n * c) ** 0.5, torch.ones(3, device=device), randn(p)
+    grad = randn(tokens, n, c, dtype=torch.bfloat16)
+    settings = (20, 15.0, 1e-8, 1e-5, True)
+
+    def issue() -> None:
+        x1, u, h_pre, h_post1, h_res1, proj, sumsq = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias,
+                                                                           *settings)
+        grad_x, *_ = mhc_ops.mhc_enter_backward(grad, u, h_pre, h_post1, h_res1, x1, phi, alpha, bias, proj, sumsq,
+                                                h_pre, *settings)
+        mhc_ops.mhc_apply_backward(grad_x, x, y, h_post, h_res, True)
+
+    return issue
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16, help="tokens per call: few, so the GPU work is negligible")
+    p.add_argument("--n-streams", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64,
+                   help="small: the host's work does not depend on it, the CPU run's small torch ops would")
+    p.add_argument("--calls", type=int, default=300, help="sublayers timed per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up (median reported)")
+    p.add_argument("--out", default=str(Path(os.environ.get("OUT", "lightning_logs/bench")) / "mhc_host_overhead.json"))
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        sys.exit("mhc_host_overhead: no CUDA device; on a CPU set TRITON_INTERPRET=1 (Triton launches recorded)")
+    device = torch.device("cuda" if cuda else "cpu")
+    issue = sublayer_ops(args.tokens, args.n_streams, args.d_model, device)
+    if cuda:
+        launches = contextlib.nullcontext({})
+    else:
+        from bench.mhc_triton_compile import KERNELS, recorded
+
+        launches = recorded(KERNELS)
+    per_call = []
+    warmup = 20
+    with launches as recorders:
+        for _ in range(warmup):  # Triton's compile, the caching allocator
+            issue()
+        for _ in range(args.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                issue()
+            if cuda:
+                torch.cuda.synchronize()
+            per_call.append((time.perf_counter() - start) / args.calls)
+    us = statistics.median(per_call) * 1e6
+    recorded_launches = sum(len(r.launches) for r in recorders.values())
+    launches_per_sublayer = recorded_launches / (warmup + args.repeats * args.calls) if not cuda else None
+    what = "kernels launched" if cuda else "Triton launches recorded, not run"
+    print(f"mHC sublayer ops (mhc_boundary + mhc_enter_backward + mhc_apply_backward), n = {args.n_streams}, "
+          f"C = {args.d_model}, {args.tokens} tokens, {what}, {device_description()}: {us:.0f} us of host time "
+          f"per sublayer (median of {args.repeats} x {args.calls})")
+    report = {"args": vars(args), "device": device_description(), "launched": cuda, "host_us_per_sublayer": us,
+              "repeats_us": [t * 1e6 for t in per_call], "triton_launches_per_sublayer": launches_per_sublayer}
+    write_json_atomic(Path(args.out), report)
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
