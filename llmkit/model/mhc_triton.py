@@ -288,14 +288,16 @@ def project_backward(
     pre: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backward of :func:`project_forward`. Returns grad_x = grad_proj phi + 2 x grad_sumsq [M, K] in
-    x.dtype (fp32 math) and grad_phi = grad_proj^T x [P, K] in phi.dtype (:func:`_grad_phi`).
-    grad_x also sums, in the same pass, ``grad_in`` [M, K] (x's gradient from elsewhere) and, for
-    ``pre`` = (g_u [M, C], H_pre [M, n]), the pre-aggregation's H_pre[m] g_u (x = vec X, K = n C).
+    x.dtype (fp32 math) and grad_phi = grad_proj^T x [P, K] in phi.dtype. grad_x also sums, in the
+    same pass, ``grad_in`` [M, K] (x's gradient from elsewhere) and, for ``pre`` = (g_u [M, C],
+    H_pre [M, n]), the pre-aggregation's H_pre[m] g_u (x = vec X, K = n C).
 
     grad_x is one read of x and one write, a tile per program; grad_phi, a reduction over all
-    tokens, is a matmul that reads x once more. (A kernel doing both, each program looping over a
-    range of tokens and writing grad_phi partials, ran at 337 GB/s on an H200: the loop's
-    iterations could not overlap.) Deterministic.
+    tokens, is a matmul that reads x once more: for a bf16 x from the kernel's bf16 parts of
+    grad_proj (:func:`_grad_phi`), for an fp16 x (whose range could not hold the parts) or an
+    fp32 one in fp32, at torch's float32 matmul precision. (A kernel doing both, each program
+    looping over a range of tokens and writing grad_phi partials, ran at 337 GB/s on an H200: the
+    loop's iterations could not overlap.) Deterministic.
     """
     _check_stream_dtype(x, "x")
     _check_stream_dtype(phi, "phi")
@@ -335,24 +337,21 @@ def project_backward(
         SPLIT_GRAD_PROJ=split,
         num_warps=PROJECT_BWD_WARPS,
     )
-    return grad_x, _grad_phi(parts if split else grad_proj, x).to(phi.dtype)
+    grad_phi = _grad_phi(parts, x) if split else grad_proj.T @ x.float()
+    return grad_x, grad_phi.to(phi.dtype)
 
 
-def _grad_phi(grad_proj: Tensor, x: Tensor) -> Tensor:
-    """grad_proj^T x [P, K] in fp32, by one matmul (cuBLAS on a GPU) that reads x once.
-
-    For a bf16 x, ``grad_proj`` is [3P, M]: the fp32 gradient written exactly (but for values near
-    underflow) as three bf16 parts, transposed, which the projection's kernel wrote. x, read as stored,
+def _grad_phi(parts: Tensor, x: Tensor) -> Tensor:
+    """grad_proj^T x [P, K] in fp32 for a bf16 x [M, K], by one matmul (cuBLAS on a GPU) that reads x
+    once, from ``parts`` [3P, M]: the fp32 grad_proj written exactly (but for values near underflow)
+    as three bf16 parts, transposed, which the projection's kernel wrote. x, read as stored,
     multiplies all three in one [3P, M] x [M, K] matmul with fp32 accumulation (``torch.mm``'s
     out_dtype, CUDA; elsewhere the same products in fp32), and the three partial results are
     summed: grad_phi is as exact as an fp32 matmul's, where grad_proj rounded to bf16 alone (what
     autocast's matmul backward would take) keeps 8 of its 24 bits. P is small (24 at n = 4): the
-    extra rows cost no traffic. An fp16 x (whose range could not hold the parts) and an fp32 one
-    are multiplied in fp32, at torch's float32 matmul precision, with grad_proj [M, P].
+    extra rows cost no traffic.
     """
-    if x.dtype != torch.bfloat16:
-        return grad_proj.T @ x.float()
-    products = torch.mm(grad_proj, x, out_dtype=torch.float32) if x.is_cuda else grad_proj.float() @ x.float()
+    products = torch.mm(parts, x, out_dtype=torch.float32) if x.is_cuda else parts.float() @ x.float()
     return products.view(3, -1, x.shape[1]).sum(dim=0)
 
 
