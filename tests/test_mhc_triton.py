@@ -281,7 +281,10 @@ def test_coefficients_backward(mt, blocks, n, peaked):
         bias[2 * n + n * n - 1] = CLAMP
     weights = output_weights(m, n)
     weights[2] = weights[2].to(torch.bfloat16)  # an incoming gradient in bf16 is upcast by the kernel
-    grads = mt.coefficients_backward(*weights, proj, sumsq, alpha, bias, n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
+    grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(*weights, proj, sumsq, alpha, bias, n, n * c,
+                                                                      ITERS, CLAMP, EPS, NORM_EPS)
+    assert grad_alpha_bias.shape == (3 + 2 * n + n * n,)  # alpha's and bias's gradients side by side
+    grads = (grad_proj, grad_sumsq, grad_alpha_bias[:3], grad_alpha_bias[3:])
     inputs = leaves(proj, sumsq, alpha, bias)
     expected = grads_of(coefficients_oracle(*inputs, n, n * c), weights, inputs)
     for name, actual, ref in zip(("proj", "sumsq", "alpha", "bias"), grads, expected, strict=True):
@@ -307,9 +310,10 @@ def test_mapping_end_to_end(mt, n, dtype):
     proj, sumsq = mt.project_forward(x, phi)
     outputs = mt.coefficients_forward(proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS)
     weights = output_weights(m, n)
-    grad_proj, grad_sumsq, grad_alpha, grad_bias = mt.coefficients_backward(
+    grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(
         *weights, proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS
     )
+    grad_alpha, grad_bias = grad_alpha_bias[:3], grad_alpha_bias[3:]
     grad_x, grad_phi = mt.project_backward(grad_proj, grad_sumsq, x, phi)
 
     inputs = leaves(x, phi.to(dtype), alpha, bias)
@@ -387,6 +391,8 @@ def test_pre(mt, blocks, n, dtype):
     (grad_h_ref,) = grads_of([ref], [grad_out], [h64])
     assert grad_h.dtype == torch.float32
     close(grad_h, grad_h_ref, 1e-5)
+    grad_h_in = torch.randn(m, n).to(dtype)  # H_pre's gradient from the op's output, added in the kernel
+    close(mt.pre_backward(grad_out, x, grad_h_in), grad_h_ref + grad_h_in.double(), 1e-5)
 
 
 @pytest.mark.parametrize(

@@ -120,12 +120,14 @@ def coefficients(
 def coefficients_backward(
     grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor,
     n: int, width: int, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dproj, dL/dsumsq, dL/dalpha, dL/dbias), recomputing the forward (Sinkhorn included)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dproj, dL/dsumsq, (dL/dalpha, dL/dbias) side by side [3 + P] in alpha's dtype),
+    recomputing the forward (Sinkhorn included)."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
-        grads = kernels.coefficients_backward(grad_pre, grad_post, grad_res, proj, sumsq, alpha.float(), bias.float(),
-                                              n, width, iters, clamp, eps, norm_eps)
-        return grads[0], grads[1], grads[2].to(alpha.dtype), grads[3].to(bias.dtype)
+        grad_proj, grad_sumsq, grad_alpha_bias = kernels.coefficients_backward(
+            grad_pre, grad_post, grad_res, proj, sumsq, alpha.float(), bias.float(), n, width, iters, clamp, eps,
+            norm_eps)
+        return grad_proj, grad_sumsq, grad_alpha_bias.to(alpha.dtype)
     with no_autocast(proj):
         logits, d, rms_inv = mapping_logits(proj, sumsq, alpha, bias, n, width, norm_eps)
         s_pre, s_post = torch.sigmoid(logits[:, :n]), torch.sigmoid(logits[:, n:2 * n])
@@ -139,7 +141,7 @@ def coefficients_backward(
         grad_d = grad_logits * alpha_per_column(alpha, n, d.dtype)
         grad_rms_inv = (grad_d * proj.to(d.dtype)).sum(-1, keepdim=True)
         grad_sumsq = grad_rms_inv * -0.5 * rms_inv.pow(3) / width  # d rsqrt(s / K + eps) / ds
-        return grad_d * rms_inv, grad_sumsq.squeeze(-1), grad_alpha.to(alpha.dtype), grad_logits.sum(0).to(bias.dtype)
+        return grad_d * rms_inv, grad_sumsq.squeeze(-1), torch.cat((grad_alpha, grad_logits.sum(0))).to(alpha.dtype)
 
 
 def pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
@@ -213,9 +215,9 @@ def mhc_enter_backward(
     grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
     phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
     eps: float, norm_eps: float, use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dX, dL/dproj, dL/dphi, dL/dalpha, dL/dbias) of :func:`mhc_enter`, with dL/dX also
-    summing ``grad_x`` (X's gradient from its other reader), all in one pass over X:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dX, dL/dproj, dL/dphi, (dL/dalpha, dL/dbias) [3 + P]) of :func:`mhc_enter`, with dL/dX
+    also summing ``grad_x`` (X's gradient from its other reader), all in one pass over X:
 
         dL/dH_pre = <g_u, X[m]> + grad_pre  ->  (dproj, dsumsq) by the coefficients' backward
         dL/dX     = grad_x + H_pre[m] g_u + dproj phi + 2 x dsumsq,   dL/dphi = dproj^T x
@@ -223,31 +225,36 @@ def mhc_enter_backward(
     m, n, c = x.shape
     coefficient_args = (n, n * c, iters, clamp, eps, norm_eps, use_triton)
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        grad_h_pre = kernels.pre_backward(grad_u, x) + grad_pre.float()
-        grad_proj, grad_sumsq, grad_alpha, grad_bias = coefficients_backward(
+        grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
+        grad_proj, grad_sumsq, grad_alpha_bias = coefficients_backward(
             grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
         grad_x, grad_phi = kernels.project_backward(
             grad_proj, grad_sumsq, x.reshape(m, n * c), phi, None if grad_x is None else grad_x.reshape(m, n * c),
             (grad_u, h_pre))
-        return grad_x.view(m, n, c), grad_proj, grad_phi.to(phi.dtype), grad_alpha, grad_bias
+        return grad_x.view(m, n, c), grad_proj, grad_phi.to(phi.dtype), grad_alpha_bias
     with no_autocast(x):
         dtype = accumulate_dtype(x, proj)
         xf, g_u = x.to(dtype), grad_u.to(dtype)
         grad_h_pre = torch.bmm(xf, g_u[:, :, None]).squeeze(-1) + grad_pre.to(dtype)
-        grad_proj, grad_sumsq, grad_alpha, grad_bias = coefficients_backward(
+        grad_proj, grad_sumsq, grad_alpha_bias = coefficients_backward(
             grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
         flat = xf.reshape(m, n * c)
         total = (grad_proj @ phi.to(dtype) + 2 * flat * grad_sumsq[:, None]).view(m, n, c)
         total = total + h_pre.to(dtype)[:, :, None] * g_u[:, None, :]
         if grad_x is not None:
             total = total + grad_x.to(dtype)
-        return total.to(x.dtype), grad_proj, (grad_proj.T @ flat).to(phi.dtype), grad_alpha, grad_bias
+        return total.to(x.dtype), grad_proj, (grad_proj.T @ flat).to(phi.dtype), grad_alpha_bias
 
 
 @mhc_enter_backward.register_fake
 def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre, iters, clamp, eps,
       norm_eps, use_triton):
-    return _empty(x), _empty(proj), _empty(phi), _empty(alpha), _empty(bias)
+    return _empty(x), _empty(proj), _empty(phi), alpha.new_empty(alpha.shape[0] + bias.shape[0])
+
+
+def _split_alpha_bias(grad_alpha_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(dL/dalpha [3], dL/dbias [P]) from the backward op's one output (one reduction fills both)."""
+    return grad_alpha_bias[:3], grad_alpha_bias[3:]
 
 
 def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -259,9 +266,10 @@ def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _enter_grad(ctx, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
-    grad_x, grad_proj, *grads = mhc_enter_backward(None, grad_u, grad_pre, grad_post, grad_res, *ctx.saved_tensors,
-                                                    *ctx.attrs)
-    return grad_x, grad_proj if ctx.has_update else None, *grads, *([None] * len(ctx.attrs))
+    grad_x, grad_proj, grad_phi, grad_alpha_bias = mhc_enter_backward(
+        None, grad_u, grad_pre, grad_post, grad_res, *ctx.saved_tensors, *ctx.attrs)
+    return grad_x, grad_proj if ctx.has_update else None, grad_phi, *_split_alpha_bias(grad_alpha_bias), \
+        *([None] * len(ctx.attrs))
 
 
 mhc_enter.register_autograd(_enter_grad, setup_context=_enter_setup)
@@ -295,10 +303,11 @@ def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
 
 def _boundary_grad(ctx, grad_x, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
     x_prev, y_prev, h_post_prev, h_res_prev, *entered = ctx.saved_tensors
-    grad_x, _, *grads = mhc_enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, *entered, *ctx.attrs)
+    grad_x, _, grad_phi, grad_alpha_bias = mhc_enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res,
+                                                               *entered, *ctx.attrs)
     use_triton = ctx.attrs[-1]
-    return *mhc_apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), *grads, \
-        *([None] * len(ctx.attrs))
+    return *mhc_apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), grad_phi, \
+        *_split_alpha_bias(grad_alpha_bias), *([None] * len(ctx.attrs))
 
 
 mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)

@@ -11,7 +11,8 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
   l = alpha * proj * rsqrt(sumsq / K + norm_eps) + bias, H_pre = sigmoid(l_pre) (Eq. 8),
   H_post = 2 sigmoid(l_post) (Eq. 8), H_res = Sinkhorn-Knopp(l_res) (Eq. 9).
 - :func:`pre_forward` / :func:`pre_backward`: the sublayer's input H_pre X (Eq. 3); the backward
-  gives dL/dH_pre only (:func:`project_backward` adds the pre-aggregation's share of dL/dX).
+  gives dL/dH_pre only, plus H_pre's gradient from elsewhere (:func:`project_backward` adds the
+  pre-aggregation's share of dL/dX).
 - :func:`apply_forward` / :func:`apply_backward`: Eq. 3's update X' = H_res X + H_post^T y.
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
@@ -537,8 +538,7 @@ def _coeff_bwd_kernel(
     bias_ptr,
     grad_proj_ptr,
     grad_sumsq_ptr,
-    grad_alpha_partial_ptr,
-    grad_bias_partial_ptr,
+    partial_ptr,
     iterates_ptr,
     M,
     width,
@@ -552,8 +552,9 @@ def _coeff_bwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """Grid (G,): program g takes token blocks g, g + G, ... of BLOCK_T tokens; writes grad_proj and
-    grad_sumsq per token and one row of grad_alpha [3] and grad_bias [P] partials (summed by the
-    caller). Its Sinkhorn iterates go to its own slot of iterates_ptr [G, BLOCK_T, iters, NP, NP]."""
+    grad_sumsq per token and row g of the partials [G, 3 + P]: its share of grad_alpha [3], then of
+    grad_bias [P] (summed by the caller). Its Sinkhorn iterates go to its own slot of iterates_ptr
+    [G, BLOCK_T, iters, NP, NP]."""
     pid = tl.program_id(0)
     alpha_pre = tl.load(alpha_ptr)
     alpha_post = tl.load(alpha_ptr + 1)
@@ -635,11 +636,11 @@ def _coeff_bwd_kernel(
         sum_bias_pre += tl.sum(dl_pre, axis=0)
         sum_bias_post += tl.sum(dl_post, axis=0)
         sum_bias_res += tl.sum(dl_res, axis=0)
-    alpha_row = grad_alpha_partial_ptr + pid * 3
+    alpha_row = partial_ptr + pid * (3 + P)
     tl.store(alpha_row, sum_alpha_pre)
     tl.store(alpha_row + 1, sum_alpha_post)
     tl.store(alpha_row + 2, sum_alpha_res)
-    bias_row = grad_bias_partial_ptr + pid * P
+    bias_row = alpha_row + 3
     tl.store(bias_row + j, sum_bias_pre, mask=j_ok)
     tl.store(bias_row + N + j, sum_bias_post, mask=j_ok)
     tl.store(bias_row + res_cols, sum_bias_res, mask=j_ok[:, None] & j_ok[None, :])
@@ -659,9 +660,10 @@ def coefficients_backward(
     clamp: float,
     eps: float,
     norm_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Exact gradient of :func:`coefficients_forward`: returns grad_proj [M, P], grad_sumsq [M],
-    grad_alpha [3] and grad_bias [P], all fp32 (the incoming gradients may be any float dtype).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradient of :func:`coefficients_forward`: returns grad_proj [M, P], grad_sumsq [M] and
+    grad_alpha and grad_bias side by side [3 + P], all fp32 (the incoming gradients may be any
+    float dtype).
 
     One kernel recomputes the forward and runs the Sinkhorn iterations backwards: 2 iters
     iterations per token. Triton cannot index register arrays, so each program stores its
@@ -669,8 +671,8 @@ def coefficients_backward(
     read once, mostly from L2) and takes its token blocks in turn, so the scratch is at most
     COEFF_BWD_PROGRAMS slots whatever M (21 MB at n = 4). Recomputing each M_t from M0 instead,
     as this kernel first did, took 210 iterations per token at iters = 20: 0.19 ms per call on an
-    H200 at 16k tokens. grad_alpha and grad_bias come from per-program partials summed with
-    torch (deterministic).
+    H200 at 16k tokens. grad_alpha and grad_bias come from per-program partials, summed by one
+    torch reduction (deterministic).
     """
     tensors = (grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias)
     grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias = (t.contiguous() for t in tensors)
@@ -680,8 +682,7 @@ def coefficients_backward(
     programs = min(blocks, COEFF_BWD_PROGRAMS)
     grad_proj = torch.empty(M, P, device=proj.device, dtype=torch.float32)
     grad_sumsq = torch.empty(M, device=proj.device, dtype=torch.float32)
-    alpha_partial = torch.empty(programs, 3, device=proj.device, dtype=torch.float32)
-    bias_partial = torch.empty(programs, P, device=proj.device, dtype=torch.float32)
+    partials = torch.empty(programs, 3 + P, device=proj.device, dtype=torch.float32)
     iterates = torch.empty(programs, block_t, max(iters, 1), n_pad, n_pad, device=proj.device, dtype=torch.float32)
     _coeff_bwd_kernel[(programs,)](
         grad_pre,
@@ -693,8 +694,7 @@ def coefficients_backward(
         bias,
         grad_proj,
         grad_sumsq,
-        alpha_partial,
-        bias_partial,
+        partials,
         iterates,
         M,
         width,
@@ -708,7 +708,7 @@ def coefficients_backward(
         BLOCK_T=block_t,
         num_warps=NUM_WARPS,
     )
-    return grad_proj, grad_sumsq, alpha_partial.sum(dim=0), bias_partial.sum(dim=0)
+    return grad_proj, grad_sumsq, partials.sum(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,17 +749,22 @@ def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
 def _pre_bwd_kernel(
     grad_out_ptr,
     x_ptr,
+    grad_h_in_ptr,
     grad_h_ptr,
     C,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_GRAD_IN: tl.constexpr,
 ):
-    """Grid (M,): one token per program, looping over C: grad_h[m] = sum_c g[c] X[m, c]."""
+    """Grid (M,): one token per program, looping over C: grad_h[m] = sum_c g[c] X[m, c]
+    (+ grad_h_in[m] when HAS_GRAD_IN)."""
     tok = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     r_ok = rows < N
     acc = tl.zeros((NP,), dtype=tl.float32)
+    if HAS_GRAD_IN:
+        acc += tl.load(grad_h_in_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = cols < C
@@ -770,15 +775,17 @@ def _pre_bwd_kernel(
     tl.store(grad_h_ptr + tok * N + rows, acc, mask=r_ok)
 
 
-def pre_backward(grad_out: Tensor, x: Tensor) -> Tensor:
-    """dL/dH_pre [M, n] fp32 of :func:`pre_forward`, <g, X[m]>, one read of x. Its other term,
-    dL/dX = H_pre[m] g, :func:`project_backward` adds in its own pass over x (``pre``)."""
+def pre_backward(grad_out: Tensor, x: Tensor, grad_h_in: Tensor | None = None) -> Tensor:
+    """dL/dH_pre [M, n] fp32 of :func:`pre_forward`, <g, X[m]>, one read of x, plus ``grad_h_in``
+    [M, n] (H_pre's gradient from elsewhere: the op's output H_pre) when given, in the same kernel.
+    Its other term, dL/dX = H_pre[m] g, :func:`project_backward` adds in its own pass over x (``pre``)."""
     _check_stream_dtype(x, "x")
     grad_out, x = grad_out.contiguous(), x.contiguous()
     M, n, C = x.shape
     grad_h = torch.empty(M, n, device=x.device, dtype=torch.float32)
     _pre_bwd_kernel[(M,)](
-        grad_out, x, grad_h, C, N=n, NP=_padded_streams(n), BLOCK_C=_stream_block(C), num_warps=NUM_WARPS
+        grad_out, x, grad_h if grad_h_in is None else grad_h_in.contiguous(), grad_h, C, N=n,
+        NP=_padded_streams(n), BLOCK_C=_stream_block(C), HAS_GRAD_IN=grad_h_in is not None, num_warps=NUM_WARPS
     )
     return grad_h
 
