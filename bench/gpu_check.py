@@ -10,7 +10,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
 
 1. Training throughput: ``bench.throughput.measure`` in bare mode (the Transformer and AdamW in a
    plain loop, no Trainer) for each --models x --n-streams, with activation checkpointing off:
-   ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios.
+   ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios. Then, on
+   CUDA with compiled blocks (--cuda-graph-rows), --kernel-model again with its blocks compiled in
+   torch.compile's "reduce-overhead" mode, each block's forward and backward replayed as CUDA
+   graphs: how much of the step is host time between launches. Shown, not judged.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
@@ -110,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_float32_matmul_precision for the run (fp32 matmuls, and an fp32 mHC "
                         "stream's projection: FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
+    p.add_argument("--cuda-graph-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time --kernel-model's training with its blocks compiled mode=reduce-overhead "
+                        "(CUDA graphs: what host time between launches costs); compiled cuda runs only")
     p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
     p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],
                    help="the first always runs; later ones (comparisons) only within --time-budget")
@@ -200,7 +206,7 @@ def attempt(errors: list[dict], where: dict, run: Callable[..., T], *args: Any) 
         return None
 
 
-def bench_namespace(args: argparse.Namespace, name: str) -> argparse.Namespace:
+def bench_namespace(args: argparse.Namespace, name: str, compile_mode: str = "default") -> argparse.Namespace:
     """The options bench.throughput's measure/model_config read, for model ``name``: no
     activation checkpointing, the YAML's bf16-residual and mHC settings unless overridden."""
     from llmkit.model.config import ModelConfig
@@ -208,8 +214,8 @@ def bench_namespace(args: argparse.Namespace, name: str) -> argparse.Namespace:
     implementation = args.mhc_implementation or ModelConfig.from_yaml(model_yaml(name)).mhc.implementation
     return argparse.Namespace(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                               warmup=args.warmup, precision=args.precision, compile=args.compile,
-                              optimizer=args.optimizer, checkpointing="off", bf16_residual="config",
-                              mhc_implementation=implementation)
+                              compile_mode=compile_mode, optimizer=args.optimizer, checkpointing="off",
+                              bf16_residual="config", mhc_implementation=implementation)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, precision: str) -> None:
@@ -337,7 +343,18 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
             k["device"] = report["device"]
             kernels["rows"].append(k)
             clock.log(f"  {k['count']} {k['counted'].replace('_', ' ')}")
+    if throughput.CUDA and args.compile and args.cuda_graph_rows:
+        name = args.kernel_model
+        for n in args.n_streams:
+            clock.log(f"1 training {name} n={n} with CUDA graphs (blocks compiled mode=reduce-overhead)")
+            where = {"model": name, "n_streams": n, "compile_mode": "reduce-overhead"}
+            ns = attempt(training["errors"], where, bench_namespace, args, name, "reduce-overhead")
+            row = ns and attempt(training["errors"], where, throughput.measure, name, n, "bare", ns)
+            if row:
+                training["cuda_graph_rows"].append({**row, "device": report["device"]})
+                clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step (first step {row['first_step_s']:.1f} s)")
     throughput.add_ratios(training["rows"])
+    throughput.add_ratios(training["cuda_graph_rows"])
     kernels["per_sublayer"] = per_sublayer(kernels["rows"])
     memory["rows"] = [{key: r[key] for key in ("model", "n_streams", "peak_mem_GiB", "saved_act_GiB",
                                                "saved_act_bytes", "held_after_forward_GiB", "step_peak_GiB",
@@ -599,7 +616,8 @@ def table(report: dict) -> str:
     def errors(section: dict) -> None:
         for e in section["errors"]:
             case = " ".join(str(x) for x in (e.get("model"), e.get("n_streams") and f"n={e['n_streams']}",
-                                             e.get("batch") and f"batch {e['batch']}") if x)
+                                             e.get("batch") and f"batch {e['batch']}",
+                                             e.get("compile_mode") and f"compile mode {e['compile_mode']}") if x)
             row(case, e["error"], "", "ERROR")
 
     def verdict(what: str, model: str) -> tuple[str, str]:
@@ -624,6 +642,11 @@ def table(report: dict) -> str:
             row(f"{r['model']} n={r['n_streams']} / n=1",
                 f"time {r['time_ratio']:.3f}x, peak memory {fmt(r['mem_ratio'], '.3f', 'x')}",
                 target and "time " + target, result, r["device"])
+    for r in training["cuda_graph_rows"]:
+        ratio = "" if r["time_ratio"] is None else f", time {r['time_ratio']:.3f}x n=1's"
+        row(f"{r['model']} n={r['n_streams']}, CUDA graphs",
+            f"{r['step_s'] * 1e3:.1f} ms/step, peak {fmt(r['peak_mem_GiB'], '.2f', ' GiB')}{ratio}", "", "",
+            r["device"])
     errors(training)
 
     kernels = report["kernels"]
@@ -708,7 +731,7 @@ def new_report(args: argparse.Namespace, device: str) -> dict:
     return {
         "device": device, "device_type": args.device, "torch": torch.__version__,
         "args": {k: v for k, v in vars(args).items()},
-        "training": {"rows": [], "errors": []},
+        "training": {"rows": [], "cuda_graph_rows": [], "errors": []},
         "kernels": {"rows": [], "per_sublayer": [], "errors": []},
         "memory": {"rows": [], "eager": [], "errors": []},
         "generation": {"mode": "compiled" if args.compile else "cached", "rows": [], "skipped": [], "errors": []},

@@ -135,8 +135,9 @@ def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float]
     model = Transformer(config).to(device)
     if args.precision == "bf16-true":
         model = model.to(torch.bfloat16)
+    cuda_graphs = args.compile and args.compile_mode == "reduce-overhead"
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(mode=None if args.compile_mode == "default" else args.compile_mode)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), **{args.optimizer: True})
     generator = torch.Generator(device=device).manual_seed(0)
     times = []
@@ -145,6 +146,8 @@ def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float]
                                generator=generator)
         sync()
         t0 = time.perf_counter()
+        if cuda_graphs:  # a new iteration: the last step's CUDA-graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
             loss = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -164,6 +167,7 @@ def training_forward_bytes(model: Transformer, seq_len: int, batch_size: int, pr
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
 
     def forward() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # blocks compiled with CUDA graphs: a new iteration
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             model.loss(tokens[:, :-1], tokens[:, 1:])
 
@@ -184,6 +188,7 @@ def training_step_memory(model: Transformer, seq_len: int, batch_size: int, prec
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         loss = model.loss(tokens[:, :-1], tokens[:, 1:])
     held = torch.cuda.memory_allocated() - start
@@ -214,6 +219,7 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
         "model": name,
         "n_streams": n_streams,
         "mode": mode,
+        "compile_mode": args.compile_mode if args.compile else None,
         "params_M": model.num_params() / 1e6,
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16_residual": config.bf16_residual,
@@ -230,10 +236,10 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """time_ratio and mem_ratio of each row against the n = 1 row of the same model and mode."""
-    dense = {(r["model"], r["mode"]): r for r in rows if r["n_streams"] == 1}
+    """time_ratio and mem_ratio of each row against the n = 1 row of the same model, mode and compile mode."""
+    dense = {(r["model"], r["mode"], r["compile_mode"]): r for r in rows if r["n_streams"] == 1}
     for r in rows:
-        d = dense.get((r["model"], r["mode"]))
+        d = dense.get((r["model"], r["mode"], r["compile_mode"]))
         r["time_ratio"] = r["step_s"] / d["step_s"] if d else None
         r["mem_ratio"] = r["peak_mem_GiB"] / d["peak_mem_GiB"] if d and r["peak_mem_GiB"] else None
         r["act_ratio"] = r["saved_act_GiB"] / d["saved_act_GiB"] if d and d["saved_act_GiB"] else None
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--precision", default="bf16-mixed" if CUDA else "32-true",
                    choices=["bf16-mixed", "bf16-true", "32-true"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=CUDA)
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
+                   help="torch.compile mode of the blocks in bare rows (reduce-overhead: CUDA graphs)")
     p.add_argument("--optimizer", choices=["fused", "foreach"], default="fused" if CUDA else "foreach")
     p.add_argument("--mhc-implementation", choices=["auto", "torch"], default="auto",
                    help="auto: the Triton kernels on CUDA; torch: the ops' PyTorch code (docs/performance.md)")
@@ -289,6 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.compile_mode != "default" and "trainer" in args.modes:
+        p.error("--compile-mode applies to --modes bare (PretrainModule compiles its blocks in the default mode)")
     torch._inductor.config.fx_graph_cache = args.compile_cache
 
     rows = []
@@ -301,7 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_ratios(rows)
     targets = check_targets(rows, args)
     device = device_description()
-    print(f"\nseq {args.seq_len}, batch {args.batch_size}, {args.precision}, compile={args.compile}, "
+    print(f"\nseq {args.seq_len}, batch {args.batch_size}, {args.precision}, compile={args.compile} "
+          f"({args.compile_mode}), "
           f"AdamW {args.optimizer}, mHC {args.mhc_implementation}, bf16 residual {args.bf16_residual}, {device}")
     header = (f"{'model':>6} {'mode':>7} {'n':>2} {'params(M)':>9} {'ckpt':>4} {'step(ms)':>9} {'first(s)':>8} "
               f"{'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'act GiB':>7} {'time x':>6} {'mem x':>6} {'act x':>6}")

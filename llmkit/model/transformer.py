@@ -176,14 +176,16 @@ class Transformer(nn.Module):
             x = finish(x, self.config.mhc.use_triton).mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, mode: str | None = None) -> None:
         """torch.compile each block in place. Blocks share one code path and, with parameters
         traced as inputs, one compiled graph (with mHC two: the first block takes the embedded
         stream, the others the previous block's Pending one): compile time is that of a block or
         two, not of the depth (each mHC residual is one opaque custom op forward and two
-        backward, llmkit/model/mhc_ops.py)."""
+        backward, llmkit/model/mhc_ops.py). ``mode`` is torch.compile's: "reduce-overhead"
+        replays each block's forward and backward as CUDA graphs (bench/gpu_check.py measures
+        whether that pays in training)."""
         for block in self.blocks:
-            block.compile()
+            block.compile(mode=mode)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (targets are idx shifted by one)."""
