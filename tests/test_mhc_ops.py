@@ -14,6 +14,11 @@ Tolerances (CPU, 2-layer n=4 model with alpha = 0.5 so the dynamic mappings matt
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
@@ -324,6 +329,74 @@ def test_a_compiled_block_traces_the_ops_as_a_handful_of_nodes():
         assert ops == [f"llmkit.{name}.default" for name in expected]
         extra = len(mhc.nodes) - dense
         assert extra <= 55, (pending, extra)
+
+
+def test_the_traced_ops_carry_the_source_hash():
+    """Every forward op call a compiled model traces passes mhc_ops.SOURCE_HASH: a constant of the
+    graph, so part of torch.compile's cache keys (next test)."""
+    calls = [node for pending in (False, True) for node in traced_graph(4, pending).nodes
+             if "llmkit" in str(node.target)]
+    graphs: list[torch.fx.GraphModule] = []
+    pending = Pending(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 8), torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4))
+    torch._dynamo.reset()
+    torch.compile(lambda p: finish(p, True), backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(pending)
+    torch._dynamo.reset()
+    calls += [node for node in graphs[0].graph.nodes if "llmkit" in str(node.target)]
+    assert [str(node.target).split(".")[1] for node in calls] == ["mhc_enter", "mhc_boundary", "mhc_boundary",
+                                                                  "mhc_boundary", "mhc_apply"]
+    assert all(node.args[-1] == mhc_ops.SOURCE_HASH for node in calls)
+
+
+def test_the_source_hash_follows_the_ops_kernels_and_sinkhorn_code(monkeypatch):
+    base, read = mhc_ops._source_hash(), Path.read_bytes
+    for name in ("mhc_ops.py", "mhc_triton.py", "sinkhorn.py"):
+        monkeypatch.setattr(Path, "read_bytes", lambda path, _name=name: read(path) + b"#" * (path.name == _name))
+        assert mhc_ops._source_hash() != base, name
+
+
+CACHE_PROBE = """
+import sys, torch
+from llmkit.model import mhc_ops
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
+
+mhc_ops.SOURCE_HASH = int(sys.argv[1])
+if sys.argv[2] == "doubled":  # another version of the ops: mhc_enter's backward doubles dL/dphi
+    def doubled(ctx, *grads):
+        out = list(mhc_ops._enter_grad(ctx, *grads))
+        out[2] = 2 * out[2]
+        return tuple(out)
+    mhc_ops.mhc_enter.register_autograd(doubled, setup_context=mhc_ops._enter_setup)
+torch.manual_seed(0)
+model = Transformer(ModelConfig(vocab_size=61, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                                n_streams=4, gradient_checkpointing=True))
+model.compile_blocks()
+idx = torch.randint(0, 61, (2, 9))
+model.loss(idx[:, :-1], idx[:, 1:]).backward()
+print(model.blocks[0].attn_res.mapping.phi.weight.grad.norm().item())
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_compile_cache_never_replays_another_version_of_the_ops(tmp_path):
+    """AOTAutograd's on-disk cache keys a graph by the ops it calls, not by a custom op's autograd
+    formula: a process whose ops' backward changed replays, from a cache an earlier process warmed,
+    the old backward (the premise, checked here), unless the ops' source hash, a constant of the
+    graph, changed with the code (SOURCE_HASH does, with every byte of the ops' files). With
+    activation checkpointing, as the 350m and 900m GPU configs train: without it the block's
+    attention (its sdpa_kernel context) makes AOTAutograd bypass its cache; inside a checkpoint
+    it does not look."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def phi_grad_norm(source_hash: int, ops: str) -> float:
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(source_hash), ops], env=env, text=True,
+                              capture_output=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
+
+    first = phi_grad_norm(1, "as they are")
+    assert phi_grad_norm(1, "doubled") == pytest.approx(first)  # the premise: a stale backward, replayed
+    assert phi_grad_norm(2, "doubled") == pytest.approx(2 * first)  # another hash: the new backward
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ def finish(stream: torch.Tensor | Pending, use_triton: bool) -> torch.Tensor:
     ``use_triton``: :attr:`MHCConfig.use_triton <llmkit.model.config.MHCConfig.use_triton>`."""
     if not isinstance(stream, Pending):
         return stream
-    return mhc_ops.mhc_apply(*stream.flat(), use_triton).view(stream.x.shape)
+    return mhc_ops.mhc_apply(*stream.flat(), use_triton, mhc_ops.SOURCE_HASH).view(stream.x.shape)
 
 
 class MHCMapping(nn.Module):
@@ -117,7 +117,8 @@ class MHCMapping(nn.Module):
         :class:`Pending` output, whose write-back the same op applies first (``mhc_boundary``)."""
         cfg = self.cfg
         alpha, bias = self.alpha_and_bias()
-        settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, cfg.use_triton)
+        settings = (cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps, self.norm_eps, cfg.use_triton,
+                    mhc_ops.SOURCE_HASH)
         lora = isinstance(self.phi, LoRALinear) and self.phi.active
         if isinstance(stream, Pending) and not lora:
             *lead, n, c = stream.x.shape

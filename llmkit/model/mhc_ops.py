@@ -32,8 +32,10 @@ streams), and the backward keeps only X, y and O(n^2) floats per token: Sinkhorn
 are recomputed, not stored.
 """
 
+import hashlib
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -42,6 +44,22 @@ from torch import Tensor
 from llmkit.model.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_backward
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _source_hash() -> int:
+    """A hash of the ops' code: this module, the Triton kernels and Sinkhorn's."""
+    digest = hashlib.sha256()
+    for name in ("mhc_ops.py", "mhc_triton.py", "sinkhorn.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return int.from_bytes(digest.digest()[:7], "big")  # fits the schema's int (int64)
+
+
+SOURCE_HASH: int = _source_hash()
+"""What llmkit's model code passes as the forward ops' ``source_hash``, which they ignore: a
+constant of every graph torch.compile traces through them, so part of its cache keys. AOTAutograd's
+cache (on by default) keys a graph by the ops it calls, not by what a custom op's autograd formula
+or kernels do: without this, a cache warmed by another version of these ops replays that
+version's backward (gradients silently wrong, or a shape assertion) in the next process."""
 
 
 def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
@@ -196,17 +214,18 @@ def _entered_like(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
 @torch.library.custom_op("llmkit::mhc_enter", mutates_args=())
 def mhc_enter(
     x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool,
+    eps: float, norm_eps: float, use_triton: bool, source_hash: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(u = H_pre X [M, C], H_pre, H_post, H_res, proj, sumsq) from X [M, n, C], phi [P, nC],
     alpha [3] and bias [P] (Eq. 3, 7-9). ``proj_update`` [M, P], if given, is added to x phi^T
     (a LoRA adapter's term on phi). proj (x phi^T, updated) and sumsq (sum x^2) are returned for
-    the backward only: they carry no gradient."""
+    the backward only: they carry no gradient. ``source_hash``: :data:`SOURCE_HASH`, for the
+    compile caches; unused."""
     return enter(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
 
 
 @mhc_enter.register_fake
-def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton):
+def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton, source_hash=0):
     return _entered_like(x, phi)
 
 
@@ -258,7 +277,7 @@ def _split_alpha_bias(grad_alpha_bias: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
-    x, proj_update, phi, alpha, bias, *ctx.attrs = inputs
+    x, proj_update, phi, alpha, bias, *ctx.attrs, _ = inputs  # the settings, without source_hash
     _, h_pre, _, _, proj, sumsq = output
     ctx.mark_non_differentiable(proj, sumsq)
     ctx.has_update = proj_update is not None
@@ -269,7 +288,7 @@ def _enter_grad(ctx, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_su
     grad_x, grad_proj, grad_phi, grad_alpha_bias = mhc_enter_backward(
         None, grad_u, grad_pre, grad_post, grad_res, *ctx.saved_tensors, *ctx.attrs)
     return grad_x, grad_proj if ctx.has_update else None, grad_phi, *_split_alpha_bias(grad_alpha_bias), \
-        *([None] * len(ctx.attrs))
+        *([None] * (len(ctx.attrs) + 1))
 
 
 mhc_enter.register_autograd(_enter_grad, setup_context=_enter_setup)
@@ -280,7 +299,7 @@ mhc_enter.register_autograd(_enter_grad, setup_context=_enter_setup)
 @torch.library.custom_op("llmkit::mhc_boundary", mutates_args=())
 def mhc_boundary(
     x_prev: Tensor, y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, phi: Tensor, alpha: Tensor,
-    bias: Tensor, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
+    bias: Tensor, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool, source_hash: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(X, u, H_pre, H_post, H_res, proj, sumsq): X = H_res' X' + H_post'^T y' [M, n, C] from the
     previous sublayer's stream X' = ``x_prev``, output y' and coefficients (Eq. 3), then
@@ -290,12 +309,13 @@ def mhc_boundary(
 
 
 @mhc_boundary.register_fake
-def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton):
+def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton,
+      source_hash=0):
     return _empty(x_prev), *_entered_like(x_prev, phi)
 
 
 def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
-    x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, *ctx.attrs = inputs
+    x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, *ctx.attrs, _ = inputs  # without source_hash
     x, _, h_pre, _, _, proj, sumsq = output
     ctx.mark_non_differentiable(proj, sumsq)
     ctx.save_for_backward(x_prev, y_prev, h_post_prev, h_res_prev, x, phi, alpha, bias, proj, sumsq, h_pre)
@@ -307,7 +327,7 @@ def _boundary_grad(ctx, grad_x, grad_u, grad_pre, grad_post, grad_res, _grad_pro
                                                                *entered, *ctx.attrs)
     use_triton = ctx.attrs[-1]
     return *mhc_apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), grad_phi, \
-        *_split_alpha_bias(grad_alpha_bias), *([None] * len(ctx.attrs))
+        *_split_alpha_bias(grad_alpha_bias), *([None] * (len(ctx.attrs) + 1))
 
 
 mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
@@ -316,13 +336,14 @@ mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
 # --- H_res X + H_post^T y (Eq. 3's next stream) -----------------------------------------------
 
 @torch.library.custom_op("llmkit::mhc_apply", mutates_args=())
-def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
-    """The last sublayer's write-back, :func:`apply` (the others' is inside :func:`mhc_boundary`)."""
+def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int = 0) -> Tensor:
+    """The last sublayer's write-back, :func:`apply` (the others' is inside :func:`mhc_boundary`);
+    ``source_hash`` as :func:`mhc_enter`'s."""
     return apply(x, y, h_post, h_res, use_triton)
 
 
 @mhc_apply.register_fake
-def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool) -> Tensor:
+def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int = 0) -> Tensor:
     return _empty(x)
 
 
@@ -350,12 +371,12 @@ def _(grad, x, y, h_post, h_res, use_triton) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def _apply_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, y, h_post, h_res, ctx.use_triton = inputs
+    x, y, h_post, h_res, ctx.use_triton, _ = inputs
     ctx.save_for_backward(x, y, h_post, h_res)
 
 
 def _apply_grad(ctx, grad: Tensor) -> tuple:
-    return *mhc_apply_backward(grad, *ctx.saved_tensors, ctx.use_triton), None
+    return *mhc_apply_backward(grad, *ctx.saved_tensors, ctx.use_triton), None, None
 
 
 mhc_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
