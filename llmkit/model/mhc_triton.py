@@ -854,30 +854,30 @@ def _apply_bwd_kernel(
 ):
     """Grid (M,): one token per program, looping over C; reads grad_out, X and y once.
     grad_x[m] = sum_i H_res[i, m] g[i], grad_y = sum_i H_post[i] g[i],
-    grad_h_post[i] = sum_c g[i] y, grad_h_res[i, m] = sum_c g[i] X[m]."""
+    grad_h_post[i] = sum_c g[i] y, grad_h_res[i, m] = sum_c g[i] X[m]. The g tile [n, BLOCK_C]
+    stays in registers and each X[m] is used as it is loaded: no [n, BLOCK_C] accumulator."""
     tok = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     r_ok = rows < N
+    h_post = tl.load(h_post_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
     acc_post = tl.zeros((NP,), dtype=tl.float32)
     acc_res = tl.zeros((NP, NP), dtype=tl.float32)  # [i, m]
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = cols < C
-        offsets = (tok * N + rows[:, None]) * C + cols[None, :]
         tile_ok = r_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)  # [m, c]
+        g = tl.load(grad_out_ptr + (tok * N + rows[:, None]) * C + cols[None, :], mask=tile_ok,
+                    other=0.0).to(tl.float32)  # [i, c]
         y = tl.load(y_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-        grad_x = tl.zeros((NP, BLOCK_C), dtype=tl.float32)
-        grad_y = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for i in tl.static_range(N):
-            g_i = tl.load(grad_out_ptr + (tok * N + i) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-            h_row = tl.load(h_res_ptr + tok * N * N + i * N + rows, mask=r_ok, other=0.0).to(tl.float32)
-            grad_x += h_row[:, None] * g_i[None, :]
-            grad_y += tl.load(h_post_ptr + tok * N + i).to(tl.float32) * g_i
-            acc_post += tl.where(rows == i, tl.sum(g_i * y, axis=0), 0.0)
-            acc_res += tl.where(rows[:, None] == i, tl.sum(x * g_i[None, :], axis=1)[None, :], 0.0)
-        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
+        acc_post += tl.sum(g * y[None, :], axis=1)
+        grad_y = tl.sum(h_post[:, None] * g, axis=0)
         tl.store(grad_y_ptr + tok * C + cols, grad_y.to(grad_y_ptr.dtype.element_ty), mask=c_ok)
+        for m in tl.static_range(N):
+            h_col = tl.load(h_res_ptr + tok * N * N + rows * N + m, mask=r_ok, other=0.0).to(tl.float32)  # [i]
+            x_m = tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+            grad_x_m = tl.sum(h_col[:, None] * g, axis=0)
+            tl.store(grad_x_ptr + (tok * N + m) * C + cols, grad_x_m.to(grad_x_ptr.dtype.element_ty), mask=c_ok)
+            acc_res += tl.where(rows[None, :] == m, tl.sum(g * x_m[None, :], axis=1)[:, None], 0.0)
     tl.store(grad_h_post_ptr + tok * N + rows, acc_post, mask=r_ok)
     mat_offsets = tok * N * N + rows[:, None] * N + rows[None, :]
     tl.store(grad_h_res_ptr + mat_offsets, acc_res, mask=r_ok[:, None] & r_ok[None, :])
