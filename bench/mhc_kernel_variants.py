@@ -13,7 +13,10 @@ while it runs ("*" marks the setting in force):
   sm_90 without spilling;
 - project forward: PROJECT_BLOCK_M 32 and 64 tokens per program;
 - coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
-- pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program.
+- pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program;
+- apply + project forward (APPLY_PROJECT_FUSED's one kernel for the write-back and the next
+  sublayer's projection; against the apply forward and project forward rows): tokens, channels
+  and warps per program (APPLY_PROJECT_ + BLOCK_M, BLOCK_C, WARPS).
 
 Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA only. Bandwidth:
 the launch's tensor bytes, as bench/mhc_triton_compile.py counts them, over that time. Error: the
@@ -111,6 +114,7 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
                         (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]
                          + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64))
     project_backward_tiles = ("PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
+    applied64 = mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False)
     return [
         Case("project forward", "_project_fwd_kernel", "PROJECT_BLOCK_M", (32, 64),
              lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
@@ -130,6 +134,11 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
              (torch.bmm(x64, grad_u.double()[:, :, None]).squeeze(-1),)),
         Case("apply forward", "_apply_fwd_kernel", *tiles, lambda: (mhc_triton.apply_forward(x, y, h_post, h_res),),
              (mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False),)),
+        Case("apply + project forward", "_apply_project_fwd_kernel",
+             ("APPLY_PROJECT_BLOCK_M", "APPLY_PROJECT_BLOCK_C", "APPLY_PROJECT_WARPS"),
+             ((32, 32, 8), (16, 32, 4), (64, 16, 4), (16, 16, 4)),
+             lambda: mhc_triton.apply_project_forward(x, y, h_post, h_res, phi),
+             (applied64, *mhc_ops.project(applied64.view(tokens, k), phi64, False))),
         Case("apply backward", "_apply_bwd_kernel", *tiles,
              lambda: mhc_triton.apply_backward(grad_stream, x, y, h_post, h_res),
              mhc_ops.mhc_apply_backward(grad_stream.double(), x64, y64, h_post.double(), h_res.double(), False)),

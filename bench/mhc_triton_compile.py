@@ -86,8 +86,7 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
         h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
         coefficient_args = (n, n * d_model, *coefficient_settings())
-        mhc_triton.apply_forward(x, y, h_post, h_res)  # the previous sublayer's write-back
-        mhc_triton.project_forward(x.view(tokens, -1), phi)
+        mhc_triton.apply_project(x, y, h_post, h_res, phi)  # the previous sublayer's write-back, the projection
         mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args)
         mhc_triton.pre_forward(x, h_pre)
         # backward: dL/dX' and dL/du come in the stream's dtype, as in training
@@ -97,6 +96,16 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         mhc_triton.project_backward(proj, sumsq, x.view(tokens, -1), phi, grad_x_next, (y, h_pre))
         mhc_triton.apply_backward(torch.empty_like(x), x, y, h_post, h_res)
     return recorders
+
+
+def record_fused_launch(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> RecordedLaunches:
+    """The launch of ``apply_project_forward`` at this shape: what APPLY_PROJECT_FUSED would run
+    in place of the write-back's and the projection's kernels."""
+    with recorded(["_apply_project_fwd_kernel"]) as recorders:
+        x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
+        mhc_triton.apply_project_forward(x, y, torch.empty(tokens, n), torch.empty(tokens, n, n),
+                                         torch.empty(2 * n + n * n, n * d_model))
+    return recorders["_apply_project_fwd_kernel"]
 
 
 def compile_launch(
@@ -157,23 +166,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for dtype_name in args.dtypes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-        for name, recorder in record_launches(dtype, args.tokens, args.n_streams, args.d_model).items():
+        shape = (dtype, args.tokens, args.n_streams, args.d_model)
+        recorders = [(recorder, True) for recorder in record_launches(*shape).values()]
+        if not mhc_triton.APPLY_PROJECT_FUSED:
+            recorders.append((record_fused_launch(*shape), False))
+        for recorder, in_sublayer in recorders:
             for launch_args, launch_kwargs in recorder.launches:
                 compiled = compile_launch(recorder.kernel, launch_args, launch_kwargs, target)
-                rows.append({"kernel": name.strip("_").removesuffix("_kernel"), "stream": dtype_name,
+                rows.append({"kernel": recorder.kernel.__name__.strip("_").removesuffix("_kernel"),
+                             "stream": dtype_name, "in_sublayer": in_sublayer,
                              "num_warps": compiled.metadata.num_warps, **resource_usage(compiled.asm["cubin"]),
                              "bytes_per_token": tensor_bytes(launch_args, launch_kwargs) / args.tokens})
     print(f"mHC Triton kernels compiled for sm_{args.arch} (n = {args.n_streams}, C = {args.d_model}, "
           f"{args.tokens} tokens), triton {triton.__version__}, no GPU needed")
-    print(f"{'kernel':<16} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8} "
+    print(f"{'kernel':<18} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8} "
           f"{'B/token':>8}")
     for r in rows:
-        print(f"{r['kernel']:<16} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
-              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}")
+        print(f"{r['kernel']:<18} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
+              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}"
+              + ("" if r["in_sublayer"] else "  (APPLY_PROJECT_FUSED's kernel, in place of apply_fwd + project_fwd)"))
     for dtype_name in args.dtypes:
         size = {"bf16": 2, "fp32": 4}[dtype_name]
         matmul = size * args.n_streams * args.d_model  # project_backward's grad_phi matmul reads x once more
-        traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name) + matmul
+        traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name and r["in_sublayer"]) + matmul
         print(f"{dtype_name} stream: one sublayer's launches and project backward's grad_phi matmul ({matmul} B) "
               f"move {traffic:.0f} B per token = {traffic / (size * args.d_model):.1f} C stream elements "
               "(a dense residual: 6 C, x + y and its gradient)")

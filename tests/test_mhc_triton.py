@@ -418,6 +418,56 @@ def test_apply(mt, blocks, n, x_dtype, y_dtype):
         close(actual, ref_grad, 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("x_dtype", "y_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_apply_project_forward_is_apply_then_project_in_one_kernel(mt, monkeypatch, n, x_dtype, y_dtype):
+    """X' exactly as apply_forward stores it, and proj and sumsq of that stored X' (the dot in its
+    precision) against fp64; 37 tokens and C = 40 leave tails at 16 tokens and channels per step."""
+    monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_M", 16)
+    monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_C", 16)
+    m, c = 37, 40
+    x, y, _, h_post, h_res = stream_inputs(m, n, c, x_dtype, y_dtype)
+    phi = torch.randn(2 * n + n * n, n * c, generator=torch.Generator().manual_seed(4)) / (n * c) ** 0.5
+    out, proj, sumsq = mt.apply_project_forward(x, y, h_post, h_res, phi)
+    assert torch.equal(out, mt.apply_forward(x, y, h_post, h_res))
+    assert proj.dtype == sumsq.dtype == torch.float32
+    stored, phi64 = out.double().view(m, n * c), phi.to(x_dtype).double()
+    close(proj, stored @ phi64.T, 1e-5)
+    close(sumsq, stored.square().sum(-1), 1e-5)
+
+
+@pytest.mark.parametrize(("fused", "tokens", "kernels"), [
+    (False, 48, ["_apply_fwd_kernel", "_project_fwd_kernel"]),
+    (True, 48, ["_apply_project_fwd_kernel"]),  # 3 blocks of 16 tokens: the projection would not split K
+    (True, 16, ["_apply_fwd_kernel", "_project_fwd_kernel"]),  # 1 block: decode's shape, the two kernels
+])
+def test_apply_project_fuses_only_where_switched_on_and_the_projection_would_not_split(
+        mt, monkeypatch, fused, tokens, kernels):
+    monkeypatch.setattr(mt, "APPLY_PROJECT_FUSED", fused)
+    monkeypatch.setattr(mt, "PROJECT_BLOCK_M", 16)
+    monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", 3)
+    launched = []
+    for name in ("_apply_fwd_kernel", "_project_fwd_kernel", "_apply_project_fwd_kernel"):
+        kernel = getattr(mt, name)
+
+        class Recorded:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                launched.append(_name)
+                return _kernel[grid]
+
+        monkeypatch.setattr(mt, name, Recorded())
+    x, y, _, h_post, h_res = stream_inputs(tokens, 4, 8, torch.float32, torch.float32)
+    phi = torch.randn(24, 32)
+    out, proj, sumsq = mt.apply_project(x, y, h_post, h_res, phi)
+    assert launched == kernels
+    stored = out.double().view(tokens, 32)
+    close(proj, stored @ phi.double().T, 1e-5)
+    close(sumsq, stored.square().sum(-1), 1e-5)
+
+
 # --- the kernels behind the custom ops (llmkit/model/mhc_ops.py) ----------------------------------
 
 
@@ -458,15 +508,21 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
     torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True), test_utils=tests)
 
 
-def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused):
     """A 2-layer n = 4 model's loss and every gradient, with the ops' Triton kernels (interpreted)
-    against the same ops' PyTorch code (mhc.implementation: torch), fp32."""
+    against the same ops' PyTorch code (mhc.implementation: torch), fp32; ``fused``: each write-back
+    and the next projection in one kernel (APPLY_PROJECT_FUSED)."""
     from llmkit.model.config import MHCConfig, ModelConfig
     from llmkit.model.transformer import Transformer
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(mt, "APPLY_PROJECT_FUSED", fused)
+    monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", 1)  # 16 tokens fill the "GPU": the fused kernel runs
+    monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_M", 16)
     launched = []
-    for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward"):
+    for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward",
+                 "apply_project_forward"):
         kernel = getattr(mt, name)
         monkeypatch.setattr(mt, name, lambda *a, _k=kernel, _n=name: launched.append(_n) or _k(*a))
     torch.manual_seed(0)
@@ -482,8 +538,10 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
         loss.backward()
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (loss_t, grads_t), (loss_p, grads_p) = results
-    assert sorted(set(launched)) == ["apply_forward", "coefficients_backward", "pre_backward", "project_backward"]
-    assert len(launched) == 4 * 2 * 2  # 2 layers x 2 sublayers, only while implementation was auto
+    counts = {name: launched.count(name) for name in set(launched)}
+    # 2 layers x 2 sublayers: 3 write-backs into the next sublayer's op, and the last one
+    writes = {"apply_forward": 1, "apply_project_forward": 3} if fused else {"apply_forward": 4}
+    assert counts == {"coefficients_backward": 4, "pre_backward": 4, "project_backward": 4, **writes}
     assert abs(loss_t - loss_p) <= 1e-6 * loss_p
     assert ((grads_t - grads_p).norm() / grads_p.norm()).item() <= 1e-5
 
@@ -500,7 +558,8 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    kernels = {"project_fwd", "project_bwd", "coeff_fwd", "coeff_bwd", "pre_fwd", "pre_bwd", "apply_fwd", "apply_bwd"}
+    kernels = {"project_fwd", "project_bwd", "coeff_fwd", "coeff_bwd", "pre_fwd", "pre_bwd", "apply_fwd", "apply_bwd",
+               "apply_project_fwd"}  # the last: APPLY_PROJECT_FUSED's, beside the sublayer's launches
     assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in ("bf16", "fp32")}
     for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, r

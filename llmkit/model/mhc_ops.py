@@ -182,6 +182,19 @@ def apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool)
         return torch.baddbmm(post, h_res.to(dtype), x.to(dtype)).to(x.dtype)
 
 
+def apply_project(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(X', proj, sumsq): :func:`apply`'s X' [M, n, C], then :func:`project` of it, the write-back
+    of one sublayer and the projection of the next (on CUDA, one kernel where it pays:
+    ``mhc_triton.apply_project``)."""
+    if (kernels := triton_kernels(x, use_triton)) is not None:
+        return kernels.apply_project(x, y, h_post.float(), h_res.float(), phi)
+    out = apply(x, y, h_post, h_res, use_triton)
+    m, n, c = out.shape
+    return out, *project(out.reshape(m, n * c), phi, use_triton)
+
+
 def enter(
     x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
     eps: float, norm_eps: float, use_triton: bool,
@@ -191,6 +204,15 @@ def enter(
     proj, sumsq = project(x.reshape(m, n * c), phi, use_triton)
     if proj_update is not None:
         proj = proj + proj_update.to(proj.dtype)
+    return entered(x, proj, sumsq, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
+
+
+def entered(
+    x: Tensor, proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float, eps: float,
+    norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`enter`'s results from the stream X [M, n, C] and its projection (proj, sumsq)."""
+    m, n, c = x.shape
     h_pre, h_post, h_res = coefficients(proj, sumsq, alpha, bias, n, n * c, iters, clamp, eps, norm_eps, use_triton)
     return pre(x, h_pre, use_triton), h_pre, h_post, h_res, proj, sumsq
 
@@ -304,8 +326,8 @@ def mhc_boundary(
     """(X, u, H_pre, H_post, H_res, proj, sumsq): X = H_res' X' + H_post'^T y' [M, n, C] from the
     previous sublayer's stream X' = ``x_prev``, output y' and coefficients (Eq. 3), then
     :func:`mhc_enter` on X. X is read by nothing else, so its gradient is never summed."""
-    x = apply(x_prev, y_prev, h_post_prev, h_res_prev, use_triton)
-    return x, *enter(x, None, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
+    x, proj, sumsq = apply_project(x_prev, y_prev, h_post_prev, h_res_prev, phi, use_triton)
+    return x, *entered(x, proj, sumsq, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
 
 
 @mhc_boundary.register_fake

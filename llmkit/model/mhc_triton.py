@@ -66,6 +66,10 @@ COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2
 # on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
 STREAM_BLOCK_C = 1024  # channels per program (or per loop step) in the pre/apply kernels: at C = 768 the
 # apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
+APPLY_PROJECT_FUSED = False  # apply_project fuses the write-back and the next projection: unmeasured, so off
+APPLY_PROJECT_BLOCK_M = 32  # tokens per program in apply_project_forward (>= 16 for tl.dot)
+APPLY_PROJECT_BLOCK_C = 32  # channels per step there: 128 registers per thread at 8 warps on sm_90 (bf16)
+APPLY_PROJECT_WARPS = 8
 NUM_WARPS = 4
 FP32_DOT_PRECISION: str | None = None
 """tl.dot's input_precision for fp32 operands (an fp32 stream's forward projection): "ieee", "tf32" or
@@ -834,6 +838,117 @@ def apply_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor
         x, y, h_post, h_res, out, C, N=n, NP=n_pad, BLOCK_C=block_c, num_warps=NUM_WARPS
     )
     return out
+
+
+@triton.jit
+def _apply_project_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    h_post_ptr,
+    h_res_ptr,
+    phi_ptr,
+    out_ptr,
+    proj_ptr,
+    sumsq_ptr,
+    M,
+    C,
+    P,
+    N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_M),): for a block of tokens, channel block by channel block, each output
+    stream's tile X'[i] = sum_m H_res[i, m] X[m] + H_post[i] y (Eq. 3) is stored and, as stored,
+    fed to X''s projection (Eq. 7): proj += X'[i] phi[:, i C + c]^T and sumsq += X'[i]^2. X' is
+    written once and never read back. The X[m] tiles are reloaded for each i (from L1)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    ps = tl.arange(0, BLOCK_P)
+    p_ok = ps < P
+    K = N * C
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        ok = row_ok[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
+        for i in tl.static_range(N):
+            h_post = tl.load(h_post_ptr + rows64 * N + i, mask=row_ok, other=0.0)
+            out = h_post[:, None] * y
+            for m in tl.static_range(N):
+                h = tl.load(h_res_ptr + rows64 * (N * N) + i * N + m, mask=row_ok, other=0.0)
+                x_m = tl.load(x_ptr + rows64[:, None] * K + m * C + cs[None, :], mask=ok, other=0.0)
+                out += h[:, None] * x_m.to(tl.float32)
+            stored = out.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows64[:, None] * K + i * C + cs[None, :], stored, mask=ok)
+            x32 = stored.to(tl.float32)
+            sumsq += tl.sum(x32 * x32, axis=1)
+            phi = tl.load(phi_ptr + ps[:, None] * K + i * C + cs[None, :], mask=p_ok[:, None] & c_ok[None, :],
+                          other=0.0).to(out_ptr.dtype.element_ty)  # the dot runs in the stream's precision
+            if DOT_FP32:
+                acc = tl.dot(x32, tl.trans(phi.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(stored, tl.trans(phi), acc)
+    tl.store(proj_ptr + rows64[:, None] * P + ps[None, :], acc, mask=row_ok[:, None] & p_ok[None, :])
+    tl.store(sumsq_ptr + rows64, sumsq, mask=row_ok)
+
+
+def apply_project_forward(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(X', proj, sumsq): :func:`apply_forward`'s X' [M, n, C] and :func:`project_forward` of it
+    (x' phi^T [M, P] and sum x'^2 [M], fp32) in one kernel that never reads X' back: 4 C fewer
+    bytes per token than the two, and one launch. One program per APPLY_PROJECT_BLOCK_M tokens with
+    no split of K, so for training shapes; decode's few tokens take the two kernels."""
+    for t, name in ((x, "x"), (y, "y"), (phi, "phi")):
+        _check_stream_dtype(t, name)
+    x, y, h_post, h_res, phi = (t.contiguous() for t in (x, y, h_post, h_res, phi))
+    M, n, C = x.shape
+    P = phi.shape[0]
+    assert phi.shape[1] == n * C, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
+    _padded_streams(n)
+    out = torch.empty_like(x)
+    proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
+    sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
+    _apply_project_fwd_kernel[(_cdiv(M, APPLY_PROJECT_BLOCK_M),)](
+        x,
+        y,
+        h_post,
+        h_res,
+        _dot_weight(phi, x),
+        out,
+        proj,
+        sumsq,
+        M,
+        C,
+        P,
+        N=n,
+        BLOCK_M=APPLY_PROJECT_BLOCK_M,
+        BLOCK_C=APPLY_PROJECT_BLOCK_C,
+        BLOCK_P=max(16, _next_power_of_2(P)),
+        DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+        DOT_PRECISION=_fp32_dot_precision(),
+        num_warps=APPLY_PROJECT_WARPS,
+    )
+    return out, proj, sumsq
+
+
+def apply_project(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(X', proj, sumsq) as :func:`apply_forward` then :func:`project_forward` of X' give them; with
+    APPLY_PROJECT_FUSED, by :func:`apply_project_forward` where the projection would not split K
+    (training shapes: enough token blocks to fill the GPU). bench/mhc_kernel_variants.py times both."""
+    if APPLY_PROJECT_FUSED and _cdiv(x.shape[0], PROJECT_BLOCK_M) >= PROJECT_FWD_PROGRAMS:
+        return apply_project_forward(x, y, h_post, h_res, phi)
+    out = apply_forward(x, y, h_post, h_res)
+    M, n, C = out.shape
+    return out, *project_forward(out.view(M, n * C), phi)
 
 
 @triton.jit
