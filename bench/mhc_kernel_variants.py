@@ -11,7 +11,8 @@ while it runs ("*" marks the setting in force):
 - project backward (its grad_x kernel; grad_phi is a cuBLAS matmul, timed with it): tokens,
   columns and warps per program (PROJECT_BWD_ + BLOCK_M, BLOCK_K, WARPS), tiles that compile for
   sm_90 without spilling;
-- project forward: PROJECT_BLOCK_M 32 and 64 tokens per program;
+- project forward: tokens and columns per tile (PROJECT_BLOCK_M, PROJECT_BLOCK_K; compiled as the
+  JIT specializes them, the wider tiles no longer spill);
 - coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
 - pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program;
 - apply + project forward (APPLY_PROJECT_FUSED's one kernel for the write-back and the next
@@ -116,7 +117,8 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     project_backward_tiles = ("PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
     applied64 = mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False)
     return [
-        Case("project forward", "_project_fwd_kernel", "PROJECT_BLOCK_M", (32, 64),
+        Case("project forward", "_project_fwd_kernel", ("PROJECT_BLOCK_M", "PROJECT_BLOCK_K"),
+             ((64, 32), (32, 32), (64, 64), (64, 128), (32, 64)),
              lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
         Case("project backward", "_project_bwd_kernel", project_backward_tiles,
              ((16, 128, 4), (16, 64, 4), (32, 64, 4), (32, 128, 8), (16, 256, 8)), *project_backward,
