@@ -13,7 +13,9 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios. Then, on
    CUDA with compiled blocks (--cuda-graph-rows), --kernel-model again with its blocks compiled in
    torch.compile's "reduce-overhead" mode, each block's forward and backward replayed as CUDA
-   graphs: how much of the step is host time between launches. Shown, not judged.
+   graphs: how much of the step is host time between launches; and its n > 1 training with each
+   --setting-rows entry of llmkit/model/mhc_triton.py settings (by default APPLY_PROJECT_FUSED=True,
+   the fused write-back and projection). Shown, not judged.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
@@ -53,6 +55,7 @@ Exit status: 0 when every section ran (whatever the targets and tests say), 1 wh
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import faulthandler
 import gc
@@ -81,7 +84,7 @@ T = TypeVar("T")
 
 COPIES = ("Memcpy", "Memset")
 """The profiler's CUDA events that are copies, not kernels."""
-MHC_KERNEL = re.compile(r"_((?:project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
+MHC_KERNEL = re.compile(r"(?<![a-z])_((?:apply_project|project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
 """The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
 """What a test module that fails to import lacks (the second form: a module poisoned in sys.modules)."""
@@ -113,6 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_float32_matmul_precision for the run (fp32 matmuls, and an fp32 mHC "
                         "stream's projection: FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
+    p.add_argument("--setting-rows", nargs="*", type=setting_row_spec, default=[{"APPLY_PROJECT_FUSED": True}],
+                   metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="llmkit/model/mhc_triton.py settings (values as Python literals) to time --kernel-model's "
+                        "n > 1 training with, a row each beside the default ones (default: APPLY_PROJECT_FUSED=True; "
+                        "none: leave out); cuda only")
     p.add_argument("--cuda-graph-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time --kernel-model's training with its blocks compiled mode=reduce-overhead "
                         "(CUDA graphs: what host time between launches costs); compiled cuda runs only")
@@ -147,6 +155,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     return args
+
+
+def setting_row_spec(spec: str) -> dict[str, Any]:
+    """'NAME=VALUE[,NAME=VALUE]' -> {NAME: VALUE}, each VALUE a Python literal (``ast.literal_eval``)."""
+    settings = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            settings[name.strip()] = ast.literal_eval(value.strip()) if sep else None
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{spec!r}: {value.strip()!r} is not a Python literal") from None
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=VALUE, got {part!r}")
+    return settings
+
+
+def measure_with_settings(settings: dict[str, Any], name: str, n_streams: int, ns: argparse.Namespace) -> dict:
+    """bench.throughput.measure with llmkit/model/mhc_triton.py's module ``settings`` set, then restored."""
+    from bench import throughput
+    from llmkit.model import mhc_triton
+
+    unknown = [key for key in settings if not key.isupper() or not hasattr(mhc_triton, key)]
+    if unknown:
+        raise ValueError(f"llmkit/model/mhc_triton.py has no setting {', '.join(unknown)}")
+    saved = {key: getattr(mhc_triton, key) for key in settings}
+    for key, value in settings.items():
+        setattr(mhc_triton, key, value)
+    try:
+        return throughput.measure(name, n_streams, "bare", ns)
+    finally:
+        for key, value in saved.items():
+            setattr(mhc_triton, key, value)
+
+
+def setting_label(settings: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in settings.items())
 
 
 def resolve_device(args: argparse.Namespace) -> None:
@@ -354,6 +398,20 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
                 training["cuda_graph_rows"].append({**row, "device": report["device"]})
                 clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step (first step {row['first_step_s']:.1f} s)")
     throughput.add_ratios(training["rows"])
+    dense = {r["model"]: r for r in training["rows"] if r["n_streams"] == 1}
+    for settings in args.setting_rows if throughput.CUDA else []:
+        name = args.kernel_model
+        for n in [n for n in args.n_streams if n != 1]:
+            label = setting_label(settings)
+            clock.log(f"1 training {name} n={n} with {label}")
+            where = {"model": name, "n_streams": n, "settings": label}
+            ns = attempt(training["errors"], where, bench_namespace, args, name)
+            row = ns and attempt(training["errors"], where, measure_with_settings, settings, name, n, ns)
+            if row:
+                d = dense.get(name)
+                training["setting_rows"].append({**row, "settings": label, "device": report["device"],
+                                                 "time_ratio": row["step_s"] / d["step_s"] if d else None})
+                clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step")
     throughput.add_ratios(training["cuda_graph_rows"])
     kernels["per_sublayer"] = per_sublayer(kernels["rows"])
     memory["rows"] = [{key: r[key] for key in ("model", "n_streams", "peak_mem_GiB", "saved_act_GiB",
@@ -617,7 +675,8 @@ def table(report: dict) -> str:
         for e in section["errors"]:
             case = " ".join(str(x) for x in (e.get("model"), e.get("n_streams") and f"n={e['n_streams']}",
                                              e.get("batch") and f"batch {e['batch']}",
-                                             e.get("compile_mode") and f"compile mode {e['compile_mode']}") if x)
+                                             e.get("compile_mode") and f"compile mode {e['compile_mode']}",
+                                             e.get("settings")) if x)
             row(case, e["error"], "", "ERROR")
 
     def verdict(what: str, model: str) -> tuple[str, str]:
@@ -642,9 +701,9 @@ def table(report: dict) -> str:
             row(f"{r['model']} n={r['n_streams']} / n=1",
                 f"time {r['time_ratio']:.3f}x, peak memory {fmt(r['mem_ratio'], '.3f', 'x')}",
                 target and "time " + target, result, r["device"])
-    for r in training["cuda_graph_rows"]:
+    for r in training["cuda_graph_rows"] + training["setting_rows"]:
         ratio = "" if r["time_ratio"] is None else f", time {r['time_ratio']:.3f}x n=1's"
-        row(f"{r['model']} n={r['n_streams']}, CUDA graphs",
+        row(f"{r['model']} n={r['n_streams']}, {r.get('settings', 'CUDA graphs')}",
             f"{r['step_s'] * 1e3:.1f} ms/step, peak {fmt(r['peak_mem_GiB'], '.2f', ' GiB')}{ratio}", "", "",
             r["device"])
     errors(training)
@@ -731,7 +790,7 @@ def new_report(args: argparse.Namespace, device: str) -> dict:
     return {
         "device": device, "device_type": args.device, "torch": torch.__version__,
         "args": {k: v for k, v in vars(args).items()},
-        "training": {"rows": [], "cuda_graph_rows": [], "errors": []},
+        "training": {"rows": [], "cuda_graph_rows": [], "setting_rows": [], "errors": []},
         "kernels": {"rows": [], "per_sublayer": [], "errors": []},
         "memory": {"rows": [], "eager": [], "errors": []},
         "generation": {"mode": "compiled" if args.compile else "cached", "rows": [], "skipped": [], "errors": []},

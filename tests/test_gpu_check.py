@@ -172,6 +172,8 @@ def made_up_report(device_type: str) -> dict:
                                   train("350m", 1, 0.3, 40.0), train("350m", 4, 0.36, 48.0, 1.20, 1.20)]
     # with CUDA graphs: shown, never judged (the targets are the default compile mode's)
     report["training"]["cuda_graph_rows"] = [train("120m", 1, 0.09, 21.0), train("120m", 4, 0.117, 20.0, 1.30, 1.00)]
+    fused = dict(train("120m", 4, 0.105, 25.0, 1.05), settings="APPLY_PROJECT_FUSED=True")
+    report["training"]["setting_rows"] = [fused]
     report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30, held_after_forward_GiB=r["peak_mem_GiB"] / 4,
                                      step_peak_GiB=r["peak_mem_GiB"] / 2) for r in report["training"]["rows"]]
     report["memory"]["eager"] = [{"model": "120m", "n_streams": 4, "held_after_forward_GiB": 5.0,
@@ -214,6 +216,8 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert "| 120m n=1 | OutOfMemoryError: CUDA out of memory |  | ERROR | NVIDIA H200 |" in lines  # shown
     assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
     assert "| 120m n=4, CUDA graphs | 117.0 ms/step, peak 20.00 GiB, time 1.300x n=1's |  |  | NVIDIA H200 |" in lines
+    assert ("| 120m n=4, APPLY_PROJECT_FUSED=True | 105.0 ms/step, peak 25.00 GiB, time 1.050x n=1's |  |  | "
+            "NVIDIA H200 |") in lines
     assert all(line.count(" | ") == 4 for line in lines if not line.startswith("|---"))  # five cells each
 
 
@@ -235,11 +239,12 @@ def test_step_time_by_kernel_sums_the_mhc_kernels_and_their_bandwidth_from_their
     pytest.importorskip("triton")
     events = [FakeEvent("_project_fwd_kernel", 100.0), FakeEvent("_project_fwd_kernel", 100.0),
               FakeEvent("_apply_bwd_kernel", 40.0), FakeEvent("triton_poi_fused_add_0", 50.0),
-              FakeEvent("Memcpy HtoD (Pageable -> Device)", 10.0), FakeEvent("aten::mm", 999.0, CPU)]
+              FakeEvent("Memcpy HtoD (Pageable -> Device)", 10.0), FakeEvent("aten::mm", 999.0, CPU),
+              FakeEvent("_apply_project_fwd_kernel", 10.0)]  # the fused kernel: not project_fwd's
     t, n, c = 64, 4, 32
     got = gpu_check.step_time_by_kernel(events, True, n, c, t, torch.bfloat16)
-    assert got["kernel_ms"] == pytest.approx(0.29) and got["mhc_ms"] == pytest.approx(0.24)
-    assert list(got["by_kernel"]) == ["apply_bwd", "project_fwd"]
+    assert got["kernel_ms"] == pytest.approx(0.30) and got["mhc_ms"] == pytest.approx(0.25)
+    assert list(got["by_kernel"]) == ["apply_bwd", "apply_project_fwd", "project_fwd"]
     project = got["by_kernel"]["project_fwd"]
     # x [t, nC] bf16; phi [2n + n^2, nC], proj [t, 24] and sum x^2 [t] fp32, the last two once per split of
     # nC: 64 tokens are one token block, so project_forward splits nC = 128 into its four 32-column tiles
@@ -293,3 +298,23 @@ def test_pytest_results_are_read_per_file_and_import_failures_reported():
     assert ("| tests/test_sdft.py | not collected: No module named 'jsonargparse' |  | NOT COLLECTED "
             "| NVIDIA H200 |") in lines
     assert any(line.startswith("| other test modules | 1 without gpu tests") for line in lines)
+
+
+def test_setting_rows_parse_python_literals_and_refuse_what_is_not_a_setting(monkeypatch):
+    import argparse
+
+    from llmkit.model import mhc_triton
+
+    assert gpu_check.setting_row_spec("APPLY_PROJECT_FUSED=True, STREAM_BLOCK_C=512") == {
+        "APPLY_PROJECT_FUSED": True, "STREAM_BLOCK_C": 512}
+    for bad in ("APPLY_PROJECT_FUSED", "APPLY_PROJECT_FUSED=yes", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gpu_check.setting_row_spec(bad)
+    seen = []
+    monkeypatch.setattr("bench.throughput.measure",
+                        lambda name, n, mode, ns: seen.append(mhc_triton.STREAM_BLOCK_C) or {"step_s": 1.0})
+    before = mhc_triton.STREAM_BLOCK_C
+    assert gpu_check.measure_with_settings({"STREAM_BLOCK_C": 64}, "tiny", 4, None) == {"step_s": 1.0}
+    assert seen == [64] and mhc_triton.STREAM_BLOCK_C == before  # set for the measurement, then restored
+    with pytest.raises(ValueError, match="no setting NO_SUCH_KNOB"):
+        gpu_check.measure_with_settings({"NO_SUCH_KNOB": 1}, "tiny", 4, None)
