@@ -393,7 +393,7 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
             clock.log(f"1 training {name} n={n} with CUDA graphs (blocks compiled mode=reduce-overhead)")
             where = {"model": name, "n_streams": n, "compile_mode": "reduce-overhead"}
             ns = attempt(training["errors"], where, bench_namespace, args, name, "reduce-overhead")
-            row = ns and attempt(training["errors"], where, throughput.measure, name, n, "bare", ns)
+            row = ns and attempt(training["errors"], where, throughput.measure, name, n, "bare", ns, False)
             if row:
                 training["cuda_graph_rows"].append({**row, "device": report["device"]})
                 clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step (first step {row['first_step_s']:.1f} s)")

@@ -198,7 +198,11 @@ def training_step_memory(model: Transformer, seq_len: int, batch_size: int, prec
     return {"held_after_forward_GiB": held / 2**30, "step_peak_GiB": peak / 2**30}
 
 
-def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> dict:
+def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace, memory_probes: bool = True) -> dict:
+    """One (model, n, mode) row: step times, throughput, MFU, CUDA peak memory and, with
+    ``memory_probes``, the saved activations and one more step's held/peak memory (None without:
+    the CUDA-graph rows skip them, saved-tensor hooks and forward-only calls being no part of a
+    replayed training step)."""
     torch._dynamo.reset()  # each configuration compiles from scratch: first_step_s is its compile cost
     gc.collect()
     if CUDA:
@@ -229,8 +233,11 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace) -> d
         "mfu": flops_per_step / step / peak if peak else None,
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
     }
-    row["saved_act_GiB"] = training_forward_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
-    row.update(training_step_memory(model, args.seq_len, args.batch_size, args.precision))
+    if memory_probes:
+        row["saved_act_GiB"] = training_forward_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
+        row.update(training_step_memory(model, args.seq_len, args.batch_size, args.precision))
+    else:
+        row.update(saved_act_GiB=None, held_after_forward_GiB=None, step_peak_GiB=None)
     del model
     return row
 
