@@ -15,7 +15,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    torch.compile's "reduce-overhead" mode, each block's forward and backward replayed as CUDA
    graphs: how much of the step is host time between launches; and its n > 1 training with each
    --setting-rows entry of llmkit/model/mhc_triton.py settings (by default APPLY_PROJECT_FUSED=True,
-   the fused write-back and projection). Shown, not judged.
+   the fused write-back and projection, then that and PROJECT_APPLY_FUSED=True, their backward's
+   counterpart). Shown, not judged.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
@@ -84,7 +85,7 @@ T = TypeVar("T")
 
 COPIES = ("Memcpy", "Memset")
 """The profiler's CUDA events that are copies, not kernels."""
-MHC_KERNEL = re.compile(r"(?<![a-z])_((?:apply_project|project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
+MHC_KERNEL = re.compile(r"(?<![a-z])_((?:apply_project|project_apply|project|coeff|pre|apply)_(?:fwd|bwd))_kernel")
 """The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")
 """What a test module that fails to import lacks (the second form: a module poisoned in sys.modules)."""
@@ -116,11 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_float32_matmul_precision for the run (fp32 matmuls, and an fp32 mHC "
                         "stream's projection: FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
-    p.add_argument("--setting-rows", nargs="*", type=setting_row_spec, default=[{"APPLY_PROJECT_FUSED": True}],
+    p.add_argument("--setting-rows", nargs="*", type=setting_row_spec,
+                   default=[{"APPLY_PROJECT_FUSED": True}, {"APPLY_PROJECT_FUSED": True, "PROJECT_APPLY_FUSED": True}],
                    metavar="NAME=VALUE[,NAME=VALUE]",
                    help="llmkit/model/mhc_triton.py settings (values as Python literals) to time --kernel-model's "
-                        "n > 1 training with, a row each beside the default ones (default: APPLY_PROJECT_FUSED=True; "
-                        "none: leave out); cuda only")
+                        "n > 1 training with, a row each beside the default ones (default: the fused forward "
+                        "kernel, then both fused kernels; none: leave out); cuda only")
     p.add_argument("--cuda-graph-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time --kernel-model's training with its blocks compiled mode=reduce-overhead "
                         "(CUDA graphs: what host time between launches costs); compiled cuda runs only")
@@ -339,7 +341,7 @@ def step_time_by_kernel(events: list, cuda: bool, n: int, d_model: int, tokens: 
         recorded = record_launches(stream, tokens, n, d_model)
         for name, recorder in recorded.items():
             key = MHC_KERNEL.search(name).group(1)
-            if key in by_kernel:
+            if key in by_kernel and recorder.launches:  # (a fused kernel is not among the default launches)
                 launch_bytes = sum(tensor_bytes(a, k) for a, k in recorder.launches)
                 entry = by_kernel[key]
                 entry["bytes_per_launch"] = launch_bytes

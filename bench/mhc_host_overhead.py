@@ -1,5 +1,5 @@
 """Host time of one mHC sublayer's ops: what the CPU spends per sublayer to issue the forward op
-(``mhc_boundary``) and its two backward ops, before any GPU work.
+(``mhc_boundary``) and its backward op (``mhc_boundary_backward``), before any GPU work.
 
     python -m bench.mhc_host_overhead            # CUDA: real launches on 16 tokens (the GPU idles)
     TRITON_INTERPRET=1 python -m bench.mhc_host_overhead   # CPU: the Triton kernels recorded, not run
@@ -32,7 +32,7 @@ from llmkit.profiling import device_description
 
 
 def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
-    """A callable issuing one sublayer's forward op and its two backward ops on the Triton path."""
+    """A callable issuing one sublayer's forward op and its backward op on the Triton path."""
     g = torch.Generator(device).manual_seed(0)
     p = 2 * n + n * n
 
@@ -49,9 +49,8 @@ def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
     def issue() -> None:
         x1, u, h_pre, h_post1, h_res1, proj, sumsq = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias,
                                                                            *settings)
-        grad_x, *_ = mhc_ops.mhc_enter_backward(grad, u, h_pre, h_post1, h_res1, x1, phi, alpha, bias, proj, sumsq,
-                                                h_pre, *settings)
-        mhc_ops.mhc_apply_backward(grad_x, x, y, h_post, h_res, True)
+        mhc_ops.mhc_boundary_backward(grad, u, h_pre, h_post1, h_res1, x, y, h_post, h_res, x1, phi, alpha, bias, proj,
+                                      sumsq, h_pre, *settings)
 
     return issue
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     recorded_launches = sum(len(r.launches) for r in recorders.values())
     launches_per_sublayer = recorded_launches / (warmup + args.repeats * args.calls) if not cuda else None
     what = "kernels launched" if cuda else "Triton launches recorded, not run"
-    print(f"mHC sublayer ops (mhc_boundary + mhc_enter_backward + mhc_apply_backward), n = {args.n_streams}, "
+    print(f"mHC sublayer ops (mhc_boundary + mhc_boundary_backward), n = {args.n_streams}, "
           f"C = {args.d_model}, {args.tokens} tokens, {what}, {device_description()}: {us:.0f} us of host time "
           f"per sublayer (median of {args.repeats} x {args.calls})")
     report = {"args": vars(args), "device": device_description(), "launched": cuda, "host_us_per_sublayer": us,

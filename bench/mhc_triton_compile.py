@@ -98,14 +98,32 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
     return recorders
 
 
-def record_fused_launch(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> RecordedLaunches:
-    """The launch of ``apply_project_forward`` at this shape: what APPLY_PROJECT_FUSED would run
-    in place of the write-back's and the projection's kernels."""
-    with recorded(["_apply_project_fwd_kernel"]) as recorders:
-        x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
-        mhc_triton.apply_project_forward(x, y, torch.empty(tokens, n), torch.empty(tokens, n, n),
-                                         torch.empty(2 * n + n * n, n * d_model))
-    return recorders["_apply_project_fwd_kernel"]
+FUSED = {"_apply_project_fwd_kernel": ("_apply_fwd_kernel", "_project_fwd_kernel"),
+         "_project_apply_bwd_kernel": ("_project_bwd_kernel", "_apply_bwd_kernel")}
+"""The kernels APPLY_PROJECT_FUSED and PROJECT_APPLY_FUSED run, each in place of two of a sublayer's."""
+
+
+def record_fused_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
+    """The launches of the fused kernels (FUSED) at this shape, recorded, not run."""
+    def stream() -> torch.Tensor:  # a distinct tensor for each role: tensor_bytes counts each once
+        return torch.empty(tokens, n, d_model, dtype=dtype)
+
+    def vector() -> torch.Tensor:
+        return torch.empty(tokens, d_model, dtype=dtype)
+
+    with recorded(FUSED) as recorders:
+        p = 2 * n + n * n
+        h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
+        phi = torch.empty(p, n * d_model)
+        mhc_triton.apply_project_forward(stream(), vector(), h_post, h_res, phi)
+        mhc_triton.project_apply_backward(torch.empty(tokens, p), torch.empty(tokens), stream(), phi, stream(),
+                                          (vector(), h_pre), stream(), vector(), h_post, h_res)
+    return recorders
+
+
+def short(kernel: str) -> str:
+    """A kernel's name as the table prints it: _project_fwd_kernel -> project_fwd."""
+    return kernel.strip("_").removesuffix("_kernel")
 
 
 def compile_launch(
@@ -168,12 +186,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
         shape = (dtype, args.tokens, args.n_streams, args.d_model)
         recorders = [(recorder, True) for recorder in record_launches(*shape).values()]
-        if not mhc_triton.APPLY_PROJECT_FUSED:
-            recorders.append((record_fused_launch(*shape), False))
+        recorders += [(recorder, False) for recorder in record_fused_launches(*shape).values()]
         for recorder, in_sublayer in recorders:
             for launch_args, launch_kwargs in recorder.launches:
                 compiled = compile_launch(recorder.kernel, launch_args, launch_kwargs, target)
-                rows.append({"kernel": recorder.kernel.__name__.strip("_").removesuffix("_kernel"),
+                rows.append({"kernel": short(recorder.kernel.__name__),
                              "stream": dtype_name, "in_sublayer": in_sublayer,
                              "num_warps": compiled.metadata.num_warps, **resource_usage(compiled.asm["cubin"]),
                              "bytes_per_token": tensor_bytes(launch_args, launch_kwargs) / args.tokens})
@@ -184,14 +201,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"{r['kernel']:<18} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
               f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}"
-              + ("" if r["in_sublayer"] else "  (APPLY_PROJECT_FUSED's kernel, in place of apply_fwd + project_fwd)"))
+              + ("" if r["in_sublayer"] else "  (fused: in place of two above)"))
     for dtype_name in args.dtypes:
         size = {"bf16": 2, "fp32": 4}[dtype_name]
         matmul = size * args.n_streams * args.d_model  # project_backward's grad_phi matmul reads x once more
+        by_kernel = {r["kernel"]: r["bytes_per_token"] for r in rows if r["stream"] == dtype_name}
         traffic = sum(r["bytes_per_token"] for r in rows if r["stream"] == dtype_name and r["in_sublayer"]) + matmul
+        fused = traffic + sum(by_kernel[short(kernel)] - sum(by_kernel[short(k)] for k in replaced)
+                              for kernel, replaced in FUSED.items())
         print(f"{dtype_name} stream: one sublayer's launches and project backward's grad_phi matmul ({matmul} B) "
               f"move {traffic:.0f} B per token = {traffic / (size * args.d_model):.1f} C stream elements "
-              "(a dense residual: 6 C, x + y and its gradient)")
+              f"(a dense residual: 6 C, x + y and its gradient); with the fused kernels {fused:.0f} B = "
+              f"{fused / (size * args.d_model):.1f} C")
     write_json_atomic(Path(args.out), {"args": vars(args), "triton": triton.__version__, "rows": rows})
     print(f"wrote {args.out}")
     return rows

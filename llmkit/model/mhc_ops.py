@@ -251,13 +251,12 @@ def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton,
     return _entered_like(x, phi)
 
 
-@torch.library.custom_op("llmkit::mhc_enter_backward", mutates_args=())
-def mhc_enter_backward(
+def enter_backward(
     grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
     phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
     eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dX, dL/dproj, dL/dphi, (dL/dalpha, dL/dbias) [3 + P]) of :func:`mhc_enter`, with dL/dX
+    """(dL/dX, dL/dproj, dL/dphi, (dL/dalpha, dL/dbias) [3 + P]) of :func:`enter`, with dL/dX
     also summing ``grad_x`` (X's gradient from its other reader), all in one pass over X:
 
         dL/dH_pre = <g_u, X[m]> + grad_pre  ->  (dproj, dsumsq) by the coefficients' backward
@@ -266,9 +265,8 @@ def mhc_enter_backward(
     m, n, c = x.shape
     coefficient_args = (n, n * c, iters, clamp, eps, norm_eps, use_triton)
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
-        grad_proj, grad_sumsq, grad_alpha_bias = coefficients_backward(
-            grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
+        grad_proj, grad_sumsq, grad_alpha_bias = _projection_grads(
+            kernels, grad_u, grad_pre, grad_post, grad_res, x, alpha, bias, proj, sumsq, coefficient_args)
         grad_x, grad_phi = kernels.project_backward(
             grad_proj, grad_sumsq, x.reshape(m, n * c), phi, None if grad_x is None else grad_x.reshape(m, n * c),
             (grad_u, h_pre))
@@ -285,6 +283,27 @@ def mhc_enter_backward(
         if grad_x is not None:
             total = total + grad_x.to(dtype)
         return total.to(x.dtype), grad_proj, (grad_proj.T @ flat).to(phi.dtype), grad_alpha_bias
+
+
+def _projection_grads(
+    kernels: ModuleType, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
+    alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, coefficient_args: tuple,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dproj, dL/dsumsq, (dL/dalpha, dL/dbias)) on the Triton path: dL/dH_pre = <g_u, X[m]> +
+    grad_pre (one kernel), then the coefficients' backward."""
+    grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
+    return coefficients_backward(grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
+
+
+@torch.library.custom_op("llmkit::mhc_enter_backward", mutates_args=())
+def mhc_enter_backward(
+    grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
+    phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
+    eps: float, norm_eps: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`mhc_enter`'s backward, :func:`enter_backward`."""
+    return enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre,
+                          iters, clamp, eps, norm_eps, use_triton)
 
 
 @mhc_enter_backward.register_fake
@@ -336,6 +355,40 @@ def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, e
     return _empty(x_prev), *_entered_like(x_prev, phi)
 
 
+@torch.library.custom_op("llmkit::mhc_boundary_backward", mutates_args=())
+def mhc_boundary_backward(
+    grad_x: Tensor, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x_prev: Tensor,
+    y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
+    proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float, eps: float, norm_eps: float,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dX', dL/dy', dL/dH_post', dL/dH_res', dL/dphi, (dL/dalpha, dL/dbias)) of :func:`mhc_boundary`:
+    :func:`enter_backward`'s dL/dX, ``grad_x`` (X's gradient from the next sublayer) included, then
+    :func:`apply_backward` of the write-back X = H_res' X' + H_post'^T y'. On CUDA with
+    ``mhc_triton.PROJECT_APPLY_FUSED`` the two passes are one kernel that never writes dL/dX."""
+    kernels = triton_kernels(x, use_triton)
+    if kernels is not None and kernels.PROJECT_APPLY_FUSED:
+        m, n, c = x.shape
+        grad_proj, grad_sumsq, grad_alpha_bias = _projection_grads(
+            kernels, grad_u, grad_pre, grad_post, grad_res, x, alpha, bias, proj, sumsq,
+            (n, n * c, iters, clamp, eps, norm_eps, use_triton))
+        grad_x_prev, grad_y_prev, grad_h_post, grad_h_res, grad_phi = kernels.project_apply_backward(
+            grad_proj, grad_sumsq, x, phi, grad_x, (grad_u, h_pre), x_prev, y_prev, h_post_prev, h_res_prev)
+        return (grad_x_prev, grad_y_prev, grad_h_post.to(h_post_prev.dtype), grad_h_res.to(h_res_prev.dtype), grad_phi,
+                grad_alpha_bias)
+    grad_x, _, grad_phi, grad_alpha_bias = enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha,
+                                                          bias, proj, sumsq, h_pre, iters, clamp, eps, norm_eps,
+                                                          use_triton)
+    return *apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), grad_phi, grad_alpha_bias
+
+
+@mhc_boundary_backward.register_fake
+def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x_prev, y_prev, h_post_prev, h_res_prev, x, phi, alpha, bias,
+      proj, sumsq, h_pre, iters, clamp, eps, norm_eps, use_triton):
+    return (_empty(x_prev), _empty(y_prev), _empty(h_post_prev), _empty(h_res_prev), _empty(phi),
+            alpha.new_empty(alpha.shape[0] + bias.shape[0]))
+
+
 def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
     x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, *ctx.attrs, _ = inputs  # without source_hash
     x, _, h_pre, _, _, proj, sumsq = output
@@ -344,12 +397,9 @@ def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _boundary_grad(ctx, grad_x, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
-    x_prev, y_prev, h_post_prev, h_res_prev, *entered = ctx.saved_tensors
-    grad_x, _, grad_phi, grad_alpha_bias = mhc_enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res,
-                                                               *entered, *ctx.attrs)
-    use_triton = ctx.attrs[-1]
-    return *mhc_apply_backward(grad_x, x_prev, y_prev, h_post_prev, h_res_prev, use_triton), grad_phi, \
-        *_split_alpha_bias(grad_alpha_bias), *([None] * (len(ctx.attrs) + 1))
+    *grads, grad_phi, grad_alpha_bias = mhc_boundary_backward(grad_x, grad_u, grad_pre, grad_post, grad_res,
+                                                              *ctx.saved_tensors, *ctx.attrs)
+    return *grads, grad_phi, *_split_alpha_bias(grad_alpha_bias), *([None] * (len(ctx.attrs) + 1))
 
 
 mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
@@ -369,8 +419,7 @@ def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, sou
     return _empty(x)
 
 
-@torch.library.custom_op("llmkit::mhc_apply_backward", mutates_args=())
-def mhc_apply_backward(
+def apply_backward(
     grad: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dL/dX = H_res^T G, dL/dy = H_post^T G, dL/dH_post[i] = <G[i], y>, dL/dH_res[i, m] = <G[i], X[m]>)."""
@@ -385,6 +434,14 @@ def mhc_apply_backward(
         grad_h_post = torch.bmm(g, y.to(dtype)[:, :, None]).squeeze(-1)
         grad_h_res = torch.bmm(g, xf.transpose(1, 2))
         return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_h_post.to(h_post.dtype), grad_h_res.to(h_res.dtype)
+
+
+@torch.library.custom_op("llmkit::mhc_apply_backward", mutates_args=())
+def mhc_apply_backward(
+    grad: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`mhc_apply`'s backward, :func:`apply_backward`."""
+    return apply_backward(grad, x, y, h_post, h_res, use_triton)
 
 
 @mhc_apply_backward.register_fake
