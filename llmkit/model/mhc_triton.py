@@ -14,6 +14,10 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
   gives dL/dH_pre only, plus H_pre's gradient from elsewhere (:func:`project_backward` adds the
   pre-aggregation's share of dL/dX).
 - :func:`apply_forward` / :func:`apply_backward`: Eq. 3's update X' = H_res X + H_post^T y.
+- :func:`apply_project_forward` and :func:`project_apply_backward`: a write-back and the next
+  sublayer's projection in one kernel each way, so the stream between them is neither read back
+  (forward) nor its gradient written (backward); behind APPLY_PROJECT_FUSED and
+  PROJECT_APPLY_FUSED, off until measured on a GPU (docs/performance.md).
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
 route it to PyTorch). Every kernel is deterministic: cross-program sums go through fp32
