@@ -225,6 +225,21 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
+def _store_grad_proj_parts(grad_proj_ptr, parts_ptr, rows, row_ok, M, P, BLOCK_P: tl.constexpr):
+    """grad_proj's rows ``rows`` (int64) as three bf16 parts that sum to them, 8 significant bits
+    each (fp32's 24; near underflow, fewer), transposed for :func:`_grad_phi`: parts [3P, M], row
+    part * P + p."""
+    ps = tl.arange(0, BLOCK_P)
+    rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
+    rest = tl.load(grad_proj_ptr + rows[:, None] * P + ps[None, :], mask=rows_ps_ok, other=0.0)
+    parts = parts_ptr + rows[:, None] + ps.to(tl.int64)[None, :] * M
+    for part in tl.static_range(3):
+        rounded = rest.to(tl.bfloat16)
+        tl.store(parts + part * P * M, rounded, mask=rows_ps_ok)
+        rest = rest - rounded.to(tl.float32)
+
+
+@triton.jit
 def _project_bwd_kernel(
     grad_proj_ptr,
     grad_sumsq_ptr,
@@ -268,14 +283,7 @@ def _project_bwd_kernel(
     grad_proj_rows = grad_proj_ptr + first * P + local * P
     if SPLIT_GRAD_PROJ:
         if tl.program_id(1) == 0:
-            ps = tl.arange(0, BLOCK_P)
-            rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
-            rest = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=rows_ps_ok, other=0.0)
-            parts = grad_proj_parts_ptr + first + local[:, None] + ps.to(tl.int64)[None, :] * M
-            for part in tl.static_range(3):  # 8 significant bits each: fp32's 24 (near underflow, fewer)
-                rounded = rest.to(tl.bfloat16)
-                tl.store(parts + part * P * M, rounded, mask=rows_ps_ok)
-                rest = rest - rounded.to(tl.float32)
+            _store_grad_proj_parts(grad_proj_ptr, grad_proj_parts_ptr, first + local, row_ok, M, P, BLOCK_P)
     for p in range(P):
         g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
         # the forward's dot saw phi rounded to x's dtype: differentiate that function
@@ -1083,14 +1091,7 @@ def _project_apply_bwd_kernel(
     K = N * C
     gs = tl.load(grad_sumsq_ptr + r64, mask=row_ok, other=0.0).to(tl.float32)
     if SPLIT_GRAD_PROJ:
-        ps = tl.arange(0, BLOCK_P)
-        rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
-        rest = tl.load(grad_proj_ptr + r64[:, None] * P + ps[None, :], mask=rows_ps_ok, other=0.0)
-        parts = grad_proj_parts_ptr + r64[:, None] + ps.to(tl.int64)[None, :] * M
-        for part in tl.static_range(3):
-            rounded = rest.to(tl.bfloat16)
-            tl.store(parts + part * P * M, rounded, mask=rows_ps_ok)
-            rest = rest - rounded.to(tl.float32)
+        _store_grad_proj_parts(grad_proj_ptr, grad_proj_parts_ptr, r64, row_ok, M, P, BLOCK_P)
     rows_j_ok = row_ok[:, None] & j_ok[None, :]
     acc_post = tl.zeros((BLOCK_M, NP), dtype=tl.float32)  # [token, i]
     acc_res = tl.zeros((BLOCK_M, NP, NP), dtype=tl.float32)  # [token, i, m]
