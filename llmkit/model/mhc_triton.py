@@ -62,7 +62,7 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot); 32 took 1.6x as long
 PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.dot)
 PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
-PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 118 registers per thread at 4 warps on sm_90
+PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 62 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
@@ -240,6 +240,19 @@ def _store_grad_proj_parts(grad_proj_ptr, parts_ptr, rows, row_ok, M, P, BLOCK_P
 
 
 @triton.jit
+def _add_grad_proj_phi(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, STREAM_DTYPE: tl.constexpr):
+    """acc [rows, cols] + grad_proj[rows, :] phi[:, cols], as P rank-one updates in fp32 FMAs (a
+    contraction of P = 2n + n^2 is too short for a tensor-core dot to pay). ``grad_proj_rows``
+    points at each row's grad_proj, ``phi_cols`` at phi's first row in each column; phi is rounded to
+    the stream's dtype first, as the forward's dot saw it: this differentiates that function."""
+    for p in range(P):
+        g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
+        w = tl.load(phi_cols + p * K, mask=col_ok, other=0.0).to(STREAM_DTYPE).to(tl.float32)
+        acc += g[:, None] * w[None, :]
+    return acc
+
+
+@triton.jit
 def _project_bwd_kernel(
     grad_proj_ptr,
     grad_sumsq_ptr,
@@ -263,9 +276,9 @@ def _project_bwd_kernel(
     SPLIT_GRAD_PROJ: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): one tile of grad_x = grad_proj phi + 2 x grad_sumsq
-    per program, no loop over tokens. The P-term is P rank-one updates in fp32 FMAs (a contraction
-    of P = 2n + n^2 is too short for a tensor-core dot to pay, and Triton's fp32 dot took over 200
-    registers per thread at tiles this size). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
+    per program, no loop over tokens. The P-term is P rank-one updates in fp32 FMAs
+    (:func:`_add_grad_proj_phi`; Triton's fp32 dot took over 200 registers per thread at tiles
+    this size, counted unspecialized). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
     with HAS_PRE the pre-aggregation's term H_pre[m] g_u[c] for column k = m C + c (g_u [M, C],
     H_pre [M, N]). With SPLIT_GRAD_PROJ the first program of each token block also writes its
     tokens' grad_proj as three bf16 parts that sum to it, transposed for :func:`_grad_phi`'s
@@ -284,11 +297,7 @@ def _project_bwd_kernel(
     if SPLIT_GRAD_PROJ:
         if tl.program_id(1) == 0:
             _store_grad_proj_parts(grad_proj_ptr, grad_proj_parts_ptr, first + local, row_ok, M, P, BLOCK_P)
-    for p in range(P):
-        g = tl.load(grad_proj_rows + p, mask=row_ok, other=0.0).to(tl.float32)
-        # the forward's dot saw phi rounded to x's dtype: differentiate that function
-        w = tl.load(phi_ptr + p * K + ks, mask=k_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
-        grad_x += g[:, None] * w[None, :]
+    grad_x = _add_grad_proj_phi(grad_x, grad_proj_rows, row_ok, phi_ptr + ks, k_ok, K, P, x_ptr.dtype.element_ty)
     if HAS_GRAD_IN:
         grad_x += tl.load(grad_in_ptr + first * K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
     if HAS_PRE:
@@ -1112,11 +1121,8 @@ def _project_apply_bwd_kernel(
             h_pre_i = tl.load(h_pre_ptr + r64 * N + i, mask=row_ok, other=0.0).to(tl.float32)
             g = tl.load(grad_in_ptr + stream, mask=ok, other=0.0).to(tl.float32)
             g += h_pre_i[:, None] * g_u + 2.0 * x_i * gs[:, None]
-            for p in range(P):
-                g_p = tl.load(grad_proj_ptr + r64 * P + p, mask=row_ok, other=0.0).to(tl.float32)
-                # the forward's dot saw phi rounded to x's dtype: differentiate that function
-                w = tl.load(phi_ptr + p * K + i * C + cs, mask=c_ok, other=0.0)
-                g += g_p[:, None] * w.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            g = _add_grad_proj_phi(g, grad_proj_ptr + r64 * P, row_ok, phi_ptr + i * C + cs, c_ok, K, P,
+                                   x_ptr.dtype.element_ty)
             h_res_i = tl.load(h_res_prev_ptr + r64[:, None] * (N * N) + i * N + js[None, :], mask=rows_j_ok,
                               other=0.0).to(tl.float32)  # H_res'[i, m] over m
             grad_x_prev += h_res_i[:, :, None] * g[:, None, :]
