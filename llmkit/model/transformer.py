@@ -180,7 +180,7 @@ class Transformer(nn.Module):
         """torch.compile each block in place. Blocks share one code path and, with parameters
         traced as inputs, one compiled graph (with mHC two: the first block takes the embedded
         stream, the others the previous block's Pending one): compile time is that of a block or
-        two, not of the depth (each mHC residual is one opaque custom op forward and two
+        two, not of the depth (each mHC residual is one opaque custom op forward and one
         backward, llmkit/model/mhc_ops.py). ``mode`` is torch.compile's: "reduce-overhead"
         replays each block's forward and backward as CUDA graphs (bench/gpu_check.py measures
         whether that pays in training)."""
