@@ -174,21 +174,17 @@ def setting_row_spec(spec: str) -> dict[str, Any]:
 
 
 def measure_with_settings(settings: dict[str, Any], name: str, n_streams: int, ns: argparse.Namespace) -> dict:
-    """bench.throughput.measure with llmkit/model/mhc_triton.py's module ``settings`` set, then restored."""
+    """bench.throughput.measure with llmkit/model/mhc_triton.py's module ``settings`` set, then restored
+    (``bench.mhc_kernel_variants.setting``, as the kernel variants are)."""
     from bench import throughput
+    from bench.mhc_kernel_variants import setting
     from llmkit.model import mhc_triton
 
     unknown = [key for key in settings if not key.isupper() or not hasattr(mhc_triton, key)]
     if unknown:
         raise ValueError(f"llmkit/model/mhc_triton.py has no setting {', '.join(unknown)}")
-    saved = {key: getattr(mhc_triton, key) for key in settings}
-    for key, value in settings.items():
-        setattr(mhc_triton, key, value)
-    try:
+    with setting(tuple(settings), tuple(settings.values())):
         return throughput.measure(name, n_streams, "bare", ns)
-    finally:
-        for key, value in saved.items():
-            setattr(mhc_triton, key, value)
 
 
 def setting_label(settings: dict[str, Any]) -> str:
