@@ -219,25 +219,34 @@ def test_project_forward_and_backward(mt, blocks, dtype):
     close(grad_phi, grad_phi_ref, 1e-5)
 
 
+def launches(mt, monkeypatch, names: tuple[str, ...]) -> list[tuple[str, tuple]]:
+    """(kernel name, grid) of each launch of mt's kernels ``names`` from now on; they still run."""
+    launched = []
+
+    class Recorded:
+        def __init__(self, name: str) -> None:
+            self.name, self.kernel = name, getattr(mt, name)
+
+        def __getitem__(self, grid: tuple):
+            launched.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(mt, name, Recorded(name))
+    return launched
+
+
 @pytest.mark.parametrize("programs, splits", [(1, 1), (2, 2), (3, 3), (256, 5)])
 def test_project_forward_splits_k_when_there_are_few_tokens(mt, monkeypatch, programs, splits):
     """Decode (M = batch): one block of tokens would leave a single program looping over all of K,
     so K is split into up to PROJECT_FWD_PROGRAMS / (token blocks) parts (here K = 160, five tiles
     of 32: splits of 5, 3 and 2 tiles, or 2, 2 and 1) whose fp32 partials torch sums; every split
     gives the oracle's values."""
-    launched = []
-    kernel = mt._project_fwd_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(mt, "_project_fwd_kernel", Recorded())
+    launched = launches(mt, monkeypatch, ("_project_fwd_kernel",))
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)
     x, phi, _, _ = mapping_inputs(3, 4, 40, torch.float32)  # three tokens: one block of 64
     proj, sumsq = mt.project_forward(x, phi)
-    assert launched == [(1, splits)]
+    assert launched == [("_project_fwd_kernel", (1, splits))]
     x64, phi64 = x.double(), phi.double()
     close(proj, x64 @ phi64.T, 1e-5)
     close(sumsq, x64.square().sum(-1), 1e-5)
@@ -449,20 +458,11 @@ def test_apply_project_fuses_only_where_switched_on_and_the_projection_would_not
     monkeypatch.setattr(mt, "APPLY_PROJECT_FUSED", fused)
     monkeypatch.setattr(mt, "PROJECT_BLOCK_M", 16)
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", 3)
-    launched = []
-    for name in ("_apply_fwd_kernel", "_project_fwd_kernel", "_apply_project_fwd_kernel"):
-        kernel = getattr(mt, name)
-
-        class Recorded:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                launched.append(_name)
-                return _kernel[grid]
-
-        monkeypatch.setattr(mt, name, Recorded())
+    launched = launches(mt, monkeypatch, ("_apply_fwd_kernel", "_project_fwd_kernel", "_apply_project_fwd_kernel"))
     x, y, _, h_post, h_res = stream_inputs(tokens, 4, 8, torch.float32, torch.float32)
     phi = torch.randn(24, 32)
     out, proj, sumsq = mt.apply_project(x, y, h_post, h_res, phi)
-    assert launched == kernels
+    assert [name for name, _ in launched] == kernels
     stored = out.double().view(tokens, 32)
     close(proj, stored @ phi.double().T, 1e-5)
     close(sumsq, stored.square().sum(-1), 1e-5)
