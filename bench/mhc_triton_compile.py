@@ -7,7 +7,8 @@ Each wrapper of llmkit/model/mhc_triton.py runs once on CPU tensors of the given
 kernel launches recorded instead of run; every recorded launch (its arguments, constexprs,
 num_warps and num_stages, exactly as the wrapper chose them) is then compiled by Triton down to a
 cubin for the target (Triton ships ptxas), and ``cuobjdump --dump-resource-usage`` reads its
-registers per thread, stack frame (where ptxas spills registers), local and shared memory. This checks that the kernels
+registers per thread, stack frame (where ptxas spills registers), local and shared memory; its
+SASS says how many instructions spill, and how many of them sit inside a loop. This checks that the kernels
 compile for a GPU, which Triton's CPU interpreter (what the tests run) cannot; it says nothing
 about speed. Prints a table and writes JSON (--out). Must not run under TRITON_INTERPRET=1.
 
@@ -42,6 +43,7 @@ from llmkit.model import mhc_triton
 from llmkit.model.config import ModelConfig
 
 RESOURCES = re.compile(r"Function (\w+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 KERNELS = [name for name in vars(mhc_triton) if name.startswith("_") and name.endswith("_kernel")]
 
 
@@ -157,16 +159,34 @@ def tensor_bytes(args: tuple, kwargs: dict) -> int:
     return sum(tensors.values())
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers per thread, stack, shared and local (spilled) bytes, as cuobjdump reads the cubin."""
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """What Triton's cuobjdump prints for the cubin with ``flags``."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                             check=True).stdout
-    _, regs, stack, shared, local = RESOURCES.search(out).groups()
-    return {"registers": int(regs), "stack_bytes": int(stack), "shared_bytes": int(shared), "local_bytes": int(local)}
+        return subprocess.run([str(tool), *flags, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def spill_instructions(sass: str) -> dict[str, int]:
+    """How many of the SASS's instructions move spilled registers to or from the stack (STL/LDL),
+    and how many of those lie inside a loop (between a backward branch and its target): a spill
+    outside every loop runs once per program, one inside once per iteration."""
+    instructions = [(int(address, 16), opcode, operands)
+                    for address, opcode, operands in SASS_INSTRUCTION.findall(sass)]
+    loops = [(int(target, 16), address) for address, opcode, operands in instructions if opcode.startswith("BRA")
+             for target in re.findall(r"0x([0-9a-f]+)", operands) if int(target, 16) <= address]
+    spills = [address for address, opcode, _ in instructions if opcode.split(".")[0] in ("STL", "LDL")]
+    return {"spills": len(spills),
+            "spills_in_loops": sum(any(start <= address <= end for start, end in loops) for address in spills)}
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack, shared and local bytes, as cuobjdump reads the cubin, and its
+    spill instructions (:func:`spill_instructions`)."""
+    _, regs, stack, shared, local = RESOURCES.search(cuobjdump(cubin, "--dump-resource-usage")).groups()
+    return {"registers": int(regs), "stack_bytes": int(stack), "shared_bytes": int(shared), "local_bytes": int(local),
+            **spill_instructions(cuobjdump(cubin, "-sass"))}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -196,11 +216,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "bytes_per_token": tensor_bytes(launch_args, launch_kwargs) / args.tokens})
     print(f"mHC Triton kernels compiled for sm_{args.arch} (n = {args.n_streams}, C = {args.d_model}, "
           f"{args.tokens} tokens), triton {triton.__version__}, no GPU needed")
-    print(f"{'kernel':<18} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'local B':>7} {'shared B':>8} "
-          f"{'B/token':>8}")
+    print(f"{'kernel':<18} {'stream':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'spills (in loops)':>17} "
+          f"{'local B':>7} {'shared B':>8} {'B/token':>8}")
     for r in rows:
-        print(f"{r['kernel']:<18} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} "
-              f"{r['stack_bytes']:>7} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}"
+        spills = f"{r['spills']} ({r['spills_in_loops']})"
+        print(f"{r['kernel']:<18} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} {r['stack_bytes']:>7} "
+              f"{spills:>17} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}"
               + ("" if r["in_sublayer"] else "  (fused: in place of two above)"))
     for dtype_name in args.dtypes:
         size = {"bf16": 2, "fp32": 4}[dtype_name]

@@ -603,6 +603,27 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
         assert 0 < r["registers"] <= 255, r
 
 
+SASS_WITH_A_LOOP = """
+        /*0100*/                   STL [R1], R0 ;
+        /*0110*/                   FADD R2, R3, R4 ;
+        /*0120*/                   LDL.LU R5, [R1+0x4] ;
+        /*0130*/              @!P0 BRA 0x110 ;
+        /*0140*/                   BRA 0x180 ;
+        /*0150*/                   LDL R6, [R1] ;
+"""
+
+
+def test_the_compile_check_finds_spills_inside_loops():
+    """bench/mhc_triton_compile.py counts a spill inside a loop (between a backward branch and its
+    target) apart from those before or after every loop."""
+    code = f"from bench.mhc_triton_compile import spill_instructions\nprint(spill_instructions({SASS_WITH_A_LOOP!r}))"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'spills': 3, 'spills_in_loops': 1}"
+
+
 def test_the_compile_check_specializes_launches_as_the_jit_does():
     """bench/mhc_triton_compile.py compiles each recorded launch as Triton's JIT would on a GPU:
     the width C = 768 and the tensors' addresses known divisible by 16 (vectorized loads, fewer
