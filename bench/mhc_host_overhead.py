@@ -42,13 +42,14 @@ def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
     x, y = randn(tokens, n, c, dtype=torch.bfloat16), randn(tokens, c, dtype=torch.bfloat16)
     h_post, h_res = torch.rand(tokens, n, generator=g, device=device), torch.rand(tokens, n, n, generator=g,
                                                                                   device=device)
-    phi, alpha, bias = randn(p, n * c) / (n * c) ** 0.5, torch.ones(3, device=device), randn(p)
+    phi = randn(p, n * c) / (n * c) ** 0.5
+    alpha, bias = [torch.ones((), device=device) for _ in range(3)], [randn(n), randn(n), randn(n, n)]
     grad = randn(tokens, n, c, dtype=torch.bfloat16)
     settings = (20, 15.0, 1e-8, 1e-5, True)
 
     def issue() -> None:
         x1, u, h_pre, h_post1, h_res1, proj, sumsq = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias,
-                                                                           *settings)
+                                                                           *settings, mhc_ops.SOURCE_HASH)
         mhc_ops.mhc_boundary_backward(grad, u, h_pre, h_post1, h_res1, x, y, h_post, h_res, x1, phi, alpha, bias, proj,
                                       sumsq, h_pre, *settings)
 

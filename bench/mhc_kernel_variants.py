@@ -106,7 +106,8 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     grad_stream, grad_u = randn(tokens, n, c, dtype=dtype), randn(tokens, c, dtype=dtype)
     grad_proj, grad_sumsq = randn(tokens, p), randn(tokens) / k
     grad_h = (randn(tokens, n), randn(tokens, n), randn(tokens, n, n))
-    alpha, bias = torch.tensor([1.0, 1.0, 1.0], device=device), randn(p)
+    alpha, bias = [torch.ones((), device=device) for _ in range(3)], [randn(n), randn(n), randn(n, n)]
+    alpha64, bias64 = [a.double() for a in alpha], [b.double() for b in bias]
     x64, y64, phi64 = x.double(), y.double(), phi.to(dtype).double()
     flat, flat64 = x.view(tokens, k), x64.view(tokens, k)
     proj64, sumsq64 = mhc_ops.project(flat64, phi64, False)
@@ -129,11 +130,11 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
              other_bytes=flat.nbytes),
         Case("coefficients forward", "_coeff_fwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
              lambda: mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args),
-             mhc_ops.coefficients(proj64, sumsq64, alpha.double(), bias.double(), *coefficient_args, False)),
+             mhc_ops.coefficients(proj64, sumsq64, alpha64, bias64, *coefficient_args, False)),
         Case("coefficients backward", "_coeff_bwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
              lambda: mhc_triton.coefficients_backward(*grad_h, proj, sumsq, alpha, bias, *coefficient_args),
-             mhc_ops.coefficients_backward(*(t.double() for t in grad_h), proj64, sumsq64, alpha.double(),
-                                           bias.double(), *coefficient_args, False)),
+             mhc_ops.coefficients_backward(*(t.double() for t in grad_h), proj64, sumsq64, alpha64, bias64,
+                                           *coefficient_args, False)),
         Case("pre forward", "_pre_fwd_kernel", *tiles, lambda: (mhc_triton.pre_forward(x, h_pre),),
              (mhc_ops.pre(x64, h_pre.double(), False),)),
         Case("pre backward", "_pre_bwd_kernel", *tiles, lambda: (mhc_triton.pre_backward(grad_u, x),),

@@ -52,7 +52,7 @@ class LigerResidual(nn.Module):
         m = residual.mapping
         self.n, self.cfg, self.norm_eps = m.n, m.cfg, m.norm_eps
         self.phi = nn.Parameter(m.phi.weight.detach().t().contiguous().to(dtype))
-        alpha, bias = (t.detach().float() for t in m.alpha_and_bias())
+        alpha, bias = (t.detach().float() for t in mhc_ops.packed(*m.alpha_and_bias()))
         self.b = nn.Parameter(bias)
         self.alphas = nn.ParameterList(nn.Parameter(a.clone()) for a in alpha)
 
@@ -94,7 +94,7 @@ def doubly_stochastic_error(h_res: torch.Tensor) -> tuple[float, float]:
 def largest_residual_logit(mapping: nn.Module, x: torch.Tensor) -> float:
     """max |H~_res| (Eq. 7's alpha_res * (x' phi_res) + b_res) of an fp64 mapping over x [M, n, C]."""
     proj, sumsq = mhc_ops.project(x.flatten(1), mapping.phi.weight, False)
-    alpha, bias = mapping.alpha_and_bias()
+    alpha, bias = mhc_ops.packed(*mapping.alpha_and_bias())
     logits, _, _ = mhc_ops.mapping_logits(proj, sumsq, alpha, bias, mapping.n, x[0].numel(), mapping.norm_eps)
     return logits[:, 2 * mapping.n:].abs().max().item()
 

@@ -84,7 +84,8 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
     with recorded(KERNELS) as recorders:
         p = 2 * n + n * n
         x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
-        phi, alpha, bias = torch.empty(p, n * d_model), torch.empty(3), torch.empty(p)
+        phi = torch.empty(p, n * d_model)
+        alpha, bias = [torch.empty(()) for _ in range(3)], [torch.empty(n), torch.empty(n), torch.empty(n, n)]
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
         h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
         coefficient_args = (n, n * d_model, *coefficient_settings())

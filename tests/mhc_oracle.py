@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from llmkit.model import transformer
+from llmkit.model import mhc_ops, transformer
 from llmkit.model.layers import upcast
 from llmkit.model.mhc import Entry, MHCMapping, MHCResidual, Pending
 from llmkit.model.sinkhorn import sinkhorn_knopp
@@ -52,11 +52,18 @@ def literal_coefficients(
     return h_pre, h_post, sinkhorn_knopp(logits, iters, clamp, eps)
 
 
+def op_params(alpha: torch.Tensor, bias: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """alpha [3] and bias [2n + n^2] as the ops take the six mapping parameters: views of them,
+    [alpha_pre, alpha_post, alpha_res] and [b_pre, b_post, vec b_res] (gradients reach the packed tensors)."""
+    n = round(((1 + bias.numel()) ** 0.5) - 1)  # P = 2n + n^2 = (n + 1)^2 - 1
+    return list(alpha.unbind()), list(bias.split((n, n, n * n)))
+
+
 def literal_mapping(mapping: MHCMapping, stream: torch.Tensor | Pending) -> Entry:
     """The sublayer's stream (any pending write-back applied), input H_pre X and mappings."""
     x = literal_apply(stream)
     cfg = mapping.cfg
-    alpha, bias = mapping.alpha_and_bias()
+    alpha, bias = mhc_ops.packed(*mapping.alpha_and_bias())
     h_pre, h_post, h_res = literal_coefficients(x, mapping.phi.weight, alpha, bias, mapping.norm_eps,
                                                 cfg.sinkhorn_iters, cfg.sinkhorn_clamp, cfg.sinkhorn_eps)
     with torch.autocast(x.device.type, enabled=False):

@@ -17,6 +17,7 @@ from llmkit.model.config import MHCConfig, ModelConfig
 from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig
 from tests.conftest import VOCAB_SIZE
+from tests.mhc_oracle import op_params
 
 
 @contextlib.contextmanager
@@ -121,11 +122,11 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype, fused, m
     def run(use_triton: bool) -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_() for t in (x, y, phi, update, alpha, bias)]
         lx, ly, lphi, lupdate, lalpha, lbias = leaves
-        settings = (20, 15.0, 1e-8, 1e-6, use_triton)
-        u, _, h_post, h_res, _, _ = mhc_ops.mhc_enter(lx, lupdate, lphi, lalpha, lbias, *settings)
-        x1, u1, h_pre1, h_post1, h_res1, _, _ = mhc_ops.mhc_boundary(lx, ly + u, h_post, h_res, lphi, lalpha, lbias,
-                                                                     *settings)
-        out = mhc_ops.mhc_apply(x1, ly + u1, h_post1, h_res1, use_triton)
+        settings = (20, 15.0, 1e-8, 1e-6, use_triton, mhc_ops.SOURCE_HASH)
+        weights = (lphi, *op_params(lalpha, lbias))
+        u, _, h_post, h_res, _, _ = mhc_ops.mhc_enter(lx, lupdate, *weights, *settings)
+        x1, u1, h_pre1, h_post1, h_res1, _, _ = mhc_ops.mhc_boundary(lx, ly + u, h_post, h_res, *weights, *settings)
+        out = mhc_ops.mhc_apply(x1, ly + u1, h_post1, h_res1, use_triton, mhc_ops.SOURCE_HASH)
         torch.manual_seed(1)
         (out.float() * torch.randn_like(out, dtype=torch.float32)).sum().backward()
         return [h_pre1, h_post1, h_res1, x1, out] + [leaf.grad for leaf in leaves]

