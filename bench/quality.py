@@ -80,6 +80,7 @@ def train_variant(name: str, seed: int, base: ModelConfig, args: argparse.Namesp
                   ) -> dict:
     config = variant_config(base, name, shards.vocab_size)
     n_streams = config.n_streams
+    torch._dynamo.reset()  # each variant's block graphs count towards dynamo's recompile limit (docs/performance.md)
     steps = max(1, args.tokens // (args.batch_size * args.seq_len))
     L.seed_everything(seed, verbose=False)
     optim = OptimConfig(name=optimizer, lr=args.lr, muon_lr=args.muon_lr, warmup_steps=max(1, steps // 20))
