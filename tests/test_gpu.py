@@ -20,6 +20,14 @@ from tests.conftest import VOCAB_SIZE
 from tests.mhc_oracle import op_params
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_state() -> None:
+    """Each test compiles from scratch: dynamo's graphs (kept per function, counted against its
+    recompile limit: docs/performance.md) and inductor's recorded CUDA graphs are process-wide, so
+    without this a test would find those of the tests before it."""
+    torch._dynamo.reset()
+
+
 @contextlib.contextmanager
 def dynamo_recompiles() -> Iterator[list[str]]:
     """What dynamo logs while the block runs: why it recompiles a function, and its warning when a
@@ -40,7 +48,6 @@ def dynamo_recompiles() -> Iterator[list[str]]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_streams", [1, 4])
 def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_streams):
-    torch._dynamo.reset()  # the graphs the other parametrization compiled count towards Block.forward's limit
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256, max_seq_len=128,
                          n_streams=n_streams, gradient_checkpointing=True)
@@ -59,7 +66,7 @@ def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_s
     # a block graph per stream type (mHC: first block, the others) and grad mode (validate's inference
     # mode, fit's training and its no-grad validation): 6 on the CPU. On an H200 the blocks once went
     # past the limit of 8 and ran eagerly: n = 1's 3 graphs, from the test before, were still cached
-    # (the same flow on the CPU, n = 1 then n = 4 in one process, does the same)
+    # (the same flow on the CPU, n = 1 then n = 4 in one process, does the same): fresh_compile_state
     assert not any("recompile_limit" in m for m in logged), "\n".join(logged)
 
 
