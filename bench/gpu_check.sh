@@ -16,7 +16,8 @@
 # 9 minutes) have passed since the start (gpu_check.py itself is meant to end within 8 minutes):
 # - bench/mhc_host_overhead.py: the host time of one mHC sublayer's ops (about 30 s);
 # - bench/mhc_kernel_variants.py times each mHC kernel alone in the variants worth choosing
-#   between (tiles), with its error against fp64 (about 2 minutes);
+#   between (tiles), with its error against fp64 (about 2.5 minutes: an estimate, with more
+#   variants than it last ran on an H200);
 # - where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
 #   minute). For a GPU machine without network, unpack its wheel into .cache/liger (ignored by
 #   git: a remote runner must be told to carry it) where there is network, and bring it along:
@@ -27,7 +28,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 LIMIT_S="${LIMIT_S:-540}"
 HOST_S=30  # the extras' usual times on an H200 (estimates where not yet run there)
-VARIANTS_S=120
+VARIANTS_S=150
 LIGER_S=60
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
     echo "gpu_check: no CUDA device: '$PYTHON' cannot import torch or torch.cuda.is_available() is False; run this on a GPU machine" >&2

@@ -14,7 +14,10 @@ while it runs ("*" marks the setting in force):
 - project forward: tokens and columns per tile (PROJECT_BLOCK_M, PROJECT_BLOCK_K; compiled as the
   JIT specializes them, the wider tiles no longer spill);
 - coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
-- pre and apply, forward and backward: STREAM_BLOCK_C 256, 512 and 1024 channels per program;
+- pre and apply, forward and backward: tokens and channels per program (STREAM_BLOCK_M,
+  STREAM_BLOCK_C): one token's 256 to 1024 channels, as measured on an H200, or 2 to 8 tokens
+  of 128 to 512 channels (their tiles are [stream, token, channel], so Triton puts a token on a
+  warp and its sums over C need no other warp: unmeasured);
 - apply + project forward (APPLY_PROJECT_FUSED's one kernel for the write-back and the next
   sublayer's projection; against the apply forward and project forward rows): tokens, channels
   and warps per program (APPLY_PROJECT_ + BLOCK_M, BLOCK_C, WARPS);
@@ -114,7 +117,8 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     proj, sumsq = proj64.float(), sumsq64.float()
     coefficient_args = (n, k, *coefficient_settings())
     pre_term = (h_pre.double()[:, :, None] * grad_u.double()[:, None, :]).view(tokens, k)
-    tiles = ("STREAM_BLOCK_C", (256, 512, 1024))
+    tiles = (("STREAM_BLOCK_M", "STREAM_BLOCK_C"), ((1, 1024), (1, 512), (1, 256), (2, 512), (4, 256), (4, 128),
+                                                    (8, 128)))
     project_backward = (lambda: mhc_triton.project_backward(grad_proj, grad_sumsq, flat, phi,
                                                             grad_stream.view(tokens, k), (grad_u, h_pre)),
                         (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]

@@ -106,7 +106,7 @@ def mt() -> Iterator[ModuleType]:
 
 @pytest.fixture(params=["default_blocks", "small_blocks"])
 def blocks(request, mt, monkeypatch) -> str:
-    """The kernels' own block sizes, or small ones: several programs per kernel, K loops, C tails."""
+    """The kernels' own block sizes, or small ones: several programs per kernel, K loops, C and token tails."""
     if request.param == "small_blocks":
         monkeypatch.setattr(mt, "PROJECT_BLOCK_M", 16)
         monkeypatch.setattr(mt, "PROJECT_BWD_BLOCK_M", 16)
@@ -115,6 +115,7 @@ def blocks(request, mt, monkeypatch) -> str:
         monkeypatch.setattr(mt, "COEFF_BLOCK_ELEMENTS", 64)  # 4 tokens per block at n = 3, 4
         monkeypatch.setattr(mt, "COEFF_BWD_PROGRAMS", 3)  # each backward program takes several blocks
         monkeypatch.setattr(mt, "STREAM_BLOCK_C", 16)
+        monkeypatch.setattr(mt, "STREAM_BLOCK_M", 2)  # several tokens per stream program, the last block short
     return request.param
 
 
@@ -393,7 +394,7 @@ def check_stream(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3, 4])
 def test_pre(mt, blocks, n, dtype):
-    m, c = 6, 40  # C = 40: a tail at BLOCK_C 64 (default) and 16 (small)
+    m, c = 7, 40  # C = 40: a tail at BLOCK_C 64 (default) and 16 (small); 7 tokens: a short block of 2
     x, grad_out, h_pre, _, _ = stream_inputs(m, n, c, dtype, dtype)
     out = mt.pre_forward(x, h_pre)
     x64, h64 = leaves(x, h_pre)
@@ -413,7 +414,7 @@ def test_pre(mt, blocks, n, dtype):
 )
 @pytest.mark.parametrize("n", [1, 3, 4])
 def test_apply(mt, blocks, n, x_dtype, y_dtype):
-    m, c = 6, 40
+    m, c = 7, 40
     x, y, _, h_post, h_res = stream_inputs(m, n, c, x_dtype, y_dtype)
     out = mt.apply_forward(x, y, h_post, h_res)
     x64, y64, post64, res64 = leaves(x, y, h_post, h_res)
@@ -651,5 +652,5 @@ for c in (768, 770):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     counts = dict(line.split() for line in done.stdout.split("\n") if line)
-    assert int(counts["768"]) == 4  # x, h_pre, out and C
-    assert int(counts["770"]) == 3  # the pointers only
+    assert int(counts["768"]) == 5  # x, h_pre, out, M = 64 and C
+    assert int(counts["770"]) == 4  # the pointers and M

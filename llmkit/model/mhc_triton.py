@@ -69,7 +69,8 @@ PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks t
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
 # on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
-STREAM_BLOCK_C = 1024  # channels per program (or per loop step) in the pre/apply kernels: at C = 768 the
+STREAM_BLOCK_M = 1  # tokens per program in the pre/apply kernels (their tiles: [stream, token, channel])
+STREAM_BLOCK_C = 1024  # channels per program (or per loop step) there: at C = 768, one token per program, the
 # apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
 APPLY_PROJECT_FUSED = False  # apply_project fuses the write-back and the next projection: unmeasured, so off
 APPLY_PROJECT_BLOCK_M = 32  # tokens per program in apply_project_forward (>= 16 for tl.dot)
@@ -779,21 +780,36 @@ def coefficients_backward(
 # ----------------------------------------------------------------------------------------------
 
 
-def _stream_block(C: int) -> int:
-    return min(STREAM_BLOCK_C, _next_power_of_2(C))
+def _stream_blocks(C: int) -> tuple[int, int]:
+    """(tokens, channels) per program, or per loop step, in the pre/apply kernels."""
+    return STREAM_BLOCK_M, min(STREAM_BLOCK_C, _next_power_of_2(C))
 
 
 @triton.jit
-def _pre_fwd_kernel(x_ptr, h_pre_ptr, out_ptr, C, N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid (M, cdiv(C, BLOCK_C)): out[c] = sum_m H_pre[m] X[m, c] for one token's channel block."""
-    tok = tl.program_id(0).to(tl.int64)
+def _token_block(M, BLOCK_M: tl.constexpr):
+    """This program's first token (int64: the tile base of every tensor) and its tokens' offsets
+    from it with their mask [BLOCK_M] (int32: offsets within a tile stay small)."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M
+    t = tl.arange(0, BLOCK_M)
+    return first, t, first + t < M
+
+
+@triton.jit
+def _pre_fwd_kernel(x_ptr, h_pre_ptr, out_ptr, M, C, N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)): out[t, c] = sum_m H_pre[t, m] X[t, m, c] for a
+    block of tokens' channel block."""
+    first, t, t_ok = _token_block(M, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    ok = t_ok[:, None] & (cols < C)[None, :]
+    x_ptr += first * N * C
+    h_pre_ptr += first * N
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for m in tl.static_range(N):
-        h = tl.load(h_pre_ptr + tok * N + m).to(tl.float32)
-        acc += h * tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tok * C + cols, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+        h = tl.load(h_pre_ptr + t * N + m, mask=t_ok, other=0.0).to(tl.float32)
+        x_m = tl.load(x_ptr + (t[:, None] * N + m) * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += h[:, None] * x_m
+    tl.store(out_ptr + first * C + t[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
@@ -803,8 +819,9 @@ def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
     M, n, C = x.shape
     _padded_streams(n)
     out = torch.empty(M, C, device=x.device, dtype=x.dtype)
-    block_c = _stream_block(C)
-    _pre_fwd_kernel[(M, _cdiv(C, block_c))](x, h_pre, out, C, N=n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    block_m, block_c = _stream_blocks(C)
+    _pre_fwd_kernel[(_cdiv(M, block_m), _cdiv(C, block_c))](x, h_pre, out, M, C, N=n, BLOCK_M=block_m,
+                                                             BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
 
@@ -814,28 +831,34 @@ def _pre_bwd_kernel(
     x_ptr,
     grad_h_in_ptr,
     grad_h_ptr,
+    M,
     C,
     N: tl.constexpr,
     NP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_GRAD_IN: tl.constexpr,
 ):
-    """Grid (M,): one token per program, looping over C: grad_h[m] = sum_c g[c] X[m, c]
-    (+ grad_h_in[m] when HAS_GRAD_IN)."""
-    tok = tl.program_id(0).to(tl.int64)
+    """Grid (cdiv(M, BLOCK_M),): a block of tokens per program, looping over C:
+    grad_h[t, m] = sum_c g[t, c] X[t, m, c] (+ grad_h_in[t, m] when HAS_GRAD_IN). Tiles are
+    [stream, token, channel], so a token's sums over C stay within the threads that hold it."""
+    first, t, t_ok = _token_block(M, BLOCK_M)
     rows = tl.arange(0, NP)
-    r_ok = rows < N
-    acc = tl.zeros((NP,), dtype=tl.float32)
+    h_ok = (rows < N)[:, None] & t_ok[None, :]  # [stream, token]
+    h_offsets = t[None, :] * N + rows[:, None]
+    grad_out_ptr += first * C
+    x_ptr += first * N * C
+    acc = tl.zeros((NP, BLOCK_M), dtype=tl.float32)
     if HAS_GRAD_IN:
-        acc += tl.load(grad_h_in_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
+        acc += tl.load(grad_h_in_ptr + first * N + h_offsets, mask=h_ok, other=0.0).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        g = tl.load(grad_out_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-        offsets = (tok * N + rows[:, None]) * C + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x * g[None, :], axis=1)
-    tl.store(grad_h_ptr + tok * N + rows, acc, mask=r_ok)
+        tc_ok = t_ok[:, None] & (cols < C)[None, :]  # [token, channel]
+        g = tl.load(grad_out_ptr + t[:, None] * C + cols[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+        offsets = h_offsets[:, :, None] * C + cols[None, None, :]
+        x = tl.load(x_ptr + offsets, mask=h_ok[:, :, None] & tc_ok[None, :, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x * g[None, :, :], axis=2)
+    tl.store(grad_h_ptr + first * N + h_offsets, acc, mask=h_ok)
 
 
 def pre_backward(grad_out: Tensor, x: Tensor, grad_h_in: Tensor | None = None) -> Tensor:
@@ -846,9 +869,11 @@ def pre_backward(grad_out: Tensor, x: Tensor, grad_h_in: Tensor | None = None) -
     grad_out, x = grad_out.contiguous(), x.contiguous()
     M, n, C = x.shape
     grad_h = torch.empty(M, n, device=x.device, dtype=torch.float32)
-    _pre_bwd_kernel[(M,)](
-        grad_out, x, grad_h if grad_h_in is None else grad_h_in.contiguous(), grad_h, C, N=n,
-        NP=_padded_streams(n), BLOCK_C=_stream_block(C), HAS_GRAD_IN=grad_h_in is not None, num_warps=NUM_WARPS
+    block_m, block_c = _stream_blocks(C)
+    _pre_bwd_kernel[(_cdiv(M, block_m),)](
+        grad_out, x, grad_h if grad_h_in is None else grad_h_in.contiguous(), grad_h, M, C, N=n,
+        NP=_padded_streams(n), BLOCK_M=block_m, BLOCK_C=block_c, HAS_GRAD_IN=grad_h_in is not None,
+        num_warps=NUM_WARPS
     )
     return grad_h
 
@@ -860,27 +885,34 @@ def _apply_fwd_kernel(
     h_post_ptr,
     h_res_ptr,
     out_ptr,
+    M,
     C,
     N: tl.constexpr,
     NP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (M, cdiv(C, BLOCK_C)): X'[i, c] = sum_m H_res[i, m] X[m, c] + H_post[i] y[c] for one
-    token's channel block; reads each X[m] block and y once."""
-    tok = tl.program_id(0).to(tl.int64)
+    """Grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)): X'[t, i, c] = sum_m H_res[t, i, m] X[t, m, c] +
+    H_post[t, i] y[t, c] for a block of tokens' channel block; reads each X[m] block and y once.
+    Tiles are [stream, token, channel]."""
+    first, t, t_ok = _token_block(M, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
+    tc_ok = t_ok[:, None] & (cols < C)[None, :]  # [token, channel]
     rows = tl.arange(0, NP)
-    r_ok = rows < N
-    y = tl.load(y_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-    h_post = tl.load(h_post_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
-    acc = h_post[:, None] * y[None, :]
+    h_ok = (rows < N)[:, None] & t_ok[None, :]  # [stream, token]
+    x_ptr += first * N * C
+    h_post_ptr += first * N
+    h_res_ptr += first * N * N
+    y = tl.load(y_ptr + first * C + t[:, None] * C + cols[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+    h_post = tl.load(h_post_ptr + t[None, :] * N + rows[:, None], mask=h_ok, other=0.0).to(tl.float32)
+    acc = h_post[:, :, None] * y[None, :, :]
     for m in tl.static_range(N):
-        h_col = tl.load(h_res_ptr + tok * N * N + rows * N + m, mask=r_ok, other=0.0).to(tl.float32)
-        x_m = tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-        acc += h_col[:, None] * x_m[None, :]
-    offsets = (tok * N + rows[:, None]) * C + cols[None, :]
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+        h_col = tl.load(h_res_ptr + t[None, :] * N * N + rows[:, None] * N + m, mask=h_ok, other=0.0).to(tl.float32)
+        x_m = tl.load(x_ptr + (t[:, None] * N + m) * C + cols[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+        acc += h_col[:, :, None] * x_m[None, :, :]
+    offsets = (t[None, :, None] * N + rows[:, None, None]) * C + cols[None, None, :]
+    tl.store(out_ptr + first * N * C + offsets, acc.to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, :, None] & tc_ok[None, :, :])
 
 
 def apply_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
@@ -892,9 +924,9 @@ def apply_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor
     M, n, C = x.shape
     n_pad = _padded_streams(n)
     out = torch.empty_like(x)
-    block_c = _stream_block(C)
-    _apply_fwd_kernel[(M, _cdiv(C, block_c))](
-        x, y, h_post, h_res, out, C, N=n, NP=n_pad, BLOCK_C=block_c, num_warps=NUM_WARPS
+    block_m, block_c = _stream_blocks(C)
+    _apply_fwd_kernel[(_cdiv(M, block_m), _cdiv(C, block_c))](
+        x, y, h_post, h_res, out, M, C, N=n, NP=n_pad, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS
     )
     return out
 
@@ -1021,40 +1053,51 @@ def _apply_bwd_kernel(
     grad_y_ptr,
     grad_h_post_ptr,
     grad_h_res_ptr,
+    M,
     C,
     N: tl.constexpr,
     NP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (M,): one token per program, looping over C; reads grad_out, X and y once.
-    grad_x[m] = sum_i H_res[i, m] g[i], grad_y = sum_i H_post[i] g[i],
-    grad_h_post[i] = sum_c g[i] y, grad_h_res[i, m] = sum_c g[i] X[m]. The g tile [n, BLOCK_C]
-    stays in registers and each X[m] is used as it is loaded: no [n, BLOCK_C] accumulator."""
-    tok = tl.program_id(0).to(tl.int64)
+    """Grid (cdiv(M, BLOCK_M),): a block of tokens per program, looping over C; reads grad_out, X
+    and y once. grad_x[m] = sum_i H_res[i, m] g[i], grad_y = sum_i H_post[i] g[i],
+    grad_h_post[i] = sum_c g[i] y, grad_h_res[i, m] = sum_c g[i] X[m], per token. The g tile
+    [stream, token, BLOCK_C] stays in registers and each X[m] is used as it is loaded: no
+    accumulator for dX; a token's sums over C stay within the threads that hold it."""
+    first, t, t_ok = _token_block(M, BLOCK_M)
     rows = tl.arange(0, NP)
-    r_ok = rows < N
-    h_post = tl.load(h_post_ptr + tok * N + rows, mask=r_ok, other=0.0).to(tl.float32)
-    acc_post = tl.zeros((NP,), dtype=tl.float32)
-    acc_res = tl.zeros((NP, NP), dtype=tl.float32)  # [i, m]
+    h_ok = (rows < N)[:, None] & t_ok[None, :]  # [stream, token]
+    h_offsets = t[None, :] * N + rows[:, None]
+    grad_out_ptr += first * N * C
+    x_ptr += first * N * C
+    y_ptr += first * C
+    grad_x_ptr += first * N * C
+    grad_y_ptr += first * C
+    h_res_ptr += first * N * N
+    h_post = tl.load(h_post_ptr + first * N + h_offsets, mask=h_ok, other=0.0).to(tl.float32)
+    acc_post = tl.zeros((NP, BLOCK_M), dtype=tl.float32)
+    acc_res = tl.zeros((NP, BLOCK_M, NP), dtype=tl.float32)  # [i, token, m]
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        tile_ok = r_ok[:, None] & c_ok[None, :]
-        g = tl.load(grad_out_ptr + (tok * N + rows[:, None]) * C + cols[None, :], mask=tile_ok,
-                    other=0.0).to(tl.float32)  # [i, c]
-        y = tl.load(y_ptr + tok * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-        acc_post += tl.sum(g * y[None, :], axis=1)
-        grad_y = tl.sum(h_post[:, None] * g, axis=0)
-        tl.store(grad_y_ptr + tok * C + cols, grad_y.to(grad_y_ptr.dtype.element_ty), mask=c_ok)
+        tc_ok = t_ok[:, None] & (cols < C)[None, :]  # [token, channel]
+        g = tl.load(grad_out_ptr + h_offsets[:, :, None] * C + cols[None, None, :],
+                    mask=h_ok[:, :, None] & tc_ok[None, :, :], other=0.0).to(tl.float32)  # [i, token, c]
+        y = tl.load(y_ptr + t[:, None] * C + cols[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+        acc_post += tl.sum(g * y[None, :, :], axis=2)
+        grad_y = tl.sum(h_post[:, :, None] * g, axis=0)
+        tl.store(grad_y_ptr + t[:, None] * C + cols[None, :], grad_y.to(grad_y_ptr.dtype.element_ty), mask=tc_ok)
         for m in tl.static_range(N):
-            h_col = tl.load(h_res_ptr + tok * N * N + rows * N + m, mask=r_ok, other=0.0).to(tl.float32)  # [i]
-            x_m = tl.load(x_ptr + (tok * N + m) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
-            grad_x_m = tl.sum(h_col[:, None] * g, axis=0)
-            tl.store(grad_x_ptr + (tok * N + m) * C + cols, grad_x_m.to(grad_x_ptr.dtype.element_ty), mask=c_ok)
-            acc_res += tl.where(rows[None, :] == m, tl.sum(g * x_m[None, :], axis=1)[:, None], 0.0)
-    tl.store(grad_h_post_ptr + tok * N + rows, acc_post, mask=r_ok)
-    mat_offsets = tok * N * N + rows[:, None] * N + rows[None, :]
-    tl.store(grad_h_res_ptr + mat_offsets, acc_res, mask=r_ok[:, None] & r_ok[None, :])
+            h_col = tl.load(h_res_ptr + t[None, :] * N * N + rows[:, None] * N + m, mask=h_ok,
+                            other=0.0).to(tl.float32)  # [i, token]
+            stream_m = (t[:, None] * N + m) * C + cols[None, :]
+            x_m = tl.load(x_ptr + stream_m, mask=tc_ok, other=0.0).to(tl.float32)
+            grad_x_m = tl.sum(h_col[:, :, None] * g, axis=0)
+            tl.store(grad_x_ptr + stream_m, grad_x_m.to(grad_x_ptr.dtype.element_ty), mask=tc_ok)
+            acc_res += tl.where(rows[None, None, :] == m, tl.sum(g * x_m[None, :, :], axis=2)[:, :, None], 0.0)
+    tl.store(grad_h_post_ptr + first * N + h_offsets, acc_post, mask=h_ok)
+    mat_offsets = t[None, :, None] * N * N + rows[:, None, None] * N + rows[None, None, :]
+    tl.store(grad_h_res_ptr + first * N * N + mat_offsets, acc_res, mask=h_ok[:, :, None] & (rows < N)[None, None, :])
 
 
 def apply_backward(
@@ -1072,7 +1115,8 @@ def apply_backward(
     grad_y = torch.empty_like(y)
     grad_h_post = torch.empty(M, n, device=x.device, dtype=torch.float32)
     grad_h_res = torch.empty(M, n, n, device=x.device, dtype=torch.float32)
-    _apply_bwd_kernel[(M,)](
+    block_m, block_c = _stream_blocks(C)
+    _apply_bwd_kernel[(_cdiv(M, block_m),)](
         grad_out,
         x,
         y,
@@ -1082,10 +1126,12 @@ def apply_backward(
         grad_y,
         grad_h_post,
         grad_h_res,
+        M,
         C,
         N=n,
         NP=n_pad,
-        BLOCK_C=_stream_block(C),
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
     return grad_x, grad_y, grad_h_post, grad_h_res
