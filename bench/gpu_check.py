@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
     p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],
                    help="the first always runs; later ones (comparisons) only within --time-budget")
-    p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=None, help="default: 1 64 on cuda, 1 4 on cpu")
+    p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=None,
+                   help="default: 64 1 on cuda (the target's batch first: an earlier run's batch 1 hung), 1 4 on cpu")
     p.add_argument("--gen-prompt-len", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per row (default: 128 on cuda, 8 on cpu)")
     p.add_argument("--gen-repeats", type=int, default=None,
@@ -204,7 +205,7 @@ def resolve_device(args: argparse.Namespace) -> None:
     args.compile = cuda if args.compile is None else args.compile
     args.optimizer = args.optimizer or ("fused" if cuda else "foreach")
     # eager decode on a CPU is slow (64 x 128 new tokens took ~40 s a run on a 2-core VM): smoke-run sizes there
-    args.gen_batch_sizes = args.gen_batch_sizes or ([1, 64] if cuda else [1, 4])
+    args.gen_batch_sizes = args.gen_batch_sizes or ([64, 1] if cuda else [1, 4])
     args.gen_tokens = args.gen_tokens or (128 if cuda else 8)
     args.gen_repeats = args.gen_repeats or (3 if cuda else 1)
 
