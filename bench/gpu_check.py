@@ -94,6 +94,8 @@ GEN_STACKS_BEFORE_KILL_S = 10
 PYTEST_RESERVE_S = 120
 """Seconds of --time-budget kept for the GPU tests: a comparison decode run (a --gen-n-streams after
 the first) starts only while elapsed < budget - this."""
+PEAK_SITES_SHOWN = 5
+"""Allocation sites printed per memory row (the JSON keeps bench.throughput.PEAK_SITES)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -415,7 +417,8 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
     kernels["per_sublayer"] = per_sublayer(kernels["rows"])
     memory["rows"] = [{key: r[key] for key in ("model", "n_streams", "peak_mem_GiB", "saved_act_GiB",
                                                "saved_act_bytes", "held_after_forward_GiB", "step_peak_GiB",
-                                               "mem_ratio", "act_ratio", "device")}
+                                               "step_peak_traced_GiB", "step_peak_sites", "mem_ratio", "act_ratio",
+                                               "device")}
                       for r in training["rows"]]
     release_memory()
     if throughput.CUDA and args.compile:  # the same step with eager blocks: is a memory excess the compiler's?
@@ -743,6 +746,13 @@ def table(report: dict) -> str:
         row(f"{m['model']} n={m['n_streams']} eager blocks",
             f"held after forward {m['held_after_forward_GiB']:.2f} GiB, step peak {m['step_peak_GiB']:.2f} GiB",
             "", "", m["device"])
+    for m in [*memory["rows"], *({**m, "eager": True} for m in memory.get("eager", []))]:
+        if m.get("step_peak_sites"):
+            what = " eager blocks" if m.get("eager") else ""
+            row(f"{m['model']} n={m['n_streams']}{what}: live at the step's peak",
+                f"{m['step_peak_traced_GiB']:.2f} GiB allocated in the step, by where", "", "", m["device"])
+            for s in m["step_peak_sites"][:PEAK_SITES_SHOWN]:
+                row(f"  {s['site']}", f"{s['GiB']:.2f} GiB in {s['blocks']} blocks: {s['code']}", "", "", m["device"])
     errors(memory)
 
     generation = report["generation"]

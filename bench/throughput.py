@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import linecache
 import statistics
 import time
 from dataclasses import replace
@@ -174,28 +175,93 @@ def training_forward_bytes(model: Transformer, seq_len: int, batch_size: int, pr
     return saved_activation_bytes(model, forward)
 
 
+TORCH_DIR = str(Path(torch.__file__).parent)
+PEAK_SITES = 8  # allocation sites listed for the memory live at a step's peak
+
+
+def allocation_site(frames: list[dict]) -> tuple[str, str]:
+    """("file:line function", that line's code) of an allocation: the innermost Python frame of its
+    traceback (innermost first, as the CUDA allocator records it) outside torch's own package, so
+    llmkit's code, a Triton wrapper or inductor's generated code; torch's innermost frame if none."""
+    frame = next((f for f in frames if not f["filename"].startswith(TORCH_DIR)), frames[0] if frames else None)
+    if frame is None:
+        return "(no traceback)", ""
+    code = linecache.getline(frame["filename"], frame["line"]).strip()
+    return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}", code[:120]
+
+
+def peak_allocation_sites(trace: list[dict], top: int = PEAK_SITES) -> dict:
+    """What was live when one CUDA device's recorded allocations peaked, by allocation site.
+
+    ``trace`` is that device's ``torch.cuda.memory._snapshot()["device_traces"]`` entry, recorded
+    with tracebacks (``_record_memory_history``): its alloc and free_requested events are replayed,
+    counting only blocks allocated while it recorded. Returns the peak (bytes above the recording's
+    start) and the ``top`` sites of the blocks live at that moment, largest first, with their bytes
+    and block counts: whether memory beyond the saved activations is the compiler's buffers, a
+    kernel wrapper's or llmkit's own."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    peak_at = -1
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, peak_at = total, index
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    live = {}
+    for event in trace[:peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_requested":
+            live.pop(event["addr"], None)
+    sites: dict[tuple[str, str], list[int]] = {}
+    for event in live.values():
+        entry = sites.setdefault(allocation_site(event.get("frames", [])), [0, 0])
+        entry[0] += event["size"]
+        entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
+    return {"peak_bytes": peak,
+            "sites": [{"site": site, "code": code, "bytes": size, "blocks": blocks}
+                      for (site, code), (size, blocks) in ranked]}
+
+
 def training_step_memory(model: Transformer, seq_len: int, batch_size: int, precision: str) -> dict:
     """On CUDA, GiB above what one training step starts with (weights, optimizer state): held
     after its forward (what backward needs: the saved activations and the loss graph's tensors)
-    and its peak through backward; None elsewhere. Beside the saved-tensor bytes they say whether
-    memory beyond the saved activations is held from the forward or transient in the backward."""
+    and its peak through backward, and what was live at that peak by allocation site
+    (:func:`peak_allocation_sites`, from the allocator's recorded history); None elsewhere. Beside
+    the saved-tensor bytes they say whether memory beyond the saved activations is held from the
+    forward or transient in the backward, and where it was allocated."""
     if not CUDA:
-        return {"held_after_forward_GiB": None, "step_peak_GiB": None}
+        return {"held_after_forward_GiB": None, "step_peak_GiB": None, "step_peak_sites": None,
+                "step_peak_traced_GiB": None}
     model.to("cuda").train()
     model.zero_grad(set_to_none=True)
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device="cuda")
     gc.collect()
     torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    torch.compiler.cudagraph_mark_step_begin()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-    held = torch.cuda.memory_allocated() - start
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated() - start
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=200_000)
+    try:
+        recorded_before = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        held = torch.cuda.memory_allocated() - start
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()][recorded_before:]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
     model.zero_grad(set_to_none=True)
-    return {"held_after_forward_GiB": held / 2**30, "step_peak_GiB": peak / 2**30}
+    sites = peak_allocation_sites(trace)
+    return {"held_after_forward_GiB": held / 2**30, "step_peak_GiB": peak / 2**30,
+            "step_peak_sites": [{"site": s["site"], "code": s["code"], "GiB": s["bytes"] / 2**30, "blocks": s["blocks"]}
+                                for s in sites["sites"]],
+            "step_peak_traced_GiB": sites["peak_bytes"] / 2**30}
 
 
 def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace, memory_probes: bool = True) -> dict:
@@ -237,7 +303,8 @@ def measure(name: str, n_streams: int, mode: str, args: argparse.Namespace, memo
         row["saved_act_GiB"] = training_forward_bytes(model, args.seq_len, args.batch_size, args.precision) / 2**30
         row.update(training_step_memory(model, args.seq_len, args.batch_size, args.precision))
     else:
-        row.update(saved_act_GiB=None, held_after_forward_GiB=None, step_peak_GiB=None)
+        row.update(saved_act_GiB=None, held_after_forward_GiB=None, step_peak_GiB=None, step_peak_sites=None,
+                   step_peak_traced_GiB=None)
     del model
     return row
 

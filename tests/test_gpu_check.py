@@ -176,8 +176,12 @@ def made_up_report(device_type: str) -> dict:
     report["training"]["setting_rows"] = [fused]
     report["memory"]["rows"] = [dict(r, saved_act_bytes=2**30, held_after_forward_GiB=r["peak_mem_GiB"] / 4,
                                      step_peak_GiB=r["peak_mem_GiB"] / 2) for r in report["training"]["rows"]]
+    sites = [{"site": f"c{i}.py:{i} call", "code": f"buf{i} = empty_strided_cuda(...)", "GiB": 1.0 / (i + 1),
+              "blocks": 24} for i in range(8)]
+    report["memory"]["rows"][1].update(step_peak_traced_GiB=12.9, step_peak_sites=sites)
     report["memory"]["eager"] = [{"model": "120m", "n_streams": 4, "held_after_forward_GiB": 5.0,
-                                  "step_peak_GiB": 9.5, "device": report["device"]}]
+                                  "step_peak_GiB": 9.5, "step_peak_traced_GiB": 9.4, "step_peak_sites": sites[:1],
+                                  "device": report["device"]}]
     report["memory"]["errors"] = [{"model": "120m", "n_streams": 1, "error": "OutOfMemoryError: CUDA out of memory"}]
     report["generation"]["rows"] = [
         {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
@@ -213,6 +217,14 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert ("| 120m n=4 | peak 26.00 GiB, saved activations 1.000 GiB; held after forward 6.50 GiB, step peak "
             "13.00 GiB |  |  | NVIDIA H200 |") in lines
     assert "| 120m n=4 eager blocks | held after forward 5.00 GiB, step peak 9.50 GiB |  |  | NVIDIA H200 |" in lines
+    # what was live at the step's peak, by allocation site: the first PEAK_SITES_SHOWN of the JSON's 8
+    at = lines.index("| 120m n=4: live at the step's peak | 12.90 GiB allocated in the step, by where |  |  | "
+                     "NVIDIA H200 |")
+    assert lines[at + 1] == ("|   c0.py:0 call | 1.00 GiB in 24 blocks: buf0 = empty_strided_cuda(...) |  |  | "
+                             "NVIDIA H200 |")
+    assert [line.split("|")[1].strip() for line in lines[at + 1:at + 7]] == [
+        "c0.py:0 call", "c1.py:1 call", "c2.py:2 call", "c3.py:3 call", "c4.py:4 call",
+        "120m n=4 eager blocks: live at the step's peak"]
     assert "| 120m n=1 | OutOfMemoryError: CUDA out of memory |  | ERROR | NVIDIA H200 |" in lines  # shown
     assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
     assert "| 120m n=4, CUDA graphs | 117.0 ms/step, peak 20.00 GiB, time 1.300x n=1's |  |  | NVIDIA H200 |" in lines

@@ -105,3 +105,32 @@ def test_every_benchmark_takes_a_model_by_name_or_yaml_path():
     assert parser.parse_args(["--model", "120m"]).model == "120m"  # as given, for the tables and JSON
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "tiy"])
+
+
+def test_the_memory_live_at_a_steps_peak_is_grouped_by_where_it_was_allocated(tmp_path):
+    """A recorded allocator trace replayed: the peak counts only the step's own blocks (a block from
+    before the recording, freed during it, changes nothing), and the blocks live at that moment
+    are grouped by their innermost frame outside torch, with that line's code."""
+    source = tmp_path / "ops.py"
+    source.write_text("def enter():\n    x = torch.empty(4)\n    y = torch.empty(8)\n")
+    torch_frame = {"filename": str(Path(torch.__file__).parent / "nn" / "functional.py"), "line": 10, "name": "f"}
+
+    def at(line: int) -> list[dict]:
+        return [torch_frame, {"filename": str(source), "line": line, "name": "enter"}]
+
+    def alloc(addr: int, size: int, frames: list[dict]) -> dict:
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+    def free(addr: int) -> dict:
+        return {"action": "free_requested", "addr": addr, "size": 0}
+
+    trace = [alloc(1, 100, at(2)), alloc(2, 300, at(3)), free(99), alloc(3, 50, at(2)), free(2),  # peak: 450
+             alloc(4, 120, [torch_frame]), free(1), free(3), free(4)]
+    result = bench.peak_allocation_sites(trace)
+    assert result["peak_bytes"] == 450
+    assert result["sites"] == [
+        {"site": "ops.py:3 enter", "code": "y = torch.empty(8)", "bytes": 300, "blocks": 1},
+        {"site": "ops.py:2 enter", "code": "x = torch.empty(4)", "bytes": 150, "blocks": 2},
+    ]
+    assert bench.allocation_site([torch_frame])[0] == "functional.py:10 f"  # torch's frame when there is no other
+    assert bench.allocation_site([]) == ("(no traceback)", "")
