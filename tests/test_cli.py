@@ -331,14 +331,16 @@ def test_help_answers_without_loading_torch_or_lightning(argv):
 
 
 def test_resume_from_checkpoint_continues_the_step_count(trained, shards, tmp_path):
-    """The attention kernel is a setting of how to run, not of what was trained: a resume may change it."""
+    """The attention kernel and the mHC stream's recomputation are settings of how to run, not of
+    what was trained: a resume may change them."""
     config = write_config(tmp_path, shards)
     code = main(["pretrain", "fit", "--config", str(config), "--model.config.n_streams", "2",
-                 "--model.config.attention_backend", "math",
+                 "--model.config.attention_backend", "math", "--model.config.mhc.recompute_stream", "true",
                  "--ckpt_path", str(trained / "ckpt" / "last.ckpt"), "--trainer.max_steps", "5"])
     assert code == 0
     resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert resumed["global_step"] == 5 and resumed["hyper_parameters"]["config"]["attention_backend"] == "math"
+    ran_as = resumed["hyper_parameters"]["config"]
+    assert resumed["global_step"] == 5 and ran_as["attention_backend"] == "math" and ran_as["mhc"]["recompute_stream"]
 
 
 def test_generate_rejects_a_prompt_beyond_the_context(trained, tokenizer_path, capsys):

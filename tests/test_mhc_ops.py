@@ -491,3 +491,37 @@ def test_bf16_residual_cuts_the_saved_activations_under_autocast():
     bf16_stream = Transformer(config(bf16_residual=True))
     idx = torch.randint(0, VOCAB, (4, 65))
     assert saved_bytes(bf16_stream, idx) < 0.85 * saved_bytes(fp32_stream, idx)
+
+
+@pytest.mark.slow
+def test_recompute_stream_drops_the_attention_sublayers_stream_and_changes_no_gradient():
+    """mhc.recompute_stream in compiled blocks: the same loss and gradients, and autograd keeps, per
+    token and block, exactly what the attention sublayer's mapping op made, less: its stream X
+    (but in the first block, whose stream is the block's input), its input u and its 2n + n^2
+    projections, sum x^2 and H (fp32). Eager blocks keep everything, as without it."""
+    torch.manual_seed(0)
+    layers, n, c, tokens = 2, 4, 64, 4 * 32
+    plain = Transformer(config(n, n_layers=layers, bf16_residual=True))
+    flagged_config = config(n, n_layers=layers, bf16_residual=True)
+    flagged_config.mhc.recompute_stream = True
+    flagged = Transformer(flagged_config)
+    flagged.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, VOCAB, (4, 33))
+    assert saved_bytes(flagged, idx) == saved_bytes(plain, idx)  # eager: nothing recomputed
+    torch._dynamo.reset()
+    plain.compile_blocks()
+    flagged.compile_blocks()
+    losses, grads = [], []
+    for model in (plain, flagged):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == losses[1] and torch.equal(grads[0], grads[1])
+    p = 2 * n + n * n
+    per_block = 2 * c + 4 * (p + 1 + n + n + n * n)  # u (bf16), then proj, sum x^2, H_pre, H_post, H_res
+    expected = tokens * (layers * per_block + (layers - 1) * 2 * n * c)
+    assert saved_bytes(plain, idx) - saved_bytes(flagged, idx) == expected
+    torch._dynamo.reset()

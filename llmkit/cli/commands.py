@@ -59,7 +59,7 @@ LIGHTNING_COMMANDS = {
         links=(("model.vocab_size", "data.vocab_size"), ("model.max_seq_len", "data.max_seq_len")),
         fixed_by_checkpoint=("config",),
         free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation",
-              "config.attention_backend"),
+              "config.mhc.recompute_stream", "config.attention_backend"),
         rebuild_from_checkpoint=True,
     ),
     "sdft": LightningCommand(

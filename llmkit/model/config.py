@@ -41,6 +41,15 @@ class MHCConfig:
     a fallback should the kernels misbehave on your GPU, and a second opinion to compare against.
     Same math either way; the earlier values ``fused`` and ``reference`` mean ``auto``, with a
     warning. See docs/performance.md.
+
+    recompute_stream: in training, do not keep the stream X of each block's attention sublayer for
+    backward but recompute it there, with that sublayer's mapping op, from the block's input (the
+    mHC paper's recomputation, with the block input stored every block): about n C fewer bytes
+    per token and block at the cost of one mapping op's forward more per block in backward. Takes
+    effect in compiled blocks (``compile: true``), where the compiler honours it; eager blocks keep
+    the stream, and so do blocks with a mixture of experts (their router updates buffers in place,
+    which selective checkpointing refuses) and activation checkpointing, which recomputes the whole
+    block anyway. See docs/performance.md.
     """
 
     alpha_init: float = 0.01
@@ -50,6 +59,7 @@ class MHCConfig:
     res_bias: float = 2.0  # b_res: +res_bias on the diagonal, -res_bias off it
     post_init: str = "split"
     implementation: str = "auto"  # auto or torch (a str: the earlier values still parse)
+    recompute_stream: bool = False
 
     @property
     def use_triton(self) -> bool:

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from llmkit.model import mhc_ops
 from llmkit.model.config import ModelConfig
@@ -71,6 +73,28 @@ def finish(stream: torch.Tensor | Pending, use_triton: bool) -> torch.Tensor:
     if not isinstance(stream, Pending):
         return stream
     return mhc_ops.mhc_apply(*stream.flat(), use_triton, mhc_ops.SOURCE_HASH).view(stream.x.shape)
+
+
+def recompute_first_mapping() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """Selective activation checkpointing for one block (``torch.utils.checkpoint``'s
+    ``context_fn``; :attr:`MHCConfig.recompute_stream <llmkit.model.config.MHCConfig>`): the block's
+    first mapping op (its attention sublayer's ``mhc_enter`` or ``mhc_boundary``) is recomputed in
+    backward, every other op's output is kept where backward needs it. The stream that op makes,
+    X of the attention sublayer, is then not kept: backward remakes it from the block's input
+    (the previous block's pending write-back), which the checkpoint keeps. The mHC paper's
+    recomputation (store the block input, recompute the rest), one block at a time."""
+    mapping_ops = (torch.ops.llmkit.mhc_enter.default, torch.ops.llmkit.mhc_boundary.default)
+    calls = 0
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        nonlocal calls
+        if op in mapping_ops:
+            calls += 1
+            if calls % 2 == 1:  # the attention sublayer's, not the MLP's
+                return CheckpointPolicy.MUST_RECOMPUTE
+        return CheckpointPolicy.PREFER_SAVE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class MHCMapping(nn.Module):

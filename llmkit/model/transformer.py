@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
-from llmkit.model.mhc import MHCResidual, Pending, finish
+from llmkit.model.mhc import MHCResidual, Pending, finish, recompute_first_mapping
 from llmkit.model.mla import MultiHeadLatentAttention
 from llmkit.model.moe import GroupedLinear, MoEFeedForward
 
@@ -55,19 +55,32 @@ class Block(nn.Module):
     ) -> torch.Tensor | Pending:
         """One block; with ``config.gradient_checkpointing`` in training, its activations are
         recomputed in backward. The checkpoint sits inside this forward so that a compiled block
-        (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too.
+        (``Transformer.compile_blocks``) traces it and recomputes the fused kernels too. With
+        ``config.mhc.recompute_stream`` instead, a compiled block recomputes only its attention
+        sublayer's stream (:func:`~llmkit.model.mhc.recompute_first_mapping`).
         ``token_ids`` [B, T] are the tokens at these positions (the MoE hash router reads them),
         ``real_tokens`` [B, T] False where they are padding (left out of the MoE balancing).
         With mHC the stream comes in and goes out :class:`~llmkit.model.mhc.Pending` (the first
         block takes the embedded stream X [B, T, n, C])."""
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        if self.config.gradient_checkpointing and training:
             x = checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, real_tokens,
                            use_reentrant=False)
+        elif self.recomputes_stream() and training and torch.compiler.is_compiling():
+            # eager, selective checkpointing would keep every other op's output: compiled blocks only
+            x = checkpoint(self.sublayers, x, cos, sin, mask, kv_cache, cache_pos, token_ids, real_tokens,
+                           use_reentrant=False, context_fn=recompute_first_mapping)
         else:
             x = self.sublayers(x, cos, sin, mask, kv_cache, cache_pos, token_ids, real_tokens)
         if self.uses_moe and self.training:
             self.mlp.router.add_routed_to_load()
         return x
+
+    def recomputes_stream(self) -> bool:
+        """Whether training recomputes the attention sublayer's stream (``config.mhc.recompute_stream``,
+        read when called: a run from a checkpoint sets it after the model is built); not with MoE,
+        whose router updates load buffers in place, which selective checkpointing refuses."""
+        return self.uses_mhc and self.config.mhc.recompute_stream and not self.uses_moe
 
     def sublayers(
         self,

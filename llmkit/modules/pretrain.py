@@ -23,15 +23,18 @@ from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, clip_grad_norm, lr_metrics, optimizer_with_schedule
 
 RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
-"""The ``ModelConfig`` fields (with ``mhc.implementation``) that say how to run a backbone, not
+"""The ``ModelConfig`` fields (with :data:`MHC_RUN_SETTINGS`) that say how to run a backbone, not
 what it is: a run started from ``init_ckpt`` takes them from its own ``config``."""
+MHC_RUN_SETTINGS = ("implementation", "recompute_stream")
+"""The same for ``ModelConfig.mhc``."""
 
 
 def run_as(shape: ModelConfig, config: ModelConfig) -> ModelConfig:
-    """``shape`` (changed in place) with ``config``'s :data:`RUN_SETTINGS` and ``mhc.implementation``."""
+    """``shape`` (changed in place) with ``config``'s :data:`RUN_SETTINGS` and :data:`MHC_RUN_SETTINGS`."""
     for name in RUN_SETTINGS:
         setattr(shape, name, getattr(config, name))
-    shape.mhc.implementation = config.mhc.implementation
+    for name in MHC_RUN_SETTINGS:
+        setattr(shape.mhc, name, getattr(config.mhc, name))
     return shape
 
 
@@ -43,7 +46,7 @@ def initial_config(init_ckpt: str, config: ModelConfig) -> ModelConfig:
 
 def initial_backbone(checkpoint: dict, init_ckpt: str, config: ModelConfig) -> Transformer:
     """The backbone of ``checkpoint`` (read from ``init_ckpt``) in training mode, run as
-    ``config``'s :data:`RUN_SETTINGS` and ``mhc.implementation`` say."""
+    ``config``'s :data:`RUN_SETTINGS` and :data:`MHC_RUN_SETTINGS` say."""
     model = backbone_from_checkpoint(checkpoint, init_ckpt).train()
     shape = run_as(model.config, config)
     rank_zero_info(f"weights from {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
