@@ -16,7 +16,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    graphs: how much of the step is host time between launches; and its n > 1 training with each
    --setting-rows entry of llmkit/model/mhc_triton.py settings (by default APPLY_PROJECT_FUSED=True,
    the fused write-back and projection, then that and PROJECT_APPLY_FUSED=True, their backward's
-   counterpart). Shown, not judged.
+   counterpart), where mhc.recompute_stream=True turns that model setting on for the row. Shown,
+   not judged.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
@@ -122,9 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setting-rows", nargs="*", type=setting_row_spec,
                    default=[{"APPLY_PROJECT_FUSED": True}, {"APPLY_PROJECT_FUSED": True, "PROJECT_APPLY_FUSED": True}],
                    metavar="NAME=VALUE[,NAME=VALUE]",
-                   help="llmkit/model/mhc_triton.py settings (values as Python literals) to time --kernel-model's "
-                        "n > 1 training with, a row each beside the default ones (default: the fused forward "
-                        "kernel, then both fused kernels; none: leave out); cuda only")
+                   help="llmkit/model/mhc_triton.py settings (values as Python literals), or "
+                        "mhc.recompute_stream=True, to time --kernel-model's n > 1 training with, a row each "
+                        "beside the default ones (default: the fused forward kernel, then both fused kernels; "
+                        "none: leave out); cuda only")
     p.add_argument("--cuda-graph-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time --kernel-model's training with its blocks compiled mode=reduce-overhead "
                         "(CUDA graphs: what host time between launches costs); compiled cuda runs only")
@@ -178,15 +180,20 @@ def setting_row_spec(spec: str) -> dict[str, Any]:
 
 def measure_with_settings(settings: dict[str, Any], name: str, n_streams: int, ns: argparse.Namespace) -> dict:
     """bench.throughput.measure with llmkit/model/mhc_triton.py's module ``settings`` set, then restored
-    (``bench.mhc_kernel_variants.setting``, as the kernel variants are)."""
+    (``bench.mhc_kernel_variants.setting``, as the kernel variants are); ``mhc.recompute_stream``
+    among them sets that model-config field instead."""
     from bench import throughput
     from bench.mhc_kernel_variants import setting
     from llmkit.model import mhc_triton
 
+    settings = dict(settings)
+    recompute = settings.pop("mhc.recompute_stream", False)
     unknown = [key for key in settings if not key.isupper() or not hasattr(mhc_triton, key)]
     if unknown:
-        raise ValueError(f"llmkit/model/mhc_triton.py has no setting {', '.join(unknown)}")
+        raise ValueError(f"llmkit/model/mhc_triton.py has no setting {', '.join(unknown)} "
+                         "(and the one model-config setting here is mhc.recompute_stream)")
     with setting(tuple(settings), tuple(settings.values())):
+        ns = argparse.Namespace(**{**vars(ns), "mhc_recompute_stream": bool(recompute)})
         return throughput.measure(name, n_streams, "bare", ns)
 
 

@@ -106,7 +106,8 @@ def model_config(name: str, n_streams: int, args: argparse.Namespace) -> ModelCo
         max_seq_len=max(base.max_seq_len, args.seq_len),
         gradient_checkpointing=checkpointing,
         bf16_residual=bf16_residual,
-        mhc=replace(base.mhc, implementation=args.mhc_implementation),
+        mhc=replace(base.mhc, implementation=args.mhc_implementation,
+                    recompute_stream=getattr(args, "mhc_recompute_stream", base.mhc.recompute_stream)),
     )
 
 
@@ -361,6 +362,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--optimizer", choices=["fused", "foreach"], default="fused" if CUDA else "foreach")
     p.add_argument("--mhc-implementation", choices=["auto", "torch"], default="auto",
                    help="auto: the Triton kernels on CUDA; torch: the ops' PyTorch code (docs/performance.md)")
+    p.add_argument("--mhc-recompute-stream", action=argparse.BooleanOptionalAction, default=False,
+                   help="mhc.recompute_stream: compiled mHC blocks recompute their attention sublayer's stream "
+                        "in backward (docs/performance.md)")
     p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config",
                    help="activation checkpointing per block: the model YAML's setting, or forced on/off")
     p.add_argument("--bf16-residual", choices=["config", "on", "off"], default="config",

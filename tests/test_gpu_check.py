@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check
+from bench import gpu_check, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--models", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1",
@@ -323,10 +323,14 @@ def test_setting_rows_parse_python_literals_and_refuse_what_is_not_a_setting(mon
         with pytest.raises(argparse.ArgumentTypeError):
             gpu_check.setting_row_spec(bad)
     seen = []
-    monkeypatch.setattr("bench.throughput.measure",
-                        lambda name, n, mode, ns: seen.append(mhc_triton.STREAM_BLOCK_C) or {"step_s": 1.0})
+    monkeypatch.setattr("bench.throughput.measure", lambda name, n, mode, ns: seen.append(
+        (mhc_triton.STREAM_BLOCK_C, throughput.model_config(name, n, ns).mhc.recompute_stream)) or {"step_s": 1.0})
     before = mhc_triton.STREAM_BLOCK_C
-    assert gpu_check.measure_with_settings({"STREAM_BLOCK_C": 64}, "tiny", 4, None) == {"step_s": 1.0}
-    assert seen == [64] and mhc_triton.STREAM_BLOCK_C == before  # set for the measurement, then restored
+    ns = gpu_check.bench_namespace(gpu_check.parse_args(["--models", "tiny", "--kernel-model", "tiny"]), "tiny")
+    assert gpu_check.measure_with_settings({"STREAM_BLOCK_C": 64}, "tiny", 4, ns) == {"step_s": 1.0}
+    assert seen == [(64, False)] and mhc_triton.STREAM_BLOCK_C == before  # set for the measurement, then restored
+    # the one model-config setting: the row's model recomputes its stream
+    gpu_check.measure_with_settings(gpu_check.setting_row_spec("mhc.recompute_stream=True"), "tiny", 4, ns)
+    assert seen[-1] == (before, True)
     with pytest.raises(ValueError, match="no setting NO_SUCH_KNOB"):
-        gpu_check.measure_with_settings({"NO_SUCH_KNOB": 1}, "tiny", 4, None)
+        gpu_check.measure_with_settings({"NO_SUCH_KNOB": 1}, "tiny", 4, ns)
