@@ -178,6 +178,7 @@ def training_forward_bytes(model: Transformer, seq_len: int, batch_size: int, pr
 
 TORCH_DIR = str(Path(torch.__file__).parent)
 PEAK_SITES = 8  # allocation sites listed for the memory live at a step's peak
+HISTORY = 1_000_000  # allocator events a probe records at most (a ring: past it the oldest would be dropped)
 
 
 def allocation_site(frames: list[dict]) -> tuple[str, str]:
@@ -243,7 +244,8 @@ def training_step_memory(model: Transformer, seq_len: int, batch_size: int, prec
     tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device="cuda")
     gc.collect()
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=200_000)
+    torch.cuda.memory._record_memory_history(enabled=None)  # an earlier recording's entries, if any, go
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=HISTORY)
     try:
         recorded_before = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
         start = torch.cuda.memory_allocated()

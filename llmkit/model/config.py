@@ -44,8 +44,9 @@ class MHCConfig:
 
     recompute_stream: in training, do not keep the stream X of each block's attention sublayer for
     backward but recompute it there, with that sublayer's mapping op, from the block's input (the
-    mHC paper's recomputation, with the block input stored every block): about n C fewer bytes
-    per token and block at the cost of one mapping op's forward more per block in backward. Takes
+    mHC paper's recomputation, with the block input stored every block): that sublayer's X and its
+    input u, (n + 1) C stream elements, and its O(n^2) mapping floats fewer per token and block, at
+    the cost of one mapping op's forward more per block in backward. Takes
     effect in compiled blocks (``compile: true``), where the compiler honours it; eager blocks keep
     the stream, and so do blocks with a mixture of experts (their router updates buffers in place,
     which selective checkpointing refuses) and activation checkpointing, which recomputes the whole
