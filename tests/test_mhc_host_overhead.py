@@ -29,8 +29,8 @@ def test_host_time_of_one_sublayer_with_the_launches_recorded(tmp_path):
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["launched"] is False and len(report["repeats_us"]) == 2
     assert report["triton_launches_per_sublayer"] == 8  # 4 forward (apply, project, coefficients, pre), 4 backward
-    assert report["host_us_per_sublayer"] == sorted(report["repeats_us"])[0] + (
-        sorted(report["repeats_us"])[1] - sorted(report["repeats_us"])[0]) / 2  # the median of two
+    low, high = sorted(report["repeats_us"])
+    assert report["host_us_per_sublayer"] == pytest.approx((low + high) / 2, rel=1e-12)  # the median of two
     assert 0 < report["host_us_per_sublayer"] < 1e6
     assert "Triton launches recorded, not run" in done.stdout
 
