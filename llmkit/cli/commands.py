@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmkit.cli import consolidate, convert, data, demo, generate, lora, scaling
+from llmkit.model.config import MHC_RUN_SETTINGS, RUN_SETTINGS
 
 COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
     "data": {"corpus": data.corpus, "tokenizer": data.tokenizer, "pack": data.pack, "tasks": data.tasks},
@@ -58,8 +59,7 @@ LIGHTNING_COMMANDS = {
         "llmkit.modules.pretrain:PretrainModule", "llmkit.data.datamodule:PackedDataModule",
         links=(("model.vocab_size", "data.vocab_size"), ("model.max_seq_len", "data.max_seq_len")),
         fixed_by_checkpoint=("config",),
-        free=("config.gradient_checkpointing", "config.bf16_residual", "config.mhc.implementation",
-              "config.mhc.recompute_stream", "config.attention_backend"),
+        free=(*(f"config.{name}" for name in RUN_SETTINGS), *(f"config.mhc.{name}" for name in MHC_RUN_SETTINGS)),
         rebuild_from_checkpoint=True,
     ),
     "sdft": LightningCommand(

@@ -213,6 +213,13 @@ class RopeScaling:
                               "high_freq_factor > low_freq_factor")
 
 
+RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
+"""The ``ModelConfig`` fields (with :data:`MHC_RUN_SETTINGS`) that say how to run a backbone, not
+what it is: a run started from ``init_ckpt`` takes them from its own ``config``, and a resumed run
+may change them (llmkit/modules/pretrain.py, the pretrain command's ``free`` settings)."""
+MHC_RUN_SETTINGS = ("implementation", "recompute_stream")
+"""The same for ``ModelConfig.mhc``."""
+
 MAX_STREAMS = 8
 """The most residual streams mHC runs with: its Triton kernels keep each token's n x n H_res in
 registers (llmkit/model/mhc_triton.py)."""

@@ -16,21 +16,16 @@ from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
-from llmkit.model.config import ModelConfig
+from llmkit.model.config import MHC_RUN_SETTINGS, RUN_SETTINGS, ModelConfig
 from llmkit.model.moe import end_of_step, scale_balancing_loss
 from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, clip_grad_norm, lr_metrics, optimizer_with_schedule
 
-RUN_SETTINGS = ("gradient_checkpointing", "bf16_residual", "attention_backend")
-"""The ``ModelConfig`` fields (with :data:`MHC_RUN_SETTINGS`) that say how to run a backbone, not
-what it is: a run started from ``init_ckpt`` takes them from its own ``config``."""
-MHC_RUN_SETTINGS = ("implementation", "recompute_stream")
-"""The same for ``ModelConfig.mhc``."""
-
 
 def run_as(shape: ModelConfig, config: ModelConfig) -> ModelConfig:
-    """``shape`` (changed in place) with ``config``'s :data:`RUN_SETTINGS` and :data:`MHC_RUN_SETTINGS`."""
+    """``shape`` (changed in place) with ``config``'s run settings
+    (:data:`~llmkit.model.config.RUN_SETTINGS`, :data:`~llmkit.model.config.MHC_RUN_SETTINGS`)."""
     for name in RUN_SETTINGS:
         setattr(shape, name, getattr(config, name))
     for name in MHC_RUN_SETTINGS:
@@ -46,7 +41,7 @@ def initial_config(init_ckpt: str, config: ModelConfig) -> ModelConfig:
 
 def initial_backbone(checkpoint: dict, init_ckpt: str, config: ModelConfig) -> Transformer:
     """The backbone of ``checkpoint`` (read from ``init_ckpt``) in training mode, run as
-    ``config``'s :data:`RUN_SETTINGS` and :data:`MHC_RUN_SETTINGS` say."""
+    ``config``'s run settings say (:func:`run_as`)."""
     model = backbone_from_checkpoint(checkpoint, init_ckpt).train()
     shape = run_as(model.config, config)
     rank_zero_info(f"weights from {init_ckpt}: {shape.n_layers} layers, d_model {shape.d_model}, "
@@ -67,7 +62,7 @@ class PretrainModule(LLMKitModule):
     With ``init_ckpt`` training starts from the weights of a checkpoint (llmkit's, one written by
     ``llmkit convert from-hf`` or ``convert upcycle``, or a model directory; docs/interop.md): the
     backbone's shape is the checkpoint's, and of ``config`` only the settings of how to run apply
-    (:data:`RUN_SETTINGS`). ``--ckpt_path`` of such a run rebuilds the model from that checkpoint
+    (:func:`run_as`). ``--ckpt_path`` of such a run rebuilds the model from that checkpoint
     alone, so the initial one may be gone by then.
 
     The backbone is built in ``configure_model``, which the Trainer calls inside its strategy's
