@@ -11,6 +11,7 @@ import sysconfig
 import textwrap
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,8 @@ def test_pack_round_trip_is_the_same_for_any_workers(
         "tokenizer": str(tokenizer.path.resolve()),
         "tokenizer_sha256": tokenizer.sha256,
         "inputs": [str(p.resolve()) for p in inputs],
+        "checksum_block_tokens": 1 << 24,
+        "block_crc32": [zlib.crc32(shards[1])],
     }
     assert json.loads((tmp_path / "w1" / "train.bin.json").read_text()) == meta
     assert expected.count(tokenizer.eos_id) == 52
@@ -757,3 +760,37 @@ def test_a_corpus_can_be_written_into_the_current_directory(tmp_path: Path, monk
     summary = write_corpus("stdlib", ".", val_fraction=0.0, progress=False)
     assert sorted(p.name for p in (tmp_path / "here").iterdir()) == sorted(
         ["corpus.json", *summary["train_files"], *summary["val_files"]])
+
+
+def test_malformed_checksums_in_the_metadata_are_named(tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "val.bin"
+    meta = pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)
+    for broken in ({"block_crc32": meta["block_crc32"] + [0]}, {"block_crc32": "abc"},
+                   {"checksum_block_tokens": 0}, {"block_crc32": [str(c) for c in meta["block_crc32"]]}):
+        (tmp_path / "val.bin.json").write_text(json.dumps({**meta, **broken}))
+        with pytest.raises(LLMKitError, match=r"val\.bin\.json has malformed checksums .*llmkit data pack"):
+            read_meta(out)
+
+
+def test_cli_verify_reports_every_shard_and_fails_on_a_changed_one(
+    tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, changed, old = tmp_path / "good.bin", tmp_path / "changed.bin", tmp_path / "old.bin"
+    for path in (good, changed, old):
+        meta = pack(tokenizer.path, [corpus_dir / "val_00000.txt"], path, workers=1, progress=False)
+    ids = np.fromfile(changed, dtype=np.uint16)
+    ids[-1] = (ids[-1] + 1) % tokenizer.vocab_size
+    ids.tofile(changed)
+    del meta["block_crc32"], meta["checksum_block_tokens"]
+    (tmp_path / "old.bin.json").write_text(json.dumps(meta))
+
+    assert main(["data", "verify", "--shard", str(good), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok {good}: {meta['n_tokens']:,} tokens, checksums match" in out
+    assert f"ok {old}: {meta['n_tokens']:,} tokens, no checksums recorded" in out
+
+    assert main(["data", "verify", "--shard", str(tmp_path / "*.bin")]) == 1
+    captured = capsys.readouterr()
+    assert f"FAILED {changed}: tokens 0 to {meta['n_tokens'] - 1:,} (block 1 of 1) do not match" in captured.out
+    assert f"ok {good}" in captured.out and f"ok {old}" in captured.out
+    assert f"1 shard(s) failed the check: {changed}" in captured.err

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from llmkit.data import packing
 from llmkit.data.datamodule import PackedDataModule
-from llmkit.data.packing import open_shard
+from llmkit.data.packing import block_checksums, open_shard, pack
 from llmkit.errors import LLMKitError
 from tests.conftest import VOCAB_SIZE
 
@@ -149,11 +150,34 @@ def test_out_of_range_token_id_is_named_with_its_position(shards, tmp_path):
     bad = np.array(tokens, dtype=np.uint16)
     bad[77] = VOCAB_SIZE + 5
     path = tmp_path / "bad.bin"
-    bad.tofile(path)
-    (tmp_path / "bad.bin.json").write_text(json.dumps(meta))
+    bad.tofile(path)  # as another tokenizer's pack would write it: its checksums match
+    (tmp_path / "bad.bin.json").write_text(json.dumps({**meta, "block_crc32": block_checksums(bad, 1 << 24)}))
     dm = make_dm(shards, val_files=[str(path)])
     with pytest.raises(LLMKitError, match=rf"bad.bin: token id {VOCAB_SIZE + 5} at position 77"):
         dm.setup("validate")
+
+
+def test_a_shard_changed_since_pack_is_named_with_the_changed_block(corpus_dir, tokenizer_path, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(packing, "CHECKSUM_BLOCK_TOKENS", 64)
+    path = tmp_path / "val.bin"
+    meta = pack(tokenizer_path, [corpus_dir / "val.txt"], path, workers=1, progress=False)
+    assert meta["checksum_block_tokens"] == 64 and len(meta["block_crc32"]) == -(-meta["n_tokens"] // 64) > 2
+    tokens = np.fromfile(path, dtype=np.uint16)
+    assert meta["block_crc32"] == block_checksums(tokens, 64)
+    make_dm({"train": path, "val": path}).setup("validate")  # as packed: passes
+
+    changed = tokens.copy()
+    changed[130:140] = 0  # a zeroed run of valid ids, in the third block
+    changed.tofile(path)
+    blocks = len(meta["block_crc32"])
+    with pytest.raises(LLMKitError, match=rf"val.bin: tokens 128 to 191 \(block 3 of {blocks}\) do not match the "
+                                          r"checksum pack recorded in .*val.bin.json.*llmkit data pack"):
+        make_dm({"train": path, "val": path}).setup("validate")
+
+    del meta["checksum_block_tokens"], meta["block_crc32"]  # a shard packed before checksums: ids checked only
+    (tmp_path / "val.bin.json").write_text(json.dumps(meta))
+    make_dm({"train": path, "val": path}).setup("validate")
 
 
 def test_missing_shard_and_empty_file_list(shards, tmp_path):

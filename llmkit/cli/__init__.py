@@ -1,6 +1,6 @@
 """llmkit: one command for data jobs, training, sampling and the demo.
 
-    llmkit data {corpus,tokenizer,pack,tasks} ...  corpus, tokenizer, packed shards, SDFT task files
+    llmkit data {corpus,tokenizer,pack,verify,tasks} ...  corpus, tokenizer, packed shards, SDFT task files
     llmkit pretrain {fit,validate} --config YAML  LightningCLI (YAML, --print_config, overrides)
     llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
     llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)

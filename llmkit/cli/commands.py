@@ -14,7 +14,8 @@ from llmkit.cli import consolidate, convert, data, demo, generate, lora, scaling
 from llmkit.model.config import MHC_RUN_SETTINGS, RUN_SETTINGS
 
 COMMANDS: dict[str, Callable[..., int] | dict[str, Callable[..., int]]] = {
-    "data": {"corpus": data.corpus, "tokenizer": data.tokenizer, "pack": data.pack, "tasks": data.tasks},
+    "data": {"corpus": data.corpus, "tokenizer": data.tokenizer, "pack": data.pack, "verify": data.verify,
+             "tasks": data.tasks},
     "generate": generate.generate,
     "lora": {"merge": lora.merge},
     "convert": {"from-hf": convert.from_hf, "to-hf": convert.to_hf, "upcycle": convert.upcycle},

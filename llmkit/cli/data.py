@@ -1,6 +1,6 @@
-"""Build a corpus, train a tokenizer, pack token shards, write generated SDFT task files.
+"""Build a corpus, train a tokenizer, pack and verify token shards, write generated SDFT task files.
 
-``llmkit data {corpus,tokenizer,pack,tasks}``; each prints a one-line summary of what it wrote.
+``llmkit data {corpus,tokenizer,pack,verify,tasks}``; each prints a one-line summary of what it wrote.
 
 The work is done by :mod:`llmkit.data`; these functions only name the flags and report. Their
 imports stay light (no torch, no Lightning): ``llmkit data ... --help`` answers at once.
@@ -94,6 +94,28 @@ def pack(tokenizer: Path, input: list[str], output: Path, eos: bool = True, work
                               "(docs/data.md)")
     meta = packing.pack(tokenizer, inputs, output, append_eos=eos, workers=workers)
     print(f"wrote {output}: {meta['n_tokens']:,} tokens ({meta['dtype']}) from {meta['n_documents']:,} documents")
+    return 0
+
+
+def verify(shard: list[str]) -> int:
+    """Check packed shards against the checksums pack recorded, and every id against the vocabulary.
+
+    Args:
+        shard: .bin shards or glob patterns.
+    """
+    failed = []
+    for path in expand_inputs(shard, "shard"):
+        try:
+            tokens, meta = packing.open_shard(path)
+            checked = packing.check_shard(path, tokens, meta, meta["vocab_size"], progress=True)
+        except LLMKitError as error:
+            print(f"FAILED {error}")
+            failed.append(path)
+            continue
+        what = "checksums match" if checked else "no checksums recorded (packed by an older llmkit): ids checked only"
+        print(f"ok {path}: {meta['n_tokens']:,} tokens, {what}")
+    if failed:
+        raise LLMKitError(f"{len(failed)} shard(s) failed the check: {', '.join(map(str, failed))}")
     return 0
 
 

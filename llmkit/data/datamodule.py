@@ -24,15 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmkit.data.packing import open_shard
+from llmkit.data.packing import check_shard, open_shard
 from llmkit.distributed import PAD_INDEX, EvalSampler
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
 
 IGNORE_INDEX = -100
 """The target id no loss counts (``F.cross_entropy``'s default ``ignore_index``)."""
-
-_SCAN_CHUNK = 1 << 24  # tokens per chunk when checking a shard's ids against the vocabulary
 
 
 class PackedWindows(Dataset):
@@ -130,9 +128,10 @@ def open_checked_shards(
 ) -> list[np.memmap]:
     """Memory-map shards and check them against the model: a vocabulary that fits the model (the
     same size for a SentencePiece tokenizer; at most the model's for a Hugging Face one, whose models
-    pad their embedding: the metadata's ``vocab_rule``), every id below it, and at least
-    seq_len + 1 tokens per shard. Every shard must come from one tokenizer (``tokenizer_sha256``):
-    ``packed_with`` holds the first shard's path and metadata, and is filled on the first call."""
+    pad their embedding: the metadata's ``vocab_rule``), every id below it, the blocks' checksums
+    (:func:`~llmkit.data.packing.check_shard`), and at least seq_len + 1 tokens per shard. Every
+    shard must come from one tokenizer (``tokenizer_sha256``): ``packed_with`` holds the first
+    shard's path and metadata, and is filled on the first call."""
     shards = []
     for path in paths:
         tokens, meta = open_shard(path)
@@ -151,15 +150,7 @@ def open_checked_shards(
                 f"({meta.get('tokenizer')}) but the model has vocab_size {vocab_size}: pack it with the model's "
                 f"tokenizer (or, pretraining from scratch, set model.config.vocab_size: {meta['vocab_size']})"
             )
-        limit = meta["vocab_size"] if vocab_size is None else vocab_size
-        for begin in range(0, len(tokens), _SCAN_CHUNK):
-            chunk = tokens[begin : begin + _SCAN_CHUNK]
-            if chunk.size and int(chunk.max()) >= limit:
-                bad = begin + int(np.argmax(chunk >= limit))
-                raise LLMKitError(
-                    f"{path}: token id {int(tokens[bad])} at position {bad} is >= vocab_size "
-                    f"{limit}; the shard is corrupt or was packed with another tokenizer, re-pack it"
-                )
+        check_shard(path, tokens, meta, meta["vocab_size"] if vocab_size is None else vocab_size)
         if len(tokens) < seq_len + 1:
             raise LLMKitError(
                 f"{path} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
