@@ -54,22 +54,35 @@ def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def iter_text_lines(path: str | Path, max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, line)`` for a UTF-8 text file, 1-based, line endings kept.
 
-    Reads one line at a time, so the file is never held in memory. A line that is not valid
-    UTF-8 raises :class:`LLMKitError` naming the file and the line.
+    Reads one line at a time, so the file is never held in memory; with ``max_bytes`` (at least
+    4, one UTF-8 character), not even a line: a longer one comes in parts of at most that many
+    bytes, cut between characters, with the same line number (only its last part ends with the
+    line ending). A line that is not valid UTF-8 raises :class:`LLMKitError` naming the file and
+    the line.
     """
     path = Path(path)
+    number, offset, carry = 1, 0, b""  # offset: bytes of the current line already yielded
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        while raw := carry + f.readline(-1 if max_bytes is None else max_bytes - len(carry)):
+            carry = b""
             try:
-                yield number, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise LLMKitError(
-                    f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                    "line); re-encode the file as UTF-8 or leave it out of the inputs"
-                ) from e
+                if not (e.reason == "unexpected end of data" and max_bytes is not None and len(raw) == max_bytes):
+                    raise LLMKitError(
+                        f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {offset + e.start} of the "
+                        "line); re-encode the file as UTF-8 or leave it out of the inputs"
+                    ) from e
+                raw, carry = raw[: e.start], raw[e.start :]  # a character cut by the limit: the next part's
+                text = raw.decode("utf-8")
+            yield number, text
+            if raw.endswith(b"\n"):
+                number, offset = number + 1, 0
+            else:
+                offset += len(raw)
 
 
 def json_kind(value: Any) -> str:

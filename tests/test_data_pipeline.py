@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from llmkit.cli import main
+from llmkit.data import packing
 from llmkit.data.corpus import DOC_SEPARATOR, write_corpus
 from llmkit.data.packing import (
     PACK_FORMAT,
@@ -67,7 +69,7 @@ def _write_shard(path: Path, documents: list[str]) -> Path:
 
 
 def _docs_in(paths: list[Path]) -> list[str]:
-    return [text for path in paths for _, text in iter_documents(path)]
+    return [text for path in paths for _, text, _ in iter_documents(path)]
 
 
 @pytest.fixture(scope="module")
@@ -252,11 +254,11 @@ def test_iter_documents(tmp_path: Path) -> None:
         f"a = 1\n{DOC_SEPARATOR}\n\n   \n{DOC_SEPARATOR}\nb\r\nc\n{DOC_SEPARATOR}\r\nlast",
         encoding="utf-8",
     )
-    assert list(iter_documents(path)) == [(0, "a = 1\n"), (2, "b\r\nc\n"), (3, "last")]
+    assert list(iter_documents(path)) == [(0, "a = 1\n", True), (2, "b\r\nc\n", True), (3, "last", True)]
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x\ny\n", encoding="utf-8")
-    assert list(iter_documents(plain)) == [(0, "x\ny\n")]
+    assert list(iter_documents(plain)) == [(0, "x\ny\n", True)]
 
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"ok\ncaf\xe9\n")
@@ -794,3 +796,47 @@ def test_cli_verify_reports_every_shard_and_fails_on_a_changed_one(
     assert f"FAILED {changed}: tokens 0 to {meta['n_tokens'] - 1:,} (block 1 of 1) do not match" in captured.out
     assert f"ok {good}" in captured.out and f"ok {old}" in captured.out
     assert f"1 shard(s) failed the check: {changed}" in captured.err
+
+
+def test_a_long_document_comes_in_pieces_cut_at_line_ends(tmp_path: Path) -> None:
+    path = tmp_path / "long.txt"
+    lines = [f"line {i} {'é' * (i % 7)}\n" for i in range(40)]
+    path.write_text("".join(lines) + f"{DOC_SEPARATOR}\nshort\n", encoding="utf-8")
+    pieces = list(iter_documents(path, piece_bytes=50))
+    assert [(index, ends) for index, _, ends in pieces] == [(0, False)] * (len(pieces) - 2) + [(0, True), (1, True)]
+    assert "".join(text for index, text, _ in pieces if index == 0) == "".join(lines)
+    longest_line = max(len(line.encode()) for line in lines)
+    assert all(text.endswith("\n") and 50 <= len(text.encode()) < 50 + longest_line
+               for _, text, ends in pieces if not ends)
+
+    one_line = tmp_path / "one_line.txt"  # no line end at all: cut between characters, never above 2 pieces' size
+    one_line.write_text("ab€" * 100 + f"\n{DOC_SEPARATOR}\n" + "x" * 10 + DOC_SEPARATOR, encoding="utf-8")
+    pieces = list(iter_documents(one_line, piece_bytes=41))  # 41: some cuts fall inside a 3-byte €
+    assert "".join(text for index, text, _ in pieces if index == 0) == "ab€" * 100 + "\n"
+    assert all(len(text.encode()) <= 82 for _, text, _ in pieces)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n" + b"a" * 50 + b"\xff\n")
+    with pytest.raises(LLMKitError, match=r"bad\.txt:2: not valid UTF-8 \(invalid start byte at byte 50 of the line\)"):
+        list(iter_documents(bad, piece_bytes=24))
+    assert pieces[-1] == (1, "x" * 10 + DOC_SEPARATOR, True)  # a separator's text ending a line is text
+    tail = tmp_path / "tail.txt"  # ... also when the limit cuts the line right before it
+    tail.write_text("y" * 40 + f"{DOC_SEPARATOR}\nz\n", encoding="utf-8")
+    assert list(iter_documents(tail, piece_bytes=40)) == [(0, "y" * 40, False), (0, f"{DOC_SEPARATOR}\nz\n", True)]
+
+
+def test_pack_encodes_a_document_without_separators_in_pieces_with_one_eos(
+    tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "".join(_docs_in([corpus_dir / "train_00000.txt"]))
+    one_document = tmp_path / "book.txt"
+    one_document.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(packing, "PIECE_BYTES", 300)
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.bin"
+        with pytest.warns(UserWarning, match=rf"book.txt: document 0 is longer than 0.0003 MB, so it is encoded in "
+                                             rf"pieces .* separate them with {re.escape(DOC_SEPARATOR)} lines"):
+            meta = pack(tokenizer.path, [one_document], out, workers=workers, progress=False)
+        ids = np.fromfile(out, dtype=np.uint16).tolist()
+        assert meta["n_documents"] == 1 and ids.count(tokenizer.eos_id) == 1 and ids[-1] == tokenizer.eos_id
+        assert tokenizer.decode(ids) == text
+        assert len(text) > 20 * 300  # many pieces

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from llmkit.data.corpus import is_separator
+from llmkit.data.corpus import DOC_SEPARATOR, is_separator
 from llmkit.data.tokenizer import TokenizerLike, load_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import interrupts_held, iter_text_lines, read_json, remove_stale_temps, temp_path, write_json_atomic
@@ -80,30 +80,45 @@ def meta_path_for(bin_path: str | Path) -> Path:
     return bin_path.with_name(bin_path.name + PACK_META_SUFFIX)
 
 
-def iter_documents(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(index, text)`` for each document of a plain-text shard, streaming it.
+PIECE_BYTES = 4_000_000
+"""About the most text pack hands a tokenizer at once: a longer document is encoded in pieces
+(:func:`iter_documents`), and a chunk of documents sent to a worker stops at this size. Encoding
+holds a Python list of ids, about 48x the text's size in RAM: a file with no separator lines (one
+document) of a few GB would otherwise need a few hundred GB at once."""
+
+
+def iter_documents(path: str | Path, piece_bytes: int = PIECE_BYTES) -> Iterator[tuple[int, str, bool]]:
+    """Yield ``(index, text, ends)`` for each document of a plain-text shard, streaming it.
 
     Documents are separated by lines equal to ``DOC_SEPARATOR``; the last one needs no
     separator after it, and a file with none is one document. ``index`` is the document's
     0-based position in the file, counting the blank or whitespace-only documents that are
     skipped, so it points at the same document a reader would count to. ``text`` keeps its
-    line endings. Reads one line at a time; a line that is not UTF-8 raises
-    :class:`LLMKitError` naming the file and line.
+    line endings. A document longer than ``piece_bytes`` comes in pieces of about that size, cut
+    at line ends (a longer line between characters: :func:`~llmkit.io.iter_text_lines`), with
+    the same index; ``ends`` marks a document's last piece. Memory stays bounded by
+    ``piece_bytes``; a line that is not UTF-8 raises :class:`LLMKitError` naming the file and
+    line.
     """
-    index = 0
+    assert piece_bytes > len(DOC_SEPARATOR) + 5, "piece_bytes must exceed a separator line, \\r\\n and a cut char"
+    index, size, pieces, at_line_start = 0, 0, 0, True
     lines: list[str] = []
-    for _, line in iter_text_lines(path):
-        if is_separator(line):
+    for _, part in iter_text_lines(path, piece_bytes):
+        if at_line_start and is_separator(part):  # a whole line: a part cut from a longer one is >= piece_bytes - 3
             text = "".join(lines)
-            if text.strip():
-                yield index, text
-            index += 1
-            lines = []
+            if pieces or text.strip():
+                yield index, text, True
+            index, size, pieces, lines = index + 1, 0, 0, []
         else:
-            lines.append(line)
+            lines.append(part)
+            size += len(part.encode("utf-8"))
+            if size >= piece_bytes:  # at a line end unless a line is longer than piece_bytes
+                yield index, "".join(lines), False
+                size, pieces, lines = 0, pieces + 1, []
+        at_line_start = part.endswith("\n")
     text = "".join(lines)
-    if text.strip():
-        yield index, text
+    if pieces or text.strip():
+        yield index, text, True
 
 
 ROUND_TRIP_BYTES = 1 << 16
@@ -131,11 +146,15 @@ def check_round_trip(tokenizer: TokenizerLike, path: Path) -> None:
 
 
 class _Document(NamedTuple):
-    """A document on its way to a worker, with where it came from for error messages."""
+    """A document (or a piece of one: :func:`iter_documents`) on its way to a worker, with where it
+    came from for error messages, whether it ends its document (eos follows it) and its size in
+    bytes (for the progress bar)."""
 
     path: str
     index: int
     text: str
+    ends: bool
+    size: int
 
 
 class _DocumentEncoder:
@@ -147,9 +166,11 @@ class _DocumentEncoder:
         self.dtype = dtype_for_vocab(self.tokenizer.vocab_size)
 
     def __call__(self, documents: Sequence[_Document]) -> list[np.ndarray]:
-        encoded = self.tokenizer.encode_batch([doc.text for doc in documents], eos=self.append_eos, plain_text=True)
+        encoded = self.tokenizer.encode_batch([doc.text for doc in documents], plain_text=True)
         arrays = []
         for doc, ids in zip(documents, encoded, strict=True):
+            if self.append_eos and doc.ends:
+                ids.append(self.tokenizer.eos_id)
             array = np.asarray(ids, dtype=np.int64)
             if array.size and (array.max() >= self.tokenizer.vocab_size or array.min() < 0):
                 raise LLMKitError(
@@ -188,10 +209,12 @@ def pack(
     """Tokenise the documents of the text files ``inputs`` into the shard ``output`` with the
     tokenizer ``tokenizer_path`` names (:func:`~llmkit.data.tokenizer.load_tokenizer`).
 
-    Documents are encoded ``chunk_docs`` at a time by ``workers`` spawned processes (in this
-    process if ``workers <= 1``; None: one per :data:`BYTES_PER_WORKER` of input, at most one per
-    core); results are written in input order, so the shard is the same for any ``workers``.
-    ``eos_id`` follows every document if ``append_eos``. The ``.bin`` and its ``.bin.json``
+    Documents are encoded ``chunk_docs`` (or :data:`PIECE_BYTES` of text) at a time by
+    ``workers`` spawned processes (in this process if ``workers <= 1``; None: one per
+    :data:`BYTES_PER_WORKER` of input, at most one per core); results are written in input
+    order, so the shard is the same for any ``workers``. ``eos_id`` follows every document if
+    ``append_eos``; a document longer than :data:`PIECE_BYTES` is encoded in pieces, and a
+    warning says so. The ``.bin`` and its ``.bin.json``
     metadata only appear, via renames, once all is written; an ``output`` that is a directory,
     or whose ``.bin`` or ``.bin.json`` is one of the ``inputs``, is refused before that.
     Returns the metadata.
@@ -227,14 +250,16 @@ def pack(
             closing(
                 _encode_documents(tokenizer.path, paths, append_eos, workers, chunk_docs)
             ) as arrays,
-            tqdm(desc=f"pack {output.name}", unit="doc", disable=not progress) as bar,
+            tqdm(desc=f"pack {output.name}", total=sum(path.stat().st_size for path in paths), unit="B",
+                 unit_scale=True, disable=not progress) as bar,
         ):
-            for array in arrays:
+            for document, array in arrays:
                 array.tofile(f)
                 n_tokens += array.size
-                n_documents += 1
-                bar.update()
-                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+                n_documents += document.ends
+                bar.update(document.size)
+                bar.set_postfix(docs=f"{n_documents:,}", tokens=f"{n_tokens:,}", refresh=False)
+            bar.update(bar.total - bar.n)  # the separator lines and blank documents
         if n_tokens == 0:
             raise LLMKitError(
                 f"no text to pack in {', '.join(map(str, paths))} (only blank documents): "
@@ -291,29 +316,43 @@ def _encode_documents(
     append_eos: bool,
     workers: int,
     chunk_docs: int,
-) -> Iterator[np.ndarray]:
-    """Each document's token array, in input order.
+) -> Iterator[tuple[_Document, np.ndarray]]:
+    """Each document (or piece) with its token array, in input order.
 
     With workers, at most ``TASKS_IN_FLIGHT_PER_WORKER * workers`` chunks are queued at a
     time (``Pool.imap`` would read all input ahead and buffer all results).
     """
-    documents = (
-        _Document(str(path), index, text) for path in inputs for index, text in iter_documents(path)
-    )
-    chunks = _chunked(documents, chunk_docs)
+    chunks = _chunked(_documents(inputs), chunk_docs)
     if workers <= 1:
         encoder = _DocumentEncoder(str(tokenizer_path), append_eos)
         for chunk in chunks:
-            yield from encoder(chunk)
+            yield from zip(chunk, encoder(chunk), strict=True)
         return
     with _worker_pool(workers, str(tokenizer_path), append_eos) as pool:
         in_flight: deque = deque()
         for chunk in chunks:
-            in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            in_flight.append((chunk, pool.apply_async(_encode_in_worker, (chunk,))))
             if len(in_flight) >= TASKS_IN_FLIGHT_PER_WORKER * workers:
-                yield from in_flight.popleft().get()
+                chunk, encoded = in_flight.popleft()
+                yield from zip(chunk, encoded.get(), strict=True)
         while in_flight:
-            yield from in_flight.popleft().get()
+            chunk, encoded = in_flight.popleft()
+            yield from zip(chunk, encoded.get(), strict=True)
+
+
+def _documents(inputs: Sequence[Path]) -> Iterator[_Document]:
+    """The documents of ``inputs`` in order, a long one in pieces (:func:`iter_documents`), which
+    is said once per file: the tokens at a cut may differ from what encoding it whole gives."""
+    for path in inputs:
+        said = False
+        for index, text, ends in iter_documents(path, PIECE_BYTES):
+            if not ends and not said:
+                warnings.warn(
+                    f"{path}: document {index} is longer than {PIECE_BYTES / 1e6:g} MB, so it is encoded in pieces "
+                    f"of about that size, cut at line ends (the ids at a cut may differ from encoding it whole); "
+                    f"if it holds several documents, separate them with {DOC_SEPARATOR} lines", stacklevel=2)
+                said = True
+            yield _Document(str(path), index, text, ends, len(text.encode("utf-8")))
 
 
 @contextmanager
@@ -338,14 +377,17 @@ def _worker_pool(workers: int, tokenizer_path: str, append_eos: bool) -> Iterato
         yield pool
 
 
-def _chunked(items: Iterable[_Document], size: int) -> Iterator[list[_Document]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
+def _chunked(documents: Iterable[_Document], size: int) -> Iterator[list[_Document]]:
+    """Consecutive lists of ``size`` documents or :data:`PIECE_BYTES` of text, whichever comes
+    first (the last may be shorter)."""
     chunk: list[_Document] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
+    chunk_bytes = 0
+    for document in documents:
+        chunk.append(document)
+        chunk_bytes += document.size
+        if len(chunk) == size or chunk_bytes >= PIECE_BYTES:
             yield chunk
-            chunk = []
+            chunk, chunk_bytes = [], 0
     if chunk:
         yield chunk
 
