@@ -197,6 +197,39 @@ def test_validation_under_ddp_scores_each_window_once(base_ckpt, shards):
     assert two == pytest.approx(one, rel=1e-6, abs=0)
 
 
+def test_fine_tuning_validation_under_ddp_scores_each_example_once(base_ckpt, tokenizer_path, tmp_path):
+    """3 validation examples on 2 ranks, batches of 2: Lightning's sampler gave rank 1 example 0
+    again (SFT val/loss 5.9569 for 5.9559 in one process, measured); EvalSampler pads rank 1's
+    batch, and SFT's val/loss equals one process's. SDFT with batches of 1 gives rank 1 a last
+    batch of padding only, which it skips; its statistics count 3 completions."""
+    val = tmp_path / "val.jsonl"
+    write_task_files("arithmetic", 3, seed=4, out=val)
+    module_args = {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path)}
+
+    def validate(module: L.LightningModule, batch_size: int, **kwargs) -> dict:
+        data = SDFTDataModule(train_files=[str(val)], val_files=[str(val)], batch_size=batch_size)
+        return run([], **kwargs).validate(module, data, verbose=False)[0]
+
+    one, two = (validate(SFTModule(**module_args), 2, devices=1),
+                validate(SFTModule(**module_args), 2, strategy="ddp_spawn", devices=2))
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6, abs=0)
+
+    sdft = validate(SDFTModule(**module_args, sdft={"max_new_tokens": 4}), 1, strategy="ddp_spawn", devices=2)
+    assert 1 <= sdft["val/gen_len_min"] <= sdft["val/gen_len_mean"] <= sdft["val/gen_len_max"] <= 4
+    assert sdft["val/eos_fraction"] * 3 == pytest.approx(round(sdft["val/eos_fraction"] * 3))  # of 3 completions
+
+
+def test_fewer_validation_examples_than_processes_is_a_clear_error(tmp_path):
+    val = tmp_path / "val.jsonl"
+    write_task_files("arithmetic", 3, seed=4, out=val)
+    data = SDFTDataModule(val_files=[str(val)], batch_size=2)
+    data.setup("validate")
+    data.trainer = SimpleNamespace(world_size=4, global_rank=0)
+    with pytest.raises(LLMKitError, match=r"data.val_files hold 3 examples, fewer than the 4 processes validating "
+                                          r"them: give at least 4"):
+        data.val_dataloader()
+
+
 @pytest.mark.slow
 def test_pretraining_under_ddp_equals_one_process_over_both_ranks_batches(base_ckpt, shards, tokenizer_path, tmp_path,
                                                                           capsys):

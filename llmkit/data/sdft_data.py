@@ -2,19 +2,41 @@
 
 Batches are lists of :class:`~llmkit.data.examples.Example`, raw text: the LightningModule
 tokenizes them, so a replay callback can swap examples in a batch first. The training loader
-is resumable like pretraining's (:class:`~llmkit.data.datamodule.ResumableLoader`). See
-docs/sdft_data.md.
+is resumable like pretraining's (:class:`~llmkit.data.datamodule.ResumableLoader`). Under DDP
+each validation example goes to one rank only (:class:`~llmkit.distributed.EvalSampler`), so
+the validation loss does not count any twice. See docs/sdft_data.md.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from llmkit.data.datamodule import ResumableLoader
 from llmkit.data.examples import Example, read_all_examples
+from llmkit.distributed import PAD_INDEX, EvalSampler
 from llmkit.errors import LLMKitError
+
+
+class EvalExamples(Dataset):
+    """Validation examples as :class:`~llmkit.distributed.EvalSampler` reads them: its padding
+    index (a shorter rank's last item) gives None, which :func:`real_examples` drops."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example | None:
+        return None if i == PAD_INDEX else self.examples[i]
+
+
+def real_examples(batch: list[Example | None]) -> list[Example]:
+    """The validation loader's collate: the batch without the sampler's padding (an empty list
+    for a batch of padding only, which the module skips)."""
+    return [example for example in batch if example is not None]
 
 
 class SDFTDataModule(L.LightningDataModule):
@@ -74,7 +96,12 @@ class SDFTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_examples is None:
             return []  # no val_files: Lightning skips validation
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        if ranks > len(self.val_examples):  # a rank of padding only would log none of a step's statistics
+            raise LLMKitError(f"data.val_files hold {len(self.val_examples)} examples, fewer than the {ranks} "
+                              f"processes validating them: give at least {ranks}")
         return DataLoader(
-            self.val_examples, batch_size=self.batch_size, shuffle=False, collate_fn=list,
+            EvalExamples(self.val_examples), batch_size=self.batch_size, collate_fn=real_examples,
+            sampler=EvalSampler(self.val_examples, ranks, self.trainer.global_rank) if ranks > 1 else None,
             num_workers=self.num_workers,
         )

@@ -237,6 +237,8 @@ class FineTuneModule(LLMKitModule):
         self.val_loss.reset()
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
+        if not batch:  # a rank's last batch, of EvalSampler's padding only (llmkit/data/sdft_data.py)
+            return
         total, count = self.loss_sum(batch, "val", batch_idx)
         self.val_loss.update(total / max(count, 1), weight=max(count, 1))
 

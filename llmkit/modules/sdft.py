@@ -27,11 +27,11 @@ teacher included, so the teacher, like the student, is the same on every rank af
 from __future__ import annotations
 
 import copy
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from llmkit.data.examples import TEACHER_TEMPLATE, Example, check_template, teacher_prompt
 from llmkit.distributed import RankSeeds
@@ -116,6 +116,12 @@ class SDFTModule(FineTuneModule):
         self.sdft = sdft
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()  # fit calls no train() first
         self.seeds = RankSeeds()  # the training samples' seeds, checkpointed
+        # validation's completion statistics over every rank's completions: torchmetrics sums values and
+        # counts over the ranks (Lightning's sync_dist averages per-rank means, wrong for uneven shares)
+        self.val_completions = torch.nn.ModuleDict({
+            "gen_len_mean": MeanMetric(), "gen_len_min": MinMetric(), "gen_len_max": MaxMetric(),
+            "eos_fraction": MeanMetric(),
+        })
 
     def train(self, mode: bool = True) -> SDFTModule:
         """Lightning's switch between training and evaluation; the teacher stays in eval mode (an
@@ -127,6 +133,15 @@ class SDFTModule(FineTuneModule):
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         super().training_step(batch, batch_idx)
         self.seeds.batch_completed()  # an interrupt inside the batch saves the seeds from before it
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        for metric in self.val_completions.values():
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{name}": metric.compute() for name, metric in self.val_completions.items()})
+        super().on_validation_epoch_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -174,11 +189,15 @@ class SDFTModule(FineTuneModule):
         return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
     def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
-        lengths = [len(c) for c in completions]
-        eos = sum(c[-1] in self.tokenizer.stop_ids for c in completions) / len(completions)
-        sync = stage == "val"  # validation's epoch values: over every rank
-        self.log_dict({f"{stage}/gen_len_mean": statistics.fmean(lengths), f"{stage}/eos_fraction": eos},
-                      batch_size=batch_size, sync_dist=sync)
-        # an epoch's min and max are over its batches' (a mean of per-batch extremes would be neither)
-        self.log(f"{stage}/gen_len_min", float(min(lengths)), batch_size=batch_size, sync_dist=sync, reduce_fx="min")
-        self.log(f"{stage}/gen_len_max", float(max(lengths)), batch_size=batch_size, sync_dist=sync, reduce_fx="max")
+        """The completions' lengths and how many end on a stop id: per training step, or into the
+        validation epoch's statistics (``val_completions``, logged at its end)."""
+        lengths = [float(len(c)) for c in completions]
+        ended = [float(c[-1] in self.tokenizer.stop_ids) for c in completions]
+        if stage == "val":
+            lengths_t, ended_t = (torch.tensor(v, device=self.device) for v in (lengths, ended))
+            for name, values in (("gen_len_mean", lengths_t), ("gen_len_min", lengths_t), ("gen_len_max", lengths_t),
+                                 ("eos_fraction", ended_t)):
+                self.val_completions[name].update(values)
+            return
+        self.log_dict({"train/gen_len_mean": sum(lengths) / len(lengths), "train/eos_fraction": sum(ended) / len(ended),
+                       "train/gen_len_min": min(lengths), "train/gen_len_max": max(lengths)}, batch_size=batch_size)
