@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from llmkit.cli import main
-from llmkit.data import packing
+from llmkit.data import corpus, packing
 from llmkit.data.corpus import DOC_SEPARATOR, write_corpus
 from llmkit.data.packing import (
     PACK_FORMAT,
@@ -696,10 +696,35 @@ def test_write_corpus_from_user_text_folders_jsonl_and_parquet(tmp_path: Path) -
                 *(f"row {i}\n" for i in range(5))]
     assert sorted(train + val) == sorted(expected)  # every document once, each closed by the separator
     assert summary["n_files"] == 6 and summary["n_skipped"] == 4  # blank, latin1, the null line and row
+    assert summary["skipped_by_reason"] == {"blank": 1, "unreadable or not UTF-8": 1, "null text": 2}
+    assert summary["skipped"] == [  # in the order read; keys as the split hashes them
+        {"document": "notes/blank.txt", "reason": "blank"},
+        {"document": "notes/latin1.txt", "reason": "unreadable or not UTF-8"},
+        {"document": f"{lines.as_posix()}:7", "reason": "null text"},
+        {"document": f"{table.as_posix()}#5", "reason": "null text"},
+    ]
     assert 0 < len(val) < len(expected) and summary["source"] == [str(notes), str(lines), str(table)]
     again = write_corpus([str(notes), str(lines), str(table)], tmp_path / "again", val_fraction=0.3,
                          text_column="body", progress=False)
     assert _corpus_documents(tmp_path / "again", again["val_files"]) == val  # the split is deterministic
+
+
+def test_cli_corpus_names_what_it_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(3):
+        (notes / f"{i}.txt").write_text(f"note {i}\n", encoding="utf-8")
+    (notes / "blank.txt").write_text("  \n", encoding="utf-8")
+    (notes / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (notes / "sep.txt").write_text(f"a\n{DOC_SEPARATOR}\nb\n", encoding="utf-8")
+    out = tmp_path / "out"
+    monkeypatch.setattr(corpus, "SKIPPED_NAMED", 2)
+    assert main(["data", "corpus", "--source", str(notes), "--out", str(out)]) == 0
+    assert (f"from 6 files; 3 documents skipped (1 blank, 1 holds a {DOC_SEPARATOR} line, 1 unreadable or not UTF-8: "
+            f"notes/blank.txt, notes/latin1.txt, ...; see {out / 'corpus.json'})\n") in capsys.readouterr().out
+    summary = json.loads((out / "corpus.json").read_text())
+    assert summary["n_skipped"] == 3 and len(summary["skipped"]) == 2  # all counted, the first SKIPPED_NAMED named
 
 
 def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmkit.data import packing
-from llmkit.data.corpus import write_corpus
+from llmkit.data.corpus import SUMMARY_NAME, write_corpus
 from llmkit.data.tasks import Task, write_task_files
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
@@ -50,10 +50,21 @@ def corpus(
         f"wrote {out}: {summary['n_train_documents']:,} train documents "
         f"({summary['bytes_train']:,} bytes, {len(summary['train_files'])} shards) and "
         f"{summary['n_val_documents']:,} val documents ({summary['bytes_val']:,} bytes, "
-        f"{len(summary['val_files'])} shards) from {summary['n_files']:,} files; {summary['n_skipped']} "
-        "documents skipped (unreadable, not UTF-8, blank, or holding a separator line)"
+        f"{len(summary['val_files'])} shards) from {summary['n_files']:,} files; {summary['n_skipped']:,} "
+        f"documents skipped{skipped_summary(summary, out)}"
     )
     return 0
+
+
+def skipped_summary(summary: dict, out: Path) -> str:
+    """`` (2 blank, 1 unreadable or not UTF-8: a.txt, ...; see corpus.json)`` for the skipped
+    documents of a corpus summary, naming the first two; empty when none were."""
+    if not summary["n_skipped"]:
+        return ""
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(summary["skipped_by_reason"].items()))
+    first = ", ".join(entry["document"] for entry in summary["skipped"][:2])
+    more = ", ..." if summary["n_skipped"] > 2 else ""
+    return f" ({reasons}: {first}{more}; see {out / SUMMARY_NAME})"
 
 
 def tokenizer(input: list[str], model_prefix: str, config: TokenizerTrainConfig, verbose: bool = False) -> int:

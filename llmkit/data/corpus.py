@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ DOC_SEPARATOR = "<|endoftext|>"
 
 SUMMARY_NAME = "corpus.json"
 """The summary :func:`write_corpus` writes next to the shards."""
+
+SKIPPED_NAMED = 100
+"""How many skipped documents ``corpus.json`` names (with why); all are counted."""
 
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.txt$")
 _SEPARATOR_LINE = (DOC_SEPARATOR + "\n").encode("utf-8")
@@ -108,8 +112,8 @@ def write_corpus(
     and Parquet rows). Files are read in their fixed order, the first ``max_files`` if given,
     one document at a time. A document goes to val when the hash of its key falls below
     ``val_fraction``, so the split is the same on every run; if that leaves val empty, the last
-    document goes there. Documents that are unreadable, not UTF-8, blank or that contain a
-    separator line are skipped and counted.
+    document goes there. Documents that are unreadable, not UTF-8, null, blank or that contain a
+    separator line are skipped, counted by reason, and the first :data:`SKIPPED_NAMED` named.
 
     The shards are written into a temp directory beside ``out_dir`` (``.NAME.PID.tmp``) and moved
     into it once all of them are whole: the shards and summary of an earlier run there are replaced
@@ -117,7 +121,8 @@ def write_corpus(
     it was; the next run removes a killed run's temp directory. So a part of a corpus never passes
     for the whole, and an earlier corpus is never left partly replaced.
     Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were read,
-    ``n_skipped`` documents skipped, the rest written as ``n_train_documents`` and
+    ``n_skipped`` documents skipped (``skipped_by_reason``: their counts by reason;
+    ``skipped``: the first ones, each ``{"document": KEY, "reason": ...}``), the rest written as ``n_train_documents`` and
     ``n_val_documents``; shard names in ``train_files`` / ``val_files`` are relative to
     ``out_dir``.
     """
@@ -132,8 +137,8 @@ def write_corpus(
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
     staging = temp_directory(out_dir.resolve())  # resolved: --out . has no name to put the temp name beside
     try:
-        train, val, n_skipped = _write_shards(files, names, staging, val_fraction, shard_bytes, text_field,
-                                              text_column, progress)
+        train, val, skipped = _write_shards(files, names, staging, val_fraction, shard_bytes, text_field,
+                                            text_column, progress)
         n_documents = train.n_documents + val.n_documents
         if n_documents < 2:
             raise LLMKitError(
@@ -144,7 +149,9 @@ def write_corpus(
         summary = {
             "source": source,
             "n_files": len(files),
-            "n_skipped": n_skipped,
+            "n_skipped": skipped.total(),
+            "skipped_by_reason": dict(skipped),
+            "skipped": skipped.named,
             "n_train_documents": train.n_documents,
             "n_val_documents": val.n_documents,
             "train_files": train.files,
@@ -158,23 +165,37 @@ def write_corpus(
     return summary
 
 
+class Skipped(Counter):
+    """The documents a corpus run skipped: counts by reason, and the first :data:`SKIPPED_NAMED`
+    as ``{"document": KEY, "reason": ...}`` (``named``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.named: list[dict[str, str]] = []
+
+    def add(self, key: str, reason: str) -> None:
+        self[reason] += 1
+        if len(self.named) < SKIPPED_NAMED:
+            self.named.append({"document": key, "reason": reason})
+
+
 def _write_shards(
     files: list[SourceFile], names: list[str], out_dir: Path, val_fraction: float, shard_bytes: int, text_field: str,
     text_column: str, progress: bool,
-) -> tuple[_ShardWriter, _ShardWriter, int]:
+) -> tuple[_ShardWriter, _ShardWriter, Skipped]:
     """Write the usable documents of ``files`` as train and val shards into ``out_dir``; the two
-    writers (their shard names and counts) and the number of documents skipped."""
+    writers (their shard names and counts) and the documents skipped."""
     train = _ShardWriter(out_dir, "train", shard_bytes)
     val = _ShardWriter(out_dir, "val", shard_bytes)
     pending_train: str | None = None  # held back so it can go to val if val stays empty
-    n_skipped = 0
+    skipped = Skipped()
     label = names[0] if len(names) == 1 else f"{len(names)} sources"
     try:
         with tqdm(files, desc=f"corpus {label}", unit="file", disable=not progress) as bar:
             for file in bar:
                 for key, text in read_documents(file, text_field, text_column):
-                    if not _usable(text):
-                        n_skipped += 1
+                    if (reason := _skip_reason(text, file)) is not None:
+                        skipped.add(key, reason)
                     elif _goes_to_val(key, val_fraction):
                         val.add(text)
                     else:
@@ -189,7 +210,7 @@ def _write_shards(
     finally:
         train.abort()
         val.abort()
-    return train, val, n_skipped
+    return train, val, skipped
 
 
 def _install(staging: Path, out_dir: Path, summary: dict) -> None:
@@ -206,9 +227,16 @@ def _install(staging: Path, out_dir: Path, summary: dict) -> None:
     write_json_atomic(out_dir / SUMMARY_NAME, summary)
 
 
-def _usable(text: str | None) -> bool:
-    """A document the format can hold: readable, not blank, without a separator line."""
-    return text is not None and bool(text.strip()) and not any(is_separator(line) for line in text.split("\n"))
+def _skip_reason(text: str | None, file: SourceFile) -> str | None:
+    """Why the format cannot hold a document (:func:`~llmkit.data.sources.read_documents` gives
+    None for an unreadable or non-UTF-8 file and a null record), or None if it can."""
+    if text is None:
+        return "null text" if file.path.suffix in (".jsonl", ".parquet") else "unreadable or not UTF-8"
+    if not text.strip():
+        return "blank"
+    if any(is_separator(line) for line in text.split("\n")):
+        return f"holds a {DOC_SEPARATOR} line"
+    return None
 
 
 def _goes_to_val(key: str, val_fraction: float) -> bool:
