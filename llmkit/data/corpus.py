@@ -122,9 +122,9 @@ def write_corpus(
     for the whole, and an earlier corpus is never left partly replaced.
     Returns the summary, also written to ``out_dir/corpus.json``: ``n_files`` files were read,
     ``n_skipped`` documents skipped (``skipped_by_reason``: their counts by reason;
-    ``skipped``: the first ones, each ``{"document": KEY, "reason": ...}``), the rest written as ``n_train_documents`` and
-    ``n_val_documents``; shard names in ``train_files`` / ``val_files`` are relative to
-    ``out_dir``.
+    ``skipped``: the first ones, each ``{"document": KEY, "reason": ...}``), the rest written as
+    ``n_train_documents`` and ``n_val_documents``; shard names in ``train_files`` / ``val_files``
+    are relative to ``out_dir``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise LLMKitError(f"val_fraction must be in [0, 1), got {val_fraction}")
