@@ -93,7 +93,7 @@ def doubly_stochastic_error(h_res: torch.Tensor) -> tuple[float, float]:
 
 def largest_residual_logit(mapping: nn.Module, x: torch.Tensor) -> float:
     """max |H~_res| (Eq. 7's alpha_res * (x' phi_res) + b_res) of an fp64 mapping over x [M, n, C]."""
-    proj, sumsq = mhc_ops.project(x.flatten(1), mapping.phi.weight, False)
+    proj, sumsq = (partials[0] for partials in mhc_ops.project(x.flatten(1), mapping.phi.weight, False))
     alpha, bias = mhc_ops.packed(*mapping.alpha_and_bias())
     logits, _, _ = mhc_ops.mapping_logits(proj, sumsq, alpha, bias, mapping.n, x[0].numel(), mapping.norm_eps)
     return logits[:, 2 * mapping.n:].abs().max().item()

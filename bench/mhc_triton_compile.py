@@ -89,8 +89,9 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
         proj, sumsq = torch.empty(tokens, p), torch.empty(tokens)
         h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
         coefficient_args = (n, n * d_model, *coefficient_settings())
-        mhc_triton.apply_project(x, y, h_post, h_res, phi)  # the previous sublayer's write-back, the projection
-        mhc_triton.coefficients_forward(proj, sumsq, alpha, bias, *coefficient_args)
+        # the previous sublayer's write-back, the projection (K-split partials at decode shapes), the coefficients
+        _, proj_parts, sumsq_parts = mhc_triton.apply_project(x, y, h_post, h_res, phi)
+        mhc_triton.coefficients_forward(proj_parts, sumsq_parts, alpha, bias, *coefficient_args)
         mhc_triton.pre_forward(x, h_pre)
         # backward: dL/dX' and dL/du come in the stream's dtype, as in training
         mhc_triton.pre_backward(y, x)

@@ -201,8 +201,9 @@ def output_weights(m: int, n: int, seed: int = 1) -> list[torch.Tensor]:
 def test_project_forward_and_backward(mt, blocks, dtype):
     m, n, c = 40, 4, 40  # K = 160: a K tail at BLOCK_K 128 (and 32); rows tails at BLOCK_M 64 (and 16)
     x, phi, _, _ = mapping_inputs(m, n, c, dtype)
-    proj, sumsq = mt.project_forward(x, phi)
-    assert proj.dtype == sumsq.dtype == torch.float32
+    proj, sumsq = mt.project_forward(x, phi)  # K-split partials: a split per 32 columns with the small blocks
+    assert proj.dtype == sumsq.dtype == torch.float32 and proj.shape[1:] == (m, 2 * n + n * n)
+    proj, sumsq = proj.sum(0), sumsq.sum(0)
 
     # The dot runs in x's precision: the oracle takes phi rounded to x's dtype, exactly as the kernel.
     x64, phi64 = leaves(x, phi.to(dtype))
@@ -243,16 +244,17 @@ def launches(mt, monkeypatch, names: tuple[str, ...]) -> list[tuple[str, tuple]]
 def test_project_forward_splits_k_when_there_are_few_tokens(mt, monkeypatch, programs, splits):
     """Decode (M = batch): one block of tokens would leave a single program looping over all of K,
     so K is split into up to PROJECT_FWD_PROGRAMS / (token blocks) parts (here K = 160, five tiles
-    of 32: splits of 5, 3 and 2 tiles, or 2, 2 and 1) whose fp32 partials torch sums; every split
-    gives the oracle's values."""
+    of 32: splits of 5, 3 and 2 tiles, or 2, 2 and 1), each its own fp32 partial; they sum to
+    the oracle's values."""
     launched = launches(mt, monkeypatch, ("_project_fwd_kernel",))
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)
     x, phi, _, _ = mapping_inputs(3, 4, 40, torch.float32)  # three tokens: one block of 64
     proj, sumsq = mt.project_forward(x, phi)
     assert launched == [("_project_fwd_kernel", (1, splits))]
+    assert proj.shape == (splits, 3, 24) and sumsq.shape == (splits, 3)
     x64, phi64 = x.double(), phi.double()
-    close(proj, x64 @ phi64.T, 1e-5)
-    close(sumsq, x64.square().sum(-1), 1e-5)
+    close(proj.sum(0), x64 @ phi64.T, 1e-5)
+    close(sumsq.sum(0), x64.square().sum(-1), 1e-5)
 
 
 def test_project_rejects_fp64(mt):
@@ -275,13 +277,40 @@ def test_coefficients_forward(mt, n):
     m, c = 9, 8
     x, phi, alpha, bias = mapping_inputs(m, n, c, torch.float32, peaked=True)
     proj, sumsq = projected(x, phi)
-    h_pre, h_post, h_res = mt.coefficients_forward(proj, sumsq, *op_params(alpha, bias), n, n * c, ITERS, CLAMP, EPS,
-                                                   NORM_EPS)
+    h_pre, h_post, h_res, proj_out, sumsq_out = mt.coefficients_forward(
+        proj[None], sumsq[None], *op_params(alpha, bias), n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
     expected = coefficients_oracle(*leaves(proj, sumsq, alpha, bias), n, n * c)
     for actual, ref in zip((h_pre, h_post, h_res), expected, strict=True):
         assert actual.dtype == torch.float32 and actual.shape == ref.shape
         close(actual, ref, 1e-5)
     close(h_res.sum(-1), torch.ones(m, n), 1e-5)  # rows of a Sinkhorn iterate sum to 1
+    assert torch.equal(proj_out, proj) and torch.equal(sumsq_out, sumsq)  # one partial: itself
+
+
+@pytest.mark.parametrize(("splits", "max_block_s"), [(5, 128), (5, 2), (96, 128)])
+def test_coefficients_forward_sums_the_projections_partials(mt, monkeypatch, splits, max_block_s):
+    """Decode's projection comes in K-split partials: the coefficient kernel sums them as it reads
+    them (max_block_s at a time, the last load masked), with fewer tokens per program, and writes
+    the sums for the backward; no torch sum is launched."""
+    monkeypatch.setattr(mt, "COEFF_MAX_BLOCK_S", max_block_s)
+    launched = launches(mt, monkeypatch, ("_coeff_fwd_kernel",))
+    m, n, c = 11, 4, 8
+    x, phi, alpha, bias = mapping_inputs(m, n, c, torch.float32, peaked=True)
+    proj, sumsq = projected(x, phi)
+    g = torch.Generator().manual_seed(5)
+    proj_parts = torch.randn(splits, m, proj.shape[1], generator=g)
+    proj_parts[-1] += proj - proj_parts.sum(0)  # partials that sum to the projection (within fp32 rounding)
+    sumsq_parts = torch.rand(splits, m, generator=g)
+    sumsq_parts[-1] += sumsq - sumsq_parts.sum(0)
+    h_pre, h_post, h_res, proj_sum, sumsq_sum = mt.coefficients_forward(
+        proj_parts, sumsq_parts, *op_params(alpha, bias), n, n * c, ITERS, CLAMP, EPS, NORM_EPS)
+    close(proj_sum, proj_parts.double().sum(0), 1e-6, 1e-5)
+    close(sumsq_sum, sumsq_parts.double().sum(0), 1e-6, 1e-5)
+    expected = coefficients_oracle(*leaves(proj_sum, sumsq_sum, alpha, bias), n, n * c)
+    for actual, ref in zip((h_pre, h_post, h_res), expected, strict=True):
+        close(actual, ref, 1e-5)
+    block_t = max(1, min(16, mt.COEFF_SPLIT_ELEMENTS // ((1 << (splits - 1).bit_length()) * 16)))
+    assert launched == [("_coeff_fwd_kernel", (-(-m // block_t),))]
 
 
 @pytest.mark.parametrize(("n", "peaked"), [(1, False), (3, False), (3, True), (4, True)])
@@ -320,8 +349,8 @@ def test_mapping_end_to_end(mt, n, dtype):
     m, c = 10, 12
     x, phi, alpha, bias = mapping_inputs(m, n, c, dtype, peaked=True, seed=n)
     width = n * c
-    proj, sumsq = mt.project_forward(x, phi)
-    outputs = mt.coefficients_forward(proj, sumsq, *op_params(alpha, bias), n, width, ITERS, CLAMP, EPS, NORM_EPS)
+    *outputs, proj, sumsq = mt.coefficients_forward(*mt.project_forward(x, phi), *op_params(alpha, bias), n, width,
+                                                    ITERS, CLAMP, EPS, NORM_EPS)
     weights = output_weights(m, n)
     grad_proj, grad_sumsq, grad_alpha_bias = mt.coefficients_backward(
         *weights, proj, sumsq, *op_params(alpha, bias), n, width, ITERS, CLAMP, EPS, NORM_EPS
@@ -446,10 +475,10 @@ def test_apply_project_forward_is_apply_then_project_in_one_kernel(mt, monkeypat
     phi = torch.randn(2 * n + n * n, n * c, generator=torch.Generator().manual_seed(4)) / (n * c) ** 0.5
     out, proj, sumsq = mt.apply_project_forward(x, y, h_post, h_res, phi)
     assert torch.equal(out, mt.apply_forward(x, y, h_post, h_res))
-    assert proj.dtype == sumsq.dtype == torch.float32
+    assert proj.dtype == sumsq.dtype == torch.float32 and proj.shape[0] == sumsq.shape[0] == 1  # one partial
     stored, phi64 = out.double().view(m, n * c), phi.to(x_dtype).double()
-    close(proj, stored @ phi64.T, 1e-5)
-    close(sumsq, stored.square().sum(-1), 1e-5)
+    close(proj[0], stored @ phi64.T, 1e-5)
+    close(sumsq[0], stored.square().sum(-1), 1e-5)
 
 
 @pytest.mark.parametrize(("fused", "tokens", "kernels"), [
@@ -468,8 +497,8 @@ def test_apply_project_fuses_only_where_switched_on_and_the_projection_would_not
     out, proj, sumsq = mt.apply_project(x, y, h_post, h_res, phi)
     assert [name for name, _ in launched] == kernels
     stored = out.double().view(tokens, 32)
-    close(proj, stored @ phi.double().T, 1e-5)
-    close(sumsq, stored.square().sum(-1), 1e-5)
+    close(proj.sum(0), stored @ phi.double().T, 1e-5)  # partials: one, or a split of K at 16 tokens
+    close(sumsq.sum(0), stored.square().sum(-1), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -545,19 +574,44 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
     torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused):
+def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
+    """mhc_enter's proj_update (a LoRA adapter's term on phi) joins the first of the projection's
+    K-split partials (6 tokens, nC = 128: four partials), so the coefficients see x phi^T + update
+    once: the ops' values on the kernels equal their PyTorch code's."""
+    from llmkit.model import mhc_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = launches(mt, monkeypatch, ("_project_fwd_kernel", "_coeff_fwd_kernel"))
+    torch.manual_seed(0)
+    m, n, c = 6, 4, 32
+    p = 2 * n + n * n
+    x, phi, update = torch.randn(m, n, c), torch.randn(p, n * c) / (n * c) ** 0.5, torch.randn(m, p)
+    alpha, bias = torch.tensor([0.7, -0.4, 1.3]), torch.randn(p)
+    weights = (phi, *op_params(alpha, bias), ITERS, CLAMP, EPS, NORM_EPS)
+    kernels = mhc_ops.mhc_enter(x, update, *weights, True, mhc_ops.SOURCE_HASH)
+    assert launched == [("_project_fwd_kernel", (1, 4)), ("_coeff_fwd_kernel", (1,))]  # and no torch sum
+    close(kernels[4], x.double().view(m, -1) @ phi.double().T + update.double(), 1e-5)  # proj: x phi^T + update
+    reference = mhc_ops.mhc_enter(x, update, *weights, False, mhc_ops.SOURCE_HASH)
+    for name, got, want in zip(("u", "H_pre", "H_post", "H_res", "proj", "sumsq"), kernels, reference, strict=True):
+        assert got.shape == want.shape, name
+        close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize(("fused", "programs"), [(False, 1), (True, 1), (False, 256)])
+def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused, programs):
     """A 2-layer n = 4 model's loss and every gradient, with the ops' Triton kernels (interpreted)
     against the same ops' PyTorch code (mhc.implementation: torch), fp32; ``fused``: each write-back
     and the next projection in one kernel (APPLY_PROJECT_FUSED), and in backward the projection's
-    dL/dX used at once by the write-back's backward (PROJECT_APPLY_FUSED)."""
+    dL/dX used at once by the write-back's backward (PROJECT_APPLY_FUSED). With 256 projection
+    programs, as on a GPU, the 16 tokens' projection comes in four K-split partials (decode's
+    shape), which the coefficient kernel sums."""
     from llmkit.model.config import MHCConfig, ModelConfig
     from llmkit.model.transformer import Transformer
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(mt, "APPLY_PROJECT_FUSED", fused)
     monkeypatch.setattr(mt, "PROJECT_APPLY_FUSED", fused)
-    monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", 1)  # 16 tokens fill the "GPU": the fused kernel runs
+    monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)  # 1: 16 tokens fill the "GPU", the fused kernel runs
     monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_M", 16)
     launched = []
     for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward",

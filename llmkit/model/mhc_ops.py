@@ -95,12 +95,14 @@ def no_autocast(t: Tensor) -> torch.autocast:
 # --- the steps, each one Triton kernel or its PyTorch code ------------------------------------
 
 def project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """(x phi^T [M, P], sum_k x_k^2 [M]) for x [M, nC], phi [P, nC], accumulated in fp32."""
+    """(x phi^T, sum_k x_k^2) for x [M, nC], phi [P, nC], accumulated in fp32, as S partial sums
+    over nC, [S, M, P] and [S, M] (the Triton kernel splits nC at decode shapes; the PyTorch code
+    gives one): :func:`coefficients` sums them."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
         return kernels.project_forward(x, phi)
     with no_autocast(x):
         xf = x.to(accumulate_dtype(x))
-        return xf @ phi.to(xf.dtype).T, xf.square().sum(-1)
+        return (xf @ phi.to(xf.dtype).T)[None], xf.square().sum(-1)[None]
 
 
 def mapping_logits(
@@ -132,16 +134,19 @@ def alpha_per_column(alpha: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 def coefficients(
     proj: Tensor, sumsq: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], n: int, width: int, iters: int,
     clamp: float, eps: float, norm_eps: float, use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(H_pre [M, n], H_post [M, n], H_res [M, n, n]) in fp32: H_pre = sigmoid(H~_pre),
-    H_post = 2 sigmoid(H~_post), H_res = Sinkhorn(H~_res) (Eq. 8-9) from :func:`mapping_logits`;
-    alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre, b_post, b_res)."""
+    H_post = 2 sigmoid(H~_post), H_res = Sinkhorn(H~_res) (Eq. 8-9) from :func:`mapping_logits`,
+    then the projection (proj [M, P], sumsq [M]) they came from: :func:`project`'s S partials
+    [S, M, P] and [S, M], summed; alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre,
+    b_post, b_res)."""
     if (kernels := triton_kernels(proj, use_triton)) is not None:
         return kernels.coefficients_forward(proj, sumsq, alpha, bias, n, width, iters, clamp, eps, norm_eps)
+    proj, sumsq = (proj[0], sumsq[0]) if len(proj) == 1 else (proj.sum(0), sumsq.sum(0))
     with no_autocast(proj):
         logits, _, _ = mapping_logits(proj, sumsq, *packed(alpha, bias), n, width, norm_eps)
         h_res = sinkhorn_knopp(logits[:, 2 * n:].reshape(-1, n, n), iters, clamp, eps)
-        return torch.sigmoid(logits[:, :n]), 2 * torch.sigmoid(logits[:, n:2 * n]), h_res
+        return torch.sigmoid(logits[:, :n]), 2 * torch.sigmoid(logits[:, n:2 * n]), h_res, proj, sumsq
 
 
 def coefficients_backward(
@@ -194,7 +199,7 @@ def apply(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, use_triton: bool)
 def apply_project(
     x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, use_triton: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(X', proj, sumsq): :func:`apply`'s X' [M, n, C], then :func:`project` of it, the write-back
+    """(X', proj, sumsq): :func:`apply`'s X' [M, n, C], then :func:`project` of it (partials), the write-back
     of one sublayer and the projection of the next (on CUDA, one kernel where it pays:
     ``mhc_triton.apply_project``)."""
     if (kernels := triton_kernels(x, use_triton)) is not None:
@@ -212,7 +217,7 @@ def enter(
     m, n, c = x.shape
     proj, sumsq = project(x.reshape(m, n * c), phi, use_triton)
     if proj_update is not None:
-        proj = proj + proj_update.to(proj.dtype)
+        proj[0] += proj_update.to(proj.dtype)  # into the first partial: the op's own buffer
     return entered(x, proj, sumsq, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
 
 
@@ -220,9 +225,11 @@ def entered(
     x: Tensor, proj: Tensor, sumsq: Tensor, alpha: Sequence[Tensor], bias: Sequence[Tensor], iters: int, clamp: float,
     eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`enter`'s results from the stream X [M, n, C] and its projection (proj, sumsq)."""
+    """:func:`enter`'s results from the stream X [M, n, C] and its projection's partials (proj
+    [S, M, P], sumsq [S, M]: :func:`project`)."""
     m, n, c = x.shape
-    h_pre, h_post, h_res = coefficients(proj, sumsq, alpha, bias, n, n * c, iters, clamp, eps, norm_eps, use_triton)
+    h_pre, h_post, h_res, proj, sumsq = coefficients(proj, sumsq, alpha, bias, n, n * c, iters, clamp, eps, norm_eps,
+                                                     use_triton)
     return pre(x, h_pre, use_triton), h_pre, h_post, h_res, proj, sumsq
 
 

@@ -21,7 +21,8 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
 route it to PyTorch). Every kernel is deterministic: cross-program sums go through fp32
-partials reduced with torch, never atomics.
+partials, reduced with torch or by the kernel that reads them (the projection's K splits, summed
+by the coefficients forward), never atomics.
 
 Dots: on a GPU the forward projection keeps bf16/fp16 operands (tensor cores, fp32
 accumulation); with an fp32 stream its operands follow ``torch.get_float32_matmul_precision()``
@@ -69,6 +70,8 @@ PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks t
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
 # on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
+COEFF_SPLIT_ELEMENTS = 2048  # with S projection partials, tokens per forward program <= this / (S n^2), padded
+COEFF_MAX_BLOCK_S = 128  # partials the coefficient forward reads per load (all 96 of decode's at C = 768)
 STREAM_BLOCK_M = 1  # tokens per program in the pre/apply kernels (their tiles: [stream, token, channel])
 STREAM_BLOCK_C = 1024  # channels per program (or per loop step) there: at C = 768, one token per program, the
 # apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
@@ -186,13 +189,14 @@ def _project_fwd_kernel(
 
 
 def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] (bf16, fp16 or fp32), phi [P, K]. Returns proj = x phi^T [M, P] and sumsq = sum x^2 [M],
-    both fp32, from one read of x.
+    """x [M, K] (bf16, fp16 or fp32), phi [P, K]. Returns proj = x phi^T and sumsq = sum x^2 as S
+    partial sums over K, [S, M, P] and [S, M], fp32, from one read of x.
 
     phi is rounded to x's dtype for the dot (as autocast would), accumulated in fp32. With few
     tokens (decode: M = batch) the token blocks alone would leave the GPU idle, one program
-    looping over all of K, so K is split until there are about PROJECT_FWD_PROGRAMS programs;
-    the splits' fp32 partials are summed with torch (deterministic).
+    looping over all of K, so K is split until there are about PROJECT_FWD_PROGRAMS programs
+    (S = 1 at training shapes). :func:`coefficients_forward` sums the partials as it reads them
+    (deterministic), so they cost no launch of their own.
     """
     _check_stream_dtype(x, "x")
     _check_stream_dtype(phi, "phi")
@@ -221,9 +225,7 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         num_warps=8,
         num_stages=3,
     )
-    if splits == 1:
-        return proj[0], sumsq[0]
-    return proj.sum(dim=0), sumsq.sum(dim=0)
+    return proj, sumsq
 
 
 @triton.jit
@@ -418,6 +420,58 @@ def _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre
 
 
 @triton.jit
+def _load_projection(proj_ptr, sumsq_ptr, toks, tok_ok, j, vec_ok, mat_ok, N: tl.constexpr, P: tl.constexpr):
+    """x phi^T and sum x^2 of a block of tokens from proj [M, P] and sumsq [M] (lanes and masks from
+    :func:`_token_lanes`): (pre, post [T, NP], res [T, NP, NP], sumsq [T]), zeros on padded lanes."""
+    row = proj_ptr + toks[:, None] * P
+    res_offsets = 2 * N + j[:, None] * N + j[None, :]  # [NP (i), NP (j)]
+    return (tl.load(row + j[None, :], mask=vec_ok, other=0.0), tl.load(row + N + j[None, :], mask=vec_ok, other=0.0),
+            tl.load(row[:, :, None] + res_offsets[None, :, :], mask=mat_ok, other=0.0),
+            tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0))
+
+
+@triton.jit
+def _load_projection_sums(proj_ptr, sumsq_ptr, splits, M, toks, tok_ok, j, vec_ok, mat_ok, N: tl.constexpr,
+                          P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """:func:`_load_projection`'s tiles summed over the ``splits`` K-split partials of
+    :func:`project_forward` (proj [splits, M, P], sumsq [splits, M]), BLOCK_S partials per load."""
+    if BLOCK_S == 1:
+        return _load_projection(proj_ptr, sumsq_ptr, toks, tok_ok, j, vec_ok, mat_ok, N, P)
+    s = tl.arange(0, BLOCK_S)
+    row = toks[None, :, None] * P  # [1, T, 1]
+    res_offsets = 2 * N + j[:, None] * N + j[None, :]
+    pre = tl.zeros(vec_ok.shape, dtype=tl.float32)
+    post = tl.zeros(vec_ok.shape, dtype=tl.float32)
+    res = tl.zeros(mat_ok.shape, dtype=tl.float32)
+    sumsq = tl.zeros(tok_ok.shape, dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s_ok = s0 + s < splits
+        split_rows = proj_ptr + (s0 + s).to(tl.int64)[:, None, None] * M * P + row  # [S, T, 1]
+        vec = s_ok[:, None, None] & vec_ok[None, :, :]
+        pre += tl.sum(tl.load(split_rows + j[None, None, :], mask=vec, other=0.0), axis=0)
+        post += tl.sum(tl.load(split_rows + N + j[None, None, :], mask=vec, other=0.0), axis=0)
+        res += tl.sum(tl.load(split_rows[:, :, :, None] + res_offsets[None, None, :, :],
+                              mask=s_ok[:, None, None, None] & mat_ok[None, :, :, :], other=0.0), axis=0)
+        sumsq += tl.sum(tl.load(sumsq_ptr + (s0 + s).to(tl.int64)[:, None] * M + toks[None, :],
+                                mask=s_ok[:, None] & tok_ok[None, :], other=0.0), axis=0)
+    return pre, post, res, sumsq
+
+
+@triton.jit
+def _logits(proj_pre, proj_post, proj_res, sumsq, alpha_pre, alpha_post, alpha_res, bias_pre, bias_post, bias_res,
+            vec_ok, mat_ok, width, norm_eps):
+    """Eq. 7 for a block of tokens: rms_inv [T] and the logits l = alpha * proj * rms_inv + bias
+    (pre, post [T, NP], res [T, NP, NP]; parameters from :func:`_load_mapping_parameters`), zeros
+    on padded lanes."""
+    rms_inv = tl.rsqrt(sumsq / width + norm_eps)
+    r2 = rms_inv[:, None]
+    l_pre = tl.where(vec_ok, alpha_pre * (proj_pre * r2) + bias_pre[None, :], 0.0)
+    l_post = tl.where(vec_ok, alpha_post * (proj_post * r2) + bias_post[None, :], 0.0)
+    l_res = tl.where(mat_ok, alpha_res * (proj_res * r2[:, :, None]) + bias_res[None, :, :], 0.0)
+    return rms_inv, l_pre, l_post, l_res
+
+
+@triton.jit
 def _load_logits(
     proj_ptr,
     sumsq_ptr,
@@ -438,21 +492,12 @@ def _load_logits(
     N: tl.constexpr,
     P: tl.constexpr,
 ):
-    """Eq. 7 for a block of tokens (lanes and masks from :func:`_token_lanes`, parameters from
-    :func:`_load_mapping_parameters`): returns rms_inv [T], the projections (pre, post [T, NP], res
-    [T, NP, NP]) and the logits l = alpha * proj * rms_inv + bias in the same shapes; padded lanes
-    (stream index >= N, token out of range) hold zeros."""
-    row = proj_ptr + toks[:, None] * P
-    proj_pre = tl.load(row + j[None, :], mask=vec_ok, other=0.0)
-    proj_post = tl.load(row + N + j[None, :], mask=vec_ok, other=0.0)
-    res_offsets = 2 * N + j[:, None] * N + j[None, :]  # [NP (i), NP (j)]
-    proj_res = tl.load(row[:, :, None] + res_offsets[None, :, :], mask=mat_ok, other=0.0)
-    sumsq = tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0)
-    rms_inv = tl.rsqrt(sumsq / width + norm_eps)
-    r2 = rms_inv[:, None]
-    l_pre = tl.where(vec_ok, alpha_pre * (proj_pre * r2) + bias_pre[None, :], 0.0)
-    l_post = tl.where(vec_ok, alpha_post * (proj_post * r2) + bias_post[None, :], 0.0)
-    l_res = tl.where(mat_ok, alpha_res * (proj_res * r2[:, :, None]) + bias_res[None, :, :], 0.0)
+    """Eq. 7 for a block of tokens from proj [M, P] and sumsq [M]: returns rms_inv [T], the
+    projections (pre, post [T, NP], res [T, NP, NP]) and the logits in the same shapes
+    (:func:`_load_projection`, :func:`_logits`)."""
+    proj_pre, proj_post, proj_res, sumsq = _load_projection(proj_ptr, sumsq_ptr, toks, tok_ok, j, vec_ok, mat_ok, N, P)
+    rms_inv, l_pre, l_post, l_res = _logits(proj_pre, proj_post, proj_res, sumsq, alpha_pre, alpha_post, alpha_res,
+                                            bias_pre, bias_post, bias_res, vec_ok, mat_ok, width, norm_eps)
     return rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res
 
 
@@ -499,6 +544,9 @@ def _coeff_fwd_kernel(
     pre_ptr,
     post_ptr,
     res_ptr,
+    proj_sum_ptr,
+    sumsq_sum_ptr,
+    splits,
     M,
     width,
     iters,
@@ -509,26 +557,40 @@ def _coeff_fwd_kernel(
     NP: tl.constexpr,
     P: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_T),): a block of tokens per program, each token's n x n in registers."""
+    """Grid (cdiv(M, BLOCK_T),): a block of tokens per program, each token's n x n in registers.
+    With BLOCK_S > 1 it sums the projection's ``splits`` partials and writes the sums (proj_sum
+    [M, P], sumsq_sum [M]) for the backward."""
     toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(tl.program_id(0), M, N, NP, BLOCK_T)
-    parameters = _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr,
-                                          b_res_ptr, j, j_ok, N)
-    _r, _pp, _pq, _pr, l_pre, l_post, l_res = _load_logits(
-        proj_ptr, sumsq_ptr, *parameters, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
-    )
+    alpha_pre, alpha_post, alpha_res, bias_pre, bias_post, bias_res = _load_mapping_parameters(
+        alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr, b_res_ptr, j, j_ok, N)
+    proj_pre, proj_post, proj_res, sumsq = _load_projection_sums(proj_ptr, sumsq_ptr, splits, M, toks, tok_ok, j,
+                                                                 vec_ok, mat_ok, N, P, BLOCK_S)
+    _r, l_pre, l_post, l_res = _logits(proj_pre, proj_post, proj_res, sumsq, alpha_pre, alpha_post, alpha_res,
+                                       bias_pre, bias_post, bias_res, vec_ok, mat_ok, width, norm_eps)
     h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
     vec_offsets = toks[:, None] * N + j[None, :]
     tl.store(pre_ptr + vec_offsets, tl.sigmoid(l_pre), mask=vec_ok)
     tl.store(post_ptr + vec_offsets, 2.0 * tl.sigmoid(l_post), mask=vec_ok)
     mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
     tl.store(res_ptr + mat_offsets, h_res, mask=mat_ok)
+    if BLOCK_S > 1:
+        row = proj_sum_ptr + toks[:, None] * P
+        tl.store(row + j[None, :], proj_pre, mask=vec_ok)
+        tl.store(row + N + j[None, :], proj_post, mask=vec_ok)
+        tl.store(row[:, :, None] + (2 * N + j[:, None] * N + j[None, :])[None, :, :], proj_res, mask=mat_ok)
+        tl.store(sumsq_sum_ptr + toks, sumsq, mask=tok_ok)
 
 
-def _coeff_launch_shape(M: int, n: int) -> tuple[int, int, int]:
-    """(padded n, tokens per program, programs) for the coefficient kernels."""
+def _coeff_launch_shape(M: int, n: int, splits: int = 1) -> tuple[int, int, int]:
+    """(padded n, tokens per program, programs) for the coefficient kernels; with the projection
+    in ``splits`` partials (decode), fewer tokens per program, as each reads all its tokens'
+    partials at once (:data:`COEFF_SPLIT_ELEMENTS`)."""
     n_pad = _padded_streams(n)
     block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // (n_pad * n_pad)))
+    if splits > 1:
+        block_t = max(1, min(block_t, COEFF_SPLIT_ELEMENTS // (_next_power_of_2(splits) * n_pad * n_pad)))
     return n_pad, block_t, _cdiv(M, block_t)
 
 
@@ -555,17 +617,20 @@ def coefficients_forward(
     clamp: float,
     eps: float,
     norm_eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. 7-9 from proj [M, P] and sumsq [M] (fp32): returns H_pre [M, n], H_post [M, n] and
-    H_res [M, n, n] in fp32. alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre, b_post,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 7-9 from the projection's S partials, proj [S, M, P] and sumsq [S, M] fp32
+    (:func:`project_forward`): returns H_pre [M, n], H_post [M, n] and H_res [M, n, n] in fp32,
+    and the partials' sums proj [M, P] and sumsq [M] (the backward's inputs; views of the one
+    partial when S = 1). alpha = (alpha_pre, alpha_post, alpha_res), bias = (b_pre, b_post,
     b_res) (:func:`_mapping_parameters`); width = K."""
     proj, sumsq = proj.contiguous(), sumsq.contiguous()
-    M, P = proj.shape
+    S, M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
-    n_pad, block_t, programs = _coeff_launch_shape(M, n)
+    n_pad, block_t, programs = _coeff_launch_shape(M, n, S)
     h_pre = torch.empty(M, n, device=proj.device, dtype=torch.float32)
     h_post = torch.empty(M, n, device=proj.device, dtype=torch.float32)
     h_res = torch.empty(M, n, n, device=proj.device, dtype=torch.float32)
+    proj_sum, sumsq_sum = (proj[0], sumsq[0]) if S == 1 else (proj.new_empty(M, P), sumsq.new_empty(M))
     _coeff_fwd_kernel[(programs,)](
         proj,
         sumsq,
@@ -573,6 +638,9 @@ def coefficients_forward(
         h_pre,
         h_post,
         h_res,
+        proj_sum,
+        sumsq_sum,
+        S,
         M,
         width,
         iters,
@@ -583,9 +651,10 @@ def coefficients_forward(
         NP=n_pad,
         P=P,
         BLOCK_T=block_t,
+        BLOCK_S=1 if S == 1 else min(_next_power_of_2(S), COEFF_MAX_BLOCK_S),
         num_warps=NUM_WARPS,
     )
-    return h_pre, h_post, h_res
+    return h_pre, h_post, h_res, proj_sum, sumsq_sum
 
 
 @triton.jit
@@ -993,7 +1062,7 @@ def apply_project_forward(
     x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(X', proj, sumsq): :func:`apply_forward`'s X' [M, n, C] and :func:`project_forward` of it
-    (x' phi^T [M, P] and sum x'^2 [M], fp32) in one kernel that never reads X' back: 4 C fewer
+    (x' phi^T [1, M, P] and sum x'^2 [1, M], fp32: one partial) in one kernel that never reads X' back: 4 C fewer
     bytes per token than the two, and one launch. One program per APPLY_PROJECT_BLOCK_M tokens with
     no split of K, so for training shapes; decode's few tokens take the two kernels."""
     for t, name in ((x, "x"), (y, "y"), (phi, "phi")):
@@ -1004,8 +1073,8 @@ def apply_project_forward(
     assert phi.shape[1] == n * C, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
     _padded_streams(n)
     out = torch.empty_like(x)
-    proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
-    sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
+    proj = torch.empty(1, M, P, device=x.device, dtype=torch.float32)
+    sumsq = torch.empty(1, M, device=x.device, dtype=torch.float32)
     _apply_project_fwd_kernel[(_cdiv(M, APPLY_PROJECT_BLOCK_M),)](
         x,
         y,
