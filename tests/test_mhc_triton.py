@@ -574,6 +574,29 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
     torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
 
 
+def test_a_decode_sublayer_is_four_kernels_and_no_torch_reduction(mt, monkeypatch):
+    """At decode's shape (4 tokens: nC = 128 split into four partials) mhc_boundary launches the
+    write-back, the projection, the coefficients (which sum the partials) and the
+    pre-aggregation, and no torch reduction: a decode step's CUDA graph holds no sums of the
+    partials (two per sublayer until 2026-12-01)."""
+    from llmkit.model import mhc_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = ("_apply_fwd_kernel", "_project_fwd_kernel", "_coeff_fwd_kernel", "_pre_fwd_kernel")
+    launched = launches(mt, monkeypatch, kernels)
+    torch.manual_seed(0)
+    m, n, c = 4, 4, 32
+    p = 2 * n + n * n
+    x, y, h_post, h_res = torch.randn(m, n, c), torch.randn(m, c), torch.rand(m, n), torch.rand(m, n, n)
+    weights = (torch.randn(p, n * c), *op_params(torch.tensor([0.7, -0.4, 1.3]), torch.randn(p)))
+    with torch.profiler.profile() as profile:
+        mhc_ops.mhc_boundary(x, y, h_post, h_res, *weights, ITERS, CLAMP, EPS, NORM_EPS, True, mhc_ops.SOURCE_HASH)
+    assert [name for name, _ in launched] == list(kernels)
+    assert launched[1] == ("_project_fwd_kernel", (1, 4))
+    torch_ops = {e.name for e in profile.events() if e.name.startswith("aten::")}
+    assert not {"aten::sum", "aten::add", "aten::add_"} & torch_ops, torch_ops  # allocations and copies only
+
+
 def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
     """mhc_enter's proj_update (a LoRA adapter's term on phi) joins the first of the projection's
     K-split partials (6 tokens, nC = 128: four partials), so the coefficients see x phi^T + update
