@@ -33,7 +33,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    eager blocks, whether it comes with compiling them.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
-   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams. It runs
+   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams, with the
+   CUDA kernels one more call launches per new token (torch.profiler; the prefill's included). It runs
    in a child process killed after --gen-timeout seconds (a compile or decode that hangs costs
    that, not the rest of the run), with TORCH_LOGS=recompiles,graph_breaks,cudagraphs (why it
    recompiled, where dynamo broke the graph, why a CUDA graph was skipped or re-recorded); before
@@ -471,8 +472,23 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
             generate_bench.run(mode, model, prompts, sampling)
             generate_bench.sync()
             times.append(time.perf_counter() - start)
+        kernels = decode_kernels(lambda: generate_bench.run(mode, model, prompts, sampling))
     seconds = min(times)
-    return {"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": batch * args.gen_tokens / seconds}
+    return {"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": batch * args.gen_tokens / seconds,
+            "kernels_per_token": None if kernels is None else kernels / args.gen_tokens}
+
+
+def decode_kernels(call: Callable[[], object]) -> int | None:
+    """The CUDA kernels one more (warm) call launches, by torch.profiler: for a ``generate``, the
+    prefill's and every decode step's, replayed CUDA graphs included; None on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return len(cuda_kernels(prof.events()))
 
 
 def decode_model(args: argparse.Namespace, n_streams: int, device: torch.device) -> torch.nn.Module:
@@ -769,8 +785,9 @@ def table(report: dict) -> str:
         target, result = "", ""
         if g["batch"] == targets.DECODE["batch"] and g["n_streams"] == targets.DECODE["n_streams"]:
             target, result = verdict("decode_tokens_per_s", g["model"])
+        kernels = "" if g.get("kernels_per_token") is None else f", {g['kernels_per_token']:.0f} kernels/token"
         row(f"{g['model']} n={g['n_streams']} batch {g['batch']}",
-            f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s)", target, result, g["device"])
+            f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s{kernels})", target, result, g["device"])
     for s in generation["skipped"]:
         row(f"{s['model']} n={s['n_streams']}", f"skipped: {s['reason']}", "", "-")
     errors(generation)

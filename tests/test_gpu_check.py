@@ -67,6 +67,7 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     assert [(g["n_streams"], g["batch"]) for g in generation["rows"]] == [(4, 1), (4, 4), (1, 1), (1, 4)]
     for g in generation["rows"]:
         assert g["new_tokens_per_s"] == pytest.approx(g["batch"] * 8 / g["seconds"])
+        assert g["kernels_per_token"] is None  # counted on CUDA only
 
     assert report["pytest"] == {"skipped": "--skip-pytest"}
     assert [t["result"] for t in report["targets"]] == ["-"]  # tiny's memory ratio: no CUDA peak to judge
@@ -185,7 +186,7 @@ def made_up_report(device_type: str) -> dict:
     report["memory"]["errors"] = [{"model": "120m", "n_streams": 1, "error": "OutOfMemoryError: CUDA out of memory"}]
     report["generation"]["rows"] = [
         {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
-         "new_tokens_per_s": 40960.0, "device": report["device"]},
+         "new_tokens_per_s": 40960.0, "kernels_per_token": 301.25, "device": report["device"]},
         {"model": "120m", "n_streams": 4, "batch": 1, "mode": "compiled", "seconds": 0.5,
          "new_tokens_per_s": 256.0, "device": report["device"]},
     ]
@@ -226,7 +227,8 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
         "c0.py:0 call", "c1.py:1 call", "c2.py:2 call", "c3.py:3 call", "c4.py:4 call",
         "120m n=4 eager blocks: live at the step's peak"]
     assert "| 120m n=1 | OutOfMemoryError: CUDA out of memory |  | ERROR | NVIDIA H200 |" in lines  # shown
-    assert "| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s) | >= 40,000 new tok/s | PASS | NVIDIA H200 |" in lines
+    assert ("| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s, 301 kernels/token) | >= 40,000 new tok/s | PASS "
+            "| NVIDIA H200 |") in lines
     assert "| 120m n=4, CUDA graphs | 117.0 ms/step, peak 20.00 GiB, time 1.300x n=1's |  |  | NVIDIA H200 |" in lines
     assert ("| 120m n=4, APPLY_PROJECT_FUSED=True | 105.0 ms/step, peak 25.00 GiB, time 1.050x n=1's |  |  | "
             "NVIDIA H200 |") in lines
