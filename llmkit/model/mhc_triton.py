@@ -420,14 +420,20 @@ def _load_mapping_parameters(alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre
 
 
 @triton.jit
+def _projection_offsets(toks, j, N: tl.constexpr, P: tl.constexpr):
+    """Where a block of tokens' columns of proj [M, P] lie (lanes from :func:`_token_lanes`): the
+    offsets of pre, post [T, NP] and res [T, NP, NP] (vec H~_res, row-major)."""
+    row = toks[:, None] * P
+    return row + j[None, :], row + N + j[None, :], row[:, :, None] + (2 * N + j[:, None] * N + j[None, :])[None, :, :]
+
+
+@triton.jit
 def _load_projection(proj_ptr, sumsq_ptr, toks, tok_ok, j, vec_ok, mat_ok, N: tl.constexpr, P: tl.constexpr):
     """x phi^T and sum x^2 of a block of tokens from proj [M, P] and sumsq [M] (lanes and masks from
     :func:`_token_lanes`): (pre, post [T, NP], res [T, NP, NP], sumsq [T]), zeros on padded lanes."""
-    row = proj_ptr + toks[:, None] * P
-    res_offsets = 2 * N + j[:, None] * N + j[None, :]  # [NP (i), NP (j)]
-    return (tl.load(row + j[None, :], mask=vec_ok, other=0.0), tl.load(row + N + j[None, :], mask=vec_ok, other=0.0),
-            tl.load(row[:, :, None] + res_offsets[None, :, :], mask=mat_ok, other=0.0),
-            tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0))
+    pre, post, res = _projection_offsets(toks, j, N, P)
+    return (tl.load(proj_ptr + pre, mask=vec_ok, other=0.0), tl.load(proj_ptr + post, mask=vec_ok, other=0.0),
+            tl.load(proj_ptr + res, mask=mat_ok, other=0.0), tl.load(sumsq_ptr + toks, mask=tok_ok, other=0.0))
 
 
 @triton.jit
@@ -438,22 +444,23 @@ def _load_projection_sums(proj_ptr, sumsq_ptr, splits, M, toks, tok_ok, j, vec_o
     if BLOCK_S == 1:
         return _load_projection(proj_ptr, sumsq_ptr, toks, tok_ok, j, vec_ok, mat_ok, N, P)
     s = tl.arange(0, BLOCK_S)
-    row = toks[None, :, None] * P  # [1, T, 1]
-    res_offsets = 2 * N + j[:, None] * N + j[None, :]
+    pre_offsets, post_offsets, res_offsets = _projection_offsets(toks, j, N, P)
     pre = tl.zeros(vec_ok.shape, dtype=tl.float32)
     post = tl.zeros(vec_ok.shape, dtype=tl.float32)
     res = tl.zeros(mat_ok.shape, dtype=tl.float32)
     sumsq = tl.zeros(tok_ok.shape, dtype=tl.float32)
     for s0 in range(0, splits, BLOCK_S):
         s_ok = s0 + s < splits
-        split_rows = proj_ptr + (s0 + s).to(tl.int64)[:, None, None] * M * P + row  # [S, T, 1]
+        split = (s0 + s).to(tl.int64)  # [S]
         vec = s_ok[:, None, None] & vec_ok[None, :, :]
-        pre += tl.sum(tl.load(split_rows + j[None, None, :], mask=vec, other=0.0), axis=0)
-        post += tl.sum(tl.load(split_rows + N + j[None, None, :], mask=vec, other=0.0), axis=0)
-        res += tl.sum(tl.load(split_rows[:, :, :, None] + res_offsets[None, None, :, :],
+        pre += tl.sum(tl.load(proj_ptr + split[:, None, None] * M * P + pre_offsets[None], mask=vec, other=0.0),
+                      axis=0)
+        post += tl.sum(tl.load(proj_ptr + split[:, None, None] * M * P + post_offsets[None], mask=vec, other=0.0),
+                       axis=0)
+        res += tl.sum(tl.load(proj_ptr + split[:, None, None, None] * M * P + res_offsets[None],
                               mask=s_ok[:, None, None, None] & mat_ok[None, :, :, :], other=0.0), axis=0)
-        sumsq += tl.sum(tl.load(sumsq_ptr + (s0 + s).to(tl.int64)[:, None] * M + toks[None, :],
-                                mask=s_ok[:, None] & tok_ok[None, :], other=0.0), axis=0)
+        sumsq += tl.sum(tl.load(sumsq_ptr + split[:, None] * M + toks[None, :], mask=s_ok[:, None] & tok_ok[None, :],
+                                other=0.0), axis=0)
     return pre, post, res, sumsq
 
 
@@ -576,10 +583,10 @@ def _coeff_fwd_kernel(
     mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
     tl.store(res_ptr + mat_offsets, h_res, mask=mat_ok)
     if BLOCK_S > 1:
-        row = proj_sum_ptr + toks[:, None] * P
-        tl.store(row + j[None, :], proj_pre, mask=vec_ok)
-        tl.store(row + N + j[None, :], proj_post, mask=vec_ok)
-        tl.store(row[:, :, None] + (2 * N + j[:, None] * N + j[None, :])[None, :, :], proj_res, mask=mat_ok)
+        pre_offsets, post_offsets, res_offsets = _projection_offsets(toks, j, N, P)
+        tl.store(proj_sum_ptr + pre_offsets, proj_pre, mask=vec_ok)
+        tl.store(proj_sum_ptr + post_offsets, proj_post, mask=vec_ok)
+        tl.store(proj_sum_ptr + res_offsets, proj_res, mask=mat_ok)
         tl.store(sumsq_sum_ptr + toks, sumsq, mask=tok_ok)
 
 
