@@ -70,7 +70,7 @@ PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks t
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
 # on an H200 the backward took 0.19 ms at 256 and 0.30 at 512 (16k tokens), the forward 0.020 and 0.030
-COEFF_SPLIT_ELEMENTS = 2048  # with S projection partials, tokens per forward program <= this / (S n^2), padded
+COEFF_SPLIT_ELEMENTS = 2048  # with projection partials, tokens per forward program <= this / (partials per load n^2)
 COEFF_MAX_BLOCK_S = 128  # partials the coefficient forward reads per load (all 96 of decode's at C = 768)
 STREAM_BLOCK_M = 1  # tokens per program in the pre/apply kernels (their tiles: [stream, token, channel])
 STREAM_BLOCK_C = 1024  # channels per program (or per loop step) there: at C = 768, one token per program, the
@@ -590,15 +590,15 @@ def _coeff_fwd_kernel(
         tl.store(sumsq_sum_ptr + toks, sumsq, mask=tok_ok)
 
 
-def _coeff_launch_shape(M: int, n: int, splits: int = 1) -> tuple[int, int, int]:
-    """(padded n, tokens per program, programs) for the coefficient kernels; with the projection
-    in ``splits`` partials (decode), fewer tokens per program, as each reads all its tokens'
-    partials at once (:data:`COEFF_SPLIT_ELEMENTS`)."""
+def _coeff_launch_shape(M: int, n: int, splits: int = 1) -> tuple[int, int, int, int]:
+    """(padded n, partials per load, tokens per program, programs) for the coefficient kernels;
+    with the projection in ``splits`` partials (decode), fewer tokens per program, as each loads
+    its tokens' partials a block at a time (:data:`COEFF_SPLIT_ELEMENTS`)."""
     n_pad = _padded_streams(n)
-    block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // (n_pad * n_pad)))
-    if splits > 1:
-        block_t = max(1, min(block_t, COEFF_SPLIT_ELEMENTS // (_next_power_of_2(splits) * n_pad * n_pad)))
-    return n_pad, block_t, _cdiv(M, block_t)
+    block_s = 1 if splits == 1 else min(_next_power_of_2(splits), COEFF_MAX_BLOCK_S)
+    per_token = n_pad * n_pad
+    block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // per_token, COEFF_SPLIT_ELEMENTS // (block_s * per_token)))
+    return n_pad, block_s, block_t, _cdiv(M, block_t)
 
 
 def _mapping_parameters(alpha: Sequence[Tensor], bias: Sequence[Tensor], n: int) -> list[Tensor]:
@@ -633,7 +633,7 @@ def coefficients_forward(
     proj, sumsq = proj.contiguous(), sumsq.contiguous()
     S, M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
-    n_pad, block_t, programs = _coeff_launch_shape(M, n, S)
+    n_pad, block_s, block_t, programs = _coeff_launch_shape(M, n, S)
     h_pre = torch.empty(M, n, device=proj.device, dtype=torch.float32)
     h_post = torch.empty(M, n, device=proj.device, dtype=torch.float32)
     h_res = torch.empty(M, n, n, device=proj.device, dtype=torch.float32)
@@ -658,7 +658,7 @@ def coefficients_forward(
         NP=n_pad,
         P=P,
         BLOCK_T=block_t,
-        BLOCK_S=1 if S == 1 else min(_next_power_of_2(S), COEFF_MAX_BLOCK_S),
+        BLOCK_S=block_s,
         num_warps=NUM_WARPS,
     )
     return h_pre, h_post, h_res, proj_sum, sumsq_sum
@@ -819,7 +819,7 @@ def coefficients_backward(
     grad_pre, grad_post, grad_res, proj, sumsq = (t.contiguous() for t in tensors)
     M, P = proj.shape
     assert P == 2 * n + n * n, f"mhc_triton: proj has {P} columns, expected 2n + n^2 = {2 * n + n * n}"
-    n_pad, block_t, blocks = _coeff_launch_shape(M, n)
+    n_pad, _, block_t, blocks = _coeff_launch_shape(M, n)
     programs = min(blocks, COEFF_BWD_PROGRAMS)
     grad_proj = torch.empty(M, P, device=proj.device, dtype=torch.float32)
     grad_sumsq = torch.empty(M, device=proj.device, dtype=torch.float32)
