@@ -6,6 +6,7 @@ import math
 import pytest
 
 from llmkit.discovery import Archive, State
+from llmkit.discovery.archive import MIN_REWARD_RANGE
 from llmkit.errors import LLMKitError
 
 
@@ -22,15 +23,28 @@ def test_puct_scores_match_hand_computation_with_rank_linear_prior():
     archive.record_rollouts(0, [("b", 3.0), ("c", 2.0), ("d", 0.5)])  # keeps b (id 1) and c (id 2)
     # ranks by reward: b 3 -> weight 3, c 2 -> weight 2, s0 1 -> weight 1; sum 6.
     assert archive.prior() == pytest.approx({1: 3 / 6, 2: 2 / 6, 0: 1 / 6})
-    # R_max - R_min = 2, T = 3 so sqrt(1 + T) = 2; n(s0) = 3, n(b) = n(c) = 0; Q(s0) = m(s0) = 3.
+    # R_max - R_min = 3 - 2 over the states found (s0's 1.0 left out), T = 3 so sqrt(1 + T) = 2;
+    # n(s0) = 3, n(b) = n(c) = 0; Q(s0) = m(s0) = 3.
     expected = {
-        0: 3.0 + 1.0 * 2 * (1 / 6) * 2 / (1 + 3),
-        1: 3.0 + 1.0 * 2 * (3 / 6) * 2 / (1 + 0),
-        2: 2.0 + 1.0 * 2 * (2 / 6) * 2 / (1 + 0),
+        0: 3.0 + 1.0 * 1 * (1 / 6) * 2 / (1 + 3),
+        1: 3.0 + 1.0 * 1 * (3 / 6) * 2 / (1 + 0),
+        2: 2.0 + 1.0 * 1 * (2 / 6) * 2 / (1 + 0),
     }
+    assert archive.reward_range() == 1.0
     assert archive.puct_scores() == pytest.approx(expected)
     half = Archive.from_dict({**archive.to_dict(), "c": 0.5})
-    assert half.puct_scores()[1] == pytest.approx(3.0 + 0.5 * 2 * (3 / 6) * 2)
+    assert half.puct_scores()[1] == pytest.approx(3.0 + 0.5 * 1 * (3 / 6) * 2)
+
+
+def test_the_initial_states_reward_is_left_out_of_the_range():
+    # A placeholder start far below what is found must not set R_min: the range is 0.2, not 100.2.
+    archive = Archive("s0", -100.0)
+    assert archive.reward_range() == MIN_REWARD_RANGE  # s0 alone
+    archive.record_rollouts(0, [("a", 0.5), ("b", 0.3)])
+    assert archive.reward_range() == pytest.approx(0.2)
+    assert archive.puct_scores()[1] == pytest.approx(0.5 + 0.2 * (3 / 6) * math.sqrt(3))
+    archive.record_rollouts(1, [("c", -200.0)])  # a state found below s0 counts like any other
+    assert archive.reward_range() == pytest.approx(200.5)
 
 
 def test_prior_ties_rank_lower_id_first():
@@ -39,11 +53,14 @@ def test_prior_ties_rank_lower_id_first():
     assert archive.prior() == pytest.approx({0: 3 / 6, 1: 2 / 6, 2: 1 / 6})
 
 
-def test_equal_rewards_give_zero_exploration_term():
+def test_equal_rewards_leave_the_floor_as_the_range_so_less_visited_states_go_first():
     archive = Archive("s0", 1.0, c=5.0)
-    assert archive.puct_scores() == {0: 1.0}
-    archive.record_rollouts(0, [("a", 1.0), ("b", 1.0)])  # R_max == R_min, T = 2
-    assert archive.puct_scores() == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert archive.puct_scores() == {0: 1.0 + 5.0 * MIN_REWARD_RANGE}
+    archive.record_rollouts(0, [("a", 1.0), ("b", 1.0)])  # R_max == R_min, T = 2, n(s0) = 2
+    bonus = 5.0 * MIN_REWARD_RANGE * math.sqrt(3)
+    assert archive.puct_scores() == pytest.approx({0: 1.0 + bonus * (3 / 6) / 3, 1: 1.0 + bonus * (2 / 6),
+                                                   2: 1.0 + bonus * (1 / 6)}, rel=1e-12, abs=0)
+    assert ids(archive.select(1)) == [1]  # not the root again: it has had two rollouts
 
 
 def test_q_switches_from_own_reward_to_best_direct_child_reward():
@@ -51,13 +68,13 @@ def test_q_switches_from_own_reward_to_best_direct_child_reward():
     archive.record_rollouts(0, [("bad", math.nan)])  # a failed rollout counts but gives no child reward
     root = archive.get(0)
     assert (root.visits, archive.total_rollouts, root.best_child_reward, root.q) == (1, 1, None, 1.0)
-    assert archive.puct_scores() == {0: 1.0}
+    assert archive.puct_scores() == pytest.approx({0: 1.0 + MIN_REWARD_RANGE * math.sqrt(2) / 2}, rel=1e-12, abs=0)
 
-    archive.record_rollouts(0, [("b", 0.5)])
+    archive.record_rollouts(0, [("b", 0.5), ("c", 0.25)])
     assert root.best_child_reward == 0.5 and root.q == 0.5  # the max child reward, even when lower than R(s)
-    # R_max - R_min = 0.5, T = 2, P(s0) = 2/3, P(b) = 1/3, n(s0) = 2, n(b) = 0.
+    # R_max - R_min = 0.25 (b and c), T = 3, P: s0 3/6, b 2/6, c 1/6; n(s0) = 3, n(b) = n(c) = 0.
     assert archive.puct_scores() == pytest.approx(
-        {0: 0.5 + 0.5 * (2 / 3) * math.sqrt(3) / 3, 1: 0.5 + 0.5 * (1 / 3) * math.sqrt(3)}
+        {0: 0.5 + 0.25 * (3 / 6) * 2 / 4, 1: 0.5 + 0.25 * (2 / 6) * 2, 2: 0.25 + 0.25 * (1 / 6) * 2}
     )
     archive.record_rollouts(1, [("c", 4.0)])
     assert archive.get(1).q == 4.0
@@ -84,19 +101,19 @@ def test_select_orders_by_score_and_skips_lineages():
     archive = Archive("s0", 0.0, c=0.0)  # c = 0: scores are Q
     archive.record_rollouts(0, [("a", 5.0), ("b", 4.0)])  # a = 1, b = 2
     archive.record_rollouts(1, [("a1", 6.0), ("a2", 1.0)])  # a1 = 3, a2 = 4
-    # Q: s0 5 (m), a 6 (m), b 4, a1 6, a2 1; the tie a / a1 goes to the lower id.
+    # Q: s0 5 (m), a 6 (m), b 4, a1 6, a2 1; the tie a / a1 goes to the higher reward, a1.
     assert archive.puct_scores() == {0: 5.0, 1: 6.0, 2: 4.0, 3: 6.0, 4: 1.0}
-    assert ids(archive.select(1)) == [1]
-    # a blocks its ancestor s0 and descendants a1, a2; b is unrelated to a.
-    assert ids(archive.select(5)) == [1, 2]
+    assert ids(archive.select(1)) == [3]
+    # a1 blocks its ancestors a and s0; b and a1's sibling a2 are not in its lineage.
+    assert ids(archive.select(5)) == [3, 2, 4]
     with pytest.raises(LLMKitError, match="k >= 1"):
         archive.select(0)
 
 
 def test_select_skips_descendants_and_returns_fewer_than_k():
     archive = Archive("s0", 0.0, c=0.0)
-    archive.record_rollouts(0, [("a", 2.0), ("b", 1.0)])
-    assert archive.puct_scores() == {0: 2.0, 1: 2.0, 2: 1.0}
+    archive.record_rollouts(0, [("a", 2.0), ("b", 1.0), ("s0", 3.0)])  # the duplicate sets m(s0) = 3
+    assert archive.puct_scores() == {0: 3.0, 1: 2.0, 2: 1.0}
     assert ids(archive.select(3)) == [0]
 
 

@@ -9,8 +9,13 @@ Score of a state ``s`` (the official code's form, test-time-training/discover)::
 
     score(s) = Q(s) + c * (R_max - R_min) * P(s) * sqrt(1 + T) / (1 + n(s))
 
-- ``R(s)`` is the state's reward; ``R_max``/``R_min`` are the highest/lowest over the archive,
-  so the exploration term is in reward units and is 0 when every reward is the same.
+- ``R(s)`` is the state's reward; ``R_max``/``R_min`` are the highest/lowest over the states
+  found so far, the initial state left out once there are any, and their difference is at
+  least ``MIN_REWARD_RANGE`` (1e-6): so the exploration term is in reward units. Both as the
+  official code does: the initial state is a placeholder (an empty or random solution) whose
+  poor reward would otherwise set ``R_min`` for good, making the exploration term as large as
+  the whole climb from it; and with every reward equal the floor leaves a tiny bonus that
+  still sends the next pick to the higher-ranked, less-visited state.
 - ``m(s)`` is the best reward among the direct children of ``s`` recorded so far (every
   finite rollout reward from ``s`` counts, also those not kept in the archive); it is not
   propagated to grandparents. ``Q(s) = m(s)`` once ``s`` has a recorded child, else ``R(s)``
@@ -47,6 +52,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmkit.errors import LLMKitError
+
+MIN_REWARD_RANGE = 1e-6
+"""The smallest ``R_max - R_min`` the PUCT score uses (the official code's floor)."""
 
 
 @dataclasses.dataclass
@@ -144,15 +152,21 @@ class Archive:
         total = size * (size + 1) / 2
         return {state.id: (size - rank) / total for rank, state in enumerate(ranked)}
 
+    def reward_range(self) -> float:
+        """``R_max - R_min`` of the PUCT score: over the states other than the initial one (over
+        the initial state alone while it is the only one), at least :data:`MIN_REWARD_RANGE`."""
+        rewards = [s.reward for s in self.states.values() if s.id != 0] or [self.states[0].reward]
+        return max(max(rewards) - min(rewards), MIN_REWARD_RANGE)
+
     def puct_scores(self) -> dict[int, float]:
         """``Q(s) + c (R_max - R_min) P(s) sqrt(1 + T) / (1 + n(s))`` for every state, by id."""
-        rewards = [s.reward for s in self.states.values()]
-        scale = self.c * (max(rewards) - min(rewards)) * math.sqrt(1 + self.total_rollouts)
+        scale = self.c * self.reward_range() * math.sqrt(1 + self.total_rollouts)
         prior = self.prior()
         return {sid: s.q + scale * prior[sid] / (1 + s.visits) for sid, s in self.states.items()}
 
     def select(self, k: int) -> list[State]:
-        """Up to ``k`` start states, highest PUCT score first (equal scores: the lower id).
+        """Up to ``k`` start states, highest PUCT score first (equal scores: the higher reward, then
+        the lower id).
 
         A state that is an ancestor or a descendant of one already picked in this call is
         skipped, so the picks are in different lineages; fewer than ``k`` come back when the
@@ -167,7 +181,7 @@ class Archive:
                 children.setdefault(state.parent, []).append(state.id)
         picked: list[State] = []
         blocked: set[int] = set()
-        for sid in sorted(scores, key=lambda i: (-scores[i], i)):
+        for sid in sorted(scores, key=lambda i: (-scores[i], -self.states[i].reward, i)):
             if sid in blocked:
                 continue
             picked.append(self.states[sid])
