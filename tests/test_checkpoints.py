@@ -516,17 +516,18 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def straight_and_resumed(shards, tmp_path: Path, interrupt: str) -> tuple[Path, Path]:
+def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int = 100) -> tuple[Path, Path]:
     """Two 6-step runs validating every 2 steps, as the configs count batches (across epochs): one
-    straight, one stopped by the callback ``interrupt`` (Ctrl-C, only that save) at step 2 and
-    resumed from its last.ckpt. Their roots, for :func:`losses`."""
+    straight, one stopped by the callback ``interrupt`` (Ctrl-C) at step 2 and resumed from its
+    last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves). Their
+    roots, for :func:`losses`."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     for root in (straight, interrupted):
         root.mkdir()
         config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
-        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every_n_train_steps
         (root / "tb.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every]) == 0
     config = str(interrupted / "tb.yaml")
@@ -553,22 +554,43 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
 
 
 class CtrlCInValidationAtStep2(L.Callback):
-    """Ctrl-C inside the validation that follows the second step."""
+    """Ctrl-C inside the validation that follows the second step, before its first batch."""
 
     def on_validation_batch_start(self, trainer, *args) -> None:
         if trainer.global_step == 2 and not trainer.sanity_checking:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_inside_a_validation_resumes_on_the_same_step_axis(shards, tmp_path):
+class CtrlCInValidationStepAtStep2(L.Callback):
+    """Ctrl-C inside the validation step of the second (and last) batch of the validation that follows the
+    second step: where a validation spends its time."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == 2 and not trainer.sanity_checking and batch_idx == 1:
+            assert trainer.num_val_batches == [2]
+
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            pl_module.validation_step = interrupted
+
+
+@pytest.mark.parametrize(("interrupt", "every_n_train_steps"), [
+    ("CtrlCInValidationStepAtStep2", 100),  # only the interrupt saves
+    ("CtrlCInValidationAtStep2", 2),  # last.ckpt held step 2 from before its validation: saved again
+])
+def test_ctrl_c_inside_a_validation_runs_it_again_on_resume_on_the_same_step_axis(interrupt, every_n_train_steps,
+                                                                                  shards, tmp_path):
     """The interrupt's checkpoint took back a logging step the batch had not counted yet: the resumed
-    curves logged step 1 twice and every later point a step early. The interrupted validation itself
-    is not run again (Lightning skips the validation of the step it resumes at): its point is missing."""
-    straight, interrupted = straight_and_resumed(shards, tmp_path, "CtrlCInValidationAtStep2")
+    curves logged step 1 twice and every later point a step early. The resume then continued an interrupted
+    validation step's validation from the batch in flight over a fresh iterator: its point was the first
+    batch's loss alone (5.872 where the whole validation gives 5.856); interrupted before a batch, or after a
+    checkpoint at that step, it skipped the validation: the point was missing. Now it runs it again, whole."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, every_n_train_steps)
     assert losses(interrupted) == losses(straight)
     validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
-    assert losses(interrupted, "val/loss") == validations[1:]
+    assert losses(interrupted, "val/loss") == validations
 
 
 class CtrlCAfterStep3(L.Callback):
@@ -681,8 +703,9 @@ def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypat
     assert f"Ctrl-C at step 2: {last} holds it" in caplog.text
 
 
-def test_an_interrupt_after_the_steps_checkpoint_says_it_holds_the_step(shards, tmp_path, caplog):
-    """Ctrl-C during the validation after a checkpointed step printed nothing, though last.ckpt held it."""
+def test_an_interrupt_in_the_validation_after_a_checkpointed_step_saves_the_step_again(shards, tmp_path, caplog):
+    """Ctrl-C during the validation after a checkpointed step printed nothing, though last.ckpt held the
+    step; it is saved again, with its validation to run on resume (the earlier save is from before it)."""
     class CtrlCInValidation(L.Callback):
         def on_validation_batch_start(self, trainer, *args) -> None:
             if trainer.global_step == 2:
@@ -698,5 +721,5 @@ def test_an_interrupt_after_the_steps_checkpoint_says_it_holds_the_step(shards, 
     with caplog.at_level("INFO"), pytest.raises(SystemExit):
         trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
     last = tmp_path / "last.ckpt"
-    assert f"Ctrl-C at step 2: {last} holds it; resume with --ckpt_path {last}" in caplog.text
+    assert f"Ctrl-C at step 2: saved {last}; resume with --ckpt_path {last}" in caplog.text
     assert step_of(last) == 2

@@ -14,8 +14,9 @@ step, and saved when a run is interrupted.
   directory, and is replaced rather than joined by ``last-v1.ckpt``) plus two guarantees: the
   step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last multiple of
   ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
-  ``last.ckpt`` of the last completed step before the run stops. Other exceptions (a bug, a
-  non-finite loss) do not overwrite it.
+  ``last.ckpt`` of the last completed step before the run stops (interrupted inside a
+  validation, with that validation to run again, whole, when the run resumes). Other exceptions
+  (a bug, a non-finite loss) do not overwrite it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,25 @@ def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     progress.is_last_batch = False  # the batch done was not the epoch's last: one more was fetched
 
 
+def _validation_to_run_again(trainer: L.Trainer) -> None:
+    """Before saving a run interrupted inside one of fit's validations: set the validation loop's
+    batch counters to Lightning's "restarted mid-evaluation" with no batch of it done, so that the
+    resume runs that whole validation again, from its first batch, before the next training batch,
+    and logs it at the step the uninterrupted run did.
+
+    Saved as they were, an interrupt inside a validation step made the resume continue the
+    validation from the batch in flight, over a fresh iterator of the validation set: it averaged
+    the first batches only and logged that as the step's point (2 validation batches, interrupted
+    in the second: the loss of the first alone); an interrupt between two of its batches made the
+    resume skip the validation."""
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    done_before = progress.total.completed - progress.current.completed  # batches of earlier validations
+    progress.current.reset()
+    progress.total.ready = progress.total.started = done_before + 1
+    progress.total.processed = progress.total.completed = done_before
+    progress.is_last_batch = False
+
+
 @contextmanager
 def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
     """Save a checkpoint between batches (at the end of fit, or on an interrupt after a batch) with
@@ -121,11 +141,11 @@ class Checkpoint(ModelCheckpoint):
             super()._save_last_checkpoint(trainer, monitor_candidates)
             self._last_step = trainer.global_step
 
-    def _save_last_now(self, trainer: L.Trainer) -> bool:
+    def _save_last_now(self, trainer: L.Trainer, again: bool = False) -> bool:
         """Save ``last`` at the current step unless it holds that step already (another file saved at
-        this step does not count); whether it saved."""
+        this step does not count) and not ``again``; whether it saved."""
         if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking
-                or self._last_step == trainer.global_step):
+                or (self._last_step == trainer.global_step and not again)):
             return False
         with _logging_step_as_a_resume_counts_it(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -141,8 +161,11 @@ class Checkpoint(ModelCheckpoint):
             return  # a failure is not a state to resume from: keep the last good checkpoint
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         _forget_the_batch_in_flight(trainer)
-        saved = self._save_last_now(trainer)
-        if self._last_step == trainer.global_step:  # saved now, or before it (an interrupt during validation)
+        validating = trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking
+        if validating:  # saved again if it holds the step: that save was taken before the validation
+            _validation_to_run_again(trainer)
+        saved = self._save_last_now(trainer, again=validating)
+        if self._last_step == trainer.global_step:
             rank_zero_info(
                 f"{what} at step {trainer.global_step}: {'saved ' if saved else ''}{self.last_model_path}"
                 f"{'' if saved else ' holds it'}; resume with --ckpt_path {self.last_model_path}"
