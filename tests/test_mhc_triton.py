@@ -667,20 +667,25 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
+@pytest.mark.parametrize(("tokens", "streams"), [
+    (16384, ("bf16", "fp32")),  # a training step's 16k tokens
+    (64, ("bf16",)),  # a decode step at batch 64: the projection splits nC, the coefficients sum its 96 partials
+])
+def test_every_kernel_compiles_for_an_h100_without_spilling(tokens, streams, tmp_path):
     """The interpreter cannot compile for a GPU; Triton can without one: every kernel launch the
-    wrappers make at a training shape (n = 4, C = 768, 16k tokens), bf16 and fp32 streams, compiled
-    to an sm_90 cubin, with no register spills (bench/mhc_triton_compile.py)."""
+    wrappers make at a training shape (n = 4, C = 768, 16k tokens; bf16 and fp32 streams) and at a
+    decode step's (64 tokens, bf16), compiled to an sm_90 cubin, with no register spills
+    (bench/mhc_triton_compile.py)."""
     pytest.importorskip("triton")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = tmp_path / "compiled.json"
-    done = subprocess.run([sys.executable, "bench/mhc_triton_compile.py", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "bench/mhc_triton_compile.py", "--tokens", str(tokens), "--dtypes", *streams,
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {"project_fwd", "project_bwd", "coeff_fwd", "coeff_bwd", "pre_fwd", "pre_bwd", "apply_fwd", "apply_bwd",
                "apply_project_fwd", "project_apply_bwd"}  # the last two: the fused kernels, beside the sublayer's
-    assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in ("bf16", "fp32")}
+    assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in streams}
     for r in rows:
         assert r["local_bytes"] == 0 and r["spills_in_loops"] == 0 and r["stack_bytes"] == 0, r
         assert 0 < r["registers"] <= 255, r
