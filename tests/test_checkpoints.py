@@ -516,10 +516,11 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int = 100) -> tuple[Path, Path]:
+def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int = 100,
+                         stop: int = 2) -> tuple[Path, Path]:
     """Two 6-step runs validating every 2 steps, as the configs count batches (across epochs): one
-    straight, one stopped by the callback ``interrupt`` (Ctrl-C) at step 2 and resumed from its
-    last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves). Their
+    straight, one stopped by the callback ``interrupt`` (Ctrl-C) at step ``stop`` and resumed from
+    its last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves). Their
     roots, for :func:`losses`."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
@@ -535,7 +536,7 @@ def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_s
         main(["pretrain", "fit", "--config", config, *every,
               f"--trainer.callbacks+=tests.test_checkpoints.{interrupt}"])
     last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
-    assert step_of(last) == 2
+    assert step_of(last) == stop
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
     return straight, interrupted
 
@@ -591,6 +592,36 @@ def test_ctrl_c_inside_a_validation_runs_it_again_on_resume_on_the_same_step_axi
     validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
     assert losses(interrupted, "val/loss") == validations
+
+
+class CtrlCInTheLastValidationStep(L.Callback):
+    """Ctrl-C inside the validation step of the second batch of the validation after the sixth (last) step."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == 6 and not trainer.sanity_checking and batch_idx == 1:
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            pl_module.validation_step = interrupted
+
+
+def test_a_validation_interrupted_after_the_last_step_runs_once_when_the_run_is_resumed(shards, tmp_path, caplog):
+    """Resumed with no step left to train, fit ran nothing: the point of the interrupted validation was missing.
+    It now runs after fit, as `validate` runs it (at step 6, where fit logs it at 5), and only once: last.ckpt
+    is saved again with it done, so a second resume, or one to a larger max_steps, does not repeat it."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, "CtrlCInTheLastValidationStep", 2, stop=6)
+    assert "the validation of step 6 was interrupted: running it" in caplog.text
+    (*earlier, (_, last_loss)) = losses(straight, "val/loss")
+    assert losses(interrupted, "val/loss") == [*earlier, (6, last_loss)]
+    assert losses(interrupted) == losses(straight)
+    config, last = str(interrupted / "tb.yaml"), interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+             "--trainer.check_val_every_n_epoch", "null"]
+    resume = ["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]
+    assert main(resume) == 0
+    assert main([*resume, "--trainer.max_steps", "8"]) == 0
+    assert [step for step, _ in losses(interrupted, "val/loss")] == [1, 3, 6, 7]
+    assert [step for step, _ in losses(interrupted)] == list(range(8))
 
 
 class CtrlCAfterStep3(L.Callback):

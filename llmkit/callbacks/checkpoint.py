@@ -135,6 +135,21 @@ class Checkpoint(ModelCheckpoint):
                  **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, enable_version_counter=enable_version_counter, **kwargs)
         self._last_step: int | None = None  # the step this process last wrote ``last`` at
+        self.validation_pending: int | None = None
+        """The step whose validation an interrupt cut short, until a validation runs (checkpointed): a
+        resume with no step left to train skips it, so the CLI runs it after ``fit``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "validation_pending": self.validation_pending}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.validation_pending = state_dict.get("validation_pending")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validation_pending = None  # before the parent's hook, which may save a checkpoint
+        super().on_validation_end(trainer, pl_module)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         with interrupts_held():  # an interrupt in the write comes once it is recorded, and is not saved again
@@ -151,6 +166,22 @@ class Checkpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return True
 
+    def run_pending_validation(self, trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> bool:
+        """After ``fit``: run the validation an interrupt cut short after the run's last step, which a
+        resume with no step left to train skips (earlier steps' validations run again inside ``fit``:
+        :func:`_validation_to_run_again`), as ``validate`` runs it (its point at the step S of the
+        weights it scores, where ``fit`` logs it at S - 1, Lightning's convention), then save ``last``
+        again with it done, so that no later resume repeats it. Whether it ran."""
+        if self.validation_pending is None or self.validation_pending != trainer.global_step:
+            return False
+        rank_zero_info(f"the validation of step {trainer.global_step} was interrupted: running it")
+        trainer.validate(model, datamodule=datamodule, verbose=False)  # clears validation_pending
+        progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+        progress.processed = progress.completed = progress.started  # no longer restarted mid-evaluation
+        if self.last_model_path:
+            trainer.save_checkpoint(self.last_model_path)
+        return True
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_now(trainer)
         if self.last_model_path:
@@ -164,6 +195,7 @@ class Checkpoint(ModelCheckpoint):
         validating = trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking
         if validating:  # saved again if it holds the step: that save was taken before the validation
             _validation_to_run_again(trainer)
+            self.validation_pending = trainer.global_step
         saved = self._save_last_now(trainer, again=validating)
         if self._last_step == trainer.global_step:
             rank_zero_info(

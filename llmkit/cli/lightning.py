@@ -49,7 +49,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from llmkit.callbacks.checkpoint import AtomicCheckpointIO
+from llmkit.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint
 from llmkit.callbacks.console import RunSummary, quiet_known_noise, use_step_progress_bar
 from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
@@ -339,6 +339,14 @@ class LLMKitCLI(LightningCLI):
             return None
         args.version = logger_version(run.name)
         return logger
+
+    def after_fit(self) -> None:
+        """Run the validation that an interrupt cut short after the run's last step, which a resume
+        with no step left to train skips (:meth:`Checkpoint.run_pending_validation`)."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Checkpoint) and callback.run_pending_validation(self.trainer, self.model,
+                                                                                   self.datamodule):
+                return
 
     def subcommands(self) -> dict[str, set[str]]:
         """The command's (fit and validate; ttt: fit): the modules define no test or predict step."""
