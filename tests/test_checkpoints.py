@@ -615,6 +615,10 @@ def test_a_validation_interrupted_after_the_last_step_runs_once_when_the_run_is_
     assert losses(interrupted, "val/loss") == [*earlier, (6, last_loss)]
     assert losses(interrupted) == losses(straight)
     config, last = str(interrupted / "tb.yaml"), interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    saved_again, saved_straight = (torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt",
+                                              weights_only=True) for root in (interrupted, straight))
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):  # the same training state as the straight run's
+        torch.testing.assert_close(saved_again[key], saved_straight[key], rtol=0, atol=0)
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
     resume = ["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]

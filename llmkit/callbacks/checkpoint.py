@@ -172,7 +172,7 @@ class Checkpoint(ModelCheckpoint):
         :func:`_validation_to_run_again`), as ``validate`` runs it (its point at the step S of the
         weights it scores, where ``fit`` logs it at S - 1, Lightning's convention), then save ``last``
         again with it done, so that no later resume repeats it. Whether it ran."""
-        if self.validation_pending is None or self.validation_pending != trainer.global_step:
+        if self.validation_pending != trainer.global_step:
             return False
         rank_zero_info(f"the validation of step {trainer.global_step} was interrupted: running it")
         trainer.validate(model, datamodule=datamodule, verbose=False)  # clears validation_pending
