@@ -32,7 +32,7 @@ from llmkit.model.transformer import Transformer
 from llmkit.profiling import device_description
 
 FORWARD_END = "mhc_live_memory.forward_end"  # a profiler mark between the step's forward and backward
-IMPLEMENTATIONS = {"kernels": "auto", "pytorch": "torch"}  # what each row runs -> mhc.implementation
+IMPLEMENTATIONS = {"kernels": "auto", "pytorch": "torch"}  # n > 1 rows: label -> mhc.implementation
 
 
 def step_memory(config: ModelConfig, tokens: int, compile_blocks: bool) -> dict[str, int]:
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     n, c, tokens = args.n_streams, args.d_model, args.tokens
     base = ModelConfig(vocab_size=256, d_model=c, n_heads=args.n_heads, d_ff=2 * c, max_seq_len=tokens,
                        bf16_residual=True)
-    runs = [("dense", 1, "pytorch")] + [(name, n, name) for name in IMPLEMENTATIONS]
+    runs = [("dense", 1, "torch"), *((label, n, implementation) for label, implementation in IMPLEMENTATIONS.items())]
     rows = []
     print(f"{'mHC code':<8} | {'n':>2} | {'layers':>6} | {'held after forward B':>20} | {'step peak B':>12}")
     for label, streams, implementation in runs:
         for layers in (low, high):
             config = replace(base, n_layers=layers, n_streams=streams,
-                             mhc=MHCConfig(implementation=IMPLEMENTATIONS[implementation]))
+                             mhc=MHCConfig(implementation=implementation))
             row = {"code": label, "n_streams": streams, "layers": layers, **step_memory(config, tokens, args.compile)}
             rows.append(row)
             print(f"{label:<8} | {streams:>2} | {layers:>6} | {row['held_after_forward']:>20,} | {row['peak']:>12,}")
