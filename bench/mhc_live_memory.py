@@ -7,9 +7,9 @@ interpreter) beside the ops' PyTorch code, n = 4 beside n = 1, at two depths.
 On an H200 the compiled n = 4 step peaked about 3.3 bf16 streams per token per sublayer above what
 autograd saves (docs/performance.md). The kernels' wrappers allocate the same buffers on every
 device, so running them here says whether that memory is theirs. Each step (bf16 autocast, bf16
-stream) runs under ``torch.profiler`` with ``profile_memory``; from its allocation events come the
-bytes held when the forward ends (what the backward reads) and the step's peak, both above what
-the step starts with. Two depths separate what each extra sublayer holds (the slope, bytes per
+stream) runs under ``torch.profiler`` with ``profile_memory``; from its allocation events,
+matched by address, come the bytes the step allocated and still holds when its forward ends
+(what the backward reads) and the step's peak. Two depths separate what each extra sublayer holds (the slope, bytes per
 token per sublayer) from a per-model constant; the slope's n = 4 excess over n = 1 is set beside
 X_l + y_l + O(n^2) floats. Prints a table and writes JSON (--out). CPU only: on a GPU,
 ``bench/gpu_check.sh``'s memory section measures the CUDA step by allocation site.
@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from llmkit.io import write_json_atomic
@@ -36,12 +37,15 @@ IMPLEMENTATIONS = {"kernels": "auto", "pytorch": "torch"}  # n > 1 rows: label -
 
 
 def step_memory(config: ModelConfig, tokens: int, compile_blocks: bool) -> dict[str, int]:
-    """Bytes held when one training step's forward ends and the step's peak, above its start.
+    """Bytes the step allocated and still holds when its forward ends, and the step's peak.
 
     Two untracked steps run first (compilation, autocast's weight casts); the tracked one is
-    forward + backward, gradients set to None after. The profiler's raw allocation events
-    (``[memory]``, signed sizes) are summed in time order, so every allocation counts, the ops'
-    scratch buffers included, which saved-tensor hooks do not see."""
+    forward + backward, gradients set to None after. Every allocation the profiler records counts,
+    the ops' scratch buffers included, which saved-tensor hooks do not see; a free counts when it
+    releases a block the step allocated (same address). Frees of blocks allocated before the step
+    are left out: the profiler sizes them from an address table kept across sessions, so their
+    sizes came out differently from run to run under load (the interpreted kernels keep their last
+    launch's buffers until the next launch, which frees them in the tracked step)."""
     torch.manual_seed(0)
     model = Transformer(config).train()
     if compile_blocks:
@@ -60,14 +64,24 @@ def step_memory(config: ModelConfig, tokens: int, compile_blocks: bool) -> dict[
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = prof.profiler.kineto_results.events()
-    forward_end = next(e.start_ns() for e in events if e.name() == FORWARD_END)
+    nodes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children)
+    forward_end = next(node.start_time_ns for node in nodes if node.name == FORWARD_END)
+    blocks: dict[int, int] = {}  # address -> bytes, for blocks the tracked step allocated
     live = peak = 0
     held = None
-    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        if held is None and event.start_ns() >= forward_end:
+    for node in sorted((n for n in nodes if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns):
+        if held is None and node.start_time_ns >= forward_end:
             held = live
-        live += event.nbytes()
+        event = node.extra_fields
+        if event.alloc_size > 0:
+            blocks[event.ptr] = event.alloc_size
+            live += event.alloc_size
+        elif event.ptr in blocks:
+            live -= blocks.pop(event.ptr)
         peak = max(peak, live)
     return {"held_after_forward": live if held is None else held, "peak": peak}
 
