@@ -9,9 +9,9 @@ autograd saves (docs/performance.md). The kernels' wrappers allocate the same bu
 device, so running them here says whether that memory is theirs. Each step (bf16 autocast, bf16
 stream) runs under ``torch.profiler`` with ``profile_memory``; from its allocation events,
 matched by address, come the bytes the step allocated and still holds when its forward ends
-(what the backward reads) and the step's peak. Two depths separate what each extra sublayer holds (the slope, bytes per
-token per sublayer) from a per-model constant; the slope's n = 4 excess over n = 1 is set beside
-X_l + y_l + O(n^2) floats. Prints a table and writes JSON (--out). CPU only: on a GPU,
+(what the backward reads) and the step's peak. Two depths separate what each extra sublayer
+holds (the slope, bytes per token per sublayer) from a per-model constant; the slope's n = 4
+excess over n = 1 is set beside X_l + y_l + O(n^2) floats. Prints a table and writes JSON (--out). CPU only: on a GPU,
 ``bench/gpu_check.sh``'s memory section measures the CUDA step by allocation site.
 """
 
@@ -40,12 +40,7 @@ def step_memory(config: ModelConfig, tokens: int, compile_blocks: bool) -> dict[
     """Bytes the step allocated and still holds when its forward ends, and the step's peak.
 
     Two untracked steps run first (compilation, autocast's weight casts); the tracked one is
-    forward + backward, gradients set to None after. Every allocation the profiler records counts,
-    the ops' scratch buffers included, which saved-tensor hooks do not see; a free counts when it
-    releases a block the step allocated (same address). Frees of blocks allocated before the step
-    are left out: the profiler sizes them from an address table kept across sessions, so their
-    sizes came out differently from run to run under load (the interpreted kernels keep their last
-    launch's buffers until the next launch, which frees them in the tracked step)."""
+    forward + backward, gradients set to None after, under the profiler (``held_and_peak``)."""
     torch.manual_seed(0)
     model = Transformer(config).train()
     if compile_blocks:
@@ -64,6 +59,19 @@ def step_memory(config: ModelConfig, tokens: int, compile_blocks: bool) -> dict[
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+    return held_and_peak(prof)
+
+
+def held_and_peak(prof: profile) -> dict[str, int]:
+    """From a profiled step's allocation events: the bytes live at the ``FORWARD_END`` mark and at
+    the step's peak, counting only blocks the step allocated.
+
+    Every allocation the profiler records counts, the ops' scratch buffers included, which
+    saved-tensor hooks do not see; a free counts when it releases a block the step allocated (same
+    address). Frees of blocks allocated before the step are left out: the interpreted kernels keep
+    their last launch's buffers until the next launch frees them inside the step, and the profiler
+    sized such a free in some runs and dropped it in others (warning of a block of unknown size),
+    so summing them made the figures vary from run to run under load."""
     nodes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
