@@ -11,8 +11,9 @@ stream) runs under ``torch.profiler`` with ``profile_memory``; from its allocati
 matched by address, come the bytes the step allocated and still holds when its forward ends
 (what the backward reads) and the step's peak. Two depths separate what each extra sublayer
 holds (the slope, bytes per token per sublayer) from a per-model constant; the slope's n = 4
-excess over n = 1 is set beside X_l + y_l + O(n^2) floats. Prints a table and writes JSON (--out). CPU only: on a GPU,
-``bench/gpu_check.sh``'s memory section measures the CUDA step by allocation site.
+excess over n = 1 is set beside X_l + y_l + O(n^2) floats. Prints a table and writes JSON
+(--out). CPU only: on a GPU, ``bench/gpu_check.sh``'s memory section measures the CUDA step by
+allocation site.
 """
 
 from __future__ import annotations
