@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,6 +195,22 @@ def test_the_teacher_stays_in_eval_mode_through_fit(base_ckpt, tokenizer_path, e
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=1,
               callbacks=[Modes()]).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
     assert modes == [(True, False), (True, False)]
+
+
+@pytest.mark.parametrize("student_in_eval_mode", [False, True])
+def test_only_a_student_module_in_eval_mode_draws_lightnings_eval_mode_warning(student_in_eval_mode, base_ckpt,
+                                                                               tokenizer_path, examples):
+    """The teacher is in eval mode by design: Lightning's "module(s) in eval mode" warning would only
+    alarm; a module of the student left in eval mode is worth it, counted with the teacher's."""
+    module = sdft(base_ckpt, tokenizer_path)
+    if student_in_eval_mode:
+        module.model.blocks[0].eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(1).fit(module, SDFTDataModule(str(examples), batch_size=2))
+    found = [str(w.message).split(" in eval mode")[0] for w in caught if " in eval mode" in str(w.message)]
+    student = len(list(module.model.blocks[0].modules())) if student_in_eval_mode else 0
+    assert found == ([f"Found {len(list(module.teacher.modules())) + student} module(s)"] if student else [])
 
 
 def test_a_resumed_sdft_run_samples_and_ends_as_an_uninterrupted_one(base_ckpt, tokenizer_path, examples, tmp_path):

@@ -27,6 +27,7 @@ teacher included, so the teacher, like the student, is the same on every rank af
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -129,6 +130,17 @@ class SDFTModule(FineTuneModule):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        """Before its first step, Lightning's fit loop warns of every submodule in eval mode ("Found N
+        module(s) in eval mode at the start of training"); the teacher's N are so by design. Silence
+        that warning for exactly those, so a module of the student left in eval mode still warns."""
+        super().on_fit_start()
+        teacher = {id(module) for module in self.teacher.modules()}
+        if all(id(module) in teacher for module in self.modules() if not module.training):
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(teacher)} module\(s\) in eval mode at the start of training"
+            )
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         super().training_step(batch, batch_idx)
