@@ -1,6 +1,7 @@
 """PackedDataModule: window alignment, determinism, shard checks."""
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,6 +244,24 @@ def test_with_a_plain_trainer_the_shards_are_checked_against_the_module_being_ru
     with pytest.raises(LLMKitError, match=r"^data\.seq_len 64 is longer than the model's max_seq_len 32"):
         fit(VOCAB_SIZE, 32, 64)
     fit(VOCAB_SIZE, 64, 32)
+
+
+def test_without_val_files_fit_skips_validation_without_lightnings_zero_length_warning(shards):
+    """No val_files is a run without validation, as intended: Lightning's "Total length of `list`
+    across ranks is zero. Please make sure this was your intention." would only alarm."""
+    import lightning as L
+
+    from llmkit.model.config import ModelConfig
+    from llmkit.modules.pretrain import PretrainModule
+
+    config = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=16, n_heads=2, d_ff=32, max_seq_len=32)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PretrainModule(config), make_dm(shards, val_files=None))
+    assert trainer.global_step == 2 and "val/loss" not in trainer.callback_metrics
+    assert [str(w.message) for w in caught if "across ranks is zero" in str(w.message)] == []
 
 
 def test_shards_packed_with_different_tokenizers_are_refused(shards, tmp_path):

@@ -213,6 +213,17 @@ def test_only_a_student_module_in_eval_mode_draws_lightnings_eval_mode_warning(s
     assert found == ([f"Found {len(list(module.teacher.modules())) + student} module(s)"] if student else [])
 
 
+def test_without_val_files_fit_skips_validation_without_lightnings_zero_length_warning(base_ckpt, tokenizer_path,
+                                                                                    examples):
+    module = SFTModule(init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path))
+    run = trainer(2, val_check_interval=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(module, SDFTDataModule(str(examples), batch_size=2))
+    assert run.global_step == 2 and "val/ppl" not in run.callback_metrics
+    assert [str(w.message) for w in caught if "across ranks is zero" in str(w.message)] == []
+
+
 def test_a_resumed_sdft_run_samples_and_ends_as_an_uninterrupted_one(base_ckpt, tokenizer_path, examples, tmp_path):
     """The samples' seeds are checkpointed (RankSeeds), not replayed from the run's seed."""
     def run(max_steps: int, ckpt_path=None) -> SDFTModule:

@@ -15,6 +15,7 @@ the same order, instead of replaying the epoch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,16 @@ class PackedWindows(Dataset):
             self.shards[shard][offset : offset + self.seq_len + 1].astype(np.int64)
         )
         return window[:-1], window[1:]
+
+
+def no_validation() -> list:
+    """What ``val_dataloader`` returns without val_files: no loaders, so Lightning skips validation.
+
+    Lightning takes the empty list for one loader of length zero and warns "Total length of `list`
+    across ranks is zero. Please make sure this was your intention."; it is, so that warning is
+    silenced (a ``DataLoader`` of length zero is named as such and still warns)."""
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    return []
 
 
 class ResumableLoader(DataLoader):
@@ -299,7 +310,7 @@ class PackedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
-            return []  # no val_files: Lightning skips validation
+            return no_validation()
         ranks = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
             self.val_set,

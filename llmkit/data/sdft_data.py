@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmkit.data.datamodule import ResumableLoader
+from llmkit.data.datamodule import ResumableLoader, no_validation
 from llmkit.data.examples import Example, read_all_examples
 from llmkit.distributed import PAD_INDEX, EvalSampler
 from llmkit.errors import LLMKitError
@@ -95,7 +95,7 @@ class SDFTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_examples is None:
-            return []  # no val_files: Lightning skips validation
+            return no_validation()
         ranks = self.trainer.world_size if self.trainer is not None else 1
         if ranks > len(self.val_examples):  # a rank of padding only would log none of a step's statistics
             raise LLMKitError(f"data.val_files hold {len(self.val_examples)} examples, fewer than the {ranks} "
