@@ -121,6 +121,27 @@ def test_generate_without_a_recorded_tokenizer_asks_for_one(pretrained, tmp_path
                                        f"packed with)\n")
 
 
+def test_generate_from_a_model_directory_takes_the_tokenizer_it_holds(pretrained, tokenizer_path, tmp_path, capsys):
+    """`llmkit convert to-hf` writes the tokenizer into the model directory: generate from it needs
+    no --tokenizer; a directory without tokenizer files is asked for one, by what it lacks."""
+    exported = tmp_path / "exported"
+    assert main(["convert", "to-hf", "--ckpt", str(pretrained), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    common = ["--prompt", "def ", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(["generate", "--ckpt", str(pretrained), *common]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(exported), *common]) == 0
+    assert capsys.readouterr().out == expected and expected.startswith("def ")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (exported / name).unlink()
+    assert main(["generate", "--ckpt", str(exported), *common]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {exported} has no tokenizer.json or tokenizer.model: give "
+                                       f"--tokenizer (the .model, tokenizer.json or model directory its data was "
+                                       f"packed with)\n")
+    assert main(["generate", "--ckpt", str(exported), "--tokenizer", str(tokenizer_path), *common]) == 0
+    assert capsys.readouterr().out == expected
+
+
 def test_to_hf_exports_the_recorded_tokenizer_and_refuses_another(pretrained, tokenizer_path, other, tmp_path,
                                                                   capsys):
     assert main(["convert", "to-hf", "--ckpt", str(pretrained), "--out", str(tmp_path / "hf")]) == 0

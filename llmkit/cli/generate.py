@@ -92,9 +92,11 @@ def generate(
     """Sample text from a checkpoint (KV-cached, batched).
 
     Args:
-        ckpt: a .ckpt written by `llmkit pretrain fit`, a fine-tuning run or `llmkit lora merge`.
+        ckpt: a .ckpt written by `llmkit pretrain fit`, a fine-tuning run or `llmkit lora merge`, or a
+            model directory (a Hugging Face one, or one `llmkit convert to-hf` wrote).
         tokenizer: the tokenizer its data was packed with: a SentencePiece .model, a Hugging Face
-            tokenizer.json, or a model directory holding one; default: the one the checkpoint records.
+            tokenizer.json, or a model directory holding one; default: the one the checkpoint records,
+            or a model directory's own.
         prompt: one prompt (or use --prompt-file).
         prompt_file: one prompt per line, or .jsonl lines of {"prompt": ...}.
         lora: a LoRA adapter (.safetensors) trained on this checkpoint.
@@ -118,8 +120,8 @@ def generate(
     import torch
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import load_tokenizer, tokenizer_record
-    from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, recorded_tokenizer
+    from llmkit.data.tokenizer import directory_tokenizer, load_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import check_tokenizer, is_sharded_checkpoint, read_checkpoint, recorded_tokenizer
     from llmkit.model.generation import SamplingConfig
     from llmkit.model.generation import generate as sample
 
@@ -140,10 +142,13 @@ def generate(
         check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = read_checkpoint(ckpt, device)
-    tokenizer = tokenizer or recorded_tokenizer(checkpoint)
+    model_dir = Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt)
+    tokenizer = tokenizer or recorded_tokenizer(checkpoint) or (directory_tokenizer(Path(ckpt)) if model_dir else None)
     if tokenizer is None:
-        raise LLMKitError(f"{ckpt} records no tokenizer that is still on disk: give --tokenizer (the .model, "
-                          f"tokenizer.json or model directory its data was packed with)")
+        lacks = ("has no tokenizer.json or tokenizer.model" if model_dir
+                 else "records no tokenizer that is still on disk")
+        raise LLMKitError(f"{ckpt} {lacks}: give --tokenizer (the .model, tokenizer.json or model directory its data "
+                          f"was packed with)")
     model = load_with_adapter(ckpt, lora, device, checkpoint=checkpoint)
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
