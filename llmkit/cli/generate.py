@@ -142,8 +142,8 @@ def generate(
         check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = read_checkpoint(ckpt, device)
-    model_dir = Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt)
-    tokenizer = tokenizer or recorded_tokenizer(checkpoint) or (directory_tokenizer(Path(ckpt)) if model_dir else None)
+    model_dir = ckpt.is_dir() and not is_sharded_checkpoint(ckpt)
+    tokenizer = tokenizer or recorded_tokenizer(checkpoint) or (directory_tokenizer(ckpt) if model_dir else None)
     if tokenizer is None:
         lacks = ("has no tokenizer.json or tokenizer.model" if model_dir
                  else "records no tokenizer that is still on disk")
