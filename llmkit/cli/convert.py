@@ -128,8 +128,8 @@ def to_hf(
                      "write the exported model to a new directory")
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import load_tokenizer, tokenizer_record
-    from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, save_model_dir
+    from llmkit.data.tokenizer import first_tokenizer, load_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, save_model_dir, tokenizer_candidates
     from llmkit.model.hf import hf_exportable, save_hf_model, save_peft_adapter
     from llmkit.model.lora import merged_base_state, read_lora
 
@@ -141,7 +141,7 @@ def to_hf(
         raise LLMKitError("--no-merge-lora exports the adapter in PEFT's layout, which needs a model transformers "
                           "can load; this one (mHC, MoE or latent attention) is not: merge the adapter (the default)")
     state = merged_base_state(model) if lora is not None and merge_lora else model.state_dict()
-    tokenizer = tokenizer or _checkpoint_tokenizer(ckpt, checkpoint)
+    tokenizer = tokenizer or first_tokenizer(tokenizer_candidates(ckpt, checkpoint))
     special: dict[str, int | list[int] | None] = {}
     generation: dict = {}
     if tokenizer is None:  # what the source model's directory gave, if it was converted from one
@@ -202,24 +202,6 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
                               **tokenizer_link(ckpt, checkpoint))
     print(f"wrote {out}: {_describe(config, state)}, logits equal to {ckpt}'s at initialisation")
     return 0
-
-
-def _checkpoint_tokenizer(ckpt: Path, checkpoint: dict) -> Path | None:
-    """The tokenizer a checkpoint names: the one it records
-    (:func:`~llmkit.model.checkpoint.recorded_tokenizer`, an absolute path), else a fine-tuning
-    run's ``tokenizer`` hyperparameter if that path exists from here, else the model directory a
-    converted model came from (or ``ckpt`` itself) if it holds tokenizer files."""
-    from llmkit.model.checkpoint import recorded_tokenizer
-
-    if (recorded := recorded_tokenizer(checkpoint)) is not None:
-        return recorded
-    named = checkpoint.get("hyper_parameters", {}).get("tokenizer")
-    if named and Path(named).exists():  # a fine-tuning run's, as given: relative to where it ran
-        return Path(named)
-    for source in (checkpoint.get("converted_from", {}).get("model_dir"), ckpt):
-        if source and Path(source).is_dir() and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            return Path(source)
-    return None
 
 
 def _source_generation_config(tokenizer: Path) -> dict:

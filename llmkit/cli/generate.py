@@ -95,8 +95,8 @@ def generate(
         ckpt: a .ckpt written by `llmkit pretrain fit`, a fine-tuning run or `llmkit lora merge`, or a
             model directory (a Hugging Face one, or one `llmkit convert to-hf` wrote).
         tokenizer: the tokenizer its data was packed with: a SentencePiece .model, a Hugging Face
-            tokenizer.json, or a model directory holding one; default: the one the checkpoint records,
-            or a model directory's own.
+            tokenizer.json, or a model directory holding one; default: the one the checkpoint records (or
+            the model directory it is or was converted from holds).
         prompt: one prompt (or use --prompt-file).
         prompt_file: one prompt per line, or .jsonl lines of {"prompt": ...}.
         lora: a LoRA adapter (.safetensors) trained on this checkpoint.
@@ -120,8 +120,8 @@ def generate(
     import torch
 
     from llmkit.cli.lora import load_with_adapter
-    from llmkit.data.tokenizer import directory_tokenizer, load_tokenizer, tokenizer_record
-    from llmkit.model.checkpoint import check_tokenizer, is_sharded_checkpoint, read_checkpoint, recorded_tokenizer
+    from llmkit.data.tokenizer import first_tokenizer, load_tokenizer, tokenizer_record
+    from llmkit.model.checkpoint import check_tokenizer, is_sharded_checkpoint, read_checkpoint, tokenizer_candidates
     from llmkit.model.generation import SamplingConfig
     from llmkit.model.generation import generate as sample
 
@@ -143,7 +143,7 @@ def generate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = read_checkpoint(ckpt, device)
     model_dir = ckpt.is_dir() and not is_sharded_checkpoint(ckpt)
-    tokenizer = tokenizer or recorded_tokenizer(checkpoint) or (directory_tokenizer(ckpt) if model_dir else None)
+    tokenizer = tokenizer or first_tokenizer(tokenizer_candidates(ckpt, checkpoint))
     if tokenizer is None:
         lacks = ("has no tokenizer.json or tokenizer.model" if model_dir
                  else "records no tokenizer that is still on disk")

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -445,6 +445,14 @@ def directory_tokenizer(model_dir: Path) -> Path | None:
     """The tokenizer file of a model directory that :func:`load_tokenizer` reads: its
     ``tokenizer.json``, else its ``tokenizer.model``; None if it has neither."""
     return next((model_dir / name for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE) if (model_dir / name).is_file()),
+                None)
+
+
+def first_tokenizer(candidates: Iterable[Path]) -> Path | None:
+    """The first of ``candidates`` that :func:`load_tokenizer` reads: a file, or a directory with a
+    tokenizer (:func:`directory_tokenizer`, kept as the directory so that its other tokenizer files
+    come along); None if none is."""
+    return next((path for path in candidates if path.is_file() or (path.is_dir() and directory_tokenizer(path))),
                 None)
 
 

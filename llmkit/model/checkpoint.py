@@ -93,10 +93,16 @@ def check_tokenizer(checkpoint: dict[str, Any], ckpt: str | Path, tokenizer: dic
         )
 
 
-def recorded_tokenizer(checkpoint: dict[str, Any]) -> Path | None:
-    """The file of the tokenizer ``checkpoint`` records (:data:`TOKENIZER_KEY`), if it is still there."""
-    learned = checkpoint.get(TOKENIZER_KEY)
-    return Path(learned["path"]) if learned and Path(learned["path"]).is_file() else None
+def tokenizer_candidates(ckpt: str | Path, checkpoint: dict[str, Any]) -> list[Path]:
+    """Where the tokenizer of ``checkpoint`` (read from ``ckpt``) may be, best first: the file it
+    records (:data:`TOKENIZER_KEY`), a fine-tuning run's ``tokenizer`` hyperparameter (as that run
+    was given it: relative to where it ran), the model directory it was converted from, and
+    ``ckpt`` itself when it is a directory; :func:`llmkit.data.tokenizer.first_tokenizer` picks the
+    first that holds a tokenizer, and :func:`check_tokenizer` still checks what it picked."""
+    named = [(checkpoint.get(TOKENIZER_KEY) or {}).get("path"),
+             (checkpoint.get("hyper_parameters") or {}).get("tokenizer"),
+             (checkpoint.get("converted_from") or {}).get("model_dir")]
+    return [Path(p) for p in named if p] + ([Path(ckpt)] if Path(ckpt).is_dir() else [])
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
