@@ -580,7 +580,7 @@ def test_upcycle_and_lora_merge_keep_the_tokenizer_link_and_the_weights_dtype(im
 def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported, tmp_path):
     import yaml
 
-    common = {"init_ckpt": str(imported["ckpt"]), "tokenizer": str(imported["dir"]), "chat_template": True}
+    common = {"init_ckpt": str(imported["ckpt"]), "chat_template": True}  # sdft: the tokenizer the checkpoint records
     trainer = {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "logger": False,
                "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0}
     sdft = {"seed_everything": 0,
@@ -601,7 +601,8 @@ def test_sdft_and_ttt_fit_from_an_imported_model_with_its_chat_template(imported
                            before["model.blocks.0.attn.q_proj.weight"])
     ttt = {"seed_everything": 0, "trainer": {**trainer, "default_root_dir": str(tmp_path / "ttt"),
                                              "enable_checkpointing": False},
-           "model": {**common, "out_dir": str(tmp_path / "ttt_out"), "lora": {"rank": 2, "alpha": 4.0},
+           "model": {**common, "tokenizer": str(imported["dir"]), "out_dir": str(tmp_path / "ttt_out"),
+                     "lora": {"rank": 2, "alpha": 4.0},
                      "ttt": {"env": "llmkit.discovery.envs.StringTargetEnv",
                              "env_args": {"target": "sum", "metric": "edit"},
                              "starts_per_step": 1, "group_size": 3, "max_new_tokens": 6}}}

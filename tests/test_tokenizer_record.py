@@ -12,9 +12,9 @@ import yaml
 
 from llmkit.cli import main
 from llmkit.data.packing import meta_path_for, pack
-from llmkit.data.tokenizer import TokenizerTrainConfig, tokenizer_record, train_tokenizer
+from llmkit.data.tokenizer import TokenizerTrainConfig, first_tokenizer, tokenizer_record, train_tokenizer
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import TOKENIZER_KEY, load_checkpoint_file
+from llmkit.model.checkpoint import TOKENIZER_KEY, load_checkpoint_file, tokenizer_candidates
 from llmkit.modules.finetune import load_student
 from tests.conftest import VOCAB_SIZE
 
@@ -97,6 +97,46 @@ def test_fine_tuning_refuses_another_tokenizer_and_records_its_own(pretrained, t
     model, tok, record = load_student(str(pretrained), str(tokenizer_path))
     assert tok.path == tokenizer_path and model.config.vocab_size == VOCAB_SIZE
     assert record == tokenizer_record(tokenizer_path) == load_checkpoint_file(pretrained)[TOKENIZER_KEY]
+
+
+def test_a_checkpoint_names_its_tokenizer_by_the_first_candidate_still_on_disk(tokenizer_path, tmp_path):
+    """The recorded file, else the run's tokenizer hyperparameter, else the directory it was converted
+    from, else the directory it is; a directory counts only if load_tokenizer reads it."""
+    source, ckpt_dir = tmp_path / "source", tmp_path / "ckpt_dir"
+    for directory in (source, ckpt_dir):
+        directory.mkdir()
+        (directory / "tokenizer_config.json").write_text("{}")  # not a tokenizer on its own
+    checkpoint = {TOKENIZER_KEY: {"path": str(tmp_path / "moved.model"), "sha256": "0" * 64},
+                  "hyper_parameters": {"tokenizer": str(tokenizer_path)}, "converted_from": {"model_dir": str(source)}}
+    assert tokenizer_candidates(ckpt_dir, checkpoint) == [tmp_path / "moved.model", tokenizer_path, source, ckpt_dir]
+    assert first_tokenizer(tokenizer_candidates(ckpt_dir, checkpoint)) == tokenizer_path
+    del checkpoint["hyper_parameters"]
+    assert first_tokenizer(tokenizer_candidates(ckpt_dir, checkpoint)) is None
+    (ckpt_dir / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    assert first_tokenizer(tokenizer_candidates(ckpt_dir, checkpoint)) == ckpt_dir
+    (source / "tokenizer.json").write_text("{}")
+    assert first_tokenizer(tokenizer_candidates(ckpt_dir, checkpoint)) == source
+    assert first_tokenizer(tokenizer_candidates(tmp_path / "file.ckpt", {})) is None
+
+
+def test_fine_tuning_without_model_tokenizer_takes_the_one_init_ckpt_names(pretrained, tokenizer_path, tmp_path,
+                                                                           capsys):
+    """The recorded tokenizer of a checkpoint, the tokenizer files of a model directory; a checkpoint
+    that names none asks for model.tokenizer."""
+    _, tok, record = load_student(str(pretrained), None)
+    assert tok.path == tokenizer_path and record == load_checkpoint_file(pretrained)[TOKENIZER_KEY]
+    exported = tmp_path / "exported"
+    assert main(["convert", "to-hf", "--ckpt", str(pretrained), "--out", str(exported)]) == 0
+    _, tok, record = load_student(str(exported), None)
+    assert tok.path == exported / "tokenizer.model" and record["sha256"] == tokenizer_record(tokenizer_path)["sha256"]
+    ckpt = torch.load(pretrained, weights_only=True)
+    del ckpt[TOKENIZER_KEY]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(LLMKitError) as error:
+        load_student(str(old), None)
+    assert str(error.value) == (f"model.init_ckpt {old} names no tokenizer that is still on disk: set model.tokenizer "
+                                f"(the .model, tokenizer.json or model directory its data was packed with)")
 
 
 def test_generate_takes_the_recorded_tokenizer_and_refuses_another(pretrained, tokenizer_path, other, capsys):

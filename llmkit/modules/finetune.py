@@ -30,12 +30,12 @@ from torchmetrics import MeanMetric
 
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.data.examples import Example
-from llmkit.data.tokenizer import TokenizerLike, load_tokenizer, tokenizer_record
+from llmkit.data.tokenizer import TokenizerLike, first_tokenizer, load_tokenizer, tokenizer_record
 from llmkit.distributed import require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.eval.report import EvalConfig
 from llmkit.io import as_dataclass, write_json_atomic
-from llmkit.model.checkpoint import backbone_from_checkpoint, check_tokenizer, read_checkpoint
+from llmkit.model.checkpoint import backbone_from_checkpoint, check_tokenizer, read_checkpoint, tokenizer_candidates
 from llmkit.model.config import AttentionBackend
 from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
@@ -70,14 +70,21 @@ def load_student(
     tokenizer's record (:func:`~llmkit.data.tokenizer.tokenizer_record`, the module's
     ``tokenizer_record``), checked to share a vocabulary, to be the tokenizer the checkpoint records
     if it records one, and to have a chat template if ``chat_template`` (the module option of that
-    name); ``gradient_checkpointing`` and ``attention_backend`` override the checkpoint's settings
-    unless None."""
-    if init_ckpt is None or tokenizer is None:
+    name); ``tokenizer`` None takes the one the checkpoint names
+    (:func:`~llmkit.model.checkpoint.tokenizer_candidates`); ``gradient_checkpointing`` and
+    ``attention_backend`` override the checkpoint's settings unless None."""
+    if init_ckpt is None:
         raise LLMKitError(
-            "fine-tuning needs model.init_ckpt (the checkpoint to start from) and model.tokenizer (its .model, "
-            "tokenizer.json or model directory); `validate --ckpt_path` of a fine-tuned checkpoint reads both from it"
+            "fine-tuning needs model.init_ckpt (the checkpoint or model directory to start from); `validate "
+            "--ckpt_path` of a fine-tuned checkpoint reads it from the checkpoint"
         )
     checkpoint = read_checkpoint(init_ckpt)
+    tokenizer = tokenizer or first_tokenizer(tokenizer_candidates(init_ckpt, checkpoint))
+    if tokenizer is None:
+        raise LLMKitError(
+            f"model.init_ckpt {init_ckpt} names no tokenizer that is still on disk: set model.tokenizer (the .model, "
+            f"tokenizer.json or model directory its data was packed with)"
+        )
     model = backbone_from_checkpoint(checkpoint, init_ckpt).train()
     if gradient_checkpointing is not None:
         model.config.gradient_checkpointing = gradient_checkpointing
@@ -127,8 +134,9 @@ class FineTuneModule(LLMKitModule):
 
     Args:
         init_ckpt: the checkpoint whose backbone is fine-tuned (required).
-        tokenizer: the tokenizer the backbone was trained with (required): a SentencePiece ``.model``, a
-            Hugging Face ``tokenizer.json``, or a model directory holding one.
+        tokenizer: the tokenizer the backbone was trained with: a SentencePiece ``.model``, a Hugging Face
+            ``tokenizer.json``, or a model directory holding one; default: the one init_ckpt records (or the model
+            directory it is or was converted from holds).
         optim: AdamW and its warm-up + cosine schedule.
         evaluation: held-out shards and probes for validation and the RegressionGate.
         accumulate_grad_batches: micro-batches per optimizer step.

@@ -209,8 +209,9 @@ class TTTDiscoverModule(LLMKitModule):
 
     Args:
         init_ckpt: the checkpoint whose backbone is adapted (required).
-        tokenizer: the tokenizer the backbone was trained with (required): a SentencePiece ``.model``, a
-            Hugging Face ``tokenizer.json``, or a model directory holding one.
+        tokenizer: the tokenizer the backbone was trained with: a SentencePiece ``.model``, a Hugging Face
+            ``tokenizer.json``, or a model directory holding one; default: the one init_ckpt records (or the model
+            directory it is or was converted from holds).
         ttt: the problem and the loop.
         lora: the adapter (the paper: rank 32).
         optim: AdamW over the adapter and its schedule (the paper: lr 4e-5).
