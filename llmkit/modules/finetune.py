@@ -78,6 +78,11 @@ def load_student(
             "fine-tuning needs model.init_ckpt (the checkpoint or model directory to start from); `validate "
             "--ckpt_path` of a fine-tuned checkpoint reads it from the checkpoint"
         )
+    if not Path(init_ckpt).exists():
+        raise LLMKitError(
+            f"model.init_ckpt {init_ckpt} does not exist: set it to the checkpoint or model directory to start from "
+            f"(the shipped fine-tuning configs start from the demo's model: run `llmkit demo` first)"
+        )
     checkpoint = read_checkpoint(init_ckpt)
     tokenizer = tokenizer or first_tokenizer(tokenizer_candidates(init_ckpt, checkpoint))
     if tokenizer is None:
