@@ -537,7 +537,13 @@ def test_lightning_commands_offer_fit_and_validate_and_name_a_bad_trainer_settin
     assert main(["pretrain", "validate", "--ckpt_path", ckpt, "--data.val_files", str(shards["val"]),
                  "--trainer.accelerator", "gpu"]) == 1
     last = capsys.readouterr().err.splitlines()[-1]  # (under pytest, a stale logging handler may print before it)
-    assert last.startswith("llmkit: error: trainer: ")
+    assert last == ("llmkit: error: trainer: No supported gpu backend found! (this machine lacks that accelerator; the "
+                    "*_gpu and *_fsdp configs ask for a CUDA GPU: on a CPU take a *_cpu config, or run a *_gpu config "
+                    "with --trainer.accelerator cpu)")
+    assert main(["pretrain", "validate", "--ckpt_path", ckpt, "--data.val_files", str(shards["val"]),
+                 "--trainer.devices", "0"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("llmkit: error: trainer: `Trainer(devices='0')`")
     assert last.endswith("(check the trainer settings: accelerator, devices, strategy, precision)")
 
 

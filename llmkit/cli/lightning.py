@@ -370,6 +370,17 @@ class LLMKitCLI(LightningCLI):
         return trainer
 
 
+def _trainer_hint(message: str) -> str:
+    """What to do about Lightning's refusal of a trainer setting, ``message``."""
+    if "manual optimization" in message:
+        return ("this module optimises by hand: set model.gradient_clip_val (and, for sft and sdft, "
+                "model.accumulate_grad_batches) instead")
+    if "gpu backend" in message or "accelerator is not available" in message:
+        return ("this machine lacks that accelerator; the *_gpu and *_fsdp configs ask for a CUDA GPU: on a CPU "
+                "take a *_cpu config, or run a *_gpu config with --trainer.accelerator cpu")
+    return "check the trainer settings: accelerator, devices, strategy, precision"
+
+
 def run(name: str, args: list[str]) -> None:
     """``llmkit NAME ...``: LightningCLI over the command's module and data module."""
     quiet_known_noise()
@@ -387,10 +398,7 @@ def run(name: str, args: list[str]) -> None:
                 seed_everything_default=0,  # Lightning's default, True, also seeds 0, warning "No seed found"
             )
         except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
-            hint = ("this module optimises by hand: set model.gradient_clip_val (and, for sft and sdft, "
-                    "model.accumulate_grad_batches) instead" if "manual optimization" in str(e)
-                    else "check the trainer settings: accelerator, devices, strategy, precision")
-            raise LLMKitError(f"trainer: {' '.join(str(e).split())} ({hint})") from e
+            raise LLMKitError(f"trainer: {' '.join(str(e).split())} ({_trainer_hint(str(e))})") from e
         except ValueError as e:  # jsonargparse wraps what a config class refused (ModelConfig's checks)
             cause = e
             while cause is not None and not isinstance(cause, LLMKitError):
