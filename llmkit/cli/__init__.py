@@ -5,10 +5,13 @@
     llmkit sdft {fit,validate} --config YAML      self-distillation fine-tuning (SDFTModule)
     llmkit sft {fit,validate} --config YAML       supervised fine-tuning baseline (SFTModule)
     llmkit ttt fit --config YAML                  TTT-Discover on one problem (TTTDiscoverModule)
-    llmkit generate --ckpt CKPT --tokenizer TOK --prompt TEXT     KV-cached batched sampling
+    llmkit generate --ckpt CKPT --prompt TEXT     KV-cached batched sampling
     llmkit lora merge --ckpt BASE --lora ADAPTER --out MERGED
+    llmkit convert {from-hf,to-hf,upcycle} ...    Hugging Face models in and out, dense -> mHC
     llmkit consolidate --run DIR --out FILE.jsonl discovery results -> SDFT examples
+    llmkit scaling fit --runs DIR ...             a scaling law with breakpoints over pretraining runs
     llmkit demo                                   the whole pipeline on the stdlib corpus, CPU-sized
+    llmkit --version
 
 The table of commands is :mod:`llmkit.cli.commands`; each argparse command's flags come from
 its function's signature (:mod:`llmkit.cli.signature`). torch and Lightning are imported only
@@ -30,6 +33,7 @@ import sys
 import threading
 import warnings
 
+from llmkit import __version__
 from llmkit.cli.commands import COMMANDS, LIGHTNING_COMMANDS
 from llmkit.cli.signature import add_command, call_command, summary
 from llmkit.errors import LLMKitError, format_warning
@@ -38,6 +42,7 @@ from llmkit.errors import LLMKitError, format_warning
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every argparse command; the LightningCLI ones are listed for ``--help`` only."""
     parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         if callable(command):
