@@ -6,6 +6,7 @@ network.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def synthetic_source(n_docs: int, seed: int) -> str:
             ]
         docs.append("\n".join(lines))
     return "".join(doc + "\n" + DOC_SEPARATOR + "\n" for doc in docs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_the_working_directory():
+    """Every test writes under its tmp_path: a Trainer that falls back to Lightning's default
+    directories (./checkpoints, ./lightning_logs) would leave files in the checkout."""
+    before = set(os.listdir())
+    yield
+    assert sorted(set(os.listdir()) - before - {".pytest_cache"}) == [], "a test wrote into the working directory"
 
 
 @pytest.fixture(scope="session")
