@@ -740,3 +740,12 @@ def test_a_fine_tuning_config_run_before_the_demo_says_to_run_it(config, tmp_pat
         "llmkit: error: model.init_ckpt lightning_logs/demo/checkpoints/last.ckpt does not exist: set it to the "
         "checkpoint or model directory to start from (the shipped fine-tuning configs start from the demo's model: "
         "run `llmkit demo` first)")
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"llmkit {version('llmkit')}\n"
