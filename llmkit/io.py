@@ -28,19 +28,19 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a bo
                float: "a number", type(None): "null"}
 
 
-def expand_inputs(patterns: Sequence[str | Path], what: str) -> list[Path]:
+def expand_inputs(patterns: Sequence[str | Path], what: str, hint: str = "check the path or pattern") -> list[Path]:
     """The files named by ``patterns``, each a path or a glob pattern (``**`` recurses).
 
     Each pattern's matches are sorted; patterns keep their order and a file named twice is
     kept once (:func:`unique_paths`). A pattern that matches no file raises
-    :class:`LLMKitError` naming ``what`` (the setting the patterns came from).
+    :class:`LLMKitError` naming ``what`` (the setting the patterns came from) and ``hint``.
     """
     files: list[Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
-            raise LLMKitError(f"{what}: {pattern!r} matches no file; check the path or pattern")
+            raise LLMKitError(f"{what}: {pattern!r} matches no file; {hint}")
         files += matches
     return unique_paths(files)
 

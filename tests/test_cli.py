@@ -729,17 +729,24 @@ def test_a_lightning_command_stopped_by_sigterm_exits_143_not_0(monkeypatch):
     assert main(["pretrain", "fit", "--config", "x.yaml"]) == 143
 
 
-@pytest.mark.parametrize("config", ["sft/tiny_cpu", "sdft/tiny_cpu", "ttt/toy"])
-def test_a_fine_tuning_config_run_before_the_demo_says_to_run_it(config, tmp_path, monkeypatch, capsys):
-    """The shipped fine-tuning configs start from the demo's checkpoint; without it the one line
-    names the key and the command that writes it."""
+MISSING_DEMO_CHECKPOINT = (
+    "model.init_ckpt lightning_logs/demo/checkpoints/last.ckpt does not exist: set it to the checkpoint or model "
+    "directory to start from (the shipped fine-tuning configs start from the demo's model: run `llmkit demo` first)")
+
+
+@pytest.mark.parametrize("config, error", [
+    ("pretrain/tiny_cpu", "data.train_files: 'lightning_logs/demo/data/train.bin' matches no file; check the path "
+                          "or pattern; `llmkit data pack` writes shards (and `llmkit demo` the ones "
+                          "configs/pretrain/tiny_cpu.yaml reads: run it first)"),
+    ("sft/tiny_cpu", MISSING_DEMO_CHECKPOINT), ("sdft/tiny_cpu", MISSING_DEMO_CHECKPOINT),
+    ("ttt/toy", MISSING_DEMO_CHECKPOINT)])
+def test_a_cpu_config_run_before_the_demo_says_to_run_it(config, error, tmp_path, monkeypatch, capsys):
+    """The shipped CPU configs read the demo's shards or start from its checkpoint; without them
+    the one line names the key and the command that writes them."""
     monkeypatch.chdir(tmp_path)
     command = config.split("/")[0]
     assert main([command, "fit", "--config", str(Path(__file__).parents[1] / "configs" / f"{config}.yaml")]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "llmkit: error: model.init_ckpt lightning_logs/demo/checkpoints/last.ckpt does not exist: set it to the "
-        "checkpoint or model directory to start from (the shipped fine-tuning configs start from the demo's model: "
-        "run `llmkit demo` first)")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"llmkit: error: {error}"
 
 
 def test_version_is_the_installed_packages(capsys):

@@ -33,6 +33,10 @@ from llmkit.io import expand_inputs
 IGNORE_INDEX = -100
 """The target id no loss counts (``F.cross_entropy``'s default ``ignore_index``)."""
 
+SHARDS_HINT = ("check the path or pattern; `llmkit data pack` writes shards (and `llmkit demo` the ones "
+               "configs/pretrain/tiny_cpu.yaml reads: run it first)")
+"""What to do when a data.train_files or data.val_files pattern matches no shard."""
+
 
 class PackedWindows(Dataset):
     """Windows (x, y) of length seq_len at given (shard, offset) starts; index
@@ -249,12 +253,12 @@ class PackedDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             if not self.train_files:
                 raise LLMKitError("data.train_files is empty: give the training .bin shards")
-            paths = expand_inputs(self.train_files, "data.train_files")
+            paths = expand_inputs(self.train_files, "data.train_files", SHARDS_HINT)
             shards = open_checked_shards(paths, self.seq_len, self.vocab_size, self._packed_with)
             self.train_set = PackedWindows(shards, self._train_starts(shards), self.seq_len)
             self._check_train_batches(len(self.train_set))
         if stage in ("fit", "validate") and self.val_set is None and self.val_files:
-            paths = expand_inputs(self.val_files, "data.val_files")
+            paths = expand_inputs(self.val_files, "data.val_files", SHARDS_HINT)
             shards = open_checked_shards(paths, self.seq_len, self.vocab_size, self._packed_with)
             self.val_set = PackedWindows(shards, self._val_starts(shards), self.seq_len)
         if stage == "validate" and self.val_set is None:
