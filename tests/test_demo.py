@@ -46,6 +46,17 @@ def test_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     assert after < before - 0.5
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "data" / "train.bin.json").is_file()
     assert list((tmp_path / "logs" / "demo" / "version_0").glob("events.out.tfevents.*"))
+    # the mHC residual's story: H_res of every sublayer in TensorBoard (every 12 // 10 = 1 step), the
+    # composite gain in the console, near 1 for doubly stochastic mappings
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "demo" / "version_0"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("mhc/composite/fwd_gain")] == list(range(12))
+    assert {"mhc/L0.attn/row_dev", "mhc/L3.mlp/col_dev"} <= set(events.Tags()["scalars"])
+    gains = re.search(r"mHC residual across the depth at step 11: gain ([\d.]+) forward, ([\d.]+) backward", printed)
+    assert gains and all(abs(float(g) - 1) < 0.05 for g in gains.groups())
+    assert float(gains[1]) == pytest.approx(events.Scalars("mhc/composite/fwd_gain")[-1].value, abs=1e-3)
     assert f"TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'demo' / 'version_0'}" in printed
     # every file of the demo's that a config or a benchmark names by default is where the demo wrote it
     named = {m for f in [*REPO.glob("configs/**/*.yaml"), *REPO.glob("bench/*.py")]

@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, TokenThroughput
+    from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, MHCMonitor, TokenThroughput
     from llmkit.callbacks.console import quiet_known_noise, use_step_progress_bar
     from llmkit.data.datamodule import PackedDataModule
     from llmkit.data.pipeline import build_corpus_shards
@@ -100,6 +100,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     logger = TensorBoardLogger(cfg.log_dir, name="demo", default_hp_metric=False)
     ckpt_dir = out / "checkpoints"  # where configs/{sdft,sft,ttt} look for it; a rerun replaces it, and samples it
+    monitor = MHCMonitor(every_n_steps=max(1, cfg.max_steps // 10))  # H_res in TensorBoard, ten times a run
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
         accelerator="auto",
@@ -107,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         gradient_clip_val=1.0,
         logger=logger,
-        callbacks=[TokenThroughput(), Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
+        callbacks=[TokenThroughput(), monitor, Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=max(1, cfg.max_steps // 4),
         check_val_every_n_epoch=None,
@@ -144,12 +145,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         "tokenizer": str(tok_path),
         "log_dir": logger.log_dir,
         "sample": text,
+        "mhc": monitor.last_stats,
     }
     print("-" * 60)
     print(text)
     print("-" * 60)
     print(f"val loss (nats/token): {before:.3f} before -> {after:.3f} after "
           f"{cfg.max_steps} steps ({train_seconds:.0f} s of training, {result['total_seconds']:.0f} s total)")
+    if monitor.last_stats:
+        print(f"mHC residual across the depth at step {monitor.last_step}: gain "
+              f"{monitor.last_stats['mhc/composite/fwd_gain']:.3f} forward, "
+              f"{monitor.last_stats['mhc/composite/bwd_gain']:.3f} backward (doubly stochastic H_res keeps both "
+              f"near 1; TensorBoard shows every sublayer under mhc/)")
     print(f"checkpoint: {ckpt}")
     print(f"TensorBoard: tensorboard --logdir {logger.log_dir}")
     return result
