@@ -55,7 +55,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the pipeline; returns the val losses, timings and artifact paths."""
+    """Run the pipeline; returns the val losses, timings, artifact paths and the last MHCMonitor statistics."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
