@@ -66,3 +66,80 @@ def test_every_test_the_docs_cite_exists():
     cited = {(doc.name, name) for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
              for name in re.findall(r"\b(test_\w+)\b", doc.read_text(encoding="utf-8"))}
     assert sorted((doc, name) for doc, name in cited if name not in defined) == []
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file, argv) of every ``llmkit ...`` line in the bash blocks of the README and docs/, with
+    continuation lines joined and comments, pipes and redirections cut off."""
+    import re
+    import shlex
+
+    commands = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.split(r"\s(?:#|\||>|&&)\s", f" {line.strip()} ")[0].strip()
+                if line.startswith("llmkit "):
+                    commands.append((doc.name, shlex.split(line)[1:]))
+    return commands
+
+
+def unknown_lightning_keys(argv: list[str]) -> list[str]:
+    """The ``--key`` options of a LightningCLI command line that its Trainer, module or data module
+    lacks, following dataclass-typed settings down (``--model.config.vocab_size``)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    import lightning as L
+
+    from llmkit.cli.commands import LIGHTNING_COMMANDS
+
+    command = LIGHTNING_COMMANDS[argv[0]]
+    roots = {"trainer": L.Trainer, **{name: getattr(importlib.import_module(path.split(":")[0]), path.split(":")[1])
+                                      for name, path in (("model", command.module), ("data", command.datamodule))
+                                      if path}}
+    unknown = [] if argv[1] in command.subcommands else [argv[1]]
+    for option in (a.split("=")[0].removeprefix("--") for a in argv[2:] if a.startswith("--")):
+        if option in ("config", "ckpt_path", "print_config", "seed_everything"):
+            continue
+        head, *path = option.split(".")
+        if head not in roots or not path:
+            unknown.append(option)
+            continue
+        inits = [c.__init__ for c in roots[head].__mro__ if "__init__" in vars(c)]  # **kwargs: the base's
+        inits = inits[:next(i for i, f in enumerate(inits) if "kwargs" not in inspect.signature(f).parameters) + 1]
+        hints = {k: v for f in inits for k, v in typing.get_type_hints(f).items()}
+        names = {n for f in inits for n in inspect.signature(f).parameters} - {"self", "kwargs"}
+        for name in path:
+            if name not in names:
+                unknown.append(option)
+                break
+            kinds = typing.get_args(hints.get(name)) or (hints.get(name),)
+            classes = [k for k in kinds if dataclasses.is_dataclass(k)]
+            if not classes:  # a plain value, or a dict: nothing further to check
+                break
+            hints = {k: v for c in classes for k, v in typing.get_type_hints(c).items()}
+            names = set(hints)
+    return unknown
+
+
+def test_every_llmkit_command_in_the_docs_names_real_commands_and_flags():
+    """A renamed flag or setting must take the README's and docs' command lines along: argparse
+    commands parse as written; LightningCLI ones name keys their Trainer, module and data module have."""
+    from llmkit.cli import build_parser
+    from llmkit.cli.commands import LIGHTNING_COMMANDS
+
+    commands = documented_commands()
+    assert len(commands) > 50 and {argv[0] for _, argv in commands} >= {"data", "pretrain", "sdft", "ttt", "convert"}
+    parser, wrong = build_parser(), []
+    for doc, argv in commands:
+        if argv[0] in LIGHTNING_COMMANDS:
+            wrong += [(doc, " ".join(argv), key) for key in unknown_lightning_keys(argv)]
+            continue
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            wrong.append((doc, " ".join(argv), "does not parse"))
+    assert wrong == []
