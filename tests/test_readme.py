@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,8 +61,6 @@ def test_the_readme_walkthrough_runs_verbatim(tmp_path):
 def test_every_test_the_docs_cite_exists():
     """docs/ and the README cite tests (and test modules) by name as evidence; a renamed test must take
     its citations along."""
-    import re
-
     files = list((ROOT / "tests").glob("*.py"))
     defined = {f.stem for f in files} | {m for f in files for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
     cited = {(doc.name, name) for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
@@ -71,9 +71,6 @@ def test_every_test_the_docs_cite_exists():
 def documented_commands() -> list[tuple[str, list[str]]]:
     """(file, argv) of every ``llmkit ...`` line in the bash blocks of the README and docs/, with
     continuation lines joined and comments, pipes and redirections cut off."""
-    import re
-    import shlex
-
     commands = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
@@ -88,18 +85,17 @@ def unknown_lightning_keys(argv: list[str]) -> list[str]:
     """The ``--key`` options of a LightningCLI command line that its Trainer, module or data module
     lacks, following dataclass-typed settings down (``--model.config.vocab_size``)."""
     import dataclasses
-    import importlib
     import inspect
     import typing
 
     import lightning as L
 
     from llmkit.cli.commands import LIGHTNING_COMMANDS
+    from llmkit.cli.lightning import _import
 
     command = LIGHTNING_COMMANDS[argv[0]]
-    roots = {"trainer": L.Trainer, **{name: getattr(importlib.import_module(path.split(":")[0]), path.split(":")[1])
-                                      for name, path in (("model", command.module), ("data", command.datamodule))
-                                      if path}}
+    roots = {"trainer": L.Trainer, "model": _import(command.module), "data": _import(command.datamodule)}
+    roots = {name: cls for name, cls in roots.items() if cls is not None}
     unknown = [] if argv[1] in command.subcommands else [argv[1]]
     for option in (a.split("=")[0].removeprefix("--") for a in argv[2:] if a.startswith("--")):
         if option in ("config", "ckpt_path", "print_config", "seed_everything"):
