@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tqdm import tqdm
 
+from llmkit import cli
 from llmkit.cli import main
 from llmkit.errors import LLMKitError
 from llmkit.io import check_yaml_keys
@@ -304,6 +306,22 @@ def test_missing_checkpoint_and_missing_corpus(tmp_path, tokenizer_path, capsys)
                  "--output", str(out)]) == 1
     assert "no.txt" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("signal_error", "code", "line"), [(KeyboardInterrupt, 130, "llmkit: interrupted"),
+                                                           (cli.Terminated, 143, "llmkit: terminated")])
+def test_a_signal_while_a_progress_bar_is_drawn_prints_its_line_below_the_bar(signal_error, code, line, capsys,
+                                                                               monkeypatch):
+    """A CI run of `data pack` caught Ctrl-C right after the bar's first line, before its `with` began:
+    the bar stayed open and stderr ended `pack big.bin:   0%|...| 0.00/63.6M [00:00<?, ?B/s]llmkit: interrupted`."""
+    def drawing_then_signalled(command, args):
+        bar = tqdm(desc="pack big.bin", total=100, unit="B")  # drawn, not yet inside its `with`
+        raise signal_error(bar)
+
+    monkeypatch.setattr(cli, "call_command", drawing_then_signalled)
+    assert main(["data", "verify", "--shard", "x.bin"]) == code
+    err = capsys.readouterr().err
+    assert err.endswith(f"\n{line}\n") and "pack big.bin:   0%" in err.splitlines()[-2]
 
 
 def test_console_script_entry_point_runs():

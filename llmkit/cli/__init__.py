@@ -80,6 +80,17 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _end_progress_bars() -> None:
+    """Close the tqdm bars a signal left open, so the line after them starts on its own line. A
+    bar's ``with`` closes it on the way out, but a signal that lands while the bar is still being
+    constructed (after it drew its first line, before ``__enter__``) leaves it open, and the
+    message would be glued to the end of ``pack x.bin:   0%|...|``."""
+    std = sys.modules.get("tqdm.std")  # not loaded: no bar was ever drawn
+    if std is not None:
+        for bar in list(std.tqdm._instances):  # the live bars (a WeakSet tqdm keeps for their positions)
+            bar.close()
+
+
 def error_prefix() -> str:
     """``llmkit: error: ``, naming the rank on the ranks above 0 of a distributed run, where every
     rank reports its own error: ``llmkit: error (rank 1): ``."""
@@ -119,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("llmkit: interrupted", file=sys.stderr)
         return 130
     except Terminated:
+        _end_progress_bars()
         print("llmkit: terminated", file=sys.stderr)
         return EXIT_SIGTERM
