@@ -1,5 +1,6 @@
-# Quick start targets. TORCH pins the CPU wheel that installs fast here; on a GPU machine
-# install your CUDA build of torch first, or run `make setup TORCH=torch`.
+# Quick start targets. TORCH pins the release whose CPU wheel our CI machines hold on disk (from
+# PyPI, Linux gets its CUDA build, which runs on a CPU too); on a GPU machine install your CUDA
+# build of torch first, or run `make setup TORCH=torch`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -22,8 +22,8 @@ class DemoConfig:
     """What ``llmkit demo`` runs (each field is a flag).
 
     Attributes:
-        out: where corpus, tokenizer and shards go.
-        log_dir: TensorBoard logs and checkpoints go to LOG_DIR/demo/version_N.
+        out: where corpus, tokenizer, shards and the checkpoint (OUT/checkpoints/last.ckpt) go.
+        log_dir: TensorBoard logs go to LOG_DIR/demo/version_N.
         model: the model YAML (in an llmkit checkout: configs/model/tiny.yaml).
         max_files: use only the first N stdlib files (default: all of them).
         vocab_size: tokenizer vocabulary.
