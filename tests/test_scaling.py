@@ -107,7 +107,7 @@ def test_plot_writes_a_png_in_place_and_says_how_to_install_matplotlib(tmp_path,
 def write_run(
     run: Path, val: list[tuple[int, float]] | None, tokens: list[tuple[int, float]] | None,
     config: ModelConfig | None = CONFIG, hparams_seq_len: int | None = None, cli_seq_len: object = "absent",
-    train_files: str | None = None,
+    train_files: str | None = None, val_tokens: list[tuple[int, float]] | None = None,
 ) -> Path:
     """A run directory as `llmkit pretrain fit` leaves it: TensorBoard events, hparams.yaml (with
     the tuple tag Lightning writes for AdamW's betas) and, when ``cli_seq_len`` is given, the
@@ -117,6 +117,8 @@ def write_run(
         writer.add_scalar("val/loss", value, step)
     for step, value in tokens or []:
         writer.add_scalar("train/tokens", value, step)
+    for step, value in val_tokens or []:
+        writer.add_scalar("val/tokens", value, step)
     writer.add_scalar("train/loss", 5.0, 0)
     writer.close()
     if config is not None:
@@ -139,6 +141,14 @@ def test_a_run_gives_its_loss_tokens_parameters_and_flops(tmp_path):
     assert final.params == params and final.seq_len == 32
     assert final.flops == pytest.approx((6 * params + 12 * 2 * 32 * 32) * 6400)
     assert final.x("compute") == final.flops and final.x("params") == params and final.x("tokens") == 6400
+
+
+def test_a_run_shorter_than_log_every_n_steps_is_read_from_its_val_tokens(tmp_path):
+    """A run that validated before it logged train/tokens (2 steps, log_every_n_steps 10): the
+    tokens logged with its val/loss are all the point needs."""
+    run = write_run(tmp_path / "run", val=[(1, 6.0)], tokens=None, val_tokens=[(1, 1024.0)], hparams_seq_len=32)
+    point = read_run(run)
+    assert (point.loss, point.step, point.tokens) == (6.0, 1, 1024.0)
 
 
 def test_a_run_between_logged_steps_and_before_the_first():
@@ -168,7 +178,8 @@ def test_the_flops_window_comes_from_config_yaml_then_hparams_then_the_context(
     (lambda d: write_run(d, [(3, 5.0), (7, math.nan)], [(3, 512.0)]), "final",
      "the final val/loss (step 7) is nan: the run diverged"),
     (lambda d: write_run(d, [(3, math.nan), (7, math.inf)], [(3, 512.0)]), "best", "every val/loss is non-finite"),
-    (lambda d: write_run(d, [(3, 5.0)], None), "final", "no train/tokens scalar"),
+    (lambda d: write_run(d, [(3, 5.0)], None), "final", "no val/tokens beside it and the run logged no train/tokens"),
+    (lambda d: write_run(d, [(3, 5.0)], None, val_tokens=[(2, 512.0)]), "final", "logged no train/tokens scalar"),
     (lambda d: write_run(d, [(3, 5.0)], [(3, 512.0)], config=None), "final", "no hparams.yaml"),
 ])
 def test_a_bad_run_is_refused_with_one_line_naming_it(tmp_path, make, loss, message):

@@ -176,8 +176,8 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     the model's ``max_seq_len`` when neither is there or the value is null (as
     ``PackedDataModule`` reads a null seq_len).
 
-    Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss or
-    train/tokens scalar, a non-finite selected loss, or no readable hparams.yaml with a
+    Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss, neither
+    val/tokens at the selected step nor train/tokens, a non-finite selected loss, or no readable hparams.yaml with a
     ``config`` entry.
     """
     run = Path(run)
@@ -195,12 +195,6 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
             f"run {run}: no val/loss scalar in its TensorBoard events, so it never validated; give it val_files "
             "and let it reach a validation (val_check_interval), or leave it out"
         )
-    tokens_logged = events.Scalars("train/tokens") if "train/tokens" in scalars else []
-    if not tokens_logged:
-        raise LLMKitError(
-            f"run {run}: no train/tokens scalar in its TensorBoard events (PretrainModule logs it every "
-            "log_every_n_steps steps); train it with llmkit's PretrainModule for more steps, or leave it out"
-        )
     if loss == "final":
         step = max(s for s, _ in val)
         value = [v for s, v in val if s == step][-1]  # a step validated twice: its last value
@@ -214,15 +208,21 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
         if not finite:
             raise LLMKitError(f"run {run}: every val/loss is non-finite: the run diverged; leave it out")
         step, value = min(finite, key=lambda e: e[1])
-    logged: dict[int, float] = {}
-    for e in tokens_logged:
-        logged[e.step] = e.value  # a step logged twice keeps its last value
-    steps = np.array(sorted(logged), dtype=float)
     validated = {e.step: e.value for e in events.Scalars("val/tokens")} if "val/tokens" in scalars else {}
     if step in validated:
         tokens = validated[step]
     else:
-        tokens = _tokens_at(step, steps, np.array([logged[s] for s in sorted(logged)]))
+        logged: dict[int, float] = {}
+        for e in events.Scalars("train/tokens") if "train/tokens" in scalars else []:
+            logged[e.step] = e.value  # a step logged twice keeps its last value
+        if not logged:
+            raise LLMKitError(
+                f"run {run}: its val/loss at step {step} has no val/tokens beside it and the run logged no "
+                "train/tokens scalar (PretrainModule logs it every log_every_n_steps steps); validate it again "
+                "with llmkit's PretrainModule, or leave it out"
+            )
+        steps = sorted(logged)
+        tokens = _tokens_at(step, np.array(steps, dtype=float), np.array([logged[s] for s in steps]))
 
     hparams_file = run / "hparams.yaml"
     if not hparams_file.is_file():
