@@ -118,6 +118,21 @@ def test_a_hugging_face_tokenizers_shards_fit_a_padded_vocabulary_but_never_a_sm
         make_dm(copies, vocab_size=VOCAB_SIZE - 1).setup("fit")
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(seq_len=0), "data.seq_len must be >= 1, got 0"),
+    (dict(batch_size=-2), "data.batch_size must be >= 1, got -2"),
+    (dict(samples_per_epoch=-3), "data.samples_per_epoch must be >= 1, got -3"),
+    (dict(num_workers=-1), "data.num_workers must be >= 0, got -1"),
+    (dict(val_windows=0), "data.val_windows must be >= 1, got 0; leave data.val_files out to skip validation"),
+])
+def test_a_setting_out_of_range_is_one_line_naming_it(shards, setting, message):
+    """Without the check these were Lightning's or range()'s tracebacks, or (val_windows 0, -1) a
+    validation silently skipped or one window short."""
+    with pytest.raises(LLMKitError) as e:
+        make_dm(shards, **setting)
+    assert str(e.value) == message
+
+
 def test_shard_shorter_than_a_window_is_a_clear_error(shards):
     n = open_shard(shards["val"])[1]["n_tokens"]
     dm = make_dm(shards, seq_len=n)

@@ -155,6 +155,14 @@ def test_a_trainer_sees_every_example_in_every_epoch(tmp_path):
         assert sorted(s for e, s in module.seen if e == epoch) == sorted(e.source for e in dm.train_examples)
 
 
+@pytest.mark.parametrize("setting, message", [(dict(batch_size=0), "data.batch_size must be >= 1, got 0"),
+                                              (dict(num_workers=-1), "data.num_workers must be >= 0, got -1")])
+def test_a_setting_out_of_range_is_one_line_naming_it(setting, message):
+    with pytest.raises(LLMKitError) as e:
+        SDFTDataModule(**{"batch_size": 4, **setting})
+    assert str(e.value) == message
+
+
 def test_datamodule_val_examples_keep_file_order(tmp_path):
     write_task_files("reverse", 5, 1, tmp_path / "val.jsonl")
     dm = SDFTDataModule(val_files=str(tmp_path / "val.jsonl"), batch_size=2)

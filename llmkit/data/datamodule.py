@@ -219,6 +219,12 @@ class PackedDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        at_least = {"seq_len": (seq_len, 1), "batch_size": (batch_size, 1), "samples_per_epoch": (samples_per_epoch, 1),
+                    "val_windows": (val_windows, 1), "num_workers": (num_workers, 0)}
+        for name, (value, low) in at_least.items():
+            if value is not None and value < low:
+                raise LLMKitError(f"data.{name} must be >= {low}, got {value}"
+                                  + ("; leave data.val_files out to skip validation" if name == "val_windows" else ""))
         if seq_len is None and max_seq_len is None:
             raise LLMKitError("data.seq_len is not set: give the window length (at most the model's max_seq_len)")
         if seq_len is not None:

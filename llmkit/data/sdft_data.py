@@ -62,6 +62,8 @@ class SDFTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1:
             raise LLMKitError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise LLMKitError(f"data.num_workers must be >= 0, got {num_workers}")
         self.train_files = [train_files] if isinstance(train_files, str) else train_files
         self.val_files = [val_files] if isinstance(val_files, str) else val_files
         self.batch_size = batch_size
