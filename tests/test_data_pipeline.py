@@ -226,6 +226,17 @@ def test_tokenizer_training_errors_that_sentencepiece_gave_as_internals_are_one_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
+def test_a_tokenizer_whose_files_are_its_inputs_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
+    """`--input notes.vocab --model-prefix notes` trained on the text, then replaced it with the vocabulary."""
+    text = tmp_path / "notes.vocab"
+    text.write_bytes((corpus_dir / "train_00000.txt").read_bytes())
+    with pytest.raises(LLMKitError, match=r"^model prefix .*notes would overwrite the input .*notes\.vocab with the "
+                                          r"tokenizer: give a prefix whose \.model and \.vocab are not inputs$"):
+        train_tokenizer([text], tmp_path / "notes", TokenizerTrainConfig(vocab_size=360), progress=False)
+    assert text.read_bytes() == (corpus_dir / "train_00000.txt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.vocab"]
+
+
 # --- documents and packing ---------------------------------------------------------------
 
 
@@ -335,11 +346,12 @@ def test_pack_errors_leave_no_output(tokenizer: Tokenizer, tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin.txt"]
 
 
-def test_pack_refuses_to_overwrite_an_input_or_write_to_a_directory(
+def test_pack_refuses_to_overwrite_an_input_or_the_tokenizer_or_write_to_a_directory(
     tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--output` equal to an input (even through a symlink), or whose .bin.json is one, would
-    replace that text with tokens; a directory output failed in os.replace after tokenizing."""
+    """`--output` equal to an input (even through a symlink) or to the tokenizer, or whose
+    .bin.json is one, would replace that file with tokens; a directory output failed in
+    os.replace after tokenizing."""
     text = tmp_path / "val_00000.txt"
     text.write_bytes((corpus_dir / "val_00000.txt").read_bytes())
     original = text.read_bytes()
@@ -351,8 +363,15 @@ def test_pack_refuses_to_overwrite_an_input_or_write_to_a_directory(
     assert main(["data", "pack", "--tokenizer", str(tokenizer.path), "--input", str(text), "--output", str(text)]) == 1
     assert capsys.readouterr().err == (
         f"llmkit: error: pack output {text} would overwrite the input {text} with tokens: write the shard to a "
-        ".bin file that is not an input\n"
+        ".bin file that is neither an input nor the tokenizer\n"
     )
+    model = tmp_path / "spm.model"
+    model.write_bytes(tokenizer.path.read_bytes())
+    with pytest.raises(LLMKitError, match=r"pack output .*spm\.model would overwrite the tokenizer .*spm\.model with "
+                                          r"tokens"):
+        pack(model, [text], model, workers=1, progress=False)
+    assert model.read_bytes() == tokenizer.path.read_bytes()
+    model.unlink()
     with pytest.raises(LLMKitError, match=r"pack output .*val_00000\.txt would overwrite the input .*link\.txt"):
         pack(tokenizer.path, [tmp_path / "link.txt"], text, workers=1, progress=False)
     with pytest.raises(LLMKitError, match=r"pack output .*x\.bin would overwrite the input .*x\.bin\.json with its "

@@ -216,7 +216,8 @@ def pack(
     ``append_eos``; a document longer than :data:`PIECE_BYTES` is encoded in pieces, and a
     warning says so. The ``.bin`` and its ``.bin.json``
     metadata only appear, via renames, once all is written; an ``output`` that is a directory,
-    or whose ``.bin`` or ``.bin.json`` is one of the ``inputs``, is refused before that.
+    or whose ``.bin`` or ``.bin.json`` is one of the ``inputs`` or the tokenizer's file, is
+    refused before that.
     Returns the metadata.
 
     Workers are started with ``spawn`` (safe whatever threads this process runs), which
@@ -231,7 +232,7 @@ def pack(
         if not path.is_file():
             raise LLMKitError(f"pack input {path} does not exist: check the path")
     output = Path(output)
-    _check_output(output, paths)
+    _check_output(output, paths, tokenizer.path)
     check_round_trip(tokenizer, paths[0])
     if workers is None:
         size = sum(path.stat().st_size for path in paths)
@@ -294,19 +295,19 @@ def pack(
     return meta
 
 
-def _check_output(output: Path, inputs: Sequence[Path]) -> None:
+def _check_output(output: Path, inputs: Sequence[Path], tokenizer: Path) -> None:
     """Refuse, before anything is written, an ``output`` that is a directory, or whose ``.bin`` or
-    ``.bin.json`` is one of the ``inputs`` (packing would overwrite that text)."""
+    ``.bin.json`` is one of the ``inputs`` or the ``tokenizer`` file (packing would overwrite it)."""
     if output.is_dir():
         raise LLMKitError(
             f"pack output {output} is a directory: give the .bin file to write, e.g. {output / 'train.bin'}"
         )
     for target, what in ((output, "tokens"), (meta_path_for(output), "its metadata")):
-        for path in inputs:
+        for path, role in [*((path, "input") for path in inputs), (tokenizer, "tokenizer")]:
             if target.exists() and target.samefile(path):
                 raise LLMKitError(
-                    f"pack output {output} would overwrite the input {path} with {what}: write the shard to a "
-                    ".bin file that is not an input"
+                    f"pack output {output} would overwrite the {role} {path} with {what}: write the shard to a "
+                    f".bin file that is neither an input nor the tokenizer"
                 )
 
 

@@ -167,8 +167,8 @@ def train_tokenizer(
     """Train a tokenizer on the text files ``inputs``; return the path of ``PREFIX.model``.
 
     Writes ``PREFIX.model`` and ``PREFIX.vocab`` (parent directories created; a ``model_prefix``
-    ending in ``.model`` has it dropped, one naming a directory is refused), each renamed
-    into place from a temp prefix only once training succeeded. sentencepiece's log is shown
+    ending in ``.model`` has it dropped; one naming a directory, or whose files are inputs, is
+    refused), each renamed into place from a temp prefix only once training succeeded. sentencepiece's log is shown
     only when ``verbose``; a progress bar of the input read shows unless ``progress`` is False.
     """
     paths = [Path(p) for p in inputs]
@@ -185,6 +185,10 @@ def train_tokenizer(
     if file_parent is not None:
         raise LLMKitError(f"model prefix {model_prefix}: {file_parent} is a file, not a directory; give a prefix "
                           "inside a directory, e.g. tok/spm")
+    for target in (_with_suffix(prefix, ".model"), _with_suffix(prefix, ".vocab")):
+        if target.is_file() and any(target.samefile(path) for path in paths):
+            raise LLMKitError(f"model prefix {model_prefix} would overwrite the input {target} with the tokenizer: "
+                              "give a prefix whose .model and .vocab are not inputs")
     _check_special_ids(config)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
