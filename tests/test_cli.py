@@ -583,7 +583,11 @@ def adapter(trained, tmp_path_factory):
     return path, model
 
 
-def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, tokenizer_path, tmp_path, capsys):
+def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, tokenizer_path, shards, tmp_path,
+                                                              capsys):
+    """The merged checkpoint loads as its base does; --ckpt_path, which resumes or validates a run,
+    refuses it in one line (a fit met Lightning's KeyError for the optimizer state it lacks; an SDFT
+    command took its pretraining hyperparameters for its own)."""
     from llmkit.model.checkpoint import load_backbone
 
     path, lora_model = adapter
@@ -603,6 +607,15 @@ def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, 
         assert torch.allclose(load_backbone(merged)(idx), lora_model.eval()(idx), atol=1e-5)
     assert main(["generate", "--ckpt", str(merged), *gen]) == 0
     assert capsys.readouterr().out == with_lora
+
+    assert main(["pretrain", "fit", "--config", str(write_config(tmp_path, shards)), "--ckpt_path", str(merged)]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {merged} holds weights only (no optimizer state), so a fit "
+                                       f"cannot resume from it: start a new run from its weights with "
+                                       f"--model.init_ckpt {merged}\n")
+    assert main(["sdft", "validate", "--ckpt_path", str(merged)]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {merged} was written by PretrainModule, not SDFTModule: use "
+                                       f"it with `llmkit pretrain validate` (or as model.init_ckpt to fine-tune from "
+                                       f"it)\n")
 
 
 def test_lora_merge_onto_a_directory_is_refused_and_leaves_no_temp_file(trained, adapter, tmp_path, capsys):

@@ -55,7 +55,7 @@ from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
 from llmkit.io import check_yaml_keys
-from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, load_checkpoint_file
+from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, is_sharded_checkpoint, load_checkpoint_file
 
 VALIDATE_CONFIG = "validate_config.yaml"
 """What ``validate`` saves its config as, beside (never over) the ``config.yaml`` of the run it validates."""
@@ -248,6 +248,11 @@ class LLMKitCLI(LightningCLI):
                 f"{ckpt_path} is not a Lightning training checkpoint (it has no pytorch-lightning_version): "
                 f"--ckpt_path takes a .ckpt written by `llmkit NAME fit`; to start from other weights, use "
                 f"model.init_ckpt"
+            )
+        if subcommand == "fit" and "optimizer_states" not in ckpt and not is_sharded_checkpoint(ckpt_path):
+            raise LLMKitError(  # a merged LoRA's, or Lightning's save_weights_only: Lightning failed with a KeyError
+                f"{ckpt_path} holds weights only (no optimizer state), so a fit cannot resume from it: start a new "
+                f"run from its weights with --model.init_ckpt {ckpt_path}"
             )
         self.ckpt_step = ckpt.get(LOGGED_STEP_KEY, ckpt.get("global_step"))  # TTT best_of_n: discovery steps
         self.ckpt_run = Path(ckpt_path).resolve().parent.parent
