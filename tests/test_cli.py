@@ -618,6 +618,16 @@ def test_generate_with_lora_and_merge_into_a_plain_checkpoint(trained, adapter, 
                                        f"it)\n")
 
 
+def test_an_adapter_given_as_the_checkpoint_is_named_as_an_adapter(adapter, tmp_path, capsys):
+    """It was called a weights file whose model directory to give: the adapters/ directory, which
+    has no config.json either."""
+    path = adapter[0]
+    assert main(["lora", "merge", "--ckpt", str(path), "--lora", str(path), "--out", str(tmp_path / "m.ckpt")]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {path} is a LoRA adapter, not a checkpoint: give the "
+                                       "checkpoint it was trained on, and the adapter as --lora (llmkit generate, "
+                                       "llmkit lora merge)\n")
+
+
 def test_lora_merge_onto_a_directory_is_refused_and_leaves_no_temp_file(trained, adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()

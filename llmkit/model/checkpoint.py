@@ -41,6 +41,7 @@ from llmkit.model.hf import (
     tie_head,
     write_weights,
 )
+from llmkit.model.lora import is_lora_file
 from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
@@ -117,6 +118,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
         )
     if not path.is_file():
         raise LLMKitError(f"checkpoint {path} does not exist: check the path (ckpt_path, init_ckpt or --ckpt)")
+    if path.suffix == ".safetensors" and is_lora_file(path):
+        raise LLMKitError(f"{path} is a LoRA adapter, not a checkpoint: give the checkpoint it was trained on, and "
+                          f"the adapter as --lora (llmkit generate, llmkit lora merge)")
     if path.suffix == ".safetensors":
         raise LLMKitError(f"{path} is a weights file, not a checkpoint: give the model directory it is in "
                           f"({path.parent}), which llmkit reads with its config.json, or a .ckpt")

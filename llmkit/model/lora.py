@@ -315,6 +315,16 @@ _WRITTEN_BY = "a TTT-Discover run's adapters/step_N.safetensors, or a file writt
 """Where llmkit LoRA adapters come from, for the errors of :func:`read_lora`."""
 
 
+def is_lora_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata says :func:`save_lora` wrote it (its
+    header only is read)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format") == LORA_FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig, dict[str, str]]:
     """Read an adapter written by :func:`save_lora`: (tensors on CPU, config, metadata)."""
     path = Path(path)
