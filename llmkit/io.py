@@ -32,13 +32,16 @@ def expand_inputs(patterns: Sequence[str | Path], what: str, hint: str = "check 
     """The files named by ``patterns``, each a path or a glob pattern (``**`` recurses).
 
     Each pattern's matches are sorted; patterns keep their order and a file named twice is
-    kept once (:func:`unique_paths`). A pattern that matches no file raises
-    :class:`LLMKitError` naming ``what`` (the setting the patterns came from) and ``hint``.
+    kept once (:func:`unique_paths`). A pattern that matches no file (or names a directory)
+    raises :class:`LLMKitError` naming ``what`` (the setting the patterns came from) and ``hint``.
     """
     files: list[Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches and os.path.isdir(pattern):
+            raise LLMKitError(f"{what}: {pattern!r} is a directory: name its files (paths, or a glob pattern inside "
+                              f"it); {hint}")
         if not matches:
             raise LLMKitError(f"{what}: {pattern!r} matches no file; {hint}")
         files += matches

@@ -402,6 +402,9 @@ def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     assert main([*base, "--prompt-file", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert main([*base, "--prompt-file", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: prompt file {tmp_path} is a directory: give a file of one "
+                                       "prompt per line (or JSONL)\n")
 
 
 @pytest.mark.parametrize("device, message", [

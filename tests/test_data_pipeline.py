@@ -641,6 +641,9 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
     assert expand_inputs([str(corpus_dir / "val_00000.txt"), str(alias)], "--input") == [corpus_dir / "val_00000.txt"]
     with pytest.raises(LLMKitError, match=r"^data\.val_files: '.*\*\.nothing' matches no file"):
         expand_inputs([str(tmp_path / "*.nothing")], "data.val_files")
+    with pytest.raises(LLMKitError, match=r"^--input: '.*' is a directory: name its files \(paths, or a glob pattern "
+                                          r"inside it\); check the path or pattern$"):
+        expand_inputs([str(corpus_dir)], "--input")
 
 
 def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:

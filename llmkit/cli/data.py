@@ -115,7 +115,7 @@ def verify(shard: list[str]) -> int:
         shard: .bin shards or glob patterns.
     """
     failed = []
-    for path in expand_inputs(shard, "shard"):
+    for path in expand_inputs(shard, "--shard"):
         try:
             tokens, meta = packing.open_shard(path)
             checked = packing.check_shard(path, tokens, meta, meta["vocab_size"], progress=True)

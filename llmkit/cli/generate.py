@@ -27,6 +27,8 @@ def read_prompts(path: Path) -> list[str]:
     if path.suffix.lower() == ".jsonl":
         prompts = [text_field(record, "prompt", source, _PROMPT_LINE)
                    for source, record in iter_jsonl_objects(path, "prompt", _PROMPT_LINE)]
+    elif path.is_dir():
+        raise LLMKitError(f"prompt file {path} is a directory: give a file of one prompt per line (or JSONL)")
     elif not path.is_file():
         raise LLMKitError(f"prompt file {path} does not exist")
     else:

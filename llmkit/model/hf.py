@@ -73,6 +73,9 @@ def hf_name(name: str) -> str:
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a Hugging Face model directory."""
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise LLMKitError(f"model directory {model_dir} is a file: pass the local Hugging Face model directory "
+                          "(config.json and *.safetensors)")
     if not model_dir.is_dir():
         raise LLMKitError(f"model directory {model_dir} does not exist: pass a local Hugging Face model directory")
     if not (model_dir / "config.json").is_file():
