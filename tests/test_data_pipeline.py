@@ -646,6 +646,21 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
         expand_inputs([str(corpus_dir)], "--input")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["corpus", "--source", "{corpus}", "--out", "{tmp}/c", "--shard-mb", "0"], "--shard-mb must be > 0, got 0.0"),
+    (["corpus", "--source", "{corpus}", "--out", "{tmp}/c", "--max-files", "-1"], "max_files must be >= 1, got -1"),
+    (["pack", "--tokenizer", "{tok}", "--input", "{corpus}/val_00000.txt", "--output", "{tmp}/v.bin", "--workers",
+      "0"], "workers must be >= 1, got 0"),
+])
+def test_a_count_or_size_below_one_is_refused(args, message, corpus_dir, tokenizer, tmp_path, capsys) -> None:
+    """They ran: --shard-mb 0 wrote a shard per document, --max-files -1 left the last file out,
+    --workers 0 or -2 packed in one process."""
+    argv = [a.format(corpus=corpus_dir, tmp=tmp_path, tok=tokenizer.path) for a in args]
+    assert main(["data", *argv]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pack_removes_the_temp_files_a_killed_run_left(corpus_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
     """kill -9 leaves a temp file nobody can clean up at the time; the next pack of that output does."""
     out = tmp_path / "train.bin"

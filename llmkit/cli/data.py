@@ -42,6 +42,8 @@ def corpus(
         text_field: the JSONL field that holds a document's text.
         text_column: the Parquet column that holds a document's text.
     """
+    if not shard_mb > 0:
+        raise LLMKitError(f"--shard-mb must be > 0, got {shard_mb}")
     summary = write_corpus(
         source, out, val_fraction=val_fraction, shard_bytes=int(shard_mb * BYTES_PER_MB), max_files=max_files,
         text_field=text_field, text_column=text_column,

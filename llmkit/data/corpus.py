@@ -128,6 +128,9 @@ def write_corpus(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise LLMKitError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for name, value in (("shard_bytes", shard_bytes), ("max_files", max_files)):
+        if value is not None and value < 1:
+            raise LLMKitError(f"{name} must be >= 1, got {value}")
     names = [source] if isinstance(source, str) else list(source)
     files = list_source_files(names)
     if max_files is not None:

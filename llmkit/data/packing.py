@@ -210,7 +210,7 @@ def pack(
     tokenizer ``tokenizer_path`` names (:func:`~llmkit.data.tokenizer.load_tokenizer`).
 
     Documents are encoded ``chunk_docs`` (or :data:`PIECE_BYTES` of text) at a time by
-    ``workers`` spawned processes (in this process if ``workers <= 1``; None: one per
+    ``workers`` spawned processes (in this process if ``workers == 1``; None: one per
     :data:`BYTES_PER_WORKER` of input, at most one per core); results are written in input
     order, so the shard is the same for any ``workers``. ``eos_id`` follows every document if
     ``append_eos``; a document longer than :data:`PIECE_BYTES` is encoded in pieces, and a
@@ -224,6 +224,8 @@ def pack(
     re-imports the main module: a script calling this with ``workers > 1`` must do so under
     ``if __name__ == "__main__":``.
     """
+    if workers is not None and workers < 1:
+        raise LLMKitError(f"workers must be >= 1, got {workers}")
     tokenizer = load_tokenizer(tokenizer_path)
     paths = [Path(p) for p in inputs]
     if not paths:
