@@ -140,7 +140,8 @@ def tasks(task: Task, n: int, out: Path, seed: int = 0, probes_out: Path | None 
         n: number of examples.
         out: the examples' .jsonl file.
         seed: the same seed gives the same files.
-        probes_out: also write probes here, none repeating a training prompt.
+        probes_out: also write probes here, none repeating a training prompt (except for the fact tasks,
+            colors and cities, whose probes are facts of the table the examples teach: recall, not generalisation).
         n_probes: probes to write to --probes-out.
     """
     counts = write_task_files(task, n, seed, out, probes_out, n_probes)
