@@ -59,14 +59,16 @@ def corpus(
 
 
 def skipped_summary(summary: dict, out: Path) -> str:
-    """`` (2 blank, 1 unreadable or not UTF-8: a.txt, ...; see corpus.json)`` for the skipped
-    documents of a corpus summary, naming the first two; empty when none were."""
+    """`` (2 blank: a.txt, ...; 1 unreadable or not UTF-8: b.txt; see corpus.json)`` for the
+    skipped documents of a corpus summary: each reason's count and the first document the
+    summary names for it; empty when none were skipped."""
     if not summary["n_skipped"]:
         return ""
-    reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(summary["skipped_by_reason"].items()))
-    first = ", ".join(entry["document"] for entry in summary["skipped"][:2])
-    more = ", ..." if summary["n_skipped"] > 2 else ""
-    return f" ({reasons}: {first}{more}; see {out / SUMMARY_NAME})"
+    parts = []
+    for reason, n in sorted(summary["skipped_by_reason"].items()):
+        named = [entry["document"] for entry in summary["skipped"] if entry["reason"] == reason]
+        parts.append(f"{n:,} {reason}" + (f": {named[0]}{', ...' if n > 1 else ''}" if named else ""))
+    return f" ({'; '.join(parts)}; see {out / SUMMARY_NAME})"
 
 
 def tokenizer(input: list[str], model_prefix: str, config: TokenizerTrainConfig, verbose: bool = False) -> int:
