@@ -346,6 +346,9 @@ def test_an_env_that_does_not_import_or_rejects_the_configs_env_args_says_what_t
     stale = r"^ttt\.env: could not build .*AutocorrelationEnv.* \(ttt\.env_args \{'target'.* may come from the config"
     with pytest.raises(LLMKitError, match=stale + r": when you change ttt\.env, set ttt\.env_args"):
         TTTDiscoverModule(ttt={**TOY, "env": "llmkit.discovery.envs.AutocorrelationEnv"}, **common)
+    with pytest.raises(LLMKitError, match=r"^ttt\.env: could not build environment .*StringTargetEnv' with init_args "
+                                          r"\{'target': 'alpha', 'metric': 'foo'\}: unknown metric 'foo': choose one"):
+        TTTDiscoverModule(ttt={**TOY, "env_args": {**TOY["env_args"], "metric": "foo"}}, **common)
 
 
 def test_a_single_file_is_accepted_where_a_list_of_files_is():

@@ -411,11 +411,9 @@ def load_env(class_path: str, init_args: Mapping[str, Any] | None = None) -> Dis
                           f"got {init_args!r}")
     try:
         env = cls(**init_args)
-    except LLMKitError:
-        raise
-    except Exception as error:
+    except Exception as error:  # an env's own LLMKitError says what is wrong with an argument, not which
         raise LLMKitError(f"could not build environment {class_path!r} with init_args {dict(init_args)!r}: "
-                          f"{_describe(error)}") from error
+                          f"{error if isinstance(error, LLMKitError) else _describe(error)}") from error
     missing = [m for m in ENV_METHODS if not callable(getattr(env, m, None))]
     if not isinstance(getattr(env, "name", None), str):
         missing.insert(0, "name (a string)")
