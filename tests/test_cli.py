@@ -277,6 +277,11 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     assert error("--config", str(tmp_path / "broken.yaml")) == (
         f"llmkit pretrain: error: {tmp_path / 'broken.yaml'}: not valid YAML at line 3, column 4: expected ',' or "
         "']', but got ':'")
+    for name, text, what in [("empty.yaml", "# nothing yet\n", "empty"), ("list.yaml", "- a\n- b\n", "a YAML list")]:
+        (tmp_path / name).write_text(text)  # jsonargparse: "Unexpected config:" and the text
+        assert error("--config", str(tmp_path / name)) == (
+            f"llmkit pretrain: error: {tmp_path / name} is {what}, not a mapping of settings: write one 'key: value' "
+            "per line (configs/ holds examples)")
 
 
 def test_vocab_mismatch_exits_1_with_one_clear_line(shards, tmp_path, capsys):

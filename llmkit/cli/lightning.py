@@ -173,8 +173,9 @@ def _nearest_trainer_option(option: str) -> str:
 
 def check_config_files(args: list[str]) -> None:
     """Raise :class:`LLMKitError` naming a config file that is not valid YAML, and where
-    (jsonargparse names only "<unicode string>", whichever of several files it was), or that gives
-    a key twice in one mapping (:func:`~llmkit.io.check_yaml_keys`). The files: every ``--config``
+    (jsonargparse names only "<unicode string>", whichever of several files it was), that is not a
+    mapping (jsonargparse: "Unexpected config:" and the text), or that gives a key twice in one
+    mapping (:func:`~llmkit.io.check_yaml_keys`). The files: every ``--config``
     one, and a ``.yaml``/``.yml`` file given to any other option (``--model.config FILE.yaml``)."""
     given = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
     values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
@@ -184,12 +185,16 @@ def check_config_files(args: list[str]) -> None:
         if not Path(value).is_file():  # a YAML string given inline, or a missing file: jsonargparse says
             continue
         try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise LLMKitError(f"{value}: not valid YAML{where}: {problem}") from None
+        if not isinstance(loaded, dict):
+            what = "empty" if loaded is None else f"a YAML {type(loaded).__name__}"
+            raise LLMKitError(f"{value} is {what}, not a mapping of settings: write one 'key: value' per line "
+                              "(configs/ holds examples)")
         check_yaml_keys(value)
 
 
