@@ -646,6 +646,18 @@ def test_expand_inputs(corpus_dir: Path, tmp_path: Path) -> None:
         expand_inputs([str(corpus_dir)], "--input")
 
 
+def test_a_corpus_of_one_document_says_to_raise_max_files_only_when_it_cut_the_files(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("alpha\n", encoding="utf-8")
+    with pytest.raises(LLMKitError, match=r"gave 1 usable document\(s\) out of 1 file\(s\); at least 2 are needed "
+                                          r"\(one for train, one for val\): add documents or use another source$"):
+        write_corpus([str(notes)], tmp_path / "o1", progress=False)
+    (notes / "b.txt").write_text("beta\n", encoding="utf-8")
+    with pytest.raises(LLMKitError, match=r": raise max_files or use another source$"):
+        write_corpus([str(notes)], tmp_path / "o2", max_files=1, progress=False)
+
+
 @pytest.mark.parametrize("args, message", [
     (["corpus", "--source", "{corpus}", "--out", "{tmp}/c", "--shard-mb", "0"], "--shard-mb must be > 0, got 0.0"),
     (["corpus", "--source", "{corpus}", "--out", "{tmp}/c", "--max-files", "-1"], "max_files must be >= 1, got -1"),

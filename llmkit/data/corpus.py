@@ -133,8 +133,8 @@ def write_corpus(
             raise LLMKitError(f"{name} must be >= 1, got {value}")
     names = [source] if isinstance(source, str) else list(source)
     files = list_source_files(names)
-    if max_files is not None:
-        files = files[:max_files]
+    capped = max_files is not None and max_files < len(files)
+    files = files[:max_files]
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LLMKitError(f"out_dir {out_dir} is a file, not a directory: give a directory to write the shards into")
@@ -146,8 +146,8 @@ def write_corpus(
         if n_documents < 2:
             raise LLMKitError(
                 f"corpus {source!r} gave {n_documents} usable document(s) out of {len(files)} "
-                "file(s); at least 2 are needed (one for train, one for val): raise max_files "
-                "or use another source"
+                "file(s); at least 2 are needed (one for train, one for val): "
+                + ("raise max_files or use another source" if capped else "add documents or use another source")
             )
         summary = {
             "source": source,
