@@ -160,6 +160,9 @@ def test_train_tokenizer_vocab_too_large(corpus_dir: Path, tmp_path: Path) -> No
     with pytest.raises(LLMKitError, match=r"vocab size 50000 is too large.*use vocab_size \d+"):
         train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "big", config)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(LLMKitError, match=r"vocab size 50000 is too large"):  # the directories it made go too
+        train_tokenizer([corpus_dir / "val_00000.txt"], tmp_path / "tok" / "v1" / "big", config)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_tokenizer_vocab_too_small(corpus_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ samples at most ``input_sentence_size`` lines. The special ids are fixed by the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -190,6 +191,7 @@ def train_tokenizer(
             raise LLMKitError(f"model prefix {model_prefix} would overwrite the input {target} with the tokenizer: "
                               "give a prefix whose .model and .vocab are not inputs")
     _check_special_ids(config)
+    new_dirs = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # deepest first
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_model, tmp_vocab = _with_suffix(tmp_prefix, ".model"), _with_suffix(tmp_prefix, ".vocab")
@@ -219,6 +221,7 @@ def train_tokenizer(
         )
         os.replace(tmp_vocab, _with_suffix(prefix, ".vocab"))
         os.replace(tmp_model, _with_suffix(prefix, ".model"))
+        new_dirs = []
     except RuntimeError as e:
         if stream.error is not None:
             raise stream.error from e
@@ -230,6 +233,9 @@ def train_tokenizer(
     finally:
         tmp_model.unlink(missing_ok=True)
         tmp_vocab.unlink(missing_ok=True)
+        for directory in new_dirs:  # a failed training leaves no directory it created behind
+            with contextlib.suppress(OSError):  # unless something else wrote there meanwhile
+                directory.rmdir()
     if stream.long_lines:
         warnings.warn(f"{stream.long_lines:,} lines ({stream.long_bytes / stream.total_bytes:.1%} of the text) are "
                       f"longer than max_sentence_length {config.max_sentence_length} bytes and were left out of "
