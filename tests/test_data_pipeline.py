@@ -773,8 +773,8 @@ def test_cli_corpus_names_what_it_skipped(tmp_path: Path, capsys: pytest.Capture
     out = tmp_path / "out"
     monkeypatch.setattr(corpus, "SKIPPED_NAMED", 2)
     assert main(["data", "corpus", "--source", str(notes), "--out", str(out)]) == 0
-    assert (f"from 6 files; 3 documents skipped (1 blank: notes/blank.txt; 1 holds a {DOC_SEPARATOR} line; 1 unreadable "
-            f"or not UTF-8: notes/latin1.txt; see {out / 'corpus.json'})\n") in capsys.readouterr().out
+    assert (f"from 6 files; 3 documents skipped (1 blank: notes/blank.txt; 1 holds a {DOC_SEPARATOR} line; "
+            f"1 unreadable or not UTF-8: notes/latin1.txt; see {out / 'corpus.json'})\n") in capsys.readouterr().out
     summary = json.loads((out / "corpus.json").read_text())
     assert summary["n_skipped"] == 3 and len(summary["skipped"]) == 2  # all counted, the first SKIPPED_NAMED named
 

@@ -411,7 +411,8 @@ def test_rope_parameters_and_rope_scaling_that_agree_import_equally(hf_models, c
 
 
 BAD = {
-    "a file": (lambda d: (shutil.rmtree(d), d.write_text("x")), "is a file: pass the local Hugging Face model directory"),
+    "a file": (lambda d: (shutil.rmtree(d), d.write_text("x")),
+               "is a file: pass the local Hugging Face model directory"),
     "no config.json": (lambda d: (d / "config.json").unlink(), "has no config.json"),
     "missing shard": (lambda d: (shard(d), (d / "model-00002-of-00002.safetensors").unlink()),
                       "names the shard model-00002-of-00002.safetensors, which is missing"),
