@@ -169,8 +169,9 @@ def train_tokenizer(
 
     Writes ``PREFIX.model`` and ``PREFIX.vocab`` (parent directories created; a ``model_prefix``
     ending in ``.model`` has it dropped; one naming a directory, or whose files are inputs, is
-    refused), each renamed into place from a temp prefix only once training succeeded. sentencepiece's log is shown
-    only when ``verbose``; a progress bar of the input read shows unless ``progress`` is False.
+    refused), each renamed into place from a temp prefix only once training succeeded (a failed
+    one removes the directories it created). sentencepiece's log is shown only when
+    ``verbose``; a progress bar of the input read shows unless ``progress`` is False.
     """
     paths = [Path(p) for p in inputs]
     for path in paths:

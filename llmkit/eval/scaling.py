@@ -177,8 +177,8 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     ``PackedDataModule`` reads a null seq_len).
 
     Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss, neither
-    val/tokens at the selected step nor train/tokens, a non-finite selected loss, or no readable hparams.yaml with a
-    ``config`` entry.
+    val/tokens at the selected step nor train/tokens, a non-finite selected loss, or no readable
+    hparams.yaml with a ``config`` entry.
     """
     run = Path(run)
     if not run.is_dir() or not any(run.glob(EVENT_FILES)):
