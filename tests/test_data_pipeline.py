@@ -233,8 +233,8 @@ def test_a_tokenizer_whose_files_are_its_inputs_is_refused(corpus_dir: Path, tmp
     """`--input notes.vocab --model-prefix notes` trained on the text, then replaced it with the vocabulary."""
     text = tmp_path / "notes.vocab"
     text.write_bytes((corpus_dir / "train_00000.txt").read_bytes())
-    with pytest.raises(LLMKitError, match=r"^model prefix .*notes would overwrite the input .*notes\.vocab with the "
-                                          r"tokenizer: give a prefix whose \.model and \.vocab are not inputs$"):
+    with pytest.raises(LLMKitError, match=r"^tokenizer file .*notes\.vocab is the input it reads: give a model prefix "
+                                          r"whose \.model and \.vocab are not inputs$"):
         train_tokenizer([text], tmp_path / "notes", TokenizerTrainConfig(vocab_size=360), progress=False)
     assert text.read_bytes() == (corpus_dir / "train_00000.txt").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.vocab"]

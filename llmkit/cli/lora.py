@@ -57,7 +57,7 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
         out, model.config, state, hyper_parameters=checkpoint.get("hyper_parameters", {}), hparams_name="kwargs",
         merged_lora=merged_lora, **tokenizer_link(ckpt, checkpoint),
         **{"pytorch-lightning_version": lightning.__version__},
-        **{key: checkpoint[key] for key in (WRITER_KEY,) if key in checkpoint},  # whose hyper_parameters they are
+        **({WRITER_KEY: checkpoint[WRITER_KEY]} if WRITER_KEY in checkpoint else {}),  # the hparams' module
     )
     write_json_atomic(out.with_name(out.name + ".json"), merged_lora | {"layers": n})
     print(f"wrote {out}: {n} LoRA layers merged into the base weights")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from llmkit.data.corpus import is_separator
 from llmkit.data.hf_tokenizer import HFTokenizer
 from llmkit.errors import LLMKitError
-from llmkit.io import file_sha256, iter_text_lines
+from llmkit.io import file_sha256, iter_text_lines, refuse_overwrite
 
 _VOCAB_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. .*<=\s*(\d+)")
 _VOCAB_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
@@ -188,9 +188,9 @@ def train_tokenizer(
         raise LLMKitError(f"model prefix {model_prefix}: {file_parent} is a file, not a directory; give a prefix "
                           "inside a directory, e.g. tok/spm")
     for target in (_with_suffix(prefix, ".model"), _with_suffix(prefix, ".vocab")):
-        if target.is_file() and any(target.samefile(path) for path in paths):
-            raise LLMKitError(f"model prefix {model_prefix} would overwrite the input {target} with the tokenizer: "
-                              "give a prefix whose .model and .vocab are not inputs")
+        for path in paths:
+            refuse_overwrite(target, "tokenizer file", {"input": path},
+                             "give a model prefix whose .model and .vocab are not inputs")
     _check_special_ids(config)
     new_dirs = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # deepest first
     prefix.parent.mkdir(parents=True, exist_ok=True)
