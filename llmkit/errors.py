@@ -25,3 +25,16 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
 
 class LLMKitError(Exception):
     """A user-facing error: its message is the whole story, no traceback needed."""
+
+
+class SettingError(LLMKitError):
+    """An :class:`LLMKitError` about one setting, raised where it is checked under its Python name
+    (``top_k``); a caller that knows the name the user typed (``--top-k``, ``sdft.sample_top_k``)
+    raises :meth:`renamed` instead."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+    def renamed(self, name: str) -> "SettingError":
+        return SettingError(name, self.problem)

@@ -453,14 +453,15 @@ def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path,
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--max-new-tokens", "0", "max_new_tokens must be >= 1, got 0"),
-    ("--top-k", "0", "top_k must be >= 1, got 0"),
-    ("--top-p", "1.5", "top_p must be in (0, 1], got 1.5"),
-    ("--temperature", "-1", "temperature must be >= 0 (0 = greedy), got -1.0"),
-    ("--temperature", "nan", "temperature must be >= 0 (0 = greedy), got nan"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
+    ("--top-k", "0", "--top-k must be >= 1, got 0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--temperature", "-1", "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    ("--temperature", "nan", "--temperature must be >= 0 (0 = greedy), got nan"),
 ])
 def test_generate_refuses_a_bad_sampling_flag_before_it_loads_the_model(flag, value, message, tmp_path, capsys):
-    """The checkpoint given does not exist: the sampling error comes first, not after a long load."""
+    """The checkpoint given does not exist: the sampling error comes first, not after a long load, and
+    names the flag (it named SamplingConfig's field, top_k for --top-k)."""
     assert main(["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tmp_path / "t.model"),
                  "--prompt", "x", flag, value]) == 1
     assert capsys.readouterr().err == f"llmkit: error: {message}\n"

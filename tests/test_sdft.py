@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -468,6 +469,18 @@ def test_the_divergence_is_that_of_the_tempered_distributions_y_was_sampled_from
     module.loss_sum(data.train_examples[:2], "val", 0)
     student, teacher = seen["logits"]
     assert torch.allclose(seen["divergence"][0], student / 0.5) and torch.allclose(seen["divergence"][1], teacher / 0.5)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"max_new_tokens": 0}, "sdft.max_new_tokens must be >= 1, got 0"),  # was about skip_first
+    ({"sample_top_k": 0}, "sdft.sample_top_k must be >= 1, got 0"),  # was "top_k", another sdft key
+    ({"sample_top_p": 0.0}, "sdft.sample_top_p must be in (0, 1], got 0.0"),
+])
+def test_a_bad_sampling_setting_names_its_sdft_key(setting, message):
+    from llmkit.modules.sdft import SDFTConfig
+
+    with pytest.raises(LLMKitError, match=f"^{re.escape(message)}$"):
+        SDFTConfig(**setting)
 
 
 def test_skip_first_must_leave_a_completion_token_to_learn_from():

@@ -285,6 +285,7 @@ def test_two_rollouts_per_start_are_refused():
     ({"children_per_parent": 0}, "ttt.children_per_parent must be a finite number >= 1, got 0"),
     ({"reward_timeout_s": 0.0}, "ttt.reward_timeout_s must be a finite number > 0, got 0.0"),
     ({"failure_reward": math.inf}, "ttt.failure_reward must be a finite number, got inf"),
+    ({"max_new_tokens": 0}, "ttt.max_new_tokens must be >= 1, got 0"),  # was "max_new_tokens", no section
 ])
 def test_a_bad_loop_setting_is_refused_when_the_config_is_built_naming_its_key(setting, message):
     """fixed_beta, target_kl and kl_lambda were found only after the model loaded and a step sampled."""

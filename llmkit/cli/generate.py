@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.io import iter_jsonl_objects, iter_text_lines, refuse_overwrite, text_field, write_jsonl_atomic
 from llmkit.model.config import AttentionBackend
 
@@ -129,8 +129,11 @@ def generate(
 
     if (prompt is None) == (prompt_file is None):
         raise LLMKitError("give exactly one of --prompt and --prompt-file")
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, compile=compile)  # checked before the model loads
+    try:  # checked before the model loads
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, compile=compile)
+    except SettingError as error:
+        raise error.renamed("--" + error.setting.replace("_", "-")) from None
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise LLMKitError(f"{flag} {value}: must be 1 or more")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache, cache_shapes
 from llmkit.model.transformer import Transformer
@@ -58,14 +58,15 @@ class SamplingConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        """Raise :class:`SettingError`, naming the field, for a value out of range."""
         if self.max_new_tokens < 1:
-            raise LLMKitError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise SettingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if not self.temperature >= 0:  # NaN too
-            raise LLMKitError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise SettingError("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise LLMKitError(f"top_k must be >= 1, got {self.top_k}")
+            raise SettingError("top_k", f"must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LLMKitError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 @dataclass

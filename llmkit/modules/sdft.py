@@ -36,7 +36,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from llmkit.data.examples import TEACHER_TEMPLATE, Example, check_template, teacher_prompt
 from llmkit.distributed import RankSeeds
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass
 from llmkit.model.generation import SamplingConfig, continuation_logits, generate
@@ -81,12 +81,16 @@ class SDFTConfig:
             raise LLMKitError(f"sdft.alpha must be in [0, 1] (1 = reverse KL, 0 = forward KL), got {self.alpha}")
         if self.top_k is not None and self.top_k < 2:
             raise LLMKitError(f"sdft.top_k must be >= 2 or null (full vocabulary), got {self.top_k}")
+        if self.temperature <= 0:
+            raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
+        try:
+            self.sampling()
+        except SettingError as error:  # max_new_tokens, sample_top_k or sample_top_p
+            key = {"top_k": "sample_top_k", "top_p": "sample_top_p"}.get(error.setting, error.setting)
+            raise error.renamed(f"sdft.{key}") from None
         if not 0 <= self.skip_first < self.max_new_tokens:  # else no completion token is ever learned from
             raise LLMKitError(f"sdft.skip_first must be >= 0 and below sdft.max_new_tokens ({self.max_new_tokens}), "
                               f"got {self.skip_first}")
-        if self.temperature <= 0:
-            raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
-        self.sampling()  # checks max_new_tokens, top-k and top-p
         check_template(self.teacher_template)
 
     def sampling(self, seed: int | None = None) -> SamplingConfig:

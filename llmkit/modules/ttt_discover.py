@@ -69,7 +69,7 @@ from llmkit.discovery.objective import (
     solve_beta,
 )
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.eval.mode import eval_mode
 from llmkit.io import as_dataclass, atomic_file, write_json_atomic
 from llmkit.model.config import AttentionBackend
@@ -162,7 +162,10 @@ class TTTConfig:
                               f"got {self.fixed_beta}")
         if not math.isfinite(self.failure_reward):
             raise LLMKitError(f"ttt.failure_reward must be a finite number, got {self.failure_reward}")
-        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)  # checks both
+        try:
+            SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+        except SettingError as error:
+            raise error.renamed(f"ttt.{error.setting}") from None
 
 
 def _logged_step(line: str) -> float:
