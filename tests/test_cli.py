@@ -284,6 +284,30 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
             "per line (configs/ holds examples)")
 
 
+@pytest.mark.parametrize(("callback", "message"), [
+    ({"class_path": "llmkit.callbacks.MHCMonitor", "init_args": {"every_n_stepz": 5}},
+     "trainer.callbacks: MHCMonitor: unknown option 'every_n_stepz' (did you mean 'every_n_steps'?)"),
+    ({"class_path": "llmkit.callbacks.MHCMonitor", "init_args": {"every_n_steps": "abc"}},
+     "trainer.callbacks: MHCMonitor.every_n_steps: Expected a <class 'int'>. Got value: abc"),
+    ({"class_path": "llmkit.callbacks.MHCMonitr"},
+     "trainer.callbacks: no class llmkit.callbacks.MHCMonitr: did you mean llmkit.callbacks.MHCMonitor?"),
+    ({"class_path": "llmkit.nowhere.Monitor"}, "trainer.callbacks: no class llmkit.nowhere.Monitor: module llmkit "
+                                               "has no 'nowhere'"),  # read as a missing file before
+    ({"class_path": "nowhere.Monitor"}, "trainer.callbacks: no class nowhere.Monitor: there is no module 'nowhere'"),
+])
+def test_a_callback_error_names_the_callback_in_one_line(callback, message, shards, tmp_path, capsys):
+    """Was jsonargparse's "Not a valid subclass of Callback Subclass types expect one of: ..." after
+    the reason, which named neither the callback nor the nearest option."""
+    config = write_config(tmp_path, shards)
+    values = yaml.safe_load(config.read_text())
+    values["trainer"]["callbacks"] = [callback]
+    config.write_text(yaml.safe_dump(values))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"llmkit pretrain fit: error: {message}"
+
+
 def test_vocab_mismatch_exits_1_with_one_clear_line(shards, tmp_path, capsys):
     config = write_config(tmp_path, shards, vocab_size=VOCAB_SIZE + 1)
     assert main(["pretrain", "fit", "--config", str(config)]) == 1

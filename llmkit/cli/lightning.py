@@ -130,37 +130,57 @@ def logger_version(run_name: str) -> int | str:
 
 
 def readable_parse_error(message: str) -> str:
-    """jsonargparse's ``message`` for a key typed ``SomeConfig | None`` lists what every member of
-    the Union said (including that the value is not None) in about ten lines; the one line a user
-    needs: the key and what is wrong with it (an unknown option with the nearest known one, a value
-    of the wrong type, a path that is not there)."""
+    """jsonargparse's ``message`` for a key typed ``SomeConfig | None`` (or a list of callbacks) lists
+    what every member of the Union said (including that the value is not None) in about ten lines;
+    the one line a user needs: the key and what is wrong with it (an unknown option with the nearest
+    known one, a value of the wrong type, a path that is not there, a class_path naming no class).
+    Under a key whose value is a class the user chose by ``class_path`` (a callback), the class is
+    named too: ``trainer.callbacks: MHCMonitor: unknown option ...``."""
     key = re.match(r'Parser key "([^"]+)":', message)
     if key is None:
         trainer = re.search(r"does not accept option 'trainer\.(\w+)'$", message.strip())
         return message.strip() + (_nearest_trainer_option(trainer.group(1)) if trainer else "")
+    if absent := re.search(r"Problem with given class_path '([^']+)':\s+(?:No module named '([^']+)'|"
+                           r"module '([^']+)' has no attribute '([^']+)')", message):
+        return f"{key.group(1)}: no class {absent.group(1)}: " + _absent_class(*absent.groups()[1:])
     missing = re.search(r"Expected a path but (.+?) either not accessible or invalid", message)
     if missing:
         return (f"{key.group(1)}: no file {missing.group(1)} (a relative path in a config file is relative to "
                 f"that file's directory)")
     if "Union subtypes" not in message:
         return f"{key.group(1)}: {' '.join(message[key.end():].split())}"
-    problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)\n\s*- Expected a <class 'NoneType'>",
-                        message, re.S)
+    problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)\n\s*- ", message, re.S)
     if problem is None:
         return message.strip()
     name, reason = key.group(1), " ".join(problem.group(2).split())
+    module, _, cls_name = problem.group(1).rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)  # jsonargparse imported it
+    if not dataclasses.is_dataclass(cls):
+        name = f"{name}: {cls_name}"
     if inner := re.fullmatch(r'Parser key "([^"]+)": (.*)', reason):
         name, reason = f"{name}.{inner.group(1)}", inner.group(2)
     if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", reason):
-        module, _, cls = problem.group(1).rpartition(".")
-        option = unknown.group(1)
-        reason = f"unknown option {option!r}{_nearest(option, getattr(importlib.import_module(module), cls))}"
+        reason = f"unknown option {unknown.group(1)!r}{_nearest(unknown.group(1), cls)}"
     return f"{name}: {reason}"
 
 
+def _absent_class(missing_module: str | None, module: str | None, attribute: str | None) -> str:
+    """Why a class_path names no class: its module is missing, or the module lacks the name (and
+    which of the module's names is closest)."""
+    if missing_module is not None:
+        return f"there is no module {missing_module!r}"
+    close = difflib.get_close_matches(attribute, dir(importlib.import_module(module)), n=1)
+    return f"did you mean {module}.{close[0]}?" if close else f"module {module} has no {attribute!r}"
+
+
 def _nearest(option: str, cls: type) -> str:
-    """" (did you mean 'n_layers'?)" for the closest field of the dataclass ``cls``, else the fields."""
-    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    """" (did you mean 'n_layers'?)" for the closest field of the dataclass ``cls`` (or argument of
+    the class's ``__init__``), else the known ones."""
+    if dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls)]
+    else:
+        names = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     close = difflib.get_close_matches(option, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else (f"; known: {', '.join(names)}" if names else "")
 
