@@ -177,3 +177,15 @@ def test_an_eval_config_takes_one_probe_file():
     with pytest.raises(LLMKitError, match=r"evaluation.probes takes one probe JSONL file, got \['a.jsonl'\]"):
         EvalConfig(probes=["a.jsonl"])
     assert EvalConfig(probes="a.jsonl", ppl_files="v.bin").ppl_files == ["v.bin"]
+
+
+def test_evaluate_defaults_to_the_eval_config_settings():
+    """evaluate() declared max_windows 256 beside EvalConfig's 64: the two defaults had drifted."""
+    import dataclasses
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}
+    shared = {f.name: f.default for f in dataclasses.fields(EvalConfig)
+              if f.name in defaults and f.name not in ("ppl_files", "probes")}  # evaluate's inputs
+    assert set(shared) == {"seq_len", "batch_size", "max_windows", "max_new_tokens", "probe_batch_size"}
+    assert {name: defaults[name] for name in shared} == shared

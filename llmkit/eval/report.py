@@ -19,37 +19,6 @@ from llmkit.io import expand_inputs
 from llmkit.model.transformer import Transformer
 
 
-def evaluate(
-    model: Transformer,
-    tokenizer: TokenizerLike | None,
-    ppl_files: list[str | Path] | None,
-    probes: list[Probe] | None,
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    max_windows: int | None = 256,
-    max_new_tokens: int = 32,
-    probe_batch_size: int = 32,
-    chat_template: bool = False,
-) -> dict:
-    """``{"perplexity": ..., "probes": ...}``: :func:`evaluate_perplexity` on ``ppl_files``
-    (``seq_len`` defaults to the model's max_seq_len) and :func:`score_probes` on ``probes``
-    (through the tokenizer's chat template with ``chat_template``); a section is None when its
-    input is None. The tokenizer is needed for probes only."""
-    if ppl_files is None and probes is None:
-        raise LLMKitError("nothing to evaluate: give perplexity shards, probes, or both")
-    if probes is not None and tokenizer is None:
-        raise LLMKitError("probes need the model's tokenizer: pass the tokenizer it was trained with")
-    perplexity = None
-    if ppl_files is not None:
-        seq_len = model.config.max_seq_len if seq_len is None else seq_len
-        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files",
-                                         tokenizer)
-    scores = None
-    if probes is not None:
-        scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size, chat_template)
-    return {"perplexity": perplexity, "probes": scores}
-
-
 @dataclass
 class EvalConfig:
     """What :func:`evaluate` runs, as YAML can say it: the held-out shards, the probe file and
@@ -100,3 +69,35 @@ class EvalConfig:
             model, tokenizer, self.ppl_files, probes, self.seq_len, self.batch_size, self.max_windows,
             self.max_new_tokens, self.probe_batch_size, chat_template,
         )
+
+
+def evaluate(
+    model: Transformer,
+    tokenizer: TokenizerLike | None,
+    ppl_files: list[str | Path] | None,
+    probes: list[Probe] | None,
+    seq_len: int | None = EvalConfig.seq_len,
+    batch_size: int = EvalConfig.batch_size,
+    max_windows: int | None = EvalConfig.max_windows,
+    max_new_tokens: int = EvalConfig.max_new_tokens,
+    probe_batch_size: int = EvalConfig.probe_batch_size,
+    chat_template: bool = False,
+) -> dict:
+    """``{"perplexity": ..., "probes": ...}``: :func:`evaluate_perplexity` on ``ppl_files``
+    (``seq_len`` defaults to the model's max_seq_len) and :func:`score_probes` on ``probes``
+    (through the tokenizer's chat template with ``chat_template``); a section is None when its
+    input is None. The tokenizer is needed for probes only. The settings default to
+    :class:`EvalConfig`'s, declared there once."""
+    if ppl_files is None and probes is None:
+        raise LLMKitError("nothing to evaluate: give perplexity shards, probes, or both")
+    if probes is not None and tokenizer is None:
+        raise LLMKitError("probes need the model's tokenizer: pass the tokenizer it was trained with")
+    perplexity = None
+    if ppl_files is not None:
+        seq_len = model.config.max_seq_len if seq_len is None else seq_len
+        perplexity = evaluate_perplexity(model, ppl_files, seq_len, batch_size, max_windows, "evaluation.ppl_files",
+                                         tokenizer)
+    scores = None
+    if probes is not None:
+        scores = score_probes(model, tokenizer, probes, max_new_tokens, probe_batch_size, chat_template)
+    return {"perplexity": perplexity, "probes": scores}
