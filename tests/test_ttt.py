@@ -360,6 +360,14 @@ def test_a_single_file_is_accepted_where_a_list_of_files_is():
     assert Replay(seed_files="old.jsonl").seed_files == ["old.jsonl"]
 
 
+def test_a_lora_setting_given_alone_keeps_the_papers_other_adapter_settings(base_ckpt, tokenizer_path):
+    """lora: {rank: 8} gave LoRAConfig's alpha 32, not the paper's 64 that no lora section gives."""
+    module = TTTDiscoverModule(ttt=TOY, lora={"rank": 8}, init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path))
+    assert (module.lora.rank, module.lora.alpha) == (8, 64.0) and module.hparams["lora"]["alpha"] == 64.0
+    default = TTTDiscoverModule(ttt=TOY, init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path))
+    assert (default.lora.rank, default.lora.alpha) == (32, 64.0)
+
+
 def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path, tmp_path):
     """A resumed discovery samples the rollouts an uninterrupted one would, not the first steps' again."""
     module = fit(base_ckpt, tokenizer_path, tmp_path / "run", 2)

@@ -95,6 +95,15 @@ STEP_METRICS = ("beta", "beta_capped", "best_reward", "r_mean", "r_std", "r_max"
 
 
 @dataclass
+class TTTLoRAConfig(LoRAConfig):
+    """:class:`LoRAConfig` with the TTT-Discover paper's adapter, rank 32 and alpha 64 (YAML that
+    sets only some fields keeps these for the rest)."""
+
+    rank: int = 32
+    alpha: float = 64.0
+
+
+@dataclass
 class TTTConfig:
     """The discovery problem and the TTT-Discover loop.
 
@@ -216,7 +225,7 @@ class TTTDiscoverModule(LLMKitModule):
             ``tokenizer.json``, or a model directory holding one; default: the one init_ckpt records (or the model
             directory it is or was converted from holds).
         ttt: the problem and the loop.
-        lora: the adapter (the paper: rank 32).
+        lora: the adapter (the paper's: rank 32, alpha 64).
         optim: AdamW over the adapter and its schedule (the paper: lr 4e-5).
         out_dir: where logs, adapters and results go (None: the run's log directory).
         gradient_clip_val: clip the adapter's global gradient norm to this (None: no clipping).
@@ -232,7 +241,7 @@ class TTTDiscoverModule(LLMKitModule):
         init_ckpt: str | None = None,
         tokenizer: str | None = None,
         ttt: TTTConfig | None = None,
-        lora: LoRAConfig | None = None,
+        lora: TTTLoRAConfig | None = None,
         optim: FineTuneOptimConfig | None = None,
         out_dir: str | None = None,
         gradient_clip_val: float | None = 1.0,
@@ -244,7 +253,7 @@ class TTTDiscoverModule(LLMKitModule):
         super().__init__()
         self.automatic_optimization = False
         self.ttt = as_dataclass(TTTConfig, ttt)
-        self.lora = as_dataclass(LoRAConfig, lora if lora is not None else {"rank": 32, "alpha": 64.0})
+        self.lora = as_dataclass(TTTLoRAConfig, lora)
         self.optim = as_dataclass(FineTuneOptimConfig, optim)
         self.save_hyperparameters(
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "ttt": asdict(self.ttt), "lora": self.lora.to_dict(),
