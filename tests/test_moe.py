@@ -20,6 +20,7 @@ from llmkit.model.moe import (
     expert_utilization,
     grouped_linear,
     load_balance_std,
+    max_min_load,
     moe_layers,
     router_z_loss,
     scale_balancing_loss,
@@ -225,6 +226,7 @@ def test_metrics_as_functions():
     counts = torch.tensor([4, 4, 4, 4])
     assert load_balance_std(counts).item() == 0.0
     assert expert_utilization(torch.tensor([6, 2, 0, 0])).tolist() == [0.75, 0.25, 0.0, 0.0]
+    assert max_min_load(torch.tensor([6, 2, 0, 0])).item() == 6.0 and max_min_load(torch.tensor([6, 2, 3])) == 3.0
     assert load_balance_std(torch.tensor([8, 0, 0, 0])).item() == pytest.approx(torch.tensor(
         [0.75, -0.25, -0.25, -0.25]).square().mean().sqrt().item())
 

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from llmkit.callbacks.interfaces import HasBackbone, require
-from llmkit.model.moe import load_balance_std
+from llmkit.model.moe import load_balance_std, max_min_load
 
 
 class MoEMonitor(L.Callback):
@@ -50,7 +50,7 @@ class MoEMonitor(L.Callback):
             router = block.mlp.router
             counts = router.load if bool(router.load.any()) else router.last_load  # before or after end_of_step
             metrics[f"moe/L{i}/load_std"] = float(load_balance_std(counts))
-            metrics[f"moe/L{i}/max_min_load"] = float(counts.max() / counts.min().clamp_min(1))
+            metrics[f"moe/L{i}/max_min_load"] = float(max_min_load(counts))
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     write_histogram(logger, f"moe/L{i}/utilization", counts, step)

@@ -260,10 +260,10 @@ def _check_tied_head(embedding: torch.Tensor, path: Path, head: torch.Tensor) ->
 
 
 def read_hf_model(
-    model_dir: str | Path, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+    model_dir: str | Path, max_seq_len: int | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The llmkit config and state dict (llmkit names; ``lm_head.weight`` is ``tok_emb.weight``
-    when tied) of a Hugging Face model directory, each tensor cast to ``dtype`` (None: kept).
+    when tied) of a Hugging Face model directory, each tensor in the dtype it is stored in.
 
     Every tensor is checked against the shape the config implies; a missing, unexpected,
     misshapen or integer (quantised) tensor raises :class:`LLMKitError` naming it and its file.
@@ -294,7 +294,7 @@ def read_hf_model(
             if name == "lm_head.weight" and config.tie_embeddings:
                 stored_head = (path, tensor)  # tied: the head is the embedding, if the two are equal (below)
                 continue
-            state[name] = tensor if dtype is None else tensor.to(dtype)
+            state[name] = tensor
     if stored_head is not None and "tok_emb.weight" in state:
         _check_tied_head(state["tok_emb.weight"], *stored_head)
     tie_head(config, state)

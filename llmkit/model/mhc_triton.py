@@ -491,7 +491,6 @@ def _load_logits(
     toks,
     tok_ok,
     j,
-    j_ok,
     vec_ok,
     mat_ok,
     width,
@@ -716,7 +715,7 @@ def _coeff_bwd_kernel(
                                               b_res_ptr, j, j_ok, N)
         alpha_pre, alpha_post, alpha_res = parameters[0], parameters[1], parameters[2]
         rms_inv, proj_pre, proj_post, proj_res, l_pre, l_post, l_res = _load_logits(
-            proj_ptr, sumsq_ptr, *parameters, toks, tok_ok, j, j_ok, vec_ok, mat_ok, width, norm_eps, N, P
+            proj_ptr, sumsq_ptr, *parameters, toks, tok_ok, j, vec_ok, mat_ok, width, norm_eps, N, P
         )
         vec_offsets = toks[:, None] * N + j[None, :]
         mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]

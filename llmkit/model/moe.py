@@ -42,17 +42,22 @@ def expert_counts(experts: torch.Tensor, n_experts: int, real: torch.Tensor | No
     return torch.zeros(n_experts, device=flat.device, dtype=torch.long).scatter_add_(0, flat, ones)
 
 
-def load_balance_std(counts: torch.Tensor) -> torch.Tensor:
-    """The standard deviation of the experts' shares of the assignments, ``counts / counts.sum()``
-    (0 for perfectly uniform routing; counts [..., E] per expert, the last dimension)."""
-    share = counts.float() / counts.float().sum(-1, keepdim=True).clamp_min(1)
-    return share.std(-1, unbiased=False)
-
-
 def expert_utilization(counts: torch.Tensor) -> torch.Tensor:
-    """Each expert's share of the assignments (sums to 1 over the last dimension)."""
+    """Each expert's share of the assignments (sums to 1 over the last dimension; counts [..., E]
+    per expert)."""
     counts = counts.float()
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def load_balance_std(counts: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of the experts' shares of the assignments (0 for perfectly uniform
+    routing)."""
+    return expert_utilization(counts).std(-1, unbiased=False)
+
+
+def max_min_load(counts: torch.Tensor) -> torch.Tensor:
+    """The busiest expert's assignments over the idlest's (an idle expert counts as 1)."""
+    return counts.max() / counts.min().clamp_min(1)
 
 
 def switch_aux_loss(
@@ -310,7 +315,7 @@ def end_of_step(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]
         if layer.cfg.bias_update_rate and layer.cfg.router == "switch":
             layer.router.update_bias(load)
         stds.append(float(load_balance_std(load)))
-        ratios.append(float(load.max() / load.min().clamp_min(1)))
+        ratios.append(float(max_min_load(load)))
         aux.append(float(layer.aux_loss))
         layer.router.load.zero_()
     return {"moe/load_std": math.fsum(stds) / len(stds), "moe/max_min_load": max(ratios),

@@ -425,7 +425,7 @@ class TTTDiscoverModule(LLMKitModule):
         self._weights_ahead = False
 
         rewards = [r for group in groups for r in group]
-        self._record_step(starts, {
+        self._record_step({
             "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
             "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
             "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
@@ -474,7 +474,7 @@ class TTTDiscoverModule(LLMKitModule):
             return {}
         return {"train/policy_loss": stats.loss, **stats.lrs, "train/tokens_per_step": float(stats.tokens)}
 
-    def _record_step(self, starts: list[State], record: dict[str, Any], metrics: dict[str, float]) -> None:
+    def _record_step(self, record: dict[str, Any], metrics: dict[str, float]) -> None:
         """Log the step that just completed (``archive.step``) to the loggers, the progress bar,
         ``discovery_log.jsonl``, and save the adapter every ``adapter_every`` steps (in ``ttt`` mode:
         ``best_of_n`` trains none)."""
