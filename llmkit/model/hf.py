@@ -95,7 +95,8 @@ def _rope_spec(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """A RoPE dict as transformers completes it: ``type`` read as ``rope_type`` (default ``default``),
     ``rope_theta`` and ``partial_rotary_factor`` taken from the top level when the dict lacks them."""
     spec = dict(spec)
-    spec["rope_type"] = spec.pop("type", spec.get("rope_type", "default"))
+    legacy_type = spec.pop("type", "default")
+    spec["rope_type"] = spec.get("rope_type", legacy_type)
     spec["rope_theta"] = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
     spec["partial_rotary_factor"] = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     return spec
@@ -114,11 +115,10 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
                     f"{source}: rope_parameters has {key} {params.get(key)!r} but rope_scaling has "
                     f"{scaling.get(key)!r} (transformers reads rope_scaling); remove the wrong one of the two keys"
                 )
-    spec = {**scaling, **params}
-    theta = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    spec = _rope_spec({**scaling, **params}, hf)
+    theta, rope_type = spec["rope_theta"], spec["rope_type"]
+    if spec["partial_rotary_factor"] != 1.0:
         raise LLMKitError(f"{source}: partial_rotary_factor is not supported (llmkit rotates whole heads)")
-    rope_type = spec.get("rope_type", spec.get("type", "default"))
     if rope_type == "default":
         return theta, None
     where = "rope_parameters" if params else "rope_scaling"
