@@ -119,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     use_step_progress_bar(trainer)
     module.configure_model()  # the Trainer would build it later; the parameter count is printed now
     n_params = module.model.num_params()
-    print(f"[4/5] pretrain: tiny model, {n_params / 1e6:.1f}M params, n_streams {model_cfg.n_streams}, "
+    print(f"[4/5] pretrain: {cfg.model.stem} model, {n_params / 1e6:.1f}M params, n_streams {model_cfg.n_streams}, "
           f"{cfg.max_steps} steps of {cfg.batch_size}x{seq_len} tokens")
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     train_start = time.perf_counter()
@@ -134,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tokenizer = Tokenizer(tok_path)
     model = load_backbone(ckpt)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
-    out = generate(model, [tokenizer.encode(cfg.prompt)], sampling, tokenizer.eos_id, tokenizer.pad_id)
+    out = generate(model, [tokenizer.encode(cfg.prompt)], sampling, tokenizer.stop_ids, tokenizer.pad_id)
     text = cfg.prompt + tokenizer.decode(out.tokens[0][out.mask[0]].tolist())
     result = {
         "val_loss_before": before,

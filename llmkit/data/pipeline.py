@@ -1,11 +1,12 @@
 """corpus -> tokenizer -> packed shards in one call: what `llmkit demo` and the benchmarks run.
 
-The same three steps as `llmkit data corpus|tokenizer|pack`, with the code-corpus tokenizer
-settings (case and whitespace kept, see docs/data.md).
+The same three steps as `llmkit data corpus|tokenizer|pack`, with their default settings (the
+tokenizer keeps case and whitespace, see docs/data.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 @dataclass
 class CorpusShards:
+    """What :func:`build_corpus_shards` wrote: the tokenizer's .model, the two shards and their sizes."""
+
     tokenizer: Path
     train: Path
     val: Path
@@ -25,7 +28,8 @@ class CorpusShards:
 
 
 def build_corpus_shards(
-    out: str | Path, source: str = "stdlib", vocab_size: int = 4096, max_files: int | None = None, log=print
+    out: str | Path, source: str, vocab_size: int, max_files: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> CorpusShards:
     """Write ``out``/corpus, ``out``/tokenizer/spm.model and ``out``/data/{train,val}.bin."""
     out = Path(out)
@@ -34,8 +38,7 @@ def build_corpus_shards(
     train_txt = [out / "corpus" / name for name in corpus["train_files"]]
     val_txt = [out / "corpus" / name for name in corpus["val_files"]]
     log(f"tokenizer: SentencePiece BPE, vocab {vocab_size}")
-    config = TokenizerTrainConfig(vocab_size=vocab_size, normalization="identity", keep_whitespace=True)
-    tokenizer = train_tokenizer(train_txt, out / "tokenizer" / "spm", config)
+    tokenizer = train_tokenizer(train_txt, out / "tokenizer" / "spm", TokenizerTrainConfig(vocab_size=vocab_size))
     log("pack: train and val shards")
     train = pack(tokenizer, train_txt, out / "data" / "train.bin")
     val = pack(tokenizer, val_txt, out / "data" / "val.bin")

@@ -68,7 +68,7 @@ def _kl_to_uniform(spread: torch.Tensor, beta: float) -> float:
 def solve_beta(
     rewards: torch.Tensor | Sequence[float], target_kl: float = math.log(2), beta_max: float = BETA_MAX, iters: int = 60
 ) -> float:
-    """The adaptive beta(s) of one group of K rollouts from the same start state (§5, A4, F6).
+    """The adaptive beta of one group of K rollouts from the same start state (§5, A4, F6).
 
     With q_beta(n) = exp(beta (r_n - max r)) / sum_m exp(beta (r_m - max r)), return the beta
     at which KL(q_beta || uniform) = ``target_kl`` (the paper's gamma = ln 2). The KL is 0 at

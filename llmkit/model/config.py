@@ -1,7 +1,8 @@
 """Model configuration: the backbone's shape and its mHC residual.
 
 Every knob of the backbone lives here; YAML files under ``configs/model/`` hold the named
-sizes (``tiny``, ``120m``, ``350m``, ``900m``).
+sizes (``tiny``, ``120m``, ``350m``, ``900m``) and the MoE and latent-attention variants
+(``moe_*``, ``mla_*``).
 """
 
 from __future__ import annotations

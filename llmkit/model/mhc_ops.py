@@ -108,7 +108,7 @@ def project(x: Tensor, phi: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
 def mapping_logits(
     proj: Tensor, sumsq: Tensor, alpha: Tensor, bias: Tensor, n: int, width: int, norm_eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(H~ [M, P], d = x' phi [M, P], 1/rms(x) [M, 1]): Eq. 7-8's alpha * (x' phi) + b with
+    """(H~ [M, P], d = x' phi [M, P], 1/rms(x) [M, 1]): Eq. 7's alpha * (x' phi) + b with
     x' = x / rms(x), the norm's divide applied after the projection (x' phi = (x phi) / rms(x))."""
     dtype = accumulate_dtype(proj)
     rms_inv = torch.rsqrt(sumsq.to(dtype)[:, None] / width + norm_eps)

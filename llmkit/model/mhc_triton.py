@@ -1,6 +1,6 @@
 """Triton kernels for manifold-constrained hyper-connections (mHC, arXiv 2512.24880).
 
-One launch per step of the mHC residual (see :mod:`llmkit.model.mhc` for the math and the
+One launch per step of the mHC residual (see :mod:`llmkit.model.mhc_ops` for the math and the
 PyTorch implementations these kernels replace), and one cuBLAS matmul (dL/dphi). Per token, the
 stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
 
