@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from llmkit.errors import LLMKitError, SettingError
 from llmkit.io import iter_jsonl_objects, iter_text_lines, refuse_overwrite, text_field, write_jsonl_atomic
 from llmkit.model.config import AttentionBackend
+
+if TYPE_CHECKING:
+    from llmkit.data.tokenizer import TokenizerLike
 
 _PROMPT_LINE = '{"prompt": "..."}'
 
@@ -58,6 +61,20 @@ def check_device(device: str) -> None:
     if kind.type == "mps" and not torch.backends.mps.is_available():
         raise LLMKitError(f"--device {device}: MPS is not available here (torch.backends.mps.is_available() is "
                           "False); use --device cpu")
+
+
+def encode_prompts(tok: TokenizerLike, texts: list[str], chat_template: bool, bos: bool,
+                   max_seq_len: int) -> list[list[int]]:
+    """The ids of each prompt (through the tokenizer's chat template with ``chat_template``);
+    raise :class:`LLMKitError` for an empty prompt or one that leaves no room in ``max_seq_len``."""
+    encoded = [tok.encode(tok.render_chat(t) if chat_template else t, bos=bos) for t in texts]
+    for text, ids in zip(texts, encoded, strict=True):
+        if not ids:
+            raise LLMKitError("a prompt is empty: give at least one character of text (or --bos)")
+        if len(ids) >= max_seq_len:
+            raise LLMKitError(f"the prompt {text[:40]!r}... is {len(ids)} tokens, at or beyond the model's "
+                              f"max_seq_len {max_seq_len}; shorten it")
+    return encoded
 
 
 def resolve_precision(precision: Precision, device: str) -> Precision:
@@ -162,22 +179,14 @@ def generate(
     check_tokenizer(checkpoint, ckpt, tokenizer_record(tok.path))
     texts = read_prompts(prompt_file) if prompt_file is not None else [prompt]
     texts = [t for t in texts for _ in range(num_samples)]
-    encoded = [tok.encode(tok.render_chat(t) if chat_template else t, bos=bos) for t in texts]
-    for text, ids in zip(texts, encoded, strict=True):
-        if not ids:
-            raise LLMKitError("a prompt is empty: give at least one character of text (or --bos)")
-        if len(ids) >= model.config.max_seq_len:
-            raise LLMKitError(
-                f"the prompt {text[:40]!r}... is {len(ids)} tokens, at or beyond the model's max_seq_len "
-                f"{model.config.max_seq_len}; shorten it"
-            )
+    encoded = encode_prompts(tok, texts, chat_template, bos, model.config.max_seq_len)
     room = model.config.max_seq_len - max(len(ids) for ids in encoded)
     if max_new_tokens > room:
         print(f"llmkit: note: generating {room} new tokens, all the context window leaves after the "
               f"longest prompt (max_seq_len {model.config.max_seq_len})", file=sys.stderr)
     config = dataclasses.replace(config, max_new_tokens=min(max_new_tokens, room))
-    records = []
     bf16 = resolve_precision(precision, device) == "bf16-mixed"
+    records = []
     batch_seeds = torch.Generator().manual_seed(seed)  # one seed per batch: the batches' samples differ
     for start in range(0, len(encoded), batch_size):
         config = dataclasses.replace(config, seed=int(torch.randint(2**62, (), generator=batch_seeds)))
