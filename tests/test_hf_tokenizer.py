@@ -484,6 +484,21 @@ def test_chat_template_without_a_template_is_a_one_line_error_at_setup(tokenizer
             assert "\n" not in str(error.value)
 
 
+def test_a_tokenizer_without_a_template_trains_with_the_gate_when_chat_template_is_off(raw_json, ids, tmp_path):
+    """The gate's setup checks the module's tokenizer against TokenizerLike, which on Python 3.11 reads every
+    property: turn_end_id raised "has no chat template" though chat_template was off."""
+    from llmkit.callbacks import RegressionGate
+
+    no_template = write_model_dir(tmp_path / "plain", raw_json, config={"eos_token_id": ids["</s>"]})
+    assert load_tokenizer(no_template).turn_end_id == ids["</s>"]
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"name": "sum", "prompt": "What is 2 + 3?", "expect_substring": "5"}) + "\n")
+    module = SFTModule(str(save_backbone(tmp_path / "hf.ckpt", 400)), str(no_template))
+    gate = RegressionGate(evaluation={"probes": str(probes)})
+    gate.setup(L.Trainer(accelerator="cpu", devices=1, logger=False), module, "fit")
+    assert gate._tokenizer is module.tokenizer
+
+
 def test_generate_takes_a_model_directory_and_a_padded_vocabulary(padded_ckpt, model_dir, tmp_path, capsys):
     def generate(ckpt: Path) -> int:
         return main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(model_dir), "--prompt", "def f(x):",

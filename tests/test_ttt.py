@@ -20,6 +20,7 @@ from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.discovery.consolidate import consolidate
 from llmkit.discovery.envs import StringTargetEnv
 from llmkit.errors import LLMKitError
+from llmkit.model.checkpoint import load_backbone
 from llmkit.model.config import ModelConfig
 from llmkit.model.generation import SamplingConfig, generate
 from llmkit.model.lora import read_lora
@@ -268,6 +269,27 @@ def test_ttt_then_consolidate_then_sdft_without_manual_steps(base_ckpt, tokenize
         consolidate([tmp_path / "run"], min_reward=2.0)
     with pytest.raises(LLMKitError, match="does not exist"):
         consolidate([tmp_path / "nowhere"])
+
+
+def test_a_discovery_checkpoint_loads_as_its_adapted_model(base_ckpt, tokenizer_path, tmp_path, capsys):
+    """Its weights are the base's plus the adapter's lora_A / lora_B: generate, convert and init_ckpt failed on
+    the adapter tensors ("weights do not match its config"); they read the model the run discovered with."""
+    module = fit(base_ckpt, tokenizer_path, tmp_path / "run", steps=2)
+    ckpt = tmp_path / "ttt.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, 16))
+    with torch.no_grad():
+        adapted, base = module.model.eval()(tokens), load_backbone(base_ckpt)(tokens)
+        merged = load_backbone(ckpt)(tokens)
+    assert not torch.allclose(adapted, base, atol=1e-4)  # the run moved the adapter
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer_path), "--prompt", "a",
+                 "--max-new-tokens", "2"]) == 0
+    adapter = next((tmp_path / "run" / "adapters").glob("step_*.safetensors"))
+    capsys.readouterr()
+    assert main(["lora", "merge", "--ckpt", str(ckpt), "--lora", str(adapter), "--out", str(tmp_path / "m.ckpt")]) == 1
+    assert f"{ckpt} is a TTT-Discover checkpoint, which holds its adapter and is read with it merged" in \
+        capsys.readouterr().err
 
 
 def test_two_rollouts_per_start_are_refused():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmkit.errors import LLMKitError
 from llmkit.io import refuse_existing, refuse_overwrite, write_json_atomic
 
 if TYPE_CHECKING:
@@ -21,10 +22,16 @@ def load_with_adapter(
 ) -> Transformer:
     """The backbone of ``ckpt`` (already read as ``checkpoint``, if given) in eval mode, with the
     LoRA adapter at ``lora`` applied if given, checked to have been trained on this base."""
-    from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
+    from llmkit.model.checkpoint import backbone_from_checkpoint, holds_adapter, read_checkpoint
     from llmkit.model.lora import base_fingerprint, load_lora
 
-    model = backbone_from_checkpoint(checkpoint or read_checkpoint(ckpt, device), ckpt, device)
+    checkpoint = checkpoint or read_checkpoint(ckpt, device)
+    if lora is not None and holds_adapter(checkpoint):
+        raise LLMKitError(
+            f"{ckpt} is a TTT-Discover checkpoint, which holds its adapter and is read with it merged: pass it "
+            f"without --lora, or pass the run's base checkpoint (its model.init_ckpt) with --lora {lora}"
+        )
+    model = backbone_from_checkpoint(checkpoint, ckpt, device)
     if lora is not None:
         load_lora(model, lora, expected_base_sha256=base_fingerprint(model))
     return model.eval()

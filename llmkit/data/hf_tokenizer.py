@@ -189,7 +189,10 @@ class HFTokenizer:
     def turn_end_id(self) -> int:
         """The token an assistant's turn ends with under :attr:`chat_template`: the first of
         :attr:`stop_ids` in the text the template writes after the assistant's content, else
-        ``eos_id`` (Llama 3.x lists ``<|end_of_text|>`` first but ends a turn with ``<|eot_id|>``)."""
+        ``eos_id`` (Llama 3.x lists ``<|end_of_text|>`` first but ends a turn with ``<|eot_id|>``).
+        Without a chat template, ``eos_id``: a text ends as a document does."""
+        if self.chat_template is None:
+            return self.eos_id
         end = assistant_turn_end(self._compiled_chat_template, self._chat_template_file, self._token(self.bos_id),
                                  self._token(self.eos_id))
         return next((i for i in self.encode(end) if i in self.stop_ids), self.eos_id)

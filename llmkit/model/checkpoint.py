@@ -41,7 +41,7 @@ from llmkit.model.hf import (
     tie_head,
     write_weights,
 )
-from llmkit.model.lora import is_lora_file
+from llmkit.model.lora import LORA_SUFFIXES, LoRAConfig, is_lora_file, merge_adapter_state
 from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
@@ -256,15 +256,27 @@ def backbone_from_checkpoint(
     ckpt: dict, path: str | Path, map_location: str | torch.device = "cpu"
 ) -> Transformer:
     """The Transformer of a checkpoint already read by :func:`read_checkpoint` (``path`` names it
-    in errors)."""
+    in errors). A TTT-Discover checkpoint holds the base weights and the adapter it trained: its
+    Transformer is the adapted model, the adapter merged into the base weights."""
     model = Transformer(ModelConfig.from_dict(model_config_dict(ckpt))).to(map_location)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if holds_adapter(ckpt):
+        lora = ckpt.get("hyper_parameters", {}).get("lora")
+        if not isinstance(lora, dict):
+            raise LLMKitError(f"{path} holds LoRA adapter tensors but no adapter config (hyper_parameters.lora), "
+                              f"so they cannot be merged: pass the checkpoint its run wrote")
+        state = merge_adapter_state(state, LoRAConfig.from_dict(lora), str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LLMKitError(
             f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.eval()
+
+
+def holds_adapter(ckpt: dict) -> bool:
+    """Whether a checkpoint's weights include LoRA adapter tensors (a TTT-Discover run's do)."""
+    return any(k.endswith(LORA_SUFFIXES) for k in ckpt["state_dict"])
 
 
 def tokenizer_link(ckpt: str | Path, checkpoint: dict[str, Any]) -> dict[str, Any]:

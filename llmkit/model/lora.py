@@ -81,6 +81,11 @@ class LoRAConfig:
         return dataclass_from_dict(cls, values, "LoRA config")
 
 
+def low_rank_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The adapter's weight update scale * B A, in float32 (batched over a leading expert dimension)."""
+    return scale * (lora_B.float() @ lora_A.float())
+
+
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a low-rank update: y = W x + b + scale * B A dropout(x).
 
@@ -128,7 +133,7 @@ class LoRALinear(nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in float32 (batched over experts for :class:`LoRAGroupedLinear`)."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return low_rank_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -426,6 +431,23 @@ def merged_base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     without the adapter tensors: the weights of the plain backbone it now equals."""
     merge_lora(model)
     return {k: v for k, v in model.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
+
+
+def merge_adapter_state(state: dict[str, torch.Tensor], config: LoRAConfig, source: str) -> dict[str, torch.Tensor]:
+    """``state``, the state dict of a model with LoRA layers (a TTT-Discover checkpoint's), with every
+    adapter folded into its base weight, W0 + scale B A in float32 cast to W0's dtype, and the adapter
+    tensors dropped: the weights of the plain backbone it equals. ``source`` names it in errors."""
+    merged = {k: v for k, v in state.items() if not k.endswith(LORA_SUFFIXES)}
+    for key in sorted(k for k in state if k.endswith(LORA_SUFFIXES)):
+        name = key.rsplit(".", 1)[0]
+        weight = merged.get(f"{name}.weight")
+        if weight is None or f"{name}.lora_A" not in state or f"{name}.lora_B" not in state:
+            raise LLMKitError(f"{source}: {key} has no base weight {name}.weight or no partner lora_A/lora_B "
+                              f"tensor; the file is damaged or not an llmkit checkpoint")
+        if key.endswith(".lora_A"):
+            delta = low_rank_delta(state[key], state[f"{name}.lora_B"], config.scale)
+            merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
 
 
 def unmerge_lora(model: nn.Module) -> None:
