@@ -290,6 +290,10 @@ def test_a_discovery_checkpoint_loads_as_its_adapted_model(base_ckpt, tokenizer_
     assert main(["lora", "merge", "--ckpt", str(ckpt), "--lora", str(adapter), "--out", str(tmp_path / "m.ckpt")]) == 1
     assert f"{ckpt} is a TTT-Discover checkpoint, which holds its adapter and is read with it merged" in \
         capsys.readouterr().err
+    hf = tmp_path / "hf"  # --no-merge-lora would write the adapter beside weights that hold it already
+    assert main(["convert", "to-hf", "--ckpt", str(ckpt), "--lora", str(adapter), "--no-merge-lora", "--out",
+                 str(hf)]) == 1
+    assert "is a TTT-Discover checkpoint" in capsys.readouterr().err and not hf.exists()
 
 
 def test_two_rollouts_per_start_are_refused():

@@ -127,7 +127,7 @@ def to_hf(
     refuse_overwrite(out, "--out", {"--ckpt": ckpt, "--tokenizer": tokenizer, "--lora": lora},
                      "write the exported model to a new directory")
 
-    from llmkit.cli.lora import load_with_adapter
+    from llmkit.cli.lora import load_with_adapter, refuse_second_adapter
     from llmkit.data.tokenizer import first_tokenizer, load_tokenizer, tokenizer_record
     from llmkit.model.checkpoint import check_tokenizer, read_checkpoint, save_model_dir, tokenizer_candidates
     from llmkit.model.hf import hf_exportable, save_hf_model, save_peft_adapter
@@ -135,6 +135,7 @@ def to_hf(
 
     checkpoint = read_checkpoint(ckpt)
     stored = checkpoint["state_dict"]["model.tok_emb.weight"].dtype
+    refuse_second_adapter(checkpoint, ckpt, lora)  # --no-merge-lora loads without it
     model = load_with_adapter(ckpt, lora if merge_lora else None, checkpoint=checkpoint)
     config = model.config
     if lora is not None and not merge_lora and not hf_exportable(config):

@@ -22,19 +22,27 @@ def load_with_adapter(
 ) -> Transformer:
     """The backbone of ``ckpt`` (already read as ``checkpoint``, if given) in eval mode, with the
     LoRA adapter at ``lora`` applied if given, checked to have been trained on this base."""
-    from llmkit.model.checkpoint import backbone_from_checkpoint, holds_adapter, read_checkpoint
+    from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
     from llmkit.model.lora import base_fingerprint, load_lora
 
     checkpoint = checkpoint or read_checkpoint(ckpt, device)
+    refuse_second_adapter(checkpoint, ckpt, lora)
+    model = backbone_from_checkpoint(checkpoint, ckpt, device)
+    if lora is not None:
+        load_lora(model, lora, expected_base_sha256=base_fingerprint(model))
+    return model.eval()
+
+
+def refuse_second_adapter(checkpoint: dict, ckpt: Path, lora: Path | None) -> None:
+    """A one-line error if ``lora`` is given for a checkpoint that holds an adapter already (a TTT-Discover
+    run's, read with its adapter merged)."""
+    from llmkit.model.checkpoint import holds_adapter
+
     if lora is not None and holds_adapter(checkpoint):
         raise LLMKitError(
             f"{ckpt} is a TTT-Discover checkpoint, which holds its adapter and is read with it merged: pass it "
             f"without --lora, or pass the run's base checkpoint (its model.init_ckpt) with --lora {lora}"
         )
-    model = backbone_from_checkpoint(checkpoint, ckpt, device)
-    if lora is not None:
-        load_lora(model, lora, expected_base_sha256=base_fingerprint(model))
-    return model.eval()
 
 
 def merge(ckpt: Path, lora: Path, out: Path) -> int:
