@@ -480,8 +480,9 @@ def test_generate_refuses_counts_below_one(flag, value, trained, tokenizer_path,
     ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
     ("--top-k", "0", "--top-k must be >= 1, got 0"),
     ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
-    ("--temperature", "-1", "--temperature must be >= 0 (0 = greedy), got -1.0"),
-    ("--temperature", "nan", "--temperature must be >= 0 (0 = greedy), got nan"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0 (0 = greedy), got inf"),
 ])
 def test_generate_refuses_a_bad_sampling_flag_before_it_loads_the_model(flag, value, message, tmp_path, capsys):
     """The checkpoint given does not exist: the sampling error comes first, not after a long load, and

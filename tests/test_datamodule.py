@@ -1,6 +1,7 @@
 """PackedDataModule: window alignment, determinism, shard checks."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -201,6 +202,12 @@ def test_missing_shard_and_empty_file_list(shards, tmp_path):
         make_dm(shards, train_files=[str(tmp_path / "nothing.bin")]).setup("fit")
     with pytest.raises(LLMKitError, match="train_files is empty"):
         make_dm(shards, train_files=[]).setup("fit")
+    text = tmp_path / "arith.jsonl"  # given where a shard goes: the advice was to pack over it
+    text.write_text('{"prompt": "1 + 1", "demonstration": "2"}\n')
+    with pytest.raises(LLMKitError, match=re.escape(
+            f"{text} is a text file, not a token shard: pack it into one with `llmkit data pack --tokenizer "
+            f"PREFIX.model --input {text} --output {tmp_path / 'arith.bin'}`")):
+        make_dm(shards, train_files=[str(text)]).setup("fit")
 
 
 def test_ranks_get_disjoint_windows_when_lightning_adds_a_distributed_sampler(shards):

@@ -134,7 +134,8 @@ def verify(shard: list[str]) -> int:
     return 0
 
 
-def tasks(task: Task, n: int, out: Path, seed: int = 0, probes_out: Path | None = None, n_probes: int = 20) -> int:
+def tasks(task: Task, n: int, out: Path, seed: int = 0, probes_out: Path | None = None,
+          n_probes: int | None = None) -> int:
     """Write generated SDFT examples (and held-out probes) of a task as JSONL.
 
     Args:
@@ -144,9 +145,11 @@ def tasks(task: Task, n: int, out: Path, seed: int = 0, probes_out: Path | None 
         seed: the same seed gives the same files.
         probes_out: also write probes here, none repeating a training prompt (except for the fact tasks,
             colors and cities, whose probes are facts of the table the examples teach: recall, not generalisation).
-        n_probes: probes to write to --probes-out.
+        n_probes: probes to write to --probes-out (default 20).
     """
-    counts = write_task_files(task, n, seed, out, probes_out, n_probes)
+    if n_probes is not None and probes_out is None:
+        raise LLMKitError(f"--n-probes {n_probes} needs --probes-out, the file to write the probes to")
+    counts = write_task_files(task, n, seed, out, probes_out, 20 if n_probes is None else n_probes)
     probes = f" and {probes_out}: {counts['probes']:,} probes" if probes_out else ""
     print(f"wrote {out}: {counts['examples']:,} {task} examples (seed {seed}){probes}")
     return 0

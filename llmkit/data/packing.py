@@ -67,6 +67,8 @@ because it is fast (zlib: about 4 GB/s on one core of the development VM, SHA-25
 shard's enemy is a bad disk or copy, not an adversary."""
 
 _PACK_HINT = "llmkit data pack --tokenizer PREFIX.model --input FILE... --output {bin}"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
+"""Files that hold text, not tokens: given where a shard is expected, the error says to pack them."""
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -402,6 +404,9 @@ def read_meta(bin_path: str | Path) -> dict:
     hint = _PACK_HINT.format(bin=bin_path)
     if not bin_path.is_file():
         raise LLMKitError(f"token shard {bin_path} does not exist: create it with `{hint}`")
+    if not meta_file.is_file() and bin_path.suffix in TEXT_SUFFIXES:
+        text_hint = _PACK_HINT.replace("FILE...", str(bin_path)).format(bin=bin_path.with_suffix(".bin"))
+        raise LLMKitError(f"{bin_path} is a text file, not a token shard: pack it into one with `{text_hint}`")
     if not meta_file.is_file():
         raise LLMKitError(
             f"{meta_file} (the metadata of {bin_path}) does not exist: re-create both with `{hint}`"

@@ -13,6 +13,7 @@ losses need. :func:`sequence_logprobs` recomputes exactly these in one batched f
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -61,8 +62,8 @@ class SamplingConfig:
         """Raise :class:`SettingError`, naming the field, for a value out of range."""
         if self.max_new_tokens < 1:
             raise SettingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # NaN too
-            raise SettingError("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN too; inf divided every logit to 0 (uniform sampling)
+            raise SettingError("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise SettingError("top_k", f"must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
