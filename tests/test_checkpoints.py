@@ -329,6 +329,16 @@ def write_tensorboard_config(tmp_path: Path, shards, max_steps: int) -> Path:
     return path
 
 
+def test_a_run_refused_before_its_first_step_leaves_no_log_directories(shards, tmp_path):
+    """Its version_N was removed but the SAVE_DIR/NAME it had created stayed, empty."""
+    config = str(write_tensorboard_config(tmp_path, shards, 3))
+    assert main(["pretrain", "fit", "--config", config, "--data.train_files", str(tmp_path / "missing.bin")]) == 1
+    assert not (tmp_path / "tb").exists()
+    (tmp_path / "tb" / "other").mkdir(parents=True)  # a save_dir in use: only the run's own directories go
+    assert main(["pretrain", "fit", "--config", config, "--data.train_files", str(tmp_path / "missing.bin")]) == 1
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == ["other"]
+
+
 @pytest.mark.parametrize("config_given", [True, False])
 def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, shards, tmp_path, caplog):
     """With the run's config (its TensorBoardLogger), or with none (Lightning's default logger)."""
