@@ -375,7 +375,9 @@ def test_prompts_longer_than_the_context_name_the_example(base_ckpt, tokenizer_p
     module = sdft(base_ckpt, tokenizer_path, sdft={"max_new_tokens": 64})
     data = SDFTDataModule(str(path))
     data.setup("fit")
-    with pytest.raises(LLMKitError, match=r"long.jsonl:1: the prompt is \d+ tokens and needs 64 more"):
+    with pytest.raises(LLMKitError, match=r"long.jsonl:1: the prompt is (\d+) tokens and sdft.max_new_tokens adds 64: "
+                                          r"\d+ in all, past the model's max_seq_len 192; shorten it or lower "
+                                          r"sdft.max_new_tokens"):
         module.loss_sum(data.train_examples, "train", 0)
 
 
@@ -389,8 +391,9 @@ def test_an_example_too_long_for_the_window_stops_the_run_before_its_first_step(
     settings = {"sdft": {"max_new_tokens": 12}} if module_class is SDFTModule else {}
     module = module_class(init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), **settings)
     run = trainer(20)
-    with pytest.raises(LLMKitError, match=r"mixed.jsonl:17: the (prompt \(with its demonstration\)|teacher prompt) "
-                                          r"is \d+ tokens"):
+    adds = "sdft.max_new_tokens adds 12" if module_class is SDFTModule else \
+        r"its demonstration \(with the end of its turn\) adds \d+"
+    with pytest.raises(LLMKitError, match=rf"mixed.jsonl:17: the (prompt|teacher prompt) is \d+ tokens and {adds}: "):
         run.fit(module, SDFTDataModule(str(path), batch_size=4))
     assert run.global_step == 0
 

@@ -116,13 +116,15 @@ def prompt_ids(tokenizer: TokenizerLike, texts: list[str], chat_template: bool) 
 
 
 def check_fits(max_seq_len: int, sources: list[str], contexts: list[list[int]], rooms: list[int], what: str,
-               advice: str = "shorten it or lower the completion length") -> None:
-    """Raise, naming the source, if a context plus its room (completion tokens) exceeds ``max_seq_len``."""
+               room_what: str, advice: str | None = None) -> None:
+    """Raise, naming the source, if a context plus its room (the completion's tokens: ``room_what``,
+    a demonstration or a max_new_tokens setting) exceeds ``max_seq_len``; ``advice`` defaults to
+    shortening the context or lowering ``room_what``."""
     for source, ids, room in zip(sources, contexts, rooms, strict=True):
         if len(ids) + room > max_seq_len:
             raise LLMKitError(
-                f"{source}: the {what} is {len(ids)} tokens and needs {room} more, past the model's "
-                f"max_seq_len {max_seq_len}; {advice}"
+                f"{source}: the {what} is {len(ids)} tokens and {room_what} adds {room}: {len(ids) + room} in all, "
+                f"past the model's max_seq_len {max_seq_len}; {advice or f'shorten it or lower {room_what}'}"
             )
 
 

@@ -174,8 +174,8 @@ class SDFTModule(FineTuneModule):
         contexts = self.encode_prompts([teacher_prompt(e, cfg.teacher_template) for e in batch], batch,
                                        "teacher prompt")
         sources, rooms = [e.source for e in batch], [cfg.max_new_tokens] * len(batch)
-        check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt")
-        check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt")
+        check_fits(self.config.max_seq_len, sources, prompts, rooms, "prompt", "sdft.max_new_tokens")
+        check_fits(self.config.max_seq_len, sources, contexts, rooms, "teacher prompt", "sdft.max_new_tokens")
         return prompts, contexts
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:

@@ -28,7 +28,7 @@ class SFTModule(FineTuneModule):
         end = self.tokenizer.turn_end_id if self.chat_template else self.tokenizer.eos_id  # as generation will stop
         targets = [ids + [end] for ids in demonstrations]
         check_fits(self.config.max_seq_len, [e.source for e in batch], prompts, [len(t) for t in targets],
-                   "prompt (with its demonstration)", "shorten the example")
+                   "prompt", "its demonstration (with the end of its turn)", "shorten the example")
         return prompts, targets
 
     def loss_sum(self, batch: list[Example], stage: str, batch_idx: int) -> tuple[torch.Tensor, int]:

@@ -398,7 +398,7 @@ class TTTDiscoverModule(LLMKitModule):
         others = [s.text for s in sorted(self.archive.states.values(), key=lambda s: -s.reward)]
         prompts = prompt_ids(tok, [self.context(s, others) for s in starts], self.chat_template)
         check_fits(self.config.max_seq_len, [f"archive state {s.id}" for s in starts], prompts,
-                   [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt")
+                   [cfg.max_new_tokens] * len(starts), f"{self.env.name} prompt", "ttt.max_new_tokens")
         contexts = [ids for ids in prompts for _ in range(cfg.group_size)]
         # this rank samples and scores its share of the step's rollouts; then every rank holds all of them
         mine = rank_share(len(contexts), self.global_rank, self.trainer.world_size)
