@@ -23,15 +23,16 @@ from llmkit.errors import LLMKitError
 class DiscardUnstartedRun(L.Callback):
     """When the run fails with an :class:`~llmkit.errors.LLMKitError` (bad input, fixed and rerun)
     before its first optimizer step: removes ``log_dir`` if this run created it and no checkpoint
-    is in it, with the directories above it that this run created (``lightning_logs/NAME``), or
-    else the files this run added to its top level (an events file, a config). Only rank 0 writes
-    logs, so only rank 0 removes them."""
+    is in it, and then each directory above it that this run created and that is empty
+    (``lightning_logs/NAME``; one another run has written into stays), or else the files this run
+    added to its top level (an events file, a config). Only rank 0 writes logs, so only rank 0
+    removes them."""
 
     def __init__(self, log_dir: str | Path | None) -> None:
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_dir = Path(log_dir).absolute() if log_dir is not None else None
         existed = self.log_dir is not None and self.log_dir.is_dir()
         self.found: set[Path] | None = set(self.log_dir.iterdir()) if existed else None  # None: this run creates it
-        self.created = None if existed or self.log_dir is None else _topmost_missing(self.log_dir.absolute())
+        self.parents_created = [] if self.log_dir is None else _missing_parents(self.log_dir)
         self.stepped = False
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -43,18 +44,21 @@ class DiscardUnstartedRun(L.Callback):
             return
         for logger in trainer.loggers:  # TensorBoard creates its events file from a thread at its first write:
             logger.finalize("failed")  # flushed, every file the run added exists (Lightning finalizes again: a no-op)
-        if self.created is not None:
-            if not any(self.created.rglob("*.ckpt")):
-                shutil.rmtree(self.created, ignore_errors=True)
+        if self.found is None:
+            if not any(self.log_dir.rglob("*.ckpt")):
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+                for parent in self.parents_created:
+                    try:
+                        parent.rmdir()
+                    except OSError:  # not empty: another run writes there
+                        break
             return
         for added in set(self.log_dir.iterdir()) - self.found:
             if added.is_file():
                 added.unlink(missing_ok=True)
 
 
-def _topmost_missing(path: Path) -> Path:
-    """The outermost directory of ``path`` (absolute) that does not exist yet: the one a run
-    writing into ``path`` creates first."""
-    while not path.parent.exists():
-        path = path.parent
-    return path
+def _missing_parents(path: Path) -> list[Path]:
+    """The directories above ``path`` (absolute) that do not exist yet, innermost first: those a run
+    writing into ``path`` creates."""
+    return [parent for parent in path.parents if not parent.exists()]
