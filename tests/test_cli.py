@@ -260,6 +260,8 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
         "llmkit pretrain fit: error: model.optim: unknown option 'lrr' (did you mean 'lr'?)"
     assert error("--data.batch_size", "x") == "llmkit pretrain fit: error: data.batch_size: Expected a <class " \
                                               "'int'>. Got value: x"
+    assert error("--model.config.n_kv_heads", "x") == \
+        "llmkit pretrain fit: error: model.config.n_kv_heads: expected int (or null), got x"  # cut off after "Errors:"
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "my.yaml").write_text(yaml.safe_dump({"model": {"config": "../model/tiny.yaml"}}))
     assert error("--config", str(tmp_path / "sub" / "my.yaml")) == (
@@ -294,10 +296,18 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     ({"class_path": "llmkit.nowhere.Monitor"}, "trainer.callbacks: no class llmkit.nowhere.Monitor: module llmkit "
                                                "has no 'nowhere'"),  # read as a missing file before
     ({"class_path": "nowhere.Monitor"}, "trainer.callbacks: no class nowhere.Monitor: there is no module 'nowhere'"),
+    ({"class_path": "MHCMonitr"},  # a short name: jsonargparse's "Expected a dot import path string" and ten lines
+     "trainer.callbacks: no class MHCMonitr: did you mean llmkit.callbacks.MHCMonitor?"),
+    ({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": "x"}},
+     "trainer.callbacks: ModelCheckpoint.every_n_train_steps: expected int (or null), got x"),
+    ({"class_path": "broken_callback_module.Monitor"},  # the class's module imports a package that is not there
+     "trainer.callbacks: importing broken_callback_module.Monitor failed: no module named 'not_installed_xyz'"),
 ])
-def test_a_callback_error_names_the_callback_in_one_line(callback, message, shards, tmp_path, capsys):
+def test_a_callback_error_names_the_callback_in_one_line(callback, message, shards, tmp_path, capsys, monkeypatch):
     """Was jsonargparse's "Not a valid subclass of Callback Subclass types expect one of: ..." after
     the reason, which named neither the callback nor the nearest option."""
+    (tmp_path / "broken_callback_module.py").write_text("import not_installed_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     config = write_config(tmp_path, shards)
     values = yaml.safe_load(config.read_text())
     values["trainer"]["callbacks"] = [callback]

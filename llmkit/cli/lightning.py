@@ -142,35 +142,78 @@ def readable_parse_error(message: str) -> str:
         return message.strip() + (_nearest_trainer_option(trainer.group(1)) if trainer else "")
     if absent := re.search(r"Problem with given class_path '([^']+)':\s+(?:No module named '([^']+)'|"
                            r"module '([^']+)' has no attribute '([^']+)')", message):
-        return f"{key.group(1)}: no class {absent.group(1)}: " + _absent_class(*absent.groups()[1:])
+        return f"{key.group(1)}: " + _absent_class(*absent.groups())
+    if short := re.search(r"- Expected a dot import path string: (\S+)", message):
+        return f"{key.group(1)}: no class {short.group(1)}" + _nearest_subclass(short.group(1), message)
     missing = re.search(r"Expected a path but (.+?) either not accessible or invalid", message)
     if missing:
         return (f"{key.group(1)}: no file {missing.group(1)} (a relative path in a config file is relative to "
                 f"that file's directory)")
     if "Union subtypes" not in message:
         return f"{key.group(1)}: {' '.join(message[key.end():].split())}"
-    problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)\n\s*- ", message, re.S)
+    problem = re.search(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1  .*(?:\n|$))*)", message, re.M)
     if problem is None:
         return message.strip()
-    name, reason = key.group(1), " ".join(problem.group(2).split())
-    module, _, cls_name = problem.group(1).rpartition(".")
+    name, reason = key.group(1), problem.group(3)
+    module, _, cls_name = problem.group(2).rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)  # jsonargparse imported it
     if not dataclasses.is_dataclass(cls):
         name = f"{name}: {cls_name}"
-    if inner := re.fullmatch(r'Parser key "([^"]+)": (.*)', reason):
+    if inner := re.match(r'\s*Parser key "([^"]+)":(.*)', reason, re.S):
         name, reason = f"{name}.{inner.group(1)}", inner.group(2)
+    if "Union subtypes" in reason:  # an Optional option: the types it takes and the value given
+        expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", reason) if t != "NoneType"]
+        given = re.search(r"Given value: (.*)", reason)
+        return f"{name}: expected {' or '.join(expected) or 'another type'} (or null), got {given.group(1) if given else '?'}"
+    reason = " ".join(reason.split())
     if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", reason):
         reason = f"unknown option {unknown.group(1)!r}{_nearest(unknown.group(1), cls)}"
     return f"{name}: {reason}"
 
 
-def _absent_class(missing_module: str | None, module: str | None, attribute: str | None) -> str:
-    """Why a class_path names no class: its module is missing, or the module lacks the name (and
-    which of the module's names is closest)."""
+def _absent_class(class_path: str, missing_module: str | None, module: str | None, attribute: str | None) -> str:
+    """Why ``class_path`` names no class: its module is missing, or the module lacks the name (and
+    which of the module's classes is closest); or, when the failure is inside a module it imports,
+    that importing it failed."""
     if missing_module is not None:
-        return f"there is no module {missing_module!r}"
-    close = difflib.get_close_matches(attribute, dir(importlib.import_module(module)), n=1)
-    return f"did you mean {module}.{close[0]}?" if close else f"module {module} has no {attribute!r}"
+        if not f"{class_path}.".startswith(f"{missing_module}."):
+            return f"importing {class_path} failed: no module named {missing_module!r}"
+        return f"no class {class_path}: there is no module {missing_module!r}"
+    if not f"{class_path}.".startswith(f"{module}.{attribute}."):
+        return f"importing {class_path} failed: module {module!r} has no attribute {attribute!r}"
+    imported = importlib.import_module(module)
+    classes = [n for n in dir(imported) if not n.startswith("_") and inspect.isclass(getattr(imported, n))]
+    close = difflib.get_close_matches(attribute, classes, n=1)
+    return f"no class {class_path}: " + (f"did you mean {module}.{close[0]}?" if close else
+                                         f"module {module} has no {attribute!r}")
+
+
+def _nearest_subclass(name: str, message: str) -> str:
+    """": did you mean llmkit.callbacks.MHCMonitor?" for the imported subclass of the key's class
+    (the first class in the message's Subtypes) whose name is closest to ``name``, else how to
+    name a class."""
+    base = re.search(r"Subtypes: \[.*?<class '([\w.]+)'>", message)
+    module, _, cls_name = base.group(1).rpartition(".") if base else ("", "", "")
+    found, seen = [], [getattr(importlib.import_module(module), cls_name)] if module else []
+    while seen:
+        for sub in seen.pop().__subclasses__():
+            found.append(sub)
+            seen.append(sub)
+    by_name = {c.__name__: c for c in reversed(found)}
+    close = difflib.get_close_matches(name, list(by_name), n=1)
+    return f": did you mean {_import_path(by_name[close[0]])}?" if close else \
+        ": give its import path (package.module.Class)"
+
+
+def _import_path(cls: type) -> str:
+    """The shortest import path of ``cls`` among its loaded packages: ``llmkit.callbacks.MHCMonitor``,
+    not the defining module's ``llmkit.callbacks.mhc_monitor.MHCMonitor``."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        package = sys.modules.get(".".join(parts[:i]))
+        if package is not None and getattr(package, cls.__name__, None) is cls:
+            return f"{package.__name__}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def _nearest(option: str, cls: type) -> str:
