@@ -208,6 +208,10 @@ def test_missing_shard_and_empty_file_list(shards, tmp_path):
             f"{text} is a text file, not a token shard: pack it into one with `llmkit data pack --tokenizer "
             f"PREFIX.model --input {text} --output {tmp_path / 'arith.bin'}`")):
         make_dm(shards, train_files=[str(text)]).setup("fit")
+    meta = f"{shards['train']}.json"  # tab completion's slip: "text file", packed to train.bin.bin
+    with pytest.raises(LLMKitError, match=re.escape(f"{meta} is the metadata of the token shard {shards['train']}: "
+                                                    f"give the shard, {shards['train']}")):
+        make_dm(shards, train_files=[meta]).setup("fit")
 
 
 def test_ranks_get_disjoint_windows_when_lightning_adds_a_distributed_sampler(shards):

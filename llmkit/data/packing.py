@@ -67,7 +67,7 @@ because it is fast (zlib: about 4 GB/s on one core of the development VM, SHA-25
 shard's enemy is a bad disk or copy, not an adversary."""
 
 _PACK_HINT = "llmkit data pack --tokenizer PREFIX.model --input FILE... --output {bin}"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
 """Files that hold text, not tokens: given where a shard is expected, the error says to pack them."""
 
 
@@ -404,8 +404,11 @@ def read_meta(bin_path: str | Path) -> dict:
     hint = _PACK_HINT.format(bin=bin_path)
     if not bin_path.is_file():
         raise LLMKitError(f"token shard {bin_path} does not exist: create it with `{hint}`")
-    if not meta_file.is_file() and bin_path.suffix in TEXT_SUFFIXES:
-        text_hint = _PACK_HINT.replace("FILE...", str(bin_path)).format(bin=bin_path.with_suffix(".bin"))
+    shard = bin_path.with_name(bin_path.name.removesuffix(PACK_META_SUFFIX))
+    if bin_path.name.endswith(PACK_META_SUFFIX) and shard.is_file():
+        raise LLMKitError(f"{bin_path} is the metadata of the token shard {shard}: give the shard, {shard}")
+    if not meta_file.is_file() and bin_path.suffix.lower() in _TEXT_SUFFIXES:
+        text_hint = _PACK_HINT.format(bin=bin_path.with_suffix(".bin")).replace("FILE...", str(bin_path))
         raise LLMKitError(f"{bin_path} is a text file, not a token shard: pack it into one with `{text_hint}`")
     if not meta_file.is_file():
         raise LLMKitError(
