@@ -266,6 +266,29 @@ def adapted(ckpt: Path, path: Path) -> Transformer:
     return model.eval()
 
 
+def test_a_checkpoint_holding_its_adapter_upcycles_with_it_merged(converted, tmp_path, capsys):
+    """A TTT-Discover checkpoint holds the base's weights and lora_A / lora_B: upcycle copied the adapter
+    tensors into a checkpoint that no longer said how to merge them, and so could not be read."""
+    model = adapted(converted["llama3"], tmp_path / "adapter.safetensors")
+    checkpoint = read_checkpoint(converted["llama3"])
+
+    def with_adapter(path: Path, rank: int) -> Path:
+        lora = LoRAConfig(rank=rank, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"]).to_dict()
+        torch.save({**checkpoint, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                    "hyper_parameters": {**checkpoint.get("hyper_parameters", {}), "lora": lora}}, path)
+        return path
+
+    ttt = with_adapter(tmp_path / "ttt.ckpt", 4)
+    assert main(["convert", "upcycle", "--ckpt", str(ttt), "--out", str(tmp_path / "u.ckpt"), "--n-streams", "2"]) == 0
+    x = tokens()
+    with torch.no_grad():
+        assert (model(x) - load_backbone(tmp_path / "u.ckpt")(x)).abs().max() <= 1e-5
+    wrong = with_adapter(tmp_path / "wrong_rank.ckpt", 8)  # its config disagrees with its tensors
+    with pytest.raises(LLMKitError, match=rf"{wrong}: blocks.0.attn.q_proj lacks its base weight or its lora_A / "
+                                          r"lora_B of rank 8 \(the rank its adapter config gives\)"):
+        load_backbone(wrong)
+
+
 def test_lora_exports_merged_or_as_a_peft_adapter(converted, tmp_path):
     peft = pytest.importorskip("peft")
     model = adapted(converted["llama3"], tmp_path / "adapter.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from dataclasses import replace
@@ -26,7 +27,7 @@ from llmkit.model.config import ModelConfig
 from llmkit.model.generation import continuation_logits, generate
 from llmkit.model.transformer import Transformer
 from llmkit.modules.distill import distill_loss_sum
-from llmkit.modules.sdft import VAL_SEED, SDFTModule
+from llmkit.modules.sdft import VAL_SEED, SDFTConfig, SDFTModule
 from llmkit.modules.sft import SFTModule
 from tests.conftest import VOCAB_SIZE
 
@@ -401,6 +402,8 @@ def test_an_example_too_long_for_the_window_stops_the_run_before_its_first_step(
 def test_bad_settings_and_a_mismatched_tokenizer_are_clear_errors(base_ckpt, tokenizer_path, tmp_path, corpus_dir):
     with pytest.raises(LLMKitError, match="alpha must be in"):
         sdft(base_ckpt, tokenizer_path, sdft={"alpha": 1.5})
+    with pytest.raises(LLMKitError, match="sdft.temperature must be a finite number > 0 .*got inf"):
+        SDFTConfig(temperature=math.inf)  # was "must be a finite number >= 0 (0 = greedy)", which 0 is not
     with pytest.raises(LLMKitError, match="decay must be in"):
         EMATeacher(decay=1.0)
     other = train_tokenizer([corpus_dir / "val.txt"], tmp_path / "small", TokenizerTrainConfig(vocab_size=320))
@@ -480,8 +483,6 @@ def test_the_divergence_is_that_of_the_tempered_distributions_y_was_sampled_from
     ({"sample_top_p": 0.0}, "sdft.sample_top_p must be in (0, 1], got 0.0"),
 ])
 def test_a_bad_sampling_setting_names_its_sdft_key(setting, message):
-    from llmkit.modules.sdft import SDFTConfig
-
     with pytest.raises(LLMKitError, match=f"^{re.escape(message)}$"):
         SDFTConfig(**setting)
 

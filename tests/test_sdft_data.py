@@ -249,8 +249,10 @@ def test_data_tasks_command_writes_examples_and_probes(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["probes.jsonl", "sub", "train.jsonl"]  # no temp files
     assert main(["data", "tasks", "--task", "upper", "--n", "0", "--out", str(out)]) == 1
     assert "must be >= 1" in capsys.readouterr().err
-    assert main(["data", "tasks", "--task", "upper", "--n", "3", "--out", str(out), "--n-probes", "5"]) == 1  # ignored
-    assert capsys.readouterr().err == "llmkit: error: --n-probes 5 needs --probes-out, the file to write the probes to\n"
+    # --n-probes alone was ignored
+    assert main(["data", "tasks", "--task", "upper", "--n", "3", "--out", str(out), "--n-probes", "5"]) == 1
+    assert capsys.readouterr().err == \
+        "llmkit: error: --n-probes 5 needs --probes-out, the file to write the probes to\n"
 
 
 def test_the_shipped_example_files_are_what_the_command_writes(tmp_path):

@@ -362,8 +362,9 @@ def test_the_update_scores_actions_under_the_policy_that_sampled_them(base_ckpt,
     width = mask.size(1)
     assert torch.allclose(logp[mask], sampled.logprobs[:, :width][mask], atol=1e-5)
     assert torch.allclose(logp_base, logp.detach(), atol=1e-6)  # LoRA B starts at zero: the base is the policy
-    with pytest.raises(LLMKitError, match="ttt.temperature must be > 0"):
-        TTTConfig(temperature=0.0)
+    for temperature in (0.0, math.inf, math.nan):  # inf sampled uniformly; the message said "(0 = greedy)"
+        with pytest.raises(LLMKitError, match=f"ttt.temperature must be a finite number > 0 .*got {temperature}"):
+            TTTConfig(temperature=temperature)
 
 
 def test_an_env_that_does_not_import_or_rejects_the_configs_env_args_says_what_to_set(base_ckpt, tokenizer_path):

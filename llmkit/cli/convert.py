@@ -191,14 +191,19 @@ def upcycle(ckpt: Path, out: Path, n_streams: int = 4, seed: int = 0) -> int:
     refuse_overwrite(out, "--out", {"--ckpt": ckpt}, "write the upcycled checkpoint to another file")
     refuse_existing(out, "--out", "write the upcycled checkpoint to a new file")
 
-    from llmkit.model.checkpoint import model_config_dict, read_checkpoint, tokenizer_link, write_backbone_checkpoint
+    from llmkit.model.checkpoint import (
+        backbone_state,
+        model_config_dict,
+        read_checkpoint,
+        tokenizer_link,
+        write_backbone_checkpoint,
+    )
     from llmkit.model.config import ModelConfig
     from llmkit.model.upcycle import upcycle_state
 
     checkpoint = read_checkpoint(ckpt)
     dense = ModelConfig.from_dict(model_config_dict(checkpoint))
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    config, state = upcycle_state(dense, state, n_streams, seed)
+    config, state = upcycle_state(dense, backbone_state(checkpoint, ckpt), n_streams, seed)
     write_backbone_checkpoint(out, config, state, upcycled_from=str(Path(ckpt).resolve()),
                               **tokenizer_link(ckpt, checkpoint))
     print(f"wrote {out}: {_describe(config, state)}, logits equal to {ckpt}'s at initialisation")

@@ -164,7 +164,8 @@ def readable_parse_error(message: str) -> str:
     if "Union subtypes" in reason:  # an Optional option: the types it takes and the value given
         expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", reason) if t != "NoneType"]
         given = re.search(r"Given value: (.*)", reason)
-        return f"{name}: expected {' or '.join(expected) or 'another type'} (or null), got {given.group(1) if given else '?'}"
+        got = given.group(1) if given else "?"
+        return f"{name}: expected {' or '.join(expected) or 'another type'} (or null), got {got}"
     reason = " ".join(reason.split())
     if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", reason):
         reason = f"unknown option {unknown.group(1)!r}{_nearest(unknown.group(1), cls)}"

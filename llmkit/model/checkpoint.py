@@ -256,17 +256,9 @@ def backbone_from_checkpoint(
     ckpt: dict, path: str | Path, map_location: str | torch.device = "cpu"
 ) -> Transformer:
     """The Transformer of a checkpoint already read by :func:`read_checkpoint` (``path`` names it
-    in errors). A TTT-Discover checkpoint holds the base weights and the adapter it trained: its
-    Transformer is the adapted model, the adapter merged into the base weights."""
+    in errors), with the weights of :func:`backbone_state`."""
     model = Transformer(ModelConfig.from_dict(model_config_dict(ckpt))).to(map_location)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    if holds_adapter(ckpt):
-        lora = ckpt.get("hyper_parameters", {}).get("lora")
-        if not isinstance(lora, dict):
-            raise LLMKitError(f"{path} holds LoRA adapter tensors but no adapter config (hyper_parameters.lora), "
-                              f"so they cannot be merged: pass the checkpoint its run wrote")
-        state = merge_adapter_state(state, LoRAConfig.from_dict(lora), str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(backbone_state(ckpt, path), strict=False)
     if missing or unexpected:
         raise LLMKitError(
             f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -274,9 +266,24 @@ def backbone_from_checkpoint(
     return model.eval()
 
 
+def backbone_state(ckpt: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone's weights in a checkpoint already read by :func:`read_checkpoint` (its
+    ``model.`` entries, without the prefix). A TTT-Discover checkpoint holds the base weights and
+    the adapter it trained: its backbone is the adapted model, the adapter merged into the base
+    weights (:func:`~llmkit.model.lora.merge_adapter_state`)."""
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if holds_adapter(ckpt):
+        lora = ckpt.get("hyper_parameters", {}).get("lora")
+        if not isinstance(lora, dict):
+            raise LLMKitError(f"{path} holds LoRA adapter tensors but no adapter config (hyper_parameters.lora), "
+                              f"so they cannot be merged: pass the checkpoint its run wrote")
+        state = merge_adapter_state(state, LoRAConfig.from_dict(lora), str(path))
+    return state
+
+
 def holds_adapter(ckpt: dict) -> bool:
     """Whether a checkpoint's weights include LoRA adapter tensors (a TTT-Discover run's do)."""
-    return any(k.endswith(LORA_SUFFIXES) for k in ckpt["state_dict"])
+    return any(k.startswith("model.") and k.endswith(LORA_SUFFIXES) for k in ckpt["state_dict"])
 
 
 def tokenizer_link(ckpt: str | Path, checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -438,15 +438,13 @@ def merge_adapter_state(state: dict[str, torch.Tensor], config: LoRAConfig, sour
     adapter folded into its base weight, W0 + scale B A in float32 cast to W0's dtype, and the adapter
     tensors dropped: the weights of the plain backbone it equals. ``source`` names it in errors."""
     merged = {k: v for k, v in state.items() if not k.endswith(LORA_SUFFIXES)}
-    for key in sorted(k for k in state if k.endswith(LORA_SUFFIXES)):
-        name = key.rsplit(".", 1)[0]
-        weight = merged.get(f"{name}.weight")
-        if weight is None or f"{name}.lora_A" not in state or f"{name}.lora_B" not in state:
-            raise LLMKitError(f"{source}: {key} has no base weight {name}.weight or no partner lora_A/lora_B "
-                              f"tensor; the file is damaged or not an llmkit checkpoint")
-        if key.endswith(".lora_A"):
-            delta = low_rank_delta(state[key], state[f"{name}.lora_B"], config.scale)
-            merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    for name in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(LORA_SUFFIXES)}):
+        weight, lora_A, lora_B = (state.get(f"{name}.{part}") for part in ("weight", "lora_A", "lora_B"))
+        if weight is None or lora_A is None or lora_B is None or lora_A.shape[-2] != config.rank or \
+                lora_B.shape[-1] != config.rank:
+            raise LLMKitError(f"{source}: {name} lacks its base weight or its lora_A / lora_B of rank "
+                              f"{config.rank} (the rank its adapter config gives); the file is damaged")
+        merged[f"{name}.weight"] = (weight.float() + low_rank_delta(lora_A, lora_B, config.scale)).to(weight.dtype)
     return merged
 
 

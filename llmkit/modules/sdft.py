@@ -27,6 +27,7 @@ teacher included, so the teacher, like the student, is the same on every rank af
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,11 +82,12 @@ class SDFTConfig:
             raise LLMKitError(f"sdft.alpha must be in [0, 1] (1 = reverse KL, 0 = forward KL), got {self.alpha}")
         if self.top_k is not None and self.top_k < 2:
             raise LLMKitError(f"sdft.top_k must be >= 2 or null (full vocabulary), got {self.top_k}")
-        if self.temperature <= 0:
-            raise LLMKitError(f"sdft.temperature must be > 0 (on-policy sampling), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # NaN too
+            raise LLMKitError(f"sdft.temperature must be a finite number > 0 (on-policy sampling), "
+                              f"got {self.temperature}")
         try:
             self.sampling()
-        except SettingError as error:  # max_new_tokens, sample_top_k or sample_top_p
+        except SettingError as error:  # max_new_tokens, sample_top_k or sample_top_p (temperature is checked above)
             key = {"top_k": "sample_top_k", "top_p": "sample_top_p"}.get(error.setting, error.setting)
             raise error.renamed(f"sdft.{key}") from None
         if not 0 <= self.skip_first < self.max_new_tokens:  # else no completion token is ever learned from

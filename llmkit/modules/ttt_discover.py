@@ -156,8 +156,9 @@ class TTTConfig:
                               f"{self.reward_memory_mb}")
         if self.mode not in ("ttt", "best_of_n"):
             raise LLMKitError(f"ttt.mode must be 'ttt' or 'best_of_n', got {self.mode!r}")
-        if self.temperature <= 0:
-            raise LLMKitError(f"ttt.temperature must be > 0 (the policy samples), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # NaN too
+            raise LLMKitError(f"ttt.temperature must be a finite number > 0 (the policy samples), "
+                              f"got {self.temperature}")
         for key, value in (("target_kl", self.target_kl), ("reward_timeout_s", self.reward_timeout_s)):
             if not (math.isfinite(value) and value > 0):
                 raise LLMKitError(f"ttt.{key} must be a finite number > 0, got {value}")
