@@ -159,8 +159,12 @@ def make_probes(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[st
     )
 
 
+DEFAULT_N_PROBES = 20
+"""Probes :func:`write_task_files` writes unless told how many."""
+
+
 def write_task_files(
-    task: str, n: int, seed: int, out: Path, probes_out: Path | None = None, n_probes: int = 20
+    task: str, n: int, seed: int, out: Path, probes_out: Path | None = None, n_probes: int = DEFAULT_N_PROBES
 ) -> dict[str, int]:
     """Write ``n`` examples of ``task`` as SDFT JSONL to ``out`` (``{"prompt", "demonstration",
     "task", "answer"}`` per line) and, if ``probes_out`` is given, ``n_probes`` probes to it

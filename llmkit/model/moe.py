@@ -56,7 +56,8 @@ def load_balance_std(counts: torch.Tensor) -> torch.Tensor:
 
 
 def max_min_load(counts: torch.Tensor) -> torch.Tensor:
-    """The busiest expert's assignments over the idlest's (an idle expert counts as 1)."""
+    """The busiest expert's assignments over the idlest's (an idle expert counts as 1), for one
+    layer's ``counts`` [n_experts]."""
     return counts.max() / counts.min().clamp_min(1)
 
 
