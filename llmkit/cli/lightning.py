@@ -44,7 +44,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -431,9 +431,15 @@ class LLMKitCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         own_summary = any(isinstance(c, ModelSummary) for c in callbacks)
+        if trainer_config.get("enable_checkpointing") is not False and \
+                not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # in place of Lightning's default ModelCheckpoint (a resume without --config has no other):
+            # the same files, plus last.ckpt at the final step and on Ctrl-C or SIGTERM
+            kwargs["callbacks"] = [*callbacks, Checkpoint()]
         trainer = super().instantiate_trainer(**kwargs)  # (Lightning adds its callbacks to that list)
         if not own_summary:
             # Lightning's own table: a row per metric and a FLOPs column of zeros (llmkit gives it no
