@@ -17,6 +17,8 @@ import os
 import shutil
 import signal
 import threading
+import types
+import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -321,12 +323,53 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
-    """``cls(**values)``, refusing unknown keys with a message that names ``what`` and lists the known keys."""
+    """``cls(**values)``, refusing unknown keys with a message that names ``what`` and lists the known
+    keys, and a value of another type than its field's (a number written as text in a JSON or YAML
+    file) with one naming the key; which values of the right type are allowed, ``cls`` says."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise LLMKitError(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _has_type(value, hints[key]):
+            expected = " or ".join(_type_name(t) for t in typing.get_args(hints[key]) or (hints[key],))
+            text = " (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) and "e" in value.lower() \
+                and _is_number(value) else ""
+            raise LLMKitError(f"{what} key {key}: expected {expected}, got {value!r}{text}")
     return cls(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from JSON or YAML) is of the field type ``hint``: an int for int (not a
+    bool), an int or float for float, a dict for a dataclass; a Literal's allowed values are left to
+    the dataclass, whose message lists them."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is Any or typing.get_origin(hint) is typing.Literal:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return "null" if hint is type(None) else "a mapping" if dataclasses.is_dataclass(hint) else \
+        getattr(hint, "__name__", str(hint))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def as_dataclass(cls: type, value: Any) -> Any:

@@ -465,6 +465,13 @@ BAD = {
                                                               rope_scaling=None),
                                         "rope_parameters of rope type 'linear' lacks factor; transformers needs them "
                                         "too"),
+    "a count that is not whole": (lambda d: edit_config(d, num_hidden_layers=2.5),  # int() made it 2 layers
+                                  "config.json: num_hidden_layers must be a whole number, got 2.5"),
+    "a number as text": (lambda d: edit_config(d, rms_norm_eps="x"), "config.json: rms_norm_eps must be a number, "
+                                                                     "got 'x'"),
+    "rope parameters that are not a mapping": (lambda d: edit_config(d, rope_parameters="default"),
+                                               "config.json: rope_parameters must be a mapping such as "
+                                               '{"rope_type": "default"}, got \'default\''),
     "damaged weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
                         "the file is damaged or not safetensors"),
     "a tensor in two files": (split_without_index, "b.safetensors: tensor model.embed_tokens.weight is in another "

@@ -118,6 +118,15 @@ def test_invalid_config_names_every_problem():
     ({"n_layers": 4, "moe": {"n_experts": 4, "top_k": 2, "first_dense": 9}}, "leaves no MoE layer among the 4"),
     ({"attention": "mla", "mla": {"kv_lora_rank": 0, "qk_rope_head_dim": 3}},  # was one message naming neither
      "mla.kv_lora_rank must be >= 1, got 0; mla.qk_rope_head_dim must be even (RoPE rotates pairs), got 3"),
+    # a value of another type in a config.json or hparams.yaml: TypeErrors from the checks or from torch
+    ({"n_layers": "4"}, "model config key n_layers: expected int, got '4'"),
+    ({"d_model": 32.5}, "model config key d_model: expected int, got 32.5"),
+    ({"n_streams": None}, "model config key n_streams: expected int, got None"),
+    ({"n_kv_heads": "x"}, "model config key n_kv_heads: expected int or null, got 'x'"),
+    ({"moe": "yes"}, "model config key moe: expected a mapping, got 'yes'"),
+    ({"moe": {"n_experts": "eight"}}, "moe key n_experts: expected int, got 'eight'"),
+    ({"norm_eps": "1e-5"}, "model config key norm_eps: expected float, got '1e-5' (YAML reads 1e-5 as text: write "
+                           "1.0e-5)"),
 ])
 def test_a_setting_that_would_break_the_model_or_its_math_is_one_clear_error(values, says):
     with pytest.raises(LLMKitError, match=re.escape(says)):

@@ -331,7 +331,10 @@ def _model_dir_config(model_dir: Path) -> ModelConfig:
     if not isinstance(values.get("llmkit_model_config"), dict):
         raise LLMKitError(f"{model_dir / 'config.json'}: no 'llmkit_model_config'; write the directory with "
                           "`llmkit convert to-hf`")
-    return ModelConfig.from_dict(values["llmkit_model_config"])
+    try:
+        return ModelConfig.from_dict(values["llmkit_model_config"])
+    except LLMKitError as e:
+        raise LLMKitError(f"{model_dir / 'config.json'}: llmkit_model_config: {e}") from None
 
 
 def _read_model_dir(model_dir: Path) -> dict:

@@ -85,19 +85,38 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     return read_json(model_dir / "config.json", "it must be the model's Hugging Face config")
 
 
-def _field(hf: dict[str, Any], key: str, source: Path) -> Any:
+def _field(hf: dict[str, Any], key: str, source: Path, kind: type[int] | type[float] = int,
+           default: float | None = None) -> Any:
+    """``hf[key]`` as ``kind`` (:func:`_number`); ``default`` where it is absent or null, and without
+    a default, an error naming the key."""
     if hf.get(key) is None:
-        raise LLMKitError(f"{source}: no {key!r}; a {hf.get('model_type')} config needs it")
-    return hf[key]
+        if default is None:
+            raise LLMKitError(f"{source}: no {key!r}; a {hf.get('model_type')} config needs it")
+        return default
+    return _number(hf[key], key, source, kind)
 
 
-def _rope_spec(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+def _optional(hf: dict[str, Any], key: str, source: Path) -> int | None:
+    """``hf[key]`` as a whole number (:func:`_number`), or None where it is absent or null."""
+    return None if hf.get(key) is None else _number(hf[key], key, source, int)
+
+
+def _number(value: Any, key: str, source: Path, kind: type[int] | type[float]) -> Any:
+    """``value`` of the field ``key`` as ``kind``: a whole number for int (2.0 reads as 2), any number
+    for float; text, a bool, 2.5 layers are one line naming the key (int() took 2.5 as 2)."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not whole):
+        raise LLMKitError(f"{source}: {key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _rope_spec(spec: dict[str, Any], hf: dict[str, Any], source: Path) -> dict[str, Any]:
     """A RoPE dict as transformers completes it: ``type`` read as ``rope_type`` (default ``default``),
     ``rope_theta`` and ``partial_rotary_factor`` taken from the top level when the dict lacks them."""
     spec = dict(spec)
     legacy_type = spec.pop("type", "default")
     spec["rope_type"] = spec.get("rope_type", legacy_type)
-    spec["rope_theta"] = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    spec["rope_theta"] = _number(spec.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta", source, float)
     spec["partial_rotary_factor"] = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     return spec
 
@@ -107,15 +126,19 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
     ``rope_scaling`` (earlier). A config with both must say the same in each: transformers reads
     ``rope_scaling`` alone then (5's ``convert_rope_params_to_dict``; 4 ignores ``rope_parameters``)."""
     params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise LLMKitError(f"{source}: {key} must be a mapping such as {{\"rope_type\": \"default\"}}, "
+                              f"got {value!r}")
     if params and scaling:
-        params, scaling = _rope_spec(params, hf), _rope_spec(scaling, hf)
+        params, scaling = _rope_spec(params, hf, source), _rope_spec(scaling, hf, source)
         for key in sorted(set(params) | set(scaling), key=lambda k: (k != "rope_type", k)):
             if params.get(key) != scaling.get(key):
                 raise LLMKitError(
                     f"{source}: rope_parameters has {key} {params.get(key)!r} but rope_scaling has "
                     f"{scaling.get(key)!r} (transformers reads rope_scaling); remove the wrong one of the two keys"
                 )
-    spec = _rope_spec({**scaling, **params}, hf)
+    spec = _rope_spec({**scaling, **params}, hf, source)
     theta, rope_type = spec["rope_theta"], spec["rope_type"]
     if spec["partial_rotary_factor"] != 1.0:
         raise LLMKitError(f"{source}: partial_rotary_factor is not supported (llmkit rotates whole heads)")
@@ -128,13 +151,13 @@ def _rope(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
         if missing := [key for key in needed if spec.get(key) is None]:
             raise LLMKitError(f"{source}: {where} of rope type {rope_type!r} lacks {', '.join(missing)}; "
                               "transformers needs them too: add them from the model's release")
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", factor=float(spec["factor"]))
-    if rope_type == "llama3":
+        value = {key: _number(spec[key], f"{where}.{key}", source, int if key.startswith("original") else float)
+                 for key in needed}
+        if rope_type == "linear":
+            return theta, RopeScaling("linear", factor=value["factor"])
         return theta, RopeScaling(
-            "llama3", factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
-            high_freq_factor=float(spec["high_freq_factor"]),
-            original_max_seq_len=int(spec["original_max_position_embeddings"]),
+            "llama3", factor=value["factor"], low_freq_factor=value["low_freq_factor"],
+            high_freq_factor=value["high_freq_factor"], original_max_seq_len=value["original_max_position_embeddings"],
         )
     raise LLMKitError(
         f"{source}: rope type {rope_type!r} ({where}) is not supported: "
@@ -172,28 +195,28 @@ def model_config_from_hf(hf: dict[str, Any], source: Path, max_seq_len: int | No
     if hf.get("attention_bias") and model_type != "qwen2":
         raise LLMKitError(f"{source}: attention_bias true is not supported for {model_type} (it biases o_proj too)")
     theta, scaling = _rope(hf, source)
-    context = int(_field(hf, "max_position_embeddings", source))
+    context = _field(hf, "max_position_embeddings", source)
     seq_len = min(context, max_seq_len) if max_seq_len else context
-    window = hf.get("sliding_window")
+    window = _optional(hf, "sliding_window", source)
     if window is not None and _windowed(hf, model_type) and window < seq_len:
         raise LLMKitError(
             f"{source}: sliding_window {window} is shorter than the context {seq_len}, and llmkit attends over "
             f"the whole context: convert with --max-seq-len {window} (or less)"
         )
-    n_heads = int(_field(hf, "num_attention_heads", source))
+    n_heads = _field(hf, "num_attention_heads", source)
     fields = dict(
-        vocab_size=int(_field(hf, "vocab_size", source)),
-        n_layers=int(_field(hf, "num_hidden_layers", source)),
-        d_model=int(_field(hf, "hidden_size", source)),
+        vocab_size=_field(hf, "vocab_size", source),
+        n_layers=_field(hf, "num_hidden_layers", source),
+        d_model=_field(hf, "hidden_size", source),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=hf.get("head_dim"),
-        d_ff=int(_field(hf, "intermediate_size", source)),
+        n_kv_heads=_field(hf, "num_key_value_heads", source, default=n_heads),
+        head_dim=_optional(hf, "head_dim", source),
+        d_ff=_field(hf, "intermediate_size", source),
         max_seq_len=seq_len,
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        norm_eps=_field(hf, "rms_norm_eps", source, float, default=1e-6),
+        init_std=_field(hf, "initializer_range", source, float, default=0.02),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
