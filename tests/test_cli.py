@@ -262,6 +262,8 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
                                               "'int'>. Got value: x"
     assert error("--model.config.n_kv_heads", "x") == \
         "llmkit pretrain fit: error: model.config.n_kv_heads: expected int (or null), got x"  # cut off after "Errors:"
+    assert error("--data.val_windows", "8.5") == \
+        "llmkit pretrain fit: error: data.val_windows: expected int (or null), got 8.5"  # was nine lines
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "my.yaml").write_text(yaml.safe_dump({"model": {"config": "../model/tiny.yaml"}}))
     assert error("--config", str(tmp_path / "sub" / "my.yaml")) == (

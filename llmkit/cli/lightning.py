@@ -152,8 +152,8 @@ def readable_parse_error(message: str) -> str:
     if "Union subtypes" not in message:
         return f"{key.group(1)}: {' '.join(message[key.end():].split())}"
     problem = re.search(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1  .*(?:\n|$))*)", message, re.M)
-    if problem is None:
-        return message.strip()
+    if problem is None:  # an Optional option of a plain type: --data.seq_len abc
+        return f"{key.group(1)}: {_union_reason(message)}"
     name, reason = key.group(1), problem.group(3)
     module, _, cls_name = problem.group(2).rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)  # jsonargparse imported it
@@ -161,15 +161,22 @@ def readable_parse_error(message: str) -> str:
         name = f"{name}: {cls_name}"
     if inner := re.match(r'\s*Parser key "([^"]+)":(.*)', reason, re.S):
         name, reason = f"{name}.{inner.group(1)}", inner.group(2)
-    if "Union subtypes" in reason:  # an Optional option: the types it takes and the value given
-        expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", reason) if t != "NoneType"]
-        given = re.search(r"Given value: (.*)", reason)
-        got = given.group(1) if given else "?"
-        return f"{name}: expected {' or '.join(expected) or 'another type'} (or null), got {got}"
+    if "Union subtypes" in reason:
+        return f"{name}: {_union_reason(reason)}"
     reason = " ".join(reason.split())
     if unknown := re.fullmatch(r"Option '([^']+)' is not accepted", reason):
         reason = f"unknown option {unknown.group(1)!r}{_nearest(unknown.group(1), cls)}"
     return f"{name}: {reason}"
+
+
+def _union_reason(message: str) -> str:
+    """What jsonargparse's message about an Optional option of a plain type says, in a few words: the
+    types it takes and the value given ("expected int (or null), got abc")."""
+    expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", message) if t != "NoneType"]
+    given = re.search(r"Given value: (.*)", message)
+    if not expected or given is None:  # another kind of Union: its text, on one line
+        return " ".join(message.split())
+    return f"expected {' or '.join(expected)} (or null), got {given.group(1)}"
 
 
 def _absent_class(class_path: str, missing_module: str | None, module: str | None, attribute: str | None) -> str:
