@@ -277,6 +277,15 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     assert error("--config", str(tmp_path / "typo.yaml")) == (
         "llmkit pretrain: error: Subcommand 'fit' does not accept option 'trainer.max_step' (did you mean "
         "'trainer.max_steps'?)")
+    # a data key, and either typo on the command line, got no hint (model keys had one)
+    (tmp_path / "data_typo.yaml").write_text("data:\n  seq_length: 30\n")
+    assert error("--config", str(tmp_path / "data_typo.yaml")) == (
+        "llmkit pretrain: error: Subcommand 'fit' does not accept option 'data.seq_length' (did you mean "
+        "'data.seq_len'?)")
+    assert error("--trainer.max_step", "3") == \
+        "llmkit pretrain fit: error: unrecognized arguments: --trainer.max_step 3 (did you mean '--trainer.max_steps'?)"
+    assert error("--data.batch_sz", "3") == \
+        "llmkit pretrain fit: error: unrecognized arguments: --data.batch_sz 3 (did you mean '--data.batch_size'?)"
     (tmp_path / "broken.yaml").write_text("model:\n  optim: [1, 2\n  x: 1\n")
     assert error("--config", str(tmp_path / "broken.yaml")) == (
         f"llmkit pretrain: error: {tmp_path / 'broken.yaml'}: not valid YAML at line 3, column 4: expected ',' or "

@@ -28,6 +28,7 @@ expect, with these additions:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import importlib
@@ -36,6 +37,7 @@ import itertools
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,17 +131,21 @@ def logger_version(run_name: str) -> int | str:
     return int(number[1]) if number else run_name
 
 
-def readable_parse_error(message: str) -> str:
+def readable_parse_error(message: str, known: Sequence[str] = ()) -> str:
     """jsonargparse's ``message`` for a key typed ``SomeConfig | None`` (or a list of callbacks) lists
     what every member of the Union said (including that the value is not None) in about ten lines;
     the one line a user needs: the key and what is wrong with it (an unknown option with the nearest
     known one, a value of the wrong type, a path that is not there, a class_path naming no class).
     Under a key whose value is a class the user chose by ``class_path`` (a callback), the class is
-    named too: ``trainer.callbacks: MHCMonitor: unknown option ...``."""
+    named too: ``trainer.callbacks: MHCMonitor: unknown option ...``. An option the command does not
+    have, on the command line or in a config file, gets the nearest of the ``known`` ones."""
     key = re.match(r'Parser key "([^"]+)":', message)
     if key is None:
-        trainer = re.search(r"does not accept option 'trainer\.(\w+)'$", message.strip())
-        return message.strip() + (_nearest_trainer_option(trainer.group(1)) if trainer else "")
+        unknown = re.search(r"does not accept option '([\w.]+)'$|^unrecognized arguments: --([\w.]+)", message.strip())
+        if unknown is None:
+            return message.strip()
+        flag = "--" if unknown.group(2) else ""  # on the command line, a flag; in a config file, a key
+        return message.strip() + _nearest_option(unknown.group(1) or unknown.group(2), known, flag)
     if absent := re.search(r"Problem with given class_path '([^']+)':\s+(?:No module named '([^']+)'|"
                            r"module '([^']+)' has no attribute '([^']+)')", message):
         return f"{key.group(1)}: " + _absent_class(*absent.groups())
@@ -236,10 +242,23 @@ def _nearest(option: str, cls: type) -> str:
     return f" (did you mean {close[0]!r}?)" if close else (f"; known: {', '.join(names)}" if names else "")
 
 
-def _nearest_trainer_option(option: str) -> str:
-    """" (did you mean 'trainer.max_steps'?)" for the closest argument of ``Trainer``, or ""."""
-    close = difflib.get_close_matches(option, list(inspect.signature(Trainer.__init__).parameters), n=1)
-    return f" (did you mean 'trainer.{close[0]}'?)" if close else ""
+def _nearest_option(option: str, known: Sequence[str], flag: str) -> str:
+    """" (did you mean 'trainer.max_steps'?)" for the closest of the ``known`` options in the section
+    of ``option`` (its first component), written after ``flag`` ("--" or ""), or ""."""
+    section = option.split(".")[0]
+    close = difflib.get_close_matches(option, [k for k in known if k.split(".")[0] == section], n=1)
+    return f" (did you mean '{flag}{close[0]}'?)" if close else ""
+
+
+def _option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The dotted names of every ``--`` option of ``parser`` and of its subcommands' parsers."""
+    names = []
+    for action in parser._actions:
+        names += [s.removeprefix("--") for s in action.option_strings if s.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                names += _option_names(subparser)
+    return list(dict.fromkeys(names))
 
 
 def check_config_files(args: list[str]) -> None:
@@ -282,7 +301,8 @@ class LLMKitArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {readable_parse_error(message)}\n({prog} --help lists the options)\n")
+        readable = readable_parse_error(message, _option_names(self))
+        sys.stderr.write(f"{prog}: error: {readable}\n({prog} --help lists the options)\n")
         self.exit(2)
 
 
