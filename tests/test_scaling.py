@@ -221,6 +221,10 @@ def test_runs_on_shards_of_different_tokenizers_are_not_fitted_together(tmp_path
     with pytest.raises(LLMKitError, match=rf"runs {a} and {b} trained on shards of different tokenizers \(sha256 "
                                           r"aaaaaaaaaaaa and bbbbbbbbbbbb\)"):
         read_runs([a, b])
+    # a path relative to the launch directory, above the run: it was looked for from here only, so not checked
+    relative = write_run(tmp_path / "rr", [(3, 4.0)], [(3, 1024.0)], train_files="b.bin")
+    with pytest.raises(LLMKitError, match=rf"runs {a} and {relative} trained on shards of different tokenizers"):
+        read_runs([a, relative])
 
 
 def synthetic_runs(root: Path, budgets: list[int], at: float) -> list[Path]:
@@ -244,6 +248,9 @@ def test_scaling_fit_prints_the_runs_and_segments_and_writes_json_and_a_plot(tmp
     printed = capsys.readouterr().out
     assert code == 0
     assert printed.count("/version_0") == 8 and "segment" in printed and "slope" in printed
+    # their hparams name no shards: fitted, and said to be unchecked (the fit said nothing)
+    assert "8 of the runs (e.g. version_0) are not checked for one tokenizer: their shards' metadata is not " \
+           "found from here" in printed
     saved = json.loads(out.read_text())  # TensorBoard keeps float32 losses: 1e-7 relative
     assert saved["fit"]["breaks"] == [pytest.approx(at, rel=1e-4)]
     assert [s["slope"] for s in saved["fit"]["segments"]] == pytest.approx([-0.02, -0.25], abs=1e-5)

@@ -251,21 +251,25 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     seq_len = config.max_seq_len if seq_len is None else int(seq_len)
     return RunPoint(run=run, loss=float(value), step=int(step), tokens=tokens,
                     params=model.num_params(non_embedding=True), flops=model.flops_per_token(seq_len) * tokens,
-                    seq_len=seq_len, tokenizer=_shard_tokenizer(hparams.get("train_files")))
+                    seq_len=seq_len, tokenizer=_shard_tokenizer(hparams.get("train_files"), run))
 
 
-def _shard_tokenizer(train_files: Any) -> str | None:
+def _shard_tokenizer(train_files: Any, run: Path) -> str | None:
     """The ``tokenizer_sha256`` in the metadata of the first shard that ``train_files`` (a run's
     data module argument, as hparams.yaml holds it: a path, a pattern, or a list of them) names,
-    or None where that metadata cannot be read from here (a relative path from another directory)."""
+    or None where that metadata cannot be found. A relative path is relative to the directory
+    the run was launched from, which is not recorded: it is looked for from here, then from each
+    directory above the run (lightning_logs/NAME/version_N lies below the launch directory)."""
     first = train_files[0] if isinstance(train_files, list) and train_files else train_files
     if not isinstance(first, str):
         return None
-    shards = sorted(glob.glob(first)) or [first]
-    try:
-        return json.loads(meta_path_for(shards[0]).read_text(encoding="utf-8")).get("tokenizer_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    for base in (Path.cwd(), *Path(run).resolve().parents):
+        shards = sorted(glob.glob(str(base / first)))
+        try:
+            return json.loads(meta_path_for(shards[0]).read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (IndexError, OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def read_runs(paths: Sequence[str | Path], loss: LossChoice = "final") -> list[RunPoint]:
