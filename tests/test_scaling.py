@@ -208,7 +208,7 @@ def test_one_run_is_too_few_and_the_error_names_it(tmp_path):
         fit_runs(read_runs([run]), "compute", breaks=1)
 
 
-def test_runs_on_shards_of_different_tokenizers_are_not_fitted_together(tmp_path):
+def test_runs_on_shards_of_different_tokenizers_are_not_fitted_together(tmp_path, monkeypatch):
     """Losses in nats per token of two tokenizers were fitted as one law without a word."""
     for name, sha in (("a", "a" * 64), ("b", "b" * 64)):
         (tmp_path / f"{name}.bin").write_bytes(b"")
@@ -221,10 +221,21 @@ def test_runs_on_shards_of_different_tokenizers_are_not_fitted_together(tmp_path
     with pytest.raises(LLMKitError, match=rf"runs {a} and {b} trained on shards of different tokenizers \(sha256 "
                                           r"aaaaaaaaaaaa and bbbbbbbbbbbb\)"):
         read_runs([a, b])
-    # a path relative to the launch directory, above the run: it was looked for from here only, so not checked
-    relative = write_run(tmp_path / "rr", [(3, 4.0)], [(3, 1024.0)], train_files="b.bin")
-    with pytest.raises(LLMKitError, match=rf"runs {a} and {relative} trained on shards of different tokenizers"):
-        read_runs([a, relative])
+    # a path relative to the launch directory, which the run's config.yaml gives: it was read from here, and
+    # from another directory the runs were fitted together (a same-named shard here would have been taken)
+    elsewhere = tmp_path / "elsewhere"  # the directory fit runs in holds a b.bin of its own, of tokenizer a
+    elsewhere.mkdir()
+    (elsewhere / "b.bin").write_bytes(b"")
+    (elsewhere / "b.bin.json").write_text(json.dumps({"tokenizer_sha256": "a" * 64}))
+    monkeypatch.chdir(elsewhere)
+    for logger in ({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "tb"}}, None):
+        run = tmp_path / ("runs/tb" if logger else "lightning_logs") / "version_0"
+        run.mkdir(parents=True)
+        relative = write_run(run, [(3, 4.0)], [(3, 1024.0)], train_files="b.bin")
+        (relative / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": logger}}))
+        with pytest.raises(LLMKitError, match=rf"runs {a} and {relative} trained on shards of different tokenizers"):
+            read_runs([a, relative])
 
 
 def synthetic_runs(root: Path, budgets: list[int], at: float) -> list[Path]:
@@ -247,10 +258,11 @@ def test_scaling_fit_prints_the_runs_and_segments_and_writes_json_and_a_plot(tmp
                  "--plot", str(png), "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert printed.count("/version_0") == 8 and "segment" in printed and "slope" in printed
+    table = printed.split("\n\n")[0]
+    assert table.count("/version_0") == 8 and "segment" in printed and "slope" in printed
     # their hparams name no shards: fitted, and said to be unchecked (the fit said nothing)
-    assert "8 of the runs (e.g. version_0) are not checked for one tokenizer: their shards' metadata is not " \
-           "found from here" in printed
+    assert "8 of the runs (e.g. " in printed and "are not checked for one tokenizer: their hparams.yaml names no " \
+           "shard whose metadata records one, or it cannot be found" in printed
     saved = json.loads(out.read_text())  # TensorBoard keeps float32 losses: 1e-7 relative
     assert saved["fit"]["breaks"] == [pytest.approx(at, rel=1e-4)]
     assert [s["slope"] for s in saved["fit"]["segments"]] == pytest.approx([-0.02, -0.25], abs=1e-5)

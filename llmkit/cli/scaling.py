@@ -60,8 +60,8 @@ def fit(
         print(f"{i:<8} {s.start:>10.4g} {s.end:>10.4g} {s.slope:>9.4f} {s.intercept:>10.4f}")
     where = ", ".join(f"{b:.4g}" for b in law.breaks) or "none"
     if unchecked := [p.run for p in points if p.tokenizer is None]:
-        print(f"\n{len(unchecked)} of the runs (e.g. {unchecked[0].name}) are not checked for one tokenizer: their "
-              f"shards' metadata is not found from here")
+        print(f"\n{len(unchecked)} of the runs (e.g. {unchecked[0]}) are not checked for one tokenizer: their "
+              f"hparams.yaml names no shard whose metadata records one, or it cannot be found")
     print(f"\n{len(points)} runs, x = {unit}, breakpoints at {where}; loss = 10^intercept * x^slope per segment, "
           f"rms residual {law.rmse:.4f} (log10 loss)")
     prediction = None

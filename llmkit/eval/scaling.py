@@ -243,33 +243,53 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     with torch.device("meta"):
         model = Transformer(config)
     seq_len = hparams.get("seq_len")
-    cli_config = run / "config.yaml"
-    if cli_config.is_file():
-        data = _read_yaml(cli_config, run).get("data")
-        if isinstance(data, dict) and "seq_len" in data:
-            seq_len = data["seq_len"]
+    cli_config = _read_yaml(run / "config.yaml", run) if (run / "config.yaml").is_file() else {}
+    data = cli_config.get("data")
+    if isinstance(data, dict) and "seq_len" in data:
+        seq_len = data["seq_len"]
     seq_len = config.max_seq_len if seq_len is None else int(seq_len)
+    tokenizer = _shard_tokenizer(hparams.get("train_files"), _launch_directory(run, cli_config))
     return RunPoint(run=run, loss=float(value), step=int(step), tokens=tokens,
                     params=model.num_params(non_embedding=True), flops=model.flops_per_token(seq_len) * tokens,
-                    seq_len=seq_len, tokenizer=_shard_tokenizer(hparams.get("train_files"), run))
+                    seq_len=seq_len, tokenizer=tokenizer)
 
 
-def _shard_tokenizer(train_files: Any, run: Path) -> str | None:
+def _launch_directory(run: Path, cli_config: dict[str, Any]) -> Path | None:
+    """The directory the run was launched from, where its relative paths start, as its config.yaml
+    tells: the run is SAVE_DIR/NAME/version_N below it for a TensorBoardLogger whose save_dir is
+    relative (Lightning's default logger: DEFAULT_ROOT_DIR/lightning_logs/version_N); None where
+    the config does not tell (no config.yaml, an absolute directory, another logger)."""
+    trainer = cli_config.get("trainer")
+    trainer = trainer if isinstance(trainer, dict) else {}
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        args = logger.get("init_args") if isinstance(logger.get("init_args"), dict) else {}
+        save_dir, name = args.get("save_dir"), args.get("name", "lightning_logs")
+    elif logger in (None, True) and "logger" in trainer:
+        save_dir, name = trainer.get("default_root_dir") or ".", "lightning_logs"
+    else:
+        return None
+    if not isinstance(save_dir, str) or Path(save_dir).is_absolute() or not isinstance(name, str):
+        return None
+    depth = len(Path(save_dir).parts) + len(Path(name).parts) + 1  # the run's own directory, version_N
+    parents = Path(run).resolve().parents
+    return parents[depth - 1] if depth <= len(parents) else None
+
+
+def _shard_tokenizer(train_files: Any, launched_from: Path | None) -> str | None:
     """The ``tokenizer_sha256`` in the metadata of the first shard that ``train_files`` (a run's
     data module argument, as hparams.yaml holds it: a path, a pattern, or a list of them) names,
-    or None where that metadata cannot be found. A relative path is relative to the directory
-    the run was launched from, which is not recorded: it is looked for from here, then from each
-    directory above the run (lightning_logs/NAME/version_N lies below the launch directory)."""
+    or None where that metadata cannot be read. A relative path is read from ``launched_from``,
+    the run's launch directory, or from here where that is not known."""
     first = train_files[0] if isinstance(train_files, list) and train_files else train_files
     if not isinstance(first, str):
         return None
-    for base in (Path.cwd(), *Path(run).resolve().parents):
-        shards = sorted(glob.glob(str(base / first)))
-        try:
-            return json.loads(meta_path_for(shards[0]).read_text(encoding="utf-8")).get("tokenizer_sha256")
-        except (IndexError, OSError, ValueError, AttributeError):
-            continue
-    return None
+    base = launched_from or Path.cwd()
+    shards = sorted(glob.glob(first, root_dir=base)) or [first]
+    try:
+        return json.loads(meta_path_for(base / shards[0]).read_text(encoding="utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_runs(paths: Sequence[str | Path], loss: LossChoice = "final") -> list[RunPoint]:
