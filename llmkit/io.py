@@ -333,9 +333,10 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if not _has_type(value, hints[key]):
-            expected = " or ".join(_type_name(t) for t in typing.get_args(hints[key]) or (hints[key],))
-            text = " (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) and "e" in value.lower() \
-                and _is_number(value) else ""
+            union = typing.get_origin(hints[key]) in (typing.Union, types.UnionType)
+            expected = " or ".join(_type_name(t) for t in (typing.get_args(hints[key]) if union else (hints[key],)))
+            text = " (YAML reads 1e-5 as text: write 1.0e-5)" if "float" in expected and isinstance(value, str) \
+                and "e" in value.lower() and _is_number(value) else ""
             raise LLMKitError(f"{what} key {key}: expected {expected}, got {value!r}{text}")
     return cls(**values)
 
@@ -360,6 +361,9 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    """``int``, ``null``, ``a mapping`` (a dataclass), ``a list of str``."""
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     return "null" if hint is type(None) else "a mapping" if dataclasses.is_dataclass(hint) else \
         getattr(hint, "__name__", str(hint))
 

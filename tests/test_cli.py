@@ -284,6 +284,8 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
         "'data.seq_len'?)")
     assert error("--trainer.max_step", "3") == \
         "llmkit pretrain fit: error: unrecognized arguments: --trainer.max_step 3 (did you mean '--trainer.max_steps'?)"
+    assert error("--seed_everythin", "3") == "llmkit pretrain fit: error: unrecognized arguments: --seed_everythin 3 " \
+                                            "(did you mean '--seed_everything'?)"  # an option of no section
     assert error("--data.batch_sz", "3") == \
         "llmkit pretrain fit: error: unrecognized arguments: --data.batch_sz 3 (did you mean '--data.batch_size'?)"
     (tmp_path / "broken.yaml").write_text("model:\n  optim: [1, 2\n  x: 1\n")
@@ -327,6 +329,29 @@ def test_a_callback_error_names_the_callback_in_one_line(callback, message, shar
         main(["pretrain", "fit", "--config", str(config)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[0] == f"llmkit pretrain fit: error: {message}"
+
+
+def test_barebones_runs_and_its_refusals_are_one_line(shards, tmp_path, capsys):
+    """llmkit's default Checkpoint made barebones fail ("enable_checkpointing=False but found ModelCheckpoint");
+    what barebones turns off, set anyway, was a ValueError's traceback."""
+    config = write_config(tmp_path, shards)
+    bare = ["--trainer.barebones", "true", "--trainer.callbacks", "[]", "--trainer.log_every_n_steps", "null",
+            "--trainer.logger", "false"]
+    assert main(["pretrain", "fit", "--config", str(config), *bare]) == 0
+    assert not (tmp_path / "logs" / "checkpoints").exists()
+    capsys.readouterr()
+    assert main(["pretrain", "fit", "--config", str(config), *bare[:4], *bare[6:]]) == 1  # the config's logging
+    err = capsys.readouterr().err.splitlines()[-1]  # after Lightning's "Seed set to 0"
+    assert err.startswith("llmkit: error: trainer: `Trainer(barebones=True, log_every_n_steps=1)` was passed. ")
+    assert err.endswith("(set that trainer option to null or false, or leave barebones off)")
+
+
+def test_a_run_without_a_checkpoint_callback_saves_llmkits_last_ckpt(shards, tmp_path):
+    """Lightning's default ModelCheckpoint saved at epoch ends only, and nothing on Ctrl-C."""
+    config = write_config(tmp_path, shards)
+    assert main(["pretrain", "fit", "--config", str(config), "--trainer.callbacks", "[]"]) == 0
+    (last,) = (tmp_path / "logs").rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
 
 
 def test_vocab_mismatch_exits_1_with_one_clear_line(shards, tmp_path, capsys):

@@ -130,6 +130,10 @@ def test_config_dict_round_trip():
     assert LoRAConfig.from_dict(config.to_dict()) == config
     with pytest.raises(LLMKitError, match="unknown LoRA config keys"):
         LoRAConfig.from_dict({"r": 4})
+    with pytest.raises(LLMKitError, match="^LoRA config key targets: expected a list of str, got 'q_proj'$"):
+        LoRAConfig.from_dict({"targets": "q_proj"})  # said "expected str, got 'q_proj'"
+    with pytest.raises(LLMKitError, match="^LoRA config key rank: expected int, got '1e3'$"):  # no float hint
+        LoRAConfig.from_dict({"rank": "1e3"})
 
 
 def test_one_step_trains_only_lora():

@@ -46,7 +46,8 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
+from lightning.pytorch.callbacks import Checkpoint as LightningCheckpoint
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -245,8 +246,9 @@ def _nearest(option: str, cls: type) -> str:
 def _nearest_option(option: str, known: Sequence[str], flag: str) -> str:
     """" (did you mean 'trainer.max_steps'?)" for the closest of the ``known`` options in the section
     of ``option`` (its first component), written after ``flag`` ("--" or ""), or ""."""
-    section = option.split(".")[0]
-    close = difflib.get_close_matches(option, [k for k in known if k.split(".")[0] == section], n=1)
+    section = option.split(".")[0] if "." in option else ""  # "" : the options without a section (seed_everything)
+    names = [k for k in known if (k.split(".")[0] if "." in k else "") == section and not k.endswith((".help", "+"))]
+    close = difflib.get_close_matches(option, names, n=1)
     return f" (did you mean '{flag}{close[0]}'?)" if close else ""
 
 
@@ -462,8 +464,8 @@ class LLMKitCLI(LightningCLI):
         callbacks = trainer_config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         own_summary = any(isinstance(c, ModelSummary) for c in callbacks)
-        if trainer_config.get("enable_checkpointing") is not False and \
-                not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        if trainer_config.get("enable_checkpointing") is not False and not trainer_config.get("barebones") and \
+                not any(isinstance(c, LightningCheckpoint) for c in callbacks):
             # in place of Lightning's default ModelCheckpoint (a resume without --config has no other):
             # the same files, plus last.ckpt at the final step and on Ctrl-C or SIGTERM
             kwargs["callbacks"] = [*callbacks, Checkpoint()]
@@ -506,8 +508,11 @@ def run(name: str, args: list[str]) -> None:
             )
         except MisconfigurationException as e:  # Lightning's word on a trainer setting, e.g. an absent accelerator
             raise LLMKitError(f"trainer: {' '.join(str(e).split())} ({_trainer_hint(str(e))})") from e
-        except ValueError as e:  # jsonargparse wraps what a config class refused (ModelConfig's checks)
-            cause = e
+        except ValueError as e:
+            if "barebones" in str(e):  # Lightning refuses what barebones mode turns off with a ValueError
+                raise LLMKitError(f"trainer: {' '.join(str(e).split())} (set that trainer option to null or false, "
+                                  f"or leave barebones off)") from e
+            cause = e  # jsonargparse wraps what a config class refused (ModelConfig's checks)
             while cause is not None and not isinstance(cause, LLMKitError):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
