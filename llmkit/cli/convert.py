@@ -135,7 +135,8 @@ def to_hf(
 
     checkpoint = read_checkpoint(ckpt)
     stored = checkpoint["state_dict"]["model.tok_emb.weight"].dtype
-    refuse_second_adapter(checkpoint, ckpt, lora)  # --no-merge-lora loads without it
+    if not merge_lora:  # load_with_adapter refuses it when given the adapter to merge
+        refuse_second_adapter(checkpoint, ckpt, lora)
     model = load_with_adapter(ckpt, lora if merge_lora else None, checkpoint=checkpoint)
     config = model.config
     if lora is not None and not merge_lora and not hf_exportable(config):
