@@ -287,7 +287,7 @@ def test_coefficients_forward(mt, n):
     assert torch.equal(proj_out, proj) and torch.equal(sumsq_out, sumsq)  # one partial: itself
 
 
-@pytest.mark.parametrize(("splits", "max_block_s"), [(5, 128), (5, 2), (96, 128)])
+@pytest.mark.parametrize(("splits", "max_block_s"), [(5, 128), (5, 2), (5, 1), (96, 128)])
 def test_coefficients_forward_sums_the_projections_partials(mt, monkeypatch, splits, max_block_s):
     """Decode's projection comes in K-split partials: the coefficient kernel sums them as it reads
     them (max_block_s at a time, the last load masked), with fewer tokens per program, and writes

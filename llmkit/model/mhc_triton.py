@@ -592,9 +592,11 @@ def _coeff_fwd_kernel(
 def _coeff_launch_shape(M: int, n: int, splits: int = 1) -> tuple[int, int, int, int]:
     """(padded n, partials per load, tokens per program, programs) for the coefficient kernels;
     with the projection in ``splits`` partials (decode), fewer tokens per program, as each loads
-    its tokens' partials a block at a time (:data:`COEFF_SPLIT_ELEMENTS`)."""
+    its tokens' partials a block at a time (:data:`COEFF_SPLIT_ELEMENTS`). Partials per load is 1
+    only for an unsplit projection (the kernels read BLOCK_S == 1 as "nothing to sum"), so at
+    least 2 whenever there are partials, whatever :data:`COEFF_MAX_BLOCK_S` says."""
     n_pad = _padded_streams(n)
-    block_s = 1 if splits == 1 else min(_next_power_of_2(splits), COEFF_MAX_BLOCK_S)
+    block_s = 1 if splits == 1 else max(2, min(_next_power_of_2(splits), COEFF_MAX_BLOCK_S))
     per_token = n_pad * n_pad
     block_t = max(1, min(128, COEFF_BLOCK_ELEMENTS // per_token, COEFF_SPLIT_ELEMENTS // (block_s * per_token)))
     return n_pad, block_s, block_t, _cdiv(M, block_t)
