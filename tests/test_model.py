@@ -109,7 +109,9 @@ def test_invalid_config_names_every_problem():
     ({"n_heads": 0}, "n_heads must be >= 1, got 0"),  # was a ZeroDivisionError
     ({"n_kv_heads": -4}, "n_kv_heads must be >= 1, got -4"),  # was a negative dimension deep in torch
     ({"mhc": {"sinkhorn_iters": 0}}, "mhc.sinkhorn_iters must be >= 1"),  # H_res rows summed to 7.8
-    ({"mhc": {"sinkhorn_eps": -1.0}}, "mhc.sinkhorn_clamp and sinkhorn_eps must be > 0"),
+    ({"mhc": {"sinkhorn_eps": -1.0}}, "mhc.sinkhorn_eps must be > 0, got -1.0"),
+    ({"mhc": {"sinkhorn_clamp": 0.0}}, "mhc.sinkhorn_clamp must be in (0, 80], got 0.0"),
+    ({"mhc": {"sinkhorn_clamp": 100.0}}, "mhc.sinkhorn_clamp must be in (0, 80]"),  # H_res and the logits were NaN
     ({"mhc": {"sinkhorn_iter": 3}}, "unknown mhc keys ['sinkhorn_iter']"),  # was a TypeError
     ({"norm_eps": 0.0}, "norm_eps and rope_theta must be > 0"),
     ({"n_streams": 9}, "n_streams must be at most 8"),  # trained on CPU, failed at a GPU's first forward

@@ -24,6 +24,9 @@ BACKENDS: tuple[str, ...] = AttentionBackend.__args__
 
 POST_INIT_RENAMED = {"handoff": "split", "hc": "copy"}
 """Earlier names of the ``mhc.post_init`` values, still accepted with a deprecation warning."""
+MAX_SINKHORN_CLAMP = 80.0
+"""Largest ``mhc.sinkhorn_clamp``: Sinkhorn's largest entry e^c, summed over at most 8 streams in a
+normalisation, stays below fp32's largest value (e^88.7)."""
 
 
 @dataclass
@@ -40,7 +43,9 @@ class MHCConfig:
     implementation: ``auto`` (default): the mHC ops (llmkit/model/mhc_ops.py) run their Triton
     kernels on CUDA and their PyTorch code elsewhere; ``torch``: the PyTorch code on every device,
     a fallback should the kernels misbehave on your GPU, and a second opinion to compare against.
-    Same math either way; the earlier values ``fused`` and ``reference`` mean ``auto``, with a
+    Same math either way, up to rounding: for a bf16 or fp16 stream the kernels' projection
+    multiplies x by phi rounded to the stream's dtype (tensor cores, fp32 accumulation), the PyTorch
+    code by phi in fp32. The earlier values ``fused`` and ``reference`` mean ``auto``, with a
     warning. See docs/performance.md.
 
     recompute_stream: in training, do not keep the stream X of each block's attention sublayer for
@@ -87,9 +92,11 @@ class MHCConfig:
         if self.sinkhorn_iters < 1:
             problems.append(f"mhc.sinkhorn_iters must be >= 1 (H_res is doubly stochastic only after them), "
                             f"got {self.sinkhorn_iters}")
-        if not (0 < self.sinkhorn_clamp < math.inf and 0 < self.sinkhorn_eps < math.inf):
-            problems.append(f"mhc.sinkhorn_clamp and sinkhorn_eps must be > 0, got {self.sinkhorn_clamp} and "
-                            f"{self.sinkhorn_eps}")
+        if not 0 < self.sinkhorn_clamp <= MAX_SINKHORN_CLAMP:
+            problems.append(f"mhc.sinkhorn_clamp must be in (0, {MAX_SINKHORN_CLAMP:g}], got {self.sinkhorn_clamp} "
+                            "(Sinkhorn's M0 = exp(clamp(logits)) is fp32, whose largest value is e^88.7)")
+        if not 0 < self.sinkhorn_eps < math.inf:
+            problems.append(f"mhc.sinkhorn_eps must be > 0, got {self.sinkhorn_eps}")
         if not all(math.isfinite(v) for v in (self.alpha_init, self.res_bias)):
             problems.append(f"mhc.alpha_init and res_bias must be finite, got {self.alpha_init} and {self.res_bias}")
         if self.post_init not in ("split", "copy"):

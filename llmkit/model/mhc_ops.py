@@ -28,7 +28,8 @@ On CUDA (bf16/fp16/fp32 streams) each step is one Triton kernel (llmkit/model/mh
 which reads each stream tensor once; elsewhere, on fp64 and with ``mhc.implementation: torch``
 the ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors
 (the tests do). Either way the H coefficients and all mapping math are fp32 (fp64 for fp64
-streams), and the backward keeps only X, y and O(n^2) floats per token: Sinkhorn's iterations
+streams; for bf16 and fp16 streams the kernels' projection takes phi rounded to the stream's dtype,
+with an fp32 accumulator, where the PyTorch code takes it in fp32), and the backward keeps only X, y and O(n^2) floats per token: Sinkhorn's iterations
 are recomputed, not stored.
 """
 
