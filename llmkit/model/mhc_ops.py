@@ -29,8 +29,8 @@ which reads each stream tensor once; elsewhere, on fp64 and with ``mhc.implement
 the ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors
 (the tests do). Either way the H coefficients and all mapping math are fp32 (fp64 for fp64
 streams; for bf16 and fp16 streams the kernels' projection takes phi rounded to the stream's dtype,
-with an fp32 accumulator, where the PyTorch code takes it in fp32), and the backward keeps only X, y and O(n^2) floats per token: Sinkhorn's iterations
-are recomputed, not stored.
+with an fp32 accumulator, where the PyTorch code takes it in fp32), and the backward keeps only X,
+y and O(n^2) floats per token: Sinkhorn's iterations are recomputed, not stored.
 """
 
 import hashlib
