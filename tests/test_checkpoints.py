@@ -339,6 +339,31 @@ def test_a_run_refused_before_its_first_step_leaves_no_log_directories(shards, t
     assert [p.name for p in (tmp_path / "tb").iterdir()] == ["other"]
 
 
+def test_a_run_logged_under_a_relative_save_dir_keeps_its_checkpoint_records_without_its_config(
+        shards, tmp_path, monkeypatch, recwarn):
+    """The README's `sdft validate --ckpt_path lightning_logs/...` with no --config: the run's
+    Checkpoint had stored its directory relative (the logger's save_dir as written), the validate
+    logs into the run by its absolute path, and Lightning dropped the top-k and last-file records
+    with a warning; a resume likewise forgot last.ckpt and the file it keeps."""
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(write_tensorboard_config(tmp_path, shards, 2).read_text())
+    config["trainer"]["logger"]["init_args"]["save_dir"] = "tb"
+    config["trainer"]["callbacks"] = [{"class_path": "llmkit.callbacks.Checkpoint"}]  # what a run without one gets
+    (tmp_path / "relative.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", "relative.yaml"]) == 0
+    last = Path("tb", "run", "version_0", "checkpoints", "last.ckpt")
+    assert main(["pretrain", "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false"]) == 0
+    assert main(["pretrain", "fit", "--ckpt_path", str(last), "--trainer.max_steps", "4",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # step 2's went
+    records = torch.load(last, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in records.items() if k.startswith("Checkpoint")]
+    assert state["dirpath"] == str(tmp_path / last.parent)
+    assert (state["best_model_path"], state["last_model_path"]) == (
+        str(tmp_path / last.parent / "epoch=0-step=4.ckpt"), str(tmp_path / last))
+
+
 @pytest.mark.parametrize("config_given", [True, False])
 def test_validate_logs_into_the_run_of_its_checkpoint_at_its_step(config_given, shards, tmp_path, caplog):
     """With the run's config (its TensorBoardLogger), or with none (Lightning's default logger)."""

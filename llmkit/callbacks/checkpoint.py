@@ -126,6 +126,17 @@ def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
         loop._batches_that_stepped += counted_twice
 
 
+def _moved_to(state: dict[str, Any], old_dir: str, new_dir: str) -> dict[str, Any]:
+    """``ModelCheckpoint`` state with its directory and the files it lists in it named from ``new_dir``."""
+    def moved(path: str) -> str:
+        return os.path.join(new_dir, os.path.basename(path)) if path and os.path.dirname(path) == old_dir else path
+
+    return {**state, "dirpath": new_dir, "best_model_path": moved(state.get("best_model_path", "")),
+            "kth_best_model_path": moved(state.get("kth_best_model_path", "")),
+            "last_model_path": moved(state.get("last_model_path", "")),
+            "best_k_models": {moved(path): score for path, score in state.get("best_k_models", {}).items()}}
+
+
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step and is saved on
     SIGINT/SIGTERM (see the module docstring). Arguments as ``ModelCheckpoint``; files are replaced,
@@ -143,6 +154,14 @@ class Checkpoint(ModelCheckpoint):
         return {**super().state_dict(), "validation_pending": self.validation_pending}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, with the checkpoint's directory taken for this one's where both name the same
+        directory: a logger's relative ``save_dir`` is stored as given (``lightning_logs/...``), and a
+        ``validate`` or resume that logs into the run by its absolute path (no ``--config``) lost the
+        top-k and last-file records, with a warning."""
+        stored = state_dict.get("dirpath")
+        if stored and self.dirpath and stored != self.dirpath and "://" not in f"{stored}{self.dirpath}" \
+                and os.path.realpath(stored) == os.path.realpath(self.dirpath):
+            state_dict = _moved_to(state_dict, stored, self.dirpath)
         super().load_state_dict(state_dict)
         self.validation_pending = state_dict.get("validation_pending")
 
