@@ -917,3 +917,14 @@ def test_pack_encodes_a_document_without_separators_in_pieces_with_one_eos(
         assert meta["n_documents"] == 1 and ids.count(tokenizer.eos_id) == 1 and ids[-1] == tokenizer.eos_id
         assert tokenizer.decode(ids) == text
         assert len(text) > 20 * 300  # many pieces
+
+
+def test_the_corpus_bar_ends_on_the_number_of_documents_written(tmp_path, capsys):
+    """The bar counted the document held back for val (written last) out: 3 of 4."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(4):
+        (notes / f"n{i}.txt").write_text(f"note {i}: some text\n")
+    summary = write_corpus(str(notes), tmp_path / "corpus", val_fraction=0.0)
+    assert (summary["n_train_documents"], summary["n_val_documents"]) == (3, 1)
+    assert capsys.readouterr().err.rstrip().endswith("documents=4]")

@@ -205,7 +205,8 @@ def _write_shards(
                         if pending_train is not None:
                             train.add(pending_train)
                         pending_train = text
-                bar.set_postfix(documents=f"{train.n_documents + val.n_documents:,}", refresh=False)
+                kept = train.n_documents + val.n_documents + (pending_train is not None)
+                bar.set_postfix(documents=f"{kept:,}", refresh=False)
         if pending_train is not None:
             (val if val.n_documents == 0 else train).add(pending_train)
         train.close()
