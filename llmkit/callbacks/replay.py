@@ -105,8 +105,6 @@ class Replay(L.Callback):
         self.buffer: list[Example] = []
         self.seen_keys: set[int] = set()
         self.last_fraction = 0.0
-        self.total_replayed = 0
-        self.total_slots = 0
         self.in_flight: InFlight | None = None  # set from a batch's start to its end
 
     def add(self, examples: Iterable[Example]) -> None:
@@ -152,8 +150,6 @@ class Replay(L.Callback):
                         batch[slot - offset] = example
         self.add(new)
         self.last_fraction = replaced / len(new)
-        self.total_replayed += replaced
-        self.total_slots += len(new)
         pl_module.log("train/replay_fraction", self.last_fraction, batch_size=len(batch))
         pl_module.log("train/replay_buffer", float(len(self.buffer)), batch_size=len(batch))
 

@@ -25,16 +25,12 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs, iter_jsonl_objects, json_kind
 
 SOURCES = ("stdlib", "site-packages")
 """The embedded sources, by name."""
-
-Source = Literal[SOURCES]
-"""An embedded source, as a type."""
 
 USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 """The user files a directory contributes (``.py`` files only when named one by one)."""

@@ -195,10 +195,6 @@ class Archive:
                 stack.extend(descendants)
         return picked
 
-    def record_rollouts(self, parent_id: int, children: Sequence[tuple[str, float]]) -> list[State]:
-        """Record the rollouts ``(text, reward)`` sampled from one parent; see :meth:`record_batch`."""
-        return self.record_batch({parent_id: children})
-
     def record_batch(self, rollouts: Mapping[int, Sequence[tuple[str, float]]]) -> list[State]:
         """Record one step's rollouts, ``{parent_id: [(text, reward), ...]}``, and return the new states.
 
