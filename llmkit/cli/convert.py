@@ -137,7 +137,7 @@ def to_hf(
     stored = checkpoint["state_dict"]["model.tok_emb.weight"].dtype
     if not merge_lora:  # load_with_adapter refuses it when given the adapter to merge
         refuse_second_adapter(checkpoint, ckpt, lora)
-    model = load_with_adapter(ckpt, lora if merge_lora else None, checkpoint=checkpoint)
+    model = load_with_adapter(checkpoint, ckpt, lora if merge_lora else None)
     config = model.config
     if lora is not None and not merge_lora and not hf_exportable(config):
         raise LLMKitError("--no-merge-lora exports the adapter in PEFT's layout, which needs a model transformers "

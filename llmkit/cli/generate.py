@@ -171,7 +171,7 @@ def generate(
                  else "records no tokenizer that is still on disk")
         raise LLMKitError(f"{ckpt} {lacks}: give --tokenizer (the .model, tokenizer.json or model directory its data "
                           f"was packed with)")
-    model = load_with_adapter(ckpt, lora, device, checkpoint=checkpoint)
+    model = load_with_adapter(checkpoint, ckpt, lora, device)
     if attention_backend is not None:
         model.config.attention_backend = attention_backend
     tok = load_tokenizer(tokenizer)

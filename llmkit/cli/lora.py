@@ -17,15 +17,12 @@ if TYPE_CHECKING:
     from llmkit.model.transformer import Transformer
 
 
-def load_with_adapter(
-    ckpt: Path, lora: Path | None, device: str = "cpu", checkpoint: dict | None = None
-) -> Transformer:
-    """The backbone of ``ckpt`` (already read as ``checkpoint``, if given) in eval mode, with the
-    LoRA adapter at ``lora`` applied if given, checked to have been trained on this base."""
-    from llmkit.model.checkpoint import backbone_from_checkpoint, read_checkpoint
+def load_with_adapter(checkpoint: dict, ckpt: Path, lora: Path | None, device: str = "cpu") -> Transformer:
+    """The backbone of the checkpoint ``ckpt`` (read as ``checkpoint``) in eval mode, with the LoRA
+    adapter at ``lora`` applied if given, checked to have been trained on this base."""
+    from llmkit.model.checkpoint import backbone_from_checkpoint
     from llmkit.model.lora import base_fingerprint, load_lora
 
-    checkpoint = checkpoint or read_checkpoint(ckpt, device)
     refuse_second_adapter(checkpoint, ckpt, lora)
     model = backbone_from_checkpoint(checkpoint, ckpt, device)
     if lora is not None:
@@ -62,7 +59,7 @@ def merge(ckpt: Path, lora: Path, out: Path) -> int:
     from llmkit.model.lora import lora_layers, merged_base_state
 
     checkpoint = read_checkpoint(ckpt)
-    model = load_with_adapter(ckpt, lora, checkpoint=checkpoint)
+    model = load_with_adapter(checkpoint, ckpt, lora)
     n = len(lora_layers(model))
     merged_lora = {"adapter": str(lora.resolve()), "base": str(ckpt.resolve())}
     base = checkpoint["state_dict"]
