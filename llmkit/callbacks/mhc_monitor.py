@@ -42,7 +42,10 @@ WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 def mhc_stats(mappings: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Statistics of mappings given in depth order as (name, H_pre [N, n], H_post [N, n],
-    H_res [N, n, n]) for the same N sampled tokens."""
+    H_res [N, n, n]) for the same N sampled tokens (docs/math.md, "Stability statistics"): per
+    mapping the mean |sum_j H_res,ij - 1| (row_dev) and |sum_i H_res,ij - 1| (col_dev) and the means
+    of H_pre and H_post; for the composite M = H_res^(L) ... H_res^(1) of all of them, the Amax gains
+    max over tokens of max_i sum_j |M_ij| (fwd_gain) and of max_j sum_i |M_ij| (bwd_gain)."""
     stats: dict[str, float] = {}
     composite = None
     for name, h_pre, h_post, h_res in mappings:

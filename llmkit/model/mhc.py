@@ -124,6 +124,10 @@ class MHCMapping(nn.Module):
 
     @torch.no_grad()
     def reset_biases(self) -> None:
+        """The starting biases (docs/math.md, "init"): b_pre = logit(1/n), so that H_pre = sigmoid
+        averages the n streams; b_post = logit(1/(2n)) (H_post = 2 sigmoid = 1/n, ``split``) or 0
+        (H_post = 1, ``copy``); b_res = +res_bias on the diagonal and -res_bias off it, so that H_res
+        starts near the identity."""
         n = self.n
         self.b_pre.fill_(math.log((1 / n) / (1 - 1 / n)) if n > 1 else 0.0)
         post = 1 / (2 * n)
