@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from llmkit.callbacks import EMATeacher
+from llmkit.callbacks import Checkpoint, EMATeacher
 from llmkit.cli import main
 from llmkit.data.sdft_data import SDFTDataModule
 from llmkit.discovery.consolidate import consolidate
@@ -27,6 +28,7 @@ from llmkit.model.lora import read_lora
 from llmkit.model.transformer import Transformer
 from llmkit.modules.sdft import SDFTModule
 from llmkit.modules.ttt_discover import TTTConfig, TTTDiscoverModule
+from llmkit.optim import TokenMeanAccumulator
 from tests.conftest import VOCAB_SIZE
 from tests.lenient_env import PrintableGuessEnv
 
@@ -412,8 +414,6 @@ def test_the_rollouts_seeds_travel_with_the_checkpoint(base_ckpt, tokenizer_path
 def test_an_update_that_leaves_the_adapter_non_finite_stops_the_run_in_one_line(base_ckpt, tokenizer_path, tmp_path,
                                                                                  monkeypatch):
     """It surfaced at the next step, as the sampler's "probability tensor contains either inf, nan"."""
-    from llmkit.optim import TokenMeanAccumulator
-
     backward = TokenMeanAccumulator.backward
 
     def diverging(self, *args, **kwargs):
@@ -457,6 +457,39 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_earlier_results(base_c
     assert len(json.loads((tmp_path / "archive.json").read_text())["states"]) == 1
     with pytest.raises(LLMKitError, match="no state in 1 run"):
         consolidate([tmp_path])
+
+
+def test_ctrl_c_during_a_discovery_update_lands_after_the_step_is_recorded(base_ckpt, tokenizer_path, tmp_path,
+                                                                           monkeypatch):
+    """A Ctrl-C right after step 2's optimizer step (the real signal, as a user sends it) saved the
+    updated weights beside the archive of step 1, and the step's discovery_log line was never written;
+    the update, the archive and the step's records now land together."""
+    backward = TokenMeanAccumulator.backward
+
+    def interrupted_after_step_2(self, *args, **kwargs):
+        stats = backward(self, *args, **kwargs)
+        if self.module.global_step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", interrupted_after_step_2)
+    L.seed_everything(0, verbose=False)
+    module = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
+                               init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]).fit(module)
+    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == saved["archive"]["step"] == 2  # the weights are those of the archive's step
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", backward)
+    resumed = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
+                                init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
+    L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]).fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    log = [json.loads(line) for line in (tmp_path / "discovery_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and resumed.archive.step == 4
 
 
 def test_an_interrupted_discovery_leaves_what_it_found(base_ckpt, tokenizer_path, tmp_path, caplog):

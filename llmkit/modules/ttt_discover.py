@@ -71,7 +71,7 @@ from llmkit.discovery.objective import (
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError, SettingError
 from llmkit.eval.mode import eval_mode
-from llmkit.io import as_dataclass, atomic_file, write_json_atomic
+from llmkit.io import as_dataclass, atomic_file, interrupts_held, write_json_atomic
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -417,21 +417,24 @@ class TTTDiscoverModule(LLMKitModule):
             groups.append([r for _, r, _ in group])
         betas = [cfg.fixed_beta if cfg.fixed_beta is not None else solve_beta(r, cfg.target_kl) for r in groups]
         metrics = {}
-        if cfg.mode == "ttt":
-            advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
-            metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
-            self._weights_ahead = True
-        self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
-        self.seeds.batch_completed()
-        self._weights_ahead = False
-
-        rewards = [r for group in groups for r in group]
-        self._record_step({
-            "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
-            "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
-            "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
-            "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
-        }, metrics)
+        # Ctrl-C and SIGTERM wait for the update, the archive and the step's records to land together: one
+        # between the optimizer step and the archive saved the weights of a step whose archive, seeds and
+        # discovery_log line were the previous step's (the sampling above, the long part, stays interruptible)
+        with interrupts_held():
+            if cfg.mode == "ttt":
+                advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
+                metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
+                self._weights_ahead = True
+            self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
+            self.seeds.batch_completed()
+            self._weights_ahead = False
+            rewards = [r for group in groups for r in group]
+            self._record_step({
+                "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
+                "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
+                "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
+                "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
+            }, metrics)
 
     def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
         """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
