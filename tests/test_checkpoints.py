@@ -556,12 +556,13 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int = 100,
+def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int | None = 100,
                          stop: int = 2) -> tuple[Path, Path]:
     """Two 6-step runs validating every 2 steps, as the configs count batches (across epochs): one
     straight, one stopped by the callback ``interrupt`` (Ctrl-C) at step ``stop`` and resumed from
-    its last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves). Their
-    roots, for :func:`losses`."""
+    its last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves; None:
+    after every validation). An ``interrupt`` that is a :class:`Checkpoint` takes the place of the
+    config's. Their roots, for :func:`losses`."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -572,9 +573,14 @@ def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_s
         (root / "tb.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every]) == 0
     config = str(interrupted / "tb.yaml")
+    interrupt_path = f"tests.test_checkpoints.{interrupt}"
+    if issubclass(globals()[interrupt], Checkpoint):
+        interrupted_config = yaml.safe_load((interrupted / "tb.yaml").read_text())
+        interrupted_config["trainer"]["callbacks"][0]["class_path"] = interrupt_path
+        (interrupted / "tb.yaml").write_text(yaml.safe_dump(interrupted_config))
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
         main(["pretrain", "fit", "--config", config, *every,
-              f"--trainer.callbacks+=tests.test_checkpoints.{interrupt}"])
+              *([] if issubclass(globals()[interrupt], Checkpoint) else [f"--trainer.callbacks+={interrupt_path}"])])
     last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert step_of(last) == stop
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
@@ -628,6 +634,26 @@ def test_ctrl_c_inside_a_validation_runs_it_again_on_resume_on_the_same_step_axi
     batch's loss alone (5.872 where the whole validation gives 5.856); interrupted before a batch, or after a
     checkpoint at that step, it skipped the validation: the point was missing. Now it runs it again, whole."""
     straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, every_n_train_steps)
+    assert losses(interrupted) == losses(straight)
+    validations = losses(straight, "val/loss")
+    assert [step for step, _ in validations] == [1, 3, 5]
+    assert losses(interrupted, "val/loss") == validations
+
+
+class CheckpointCtrlCdInItsSaveAfterStep2(Checkpoint):
+    """llmkit's Checkpoint, Ctrl-C'd while it writes the checkpoint of the validation after the second
+    step (the interrupt lands once the file is whole), in the run that is not a resume."""
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if trainer.global_step == 2 and trainer.validating and trainer.ckpt_path is None:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_a_validation_checkpoint_is_written_keeps_that_validation_once(shards, tmp_path):
+    """The validation's metrics were logged before the save (Lightning saves in on_validation_end), yet
+    the interrupt's checkpoint marked it to run again: the resumed curves held val/loss at step 1 twice."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, "CheckpointCtrlCdInItsSaveAfterStep2", None)
     assert losses(interrupted) == losses(straight)
     validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]

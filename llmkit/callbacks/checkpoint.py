@@ -15,7 +15,8 @@ step, and saved when a run is interrupted.
   step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last multiple of
   ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
   ``last.ckpt`` of the last completed step before the run stops (interrupted inside a
-  validation, with that validation to run again, whole, when the run resumes). Other exceptions
+  validation before its metrics are logged, with that validation to run again, whole, when the
+  run resumes). Other exceptions
   (a bug, a non-finite loss) do not overwrite it.
 """
 
@@ -149,6 +150,7 @@ class Checkpoint(ModelCheckpoint):
         self.validation_pending: int | None = None
         """The step whose validation an interrupt cut short, until a validation runs (checkpointed): a
         resume with no step left to train skips it, so the CLI runs it after ``fit``."""
+        self._validation_logged = False  # in fit's validation, from its end hooks on: its metrics are logged
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "validation_pending": self.validation_pending}
@@ -165,9 +167,14 @@ class Checkpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self.validation_pending = state_dict.get("validation_pending")
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_logged = False
+        super().on_validation_start(trainer, pl_module)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.validation_pending = None  # before the parent's hook, which may save a checkpoint
+            self._validation_logged = True  # Lightning logs a validation's metrics before its end hooks
         super().on_validation_end(trainer, pl_module)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
@@ -211,11 +218,13 @@ class Checkpoint(ModelCheckpoint):
             return  # a failure is not a state to resume from: keep the last good checkpoint
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         _forget_the_batch_in_flight(trainer)
-        validating = trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking
-        if validating:  # saved again if it holds the step: that save was taken before the validation
+        in_validation = trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking
+        if in_validation and not self._validation_logged:
             _validation_to_run_again(trainer)
             self.validation_pending = trainer.global_step
-        saved = self._save_last_now(trainer, again=validating)
+        # in a validation, saved again if it holds the step: that save was taken before the validation (one
+        # whose metrics are logged, interrupted in the save of its end hook, is done, as that save records it)
+        saved = self._save_last_now(trainer, again=in_validation)
         if self._last_step == trainer.global_step:
             rank_zero_info(
                 f"{what} at step {trainer.global_step}: {'saved ' if saved else ''}{self.last_model_path}"
