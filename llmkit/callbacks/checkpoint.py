@@ -15,8 +15,8 @@ step, and saved when a run is interrupted.
   step a run ends at is always in ``last.ckpt`` (Lightning's keeps the last multiple of
   ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
   ``last.ckpt`` of the last completed step before the run stops (interrupted inside a
-  validation before its metrics are logged, with that validation to run again, whole, when the
-  run resumes). Other exceptions
+  validation before this callback's end hook, with that validation to run again, whole, when the
+  run resumes; in that hook, after Lightning logged the metrics, the validation is done). Other exceptions
   (a bug, a non-finite loss) do not overwrite it.
 """
 
