@@ -169,12 +169,14 @@ class Recorder(L.LightningModule):
 
 
 class RecordingReplay(Replay):
-    """Replay that records each batch before and after its replacements, and the buffer at the first batch."""
+    """Replay that records each batch before and after its replacements, the fraction it replaced (as it
+    logs it), and the buffer at the first batch."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.before: list[list[tuple[str, str]]] = []
         self.after: list[list[tuple[str, str]]] = []
+        self.fractions: list[float] = []
         self.buffer_at_start: list[Example] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -183,6 +185,7 @@ class RecordingReplay(Replay):
         self.before.append(keys(batch))
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.after.append(keys(batch))
+        self.fractions.append(self.last_fraction)
 
 
 def fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[L.Trainer, Recorder, RecordingReplay]:
@@ -202,7 +205,7 @@ def test_training_step_sees_the_replaced_examples_and_a_resume_restores_the_buff
     assert keys(replay.buffer_at_start) == keys(examples("old", 6))  # seed_files
     replaced = [a for before, after in zip(replay.before, replay.after, strict=True)
                 for b, a in zip(before, after, strict=True) if a != b]
-    assert len(replaced) > 0
+    assert sum(f * 4 for f in replay.fractions) == len(replaced) > 0  # batch_size 4: what it counted replaced
     assert any(k in keys(examples("old", 6)) for k in replaced)  # the earlier task reaches training_step
     assert trainer.callback_metrics["train/replay_buffer"].item() == len(replay.buffer) == 16
     trainer.save_checkpoint(tmp_path / "three.ckpt")
