@@ -566,21 +566,20 @@ def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_s
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    interrupt_path = f"tests.test_checkpoints.{interrupt}"
+    replaces_checkpoint = issubclass(globals()[interrupt], Checkpoint)
     for root in (straight, interrupted):
         root.mkdir()
         config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
         config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every_n_train_steps
+        if root == interrupted and replaces_checkpoint:
+            config["trainer"]["callbacks"][0]["class_path"] = interrupt_path
         (root / "tb.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every]) == 0
     config = str(interrupted / "tb.yaml")
-    interrupt_path = f"tests.test_checkpoints.{interrupt}"
-    if issubclass(globals()[interrupt], Checkpoint):
-        interrupted_config = yaml.safe_load((interrupted / "tb.yaml").read_text())
-        interrupted_config["trainer"]["callbacks"][0]["class_path"] = interrupt_path
-        (interrupted / "tb.yaml").write_text(yaml.safe_dump(interrupted_config))
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
         main(["pretrain", "fit", "--config", config, *every,
-              *([] if issubclass(globals()[interrupt], Checkpoint) else [f"--trainer.callbacks+={interrupt_path}"])])
+              *([] if replaces_checkpoint else [f"--trainer.callbacks+={interrupt_path}"])])
     last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert step_of(last) == stop
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
