@@ -336,6 +336,27 @@ class TokenMeanAccumulator:
         self._micro_batches = 0
         self._empty_windows = 0  # accumulation windows in a row without a real token
 
+    @property
+    def in_window(self) -> bool:
+        """Whether micro-batches of a step not yet taken have been backpropagated."""
+        return self._micro_batches > 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        """The window in progress, for a checkpoint saved between its micro-batches: its micro-batches,
+        the loss and real tokens so far summed over ranks (every rank calls this), and the empty windows
+        before it."""
+        reduce, device = self.module.trainer.strategy.reduce, self.module.device
+        return {"micro_batches": self._micro_batches, "empty_windows": self._empty_windows,
+                "tokens": int(reduce(torch.tensor(self._tokens, dtype=torch.int64, device=device), reduce_op="sum")),
+                "loss_sum": float(reduce(torch.tensor(self._loss_sum, dtype=torch.float32, device=device),
+                                         reduce_op="sum"))}
+
+    def load_state_dict(self, state: dict[str, float | int], rank: int) -> None:
+        """Continue the window of :meth:`state_dict`; its sums go to rank 0 alone, as the step adds
+        every rank's."""
+        self._micro_batches, self._empty_windows = int(state["micro_batches"]), int(state["empty_windows"])
+        self._tokens, self._loss_sum = (int(state["tokens"]), float(state["loss_sum"])) if rank == 0 else (0, 0.0)
+
     def backward(self, total: torch.Tensor, count: int, last: bool = False) -> StepStats | None:
         """Backward of one micro-batch's summed loss; returns the step's statistics when this
         micro-batch ends an accumulation window (or ``last``), else None."""

@@ -119,6 +119,25 @@ class RankLog(FirstGrads):
         }, self.out / f"rank{trainer.global_rank}.pt")
 
 
+class SaveInTheFirstWindow(L.Callback):
+    """After the first micro-batch (of 2 a step): write this rank's gradients and accumulated token and
+    loss sums to ``out/window{R}.pt``, then save the run's checkpoint ``out/window.ckpt`` (every rank
+    takes part, as in a save at a validation inside the window)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.total.processed != 1:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        accumulator = pl_module.accumulator
+        torch.save({"gradients": {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None},
+                    "tokens": accumulator._tokens, "loss_sum": accumulator._loss_sum},
+                   self.out / f"window{trainer.global_rank}.pt")
+        trainer.save_checkpoint(self.out / "window.ckpt")
+
+
 class ReplaySamples(L.Callback):
     """Makes the module's sampler (``sample_completions`` / ``sample_actions``) return recorded
     samples in order, checking that it is asked for the recorded contexts: a single-process run

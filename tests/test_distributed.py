@@ -49,7 +49,7 @@ from llmkit.modules.sft import SFTModule
 from llmkit.modules.ttt_discover import TTTDiscoverModule
 from llmkit.optim import OptimConfig, TokenMeanAccumulator
 from tests.conftest import VOCAB_SIZE
-from tests.distributed_helpers import FirstGrads, RankLog, ReplaySamples, SkewedGate
+from tests.distributed_helpers import FirstGrads, RankLog, ReplaySamples, SaveInTheFirstWindow, SkewedGate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=512, n_streams=2)
@@ -354,6 +354,35 @@ def test_sft_under_ddp_with_replay_and_a_gate_equals_one_process(base_ckpt, toke
     assert replay.state_dict()["rng_state"] == ranks[0]["replay"]["rng_state"]
     assert [d["decision"] for d in gate.decisions] == [d["decision"] for d in ranks[0]["decisions"]]
     assert [d["ppl_after"] for d in gate.decisions] == pytest.approx([d["ppl_after"] for d in ranks[0]["decisions"]])
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_saved_inside_a_step_resumes_it_with_every_ranks_gradients(base_ckpt, tokenizer_path,
+                                                                                      tmp_path):
+    """A checkpoint saved between the micro-batches of a step holds the mean of the ranks' gradients so far
+    and the sum of their token and loss sums, which the step's all-reduce completes: resumed from it, the two
+    ranks end where the run that saved it did."""
+    train, _ = sft_examples(tmp_path)
+    module_args = {"init_ckpt": str(base_ckpt), "tokenizer": str(tokenizer_path), "accumulate_grad_batches": 2,
+                   "gradient_clip_val": None, "optim": {"lr": 1e-3, "warmup_steps": 1}}
+    out, resumed = tmp_path / "ddp", tmp_path / "resumed"
+    data = SDFTDataModule(train_files=[str(train)], batch_size=2)
+    run([RankLog(str(out)), SaveInTheFirstWindow(str(out))], strategy="ddp_spawn", devices=2, max_steps=2,
+        enable_checkpointing=False).fit(SFTModule(**module_args), data)
+    window = torch.load(out / "window.ckpt", weights_only=True)["llmkit_accumulation_window"]
+    ranks = [torch.load(out / f"window{r}.pt", weights_only=True) for r in (0, 1)]
+    assert window["gradients"].keys() == ranks[0]["gradients"].keys() and window["gradients"]
+    for name, grad in window["gradients"].items():
+        torch.testing.assert_close(grad, (ranks[0]["gradients"][name] + ranks[1]["gradients"][name]) / 2)
+    assert window["accumulator"]["micro_batches"] == 1
+    assert window["accumulator"]["tokens"] == ranks[0]["tokens"] + ranks[1]["tokens"]
+    assert window["accumulator"]["loss_sum"] == pytest.approx(ranks[0]["loss_sum"] + ranks[1]["loss_sum"])
+
+    run([RankLog(str(resumed))], strategy="ddp_spawn", devices=2, max_steps=2, enable_checkpointing=False).fit(
+        SFTModule(**module_args), data, ckpt_path=out / "window.ckpt")
+    straight, after = two_ranks(out)[0]["state_dict"], two_ranks(resumed)[0]["state_dict"]
+    for name, value in straight.items():
+        assert torch.allclose(after[name], value, rtol=0, atol=WEIGHT_TOLERANCE * 1e-3), name
 
 
 @pytest.mark.slow

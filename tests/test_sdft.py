@@ -291,6 +291,38 @@ def test_accumulated_gradients_are_a_mean_per_real_token(base_ckpt, tokenizer_pa
         assert torch.allclose(one[name], split[name], rtol=1e-4, atol=1e-7), name
 
 
+class CtrlCBeforeBatch3(L.Callback):
+    """Ctrl-C before the fourth batch: the second micro-batch of the second step, at 2 a step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 3:
+            raise KeyboardInterrupt
+
+
+def test_a_fine_tuning_run_resumed_between_the_micro_batches_of_a_step_ends_as_the_uninterrupted_one(
+        base_ckpt, tokenizer_path, examples, tmp_path):
+    """The checkpoint held neither the step's first micro-batch's gradient nor its loss and token sums: the resumed
+    step applied the second micro-batch's gradient alone, and every later step paired the wrong micro-batches."""
+    from llmkit.callbacks import Checkpoint
+
+    def run(root: Path, callbacks: list, ckpt_path: Path | None = None) -> SFTModule:
+        module = SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=2,
+                           optim={"lr": 1e-3, "warmup_steps": 1})
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[Checkpoint(dirpath=root, every_n_train_steps=100), *callbacks])
+        trainer.fit(module, SDFTDataModule(str(examples), batch_size=2, seed=3), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "straight", [])
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        run(tmp_path / "interrupted", [CtrlCBeforeBatch3()])
+    saved = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1 and saved["llmkit_accumulation_window"]["accumulator"]["micro_batches"] == 1
+    resumed = run(tmp_path / "interrupted", [], ckpt_path=tmp_path / "interrupted" / "last.ckpt")
+    torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
+
+
 def test_sft_loss_is_the_demonstration_and_eos_likelihood(base_ckpt, tokenizer_path, examples):
     module = SFTModule(str(base_ckpt), str(tokenizer_path))
     data = SDFTDataModule(str(examples))

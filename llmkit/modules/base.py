@@ -6,11 +6,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, TOKENIZER_KEY, WRITER_KEY, check_tokenizer, check_writer
 from llmkit.model.config import ModelConfig
-from llmkit.optim import MuonAdamW, optimizer_name
+from llmkit.optim import MuonAdamW, TokenMeanAccumulator, optimizer_name
+
+WINDOW_KEY = "llmkit_accumulation_window"
+"""The checkpoint entry of a step saved between its micro-batches (:meth:`LLMKitModule.accumulation_window`)."""
 
 
 class LLMKitModule(L.LightningModule):
@@ -27,7 +32,8 @@ class LLMKitModule(L.LightningModule):
     checkpoint's, or the last fit's end), at which a ``validate`` plots its metrics
     (:meth:`log_weights_step`). It records the tokenizer whose ids the weights learned
     (:attr:`tokenizer_record`, :data:`~llmkit.model.checkpoint.TOKENIZER_KEY`), and a checkpoint
-    it loads must have learned the same one.
+    it loads must have learned the same one. A checkpoint saved between the micro-batches of an
+    optimizer step holds that step's gradients so far (:meth:`accumulation_window`).
     """
 
     config: ModelConfig
@@ -35,11 +41,14 @@ class LLMKitModule(L.LightningModule):
     tokenizer_record: dict[str, str] | None = None
     """The tokenizer this module's data is encoded with (``{"path", "sha256"}``; None: unknown): a
     fine-tuning module's ``tokenizer``, the one pretraining shards were packed with."""
+    accumulator: TokenMeanAccumulator | None = None
+    """The gradient accumulation of a module that optimises by hand (None: Lightning's)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weights_step = 0
         self._resumed_optimizer: str | None = None  # the optimizer a loaded checkpoint's state is of
+        self._resumed_window: dict[str, Any] | None = None  # a loaded checkpoint's step in progress
 
     @property
     def logged_step(self) -> int:
@@ -75,6 +84,31 @@ class LLMKitModule(L.LightningModule):
         checkpoint[LOGGED_STEP_KEY] = self.logged_step
         if self.tokenizer_record is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer_record
+        window = self.accumulation_window()
+        if window is not None:
+            checkpoint[WINDOW_KEY] = window
+
+    def accumulation_window(self) -> dict[str, Any] | None:
+        """The optimizer step in progress, for a checkpoint saved between its micro-batches (an
+        interrupt, a validation inside the window): the gradients of its micro-batches so far, averaged
+        over the ranks, which the step's all-reduce then completes, and :attr:`accumulator`'s sums; None
+        between steps. Lightning checkpoints no gradients, and the resumed step applied those of its
+        later micro-batches alone. Under FSDP the gradients are sharded and not saved (a warning says so)."""
+        gradients = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        in_window = bool(gradients) or (self.accumulator is not None and self.accumulator.in_window)
+        if not in_window:
+            return None
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            rank_zero_warn(f"step {self.global_step}: a checkpoint saved between the micro-batches of an optimizer "
+                           "step does not hold their gradients under FSDP; a resume from it steps on the later "
+                           "ones alone")
+            return None
+        window: dict[str, Any] = {"gradients": {name: strategy.reduce(grad.detach().clone(), reduce_op="mean")
+                                                for name, grad in gradients.items()}}
+        if self.accumulator is not None:
+            window["accumulator"] = self.accumulator.state_dict()
+        return window
 
     def on_fit_end(self) -> None:
         self.weights_step = self.global_step  # a validate after fit, in this process, scores these weights
@@ -86,6 +120,19 @@ class LLMKitModule(L.LightningModule):
         self.weights_step = checkpoint.get("global_step", 0)
         states = checkpoint.get("optimizer_states")
         self._resumed_optimizer = optimizer_name(states[0]) if states else None
+        self._resumed_window = checkpoint.get(WINDOW_KEY)
+
+    def on_train_start(self) -> None:
+        """Continue the optimizer step a resumed checkpoint was saved inside (:meth:`accumulation_window`;
+        not earlier: Lightning zeroes the gradients before the fit loop starts)."""
+        window, self._resumed_window = self._resumed_window, None
+        if window is None:
+            return
+        parameters = dict(self.named_parameters())
+        for name, grad in window["gradients"].items():
+            parameters[name].grad = grad.to(parameters[name].device, parameters[name].dtype)
+        if self.accumulator is not None:
+            self.accumulator.load_state_dict(window["accumulator"], self.global_rank)
 
     def on_fit_start(self) -> None:
         """Refuse to resume a checkpoint whose optimizer state is of another optimizer than

@@ -140,6 +140,7 @@ class PretrainModule(LLMKitModule):
 
     def on_train_start(self) -> None:
         """An MoE balancing loss weighs as the cross-entropy, which Lightning divides by the accumulation."""
+        super().on_train_start()
         scale_balancing_loss(self.model, 1 / self.trainer.accumulate_grad_batches)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
