@@ -242,27 +242,57 @@ UMASK = _read_umask()
 """The process's umask when llmkit loaded: the permissions :func:`atomic_file` gives its files."""
 
 
+class _Hold:
+    """What :func:`hold_interrupts` holds: how many holds are open, the handlers they stood in for, and
+    the signals caught meanwhile."""
+
+    depth = 0
+    previous: dict[int, Any] = {}
+    caught: list[int] = []
+
+
+def hold_interrupts() -> bool:
+    """Hold SIGINT and SIGTERM until every hold is released (:func:`release_interrupts`), then raise
+    them again for the handlers they had (Python's KeyboardInterrupt; Lightning's SIGTERM flag, or
+    llmkit's in a data command), for work an interrupt must not cut in half: ``torch.save`` turns a
+    KeyboardInterrupt in the middle of a write into a RuntimeError, which is no interrupt (a checkpoint
+    lands once it is whole), a worker pool left half-started prints tracebacks, and a training step
+    whose backward ran cannot be taken back (:class:`~llmkit.callbacks.Checkpoint`). Holds nest, and
+    may be released in any order: a step's hold spans hooks that hold and release their own. Python
+    handles signals in the main thread only, so elsewhere nothing is held; whether this holds (release
+    only then)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if _Hold.depth == 0:
+        _Hold.previous = {sig: signal.signal(sig, lambda sig, frame: _Hold.caught.append(sig))
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+    _Hold.depth += 1
+    return True
+
+
+def release_interrupts(deliver: bool = True) -> None:
+    """Release a hold of :func:`hold_interrupts`; the last one puts the handlers back and raises the
+    signals caught, unless not ``deliver`` (an exception already stops the work: they are dropped)."""
+    _Hold.depth -= 1
+    if _Hold.depth:
+        return
+    previous, caught = _Hold.previous, _Hold.caught
+    _Hold.previous, _Hold.caught = {}, []
+    for sig, handler in previous.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    for sig in dict.fromkeys(caught) if deliver else ():
+        signal.raise_signal(sig)
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then raise them again for the handlers they had
-    (Python's KeyboardInterrupt; Lightning's SIGTERM flag, or llmkit's in a data command), for work
-    an interrupt must not cut in half: ``torch.save`` turns a KeyboardInterrupt in the middle of a
-    write into a RuntimeError, which is no interrupt (a checkpoint lands once it is whole), and a
-    worker pool left half-started prints tracebacks. Python handles signals in the main thread
-    only, so elsewhere this holds nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in held}
+    """SIGINT and SIGTERM held while the block runs (:func:`hold_interrupts`)."""
+    held = hold_interrupts()
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
+        if held:
+            release_interrupts()
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,15 @@ def shards(corpus_dir, tokenizer_path) -> dict[str, Path]:
         out[split] = corpus_dir / f"{split}.bin"
         pack(tokenizer_path, [corpus_dir / f"{split}.txt"], out[split], workers=1, progress=False)
     return out
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raising KeyboardInterrupt, as a user's terminal gives it: a test runner started as a
+    background job of a non-interactive shell inherits it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def pytest_collection_modifyitems(config, items):

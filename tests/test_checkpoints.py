@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -557,14 +558,14 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
 
 
 def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int | None = 100,
-                         stop: int = 2) -> tuple[Path, Path]:
-    """Two 6-step runs validating every 2 steps, as the configs count batches (across epochs): one
-    straight, one stopped by the callback ``interrupt`` (Ctrl-C) at step ``stop`` and resumed from
-    its last.ckpt, saved every ``every_n_train_steps`` (by default only the interrupt saves; None:
-    after every validation). An ``interrupt`` that is a :class:`Checkpoint` takes the place of the
-    config's. Their roots, for :func:`losses`."""
+                         stop: int = 2, accumulate: int = 1) -> tuple[Path, Path]:
+    """Two 6-step runs validating every 2 batches, as the configs count them (across epochs), with
+    ``accumulate`` batches a step: one straight, one stopped by the callback ``interrupt`` (Ctrl-C)
+    at step ``stop`` and resumed from its last.ckpt, saved every ``every_n_train_steps`` (by default
+    only the interrupt saves; None: after every validation). An ``interrupt`` that is a
+    :class:`Checkpoint` takes the place of the config's. Their roots, for :func:`losses`."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
-             "--trainer.check_val_every_n_epoch", "null"]
+             "--trainer.check_val_every_n_epoch", "null", "--trainer.accumulate_grad_batches", str(accumulate)]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     interrupt_path = f"tests.test_checkpoints.{interrupt}"
     replaces_checkpoint = issubclass(globals()[interrupt], Checkpoint)
@@ -597,6 +598,64 @@ def test_ctrl_c_inside_a_step_resumes_with_that_batch_on_an_unbroken_step_axis(s
     assert [step for step, _ in validations] == [1, 3, 5]
     assert losses(interrupted, "val/loss") == validations
     assert losses(interrupted, "train/tokens") == losses(straight, "train/tokens")
+
+
+class CtrlCRightAfterUpdate3(L.Callback):
+    """A real Ctrl-C right after the third optimizer step, inside the batch's step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimizer_step = pl_module.optimizer_step
+
+        def interrupted(*args, **kwargs):
+            optimizer_step(*args, **kwargs)
+            if trainer.global_step == 2:  # Lightning counts the update once this hook returns
+                signal.raise_signal(signal.SIGINT)
+
+        pl_module.optimizer_step = interrupted
+
+
+class CtrlCInBatchEndBeforeValidation2(L.Callback):
+    """A real Ctrl-C in this callback's end hook of the second batch, which a validation follows."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
+class CtrlCBetweenMicroBatches(L.Callback):
+    """Ctrl-C before the second micro-batch of the third optimizer step (2 batches a step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 5:
+            raise KeyboardInterrupt
+
+
+class CtrlCAfterTheLastBackwardOfStep3(L.Callback):
+    """A real Ctrl-C after the backward of the third step's last micro-batch, before its update."""
+
+    def on_before_optimizer_step(self, trainer, *args) -> None:
+        if trainer.global_step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize(("interrupt", "stop", "accumulate"), [
+    ("CtrlCRightAfterUpdate3", 3, 1),
+    ("CtrlCInBatchEndBeforeValidation2", 2, 1),
+    ("CtrlCBetweenMicroBatches", 2, 2),
+    ("CtrlCAfterTheLastBackwardOfStep3", 3, 2),
+])
+def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted_run(interrupt, stop, accumulate,
+                                                                                    shards, tmp_path, ctrl_c):
+    """An interrupt after the update took the batch back with the weights moved: the resume trained it twice.
+    One in a callback's batch end lost the step's train points and the validation due after it. One between
+    the micro-batches of a step lost their gradients (Lightning checkpoints none): the resumed step applied
+    the later micro-batches' alone. One after a backward took back a batch whose gradient it kept."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, stop=stop, accumulate=accumulate)
+    assert losses(interrupted) == losses(straight)
+    assert losses(interrupted, "val/loss") == losses(straight, "val/loss")
+    saved = [torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+             for root in (straight, interrupted)]
+    torch.testing.assert_close(saved[1]["state_dict"], saved[0]["state_dict"], rtol=0, atol=0)
 
 
 class CtrlCInValidationAtStep2(L.Callback):
@@ -753,8 +812,6 @@ def test_a_discovery_checkpoint_is_pointed_to_ttt_fit_which_is_all_ttt_offers(tr
 
 def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path, monkeypatch):
     """torch.save turned a KeyboardInterrupt in mid-write into a RuntimeError: a traceback and no interrupt save."""
-    import signal
-
     real_save = torch.save
 
     def save_interrupted(obj, f):
@@ -777,8 +834,6 @@ def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path,
 
 def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypatch, caplog):
     """The interrupt, raised once the final last.ckpt was whole, found it unrecorded and wrote it again."""
-    import signal
-
     real_save, saved = torch.save, []
 
     def save_interrupted(obj, f):

@@ -604,6 +604,30 @@ def test_an_atomic_write_gets_the_permissions_of_a_plain_open(tmp_path):
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~UMASK
 
 
+def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last(ctrl_c):
+    """A training step's hold spans hooks that hold and release their own (a checkpoint write, TTT's update):
+    the handler-stack version restored the step's catcher's predecessor when an inner block ended first."""
+    import signal
+
+    from llmkit.io import hold_interrupts, interrupts_held, release_interrupts
+
+    assert hold_interrupts()  # the step's
+    with interrupts_held():  # a write inside it, which the step's hold outlives...
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    assert hold_interrupts()  # ...and one opened in it and closed after it
+    release_interrupts()
+    signal.raise_signal(signal.SIGINT)  # still held, though the write's block ended
+    with pytest.raises(KeyboardInterrupt):
+        release_interrupts()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    assert hold_interrupts()
+    signal.raise_signal(signal.SIGINT)
+    release_interrupts(deliver=False)  # an exception stops the work already: dropped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
                                                                        capsys):
     model_dir = tmp_path / "exported"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -289,6 +290,40 @@ def test_accumulated_gradients_are_a_mean_per_real_token(base_ckpt, tokenizer_pa
     assert one.keys() == split.keys()
     for name in one:
         assert torch.allclose(one[name], split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_sdft_resumed_after_ctrl_c_right_after_an_update_ends_as_the_uninterrupted_run(
+        base_ckpt, tokenizer_path, examples, tmp_path, monkeypatch, ctrl_c):
+    """A Ctrl-C right after the second optimizer step (the real signal) took back the batch whose update had
+    landed and whose EMA teacher update had not: the resume trained that batch again."""
+    from llmkit.callbacks import Checkpoint
+    from llmkit.optim import TokenMeanAccumulator
+
+    def run(root: Path, ckpt_path: Path | None = None) -> SDFTModule:
+        L.seed_everything(0, verbose=False)  # the module's sampling seeds
+        module = sdft(base_ckpt, tokenizer_path)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[EMATeacher(decay=0.5), Checkpoint(dirpath=root, every_n_train_steps=100)])
+        trainer.fit(module, SDFTDataModule(str(examples), batch_size=4, seed=3), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "straight")
+    backward = TokenMeanAccumulator.backward
+
+    def interrupted_after_step_2(self, *args, **kwargs):
+        stats = backward(self, *args, **kwargs)
+        if self.module.global_step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", interrupted_after_step_2)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        run(tmp_path / "interrupted")
+    assert torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)["global_step"] == 2
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", backward)
+    resumed = run(tmp_path / "interrupted", ckpt_path=tmp_path / "interrupted" / "last.ckpt")
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=0)  # teacher included
 
 
 class CtrlCBeforeBatch3(L.Callback):

@@ -16,8 +16,10 @@ step, and saved when a run is interrupted.
   ``every_n_train_steps``), and Ctrl-C (SIGINT) or SIGTERM saves a resumable
   ``last.ckpt`` of the last completed step before the run stops (interrupted inside a
   validation before this callback's end hook, with that validation to run again, whole, when the
-  run resumes; in that hook, after Lightning logged the metrics, the validation is done). Other exceptions
-  (a bug, a non-finite loss) do not overwrite it.
+  run resumes; in that hook, after Lightning logged the metrics, the validation is done). From a
+  training batch's first backward to its end hooks, interrupts wait for the batch to be done
+  (:meth:`Checkpoint.on_before_backward`). Other exceptions (a bug, a non-finite loss) do not
+  overwrite it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.io import atomic_file, interrupts_held
+from llmkit.io import atomic_file, hold_interrupts, interrupts_held, release_interrupts
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -61,7 +63,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
-    """Before saving an interrupted run: if a training batch was fetched but its step not done, put
+    """Before saving an interrupted run: if a training batch was fetched but its step not done (an
+    interrupt before its first backward: from there on they wait for the batch's end), put
     the data loader back before it (a :class:`~llmkit.data.datamodule.ResumableLoader`; the resume
     trains that batch, not the one after it), undo what callbacks and the module counted of it
     (``rewind_in_flight``: Replay's draws, PretrainModule's tokens) and put the loop's batch
@@ -86,11 +89,31 @@ def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     progress.is_last_batch = False  # the batch done was not the epoch's last: one more was fetched
 
 
-def _validation_to_run_again(trainer: L.Trainer) -> None:
-    """Before saving a run interrupted inside one of fit's validations: set the validation loop's
-    batch counters to Lightning's "restarted mid-evaluation" with no batch of it done, so that the
-    resume runs that whole validation again, from its first batch, before the next training batch,
-    and logs it at the step the uninterrupted run did.
+def _count_the_batch_ended(trainer: L.Trainer) -> bool:
+    """Before saving a run whose interrupt, held through a training step, landed at the step's end
+    (:meth:`Checkpoint.on_train_batch_end`, after every other callback's): count the batch done and log
+    its step's metrics, as Lightning does after that hook, and, unless a validation is due after it,
+    count its logging step, as Lightning does after the validation. Whether a validation is due (the
+    caller sets it to run on resume). Saved as they were, the resume skipped that validation and the
+    step's train points were never logged."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.current
+    if progress.processed == progress.completed:
+        return False  # counted already: Lightning's SIGTERM stops between batches
+    trainer._logger_connector.on_batch_end()
+    loop.batch_progress.increment_completed()
+    trainer._logger_connector.update_train_step_metrics()
+    if loop._should_check_val_fx(None) and not loop._skip_next_val:
+        return True
+    loop._batches_that_stepped += not loop._should_accumulate()
+    return False
+
+
+def _validation_to_run_again(trainer: L.Trainer, started: bool) -> None:
+    """Before saving a run interrupted inside one of fit's validations (``started``) or before one
+    due: set the validation loop's batch counters to Lightning's "restarted mid-evaluation" with no
+    batch of it done, so that the resume runs that whole validation again, from its first batch,
+    before the next training batch, and logs it at the step the uninterrupted run did.
 
     Saved as they were, an interrupt inside a validation step made the resume continue the
     validation from the batch in flight, over a fresh iterator of the validation set: it averaged
@@ -98,7 +121,7 @@ def _validation_to_run_again(trainer: L.Trainer) -> None:
     in the second: the loss of the first alone); an interrupt between two of its batches made the
     resume skip the validation."""
     progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
-    done_before = progress.total.completed - progress.current.completed  # batches of earlier validations
+    done_before = progress.total.completed - (progress.current.completed if started else 0)  # earlier validations'
     progress.current.reset()
     progress.total.ready = progress.total.started = done_before + 1
     progress.total.processed = progress.total.completed = done_before
@@ -106,7 +129,7 @@ def _validation_to_run_again(trainer: L.Trainer) -> None:
 
 
 @contextmanager
-def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
+def _logging_step_as_a_resume_counts_it(trainer: L.Trainer, validation_to_run: bool) -> Iterator[None]:
     """Save a checkpoint between batches (at the end of fit, or on an interrupt after a batch) with
     the logging step a resume continues from.
 
@@ -114,12 +137,13 @@ def _logging_step_as_a_resume_counts_it(trainer: L.Trainer) -> Iterator[None]:
     that batch's count of the logging step: if the last batch was one to validate after, the resume
     skips the validation and adds the count. Saved after the count, the resumed curves skipped a
     step (a 6-step run validating every 3 steps, resumed to 8, logged steps 0-5, 7, 8). An
-    interrupt inside that validation comes before the count, which the checkpoint then keeps as
-    it is (taken back, the resumed curves logged a step twice and every later one a step early)."""
+    interrupt inside that validation, or before it (``validation_to_run``), comes before the count,
+    which the checkpoint then keeps as it is (taken back, the resumed curves logged a step twice and
+    every later one a step early)."""
     loop = trainer.fit_loop.epoch_loop
     progress = loop.batch_progress.current
     counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None) \
-        and not trainer.validating  # inside that validation (an interrupt) the batch is not counted yet
+        and not validation_to_run
     loop._batches_that_stepped -= counted_twice
     try:
         yield
@@ -151,6 +175,8 @@ class Checkpoint(ModelCheckpoint):
         """The step whose validation an interrupt cut short, until a validation runs (checkpointed): a
         resume with no step left to train skips it, so the CLI runs it after ``fit``."""
         self._validation_logged = False  # in fit's validation, from its end hooks on: its metrics are logged
+        self._step_held = False  # interrupts held from the batch's first backward to its end
+        self._batch_ended = False  # the batch's end hooks all ran: a held interrupt lands after them
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "validation_pending": self.validation_pending}
@@ -182,13 +208,35 @@ class Checkpoint(ModelCheckpoint):
             super()._save_last_checkpoint(trainer, monitor_candidates)
             self._last_step = trainer.global_step
 
-    def _save_last_now(self, trainer: L.Trainer, again: bool = False) -> bool:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._batch_ended = False
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Hold Ctrl-C and SIGTERM from a training batch's first backward to its end hooks (this
+        callback's, Lightning's last): a gradient backpropagated, an optimizer step, an EMA teacher
+        update cannot be taken back, and an interrupt among them saved a state no uninterrupted run
+        passes through (the resume trained the batch again). One before it takes the batch back."""
+        if not self._step_held and trainer.training:
+            self._step_held = hold_interrupts()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self._batch_ended = True
+        self._release_step()
+
+    def _release_step(self, deliver: bool = True) -> None:
+        if self._step_held:
+            self._step_held = False
+            release_interrupts(deliver)
+
+    def _save_last_now(self, trainer: L.Trainer, validation_to_run: bool = False) -> bool:
         """Save ``last`` at the current step unless it holds that step already (another file saved at
-        this step does not count) and not ``again``; whether it saved."""
+        this step does not count) and no validation is to run (inside one, or due: that save came
+        before it); whether it saved."""
         if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking
-                or (self._last_step == trainer.global_step and not again)):
+                or (self._last_step == trainer.global_step and not validation_to_run)):
             return False
-        with _logging_step_as_a_resume_counts_it(trainer):
+        with _logging_step_as_a_resume_counts_it(trainer, validation_to_run):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return True
 
@@ -214,17 +262,19 @@ class Checkpoint(ModelCheckpoint):
             rank_zero_info(f"checkpoint: {self.last_model_path} (step {trainer.global_step})")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release_step(deliver=False)  # the run stops anyway
         if not isinstance(exception, INTERRUPTS):
             return  # a failure is not a state to resume from: keep the last good checkpoint
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        validation_due = self._batch_ended and trainer.training and _count_the_batch_ended(trainer)
         _forget_the_batch_in_flight(trainer)
         in_validation = trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking
-        if in_validation and not self._validation_logged:
-            _validation_to_run_again(trainer)
+        if validation_due or (in_validation and not self._validation_logged):
+            _validation_to_run_again(trainer, started=in_validation)
             self.validation_pending = trainer.global_step
-        # in a validation, saved again if it holds the step: that save was taken before the validation (one
-        # whose metrics are logged, interrupted in the save of its end hook, is done, as that save records it)
-        saved = self._save_last_now(trainer, again=in_validation)
+        # in or before a validation, saved again if it holds the step: that save was taken before the validation
+        # (one whose metrics are logged, interrupted in the save of its end hook, is done, as that save records it)
+        saved = self._save_last_now(trainer, validation_to_run=in_validation or validation_due)
         if self._last_step == trainer.global_step:
             rank_zero_info(
                 f"{what} at step {trainer.global_step}: {'saved ' if saved else ''}{self.last_model_path}"
