@@ -541,9 +541,10 @@ def test_a_refused_resume_leaves_the_run_it_would_continue_as_it_was(shards, tmp
 
 
 class CtrlCInStep3(L.Callback):
-    """Ctrl-C inside the third batch's step, after its forward and backward."""
+    """Ctrl-C inside the third batch's step, after its forward, before its backward: the last point at
+    which an interrupt lands at once (from the backward on it waits for the batch's end)."""
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
         if trainer.global_step == 2:
             raise KeyboardInterrupt
 
