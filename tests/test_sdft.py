@@ -292,6 +292,20 @@ def test_accumulated_gradients_are_a_mean_per_real_token(base_ckpt, tokenizer_pa
         assert torch.allclose(one[name], split[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_a_validation_between_the_micro_batches_of_a_step_leaves_their_gradients(base_ckpt, tokenizer_path, examples):
+    """Lightning zeroes the gradients before a validation it runs between optimizer steps, and a module that
+    accumulates by hand is always between them to Lightning: a validation after a step's first micro-batch
+    wiped its gradient, and the step applied the second micro-batch's alone (divided by both's tokens)."""
+    def fit(validations: int) -> SFTModule:
+        module = SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=2,
+                           optim={"lr": 1e-3, "warmup_steps": 1})
+        data = SDFTDataModule(str(examples), val_files=str(examples), batch_size=2, seed=3)
+        trainer(2, val_check_interval=1, limit_val_batches=validations).fit(module, data)
+        return module
+
+    torch.testing.assert_close(fit(1).state_dict(), fit(0).state_dict(), rtol=0, atol=0)
+
+
 def test_sdft_resumed_after_ctrl_c_right_after_an_update_ends_as_the_uninterrupted_run(
         base_ckpt, tokenizer_path, examples, tmp_path, monkeypatch, ctrl_c):
     """A Ctrl-C right after the second optimizer step (the real signal) took back the batch whose update had
