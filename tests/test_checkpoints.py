@@ -659,6 +659,21 @@ def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted
     torch.testing.assert_close(saved[1]["state_dict"], saved[0]["state_dict"], rtol=0, atol=0)
 
 
+def test_a_checkpoint_saved_after_a_step_holds_no_step_in_progress(shards, tmp_path):
+    """Lightning keeps a step's gradients until the next step's first backward: every checkpoint saved after a
+    step held them as a step in progress (a full copy of the gradients, and a resume with another
+    accumulate_grad_batches applied them a second time)."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Checkpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)])
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    module = PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1))
+    trainer.fit(module, datamodule=data)
+    assert all(p.grad is not None for p in module.parameters())  # as Lightning leaves them
+    for name in ("epoch=0-step=1.ckpt", "last.ckpt"):
+        assert "llmkit_accumulation_window" not in torch.load(tmp_path / name, weights_only=True), name
+
+
 class CtrlCInValidationAtStep2(L.Callback):
     """Ctrl-C inside the validation that follows the second step, before its first batch."""
 

@@ -90,25 +90,39 @@ class LLMKitModule(L.LightningModule):
 
     def accumulation_window(self) -> dict[str, Any] | None:
         """The optimizer step in progress, for a checkpoint saved between its micro-batches (an
-        interrupt, a validation inside the window): the gradients of its micro-batches so far, averaged
-        over the ranks, which the step's all-reduce then completes, and :attr:`accumulator`'s sums; None
-        between steps. Lightning checkpoints no gradients, and the resumed step applied those of its
-        later micro-batches alone. Under FSDP the gradients are sharded and not saved (a warning says so)."""
-        gradients = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
-        in_window = bool(gradients) or (self.accumulator is not None and self.accumulator.in_window)
-        if not in_window:
+        interrupt, a validation inside the window): the gradients of its micro-batches so far
+        (:meth:`window_gradients`) and :attr:`accumulator`'s sums; None between steps. Lightning
+        checkpoints no gradients, and the resumed step applied those of its later micro-batches alone.
+        Under FSDP the gradients are sharded and not saved (a warning says so)."""
+        inside = self.accumulator.in_window if self.accumulator is not None else \
+            self.trainer.state.fn == "fit" and self.trainer.fit_loop._should_accumulate()
+        if not inside:  # Lightning keeps a step's gradients until the next step's first backward: not these
             return None
-        strategy = self.trainer.strategy
-        if isinstance(strategy, FSDPStrategy):
+        if isinstance(self.trainer.strategy, FSDPStrategy):
             rank_zero_warn(f"step {self.global_step}: a checkpoint saved between the micro-batches of an optimizer "
                            "step does not hold their gradients under FSDP; a resume from it steps on the later "
                            "ones alone")
             return None
-        window: dict[str, Any] = {"gradients": {name: strategy.reduce(grad.detach().clone(), reduce_op="mean")
-                                                for name, grad in gradients.items()}}
+        window: dict[str, Any] = {"gradients": self.window_gradients()}
         if self.accumulator is not None:
             window["accumulator"] = self.accumulator.state_dict()
         return window
+
+    def window_gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients set, by name. Under DDP (every rank calls this): their mean over the ranks,
+        which the step's all-reduce then completes, for the parameters one rank or more set, in one
+        all-reduce over every trained parameter (a rank whose micro-batches left one unused, an MoE
+        expert, still makes the same call as the others)."""
+        trained = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if self.trainer.world_size == 1:
+            return {name: p.grad.detach().clone() for name, p in trained if p.grad is not None}
+        parts = [p.grad.detach().float().flatten() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float)
+                 for _, p in trained]
+        set_here = torch.tensor([float(p.grad is not None) for _, p in trained], device=parts[0].device)
+        flat = self.trainer.strategy.reduce(torch.cat([*parts, set_here]), reduce_op="mean")
+        values = flat[: -len(trained)].split([p.numel() for _, p in trained])
+        return {name: value.view_as(p).to(p.dtype) for (name, p), value, anywhere
+                in zip(trained, values, flat[-len(trained):] > 0, strict=True) if anywhere}
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning's, but not between the micro-batches of :attr:`accumulator`'s step: to Lightning
@@ -127,7 +141,8 @@ class LLMKitModule(L.LightningModule):
         self.weights_step = checkpoint.get("global_step", 0)
         states = checkpoint.get("optimizer_states")
         self._resumed_optimizer = optimizer_name(states[0]) if states else None
-        self._resumed_window = checkpoint.get(WINDOW_KEY)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        self._resumed_window = checkpoint.get(WINDOW_KEY) if fitting else None
 
     def on_train_start(self) -> None:
         """Continue the optimizer step a resumed checkpoint was saved inside (:meth:`accumulation_window`;
