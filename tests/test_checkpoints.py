@@ -659,6 +659,26 @@ def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted
     torch.testing.assert_close(saved[1]["state_dict"], saved[0]["state_dict"], rtol=0, atol=0)
 
 
+def test_two_checkpoints_interrupted_at_a_batch_end_save_the_same_state(shards, tmp_path, ctrl_c):
+    """The first Checkpoint counted the batch the interrupt ended, and the second, finding it counted, took it
+    for one Lightning had counted: its last.ckpt lost the due validation and logged every later step one early."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=2, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, limit_val_batches=1,
+                        callbacks=[CtrlCInBatchEndBeforeValidation2(),
+                                   Checkpoint(dirpath=tmp_path / "a", every_n_train_steps=100),
+                                   Checkpoint(dirpath=tmp_path / "b", every_n_train_steps=99)])  # another state key
+    data = PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])], seq_len=32,
+                            batch_size=4, vocab_size=VOCAB_SIZE)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    a, b = (torch.load(tmp_path / name / "last.ckpt", weights_only=True) for name in "ab")
+    assert a["global_step"] == b["global_step"] == 2 and a["loops"] == b["loops"]
+    for name, saved in zip("ab", (a, b), strict=True):  # each file's own Checkpoint has the validation to run
+        (own,) = [state for state in saved["callbacks"].values() if state.get("dirpath") == str(tmp_path / name)]
+        assert own["validation_pending"] == 2
+
+
 def test_a_checkpoint_saved_after_a_step_holds_no_step_in_progress(shards, tmp_path):
     """Lightning keeps a step's gradients until the next step's first backward: every checkpoint saved after a
     step held them as a step in progress (a full copy of the gradients, and a resume with another

@@ -25,6 +25,7 @@ step, and saved when a run is interrupted.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -89,24 +90,35 @@ def _forget_the_batch_in_flight(trainer: L.Trainer) -> None:
     progress.is_last_batch = False  # the batch done was not the epoch's last: one more was fetched
 
 
+_ENDED_BATCH: weakref.WeakKeyDictionary[L.Trainer, tuple[int, bool]] = weakref.WeakKeyDictionary()
+"""Per trainer, the batch :func:`_count_the_batch_ended` counted (its total count) and whether a
+validation is due after it, for the other ``Checkpoint`` callbacks' ``on_exception``."""
+
+
 def _count_the_batch_ended(trainer: L.Trainer) -> bool:
     """Before saving a run whose interrupt, held through a training step, landed at the step's end
-    (:meth:`Checkpoint.on_train_batch_end`, after every other callback's): count the batch done and log
-    its step's metrics, as Lightning does after that hook, and, unless a validation is due after it,
-    count its logging step, as Lightning does after the validation. Whether a validation is due (the
-    caller sets it to run on resume). Saved as they were, the resume skipped that validation and the
-    step's train points were never logged."""
+    (:meth:`Checkpoint.on_train_batch_end`, the callbacks' last; a LightningModule's own
+    ``on_train_batch_end``, which llmkit's modules do not define, is skipped): count the batch done
+    and log its step's metrics, as Lightning does after that hook, and, unless a validation is due
+    after it, count its logging step, as Lightning does after the validation. Return whether one is
+    due (the caller sets it to run on resume). Saved as they were, the resume skipped that
+    validation and the step's train points were never logged. Every ``Checkpoint`` of the run calls
+    this; the first counts."""
     loop = trainer.fit_loop.epoch_loop
-    progress = loop.batch_progress.current
-    if progress.processed == progress.completed:
-        return False  # counted already: Lightning's SIGTERM stops between batches
+    progress = loop.batch_progress
+    counted, due = _ENDED_BATCH.get(trainer, (None, False))
+    if counted == progress.total.completed:
+        return due
+    if progress.current.processed == progress.current.completed:
+        return False  # Lightning counted it: its SIGTERM stops between batches
     trainer._logger_connector.on_batch_end()
-    loop.batch_progress.increment_completed()
+    progress.increment_completed()
     trainer._logger_connector.update_train_step_metrics()
-    if loop._should_check_val_fx(None) and not loop._skip_next_val:
-        return True
-    loop._batches_that_stepped += not loop._should_accumulate()
-    return False
+    due = loop._should_check_val_fx(None) and not loop._skip_next_val
+    if not due:
+        loop._batches_that_stepped += not loop._should_accumulate()
+    _ENDED_BATCH[trainer] = (progress.total.completed, due)
+    return due
 
 
 def _validation_to_run_again(trainer: L.Trainer, started: bool) -> None:
