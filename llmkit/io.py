@@ -273,14 +273,15 @@ def hold_interrupts() -> bool:
 def release_interrupts(deliver: bool = True) -> None:
     """Release a hold of :func:`hold_interrupts`; the last one puts the handlers back and raises the
     signals caught, unless not ``deliver`` (an exception already stops the work: they are dropped)."""
+    if _Hold.depth == 0:
+        raise RuntimeError("release_interrupts without a hold")
     _Hold.depth -= 1
     if _Hold.depth:
         return
-    previous, caught = _Hold.previous, _Hold.caught
-    _Hold.previous, _Hold.caught = {}, []
-    for sig, handler in previous.items():
+    for sig, handler in _Hold.previous.items():  # a signal meanwhile is still caught, or goes to its handler
         signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    for sig in dict.fromkeys(caught) if deliver else ():
+    caught, _Hold.caught, _Hold.previous = _Hold.caught, [], {}
+    for sig in dict.fromkeys(caught) if deliver else ():  # the first to raise wins
         signal.raise_signal(sig)
 
 

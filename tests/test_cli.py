@@ -626,6 +626,8 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     signal.raise_signal(signal.SIGINT)
     release_interrupts(deliver=False)  # an exception stops the work already: dropped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(RuntimeError, match="without a hold"):  # a stray release would have disabled later holds
+        release_interrupts()
 
 
 def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
