@@ -270,6 +270,11 @@ def hold_interrupts() -> bool:
     return True
 
 
+def interrupts_pending() -> bool:
+    """Whether a signal caught while held waits for the last release."""
+    return bool(_Hold.caught)
+
+
 def release_interrupts(deliver: bool = True) -> None:
     """Release a hold of :func:`hold_interrupts`; the last one puts the handlers back and raises the
     signals caught, unless not ``deliver`` (an exception already stops the work: they are dropped)."""

@@ -559,20 +559,23 @@ def losses(root: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
 
 
 def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_steps: int | None = 100,
-                         stop: int = 2, accumulate: int = 1) -> tuple[Path, Path]:
-    """Two 6-step runs validating every 2 batches, as the configs count them (across epochs), with
-    ``accumulate`` batches a step: one straight, one stopped by the callback ``interrupt`` (Ctrl-C)
-    at step ``stop`` and resumed from its last.ckpt, saved every ``every_n_train_steps`` (by default
-    only the interrupt saves; None: after every validation). An ``interrupt`` that is a
-    :class:`Checkpoint` takes the place of the config's. Their roots, for :func:`losses`."""
-    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
-             "--trainer.check_val_every_n_epoch", "null", "--trainer.accumulate_grad_batches", str(accumulate)]
+                         stop: int = 2, accumulate: int = 1, max_steps: int = 6, val_every: int = 2,
+                         extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Two ``max_steps`` runs validating every ``val_every`` batches, as the configs count them
+    (across epochs), with ``accumulate`` batches a step and the options ``extra``: one straight, one
+    stopped by the callback ``interrupt`` (Ctrl-C) at step ``stop`` and resumed from its last.ckpt,
+    saved every ``every_n_train_steps`` (by default only the interrupt saves; None: after every
+    validation). An ``interrupt`` that is a :class:`Checkpoint` takes the place of the config's.
+    Their roots, for :func:`losses`."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", str(val_every),
+             "--trainer.check_val_every_n_epoch", "null", "--trainer.accumulate_grad_batches", str(accumulate),
+             *extra]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     interrupt_path = f"tests.test_checkpoints.{interrupt}"
     replaces_checkpoint = issubclass(globals()[interrupt], Checkpoint)
     for root in (straight, interrupted):
         root.mkdir()
-        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
+        config = yaml.safe_load(write_tensorboard_config(root, shards, max_steps).read_text())
         config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every_n_train_steps
         if root == interrupted and replaces_checkpoint:
             config["trainer"]["callbacks"][0]["class_path"] = interrupt_path
@@ -639,19 +642,47 @@ class CtrlCAfterTheLastBackwardOfStep3(L.Callback):
             signal.raise_signal(signal.SIGINT)
 
 
-@pytest.mark.parametrize(("interrupt", "stop", "accumulate"), [
-    ("CtrlCRightAfterUpdate3", 3, 1),
-    ("CtrlCInBatchEndBeforeValidation2", 2, 1),
-    ("CtrlCBetweenMicroBatches", 2, 2),
-    ("CtrlCAfterTheLastBackwardOfStep3", 3, 2),
+class CtrlCAfterTheValidationInStep2(L.Callback):
+    """Ctrl-C before the fourth batch, the second micro-batch of step 2, after the validation of the third."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 3:
+            raise KeyboardInterrupt
+
+
+class CtrlCAfterTheLastBackwardOfEpoch0(L.Callback):
+    """A real Ctrl-C after the backward of the third batch, the last of the first epoch (3 batches each)."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
+EPOCHS_OF_3 = ("--data.samples_per_epoch", "12")
+
+
+@pytest.mark.parametrize(("interrupt", "stop", "accumulate", "val_every", "extra"), [
+    ("CtrlCRightAfterUpdate3", 3, 1, 2, ()),
+    ("CtrlCInBatchEndBeforeValidation2", 2, 1, 2, ()),
+    ("CtrlCBetweenMicroBatches", 2, 2, 2, ()),
+    ("CtrlCAfterTheLastBackwardOfStep3", 3, 2, 2, ()),
+    ("CtrlCAfterTheValidationInStep2", 1, 2, 3, ()),
+    ("CtrlCAfterTheLastBackwardOfEpoch0", 3, 1, 2, EPOCHS_OF_3),
+    ("CtrlCAfterTheLastBackwardOfEpoch0", 2, 2, 2, EPOCHS_OF_3),
+    ("CtrlCAfterTheLastBackwardOfEpoch0", 3, 1, 2, (*EPOCHS_OF_3, "--trainer.max_steps", "-1",
+                                                    "--trainer.max_epochs", "2")),
 ])
-def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted_run(interrupt, stop, accumulate,
-                                                                                    shards, tmp_path, ctrl_c):
+def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted_run(
+        interrupt, stop, accumulate, val_every, extra, shards, tmp_path, ctrl_c):
     """An interrupt after the update took the batch back with the weights moved: the resume trained it twice.
     One in a callback's batch end lost the step's train points and the validation due after it. One between
     the micro-batches of a step lost their gradients (Lightning checkpoints none): the resumed step applied
-    the later micro-batches' alone. One after a backward took back a batch whose gradient it kept."""
-    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, stop=stop, accumulate=accumulate)
+    the later micro-batches' alone; after a validation inside the step, the resumed curves were a step behind.
+    One after a backward took back a batch whose gradient it kept. One held to the end of an epoch's last
+    batch saved that epoch unclosed: the resume took the next pass's first batch for the old epoch's, and
+    stepped at other batches."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, stop=stop, accumulate=accumulate,
+                                                 val_every=val_every, extra=extra)
     assert losses(interrupted) == losses(straight)
     assert losses(interrupted, "val/loss") == losses(straight, "val/loss")
     saved = [torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -777,15 +808,20 @@ def test_a_validation_interrupted_after_the_last_step_runs_once_when_the_run_is_
     config, last = str(interrupted / "tb.yaml"), interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     saved_again, saved_straight = (torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt",
                                               weights_only=True) for root in (interrupted, straight))
-    for key in ("state_dict", "optimizer_states", "lr_schedulers"):  # the same training state as the straight run's
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "epoch"):  # the straight run's training state
         torch.testing.assert_close(saved_again[key], saved_straight[key], rtol=0, atol=0)
+    data = [saved["loops"]["fit_loop"]["state_dict"] for saved in (saved_again, saved_straight)]
+    assert data[0] == data[1]  # the data position (saved after the validate, it was lost: a resume began again)
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.check_val_every_n_epoch", "null"]
     resume = ["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]
     assert main(resume) == 0
     assert main([*resume, "--trainer.max_steps", "8"]) == 0
     assert [step for step, _ in losses(interrupted, "val/loss")] == [1, 3, 6, 7]
-    assert [step for step, _ in losses(interrupted)] == list(range(8))
+    straight_last = straight / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every, "--ckpt_path",
+                 str(straight_last), "--trainer.max_steps", "8"]) == 0
+    assert losses(interrupted) == losses(straight)  # steps 6 and 7 on the same data (it began the data again)
 
 
 class CtrlCAfterStep3(L.Callback):

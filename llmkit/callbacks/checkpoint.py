@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.io import atomic_file, hold_interrupts, interrupts_held, release_interrupts
+from llmkit.io import atomic_file, hold_interrupts, interrupts_held, interrupts_pending, release_interrupts
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -151,11 +151,12 @@ def _logging_step_as_a_resume_counts_it(trainer: L.Trainer, validation_to_run: b
     step (a 6-step run validating every 3 steps, resumed to 8, logged steps 0-5, 7, 8). An
     interrupt inside that validation, or before it (``validation_to_run``), comes before the count,
     which the checkpoint then keeps as it is (taken back, the resumed curves logged a step twice and
-    every later one a step early)."""
+    every later one a step early), and so does one after a validation inside an accumulation window,
+    which Lightning does not count (taken back, the resumed curves were a step behind)."""
     loop = trainer.fit_loop.epoch_loop
     progress = loop.batch_progress.current
     counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None) \
-        and not validation_to_run
+        and not validation_to_run and not loop._should_accumulate()
     loop._batches_that_stepped -= counted_twice
     try:
         yield
@@ -222,6 +223,7 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._batch_ended = False
+        self._release_step()  # one held over an epoch's end lands here, before this batch's step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         """Hold Ctrl-C and SIGTERM from a training batch's first backward to its end hooks (this
@@ -232,7 +234,14 @@ class Checkpoint(ModelCheckpoint):
             self._step_held = hold_interrupts()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Release the step's hold: an interrupt lands here, after every callback's end of the batch,
+        except after the last batch of an epoch or of the run, where it waits on through the
+        validation and the epoch's end (Lightning closes the epoch after this hook, and one saved
+        unclosed made the resume take the next pass's first batch for the old epoch's) and lands at
+        the next batch's start or the run's end."""
         super().on_train_batch_end(trainer, pl_module, *args)
+        if trainer.fit_loop.epoch_loop._is_training_done and interrupts_pending():
+            return
         self._batch_ended = True
         self._release_step()
 
@@ -257,21 +266,30 @@ class Checkpoint(ModelCheckpoint):
         resume with no step left to train skips (earlier steps' validations run again inside ``fit``:
         :func:`_validation_to_run_again`), as ``validate`` runs it (its point at the step S of the
         weights it scores, where ``fit`` logs it at S - 1, Lightning's convention), then save ``last``
-        again with it done, so that no later resume repeats it. Whether it ran."""
+        again with it done, so that no later resume repeats it. Whether it ran.
+
+        That save keeps the fit's loop state from before the ``validate``, which tears down the fit's
+        data (saved after it, the checkpoint lost the data position and its epoch, and a resume to a
+        larger ``max_steps`` began the data again)."""
         if self.validation_pending != trainer.global_step:
             return False
         rank_zero_info(f"the validation of step {trainer.global_step} was interrupted: running it")
+        connector = trainer._checkpoint_connector
+        fit_state = {"epoch": trainer.current_epoch, "loops": connector._get_loops_state_dict()}
         trainer.validate(model, datamodule=datamodule, verbose=False)  # clears validation_pending
-        progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
-        progress.processed = progress.completed = progress.started  # no longer restarted mid-evaluation
+        progress = fit_state["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]
+        progress["processed"] = progress["completed"] = progress["started"]  # no longer restarted mid-evaluation
         if self.last_model_path:
-            trainer.save_checkpoint(self.last_model_path)
+            trainer.strategy.barrier("Checkpoint.run_pending_validation")
+            trainer.strategy.save_checkpoint({**connector.dump_checkpoint(), **fit_state}, self.last_model_path)
+            trainer.strategy.barrier("Checkpoint.run_pending_validation")
         return True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_now(trainer)
         if self.last_model_path:
             rank_zero_info(f"checkpoint: {self.last_model_path} (step {trainer.global_step})")
+        self._release_step()  # one held over the last batch's end lands once the run's end is saved
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._release_step(deliver=False)  # the run stops anyway

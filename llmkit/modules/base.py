@@ -145,8 +145,19 @@ class LLMKitModule(L.LightningModule):
         self._resumed_window = checkpoint.get(WINDOW_KEY) if fitting else None
 
     def on_train_start(self) -> None:
-        """Continue the optimizer step a resumed checkpoint was saved inside (:meth:`accumulation_window`;
-        not earlier: Lightning zeroes the gradients before the fit loop starts)."""
+        """Put a resumed run's training data where the checkpoint has it, and continue the optimizer
+        step it was saved inside (:meth:`accumulation_window`; not earlier: Lightning zeroes the
+        gradients before the fit loop starts).
+
+        The data: the schedule reads ``trainer.estimated_stepping_batches`` where ``max_steps`` is
+        -1 (``max_epochs`` runs), which sets the training data up before Lightning restores the
+        loops, and Lightning then never loads the loader's saved position (Lightning issue 20550):
+        the resume began the data again from its first batch. Loaded here, and the loader iterated
+        again (the first iteration had fetched a batch from the start)."""
+        loop = self.trainer.fit_loop
+        if loop.restarting and loop._combined_loader_states_to_load and loop._data_fetcher is not None:
+            loop._load_combined_loader_states()
+            iter(loop._data_fetcher)
         window, self._resumed_window = self._resumed_window, None
         if window is None:
             return
