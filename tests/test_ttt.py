@@ -143,6 +143,26 @@ def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_
                                                                                "step_000003.safetensors"]
 
 
+def test_a_best_of_n_run_resumed_at_its_last_step_runs_no_more_steps(base_ckpt, tokenizer_path, tmp_path):
+    """best_of_n steps no optimizer, so max_steps never stopped a resumed run: resumed at its last step (a run
+    that finished, or one interrupted there) it ran one more discovery step, past trainer.max_steps."""
+    from llmkit.callbacks import Checkpoint
+
+    def run(ckpt_path: Path | None = None) -> TTTDiscoverModule:
+        L.seed_everything(0, verbose=False)
+        module = TTTDiscoverModule(ttt={**TOY, "mode": "best_of_n"}, lora={"rank": 4, "alpha": 8.0},
+                                   out_dir=str(tmp_path / "out"), init_ckpt=str(base_ckpt),
+                                   tokenizer=str(tokenizer_path))
+        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]).fit(module, ckpt_path=ckpt_path)
+        return module
+
+    run()
+    resumed = run(tmp_path / "ckpt" / "last.ckpt")
+    log = [json.loads(line)["step"] for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
+    assert resumed.archive.step == 2 and log == [1, 2]
+
+
 def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenizer_path, tmp_path):
     """The resume purged from global_step + 1 = 1 (best_of_n never steps the optimizer): steps 1-2 were lost."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -319,6 +319,13 @@ class TTTDiscoverModule(LLMKitModule):
             raise LLMKitError("TTT-Discover needs trainer.max_steps >= 1: the number of discovery steps to run")
         return StartStates(self, self.trainer.max_steps)
 
+    def on_train_start(self) -> None:
+        """A ``best_of_n`` run resumed at its last step stops before a batch: it steps no optimizer, so
+        ``max_steps`` never stops it (``_record_step`` does, after a step), and it ran one step more."""
+        super().on_train_start()
+        if self.ttt.mode == "best_of_n" and self.archive.step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
     def on_fit_start(self) -> None:
         """Resolve the output directory on every rank (``trainer.log_dir`` is a collective under DDP;
         rank 0 writes there later), and drop what a run went on to write past the step this one starts
