@@ -242,7 +242,8 @@ def test_the_last_partial_block_is_gated_at_train_end_and_logged(tmp_path, shard
     ckpt = tmp_path / "gated.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["callbacks"]["RegressionGate"]  # plain data only
-    assert state == gate.state_dict() == {"blocks": 2, "rejections": 0, "decisions": gate.decisions}
+    assert state == gate.state_dict() == {"blocks": 2, "rejections": 0, "decisions": gate.decisions,
+                                          "snapshot_step": 5}
 
     gates = Path(logger.log_dir) / "gates"
     resumed = RegressionGate(every_n_steps=3, evaluation=val_config(shards), out_dir=str(gates))
@@ -293,6 +294,26 @@ def test_a_block_interrupted_and_resumed_is_gated_as_the_uninterrupted_one(tmp_p
     assert same(resumed.state_dict(), initial) and same(straight.state_dict(), initial)  # restored to step 0
     assert not torch.load(tmp_path / "interrupted" / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][
         "RegressionGate"].get("block")  # saved at a block's end: no snapshot to carry
+
+
+def test_a_run_resumed_after_a_rejected_block_names_the_weights_it_kept_by_their_step(tmp_path, shards,
+                                                                                      tokenizer_path):
+    """Resumed at the end of a rejected block, the gate took the restored weights for the resume step's: the
+    next decisions said "weights of step 2" where the uninterrupted run's said step 0, which they are."""
+    from llmkit.callbacks import Checkpoint
+
+    def run(root: Path, max_steps: int, ckpt_path: Path | None = None) -> RegressionGate:
+        gate = RegressionGate(every_n_steps=2, out_dir=str(root / "gates"))
+        fit(root, Student(tokenizer_path, val_config(shards)), shards, max_steps,
+            [Corrupt(at_step=1), Checkpoint(dirpath=root / "ckpt", every_n_train_steps=100), gate],
+            ckpt_path=ckpt_path, enable_checkpointing=True)
+        return gate
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4, ckpt_path=tmp_path / "resumed" / "ckpt" / "last.ckpt")
+    assert straight.decisions[0]["decision"] == "rejected"
+    assert [d["snapshot_step"] for d in resumed.decisions] == [d["snapshot_step"] for d in straight.decisions] == [0, 0]
 
 
 class GateInterruptedAt(RegressionGate):

@@ -185,6 +185,7 @@ class RegressionGate(L.Callback):
         self._block_start = 0
         self._step = 0  # the last optimizer step this run completed
         self._resumed_block: dict | None = None  # the unfinished block a checkpoint held
+        self._resumed_snapshot_step: int | None = None  # the step of the weights a checkpoint's next block starts from
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -211,6 +212,7 @@ class RegressionGate(L.Callback):
         self._dir = Path(self.out_dir) if self.out_dir is not None else root
         self._step = trainer.global_step
         block, self._resumed_block = self._resumed_block, None
+        snapshot_step, self._resumed_snapshot_step = self._resumed_snapshot_step, None
         if block is not None:  # finish the block the checkpoint was saved in, against its own baseline
             self._block_start, self._before = block["start_step"], block["before"]
             self._snapshot, self._snapshot_step = (block["module"], block["optimizers"]), block["snapshot_step"]
@@ -222,6 +224,8 @@ class RegressionGate(L.Callback):
             return
         self._before = self._evaluate(trainer, pl_module)
         self._take_snapshot(trainer, pl_module)
+        if snapshot_step is not None:  # resumed at a block's end: after a rejected one, its start's weights
+            self._snapshot_step = snapshot_step
         self._block_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -236,7 +240,8 @@ class RegressionGate(L.Callback):
             self._gate(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"blocks": self.blocks, "rejections": self.rejections, "decisions": copy.deepcopy(self.decisions)}
+        state = {"blocks": self.blocks, "rejections": self.rejections, "decisions": copy.deepcopy(self.decisions),
+                 "snapshot_step": self._snapshot_step}
         if self._snapshot is not None and self._step > self._block_start:  # in the middle of a block
             module, optimizers = self._snapshot
             state["block"] = {"start_step": self._block_start, "before": self._before, "module": module,
@@ -248,6 +253,7 @@ class RegressionGate(L.Callback):
         self.rejections = state_dict["rejections"]
         self.decisions = copy.deepcopy(state_dict["decisions"])
         self._resumed_block = state_dict.get("block")
+        self._resumed_snapshot_step = state_dict.get("snapshot_step")
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """The report of the student's current weights: rank 0's, on every rank (module docstring)."""
