@@ -270,9 +270,9 @@ def hold_interrupts() -> bool:
     return True
 
 
-def interrupts_pending() -> bool:
-    """Whether a signal caught while held waits for the last release."""
-    return bool(_Hold.caught)
+def interrupt_pending(sig: int) -> bool:
+    """Whether ``sig`` was caught while held and waits for the last release."""
+    return sig in _Hold.caught
 
 
 def release_interrupts(deliver: bool = True) -> None:
@@ -283,9 +283,14 @@ def release_interrupts(deliver: bool = True) -> None:
     _Hold.depth -= 1
     if _Hold.depth:
         return
-    for sig, handler in _Hold.previous.items():  # a signal meanwhile is still caught, or goes to its handler
-        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    caught, _Hold.caught, _Hold.previous = _Hold.caught, [], {}
+    held = set(_Hold.previous)
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)  # one arriving meanwhile waits for its own handler
+    try:
+        for sig, handler in _Hold.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        caught, _Hold.caught, _Hold.previous = _Hold.caught, [], {}
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     for sig in dict.fromkeys(caught) if deliver else ():  # the first to raise wins
         signal.raise_signal(sig)
 

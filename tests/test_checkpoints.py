@@ -832,16 +832,19 @@ class CtrlCAfterStep3(L.Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("first_run", [
-    ["--trainer.max_steps", "6"],  # its last step validates
-    ["--trainer.max_steps", "5"],  # its last step does not
-    ["--trainer.callbacks+=tests.test_checkpoints.CtrlCAfterStep3"],  # stopped after a step that validated
+@pytest.mark.parametrize(("first_run", "data"), [
+    (["--trainer.max_steps", "6"], []),  # its last step validates
+    (["--trainer.max_steps", "5"], []),  # its last step does not
+    (["--trainer.callbacks+=tests.test_checkpoints.CtrlCAfterStep3"], []),  # stopped after a step that validated
+    (["--trainer.max_steps", "6"], ["--data.samples_per_epoch", "12"]),  # its last step ends an epoch (of 3)
 ])
-def test_a_run_extended_from_its_last_checkpoint_continues_its_curves_step_for_step(first_run, shards, tmp_path):
+def test_a_run_extended_from_its_last_checkpoint_continues_its_curves_step_for_step(first_run, data, shards, tmp_path):
     """A checkpoint saved between batches after a step that validated made the resumed curves skip a step
-    (Lightning's resume counted that step again): 6 steps validating every 3, resumed to 8, logged 0-5, 7, 8."""
+    (Lightning's resume counted that step again): 6 steps validating every 3, resumed to 8, logged 0-5, 7, 8.
+    One saved at an epoch's end resumed the data from its first pass (Lightning loads a loader's position
+    only when it restarts inside an epoch)."""
     every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3",
-             "--model.optim.decay_steps", "8"]  # one schedule for the runs of 5, 6 and 8 steps
+             "--model.optim.decay_steps", "8", *data]  # one schedule for the runs of 5, 6 and 8 steps
     for root in (tmp_path / "straight", tmp_path / "extended"):
         root.mkdir()
         config = yaml.safe_load(write_tensorboard_config(root, shards, 8).read_text())
@@ -857,6 +860,29 @@ def test_a_run_extended_from_its_last_checkpoint_continues_its_curves_step_for_s
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
     assert [step for step, _ in losses(tmp_path / "extended")] == list(range(8))
     assert losses(tmp_path / "extended") == losses(tmp_path / "straight")
+
+
+def test_a_max_epochs_run_extended_by_an_epoch_continues_its_data(shards, tmp_path):
+    """Lightning loads a loader's position only when it restarts inside an epoch, after setting the data up; a
+    max_epochs run's schedule sets the data up before the restore (trainer.estimated_stepping_batches,
+    Lightning issue 20550) and its last checkpoint closes an epoch: extended by one, it ran the first pass's
+    batches again."""
+    every = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3", "--trainer.max_steps", "-1",
+             "--data.samples_per_epoch", "12", "--model.optim.decay_steps", "9"]  # epochs of 3 steps, one schedule
+    for root in (tmp_path / "straight", tmp_path / "extended"):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 8).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # saved at the end alone
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "fit", "--config", str(tmp_path / "straight" / "tb.yaml"), *every,
+                 "--trainer.max_epochs", "3"]) == 0
+    config = str(tmp_path / "extended" / "tb.yaml")
+    assert main(["pretrain", "fit", "--config", config, *every, "--trainer.max_epochs", "2"]) == 0
+    last = tmp_path / "extended" / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["pretrain", "fit", "--config", config, *every, "--trainer.max_epochs", "3", "--ckpt_path",
+                 str(last)]) == 0
+    assert losses(tmp_path / "extended") == losses(tmp_path / "straight")
+    assert [step for step, _ in losses(tmp_path / "straight")] == list(range(9))
 
 
 def test_a_run_resumed_in_a_copied_directory_writes_last_ckpt_not_last_v1(shards, tmp_path):

@@ -25,6 +25,7 @@ step, and saved when a run is interrupted.
 from __future__ import annotations
 
 import os
+import signal
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmkit.io import atomic_file, hold_interrupts, interrupts_held, interrupts_pending, release_interrupts
+from llmkit.io import atomic_file, hold_interrupts, interrupt_pending, interrupts_held, release_interrupts
 from llmkit.model.checkpoint import load_checkpoint_file
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -106,11 +107,9 @@ def _count_the_batch_ended(trainer: L.Trainer) -> bool:
     this; the first counts."""
     loop = trainer.fit_loop.epoch_loop
     progress = loop.batch_progress
-    counted, due = _ENDED_BATCH.get(trainer, (None, False))
-    if counted == progress.total.completed:
-        return due
-    if progress.current.processed == progress.current.completed:
-        return False  # Lightning counted it: its SIGTERM stops between batches
+    if progress.current.processed == progress.current.completed:  # counted: by another Checkpoint, or by
+        counted, due = _ENDED_BATCH.get(trainer, (None, False))  # Lightning (its SIGTERM stops between batches)
+        return due and counted == progress.total.completed
     trainer._logger_connector.on_batch_end()
     progress.increment_completed()
     trainer._logger_connector.update_train_step_metrics()
@@ -152,11 +151,14 @@ def _logging_step_as_a_resume_counts_it(trainer: L.Trainer, validation_to_run: b
     interrupt inside that validation, or before it (``validation_to_run``), comes before the count,
     which the checkpoint then keeps as it is (taken back, the resumed curves logged a step twice and
     every later one a step early), and so does one after a validation inside an accumulation window,
-    which Lightning does not count (taken back, the resumed curves were a step behind)."""
+    which Lightning does not count, or at the end of an epoch-based run's epoch, which Lightning does
+    not restart (taken back, the resumed curves were a step behind)."""
     loop = trainer.fit_loop.epoch_loop
-    progress = loop.batch_progress.current
+    progress, epoch = loop.batch_progress.current, trainer.fit_loop.epoch_progress.current
+    restarts = epoch.processed != epoch.ready or epoch.processed != epoch.started or trainer.max_steps != -1
+    # ^ as Lightning's FitLoop.restarting: it restarts an unfinished epoch, or any of an iteration-based run
     counted_twice = progress.ready == progress.processed == progress.completed > 0 and loop._should_check_val_fx(None) \
-        and not validation_to_run and not loop._should_accumulate()
+        and not validation_to_run and not loop._should_accumulate() and restarts
     loop._batches_that_stepped -= counted_twice
     try:
         yield
@@ -235,12 +237,14 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """Release the step's hold: an interrupt lands here, after every callback's end of the batch,
-        except after the last batch of an epoch or of the run, where it waits on through the
+        except a Ctrl-C after the last batch of an epoch or of the run, which waits on through the
         validation and the epoch's end (Lightning closes the epoch after this hook, and one saved
         unclosed made the resume take the next pass's first batch for the old epoch's) and lands at
-        the next batch's start or the run's end."""
+        the next batch's start or the run's end. (Lightning's SIGTERM closes the epoch before it
+        stops.) Every rank decides alike, or one would save while another validates."""
         super().on_train_batch_end(trainer, pl_module, *args)
-        if trainer.fit_loop.epoch_loop._is_training_done and interrupts_pending():
+        if trainer.fit_loop.epoch_loop._is_training_done and trainer.strategy.reduce_boolean_decision(
+                interrupt_pending(signal.SIGINT), all=False):
             return
         self._batch_ended = True
         self._release_step()
@@ -276,6 +280,8 @@ class Checkpoint(ModelCheckpoint):
         rank_zero_info(f"the validation of step {trainer.global_step} was interrupted: running it")
         connector = trainer._checkpoint_connector
         fit_state = {"epoch": trainer.current_epoch, "loops": connector._get_loops_state_dict()}
+        if pending := trainer.fit_loop._combined_loader_states_to_load:  # resumed with nothing to train: unloaded
+            fit_state["loops"]["fit_loop"]["state_dict"]["combined_loader"] = pending
         trainer.validate(model, datamodule=datamodule, verbose=False)  # clears validation_pending
         progress = fit_state["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]
         progress["processed"] = progress["completed"] = progress["started"]  # no longer restarted mid-evaluation

@@ -149,14 +149,16 @@ class LLMKitModule(L.LightningModule):
         step it was saved inside (:meth:`accumulation_window`; not earlier: Lightning zeroes the
         gradients before the fit loop starts).
 
-        The data: the schedule reads ``trainer.estimated_stepping_batches`` where ``max_steps`` is
-        -1 (``max_epochs`` runs), which sets the training data up before Lightning restores the
-        loops, and Lightning then never loads the loader's saved position (Lightning issue 20550):
-        the resume began the data again from its first batch. Loaded here, and the loader iterated
-        again (the first iteration had fetched a batch from the start)."""
+        The data: Lightning loads the loader's saved position only when it restarts inside an epoch
+        and sets the data up after the restore; a checkpoint saved at an epoch's end (the final one
+        of a run that ended there) and a schedule that reads ``trainer.estimated_stepping_batches``
+        (``max_steps`` -1: ``max_epochs`` runs), which sets the data up before the restore
+        (Lightning issue 20550), left it unloaded, and the resume began the data again from the
+        first pass. Loaded here, and the loader iterated again from it."""
         loop = self.trainer.fit_loop
-        if loop.restarting and loop._combined_loader_states_to_load and loop._data_fetcher is not None:
-            loop._load_combined_loader_states()
+        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
+            loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
+            loop._combined_loader_states_to_load = []
             iter(loop._data_fetcher)
         window, self._resumed_window = self._resumed_window, None
         if window is None:
