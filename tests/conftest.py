@@ -92,6 +92,22 @@ def ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+def ctrl_c_right_after_update(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Send a real SIGINT right after the optimizer step of a module that accumulates by hand
+    (``TokenMeanAccumulator``) that makes its ``global_step`` ``step``; ``monkeypatch.undo()`` stops it."""
+    from llmkit.optim import TokenMeanAccumulator
+
+    backward = TokenMeanAccumulator.backward
+
+    def interrupted(self: TokenMeanAccumulator, *args, **kwargs):
+        stats = backward(self, *args, **kwargs)
+        if self.module.global_step == step:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", interrupted)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; without it they are skipped, not failed."""
     import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from llmkit.model.transformer import Transformer
 from llmkit.modules.distill import distill_loss_sum
 from llmkit.modules.sdft import VAL_SEED, SDFTConfig, SDFTModule
 from llmkit.modules.sft import SFTModule
-from tests.conftest import VOCAB_SIZE
+from tests.conftest import VOCAB_SIZE, ctrl_c_right_after_update
 
 CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=48, n_heads=4, d_ff=96, max_seq_len=192, n_streams=2)
 
@@ -311,7 +310,6 @@ def test_sdft_resumed_after_ctrl_c_right_after_an_update_ends_as_the_uninterrupt
     """A Ctrl-C right after the second optimizer step (the real signal) took back the batch whose update had
     landed and whose EMA teacher update had not: the resume trained that batch again."""
     from llmkit.callbacks import Checkpoint
-    from llmkit.optim import TokenMeanAccumulator
 
     def run(root: Path, ckpt_path: Path | None = None) -> SDFTModule:
         L.seed_everything(0, verbose=False)  # the module's sampling seeds
@@ -323,19 +321,11 @@ def test_sdft_resumed_after_ctrl_c_right_after_an_update_ends_as_the_uninterrupt
         return module
 
     straight = run(tmp_path / "straight")
-    backward = TokenMeanAccumulator.backward
-
-    def interrupted_after_step_2(self, *args, **kwargs):
-        stats = backward(self, *args, **kwargs)
-        if self.module.global_step == 2:
-            signal.raise_signal(signal.SIGINT)
-        return stats
-
-    monkeypatch.setattr(TokenMeanAccumulator, "backward", interrupted_after_step_2)
+    ctrl_c_right_after_update(monkeypatch, step=2)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
         run(tmp_path / "interrupted")
     assert torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)["global_step"] == 2
-    monkeypatch.setattr(TokenMeanAccumulator, "backward", backward)
+    monkeypatch.undo()
     resumed = run(tmp_path / "interrupted", ckpt_path=tmp_path / "interrupted" / "last.ckpt")
     torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=0)  # teacher included
 

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import re
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +28,7 @@ from llmkit.model.transformer import Transformer
 from llmkit.modules.sdft import SDFTModule
 from llmkit.modules.ttt_discover import TTTConfig, TTTDiscoverModule
 from llmkit.optim import TokenMeanAccumulator
-from tests.conftest import VOCAB_SIZE
+from tests.conftest import VOCAB_SIZE, ctrl_c_right_after_update
 from tests.lenient_env import PrintableGuessEnv
 
 CONFIG = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_seq_len=512, n_streams=2)
@@ -484,15 +483,7 @@ def test_ctrl_c_during_a_discovery_update_lands_after_the_step_is_recorded(base_
     """A Ctrl-C right after step 2's optimizer step (the real signal, as a user sends it) saved the
     updated weights beside the archive of step 1, and the step's discovery_log line was never written;
     the update, the archive and the step's records now land together."""
-    backward = TokenMeanAccumulator.backward
-
-    def interrupted_after_step_2(self, *args, **kwargs):
-        stats = backward(self, *args, **kwargs)
-        if self.module.global_step == 2:
-            signal.raise_signal(signal.SIGINT)
-        return stats
-
-    monkeypatch.setattr(TokenMeanAccumulator, "backward", interrupted_after_step_2)
+    ctrl_c_right_after_update(monkeypatch, step=2)
     L.seed_everything(0, verbose=False)
     module = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
                                init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
@@ -503,7 +494,7 @@ def test_ctrl_c_during_a_discovery_update_lands_after_the_step_is_recorded(base_
     assert [r["step"] for r in log] == [1, 2]
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == saved["archive"]["step"] == 2  # the weights are those of the archive's step
-    monkeypatch.setattr(TokenMeanAccumulator, "backward", backward)
+    monkeypatch.undo()
     resumed = TTTDiscoverModule(ttt=TOY, lora={"rank": 4, "alpha": 8.0}, out_dir=str(tmp_path),
                                 init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path), optim={"lr": 1e-3})
     L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
