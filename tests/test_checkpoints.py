@@ -582,9 +582,12 @@ def straight_and_resumed(shards, tmp_path: Path, interrupt: str, every_n_train_s
         (root / "tb.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "fit", "--config", str(straight / "tb.yaml"), *every]) == 0
     config = str(interrupted / "tb.yaml")
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
-        main(["pretrain", "fit", "--config", config, *every,
-              *([] if replaces_checkpoint else [f"--trainer.callbacks+={interrupt_path}"])])
+    try:
+        code = main(["pretrain", "fit", "--config", config, *every,
+                     *([] if replaces_checkpoint else [f"--trainer.callbacks+={interrupt_path}"])])
+    except SystemExit as shutdown:  # Lightning's graceful shutdown after Ctrl-C
+        code = shutdown.code
+    assert code == (143 if "SIGTERM" in interrupt else 1)
     last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert step_of(last) == stop
     assert main(["pretrain", "fit", "--config", config, *every, "--ckpt_path", str(last)]) == 0
@@ -658,6 +661,14 @@ class CtrlCAfterTheLastBackwardOfEpoch0(L.Callback):
             signal.raise_signal(signal.SIGINT)
 
 
+class SIGTERMAfterTheLastBackwardOfEpoch0(L.Callback):
+    """A SIGTERM, as a scheduler sends it, after the backward of the last batch of the first epoch (of 3)."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+
 EPOCHS_OF_3 = ("--data.samples_per_epoch", "12")
 
 
@@ -671,6 +682,8 @@ EPOCHS_OF_3 = ("--data.samples_per_epoch", "12")
     ("CtrlCAfterTheLastBackwardOfEpoch0", 2, 2, 2, EPOCHS_OF_3),
     ("CtrlCAfterTheLastBackwardOfEpoch0", 3, 1, 2, (*EPOCHS_OF_3, "--trainer.max_steps", "-1",
                                                     "--trainer.max_epochs", "2")),
+    ("SIGTERMAfterTheLastBackwardOfEpoch0", 2, 2, 2, EPOCHS_OF_3),  # stops after the next batch (mid-step)
+    ("SIGTERMAfterTheLastBackwardOfEpoch0", 3, 1, 2, (*EPOCHS_OF_3, "--trainer.max_steps", "3")),  # the last
 ])
 def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted_run(
         interrupt, stop, accumulate, val_every, extra, shards, tmp_path, ctrl_c):
@@ -680,7 +693,8 @@ def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted
     the later micro-batches' alone; after a validation inside the step, the resumed curves were a step behind.
     One after a backward took back a batch whose gradient it kept. One held to the end of an epoch's last
     batch saved that epoch unclosed: the resume took the next pass's first batch for the old epoch's, and
-    stepped at other batches."""
+    stepped at other batches; a SIGTERM there (Lightning stops after closing the epoch) saved it closed with
+    its batches counted, and the resume stepped at other batches too."""
     straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, stop=stop, accumulate=accumulate,
                                                  val_every=val_every, extra=extra)
     assert losses(interrupted) == losses(straight)

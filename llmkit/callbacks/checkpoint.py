@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -118,6 +119,14 @@ def _count_the_batch_ended(trainer: L.Trainer) -> bool:
         loop._batches_that_stepped += not loop._should_accumulate()
     _ENDED_BATCH[trainer] = (progress.total.completed, due)
     return due
+
+
+def _run_ends_after_the_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit stops once the current batch, its validation and its epoch's end are done
+    (Lightning's ``FitLoop.done`` for the epoch about to close)."""
+    fit = trainer.fit_loop
+    return (_is_max_limit_reached(fit.epoch_loop.global_step, fit.max_steps) or trainer.should_stop
+            or _is_max_limit_reached(fit.epoch_progress.current.processed + 1, fit.max_epochs))
 
 
 def _validation_to_run_again(trainer: L.Trainer, started: bool) -> None:
@@ -237,15 +246,19 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """Release the step's hold: an interrupt lands here, after every callback's end of the batch,
-        except a Ctrl-C after the last batch of an epoch or of the run, which waits on through the
-        validation and the epoch's end (Lightning closes the epoch after this hook, and one saved
-        unclosed made the resume take the next pass's first batch for the old epoch's) and lands at
-        the next batch's start or the run's end. (Lightning's SIGTERM closes the epoch before it
-        stops.) Every rank decides alike, or one would save while another validates."""
+        except after the last batch of an epoch, where it waits on through the validation and the
+        epoch's end (Lightning closes the epoch after this hook, and one saved unclosed made the
+        resume take the next pass's first batch for the old epoch's, or saved the epoch of a SIGTERM
+        closed with its batches counted) and lands at the next batch's start, or, for a Ctrl-C at
+        the run's last batch, once the final checkpoint is saved (a SIGTERM there lands now: the
+        run ends with that epoch, and Lightning stops with status 143 after closing it). Every rank
+        decides alike, or one would save while another validates."""
         super().on_train_batch_end(trainer, pl_module, *args)
-        if trainer.fit_loop.epoch_loop._is_training_done and trainer.strategy.reduce_boolean_decision(
-                interrupt_pending(signal.SIGINT), all=False):
-            return
+        if trainer.fit_loop.epoch_loop._is_training_done:
+            hold_on = interrupt_pending(signal.SIGINT) or (
+                interrupt_pending(signal.SIGTERM) and not _run_ends_after_the_batch(trainer))
+            if trainer.strategy.reduce_boolean_decision(hold_on, all=False):
+                return
         self._batch_ended = True
         self._release_step()
 
