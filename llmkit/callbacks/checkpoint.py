@@ -237,10 +237,11 @@ class Checkpoint(ModelCheckpoint):
         self._release_step()  # one held over an epoch's end lands here, before this batch's step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        """Hold Ctrl-C and SIGTERM from a training batch's first backward to its end hooks (this
-        callback's, Lightning's last): a gradient backpropagated, an optimizer step, an EMA teacher
-        update cannot be taken back, and an interrupt among them saved a state no uninterrupted run
-        passes through (the resume trained the batch again). One before it takes the batch back."""
+        """Hold Ctrl-C and SIGTERM from a training batch's first backward to its end hooks (to this
+        callback's, which Lightning runs after the others'): a gradient backpropagated, an optimizer
+        step, an EMA teacher update cannot be taken back, and an interrupt among them saved a state no
+        uninterrupted run passes through (the resume trained the batch again). One before it takes
+        the batch back."""
         if not self._step_held and trainer.training:
             self._step_held = hold_interrupts()
 
