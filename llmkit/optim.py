@@ -345,11 +345,9 @@ class TokenMeanAccumulator:
         """The window in progress, for a checkpoint saved between its micro-batches: its micro-batches,
         the loss and real tokens so far summed over ranks (every rank calls this), and the empty windows
         before it."""
-        reduce, device = self.module.trainer.strategy.reduce, self.module.device
-        return {"micro_batches": self._micro_batches, "empty_windows": self._empty_windows,
-                "tokens": int(reduce(torch.tensor(self._tokens, dtype=torch.int64, device=device), reduce_op="sum")),
-                "loss_sum": float(reduce(torch.tensor(self._loss_sum, dtype=torch.float32, device=device),
-                                         reduce_op="sum"))}
+        tokens, loss_sum = self._sums_over_ranks()
+        return {"micro_batches": self._micro_batches, "empty_windows": self._empty_windows, "tokens": tokens,
+                "loss_sum": loss_sum}
 
     def load_state_dict(self, state: dict[str, float | int], rank: int) -> None:
         """Continue the window of :meth:`state_dict`; its sums go to rank 0 alone, as the step adds
@@ -370,13 +368,17 @@ class TokenMeanAccumulator:
         self._micro_batches += 1
         return self._step() if ends_step else None
 
+    def _sums_over_ranks(self) -> tuple[int, float]:
+        """(real tokens, summed loss) of the window so far, over all ranks (every rank calls this)."""
+        reduce, device = self.module.trainer.strategy.reduce, self.module.device
+        tokens = int(reduce(torch.tensor(self._tokens, dtype=torch.int64, device=device), reduce_op="sum"))
+        loss_sum = float(reduce(torch.tensor(self._loss_sum, dtype=torch.float32, device=device), reduce_op="sum"))
+        return tokens, loss_sum
+
     def _step(self) -> StepStats | None:
         module = self.module
         optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-        reduce = module.trainer.strategy.reduce
-        tokens = int(reduce(torch.tensor(self._tokens, dtype=torch.int64, device=module.device), reduce_op="sum"))
-        loss_sum = float(reduce(torch.tensor(self._loss_sum, dtype=torch.float32, device=module.device),
-                                reduce_op="sum"))
+        tokens, loss_sum = self._sums_over_ranks()
         self._loss_sum, self._tokens, self._micro_batches = 0.0, 0, 0
         if tokens == 0:
             optimizer.zero_grad(set_to_none=True)
