@@ -922,7 +922,7 @@ def test_a_discovery_checkpoint_is_pointed_to_ttt_fit_which_is_all_ttt_offers(tr
     assert "invalid choice: 'validate' (choose from 'fit')" in capsys.readouterr().err
 
 
-def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path, monkeypatch):
+def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path, monkeypatch, ctrl_c):
     """torch.save turned a KeyboardInterrupt in mid-write into a RuntimeError: a traceback and no interrupt save."""
     real_save = torch.save
 
@@ -932,19 +932,13 @@ def test_ctrl_c_during_a_checkpoint_write_lands_once_the_file_is_whole(tmp_path,
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", save_interrupted)
-    # Ctrl-C as a user's terminal gives it: a test runner started as a background job of a
-    # non-interactive shell inherits SIGINT ignored, and the interrupt then never raised
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypatch, caplog):
+def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypatch, caplog, ctrl_c):
     """The interrupt, raised once the final last.ckpt was whole, found it unrecorded and wrote it again."""
     real_save, saved = torch.save, []
 
@@ -959,12 +953,8 @@ def test_ctrl_c_during_the_final_save_writes_it_once(shards, tmp_path, monkeypat
                         callbacks=[Checkpoint(dirpath=tmp_path, every_n_train_steps=100)])
     data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
     monkeypatch.setattr(torch, "save", save_interrupted)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (see above)
-    try:
-        with caplog.at_level("INFO"), pytest.raises(SystemExit):
-            trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with caplog.at_level("INFO"), pytest.raises(SystemExit):
+        trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
     last = tmp_path / "last.ckpt"
     assert saved == [2] and step_of(last) == 2
     assert f"Ctrl-C at step 2: {last} holds it" in caplog.text
