@@ -446,6 +446,28 @@ def test_an_update_that_leaves_the_adapter_non_finite_stops_the_run_in_one_line(
         fit(base_ckpt, tokenizer_path, tmp_path, 2, env="tests.lenient_env.PrintableGuessEnv")
 
 
+def test_an_update_that_diverges_saves_no_adapter_of_the_diverged_weights(base_ckpt, tokenizer_path, tmp_path,
+                                                                          monkeypatch):
+    """The stop after step 2's update diverged saved the inf weights as step 1's adapter."""
+    backward = TokenMeanAccumulator.backward
+    updates = []
+
+    def diverging_at_step_2(self, *args, **kwargs):
+        stats = backward(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 2:
+            next(p for p in self.module.parameters() if p.requires_grad).data.fill_(math.inf)
+        return stats
+
+    monkeypatch.setattr(TokenMeanAccumulator, "backward", diverging_at_step_2)
+    with pytest.raises(LLMKitError, match=r"not finite after discovery step 2"):
+        fit(base_ckpt, tokenizer_path, tmp_path, 3, env="tests.lenient_env.PrintableGuessEnv")  # TOY saves
+    # adapters every 2 steps: none at step 1
+    assert not (tmp_path / "adapters").exists()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["steps"], result["adapter"], result["finished"]) == (1, None, False)
+
+
 def test_a_run_in_a_used_out_dir_drops_the_later_steps_log_and_adapters(base_ckpt, tokenizer_path, tmp_path):
     """discovery_log.jsonl was appended to: a rerun (or a resume from step 2 of 4) read 1,2,3,1."""
     fit(base_ckpt, tokenizer_path, tmp_path, 3)  # adapters at steps 2 (adapter_every) and 3 (the end)

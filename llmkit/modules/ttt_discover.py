@@ -431,7 +431,6 @@ class TTTDiscoverModule(LLMKitModule):
             if cfg.mode == "ttt":
                 advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
                 metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
-                self._weights_ahead = True
             self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
             self.seeds.batch_completed()
             self._weights_ahead = False
@@ -476,6 +475,7 @@ class TTTDiscoverModule(LLMKitModule):
                 f"or resume from the last good checkpoint"
             )
         stats = self.accumulator.backward(total.float(), int(count), last=True)
+        self._weights_ahead = True  # the optimizer stepped: from here on, an exception must not save these weights
         if not all(bool(p.isfinite().all()) for p in self.model.parameters() if p.requires_grad):
             raise LLMKitError(
                 f"the LoRA weights are not finite after discovery step {self.archive.step + 1} (the update diverged): "
