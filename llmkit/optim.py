@@ -235,16 +235,13 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {"train/lr": inner.param_groups[0]["lr"]}
 
 
-def optimizer_with_schedule(
-    param_groups: list[dict], o: OptimConfig, trainer: L.Trainer, micro_batches_per_step: int = 1
-) -> dict:
+def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L.Trainer) -> dict:
     """The optimizer of ``o`` over ``param_groups`` (:func:`build_optimizer`; its split is logged)
     and the warm-up + cosine LambdaLR of ``o``, stepped per optimizer step, in the dict
     ``configure_optimizers`` returns.
 
     The schedule is sized for this run (``decay_steps``, else the Trainer's length in optimizer
-    steps: ``max_steps``, or its batches over ``micro_batches_per_step``, the accumulation of a
-    module that optimises by hand, which Lightning's estimate does not know), and a checkpoint
+    steps, ``trainer.estimated_stepping_batches``), and a checkpoint
     restores only its step (:class:`RunSchedule`). A run resumed with a longer ``max_steps``
     follows the cosine of the new length from its current step (the LR rises from the old floor
     to where the longer cosine is); one resumed with another ``lr`` trains at it; docs/checkpoints.md.
@@ -252,8 +249,6 @@ def optimizer_with_schedule(
     optimizer, split = build_optimizer(param_groups, o)
     rank_zero_info(split)
     decay_steps = o.decay_steps or trainer.estimated_stepping_batches
-    if not o.decay_steps and trainer.max_steps == -1 and math.isfinite(decay_steps):
-        decay_steps = math.ceil(decay_steps / micro_batches_per_step)
     if not math.isfinite(decay_steps):
         raise LLMKitError(
             "cannot size the cosine schedule: set trainer.max_steps, trainer.max_epochs or model.optim.decay_steps"

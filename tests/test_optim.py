@@ -221,17 +221,3 @@ def test_the_accumulator_reports_the_lr_it_stepped_with_and_stops_a_run_that_nev
         accumulator.backward((weight * 0).sum(), 0)
     assert accumulator.backward((weight * 2).sum(), 2).lrs == {"train/lr": 0.5}  # a window with tokens: count again
 
-
-def test_the_schedule_of_a_module_that_accumulates_by_hand_counts_optimizer_steps():
-    """max_epochs without max_steps: Lightning estimates 10 batches, which with 2 micro-batches per step
-    are 5 optimizer steps, and the cosine ends there (it ended at 87% of the peak)."""
-    from types import SimpleNamespace
-
-    from llmkit.optim import optimizer_with_schedule
-
-    o = OptimConfig(lr=1.0, warmup_steps=1, min_lr_ratio=0.1)
-    for max_steps, expected_end in ((-1, 5), (8, 8)):  # max_steps counts optimizer steps already
-        trainer = SimpleNamespace(max_steps=max_steps, estimated_stepping_batches=10 if max_steps == -1 else 8)
-        scheduler = optimizer_with_schedule(Transformer(CONFIG).param_groups(0.1), o, trainer, 2)["lr_scheduler"]
-        decay = scheduler["scheduler"].lr_lambdas[0]
-        assert decay(expected_end) == pytest.approx(0.1) and decay(expected_end - 1) > 0.1

@@ -580,6 +580,73 @@ def test_a_bad_evaluation_file_stops_the_run_before_its_first_step(evaluation, m
     assert run.global_step == 0
 
 
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """The ``tag`` curve of the TensorBoard run ``run_dir``, as TensorBoard shows it (a resume's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("command", ["sft", "sdft"])
+def test_a_fine_tuning_run_with_accumulation_logs_each_optimizer_step_once_at_its_step(
+        command, base_ckpt, tokenizer_path, examples, tmp_path):
+    """As pretraining under Lightning's accumulation does: step k's train points, and the validation after it, at
+    k - 1. They were logged per micro-batch (3 steps of 2: points 1-5), and every micro-batch that ended no step
+    logged the last step's values again."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    common = {"accumulate_grad_batches": 2, "optim": {"lr": 1e-3, "warmup_steps": 1}}
+    module = sdft(base_ckpt, tokenizer_path, **common) if command == "sdft" else \
+        SFTModule(str(base_ckpt), str(tokenizer_path), **common)
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    L.Trainer(accelerator="cpu", max_steps=3, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2,
+              limit_val_batches=1).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
+    tags = [f"train/{module.loss_name}", "train/lr", f"val/{module.loss_name}"]
+    tags += ["train/gen_len_mean"] if command == "sdft" else []
+    for tag in tags:
+        assert [step for step, _ in scalars(tmp_path / "run" / "version_0", tag)] == [0, 1, 2], tag
+
+
+def test_the_schedule_of_a_fine_tuning_run_with_accumulation_counts_optimizer_steps(base_ckpt, tokenizer_path,
+                                                                                    examples):
+    """max_epochs without max_steps: 16 examples in micro-batches of 2 are 8 batches, 4 optimizer steps at 2 a step,
+    and the cosine ends at the fourth (Lightning's estimate, not told the accumulation, counts the 8 batches)."""
+    module = SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=2,
+                       optim={"lr": 1e-3, "warmup_steps": 1, "min_lr_ratio": 0.1})
+    trainer(-1, max_epochs=1, limit_val_batches=0).fit(module, SDFTDataModule(str(examples), batch_size=2))
+    assert module.global_step == 4
+    decay = module.lr_schedulers().lr_lambdas[0]
+    assert decay(4) == pytest.approx(0.1) and decay(3) > 0.1
+
+
+def test_a_fine_tuning_run_with_accumulation_resumed_from_an_earlier_checkpoint_keeps_its_curves(
+        base_ckpt, tokenizer_path, examples, shards, tmp_path):
+    """The resume hides TensorBoard's points after the checkpoint's step (they are trained again). A run that
+    logged per micro-batch had logged step 2 past it (at 3), and its point was lost."""
+    config = yaml.safe_load(write_cli_config(tmp_path, base_ckpt, tokenizer_path, examples, shards, "sft").read_text())
+    config["trainer"] |= {"max_steps": 4, "limit_val_batches": 0,
+                          "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                     "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run",
+                                                   "default_hp_metric": False}}}
+    config["trainer"]["callbacks"] = [{"class_path": "llmkit.callbacks.Checkpoint",
+                                       "init_args": {"every_n_train_steps": 2, "save_top_k": -1}}]
+    config["model"] |= {"accumulate_grad_batches": 2}
+    config["data"]["batch_size"] = 2
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sft", "fit", "--config", str(path)]) == 0
+    run = tmp_path / "tb" / "run" / "version_0"
+    straight = scalars(run, "train/loss")
+    assert [step for step, _ in straight] == [0, 1, 2, 3]
+    earlier = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert main(["sft", "fit", "--config", str(path), "--ckpt_path", str(earlier)]) == 0
+    assert scalars(run, "train/loss") == [*straight[:3], *straight[2:]]  # step 3's first point stays beside the
+    # resume's (docs/checkpoints.md)
+
+
 def test_the_trainers_accumulation_on_a_fine_tuning_run_points_to_the_modules(base_ckpt, tokenizer_path, examples,
                                                                               shards, tmp_path, capsys):
     config = write_cli_config(tmp_path, base_ckpt, tokenizer_path, examples, shards, "sft")

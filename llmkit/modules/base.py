@@ -124,13 +124,6 @@ class LLMKitModule(L.LightningModule):
         return {name: value.view_as(p).to(p.dtype) for (name, p), value, anywhere
                 in zip(trained, values, flat[-len(trained):] > 0, strict=True) if anywhere}
 
-    def on_validation_model_zero_grad(self) -> None:
-        """Lightning's, but not between the micro-batches of :attr:`accumulator`'s step: to Lightning
-        every batch of a module that optimises by hand ends a step (its ``accumulate_grad_batches`` is
-        1), and a validation there wiped the gradients of the step's earlier micro-batches."""
-        if self.accumulator is None or not self.accumulator.in_window:
-            super().on_validation_model_zero_grad()
-
     def on_fit_end(self) -> None:
         self.weights_step = self.global_step  # a validate after fit, in this process, scores these weights
 

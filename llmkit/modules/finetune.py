@@ -7,7 +7,11 @@ tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the r
 
 - manual optimisation (SDFT samples inside its training step, so Lightning's automatic loop
   does not fit) through :class:`~llmkit.optim.TokenMeanAccumulator`: the loss is a mean per
-  real token however a step is split into micro-batches and ranks;
+  real token however a step is split into micro-batches and ranks. Lightning refuses its own
+  ``accumulate_grad_batches`` for such a module; ``setup`` sets it to the accumulator's for the
+  fit, so that its loop counts optimizer steps as under automatic accumulation (the logging step
+  and cadence, ``estimated_stepping_batches``, no ``zero_grad`` for a validation between a
+  step's micro-batches), and a step's metrics are logged once, at its last micro-batch;
 - validation: each subclass's ``val/...`` loss per real token on ``data.val_files`` (over every
   rank's batches under DDP) and, when ``evaluation`` names held-out shards or probes, the
   :mod:`llmkit.eval` report (logged as ``val/ppl`` and ``val/probe_accuracy`` and written by
@@ -201,6 +205,12 @@ class FineTuneModule(LLMKitModule):
                          getattr(data, "val_examples", None)):
             for start in range(0, len(examples or []), CHECK_BATCH):  # an example too long for the window fails now
                 self.encode(examples[start : start + CHECK_BATCH])
+        if stage == "fit":
+            self.trainer.accumulate_grad_batches = self.accumulator.accumulate_grad_batches
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.trainer.accumulate_grad_batches = 1  # Lightning refuses another for a module that optimises by hand
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -209,8 +219,7 @@ class FineTuneModule(LLMKitModule):
                     module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
-        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer,
-                                       self.accumulator.accumulate_grad_batches)
+        return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
 
     def encode(self, batch: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
         """The token ids :meth:`loss_sum` feeds the model for ``batch``, each row checked to fit the
@@ -241,7 +250,9 @@ class FineTuneModule(LLMKitModule):
                 f"lower optim.lr or resume from the last good checkpoint"
             )
         stats = self.accumulator.backward(total, count, last=self.trainer.is_last_batch)
-        if stats is not None:
+        if stats is None:  # Lightning logs a manual module's values after every batch: the last step's again
+            self.trainer._results.reset(fx="training_step")
+        else:
             # the MoE layers' balance over the step, and their aux-loss-free bias update
             self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)

@@ -207,8 +207,9 @@ class SDFTModule(FineTuneModule):
         return [row[real].tolist() for row, real in zip(y.tokens, y.mask, strict=True)]
 
     def _log_completions(self, completions: list[list[int]], stage: str, batch_size: int) -> None:
-        """The completions' lengths and how many end on a stop id: per training step, or into the
-        validation epoch's statistics (``val_completions``, logged at its end)."""
+        """The completions' lengths and how many end on a stop id: per training step (of its last
+        micro-batch, as Lightning logs a step's values), or into the validation epoch's statistics
+        (``val_completions``, logged at its end)."""
         lengths = [float(len(c)) for c in completions]
         ended = [float(c[-1] in self.tokenizer.stop_ids) for c in completions]
         if stage == "val":
