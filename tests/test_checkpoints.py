@@ -439,10 +439,31 @@ def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     progress = SimpleNamespace(current=SimpleNamespace(ready=30))
     bar._trainer = SimpleNamespace(max_steps=40, global_step=30, max_epochs=-1, num_training_batches=400,
                                    accumulate_grad_batches=1, fit_loop=SimpleNamespace(
-                                       epoch_loop=SimpleNamespace(batch_progress=progress)))
+                                       epoch_loop=SimpleNamespace(batch_progress=progress),
+                                       _should_accumulate=lambda: False))
     assert bar.total_train_batches == 40  # Lightning's says 10, while the batch index runs 31..40
     bar._trainer.max_steps = 1000
     assert bar.total_train_batches == 400  # the epoch ends first
+
+
+def test_the_progress_bar_total_holds_still_between_the_micro_batches_of_a_step(shards):
+    """It counted the micro-batches begun in the step under way twice (3 steps of 2: totals 7, 6, 7, 6, 7, 6), so
+    the bar of a run resumed between them, which takes its total at the epoch's start, ended short of it."""
+    from llmkit.callbacks.console import TQDMStepProgressBar
+
+    totals = []
+
+    class RecordTotal(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            totals.append(bar.total_train_batches)
+
+    bar = TQDMStepProgressBar()
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[bar, RecordTotal()])
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    assert totals == [6] * 6
 
 
 def test_the_step_counting_bar_keeps_the_settings_of_the_bar_it_replaces():

@@ -114,6 +114,8 @@ class _StepTotal:
             return trainer.num_training_batches
         remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches begun this epoch (on resume too)
+        if trainer.fit_loop._should_accumulate():  # the micro-batches begun of the step under way are in both
+            remaining -= done % trainer.accumulate_grad_batches
         return min(trainer.num_training_batches, done + remaining)
 
 
