@@ -17,8 +17,9 @@
    regex on the answer) and perplexity on the corpus's held-out shard.
 
 Reports the R matrix (R[i][j]: accuracy on task j after stage i; stage 0 is the pretrained
-model), ACC = mean_j R[T][j], BWT = mean_{j<T} (R[T][j] - R[j][j]) (GEM, Lopez-Paz & Ranzato
-2017), and the held-out perplexity before and after. Prints tables and writes JSON (--out).
+model, and task j, counted from 0, is learned in stage j + 1), ACC = mean_j R[T][j],
+BWT = mean_{j<T-1} (R[T][j] - R[j+1][j]) (GEM, Lopez-Paz & Ranzato 2017), and the held-out
+perplexity before and after. Prints tables and writes JSON (--out).
 """
 
 from __future__ import annotations
