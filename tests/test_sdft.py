@@ -647,6 +647,43 @@ def test_a_fine_tuning_run_with_accumulation_resumed_from_an_earlier_checkpoint_
     # resume's (docs/checkpoints.md)
 
 
+@pytest.mark.parametrize("interrupt", ["CtrlCBeforeBatch3", "right after update 2"])
+def test_a_fine_tuning_run_with_accumulation_resumed_after_ctrl_c_continues_its_curves(
+        interrupt, base_ckpt, tokenizer_path, examples, shards, tmp_path, monkeypatch, ctrl_c):
+    """Through the CLI, 2 micro-batches a step, validating every 3 batches: interrupted between the micro-batches
+    of step 2 after the validation inside it, or right after the update of step 2, and resumed from last.ckpt, the
+    run's curves and weights are those of the uninterrupted run."""
+    configs = {}
+    for name in ("straight", "interrupted"):
+        (tmp_path / name).mkdir()
+        config = yaml.safe_load(write_cli_config(tmp_path / name, base_ckpt, tokenizer_path, examples, shards,
+                                                 "sft").read_text())
+        config["trainer"] |= {"max_steps": 4, "val_check_interval": 3, "check_val_every_n_epoch": None,
+                              "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                         "init_args": {"save_dir": str(tmp_path / name / "tb"), "name": "run",
+                                                       "default_hp_metric": False}},
+                              "callbacks": [{"class_path": "llmkit.callbacks.Checkpoint",
+                                             "init_args": {"every_n_train_steps": 100}}]}
+        config["model"] |= {"accumulate_grad_batches": 2}
+        config["data"]["batch_size"] = 2
+        configs[name] = tmp_path / name / "sft.yaml"
+        configs[name].write_text(yaml.safe_dump(config))
+    assert main(["sft", "fit", "--config", str(configs["straight"])]) == 0
+    extra = [f"--trainer.callbacks+=tests.test_sdft.{interrupt}"] if interrupt.startswith("CtrlC") else []
+    if not extra:
+        ctrl_c_right_after_update(monkeypatch, step=2)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        main(["sft", "fit", "--config", str(configs["interrupted"]), *extra])
+    monkeypatch.undo()
+    run, straight = (tmp_path / name / "tb" / "run" / "version_0" for name in ("interrupted", "straight"))
+    assert main(["sft", "fit", "--config", str(configs["interrupted"]), "--ckpt_path",
+                 str(run / "checkpoints" / "last.ckpt")]) == 0
+    for tag in ("train/loss", "train/lr", "train/tokens_per_step", "val/loss", "val/ppl"):
+        assert scalars(run, tag) == scalars(straight, tag), tag
+    saved = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for r in (run, straight)]
+    torch.testing.assert_close(saved[0], saved[1], rtol=0, atol=0)
+
+
 def test_the_trainers_accumulation_on_a_fine_tuning_run_points_to_the_modules(base_ckpt, tokenizer_path, examples,
                                                                               shards, tmp_path, capsys):
     config = write_cli_config(tmp_path, base_ckpt, tokenizer_path, examples, shards, "sft")
