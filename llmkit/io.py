@@ -264,10 +264,20 @@ def hold_interrupts() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     if _Hold.depth == 0:
-        _Hold.previous = {sig: signal.signal(sig, lambda sig, frame: _Hold.caught.append(sig))
-                          for sig in (signal.SIGINT, signal.SIGTERM)}
+        _Hold.previous = {sig: signal.signal(sig, _catch) for sig in (signal.SIGINT, signal.SIGTERM)}
     _Hold.depth += 1
     return True
+
+
+def _catch(sig: int, frame: Any) -> None:
+    """The held signals' handler: record ``sig``, and say the first time that it was heard (a step
+    that ends a block of the regression gate, or an epoch's validation, would look hung), unless the
+    process ignores it (SIGINT in a background job). Written to the file descriptor: a print could
+    re-enter the stderr buffer a progress bar is writing."""
+    if sig not in _Hold.caught and _Hold.previous[sig] is not signal.SIG_IGN:
+        os.write(2, f"\nllmkit: {signal.Signals(sig).name} received: stopping once the work in progress (a training "
+                    f"step, a file being written) is complete\n".encode())
+    _Hold.caught.append(sig)
 
 
 def interrupt_pending(sig: int) -> bool:

@@ -604,9 +604,10 @@ def test_an_atomic_write_gets_the_permissions_of_a_plain_open(tmp_path):
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~UMASK
 
 
-def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last(ctrl_c):
+def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last(ctrl_c, capfd):
     """A training step's hold spans hooks that hold and release their own (a checkpoint write, TTT's update):
-    the handler-stack version restored the step's catcher's predecessor when an inner block ended first."""
+    the handler-stack version restored the step's catcher's predecessor when an inner block ended first. A held
+    Ctrl-C says it was heard, once (silent, a long held step looked hung, and a user pressed again in vain)."""
     import signal
 
     from llmkit.io import hold_interrupts, interrupts_held, release_interrupts
@@ -615,6 +616,8 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     with interrupts_held():  # a write inside it, which the step's hold outlives...
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
+    assert capfd.readouterr().err == ("\nllmkit: SIGINT received: stopping once the work in progress (a training "
+                                      "step, a file being written) is complete\n")
     assert hold_interrupts()  # ...and one opened in it and closed after it
     release_interrupts()
     signal.raise_signal(signal.SIGINT)  # still held, though the write's block ended
@@ -628,6 +631,12 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(RuntimeError, match="without a hold"):  # a stray release would have disabled later holds
         release_interrupts()
+
+    capfd.readouterr()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: the process ignores Ctrl-C, and says nothing
+    with interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+    assert capfd.readouterr().err == ""
 
 
 def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
