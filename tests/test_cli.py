@@ -297,6 +297,11 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
         assert error("--config", str(tmp_path / name)) == (
             f"llmkit pretrain: error: {tmp_path / name} is {what}, not a mapping of settings: write one 'key: value' "
             "per line (configs/ holds examples)")
+    for section in ("trainer", "model", "data"):  # its settings commented out: a traceback from jsonargparse
+        (tmp_path / "section.yaml").write_text(f"{section}:\n  # max_steps: 3\n")
+        assert error("--config", str(tmp_path / "section.yaml")) == (
+            f"llmkit pretrain: error: {tmp_path / 'section.yaml'}: the section '{section}' is empty; give its settings "
+            "under it, or remove the key")
 
 
 @pytest.mark.parametrize(("callback", "message"), [

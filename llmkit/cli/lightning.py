@@ -267,12 +267,14 @@ def check_config_files(args: list[str]) -> None:
     """Raise :class:`LLMKitError` naming a config file that is not valid YAML, and where
     (jsonargparse names only "<unicode string>", whichever of several files it was), that is not a
     mapping (jsonargparse: "Unexpected config:" and the text), or that gives a key twice in one
-    mapping (:func:`~llmkit.io.check_yaml_keys`). The files: every ``--config``
-    one, and a ``.yaml``/``.yml`` file given to any other option (``--model.config FILE.yaml``)."""
-    given = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    mapping (:func:`~llmkit.io.check_yaml_keys`), or, a ``--config`` one, whose ``trainer``, ``model``
+    or ``data`` section is empty (``model:`` with its settings commented out; jsonargparse failed on
+    the None with a traceback). The files: every ``--config`` one, and a ``.yaml``/``.yml`` file given
+    to any other option (``--model.config FILE.yaml``)."""
+    configs = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    configs += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
     values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
-    given += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
-    given += [value for value in values if Path(value).suffix in (".yaml", ".yml") and value not in given]
+    given = configs + [value for value in values if Path(value).suffix in (".yaml", ".yml") and value not in configs]
     for value in given:
         if not Path(value).is_file():  # a YAML string given inline, or a missing file: jsonargparse says
             continue
@@ -287,6 +289,10 @@ def check_config_files(args: list[str]) -> None:
             what = "empty" if loaded is None else f"a YAML {type(loaded).__name__}"
             raise LLMKitError(f"{value} is {what}, not a mapping of settings: write one 'key: value' per line "
                               "(configs/ holds examples)")
+        empty = [key for key in ("trainer", "model", "data") if key in loaded and loaded[key] is None]
+        if value in configs and empty:
+            raise LLMKitError(f"{value}: the section '{empty[0]}' is empty; give its settings under it, or remove "
+                              "the key")
         check_yaml_keys(value)
 
 
