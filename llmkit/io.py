@@ -20,7 +20,7 @@ import threading
 import types
 import typing
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -273,11 +273,14 @@ def _catch(sig: int, frame: Any) -> None:
     """The held signals' handler: record ``sig``, and say the first time that it was heard (a step
     that ends a block of the regression gate, or an epoch's validation, would look hung), unless the
     process ignores it (SIGINT in a background job). Written to the file descriptor: a print could
-    re-enter the stderr buffer a progress bar is writing."""
-    if sig not in _Hold.caught and _Hold.previous[sig] is not signal.SIG_IGN:
-        os.write(2, f"\nllmkit: {signal.Signals(sig).name} received: stopping once the work in progress (a training "
-                    f"step, a file being written) is complete\n".encode())
+    re-enter the stderr buffer a progress bar is writing; nothing raised (a closed stderr, the pipe
+    to a ``tee`` that Ctrl-C stopped too) may cut the held work."""
+    first = sig not in _Hold.caught
     _Hold.caught.append(sig)
+    if first and _Hold.previous.get(sig) is not signal.SIG_IGN:  # .get: it may come while the hold starts
+        with suppress(OSError):
+            os.write(2, f"\nllmkit: {signal.Signals(sig).name} received: stopping once the work in progress (a "
+                        f"training step, a file being written) is complete\n".encode())
 
 
 def interrupt_pending(sig: int) -> bool:

@@ -613,6 +613,7 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     """A training step's hold spans hooks that hold and release their own (a checkpoint write, TTT's update):
     the handler-stack version restored the step's catcher's predecessor when an inner block ended first. A held
     Ctrl-C says it was heard, once (silent, a long held step looked hung, and a user pressed again in vain)."""
+    import os
     import signal
 
     from llmkit.io import hold_interrupts, interrupts_held, release_interrupts
@@ -635,6 +636,17 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     release_interrupts(deliver=False)  # an exception stops the work already: dropped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(RuntimeError, match="without a hold"):  # a stray release would have disabled later holds
+        release_interrupts()
+
+    saved_stderr = os.dup(2)
+    os.close(2)  # the message cannot be written (a closed stderr, a broken pipe): the interrupt is still held
+    try:
+        assert hold_interrupts()
+        signal.raise_signal(signal.SIGINT)
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+    with pytest.raises(KeyboardInterrupt):
         release_interrupts()
 
     capfd.readouterr()
