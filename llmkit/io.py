@@ -172,6 +172,12 @@ def text_field(record: dict[str, Any], key: str, source: str, line_format: str) 
     return value
 
 
+def non_finite_tensor(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` that holds a NaN or an infinity
+    (a damaged file, or weights saved from a run that diverged), else None."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+
+
 def read_json(path: str | Path, hint: str) -> dict[str, Any]:
     """The JSON object in ``path``; a missing, malformed or non-object file raises
     :class:`LLMKitError` naming it, followed by ``hint`` (what the file should be)."""

@@ -5,6 +5,7 @@ greedy decoding, upcycled to mHC, exported back; bad model directories."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -384,6 +385,24 @@ def test_a_pickled_weights_file_and_a_peft_directory_say_what_they_are(hf_models
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda ckpt: ckpt["model_config"].update(d_model=128),  # a traceback of 60 size-mismatch lines
+     "weights do not match its config (lm_head.weight has shape [160, 64] where its config makes [160, 128], and 20 "
+     "more)"),
+    (lambda ckpt: ckpt["state_dict"]["model.blocks.0.mlp.up_proj.weight"].fill_(math.nan),  # sampled nothing, rc 0
+     "blocks.0.mlp.up_proj.weight holds NaN or infinite values; the file is damaged or its run diverged: use an "
+     "earlier checkpoint"),
+])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_or_are_not_finite_is_one_line(damage, message, converted,
+                                                                                        tmp_path):
+    ckpt = torch.load(converted["llama3"], weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(LLMKitError) as refused:
+        load_backbone(tmp_path / "bad.ckpt")
+    assert str(refused.value) == f"{tmp_path / 'bad.ckpt'}: {message}"
+
+
 def split_without_index(model_dir: Path) -> None:
     """Two files holding the embedding each, and no index to say which is meant."""
     from safetensors.torch import load_file, save_file
@@ -433,6 +452,14 @@ def test_rope_parameters_and_rope_scaling_that_agree_import_equally(hf_models, c
         assert torch.equal(load_backbone(model_dir)(x), load_backbone(converted["llama3"])(x))
 
 
+def with_a_nan(model_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = math.nan
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
 BAD = {
     "a file": (lambda d: (shutil.rmtree(d), d.write_text("x")),
                "is a file: pass the local Hugging Face model directory"),
@@ -474,6 +501,8 @@ BAD = {
                                                '{"rope_type": "default"}, got \'default\''),
     "damaged weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
                         "the file is damaged or not safetensors"),
+    "weights holding NaN": (with_a_nan, "model.safetensors: model.layers.1.mlp.up_proj.weight holds NaN or infinite "
+                            "values; the file is damaged: download the model again"),  # converted, rc 0
     "a tensor in two files": (split_without_index, "b.safetensors: tensor model.embed_tokens.weight is in another "
                               "file of"),
 }

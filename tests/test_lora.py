@@ -1,5 +1,6 @@
 """LoRA: exact identity at init, frozen base, adapter files, merge/unmerge, the disabled base, fingerprints."""
 
+import math
 import re
 
 import pytest
@@ -235,6 +236,23 @@ def test_unreadable_adapter_files_name_the_path(tmp_path):
     save_file({"x": torch.zeros(2)}, str(plain))
     with pytest.raises(LLMKitError, match=re.escape(str(plain)) + ".*llmkit-lora-v1"):
         read_lora(plain)
+
+
+def test_an_adapter_holding_nan_is_refused_naming_its_tensor(tmp_path):
+    """A damaged adapter loaded, merged (`llmkit lora merge` wrote a NaN checkpoint, rc 0) and sampled from."""
+    model = adapted()
+    path = save_lora(model, tmp_path / "a.safetensors", LoRAConfig(rank=4, alpha=8.0), base_fingerprint(model))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["blocks.1.mlp.up_proj.lora_B"][0, 0] = math.inf
+    save_file(tensors, str(path), metadata=metadata)
+    message = f"LoRA adapter {path}: blocks.1.mlp.up_proj.lora_B holds NaN or infinite values; the file is damaged " \
+              "or its run diverged: pass an earlier adapter"
+    with pytest.raises(LLMKitError, match=f"^{re.escape(message)}$"):
+        load_lora(base_model(), path)
 
 
 def test_save_refuses_models_it_cannot_describe(tmp_path):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.io import atomic_file, write_json_atomic
+from llmkit.io import atomic_file, non_finite_tensor, write_json_atomic
 from llmkit.model.config import ModelConfig
 from llmkit.model.hf import (
     model_config_from_hf,
@@ -258,7 +258,16 @@ def backbone_from_checkpoint(
     """The Transformer of a checkpoint already read by :func:`read_checkpoint` (``path`` names it
     in errors), with the weights of :func:`backbone_state`."""
     model = Transformer(ModelConfig.from_dict(model_config_dict(ckpt))).to(map_location)
-    missing, unexpected = model.load_state_dict(backbone_state(ckpt, path), strict=False)
+    state, expected = backbone_state(ckpt, path), model.state_dict()
+    wrong = [f"{name} has shape {list(t.shape)} where its config makes {list(expected[name].shape)}"
+             for name, t in state.items() if name in expected and t.shape != expected[name].shape]
+    if wrong:
+        raise LLMKitError(f"{path}: weights do not match its config ({wrong[0]}"
+                          + (f", and {len(wrong) - 1} more" if len(wrong) > 1 else "") + ")")
+    if (damaged := non_finite_tensor(state)) is not None:
+        raise LLMKitError(f"{path}: {damaged} holds NaN or infinite values; the file is damaged or its run diverged: "
+                          "use an earlier checkpoint")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LLMKitError(
             f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"

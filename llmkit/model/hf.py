@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmkit.errors import LLMKitError
-from llmkit.io import read_json, write_json_atomic
+from llmkit.io import non_finite_tensor, read_json, write_json_atomic
 from llmkit.model.config import ModelConfig, RopeScaling
 from llmkit.model.lora import LORA_SUFFIXES, LoRAConfig
 from llmkit.model.transformer import Transformer
@@ -314,6 +314,9 @@ def read_hf_model(
                                   f"{list(expected[name])}; the weights and config.json do not belong together")
             if not tensor.is_floating_point():
                 raise LLMKitError(f"{path}: {key} is {tensor.dtype}: quantised or integer weights are not supported")
+            if non_finite_tensor({key: tensor}):
+                raise LLMKitError(f"{path}: {key} holds NaN or infinite values; the file is damaged: download the "
+                                  "model again")
             if name == "lm_head.weight" and config.tie_embeddings:
                 stored_head = (path, tensor)  # tied: the head is the embedding, if the two are equal (below)
                 continue

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LLMKitError
-from llmkit.io import atomic_file, dataclass_from_dict
+from llmkit.io import atomic_file, dataclass_from_dict, non_finite_tensor
 from llmkit.model.moe import GroupedLinear, cast_for_matmul, grouped_linear
 
 LORA_FORMAT = "llmkit-lora-v1"
@@ -364,6 +364,9 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig, di
         raise LLMKitError(
             f"LoRA adapter {path} holds non-LoRA tensors such as {strays[0]!r}; pass {_WRITTEN_BY}"
         )
+    if (damaged := non_finite_tensor(tensors)) is not None:
+        raise LLMKitError(f"LoRA adapter {path}: {damaged} holds NaN or infinite values; the file is damaged or its "
+                          "run diverged: pass an earlier adapter")
     return tensors, config, metadata
 
 
