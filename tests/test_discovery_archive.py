@@ -1,12 +1,15 @@
-"""TTT-Discover archive: PUCT scores by hand, selection, statistics, children, size cap, round trip."""
+"""TTT-Discover archive: PUCT scores by hand, selection, statistics, children, size cap, round trip; consolidation
+of a damaged archive.json or result.json."""
 
 import json
 import math
 
 import pytest
 
+from llmkit.cli import main
 from llmkit.discovery import Archive, State
 from llmkit.discovery.archive import MIN_REWARD_RANGE
+from llmkit.discovery.consolidate import consolidate
 from llmkit.errors import LLMKitError
 
 
@@ -189,3 +192,59 @@ def test_round_trip_through_json():
         fields(s) for s in record_rollouts(archive, 1, batch)
     ]
     assert restored.to_dict() == archive.to_dict()
+
+
+DAMAGED = "the file is damaged (not as `llmkit ttt fit` writes it): rerun the discovery or restore it"
+
+
+def damaged_run(run, result=None, state=None, states=None):
+    """A run directory as `llmkit ttt fit` leaves it (archive.json from Archive.to_dict, result.json's keys that
+    consolidation reads), with ``result`` and ``state`` (of the state at index 1) merged in, or ``states`` instead."""
+    archive = Archive("x = 0", 0.0)
+    record_rollouts(archive, 0, [("x = 1", 1.0), ("x = 2", math.nan)])  # a failed rollout: not archived
+    data = archive.to_dict()
+    data["states"][1].update(state or {})
+    run.mkdir()
+    (run / "archive.json").write_text(json.dumps({**data, "states": data["states"] if states is None else states}))
+    (run / "result.json").write_text(json.dumps({"problem": "toy", "prompt": "find x", "initial_reward": 0.0,
+                                                 **(result or {})}))
+    return run
+
+
+@pytest.mark.parametrize(("result", "state", "states", "message"), [
+    (None, {"text": None}, None, "{run}/archive.json, states[1]: 'text' is null, not a string"),
+    (None, {"reward": True}, None, "{run}/archive.json, states[1]: 'reward' is a boolean, not a number"),
+    (None, {"reward": "0.5"}, None, "{run}/archive.json, states[1]: 'reward' is a string, not a number"),
+    (None, {"id": 1.0}, None, "{run}/archive.json, states[1]: 'id' is a number, not an integer"),
+    (None, None, [{"id": 0}, "x = 1"], "{run}/archive.json, states[1] is a string, not an object"),
+    (None, None, {"0": {}}, "{run}/archive.json: 'states' is an object, not an array"),
+    ({"prompt": ["find x"]}, None, None, "{run}/result.json: 'prompt' is an array, not a string"),
+    ({"initial_reward": None}, None, None, "{run}/result.json: 'initial_reward' is null, not a number"),
+])
+def test_consolidate_refuses_a_damaged_run_in_one_line_and_writes_nothing(result, state, states, message, tmp_path,
+                                                                         capsys):
+    """A state whose text was null became a line with "demonstration": null (sdft fit failed on the file), a
+    boolean reward was written as "reward": true, and a reward "0.5" stopped consolidate with a TypeError
+    traceback: each key is checked, and the message names the file, the state and the key."""
+    run, out = damaged_run(tmp_path / "run", result, state, states), tmp_path / "found.jsonl"
+    assert main(["consolidate", "--run", str(run), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message.format(run=run)}; {DAMAGED}\n"
+    assert not out.exists()
+    out.write_text("earlier examples\n")  # an earlier --out file stays as it was, and no temp file is left
+    assert main(["consolidate", "--run", str(run), "--out", str(out)]) == 1
+    assert out.read_text() == "earlier examples\n" and sorted(p.name for p in tmp_path.iterdir()) == [out.name, "run"]
+
+
+def test_consolidate_names_a_missing_key_and_its_file(tmp_path):
+    run = damaged_run(tmp_path / "run", states=[{"id": 0}, {"id": 1, "text": "x = 1"}])
+    with pytest.raises(LLMKitError) as err:
+        consolidate([run])
+    assert str(err.value) == f"{run / 'archive.json'}, states[1]: no 'reward' key; {DAMAGED}"
+
+
+def test_consolidate_skips_a_non_finite_reward_and_takes_an_integer_one(tmp_path):
+    """NaN and infinite rewards (written as NaN / Infinity) qualify no state, as before; an integer reward counts."""
+    states = [{"id": 0, "reward": 0, "text": "x = 0"}, {"id": 1, "reward": math.nan, "text": "x = 1"},
+              {"id": 2, "reward": math.inf, "text": "x = 2"}, {"id": 3, "reward": 2, "text": "x = 3"}]
+    run = damaged_run(tmp_path / "run", states=states)
+    assert [(e["demonstration"], e["reward"]) for e in consolidate([run], top=3)] == [("x = 3", 2)]
