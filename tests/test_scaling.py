@@ -201,6 +201,70 @@ def test_best_skips_a_diverged_tail_and_hparams_need_the_model_config(tmp_path):
         read_run(run, loss="best")
 
 
+
+def test_a_model_config_without_the_models_sizes_is_refused(tmp_path):
+    """`config: {}` built ModelConfig's defaults, a 12-layer, 768-wide model: the FLOPs came out 100
+    times those of the model trained, and the fit went ahead."""
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)], hparams_seq_len=32)
+    for config, missing in (("{}", "vocab_size, n_layers, d_model, n_heads, d_ff, max_seq_len, n_streams"),
+                            ("{vocab_size: 256, n_layers: 2, d_model: 32, n_heads: 4, max_seq_len: 128}",
+                             "d_ff, n_streams")):
+        (run / "hparams.yaml").write_text(f"config: {config}\nseq_len: 32\n")
+        with pytest.raises(LLMKitError) as e:
+            read_run(run)
+        assert str(e.value) == (
+            f"run {run}: hparams.yaml config gives no {missing}: the parameter count and FLOPs need the model's sizes "
+            "(PretrainModule saves them all); restore the file or leave the run out"
+        )
+
+
+@pytest.mark.parametrize("cli_seq_len, hparams_seq_len, key, shown", [
+    (-4, 32, "config.yaml data.seq_len", "-4"),  # counted in the FLOPs as it was
+    (0, 32, "config.yaml data.seq_len", "0"),
+    ("abc", 32, "config.yaml data.seq_len", "'abc'"),  # a traceback: ValueError: invalid literal for int()
+    (2.5, 32, "config.yaml data.seq_len", "2.5"),  # counted as 2
+    (True, 32, "config.yaml data.seq_len", "True"),  # counted as 1
+    ("absent", -4, "hparams.yaml seq_len", "-4"),
+])
+def test_a_window_length_that_is_not_a_positive_integer_is_refused(tmp_path, cli_seq_len, hparams_seq_len, key,
+                                                                   shown):
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)], hparams_seq_len=hparams_seq_len,
+                    cli_seq_len=cli_seq_len)
+    with pytest.raises(LLMKitError) as e:
+        read_run(run)
+    assert str(e.value) == (f"run {run}: {key} is {shown}; it must be a positive integer (or null for the model's "
+                            "max_seq_len): correct it or leave the run out")
+
+
+@pytest.mark.parametrize("sizes, message", [  # ModelConfig checks the model's numbers; the error names the run
+    ({"d_model": -4}, "invalid model config: d_model must be >= 1, got -4"),
+    ({"n_layers": "abc"}, "model config key n_layers: expected int, got 'abc'"),
+])
+def test_a_model_size_that_is_not_a_positive_integer_is_refused(tmp_path, sizes, message):
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)])
+    (run / "hparams.yaml").write_text(yaml.safe_dump({"config": {**CONFIG.to_dict(), **sizes}}))
+    with pytest.raises(LLMKitError) as e:
+        read_run(run)
+    assert str(e.value) == f"run {run}: hparams.yaml config: {message}"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[:60],  # its first record whole, the second cut off
+    lambda data: b"not an event file\n",
+], ids=["truncated", "text"])
+def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(tmp_path, damage):
+    """EventAccumulator stops at a truncated or corrupt record without a word: the run was said to
+    have no val/loss, "so it never validated; give it val_files", and the damage went unsaid."""
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)])
+    (events,) = run.glob("events.out.tfevents.*")
+    events.write_bytes(damage(events.read_bytes()))
+    with pytest.raises(LLMKitError) as e:
+        read_run(run)
+    assert str(e.value) == (
+        f"run {run}: TensorBoard event file {events.name} is damaged (a truncated or corrupt record) and no val/loss "
+        "was read before the damage; restore the file or leave the run out"
+    )
+
 def test_one_run_is_too_few_and_the_error_names_it(tmp_path):
     run = write_run(tmp_path / "only", [(3, 5.0)], [(3, 512.0)])
     with pytest.raises(LLMKitError, match=rf"1 run\(s\) \({run}\) give 1 distinct value\(s\) of training FLOPs; "
@@ -288,6 +352,14 @@ def test_scaling_fit_errors_are_one_line_naming_the_run(tmp_path, capsys):
     assert main(["scaling", "fit", "--runs", str(only), "--breaks", "2", "--positions", "1e9"]) == 1
     assert "--positions gives 1 breakpoint(s) but --breaks is 2" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_scaling_fit_refuses_a_prediction_at_no_positive_finite_x(tmp_path, capsys, value):
+    """--predict inf printed a predicted val/loss at inf training FLOPs (nan, or 0) and exited 0."""
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)])
+    assert main(["scaling", "fit", "--runs", str(run), "--predict", value]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: --predict must be positive and finite, got {float(value)}\n"
 
 # ---------------------------------------------------------------- real runs
 

@@ -7,6 +7,7 @@ when the command runs, so ``llmkit scaling fit --help`` answers at once.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -44,8 +45,8 @@ def fit(
         breaks = 1 if positions is None else len(positions)
     elif positions is not None and len(positions) != breaks:
         raise LLMKitError(f"--positions gives {len(positions)} breakpoint(s) but --breaks is {breaks}: make them agree")
-    if predict is not None and not predict > 0:
-        raise LLMKitError(f"--predict must be positive, got {predict}")
+    if predict is not None and not 0 < predict < math.inf:  # NaN too
+        raise LLMKitError(f"--predict must be positive and finite, got {predict}")
     points = sorted(read_runs(runs, loss), key=lambda p: (p.x(x), str(p.run)))
     law = fit_runs(points, x, breaks, positions)
     unit = AXIS_LABELS[x]

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
 
 from llmkit.data.packing import meta_path_for
 from llmkit.errors import LLMKitError
@@ -64,6 +65,9 @@ AXIS_LABELS: dict[str, str] = {
 EVENT_FILES = "events.out.tfevents.*"
 MAX_GRID_FITS = 20_000
 """Least-squares fits the coarse search may spend on combinations of candidate breakpoints."""
+MODEL_SIZES = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "n_streams")
+"""The keys a run's hparams.yaml ``config`` must give: the parameter count and FLOPs depend on them,
+and ModelConfig's defaults for them (a 12-layer, 768-wide model) would count another model's."""
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_SWEEPS = 50
 
@@ -122,6 +126,30 @@ def _read_yaml(path: Path, run: Path) -> dict[str, Any]:
     return value
 
 
+def _positive_int(value: Any, run: Path, key: str) -> int:
+    """``value``, read from ``key`` of ``run``'s files (``config.yaml data.seq_len``), when it is a
+    positive integer; otherwise :class:`LLMKitError` naming the run and the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LLMKitError(
+            f"run {run}: {key} is {value!r}; it must be a positive integer (or null for the model's max_seq_len): "
+            "correct it or leave the run out"
+        )
+    return value
+
+
+def _damaged(path: Path) -> bool:
+    """Whether the TensorBoard event file ``path`` holds a truncated or corrupt record (or is no event
+    file at all): EventAccumulator stops reading a file there without a word, as if it ended."""
+    reader = pywrap_tensorflow.PyRecordReader_New(str(path))
+    try:
+        while True:
+            reader.GetNext()
+    except errors.OutOfRangeError:  # the end of the file, after whole records
+        return False
+    except errors.DataLossError:
+        return True
+
+
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """The run directories named by ``paths``: a directory holding TensorBoard event files is a
     run; one holding none is searched below for run directories (so the parent of many runs,
@@ -176,9 +204,11 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     the model's ``max_seq_len`` when neither is there or the value is null (as
     ``PackedDataModule`` reads a null seq_len).
 
-    Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss, neither
-    val/tokens at the selected step nor train/tokens, a non-finite selected loss, or no readable
-    hparams.yaml with a ``config`` entry.
+    Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss (or, where
+    none was read, a damaged event file, which EventAccumulator reads as far as the damage without
+    a word), neither val/tokens at the selected step nor train/tokens, a non-finite selected loss,
+    no readable hparams.yaml with a ``config`` entry giving every key of :data:`MODEL_SIZES`, or a
+    window length that is not a positive integer.
     """
     run = Path(run)
     if not run.is_dir() or not any(run.glob(EVENT_FILES)):
@@ -191,6 +221,12 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     scalars = set(events.Tags()["scalars"])
     val = [(e.step, e.value) for e in events.Scalars("val/loss")] if "val/loss" in scalars else []
     if not val:  # a tag whose points a resume's purge_step hid has none left
+        damaged = next((f for f in sorted(run.glob(EVENT_FILES)) if _damaged(f)), None)
+        if damaged is not None:
+            raise LLMKitError(
+                f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record) and no "
+                "val/loss was read before the damage; restore the file or leave the run out"
+            )
         raise LLMKitError(
             f"run {run}: no val/loss scalar in its TensorBoard events, so it never validated; give it val_files "
             "and let it reach a validation (val_check_interval), or leave it out"
@@ -240,14 +276,19 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
         config = ModelConfig.from_dict(hparams["config"])
     except LLMKitError as e:
         raise LLMKitError(f"run {run}: hparams.yaml config: {e}") from None
+    if missing := [key for key in MODEL_SIZES if key not in hparams["config"]]:
+        raise LLMKitError(
+            f"run {run}: hparams.yaml config gives no {', '.join(missing)}: the parameter count and FLOPs need the "
+            "model's sizes (PretrainModule saves them all); restore the file or leave the run out"
+        )
     with torch.device("meta"):
         model = Transformer(config)
-    seq_len = hparams.get("seq_len")
+    seq_len, key = hparams.get("seq_len"), "hparams.yaml seq_len"
     cli_config = _read_yaml(run / "config.yaml", run) if (run / "config.yaml").is_file() else {}
     data = cli_config.get("data")
     if isinstance(data, dict) and "seq_len" in data:
-        seq_len = data["seq_len"]
-    seq_len = config.max_seq_len if seq_len is None else int(seq_len)
+        seq_len, key = data["seq_len"], "config.yaml data.seq_len"
+    seq_len = config.max_seq_len if seq_len is None else _positive_int(seq_len, run, key)
     tokenizer = _shard_tokenizer(hparams.get("train_files"), _launch_directory(run, cli_config))
     return RunPoint(run=run, loss=float(value), step=int(step), tokens=tokens,
                     params=model.num_params(non_embedding=True), flops=model.flops_per_token(seq_len) * tokens,
