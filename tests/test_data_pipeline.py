@@ -851,6 +851,19 @@ def test_malformed_checksums_in_the_metadata_are_named(tokenizer: Tokenizer, cor
             read_meta(out)
 
 
+def test_a_vocab_size_in_the_metadata_that_is_no_positive_integer_is_named(tokenizer: Tokenizer, corpus_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Text or null crashed `data verify` and training with a TypeError; true, -1 or 1.5 read as a vocabulary."""
+    out = tmp_path / "val.bin"
+    meta = pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)
+    for broken in ("abc", None, [500], True, -1, 1.5):
+        (tmp_path / "val.bin.json").write_text(json.dumps({**meta, "vocab_size": broken}))
+        with pytest.raises(LLMKitError, match=f"^{re.escape(str(tmp_path / 'val.bin.json'))} has vocab_size "
+                                              f"{re.escape(repr(broken))}; expected a positive integer: re-create "
+                                              "it with `llmkit data pack"):
+            read_meta(out)
+
+
 def test_cli_verify_reports_every_shard_and_fails_on_a_changed_one(
     tokenizer: Tokenizer, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

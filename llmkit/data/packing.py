@@ -433,6 +433,10 @@ def read_meta(bin_path: str | Path) -> dict:
             f"{n_tokens!r}; expected {PACK_FORMAT!r}, uint16 or uint32, and a positive "
             f"count: re-create it with `{hint}`"
         )
+    vocab_size = meta["vocab_size"]
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise LLMKitError(f"{meta_file} has vocab_size {vocab_size!r}; expected a positive integer: re-create it "
+                          f"with `{hint}`")
     expected = n_tokens * np.dtype(meta["dtype"]).itemsize
     actual = bin_path.stat().st_size
     if actual != expected:
