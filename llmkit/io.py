@@ -66,7 +66,7 @@ def iter_text_lines(path: str | Path, max_bytes: int | None = None) -> Iterator[
     4, one UTF-8 character), not even a line: a longer one comes in parts of at most that many
     bytes, cut between characters, with the same line number (only its last part ends with the
     line ending). A line that is not valid UTF-8 raises :class:`LLMKitError` naming the file and
-    the line.
+    the line. A byte order mark opening the file (editors on Windows write one) is no text of it.
     """
     path = Path(path)
     number, offset, carry = 1, 0, b""  # offset: bytes of the current line already yielded
@@ -83,7 +83,7 @@ def iter_text_lines(path: str | Path, max_bytes: int | None = None) -> Iterator[
                     ) from e
                 raw, carry = raw[: e.start], raw[e.start :]  # a character cut by the limit: the next part's
                 text = raw.decode("utf-8")
-            yield number, text
+            yield number, text.removeprefix("\ufeff") if number == 1 and offset == 0 else text
             if raw.endswith(b"\n"):
                 number, offset = number + 1, 0
             else:

@@ -474,6 +474,14 @@ def test_generate_batches_a_prompt_file_like_single_prompts(trained, tokenizer_p
         assert capsys.readouterr().out.split("\n" + "-" * 40)[0] == record["prompt"] + record["completion"]
 
 
+def test_a_prompt_file_opening_with_a_byte_order_mark_prompts_without_it(tmp_path):
+    """The .txt file's first prompt began with U+FEFF (the JSONL reader refuses one)."""
+    from llmkit.cli.generate import read_prompts
+
+    (tmp_path / "prompts.txt").write_bytes("\ufeffdef a(\ndef b(\n".encode())
+    assert read_prompts(tmp_path / "prompts.txt") == ["def a(", "def b("]
+
+
 def test_bad_prompt_files(trained, tokenizer_path, tmp_path, capsys):
     base = generate_args(trained, tokenizer_path)
     (tmp_path / "empty.txt").write_text("\n  \n")
