@@ -108,6 +108,14 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any
     return record
 
 
+def yaml_error_summary(error: Exception) -> str:
+    """Where and what a PyYAML parse error is, in one line ("at line 3, column 4: expected ',' or
+    ']', but got ':'"): its own message spans several, with the text around the mark."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(error, "problem", None) or str(error).splitlines()[0])
+
+
 def check_yaml_keys(path: str | Path) -> None:
     """Raise :class:`LLMKitError` naming the file and line if a mapping of the YAML file ``path``
     gives a key twice: YAML loaders keep the last one silently (``max_steps: 400`` then

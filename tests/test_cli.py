@@ -297,6 +297,12 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
         assert error("--config", str(tmp_path / name)) == (
             f"llmkit pretrain: error: {tmp_path / name} is {what}, not a mapping of settings: write one 'key: value' "
             "per line (configs/ holds examples)")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "broken.yaml").write_text("n_layers: [2\nd_model: 64\n")
+    (tmp_path / "names_it.yaml").write_text("model:\n  config: model/broken.yaml\n")  # jsonargparse: "no file"
+    assert error("--config", str(tmp_path / "names_it.yaml")) == (
+        f"llmkit pretrain: error: {tmp_path / 'model' / 'broken.yaml'}: not valid YAML at line 2, column 8: expected "
+        "',' or ']', but got ':'")
     for section in ("trainer", "model", "data"):  # its settings commented out: a traceback from jsonargparse
         (tmp_path / "section.yaml").write_text(f"{section}:\n  # max_steps: 3\n")
         assert error("--config", str(tmp_path / "section.yaml")) == (

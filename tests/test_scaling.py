@@ -199,6 +199,11 @@ def test_best_skips_a_diverged_tail_and_hparams_need_the_model_config(tmp_path):
     (run / "hparams.yaml").write_text("config: {n_layers: 2, wings: 4}\n")
     with pytest.raises(LLMKitError, match=r"run .*run: hparams.yaml config: unknown model config keys \['wings'\]"):
         read_run(run, loss="best")
+    (run / "hparams.yaml").write_text("config: {n_layers: [2\nseq_len: 32\n")  # PyYAML's message spans 8 lines
+    with pytest.raises(LLMKitError) as refused:
+        read_run(run, loss="best")
+    assert str(refused.value) == (f"run {run}: hparams.yaml is not readable YAML (at line 2, column 8: expected ',' or "
+                                  "']', but got ':'); restore the file")
 
 
 

@@ -37,7 +37,7 @@ import itertools
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from llmkit.callbacks.console import RunSummary, quiet_known_noise, use_step_pro
 from llmkit.callbacks.run_dir import DiscardUnstartedRun
 from llmkit.cli.commands import LIGHTNING_COMMANDS, LightningCommand
 from llmkit.errors import LLMKitError
-from llmkit.io import check_yaml_keys
+from llmkit.io import check_yaml_keys, yaml_error_summary
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, WRITER_KEY, is_sharded_checkpoint, load_checkpoint_file
 
 VALIDATE_CONFIG = "validate_config.yaml"
@@ -269,8 +269,9 @@ def check_config_files(args: list[str]) -> None:
     mapping (jsonargparse: "Unexpected config:" and the text), or that gives a key twice in one
     mapping (:func:`~llmkit.io.check_yaml_keys`), or, a ``--config`` one, whose ``trainer``, ``model``
     or ``data`` section is empty (``model:`` with its settings commented out; jsonargparse failed on
-    the None with a traceback). The files: every ``--config`` one, and a ``.yaml``/``.yml`` file given
-    to any other option (``--model.config FILE.yaml``)."""
+    the None with a traceback). The files: every ``--config`` one, a ``.yaml``/``.yml`` file given
+    to any other option (``--model.config FILE.yaml``), and one a config file names (``model.config:
+    ../model/tiny.yaml``, relative to that file; jsonargparse called a broken one "not accessible")."""
     configs = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
     configs += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
     values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
@@ -281,10 +282,7 @@ def check_config_files(args: list[str]) -> None:
         try:
             loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise LLMKitError(f"{value}: not valid YAML{where}: {problem}") from None
+            raise LLMKitError(f"{value}: not valid YAML {yaml_error_summary(e)}") from None
         if not isinstance(loaded, dict):
             what = "empty" if loaded is None else f"a YAML {type(loaded).__name__}"
             raise LLMKitError(f"{value} is {what}, not a mapping of settings: write one 'key: value' per line "
@@ -294,6 +292,17 @@ def check_config_files(args: list[str]) -> None:
             raise LLMKitError(f"{value}: the section '{empty[0]}' is empty; give its settings under it, or remove "
                               "the key")
         check_yaml_keys(value)
+        given += [named for named in _yaml_files_named(loaded, Path(value).parent) if named not in given]
+
+
+def _yaml_files_named(node: Any, directory: Path) -> Iterator[str]:
+    """The ``.yaml``/``.yml`` paths among the values of a loaded config ``node``, relative ones taken
+    from ``directory`` (the config file's, as jsonargparse takes them)."""
+    if isinstance(node, dict | list):
+        for child in node.values() if isinstance(node, dict) else node:
+            yield from _yaml_files_named(child, directory)
+    elif isinstance(node, str) and Path(node).suffix in (".yaml", ".yml"):
+        yield str(directory / node)
 
 
 class LLMKitArgumentParser(LightningArgumentParser):

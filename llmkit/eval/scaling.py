@@ -50,7 +50,7 @@ from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
 
 from llmkit.data.packing import meta_path_for
 from llmkit.errors import LLMKitError
-from llmkit.io import atomic_file
+from llmkit.io import atomic_file, yaml_error_summary
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
@@ -119,8 +119,11 @@ _HparamsLoader.add_constructor(
 def _read_yaml(path: Path, run: Path) -> dict[str, Any]:
     try:
         value = yaml.load(path.read_text(encoding="utf-8"), Loader=_HparamsLoader)
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LLMKitError(f"run {run}: {path.name} is not readable YAML ({e}); restore the file") from None
+    except UnicodeDecodeError as e:
+        raise LLMKitError(f"run {run}: {path.name} is not UTF-8 ({e.reason}); restore the file") from None
+    except yaml.YAMLError as e:
+        raise LLMKitError(f"run {run}: {path.name} is not readable YAML ({yaml_error_summary(e)}); restore the file"
+                          ) from None
     if not isinstance(value, dict):
         raise LLMKitError(f"run {run}: {path.name} is not a YAML mapping; restore the file")
     return value
