@@ -303,8 +303,9 @@ class TokenMeanAccumulator:
     """Per-token gradient accumulation for a LightningModule that optimises by hand.
 
     Each micro-batch hands :meth:`backward` its loss *summed* over its real tokens and their
-    number. Every ``accumulate_grad_batches`` micro-batches (or at the last batch) the step
-    divides the summed gradients by the step's real-token count over all ranks (times the world
+    number, and whether it ends the step (Lightning's fit loop says so for the fine-tuning modules:
+    the one count of the window there is). The step divides the summed gradients by the step's
+    real-token count over all ranks (times the world
     size, since DDP averages gradients over ranks), clips them to ``gradient_clip_val``, and steps
     the optimizer and the LR scheduler. So the loss is a mean per real token however a step's
     tokens are split into micro-batches and ranks, the normalisation peer trainers get wrong.
@@ -318,13 +319,8 @@ class TokenMeanAccumulator:
     module's device (NCCL reduces GPU tensors only).
     """
 
-    def __init__(
-        self, module: L.LightningModule, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None
-    ) -> None:
-        if accumulate_grad_batches < 1:
-            raise LLMKitError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+    def __init__(self, module: L.LightningModule, gradient_clip_val: float | None = None) -> None:
         self.module = module
-        self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self._loss_sum = 0.0
         self._tokens = 0
@@ -350,10 +346,9 @@ class TokenMeanAccumulator:
         self._micro_batches, self._empty_windows = int(state["micro_batches"]), int(state["empty_windows"])
         self._tokens, self._loss_sum = (int(state["tokens"]), float(state["loss_sum"])) if rank == 0 else (0, 0.0)
 
-    def backward(self, total: torch.Tensor, count: int, last: bool = False) -> StepStats | None:
-        """Backward of one micro-batch's summed loss; returns the step's statistics when this
-        micro-batch ends an accumulation window (or ``last``), else None."""
-        ends_step = last or self._micro_batches + 1 >= self.accumulate_grad_batches
+    def backward(self, total: torch.Tensor, count: int, ends_step: bool = True) -> StepStats | None:
+        """Backward of one micro-batch's summed loss; when it ``ends_step``, the step, and its
+        statistics are returned, else None."""
         strategy = self.module.trainer.strategy
         local = not ends_step and isinstance(strategy, ParallelStrategy)
         with strategy.block_backward_sync() if local else nullcontext():

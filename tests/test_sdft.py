@@ -594,8 +594,11 @@ def test_a_fine_tuning_run_with_accumulation_logs_each_optimizer_step_once_at_it
         command, base_ckpt, tokenizer_path, examples, tmp_path):
     """As pretraining under Lightning's accumulation does: step k's train points, and the validation after it, at
     k - 1. They were logged per micro-batch (3 steps of 2: points 1-5), and every micro-batch that ended no step
-    logged the last step's values again."""
+    logged the last step's values again; then (a first fix) the values Replay logs, at each micro-batch's start,
+    were logged twice a step."""
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from llmkit.callbacks import Replay
 
     common = {"accumulate_grad_batches": 2, "optim": {"lr": 1e-3, "warmup_steps": 1}}
     module = sdft(base_ckpt, tokenizer_path, **common) if command == "sdft" else \
@@ -603,11 +606,63 @@ def test_a_fine_tuning_run_with_accumulation_logs_each_optimizer_step_once_at_it
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
     L.Trainer(accelerator="cpu", max_steps=3, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2,
-              limit_val_batches=1).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
-    tags = [f"train/{module.loss_name}", "train/lr", f"val/{module.loss_name}"]
+              limit_val_batches=1, callbacks=[Replay(replay_ratio=0.5)],
+              ).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
+    tags = [f"train/{module.loss_name}", "train/lr", f"val/{module.loss_name}", "train/replay_buffer", "epoch"]
     tags += ["train/gen_len_mean"] if command == "sdft" else []
     for tag in tags:
-        assert [step for step, _ in scalars(tmp_path / "run" / "version_0", tag)] == [0, 1, 2], tag
+        steps = [step for step, _ in scalars(tmp_path / "run" / "version_0", tag)]
+        assert steps == ([0, 0, 1, 1, 2, 2] if tag == "epoch" else [0, 1, 2]), tag  # epoch: train's and val's
+    assert [v for _, v in scalars(tmp_path / "run" / "version_0", "train/replay_buffer")] == [4, 8, 12]  # at the
+    # steps' second micro-batches (2 examples each), as Lightning logs a step's values
+
+
+@pytest.mark.parametrize("accumulate", [3, 1])
+def test_a_fine_tuning_run_resumed_with_another_accumulation_steps_where_lightning_counts_a_step_end(
+        accumulate, base_ckpt, tokenizer_path, examples, tmp_path):
+    """Resumed after 4 batches of 2 a step with 3 a step, the accumulator counted 3 from the resume (a step at batch
+    7) and Lightning from the epoch's start (one at batch 6): its validation there wiped the step's gradients."""
+    from llmkit.callbacks import Checkpoint
+
+    seen = []
+
+    class CheckTheWindow(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            seen.append(pl_module.accumulator.in_window)
+            assert pl_module.accumulator.in_window == trainer.fit_loop._should_accumulate()
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            assert pl_module.accumulator.in_window == any(p.grad is not None for p in pl_module.parameters())
+
+    def fit(k: int, max_steps: int, ckpt_path: Path | None = None) -> None:
+        module = SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=k,
+                           optim={"lr": 1e-3, "warmup_steps": 1})
+        L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=6,
+                  check_val_every_n_epoch=None, limit_val_batches=1,
+                  callbacks=[CheckTheWindow(), Checkpoint(dirpath=tmp_path, every_n_train_steps=100)],
+                  ).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2),
+                        ckpt_path=ckpt_path)
+
+    fit(2, 2)
+    fit(accumulate, 4, tmp_path / "last.ckpt")
+    assert seen[4:] == ([True, False, True, False] if accumulate == 3 else [False, False])  # batches 4-7 (the epoch's
+    # last ends a step), 4-5
+
+
+def test_a_fine_tuning_fit_that_fails_leaves_the_trainer_fit_for_another(base_ckpt, tokenizer_path, examples,
+                                                                         monkeypatch):
+    """The accumulation set for the fit stayed on the Trainer: its next fit of a module that optimises by hand was
+    refused (Lightning: "Automatic gradient accumulation is not supported for manual optimization")."""
+    run = trainer(2)
+    data = SDFTDataModule(str(examples), batch_size=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(SFTModule, "loss_sum", lambda *args: (torch.tensor(math.nan), 1))
+        with pytest.raises(LLMKitError, match="non-finite training loss"):
+            run.fit(SFTModule(str(base_ckpt), str(tokenizer_path), accumulate_grad_batches=2), data)
+    assert run.accumulate_grad_batches == 1
+    run.fit(SFTModule(str(base_ckpt), str(tokenizer_path), optim={"lr": 1e-3, "warmup_steps": 1}), data)
+    assert run.global_step == 2
 
 
 def test_the_schedule_of_a_fine_tuning_run_with_accumulation_counts_optimizer_steps(base_ckpt, tokenizer_path,

@@ -8,10 +8,11 @@ tokens and their number (:meth:`FineTuneModule.loss_sum`); this class does the r
 - manual optimisation (SDFT samples inside its training step, so Lightning's automatic loop
   does not fit) through :class:`~llmkit.optim.TokenMeanAccumulator`: the loss is a mean per
   real token however a step is split into micro-batches and ranks. Lightning refuses its own
-  ``accumulate_grad_batches`` for such a module; ``setup`` sets it to the accumulator's for the
-  fit, so that its loop counts optimizer steps as under automatic accumulation (the logging step
-  and cadence, ``estimated_stepping_batches``, no ``zero_grad`` for a validation between a
-  step's micro-batches), and a step's metrics are logged once, at its last micro-batch;
+  ``accumulate_grad_batches`` for such a module; a callback of the module sets it for the fit,
+  so that Lightning's loop decides where steps end and counts them as under automatic
+  accumulation (the logging step and cadence, ``estimated_stepping_batches``, no ``zero_grad``
+  for a validation between a step's micro-batches), and a step's metrics are logged once, at
+  its last micro-batch;
 - validation: each subclass's ``val/...`` loss per real token on ``data.val_files`` (over every
   rank's batches under DDP) and, when ``evaluation`` names held-out shards or probes, the
   :mod:`llmkit.eval` report (logged as ``val/ppl`` and ``val/probe_accuracy`` and written by
@@ -29,7 +30,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric
 
 from llmkit.data.datamodule import PackedDataModule
@@ -45,6 +48,24 @@ from llmkit.model.moe import end_of_step
 from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
+
+
+class _AccumulationForTheFit(L.Callback):
+    """Set ``trainer.accumulate_grad_batches`` to the module's for its fit, and back to 1 after it,
+    a failure included (Lightning refuses another at the start of a manual module's fit). Not after
+    Ctrl-C or SIGTERM, which end the process: a ``Checkpoint``, whose hook runs after this one's,
+    saves the loop's state by it."""
+
+    def setup(self, trainer: L.Trainer, pl_module: FineTuneModule, stage: str) -> None:
+        if stage == "fit":
+            trainer.accumulate_grad_batches = pl_module.accumulate_grad_batches
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        trainer.accumulate_grad_batches = 1
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            trainer.accumulate_grad_batches = 1
 
 
 @dataclass
@@ -179,7 +200,10 @@ class FineTuneModule(LLMKitModule):
         self.automatic_optimization = False
         optim = as_dataclass(FineTuneOptimConfig, optim)
         evaluation = as_dataclass(EvalConfig, evaluation)
-        self.accumulator = TokenMeanAccumulator(self, accumulate_grad_batches, gradient_clip_val)
+        if accumulate_grad_batches < 1:
+            raise LLMKitError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.accumulator = TokenMeanAccumulator(self, gradient_clip_val)
         self.save_hyperparameters(
             {"init_ckpt": init_ckpt, "tokenizer": tokenizer, "optim": asdict(optim), "evaluation": asdict(evaluation),
              "accumulate_grad_batches": accumulate_grad_batches, "gradient_clip_val": gradient_clip_val,
@@ -205,12 +229,9 @@ class FineTuneModule(LLMKitModule):
                          getattr(data, "val_examples", None)):
             for start in range(0, len(examples or []), CHECK_BATCH):  # an example too long for the window fails now
                 self.encode(examples[start : start + CHECK_BATCH])
-        if stage == "fit":
-            self.trainer.accumulate_grad_batches = self.accumulator.accumulate_grad_batches
 
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            self.trainer.accumulate_grad_batches = 1  # Lightning refuses another for a module that optimises by hand
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_AccumulationForTheFit()]
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -249,15 +270,23 @@ class FineTuneModule(LLMKitModule):
                 f"non-finite training loss at global step {self.global_step} (batch {batch_idx}: {sources}, ...); "
                 f"lower optim.lr or resume from the last good checkpoint"
             )
-        stats = self.accumulator.backward(total, count, last=self.trainer.is_last_batch)
-        if stats is None:  # Lightning logs a manual module's values after every batch: the last step's again
-            self.trainer._results.reset(fx="training_step")
+        stats = self.accumulator.backward(total, count, ends_step=not self.trainer.fit_loop._should_accumulate())
+        if stats is None:
+            self._log_nothing_this_batch()
         else:
             # the MoE layers' balance over the step, and their aux-loss-free bias update
             self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
             self.log("train/tokens_per_step", float(stats.tokens))
             self.log_dict(stats.lrs, prog_bar=True)
+
+    def _log_nothing_this_batch(self) -> None:
+        """Drop the step values cached for the loggers (this micro-batch's, ``Replay``'s among them,
+        and the last step's, not logged again): Lightning logs a manual module's after every batch,
+        and a micro-batch that ends no step logs nothing under its own accumulation. The epoch
+        aggregates stay."""
+        for result in self.trainer._results.values():
+            result._forward_cache = None
 
     def on_validation_epoch_start(self) -> None:
         self.val_loss.reset()

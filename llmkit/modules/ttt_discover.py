@@ -474,7 +474,7 @@ class TTTDiscoverModule(LLMKitModule):
                 f"non-finite policy loss at discovery step {self.archive.step + 1}; lower optim.lr or ttt.kl_lambda, "
                 f"or resume from the last good checkpoint"
             )
-        stats = self.accumulator.backward(total.float(), int(count), last=True)
+        stats = self.accumulator.backward(total.float(), int(count))
         self._weights_ahead = True  # the optimizer stepped: from here on, an exception must not save these weights
         if not all(bool(p.isfinite().all()) for p in self.model.parameters() if p.requires_grad):
             raise LLMKitError(
