@@ -14,10 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.summary.writer import event_file_writer
 
 from llmkit.data.corpus import DOC_SEPARATOR
 from llmkit.data.packing import pack
 from llmkit.data.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+# TensorBoard names an event file ...{second}.{host}.{pid}.{n}, n counting this process's writers, and reads a
+# run's files in name order: the in-process runs of one test, started in the same second, sorted .10 before .9
+# and their points came out of order. Counts of seven digits sort as numbers.
+event_file_writer._global_uid = event_file_writer.AtomicCounter(1_000_000)
 
 VOCAB_SIZE = 384
 
