@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -330,6 +331,15 @@ def test_sdft_resumed_after_ctrl_c_right_after_an_update_ends_as_the_uninterrupt
     torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=0)  # teacher included
 
 
+class CtrlCAfterTheBackwardOfBatch2(L.Callback):
+    """A real Ctrl-C after the backward of the third batch, the first micro-batch of the second step (2 a step),
+    after which a validation is due (every 3 batches)."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.batch_idx == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
 class CtrlCBeforeBatch3(L.Callback):
     """Ctrl-C before the fourth batch: the second micro-batch of the second step, at 2 a step."""
 
@@ -594,11 +604,15 @@ def test_a_fine_tuning_run_with_accumulation_logs_each_optimizer_step_once_at_it
         command, base_ckpt, tokenizer_path, examples, tmp_path):
     """As pretraining under Lightning's accumulation does: step k's train points, and the validation after it, at
     k - 1. They were logged per micro-batch (3 steps of 2: points 1-5), and every micro-batch that ended no step
-    logged the last step's values again; then (a first fix) the values Replay logs, at each micro-batch's start,
-    were logged twice a step."""
+    logged the last step's values again; then (a first fix) the values callbacks log, Replay at each
+    micro-batch's start, one at its end, were logged twice a step."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from llmkit.callbacks import Replay
+
+    class LogsAtBatchEnd(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            pl_module.log("batch_end", float(batch_idx), on_step=True, on_epoch=True, batch_size=len(batch))
 
     common = {"accumulate_grad_batches": 2, "optim": {"lr": 1e-3, "warmup_steps": 1}}
     module = sdft(base_ckpt, tokenizer_path, **common) if command == "sdft" else \
@@ -606,15 +620,17 @@ def test_a_fine_tuning_run_with_accumulation_logs_each_optimizer_step_once_at_it
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
     L.Trainer(accelerator="cpu", max_steps=3, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=2,
-              limit_val_batches=1, callbacks=[Replay(replay_ratio=0.5)],
+              limit_val_batches=1, callbacks=[Replay(replay_ratio=0.5), LogsAtBatchEnd()],
               ).fit(module, SDFTDataModule(str(examples), val_files=str(examples), batch_size=2))
-    tags = [f"train/{module.loss_name}", "train/lr", f"val/{module.loss_name}", "train/replay_buffer", "epoch"]
+    tags = [f"train/{module.loss_name}", "train/lr", f"val/{module.loss_name}", "train/replay_buffer", "batch_end_step"]
     tags += ["train/gen_len_mean"] if command == "sdft" else []
     for tag in tags:
         steps = [step for step, _ in scalars(tmp_path / "run" / "version_0", tag)]
-        assert steps == ([0, 0, 1, 1, 2, 2] if tag == "epoch" else [0, 1, 2]), tag  # epoch: train's and val's
+        assert steps == [0, 1, 2], tag
     assert [v for _, v in scalars(tmp_path / "run" / "version_0", "train/replay_buffer")] == [4, 8, 12]  # at the
     # steps' second micro-batches (2 examples each), as Lightning logs a step's values
+    assert [v for _, v in scalars(tmp_path / "run" / "version_0", "batch_end_step")] == [1, 3, 5]
+    assert [v for _, v in scalars(tmp_path / "run" / "version_0", "batch_end_epoch")] == [2.5]  # every micro-batch's
 
 
 @pytest.mark.parametrize("accumulate", [3, 1])
@@ -702,12 +718,13 @@ def test_a_fine_tuning_run_with_accumulation_resumed_from_an_earlier_checkpoint_
     # resume's (docs/checkpoints.md)
 
 
-@pytest.mark.parametrize("interrupt", ["CtrlCBeforeBatch3", "right after update 2"])
+@pytest.mark.parametrize("interrupt", ["CtrlCBeforeBatch3", "CtrlCAfterTheBackwardOfBatch2", "right after update 2"])
 def test_a_fine_tuning_run_with_accumulation_resumed_after_ctrl_c_continues_its_curves(
         interrupt, base_ckpt, tokenizer_path, examples, shards, tmp_path, monkeypatch, ctrl_c):
     """Through the CLI, 2 micro-batches a step, validating every 3 batches: interrupted between the micro-batches
-    of step 2 after the validation inside it, or right after the update of step 2, and resumed from last.ckpt, the
-    run's curves and weights are those of the uninterrupted run."""
+    of step 2 after the validation inside it, inside its first micro-batch (the interrupt lands at its end, before
+    the validation), or right after its update, and resumed from last.ckpt, the run's curves and weights are those
+    of the uninterrupted run."""
     configs = {}
     for name in ("straight", "interrupted"):
         (tmp_path / name).mkdir()

@@ -99,11 +99,12 @@ validation is due after it, for the other ``Checkpoint`` callbacks' ``on_excepti
 
 def _count_the_batch_ended(trainer: L.Trainer) -> bool:
     """Before saving a run whose interrupt, held through a training step, landed at the step's end
-    (:meth:`Checkpoint.on_train_batch_end`, the callbacks' last; a LightningModule's own
-    ``on_train_batch_end``, which llmkit's modules do not define, is skipped): count the batch done
-    and log its step's metrics, as Lightning does after that hook, and, unless a validation is due
-    after it, count its logging step, as Lightning does after the validation. Return whether one is
-    due (the caller sets it to run on resume). Saved as they were, the resume skipped that
+    (:meth:`Checkpoint.on_train_batch_end`, the callbacks' last; the LightningModule's own
+    ``on_train_batch_end`` is skipped, whose only use in llmkit, the fine-tuning modules', is to log
+    nothing after a micro-batch that ends no step): count the batch done and, at a step's end, log
+    its step's metrics, as Lightning does after that hook, and, unless a validation is due after
+    it, count its logging step, as Lightning does after the validation. Return whether one is due
+    (the caller sets it to run on resume). Saved as they were, the resume skipped that
     validation and the step's train points were never logged. Every ``Checkpoint`` of the run calls
     this; the first counts."""
     loop = trainer.fit_loop.epoch_loop
@@ -113,7 +114,8 @@ def _count_the_batch_ended(trainer: L.Trainer) -> bool:
         return due and counted == progress.total.completed
     trainer._logger_connector.on_batch_end()
     progress.increment_completed()
-    trainer._logger_connector.update_train_step_metrics()
+    if not loop._should_accumulate():
+        trainer._logger_connector.update_train_step_metrics()
     due = loop._should_check_val_fx(None) and not loop._skip_next_val
     if not due:
         loop._batches_that_stepped += not loop._should_accumulate()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -271,22 +272,21 @@ class FineTuneModule(LLMKitModule):
                 f"lower optim.lr or resume from the last good checkpoint"
             )
         stats = self.accumulator.backward(total, count, ends_step=not self.trainer.fit_loop._should_accumulate())
-        if stats is None:
-            self._log_nothing_this_batch()
-        else:
+        if stats is not None:
             # the MoE layers' balance over the step, and their aux-loss-free bias update
             self.log_dict(end_of_step(self.model, sum_over_ranks(self.trainer)))
             self.log(f"train/{self.loss_name}", stats.loss, prog_bar=True)
             self.log("train/tokens_per_step", float(stats.tokens))
             self.log_dict(stats.lrs, prog_bar=True)
 
-    def _log_nothing_this_batch(self) -> None:
-        """Drop the step values cached for the loggers (this micro-batch's, ``Replay``'s among them,
-        and the last step's, not logged again): Lightning logs a manual module's after every batch,
-        and a micro-batch that ends no step logs nothing under its own accumulation. The epoch
-        aggregates stay."""
-        for result in self.trainer._results.values():
-            result._forward_cache = None
+    def on_train_batch_end(self, *args: Any) -> None:
+        """After a micro-batch that ends no step, drop the step values cached for the loggers (its
+        own, the callbacks', and the last step's, not to be logged again): Lightning logs a manual
+        module's after every batch (this hook, after the callbacks', is the last before), where its
+        own accumulation logs nothing. The epoch aggregates stay."""
+        if self.trainer.fit_loop._should_accumulate():
+            for result in self.trainer._results.values():
+                result._forward_cache = None
 
     def on_validation_epoch_start(self) -> None:
         self.val_loss.reset()
