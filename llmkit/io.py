@@ -182,8 +182,12 @@ def text_field(record: dict[str, Any], key: str, source: str, line_format: str) 
 
 def non_finite_tensor(tensors: dict[str, Any]) -> str | None:
     """The name of the first floating-point tensor of ``tensors`` that holds a NaN or an infinity
-    (a damaged file, or weights saved from a run that diverged), else None."""
-    return next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    (a damaged file, or weights saved from a run that diverged), else None. A float8 tensor, which
+    torch cannot test, is tested in half precision; a meta tensor holds no values."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not t.is_meta and not (t.half() if t.element_size() == 1 else t).isfinite().all():
+            return name
+    return None
 
 
 def read_json(path: str | Path, hint: str) -> dict[str, Any]:

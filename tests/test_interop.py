@@ -403,6 +403,17 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_or_are_not_finite_is_o
     assert str(refused.value) == f"{tmp_path / 'bad.ckpt'}: {message}"
 
 
+def test_the_finiteness_check_reads_float8_weights_and_skips_meta_and_integer_tensors():
+    """float8 weights raised "isfinite not implemented for 'Float8_e4m3fn'" where they had imported."""
+    from llmkit.io import non_finite_tensor
+
+    fine = {"f8": torch.ones(4).to(torch.float8_e4m3fn), "meta": torch.empty(4, device="meta"),
+            "ids": torch.arange(4), "bf16": torch.ones(4, dtype=torch.bfloat16)}
+    assert non_finite_tensor(fine) is None
+    assert non_finite_tensor({**fine, "bad": torch.tensor([1.0, math.nan]).to(torch.float8_e4m3fn)}) == "bad"
+    assert non_finite_tensor({**fine, "bad": torch.tensor([math.inf], dtype=torch.bfloat16)}) == "bad"
+
+
 def split_without_index(model_dir: Path) -> None:
     """Two files holding the embedding each, and no index to say which is meant."""
     from safetensors.torch import load_file, save_file
