@@ -303,6 +303,11 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
     assert error("--config", str(tmp_path / "names_it.yaml")) == (
         f"llmkit pretrain: error: {tmp_path / 'model' / 'broken.yaml'}: not valid YAML at line 2, column 8: expected "
         "',' or ']', but got ':'")
+    (tmp_path / "callbacks.yaml").write_text("- class_path: llmkit.callbacks.TokenThroughput\n")  # a YAML list
+    (tmp_path / "names_a_list.yaml").write_text("trainer:\n  callbacks: callbacks.yaml\n")
+    from llmkit.cli.lightning import check_config_files
+
+    check_config_files(["--config", str(tmp_path / "names_a_list.yaml")])  # as jsonargparse takes it
     for section in ("trainer", "model", "data"):  # its settings commented out: a traceback from jsonargparse
         (tmp_path / "section.yaml").write_text(f"{section}:\n  # max_steps: 3\n")
         assert error("--config", str(tmp_path / "section.yaml")) == (

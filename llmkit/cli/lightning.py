@@ -270,12 +270,14 @@ def check_config_files(args: list[str]) -> None:
     mapping (:func:`~llmkit.io.check_yaml_keys`), or, a ``--config`` one, whose ``trainer``, ``model``
     or ``data`` section is empty (``model:`` with its settings commented out; jsonargparse failed on
     the None with a traceback). The files: every ``--config`` one, a ``.yaml``/``.yml`` file given
-    to any other option (``--model.config FILE.yaml``), and one a config file names (``model.config:
-    ../model/tiny.yaml``, relative to that file; jsonargparse called a broken one "not accessible")."""
+    to any other option (``--model.config FILE.yaml``), and, for its syntax only, one a config file
+    names (``model.config: ../model/tiny.yaml``, relative to that file; jsonargparse called a broken
+    one "not accessible"; it may hold any YAML, a list of callbacks say)."""
     configs = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
     configs += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
     values = [arg.partition("=")[2] if arg.startswith("--") else arg for arg in args]
     given = configs + [value for value in values if Path(value).suffix in (".yaml", ".yml") and value not in configs]
+    named: set[str] = set()  # by a config file: its syntax alone is checked
     for value in given:
         if not Path(value).is_file():  # a YAML string given inline, or a missing file: jsonargparse says
             continue
@@ -283,6 +285,8 @@ def check_config_files(args: list[str]) -> None:
             loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise LLMKitError(f"{value}: not valid YAML {yaml_error_summary(e)}") from None
+        if value in named:
+            continue
         if not isinstance(loaded, dict):
             what = "empty" if loaded is None else f"a YAML {type(loaded).__name__}"
             raise LLMKitError(f"{value} is {what}, not a mapping of settings: write one 'key: value' per line "
@@ -292,7 +296,9 @@ def check_config_files(args: list[str]) -> None:
             raise LLMKitError(f"{value}: the section '{empty[0]}' is empty; give its settings under it, or remove "
                               "the key")
         check_yaml_keys(value)
-        given += [named for named in _yaml_files_named(loaded, Path(value).parent) if named not in given]
+        if value in configs:
+            named.update(path for path in _yaml_files_named(loaded, Path(value).parent) if path not in given)
+            given += sorted(named - set(given))
 
 
 def _yaml_files_named(node: Any, directory: Path) -> Iterator[str]:
