@@ -383,6 +383,12 @@ def test_pack_refuses_to_overwrite_an_input_or_the_tokenizer_or_write_to_a_direc
     with pytest.raises(LLMKitError, match=r"pack output .*data is a directory: give the \.bin file to write, e\.g\. "
                                           r".*data/train\.bin$"):
         pack(tokenizer.path, [text], tmp_path / "data", workers=1, progress=False)
+    (tmp_path / "cfg.json").write_text('{"important": true}')  # --output cfg wrote shard metadata over it (rc 0)
+    with pytest.raises(LLMKitError, match=r"pack output .*cfg: name the shard FILE\.bin \(its metadata is written "
+                                          r"beside it, as FILE\.bin\.json\), e\.g\. .*cfg\.bin$"):
+        pack(tokenizer.path, [text], tmp_path / "cfg", workers=1, progress=False)
+    assert (tmp_path / "cfg.json").read_text() == '{"important": true}'
+    (tmp_path / "cfg.json").unlink()
     assert text.read_bytes() == original and (tmp_path / "x.bin.json").read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == names and not any((tmp_path / "data").iterdir())
 

@@ -300,8 +300,9 @@ def pack(
 
 
 def _check_output(output: Path, inputs: Sequence[Path], tokenizer: Path) -> None:
-    """Refuse, before anything is written, an ``output`` that is a directory, or whose ``.bin`` or
-    ``.bin.json`` is one of the ``inputs`` or the ``tokenizer`` file (packing would overwrite it)."""
+    """Refuse, before anything is written, an ``output`` that is a directory, whose ``.bin`` or
+    ``.bin.json`` is one of the ``inputs`` or the ``tokenizer`` file (packing would overwrite it), or
+    that is not named ``.bin`` (``--output cfg`` wrote its metadata over a ``cfg.json``)."""
     if output.is_dir():
         raise LLMKitError(
             f"pack output {output} is a directory: give the .bin file to write, e.g. {output / 'train.bin'}"
@@ -313,6 +314,9 @@ def _check_output(output: Path, inputs: Sequence[Path], tokenizer: Path) -> None
                     f"pack output {output} would overwrite the {role} {path} with {what}: write the shard to a "
                     f".bin file that is neither an input nor the tokenizer"
                 )
+    if output.suffix != ".bin":
+        raise LLMKitError(f"pack output {output}: name the shard FILE.bin (its metadata is written beside it, as "
+                          f"FILE.bin.json), e.g. {output.with_name(output.name + '.bin')}")
 
 
 def _encode_documents(
