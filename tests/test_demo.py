@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_learns(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_learns(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     code = main(
         [
@@ -72,3 +72,20 @@ def test_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     assert f"sample from {out / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    # a rerun stopped by Ctrl-C leaves the finished checkpoint (it saved its step-1 state over it, which the
+    # sdft/sft/ttt configs then started from)
+    finished = (out / "checkpoints" / "last.ckpt").read_bytes()
+    from llmkit.modules.pretrain import PretrainModule
+
+    def ctrl_c_at_step_1(module, *args):
+        if module.global_step == 1:
+            raise KeyboardInterrupt
+        return training_step(module, *args)
+
+    training_step = PretrainModule.training_step
+    monkeypatch.setattr(PretrainModule, "training_step", ctrl_c_at_step_1)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        main(["demo", "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--max-files", "150",
+              "--max-steps", "4", "--vocab-size", "1024", "--seq-len", "64", "--batch-size", "8", "--val-windows", "8"])
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == finished

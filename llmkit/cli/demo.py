@@ -8,11 +8,13 @@ and torch load when the demo runs, not when the module loads, so ``--help`` is i
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmkit.errors import LLMKitError
+from llmkit.io import atomic_file
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -99,7 +101,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         vocab_size=model_cfg.vocab_size,
     )
     logger = TensorBoardLogger(cfg.log_dir, name="demo", default_hp_metric=False)
-    ckpt_dir = out / "checkpoints"  # where configs/{sdft,sft,ttt} look for it; a rerun replaces it, and samples it
+    run_ckpt = Path(logger.log_dir) / "checkpoints" / "last.ckpt"  # the run's; at its end it becomes the demo's
     monitor = MHCMonitor(every_n_steps=max(1, cfg.max_steps // 10))  # H_res in TensorBoard, ten times a run
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
@@ -108,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
         gradient_clip_val=1.0,
         logger=logger,
-        callbacks=[TokenThroughput(), monitor, Checkpoint(dirpath=ckpt_dir, save_top_k=0)],
+        callbacks=[TokenThroughput(), monitor, Checkpoint(dirpath=run_ckpt.parent, save_top_k=0)],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=max(1, cfg.max_steps // 4),
         check_val_every_n_epoch=None,
@@ -126,9 +128,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     trainer.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - train_start
     after = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-    ckpt = ckpt_dir / "last.ckpt"
-    if not ckpt.is_file():
-        raise LLMKitError(f"training finished but no checkpoint was written to {ckpt}")
+    if not run_ckpt.is_file():
+        raise LLMKitError(f"training finished but no checkpoint was written to {run_ckpt}")
+    ckpt = out / "checkpoints" / "last.ckpt"  # where configs/{sdft,sft,ttt} look for it: replaced once a run
+    ckpt.parent.mkdir(parents=True, exist_ok=True)  # finishes (an interrupted rerun saved a partial one over it)
+    with atomic_file(ckpt) as tmp:
+        shutil.copyfile(run_ckpt, tmp)
+    run_ckpt.unlink()
 
     print(f"[5/5] sample from {ckpt}")
     tokenizer = Tokenizer(tok_path)
