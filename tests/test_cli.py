@@ -485,6 +485,18 @@ def test_generate_batches_a_prompt_file_like_single_prompts(trained, tokenizer_p
         assert capsys.readouterr().out.split("\n" + "-" * 40)[0] == record["prompt"] + record["completion"]
 
 
+@pytest.mark.parametrize("command", [["data", "tasks", "--task", "arithmetic", "--n", "5", "--out", "{out}.jsonl"],
+                                     ["data", "corpus", "--source", "{text}", "--out", "{out}"]])
+def test_an_output_path_under_a_file_is_one_line(command, tmp_path, capsys):
+    """A FileExistsError traceback from mkdir (data tokenizer said it in one line already)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 20)
+    args = [arg.format(out=tmp_path / "afile" / "sub", text=tmp_path / "doc.txt") for arg in command]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (f"llmkit: error: {tmp_path / 'afile'}: a file, where a directory must be: check "
+                                       "the path and its permissions (and the disk's free space)\n")
+
+
 def test_a_prompt_file_opening_with_a_byte_order_mark_prompts_without_it(tmp_path):
     """The .txt file's first prompt began with U+FEFF (the JSONL reader refuses one)."""
     from llmkit.cli.generate import read_prompts

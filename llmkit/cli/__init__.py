@@ -28,6 +28,7 @@ resumable checkpoint first (docs/checkpoints.md).
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -69,6 +70,11 @@ def lightning_usage(name: str) -> str:
 
 EXIT_SIGTERM = 143
 """The exit status of a command stopped by SIGTERM (the shell's 128 + signal 15)."""
+
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT}
+"""The errors of a path the OS refuses to write (a file where a directory must be, no permission, a full
+disk): one line naming it, not a traceback."""
 
 
 class Terminated(BaseException):
@@ -128,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signal.SIGTERM, previous)
     except LLMKitError as e:
         print(f"{error_prefix()}{e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in PATH_ERRORS or e.filename is None:
+            raise
+        reason = "a file, where a directory must be" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
+        print(f"{error_prefix()}{e.filename}: {reason}: check the path and its permissions (and the disk's free "
+              "space)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _end_progress_bars()
