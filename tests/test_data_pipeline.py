@@ -798,6 +798,14 @@ def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["row"]}), table)
     with pytest.raises(LLMKitError, match=r"rows\.parquet has no column 'text'; set text_column to one of \['body'\]$"):
         write_corpus([str(table)], tmp_path / "o5", progress=False)
+    damaged = tmp_path / "damaged.parquet"  # the footer whole, a page not: an OSError traceback
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(2000)]}), damaged, compression="none")
+    data = bytearray(damaged.read_bytes())
+    data[200:2000] = bytes(range(256)) * 7 + bytes(8)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(LLMKitError, match=r"damaged\.parquet is not a readable Parquet file: after row 0, "):
+        write_corpus([str(damaged)], tmp_path / "o6", progress=False)
+    assert not (tmp_path / "o6").exists()
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n", encoding="utf-8")
     with pytest.raises(LLMKitError, match=r"unsupported file type '\.csv'; use \.txt, \.md, \.jsonl or \.parquet"):

@@ -143,10 +143,13 @@ def _parquet_documents(file: SourceFile, text_column: str) -> Iterator[tuple[str
             not pa.types.is_large_string(schema.field(text_column).type):
         raise LLMKitError(f"{file.path}: column {text_column!r} holds {schema.field(text_column).type}, not text")
     row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
-        for text in batch.column(0).to_pylist():
-            yield f"{file.key}#{row}", text
-            row += 1
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
+            for text in batch.column(0).to_pylist():
+                yield f"{file.key}#{row}", text
+                row += 1
+    except (pa.ArrowException, OSError) as e:  # its pages, read as it goes (the footer read whole above)
+        raise LLMKitError(f"{file.path} is not a readable Parquet file: after row {row}, {e}") from None
 
 
 def _python_files(source: str) -> list[SourceFile]:
