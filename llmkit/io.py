@@ -158,7 +158,9 @@ def iter_jsonl_objects(path: str | Path, what: str, line_format: str) -> Iterato
         try:
             record = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
         except json.JSONDecodeError as e:
-            raise LLMKitError(f"{source}: not valid JSON ({e.msg}); each line must be {line_format}") from None
+            end = e.pos >= len(line.rstrip("\r\n"))  # e.msg: "Invalid control character at", "Expecting value"
+            where = f"{e.msg.removesuffix(' at')} " + ("at the end of the line" if end else f"at column {e.pos + 1}")
+            raise LLMKitError(f"{source}: not valid JSON ({where}); each line must be {line_format}") from None
         except _RepeatedKey as e:
             raise LLMKitError(f"{source}: the key {e.args[0]!r} is given twice; keep one") from None
         if not isinstance(record, dict):

@@ -81,7 +81,9 @@ def test_read_examples_keeps_extra_fields_in_meta_and_records_the_source(tmp_pat
 
 @pytest.mark.parametrize(
     "line, message",
-    [('{"prompt": "p", "demonstration": ', "not valid JSON"),
+    [('{"prompt": "p", "demonstration": ', "not valid JSON (Expecting value at the end of the line)"),
+     ('{"prompt": "p", "demonstration": "a\tb"}', "not valid JSON (Invalid control character at column 36)"),  # it
+     # ended "at)"
      ('["p", "d"]', "got an array where a JSON object is needed"),
      ('{"prompt": "p"}', "no 'demonstration' field"),
      ('{"prompt": 3, "demonstration": "d"}', "'prompt' is a number; it must be a string"),
