@@ -165,6 +165,23 @@ def test_train_tokenizer_vocab_too_large(corpus_dir: Path, tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+    (["--vocab-size", "500", "--bos-id", "600"], "--bos-id must be below vocab_size (500) and >= -1 (-1: no such "
+                                                  "token), got 600"),
+    (["--character-coverage", "2"], "--character-coverage must be in (0, 1], got 2.0"),
+    (["--eos-id", "2"], "the special token ids must differ, got pad_id 0, unk_id 1, bos_id 2, eos_id 2"),
+])
+def test_a_tokenizer_setting_out_of_range_names_its_flag(flags: list[str], message: str, corpus_dir: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sentencepiece's internals said it ("trainer_interface.cc(78) [(trainer_spec.vocab_size()) > (0)]"), after
+    "sentencepiece failed to train on" a corpus file, as if the file were the cause."""
+    assert main(["data", "tokenizer", "--input", str(corpus_dir / "train_00000.txt"), "--model-prefix",
+                 str(tmp_path / "spm"), *flags]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_tokenizer_vocab_too_small(corpus_dir: Path, tmp_path: Path) -> None:
     config = TokenizerTrainConfig(vocab_size=100, normalization="identity")
     with pytest.raises(LLMKitError, match=r"vocab size 100 is too small.*use vocab_size \d+ or more"):

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from llmkit.errors import SettingError
+
 _SECTION = re.compile(r"^\s*(Args|Attributes):\s*$")
 _ENTRY = re.compile(r"^(\s*)(\w+)(?: \(.*?\))?:\s*(.*)$")
 
@@ -131,7 +133,10 @@ def call_command(fn: Callable[..., Any], values: argparse.Namespace) -> Any:
     for name in inspect.signature(fn).parameters:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = hint(**{f.name: getattr(values, f.name) for f in dataclasses.fields(hint)})
+            try:
+                kwargs[name] = hint(**{f.name: getattr(values, f.name) for f in dataclasses.fields(hint)})
+            except SettingError as error:  # the flag the user typed: --vocab-size
+                raise error.renamed("--" + error.setting.replace("_", "-")) from None
         else:
             kwargs[name] = getattr(values, name)
     return fn(**kwargs)

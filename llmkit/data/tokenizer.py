@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from llmkit.data.corpus import is_separator
 from llmkit.data.hf_tokenizer import HFTokenizer
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.io import file_sha256, iter_text_lines, refuse_overwrite
 
 _VOCAB_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. .*<=\s*(\d+)")
@@ -101,6 +101,23 @@ class TokenizerTrainConfig:
     unk_id: int = 1
     bos_id: int = 2
     eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        """Refuse what sentencepiece refuses with its internals' words ("trainer_interface.cc(78)
+        [(trainer_spec.vocab_size()) > (0)]"), which named a corpus file as the cause."""
+        for name in ("vocab_size", "max_sentence_length", "num_threads"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.character_coverage <= 1:
+            raise SettingError("character_coverage", f"must be in (0, 1], got {self.character_coverage}")
+        ids = {name: getattr(self, name) for name in ("pad_id", "unk_id", "bos_id", "eos_id")}
+        for name, value in ids.items():
+            if not (0 if name == "unk_id" else -1) <= value < self.vocab_size:
+                raise SettingError(name, f"must be below vocab_size ({self.vocab_size}) and >= "
+                                         f"{0 if name == 'unk_id' else '-1 (-1: no such token)'}, got {value}")
+        used = [value for value in ids.values() if value >= 0]
+        if len(set(used)) < len(used):
+            raise LLMKitError(f"the special token ids must differ, got {', '.join(f'{k} {v}' for k, v in ids.items())}")
 
 
 class _SentenceStream:
