@@ -169,7 +169,8 @@ def test_train_tokenizer_vocab_too_large(corpus_dir: Path, tmp_path: Path) -> No
     (["--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
     (["--vocab-size", "500", "--bos-id", "600"], "--bos-id must be below vocab_size (500) and >= -1 (-1: no such "
                                                   "token), got 600"),
-    (["--character-coverage", "2"], "--character-coverage must be in (0, 1], got 2.0"),
+    (["--character-coverage", "2"], "--character-coverage must be in [0.98, 1] (sentencepiece's range), got 2.0"),
+    (["--character-coverage", "0.5"], "--character-coverage must be in [0.98, 1] (sentencepiece's range), got 0.5"),
     (["--eos-id", "2"], "the special token ids must differ, got pad_id 0, unk_id 1, bos_id 2, eos_id 2"),
 ])
 def test_a_tokenizer_setting_out_of_range_names_its_flag(flags: list[str], message: str, corpus_dir: Path,

@@ -63,7 +63,7 @@ class TokenizerTrainConfig:
     Attributes:
         vocab_size: tokens in the vocabulary, special tokens and byte fallbacks included.
         model_type: sentencepiece's algorithm.
-        character_coverage: share of the corpus's characters that get their own piece.
+        character_coverage: share of the corpus's characters that get their own piece (0.98 to 1).
         normalization: sentencepiece's normalization_rule_name: identity (the default) keeps text
             as it is; the nmt/nfkc rules rewrite it (nmt_nfkc_cf and nfkc_cf case-fold, the nmt
             ones drop newlines), and a generative model cannot write what its tokenizer drops.
@@ -108,8 +108,9 @@ class TokenizerTrainConfig:
         for name in ("vocab_size", "max_sentence_length", "num_threads"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.character_coverage <= 1:
-            raise SettingError("character_coverage", f"must be in (0, 1], got {self.character_coverage}")
+        if not 0.98 <= self.character_coverage <= 1:
+            raise SettingError("character_coverage", f"must be in [0.98, 1] (sentencepiece's range), got "
+                                                     f"{self.character_coverage}")
         ids = {name: getattr(self, name) for name in ("pad_id", "unk_id", "bos_id", "eos_id")}
         for name, value in ids.items():
             if not (0 if name == "unk_id" else -1) <= value < self.vocab_size:
