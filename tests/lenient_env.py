@@ -22,3 +22,26 @@ class StrictContextEnv(PrintableGuessEnv):
         if state != self.initial_state():
             raise ValueError(f"cannot read {state[:10]!r}")
         return super().context_from_archive(state, archive_texts)
+
+
+class FailingInitialStateEnv(PrintableGuessEnv):
+    """An environment whose initial state cannot be built (``mode``: it raises, or it never returns)."""
+
+    def __init__(self, mode: str = "raises", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def initial_state(self) -> str:
+        if self.mode == "raises":
+            raise RuntimeError("no initial construction")
+        import time
+
+        time.sleep(60)
+        return super().initial_state()
+
+
+class NumberContextEnv(PrintableGuessEnv):
+    """An environment whose prompt builder returns a number, not text."""
+
+    def context_from_archive(self, state: str, archive_texts: list[str]) -> str:
+        return 42

@@ -234,6 +234,21 @@ def test_a_prompt_builder_that_fails_on_a_found_state_stops_the_run_in_one_line(
         fit(base_ckpt, tokenizer_path, tmp_path, steps=3, env="tests.lenient_env.StrictContextEnv", reuse=True)
 
 
+@pytest.mark.parametrize(("env", "message"), [
+    ({"env": "tests.lenient_env.FailingInitialStateEnv"},
+     r"initial_state failed: RuntimeError: no initial construction"),  # a traceback
+    ({"env": "tests.lenient_env.FailingInitialStateEnv", "env_args": {"target": "alpha", "mode": "hangs"},
+      "reward_timeout_s": 1.0}, r"timed out after 1 s while running initial_state \(worker killed\)"),  # forever
+    ({"env": "tests.lenient_env.NumberContextEnv"},  # a sentencepiece TypeError, result.json left unwritten
+     r"context_from_archive returned int for archive state 0; it must return the prompt's text"),
+])
+def test_an_environment_whose_initial_state_or_prompt_fails_stops_the_run_in_one_line(env, message, base_ckpt,
+                                                                                     tokenizer_path, tmp_path):
+    with pytest.raises(LLMKitError, match=r"^environment .*: " + message + "$"):
+        fit(base_ckpt, tokenizer_path, tmp_path, 1, **env)
+    assert not (tmp_path / "archive.json").exists()
+
+
 def test_the_reward_worker_runs_with_the_configured_memory(base_ckpt, tokenizer_path, tmp_path):
     module = fit(base_ckpt, tokenizer_path, tmp_path, steps=1, reward_memory_mb=512)
     assert [(w.memory_mb, w.pid) for w in module.workers] == [(512, None)]  # closed at teardown

@@ -133,11 +133,12 @@ def _checked_reward(value: Any) -> float:
 
 def _checked_state(value: Any) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"transition returned {type(value).__name__}, not a string")
+        raise TypeError(f"it returned {type(value).__name__}, not a string")
     return str(value)
 
 
-_RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {"reward": _checked_reward, "transition": _checked_state}
+_RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {"reward": _checked_reward, "transition": _checked_state,
+                                                   "initial_state": _checked_state}
 
 
 def _confine(workdir: str, memory_mb: int, file_mb: int) -> None:

@@ -279,7 +279,9 @@ class TTTDiscoverModule(LLMKitModule):
         mark_only_lora_trainable(self.model)
         self.base_sha256 = base_fingerprint(self.model)
         self.workers = [EnvWorker(memory_mb=self.ttt.reward_memory_mb) for _ in range(self.ttt.reward_workers)]
-        initial = self.env.initial_state()
+        ok, initial = self.workers[0].call(self.env, "initial_state", (), self.ttt.reward_timeout_s)
+        if not ok:  # run where reward and transition run: an exception or a hang is one line
+            raise LLMKitError(f"environment {self.env.name}: {initial}")
         reward, why = safe_reward(self.env, initial, self.ttt.reward_timeout_s, self.workers[0])
         if why is not None:
             raise LLMKitError(f"environment {self.env.name}: its initial state does not score ({why})")
@@ -388,13 +390,17 @@ class TTTDiscoverModule(LLMKitModule):
         """The environment's prompt for ``start`` (``context_from_archive``, run here: it reads states,
         which are parsed model output, so an error in it stops the run with one line naming it)."""
         try:
-            return self.env.context_from_archive(start.text, others)
+            context = self.env.context_from_archive(start.text, others)
         except Exception as error:
             raise LLMKitError(
                 f"environment {self.env.name}: context_from_archive failed on archive state {start.id} (found at "
                 f"step {start.step}) with {type(error).__name__}: {str(error)[:200]}; it must accept every state "
                 f"its transition returns"
             ) from error
+        if not isinstance(context, str):
+            raise LLMKitError(f"environment {self.env.name}: context_from_archive returned {type(context).__name__} "
+                              f"for archive state {start.id}; it must return the prompt's text")
+        return context
 
     def teardown(self, stage: str) -> None:
         for worker in self.workers:
@@ -562,9 +568,10 @@ class TTTDiscoverModule(LLMKitModule):
         (None before the first), and whether the run finished: written after every step too, so an
         interrupted run leaves what it found (``llmkit consolidate`` reads it). Rank 0 only."""
         best, initial = self.archive.best(), self.archive.get(0)
+        prompt = self.context(initial, [])  # before anything is written: result.json goes with archive.json
         write_json_atomic(self.output_dir / "archive.json", self.archive.to_dict())
         write_json_atomic(self.output_dir / "result.json", {
-            "problem": self.env.name, "mode": self.ttt.mode, "prompt": self.env.context_from_archive(initial.text, []),
+            "problem": self.env.name, "mode": self.ttt.mode, "prompt": prompt,
             "best_state": best.text, "best_reward": best.reward, "best_state_id": best.id, "found_at_step": best.step,
             "initial_reward": initial.reward,
             "steps": self.archive.step, "rollouts": self.archive.total_rollouts,
