@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import signal
@@ -832,6 +833,20 @@ def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:
         write_corpus(["nowhere/*.txt"], tmp_path / "o3", progress=False)
     with pytest.raises(LLMKitError, match="not both"):
         write_corpus(["stdlib", str(bad)], tmp_path / "o4", progress=False)
+
+
+def test_a_broken_link_or_a_pipe_among_user_files_is_named_not_dropped_silently(tmp_path: Path) -> None:
+    """They were left out of the corpus with no word, in neither n_files nor skipped."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (docs / name).write_text(f"document {name}\n" * 5, encoding="utf-8")
+    (docs / "c.txt").symlink_to(tmp_path / "nowhere.txt")
+    os.mkfifo(docs / "d.txt")
+    with pytest.warns(UserWarning, match=r"corpus source .*docs: left out 2 path\(s\) named like text files that "
+                                         r"are not readable files \(a broken link, a pipe\): .*c\.txt, .*d\.txt$"):
+        summary = write_corpus([str(docs)], tmp_path / "out", val_fraction=0.5, progress=False)
+    assert summary["n_files"] == 2
 
 
 def test_cli_corpus_from_user_files_then_tokenizer_and_pack(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import site
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,11 @@ def list_source_files(source: Sequence[str]) -> list[SourceFile]:
     for entry in source:
         path = Path(entry).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
-            files += [SourceFile(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in found]
+            named = sorted(p for p in path.rglob("*") if p.suffix in USER_SUFFIXES and not p.is_dir())
+            files += [SourceFile(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in named if p.is_file()]
+            if unread := [str(p) for p in named if not p.is_file()]:  # opened, a pipe would wait forever
+                warnings.warn(f"corpus source {entry}: left out {len(unread)} path(s) named like text files that are "
+                              f"not readable files (a broken link, a pipe): {', '.join(unread[:3])}", stacklevel=2)
             continue
         if not path.exists() and not any(c in entry for c in "*?["):
             raise LLMKitError(
