@@ -111,14 +111,16 @@ class TokenizerTrainConfig:
         if not 0.98 <= self.character_coverage <= 1:
             raise SettingError("character_coverage", f"must be in [0.98, 1] (sentencepiece's range), got "
                                                      f"{self.character_coverage}")
-        ids = {name: getattr(self, name) for name in ("pad_id", "unk_id", "bos_id", "eos_id")}
-        for name, value in ids.items():
+        named: dict[int, str] = {}  # two special tokens on one id
+        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
             if not (0 if name == "unk_id" else -1) <= value < self.vocab_size:
                 raise SettingError(name, f"must be below vocab_size ({self.vocab_size}) and >= "
                                          f"{0 if name == 'unk_id' else '-1 (-1: no such token)'}, got {value}")
-        used = [value for value in ids.values() if value >= 0]
-        if len(set(used)) < len(used):
-            raise LLMKitError(f"the special token ids must differ, got {', '.join(f'{k} {v}' for k, v in ids.items())}")
+            if value >= 0 and value in named:
+                raise LLMKitError(f"{named[value]} and {name} are both {value}: give each special token its own id "
+                                  "(-1: no such token)")
+            named[value] = name
 
 
 class _SentenceStream:
@@ -164,17 +166,6 @@ class _SentenceStream:
             raise
 
 
-def _check_special_ids(config: TokenizerTrainConfig) -> None:
-    """Two special tokens on one id fail inside sentencepiece with an internal error: say which."""
-    named: dict[int, str] = {}
-    for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
-        value = getattr(config, name)
-        if value >= 0 and value in named:
-            raise LLMKitError(f"{named[value]} and {name} are both {value}: give each special token its own id "
-                              "(-1: no such token)")
-        named[value] = name
-
-
 def train_tokenizer(
     inputs: Sequence[str | Path],
     model_prefix: str | Path,
@@ -209,7 +200,6 @@ def train_tokenizer(
         for path in paths:
             refuse_overwrite(target, "tokenizer file", {"input": path},
                              "give a model prefix whose .model and .vocab are not inputs")
-    _check_special_ids(config)
     new_dirs = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # deepest first
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
