@@ -30,6 +30,7 @@ from llmkit.data.packing import (
     pack,
     read_meta,
 )
+from llmkit.data.sources import SourceFile, read_documents
 from llmkit.data.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from llmkit.errors import LLMKitError
 from llmkit.io import expand_inputs
@@ -801,6 +802,19 @@ def test_cli_corpus_names_what_it_skipped(tmp_path: Path, capsys: pytest.Capture
             f"1 unreadable or not UTF-8: notes/latin1.txt; see {out / 'corpus.json'})\n") in capsys.readouterr().out
     summary = json.loads((out / "corpus.json").read_text())
     assert summary["n_skipped"] == 3 and len(summary["skipped"]) == 2  # all counted, the first SKIPPED_NAMED named
+
+
+def test_a_dictionary_encoded_or_string_view_text_column_is_text(tmp_path: Path) -> None:
+    """A pandas categorical's column (dictionary<values=string>) and a string_view one were refused as not text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i} " * 10 for i in range(4)]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "categorical.parquet")
+    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string_view())}), tmp_path / "view.parquet")
+    for name in ("categorical", "view"):
+        file = SourceFile(tmp_path / f"{name}.parquet", name)
+        assert [text for _, text in read_documents(file)] == texts, name
 
 
 def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:

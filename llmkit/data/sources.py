@@ -143,9 +143,10 @@ def _parquet_documents(file: SourceFile, text_column: str) -> Iterator[tuple[str
         raise LLMKitError(
             f"{file.path} has no column {text_column!r}; set text_column to one of {schema.names}"
         )
-    if not pa.types.is_string(schema.field(text_column).type) and \
-            not pa.types.is_large_string(schema.field(text_column).type):
-        raise LLMKitError(f"{file.path}: column {text_column!r} holds {schema.field(text_column).type}, not text")
+    kind = schema.field(text_column).type
+    stored = kind.value_type if pa.types.is_dictionary(kind) else kind  # a pandas categorical: dictionary-encoded
+    if not (pa.types.is_string(stored) or pa.types.is_large_string(stored) or pa.types.is_string_view(stored)):
+        raise LLMKitError(f"{file.path}: column {text_column!r} holds {kind}, not text")
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
