@@ -305,12 +305,12 @@ class TokenMeanAccumulator:
     Each micro-batch hands :meth:`backward` its loss *summed* over its real tokens and their
     number, and whether it ends the step (Lightning's fit loop says so for the fine-tuning modules:
     the one count of the window there is). The step divides the summed gradients by the step's
-    real-token count over all ranks (times the world
-    size, since DDP averages gradients over ranks), clips them to ``gradient_clip_val``, and steps
-    the optimizer and the LR scheduler. So the loss is a mean per real token however a step's
-    tokens are split into micro-batches and ranks, the normalisation peer trainers get wrong.
-    A step with no real token anywhere is skipped with a warning; :data:`MAX_EMPTY_WINDOWS` in a
-    row stop the run with an :class:`LLMKitError`.
+    real-token count over all ranks (times the world size, since DDP averages gradients over
+    ranks), clips them to ``gradient_clip_val``, and steps the optimizer and the LR scheduler. So
+    the loss is a mean per real token however a step's tokens are split into micro-batches and
+    ranks, the normalisation peer trainers get wrong. A step with no real token anywhere is
+    skipped with a warning; :data:`MAX_EMPTY_WINDOWS` in a row stop the run with an
+    :class:`LLMKitError`.
 
     Under DDP the backward of every micro-batch but a step's last runs in the strategy's
     ``block_backward_sync`` (DDP's ``no_sync``): gradients accumulate locally and are all-reduced

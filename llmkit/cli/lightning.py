@@ -296,9 +296,10 @@ def check_config_files(args: list[str]) -> None:
             raise LLMKitError(f"{value}: the section '{empty[0]}' is empty; give its settings under it, or remove "
                               "the key")
         check_yaml_keys(value)
-        if value in configs:
-            named.update(path for path in _yaml_files_named(loaded, Path(value).parent) if path not in given)
-            given += sorted(named - set(given))
+        for path in _yaml_files_named(loaded, Path(value).parent) if value in configs else ():
+            if path not in given:
+                given.append(path)
+                named.add(path)
 
 
 def _yaml_files_named(node: Any, directory: Path) -> Iterator[str]:
