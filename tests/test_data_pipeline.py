@@ -1001,3 +1001,20 @@ def test_the_corpus_bar_ends_on_the_number_of_documents_written(tmp_path, capsys
     summary = write_corpus(str(notes), tmp_path / "corpus", val_fraction=0.0)
     assert (summary["n_train_documents"], summary["n_val_documents"]) == (3, 1)
     assert capsys.readouterr().err.rstrip().endswith("documents=4]")
+
+
+def test_a_tokenizer_record_in_the_metadata_that_is_no_path_and_hash_is_named(tokenizer: Tokenizer, corpus_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """The metadata's tokenizer and its SHA-256 become a checkpoint's tokenizer record: a number there made
+    `llmkit generate` crash with a TypeError, and a misspelt vocab_rule read as at_least."""
+    out = tmp_path / "val.bin"
+    meta = pack(tokenizer.path, [corpus_dir / "val_00000.txt"], out, workers=1, progress=False)
+    for broken in ({"tokenizer_sha256": 5}, {"tokenizer_sha256": "abc"}, {"tokenizer": None}, {"tokenizer": 7},
+                   {"vocab_rule": "exactly"}):
+        (tmp_path / "val.bin.json").write_text(json.dumps({**meta, **broken}))
+        with pytest.raises(LLMKitError, match=f"^{re.escape(str(tmp_path / 'val.bin.json'))} has tokenizer .*; "
+                                              "expected the tokenizer's path, its hex SHA-256 and exact or at_least "
+                                              r".*re-create it with `llmkit data pack"):
+            read_meta(out)
+    (tmp_path / "val.bin.json").write_text(json.dumps(meta))
+    assert read_meta(out)["tokenizer_sha256"] == tokenizer.sha256

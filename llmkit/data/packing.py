@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import signal
 import warnings
 import zlib
@@ -441,6 +442,14 @@ def read_meta(bin_path: str | Path) -> dict:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise LLMKitError(f"{meta_file} has vocab_size {vocab_size!r}; expected a positive integer: re-create it "
                           f"with `{hint}`")
+    tokenizer, sha256, rule = meta["tokenizer"], meta["tokenizer_sha256"], meta.get("vocab_rule", "exact")
+    if not (isinstance(tokenizer, str) and isinstance(sha256, str) and re.fullmatch("[0-9a-f]{64}", sha256)
+            and rule in ("exact", "at_least")):
+        raise LLMKitError(
+            f"{meta_file} has tokenizer {tokenizer!r}, tokenizer_sha256 {sha256!r} and vocab_rule {rule!r}; expected "
+            f"the tokenizer's path, its hex SHA-256 and exact or at_least (the record that checkpoints keep of the "
+            f"tokenizer): re-create it with `{hint}`"
+        )
     expected = n_tokens * np.dtype(meta["dtype"]).itemsize
     actual = bin_path.stat().st_size
     if actual != expected:
