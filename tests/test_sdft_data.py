@@ -264,3 +264,24 @@ def test_the_shipped_example_files_are_what_the_command_writes(tmp_path):
         assert (shipped / name).read_text() == (tmp_path / fresh).read_text()
     assert len(read_examples(shipped / "example_arithmetic.jsonl")) == 40
     assert len(read_probes(shipped / "example_arithmetic_probes.jsonl")) == 20
+
+
+def test_data_tasks_streams_its_examples_and_writes_nothing_when_the_probes_fail(tmp_path):
+    """Every example was held twice (the list and a set of its prompts): 1e6 examples took 1.4 GB,
+    so a large --n ran out of memory. Now only the probe candidates are held."""
+    import tracemalloc
+
+    tracemalloc.start()
+    counts = write_task_files("reverse", 30_000, 0, tmp_path / "ex.jsonl", tmp_path / "probes.jsonl", 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert counts == {"examples": 30_000, "probes": 20} and peak < 2e6, peak  # held, they took 20 MB
+    lines = (tmp_path / "ex.jsonl").read_text().splitlines()
+    assert len(lines) == 30_000 and json.loads(lines[-1])["prompt"] == make_examples("reverse", 30_000, 0)[-1].prompt
+    train = {json.loads(line)["prompt"] for line in lines}
+    assert [json.loads(line) for line in (tmp_path / "probes.jsonl").read_text().splitlines()] == \
+        make_probes("reverse", 20, 0, train)
+    # every arithmetic prompt is taught: the probes fail after the examples were generated, and neither file is left
+    with pytest.raises(LLMKitError, match="found only 0 arithmetic probes"):
+        write_task_files("arithmetic", 100_000, 0, tmp_path / "a.jsonl", tmp_path / "a_probes.jsonl", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex.jsonl", "probes.jsonl"]

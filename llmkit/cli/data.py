@@ -149,7 +149,8 @@ def tasks(task: Task, n: int, out: Path, seed: int = 0, probes_out: Path | None 
     """
     if n_probes is not None and probes_out is None:
         raise LLMKitError(f"--n-probes {n_probes} needs --probes-out, the file to write the probes to")
-    counts = write_task_files(task, n, seed, out, probes_out, DEFAULT_N_PROBES if n_probes is None else n_probes)
+    counts = write_task_files(task, n, seed, out, probes_out, DEFAULT_N_PROBES if n_probes is None else n_probes,
+                              progress=True)
     probes = f" and {probes_out}: {counts['probes']:,} probes" if probes_out else ""
     print(f"wrote {out}: {counts['examples']:,} {task} examples (seed {seed}){probes}")
     return 0

@@ -24,15 +24,19 @@ learns them in a few hundred steps, where the other tasks need far more.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from tqdm import tqdm
+
 from llmkit.data.examples import Example
 from llmkit.errors import LLMKitError
-from llmkit.io import write_jsonl_atomic
+from llmkit.io import atomic_file, write_jsonl_atomic
 
 FACTS = {
     "colors": ("What color is the {name}?", "The color is {answer}.",
@@ -43,7 +47,7 @@ FACTS = {
 """Fact tasks: (prompt template, demonstration template, the possible answers)."""
 
 TASKS = ("arithmetic", "reverse", "upper", *FACTS)
-"""The task names :func:`make_examples` knows."""
+"""The task names :func:`iter_examples` knows."""
 
 Task = Literal[TASKS]
 """A task name, as a type (the choices of ``llmkit data tasks --task``)."""
@@ -58,8 +62,8 @@ WORD_LENGTHS = (3, 7)
 """Words for ``reverse`` and ``upper`` have this many letters (inclusive range)."""
 
 PROBE_DRAWS_PER_PROBE = 100
-"""How many candidates :func:`make_probes` may draw per probe before giving up on a task
-whose distinct prompts are nearly all in the training set."""
+"""Prompts :func:`probe_candidates` draws per probe asked for: enough for a task whose distinct
+prompts are nearly all in the training set, before giving up on it."""
 
 
 def _check_task(task: str) -> None:
@@ -96,8 +100,9 @@ def _draw(task: str, rng: random.Random) -> tuple[str, str, str]:
     return f"Write in capitals: {word}", f"In capitals, {word} is {word.upper()}", word.upper()
 
 
-def make_examples(task: str, n: int, seed: int) -> list[Example]:
-    """``n`` examples of ``task`` drawn with ``seed`` (the same list for the same arguments).
+def iter_examples(task: str, n: int, seed: int) -> Iterator[Example]:
+    """``n`` examples of ``task`` drawn with ``seed``, one at a time (the same sequence for the same
+    arguments), so that millions of them are written without being held.
 
     Each example's meta is ``{"task": task, "answer": answer}``; prompts may repeat.
     """
@@ -106,12 +111,14 @@ def make_examples(task: str, n: int, seed: int) -> list[Example]:
         raise LLMKitError(f"the number of examples must be >= 1, got {n}")
     rng = random.Random(seed)
     table = fact_table(task, seed) if task in FACTS else None
-    examples = []
     for i in range(n):
         prompt, demonstration, answer = _fact(task, *rng.choice(table)) if table else _draw(task, rng)
-        meta = {"task": task, "answer": answer}
-        examples.append(Example(prompt, demonstration, meta, source=f"<{task} seed {seed}>:{i + 1}"))
-    return examples
+        yield Example(prompt, demonstration, {"task": task, "answer": answer}, source=f"<{task} seed {seed}>:{i + 1}")
+
+
+def make_examples(task: str, n: int, seed: int) -> list[Example]:
+    """The examples of :func:`iter_examples`, as a list."""
+    return list(iter_examples(task, n, seed))
 
 
 def answer_regex(task: str, answer: str) -> str:
@@ -124,13 +131,12 @@ def answer_regex(task: str, answer: str) -> str:
     return rf"\b{re.escape(answer)}\b"
 
 
-def make_probes(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[str, str]]:
-    """``n`` probe records ``{"name", "prompt", "expect_regex"}`` of ``task``, with distinct
-    prompts none of which is in ``exclude`` (the training prompts).
+def probe_candidates(task: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs that :func:`make_probes` takes its ``n`` probes from, in order.
 
-    They are drawn from a seed stream of their own (``"probes:{seed}"``), not the examples'.
-    A fact task's probes are instead the first ``n`` facts of its table for ``seed`` (recall of
-    the taught facts; ``exclude`` does not apply).
+    A fact task's are the first ``n`` facts of its table for ``seed`` (recall of the taught facts).
+    A generated task's are the distinct prompts of the first ``PROBE_DRAWS_PER_PROBE * n`` draws of
+    a seed stream of their own (``"probes:{seed}"``), not the examples'.
     """
     _check_task(task)
     if n < 1:
@@ -138,25 +144,30 @@ def make_probes(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[st
     if task in FACTS:
         if n > FACTS_PER_TABLE:
             raise LLMKitError(f"a {task} table has {FACTS_PER_TABLE} facts: ask for at most that many probes")
-        facts = [_fact(task, name, answer) for name, answer in fact_table(task, seed)[:n]]
-        return [{"name": f"{task}-{i:04d}", "prompt": prompt, "expect_regex": answer_regex(task, answer)}
-                for i, (prompt, _, answer) in enumerate(facts)]
+        return [(prompt, answer) for prompt, _, answer in
+                (_fact(task, name, answer) for name, answer in fact_table(task, seed)[:n])]
     rng = random.Random(f"probes:{seed}")
-    seen = set(exclude)
-    probes = []
+    candidates: dict[str, str] = {}
     for _ in range(PROBE_DRAWS_PER_PROBE * n):
         prompt, _, answer = _draw(task, rng)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        name = f"{task}-{len(probes):04d}"
-        probes.append({"name": name, "prompt": prompt, "expect_regex": answer_regex(task, answer)})
-        if len(probes) == n:
-            return probes
-    raise LLMKitError(
-        f"found only {len(probes)} {task} probes whose prompts are not training prompts after "
-        f"{PROBE_DRAWS_PER_PROBE * n} draws: ask for fewer probes or fewer examples"
-    )
+        candidates.setdefault(prompt, answer)
+    return list(candidates.items())
+
+
+def make_probes(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[str, str]]:
+    """``n`` probe records ``{"name", "prompt", "expect_regex"}`` of ``task``: the first of
+    :func:`probe_candidates` whose prompts are not in ``exclude`` (the training prompts; only the
+    candidates among them matter). A fact task's probes are its facts, and ``exclude`` does not apply.
+    """
+    candidates = probe_candidates(task, n, seed)
+    kept = candidates if task in FACTS else [(p, a) for p, a in candidates if p not in exclude][:n]
+    if len(kept) < n:
+        raise LLMKitError(
+            f"found only {len(kept)} {task} probes whose prompts are not training prompts after "
+            f"{PROBE_DRAWS_PER_PROBE * n} draws: ask for fewer probes or fewer examples"
+        )
+    return [{"name": f"{task}-{i:04d}", "prompt": prompt, "expect_regex": answer_regex(task, answer)}
+            for i, (prompt, answer) in enumerate(kept)]
 
 
 DEFAULT_N_PROBES = 20
@@ -164,20 +175,29 @@ DEFAULT_N_PROBES = 20
 
 
 def write_task_files(
-    task: str, n: int, seed: int, out: Path, probes_out: Path | None = None, n_probes: int = DEFAULT_N_PROBES
+    task: str, n: int, seed: int, out: Path, probes_out: Path | None = None, n_probes: int = DEFAULT_N_PROBES,
+    progress: bool = False,
 ) -> dict[str, int]:
     """Write ``n`` examples of ``task`` as SDFT JSONL to ``out`` (``{"prompt", "demonstration",
     "task", "answer"}`` per line) and, if ``probes_out`` is given, ``n_probes`` probes to it
-    (:func:`make_probes`). Both files are written to a temp file and renamed; the same path for
-    both is refused before either is written. Returns the counts written."""
+    (:func:`make_probes`). The examples are streamed (a progress bar if ``progress``): memory holds
+    only the probe candidates. Both files are written to a temp file and renamed, the examples last;
+    the same path for both is refused before either is written. Returns the counts written."""
     if probes_out is not None and Path(probes_out).resolve() == Path(out).resolve():
         raise LLMKitError(
             f"the examples and the probes would both be written to {out} (the probes overwriting the "
             "examples): write the probes to a file of their own"
         )
-    examples = make_examples(task, n, seed)
-    probes = make_probes(task, n_probes, seed, {e.prompt for e in examples}) if probes_out is not None else []
-    write_jsonl_atomic(Path(out), [{"prompt": e.prompt, "demonstration": e.demonstration, **e.meta} for e in examples])
-    if probes_out is not None:
-        write_jsonl_atomic(Path(probes_out), probes)
-    return {"examples": len(examples), "probes": len(probes)}
+    watched = {prompt for prompt, _ in probe_candidates(task, n_probes, seed)} if probes_out is not None else set()
+    taught: set[str] = set()
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for e in tqdm(iter_examples(task, n, seed), total=n, desc=f"tasks {task}", unit="ex", unit_scale=True,
+                      disable=not progress):
+            f.write(json.dumps({"prompt": e.prompt, "demonstration": e.demonstration, **e.meta},
+                               ensure_ascii=False) + "\n")
+            if e.prompt in watched:
+                taught.add(e.prompt)
+        probes = make_probes(task, n_probes, seed, taught) if probes_out is not None else []
+        if probes_out is not None:
+            write_jsonl_atomic(Path(probes_out), probes)
+    return {"examples": n, "probes": len(probes)}
