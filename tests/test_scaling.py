@@ -270,6 +270,29 @@ def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(
         "was read before the damage; restore the file or leave the run out"
     )
 
+def test_a_damaged_later_event_file_is_named_in_a_warning(tmp_path):
+    """A resumed run has an event file per process: damage in the later one hid its last validations,
+    and the run's point silently came from an earlier one."""
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)], val_tokens=[(3, 512.0)])
+    (first,) = run.glob("events.out.tfevents.*")
+    writer = SummaryWriter(str(run))  # the resumed run's file, named to sort after the first (tests/conftest.py)
+    writer.add_scalar("val/loss", 4.0, 9)
+    writer.add_scalar("val/tokens", 1536.0, 9)
+    writer.flush()
+    (later,) = set(run.glob("events.out.tfevents.*")) - {first}
+    whole = later.stat().st_size
+    writer.add_scalar("val/loss", 3.0, 12)
+    writer.close()
+    later.write_bytes(later.read_bytes()[:whole + 10])  # the step-12 record cut off
+    with pytest.warns(UserWarning) as caught:
+        point = read_run(run)
+    assert (point.step, point.loss, point.tokens) == (9, 4.0, 1536.0)
+    assert [str(w.message) for w in caught] == [
+        f"run {run}: TensorBoard event file {later.name} is damaged (a truncated or corrupt record): what it logged "
+        "after the damage is not read, so this run's point comes from the val/loss logged before it; restore the "
+        "file or leave the run out"]
+
+
 def test_one_run_is_too_few_and_the_error_names_it(tmp_path):
     run = write_run(tmp_path / "only", [(3, 5.0)], [(3, 512.0)])
     with pytest.raises(LLMKitError, match=rf"1 run\(s\) \({run}\) give 1 distinct value\(s\) of training FLOPs; "

@@ -37,6 +37,7 @@ import glob
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,10 +208,11 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     the model's ``max_seq_len`` when neither is there or the value is null (as
     ``PackedDataModule`` reads a null seq_len).
 
-    Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss (or, where
-    none was read, a damaged event file, which EventAccumulator reads as far as the damage without
-    a word), neither val/tokens at the selected step nor train/tokens, a non-finite selected loss,
-    no readable hparams.yaml with a ``config`` entry giving every key of :data:`MODEL_SIZES`, or a
+    A damaged event file, which EventAccumulator reads as far as the damage without a word, is
+    named: in a warning when val/loss was read (from before the damage, or another file), else in
+    the error. Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss,
+    neither val/tokens at the selected step nor train/tokens, a non-finite selected loss, no
+    readable hparams.yaml with a ``config`` entry giving every key of :data:`MODEL_SIZES`, or a
     window length that is not a positive integer.
     """
     run = Path(run)
@@ -223,13 +225,17 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     val = [(e.step, e.value) for e in events.Scalars("val/loss")] if "val/loss" in scalars else []
+    damaged = next((f for f in sorted(run.glob(EVENT_FILES)) if _damaged(f)), None)
+    if damaged is not None and not val:
+        raise LLMKitError(
+            f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record) and no "
+            "val/loss was read before the damage; restore the file or leave the run out"
+        )
+    if damaged is not None:  # a resumed run's later file, say: its validations would be missed without a word
+        warnings.warn(f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record): "
+                      "what it logged after the damage is not read, so this run's point comes from the val/loss "
+                      "logged before it; restore the file or leave the run out", stacklevel=2)
     if not val:  # a tag whose points a resume's purge_step hid has none left
-        damaged = next((f for f in sorted(run.glob(EVENT_FILES)) if _damaged(f)), None)
-        if damaged is not None:
-            raise LLMKitError(
-                f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record) and no "
-                "val/loss was read before the damage; restore the file or leave the run out"
-            )
         raise LLMKitError(
             f"run {run}: no val/loss scalar in its TensorBoard events, so it never validated; give it val_files "
             "and let it reach a validation (val_check_interval), or leave it out"
