@@ -414,6 +414,48 @@ def test_the_finiteness_check_reads_float8_weights_and_skips_meta_and_integer_te
     assert non_finite_tensor({**fine, "bad": torch.tensor([math.inf], dtype=torch.bfloat16)}) == "bad"
 
 
+def test_every_weight_is_checked_finite_once_and_a_damaged_one_is_refused(hf_models, converted, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A Hugging Face directory's weights were checked twice (read_hf_model, then the backbone: about 1 s per
+    100M bf16 elements each time); `convert upcycle` wrote an mHC checkpoint of a NaN one with rc 0."""
+    import llmkit.model.checkpoint
+    import llmkit.model.hf
+    from llmkit.io import non_finite_tensor
+
+    checked: list[str] = []
+
+    def counting(tensors):
+        checked.extend(tensors)
+        return non_finite_tensor(tensors)
+
+    for module in (llmkit.model.checkpoint, llmkit.model.hf):
+        monkeypatch.setattr(module, "non_finite_tensor", counting)
+    from safetensors.torch import load_file, save_file
+
+    for source, stored in ((hf_models["llama3"][1], load_file(hf_models["llama3"][1] / "model.safetensors")),
+                           (converted["llama3"], torch.load(converted["llama3"], weights_only=True)["state_dict"])):
+        checked.clear()
+        load_backbone(source)
+        assert sorted(checked) == sorted(stored)
+    ckpt = torch.load(converted["llama3"], weights_only=True)
+    ckpt["state_dict"]["model.blocks.1.attn.q_proj.weight"][0, 0] = math.inf
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    assert main(["convert", "upcycle", "--ckpt", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "n4.ckpt")]) == 1
+    assert capsys.readouterr().err == f"llmkit: error: {tmp_path / 'bad.ckpt'}: blocks.1.attn.q_proj.weight holds " \
+        "NaN or infinite values; the file is damaged or its run diverged: use an earlier checkpoint\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
+    # an llmkit model directory (an mHC model's export)
+    assert main(["convert", "upcycle", "--ckpt", str(converted["llama3"]), "--out", str(tmp_path / "n4.ckpt")]) == 0
+    assert main(["convert", "to-hf", "--ckpt", str(tmp_path / "n4.ckpt"), "--out", str(tmp_path / "out")]) == 0
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    tensors["blocks.0.mlp.down_proj.weight"][1, 1] = math.nan
+    save_file(tensors, tmp_path / "out" / "model.safetensors")
+    with pytest.raises(LLMKitError) as refused:
+        load_backbone(tmp_path / "out")
+    assert str(refused.value) == f"{tmp_path / 'out'}: blocks.0.mlp.down_proj.weight holds NaN or infinite values; " \
+        "the weights are damaged: write the directory again (llmkit convert to-hf) from its checkpoint"
+
+
 def split_without_index(model_dir: Path) -> None:
     """Two files holding the embedding each, and no index to say which is meant."""
     from safetensors.torch import load_file, save_file

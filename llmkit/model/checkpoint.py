@@ -218,14 +218,18 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint at ``path`` as plain data, checked to hold a model config and weights; a
-    model directory (see the module docstring) reads as ``{"model_config", "state_dict"}``, a sharded
+    """The checkpoint at ``path`` as plain data, checked to hold a model config and weights, every
+    weight finite (checked here, once: what reads a checkpoint reads it through this); a model
+    directory (see the module docstring) reads as ``{"model_config", "state_dict"}``, a sharded
     checkpoint folder as :func:`load_checkpoint_file` says."""
     if Path(path).is_dir() and not is_sharded_checkpoint(path):
         return _read_model_dir(Path(path))
     ckpt = load_checkpoint_file(path, map_location)
     if "state_dict" not in ckpt or model_config_dict(ckpt) is None:
         raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
+    if (damaged := non_finite_tensor(ckpt["state_dict"])) is not None:
+        raise LLMKitError(f"{path}: {damaged.removeprefix('model.')} holds NaN or infinite values; the file is damaged "
+                          "or its run diverged: use an earlier checkpoint")
     return ckpt
 
 
@@ -264,9 +268,6 @@ def backbone_from_checkpoint(
     if wrong:
         raise LLMKitError(f"{path}: weights do not match its config ({wrong[0]}"
                           + (f", and {len(wrong) - 1} more" if len(wrong) > 1 else "") + ")")
-    if (damaged := non_finite_tensor(state)) is not None:
-        raise LLMKitError(f"{path}: {damaged} holds NaN or infinite values; the file is damaged or its run diverged: "
-                          "use an earlier checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LLMKitError(
@@ -347,7 +348,8 @@ def _model_dir_config(model_dir: Path) -> ModelConfig:
 
 
 def _read_model_dir(model_dir: Path) -> dict:
-    """An llmkit or Hugging Face model directory as ``{"model_config", "state_dict"}``."""
+    """An llmkit or Hugging Face model directory as ``{"model_config", "state_dict"}``, every weight
+    checked finite (a Hugging Face one's by :func:`~llmkit.model.hf.read_hf_model`, naming its file)."""
     if read_hf_config(model_dir).get("model_type") != MODEL_DIR_TYPE:
         config, state = read_hf_model(model_dir)
     else:
@@ -356,4 +358,7 @@ def _read_model_dir(model_dir: Path) -> dict:
         if not files:
             raise LLMKitError(f"{model_dir} has no *.safetensors weights: the directory is incomplete")
         state = tie_head(config, {name: tensor for path in files for name, tensor in read_safetensors(path)})
+        if (damaged := non_finite_tensor(state)) is not None:
+            raise LLMKitError(f"{model_dir}: {damaged} holds NaN or infinite values; the weights are damaged: write "
+                              "the directory again (llmkit convert to-hf) from its checkpoint")
     return {"model_config": config.to_dict(), "state_dict": {f"model.{k}": v for k, v in state.items()}}
