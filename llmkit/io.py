@@ -292,15 +292,27 @@ def hold_interrupts() -> bool:
 def _catch(sig: int, frame: Any) -> None:
     """The held signals' handler: record ``sig``, and say the first time that it was heard (a step
     that ends a block of the regression gate, or an epoch's validation, would look hung), unless the
-    process ignores it (SIGINT in a background job). Written to the file descriptor: a print could
-    re-enter the stderr buffer a progress bar is writing; nothing raised (a closed stderr, the pipe
-    to a ``tee`` that Ctrl-C stopped too) may cut the held work."""
-    first = sig not in _Hold.caught
-    _Hold.caught.append(sig)
-    if first and _Hold.previous.get(sig) is not signal.SIG_IGN:  # .get: it may come while the hold starts
+    process ignores it (SIGINT in a background job). A second SIGINT quits at once, with status 130,
+    as soon as Python runs this handler (between bytecodes, or when a blocking system call such as a
+    write to a slow network disk is interrupted; not inside a long C call): what was being written
+    stays a temp file, which the next write removes, and the last checkpoint is whole. Written to
+    the file descriptor: a print could re-enter the stderr buffer a progress bar is writing; nothing
+    raised (a closed stderr, the pipe to a ``tee`` that Ctrl-C stopped too) may cut the held work."""
+    if _Hold.previous.get(sig) is signal.SIG_IGN:  # .get: it may come while the hold starts
+        _Hold.caught.append(sig)
+        return
+    name = signal.Signals(sig).name
+    if sig == signal.SIGINT and sig in _Hold.caught:
         with suppress(OSError):
-            os.write(2, f"\nllmkit: {signal.Signals(sig).name} received: stopping once the work in progress (a "
-                        f"training step, a file being written) is complete\n".encode())
+            os.write(2, b"\nllmkit: SIGINT again: quitting now; the work in progress is lost, the last checkpoint "
+                        b"is whole\n")
+        os._exit(128 + sig)
+    if sig not in _Hold.caught:
+        again = " (Ctrl-C again quits at once, losing it)" if sig == signal.SIGINT else ""
+        with suppress(OSError):
+            os.write(2, f"\nllmkit: {name} received: stopping once the work in progress (a training step, a file "
+                        f"being written) is complete{again}\n".encode())
+    _Hold.caught.append(sig)
 
 
 def interrupt_pending(sig: int) -> bool:

@@ -643,7 +643,7 @@ def test_an_atomic_write_gets_the_permissions_of_a_plain_open(tmp_path):
 def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last(ctrl_c, capfd):
     """A training step's hold spans hooks that hold and release their own (a checkpoint write, TTT's update):
     the handler-stack version restored the step's catcher's predecessor when an inner block ended first. A held
-    Ctrl-C says it was heard, once (silent, a long held step looked hung, and a user pressed again in vain)."""
+    Ctrl-C says it was heard, and how to quit at once (silent, a long held step looked hung)."""
     import os
     import signal
 
@@ -651,13 +651,13 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
 
     assert hold_interrupts()  # the step's
     with interrupts_held():  # a write inside it, which the step's hold outlives...
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-    assert capfd.readouterr().err == ("\nllmkit: SIGINT received: stopping once the work in progress (a training "
-                                      "step, a file being written) is complete\n")
+        pass
     assert hold_interrupts()  # ...and one opened in it and closed after it
     release_interrupts()
     signal.raise_signal(signal.SIGINT)  # still held, though the write's block ended
+    assert capfd.readouterr().err == ("\nllmkit: SIGINT received: stopping once the work in progress (a training "
+                                      "step, a file being written) is complete (Ctrl-C again quits at once, losing "
+                                      "it)\n")
     with pytest.raises(KeyboardInterrupt):
         release_interrupts()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -685,6 +685,39 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     with interrupts_held():
         signal.raise_signal(signal.SIGINT)
     assert capfd.readouterr().err == ""
+
+
+def test_a_second_ctrl_c_quits_a_held_block_at_once_and_a_second_sigterm_waits(tmp_path):
+    """A held step or write that took long (a slow disk) could not be stopped from the keyboard: the second Ctrl-C
+    was caught and held like the first. SIGTERM (a scheduler's, sent again) still waits for the work."""
+    import signal
+
+    script = tmp_path / "held.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from llmkit.io import atomic_file, interrupts_held\n"
+        "sig = getattr(signal, sys.argv[1])\n"
+        "try:\n"
+        "    with interrupts_held(), atomic_file(sys.argv[2]) as tmp:\n"
+        "        tmp.write_text('half')\n"
+        "        os.kill(os.getpid(), sig)\n"
+        "        os.kill(os.getpid(), sig)\n"
+        "        time.sleep(0.2)\n"
+        "        tmp.write_text('whole')\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(3)\n"
+    )
+    out = tmp_path / "file.txt"
+    run = subprocess.run([sys.executable, str(script), "SIGINT", str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 130 and not out.exists() and len(list(tmp_path.glob(".file.txt.*.tmp"))) == 1
+    assert run.stderr.endswith("is complete (Ctrl-C again quits at once, losing it)\n\nllmkit: SIGINT again: "
+                               "quitting now; the work in progress is lost, the last checkpoint is whole\n")
+    run = subprocess.run([sys.executable, str(script), "SIGTERM", str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == -signal.SIGTERM and out.read_text() == "whole"  # the write completed, then SIGTERM
+    assert run.stderr.count("SIGTERM received") == 1 and "again" not in run.stderr
+    assert not list(tmp_path.glob(".file.txt.*.tmp"))  # the killed writer's temp file went with the next write
 
 
 def test_validate_with_a_model_directory_as_ckpt_path_says_what_to_pass(trained, shards, tokenizer_path, tmp_path,
