@@ -132,6 +132,18 @@ def test_a_regressing_block_is_rejected_and_weights_and_optimizer_restored(tmp_p
     assert not (tmp_path / "gates" / "block_0003").exists()  # no steps after block 2: nothing to gate
 
 
+def test_two_rejected_blocks_in_a_row_restore_the_same_block_start(tmp_path, shards, tokenizer_path):
+    """On a CPU the restored optimizer took the snapshot's tensors as its own, and the next block's AdamW updates
+    changed the snapshot in place: a second rejection restored the moments and step count of that block's end."""
+    module = Student(tokenizer_path, val_config(shards))
+    recorder, gate = Recorder(), RegressionGate(every_n_steps=2, out_dir=str(tmp_path / "gates"))
+    trainer = fit(tmp_path, module, shards, 6, [Corrupt(at_step=3), Corrupt(at_step=5), recorder, gate])
+    assert [d["decision"] for d in gate.decisions] == ["accepted", "rejected", "rejected"]
+    assert not same(recorder.states[6][1], recorder.states[2][1])  # the third block moved AdamW's state
+    assert same(trainer.optimizers[0].state_dict(), recorder.states[2][1])
+    assert same(module.state_dict(), recorder.states[2][0])
+
+
 class ScheduledStudent(Student):
     """A Student whose learning rate falls every step."""
 

@@ -269,12 +269,14 @@ class RegressionGate(L.Callback):
 
     def _restore_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The block-start weights and optimizer state, at the learning rates of the schedule's current
-        step: the schedule is not rewound, and the snapshot's groups hold the block start's rates."""
+        step: the schedule is not rewound, and the snapshot's groups hold the block start's rates. The
+        optimizer gets a copy: it keeps the tensors it is given where they sit (the CPU's, on a CPU run),
+        and the next block's updates in place would change the snapshot that a rejection restores again."""
         module_state, optimizer_states = self._snapshot
         pl_module.load_state_dict(module_state)
         for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
             rates = [group["lr"] for group in optimizer.param_groups]
-            optimizer.load_state_dict(state)
+            optimizer.load_state_dict(_cpu_copy(state))
             for group, lr in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = lr
 
