@@ -177,8 +177,8 @@ class PretrainModule(LLMKitModule):
         self.log_dict(lr_metrics(self.optimizers()), prog_bar=True)
         return loss
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._tokens_in_flight = 0
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._tokens_in_flight = 0  # done: not at the next batch's start, which an interrupt held to then precedes
 
     def rewind_in_flight(self) -> None:
         """Uncount the tokens of the batch in flight, whose step an interrupt cut short: the resume
