@@ -113,6 +113,24 @@ def test_monitor_rejects_batches_that_are_not_token_windows():
         monitor.on_train_batch_end(trainer, module(), None, [{"prompt": "x"}], 0)
 
 
+def test_a_resumed_monitor_does_not_log_its_last_step_again():
+    """Resumed inside an accumulation window, the first micro-batch (which ends no step) logged the step before
+    it a second time, from other tokens."""
+    logged = []
+    logger = type("L", (), {"log_metrics": lambda self, metrics, step: logged.append(step)})()
+    trainer = type("T", (), {"global_step": 5, "is_global_zero": True, "strategy": type("S", (), {"model": None})(),
+                             "loggers": [logger]})()
+    batch = (torch.randint(0, 50, (2, 12)),) * 2
+    pl_module = module()
+    pl_module.configure_model()
+    monitor = MHCMonitor(every_n_steps=1)
+    monitor.on_train_batch_end(trainer, pl_module, None, batch, 0)
+    resumed = MHCMonitor(every_n_steps=1)
+    resumed.load_state_dict(monitor.state_dict())
+    resumed.on_train_batch_end(trainer, pl_module, None, batch, 0)
+    assert logged == [4]
+
+
 @pytest.mark.slow
 def test_monitor_leaves_compiled_checkpointed_blocks_compiled():
     """Hooks inside the training forward graph-broke a compiled block under activation

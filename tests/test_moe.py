@@ -428,6 +428,29 @@ def test_the_monitor_names_a_layer_by_its_block():
     assert sorted(logged) == ["moe/L1/load_std", "moe/L1/max_min_load", "moe/L2/load_std", "moe/L2/max_min_load"]
 
 
+def test_the_mhc_monitor_counts_no_tokens_in_the_load_and_the_moe_monitor_resumes_past_its_last_step():
+    """MHCMonitor's forward ran in training mode: its tokens joined the next step's load (the bias update and the
+    moe/* metrics). A resume inside an accumulation window logged the last step's moe/L* points again."""
+    from types import SimpleNamespace
+
+    from llmkit.callbacks import MHCMonitor, MoEMonitor
+
+    model = Transformer(config(n_streams=4, bias_update_rate=0.01)).train()
+    MHCMonitor(every_n_steps=1).read_mappings(model, torch.randint(0, 64, (8,)))
+    assert all(not layer.router.load.any() for layer in moe_layers(model)) and model.training
+
+    model(torch.randint(0, 64, (2, 8)))  # a micro-batch of the step the run was saved inside
+    logged = []
+    trainer = SimpleNamespace(global_step=5, is_global_zero=True,
+                              loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append(step))])
+    monitor = MoEMonitor(every_n_steps=1)
+    monitor.on_train_batch_end(trainer, SimpleNamespace(model=model), None, None, 0)
+    resumed = MoEMonitor(every_n_steps=1)
+    resumed.load_state_dict(monitor.state_dict())
+    resumed.on_train_batch_end(trainer, SimpleNamespace(model=model), None, None, 0)
+    assert logged == [4]
+
+
 def test_an_moe_model_upcycles_to_mhc_and_exports_as_an_llmkit_directory(tmp_path):
     from llmkit.cli import main
     from llmkit.model.checkpoint import load_backbone, write_backbone_checkpoint

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llmkit.callbacks.interfaces import HasBackbone, require
 from llmkit.errors import LLMKitError
+from llmkit.eval.mode import eval_mode
 from llmkit.model.mhc import Entry, MHCMapping
 
 WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -78,8 +79,10 @@ class MHCMonitor(L.Callback):
         self, model: torch.nn.Module, idx: torch.Tensor, forward: Callable[[torch.Tensor], Any] | None = None
     ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(name, H_pre, H_post, H_res) of every mHC sublayer in depth order for the tokens idx
-        [T] (one row), from an eager forward of ``model``, or of ``forward`` when something else
-        runs it (under FSDP the root module, which gathers the shards)."""
+        [T] (one row), from an eager forward of ``model`` in eval mode, or of ``forward`` when
+        something else runs it (under FSDP the root module, which gathers the shards). Eval mode:
+        no dropout, and an MoE router counts none of these tokens in the step's load (in training
+        mode they moved the balancing bias and the ``moe/*`` metrics of every step logged here)."""
         captured: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         handles = []
         for module_name, module in model.named_modules():
@@ -93,7 +96,7 @@ class MHCMonitor(L.Callback):
 
                 handles.append(module.register_forward_hook(hook))
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager"), eval_mode(model):
                 (model if forward is None else forward)(idx[None])
         finally:
             for handle in handles:
@@ -103,6 +106,12 @@ class MHCMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             require(self, pl_module, HasBackbone, "(the backbone whose mappings it reads)")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_step": self.last_step}  # a run resumed inside an accumulation window logged its step again
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.last_step = state_dict["last_step"]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -36,6 +36,12 @@ class MoEMonitor(L.Callback):
         if stage == "fit":
             require(self, pl_module, HasBackbone, "(the backbone whose routers it reads)")
 
+    def state_dict(self) -> dict[str, int]:
+        return {"last_step": self.last_step}  # a run resumed inside an accumulation window logged its step again
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.last_step = state_dict["last_step"]
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
