@@ -691,12 +691,14 @@ class SIGTERMAfterTheLastBackwardOfEpoch0(L.Callback):
 
 
 EPOCHS_OF_3 = ("--data.samples_per_epoch", "12")
+MOE_BALANCED_BY_BIAS = ("--model.config.moe.n_experts", "4", "--model.config.moe.bias_update_rate", "0.01")
 
 
 @pytest.mark.parametrize(("interrupt", "stop", "accumulate", "val_every", "extra"), [
     ("CtrlCRightAfterUpdate3", 3, 1, 2, ()),
     ("CtrlCInBatchEndBeforeValidation2", 2, 1, 2, ()),
     ("CtrlCBetweenMicroBatches", 2, 2, 2, ()),
+    ("CtrlCBetweenMicroBatches", 2, 2, 2, MOE_BALANCED_BY_BIAS),  # the step's expert load so far, for its bias
     ("CtrlCAfterTheLastBackwardOfStep3", 3, 2, 2, ()),
     ("CtrlCAfterTheValidationInStep2", 1, 2, 3, ()),
     ("CtrlCAfterTheLastBackwardOfEpoch0", 3, 1, 2, EPOCHS_OF_3),
@@ -712,14 +714,17 @@ def test_a_resume_after_ctrl_c_anywhere_in_a_step_continues_as_the_uninterrupted
     One in a callback's batch end lost the step's train points and the validation due after it. One between
     the micro-batches of a step lost their gradients (Lightning checkpoints none): the resumed step applied
     the later micro-batches' alone; after a validation inside the step, the resumed curves were a step behind.
-    One after a backward took back a batch whose gradient it kept. One held to the end of an epoch's last
-    batch saved that epoch unclosed: the resume took the next pass's first batch for the old epoch's, and
-    stepped at other batches; a SIGTERM there (Lightning stops after closing the epoch) saved it closed with
-    its batches counted, and the resume stepped at other batches too. One held to the next batch's start
-    uncounted the tokens of the batch done (the module forgot them at its own batch start, after the callbacks')."""
+    One after a backward took back a batch whose gradient it kept. One between the micro-batches of an MoE
+    model's step lost their expert load (a buffer outside the state dict): the bias moved by the later ones'.
+    One held to the end of an epoch's last batch saved that epoch unclosed: the resume took the next pass's
+    first batch for the old epoch's, and stepped at other batches; a SIGTERM there (Lightning stops after
+    closing the epoch) saved it closed with its batches counted, and the resume stepped at other batches too.
+    One held to the next batch's start uncounted the tokens of the batch done (the module forgot them at its
+    own batch start, after the callbacks')."""
     straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, stop=stop, accumulate=accumulate,
                                                  val_every=val_every, extra=extra)
-    for tag in ("train/loss", "val/loss", "train/tokens", "val/tokens"):  # a batch start's lost the last batch's
+    moe = ("moe/load_std",) if extra == MOE_BALANCED_BY_BIAS else ()  # the balance of each step's whole load
+    for tag in ("train/loss", "val/loss", "train/tokens", "val/tokens", *moe):
         assert losses(interrupted, tag) == losses(straight, tag), tag
     saved = [torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
              for root in (straight, interrupted)]

@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import LOGGED_STEP_KEY, TOKENIZER_KEY, WRITER_KEY, check_tokenizer, check_writer
 from llmkit.model.config import ModelConfig
+from llmkit.model.moe import moe_layers
 from llmkit.optim import MuonAdamW, TokenMeanAccumulator, optimizer_name
 
 WINDOW_KEY = "llmkit_accumulation_window"
@@ -91,8 +93,10 @@ class LLMKitModule(L.LightningModule):
     def accumulation_window(self) -> dict[str, Any] | None:
         """The optimizer step in progress, for a checkpoint saved between its micro-batches (an
         interrupt, a validation inside the window): the gradients of its micro-batches so far
-        (:meth:`window_gradients`) and :attr:`accumulator`'s sums; None between steps. Lightning
-        checkpoints no gradients, and the resumed step applied those of its later micro-batches alone.
+        (:meth:`window_gradients`), the MoE routers' expert loads so far (summed over the ranks; a
+        resume gives the sum to rank 0) and :attr:`accumulator`'s sums; None between steps. Lightning
+        checkpoints neither gradients nor buffers kept out of the state dict, and the resumed step
+        applied the gradients of its later micro-batches alone, and moved the balancing bias by their load.
         Under FSDP the gradients are sharded and not saved (a warning says so)."""
         inside = self.accumulator.in_window if self.accumulator is not None else \
             self.trainer.state.fn == "fit" and self.trainer.fit_loop._should_accumulate()
@@ -104,6 +108,9 @@ class LLMKitModule(L.LightningModule):
                            "ones alone")
             return None
         window: dict[str, Any] = {"gradients": self.window_gradients()}
+        if layers := moe_layers(self):  # the step's expert loads so far, which its bias update reads
+            reduce = sum_over_ranks(self.trainer)
+            window["moe_load"] = [reduce(layer.router.load.clone()).cpu() for layer in layers]
         if self.accumulator is not None:
             window["accumulator"] = self.accumulator.state_dict()
         return window
@@ -159,6 +166,8 @@ class LLMKitModule(L.LightningModule):
         parameters = dict(self.named_parameters())
         for name, grad in window["gradients"].items():
             parameters[name].grad = grad.to(parameters[name].device, parameters[name].dtype)
+        for layer, load in zip(moe_layers(self), window.get("moe_load", []), strict=False):  # absent: older
+            layer.router.load.copy_(load if self.global_rank == 0 else torch.zeros_like(load))
         if self.accumulator is not None:
             self.accumulator.load_state_dict(window["accumulator"], self.global_rank)
 
