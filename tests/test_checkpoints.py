@@ -798,12 +798,19 @@ def test_ctrl_c_inside_a_validation_runs_it_again_on_resume_on_the_same_step_axi
     curves logged step 1 twice and every later point a step early. The resume then continued an interrupted
     validation step's validation from the batch in flight over a fresh iterator: its point was the first
     batch's loss alone (5.872 where the whole validation gives 5.856); interrupted before a batch, or after a
-    checkpoint at that step, it skipped the validation: the point was missing. Now it runs it again, whole."""
-    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, every_n_train_steps)
+    checkpoint at that step, it skipped the validation: the point was missing. Now it runs it again, whole,
+    on the validation batches' axis of the uninterrupted run too (TokenThroughput's validate/* curves were a
+    batch ahead from there on)."""
+    straight, interrupted = straight_and_resumed(shards, tmp_path, interrupt, every_n_train_steps,
+                                                 extra=("--trainer.callbacks+=llmkit.callbacks.TokenThroughput",))
     assert losses(interrupted) == losses(straight)
     validations = losses(straight, "val/loss")
     assert [step for step, _ in validations] == [1, 3, 5]
     assert losses(interrupted, "val/loss") == validations
+    batches = [step for step, _ in losses(straight, "validate/batches")]
+    # (a point the cut validation logged before the interrupt stays: this axis is not the step axis a resume purges)
+    assert batches == [1, 2, 3, 4, 5, 6] and sorted({step for step, _ in losses(interrupted, "validate/batches")}) \
+        == batches
 
 
 class CheckpointCtrlCdInItsSaveAfterStep2(Checkpoint):

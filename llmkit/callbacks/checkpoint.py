@@ -221,6 +221,12 @@ class Checkpoint(ModelCheckpoint):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validation_logged = False
+        progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+        if trainer.state.fn == "fit" and progress.total.ready > progress.total.completed:
+            # the validation run again (_validation_to_run_again): Lightning has begun it now, and no longer
+            # needs the batch in flight counted; counted, every batch of it and of later validations was
+            # numbered one ahead (the validate/* axis of TokenThroughput, Lightning's ThroughputMonitor)
+            progress.total.ready = progress.total.started = progress.total.completed
         super().on_validation_start(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
