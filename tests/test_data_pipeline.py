@@ -817,19 +817,25 @@ def test_a_dictionary_encoded_or_string_view_text_column_is_text(tmp_path: Path)
         assert [text for _, text in read_documents(file)] == texts, name
 
 
-def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path) -> None:
+def test_user_text_errors_name_the_file_and_what_to_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """They named text_field and text_column, the Python arguments, to a user of the command's flags."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(LLMKitError, match=r"bad\.jsonl:2: the document text must be the string field 'text' "
-                                          r"\(no such field\); set text_field .*\['body'\]"):
+    with pytest.raises(LLMKitError, match=r"^text_field 'text' is not a string field of .*bad\.jsonl:2 \(no such "
+                                          r"field\): set it to the field that holds the document text \(fields here: "
+                                          r"\['body'\]\)$"):
         write_corpus([str(bad)], tmp_path / "o1", progress=False)
     table = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"body": ["row"]}), table)
-    with pytest.raises(LLMKitError, match=r"rows\.parquet has no column 'text'; set text_column to one of \['body'\]$"):
+    with pytest.raises(LLMKitError, match=r"^text_column 'text' is not a column of .*rows\.parquet: set it to one of "
+                                          r"\['body'\]$"):
         write_corpus([str(table)], tmp_path / "o5", progress=False)
+    for flag, source in (("--text-field", bad), ("--text-column", table)):  # the command names the flag typed
+        assert main(["data", "corpus", "--source", str(source), "--out", str(tmp_path / "o7")]) == 1
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"llmkit: error: {flag} 'text' is not a ")
     damaged = tmp_path / "damaged.parquet"  # the footer whole, a page not: an OSError traceback
     pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(2000)]}), damaged, compression="none")
     data = bytearray(damaged.read_bytes())

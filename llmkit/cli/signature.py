@@ -127,16 +127,33 @@ def add_command(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
 
 
 def call_command(fn: Callable[..., Any], values: argparse.Namespace) -> Any:
-    """``fn`` called with the parsed ``values`` (dataclass parameters built from their fields)."""
+    """``fn`` called with the parsed ``values`` (dataclass parameters built from their fields). A
+    :class:`SettingError` about one of its flags' settings, from building a dataclass or from the
+    command's work (``text_field``, found missing in line 2 of a file), names the flag the user typed
+    (``--text-field``)."""
     hints = typing.get_type_hints(fn)
     kwargs = {}
+    flags: set[str] = set()
     for name in inspect.signature(fn).parameters:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
+            fields = [f.name for f in dataclasses.fields(hint)]
+            flags.update(fields)
             try:
-                kwargs[name] = hint(**{f.name: getattr(values, f.name) for f in dataclasses.fields(hint)})
-            except SettingError as error:  # the flag the user typed: --vocab-size
-                raise error.renamed("--" + error.setting.replace("_", "-")) from None
+                kwargs[name] = hint(**{field: getattr(values, field) for field in fields})
+            except SettingError as error:
+                raise _flag_named(error) from None
         else:
+            flags.add(name)
             kwargs[name] = getattr(values, name)
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except SettingError as error:
+        if error.setting not in flags:
+            raise
+        raise _flag_named(error) from None
+
+
+def _flag_named(error: SettingError) -> SettingError:
+    """``error`` naming the flag of its setting: ``--vocab-size`` for ``vocab_size``."""
+    return error.renamed("--" + error.setting.replace("_", "-"))

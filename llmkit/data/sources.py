@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, SettingError
 from llmkit.io import expand_inputs, iter_jsonl_objects, json_kind
 
 SOURCES = ("stdlib", "site-packages")
@@ -119,10 +119,8 @@ def _jsonl_documents(file: SourceFile, text_field: str) -> Iterator[tuple[str, s
             continue
         if not isinstance(text, str):
             found = "no such field" if text_field not in record else f"it is {json_kind(text)}"
-            raise LLMKitError(
-                f"{source}: the document text must be the string field {text_field!r} ({found}); set text_field "
-                f"to the field that holds it (fields here: {sorted(record)})"
-            )
+            raise SettingError("text_field", f"{text_field!r} is not a string field of {source} ({found}): set it to "
+                                             f"the field that holds the document text (fields here: {sorted(record)})")
         yield f"{file.key}:{source.rsplit(':', 1)[1]}", text
 
 
@@ -140,9 +138,8 @@ def _parquet_documents(file: SourceFile, text_column: str) -> Iterator[tuple[str
         raise LLMKitError(f"{file.path} is not a readable Parquet file ({e})") from None
     schema = parquet.schema_arrow
     if text_column not in schema.names:
-        raise LLMKitError(
-            f"{file.path} has no column {text_column!r}; set text_column to one of {schema.names}"
-        )
+        raise SettingError("text_column", f"{text_column!r} is not a column of {file.path}: set it to one of "
+                                          f"{schema.names}")
     kind = schema.field(text_column).type
     stored = kind.value_type if pa.types.is_dictionary(kind) else kind  # a pandas categorical: dictionary-encoded
     if not (pa.types.is_string(stored) or pa.types.is_large_string(stored) or pa.types.is_string_view(stored)):
