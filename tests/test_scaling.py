@@ -270,6 +270,21 @@ def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(
         "was read before the damage; restore the file or leave the run out"
     )
 
+def test_a_run_continued_from_a_checkpoint_is_refused(tmp_path):
+    """Its hparams.yaml config is the one given (the default 12-layer model, say), not the checkpoint's shape it
+    trained, so its parameters and FLOPs were another model's; and its loss owes to the checkpoint's training."""
+    run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)])
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text().split("optim:")[0])
+    (run / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "init_ckpt": "base/last.ckpt"}))
+    with pytest.raises(LLMKitError) as e:
+        read_run(run)
+    assert str(e.value) == (f"run {run}: it continued from init_ckpt base/last.ckpt, whose training its val/loss owes "
+                            "to and its tokens and FLOPs leave out: it is no point of a scaling law; fit runs trained "
+                            "from scratch")
+    (run / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "init_ckpt": None}))  # a run from scratch's
+    assert read_run(run).step == 3
+
+
 def test_a_damaged_later_event_file_is_named_in_a_warning(tmp_path):
     """A resumed run has an event file per process: damage in the later one hid its last validations,
     and the run's point silently came from an earlier one."""

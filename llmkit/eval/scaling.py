@@ -211,9 +211,10 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     A damaged event file, which EventAccumulator reads as far as the damage without a word, is
     named: in a warning when val/loss was read (from before the damage, or another file), else in
     the error. Raises :class:`LLMKitError` naming the run when it has no event files, no val/loss,
-    neither val/tokens at the selected step nor train/tokens, a non-finite selected loss, no
-    readable hparams.yaml with a ``config`` entry giving every key of :data:`MODEL_SIZES`, or a
-    window length that is not a positive integer.
+    neither val/tokens at the selected step nor train/tokens, a non-finite selected loss, an
+    ``init_ckpt`` in hparams.yaml (a continued run: not a point of the law), no readable
+    hparams.yaml with a ``config`` entry giving every key of :data:`MODEL_SIZES`, or a window
+    length that is not a positive integer.
     """
     run = Path(run)
     if not run.is_dir() or not any(run.glob(EVENT_FILES)):
@@ -280,6 +281,11 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
         raise LLMKitError(
             f"run {run}: hparams.yaml has no 'config' mapping (the ModelConfig PretrainModule saves); is it a "
             "llmkit pretraining run?"
+        )
+    if hparams.get("init_ckpt"):  # its config is the one given, not the checkpoint's shape the run trained
+        raise LLMKitError(
+            f"run {run}: it continued from init_ckpt {hparams['init_ckpt']}, whose training its val/loss owes to and "
+            "its tokens and FLOPs leave out: it is no point of a scaling law; fit runs trained from scratch"
         )
     try:
         config = ModelConfig.from_dict(hparams["config"])
