@@ -461,3 +461,35 @@ def test_ttt_discover_under_the_cli_ddp_launcher_splits_rollouts_and_writes_once
     run([grads, ReplaySamples(union_samples(ranks))], max_steps=2, enable_checkpointing=False).fit(reference)
     assert reference.archive.to_dict() == ranks[0]["archive"]
     assert_same_run(ranks[0], grads.grads, reference.state_dict(), 1e-2)
+
+
+@pytest.mark.slow
+def test_a_ddp_moe_run_resumed_between_micro_batches_counts_the_steps_expert_load_once(shards, tmp_path):
+    """The load so far went to rank 0 alone, and DDP's first forward after the resume copies rank 0's buffers
+    to every rank: the step's load summed it twice, and moe/load_std (and the bias update) moved off the
+    uninterrupted run's. Two `pretrain fit` processes of DDP each (its launcher starts the second rank)."""
+    from tests.test_checkpoints import losses, write_tensorboard_config
+
+    flags = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.log_every_n_steps", "1",
+             "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null",
+             "--trainer.accumulate_grad_batches", "2", "--model.config.moe.n_experts", "4",
+             "--model.config.moe.bias_update_rate", "0.01"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "fit", "--config", str(root / "tb.yaml"),
+                               *flags, *extra], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for root in (straight, interrupted):
+        root.mkdir()
+        config = yaml.safe_load(write_tensorboard_config(root, shards, 6).read_text())
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # only the interrupt saves
+        (root / "tb.yaml").write_text(yaml.safe_dump(config))
+    assert fit(straight).returncode == 0
+    assert fit(interrupted, "--trainer.callbacks+=tests.test_checkpoints.CtrlCBetweenMicroBatches").returncode == 1
+    last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert len(torch.load(last, weights_only=True)["llmkit_accumulation_window"]["moe_load"]) == 2
+    assert fit(interrupted, "--ckpt_path", str(last)).returncode == 0
+    assert losses(interrupted, "moe/load_std") == losses(straight, "moe/load_std")
+    assert [s for s, _ in losses(interrupted, "train/loss")] == [s for s, _ in losses(straight, "train/loss")]

@@ -311,7 +311,8 @@ def end_of_step(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]
         return {}
     stds, ratios, aux = [], [], []
     for layer in layers:
-        load = reduce(layer.router.load.clone())
+        load = reduce(layer.router.load.clone()).round()  # counts, exact again where a resumed step's load so far
+        # came back as an equal share per rank (LLMKitModule.on_train_start)
         layer.router.last_load.copy_(load)
         if layer.cfg.bias_update_rate and layer.cfg.router == "switch":
             layer.router.update_bias(load)

@@ -94,18 +94,18 @@ class LLMKitModule(L.LightningModule):
         """The optimizer step in progress, for a checkpoint saved between its micro-batches (an
         interrupt, a validation inside the window): the gradients of its micro-batches so far
         (:meth:`window_gradients`), the MoE routers' expert loads so far (summed over the ranks; a
-        resume gives the sum to rank 0) and :attr:`accumulator`'s sums; None between steps. Lightning
+        resume gives each rank an equal share) and :attr:`accumulator`'s sums; None between steps. Lightning
         checkpoints neither gradients nor buffers kept out of the state dict, and the resumed step
         applied the gradients of its later micro-batches alone, and moved the balancing bias by their load.
-        Under FSDP the gradients are sharded and not saved (a warning says so)."""
+        Under FSDP the gradients are sharded and none of this is saved (a warning says so)."""
         inside = self.accumulator.in_window if self.accumulator is not None else \
             self.trainer.state.fn == "fit" and self.trainer.fit_loop._should_accumulate()
         if not inside:  # Lightning keeps a step's gradients until the next step's first backward: not these
             return None
         if isinstance(self.trainer.strategy, FSDPStrategy):
             rank_zero_warn(f"step {self.global_step}: a checkpoint saved between the micro-batches of an optimizer "
-                           "step does not hold their gradients under FSDP; a resume from it steps on the later "
-                           "ones alone")
+                           "step does not hold their gradients (nor an MoE model's expert load) under FSDP; a resume "
+                           "from it steps on the later ones alone")
             return None
         window: dict[str, Any] = {"gradients": self.window_gradients()}
         if layers := moe_layers(self):  # the step's expert loads so far, which its bias update reads
@@ -167,7 +167,8 @@ class LLMKitModule(L.LightningModule):
         for name, grad in window["gradients"].items():
             parameters[name].grad = grad.to(parameters[name].device, parameters[name].dtype)
         for layer, load in zip(moe_layers(self), window.get("moe_load", []), strict=False):  # absent: older
-            layer.router.load.copy_(load if self.global_rank == 0 else torch.zeros_like(load))
+            # an equal share on every rank: DDP's first forward copies rank 0's buffers to every rank
+            layer.router.load.copy_(load / self.trainer.world_size)
         if self.accumulator is not None:
             self.accumulator.load_state_dict(window["accumulator"], self.global_rank)
 
