@@ -19,7 +19,7 @@ import signal
 import threading
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -289,13 +289,23 @@ def hold_interrupts() -> bool:
     return True
 
 
+_QUIT_NOW_CLEANUPS: list[Callable[[], None]] = []
+
+
+def at_quit_now(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` (quick work: kill a child process outside the terminal's process group, remove
+    its directory) when a second Ctrl-C quits at once (:func:`_catch`), which skips ``atexit``."""
+    _QUIT_NOW_CLEANUPS.append(cleanup)
+
+
 def _catch(sig: int, frame: Any) -> None:
     """The held signals' handler: record ``sig``, and say the first time that it was heard (a step
     that ends a block of the regression gate, or an epoch's validation, would look hung), unless the
     process ignores it (SIGINT in a background job). A second SIGINT quits at once, with status 130,
     as soon as Python runs this handler (between bytecodes, or when a blocking system call such as a
-    write to a slow network disk is interrupted; not inside a long C call): what was being written
-    stays a temp file, which the next write removes, and the last checkpoint is whole. Written to
+    write to a slow network disk is interrupted; not inside a long C call), after the
+    :func:`at_quit_now` cleanups: the interrupt's save does not happen, what was being written stays a
+    temp file, which the next write removes, and the last checkpoint written is whole. Written to
     the file descriptor: a print could re-enter the stderr buffer a progress bar is writing; nothing
     raised (a closed stderr, the pipe to a ``tee`` that Ctrl-C stopped too) may cut the held work."""
     if _Hold.previous.get(sig) is signal.SIG_IGN:  # .get: it may come while the hold starts
@@ -304,11 +314,14 @@ def _catch(sig: int, frame: Any) -> None:
     name = signal.Signals(sig).name
     if sig == signal.SIGINT and sig in _Hold.caught:
         with suppress(OSError):
-            os.write(2, b"\nllmkit: SIGINT again: quitting now; the work in progress is lost, the last checkpoint "
-                        b"is whole\n")
+            os.write(2, b"\nllmkit: SIGINT again: quitting now, without the save an interrupt makes: what no "
+                        b"checkpoint holds yet is lost (the last one written is whole)\n")
+        for cleanup in _QUIT_NOW_CLEANUPS:
+            with suppress(Exception):
+                cleanup()
         os._exit(128 + sig)
     if sig not in _Hold.caught:
-        again = " (Ctrl-C again quits at once, losing it)" if sig == signal.SIGINT else ""
+        again = " (Ctrl-C again quits at once, without saving)" if sig == signal.SIGINT else ""
         with suppress(OSError):
             os.write(2, f"\nllmkit: {name} received: stopping once the work in progress (a training step, a file "
                         f"being written) is complete{again}\n".encode())

@@ -656,8 +656,8 @@ def test_interrupt_holds_nest_and_released_in_any_order_deliver_once_at_the_last
     release_interrupts()
     signal.raise_signal(signal.SIGINT)  # still held, though the write's block ended
     assert capfd.readouterr().err == ("\nllmkit: SIGINT received: stopping once the work in progress (a training "
-                                      "step, a file being written) is complete (Ctrl-C again quits at once, losing "
-                                      "it)\n")
+                                      "step, a file being written) is complete (Ctrl-C again quits at once, without "
+                                      "saving)\n")
     with pytest.raises(KeyboardInterrupt):
         release_interrupts()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -695,8 +695,9 @@ def test_a_second_ctrl_c_quits_a_held_block_at_once_and_a_second_sigterm_waits(t
     script = tmp_path / "held.py"
     script.write_text(
         "import os, signal, sys, time\n"
-        "from llmkit.io import atomic_file, interrupts_held\n"
+        "from llmkit.io import at_quit_now, atomic_file, interrupts_held\n"
         "sig = getattr(signal, sys.argv[1])\n"
+        "at_quit_now(lambda: open(sys.argv[2] + '.cleaned', 'w').close())\n"
         "try:\n"
         "    with interrupts_held(), atomic_file(sys.argv[2]) as tmp:\n"
         "        tmp.write_text('half')\n"
@@ -711,8 +712,11 @@ def test_a_second_ctrl_c_quits_a_held_block_at_once_and_a_second_sigterm_waits(t
     run = subprocess.run([sys.executable, str(script), "SIGINT", str(out)], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 130 and not out.exists() and len(list(tmp_path.glob(".file.txt.*.tmp"))) == 1
-    assert run.stderr.endswith("is complete (Ctrl-C again quits at once, losing it)\n\nllmkit: SIGINT again: "
-                               "quitting now; the work in progress is lost, the last checkpoint is whole\n")
+    assert run.stderr.endswith("is complete (Ctrl-C again quits at once, without saving)\n\nllmkit: SIGINT again: "
+                               "quitting now, without the save an interrupt makes: what no checkpoint holds yet is "
+                               "lost (the last one written is whole)\n")
+    assert (tmp_path / "file.txt.cleaned").is_file()  # the at_quit_now cleanups ran (a reward worker's kill)
+    (tmp_path / "file.txt.cleaned").unlink()
     run = subprocess.run([sys.executable, str(script), "SIGTERM", str(out)], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == -signal.SIGTERM and out.read_text() == "whole"  # the write completed, then SIGTERM

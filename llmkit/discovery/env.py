@@ -68,6 +68,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from llmkit.errors import LLMKitError
+from llmkit.io import at_quit_now
 
 ASCII_WHITESPACE = " \t\r\n"
 """The only characters stripped around an answer line (Unicode spaces are not whitespace here)."""
@@ -215,6 +216,7 @@ class EnvWorker:
         self._conn: Any = None
         self._workdir: str | None = None
         atexit.register(self.close)  # its processes and directory go with the interpreter, whoever forgets it
+        at_quit_now(self._stop)  # and with a second Ctrl-C (its own session: the terminal's Ctrl-C misses it)
 
     def __getstate__(self) -> dict[str, Any]:
         """Its settings: a copy (a module that ``ddp_spawn`` sends to a process) starts a worker of its own."""
