@@ -253,11 +253,16 @@ def test_a_model_size_that_is_not_a_positive_integer_is_refused(tmp_path, sizes,
     assert str(e.value) == f"run {run}: hparams.yaml config: {message}"
 
 
-@pytest.mark.parametrize("damage", [
-    lambda data: data[:60],  # its first record whole, the second cut off
-    lambda data: b"not an event file\n",
-], ids=["truncated", "text"])
-def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(tmp_path, damage):
+CUT_OFF = "its last record is cut off: a run still writing it, or a write or copy cut short"
+CORRUPT = "a record fails its checksum: the file is damaged"
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda data: data[:60], CUT_OFF),  # its first record whole, the second cut off
+    (lambda data: b"not an event file\n", CORRUPT),
+    (lambda data: data[:70] + bytes([data[70] ^ 0xFF]) + data[71:], CORRUPT),
+], ids=["truncated", "text", "flipped"])
+def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(tmp_path, damage, why):
     """EventAccumulator stops at a truncated or corrupt record without a word: the run was said to
     have no val/loss, "so it never validated; give it val_files", and the damage went unsaid."""
     run = write_run(tmp_path / "run", [(3, 5.0)], [(3, 512.0)])
@@ -265,10 +270,8 @@ def test_a_damaged_event_file_is_named_not_taken_for_a_run_that_never_validated(
     events.write_bytes(damage(events.read_bytes()))
     with pytest.raises(LLMKitError) as e:
         read_run(run)
-    assert str(e.value) == (
-        f"run {run}: TensorBoard event file {events.name} is damaged (a truncated or corrupt record) and no val/loss "
-        "was read before the damage; restore the file or leave the run out"
-    )
+    assert str(e.value) == (f"run {run}: TensorBoard event file {events.name} cannot be read to its end ({why}) and "
+                            "no val/loss was read before that; restore the file or leave the run out")
 
 def test_a_run_continued_from_a_checkpoint_is_refused(tmp_path):
     """Its hparams.yaml config is the one given (the default 12-layer model, say), not the checkpoint's shape it
@@ -303,9 +306,9 @@ def test_a_damaged_later_event_file_is_named_in_a_warning(tmp_path):
         point = read_run(run)
     assert (point.step, point.loss, point.tokens) == (9, 4.0, 1536.0)
     assert [str(w.message) for w in caught] == [
-        f"run {run}: TensorBoard event file {later.name} is damaged (a truncated or corrupt record): what it logged "
-        "after the damage is not read, so this run's point comes from the val/loss logged before it; restore the "
-        "file or leave the run out"]
+        f"run {run}: TensorBoard event file {later.name} cannot be read to its end ({CUT_OFF}): what it logged after "
+        "that is not read, so this run's point comes from the val/loss logged before it; restore the file or leave the "
+        "run out"]
 
 
 def test_one_run_is_too_few_and_the_error_names_it(tmp_path):

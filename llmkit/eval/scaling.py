@@ -141,17 +141,20 @@ def _positive_int(value: Any, run: Path, key: str) -> int:
     return value
 
 
-def _damaged(path: Path) -> bool:
-    """Whether the TensorBoard event file ``path`` holds a truncated or corrupt record (or is no event
-    file at all): EventAccumulator stops reading a file there without a word, as if it ended."""
+def _damage(path: Path) -> str | None:
+    """What is wrong with the TensorBoard event file ``path``, if anything: a record cut off at its end
+    (a run still writing it, or a write or copy cut short) or one failing its checksum (or no event
+    file at all). EventAccumulator stops reading a file there without a word, as if it ended."""
     reader = pywrap_tensorflow.PyRecordReader_New(str(path))
     try:
         while True:
             reader.GetNext()
     except errors.OutOfRangeError:  # the end of the file, after whole records
-        return False
-    except errors.DataLossError:
-        return True
+        return None
+    except errors.DataLossError as e:
+        if "truncated" in str(e):
+            return "its last record is cut off: a run still writing it, or a write or copy cut short"
+        return "a record fails its checksum: the file is damaged"
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -226,16 +229,16 @@ def read_run(run: str | Path, loss: LossChoice = "final") -> RunPoint:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     val = [(e.step, e.value) for e in events.Scalars("val/loss")] if "val/loss" in scalars else []
-    damaged = next((f for f in sorted(run.glob(EVENT_FILES)) if _damaged(f)), None)
+    damaged = next(((f, why) for f in sorted(run.glob(EVENT_FILES)) if (why := _damage(f))), None)
     if damaged is not None and not val:
         raise LLMKitError(
-            f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record) and no "
-            "val/loss was read before the damage; restore the file or leave the run out"
+            f"run {run}: TensorBoard event file {damaged[0].name} cannot be read to its end ({damaged[1]}) and no "
+            "val/loss was read before that; restore the file or leave the run out"
         )
     if damaged is not None:  # a resumed run's later file, say: its validations would be missed without a word
-        warnings.warn(f"run {run}: TensorBoard event file {damaged.name} is damaged (a truncated or corrupt record): "
-                      "what it logged after the damage is not read, so this run's point comes from the val/loss "
-                      "logged before it; restore the file or leave the run out", stacklevel=2)
+        warnings.warn(f"run {run}: TensorBoard event file {damaged[0].name} cannot be read to its end ({damaged[1]}): "
+                      "what it logged after that is not read, so this run's point comes from the val/loss logged "
+                      "before it; restore the file or leave the run out", stacklevel=2)
     if not val:  # a tag whose points a resume's purge_step hid has none left
         raise LLMKitError(
             f"run {run}: no val/loss scalar in its TensorBoard events, so it never validated; give it val_files "
