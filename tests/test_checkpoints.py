@@ -844,16 +844,24 @@ class CtrlCInTheLastValidationStep(L.Callback):
             pl_module.validation_step = interrupted
 
 
-def test_a_validation_interrupted_after_the_last_step_runs_once_when_the_run_is_resumed(shards, tmp_path, caplog):
+def test_a_validation_interrupted_after_the_last_step_runs_once_when_the_run_is_resumed(shards, tmp_path, caplog,
+                                                                                          recwarn):
     """Resumed with no step left to train, fit ran nothing: the point of the interrupted validation was missing.
     It now runs after fit, as `validate` runs it (at step 6, where fit logs it at 5), and only once: last.ckpt
-    is saved again with it done, so a second resume, or one to a larger max_steps, does not repeat it."""
+    is saved again with it done, so a second resume, or one to a larger max_steps, does not repeat it. The
+    resume says so up front (it warned only that the fit had nothing to train) and names the checkpoint saved."""
     straight, interrupted = straight_and_resumed(shards, tmp_path, "CtrlCInTheLastValidationStep", 2, stop=6)
     assert "the validation of step 6 was interrupted: running it" in caplog.text
+    last = interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"checkpoint: {last} (step 6, its validation done)" in caplog.text
+    nothing_to_train = [str(w.message) for w in recwarn if "nothing to train" in str(w.message)]
+    assert nothing_to_train == [f"{last} is at step 6 and trainer.max_steps is 6: this fit has nothing to train; it "
+                                f"runs the validation of step 6 that an interrupt cut short, and stops; raise "
+                                f"trainer.max_steps to continue the run"]
     (*earlier, (_, last_loss)) = losses(straight, "val/loss")
     assert losses(interrupted, "val/loss") == [*earlier, (6, last_loss)]
     assert losses(interrupted) == losses(straight)
-    config, last = str(interrupted / "tb.yaml"), interrupted / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    config = str(interrupted / "tb.yaml")
     saved_again, saved_straight = (torch.load(root / "tb" / "run" / "version_0" / "checkpoints" / "last.ckpt",
                                               weights_only=True) for root in (interrupted, straight))
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "epoch"):  # the straight run's training state

@@ -311,6 +311,7 @@ class Checkpoint(ModelCheckpoint):
             trainer.strategy.barrier("Checkpoint.run_pending_validation")
             trainer.strategy.save_checkpoint({**connector.dump_checkpoint(), **fit_state}, self.last_model_path)
             trainer.strategy.barrier("Checkpoint.run_pending_validation")
+            rank_zero_info(f"checkpoint: {self.last_model_path} (step {trainer.global_step}, its validation done)")
         return True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -392,8 +392,12 @@ class LLMKitCLI(LightningCLI):
         max_steps = self.config[subcommand].trainer.get("max_steps")
         if subcommand == "fit" and max_steps is not None and self.ckpt_step is not None and \
                 0 <= max_steps <= self.ckpt_step:
+            pending = [state.get("validation_pending") for state in (ckpt.get("callbacks") or {}).values()
+                       if isinstance(state, dict)]
+            then = (f"; it runs the validation of step {self.ckpt_step} that an interrupt cut short, and stops"
+                    if self.ckpt_step in pending else "")
             rank_zero_warn(f"{ckpt_path} is at step {self.ckpt_step} and trainer.max_steps is {max_steps}: "
-                           f"this fit has nothing to train; raise trainer.max_steps to continue the run")
+                           f"this fit has nothing to train{then}; raise trainer.max_steps to continue the run")
         restored = {}
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
