@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -160,6 +161,49 @@ def test_a_best_of_n_run_resumed_at_its_last_step_runs_no_more_steps(base_ckpt, 
     resumed = run(tmp_path / "ckpt" / "last.ckpt")
     log = [json.loads(line)["step"] for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
     assert resumed.archive.step == 2 and log == [1, 2]
+
+
+@pytest.mark.parametrize("stop", [2, 4], ids=["inside the run", "at its last step"])
+def test_ctrl_c_in_a_best_of_n_step_saves_that_step_done_and_says_its_discovery_step(stop, base_ckpt, tokenizer_path,
+                                                                                      tmp_path, monkeypatch, caplog):
+    """best_of_n takes no backward, so no Checkpoint held the interrupt to the batch's end: a Ctrl-C in a
+    step's records landed inside the step, whose batch the checkpoint then took back (the loop's batches
+    one behind the archive's steps), and the console said "Ctrl-C at step 0" and "checkpoint: ... (step
+    0)", Lightning's step, where every other line counts discovery steps."""
+    from llmkit.discovery.archive import Archive
+
+    record_batch = Archive.record_batch
+
+    def ctrl_c_in_the_records(self, rollouts):
+        record_batch(self, rollouts)
+        if self.step == stop:
+            signal.raise_signal(signal.SIGINT)
+
+    def run(max_steps: int, ckpt_path: Path | None = None) -> TTTDiscoverModule:
+        L.seed_everything(0, verbose=False)
+        module = TTTDiscoverModule(ttt={**TOY, "mode": "best_of_n"}, lora={"rank": 4, "alpha": 8.0},
+                                   out_dir=str(tmp_path / "out"), init_ckpt=str(base_ckpt),
+                                   tokenizer=str(tokenizer_path))
+        L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]
+                  ).fit(module, ckpt_path=ckpt_path)
+        return module
+
+    monkeypatch.setattr(Archive, "record_batch", ctrl_c_in_the_records)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
+        run(4)
+    assert f"Ctrl-C at step {stop}: saved {last}; resume with --ckpt_path {last}" in caplog.text
+    saved = torch.load(last, weights_only=True)
+    progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert saved["archive"]["step"] == progress["processed"] == stop  # the step's batch is done
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed = run(6, last)
+    log = [json.loads(line)["step"] for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
+    assert resumed.archive.step == 6 and log == [1, 2, 3, 4, 5, 6]
+    assert f"checkpoint: {last} (step 6)" in caplog.text
 
 
 def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenizer_path, tmp_path):

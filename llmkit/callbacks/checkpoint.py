@@ -97,6 +97,12 @@ _ENDED_BATCH: weakref.WeakKeyDictionary[L.Trainer, tuple[int, bool]] = weakref.W
 validation is due after it, for the other ``Checkpoint`` callbacks' ``on_exception``."""
 
 
+def _logged_step(trainer: L.Trainer) -> int:
+    """The step the module's logs number its state with, for the console (``logged_step``: in a
+    TTT-Discover ``best_of_n`` run the discovery step, where Lightning's ``global_step`` stays 0)."""
+    return getattr(trainer.lightning_module, "logged_step", trainer.global_step)
+
+
 def _count_the_batch_ended(trainer: L.Trainer) -> bool:
     """Before saving a run whose interrupt, held through a training step, landed at the step's end
     (:meth:`Checkpoint.on_train_batch_end`, the callbacks' last; the LightningModule's own
@@ -317,7 +323,7 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_now(trainer)
         if self.last_model_path:
-            rank_zero_info(f"checkpoint: {self.last_model_path} (step {trainer.global_step})")
+            rank_zero_info(f"checkpoint: {self.last_model_path} (step {_logged_step(trainer)})")
         self._release_step()  # one held over the last batch's end lands once the run's end is saved
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -336,6 +342,6 @@ class Checkpoint(ModelCheckpoint):
         saved = self._save_last_now(trainer, validation_to_run=in_validation or validation_due)
         if self._last_step == trainer.global_step:
             rank_zero_info(
-                f"{what} at step {trainer.global_step}: {'saved ' if saved else ''}{self.last_model_path}"
+                f"{what} at step {_logged_step(trainer)}: {'saved ' if saved else ''}{self.last_model_path}"
                 f"{'' if saved else ' holds it'}; resume with --ckpt_path {self.last_model_path}"
             )

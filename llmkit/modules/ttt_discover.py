@@ -71,7 +71,7 @@ from llmkit.discovery.objective import (
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError, SettingError
 from llmkit.eval.mode import eval_mode
-from llmkit.io import as_dataclass, atomic_file, interrupts_held, write_json_atomic
+from llmkit.io import as_dataclass, atomic_file, hold_interrupts, release_interrupts, write_json_atomic
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -289,6 +289,7 @@ class TTTDiscoverModule(LLMKitModule):
         self.seeds = RankSeeds()  # the rollouts' seeds, checkpointed
         self.output_dir: Path | None = None  # set when fit starts
         self._weights_ahead = False  # inside a step, after its update: the weights are not archive.step's
+        self._step_held = False  # Ctrl-C and SIGTERM held from a step's update to its batch's end
         self._warned_failure_reward = False
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -430,23 +431,35 @@ class TTTDiscoverModule(LLMKitModule):
             groups.append([r for _, r, _ in group])
         betas = [cfg.fixed_beta if cfg.fixed_beta is not None else solve_beta(r, cfg.target_kl) for r in groups]
         metrics = {}
-        # Ctrl-C and SIGTERM wait for the update, the archive and the step's records to land together: one
-        # between the optimizer step and the archive saved the weights of a step whose archive, seeds and
-        # discovery_log line were the previous step's (the sampling above, the long part, stays interruptible)
-        with interrupts_held():
-            if cfg.mode == "ttt":
-                advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
-                metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
-            self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
-            self.seeds.batch_completed()
-            self._weights_ahead = False
-            rewards = [r for group in groups for r in group]
-            self._record_step({
-                "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
-                "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
-                "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
-                "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
-            }, metrics)
+        # Ctrl-C and SIGTERM wait for the update, the archive and the step's records to land together, at the
+        # batch's end (on_train_batch_end): one between the optimizer step and the archive saved the weights of
+        # a step whose archive, seeds and discovery_log line were the previous step's, and one landing inside
+        # the step had the checkpoint take its batch back (the sampling above, the long part, stays
+        # interruptible)
+        self._step_held = hold_interrupts()
+        if cfg.mode == "ttt":
+            advantages = torch.cat([loo_advantages(r, b) for r, b in zip(groups, betas, strict=True)])
+            metrics = self._update([contexts[i] for i in mine], actions, advantages[mine.start : mine.stop])
+        self.archive.record_batch(rollouts)  # the step is done: archive, weights and seeds all at archive.step
+        self.seeds.batch_completed()
+        self._weights_ahead = False
+        rewards = [r for group in groups for r in group]
+        self._record_step({
+            "problem": self.env.name, **beta_summary(betas), "best_reward": self.archive.best().reward,
+            "r_mean": statistics.fmean(rewards), "r_std": statistics.pstdev(rewards), "r_max": max(rewards),
+            "start_states": [s.id for s in starts], "failures": len(reasons), "archive_size": len(self.archive),
+            "failure_reasons": sorted(set(reasons))[:MAX_LOGGED_REASONS],
+        }, metrics)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """Release the step's hold of Ctrl-C and SIGTERM (see :meth:`training_step`): the hook runs after
+        every callback's, so an interrupt lands with the step's batch done."""
+        self._release_step()
+
+    def _release_step(self, deliver: bool = True) -> None:
+        if self._step_held:
+            self._step_held = False
+            release_interrupts(deliver)
 
     def sample_actions(self, contexts: list[list[int]]) -> list[list[int]]:
         """One rollout (action ids, EOS included) after each of ``contexts``, sampled with LoRA on and
@@ -546,6 +559,7 @@ class TTTDiscoverModule(LLMKitModule):
         """Save the adapter and results of the last completed step when the run stops on an
         exception (Ctrl-C among them), which ``on_train_end`` does not see; not when the weights
         already hold an update of the unfinished step."""
+        self._release_step(deliver=False)  # the run stops anyway
         if self.trainer.is_global_zero and self.output_dir is not None and self.archive.step > 0 \
                 and not self._weights_ahead:
             self._save_last(finished=False)
