@@ -143,28 +143,28 @@ def test_best_of_n_spends_the_budget_without_updates_on_the_same_step_axis(base_
                                                                                "step_000003.safetensors"]
 
 
+def run_discovery(mode: str, max_steps: int, tmp_path: Path, base_ckpt: Path, tokenizer_path: Path,
+                  ckpt_path: Path | None = None) -> TTTDiscoverModule:
+    """A toy discovery run in ``tmp_path / "out"``, checkpointed in ``tmp_path / "ckpt"``."""
+    L.seed_everything(0, verbose=False)
+    module = TTTDiscoverModule(ttt={**TOY, "mode": mode}, lora={"rank": 4, "alpha": 8.0},
+                               out_dir=str(tmp_path / "out"), init_ckpt=str(base_ckpt), tokenizer=str(tokenizer_path))
+    L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]
+              ).fit(module, ckpt_path=ckpt_path)
+    return module
+
+
 def test_a_best_of_n_run_resumed_at_its_last_step_runs_no_more_steps(base_ckpt, tokenizer_path, tmp_path):
     """best_of_n steps no optimizer, so max_steps never stopped a resumed run: resumed at its last step (a run
     that finished, or one interrupted there) it ran one more discovery step, past trainer.max_steps."""
-    from llmkit.callbacks import Checkpoint
-
-    def run(ckpt_path: Path | None = None) -> TTTDiscoverModule:
-        L.seed_everything(0, verbose=False)
-        module = TTTDiscoverModule(ttt={**TOY, "mode": "best_of_n"}, lora={"rank": 4, "alpha": 8.0},
-                                   out_dir=str(tmp_path / "out"), init_ckpt=str(base_ckpt),
-                                   tokenizer=str(tokenizer_path))
-        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]).fit(module, ckpt_path=ckpt_path)
-        return module
-
-    run()
-    resumed = run(tmp_path / "ckpt" / "last.ckpt")
+    run_discovery("best_of_n", 2, tmp_path, base_ckpt, tokenizer_path)
+    resumed = run_discovery("best_of_n", 2, tmp_path, base_ckpt, tokenizer_path, tmp_path / "ckpt" / "last.ckpt")
     log = [json.loads(line)["step"] for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
     assert resumed.archive.step == 2 and log == [1, 2]
 
 
-@pytest.mark.parametrize("stop", [2, 4], ids=["inside the run", "at its last step"])
-def test_ctrl_c_in_a_best_of_n_step_saves_that_step_done_and_says_its_discovery_step(stop, base_ckpt, tokenizer_path,
+def test_ctrl_c_in_a_best_of_n_step_saves_that_step_done_and_says_its_discovery_step(base_ckpt, tokenizer_path,
                                                                                       tmp_path, monkeypatch, caplog):
     """best_of_n takes no backward, so no Checkpoint held the interrupt to the batch's end: a Ctrl-C in a
     step's records landed inside the step, whose batch the checkpoint then took back (the loop's batches
@@ -176,34 +176,66 @@ def test_ctrl_c_in_a_best_of_n_step_saves_that_step_done_and_says_its_discovery_
 
     def ctrl_c_in_the_records(self, rollouts):
         record_batch(self, rollouts)
-        if self.step == stop:
+        if self.step == 2:
             signal.raise_signal(signal.SIGINT)
-
-    def run(max_steps: int, ckpt_path: Path | None = None) -> TTTDiscoverModule:
-        L.seed_everything(0, verbose=False)
-        module = TTTDiscoverModule(ttt={**TOY, "mode": "best_of_n"}, lora={"rank": 4, "alpha": 8.0},
-                                   out_dir=str(tmp_path / "out"), init_ckpt=str(base_ckpt),
-                                   tokenizer=str(tokenizer_path))
-        L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=[Checkpoint(dirpath=tmp_path / "ckpt")]
-                  ).fit(module, ckpt_path=ckpt_path)
-        return module
 
     monkeypatch.setattr(Archive, "record_batch", ctrl_c_in_the_records)
     last = tmp_path / "ckpt" / "last.ckpt"
     with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
-        run(4)
-    assert f"Ctrl-C at step {stop}: saved {last}; resume with --ckpt_path {last}" in caplog.text
+        run_discovery("best_of_n", 4, tmp_path, base_ckpt, tokenizer_path)
+    assert f"Ctrl-C at step 2: saved {last}; resume with --ckpt_path {last}" in caplog.text
     saved = torch.load(last, weights_only=True)
     progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
-    assert saved["archive"]["step"] == progress["processed"] == stop  # the step's batch is done
+    assert saved["archive"]["step"] == progress["processed"] == 2  # the step's batch is done
     monkeypatch.undo()
     caplog.clear()
     with caplog.at_level("INFO"):
-        resumed = run(6, last)
+        resumed = run_discovery("best_of_n", 6, tmp_path, base_ckpt, tokenizer_path, last)
     log = [json.loads(line)["step"] for line in (tmp_path / "out" / "discovery_log.jsonl").read_text().splitlines()]
     assert resumed.archive.step == 6 and log == [1, 2, 3, 4, 5, 6]
     assert f"checkpoint: {last} (step 6)" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["ttt", "best_of_n"])
+def test_ctrl_c_in_the_last_step_leaves_the_run_finished(mode, base_ckpt, tokenizer_path, tmp_path, monkeypatch,
+                                                        caplog):
+    """The interrupt landed before the module's on_train_end (in mode ttt after the final checkpoint, in
+    best_of_n at the last batch's end), so a run whose every step was done said "discovery stopped" and
+    left result.json "finished": false, which no resume (nothing left to train) set right."""
+    from llmkit.discovery.archive import Archive
+
+    record_batch = Archive.record_batch
+
+    def ctrl_c_in_the_records(self, rollouts):
+        record_batch(self, rollouts)
+        if self.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Archive, "record_batch", ctrl_c_in_the_records)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
+        run_discovery(mode, 3, tmp_path, base_ckpt, tokenizer_path)
+    assert "discovery finished at step 3" in caplog.text and "discovery stopped" not in caplog.text
+    assert f"Ctrl-C at step 3: {last} holds it" in caplog.text
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    adapter = str(tmp_path / "out" / "adapters" / "step_000003.safetensors") if mode == "ttt" else None
+    assert (result["steps"], result["finished"], result["adapter"]) == (3, True, adapter)
+    assert torch.load(last, weights_only=True)["archive"]["step"] == 3
+
+
+@pytest.mark.parametrize("mode", ["ttt", "best_of_n"])
+def test_a_finished_run_resumed_with_no_step_left_keeps_its_results(mode, base_ckpt, tokenizer_path, tmp_path, caplog):
+    """Lightning runs no on_train_end for a resume with nothing to train (mode ttt), and the run's start
+    wrote result.json "finished": false with the adapter of the last multiple of adapter_every (step 2's,
+    not the final step 3's)."""
+    run_discovery(mode, 3, tmp_path, base_ckpt, tokenizer_path)
+    finished = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert finished["finished"] and finished["steps"] == 3
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_discovery(mode, 3, tmp_path, base_ckpt, tokenizer_path, tmp_path / "ckpt" / "last.ckpt")
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == finished
+    assert caplog.text.count("discovery finished at step 3") == 1
 
 
 def test_a_resumed_best_of_n_run_keeps_its_tensorboard_steps(base_ckpt, tokenizer_path, tmp_path):

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import statistics
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,14 @@ from llmkit.discovery.objective import (
 from llmkit.distributed import RankSeeds, gather_objects, rank_share, require_data_parallel, sum_over_ranks
 from llmkit.errors import LLMKitError, SettingError
 from llmkit.eval.mode import eval_mode
-from llmkit.io import as_dataclass, atomic_file, hold_interrupts, release_interrupts, write_json_atomic
+from llmkit.io import (
+    as_dataclass,
+    atomic_file,
+    hold_interrupts,
+    interrupt_pending,
+    release_interrupts,
+    write_json_atomic,
+)
 from llmkit.model.config import AttentionBackend
 from llmkit.model.generation import SamplingConfig, generate, sequence_logprobs
 from llmkit.model.lora import (
@@ -186,8 +194,14 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-class _SaveOnInterrupt(L.Callback):
-    """:meth:`TTTDiscoverModule.save_after_interrupt` when a run stops on an exception."""
+class _SaveResults(L.Callback):
+    """:meth:`TTTDiscoverModule.save_finished` at the run's end, before the final checkpoint (Lightning
+    runs checkpoint callbacks last, and a Ctrl-C in the run's last step lands after that checkpoint,
+    which skipped the module's own ``on_train_end``), and :meth:`TTTDiscoverModule.save_after_interrupt`
+    when a run stops on an exception."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.save_finished()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         pl_module.save_after_interrupt()
@@ -290,10 +304,11 @@ class TTTDiscoverModule(LLMKitModule):
         self.output_dir: Path | None = None  # set when fit starts
         self._weights_ahead = False  # inside a step, after its update: the weights are not archive.step's
         self._step_held = False  # Ctrl-C and SIGTERM held from a step's update to its batch's end
+        self._finished = False  # the run's end saved (save_finished)
         self._warned_failure_reward = False
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [_SaveOnInterrupt()]
+        return [_SaveResults()]
 
     @property
     def logged_step(self) -> int:
@@ -336,6 +351,7 @@ class TTTDiscoverModule(LLMKitModule):
         records and adapters; ``archive.json`` and ``result.json`` are this run's from the start, so a
         run that fails before its first step leaves no earlier run's results for ``consolidate``."""
         super().on_fit_start()
+        self._finished = False
         self.output_dir = Path(self.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
@@ -348,7 +364,10 @@ class TTTDiscoverModule(LLMKitModule):
         for adapter in (self.output_dir / "adapters").glob("step_*.safetensors"):
             if int(adapter.stem.removeprefix("step_")) > self.archive.step:
                 adapter.unlink()
-        self._write_results(self._last_saved_adapter(self.archive.step), finished=False)
+        if 0 < self.trainer.max_steps <= self.archive.step:  # a resume with no step left: Lightning runs no
+            self.save_finished()                              # on_train_end in mode ttt
+        else:
+            self._write_results(self._last_saved_adapter(self.archive.step), finished=False)
 
     def select_starts(self) -> list[State]:
         """``starts_per_step`` start states. PUCT selection skips the lineage of each pick, so it
@@ -453,8 +472,17 @@ class TTTDiscoverModule(LLMKitModule):
 
     def on_train_batch_end(self, *args: Any) -> None:
         """Release the step's hold of Ctrl-C and SIGTERM (see :meth:`training_step`): the hook runs after
-        every callback's, so an interrupt lands with the step's batch done."""
+        every callback's, so an interrupt lands with the step's batch done; a Ctrl-C in the run's last
+        step waits on until its results and final checkpoint are saved (:meth:`on_train_end`), as
+        :class:`~llmkit.callbacks.Checkpoint` holds one in mode ``ttt``, so the run is finished.
+        Every rank decides alike."""
+        if self.archive.step >= self.trainer.max_steps > 0 and self.trainer.strategy.reduce_boolean_decision(
+                interrupt_pending(signal.SIGINT), all=False):
+            return
         self._release_step()
+
+    def on_train_end(self) -> None:
+        self._release_step()  # after the callbacks': the results (_SaveResults) and the final checkpoint
 
     def _release_step(self, deliver: bool = True) -> None:
         if self._step_held:
@@ -549,11 +577,16 @@ class TTTDiscoverModule(LLMKitModule):
         last_saved = step - step % self.ttt.adapter_every
         return self._adapter_path(last_saved) if self.ttt.mode == "ttt" and last_saved > 0 else None
 
-    def on_train_end(self) -> None:
+    def save_finished(self) -> None:
+        """Save the adapter and results of the run's last step, once, after checking that only LoRA
+        parameters trained."""
+        if self._finished:
+            return
         if base_fingerprint(self.model) != self.base_sha256:
             raise LLMKitError("the base weights changed during TTT-Discover: only LoRA parameters may train")
         if self.trainer.is_global_zero:
             self._save_last(finished=True)
+        self._finished = True
 
     def save_after_interrupt(self) -> None:
         """Save the adapter and results of the last completed step when the run stops on an
@@ -561,7 +594,7 @@ class TTTDiscoverModule(LLMKitModule):
         already hold an update of the unfinished step."""
         self._release_step(deliver=False)  # the run stops anyway
         if self.trainer.is_global_zero and self.output_dir is not None and self.archive.step > 0 \
-                and not self._weights_ahead:
+                and not self._weights_ahead and not self._finished:
             self._save_last(finished=False)
 
     def _save_last(self, finished: bool) -> None:
