@@ -46,6 +46,8 @@ def test_demo_runs_end_to_end_and_learns(tmp_path, capsys, monkeypatch):
     assert after < before - 0.5
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "data" / "train.bin.json").is_file()
     assert list((tmp_path / "logs" / "demo" / "version_0").glob("events.out.tfevents.*"))
+    # the run's checkpoint moved to OUT: no empty checkpoints/ left in the version directory
+    assert not (tmp_path / "logs" / "demo" / "version_0" / "checkpoints").exists()
     # the mHC residual's story: H_res of every sublayer in TensorBoard (every 12 // 10 = 1 step), the
     # composite gain in the console, near 1 for doubly stochastic mappings
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -8,6 +8,7 @@ and torch load when the demo runs, not when the module loads, so ``--help`` is i
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -135,8 +136,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     with atomic_file(ckpt) as tmp:
         shutil.copyfile(run_ckpt, tmp)
     run_ckpt.unlink()
+    with contextlib.suppress(OSError):  # the run's checkpoint directory, left empty (a user's file stays)
+        run_ckpt.parent.rmdir()
 
-    print(f"[5/5] sample from {ckpt}")
+    print(f"[5/5] sample from {ckpt} (the run's {run_ckpt}, moved)")
     tokenizer = Tokenizer(tok_path)
     model = load_backbone(ckpt)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
