@@ -257,7 +257,8 @@ def optimizer_with_schedule(param_groups: list[dict], o: OptimConfig, trainer: L
     if warmup >= decay_steps:
         warmup = max(1, int(decay_steps) // 10)
         rank_zero_warn(
-            f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} steps instead"
+            f"optim.warmup_steps {o.warmup_steps} >= decay_steps {decay_steps}: warming up over {warmup} "
+            f"step{'s' if warmup > 1 else ''} instead"
         )
     scheduler = RunSchedule(optimizer, WarmupCosine(warmup, int(decay_steps), o.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

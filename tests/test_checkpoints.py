@@ -440,6 +440,7 @@ def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     bar._trainer = SimpleNamespace(max_steps=40, global_step=30, max_epochs=-1, num_training_batches=400,
                                    accumulate_grad_batches=1, fit_loop=SimpleNamespace(
                                        epoch_loop=SimpleNamespace(batch_progress=progress),
+                                       epoch_progress=SimpleNamespace(current=SimpleNamespace(ready=1, started=1)),
                                        _should_accumulate=lambda: False))
     assert bar.total_train_batches == 40  # Lightning's says 10, while the batch index runs 31..40
     bar._trainer.max_steps = 1000
@@ -464,6 +465,52 @@ def test_the_progress_bar_total_holds_still_between_the_micro_batches_of_a_step(
     data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
     trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
     assert totals == [6] * 6
+
+
+def test_the_progress_bar_of_a_later_epoch_counts_to_the_run_s_last_step(shards):
+    """At an epoch's start the epoch loop's counters still hold the previous epoch's batches, all of them:
+    the bar of the last epoch of a run bounded by steps counted to a full epoch (SDFT's demo run ended at
+    "1/5")."""
+    from llmkit.callbacks.console import TQDMStepProgressBar
+
+    totals = []
+
+    class RecordTotal(L.Callback):
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            totals.append(bar.total_train_batches)
+
+    bar = TQDMStepProgressBar()
+    trainer = L.Trainer(accelerator="cpu", max_steps=7, limit_train_batches=3, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[bar, RecordTotal()])
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    assert totals == [3, 3, 1]
+
+
+def test_the_tqdm_bar_of_a_run_resumed_mid_epoch_has_its_total(shards, tmp_path):
+    """Lightning runs no on_train_epoch_start on a resume mid-epoch, where its tqdm bar takes its total:
+    the resumed epoch counted without one (4/?, no ETA)."""
+    from llmkit.callbacks.console import TQDMStepProgressBar
+
+    def run(steps: int, ckpt_path: Path | None = None) -> list[tuple[int, int | None, str]]:
+        bar, seen = TQDMStepProgressBar(), []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, *args) -> None:
+                seen.append((bar.train_progress_bar.n, bar.train_progress_bar.total, bar.train_progress_bar.desc))
+
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_train_batches=5, logger=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[bar, Record(), Checkpoint(dirpath=tmp_path)])
+        data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+        trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data,
+                    ckpt_path=ckpt_path)
+        return seen
+
+    assert run(3) == [(1, 3, "Epoch 0: "), (2, 3, "Epoch 0: "), (3, 3, "Epoch 0: ")]
+    assert run(7, tmp_path / "last.ckpt") == [(4, 5, "Epoch 0: "), (5, 5, "Epoch 0: "), (1, 2, "Epoch 1: "),
+                                              (2, 2, "Epoch 1: ")]
 
 
 def test_the_step_counting_bar_keeps_the_settings_of_the_bar_it_replaces():

@@ -113,7 +113,10 @@ class _StepTotal:
         if trainer.max_steps is None or trainer.max_steps < 0 or trainer.max_epochs not in (None, -1):
             return trainer.num_training_batches
         remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches begun this epoch (on resume too)
+        epochs = trainer.fit_loop.epoch_progress.current
+        # batches begun this epoch (on resume too); none in on_train_epoch_start, where the counter, reset
+        # after it, still holds the previous epoch's (a resume mid-epoch runs no on_train_epoch_start)
+        done = 0 if epochs.ready > epochs.started else trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if trainer.fit_loop._should_accumulate():  # the micro-batches begun of the step under way are in both
             remaining -= done % trainer.accumulate_grad_batches
         return min(trainer.num_training_batches, done + remaining)
@@ -129,7 +132,18 @@ class RichStepProgressBar(_StepTotal, RichProgressBar):
 
 
 class TQDMStepProgressBar(_StepTotal, TQDMProgressBar):
-    """Lightning's tqdm bar with :class:`_StepTotal`."""
+    """Lightning's tqdm bar with :class:`_StepTotal`, and a total after a resume mid-epoch."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """A resume mid-epoch runs no ``on_train_epoch_start``, where Lightning's bar takes its total: it
+        counted the resumed epoch without one (no ETA), as the rich bar does not (it adds its task here)."""
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and bar.total is None and self.total_train_batches != float("inf"):
+            bar.total = self.total_train_batches
+            bar.n = bar.initial = batch_idx  # the batches before the resume: no part of this process's rate
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def step_progress_bar(default: ProgressBar | None) -> ProgressBar | None:
