@@ -164,22 +164,27 @@ def test_a_best_of_n_run_resumed_at_its_last_step_runs_no_more_steps(base_ckpt, 
     assert resumed.archive.step == 2 and log == [1, 2]
 
 
+def ctrl_c_in_the_records(monkeypatch, step: int) -> None:
+    """A real SIGINT once the archive has recorded discovery step ``step``, inside the step's records."""
+    from llmkit.discovery.archive import Archive
+
+    record_batch = Archive.record_batch
+
+    def record_then_ctrl_c(self, rollouts):
+        record_batch(self, rollouts)
+        if self.step == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Archive, "record_batch", record_then_ctrl_c)
+
+
 def test_ctrl_c_in_a_best_of_n_step_saves_that_step_done_and_says_its_discovery_step(base_ckpt, tokenizer_path,
                                                                                       tmp_path, monkeypatch, caplog):
     """best_of_n takes no backward, so no Checkpoint held the interrupt to the batch's end: a Ctrl-C in a
     step's records landed inside the step, whose batch the checkpoint then took back (the loop's batches
     one behind the archive's steps), and the console said "Ctrl-C at step 0" and "checkpoint: ... (step
     0)", Lightning's step, where every other line counts discovery steps."""
-    from llmkit.discovery.archive import Archive
-
-    record_batch = Archive.record_batch
-
-    def ctrl_c_in_the_records(self, rollouts):
-        record_batch(self, rollouts)
-        if self.step == 2:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(Archive, "record_batch", ctrl_c_in_the_records)
+    ctrl_c_in_the_records(monkeypatch, step=2)
     last = tmp_path / "ckpt" / "last.ckpt"
     with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
         run_discovery("best_of_n", 4, tmp_path, base_ckpt, tokenizer_path)
@@ -202,16 +207,7 @@ def test_ctrl_c_in_the_last_step_leaves_the_run_finished(mode, base_ckpt, tokeni
     """The interrupt landed before the module's on_train_end (in mode ttt after the final checkpoint, in
     best_of_n at the last batch's end), so a run whose every step was done said "discovery stopped" and
     left result.json "finished": false, which no resume (nothing left to train) set right."""
-    from llmkit.discovery.archive import Archive
-
-    record_batch = Archive.record_batch
-
-    def ctrl_c_in_the_records(self, rollouts):
-        record_batch(self, rollouts)
-        if self.step == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(Archive, "record_batch", ctrl_c_in_the_records)
+    ctrl_c_in_the_records(monkeypatch, step=3)
     last = tmp_path / "ckpt" / "last.ckpt"
     with pytest.raises(SystemExit), caplog.at_level("INFO"):  # Lightning's graceful shutdown after Ctrl-C
         run_discovery(mode, 3, tmp_path, base_ckpt, tokenizer_path)
