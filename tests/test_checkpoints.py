@@ -447,6 +447,15 @@ def test_the_progress_bar_counts_to_max_steps_after_a_resume():
     assert bar.total_train_batches == 400  # the epoch ends first
 
 
+def fit_with_bar(shards, callbacks: list, ckpt_path: Path | None = None, **trainer_args) -> None:
+    """A short pretraining fit whose callbacks (a progress bar among them) watch the bar."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=callbacks, **trainer_args)
+    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
+    trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data,
+                ckpt_path=ckpt_path)
+
+
 def test_the_progress_bar_total_holds_still_between_the_micro_batches_of_a_step(shards):
     """It counted the micro-batches begun in the step under way twice (3 steps of 2: totals 7, 6, 7, 6, 7, 6), so
     the bar of a run resumed between them, which takes its total at the epoch's start, ended short of it."""
@@ -459,11 +468,7 @@ def test_the_progress_bar_total_holds_still_between_the_micro_batches_of_a_step(
             totals.append(bar.total_train_batches)
 
     bar = TQDMStepProgressBar()
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[bar, RecordTotal()])
-    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
-    trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    fit_with_bar(shards, [bar, RecordTotal()], max_steps=3, accumulate_grad_batches=2, enable_checkpointing=False)
     assert totals == [6] * 6
 
 
@@ -480,11 +485,7 @@ def test_the_progress_bar_of_a_later_epoch_counts_to_the_run_s_last_step(shards)
             totals.append(bar.total_train_batches)
 
     bar = TQDMStepProgressBar()
-    trainer = L.Trainer(accelerator="cpu", max_steps=7, limit_train_batches=3, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[bar, RecordTotal()])
-    data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
-    trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data)
+    fit_with_bar(shards, [bar, RecordTotal()], max_steps=7, limit_train_batches=3, enable_checkpointing=False)
     assert totals == [3, 3, 1]
 
 
@@ -500,12 +501,8 @@ def test_the_tqdm_bar_of_a_run_resumed_mid_epoch_has_its_total(shards, tmp_path)
             def on_train_batch_end(self, trainer, *args) -> None:
                 seen.append((bar.train_progress_bar.n, bar.train_progress_bar.total, bar.train_progress_bar.desc))
 
-        trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_train_batches=5, logger=False,
-                            enable_model_summary=False, limit_val_batches=0,
-                            callbacks=[bar, Record(), Checkpoint(dirpath=tmp_path)])
-        data = PackedDataModule(train_files=[str(shards["train"])], seq_len=32, batch_size=4, vocab_size=VOCAB_SIZE)
-        trainer.fit(PretrainModule(ModelConfig(**MODEL), OptimConfig(lr=1e-3, warmup_steps=1)), datamodule=data,
-                    ckpt_path=ckpt_path)
+        fit_with_bar(shards, [bar, Record(), Checkpoint(dirpath=tmp_path)], ckpt_path, max_steps=steps,
+                     limit_train_batches=5)
         return seen
 
     assert run(3) == [(1, 3, "Epoch 0: "), (2, 3, "Epoch 0: "), (3, 3, "Epoch 0: ")]
