@@ -15,13 +15,13 @@
 # Then three extras, each only where its usual time still fits before LIMIT_S seconds (default 540,
 # 9 minutes) have passed since the start (gpu_check.py itself is meant to end within 8 minutes):
 # - bench/mhc_host_overhead.py: the host time of one mHC sublayer's ops (about 30 s);
-# - bench/mhc_kernel_variants.py times each mHC kernel alone in the variants worth choosing
-#   between (tiles), with its error against fp64 (about 2.5 minutes: an estimate, with more
-#   variants than it last ran on an H200);
 # - where liger-kernel imports, bench/mhc_liger.py compares its mHC ops with llmkit's (about a
 #   minute). For a GPU machine without network, unpack its wheel into .cache/liger (ignored by
 #   git: a remote runner must be told to carry it) where there is network, and bring it along:
 #   pip download liger-kernel==0.8.5 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/*.whl .cache/liger
+# - bench/mhc_kernel_variants.py times each mHC kernel alone in the variants worth choosing
+#   between (tiles), with its error against fp64 (about 2.5 minutes: an estimate, with more
+#   variants than it last ran on an H200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,17 +45,17 @@ if [ $((SECONDS + HOST_S)) -le "$LIMIT_S" ]; then
 else
     echo "gpu_check: ${SECONDS} s have passed; bench/mhc_host_overhead.py (about ${HOST_S} s) not run"
 fi
-if [ $((SECONDS + VARIANTS_S)) -le "$LIMIT_S" ]; then
-    "$PYTHON" -m bench.mhc_kernel_variants || status=$?
-else
-    echo "gpu_check: ${SECONDS} s have passed; bench/mhc_kernel_variants.py (about ${VARIANTS_S} s) not run"
-fi
 if ! "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
     echo "gpu_check: liger-kernel does not import here; its comparison (bench/mhc_liger.py) not run"
 elif [ $((SECONDS + LIGER_S)) -le "$LIMIT_S" ]; then
     "$PYTHON" -m bench.mhc_liger || status=$?
 else
     echo "gpu_check: ${SECONDS} s have passed; bench/mhc_liger.py (about ${LIGER_S} s) not run"
+fi
+if [ $((SECONDS + VARIANTS_S)) -le "$LIMIT_S" ]; then
+    "$PYTHON" -m bench.mhc_kernel_variants || status=$?
+else
+    echo "gpu_check: ${SECONDS} s have passed; bench/mhc_kernel_variants.py (about ${VARIANTS_S} s) not run"
 fi
 exec 1>&- 2>&-  # tee sees the end of its input and finishes the log before the script exits
 wait
