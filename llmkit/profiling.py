@@ -43,16 +43,23 @@ def dense_bf16_peak_flops(device_name: str) -> float | None:
 def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -> int:
     """Bytes autograd keeps for backward while ``forward()`` runs: the distinct storages packed
     by saved-tensor hooks, ``model``'s parameters excluded. Activation memory measured the same
-    way on any device, CPU included."""
+    way on any device, CPU included.
+
+    The hooks keep no tensor, so the graph ``forward()`` builds cannot run backward, and it is
+    freed with its outputs: a pack hook that kept the tensor would tie a node's saved output back
+    to the node (tensor -> grad_fn -> saved tensor), a cycle through C++ that Python's garbage
+    collector cannot see, and every call would leak its forward's activations."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             storages[ptr] = t.untyped_storage().nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("saved_activation_bytes: its forward's graph keeps no tensors and cannot run backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         forward()
     return sum(storages.values())
