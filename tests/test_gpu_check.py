@@ -130,10 +130,11 @@ def test_wrapper_logs_its_console_and_runs_the_extras_only_where_they_fit(limit_
     assert done.returncode == 0, done.stderr
     ran = [line for line in done.stdout.splitlines() if line.startswith("ran ")]
     assert ran == ["ran -m bench.gpu_check --skip-pytest"] + (
-        ["ran -m bench.mhc_host_overhead", "ran -m bench.mhc_kernel_variants", "ran -m bench.mhc_liger"]
+        ["ran -m bench.mhc_host_overhead", "ran -m bench.mhc_liger", "ran -m bench.mhc_kernel_variants"]
         if extras_run else [])
     if not extras_run:
         assert "bench/mhc_host_overhead.py (about 30 s) not run" in done.stdout
+        assert "bench/mhc_liger.py (about 60 s) not run" in done.stdout
         assert "bench/mhc_kernel_variants.py (about 150 s) not run" in done.stdout
     assert (tmp_path / "out" / "gpu_check_console.log").read_text() == done.stdout + done.stderr
 
