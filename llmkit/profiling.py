@@ -45,21 +45,27 @@ def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], Any]) -
     by saved-tensor hooks, ``model``'s parameters excluded. Activation memory measured the same
     way on any device, CPU included.
 
-    The hooks keep no tensor, so the graph ``forward()`` builds cannot run backward, and it is
-    freed with its outputs: a pack hook that kept the tensor would tie a node's saved output back
-    to the node (tensor -> grad_fn -> saved tensor), a cycle through C++ that Python's garbage
-    collector cannot see, and every call would leak its forward's activations."""
+    The graph ``forward()`` builds keeps no tensor (it cannot run backward): the packed tensors
+    are held in a list until ``forward()`` returns (so no storage is freed and its address reused
+    by another while it runs), then let go. Had the graph kept them, a node's saved output would
+    point back to the node (tensor -> grad_fn -> saved tensor), a cycle through C++ that Python's
+    garbage collector cannot see, and every call would leak its forward's activations."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
+    packed: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             storages[ptr] = t.untyped_storage().nbytes()
+            packed.append(t)
 
     def unpack(_: None) -> torch.Tensor:
         raise RuntimeError("saved_activation_bytes: its forward's graph keeps no tensors and cannot run backward")
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        forward()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            forward()
+    finally:
+        packed.clear()
     return sum(storages.values())
