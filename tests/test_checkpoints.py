@@ -20,7 +20,7 @@ from llmkit.callbacks import AtomicCheckpointIO, Checkpoint, TokenThroughput
 from llmkit.cli import main
 from llmkit.data.datamodule import PackedDataModule
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import load_checkpoint_file
+from llmkit.model.checkpoint import load_backbone, load_checkpoint_file
 from llmkit.model.config import ModelConfig
 from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig, WarmupCosine
@@ -230,6 +230,32 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(exception, shards, tm
     assert step_of(tmp_path / "last.ckpt") == 2
     resumed = fit(tmp_path / "resumed", shards, 6, [], ckpt_path=tmp_path / "last.ckpt")
     assert resumed.global_step == 6
+
+
+def with_scalar_alphas(ckpt: dict) -> dict:
+    """``ckpt`` as llmkit wrote it while the mHC alphas were 0-d (before FSDP's refusal of scalar
+    parameters made them [1]): the alphas and their AdamW moments 0-d."""
+    for name, value in ckpt["state_dict"].items():
+        if name.rpartition(".")[2].startswith("alpha_"):
+            ckpt["state_dict"][name] = value.reshape(())
+    for optimizer in ckpt["optimizer_states"]:
+        for state in optimizer["state"].values():  # by index: the alphas' are the one-element moments
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].reshape(()) if state[key].numel() == 1 else state[key]
+    return ckpt
+
+
+def test_a_run_saved_with_scalar_alphas_resumes_and_loads(shards, tmp_path):
+    fit(tmp_path, shards, 2, [])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    old = tmp_path / "old.ckpt"
+    torch.save(with_scalar_alphas(torch.load(tmp_path / "last.ckpt", weights_only=True)), old)
+    assert load_backbone(old).state_dict()["blocks.0.attn_res.mapping.alpha_res"].shape == (1,)
+    resumed = fit(tmp_path / "resumed", shards, 4, [], ckpt_path=old)  # foreach AdamW: 0-d moments would not step
+    assert resumed.global_step == 4
+    alpha = resumed.lightning_module.model.blocks[0].attn_res.mapping.alpha_res
+    before = saved["state_dict"]["model.blocks.0.attn_res.mapping.alpha_res"]
+    assert alpha.shape == (1,) and not torch.equal(alpha.detach(), before)
 
 
 def test_a_failure_does_not_overwrite_the_last_good_checkpoint(shards, tmp_path):

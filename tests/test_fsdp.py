@@ -60,6 +60,23 @@ def test_the_900m_backbone_builds_on_the_meta_device_with_one_fsdp_unit_per_bloc
     assert strategy._state_dict_type == "sharded" and strategy.kwargs["use_orig_params"]
 
 
+def test_fsdp_wraps_an_mhc_block(tmp_path):
+    """FSDP refuses 0-d parameters (an H200 run of the GPU test below stopped at the mHC alphas);
+    the check runs when a unit is wrapped, which a one-process gloo group does on a CPU."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    block = Transformer(TINY).blocks[0]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="NO_SHARD"):  # one rank: nothing to shard
+            wrapped = FullyShardedDataParallel(block, device_id=torch.device("cpu"), use_orig_params=True)
+    finally:
+        dist.destroy_process_group()
+    names = {name.rpartition(".")[2] for name, _ in wrapped.named_parameters()}
+    assert names >= {"alpha_pre", "alpha_post", "alpha_res"}
+
+
 def test_under_mixed_precision_parameters_and_buffers_stay_fp32():
     """mHC's alphas and biases and the RoPE tables keep fp32 as on one GPU; autocast computes in bf16."""
     strategy = BlockFSDPStrategy()

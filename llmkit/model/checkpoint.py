@@ -42,6 +42,7 @@ from llmkit.model.hf import (
     write_weights,
 )
 from llmkit.model.lora import LORA_SUFFIXES, LoRAConfig, is_lora_file, merge_adapter_state
+from llmkit.model.mhc import reshape_scalar_alphas
 from llmkit.model.transformer import Transformer
 
 WRITER_KEY = "llmkit_module"
@@ -223,14 +224,39 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     directory (see the module docstring) reads as ``{"model_config", "state_dict"}``, a sharded
     checkpoint folder as :func:`load_checkpoint_file` says."""
     if Path(path).is_dir() and not is_sharded_checkpoint(path):
-        return _read_model_dir(Path(path))
-    ckpt = load_checkpoint_file(path, map_location)
-    if "state_dict" not in ckpt or model_config_dict(ckpt) is None:
-        raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
-    if (damaged := non_finite_tensor(ckpt["state_dict"])) is not None:
-        raise LLMKitError(f"{path}: {damaged.removeprefix('model.')} holds NaN or infinite values; the file is damaged "
-                          "or its run diverged: use an earlier checkpoint")
+        ckpt = _read_model_dir(Path(path))
+    else:
+        ckpt = load_checkpoint_file(path, map_location)
+        if "state_dict" not in ckpt or model_config_dict(ckpt) is None:
+            raise LLMKitError(f"{path} is not an llmkit checkpoint (no model config or state_dict)")
+        if (damaged := non_finite_tensor(ckpt["state_dict"])) is not None:
+            raise LLMKitError(f"{path}: {damaged.removeprefix('model.')} holds NaN or infinite values; the file is "
+                              "damaged or its run diverged: use an earlier checkpoint")
+    reshape_scalar_alphas(ckpt["state_dict"])
     return ckpt
+
+
+def reshape_scalar_alpha_states(ckpt: dict) -> None:
+    """In place, a training checkpoint written while the mHC mappings' alphas were 0-d (before
+    FSDP's refusal of scalar parameters made them [1]) made to fit today's model: its weights'
+    alphas and their optimizer states (every 0-d per-parameter state but ``step`` was an alpha's;
+    foreach and single-tensor AdamW refuse to step a [1] parameter with 0-d moments)."""
+    reshape_scalar_alphas(ckpt.get("state_dict", {}))
+    for optimizer_state in ckpt.get("optimizer_states", []):
+        _reshape_scalar_moments(optimizer_state)
+
+
+def _reshape_scalar_moments(optimizer_state: dict) -> None:
+    """The 0-d per-parameter states (but ``step``) of an optimizer's state dict reshaped to [1],
+    in place; a combined optimizer's parts too (Muon's ``{"muon": ..., "adamw": ...}``)."""
+    for key, value in optimizer_state.items():
+        if key == "state":
+            for per_param in value.values():
+                for name, t in per_param.items():
+                    if name != "step" and isinstance(t, torch.Tensor) and t.ndim == 0:
+                        per_param[name] = t.reshape(1)
+        elif isinstance(value, dict):
+            _reshape_scalar_moments(value)
 
 
 def checkpoint_model_config(path: str | Path) -> ModelConfig:

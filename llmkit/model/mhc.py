@@ -97,6 +97,26 @@ def recompute_first_mapping() -> tuple[AbstractContextManager, AbstractContextMa
     return create_selective_checkpoint_contexts(policy)
 
 
+MAPPING_ALPHAS = ("alpha_pre", "alpha_post", "alpha_res")
+
+
+def reshape_scalar_alphas(tensors: dict[str, torch.Tensor]) -> None:
+    """In place, the mappings' alphas of ``tensors`` (weights or gradients by parameter name, any
+    prefix) that are 0-d reshaped to [1]: llmkit wrote them 0-d before FSDP, which refuses scalar
+    parameters, had them made [1]."""
+    for key, value in tensors.items():
+        if key.rpartition(".")[2] in MAPPING_ALPHAS and isinstance(value, torch.Tensor) and value.ndim == 0:
+            tensors[key] = value.reshape(1)
+
+
+def _load_scalar_alphas(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook of :class:`MHCMapping`: weights with 0-d alphas still load."""
+    for name in MAPPING_ALPHAS:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class MHCMapping(nn.Module):
     """Computes a sublayer's H_pre [..., n], H_post [..., n], H_res [..., n, n] and input H_pre X
     from its stream X [..., n, C] (an :class:`Entry`).
@@ -114,13 +134,15 @@ class MHCMapping(nn.Module):
         self.cfg = config.mhc
         self.norm_eps = config.norm_eps
         self.phi = nn.Linear(n * c, 2 * n + n * n, bias=False)
-        self.alpha_pre = nn.Parameter(torch.tensor(self.cfg.alpha_init))
-        self.alpha_post = nn.Parameter(torch.tensor(self.cfg.alpha_init))
-        self.alpha_res = nn.Parameter(torch.tensor(self.cfg.alpha_init))
+        # [1], not 0-d: FSDP refuses scalar parameters
+        self.alpha_pre = nn.Parameter(torch.full((1,), self.cfg.alpha_init))
+        self.alpha_post = nn.Parameter(torch.full((1,), self.cfg.alpha_init))
+        self.alpha_res = nn.Parameter(torch.full((1,), self.cfg.alpha_init))
         self.b_pre = nn.Parameter(torch.empty(n))
         self.b_post = nn.Parameter(torch.empty(n))
         self.b_res = nn.Parameter(torch.empty(n, n))
         self.reset_biases()
+        self.register_load_state_dict_pre_hook(_load_scalar_alphas)
 
     @torch.no_grad()
     def reset_biases(self) -> None:

@@ -11,8 +11,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from llmkit.distributed import sum_over_ranks
 from llmkit.errors import LLMKitError
-from llmkit.model.checkpoint import LOGGED_STEP_KEY, TOKENIZER_KEY, WRITER_KEY, check_tokenizer, check_writer
+from llmkit.model.checkpoint import (
+    LOGGED_STEP_KEY,
+    TOKENIZER_KEY,
+    WRITER_KEY,
+    check_tokenizer,
+    check_writer,
+    reshape_scalar_alpha_states,
+)
 from llmkit.model.config import ModelConfig
+from llmkit.model.mhc import reshape_scalar_alphas
 from llmkit.model.moe import moe_layers
 from llmkit.optim import MuonAdamW, TokenMeanAccumulator, optimizer_name
 
@@ -136,6 +144,7 @@ class LLMKitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
+        reshape_scalar_alpha_states(checkpoint)
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
         self.take_tokenizer_of(checkpoint, ckpt_path or "the checkpoint")
         self.weights_step = checkpoint.get("global_step", 0)
@@ -164,6 +173,7 @@ class LLMKitModule(L.LightningModule):
         if window is None:
             return
         parameters = dict(self.named_parameters())
+        reshape_scalar_alphas(window["gradients"])
         for name, grad in window["gradients"].items():
             parameters[name].grad = grad.to(parameters[name].device, parameters[name].dtype)
         for layer, load in zip(moe_layers(self), window.get("moe_load", []), strict=False):  # absent: older
