@@ -235,6 +235,9 @@ def test_decode_steps_never_wait_for_the_gpu():
                 torch.cuda.set_sync_debug_mode("default")
         return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
 
+    # The first count in a process is not compared: on an H200 (torch 2.11) it held one wait more, at
+    # torch/cuda/__init__.py:1270, inside torch (with one warm-up call or two), and the next count did not.
+    waits(8, None)
     short, long = waits(8, None), waits(40, None)
     assert long == short, f"waits at 40 tokens {dict(long)}, at 8 {dict(short)}"
     never = VOCAB_SIZE + 1  # a stop id no row samples: every call runs to its length
