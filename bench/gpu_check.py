@@ -15,9 +15,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    torch.compile's "reduce-overhead" mode, each block's forward and backward replayed as CUDA
    graphs: how much of the step is host time between launches; and its n > 1 training with each
    --setting-rows entry of llmkit/model/mhc_triton.py settings (by default APPLY_PROJECT_FUSED=True,
-   the fused write-back and projection, then that and PROJECT_APPLY_FUSED=True, their backward's
-   counterpart), where mhc.recompute_stream=True turns that model setting on for the row. Shown,
-   not judged.
+   the fused write-back and projection, then mhc.recompute_stream=True, which turns that model
+   setting on for the row). Shown, not judged.
 2. Kernels per training step: ``torch.profiler`` around one more compiled step (forward, backward,
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
@@ -122,11 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "stream's projection: FMAs at highest, TF32 at high/medium); default: torch's")
     p.add_argument("--kernel-model", default=None, help="model whose step kernels are counted (default: first)")
     p.add_argument("--setting-rows", nargs="*", type=setting_row_spec,
-                   default=[{"APPLY_PROJECT_FUSED": True}, {"APPLY_PROJECT_FUSED": True, "PROJECT_APPLY_FUSED": True}],
+                   default=[{"APPLY_PROJECT_FUSED": True}, {"mhc.recompute_stream": True}],
                    metavar="NAME=VALUE[,NAME=VALUE]",
                    help="llmkit/model/mhc_triton.py settings (values as Python literals), or "
                         "mhc.recompute_stream=True, to time --kernel-model's n > 1 training with, a row each "
-                        "beside the default ones (default: the fused forward kernel, then both fused kernels; "
+                        "beside the default ones (default: the fused forward kernel, then the stream recomputed; "
                         "none: leave out); cuda only")
     p.add_argument("--cuda-graph-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time --kernel-model's training with its blocks compiled mode=reduce-overhead "

@@ -17,7 +17,7 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
 - :func:`apply_project_forward` and :func:`project_apply_backward`: a write-back and the next
   sublayer's projection in one kernel each way, so the stream between them is neither read back
   (forward) nor its gradient written (backward); behind APPLY_PROJECT_FUSED and
-  PROJECT_APPLY_FUSED, off until measured on a GPU (docs/performance.md).
+  PROJECT_APPLY_FUSED, both off: no clear gain, and slower, on an H200 (docs/performance.md).
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
 route it to PyTorch). Every kernel is deterministic: cross-program sums go through fp32
@@ -75,11 +75,14 @@ COEFF_MAX_BLOCK_S = 128  # partials the coefficient forward reads per load (all 
 STREAM_BLOCK_M = 1  # tokens per program in the pre/apply kernels (their tiles: [stream, token, channel])
 STREAM_BLOCK_C = 1024  # channels per program (or per loop step) there: at C = 768, one token per program, the
 # apply backward took 0.20 ms at 1024, 0.26 at 512 (the apply forward 0.060 and 0.094) on an H200
-APPLY_PROJECT_FUSED = False  # apply_project fuses the write-back and the next projection: unmeasured, so off
+APPLY_PROJECT_FUSED = False  # apply_project fuses the write-back and the next projection: off, no clear gain on an
+# H200 (2026-12-04, 120m n = 4, bare loop, seq 1024 x 16): 63.1 ms/step with it, 64.9 without in one process,
+# 62.5 and 59.6 in another
 APPLY_PROJECT_BLOCK_M = 32  # tokens per program in apply_project_forward (>= 16 for tl.dot)
 APPLY_PROJECT_BLOCK_C = 32  # channels per step there: 128 registers per thread at 8 warps on sm_90 (bf16)
 APPLY_PROJECT_WARPS = 8
-PROJECT_APPLY_FUSED = False  # mhc_boundary's backward in project_apply_backward's one kernel: unmeasured, so off
+PROJECT_APPLY_FUSED = False  # mhc_boundary's backward in project_apply_backward's one kernel: off, slower on an
+# H200 (2026-12-04, with APPLY_PROJECT_FUSED): 81.6 ms/step at 120m n = 4, against 63.1 without it
 PROJECT_APPLY_BLOCK_M = 16  # tokens per program in project_apply_backward
 PROJECT_APPLY_BLOCK_C = 32  # channels per step there
 PROJECT_APPLY_WARPS = 4
