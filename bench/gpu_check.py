@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import faulthandler
 import gc
 import json
 import os
@@ -68,6 +67,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -572,13 +572,31 @@ def generation_in_child(args: argparse.Namespace, argv: list[str], clock: Clock,
         section["errors"].append({"model": args.gen_model, "error": f"the child process exited {returncode}"})
 
 
+def print_stacks_later(seconds: float) -> None:
+    """Every other thread's Python stack on stderr after ``seconds``, from a daemon thread. Not
+    faulthandler's ``dump_traceback_later``: on an H200 (Python 3.12, torch 2.11) its dump, which
+    reads the frames without the GIL, crashed the interpreter (SIGSEGV) at a frame of dynamo's
+    generated code during a compile. This one takes the GIL, so it prints nothing while a C call
+    holds it."""
+
+    def dump() -> None:
+        time.sleep(seconds)
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            if ident != threading.get_ident():
+                print(f"Thread {names.get(ident, ident)} (most recent call last):\n"
+                      + "".join(traceback.format_stack(frame)), file=sys.stderr, flush=True)
+
+    threading.Thread(target=dump, name="print_stacks_later", daemon=True).start()
+
+
 def generation_child(args: argparse.Namespace) -> int:
     """``--generation-child``: section 4 alone, the report rewritten after each row, every thread's
     stack printed shortly before the parent's kill."""
     from llmkit.io import write_json_atomic
     from llmkit.profiling import device_description
 
-    faulthandler.dump_traceback_later(max(1.0, args.gen_timeout - GEN_STACKS_BEFORE_KILL_S), exit=False)
+    print_stacks_later(max(1.0, args.gen_timeout - GEN_STACKS_BEFORE_KILL_S))
     clock = Clock(args.generation_child)
     report = new_report(args, device_description())
     out = Path(args.out)

@@ -97,7 +97,7 @@ def test_a_generation_that_hangs_is_killed_and_the_report_still_written(tmp_path
     assert report["generation"]["rows"] == []
     assert report["generation"]["errors"] == [{"model": "tiny", "error": "timed out after 30 s (the stacks the "
                                                "child printed before its kill are in the console log)"}]
-    assert "sitecustomize.py\", line 3 in <lambda>" in done.stderr  # the stack, printed before the kill
+    assert "sitecustomize.py\", line 3, in <lambda>" in done.stderr  # the stack, printed before the kill
     assert "killed after 30 s" in done.stdout and "| tiny | timed out after 30 s" in done.stdout
 
 
