@@ -464,7 +464,11 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
                 if device.type == "cuda" and args.precision == "bf16-mixed" else contextlib.nullcontext())
     times = []
     with autocast:
+        start = time.perf_counter()
         generate_bench.run(mode, model, prompts, sampling)  # warm-up (and compile)
+        generate_bench.sync()
+        # whether a slow section is the compile or the decode after it (on an H200 it never ended)
+        print(f"  warm-up call (compile included): {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(max(1, args.gen_repeats)):
             generate_bench.sync()
             start = time.perf_counter()
