@@ -22,6 +22,7 @@ from llmkit.data.datamodule import PackedDataModule
 from llmkit.errors import LLMKitError
 from llmkit.model.checkpoint import load_backbone, load_checkpoint_file
 from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
 from llmkit.modules.pretrain import PretrainModule
 from llmkit.optim import OptimConfig, WarmupCosine
 from tests.conftest import VOCAB_SIZE
@@ -251,6 +252,8 @@ def test_a_run_saved_with_scalar_alphas_resumes_and_loads(shards, tmp_path):
     old = tmp_path / "old.ckpt"
     torch.save(with_scalar_alphas(torch.load(tmp_path / "last.ckpt", weights_only=True)), old)
     assert load_backbone(old).state_dict()["blocks.0.attn_res.mapping.alpha_res"].shape == (1,)
+    weights = {k.removeprefix("model."): v for k, v in torch.load(old, weights_only=True)["state_dict"].items()}
+    Transformer(ModelConfig(**MODEL)).load_state_dict(weights)  # the model's own load takes 0-d alphas too
     resumed = fit(tmp_path / "resumed", shards, 4, [], ckpt_path=old)  # foreach AdamW: 0-d moments would not step
     assert resumed.global_step == 4
     alpha = resumed.lightning_module.model.blocks[0].attn_res.mapping.alpha_res

@@ -109,12 +109,9 @@ def reshape_scalar_alphas(tensors: dict[str, torch.Tensor]) -> None:
             tensors[key] = value.reshape(1)
 
 
-def _load_scalar_alphas(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+def _load_scalar_alphas(module: nn.Module, state_dict: dict, *_: object) -> None:
     """``load_state_dict`` pre-hook of :class:`MHCMapping`: weights with 0-d alphas still load."""
-    for name in MAPPING_ALPHAS:
-        value = state_dict.get(prefix + name)
-        if isinstance(value, torch.Tensor) and value.ndim == 0:
-            state_dict[prefix + name] = value.reshape(1)
+    reshape_scalar_alphas(state_dict)
 
 
 class MHCMapping(nn.Module):
