@@ -79,9 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
         launches = recorded(KERNELS)
     per_call = []
     warmup = 20
+    recorded_launches = 0
+
+    def count_recorded() -> None:
+        """Count the recorded launches and let them go: kept, their tensors (never freed for reuse)
+        slowed each repeat more than the last."""
+        nonlocal recorded_launches
+        for recorder in recorders.values():
+            recorded_launches += len(recorder.launches)
+            recorder.launches.clear()
+
     with launches as recorders:
         for _ in range(warmup):  # Triton's compile, the caching allocator
             issue()
+        count_recorded()
         for _ in range(args.repeats):
             if cuda:
                 torch.cuda.synchronize()
@@ -91,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             per_call.append((time.perf_counter() - start) / args.calls)
+            count_recorded()
     us = statistics.median(per_call) * 1e6
-    recorded_launches = sum(len(r.launches) for r in recorders.values())
     launches_per_sublayer = recorded_launches / (warmup + args.repeats * args.calls) if not cuda else None
     what = "kernels launched" if cuda else "Triton launches recorded, not run"
     print(f"mHC sublayer ops (mhc_boundary + mhc_boundary_backward), n = {args.n_streams}, "
