@@ -13,7 +13,8 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    ms/step (median after --warmup), tokens/s, MFU, CUDA peak memory, and n/1 ratios. Then, on
    CUDA with compiled blocks (--cuda-graph-rows), --kernel-model again with its blocks compiled in
    torch.compile's "reduce-overhead" mode, each block's forward and backward replayed as CUDA
-   graphs: how much of the step is host time between launches; and its n > 1 training with each
+   graphs: how much of the step is host time between launches (with the graphs inductor skipped,
+   whose blocks ran without: ``TORCH_LOGS=cudagraphs`` says why); and its n > 1 training with each
    --setting-rows entry of llmkit/model/mhc_triton.py settings (by default APPLY_PROJECT_FUSED=True,
    the fused write-back and projection, then mhc.recompute_stream=True, which turns that model
    setting on for the row). Shown, not judged.
@@ -77,6 +78,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 from bench import targets
 from bench.models import MODEL_HELP, model_name, model_yaml
@@ -401,10 +403,14 @@ def training_sections(args: argparse.Namespace, clock: Clock, report: dict) -> N
             clock.log(f"1 training {name} n={n} with CUDA graphs (blocks compiled mode=reduce-overhead)")
             where = {"model": name, "n_streams": n, "compile_mode": "reduce-overhead"}
             ns = attempt(training["errors"], where, bench_namespace, args, name, "reduce-overhead")
+            skipped_before = counters["inductor"]["cudagraph_skips"]
             row = ns and attempt(training["errors"], where, throughput.measure, name, n, "bare", ns, False)
             if row:
-                training["cuda_graph_rows"].append({**row, "device": report["device"]})
-                clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step (first step {row['first_step_s']:.1f} s)")
+                # graphs inductor did not record (TORCH_LOGS=cudagraphs says why): those blocks ran as without
+                skips = counters["inductor"]["cudagraph_skips"] - skipped_before
+                training["cuda_graph_rows"].append({**row, "cudagraph_skips": skips, "device": report["device"]})
+                clock.log(f"  {row['step_s'] * 1e3:.1f} ms/step (first step {row['first_step_s']:.1f} s), "
+                          f"{skips} graphs skipped")
     throughput.add_ratios(training["rows"])
     dense = {r["model"]: r for r in training["rows"] if r["n_streams"] == 1}
     for settings in args.setting_rows if throughput.CUDA else []:
@@ -749,8 +755,9 @@ def table(report: dict) -> str:
                 target and "time " + target, result, r["device"])
     for r in training["cuda_graph_rows"] + training["setting_rows"]:
         ratio = "" if r["time_ratio"] is None else f", time {r['time_ratio']:.3f}x n=1's"
+        skips = f", {r['cudagraph_skips']} graphs skipped" if "cudagraph_skips" in r else ""
         row(f"{r['model']} n={r['n_streams']}, {r.get('settings', 'CUDA graphs')}",
-            f"{r['step_s'] * 1e3:.1f} ms/step, peak {fmt(r['peak_mem_GiB'], '.2f', ' GiB')}{ratio}", "", "",
+            f"{r['step_s'] * 1e3:.1f} ms/step, peak {fmt(r['peak_mem_GiB'], '.2f', ' GiB')}{ratio}{skips}", "", "",
             r["device"])
     errors(training)
 
