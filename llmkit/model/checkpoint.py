@@ -236,12 +236,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def reshape_scalar_alpha_states(ckpt: dict) -> None:
-    """In place, a training checkpoint written while the mHC mappings' alphas were 0-d (before
-    FSDP's refusal of scalar parameters made them [1]) made to fit today's model: its weights'
-    alphas and their optimizer states (every 0-d per-parameter state but ``step`` was an alpha's;
-    foreach and single-tensor AdamW refuse to step a [1] parameter with 0-d moments)."""
-    reshape_scalar_alphas(ckpt.get("state_dict", {}))
+def reshape_scalar_alpha_moments(ckpt: dict) -> None:
+    """In place, the optimizer states of a training checkpoint written while the mHC mappings'
+    alphas were 0-d (before FSDP's refusal of scalar parameters made them [1]) made to fit today's
+    model: every 0-d per-parameter state but ``step`` was an alpha's, and foreach and single-tensor
+    AdamW refuse to step a [1] parameter with 0-d moments. (The weights: the Transformer's load
+    pre-hook.)"""
     for optimizer_state in ckpt.get("optimizer_states", []):
         _reshape_scalar_moments(optimizer_state)
 

@@ -109,11 +109,6 @@ def reshape_scalar_alphas(tensors: dict[str, torch.Tensor]) -> None:
             tensors[key] = value.reshape(1)
 
 
-def _load_scalar_alphas(module: nn.Module, state_dict: dict, *_: object) -> None:
-    """``load_state_dict`` pre-hook of :class:`MHCMapping`: weights with 0-d alphas still load."""
-    reshape_scalar_alphas(state_dict)
-
-
 class MHCMapping(nn.Module):
     """Computes a sublayer's H_pre [..., n], H_post [..., n], H_res [..., n, n] and input H_pre X
     from its stream X [..., n, C] (an :class:`Entry`).
@@ -139,7 +134,6 @@ class MHCMapping(nn.Module):
         self.b_post = nn.Parameter(torch.empty(n))
         self.b_res = nn.Parameter(torch.empty(n, n))
         self.reset_biases()
-        self.register_load_state_dict_pre_hook(_load_scalar_alphas)
 
     @torch.no_grad()
     def reset_biases(self) -> None:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
-from llmkit.model.mhc import MHCResidual, Pending, finish, recompute_first_mapping
+from llmkit.model.mhc import MHCResidual, Pending, finish, recompute_first_mapping, reshape_scalar_alphas
 from llmkit.model.mla import MultiHeadLatentAttention
 from llmkit.model.moe import GroupedLinear, MoEFeedForward
 
@@ -106,6 +106,12 @@ class Block(nn.Module):
         return self.mlp_res(x, mlp)
 
 
+def _load_scalar_alphas(module: nn.Module, state_dict: dict, *_: object) -> None:
+    """``load_state_dict`` pre-hook of :class:`Transformer`, once per load (a Lightning module's
+    included): weights with the mHC mappings' alphas 0-d still load."""
+    reshape_scalar_alphas(state_dict)
+
+
 class Transformer(nn.Module):
     """LLaMA-style decoder with an mHC residual: forward(idx [B,T]) -> logits [B,T,V] in fp32
     (fp64 for an fp64 model)."""
@@ -125,6 +131,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_load_scalar_alphas)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

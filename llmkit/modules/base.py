@@ -17,7 +17,7 @@ from llmkit.model.checkpoint import (
     WRITER_KEY,
     check_tokenizer,
     check_writer,
-    reshape_scalar_alpha_states,
+    reshape_scalar_alpha_moments,
 )
 from llmkit.model.config import ModelConfig
 from llmkit.model.mhc import reshape_scalar_alphas
@@ -144,7 +144,7 @@ class LLMKitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_writer(checkpoint, type(self).__name__)
-        reshape_scalar_alpha_states(checkpoint)
+        reshape_scalar_alpha_moments(checkpoint)
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
         self.take_tokenizer_of(checkpoint, ckpt_path or "the checkpoint")
         self.weights_step = checkpoint.get("global_step", 0)
