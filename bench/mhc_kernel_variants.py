@@ -8,11 +8,12 @@ time, achieved bandwidth and error against fp64.
 The variants are module-level settings of llmkit/model/mhc_triton.py, each set for one kernel
 while it runs ("*" marks the setting in force):
 
-- project backward (its grad_x kernel; grad_phi is a cuBLAS matmul, timed with it): tokens,
-  columns and warps per program (PROJECT_BWD_ + BLOCK_M, BLOCK_K, WARPS), tiles that compile for
-  sm_90 without spilling;
+- project backward (its grad_x kernel; grad_phi is a cuBLAS matmul, timed with it): its grad_proj phi
+  term as fp32 FMAs or as tensor-core dots (PROJECT_BWD_DOT), tokens, columns and warps per program
+  (PROJECT_BWD_ + BLOCK_M, BLOCK_K, WARPS), tiles that compile for sm_90 without spilling;
 - project forward: tokens and columns per tile (PROJECT_BLOCK_M, PROJECT_BLOCK_K; compiled as the
-  JIT specializes them, the wider tiles no longer spill);
+  JIT specializes them, the wider tiles no longer spill) and the programs below which it splits K
+  (PROJECT_FWD_PROGRAMS: 256 token blocks of 64 at 16k tokens; 1024 splits K in four);
 - coefficients forward and backward: COEFF_BLOCK_ELEMENTS 256 and 512 (16 and 32 tokens at n = 4);
 - pre and apply, forward and backward: tokens and channels per program (STREAM_BLOCK_M,
   STREAM_BLOCK_C): one token's 256 to 1024 channels, as measured on an H200, or 2 to 8 tokens
@@ -128,14 +129,15 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
                                                             grad_stream.view(tokens, k), (grad_u, h_pre)),
                         (grad_proj.double() @ phi64 + 2 * flat64 * grad_sumsq.double()[:, None]
                          + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64))
-    project_backward_tiles = ("PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
+    project_backward_tiles = ("PROJECT_BWD_DOT", "PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
     applied64 = mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False)
     return [
-        Case("project forward", "_project_fwd_kernel", ("PROJECT_BLOCK_M", "PROJECT_BLOCK_K"),
-             ((64, 32), (32, 32), (64, 64), (64, 128), (32, 64)),
+        Case("project forward", "_project_fwd_kernel", ("PROJECT_BLOCK_M", "PROJECT_BLOCK_K", "PROJECT_FWD_PROGRAMS"),
+             ((64, 32, 256), (32, 32, 256), (64, 64, 256), (64, 32, 1024), (64, 64, 1024), (32, 32, 2048)),
              lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
         Case("project backward", "_project_bwd_kernel", project_backward_tiles,
-             ((16, 128, 4), (16, 64, 4), (32, 64, 4), (32, 128, 8), (16, 256, 8)), *project_backward,
+             ((False, 16, 128, 4), (False, 32, 64, 4), (True, 16, 128, 4), (True, 32, 128, 4), (True, 64, 128, 8),
+              (True, 64, 64, 4), (True, 128, 64, 8)), *project_backward,
              other_bytes=flat.nbytes),
         Case("coefficients forward", "_coeff_fwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
              lambda: mhc_triton.coefficients_forward(proj[None], sumsq[None], alpha, bias, *coefficient_args),

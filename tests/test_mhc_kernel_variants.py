@@ -40,8 +40,10 @@ def test_every_kernel_in_every_variant_matches_fp64(report):
         assert r["ms"] is None and r["GB_per_s"] is None  # no times in the interpreter
     for case in {(r["kernel"], r["setting"]) for r in report["rows"]}:  # exactly one row of each is in force
         assert sum(r["in_force"] for r in report["rows"] if (r["kernel"], r["setting"]) == case) == 1, case
-    tiles = [r["value"] for r in report["rows"] if r["setting"] == "PROJECT_BWD_(BLOCK_M, BLOCK_K, WARPS)"]
-    assert len(tiles) == 5 and tiles[0] == [16, 128, 4]  # the settings in force come first
+    tiles = [r["value"] for r in report["rows"]
+             if r["setting"] == "PROJECT_BWD_(DOT, BLOCK_M, BLOCK_K, WARPS)"]
+    assert len(tiles) == 7 and tiles[0] == [False, 16, 128, 4]  # the settings in force come first
+    assert sum(t[0] for t in tiles) == 5  # dot rows (an fp32 stream takes the FMAs; test_mhc_triton checks the dots)
 
 
 def test_the_bandwidth_counts_each_tensor_of_the_launch_once(report):

@@ -372,11 +372,14 @@ def test_mapping_end_to_end(mt, n, dtype):
     close(grad_bias, grad_bias_ref, 1e-5)
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 4])
-def test_project_backward_sums_the_other_gradients_of_x_in_its_pass(mt, blocks, n, dtype):
+def test_project_backward_sums_the_other_gradients_of_x_in_its_pass(mt, blocks, n, dtype, dot, monkeypatch):
     """grad_x = g phi + 2 x g_sumsq + grad_in + H_pre[m] g_u: the enter op's one write of dL/dX
-    (C = 40 does not divide the small blocks' BLOCK_K = 32: tiles straddle two streams)."""
+    (C = 40 does not divide the small blocks' BLOCK_K = 32: tiles straddle two streams), with the
+    g phi term as FMAs or (bf16) as tensor-core dots."""
+    monkeypatch.setattr(mt, "PROJECT_BWD_DOT", dot)
     m, c = 40, 40
     x, phi, _, _ = mapping_inputs(m, n, c, dtype)
     g = torch.Generator().manual_seed(5)
@@ -397,6 +400,24 @@ def test_project_backward_sums_the_other_gradients_of_x_in_its_pass(mt, blocks, 
     check_stream(only_pre, alone_x + pre_term, dtype)
     with pytest.raises(ValueError, match="do not match"):
         mt.project_backward(grad_proj, grad_sumsq, x, phi, pre=(grad_u[:, 1:], h_pre))
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
+def test_project_backward_keeps_fp32_accuracy_of_grad_proj_phi_on_a_bf16_stream(mt, blocks, dot, monkeypatch):
+    """grad_proj phi is summed in fp32 from exact products in both paths: here grad_in cancels it up
+    to its bf16 rounding, so grad_x is that rounding residual (about 2^-9 of the term), which a
+    bf16 grad_proj (one part instead of three) would get wrong by its own size."""
+    monkeypatch.setattr(mt, "PROJECT_BWD_DOT", dot)
+    m, n, c = 40, 4, 40
+    x, phi, _, _ = mapping_inputs(m, n, c, torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    grad_proj = torch.randn(m, phi.shape[0], generator=g) * torch.logspace(-3, 3, phi.shape[0])
+    term = grad_proj.double() @ phi.to(torch.bfloat16).double()
+    grad_in = (-term).to(torch.bfloat16)
+    grad_x, _ = mt.project_backward(grad_proj, torch.zeros(m), x, phi, grad_in)
+    residual = term + grad_in.double()
+    assert residual.abs().max() > 0
+    close(grad_x, residual, 1e-2, 1e-2 * residual.abs().max().item())
 
 
 # --- stream ops (Eq. 3) ------------------------------------------------------------------------------

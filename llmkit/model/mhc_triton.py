@@ -66,6 +66,8 @@ PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.d
 PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
 PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 62 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
+PROJECT_BWD_DOT = False  # bf16 streams: the grad_proj phi term as tensor-core dots of grad_proj's three bf16
+# parts (_add_grad_proj_phi_dot) instead of P rank-one fp32 FMA updates
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
@@ -260,6 +262,29 @@ def _add_grad_proj_phi(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, STRE
 
 
 @triton.jit
+def _add_grad_proj_phi_dot(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, BLOCK_P: tl.constexpr,
+                           DOT_FP32: tl.constexpr):
+    """:func:`_add_grad_proj_phi` on tensor cores, for a bf16 stream: phi rounded to bf16 (as the
+    forward's dot saw it) and the fp32 grad_proj as three bf16 parts that sum to it (8 significant
+    bits each), one dot per part: every product is exact in the fp32 accumulator, so the sum
+    matches the FMA version's but for the order of its additions. ``grad_proj_rows`` points at each
+    row's grad_proj; DOT_FP32 upcasts the operands (the interpreter's bf16 dot is wrong)."""
+    ps = tl.arange(0, BLOCK_P)
+    p_ok = ps < P
+    rest = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+    w = tl.load(phi_cols[None, :] + ps[:, None] * K, mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+    w = w.to(tl.bfloat16)
+    for _ in tl.static_range(3):
+        part = rest.to(tl.bfloat16)
+        rest = rest - part.to(tl.float32)
+        if DOT_FP32:
+            acc = tl.dot(part.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(part, w, acc)
+    return acc
+
+
+@triton.jit
 def _project_bwd_kernel(
     grad_proj_ptr,
     grad_sumsq_ptr,
@@ -281,11 +306,14 @@ def _project_bwd_kernel(
     HAS_GRAD_IN: tl.constexpr,
     HAS_PRE: tl.constexpr,
     SPLIT_GRAD_PROJ: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): one tile of grad_x = grad_proj phi + 2 x grad_sumsq
     per program, no loop over tokens. The P-term is P rank-one updates in fp32 FMAs
     (:func:`_add_grad_proj_phi`; Triton's fp32 dot took over 200 registers per thread at tiles
-    this size, counted unspecialized). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
+    this size, counted unspecialized) or, with USE_DOT (bf16 x only), three bf16 tensor-core dots
+    (:func:`_add_grad_proj_phi_dot`). With HAS_GRAD_IN grad_x also adds grad_in [M, K];
     with HAS_PRE the pre-aggregation's term H_pre[m] g_u[c] for column k = m C + c (g_u [M, C],
     H_pre [M, N]). With SPLIT_GRAD_PROJ the first program of each token block also writes its
     tokens' grad_proj as three bf16 parts that sum to it, transposed for :func:`_grad_phi`'s
@@ -304,7 +332,12 @@ def _project_bwd_kernel(
     if SPLIT_GRAD_PROJ:
         if tl.program_id(1) == 0:
             _store_grad_proj_parts(grad_proj_ptr, grad_proj_parts_ptr, first + local, row_ok, M, P, BLOCK_P)
-    grad_x = _add_grad_proj_phi(grad_x, grad_proj_rows, row_ok, phi_ptr + ks, k_ok, K, P, x_ptr.dtype.element_ty)
+    if USE_DOT:
+        grad_x = _add_grad_proj_phi_dot(grad_x, grad_proj_rows, row_ok, phi_ptr + ks, k_ok, K, P,
+                                        BLOCK_P, DOT_FP32)
+    else:
+        grad_x = _add_grad_proj_phi(grad_x, grad_proj_rows, row_ok, phi_ptr + ks, k_ok, K, P,
+                                    x_ptr.dtype.element_ty)
     if HAS_GRAD_IN:
         grad_x += tl.load(grad_in_ptr + first * K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
     if HAS_PRE:
@@ -368,10 +401,12 @@ def project_backward(
         n,
         BLOCK_M=PROJECT_BWD_BLOCK_M,
         BLOCK_K=PROJECT_BWD_BLOCK_K,
-        BLOCK_P=_next_power_of_2(P),
+        BLOCK_P=max(16, _next_power_of_2(P)),  # >= 16 for tl.dot
         HAS_GRAD_IN=grad_in is not None,
         HAS_PRE=pre is not None,
         SPLIT_GRAD_PROJ=split,
+        USE_DOT=split and PROJECT_BWD_DOT,
+        DOT_FP32=INTERPRETED,
         num_warps=PROJECT_BWD_WARPS,
     )
     grad_phi = _grad_phi(parts, x) if split else grad_proj.T @ x.float()
