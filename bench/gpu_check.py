@@ -302,9 +302,11 @@ def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dic
         train_step(model, optimizer, tokens, ns.precision)
     throughput.sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if throughput.CUDA else [])
+    allocations = device_allocations()
     with profile(activities=activities) as prof:
         train_step(model, optimizer, tokens, ns.precision)
         throughput.sync()
+    allocations = {k: v - allocations[k] for k, v in device_allocations().items()}
     events = prof.events()
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = cuda_kernels(events)
@@ -318,8 +320,68 @@ def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dic
             "counted": "cuda_kernels" if throughput.CUDA else "cpu_op_events",
             "count": len(kernels) if throughput.CUDA else cpu_ops,
             "cuda_kernels": len(kernels), "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops,
+            "device_allocations": allocations, "gpu_idle": gpu_idle(events) if throughput.CUDA else None,
             **step_time_by_kernel(events, throughput.CUDA, n_streams, config.d_model,
                                   ns.batch_size * ns.seq_len, stream)}
+
+
+def device_allocations() -> dict[str, int]:
+    """The caching allocator's cudaMalloc and cudaFree calls and allocation retries so far (cudaFree
+    waits for the device: a step that makes them idles the GPU); empty on a CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
+IDLE_GAP_US = 10.0
+"""GPU gaps at least this long are credited to a CPU op in :func:`idle_gaps` (shorter ones, the
+launch latency between queued kernels, only count towards the idle total)."""
+
+
+def gpu_idle(events: list) -> dict:
+    """:func:`idle_gaps` of a profiled step's events: its CUDA kernels and copies on the GPU, its
+    CPU ops (not the CUDA runtime's calls) on the host."""
+    gpu = [(e.time_range.start, e.time_range.end) for e in events
+           if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith(("cuda", "cu", "["))]
+    return idle_gaps(gpu, host)
+
+
+def idle_gaps(gpu: list[tuple[float, float]], host: list[tuple[str, float, float]], top: int = 8) -> dict:
+    """Where the GPU waited in one step: busy time (the union of its intervals, us), idle time
+    between its first start and last end, and each gap of at least IDLE_GAP_US credited to the
+    innermost host op running when the gap ended, the op whose launch the GPU was waiting for
+    (the ``top`` ops by idle time). Under the profiler the host runs slower than in the timed loop,
+    so the gaps are an upper bound of the loop's."""
+    import bisect
+
+    gpu = sorted(gpu)
+    host = sorted(host, key=lambda op: op[1])
+    starts = [op[1] for op in host]
+    busy = idle = credited = 0.0
+    by_op: dict[str, list[float]] = {}
+    end = gpu[0][0] if gpu else 0.0
+    for start, stop in gpu:
+        gap = start - end
+        if gap > 0:
+            idle += gap
+            if gap >= IDLE_GAP_US:
+                credited += gap
+                name = "(no host op)"
+                for i in range(bisect.bisect_right(starts, start) - 1, -1, -1):  # latest-starting op holding it
+                    if host[i][2] >= start:
+                        name = host[i][0]
+                        break
+                entry = by_op.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += gap
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    ranked = sorted(by_op.items(), key=lambda item: -item[1][1])[:top]
+    return {"busy_ms": busy / 1e3, "idle_ms": idle / 1e3, "gaps_ms": credited / 1e3,
+            "by_op": [{"op": name, "gaps": count, "ms": us / 1e3} for name, (count, us) in ranked]}
 
 
 def cuda_kernels(events: list) -> list:
@@ -775,6 +837,14 @@ def table(report: dict) -> str:
             for key, e in k["by_kernel"].items():
                 rate = f", {e['GB_per_s']:,.0f} GB/s" if "GB_per_s" in e else ""
                 row(f"  {key}", f"{e['launches']} x, {e['ms']:.2f} ms{rate}", "", "", k["device"])
+        if k.get("gpu_idle"):
+            idle = k["gpu_idle"]
+            allocations = ", ".join(f"{v} {name.removeprefix('num_')}" for name, v in k["device_allocations"].items())
+            row(f"{k['model']} n={k['n_streams']} GPU idle",
+                f"busy {idle['busy_ms']:.1f} ms, idle {idle['idle_ms']:.1f} ms ({idle['gaps_ms']:.1f} ms in gaps "
+                f">= {IDLE_GAP_US:.0f} us, profiled); {allocations}", "", "", k["device"])
+            for op in idle["by_op"]:
+                row(f"  waited on {op['op'][:60]}", f"{op['gaps']} x, {op['ms']:.2f} ms", "", "", k["device"])
     for s in kernels["per_sublayer"]:
         row(f"{s['model']} (n={s['n_streams']} - n=1) / (2 x layers)",
             f"{s['value']:.1f} more per block sublayer", "", "", device)

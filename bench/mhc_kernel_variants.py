@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--tokens", type=int, default=16384, help="B T of a training step")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the stream's dtype")
+    p.add_argument("--kernels", nargs="+", default=None, metavar="NAME",
+                   help='only these kernels, named as the table does (e.g. "project backward"); default: all')
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", "lightning_logs/bench")) / VARIANTS_JSON),
                    help="JSON path (default: in $OUT if OUT is set, else in lightning_logs/bench/)")
     args = p.parse_args(argv)
@@ -217,7 +219,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     timed = device.type == "cuda"
     rows = []
-    for case in cases(args.tokens, args.n_streams, args.d_model, dtype, device):
+    chosen = cases(args.tokens, args.n_streams, args.d_model, dtype, device)
+    if args.kernels is not None:
+        unknown = set(args.kernels) - {case.name for case in chosen}
+        if unknown:
+            sys.exit(f"mhc_kernel_variants: no kernel named {sorted(unknown)}; the names: "
+                     f"{', '.join(case.name for case in chosen)}")
+        chosen = [case for case in chosen if case.name in args.kernels]
+    for case in chosen:
         rows += [measure(case, value, timed) for value in case.values]
 
     print(f"mHC Triton kernels alone: n = {args.n_streams}, C = {args.d_model}, {args.tokens} tokens, "

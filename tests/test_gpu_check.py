@@ -339,3 +339,15 @@ def test_setting_rows_parse_python_literals_and_refuse_what_is_not_a_setting(mon
     assert seen[-1] == (before, True)
     with pytest.raises(ValueError, match="no setting NO_SUCH_KNOB"):
         gpu_check.measure_with_settings({"NO_SUCH_KNOB": 1}, "tiny", 4, ns)
+
+
+def test_idle_gaps_credit_each_wait_to_the_innermost_host_op_running_when_it_ended():
+    gpu = [(0.0, 100.0), (103.0, 200.0), (150.0, 180.0), (260.0, 300.0), (350.0, 360.0)]  # (150, 180) overlaps
+    host = [("step", 0.0, 400.0), ("llmkit::mhc_boundary_backward", 240.0, 270.0),
+            ("aten::empty", 245.0, 252.0), ("Optimizer.step", 300.0, 355.0)]
+    got = gpu_check.idle_gaps(gpu, host)
+    assert got["busy_ms"] == pytest.approx(0.197 + 0.05)  # 100 + 97 + 40 + 10 us
+    assert got["idle_ms"] == pytest.approx((3 + 60 + 50) / 1e3)
+    assert got["gaps_ms"] == pytest.approx(0.110)  # the 3 us launch gap is not credited
+    assert got["by_op"] == [{"op": "llmkit::mhc_boundary_backward", "gaps": 1, "ms": pytest.approx(0.06)},
+                            {"op": "Optimizer.step", "gaps": 1, "ms": pytest.approx(0.05)}]
