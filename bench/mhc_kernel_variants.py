@@ -133,11 +133,11 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
     applied64 = mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False)
     return [
         Case("project forward", "_project_fwd_kernel", ("PROJECT_BLOCK_M", "PROJECT_BLOCK_K", "PROJECT_FWD_PROGRAMS"),
-             ((64, 32, 256), (32, 32, 256), (64, 64, 256), (64, 32, 1024), (64, 64, 1024), (32, 32, 2048)),
+             ((64, 64, 256), (64, 32, 256), (32, 32, 256), (64, 32, 1024), (64, 64, 1024), (32, 32, 2048)),
              lambda: mhc_triton.project_forward(flat, phi), (proj64, sumsq64)),
         Case("project backward", "_project_bwd_kernel", project_backward_tiles,
-             ((False, 16, 128, 4), (False, 32, 64, 4), (True, 16, 128, 4), (True, 32, 128, 4), (True, 64, 128, 8),
-              (True, 64, 64, 4), (True, 128, 64, 8)), *project_backward,
+             ((True, 64, 64, 4), (False, 16, 128, 4), (False, 32, 64, 4), (True, 16, 128, 4), (True, 32, 128, 4),
+              (True, 64, 128, 8), (True, 128, 64, 8)), *project_backward,
              other_bytes=flat.nbytes),
         Case("coefficients forward", "_coeff_fwd_kernel", "COEFF_BLOCK_ELEMENTS", (256, 512),
              lambda: mhc_triton.coefficients_forward(proj[None], sumsq[None], alpha, bias, *coefficient_args),

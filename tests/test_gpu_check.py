@@ -264,8 +264,10 @@ def test_step_time_by_kernel_sums_the_mhc_kernels_and_their_bandwidth_from_their
     assert list(got["by_kernel"]) == ["apply_bwd", "apply_project_fwd", "project_fwd"]
     project = got["by_kernel"]["project_fwd"]
     # x [t, nC] bf16; phi [2n + n^2, nC], proj [t, 24] and sum x^2 [t] fp32, the last two once per split of
-    # nC: 64 tokens are one token block, so project_forward splits nC = 128 into its four 32-column tiles
-    splits = n * c // 32
+    # nC: 64 tokens are one token block, so project_forward splits nC = 128 into its column tiles
+    from llmkit.model import mhc_triton
+
+    splits = n * c // mhc_triton.PROJECT_BLOCK_K
     expected = t * n * c * 2 + 24 * n * c * 4 + splits * (t * 24 * 4 + t * 4)
     assert project["launches"] == 2 and project["ms"] == pytest.approx(0.2)
     assert project["bytes_per_launch"] == expected

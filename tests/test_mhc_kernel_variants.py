@@ -42,7 +42,7 @@ def test_every_kernel_in_every_variant_matches_fp64(report):
         assert sum(r["in_force"] for r in report["rows"] if (r["kernel"], r["setting"]) == case) == 1, case
     tiles = [r["value"] for r in report["rows"]
              if r["setting"] == "PROJECT_BWD_(DOT, BLOCK_M, BLOCK_K, WARPS)"]
-    assert len(tiles) == 7 and tiles[0] == [False, 16, 128, 4]  # the settings in force come first
+    assert len(tiles) == 7 and tiles[0] == [True, 64, 64, 4]  # the settings in force come first
     assert sum(t[0] for t in tiles) == 5  # dot rows (an fp32 stream takes the FMAs; test_mhc_triton checks the dots)
 
 
@@ -85,7 +85,7 @@ def test_the_project_backward_tiles_reach_its_launch():
     kernel = record_launches(torch.bfloat16, 1000, 4, 64)["_project_bwd_kernel"]
     assert (launch[1]["BLOCK_M"], launch[1]["BLOCK_K"], launch[1]["num_warps"]) == (32, 64, 8)
     (default,) = kernel.launches
-    assert (default[1]["BLOCK_M"], default[1]["BLOCK_K"], default[1]["num_warps"]) == (16, 128, 4)  # put back
+    assert (default[1]["BLOCK_M"], default[1]["BLOCK_K"], default[1]["num_warps"]) == (64, 64, 4)  # put back
 
 
 def test_a_variant_that_fails_is_a_row_not_the_end_of_the_run():

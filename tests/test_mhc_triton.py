@@ -248,6 +248,7 @@ def test_project_forward_splits_k_when_there_are_few_tokens(mt, monkeypatch, pro
     the oracle's values."""
     launched = launches(mt, monkeypatch, ("_project_fwd_kernel",))
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)
+    monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)
     x, phi, _, _ = mapping_inputs(3, 4, 40, torch.float32)  # three tokens: one block of 64
     proj, sumsq = mt.project_forward(x, phi)
     assert launched == [("_project_fwd_kernel", (1, splits))]
@@ -603,6 +604,7 @@ def test_a_decode_sublayer_is_four_kernels_and_no_torch_reduction(mt, monkeypatc
     from llmkit.model import mhc_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)  # nC = 128: four column tiles
     kernels = ("_apply_fwd_kernel", "_project_fwd_kernel", "_coeff_fwd_kernel", "_pre_fwd_kernel")
     launched = launches(mt, monkeypatch, kernels)
     torch.manual_seed(0)
@@ -625,6 +627,7 @@ def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
     from llmkit.model import mhc_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)  # nC = 128: four column tiles
     launched = launches(mt, monkeypatch, ("_project_fwd_kernel", "_coeff_fwd_kernel"))
     torch.manual_seed(0)
     m, n, c = 6, 4, 32

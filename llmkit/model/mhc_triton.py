@@ -58,16 +58,17 @@ _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Block sizes for an H100/H200 at M = 16k tokens, C = 768..1024, n = 4 (module-level so that tests
 # can shrink them to exercise multi-program paths on tiny shapes, and bench/mhc_kernel_variants.py
 # can time the alternatives). Measured on an H200 at C = 768 (docs/performance.md has the table):
-# COEFF_BLOCK_ELEMENTS 256 and STREAM_BLOCK_C 1024 are the fastest variants tried. project_backward
-# has been rewritten since it ran there (at 337 GB/s); its tiles are the next to choose by measurement.
+# COEFF_BLOCK_ELEMENTS 256 and STREAM_BLOCK_C 1024 are the fastest variants tried, and the project
+# tiles below (2026-12-04, bf16 stream, 16k tokens; their variants' times in the comments).
 # Every kernel compiles for sm_90 without spilling (bench/mhc_triton_compile.py).
 PROJECT_BLOCK_M = 64  # tokens per tile in project_forward (>= 16 for tl.dot); 32 took 1.6x as long
-PROJECT_BLOCK_K = 32  # columns of x per tile in project_forward (>= 16 for tl.dot)
-PROJECT_BWD_BLOCK_M = 16  # tokens per program in project_backward's grad_x kernel
-PROJECT_BWD_BLOCK_K = 128  # columns of x per program there: 62 registers per thread at 4 warps on sm_90
+PROJECT_BLOCK_K = 64  # columns of x per tile in project_forward (>= 16 for tl.dot): 0.049 ms, 32 took 0.071
+PROJECT_BWD_BLOCK_M = 64  # tokens per program in project_backward's grad_x kernel
+PROJECT_BWD_BLOCK_K = 64  # columns of x per program there: 128 registers per thread at 4 warps on sm_90
 PROJECT_BWD_WARPS = 4
-PROJECT_BWD_DOT = False  # bf16 streams: the grad_proj phi term as tensor-core dots of grad_proj's three bf16
-# parts (_add_grad_proj_phi_dot) instead of P rank-one fp32 FMA updates
+PROJECT_BWD_DOT = True  # bf16 streams: the grad_proj phi term as tensor-core dots of grad_proj's three bf16
+# parts (_add_grad_proj_phi_dot), not P rank-one fp32 FMA updates: 0.198 ms with its dot matmul at
+# these tiles, 0.298 as FMAs at their best (16 x 128); 16 x 128 dots 0.264, 32 x 128 0.241, 128 x 64 0.216
 PROJECT_FWD_PROGRAMS = 256  # project_forward splits K when fewer token blocks than this (decode)
 COEFF_BWD_PROGRAMS = 1024  # coefficients_backward's programs at most (each with its iterates' scratch)
 COEFF_BLOCK_ELEMENTS = 256  # tokens per coefficient program = this / padded n^2 (capped at 128): 16 at n = 4;
