@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.errors import LLMKitError, SettingError
+from llmkit.model import mhc_ops
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache, cache_shapes
 from llmkit.model.transformer import Transformer
@@ -148,6 +149,7 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, sl
 def _decode_fn(config: SamplingConfig, device: torch.device, cache: KVCache) -> Callable[..., torch.Tensor]:
     if not config.compile:
         return _decode_step
+    mhc_ops.allow_inductor_fallbacks()  # one graph of every sublayer: see its docstring
     for buffer in cache.buffers():
         torch._dynamo.mark_static_address(buffer)
     mode = "reduce-overhead" if device.type == "cuda" else "default"

@@ -500,3 +500,29 @@ def _apply_grad(ctx, grad: Tensor) -> tuple:
 
 
 mhc_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+OPS = (mhc_enter, mhc_enter_backward, mhc_boundary, mhc_boundary_backward, mhc_apply, mhc_apply_backward)
+
+
+def allow_inductor_fallbacks() -> None:
+    """Name the ops in inductor's ``FALLBACK_ALLOW_LIST``, so that its lowering calls them without
+    first describing each new op (a no-op where inductor has no such list).
+
+    An op inductor has no lowering for takes its "implicit fallback" path, which logs the op's
+    arguments at INFO: torch up to 2.11 formats that line whether or not INFO is on (later versions
+    when it is, TORCH_LOGS=inductor), and an IR node's text holds its inputs' texts in full. The
+    stream X of sublayer l + 1 comes out of sublayer l's op and its inputs out of sublayer l - 1's,
+    several from each, so the text of a late op's arguments grows exponentially with depth: a
+    whole-model graph (the compiled decode step) of the 120m n = 4 model, 24 chained sublayers,
+    never finished lowering on an H200 (torch 2.11, still in ``IRNode.__str__`` after 100 s); 4
+    layers with TORCH_LOGS=inductor took 82 s and logged 890 MB on a CPU. Called by
+    :meth:`~llmkit.model.transformer.Transformer.compile_blocks` and the compiled decode step;
+    call it before compiling a whole model yourself.
+    """
+    try:
+        from torch._inductor.lowering import FALLBACK_ALLOW_LIST
+    except ImportError:
+        return
+    for op in OPS:
+        FALLBACK_ALLOW_LIST.add(op._qualname)

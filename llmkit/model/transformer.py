@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmkit.model import mhc_ops
 from llmkit.model.config import ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_cache, upcast
@@ -204,6 +205,7 @@ class Transformer(nn.Module):
         backward, llmkit/model/mhc_ops.py). ``mode`` is torch.compile's: "reduce-overhead"
         replays each block's forward and backward as CUDA graphs (bench/gpu_check.py measures
         whether that pays in training)."""
+        mhc_ops.allow_inductor_fallbacks()
         for block in self.blocks:
             block.compile(mode=mode)
 
