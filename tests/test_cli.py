@@ -264,6 +264,9 @@ def test_config_errors_name_the_key_or_the_file_in_one_line(shards, tmp_path, ca
         "llmkit pretrain fit: error: model.config.n_kv_heads: expected int (or null), got x"  # cut off after "Errors:"
     assert error("--data.val_windows", "8.5") == \
         "llmkit pretrain fit: error: data.val_windows: expected int (or null), got 8.5"  # was nine lines
+    assert error("--model.compile", "fast") == (  # a switch or one of torch.compile's modes, not null
+        "llmkit pretrain fit: error: model.compile: expected bool or default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs, got fast")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "my.yaml").write_text(yaml.safe_dump({"model": {"config": "../model/tiny.yaml"}}))
     assert error("--config", str(tmp_path / "sub" / "my.yaml")) == (

@@ -179,11 +179,14 @@ def readable_parse_error(message: str, known: Sequence[str] = ()) -> str:
 def _union_reason(message: str) -> str:
     """What jsonargparse's message about an Optional option of a plain type says, in a few words: the
     types it takes and the value given ("expected int (or null), got abc")."""
-    expected = [t for t in re.findall(r"- Expected a <class '([^']+)'>", message) if t != "NoneType"]
+    classes = re.findall(r"- Expected a <class '([^']+)'>", message)
+    expected = [t for t in classes if t != "NoneType"]
+    expected += [", ".join(re.findall(r"'([^']*)'", choices))  # a Literal's values
+                 for choices in re.findall(r"- Expected a typing\.Literal\[(.*)\]", message)]
     given = re.search(r"Given value: (.*)", message)
     if not expected or given is None:  # another kind of Union: its text, on one line
         return " ".join(message.split())
-    return f"expected {' or '.join(expected)} (or null), got {given.group(1)}"
+    return f"expected {' or '.join(expected)}{' (or null)' if 'NoneType' in classes else ''}, got {given.group(1)}"
 
 
 def _absent_class(class_path: str, missing_module: str | None, module: str | None, attribute: str | None) -> str:
