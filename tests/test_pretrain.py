@@ -173,18 +173,6 @@ def test_compiled_blocks_match_eager(shards, tmp_path):
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints stay interchangeable
 
 
-@pytest.mark.parametrize(("setting", "mode"), [(True, None), ("reduce-overhead", "reduce-overhead")])
-def test_compile_takes_a_torch_compile_mode_for_every_block(setting, mode, monkeypatch):
-    """``compile: reduce-overhead`` compiles each block as CUDA graphs (on a GPU), ``true`` in the default mode."""
-    from llmkit.model.transformer import Block
-
-    modes = []
-    monkeypatch.setattr(Block, "compile", lambda self, **kw: modes.append(kw["mode"]))
-    module = PretrainModule(model_config(), compile=setting)
-    module.configure_model()
-    assert modes == [mode, mode]  # two blocks
-
-
 class BatchRecorder(L.Callback):
     def __init__(self) -> None:
         self.firsts: list[list[int]] = []

@@ -46,7 +46,7 @@ from llmkit.io import as_dataclass, write_json_atomic
 from llmkit.model.checkpoint import backbone_from_checkpoint, check_tokenizer, read_checkpoint, tokenizer_candidates
 from llmkit.model.config import AttentionBackend
 from llmkit.model.moe import end_of_step
-from llmkit.model.transformer import CompileMode, Transformer
+from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, TokenMeanAccumulator, optimizer_with_schedule
 
@@ -176,8 +176,7 @@ class FineTuneModule(LLMKitModule):
         gradient_clip_val: clip the global gradient norm to this (None: no clipping).
         gradient_checkpointing: override the backbone config's setting (None keeps it).
         attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
-        compile: torch.compile each transformer block (GPU runs): true, or one of torch.compile's modes;
-            ``reduce-overhead`` replays each block as CUDA graphs (docs/performance.md).
+        compile: torch.compile each transformer block (GPU runs).
         chat_template: render every prompt as a user message through the tokenizer's chat template before
             encoding it (needs a Hugging Face tokenizer that has one).
     """
@@ -195,7 +194,7 @@ class FineTuneModule(LLMKitModule):
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool | None = None,
         attention_backend: AttentionBackend | None = None,
-        compile: bool | CompileMode = False,
+        compile: bool = False,
         chat_template: bool = False,
     ) -> None:
         super().__init__()
@@ -239,7 +238,7 @@ class FineTuneModule(LLMKitModule):
         if self.hparams.compile:
             for module in self.modules():
                 if isinstance(module, Transformer):
-                    module.compile_blocks(self.hparams.compile)
+                    module.compile_blocks()
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)

@@ -18,7 +18,7 @@ from llmkit.io import as_dataclass
 from llmkit.model.checkpoint import backbone_from_checkpoint, checkpoint_model_config, read_checkpoint
 from llmkit.model.config import MHC_RUN_SETTINGS, RUN_SETTINGS, ModelConfig
 from llmkit.model.moe import end_of_step, scale_balancing_loss
-from llmkit.model.transformer import CompileMode, Transformer
+from llmkit.model.transformer import Transformer
 from llmkit.modules.base import LLMKitModule
 from llmkit.optim import OptimConfig, clip_grad_norm, lr_metrics, optimizer_with_schedule
 
@@ -75,8 +75,7 @@ class PretrainModule(LLMKitModule):
     Args:
         config: the backbone (see configs/model/*.yaml).
         optim: AdamW and learning-rate schedule.
-        compile: torch.compile each transformer block (GPU runs): true, or one of torch.compile's modes;
-            ``reduce-overhead`` replays each block as CUDA graphs (docs/performance.md).
+        compile: torch.compile each transformer block (GPU runs).
         init_ckpt: start from this checkpoint's weights, whose shape then replaces config's (None: random init).
     """
 
@@ -88,7 +87,7 @@ class PretrainModule(LLMKitModule):
         self,
         config: ModelConfig | None = None,
         optim: OptimConfig | None = None,
-        compile: bool | CompileMode = False,
+        compile: bool = False,
         init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
@@ -137,7 +136,7 @@ class PretrainModule(LLMKitModule):
             self.model = initial_backbone(checkpoint, init_ckpt, self.config)
         self.config = self.model.config
         if self.hparams.compile:
-            self.model.compile_blocks(self.hparams.compile)
+            self.model.compile_blocks()
 
     def on_train_start(self) -> None:
         """An MoE balancing loss weighs as the cross-entropy, which Lightning divides by the accumulation."""

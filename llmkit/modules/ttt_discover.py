@@ -91,7 +91,6 @@ from llmkit.model.lora import (
     save_lora,
 )
 from llmkit.model.moe import scale_balancing_loss
-from llmkit.model.transformer import CompileMode
 from llmkit.modules.base import LLMKitModule
 from llmkit.modules.finetune import FineTuneOptimConfig, check_fits, load_student, prompt_ids
 from llmkit.optim import TokenMeanAccumulator, optimizer_with_schedule
@@ -247,8 +246,7 @@ class TTTDiscoverModule(LLMKitModule):
         gradient_clip_val: clip the adapter's global gradient norm to this (None: no clipping).
         gradient_checkpointing: override the backbone config's setting (None keeps it).
         attention_backend: override the backbone config's attention kernel (None keeps it; docs/attention.md).
-        compile: torch.compile each transformer block (GPU runs): true, or one of torch.compile's modes;
-            ``reduce-overhead`` replays each block as CUDA graphs (docs/performance.md).
+        compile: torch.compile each transformer block (GPU runs).
         chat_template: render each prompt (the environment's context) as a user message through the
             tokenizer's chat template before encoding it (needs a Hugging Face tokenizer that has one).
     """
@@ -264,7 +262,7 @@ class TTTDiscoverModule(LLMKitModule):
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool | None = None,
         attention_backend: AttentionBackend | None = None,
-        compile: bool | CompileMode = False,
+        compile: bool = False,
         chat_template: bool = False,
     ) -> None:
         super().__init__()
@@ -329,7 +327,7 @@ class TTTDiscoverModule(LLMKitModule):
     def configure_model(self) -> None:
         scale_balancing_loss(self.model, 0.0)  # MoE routers are frozen with the base: no balancing loss to train
         if self.hparams.compile:
-            self.model.compile_blocks(self.hparams.compile)
+            self.model.compile_blocks()
 
     def configure_optimizers(self) -> dict:
         return optimizer_with_schedule(self.model.param_groups(self.optim.weight_decay), self.optim, self.trainer)
