@@ -22,7 +22,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    clipping, AdamW) of --kernel-model after warm-up: CUDA kernel events (memcpy/memset apart),
    and (n - 1) kernels per block sublayer, (K_n - K_1) / (2 L). Where the time goes: the step's
    summed kernel time, and per mHC Triton kernel its launches, milliseconds and achieved bandwidth
-   (its tensor bytes, as bench/mhc_triton_compile.py counts them, over its time). On a CPU:
+   (its tensor bytes, as bench/mhc_triton_compile.py counts them, over its time). Where the GPU
+   waits: its busy and idle time within the step and the idle gaps credited to the host op running
+   when each ended (``idle_gaps``; the profiler slows the host, so upper bounds), and the
+   allocator's cudaMalloc/cudaFree calls in the step. On a CPU:
    profiler CPU op events instead, and the llmkit ops' CPU time, labelled as such (they say
    nothing about GPU kernels).
 3. Memory: section 1's peak GiB beside the bytes autograd saves in one training forward
@@ -535,7 +538,8 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
         start = time.perf_counter()
         generate_bench.run(mode, model, prompts, sampling)  # warm-up (and compile)
         generate_bench.sync()
-        # whether a slow section is the compile or the decode after it (on an H200 it never ended)
+        # whether a slow section is the compile or the decode after it (on torch 2.11 the compile never ended
+        # until mhc_ops.allow_inductor_fallbacks; since, 34 s at 120m n = 4 batch 64 on an H200)
         print(f"  warm-up call (compile included): {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(max(1, args.gen_repeats)):
             generate_bench.sync()
