@@ -235,24 +235,33 @@ def project_forward(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
+def _bf16_parts(x):
+    """fp32 ``x`` as three bf16 tensors that sum to it, 8 significant bits each (fp32's 24; near
+    underflow, fewer): each part times a bf16 value is exact in fp32."""
+    first = x.to(tl.bfloat16)
+    rest = x - first.to(tl.float32)
+    second = rest.to(tl.bfloat16)
+    return first, second, (rest - second.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _store_grad_proj_parts(grad_proj_ptr, parts_ptr, rows, row_ok, M, P, BLOCK_P: tl.constexpr):
-    """grad_proj's rows ``rows`` (int64) as three bf16 parts that sum to them, 8 significant bits
-    each (fp32's 24; near underflow, fewer), transposed for :func:`_grad_phi`: parts [3P, M], row
-    part * P + p."""
+    """grad_proj's rows ``rows`` (int64) as their :func:`_bf16_parts`, transposed for
+    :func:`_grad_phi`: parts [3P, M], row part * P + p."""
     ps = tl.arange(0, BLOCK_P)
     rows_ps_ok = row_ok[:, None] & (ps < P)[None, :]
-    rest = tl.load(grad_proj_ptr + rows[:, None] * P + ps[None, :], mask=rows_ps_ok, other=0.0)
+    grad_proj = tl.load(grad_proj_ptr + rows[:, None] * P + ps[None, :], mask=rows_ps_ok, other=0.0)
     parts = parts_ptr + rows[:, None] + ps.to(tl.int64)[None, :] * M
-    for part in tl.static_range(3):
-        rounded = rest.to(tl.bfloat16)
-        tl.store(parts + part * P * M, rounded, mask=rows_ps_ok)
-        rest = rest - rounded.to(tl.float32)
+    first, second, third = _bf16_parts(grad_proj)
+    tl.store(parts, first, mask=rows_ps_ok)
+    tl.store(parts + P * M, second, mask=rows_ps_ok)
+    tl.store(parts + 2 * P * M, third, mask=rows_ps_ok)
 
 
 @triton.jit
 def _add_grad_proj_phi(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, STREAM_DTYPE: tl.constexpr):
-    """acc [rows, cols] + grad_proj[rows, :] phi[:, cols], as P rank-one updates in fp32 FMAs (a
-    contraction of P = 2n + n^2 is too short for a tensor-core dot to pay). ``grad_proj_rows``
+    """acc [rows, cols] + grad_proj[rows, :] phi[:, cols], as P rank-one updates in fp32 FMAs (fp16 and
+    fp32 streams; a bf16 stream's is :func:`_add_grad_proj_phi_dot`, faster on an H200). ``grad_proj_rows``
     points at each row's grad_proj, ``phi_cols`` at phi's first row in each column; phi is rounded to
     the stream's dtype first, as the forward's dot saw it: this differentiates that function."""
     for p in range(P):
@@ -266,23 +275,27 @@ def _add_grad_proj_phi(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, STRE
 def _add_grad_proj_phi_dot(acc, grad_proj_rows, row_ok, phi_cols, col_ok, K, P, BLOCK_P: tl.constexpr,
                            DOT_FP32: tl.constexpr):
     """:func:`_add_grad_proj_phi` on tensor cores, for a bf16 stream: phi rounded to bf16 (as the
-    forward's dot saw it) and the fp32 grad_proj as three bf16 parts that sum to it (8 significant
-    bits each), one dot per part: every product is exact in the fp32 accumulator, so the sum
-    matches the FMA version's but for the order of its additions. ``grad_proj_rows`` points at each
-    row's grad_proj; DOT_FP32 upcasts the operands (the interpreter's bf16 dot is wrong)."""
+    forward's dot saw it) and the fp32 grad_proj as its :func:`_bf16_parts`, one dot per part:
+    every product is exact in the fp32 accumulator, so the sum matches the FMA version's but for
+    the order of its additions. ``grad_proj_rows`` points at each row's grad_proj."""
     ps = tl.arange(0, BLOCK_P)
     p_ok = ps < P
-    rest = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+    grad_proj = tl.load(grad_proj_rows[:, None] + ps[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
     w = tl.load(phi_cols[None, :] + ps[:, None] * K, mask=p_ok[:, None] & col_ok[None, :], other=0.0)
     w = w.to(tl.bfloat16)
-    for _ in tl.static_range(3):
-        part = rest.to(tl.bfloat16)
-        rest = rest - part.to(tl.float32)
-        if DOT_FP32:
-            acc = tl.dot(part.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(part, w, acc)
-    return acc
+    first, second, third = _bf16_parts(grad_proj)
+    acc = _dot_exact(first, w, acc, DOT_FP32)
+    acc = _dot_exact(second, w, acc, DOT_FP32)
+    return _dot_exact(third, w, acc, DOT_FP32)
+
+
+@triton.jit
+def _dot_exact(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a b for bf16 ``a``, ``b`` with fp32 accumulation; DOT_FP32 upcasts the operands first
+    (the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 either way)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
