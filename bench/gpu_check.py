@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import contextlib
 import gc
 import json
@@ -323,7 +324,7 @@ def count_step_kernels(name: str, n_streams: int, ns: argparse.Namespace) -> dic
             "counted": "cuda_kernels" if throughput.CUDA else "cpu_op_events",
             "count": len(kernels) if throughput.CUDA else cpu_ops,
             "cuda_kernels": len(kernels), "cuda_memcpy_memset": copies, "cpu_op_events": cpu_ops,
-            "device_allocations": allocations, "gpu_idle": gpu_idle(events) if throughput.CUDA else None,
+            "device_allocations": allocations, "gpu_idle": gpu_idle(gpu, events) if throughput.CUDA else None,
             **step_time_by_kernel(events, throughput.CUDA, n_streams, config.d_model,
                                   ns.batch_size * ns.seq_len, stream)}
 
@@ -342,14 +343,13 @@ IDLE_GAP_US = 10.0
 launch latency between queued kernels, only count towards the idle total)."""
 
 
-def gpu_idle(events: list) -> dict:
-    """:func:`idle_gaps` of a profiled step's events: its CUDA kernels and copies on the GPU, its
-    CPU ops (not the CUDA runtime's calls) on the host."""
-    gpu = [(e.time_range.start, e.time_range.end) for e in events
-           if e.device_type == torch.autograd.DeviceType.CUDA]
+def gpu_idle(gpu: list, events: list) -> dict:
+    """:func:`idle_gaps` of a profiled step: its CUDA events (kernels and copies) on the GPU, its CPU
+    ops among ``events`` on the host (not the CUDA runtime's and driver's calls, ``cuda*``/``cu*``,
+    nor the profiler's ``[memory]``)."""
     host = [(e.name, e.time_range.start, e.time_range.end) for e in events
-            if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith(("cuda", "cu", "["))]
-    return idle_gaps(gpu, host)
+            if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith(("cu", "["))]
+    return idle_gaps([(e.time_range.start, e.time_range.end) for e in gpu], host)
 
 
 def idle_gaps(gpu: list[tuple[float, float]], host: list[tuple[str, float, float]], top: int = 8) -> dict:
@@ -358,8 +358,6 @@ def idle_gaps(gpu: list[tuple[float, float]], host: list[tuple[str, float, float
     innermost host op running when the gap ended, the op whose launch the GPU was waiting for
     (the ``top`` ops by idle time). Under the profiler the host runs slower than in the timed loop,
     so the gaps are an upper bound of the loop's."""
-    import bisect
-
     gpu = sorted(gpu)
     host = sorted(host, key=lambda op: op[1])
     starts = [op[1] for op in host]
