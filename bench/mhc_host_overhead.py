@@ -4,9 +4,11 @@
     python -m bench.mhc_host_overhead            # CUDA: real launches on 16 tokens (the GPU idles)
     TRITON_INTERPRET=1 python -m bench.mhc_host_overhead   # CPU: the Triton kernels recorded, not run
 
-On a GPU the ops run on 16 tokens of width 64, so their kernels take microseconds and the wall
-time of many calls (one synchronize at the end) is the host's: custom-op dispatch, the wrappers' Python and
-tensor allocations, Triton's launcher and the small torch kernels. On a CPU the Triton launches
+The ops take a training step's path, the sublayer's entry in four kernels (not the one entry
+kernel that decode's few tokens get). On a GPU they run on 16 tokens of width 64, so their
+kernels take microseconds and the wall time of many calls (one synchronize at the end) is the
+host's: custom-op dispatch, the wrappers' Python and tensor allocations, Triton's launcher and
+the small torch kernels. On a CPU the Triton launches
 are recorded instead of run (bench/mhc_triton_compile.py's recorder), so the figure is the ops'
 own Python and dispatch without Triton's launcher, plus the small torch ops on 16 tokens (the
 CPU's fallback for the dphi matmul among them). A
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
             recorded_launches += len(recorder.launches)
             recorder.launches.clear()
 
-    with launches as recorders:
+    from bench.mhc_kernel_variants import setting
+
+    # a training step's path (four forward kernels), not the one entry kernel 16 tokens would take (decode's)
+    with launches as recorders, setting("ENTRY_ONE_KERNEL_TOKENS", 0):
         for _ in range(warmup):  # Triton's compile, the caching allocator
             issue()
         count_recorded()

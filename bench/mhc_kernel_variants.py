@@ -24,7 +24,11 @@ while it runs ("*" marks the setting in force):
   and warps per program (APPLY_PROJECT_ + BLOCK_M, BLOCK_C, WARPS);
 - project + apply backward (PROJECT_APPLY_FUSED's one kernel for the projection's dL/dX used at
   once by the write-back's backward, its dphi matmul included; against the project backward and
-  apply backward rows): the same three (PROJECT_APPLY_ + ...).
+  apply backward rows): the same three (PROJECT_APPLY_ + ...);
+- entry forward (decode): a sublayer's whole forward in one kernel, one token per program, on
+  the first DECODE_TOKENS tokens (a decode step's; ENTRY_ONE_KERNEL_TOKENS routes only such few
+  tokens to it): channels per loop step (ENTRY_BLOCK_C). Its time is one kernel's; what it saves
+  against the four it replaces, in a decode step's CUDA graph, gpu_check's decode rows show.
 
 Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA only. Bandwidth:
 the launch's tensor bytes, as bench/mhc_triton_compile.py counts them, over that time. Error: the
@@ -54,6 +58,8 @@ from llmkit.model import mhc_ops, mhc_triton
 from llmkit.profiling import device_description
 
 VARIANTS_JSON = "mhc_kernel_variants.json"
+DECODE_TOKENS = 64
+"""Tokens of the entry kernel's case: a decode step at batch 64 (the first of the case's inputs)."""
 
 
 @dataclass
@@ -131,6 +137,9 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
                          + grad_stream.double().view(tokens, k) + pre_term, grad_proj.double().T @ flat64))
     project_backward_tiles = ("PROJECT_BWD_DOT", "PROJECT_BWD_BLOCK_M", "PROJECT_BWD_BLOCK_K", "PROJECT_BWD_WARPS")
     applied64 = mhc_ops.apply(x64, y64, h_post.double(), h_res.double(), False)
+    d = min(tokens, DECODE_TOKENS)
+    entry_inputs = (x[:d], (y[:d], h_post[:d], h_res[:d]), None, phi, alpha, bias, *coefficient_settings())
+    entered64 = mhc_ops.enter(applied64[:d], None, phi64, alpha64, bias64, *coefficient_settings(), False)
     return [
         Case("project forward", "_project_fwd_kernel", ("PROJECT_BLOCK_M", "PROJECT_BLOCK_K", "PROJECT_FWD_PROGRAMS"),
              ((64, 64, 256), (64, 32, 256), (32, 32, 256), (64, 32, 1024), (64, 64, 1024), (32, 32, 2048)),
@@ -165,6 +174,8 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
              (*mhc_ops.apply_backward(project_backward[1][0].view(tokens, n, c), x_prev.double(), y64,
                                       h_post.double(), h_res.double(), False), project_backward[1][1]),
              other_bytes=flat.nbytes),
+        Case("entry forward (decode)", "_entry_kernel", "ENTRY_BLOCK_C", (64, 32, 128),
+             lambda: mhc_triton.entry_forward(*entry_inputs), (applied64[:d], *entered64)),
         Case("apply backward", "_apply_bwd_kernel", *tiles,
              lambda: mhc_triton.apply_backward(grad_stream, x, y, h_post, h_res),
              mhc_ops.mhc_apply_backward(grad_stream.double(), x64, y64, h_post.double(), h_res.double(), False)),

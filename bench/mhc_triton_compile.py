@@ -125,6 +125,26 @@ def record_fused_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int)
     return recorders
 
 
+ENTRY = {"_entry_kernel": ("_apply_fwd_kernel", "_project_fwd_kernel", "_coeff_fwd_kernel", "_pre_fwd_kernel")}
+"""The kernel a sublayer's entry runs in place of four of its forward's at decode's few tokens
+(mhc_triton.ENTRY_ONE_KERNEL_TOKENS)."""
+
+
+def record_entry_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
+    """The entry kernel's launches at this shape, recorded, not run: ``mhc_boundary``'s (with the
+    write-back) and ``mhc_enter``'s with a LoRA update (without)."""
+    with recorded(ENTRY) as recorders:
+        p = 2 * n + n * n
+        x, y = torch.empty(tokens, n, d_model, dtype=dtype), torch.empty(tokens, d_model, dtype=dtype)
+        phi = torch.empty(p, n * d_model)
+        alpha, bias = [torch.empty(()) for _ in range(3)], [torch.empty(n), torch.empty(n), torch.empty(n, n)]
+        settings = coefficient_settings()
+        write_back = (y, torch.empty(tokens, n), torch.empty(tokens, n, n))
+        mhc_triton.entry_forward(x, write_back, None, phi, alpha, bias, *settings)
+        mhc_triton.entry_forward(x, None, torch.empty(tokens, p), phi, alpha, bias, *settings)
+    return recorders
+
+
 def short(kernel: str) -> str:
     """A kernel's name as the table prints it: _project_fwd_kernel -> project_fwd."""
     return kernel.strip("_").removesuffix("_kernel")
@@ -209,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape = (dtype, args.tokens, args.n_streams, args.d_model)
         recorders = [(recorder, True) for recorder in record_launches(*shape).values()]
         recorders += [(recorder, False) for recorder in record_fused_launches(*shape).values()]
+        recorders += [(recorder, False) for recorder in record_entry_launches(*shape).values()]
         for recorder, in_sublayer in recorders:
             for launch_args, launch_kwargs in recorder.launches:
                 compiled = compile_launch(recorder.kernel, launch_args, launch_kwargs, target)
@@ -224,7 +245,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spills = f"{r['spills']} ({r['spills_in_loops']})"
         print(f"{r['kernel']:<18} {r['stream']:<6} {r['num_warps']:>5} {r['registers']:>5} {r['stack_bytes']:>7} "
               f"{spills:>17} {r['local_bytes']:>7} {r['shared_bytes']:>8} {r['bytes_per_token']:>8.0f}"
-              + ("" if r["in_sublayer"] else "  (fused: in place of two above)"))
+              + ("" if r["in_sublayer"] else "  (decode: in place of four above)" if r["kernel"] == "entry"
+                 else "  (fused: in place of two above)"))
     for dtype_name in args.dtypes:
         size = {"bf16": 2, "fp32": 4}[dtype_name]
         matmul = size * args.n_streams * args.d_model  # project_backward's grad_phi matmul reads x once more

@@ -104,21 +104,23 @@ def test_compiled_mhc_ops_match_the_oracle_on_gpu(checkpointing, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("fused", "m"), [(False, 4096), (True, 4096), (False, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype, fused, monkeypatch):
+def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype, fused, m, monkeypatch):
     """Each mHC op and its backward, Triton (use_triton=True) against the same op's PyTorch code,
     at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits: mhc_enter, then
     mhc_boundary on its pending stream (with a LoRA-like update on the first projection), then
     mhc_apply; ``fused``: mhc_boundary's write-back and projection in one kernel (APPLY_PROJECT_FUSED),
-    and their backward in one (PROJECT_APPLY_FUSED)."""
+    and their backward in one (PROJECT_APPLY_FUSED). At 64 tokens (a decode step's) the two ops'
+    forwards are the entry kernel (ENTRY_ONE_KERNEL_TOKENS)."""
     from llmkit.model import mhc_ops, mhc_triton
 
     monkeypatch.setattr(mhc_triton, "APPLY_PROJECT_FUSED", fused)
     monkeypatch.setattr(mhc_triton, "PROJECT_APPLY_FUSED", fused)
     monkeypatch.setattr(mhc_triton, "PROJECT_FWD_PROGRAMS", 64)  # 4096 tokens count as a training shape
+    assert (m <= mhc_triton.ENTRY_ONE_KERNEL_TOKENS) == (m == 64)
     torch.manual_seed(0)
-    m, n, c = 4096, 4, 768
+    n, c = 4, 768
     p = 2 * n + n * n
     x = torch.randn(m, n, c, device="cuda").to(dtype)
     y = torch.randn(m, c, device="cuda").to(dtype)

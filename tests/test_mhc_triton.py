@@ -576,11 +576,14 @@ def test_the_ops_route_to_the_kernels_only_where_they_should(mt, monkeypatch):
     assert x_next.shape == (0, 4, 8) and u.shape == (0, 8)
 
 
-def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
-    """Schema, fake kernels, autograd registration and AOT dispatch of each op on the Triton path."""
+@pytest.mark.parametrize("entry_tokens", [128, 0], ids=["entry-kernel", "four-kernels"])
+def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch, entry_tokens):
+    """Schema, fake kernels, autograd registration and AOT dispatch of each op on the Triton path,
+    its 6 tokens' forward in the entry kernel or in four."""
     from llmkit.model import mhc_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", entry_tokens)
     torch.manual_seed(0)
     m, n, c = 6, 4, 8
     p = 2 * n + n * n
@@ -596,17 +599,23 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch):
     torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
 
 
-def test_a_decode_sublayer_is_four_kernels_and_no_torch_reduction(mt, monkeypatch):
-    """At decode's shape (4 tokens: nC = 128 split into four partials) mhc_boundary launches the
-    write-back, the projection, the coefficients (which sum the partials) and the
-    pre-aggregation, and no torch reduction: a decode step's CUDA graph holds no sums of the
+@pytest.mark.parametrize(("entry_tokens", "kernels"), [
+    (4, ("_entry_kernel",)),
+    (3, ("_apply_fwd_kernel", "_project_fwd_kernel", "_coeff_fwd_kernel", "_pre_fwd_kernel")),
+])
+def test_a_decode_sublayer_is_one_kernel_and_no_torch_reduction(mt, monkeypatch, entry_tokens, kernels):
+    """At decode's shape (4 tokens) mhc_boundary's forward is the entry kernel alone; with more
+    tokens than ENTRY_ONE_KERNEL_TOKENS (here 3) it launches the write-back, the projection (nC =
+    128 split into four partials), the coefficients (which sum the partials) and the
+    pre-aggregation. Neither way a torch reduction: a decode step's CUDA graph holds no sums of the
     partials (two per sublayer until 2026-12-01)."""
     from llmkit.model import mhc_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)  # nC = 128: four column tiles
-    kernels = ("_apply_fwd_kernel", "_project_fwd_kernel", "_coeff_fwd_kernel", "_pre_fwd_kernel")
-    launched = launches(mt, monkeypatch, kernels)
+    monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", entry_tokens)
+    launched = launches(mt, monkeypatch, ("_entry_kernel", "_apply_fwd_kernel", "_project_fwd_kernel",
+                                          "_coeff_fwd_kernel", "_pre_fwd_kernel"))
     torch.manual_seed(0)
     m, n, c = 4, 4, 32
     p = 2 * n + n * n
@@ -615,9 +624,50 @@ def test_a_decode_sublayer_is_four_kernels_and_no_torch_reduction(mt, monkeypatc
     with torch.profiler.profile() as profile:
         mhc_ops.mhc_boundary(x, y, h_post, h_res, *weights, ITERS, CLAMP, EPS, NORM_EPS, True, mhc_ops.SOURCE_HASH)
     assert [name for name, _ in launched] == list(kernels)
-    assert launched[1] == ("_project_fwd_kernel", (1, 4))
+    if len(kernels) == 1:
+        assert launched[0] == ("_entry_kernel", (4,))  # a program per token
+    else:
+        assert launched[1] == ("_project_fwd_kernel", (1, 4))
     torch_ops = {e.name for e in profile.events() if e.name.startswith("aten::")}
     assert not {"aten::sum", "aten::add", "aten::add_"} & torch_ops, torch_ops  # allocations and copies only
+
+
+@pytest.mark.parametrize(("n", "dtype", "write_back", "update"), [
+    (4, torch.float32, True, False),
+    (4, torch.bfloat16, True, False),
+    (3, torch.bfloat16, False, True),
+    (4, torch.float32, False, True),
+    (1, torch.float32, True, False),
+])
+def test_the_entry_kernel_equals_the_sublayers_four_kernels(mt, monkeypatch, n, dtype, write_back, update):
+    """entry_forward's one kernel against apply_project (or project_forward), coefficients_forward
+    and pre_forward, which the tests above check against the fp64 oracle: X as stored, u, the
+    coefficients, proj (a LoRA update included) and sumsq, from 3 tokens of C = 40 (16 channels per
+    step: a tail); the same values up to fp32 summation order, X and u exactly where their inputs
+    are (bf16 outputs of the same fp32 sums)."""
+    monkeypatch.setattr(mt, "ENTRY_BLOCK_C", 16)
+    m, c = 3, 40
+    p = 2 * n + n * n
+    x, y, _, h_post, h_res = stream_inputs(m, n, c, dtype, dtype)
+    g = torch.Generator().manual_seed(7)
+    phi = torch.randn(p, n * c, generator=g) / (n * c) ** 0.5
+    alpha = [torch.tensor([0.7]), torch.tensor([-0.4]), torch.tensor([1.3])]
+    bias = [torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, n, generator=g)]
+    proj_update = torch.randn(m, p, generator=g) if update else None
+    settings = (ITERS, CLAMP, EPS, NORM_EPS)
+    got = mt.entry_forward(x, (y, h_post, h_res) if write_back else None, proj_update, phi, alpha, bias, *settings)
+    if write_back:
+        stream, proj, sumsq = mt.apply_project(x, y, h_post, h_res, phi)
+    else:
+        stream, (proj, sumsq) = x, mt.project_forward(x.view(m, n * c), phi)
+    if update:
+        proj[0] += proj_update
+    h_pre, *coefficients = mt.coefficients_forward(proj, sumsq, alpha, bias, n, n * c, *settings)
+    expected = (stream, mt.pre_forward(stream, h_pre), h_pre, *coefficients)
+    for name, actual, want in zip(("X", "u", "H_pre", "H_post", "H_res", "proj", "sumsq"), got, expected, strict=True):
+        assert actual.shape == want.shape and actual.dtype == want.dtype, name
+        close(actual, want, 1e-5 if name != "u" or dtype == torch.float32 else 1e-2, 1e-5 * want.abs().max().item())
+    assert got[0] is x or write_back  # without a write-back X is the input itself
 
 
 def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
@@ -628,6 +678,7 @@ def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(mt, "PROJECT_BLOCK_K", 32)  # nC = 128: four column tiles
+    monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", 0)  # the split projection, not the entry kernel
     launched = launches(mt, monkeypatch, ("_project_fwd_kernel", "_coeff_fwd_kernel"))
     torch.manual_seed(0)
     m, n, c = 6, 4, 32
@@ -644,14 +695,16 @@ def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
         close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize(("fused", "programs"), [(False, 1), (True, 1), (False, 256)])
-def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused, programs):
+@pytest.mark.parametrize(("fused", "programs", "entry_tokens"), [(False, 1, 0), (True, 1, 0), (False, 256, 0),
+                                                                 (False, 256, 16)])
+def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused, programs, entry_tokens):
     """A 2-layer n = 4 model's loss and every gradient, with the ops' Triton kernels (interpreted)
     against the same ops' PyTorch code (mhc.implementation: torch), fp32; ``fused``: each write-back
     and the next projection in one kernel (APPLY_PROJECT_FUSED), and in backward the projection's
     dL/dX used at once by the write-back's backward (PROJECT_APPLY_FUSED). With 256 projection
     programs, as on a GPU, the 16 tokens' projection comes in four K-split partials (decode's
-    shape), which the coefficient kernel sums."""
+    shape), which the coefficient kernel sums; with ENTRY_ONE_KERNEL_TOKENS at 16, each sublayer's
+    forward is the entry kernel (decode's path)."""
     from llmkit.model.config import MHCConfig, ModelConfig
     from llmkit.model.transformer import Transformer
 
@@ -660,9 +713,10 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
     monkeypatch.setattr(mt, "PROJECT_APPLY_FUSED", fused)
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)  # 1: 16 tokens fill the "GPU", the fused kernel runs
     monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_M", 16)
+    monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", entry_tokens)
     launched = []
     for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward",
-                 "apply_project_forward", "project_apply_backward"):
+                 "apply_project_forward", "project_apply_backward", "entry_forward"):
         kernel = getattr(mt, name)
         monkeypatch.setattr(mt, name, lambda *a, _k=kernel, _n=name: launched.append(_n) or _k(*a))
     torch.manual_seed(0)
@@ -683,11 +737,39 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
     if fused:
         fused_counts = {"apply_project_forward": 3, "project_apply_backward": 3}
         writes = {"apply_forward": 1, "project_backward": 1, **fused_counts}
+    elif entry_tokens:  # every sublayer's forward, write-back included, in its entry kernel; the last one apart
+        writes = {"entry_forward": 4, "apply_forward": 1, "project_backward": 4}
     else:
         writes = {"apply_forward": 4, "project_backward": 4}
     assert counts == {"coefficients_backward": 4, "pre_backward": 4, **writes}
     assert abs(loss_t - loss_p) <= 1e-6 * loss_p
     assert ((grads_t - grads_p).norm() / grads_p.norm()).item() <= 1e-5
+
+
+def test_cached_greedy_decode_on_the_entry_kernel_equals_decode_on_the_pytorch_code(mt, monkeypatch):
+    """Cached generation (eager, fp32) of a 2-layer n = 4 model, 3 prompts: the prefill's 15 tokens
+    and every decode step's 3 take the entry kernel (ENTRY_ONE_KERNEL_TOKENS = 16), and the
+    ops' PyTorch code (mhc.implementation: torch) picks the same 12 tokens greedily, each with the
+    same log-probability within 1e-5."""
+    from llmkit.model.config import MHCConfig, ModelConfig
+    from llmkit.model.generation import SamplingConfig, generate
+    from llmkit.model.transformer import Transformer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", 16)
+    launched = launches(mt, monkeypatch, ("_entry_kernel", "_project_fwd_kernel"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=32,
+                                    n_streams=4, mhc=MHCConfig(alpha_init=0.5))).eval()
+    prompts, sampling = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]], SamplingConfig(max_new_tokens=12, temperature=0.0)
+    kernels, pytorch = [], []
+    for implementation, out in (("auto", kernels), ("torch", pytorch)):
+        model.config.mhc.implementation = implementation
+        out.append(generate(model, prompts, sampling, eos_id=None))
+    assert torch.equal(kernels[0].tokens, pytorch[0].tokens)
+    close(kernels[0].logprobs, pytorch[0].logprobs, 1e-5)
+    assert {name for name, _ in launched} == {"_entry_kernel"}  # every sublayer's forward, prefill included
+    assert len(launched) == 4 * 12  # 4 sublayers x (the prefill and 11 decode steps)
 
 
 @pytest.mark.slow
@@ -708,7 +790,7 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tokens, streams, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {"project_fwd", "project_bwd", "coeff_fwd", "coeff_bwd", "pre_fwd", "pre_bwd", "apply_fwd", "apply_bwd",
-               "apply_project_fwd", "project_apply_bwd"}  # the last two: the fused kernels, beside the sublayer's
+               "apply_project_fwd", "project_apply_bwd", "entry"}  # the last three: the fused kernels
     assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in streams}
     for r in rows:
         assert r["local_bytes"] == 0 and r["spills_in_loops"] == 0 and r["stack_bytes"] == 0, r

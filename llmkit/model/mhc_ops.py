@@ -25,8 +25,9 @@ op, whose backward forms dL/dX_{l+1} in one pass (the projection's, the pre-aggr
 next write-back's terms) and writes dL/dX_l once. docs/performance.md counts the bytes.
 
 On CUDA (bf16/fp16/fp32 streams) each step is one Triton kernel (llmkit/model/mhc_triton.py),
-which reads each stream tensor once; elsewhere, on fp64 and with ``mhc.implementation: torch``
-the ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors
+which reads each stream tensor once (for decode's few tokens the whole forward of ``mhc_enter``
+or ``mhc_boundary`` is one kernel); elsewhere, on fp64 and with ``mhc.implementation: torch`` the
+ops run the PyTorch code below. ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors
 (the tests do). Either way the H coefficients and all mapping math are fp32 (fp64 for fp64
 streams; for bf16 and fp16 streams the kernels' projection takes phi rounded to the stream's dtype,
 with an fp32 accumulator, where the PyTorch code takes it in fp32), and the backward keeps only X,
@@ -85,6 +86,14 @@ def triton_kernels(t: Tensor, use_triton: bool) -> ModuleType | None:
                       "pip install triton", stacklevel=3)
         return None
     return mhc_triton
+
+
+def entry_kernel(x: Tensor, use_triton: bool) -> ModuleType | None:
+    """llmkit.model.mhc_triton when a sublayer's entry from X [M, n, C] (write-back, projection,
+    coefficients, H_pre X) runs as its one kernel, ``entry_forward``: on the Triton path with at most
+    ``ENTRY_ONE_KERNEL_TOKENS`` tokens (decode); else None."""
+    kernels = triton_kernels(x, use_triton)
+    return kernels if kernels is not None and x.shape[0] <= kernels.ENTRY_ONE_KERNEL_TOKENS else None
 
 
 def no_autocast(t: Tensor) -> torch.autocast:
@@ -215,6 +224,9 @@ def enter(
     clamp: float, eps: float, norm_eps: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(u, H_pre, H_post, H_res, proj, sumsq) of one sublayer from its stream X [M, n, C]."""
+    if (kernels := entry_kernel(x, use_triton)) is not None:
+        _, *results = kernels.entry_forward(x, None, proj_update, phi, alpha, bias, iters, clamp, eps, norm_eps)
+        return tuple(results)
     m, n, c = x.shape
     proj, sumsq = project(x.reshape(m, n * c), phi, use_triton)
     if proj_update is not None:
@@ -384,6 +396,9 @@ def mhc_boundary(
     """(X, u, H_pre, H_post, H_res, proj, sumsq): X = H_res' X' + H_post'^T y' [M, n, C] from the
     previous sublayer's stream X' = ``x_prev``, output y' and coefficients (Eq. 3), then
     :func:`mhc_enter` on X. X is read by nothing else, so its gradient is never summed."""
+    if (kernels := entry_kernel(x_prev, use_triton)) is not None:
+        return kernels.entry_forward(x_prev, (y_prev, h_post_prev.float(), h_res_prev.float()), None, phi, alpha, bias,
+                                     iters, clamp, eps, norm_eps)
     x, proj, sumsq = apply_project(x_prev, y_prev, h_post_prev, h_res_prev, phi, use_triton)
     return x, *entered(x, proj, sumsq, alpha, bias, iters, clamp, eps, norm_eps, use_triton)
 

@@ -18,6 +18,8 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
   sublayer's projection in one kernel each way, so the stream between them is neither read back
   (forward) nor its gradient written (backward); behind APPLY_PROJECT_FUSED and
   PROJECT_APPLY_FUSED, both off: no clear gain, and slower, on an H200 (docs/performance.md).
+- :func:`entry_forward`: for decode's few tokens, a sublayer's whole entry (write-back,
+  projection, coefficients and H_pre X) in one kernel, one token per program, in place of four.
 
 All coefficient math is fp32. The stream may be bf16, fp16 or fp32 (fp64 is not supported:
 route it to PyTorch). Every kernel is deterministic: cross-program sums go through fp32
@@ -89,6 +91,9 @@ PROJECT_APPLY_FUSED = False  # mhc_boundary's backward in project_apply_backward
 PROJECT_APPLY_BLOCK_M = 16  # tokens per program in project_apply_backward
 PROJECT_APPLY_BLOCK_C = 32  # channels per step there
 PROJECT_APPLY_WARPS = 4
+ENTRY_ONE_KERNEL_TOKENS = 128  # at most this many tokens (decode: batch size), a sublayer's entry is one kernel
+# (entry_forward) instead of three or four; not yet timed on a GPU (docs/performance.md)
+ENTRY_BLOCK_C = 64  # channels per loop step there: the phi tile is [P padded, n padded, this]
 NUM_WARPS = 4
 FP32_DOT_PRECISION: str | None = None
 """tl.dot's input_precision for fp32 operands (an fp32 stream's forward projection): "ieee", "tf32" or
@@ -590,6 +595,21 @@ def _sinkhorn_iterate(m, steps, ok, eps):
 
 
 @triton.jit
+def _store_coefficients(l_pre, l_post, l_res, pre_ptr, post_ptr, res_ptr, toks, j, j_ok, vec_ok, mat_ok, iters, clamp,
+                        eps, N: tl.constexpr):
+    """Eq. 8-9 from a block of tokens' logits (:func:`_logits`): stores H_pre = sigmoid(l_pre),
+    H_post = 2 sigmoid(l_post) [M, n] and H_res = Sinkhorn-Knopp(l_res) [M, n, n] at their rows
+    (lanes and masks from :func:`_token_lanes`) and returns H_pre [T, NP]."""
+    h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
+    h_pre = tl.sigmoid(l_pre)
+    vec_offsets = toks[:, None] * N + j[None, :]
+    tl.store(pre_ptr + vec_offsets, h_pre, mask=vec_ok)
+    tl.store(post_ptr + vec_offsets, 2.0 * tl.sigmoid(l_post), mask=vec_ok)
+    tl.store(res_ptr + toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :], h_res, mask=mat_ok)
+    return h_pre
+
+
+@triton.jit
 def _coeff_fwd_kernel(
     proj_ptr,
     sumsq_ptr,
@@ -627,12 +647,8 @@ def _coeff_fwd_kernel(
                                                                  vec_ok, mat_ok, N, P, BLOCK_S)
     _r, l_pre, l_post, l_res = _logits(proj_pre, proj_post, proj_res, sumsq, alpha_pre, alpha_post, alpha_res,
                                        bias_pre, bias_post, bias_res, vec_ok, mat_ok, width, norm_eps)
-    h_res = _sinkhorn_iterate(_sinkhorn_m0(l_res, mat_ok, clamp), iters, j_ok, eps)
-    vec_offsets = toks[:, None] * N + j[None, :]
-    tl.store(pre_ptr + vec_offsets, tl.sigmoid(l_pre), mask=vec_ok)
-    tl.store(post_ptr + vec_offsets, 2.0 * tl.sigmoid(l_post), mask=vec_ok)
-    mat_offsets = toks[:, None, None] * (N * N) + j[None, :, None] * N + j[None, None, :]
-    tl.store(res_ptr + mat_offsets, h_res, mask=mat_ok)
+    _store_coefficients(l_pre, l_post, l_res, pre_ptr, post_ptr, res_ptr, toks, j, j_ok, vec_ok, mat_ok, iters, clamp,
+                        eps, N)
     if BLOCK_S > 1:
         pre_offsets, post_offsets, res_offsets = _projection_offsets(toks, j, N, P)
         tl.store(proj_sum_ptr + pre_offsets, proj_pre, mask=vec_ok)
@@ -1169,6 +1185,190 @@ def apply_project(
     out = apply_forward(x, y, h_post, h_res)
     M, n, C = out.shape
     return out, *project_forward(out.view(M, n * C), phi)
+
+
+# ----------------------------------------------------------------------------------------------
+# A sublayer's entry for few tokens (decode): write-back, projection, coefficients and H_pre X in
+# one kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _entry_kernel(
+    x_ptr,
+    y_ptr,
+    h_post_prev_ptr,
+    h_res_prev_ptr,
+    phi_ptr,
+    update_ptr,
+    alpha_pre_ptr,
+    alpha_post_ptr,
+    alpha_res_ptr,
+    b_pre_ptr,
+    b_post_ptr,
+    b_res_ptr,
+    stream_ptr,
+    u_ptr,
+    pre_ptr,
+    post_ptr,
+    res_ptr,
+    proj_ptr,
+    sumsq_ptr,
+    M,
+    C,
+    iters,
+    clamp,
+    eps,
+    norm_eps,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WRITE_BACK: tl.constexpr,
+    HAS_UPDATE: tl.constexpr,
+):
+    """Grid (M,): one token per program, its stream X [n, C] in [stream, channel] tiles.
+
+    1. Channel block by channel block: with WRITE_BACK, X = H_res' X' + H_post'^T y' (Eq. 3) from
+       the previous sublayer's x_ptr, y_ptr and coefficients, stored to stream_ptr; else X read
+       from x_ptr. X as stored feeds proj += phi[:, i C + c] X[i, c] (fp32 products of phi rounded
+       to the stream's dtype) and sumsq += X^2 (Eq. 7's projection).
+    2. proj (+ update_ptr's row with HAS_UPDATE) and sumsq stored, then read back in the
+       coefficient kernels' layout: Eq. 7-9 (logits, sigmoids, Sinkhorn) as :func:`_coeff_fwd_kernel`.
+    3. u = H_pre X (Eq. 3) from X read back (from L2: this program wrote it).
+    """
+    token = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    row_ok = rows < N
+    ps = tl.arange(0, BLOCK_P)
+    K = N * C
+    stream_in = x_ptr + token * K
+    stream = stream_ptr + token * K if WRITE_BACK else stream_in
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    sumsq = tl.zeros((NP,), dtype=tl.float32)
+    if WRITE_BACK:
+        h_post = tl.load(h_post_prev_ptr + token * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cs < C)[None, :]  # [stream, channel]
+        offsets = rows[:, None] * C + cs[None, :]
+        if WRITE_BACK:
+            y = tl.load(y_ptr + token * C + cs, mask=cs < C, other=0.0).to(tl.float32)
+            out = h_post[:, None] * y[None, :]
+            for m in tl.static_range(N):
+                h_col = tl.load(h_res_prev_ptr + token * N * N + rows * N + m, mask=row_ok, other=0.0)
+                x_m = tl.load(stream_in + m * C + cs, mask=cs < C, other=0.0).to(tl.float32)
+                out += h_col.to(tl.float32)[:, None] * x_m[None, :]
+            stored = out.to(stream_ptr.dtype.element_ty)
+            tl.store(stream + offsets, stored, mask=ok)
+        else:
+            stored = tl.load(stream + offsets, mask=ok, other=0.0)
+        x32 = stored.to(tl.float32)
+        sumsq += tl.sum(x32 * x32, axis=1)
+        phi = tl.load(phi_ptr + ps[:, None, None] * K + offsets[None, :, :], mask=(ps < P)[:, None, None] & ok[None],
+                      other=0.0)
+        phi = phi.to(stream.dtype.element_ty).to(tl.float32)  # the stream's precision, as the projection's dot
+        acc += tl.sum(tl.sum(phi * x32[None, :, :], axis=2), axis=1)
+    if HAS_UPDATE:
+        acc += tl.load(update_ptr + token * P + ps, mask=ps < P, other=0.0).to(tl.float32)
+    tl.store(proj_ptr + token * P + ps, acc, mask=ps < P)
+    tl.store(sumsq_ptr + token, tl.sum(sumsq, axis=0))
+    tl.debug_barrier()  # step 2 reads proj and step 3 X in other threads' layout: make the stores visible
+
+    toks, tok_ok, j, j_ok, vec_ok, mat_ok = _token_lanes(tl.program_id(0), M, N, NP, 1)
+    alpha_pre, alpha_post, alpha_res, bias_pre, bias_post, bias_res = _load_mapping_parameters(
+        alpha_pre_ptr, alpha_post_ptr, alpha_res_ptr, b_pre_ptr, b_post_ptr, b_res_ptr, j, j_ok, N)
+    _r, _pre, _post, _res, l_pre, l_post, l_res = _load_logits(
+        proj_ptr, sumsq_ptr, alpha_pre, alpha_post, alpha_res, bias_pre, bias_post, bias_res, toks, tok_ok, j, vec_ok,
+        mat_ok, K, norm_eps, N, P)
+    h_pre = _store_coefficients(l_pre, l_post, l_res, pre_ptr, post_ptr, res_ptr, toks, j, j_ok, vec_ok, mat_ok, iters,
+                                clamp, eps, N)
+
+    weights = tl.sum(tl.where(vec_ok, h_pre, 0.0), axis=0)  # H_pre [NP], by stream
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cs < C)[None, :]
+        x = tl.load(stream + rows[:, None] * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(u_ptr + token * C + cs, tl.sum(weights[:, None] * x, axis=0).to(u_ptr.dtype.element_ty),
+                 mask=cs < C)
+
+
+def entry_forward(
+    x: Tensor,
+    write_back: tuple[Tensor, Tensor, Tensor] | None,
+    proj_update: Tensor | None,
+    phi: Tensor,
+    alpha: Sequence[Tensor],
+    bias: Sequence[Tensor],
+    iters: int,
+    clamp: float,
+    eps: float,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(X [M, n, C], u = H_pre X [M, C], H_pre, H_post, H_res, proj [M, P], sumsq [M]) of one
+    sublayer in one kernel, one token per program: what :func:`apply_project` (or
+    :func:`project_forward`), :func:`coefficients_forward` and :func:`pre_forward` give in three
+    or four launches. For decode's few tokens (at most :data:`ENTRY_ONE_KERNEL_TOKENS`), where
+    each of those kernels is a few microseconds of latency on a mostly idle GPU.
+
+    ``write_back`` = (y', H_post', H_res'): X = H_res' x + H_post'^T y' first, x being the previous
+    sublayer's stream X'; None: X = x. ``proj_update`` [M, P] is added to x phi^T (a LoRA
+    adapter's term). proj and sumsq are sums in one order over nC (the split projection's
+    partials sum in another: fp32 rounding apart, the same values); the projection's products
+    are fp32 FMAs of phi rounded to the stream's dtype, for fp32 streams too (where the dot
+    follows torch's matmul precision)."""
+    _check_stream_dtype(x, "x")
+    _check_stream_dtype(phi, "phi")
+    M, n, C = x.shape
+    P = phi.shape[0]
+    assert phi.shape[1] == n * C, f"mhc_triton: phi {tuple(phi.shape)} does not match x {tuple(x.shape)}"
+    assert P == 2 * n + n * n, f"mhc_triton: phi has {P} rows, expected 2n + n^2 = {2 * n + n * n}"
+    x, phi = x.contiguous(), phi.contiguous()
+    if write_back is not None:
+        _check_stream_dtype(write_back[0], "y")
+        y, h_post_prev, h_res_prev = (t.contiguous() for t in write_back)
+        stream = torch.empty_like(x)
+    else:
+        y = h_post_prev = h_res_prev = stream = x  # placeholders, never read or written
+    update = proj_update.contiguous() if proj_update is not None else x
+    u = torch.empty(M, C, device=x.device, dtype=x.dtype)
+    h_pre = torch.empty(M, n, device=x.device, dtype=torch.float32)
+    h_post = torch.empty(M, n, device=x.device, dtype=torch.float32)
+    h_res = torch.empty(M, n, n, device=x.device, dtype=torch.float32)
+    proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
+    sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
+    _entry_kernel[(M,)](
+        x,
+        y,
+        h_post_prev,
+        h_res_prev,
+        _dot_weight(phi, x),
+        update,
+        *_mapping_parameters(alpha, bias, n),
+        stream,
+        u,
+        h_pre,
+        h_post,
+        h_res,
+        proj,
+        sumsq,
+        M,
+        C,
+        iters,
+        clamp,
+        eps,
+        norm_eps,
+        N=n,
+        NP=_padded_streams(n),
+        P=P,
+        BLOCK_P=_next_power_of_2(P),
+        BLOCK_C=min(ENTRY_BLOCK_C, _next_power_of_2(C)),
+        WRITE_BACK=write_back is not None,
+        HAS_UPDATE=proj_update is not None,
+        num_warps=NUM_WARPS,
+    )
+    return stream if write_back is not None else x, u, h_pre, h_post, h_res, proj, sumsq
 
 
 @triton.jit
