@@ -36,8 +36,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    eager blocks, whether it comes with compiling them.
 4. Generation: new tokens/s of ``llmkit.model.generation.generate`` with the KV cache and the
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
-   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams, with the
-   CUDA kernels one more call launches per new token (torch.profiler; the prefill's included). It runs
+   best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams (the
+   first n_streams also with each --gen-setting-rows: by default each sublayer's forward in four
+   kernels, against the one entry kernel decode uses), with the CUDA kernels one more call
+   launches per new token (torch.profiler; the prefill's included). It runs
    in a child process killed after --gen-timeout seconds (a compile or decode that hangs costs
    that, not the rest of the run), with TORCH_LOGS=recompiles,graph_breaks,cudagraphs (why it
    recompiled, where dynamo broke the graph, why a CUDA graph was skipped or re-recorded); before
@@ -140,6 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-model", default=None, help="model for the decode section (default: first of --models)")
     p.add_argument("--gen-n-streams", type=int, nargs="+", default=[4, 1],
                    help="the first always runs; later ones (comparisons) only within --time-budget")
+    p.add_argument("--gen-setting-rows", nargs="*", type=setting_row_spec, default=[{"ENTRY_ONE_KERNEL_TOKENS": 0}],
+                   metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="llmkit/model/mhc_triton.py settings to time the first --gen-n-streams' decode with, a "
+                        "row each after the default one, within --time-budget as comparisons are (default: each "
+                        "sublayer's entry in four kernels, not the one entry kernel; none: leave out); cuda only")
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=None,
                    help="default: 64 1 on cuda (the target's batch first: an earlier run's batch 1 hung), 1 4 on cpu")
     p.add_argument("--gen-prompt-len", type=int, default=32)
@@ -185,21 +192,27 @@ def setting_row_spec(spec: str) -> dict[str, Any]:
     return settings
 
 
-def measure_with_settings(settings: dict[str, Any], name: str, n_streams: int, ns: argparse.Namespace) -> dict:
-    """bench.throughput.measure with llmkit/model/mhc_triton.py's module ``settings`` set, then restored
-    (``bench.mhc_kernel_variants.setting``, as the kernel variants are); ``mhc.recompute_stream``
-    among them sets that model-config field instead."""
-    from bench import throughput
+def kernel_settings(settings: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """llmkit/model/mhc_triton.py's module ``settings`` set for a ``with`` block, then restored
+    (``bench.mhc_kernel_variants.setting``, as the kernel variants are); an unknown name is a ValueError."""
     from bench.mhc_kernel_variants import setting
     from llmkit.model import mhc_triton
 
-    settings = dict(settings)
-    recompute = settings.pop("mhc.recompute_stream", False)
     unknown = [key for key in settings if not key.isupper() or not hasattr(mhc_triton, key)]
     if unknown:
         raise ValueError(f"llmkit/model/mhc_triton.py has no setting {', '.join(unknown)} "
-                         "(and the one model-config setting here is mhc.recompute_stream)")
-    with setting(tuple(settings), tuple(settings.values())):
+                         "(and the one model-config setting of --setting-rows is mhc.recompute_stream)")
+    return setting(tuple(settings), tuple(settings.values()))
+
+
+def measure_with_settings(settings: dict[str, Any], name: str, n_streams: int, ns: argparse.Namespace) -> dict:
+    """bench.throughput.measure with :func:`kernel_settings`; ``mhc.recompute_stream`` among them sets
+    that model-config field instead."""
+    from bench import throughput
+
+    settings = dict(settings)
+    recompute = settings.pop("mhc.recompute_stream", False)
+    with kernel_settings(settings):
         ns = argparse.Namespace(**{**vars(ns), "mhc_recompute_stream": bool(recompute)})
         return throughput.measure(name, n_streams, "bare", ns)
 
@@ -552,6 +565,13 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
             "kernels_per_token": None if kernels is None else kernels / args.gen_tokens}
 
 
+def decode_rate_with_settings(settings: dict[str, Any], model: torch.nn.Module, batch: int, mode: str,
+                              args: argparse.Namespace) -> dict:
+    """:func:`decode_rate` with :func:`kernel_settings` (none: as it is)."""
+    with kernel_settings(settings) if settings else contextlib.nullcontext():
+        return decode_rate(model, batch, mode, args)
+
+
 def decode_kernels(call: Callable[[], object]) -> int | None:
     """The CUDA kernels one more (warm) call launches, by torch.profiler: for a ``generate``, the
     prefill's and every decode step's, replayed CUDA graphs included; None on a CPU."""
@@ -574,6 +594,14 @@ def decode_model(args: argparse.Namespace, n_streams: int, device: torch.device)
     return Transformer(config).to(device).eval()
 
 
+def generation_runs(args: argparse.Namespace, cuda: bool) -> list[tuple[int, dict[str, Any]]]:
+    """Section 4's (n_streams, kernel settings) in order: the first --gen-n-streams as it is, then
+    (on CUDA, where the Triton kernels run) with each --gen-setting-rows, then the other n_streams."""
+    first, *others = args.gen_n_streams
+    with_settings = [(first, settings) for settings in args.gen_setting_rows] if cuda else []
+    return [(first, {}), *with_settings, *[(n, {}) for n in others]]
+
+
 def generation_section(args: argparse.Namespace, clock: Clock, report: dict,
                        on_row: Callable[[], None] = lambda: None) -> None:
     """Section 4, for each --gen-n-streams (the first always; later ones within the budget);
@@ -583,25 +611,26 @@ def generation_section(args: argparse.Namespace, clock: Clock, report: dict,
     section = report["generation"]
     mode = section["mode"]
     device = torch.device("cuda" if throughput.CUDA else "cpu")
-    for i, n in enumerate(args.gen_n_streams):
+    for i, (n, settings) in enumerate(generation_runs(args, throughput.CUDA)):
+        label = setting_label(settings)
+        where = {"model": args.gen_model, "n_streams": n, **({"settings": label} if settings else {})}
         if i > 0 and clock.elapsed() > args.time_budget - PYTEST_RESERVE_S:
-            clock.log(f"4 generation {args.gen_model} n={n}: skipped (time budget)")
-            section["skipped"].append({"model": args.gen_model, "n_streams": n, "reason": "time budget"})
+            clock.log(f"4 generation {args.gen_model} n={n} {label}: skipped (time budget)")
+            section["skipped"].append({**where, "reason": "time budget"})
             continue
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # a compiled decode step (and its CUDA graph) made with other settings
         release_memory()
         torch.manual_seed(0)
-        model = attempt(section["errors"], {"model": args.gen_model, "n_streams": n, "batch": None},
-                        decode_model, args, n, device)
+        model = attempt(section["errors"], {**where, "batch": None}, decode_model, args, n, device)
         if model is None:
             continue
         for batch in args.gen_batch_sizes:
-            clock.log(f"4 generation {args.gen_model} n={n} batch {batch}: {mode} decode, prompt "
+            clock.log(f"4 generation {args.gen_model} n={n} batch {batch} {label}: {mode} decode, prompt "
                       f"{args.gen_prompt_len}, {args.gen_tokens} new tokens")
-            rate = attempt(section["errors"], {"model": args.gen_model, "n_streams": n, "batch": batch},
-                           decode_rate, model, batch, mode, args)
+            rate = attempt(section["errors"], {**where, "batch": batch}, decode_rate_with_settings, settings, model,
+                           batch, mode, args)
             if rate is not None:
-                row = {"model": args.gen_model, "n_streams": n, **rate, "device": report["device"]}
+                row = {**where, **rate, "device": report["device"]}
                 section["rows"].append(row)
                 clock.log(f"  {row['new_tokens_per_s']:,.0f} new tokens/s ({row['seconds']:.3f} s)")
             on_row()
@@ -763,7 +792,8 @@ def judge_targets(report: dict) -> list[dict]:
                         "value": r["mem_ratio"], "result": judge(r["mem_ratio"], targets.MEM_RATIO, True, on_gpu)})
     t = targets.DECODE
     for r in report["generation"]["rows"]:
-        if (r["model"], r["n_streams"], r["batch"]) == (t["model"], t["n_streams"], t["batch"]):
+        if (r["model"], r["n_streams"], r["batch"]) == (t["model"], t["n_streams"], t["batch"]) \
+                and "settings" not in r:
             results.append({"target": "decode_tokens_per_s", "model": r["model"], "bound": t["bound"],
                             "at_most": False, "value": r["new_tokens_per_s"],
                             "result": judge(r["new_tokens_per_s"], t["bound"], False,
@@ -884,13 +914,16 @@ def table(report: dict) -> str:
            f"{args['gen_tokens']} new tokens, best of {args['gen_repeats']}, random weights")
     for g in generation["rows"]:
         target, result = "", ""
-        if g["batch"] == targets.DECODE["batch"] and g["n_streams"] == targets.DECODE["n_streams"]:
+        if g["batch"] == targets.DECODE["batch"] and g["n_streams"] == targets.DECODE["n_streams"] \
+                and "settings" not in g:
             target, result = verdict("decode_tokens_per_s", g["model"])
         kernels = "" if g.get("kernels_per_token") is None else f", {g['kernels_per_token']:.0f} kernels/token"
-        row(f"{g['model']} n={g['n_streams']} batch {g['batch']}",
+        settings = f" {g['settings']}" if "settings" in g else ""
+        row(f"{g['model']} n={g['n_streams']} batch {g['batch']}{settings}",
             f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s{kernels})", target, result, g["device"])
     for s in generation["skipped"]:
-        row(f"{s['model']} n={s['n_streams']}", f"skipped: {s['reason']}", "", "-")
+        row(f"{s['model']} n={s['n_streams']}" + (f" {s['settings']}" if "settings" in s else ""),
+            f"skipped: {s['reason']}", "", "-")
     errors(generation)
 
     pytest = report["pytest"]

@@ -191,6 +191,8 @@ def made_up_report(device_type: str) -> dict:
          "new_tokens_per_s": 40960.0, "kernels_per_token": 301.25, "device": report["device"]},
         {"model": "120m", "n_streams": 4, "batch": 1, "mode": "compiled", "seconds": 0.5,
          "new_tokens_per_s": 256.0, "device": report["device"]},
+        {"model": "120m", "n_streams": 4, "settings": "ENTRY_ONE_KERNEL_TOKENS=0", "batch": 64, "mode": "compiled",
+         "seconds": 0.25, "new_tokens_per_s": 32768.0, "device": report["device"]},  # shown, not judged
     ]
     report["pytest"] = {"skipped": "--skip-pytest"}
     report["targets"] = gpu_check.judge_targets(report)
@@ -231,6 +233,8 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
     assert "| 120m n=1 | OutOfMemoryError: CUDA out of memory |  | ERROR | NVIDIA H200 |" in lines  # shown
     assert ("| 120m n=4 batch 64 | 40,960 new tok/s (0.200 s, 301 kernels/token) | >= 40,000 new tok/s | PASS "
             "| NVIDIA H200 |") in lines
+    assert ("| 120m n=4 batch 64 ENTRY_ONE_KERNEL_TOKENS=0 | 32,768 new tok/s (0.250 s) |  |  | NVIDIA H200 |"
+            in lines)
     assert ("| 120m n=4, CUDA graphs | 117.0 ms/step, peak 20.00 GiB, time 1.300x n=1's, 2 graphs skipped |  |  | "
             "NVIDIA H200 |") in lines  # skipped: those blocks ran without graphs
     assert ("| 120m n=4, APPLY_PROJECT_FUSED=True | 105.0 ms/step, peak 25.00 GiB, time 1.050x n=1's |  |  | "
@@ -341,6 +345,22 @@ def test_setting_rows_parse_python_literals_and_refuse_what_is_not_a_setting(mon
     assert seen[-1] == (before, True)
     with pytest.raises(ValueError, match="no setting NO_SUCH_KNOB"):
         gpu_check.measure_with_settings({"NO_SUCH_KNOB": 1}, "tiny", 4, ns)
+
+
+def test_decode_setting_rows_follow_the_first_n_streams_on_cuda_with_their_settings_set(monkeypatch):
+    from llmkit.model import mhc_triton
+
+    args = gpu_check.parse_args(["--models", "tiny", "--gen-n-streams", "4", "1"])
+    assert gpu_check.generation_runs(args, cuda=True) == [(4, {}), (4, {"ENTRY_ONE_KERNEL_TOKENS": 0}), (1, {})]
+    assert gpu_check.generation_runs(args, cuda=False) == [(4, {}), (1, {})]  # the Triton kernels run on CUDA only
+    none = gpu_check.parse_args(["--models", "tiny", "--gen-setting-rows"])
+    assert gpu_check.generation_runs(none, cuda=True) == [(4, {}), (1, {})]
+    seen = []
+    monkeypatch.setattr(gpu_check, "decode_rate", lambda *a: seen.append(mhc_triton.ENTRY_ONE_KERNEL_TOKENS) or {})
+    before = mhc_triton.ENTRY_ONE_KERNEL_TOKENS
+    gpu_check.decode_rate_with_settings({"ENTRY_ONE_KERNEL_TOKENS": 0}, None, 64, "compiled", args)
+    gpu_check.decode_rate_with_settings({}, None, 64, "compiled", args)
+    assert seen == [0, before] and mhc_triton.ENTRY_ONE_KERNEL_TOKENS == before != 0
 
 
 def test_idle_gaps_credit_each_wait_to_the_innermost_host_op_running_when_it_ended():
