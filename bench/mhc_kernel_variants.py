@@ -27,7 +27,8 @@ while it runs ("*" marks the setting in force):
   apply backward rows): the same three (PROJECT_APPLY_ + ...);
 - entry forward (decode): a sublayer's whole forward in one kernel, one token per program, on
   the first DECODE_TOKENS tokens (a decode step's; ENTRY_ONE_KERNEL_TOKENS routes only such few
-  tokens to it): channels per loop step (ENTRY_BLOCK_C). Its time is one kernel's; what it saves
+  tokens to it): the φ tile's elements per loop step (ENTRY_TILE_ELEMENTS: 8192 is 64 channels at
+  n = 4). Its time is one kernel's; what it saves
   against the four it replaces, in a decode step's CUDA graph, gpu_check's decode rows show.
 
 Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA only. Bandwidth:
@@ -174,7 +175,7 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
              (*mhc_ops.apply_backward(project_backward[1][0].view(tokens, n, c), x_prev.double(), y64,
                                       h_post.double(), h_res.double(), False), project_backward[1][1]),
              other_bytes=flat.nbytes),
-        Case("entry forward (decode)", "_entry_kernel", "ENTRY_BLOCK_C", (64, 32, 128),
+        Case("entry forward (decode)", "_entry_kernel", "ENTRY_TILE_ELEMENTS", (8192, 4096, 16384),
              lambda: mhc_triton.entry_forward(*entry_inputs), (applied64[:d], *entered64)),
         Case("apply backward", "_apply_bwd_kernel", *tiles,
              lambda: mhc_triton.apply_backward(grad_stream, x, y, h_post, h_res),

@@ -638,14 +638,15 @@ def test_a_decode_sublayer_is_one_kernel_and_no_torch_reduction(mt, monkeypatch,
     (3, torch.bfloat16, False, True),
     (4, torch.float32, False, True),
     (1, torch.float32, True, False),
+    (8, torch.float32, True, True),
 ])
 def test_the_entry_kernel_equals_the_sublayers_four_kernels(mt, monkeypatch, n, dtype, write_back, update):
     """entry_forward's one kernel against apply_project (or project_forward), coefficients_forward
     and pre_forward, which the tests above check against the fp64 oracle: X as stored, u, the
-    coefficients, proj (a LoRA update included) and sumsq, from 3 tokens of C = 40 (16 channels per
-    step: a tail); the same values up to fp32 summation order, X and u exactly where their inputs
-    are (bf16 outputs of the same fp32 sums)."""
-    monkeypatch.setattr(mt, "ENTRY_BLOCK_C", 16)
+    coefficients, proj (a LoRA update included) and sumsq, from 3 tokens of C = 40 (channels per
+    step: 16 at n = 4, 32 at n = 3, 2 at n = 8, so tails), equal up to fp32 summation order (a
+    bf16 u within its rounding)."""
+    monkeypatch.setattr(mt, "ENTRY_TILE_ELEMENTS", 2048)
     m, c = 3, 40
     p = 2 * n + n * n
     x, y, _, h_post, h_res = stream_inputs(m, n, c, dtype, dtype)

@@ -93,7 +93,8 @@ PROJECT_APPLY_BLOCK_C = 32  # channels per step there
 PROJECT_APPLY_WARPS = 4
 ENTRY_ONE_KERNEL_TOKENS = 128  # at most this many tokens (decode: batch size), a sublayer's entry is one kernel
 # (entry_forward) instead of three or four; not yet timed on a GPU (docs/performance.md)
-ENTRY_BLOCK_C = 64  # channels per loop step there: the phi tile is [P padded, n padded, this]
+ENTRY_TILE_ELEMENTS = 8192  # phi tile [P padded, n padded, channels] per loop step there: 64 channels at n = 4,
+# 8 at n = 8 (a wider tile spills on sm_90)
 NUM_WARPS = 4
 FP32_DOT_PRECISION: str | None = None
 """tl.dot's input_precision for fp32 operands (an fp32 stream's forward projection): "ieee", "tf32" or
@@ -1338,6 +1339,7 @@ def entry_forward(
     h_res = torch.empty(M, n, n, device=x.device, dtype=torch.float32)
     proj = torch.empty(M, P, device=x.device, dtype=torch.float32)
     sumsq = torch.empty(M, device=x.device, dtype=torch.float32)
+    n_pad, block_p = _padded_streams(n), _next_power_of_2(P)
     _entry_kernel[(M,)](
         x,
         y,
@@ -1360,10 +1362,10 @@ def entry_forward(
         eps,
         norm_eps,
         N=n,
-        NP=_padded_streams(n),
+        NP=n_pad,
         P=P,
-        BLOCK_P=_next_power_of_2(P),
-        BLOCK_C=min(ENTRY_BLOCK_C, _next_power_of_2(C)),
+        BLOCK_P=block_p,
+        BLOCK_C=max(1, min(ENTRY_TILE_ELEMENTS // (block_p * n_pad), _next_power_of_2(C))),
         WRITE_BACK=write_back is not None,
         HAS_UPDATE=proj_update is not None,
         num_warps=NUM_WARPS,
