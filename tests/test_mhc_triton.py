@@ -596,7 +596,8 @@ def test_every_op_with_its_kernels_passes_opcheck(mt, monkeypatch, entry_tokens)
     weights = (phi, *op_params(alpha, bias))
     torch.library.opcheck(mhc_ops.mhc_enter, (x, update, *weights, *settings), test_utils=tests)
     torch.library.opcheck(mhc_ops.mhc_boundary, (x, y, h_post, h_res, *weights, *settings), test_utils=tests)
-    torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
+    if not entry_tokens:  # mhc_apply has no entry kernel: checked once
+        torch.library.opcheck(mhc_ops.mhc_apply, (x, y, h_post, h_res, True, mhc_ops.SOURCE_HASH), test_utils=tests)
 
 
 @pytest.mark.parametrize(("entry_tokens", "kernels"), [
@@ -750,7 +751,7 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
 def test_cached_greedy_decode_on_the_entry_kernel_equals_decode_on_the_pytorch_code(mt, monkeypatch):
     """Cached generation (eager, fp32) of a 2-layer n = 4 model, 3 prompts: the prefill's 15 tokens
     and every decode step's 3 take the entry kernel (ENTRY_ONE_KERNEL_TOKENS = 16); greedy decoding
-    picks the same 6 tokens as on the ops' PyTorch code (mhc.implementation: torch), each with the
+    picks the same 4 tokens as on the ops' PyTorch code (mhc.implementation: torch), each with the
     same log-probability within 1e-5."""
     from llmkit.model.config import MHCConfig, ModelConfig
     from llmkit.model.generation import SamplingConfig, generate
@@ -762,7 +763,7 @@ def test_cached_greedy_decode_on_the_entry_kernel_equals_decode_on_the_pytorch_c
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=32,
                                     n_streams=4, mhc=MHCConfig(alpha_init=0.5))).eval()
-    prompts, sampling = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]], SamplingConfig(max_new_tokens=6, temperature=0.0)
+    prompts, sampling = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]], SamplingConfig(max_new_tokens=4, temperature=0.0)
     kernels, pytorch = [], []
     for implementation, out in (("auto", kernels), ("torch", pytorch)):
         model.config.mhc.implementation = implementation
@@ -770,7 +771,7 @@ def test_cached_greedy_decode_on_the_entry_kernel_equals_decode_on_the_pytorch_c
     assert torch.equal(kernels[0].tokens, pytorch[0].tokens)
     close(kernels[0].logprobs, pytorch[0].logprobs, 1e-5)
     assert {name for name, _ in launched} == {"_entry_kernel"}  # every sublayer's forward, prefill included
-    assert len(launched) == 4 * 6  # 4 sublayers x (the prefill and 5 decode steps)
+    assert len(launched) == 4 * 4  # 4 sublayers x (the prefill and 3 decode steps)
 
 
 @pytest.mark.slow
