@@ -28,8 +28,8 @@ while it runs ("*" marks the setting in force):
 - entry forward (decode): a sublayer's whole forward in one kernel, one token per program, on
   the first DECODE_TOKENS tokens (a decode step's; ENTRY_ONE_KERNEL_TOKENS routes only such few
   tokens to it): the φ tile's elements per loop step (ENTRY_TILE_ELEMENTS: 8192 is 64 channels at
-  n = 4). Its time is one kernel's; what it saves
-  against the four it replaces, in a decode step's CUDA graph, gpu_check's decode rows show.
+  n = 4). Its time is one kernel's; what it saves against the four it replaces, in a decode
+  step's CUDA graph, gpu_check's decode rows show.
 
 Time: ``triton.testing.do_bench``'s median (it clears the L2 between runs), CUDA only. Bandwidth:
 the launch's tensor bytes, as bench/mhc_triton_compile.py counts them, over that time. Error: the

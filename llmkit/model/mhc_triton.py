@@ -1331,7 +1331,8 @@ def entry_forward(
         y, h_post_prev, h_res_prev = (t.contiguous() for t in write_back)
         stream = torch.empty_like(x)
     else:
-        y = h_post_prev = h_res_prev = stream = x  # placeholders, never read or written
+        y = h_post_prev = h_res_prev = x  # placeholders, never read
+        stream = x  # X is the input: the kernel writes no stream
     update = proj_update.contiguous() if proj_update is not None else x
     u = torch.empty(M, C, device=x.device, dtype=x.dtype)
     h_pre = torch.empty(M, n, device=x.device, dtype=torch.float32)
@@ -1370,7 +1371,7 @@ def entry_forward(
         HAS_UPDATE=proj_update is not None,
         num_warps=NUM_WARPS,
     )
-    return stream if write_back is not None else x, u, h_pre, h_post, h_res, proj, sumsq
+    return stream, u, h_pre, h_post, h_res, proj, sumsq
 
 
 @triton.jit
