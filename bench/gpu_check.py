@@ -38,8 +38,10 @@ Sections (every row names the device it ran on, ``llmkit.profiling.device_descri
    compiled (CUDA-graph) decode step, as bench/generate.py times it (random weights, warm-up run,
    best of --gen-repeats), for --gen-model at each --gen-batch-sizes and --gen-n-streams (the
    first n_streams also with each --gen-setting-rows: by default each sublayer's forward in four
-   kernels, against the one entry kernel decode uses), with the CUDA kernels one more call
-   launches per new token (torch.profiler; the prefill's included). It runs
+   kernels, against the one entry kernel decode uses). Where a decode step's time goes, from
+   torch.profiler around one more call (the prefill's kernels included, per new token): its CUDA
+   kernels and their summed time beside the timed step, the GPU's busy and idle time with the
+   waits credited to host ops, and the kernels that take the most time. It runs
    in a child process killed after --gen-timeout seconds (a compile or decode that hangs costs
    that, not the rest of the run), with TORCH_LOGS=recompiles,graph_breaks,cudagraphs (why it
    recompiled, where dynamo broke the graph, why a CUDA graph was skipped or re-recorded); before
@@ -559,10 +561,10 @@ def decode_rate(model: torch.nn.Module, batch: int, mode: str, args: argparse.Na
             generate_bench.run(mode, model, prompts, sampling)
             generate_bench.sync()
             times.append(time.perf_counter() - start)
-        kernels = decode_kernels(lambda: generate_bench.run(mode, model, prompts, sampling))
+        profiled = decode_profile(lambda: generate_bench.run(mode, model, prompts, sampling), args.gen_tokens)
     seconds = min(times)
     return {"batch": batch, "mode": mode, "seconds": seconds, "new_tokens_per_s": batch * args.gen_tokens / seconds,
-            "kernels_per_token": None if kernels is None else kernels / args.gen_tokens}
+            "kernels_per_token": None, **(profiled or {})}
 
 
 def decode_rate_with_settings(settings: dict[str, Any], model: torch.nn.Module, batch: int, mode: str,
@@ -572,9 +574,11 @@ def decode_rate_with_settings(settings: dict[str, Any], model: torch.nn.Module, 
         return decode_rate(model, batch, mode, args)
 
 
-def decode_kernels(call: Callable[[], object]) -> int | None:
-    """The CUDA kernels one more (warm) call launches, by torch.profiler: for a ``generate``, the
-    prefill's and every decode step's, replayed CUDA graphs included; None on a CPU."""
+def decode_profile(call: Callable[[], object], new_tokens: int) -> dict | None:
+    """Where one more (warm) ``generate`` call's GPU time goes, by torch.profiler, per new token
+    (the prefill's kernels included, replayed CUDA graphs' counted): its CUDA kernels, their summed
+    time, the GPU's busy and idle time over the call with the waits credited to host ops
+    (:func:`gpu_idle`), and the kernels that take the most time (:func:`top_kernels`). None on a CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
@@ -582,7 +586,34 @@ def decode_kernels(call: Callable[[], object]) -> int | None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    return len(cuda_kernels(prof.events()))
+    events = prof.events()
+    kernels = cuda_kernels(events)
+    timed = [(e.name, e.time_range.elapsed_us()) for e in kernels]
+    return {"kernels_per_token": len(kernels) / new_tokens,
+            "kernel_us_per_token": sum(us for _, us in timed) / new_tokens,
+            "gpu_idle": gpu_idle([e for e in events if e.device_type == torch.autograd.DeviceType.CUDA], events),
+            "top_kernels": top_kernels(timed, new_tokens)}
+
+
+TOP_DECODE_KERNELS = 8
+"""Kernels (by summed time) that section 4 lists per decode row; the JSON keeps as many."""
+DECODE_WAITS_SHOWN = 3
+"""Host ops (by the GPU's idle time credited to them) that section 4 lists per decode row; the JSON keeps
+:func:`idle_gaps`' top 8."""
+
+
+def top_kernels(timed: list[tuple[str, float]], new_tokens: int, top: int = TOP_DECODE_KERNELS) -> list[dict]:
+    """The ``top`` kernel names by summed time among ``timed`` (name, microseconds) pairs: per new
+    token, each name's launches and microseconds, and its share of all the kernels' time."""
+    by_name: dict[str, list[float]] = {}
+    for name, us in timed:
+        entry = by_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    total = sum(us for _, us in timed) or 1.0
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    return [{"kernel": name, "launches_per_token": count / new_tokens, "us_per_token": us / new_tokens,
+             "share": us / total} for name, (count, us) in ranked]
 
 
 def decode_model(args: argparse.Namespace, n_streams: int, device: torch.device) -> torch.nn.Module:
@@ -919,8 +950,19 @@ def table(report: dict) -> str:
             target, result = verdict("decode_tokens_per_s", g["model"])
         kernels = "" if g.get("kernels_per_token") is None else f", {g['kernels_per_token']:.0f} kernels/token"
         settings = f" {g['settings']}" if "settings" in g else ""
-        row(f"{g['model']} n={g['n_streams']} batch {g['batch']}{settings}",
-            f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s{kernels})", target, result, g["device"])
+        case = f"{g['model']} n={g['n_streams']} batch {g['batch']}{settings}"
+        row(case, f"{g['new_tokens_per_s']:,.0f} new tok/s ({g['seconds']:.3f} s{kernels})", target, result,
+            g["device"])
+        if g.get("kernel_us_per_token") is not None:
+            idle = g["gpu_idle"]
+            row(f"{case}: GPU per step", f"kernels {g['kernel_us_per_token']:,.0f} us of the "
+                f"{g['seconds'] / args['gen_tokens'] * 1e6:,.0f} us step (timed); profiled call: busy "
+                f"{idle['busy_ms']:.1f} ms, idle {idle['idle_ms']:.1f} ms", "", "", g["device"])
+            for op in idle["by_op"][:DECODE_WAITS_SHOWN]:
+                row(f"  waited on {op['op'][:60]}", f"{op['gaps']} x, {op['ms']:.2f} ms", "", "", g["device"])
+            for k in g["top_kernels"]:
+                row(f"  {k['kernel'][:70]}", f"{k['launches_per_token']:.1f} x, {k['us_per_token']:,.1f} us per step "
+                    f"({100 * k['share']:.0f}% of kernel time)", "", "", g["device"])
     for s in generation["skipped"]:
         row(f"{s['model']} n={s['n_streams']}" + (f" {s['settings']}" if "settings" in s else ""),
             f"skipped: {s['reason']}", "", "-")

@@ -67,7 +67,7 @@ def test_smoke_run_fills_every_section_without_jsonargparse_or_the_cli(tmp_path)
     assert [(g["n_streams"], g["batch"]) for g in generation["rows"]] == [(4, 1), (4, 4), (1, 1), (1, 4)]
     for g in generation["rows"]:
         assert g["new_tokens_per_s"] == pytest.approx(g["batch"] * 8 / g["seconds"])
-        assert g["kernels_per_token"] is None  # counted on CUDA only
+        assert g["kernels_per_token"] is None and "top_kernels" not in g  # profiled on CUDA only
 
     assert report["pytest"] == {"skipped": "--skip-pytest"}
     assert [t["result"] for t in report["targets"]] == ["-"]  # tiny's memory ratio: no CUDA peak to judge
@@ -188,7 +188,14 @@ def made_up_report(device_type: str) -> dict:
     report["memory"]["errors"] = [{"model": "120m", "n_streams": 1, "error": "OutOfMemoryError: CUDA out of memory"}]
     report["generation"]["rows"] = [
         {"model": "120m", "n_streams": 4, "batch": 64, "mode": "compiled", "seconds": 0.2,
-         "new_tokens_per_s": 40960.0, "kernels_per_token": 301.25, "device": report["device"]},
+         "new_tokens_per_s": 40960.0, "kernels_per_token": 301.25, "kernel_us_per_token": 1200.0,
+         "gpu_idle": {"busy_ms": 160.0, "idle_ms": 40.5, "gaps_ms": 30.0,
+                      "by_op": [{"op": f"op{i}", "gaps": 128, "ms": 10.0 - i} for i in range(5)]},
+         "top_kernels": [{"kernel": "_entry_kernel", "launches_per_token": 24.0, "us_per_token": 300.0,
+                          "share": 0.25},
+                         {"kernel": "sm90_xmma_gemm_" + "x" * 100, "launches_per_token": 48.0,
+                          "us_per_token": 240.5, "share": 0.2}],
+         "device": report["device"]},
         {"model": "120m", "n_streams": 4, "batch": 1, "mode": "compiled", "seconds": 0.5,
          "new_tokens_per_s": 256.0, "device": report["device"]},
         {"model": "120m", "n_streams": 4, "settings": "ENTRY_ONE_KERNEL_TOKENS=0", "batch": 64, "mode": "compiled",
@@ -235,6 +242,14 @@ def test_table_has_one_header_row_per_section_and_the_verdicts():
             "| NVIDIA H200 |") in lines
     assert ("| 120m n=4 batch 64 ENTRY_ONE_KERNEL_TOKENS=0 | 32,768 new tok/s (0.250 s) |  |  | NVIDIA H200 |"
             in lines)
+    # where a decode step's time goes: kernel time beside the timed step (0.2 s / 128 steps), the first waits,
+    # the costliest kernels (long names cut)
+    at = lines.index("| 120m n=4 batch 64: GPU per step | kernels 1,200 us of the 1,562 us step (timed); profiled "
+                     "call: busy 160.0 ms, idle 40.5 ms |  |  | NVIDIA H200 |")
+    assert [line.split("|")[1].strip() for line in lines[at + 1:at + 6]] == [
+        "waited on op0", "waited on op1", "waited on op2", "_entry_kernel", "sm90_xmma_gemm_" + "x" * 55]
+    assert lines[at + 4] == ("|   _entry_kernel | 24.0 x, 300.0 us per step (25% of kernel time) |  |  | "
+                             "NVIDIA H200 |")
     assert ("| 120m n=4, CUDA graphs | 117.0 ms/step, peak 20.00 GiB, time 1.300x n=1's, 2 graphs skipped |  |  | "
             "NVIDIA H200 |") in lines  # skipped: those blocks ran without graphs
     assert ("| 120m n=4, APPLY_PROJECT_FUSED=True | 105.0 ms/step, peak 25.00 GiB, time 1.050x n=1's |  |  | "
@@ -361,6 +376,17 @@ def test_decode_setting_rows_follow_the_first_n_streams_on_cuda_with_their_setti
     gpu_check.decode_rate_with_settings({"ENTRY_ONE_KERNEL_TOKENS": 0}, None, 64, "compiled", args)
     gpu_check.decode_rate_with_settings({}, None, 64, "compiled", args)
     assert seen == [0, before] and mhc_triton.ENTRY_ONE_KERNEL_TOKENS == before != 0
+
+
+def test_top_kernels_rank_names_by_summed_time_per_new_token():
+    timed = [("mm", 10.0), ("entry", 4.0), ("mm", 10.0), ("add", 1.0), ("entry", 4.0), ("entry", 4.0),
+             ("norm", 2.0)]
+    got = gpu_check.top_kernels(timed, new_tokens=2, top=3)
+    assert got == [{"kernel": "mm", "launches_per_token": 1.0, "us_per_token": 10.0, "share": pytest.approx(20 / 35)},
+                   {"kernel": "entry", "launches_per_token": 1.5, "us_per_token": 6.0,
+                    "share": pytest.approx(12 / 35)},
+                   {"kernel": "norm", "launches_per_token": 0.5, "us_per_token": 1.0, "share": pytest.approx(2 / 35)}]
+    assert gpu_check.top_kernels([], new_tokens=4) == []
 
 
 def test_idle_gaps_credit_each_wait_to_the_innermost_host_op_running_when_it_ended():
