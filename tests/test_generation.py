@@ -442,6 +442,35 @@ def test_compiled_autocast_decode_samples_the_current_weights_without_recompilin
 
 
 @pytest.mark.slow
+def test_a_compiled_decode_step_reads_the_cache_once_and_writes_only_its_new_slot():
+    """The traffic of a compiled decode step, by inductor's count of its kernels' bytes, grows with
+    the cache by one read of it (attention's), not by copies: with one [n_layers, ...] buffer per
+    name, each layer's write into its view became a scatter into a new copy of the whole buffer,
+    copied back at the step's end, about 10 times the cache's bytes per step."""
+    from torch._inductor import metrics
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_seq_len=256)
+    model = Transformer(config).eval()
+    step_bytes, cache_bytes = [], []
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts the bytes only with its metrics log on
+    try:
+        for prompt_len in (3, 70):  # padded to 64 and 128 columns: caches of 66 and 130 slots
+            torch._dynamo.reset()
+            metrics.reset()
+            generate(model, [[1] * prompt_len] * 8, SamplingConfig(max_new_tokens=2, temperature=0, compile=True),
+                     eos_id=None)
+            step_bytes.append(metrics.num_bytes_accessed)
+            cache = generation._compiled_decode_buffers[model].cache
+            cache_bytes.append(sum(b.numel() * b.element_size() for b in cache.buffers()))
+    finally:
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    grown = (step_bytes[1] - step_bytes[0]) / (cache_bytes[1] - cache_bytes[0])
+    assert 0.9 < grown < 1.5, grown
+
+
+@pytest.mark.slow
 def test_compiled_calls_reuse_the_kv_cache_and_the_bf16_weights_at_their_addresses():
     """A CUDA graph reads the KV cache and the held bf16 weights where it was recorded, so
     consecutive compiled calls on a model reuse them: the cache zeroed (what a call leaves in it
@@ -467,7 +496,7 @@ def test_compiled_calls_reuse_the_kv_cache_and_the_bf16_weights_at_their_address
         assert torch.equal(first.tokens, eager.tokens) and torch.equal(second.tokens, eager.tokens)
         assert torch.equal(second.logprobs, first.logprobs)
         generate(model, PROMPTS[:2], compiled, eos_id=None)
-        assert kept.cache is not cache and kept.cache.k.size(1) == 2
+        assert kept.cache is not cache and kept.cache.k_0.size(0) == 2
     alive = weakref.ref(model)
     del model
     gc.collect()

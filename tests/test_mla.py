@@ -146,11 +146,12 @@ def cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 def test_the_cache_holds_only_the_latent_and_the_shared_rope_key(dtype):
     config = mla_config()
     cache = KVCache(config, 3, 10, torch.device("cpu"), dtype)
-    assert dict(cache.named_buffers()).keys() == {"latent", "k_rope"}
+    assert list(dict(cache.named_buffers())) == [f"{name}_{i}" for i in range(config.n_layers)
+                                                 for name in ("latent", "k_rope")]
     assert cache.max_len == 10
     latent, k_rope = cache.layer(1)
     assert latent.shape == (3, 10, LATENT) and k_rope.shape == (3, 10, ROPE)
-    assert latent.data_ptr() == cache.latent[1].data_ptr()  # a view: writes go into the cache
+    assert latent is cache.latent_1 and k_rope is cache.k_rope_1  # the buffers: writes go into the cache
     size = torch.finfo(dtype).bits // 8
     assert cache_bytes_per_token(config, dtype) == (LATENT + ROPE) * config.n_layers * size
     mha = ModelConfig(**{**config.to_dict(), "attention": "mha", "mla": {}})

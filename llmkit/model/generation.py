@@ -222,7 +222,8 @@ def _kv_cache(buffers: _CompiledDecodeBuffers | None, config: ModelConfig, batch
     if buffers is None:
         return KVCache(config, batch_size, max_len, device, dtype)
     cache = buffers.cache
-    wanted = [(torch.Size(shape), dtype, device) for shape in cache_shapes(config, batch_size, max_len).values()]
+    wanted = [(torch.Size(shape), dtype, device) for _ in range(config.n_layers)
+              for shape in cache_shapes(config, batch_size, max_len).values()]
     if cache is not None and [(b.shape, b.dtype, b.device) for b in cache.buffers()] == wanted:
         for b in cache.buffers():
             b.zero_()
