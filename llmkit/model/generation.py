@@ -26,7 +26,7 @@ from torch import nn
 from llmkit.errors import LLMKitError, SettingError
 from llmkit.model import mhc_ops
 from llmkit.model.config import ModelConfig
-from llmkit.model.kv_cache import KVCache, cache_shapes
+from llmkit.model.kv_cache import KVCache
 from llmkit.model.transformer import Transformer
 
 STOP_CHECK_INTERVAL = {"cuda": 8}
@@ -222,9 +222,7 @@ def _kv_cache(buffers: _CompiledDecodeBuffers | None, config: ModelConfig, batch
     if buffers is None:
         return KVCache(config, batch_size, max_len, device, dtype)
     cache = buffers.cache
-    wanted = [(torch.Size(shape), dtype, device) for _ in range(config.n_layers)
-              for shape in cache_shapes(config, batch_size, max_len).values()]
-    if cache is not None and [(b.shape, b.dtype, b.device) for b in cache.buffers()] == wanted:
+    if cache is not None and cache.fits(config, batch_size, max_len, device, dtype):
         for b in cache.buffers():
             b.zero_()
         return cache

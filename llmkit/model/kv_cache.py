@@ -49,10 +49,17 @@ class KVCache(nn.Module):
         super().__init__()
         shapes = cache_shapes(config, batch_size, max_len)
         self.names = tuple(shapes)
-        self.n_layers = config.n_layers
         for i in range(config.n_layers):
             for name, shape in shapes.items():
                 self.register_buffer(f"{name}_{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def fits(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device,
+             dtype: torch.dtype) -> bool:
+        """Whether this cache has the buffers ``KVCache(config, batch_size, max_len, device, dtype)``
+        would make (so it can be zeroed and reused instead)."""
+        shapes = cache_shapes(config, batch_size, max_len)
+        wanted = [(torch.Size(shapes[name]), dtype, device) for _ in range(config.n_layers) for name in self.names]
+        return tuple(shapes) == self.names and [(b.shape, b.dtype, b.device) for b in self.buffers()] == wanted
 
     @property
     def max_len(self) -> int:
