@@ -96,7 +96,7 @@ T = TypeVar("T")
 
 COPIES = ("Memcpy", "Memset")
 """The profiler's CUDA events that are copies, not kernels."""
-MHC_KERNEL = re.compile(r"(?<![a-z])_((?:apply_project|project_apply|project|coeff|pre|apply)_(?:fwd|bwd)|entry)"
+MHC_KERNEL = re.compile(r"(?<![a-z])_((?:apply_project|project|coeff|pre|apply)_(?:fwd|bwd)|entry)"
                         r"_kernel")
 """The Triton kernels of llmkit/model/mhc_triton.py as the profiler names them (group 1: the short name)."""
 MISSING_MODULE = re.compile(r"No module named '([^']+)'|import of (\S+) halted")

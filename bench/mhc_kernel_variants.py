@@ -22,9 +22,6 @@ while it runs ("*" marks the setting in force):
 - apply + project forward (APPLY_PROJECT_FUSED's one kernel for the write-back and the next
   sublayer's projection; against the apply forward and project forward rows): tokens, channels
   and warps per program (APPLY_PROJECT_ + BLOCK_M, BLOCK_C, WARPS);
-- project + apply backward (PROJECT_APPLY_FUSED's one kernel for the projection's dL/dX used at
-  once by the write-back's backward, its dphi matmul included; against the project backward and
-  apply backward rows): the same three (PROJECT_APPLY_ + ...);
 - entry forward (decode): a sublayer's whole forward in one kernel, one token per program, on
   the first DECODE_TOKENS tokens (a decode step's; ENTRY_ONE_KERNEL_TOKENS routes only such few
   tokens to it): the φ tile's elements per loop step (ENTRY_TILE_ELEMENTS: 8192 is 64 channels at
@@ -116,7 +113,6 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
 
     p, k = 2 * n + n * n, n * c
     x, y, phi = randn(tokens, n, c, dtype=dtype), randn(tokens, c, dtype=dtype), randn(p, k) / k**0.5
-    x_prev = randn(tokens, n, c, dtype=dtype)  # the stream the fused backward's write-back read
     h_pre, h_post, h_res = rand(tokens, n), 2 * rand(tokens, n), rand(tokens, n, n)
     grad_stream, grad_u = randn(tokens, n, c, dtype=dtype), randn(tokens, c, dtype=dtype)
     grad_proj, grad_sumsq = randn(tokens, p), randn(tokens) / k
@@ -167,14 +163,6 @@ def cases(tokens: int, n: int, c: int, dtype: torch.dtype, device: torch.device)
              ((32, 32, 8), (16, 32, 4), (64, 16, 4), (16, 16, 4)),
              lambda: mhc_triton.apply_project_forward(x, y, h_post, h_res, phi),
              (applied64, *(t[0] for t in mhc_ops.project(applied64.view(tokens, k), phi64, False)))),
-        Case("project + apply backward", "_project_apply_bwd_kernel",
-             ("PROJECT_APPLY_BLOCK_M", "PROJECT_APPLY_BLOCK_C", "PROJECT_APPLY_WARPS"),
-             ((16, 32, 4), (16, 16, 4), (32, 32, 8)),
-             lambda: mhc_triton.project_apply_backward(grad_proj, grad_sumsq, x, phi, grad_stream, (grad_u, h_pre),
-                                                       x_prev, y, h_post, h_res),
-             (*mhc_ops.apply_backward(project_backward[1][0].view(tokens, n, c), x_prev.double(), y64,
-                                      h_post.double(), h_res.double(), False), project_backward[1][1]),
-             other_bytes=flat.nbytes),
         Case("entry forward (decode)", "_entry_kernel", "ENTRY_TILE_ELEMENTS", (8192, 4096, 16384),
              lambda: mhc_triton.entry_forward(*entry_inputs), (applied64[:d], *entered64)),
         Case("apply backward", "_apply_bwd_kernel", *tiles,

@@ -102,13 +102,12 @@ def record_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> di
     return recorders
 
 
-FUSED = {"_apply_project_fwd_kernel": ("_apply_fwd_kernel", "_project_fwd_kernel"),
-         "_project_apply_bwd_kernel": ("_project_bwd_kernel", "_apply_bwd_kernel")}
-"""The kernels APPLY_PROJECT_FUSED and PROJECT_APPLY_FUSED run, each in place of two of a sublayer's."""
+FUSED = {"_apply_project_fwd_kernel": ("_apply_fwd_kernel", "_project_fwd_kernel")}
+"""The kernel APPLY_PROJECT_FUSED runs, in place of two of a sublayer's."""
 
 
 def record_fused_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int) -> dict[str, RecordedLaunches]:
-    """The launches of the fused kernels (FUSED) at this shape, recorded, not run."""
+    """The launches of the fused kernel (FUSED) at this shape, recorded, not run."""
     def stream() -> torch.Tensor:  # a distinct tensor for each role: tensor_bytes counts each once
         return torch.empty(tokens, n, d_model, dtype=dtype)
 
@@ -117,11 +116,9 @@ def record_fused_launches(dtype: torch.dtype, tokens: int, n: int, d_model: int)
 
     with recorded(FUSED) as recorders:
         p = 2 * n + n * n
-        h_pre, h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n), torch.empty(tokens, n, n)
+        h_post, h_res = torch.empty(tokens, n), torch.empty(tokens, n, n)
         phi = torch.empty(p, n * d_model)
         mhc_triton.apply_project_forward(stream(), vector(), h_post, h_res, phi)
-        mhc_triton.project_apply_backward(torch.empty(tokens, p), torch.empty(tokens), stream(), phi, stream(),
-                                          (vector(), h_pre), stream(), vector(), h_post, h_res)
     return recorders
 
 
@@ -256,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               for kernel, replaced in FUSED.items())
         print(f"{dtype_name} stream: one sublayer's launches and project backward's grad_phi matmul ({matmul} B) "
               f"move {traffic:.0f} B per token = {traffic / (size * args.d_model):.1f} C stream elements "
-              f"(a dense residual: 6 C, x + y and its gradient); with the fused kernels {fused:.0f} B = "
+              f"(a dense residual: 6 C, x + y and its gradient); with the fused forward kernel {fused:.0f} B = "
               f"{fused / (size * args.d_model):.1f} C")
     write_json_atomic(Path(args.out), {"args": vars(args), "triton": triton.__version__, "rows": rows})
     print(f"wrote {args.out}")

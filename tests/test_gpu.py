@@ -110,13 +110,12 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype, fused, m
     """Each mHC op and its backward, Triton (use_triton=True) against the same op's PyTorch code,
     at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits: mhc_enter, then
     mhc_boundary on its pending stream (with a LoRA-like update on the first projection), then
-    mhc_apply; ``fused``: mhc_boundary's write-back and projection in one kernel (APPLY_PROJECT_FUSED),
-    and their backward in one (PROJECT_APPLY_FUSED). At 64 tokens (a decode step's) the two ops'
+    mhc_apply; ``fused``: mhc_boundary's write-back and projection in one kernel (APPLY_PROJECT_FUSED).
+    At 64 tokens (a decode step's) the two ops'
     forwards are the entry kernel (ENTRY_ONE_KERNEL_TOKENS)."""
     from llmkit.model import mhc_ops, mhc_triton
 
     monkeypatch.setattr(mhc_triton, "APPLY_PROJECT_FUSED", fused)
-    monkeypatch.setattr(mhc_triton, "PROJECT_APPLY_FUSED", fused)
     monkeypatch.setattr(mhc_triton, "PROJECT_FWD_PROGRAMS", 64)  # 4096 tokens count as a training shape
     assert (m <= mhc_triton.ENTRY_ONE_KERNEL_TOKENS) == (m == 64)
     torch.manual_seed(0)

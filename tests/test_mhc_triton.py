@@ -523,37 +523,6 @@ def test_apply_project_fuses_only_where_switched_on_and_the_projection_would_not
     close(sumsq.sum(0), stored.square().sum(-1), 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 3, 4])
-def test_project_apply_backward_is_project_then_apply_backward_in_one_kernel(mt, monkeypatch, n, dtype):
-    """dL/dX of the projection (with the next sublayer's gradient and the pre-aggregation's term)
-    used at once by the write-back's backward, against both in fp64; 37 tokens and C = 40 leave
-    tails at 16 tokens and channels per step."""
-    monkeypatch.setattr(mt, "PROJECT_APPLY_BLOCK_M", 16)
-    monkeypatch.setattr(mt, "PROJECT_APPLY_BLOCK_C", 16)
-    m, c = 37, 40
-    p, k = 2 * n + n * n, n * c
-    x_prev, y_prev, h_pre, h_post, h_res = stream_inputs(m, n, c, dtype, dtype)
-    g = torch.Generator().manual_seed(5)
-    x, grad_in = torch.randn(m, n, c, generator=g).to(dtype), torch.randn(m, n, c, generator=g).to(dtype)
-    grad_u = torch.randn(m, c, generator=g).to(dtype)
-    phi = torch.randn(p, k, generator=g) / k**0.5
-    grad_proj, grad_sumsq = torch.randn(m, p, generator=g), torch.randn(m, generator=g) / k
-    grads = mt.project_apply_backward(grad_proj, grad_sumsq, x, phi, grad_in, (grad_u, h_pre), x_prev, y_prev, h_post,
-                                      h_res)
-    x64, phi64, g64 = x.double().view(m, k), phi.to(dtype).double(), grad_proj.double()
-    grad_x = (grad_in.double().view(m, k) + (h_pre.double()[:, :, None] * grad_u.double()[:, None, :]).view(m, k)
-              + g64 @ phi64 + 2 * x64 * grad_sumsq.double()[:, None]).view(m, n, c)
-    expected = (torch.bmm(h_res.double().transpose(1, 2), grad_x), torch.bmm(h_post.double()[:, None, :], grad_x)[:, 0],
-                torch.bmm(grad_x, y_prev.double()[:, :, None])[:, :, 0],
-                torch.bmm(grad_x, x_prev.double().transpose(1, 2)), g64.T @ x64)
-    for name, actual, ref in zip(("x_prev", "y_prev", "h_post", "h_res", "phi"), grads, expected, strict=True):
-        if dtype == torch.bfloat16 and name in ("x_prev", "y_prev"):
-            bf16_close(actual, ref)
-        else:
-            close(actual, ref, 1e-5, 1e-5 * ref.abs().max().item())
-
-
 # --- the kernels behind the custom ops (llmkit/model/mhc_ops.py) ----------------------------------
 
 
@@ -702,8 +671,7 @@ def test_a_lora_update_on_a_split_projection_is_added_once(mt, monkeypatch):
 def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeypatch, fused, programs, entry_tokens):
     """A 2-layer n = 4 model's loss and every gradient, with the ops' Triton kernels (interpreted)
     against the same ops' PyTorch code (mhc.implementation: torch), fp32; ``fused``: each write-back
-    and the next projection in one kernel (APPLY_PROJECT_FUSED), and in backward the projection's
-    dL/dX used at once by the write-back's backward (PROJECT_APPLY_FUSED). With 256 projection
+    and the next projection in one kernel (APPLY_PROJECT_FUSED). With 256 projection
     programs, as on a GPU, the 16 tokens' projection comes in four K-split partials (decode's
     shape), which the coefficient kernel sums; with ENTRY_ONE_KERNEL_TOKENS at 16, each sublayer's
     forward is the entry kernel (decode's path)."""
@@ -712,13 +680,12 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(mt, "APPLY_PROJECT_FUSED", fused)
-    monkeypatch.setattr(mt, "PROJECT_APPLY_FUSED", fused)
     monkeypatch.setattr(mt, "PROJECT_FWD_PROGRAMS", programs)  # 1: 16 tokens fill the "GPU", the fused kernel runs
     monkeypatch.setattr(mt, "APPLY_PROJECT_BLOCK_M", 16)
     monkeypatch.setattr(mt, "ENTRY_ONE_KERNEL_TOKENS", entry_tokens)
     launched = []
     for name in ("project_backward", "coefficients_backward", "pre_backward", "apply_forward",
-                 "apply_project_forward", "project_apply_backward", "entry_forward"):
+                 "apply_project_forward", "entry_forward"):
         kernel = getattr(mt, name)
         monkeypatch.setattr(mt, name, lambda *a, _k=kernel, _n=name: launched.append(_n) or _k(*a))
     torch.manual_seed(0)
@@ -737,8 +704,7 @@ def test_a_model_on_the_kernels_equals_the_model_on_the_pytorch_code(mt, monkeyp
     counts = {name: launched.count(name) for name in set(launched)}
     # 2 layers x 2 sublayers: 3 write-backs into the next sublayer's op, and the last one
     if fused:
-        fused_counts = {"apply_project_forward": 3, "project_apply_backward": 3}
-        writes = {"apply_forward": 1, "project_backward": 1, **fused_counts}
+        writes = {"apply_forward": 1, "apply_project_forward": 3, "project_backward": 4}
     elif entry_tokens:  # every sublayer's forward, write-back included, in its entry kernel; the last one apart
         writes = {"entry_forward": 4, "apply_forward": 1, "project_backward": 4}
     else:
@@ -792,7 +758,7 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tokens, streams, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {"project_fwd", "project_bwd", "coeff_fwd", "coeff_bwd", "pre_fwd", "pre_bwd", "apply_fwd", "apply_bwd",
-               "apply_project_fwd", "project_apply_bwd", "entry"}  # the last three: the fused kernels
+               "apply_project_fwd", "entry"}  # the last two: the fused kernels
     assert {(r["kernel"], r["stream"]) for r in rows} == {(k, s) for k in kernels for s in streams}
     for r in rows:
         assert r["local_bytes"] == 0 and r["spills_in_loops"] == 0 and r["stack_bytes"] == 0, r

@@ -295,8 +295,9 @@ def enter_backward(
     m, n, c = x.shape
     coefficient_args = (n, n * c, iters, clamp, eps, norm_eps, use_triton)
     if (kernels := triton_kernels(x, use_triton)) is not None:
-        grad_proj, grad_sumsq, grad_alpha_bias = _projection_grads(
-            kernels, grad_u, grad_pre, grad_post, grad_res, x, alpha, bias, proj, sumsq, coefficient_args)
+        grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
+        grad_proj, grad_sumsq, grad_alpha_bias = coefficients_backward(
+            grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
         grad_x, grad_phi = kernels.project_backward(
             grad_proj, grad_sumsq, x.reshape(m, n * c), phi, None if grad_x is None else grad_x.reshape(m, n * c),
             (grad_u, h_pre))
@@ -313,16 +314,6 @@ def enter_backward(
         if grad_x is not None:
             total = total + grad_x.to(dtype)
         return total.to(x.dtype), grad_proj, (grad_proj.T @ flat).to(phi.dtype), grad_alpha_bias
-
-
-def _projection_grads(
-    kernels: ModuleType, grad_u: Tensor, grad_pre: Tensor, grad_post: Tensor, grad_res: Tensor, x: Tensor,
-    alpha: Sequence[Tensor], bias: Sequence[Tensor], proj: Tensor, sumsq: Tensor, coefficient_args: tuple,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dproj, dL/dsumsq, the mapping parameters' gradients) on the Triton path: dL/dH_pre = <g_u, X[m]> +
-    grad_pre (one kernel), then the coefficients' backward."""
-    grad_h_pre = kernels.pre_backward(grad_u, x, grad_pre)
-    return coefficients_backward(grad_h_pre, grad_post, grad_res, proj, sumsq, alpha, bias, *coefficient_args)
 
 
 @torch.library.custom_op("llmkit::mhc_enter_backward", mutates_args=())
@@ -419,18 +410,7 @@ def mhc_boundary_backward(
     """(dL/dX', dL/dy', dL/dH_post', dL/dH_res', dL/dphi, the mapping parameters' gradients [3 + P]) of
     :func:`mhc_boundary`:
     :func:`enter_backward`'s dL/dX, ``grad_x`` (X's gradient from the next sublayer) included, then
-    :func:`apply_backward` of the write-back X = H_res' X' + H_post'^T y'. On CUDA with
-    ``mhc_triton.PROJECT_APPLY_FUSED`` the two passes are one kernel that never writes dL/dX."""
-    kernels = triton_kernels(x, use_triton)
-    if kernels is not None and kernels.PROJECT_APPLY_FUSED:
-        m, n, c = x.shape
-        grad_proj, grad_sumsq, grad_alpha_bias = _projection_grads(
-            kernels, grad_u, grad_pre, grad_post, grad_res, x, alpha, bias, proj, sumsq,
-            (n, n * c, iters, clamp, eps, norm_eps, use_triton))
-        grad_x_prev, grad_y_prev, grad_h_post, grad_h_res, grad_phi = kernels.project_apply_backward(
-            grad_proj, grad_sumsq, x, phi, grad_x, (grad_u, h_pre), x_prev, y_prev, h_post_prev, h_res_prev)
-        return (grad_x_prev, grad_y_prev, grad_h_post.to(h_post_prev.dtype), grad_h_res.to(h_res_prev.dtype), grad_phi,
-                grad_alpha_bias)
+    :func:`apply_backward` of the write-back X = H_res' X' + H_post'^T y'."""
     grad_x, _, grad_phi, grad_alpha_bias = enter_backward(grad_x, grad_u, grad_pre, grad_post, grad_res, x, phi, alpha,
                                                           bias, proj, sumsq, h_pre, iters, clamp, eps, norm_eps,
                                                           use_triton)

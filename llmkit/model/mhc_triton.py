@@ -14,10 +14,9 @@ stream is X [n, C] and x = vec X has width K = n C; P = 2n + n^2 mapping logits.
   gives dL/dH_pre only, plus H_pre's gradient from elsewhere (:func:`project_backward` adds the
   pre-aggregation's share of dL/dX).
 - :func:`apply_forward` / :func:`apply_backward`: Eq. 3's update X' = H_res X + H_post^T y.
-- :func:`apply_project_forward` and :func:`project_apply_backward`: a write-back and the next
-  sublayer's projection in one kernel each way, so the stream between them is neither read back
-  (forward) nor its gradient written (backward); behind APPLY_PROJECT_FUSED and
-  PROJECT_APPLY_FUSED, both off: no clear gain, and slower, on an H200 (docs/performance.md).
+- :func:`apply_project_forward`: a write-back and the next sublayer's projection in one kernel,
+  so the stream between them is not read back; behind APPLY_PROJECT_FUSED, off: no clear gain on
+  an H200 (docs/performance.md, which also says why its backward counterpart was removed).
 - :func:`entry_forward`: for decode's few tokens, a sublayer's whole entry (write-back,
   projection, coefficients and H_pre X) in one kernel, one token per program, in place of four.
 
@@ -30,7 +29,8 @@ Dots: on a GPU the forward projection keeps bf16/fp16 operands (tensor cores, fp
 accumulation); with an fp32 stream its operands follow ``torch.get_float32_matmul_precision()``
 as torch's own matmuls do: full fp32 ("ieee", CUDA-core FMAs) at "highest", the default, and
 tf32 at "high" or "medium"; :data:`FP32_DOT_PRECISION` overrides that for these kernels. The
-backward's g phi is fp32 FMAs, and its g^T x a matmul as exact as an fp32 one.
+backward's g phi is, for a bf16 stream, tensor-core dots of g's three bf16 parts (each product
+exact in fp32), else fp32 FMAs; its g^T x is a matmul as exact as an fp32 one.
 
 Triton's interpreter (TRITON_INTERPRET=1, fixed when this module is imported) differs from a GPU
 in two ways handled here: ``tl.dot`` on bf16 operands returns garbage (triton issue 11584), so
@@ -86,11 +86,6 @@ APPLY_PROJECT_FUSED = False  # apply_project fuses the write-back and the next p
 APPLY_PROJECT_BLOCK_M = 32  # tokens per program in apply_project_forward (>= 16 for tl.dot)
 APPLY_PROJECT_BLOCK_C = 32  # channels per step there: 128 registers per thread at 8 warps on sm_90 (bf16)
 APPLY_PROJECT_WARPS = 8
-PROJECT_APPLY_FUSED = False  # mhc_boundary's backward in project_apply_backward's one kernel: off, slower on an
-# H200 (2026-12-04, with APPLY_PROJECT_FUSED): 81.6 ms/step at 120m n = 4, against 63.1 without it
-PROJECT_APPLY_BLOCK_M = 16  # tokens per program in project_apply_backward
-PROJECT_APPLY_BLOCK_C = 32  # channels per step there
-PROJECT_APPLY_WARPS = 4
 ENTRY_ONE_KERNEL_TOKENS = 128  # at most this many tokens (decode: batch size), a sublayer's entry is one kernel
 # (entry_forward) instead of three or four; not yet timed on a GPU (docs/performance.md)
 ENTRY_TILE_ELEMENTS = 8192  # phi tile [P padded, n padded, channels] per loop step there: 64 channels at n = 4,
@@ -1467,146 +1462,3 @@ def apply_backward(
         num_warps=NUM_WARPS,
     )
     return grad_x, grad_y, grad_h_post, grad_h_res
-
-
-@triton.jit
-def _project_apply_bwd_kernel(
-    grad_proj_ptr,
-    grad_sumsq_ptr,
-    x_ptr,
-    phi_ptr,
-    grad_in_ptr,
-    grad_u_ptr,
-    h_pre_ptr,
-    grad_proj_parts_ptr,
-    x_prev_ptr,
-    y_prev_ptr,
-    h_post_prev_ptr,
-    h_res_prev_ptr,
-    grad_x_prev_ptr,
-    grad_y_prev_ptr,
-    grad_h_post_prev_ptr,
-    grad_h_res_prev_ptr,
-    M,
-    C,
-    P,
-    N: tl.constexpr,
-    NP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    SPLIT_GRAD_PROJ: tl.constexpr,
-):
-    """Grid (cdiv(M, BLOCK_M),): for a block of tokens, channel block by channel block, each stream's
-    tile of dL/dX = grad_in + H_pre g_u + grad_proj phi + 2 X grad_sumsq (project_backward's, with
-    its pre-aggregation term) is formed and used at once by the backward of the write-back that
-    made X = H_res' X' + H_post'^T y' (apply_backward's formulas): dX' += H_res'[i, :]^T dX[i],
-    dy' += H_post'[i] dX[i], dH_post'[i] += <dX[i], y'>, dH_res'[i, m] += <dX[i], X'[m]>. dL/dX is
-    never written. With SPLIT_GRAD_PROJ the block's grad_proj is also written as three bf16 parts,
-    transposed, for :func:`_grad_phi` (as project_backward writes them)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    r64 = rows.to(tl.int64)
-    js = tl.arange(0, NP)
-    j_ok = js < N
-    K = N * C
-    gs = tl.load(grad_sumsq_ptr + r64, mask=row_ok, other=0.0).to(tl.float32)
-    if SPLIT_GRAD_PROJ:
-        _store_grad_proj_parts(grad_proj_ptr, grad_proj_parts_ptr, r64, row_ok, M, P, BLOCK_P)
-    rows_j_ok = row_ok[:, None] & j_ok[None, :]
-    acc_post = tl.zeros((BLOCK_M, NP), dtype=tl.float32)  # [token, i]
-    acc_res = tl.zeros((BLOCK_M, NP, NP), dtype=tl.float32)  # [token, i, m]
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cs < C
-        ok = row_ok[:, None] & c_ok[None, :]
-        ok3 = rows_j_ok[:, :, None] & c_ok[None, None, :]
-        streams3 = r64[:, None, None] * K + js[None, :, None] * C + cs[None, None, :]
-        x_prev = tl.load(x_prev_ptr + streams3, mask=ok3, other=0.0).to(tl.float32)  # [token, m, c]
-        y = tl.load(y_prev_ptr + r64[:, None] * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
-        g_u = tl.load(grad_u_ptr + r64[:, None] * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
-        grad_x_prev = tl.zeros((BLOCK_M, NP, BLOCK_C), dtype=tl.float32)
-        grad_y = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(N):
-            stream = r64[:, None] * K + i * C + cs[None, :]
-            x_i = tl.load(x_ptr + stream, mask=ok, other=0.0).to(tl.float32)
-            h_pre_i = tl.load(h_pre_ptr + r64 * N + i, mask=row_ok, other=0.0).to(tl.float32)
-            g = tl.load(grad_in_ptr + stream, mask=ok, other=0.0).to(tl.float32)
-            g += h_pre_i[:, None] * g_u + 2.0 * x_i * gs[:, None]
-            g = _add_grad_proj_phi(g, grad_proj_ptr + r64 * P, row_ok, phi_ptr + i * C + cs, c_ok, K, P,
-                                   x_ptr.dtype.element_ty)
-            h_res_i = tl.load(h_res_prev_ptr + r64[:, None] * (N * N) + i * N + js[None, :], mask=rows_j_ok,
-                              other=0.0).to(tl.float32)  # H_res'[i, m] over m
-            grad_x_prev += h_res_i[:, :, None] * g[:, None, :]
-            h_post_i = tl.load(h_post_prev_ptr + r64 * N + i, mask=row_ok, other=0.0).to(tl.float32)
-            grad_y += h_post_i[:, None] * g
-            acc_post += tl.where(js[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
-            acc_res += tl.where(js[None, :, None] == i, tl.sum(g[:, None, :] * x_prev, axis=2)[:, None, :], 0.0)
-        tl.store(grad_x_prev_ptr + streams3, grad_x_prev.to(grad_x_prev_ptr.dtype.element_ty), mask=ok3)
-        tl.store(grad_y_prev_ptr + r64[:, None] * C + cs[None, :], grad_y.to(grad_y_prev_ptr.dtype.element_ty),
-                 mask=ok)
-    tl.store(grad_h_post_prev_ptr + r64[:, None] * N + js[None, :], acc_post, mask=rows_j_ok)
-    tl.store(grad_h_res_prev_ptr + r64[:, None, None] * (N * N) + js[None, :, None] * N + js[None, None, :], acc_res,
-             mask=rows_j_ok[:, :, None] & j_ok[None, None, :])
-
-
-def project_apply_backward(
-    grad_proj: Tensor,
-    grad_sumsq: Tensor,
-    x: Tensor,
-    phi: Tensor,
-    grad_in: Tensor,
-    pre: tuple[Tensor, Tensor],
-    x_prev: Tensor,
-    y_prev: Tensor,
-    h_post_prev: Tensor,
-    h_res_prev: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x_prev, grad_y_prev, grad_h_post_prev, grad_h_res_prev, grad_phi): :func:`project_backward`
-    of the stream x = X [M, n, C] (its gradient from ``grad_in`` [M, n, C], ``pre`` = (g_u, H_pre) and
-    the projection), then :func:`apply_backward` of the write-back X = H_res' X' + H_post'^T y', in one
-    kernel that never writes dL/dX: 8 C fewer bytes per token than the two. grad_phi as
-    project_backward computes it (one more read of x)."""
-    for t, name in ((x, "x"), (x_prev, "x_prev"), (y_prev, "y_prev"), (phi, "phi")):
-        _check_stream_dtype(t, name)
-    tensors = (grad_proj, grad_sumsq, x, phi, grad_in, x_prev, y_prev, h_post_prev, h_res_prev)
-    grad_proj, grad_sumsq, x, phi, grad_in, x_prev, y_prev, h_post_prev, h_res_prev = (t.contiguous() for t in tensors)
-    grad_u, h_pre = pre[0].contiguous(), pre[1].float().contiguous()
-    M, n, C = x.shape
-    P = phi.shape[0]
-    split = x.dtype == torch.bfloat16
-    grad_x_prev, grad_y_prev = torch.empty_like(x_prev), torch.empty_like(y_prev)
-    grad_h_post_prev = torch.empty(M, n, device=x.device, dtype=torch.float32)
-    grad_h_res_prev = torch.empty(M, n, n, device=x.device, dtype=torch.float32)
-    parts = torch.empty(3 * P, M, device=x.device, dtype=torch.bfloat16) if split else grad_h_post_prev
-    _project_apply_bwd_kernel[(_cdiv(M, PROJECT_APPLY_BLOCK_M),)](
-        grad_proj,
-        grad_sumsq,
-        x,
-        _dot_weight(phi, x),
-        grad_in,
-        grad_u,
-        h_pre,
-        parts,  # a placeholder without the split, never written
-        x_prev,
-        y_prev,
-        h_post_prev.float().contiguous(),
-        h_res_prev.float().contiguous(),
-        grad_x_prev,
-        grad_y_prev,
-        grad_h_post_prev,
-        grad_h_res_prev,
-        M,
-        C,
-        P,
-        N=n,
-        NP=_padded_streams(n),
-        BLOCK_M=PROJECT_APPLY_BLOCK_M,
-        BLOCK_C=PROJECT_APPLY_BLOCK_C,
-        BLOCK_P=_next_power_of_2(P),
-        SPLIT_GRAD_PROJ=split,
-        num_warps=PROJECT_APPLY_WARPS,
-    )
-    flat = x.view(M, n * C)
-    grad_phi = _grad_phi(parts, flat) if split else grad_proj.T @ flat.float()
-    return grad_x_prev, grad_y_prev, grad_h_post_prev, grad_h_res_prev, grad_phi.to(phi.dtype)
