@@ -111,8 +111,7 @@ def test_every_triton_kernel_matches_the_ops_pytorch_code_on_gpu(dtype, fused, m
     at a training shape (n = 4, C = 768, 4096 tokens) with peaked H_res logits: mhc_enter, then
     mhc_boundary on its pending stream (with a LoRA-like update on the first projection), then
     mhc_apply; ``fused``: mhc_boundary's write-back and projection in one kernel (APPLY_PROJECT_FUSED).
-    At 64 tokens (a decode step's) the two ops'
-    forwards are the entry kernel (ENTRY_ONE_KERNEL_TOKENS)."""
+    At 64 tokens (a decode step's) the two ops' forwards are the entry kernel (ENTRY_ONE_KERNEL_TOKENS)."""
     from llmkit.model import mhc_ops, mhc_triton
 
     monkeypatch.setattr(mhc_triton, "APPLY_PROJECT_FUSED", fused)
