@@ -19,10 +19,11 @@ token 0). While one step runs (after a warm-up step that compiles), a dispatch m
   top-k's passes or a foreach op's chunks would add kernels on a GPU;
 - the mHC custom ops' own launches: their Triton kernels (``TRITON_INTERPRET=1``, set here, routes
   the ops to the kernels' wrappers, whose launches are recorded, not run) and the ATen ops inside
-  them (on a CPU the dphi product takes a CPU-only route with a copy or two more than CUDA's);
+  them, the wrappers taking their CUDA branches (:func:`planning`);
 - ``.item()``-style reads of a tensor's value (on CUDA, a copy to the host that waits for the GPU).
 
-The decode figure is per new token, the prompt's forward included (as gpu_check counts it). The
+Decode is counted per new token, the prompt's forward and the sampling included (as gpu_check
+counts it), and per call of the compiled decode step alone. The
 counts are a plan, not a profile: they say which launches exist and how they change with a code
 change, never how long they take. Compare with gpu_check's torch.profiler counts where a GPU is at
 hand (docs/performance.md has both). Prints a table per section and writes JSON (--out).
