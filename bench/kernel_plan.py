@@ -51,6 +51,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
 
 from bench.models import MODEL_HELP, model_name, model_yaml  # noqa: E402
+from bench.throughput import bare_step  # noqa: E402
 from llmkit.io import write_json_atomic  # noqa: E402
 from llmkit.model import generation  # noqa: E402
 from llmkit.model.config import ModelConfig  # noqa: E402
@@ -180,11 +181,11 @@ def planning() -> Iterator[Callable[[], LaunchCount]]:
     autotuner = triton_heuristics.CachingAutotuner
     saved = (autotuner.precompile, autotuner.run, inductor_config.cpu_backend, inductor_config.compile_threads,
              triton_driver._active)  # None on a machine without a GPU: no driver is active
-    counters: list[LaunchCount] = []
+    latest: list[LaunchCount] = []  # the counter a generated kernel's launch counts in
 
     def launch(self, *args, **kwargs) -> None:  # a generated kernel's launch, not run
-        if counters:
-            counters[-1].inductor += 1
+        if latest:
+            latest[0].inductor += 1
 
     torch._dynamo.reset()
     with (recorded(KERNELS) as recorders, setting("INTERPRETED", False),
@@ -192,8 +193,8 @@ def planning() -> Iterator[Callable[[], LaunchCount]]:
         def new_counter() -> LaunchCount:
             for r in recorders.values():  # their tensors, let go (only the count matters)
                 r.launches.clear()
-            counters.append(LaunchCount(lambda: sum(len(r.launches) for r in recorders.values())))
-            return counters[-1]
+            latest[:] = [LaunchCount(lambda: sum(len(r.launches) for r in recorders.values()))]
+            return latest[0]
 
         triton_driver.set_active(_PlanningDriver())
         autotuner.precompile, autotuner.run = (lambda self, *a, **k: None), launch
@@ -206,29 +207,19 @@ def planning() -> Iterator[Callable[[], LaunchCount]]:
             torch._dynamo.reset()
 
 
-def training_step(model: Transformer, tokens: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One bare training step as bench/throughput.py's bare mode runs it (bf16 autocast, clipping,
-    fused AdamW)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def plan_training(config: ModelConfig, tokens: int, new_counter: Callable[[], LaunchCount]) -> dict:
-    """The launches of one compiled training step of ``config`` on ``tokens`` tokens (one row)."""
+    """The launches of one compiled training step of ``config`` on ``tokens`` tokens (one row), as
+    bench/throughput.py's bare mode runs it (bf16 autocast, clipping, fused AdamW)."""
     torch.manual_seed(0)
     model = Transformer(config)
     model.compile_blocks()
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, fused=True)
     batch = torch.randint(0, config.vocab_size, (1, tokens + 1))
     with new_counter():  # compiles; counted only for the CUDA-only ops it answers
-        training_step(model, batch, optimizer)
+        bare_step(model, batch, optimizer, autocast=True)
     counter = new_counter()
     with counter:
-        training_step(model, batch, optimizer)
+        bare_step(model, batch, optimizer, autocast=True)
     return counter.summary()
 
 

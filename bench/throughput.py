@@ -132,6 +132,17 @@ def run_trainer(config: ModelConfig, args: argparse.Namespace) -> tuple[list[flo
     return timer.times, module.model
 
 
+def bare_step(model: Transformer, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, autocast: bool) -> None:
+    """One training step of the bare loop on ``tokens`` [B, T + 1]: forward (under bf16 autocast with
+    ``autocast``), backward, clipping to norm 1, the optimizer's step."""
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float], Transformer]:
     device = torch.device("cuda" if CUDA else "cpu")
     model = Transformer(config).to(device)
@@ -150,12 +161,7 @@ def run_bare(config: ModelConfig, args: argparse.Namespace) -> tuple[list[float]
         t0 = time.perf_counter()
         if cuda_graphs:  # a new iteration: the last step's CUDA-graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
-            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step(model, tokens, optimizer, autocast=args.precision == "bf16-mixed")
         sync()
         times.append(time.perf_counter() - t0)
     return times, model
