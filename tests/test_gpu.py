@@ -46,12 +46,23 @@ def dynamo_recompiles() -> Iterator[list[str]]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_streams", [1, 4])
-def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_streams):
+@pytest.mark.parametrize(("n_streams", "mode"), [(1, "default"), (4, "default"), (1, "reduce-overhead"),
+                                                 (4, "reduce-overhead")])
+def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_streams, mode):
+    """Validate, fit with activation checkpointing, validate, the blocks compiled; in reduce-overhead
+    mode replayed as CUDA graphs, which inductor must not skip and whose outputs the validations'
+    forwards copy between blocks (Transformer.compile_blocks; the modules do not offer the mode
+    until this passes on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    skipped = counters["inductor"]["cudagraph_skips"]
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB_SIZE, n_layers=2, d_model=128, n_heads=4, d_ff=256, max_seq_len=128,
                          n_streams=n_streams, gradient_checkpointing=True)
-    module = PretrainModule(config, OptimConfig(lr=3e-3, warmup_steps=5), compile=True)
+    module = PretrainModule(config, OptimConfig(lr=3e-3, warmup_steps=5), compile=mode == "default")
+    if mode != "default":
+        module.configure_model()
+        module.model.compile_blocks(mode)
     dm = PackedDataModule(train_files=[str(shards["train"])], val_files=[str(shards["val"])], seq_len=64,
                           batch_size=16, val_windows=16)
     trainer = L.Trainer(max_steps=60, accelerator="gpu", devices=1, precision="bf16-mixed", gradient_clip_val=1.0,
@@ -68,6 +79,7 @@ def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_s
     # past the limit of 8 and ran eagerly: n = 1's 3 graphs, from the test before, were still cached
     # (the same flow on the CPU, n = 1 then n = 4 in one process, does the same): fresh_compile_state
     assert not any("recompile_limit" in m for m in logged), "\n".join(logged)
+    assert counters["inductor"]["cudagraph_skips"] == skipped
 
 
 @pytest.mark.gpu

@@ -94,6 +94,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(n):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
+def block_handoffs(model: Transformer) -> list:
+    """Per block, filled by forward hooks: (the storage of the stream it was given, of the stream it
+    gave): a Pending's X for mHC, the tensor for the dense residual."""
+    def storage(stream) -> int:
+        return (stream if isinstance(stream, torch.Tensor) else stream.x).untyped_storage().data_ptr()
+
+    calls = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: calls.append((storage(args[0]), storage(out))))
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_blocks_replaying_cuda_graphs_hand_on_copies_where_no_backward_is_pending(n, monkeypatch):
+    """compile_blocks in a mode with CUDA graphs: where no backward is pending (no grad: validation,
+    sampling) the forward gives each block a copy of the previous block's output, which the next
+    block's graph would otherwise overwrite (PyTorch issue 152887); in training (a backward
+    pending) and in modes without CUDA graphs the blocks hand on their outputs themselves. The
+    blocks stay eager here (the graphs' overwriting happens only on a GPU: tests/test_gpu.py)."""
+    from llmkit.model.transformer import Block
+
+    monkeypatch.setattr(Block, "compile", lambda self, **kw: None)
+    torch.manual_seed(0)
+    model = Transformer(tiny(n, n_layers=3))
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        expected = model(idx)
+    for mode, graphs in ((None, False), ("default", False), ("max-autotune-no-cudagraphs", False),
+                         ("reduce-overhead", True), ("max-autotune", True)):
+        model.compile_blocks(mode)
+        assert model.blocks_replay_cuda_graphs is graphs, mode
+    calls = block_handoffs(model)
+    with torch.no_grad():
+        assert torch.equal(model(idx), expected)
+    handed = [(given, calls[i + 1][0]) for i, (_, given) in enumerate(calls[:-1])]
+    assert len(handed) == 2 and all(gave != took for gave, took in handed)  # copies
+    calls.clear()
+    model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    assert all(gave == calls[i + 1][0] for i, (_, gave) in enumerate(calls[:-1]))  # training: the outputs themselves
+    model.compile_blocks("default")
+    calls.clear()
+    with torch.no_grad():
+        model(idx)
+    assert all(gave == calls[i + 1][0] for i, (_, gave) in enumerate(calls[:-1]))
+
+
 def test_sequence_longer_than_max_seq_len_is_rejected():
     model = Transformer(tiny(1))
     with pytest.raises(ValueError, match="max_seq_len"):

@@ -113,6 +113,15 @@ def _load_scalar_alphas(module: nn.Module, state_dict: dict, *_: object) -> None
     reshape_scalar_alphas(state_dict)
 
 
+def _out_of_graph_pool(x: torch.Tensor | Pending) -> torch.Tensor | Pending:
+    """A block's output (the stream, or mHC's :class:`Pending` one) copied out of the memory of the
+    CUDA graph that made it, unless the output is part of a graph awaiting its backward (it
+    requires grad), whose memory CUDA-graph trees keep until that backward has run."""
+    if isinstance(x, torch.Tensor):
+        return x if x.requires_grad else x.clone()
+    return x if x.x.requires_grad else Pending(*(t.clone() for t in x))
+
+
 class Transformer(nn.Module):
     """LLaMA-style decoder with an mHC residual: forward(idx [B,T]) -> logits [B,T,V] in fp32
     (fp64 for an fp64 model)."""
@@ -131,6 +140,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(config.max_seq_len, config.rope_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks_replay_cuda_graphs = False  # compile_blocks in a CUDA-graph mode sets it
         self.reset_parameters()
         self.register_load_state_dict_pre_hook(_load_scalar_alphas)
 
@@ -190,9 +200,12 @@ class Transformer(nn.Module):
         if self.config.bf16_residual and torch.is_autocast_enabled(device) \
                 and torch.get_autocast_dtype(device) == torch.bfloat16:
             x = x.to(torch.bfloat16)  # sublayer outputs are bf16 under autocast: the adds stay bf16
+        copy_between_blocks = self.blocks_replay_cuda_graphs and not torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, kv_cache.layer(i) if kv_cache is not None else None, cache_pos, idx,
                       real_tokens)
+            if copy_between_blocks:
+                x = _out_of_graph_pool(x)
         if self.config.n_streams > 1:
             x = finish(x, self.config.mhc.use_triton).mean(dim=2)
         return upcast(self.lm_head(self.norm(x)))
@@ -205,12 +218,21 @@ class Transformer(nn.Module):
         backward, llmkit/model/mhc_ops.py). ``mode`` is torch.compile's: "reduce-overhead"
         replays each block's forward and backward as CUDA graphs, which takes the host's time
         between kernels out of the step (docs/performance.md: 120m n = 4 on an H200, 51.4 ms
-        against 59.5). The Lightning modules do not offer it: their GPU test (validate, fit with
-        activation checkpointing, validate) failed in it on an H200, a graph's output read after
-        a later replay had overwritten it; the cause is not pinned down (docs/performance.md)."""
+        against 59.5).
+
+        With CUDA graphs, :meth:`forward` copies each block's output before the next block reads
+        it wherever no backward is pending (validation, sampling): there every block's call begins
+        a new "generation" of PyTorch's CUDA-graph trees, which invalidates the previous block's
+        output, the next block's input (PyTorch issue 152887). The Lightning modules do not offer
+        the mode yet: their GPU test (validate, fit, validate) failed on an H200 before this copy
+        existed, and has not run since (docs/performance.md)."""
+        from torch._inductor import list_mode_options  # inductor's import is slow: only where compiling
+
         mhc_ops.allow_inductor_fallbacks()
         for block in self.blocks:
             block.compile(mode=mode)
+        self.blocks_replay_cuda_graphs = mode is not None and bool(
+            list_mode_options(mode).get("triton.cudagraphs", False))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (targets are idx shifted by one)."""
