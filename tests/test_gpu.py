@@ -46,8 +46,7 @@ def dynamo_recompiles() -> Iterator[list[str]]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("n_streams", "mode"), [(1, "default"), (4, "default"), (1, "reduce-overhead"),
-                                                 (4, "reduce-overhead")])
+@pytest.mark.parametrize(("n_streams", "mode"), [(1, "default"), (4, "default"), (4, "reduce-overhead")])
 def test_bf16_compiled_checkpointed_training_learns_on_gpu(shards, tmp_path, n_streams, mode):
     """Validate, fit with activation checkpointing, validate, the blocks compiled; in reduce-overhead
     mode replayed as CUDA graphs, which inductor must not skip and whose outputs the validations'
