@@ -13,7 +13,11 @@ are recorded instead of run (bench/mhc_triton_compile.py's recorder), so the fig
 own Python and dispatch without Triton's launcher, plus the small torch ops on 16 tokens (the
 CPU's fallback for the dphi matmul among them). A
 training step at 120m issues 24 sublayers of this; on an H200 its n = 4 step ran 6.9 ms longer
-than its kernels (docs/performance.md). Prints one line per measurement and writes JSON (--out).
+than its kernels (docs/performance.md). It times the ops a second way, their Python
+implementations called directly: the difference is what torch's custom-op dispatch costs, one
+part of what a compiled graph would stop paying were inductor to launch the kernels itself
+(``torch.library.triton_op``, which would also take out the wrappers' Python and Triton's
+launcher). Prints one line per measurement and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,8 +38,11 @@ from llmkit.model import mhc_ops
 from llmkit.profiling import device_description
 
 
-def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
-    """A callable issuing one sublayer's forward op and its backward op on the Triton path."""
+def sublayer_ops(tokens: int, n: int, c: int, device: torch.device, dispatch: bool = True):
+    """A callable issuing one sublayer's forward op and its backward op on the Triton path; with
+    ``dispatch`` False it calls the ops' Python implementations directly, without torch's custom-op
+    dispatch (the dispatcher's boxing of the arguments, the autograd kernel, the redispatch, the
+    check that no output aliases an input): the same wrappers and kernels."""
     g = torch.Generator(device).manual_seed(0)
     p = 2 * n + n * n
 
@@ -48,12 +56,15 @@ def sublayer_ops(tokens: int, n: int, c: int, device: torch.device):
     alpha, bias = [torch.ones((), device=device) for _ in range(3)], [randn(n), randn(n), randn(n, n)]
     grad = randn(tokens, n, c, dtype=torch.bfloat16)
     settings = (20, 15.0, 1e-8, 1e-5, True)
+    forward, backward = mhc_ops.mhc_boundary, mhc_ops.mhc_boundary_backward
+    if not dispatch:  # torch.library.custom_op keeps the function it was given
+        forward, backward = forward._init_fn, backward._init_fn
 
     def issue() -> None:
-        x1, u, h_pre, h_post1, h_res1, proj, sumsq = mhc_ops.mhc_boundary(x, y, h_post, h_res, phi, alpha, bias,
-                                                                           *settings, mhc_ops.SOURCE_HASH)
-        mhc_ops.mhc_boundary_backward(grad, u, h_pre, h_post1, h_res1, x, y, h_post, h_res, x1, phi, alpha, bias, proj,
-                                      sumsq, h_pre, *settings)
+        x1, u, h_pre, h_post1, h_res1, proj, sumsq = forward(x, y, h_post, h_res, phi, alpha, bias, *settings,
+                                                             mhc_ops.SOURCE_HASH)
+        backward(grad, u, h_pre, h_post1, h_res1, x, y, h_post, h_res, x1, phi, alpha, bias, proj, sumsq, h_pre,
+                 *settings)
 
     return issue
 
@@ -72,14 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         sys.exit("mhc_host_overhead: no CUDA device; on a CPU set TRITON_INTERPRET=1 (Triton launches recorded)")
     device = torch.device("cuda" if cuda else "cpu")
-    issue = sublayer_ops(args.tokens, args.n_streams, args.d_model, device)
     if cuda:
         launches = contextlib.nullcontext({})
     else:
         from bench.mhc_triton_compile import KERNELS, recorded
 
         launches = recorded(KERNELS)
-    per_call = []
     warmup = 20
     recorded_launches = 0
 
@@ -91,13 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
             recorded_launches += len(recorder.launches)
             recorder.launches.clear()
 
-    from bench.mhc_kernel_variants import setting
-
-    # a training step's path (four forward kernels), not the one entry kernel 16 tokens would take (decode's)
-    with launches as recorders, setting("ENTRY_ONE_KERNEL_TOKENS", 0):
-        for _ in range(warmup):  # Triton's compile, the caching allocator
+    def time_calls(issue: Callable[[], None]) -> list[float]:
+        """Seconds per call of ``issue`` in each repeat, after a warm-up (Triton's compile, the caching allocator)."""
+        for _ in range(warmup):
             issue()
         count_recorded()
+        per_call = []
         for _ in range(args.repeats):
             if cuda:
                 torch.cuda.synchronize()
@@ -108,14 +116,25 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize()
             per_call.append((time.perf_counter() - start) / args.calls)
             count_recorded()
-    us = statistics.median(per_call) * 1e6
-    launches_per_sublayer = recorded_launches / (warmup + args.repeats * args.calls) if not cuda else None
+        return per_call
+
+    from bench.mhc_kernel_variants import setting
+
+    # a training step's path (four forward kernels), not the one entry kernel 16 tokens would take (decode's)
+    with launches as recorders, setting("ENTRY_ONE_KERNEL_TOKENS", 0):
+        per_call = time_calls(sublayer_ops(args.tokens, args.n_streams, args.d_model, device))
+        direct = time_calls(sublayer_ops(args.tokens, args.n_streams, args.d_model, device, dispatch=False))
+    us, direct_us = (statistics.median(times) * 1e6 for times in (per_call, direct))
+    launches_per_sublayer = recorded_launches / (2 * (warmup + args.repeats * args.calls)) if not cuda else None
     what = "kernels launched" if cuda else "Triton launches recorded, not run"
     print(f"mHC sublayer ops (mhc_boundary + mhc_boundary_backward), n = {args.n_streams}, "
           f"C = {args.d_model}, {args.tokens} tokens, {what}, {device_description()}: {us:.0f} us of host time "
-          f"per sublayer (median of {args.repeats} x {args.calls})")
+          f"per sublayer (median of {args.repeats} x {args.calls}); their code called directly, without torch's "
+          f"custom-op dispatch: {direct_us:.0f} us, so {us - direct_us:.0f} us of dispatch")
     report = {"args": vars(args), "device": device_description(), "launched": cuda, "host_us_per_sublayer": us,
-              "repeats_us": [t * 1e6 for t in per_call], "triton_launches_per_sublayer": launches_per_sublayer}
+              "repeats_us": [t * 1e6 for t in per_call], "direct_us_per_sublayer": direct_us,
+              "direct_repeats_us": [t * 1e6 for t in direct], "dispatch_us_per_sublayer": us - direct_us,
+              "triton_launches_per_sublayer": launches_per_sublayer}
     write_json_atomic(Path(args.out), report)
     print(f"wrote {args.out}")
     return report

@@ -32,6 +32,8 @@ def test_host_time_of_one_sublayer_with_the_launches_recorded(tmp_path):
     low, high = sorted(report["repeats_us"])
     assert report["host_us_per_sublayer"] == pytest.approx((low + high) / 2, rel=1e-12)  # the median of two
     assert 0 < report["host_us_per_sublayer"] < 1e6
+    assert len(report["direct_repeats_us"]) == 2 and 0 < report["direct_us_per_sublayer"] < 1e6
+    assert report["dispatch_us_per_sublayer"] == report["host_us_per_sublayer"] - report["direct_us_per_sublayer"]
     assert "Triton launches recorded, not run" in done.stdout
 
 
