@@ -106,6 +106,12 @@ def block_handoffs(model: Transformer) -> list:
     return calls
 
 
+def handed_on(calls: list) -> list[tuple[int, int]]:
+    """(the storage block i gave, the storage block i + 1 took) for each pair of consecutive blocks in
+    :func:`block_handoffs`' calls of one forward."""
+    return [(gave, calls[i + 1][0]) for i, (_, gave) in enumerate(calls[:-1])]
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_blocks_replaying_cuda_graphs_hand_on_copies_where_no_backward_is_pending(n, monkeypatch):
     """compile_blocks in a mode with CUDA graphs: where no backward is pending (no grad: validation,
@@ -128,16 +134,16 @@ def test_blocks_replaying_cuda_graphs_hand_on_copies_where_no_backward_is_pendin
     calls = block_handoffs(model)
     with torch.no_grad():
         assert torch.equal(model(idx), expected)
-    handed = [(given, calls[i + 1][0]) for i, (_, given) in enumerate(calls[:-1])]
+    handed = handed_on(calls)
     assert len(handed) == 2 and all(gave != took for gave, took in handed)  # copies
     calls.clear()
     model.loss(idx[:, :-1], idx[:, 1:]).backward()
-    assert all(gave == calls[i + 1][0] for i, (_, gave) in enumerate(calls[:-1]))  # training: the outputs themselves
+    assert all(gave == took for gave, took in handed_on(calls))  # training: the outputs themselves
     model.compile_blocks("default")
     calls.clear()
     with torch.no_grad():
         model(idx)
-    assert all(gave == calls[i + 1][0] for i, (_, gave) in enumerate(calls[:-1]))
+    assert all(gave == took for gave, took in handed_on(calls))
 
 
 def test_sequence_longer_than_max_seq_len_is_rejected():
